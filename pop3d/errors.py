@@ -1,0 +1,70 @@
+"""
+The failures that may reach a client, each with its response code.
+
+A store, realm or checker signals a failure by raising (or failing its
+Deferred with) exactly one of these types; the session turns them into
+``-ERR`` lines.  Anything else is a bug: it is logged with its traceback and
+the client sees only ``-ERR [SYS/TEMP]``.
+"""
+
+from __future__ import annotations
+
+from pop3d.wire import ResponseCode, Status
+
+
+class POP3Error(Exception):
+    """
+    A failure with a text fit for the client and an optional RFC 2449/3206
+    response code.
+    """
+
+    code: ResponseCode | None = None
+
+    def __init__(self, text: str, code: ResponseCode | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        if code is not None:
+            self.code = code
+
+    def status(self) -> Status:
+        return Status(False, self.text, self.code)
+
+
+class MaildropLocked(POP3Error):
+    """The maildrop is held by another session, in this or another process."""
+
+    code = ResponseCode.IN_USE
+
+    def __init__(self, text: str = "maildrop is locked by another session") -> None:
+        super().__init__(text)
+
+
+class MaildropUnavailable(POP3Error):
+    """
+    The maildrop (or one of its messages) cannot be read or changed.
+
+    ``permanent`` distinguishes a condition that needs an administrator
+    (permissions, a file where a directory should be) from one that may pass
+    (an I/O error): RFC 3206 ``SYS/PERM`` versus ``SYS/TEMP``.
+    """
+
+    def __init__(self, text: str, *, permanent: bool = False) -> None:
+        super().__init__(text, ResponseCode.SYS_PERM if permanent else ResponseCode.SYS_TEMP)
+        self.permanent = permanent
+
+
+class MessageGone(POP3Error):
+    """A message of the snapshot was removed from disk by another program."""
+
+    def __init__(self, text: str = "message was removed by another program") -> None:
+        super().__init__(text)
+
+
+class DeletionFailed(POP3Error):
+    """Some messages marked as deleted could not be removed during UPDATE."""
+
+    code = ResponseCode.SYS_TEMP
+
+    def __init__(self, failed: int) -> None:
+        super().__init__(f"{failed} message(s) could not be deleted, try again later")
+        self.failed = failed

@@ -1,0 +1,71 @@
+"""
+The protocol factory: one `Session` and one `POP3Protocol` per connection.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+
+from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+
+from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
+from pop3d.session import Session, SessionPolicy
+
+
+class POP3Factory(Factory):
+    """
+    Serves POP3 for the users of a cred ``portal`` whose realm provides
+    `pop3d.interfaces.IMaildrop` avatars (see `pop3d.MaildropRealm`).
+
+    ``clock`` is the reactor (or a `twisted.internet.task.Clock` in tests);
+    ``timeout`` is the inactivity autologout in seconds (None: never);
+    ``hostname`` goes into APOP timestamps.
+    """
+
+    def __init__(
+        self,
+        portal: Portal,
+        *,
+        clock: IReactorTime,
+        timeout: int | None = DEFAULT_TIMEOUT,
+        hostname: str | None = None,
+        policy: SessionPolicy = SessionPolicy(),
+    ) -> None:
+        self.portal = portal
+        self.clock = clock
+        self.timeout = timeout
+        self.hostname = hostname or socket.gethostname()
+        self.policy = policy
+
+    def apop_challenge(self) -> bytes | None:
+        """
+        A fresh RFC 822 msg-id for the greeting (RFC 1939 section 7), or
+        None when no checker can verify APOP, so APOP is not offered.
+        """
+        if IUsernameHashedPassword not in self.portal.listCredentialsInterfaces():
+            return None
+        token = secrets.token_hex(8)
+        return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
+
+    def buildProtocol(self, addr: IAddress) -> POP3Protocol:
+        session = Session(
+            self.portal,
+            apop_challenge=self.apop_challenge(),
+            peer=_describe(addr),
+            policy=self.policy,
+        )
+        protocol = POP3Protocol(session, clock=self.clock, timeout=self.timeout)
+        protocol.factory = self
+        return protocol
+
+
+def _describe(addr: IAddress) -> str:
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(getattr(addr, "name", None) or addr)

@@ -1,0 +1,107 @@
+"""
+The contracts between the protocol and the storage behind it.
+
+A store is anything that turns a mailbox name into an opened, exclusively
+locked maildrop.  Every method that may touch storage returns a Deferred, so
+the protocol never has to know whether a store is in memory, on local disk or
+behind a thread pool; every failure is one of the types in `pop3d.errors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from twisted.internet.defer import Deferred
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """
+    One message of a maildrop snapshot.
+
+    ``uid`` is its unique-id listing (RFC 1939 section 7): 1-70 characters in
+    0x21-0x7E, unique in the maildrop and the same in every session.
+    ``size`` is the exact number of octets RETR sends for it before
+    byte-stuffing, line endings counted as CRLF (RFC 1939 section 11).
+    """
+
+    uid: str
+    size: int
+
+
+class IMessageBody(Interface):
+    """
+    The stored bytes of one message, opened for reading.
+
+    Once opened, the bytes stay readable even if another program removes the
+    message, so a response that has started is never cut short.
+    """
+
+    def read(size: int) -> bytes:
+        """
+        Return up to ``size`` more stored bytes, or ``b""`` at the end.  Line
+        endings are as stored (LF or CRLF): the protocol converts them.
+        Raises `pop3d.errors.MaildropUnavailable` on an I/O error.
+        """
+
+    def close() -> None:
+        """Release the underlying resources.  Safe to call more than once."""
+
+
+class IMaildrop(Interface):
+    """
+    A maildrop opened and locked for one session (RFC 1939 section 4).
+
+    The snapshot in ``messages`` is taken when the maildrop is opened and
+    never changes during the session: mail delivered meanwhile appears in the
+    next session.  Index ``i`` of every method is a position in ``messages``.
+    """
+
+    messages: Sequence[MessageInfo] = Attribute(
+        "The messages present when the maildrop was opened, in order."
+    )
+
+    def open_message(index: int) -> Deferred[IMessageBody]:
+        """
+        Open one message of the snapshot for reading.
+
+        Fails with `pop3d.errors.MessageGone` if another program removed it,
+        or `pop3d.errors.MaildropUnavailable` if it cannot be read.
+        """
+
+    def remove(indexes: Sequence[int]) -> Deferred[None]:
+        """
+        Remove the given messages (the UPDATE state, RFC 1939 section 6).
+
+        Every removal is attempted; a message that is already gone counts as
+        removed.  If any removal fails, the Deferred fails with
+        `pop3d.errors.DeletionFailed` after the others were done, and no
+        message outside ``indexes`` is touched.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Release the lock.  Called exactly once per opened maildrop, on every
+        way a session ends (QUIT, disconnect, timeout, error); never fails.
+        """
+
+
+class IMaildropStore(Interface):
+    """Where maildrops live: a Maildir tree, an in-memory dictionary, ..."""
+
+    def open(mailbox: str) -> Deferred[IMaildrop]:
+        """
+        Open and exclusively lock the maildrop of ``mailbox``.
+
+        ``mailbox`` has already been checked to be a safe name (see
+        `pop3d.realm.is_safe_mailbox_name`).  A mailbox that has no maildrop
+        yet is an empty maildrop.  Fails with `pop3d.errors.MaildropLocked`
+        if another session holds it (in any process), or
+        `pop3d.errors.MaildropUnavailable` if it cannot be read.
+        """

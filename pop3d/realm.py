@@ -1,0 +1,73 @@
+"""
+The cred realm: an authenticated avatar id becomes a locked maildrop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, maybeDeferred
+from zope.interface import implementer
+
+from pop3d.interfaces import IMaildrop, IMaildropStore
+
+MAX_MAILBOX_NAME_OCTETS = 255
+
+
+def is_safe_mailbox_name(name: str) -> bool:
+    """
+    Whether a user name may be used to find a maildrop.
+
+    Names are substituted into paths, so anything that could leave the
+    configured root is refused: path separators, ``.``/``..``, NUL and other
+    control characters, and names longer than 255 octets.
+    """
+    encoded = name.encode("utf-8", "surrogateescape")
+    if not 0 < len(encoded) <= MAX_MAILBOX_NAME_OCTETS:
+        return False
+    if name in (".", "..") or name.startswith("."):
+        return False
+    if "/" in name or "\\" in name or ".." in name:
+        return False
+    return all(ord(c) >= 0x20 and ord(c) != 0x7F for c in name)
+
+
+def mailbox_name(avatar_id: bytes | str) -> str | None:
+    """The text form of an avatar id, or None if it is not a safe name."""
+    if isinstance(avatar_id, bytes):
+        try:
+            avatar_id = avatar_id.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return avatar_id if is_safe_mailbox_name(avatar_id) else None
+
+
+@implementer(IRealm)
+class MaildropRealm:
+    """
+    Opens the maildrop of an authenticated user in a store.
+
+    An avatar id that is not a safe mailbox name fails the login exactly as a
+    wrong password does, so it is never used as a path and never tells the
+    client anything.
+    """
+
+    def __init__(self, store: IMaildropStore) -> None:
+        self.store = store
+
+    def requestAvatar(
+        self, avatarId: bytes | str, mind: object, *interfaces: Any
+    ) -> Deferred[tuple[Any, IMaildrop, Callable[[], None]]]:
+        if IMaildrop not in interfaces:
+            raise NotImplementedError("MaildropRealm only provides IMaildrop")
+        name = mailbox_name(avatarId)
+        if name is None:
+            raise UnauthorizedLogin()
+        opened: Deferred[IMaildrop] = maybeDeferred(self.store.open, name)
+
+        def avatar(maildrop: IMaildrop) -> tuple[Any, IMaildrop, Callable[[], None]]:
+            return (IMaildrop, maildrop, lambda: None)
+
+        return opened.addCallback(avatar)

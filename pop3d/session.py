@@ -1,0 +1,537 @@
+"""
+The POP3 session state machine (RFC 1939 sections 3-7, RFC 2449).
+
+Every legal (state, command) pair is listed once, in `Session._table`; a
+command that is not there is answered ``-ERR`` without running any code
+chosen by the client.  The session knows nothing about transports: it takes
+command lines and returns replies (or Deferreds of replies), and the
+`pop3d.protocol` adapter puts them on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.interfaces import IMaildrop, IMessageBody
+from pop3d.wire import (
+    Command,
+    MessageEncoder,
+    ResponseCode,
+    Status,
+    UnknownCommand,
+    Verb,
+    parse_command,
+    parse_line_count,
+    parse_message_number,
+)
+
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+
+
+class State(enum.Enum):
+    """The session states of RFC 1939 section 3."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+# Texts of the replies, named so that tests compare against the same source.
+GREETING = "pop3d ready"
+USER_ACCEPTED = "send PASS"
+LOGIN_FAILED = "invalid user name or password"
+BYE = "bye"
+UNKNOWN_COMMAND = "unknown command"
+WRONG_STATE = "command not valid in this state"
+TOO_MANY_BAD_COMMANDS = "too many bad commands, closing connection"
+LINE_TOO_LONG = "line too long"
+NO_SUCH_MESSAGE = "no such message"
+ALREADY_DELETED = "message already deleted"
+INTERNAL_ERROR = "internal server error, try again later"
+PASS_WITHOUT_USER = "send USER first"
+APOP_UNAVAILABLE = "APOP is not available"
+CAPABILITIES_FOLLOW = "capability list follows"
+TOP_FOLLOWS = "top of message follows"
+UIDL_FOLLOWS = "unique-id listing follows"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A multi-line response whose lines are known in advance (CAPA, LIST, UIDL)."""
+
+    status: Status
+    lines: list[bytes]
+
+
+@dataclass(frozen=True)
+class MessageStream:
+    """A multi-line response carrying a stored message (RETR, TOP)."""
+
+    status: Status
+    body: IMessageBody
+    encoder: MessageEncoder
+
+
+@dataclass(frozen=True)
+class Hangup:
+    """A final response, after which the connection is closed."""
+
+    status: Status
+
+
+Reply = Union[Status, Listing, MessageStream, Hangup]
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """The knobs of a session that a server administrator may turn."""
+
+    implementation: str = "pop3d"
+    #: Like Dovecot: a client that keeps sending nonsense is disconnected.
+    max_bad_commands_before_login: int = 3
+    max_bad_commands_after_login: int = 20
+
+
+@dataclass
+class SessionCounters:
+    """What a session did, for the logout log line."""
+
+    retrieved_messages: int = 0
+    retrieved_octets: int = 0
+    deleted_messages: int = 0
+    deleted_octets: int = 0
+
+
+class _BadCommand(Exception):
+    """A syntax error in a command: answered -ERR and counted as abuse."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """
+    The credentials of an APOP command (RFC 1939 section 7): the digest
+    is MD5 of the greeting's timestamp followed by the shared secret.
+    """
+
+    def __init__(self, challenge: bytes, username: bytes, digest: bytes) -> None:
+        self.challenge = challenge
+        self.username = username
+        self.digest = digest
+
+    def checkPassword(self, password: bytes | str) -> bool:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest.lower())
+
+
+def _is_md5_hex(value: bytes) -> bool:
+    return len(value) == 32 and all(c in b"0123456789abcdefABCDEF" for c in value)
+
+
+Handler = Callable[[Command], "Reply | Deferred[Reply]"]
+
+
+class Session:
+    """
+    One POP3 conversation, from greeting to UPDATE.
+
+    ``apop_challenge`` is the timestamp of the greeting, or None when the
+    portal cannot verify APOP (then the greeting carries none).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        portal: Portal,
+        *,
+        apop_challenge: bytes | None,
+        peer: str,
+        policy: SessionPolicy = SessionPolicy(),
+    ) -> None:
+        self._portal = portal
+        self._apop_challenge = apop_challenge
+        self.peer = peer
+        self._policy = policy
+        self.state = State.AUTHORIZATION
+        self.user: str | None = None
+        self.counters = SessionCounters()
+        self._pending_user: bytes | None = None
+        self._maildrop: IMaildrop | None = None
+        # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
+        self._deleted: set[int] = set()
+        self._bad_commands = 0
+        self._disconnected = False
+        self._table: dict[tuple[State, Verb], Handler] = {
+            (State.AUTHORIZATION, Verb.USER): self._user,
+            (State.AUTHORIZATION, Verb.PASS): self._pass,
+            (State.AUTHORIZATION, Verb.APOP): self._apop,
+            (State.AUTHORIZATION, Verb.CAPA): self._capa,
+            (State.AUTHORIZATION, Verb.QUIT): self._quit_unauthenticated,
+            (State.TRANSACTION, Verb.STAT): self._stat,
+            (State.TRANSACTION, Verb.LIST): self._list,
+            (State.TRANSACTION, Verb.RETR): self._retr,
+            (State.TRANSACTION, Verb.DELE): self._dele,
+            (State.TRANSACTION, Verb.NOOP): self._noop,
+            (State.TRANSACTION, Verb.RSET): self._rset,
+            (State.TRANSACTION, Verb.TOP): self._top,
+            (State.TRANSACTION, Verb.UIDL): self._uidl,
+            (State.TRANSACTION, Verb.CAPA): self._capa,
+            (State.TRANSACTION, Verb.QUIT): self._quit_update,
+        }
+
+    # -- entry points used by the protocol adapter -------------------------
+
+    def greeting(self) -> Status:
+        text = GREETING
+        if self._apop_challenge is not None:
+            text += " " + self._apop_challenge.decode("ascii")
+        return Status(True, text)
+
+    def handle_line(self, line: bytes) -> Reply | Deferred[Reply]:
+        """Answer one command line (without its line ending)."""
+        command = parse_command(line)
+        if isinstance(command, UnknownCommand):
+            return self._bad_command(UNKNOWN_COMMAND)
+        handler = self._table.get((self.state, command.verb))
+        if handler is None:
+            return self._bad_command(WRONG_STATE)
+        try:
+            result = handler(command)
+        except _BadCommand as bad:
+            return self._bad_command(bad.text)
+        except POP3Error as error:
+            return error.status()
+        if isinstance(result, Deferred):
+            return result.addErrback(_status_of_pop3_error)
+        return result
+
+    def line_too_long(self) -> Reply:
+        """A command line over the limit was received and discarded."""
+        return self._bad_command(LINE_TOO_LONG)
+
+    def connection_lost(self) -> None:
+        """
+        The connection ended.  Outside UPDATE nothing is deleted (RFC 1939
+        section 6: only QUIT enters UPDATE); the lock is released.
+        """
+        self._disconnected = True
+        if self.state is State.TRANSACTION:
+            self.log.info(
+                "session of {user} from {peer} ended without QUIT; nothing deleted",
+                user=self.user,
+                peer=self.peer,
+            )
+            self._release()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _bad_command(self, text: str) -> Reply:
+        self._bad_commands += 1
+        limit = (
+            self._policy.max_bad_commands_before_login
+            if self.state is State.AUTHORIZATION
+            else self._policy.max_bad_commands_after_login
+        )
+        if self._bad_commands >= limit:
+            self.log.info(
+                "closing connection from {peer} after {count} bad commands",
+                peer=self.peer,
+                count=self._bad_commands,
+            )
+            return Hangup(Status(False, TOO_MANY_BAD_COMMANDS))
+        return Status(False, text)
+
+    def capabilities(self) -> list[bytes]:
+        """
+        The CAPA lines for the current state (RFC 2449 section 5: whatever
+        is announced before login is announced after it too).
+        """
+        offered = self._portal.listCredentialsInterfaces()
+        lines = [b"TOP", b"UIDL"]
+        if IUsernamePassword in offered:
+            lines.append(b"USER")
+        lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        if self.state is State.TRANSACTION:
+            lines.append(b"IMPLEMENTATION " + self._policy.implementation.encode("ascii"))
+        return lines
+
+    def _maildrop_summary(self) -> str:
+        count, octets = self._totals()
+        return f"maildrop has {count} messages ({octets} octets)"
+
+    def _totals(self) -> tuple[int, int]:
+        assert self._maildrop is not None
+        messages = self._maildrop.messages
+        live = [m.size for i, m in enumerate(messages) if i not in self._deleted]
+        return len(live), sum(live)
+
+    def _message_index(self, argument: bytes) -> int:
+        """The snapshot index of a message-number argument that is not deleted."""
+        number = parse_message_number(argument)
+        if number is None:
+            raise _BadCommand("invalid message number")
+        assert self._maildrop is not None
+        index = number - 1
+        if index >= len(self._maildrop.messages) or index in self._deleted:
+            raise POP3Error(NO_SUCH_MESSAGE)
+        return index
+
+    def _release(self) -> None:
+        maildrop, self._maildrop = self._maildrop, None
+        if maildrop is not None:
+            maildrop.close().addErrback(
+                lambda failure: self.log.failure("releasing maildrop failed", failure)
+            )
+
+    # -- AUTHORIZATION (RFC 1939 section 4, section 7 for APOP) ---------------
+
+    def _user(self, command: Command) -> Reply:
+        if len(command.arguments) != 1:
+            raise _BadCommand("USER takes exactly one argument")
+        if IUsernamePassword not in self._portal.listCredentialsInterfaces():
+            return Status(False, "USER/PASS is not available")
+        self._pending_user = command.arguments[0]
+        return Status(True, USER_ACCEPTED)
+
+    def _pass(self, command: Command) -> Reply | Deferred[Reply]:
+        if self._pending_user is None:
+            raise _BadCommand(PASS_WITHOUT_USER)
+        if not command.arguments:
+            raise _BadCommand("PASS takes a password")
+        username, self._pending_user = self._pending_user, None
+        return self._login(UsernamePassword(username, command.arguments[0]), username, "USER")
+
+    def _apop(self, command: Command) -> Reply | Deferred[Reply]:
+        if self._apop_challenge is None:
+            return Status(False, APOP_UNAVAILABLE)
+        if len(command.arguments) != 2 or not _is_md5_hex(command.arguments[1]):
+            raise _BadCommand("APOP takes a name and an MD5 digest")
+        username, digest = command.arguments
+        self._pending_user = None
+        credentials = APOPCredentials(self._apop_challenge, username, digest)
+        return self._login(credentials, username, "APOP")
+
+    def _login(self, credentials: object, username: bytes, method: str) -> Deferred[Reply]:
+        shown_user = username.decode("utf-8", "replace")
+        attempt: Deferred[tuple[object, IMaildrop, Callable[[], None]]] = self._portal.login(
+            credentials, None, IMaildrop
+        )
+
+        def succeeded(result: tuple[object, IMaildrop, Callable[[], None]]) -> Reply:
+            _, maildrop, _logout = result
+            if self._disconnected:
+                maildrop.close()
+                return Status(False, BYE)
+            self._maildrop = maildrop
+            self.user = shown_user
+            self.state = State.TRANSACTION
+            self._bad_commands = 0
+            self.log.info(
+                "login succeeded: user={user} peer={peer} method={method}",
+                user=shown_user,
+                peer=self.peer,
+                method=method,
+            )
+            return Status(True, self._maildrop_summary())
+
+        def failed(failure: Failure) -> Reply:
+            reason, status = _login_failure_status(failure)
+            if reason == "internal":
+                self.log.failure(
+                    "login of {user} from {peer} failed unexpectedly",
+                    failure,
+                    user=shown_user,
+                    peer=self.peer,
+                )
+            else:
+                self.log.info(
+                    "login failed: user={user} peer={peer} method={method} reason={reason}",
+                    user=shown_user,
+                    peer=self.peer,
+                    method=method,
+                    reason=reason,
+                )
+            return status
+
+        return attempt.addCallbacks(succeeded, failed)
+
+    def _quit_unauthenticated(self, command: Command) -> Reply:
+        return Hangup(Status(True, BYE))
+
+    # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
+
+    def _stat(self, command: Command) -> Reply:
+        if command.arguments:
+            raise _BadCommand("STAT takes no argument")
+        count, octets = self._totals()
+        return Status(True, f"{count} {octets}")
+
+    def _list(self, command: Command) -> Reply:
+        assert self._maildrop is not None
+        messages = self._maildrop.messages
+        if len(command.arguments) > 1:
+            raise _BadCommand("LIST takes at most one argument")
+        if command.arguments:
+            index = self._message_index(command.arguments[0])
+            return Status(True, f"{index + 1} {messages[index].size}")
+        deleted = self._deleted
+        lines = [
+            b"%d %d" % (i + 1, message.size)
+            for i, message in enumerate(messages)
+            if i not in deleted
+        ]
+        count, octets = self._totals()
+        return Listing(Status(True, f"{count} messages ({octets} octets)"), lines)
+
+    def _uidl(self, command: Command) -> Reply:
+        assert self._maildrop is not None
+        messages = self._maildrop.messages
+        if len(command.arguments) > 1:
+            raise _BadCommand("UIDL takes at most one argument")
+        if command.arguments:
+            index = self._message_index(command.arguments[0])
+            return Status(True, f"{index + 1} {messages[index].uid}")
+        deleted = self._deleted
+        lines = [
+            b"%d %s" % (i + 1, message.uid.encode("ascii"))
+            for i, message in enumerate(messages)
+            if i not in deleted
+        ]
+        return Listing(Status(True, UIDL_FOLLOWS), lines)
+
+    def _retr(self, command: Command) -> Deferred[Reply]:
+        if len(command.arguments) != 1:
+            raise _BadCommand("RETR takes one message number")
+        index = self._message_index(command.arguments[0])
+        return self._stream(index, Status(True, f"{self._size(index)} octets"), None)
+
+    def _top(self, command: Command) -> Deferred[Reply]:
+        if len(command.arguments) != 2:
+            raise _BadCommand("TOP takes a message number and a line count")
+        lines = parse_line_count(command.arguments[1])
+        if lines is None:
+            raise _BadCommand("invalid line count")
+        index = self._message_index(command.arguments[0])
+        return self._stream(index, Status(True, TOP_FOLLOWS), lines)
+
+    def _size(self, index: int) -> int:
+        assert self._maildrop is not None
+        return self._maildrop.messages[index].size
+
+    def _stream(self, index: int, status: Status, body_lines: int | None) -> Deferred[Reply]:
+        assert self._maildrop is not None
+
+        def opened(body: IMessageBody) -> Reply:
+            if body_lines is None:
+                self.counters.retrieved_messages += 1
+                self.counters.retrieved_octets += self._size(index)
+            return MessageStream(status, body, MessageEncoder(body_lines))
+
+        return self._maildrop.open_message(index).addCallback(opened)
+
+    def _dele(self, command: Command) -> Reply:
+        if len(command.arguments) != 1:
+            raise _BadCommand("DELE takes one message number")
+        number = parse_message_number(command.arguments[0])
+        if number is not None and number - 1 in self._deleted:
+            return Status(False, ALREADY_DELETED)
+        index = self._message_index(command.arguments[0])
+        self._deleted.add(index)
+        return Status(True, f"message {index + 1} deleted")
+
+    def _noop(self, command: Command) -> Reply:
+        return Status(True)
+
+    def _rset(self, command: Command) -> Reply:
+        self._deleted.clear()
+        return Status(True, self._maildrop_summary())
+
+    def _capa(self, command: Command) -> Reply:
+        return Listing(Status(True, CAPABILITIES_FOLLOW), self.capabilities())
+
+    # -- UPDATE (RFC 1939 section 6) ---------------------------------------
+
+    def _quit_update(self, command: Command) -> Deferred[Reply]:
+        assert self._maildrop is not None
+        self.state = State.UPDATE
+        maildrop = self._maildrop
+        doomed = sorted(self._deleted)
+        doomed_octets = sum(maildrop.messages[i].size for i in doomed)
+        removal: Deferred[None] = (
+            maildrop.remove(doomed) if doomed else succeed(None)
+        )
+
+        def removed(_: None) -> Reply:
+            self.counters.deleted_messages = len(doomed)
+            self.counters.deleted_octets = doomed_octets
+            return Hangup(Status(True, BYE))
+
+        def not_removed(failure: Failure) -> Reply:
+            if failure.check(POP3Error):
+                error = failure.value
+                assert isinstance(error, POP3Error)
+                self.log.warn(
+                    "UPDATE for {user} incomplete: {reason}", user=self.user, reason=error.text
+                )
+                return Hangup(error.status())
+            self.log.failure("UPDATE for {user} failed", failure, user=self.user)
+            return Hangup(Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP))
+
+        def logged_out(reply: Reply) -> Reply:
+            self.log.info(
+                "logout: user={user} peer={peer} retrieved={retrieved_messages}"
+                " ({retrieved_octets} octets) deleted={deleted_messages}"
+                " ({deleted_octets} octets)",
+                user=self.user,
+                peer=self.peer,
+                retrieved_messages=self.counters.retrieved_messages,
+                retrieved_octets=self.counters.retrieved_octets,
+                deleted_messages=self.counters.deleted_messages,
+                deleted_octets=self.counters.deleted_octets,
+            )
+            self._release()
+            return reply
+
+        return removal.addCallbacks(removed, not_removed).addCallback(logged_out)
+
+
+def _login_failure_status(failure: Failure) -> tuple[str, Status]:
+    """Why a login failed (for the log) and what the client is told."""
+    if failure.check(UnauthorizedLogin, LoginFailed):
+        return "credentials", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
+    if failure.check(MaildropLocked):
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "in-use", error.status()
+    if failure.check(MaildropUnavailable):
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "unavailable: " + error.text, error.status()
+    return "internal", Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+
+
+def _status_of_pop3_error(failure: Failure) -> Status:
+    """A typed failure becomes its -ERR line; any other failure passes on."""
+    failure.trap(POP3Error)
+    error = failure.value
+    assert isinstance(error, POP3Error)
+    return error.status()

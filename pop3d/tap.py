@@ -1,0 +1,146 @@
+"""
+``twistd pop3d``: command-line options and the service they describe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorCore
+from twisted.python import usage
+
+from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
+from pop3d.factory import POP3Factory
+from pop3d.maildir import MaildirStore, MaildirTemplateError
+from pop3d.protocol import DEFAULT_TIMEOUT
+from pop3d.realm import MaildropRealm
+
+DEFAULT_LISTEN = "tcp:110"
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    synopsis = (
+        "--mail-location maildir:/srv/mail/{user} --auth passwd-file:/etc/pop3d/passwd "
+        "[--listen tcp:110] [--timeout SECONDS]"
+    )
+    longdesc = (
+        "Serve POP3 (RFC 1939) from Maildirs.  --listen takes any Twisted endpoint "
+        "(tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...) and may be repeated; "
+        "--auth takes any twisted.cred checker (passwd-file:, memory:, file:, ...) "
+        "and may be repeated."
+    )
+    supportedInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    optParameters = [
+        [
+            "mail-location",
+            "m",
+            None,
+            "Where maildrops are: maildir:PATH, where PATH may use {user}, "
+            "{local} and {domain} (e.g. maildir:/srv/mail/{user}).",
+        ],
+        [
+            "timeout",
+            "t",
+            str(DEFAULT_TIMEOUT),
+            "Inactivity autologout in seconds; at least 600 (RFC 1939 section 3).",
+        ],
+        ["hostname", None, None, "Host name in APOP timestamps (default: this host's name)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Endpoint to listen on, e.g. tcp:110, tcp:1110:interface=127.0.0.1,
+        ssl:995:privateKey=key.pem:certKey=cert.pem (repeatable; default tcp:110).
+        """
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        self["store"] = parse_mail_location(self["mail-location"])
+        self["timeout"] = parse_timeout(self["timeout"])
+        if not self.get("credCheckers"):
+            raise usage.UsageError(
+                "--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd"
+            )
+        from twisted.internet import reactor
+
+        self["endpoints"] = [parse_endpoint(reactor, description) for description in self["listen"]]
+
+
+def parse_mail_location(location: str | None) -> MaildirStore:
+    if not location:
+        raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
+    kind, separator, path = location.partition(":")
+    if not separator or kind != "maildir":
+        raise usage.UsageError(
+            f"--mail-location {location!r}: expected maildir:PATH, e.g. maildir:/srv/mail/{{user}}"
+        )
+    try:
+        return MaildirStore(path)
+    except MaildirTemplateError as error:
+        raise usage.UsageError(f"--mail-location: {error}") from error
+
+
+def parse_timeout(value: str) -> int:
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--timeout {value!r}: expected a number of seconds") from None
+    if seconds < DEFAULT_TIMEOUT:
+        raise usage.UsageError(
+            f"--timeout {seconds}: RFC 1939 requires an autologout timer of at least "
+            f"{DEFAULT_TIMEOUT} seconds"
+        )
+    return seconds
+
+
+def parse_endpoint(reactor: Any, description: str) -> Any:
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        return serverFromString(reactor, description)
+    except Exception as error:  # endpoint parsers raise many types
+        raise usage.UsageError(f"--listen {description!r}: {error}") from error
+
+
+def build_portal(realm: MaildropRealm, checkers: Sequence[Any]) -> Portal:
+    """
+    A portal over all the checkers given, in order: several checkers for the
+    same kind of credentials are tried one after another.
+    """
+    prepared = [accept_wire_bytes(checker) for checker in checkers]
+    portal = Portal(realm)
+    interfaces: list[Any] = []
+    for checker in prepared:
+        for interface in checker.credentialInterfaces:
+            if interface not in interfaces:
+                interfaces.append(interface)
+    for interface in interfaces:
+        serving = [c for c in prepared if interface in c.credentialInterfaces]
+        portal.registerChecker(FirstMatchChecker(serving, [interface]), interface)
+    return portal
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    clock: IReactorCore = reactor  # type: ignore[assignment]
+    portal = build_portal(MaildropRealm(options["store"]), options["credCheckers"])
+    factory = POP3Factory(
+        portal, clock=clock, timeout=options["timeout"], hostname=options["hostname"]  # type: ignore[arg-type]
+    )
+    service = MultiService()
+    for endpoint in options["endpoints"]:
+        StreamServerEndpointService(endpoint, factory).setServiceParent(service)
+    return service

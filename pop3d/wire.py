@@ -1,0 +1,323 @@
+"""
+The POP3 wire format: parsing command lines and formatting responses.
+
+Nothing here does I/O or imports Twisted, so every rule of RFC 1939 section 3
+(and RFC 2449 sections 3-4) about bytes on the wire lives in one place and is
+tested with plain bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+#: RFC 2449 section 4: servers supporting CAPA accept commands of up to 255
+#: octets including CRLF; anything longer than this is refused without being
+#: buffered whole.  The extra room is for SASL responses (RFC 5034 section 4).
+MAX_COMMAND_LENGTH = 8192
+
+#: RFC 1939 section 3 / RFC 2449 section 4: 512 octets including CRLF.
+MAX_RESPONSE_LINE = 512
+
+#: RFC 1939 section 7: a UIDL is 1 to 70 characters in the range 0x21-0x7E.
+MAX_UIDL_LENGTH = 70
+
+
+class Verb(enum.Enum):
+    """
+    The commands this server knows.  Client input is only ever looked up in
+    this enumeration, never used as an attribute name.
+    """
+
+    USER = "USER"
+    PASS = "PASS"
+    APOP = "APOP"
+    QUIT = "QUIT"
+    STAT = "STAT"
+    LIST = "LIST"
+    RETR = "RETR"
+    DELE = "DELE"
+    NOOP = "NOOP"
+    RSET = "RSET"
+    TOP = "TOP"
+    UIDL = "UIDL"
+    CAPA = "CAPA"
+
+
+_VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
+
+
+@dataclass(frozen=True)
+class Command:
+    """
+    One parsed command line.
+
+    ``arguments`` are split on spaces, except for PASS, whose single argument
+    is the rest of the line: RFC 1939 section 7 allows a password containing
+    spaces.
+    """
+
+    verb: Verb
+    arguments: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class UnknownCommand:
+    """A line whose keyword is not a command this server knows."""
+
+    keyword: bytes
+
+
+def parse_command(line: bytes) -> Command | UnknownCommand:
+    """
+    Parse one command line, without its line terminator.
+
+    Keywords are case-insensitive (RFC 1939 section 3).
+    """
+    keyword, _, rest = line.lstrip(b" ").partition(b" ")
+    verb = _VERBS.get(keyword.upper())
+    if verb is None:
+        return UnknownCommand(keyword[:40])
+    if verb is Verb.PASS:
+        return Command(verb, (rest,) if rest else ())
+    return Command(verb, tuple(rest.split()))
+
+
+def parse_message_number(argument: bytes) -> int | None:
+    """
+    A message-number argument: decimal digits only, greater than zero.
+
+    Returns None for anything else, so that "+1", "0x1", " 1" or "1.0" are
+    never mistaken for a message number.
+    """
+    if not argument.isdigit() or len(argument) > 10:
+        return None
+    number = int(argument)
+    return number if number > 0 else None
+
+
+def parse_line_count(argument: bytes) -> int | None:
+    """The non-negative line count of TOP (RFC 1939 section 7)."""
+    if not argument.isdigit() or len(argument) > 10:
+        return None
+    return int(argument)
+
+
+class ResponseCode(enum.Enum):
+    """Extended response codes (RFC 2449 section 8, RFC 3206)."""
+
+    IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
+    AUTH = "AUTH"
+    SYS_TEMP = "SYS/TEMP"
+    SYS_PERM = "SYS/PERM"
+
+
+@dataclass(frozen=True)
+class Status:
+    """A single-line response: status indicator, optional code, text."""
+
+    ok: bool
+    text: str = ""
+    code: ResponseCode | None = None
+
+    def to_bytes(self) -> bytes:
+        return format_status(self.ok, self.text, self.code)
+
+
+def format_status(ok: bool, text: str = "", code: ResponseCode | None = None) -> bytes:
+    """
+    Format a single-line response.
+
+    The result always ends with CRLF and never exceeds 512 octets; human text
+    never starts with "[" (RFC 2449 section 3, ``schar``), so a client cannot
+    mistake it for a response code.
+    """
+    parts = [b"+OK" if ok else b"-ERR"]
+    if code is not None:
+        parts.append(b"[" + code.value.encode("ascii") + b"]")
+    safe_text = _printable(text)
+    if code is None:
+        safe_text = safe_text.lstrip("[")
+    if safe_text:
+        parts.append(safe_text.encode("ascii"))
+    line = b" ".join(parts)
+    return line[: MAX_RESPONSE_LINE - len(CRLF)] + CRLF
+
+
+def _printable(text: str) -> str:
+    """Text restricted to printable ASCII, so it cannot break the framing."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text).strip()
+
+
+def format_multiline(status: Status, lines: list[bytes]) -> bytes:
+    """
+    A complete multi-line response whose lines are already known (CAPA, LIST,
+    UIDL): status line, byte-stuffed lines, terminator (RFC 1939 section 3).
+    """
+    body = [status.to_bytes()]
+    for line in lines:
+        if line.startswith(b"."):
+            line = b"." + line
+        body.append(line + CRLF)
+    body.append(TERMINATOR)
+    return b"".join(body)
+
+
+def is_valid_uidl(uid: str) -> bool:
+    """RFC 1939 section 7: 1 to 70 characters in 0x21-0x7E."""
+    return 0 < len(uid) <= MAX_UIDL_LENGTH and all("!" <= c <= "~" for c in uid)
+
+
+class LineEndingNormalizer:
+    """
+    Turns stored message bytes, chunk by chunk, into CRLF-terminated lines.
+
+    A bare LF becomes CRLF; a CRLF stays a CRLF (never ``\\r\\r\\n``).  A CR
+    at the end of a chunk is held back until the next chunk shows whether an
+    LF follows it, so the result does not depend on where chunks split.
+    """
+
+    def __init__(self) -> None:
+        self._held_cr = False
+        self._ends_with_newline = True
+        self._empty = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        if not chunk:
+            return b""
+        self._empty = False
+        self._ends_with_newline = chunk.endswith(b"\n")
+        return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        """
+        The bytes still owed at the end of the message: a held CR, and a final
+        CRLF when the message does not end with a line ending, so that the
+        terminator always starts a line of its own.
+        """
+        tail = b""
+        if self._held_cr:
+            tail = b"\r"
+            self._empty = False
+            self._ends_with_newline = False
+        if not self._empty and not self._ends_with_newline:
+            tail += CRLF
+        return tail
+
+
+class WireSizeCounter:
+    """
+    Counts the octets a message occupies on the wire before byte-stuffing:
+    the size that STAT and LIST report and that RETR sends (RFC 1939
+    section 11).  It uses the same normalisation as the encoder, so the two
+    can never disagree.
+    """
+
+    def __init__(self) -> None:
+        self._normalizer = LineEndingNormalizer()
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(self._normalizer.feed(chunk))
+
+    def finish(self) -> int:
+        self.size += len(self._normalizer.finish())
+        return self.size
+
+
+def wire_size(message: bytes) -> int:
+    """The wire size of a whole message held in memory."""
+    counter = WireSizeCounter()
+    counter.feed(message)
+    return counter.finish()
+
+
+class _TopLimiter:
+    """
+    Passes through the header, the blank line after it and then at most
+    ``body_lines`` lines of a normalised (CRLF) message (RFC 1939 section 7,
+    TOP).
+    """
+
+    def __init__(self, body_lines: int) -> None:
+        self._in_header = True
+        self._remaining = body_lines
+        self._at_line_start = True
+
+    @property
+    def done(self) -> bool:
+        return not self._in_header and self._remaining == 0
+
+    def feed(self, data: bytes) -> bytes:
+        kept: list[bytes] = []
+        position = 0
+        while position < len(data) and not self.done:
+            newline = data.find(b"\n", position)
+            if newline == -1:
+                kept.append(data[position:])
+                self._at_line_start = False
+                break
+            line = data[position : newline + 1]
+            kept.append(line)
+            if self._in_header:
+                if self._at_line_start and line == CRLF:
+                    self._in_header = False
+            else:
+                self._remaining -= 1
+            self._at_line_start = True
+            position = newline + 1
+        return b"".join(kept)
+
+
+class MessageEncoder:
+    """
+    Encodes a stored message as the body of a RETR or TOP response.
+
+    Feed it the stored bytes in chunks of any size; it returns the bytes to
+    send, CRLF-normalised and byte-stuffed wherever a line starts with "."
+    (including the first line and lines that straddle chunks).  ``finish``
+    returns the rest, ending with the terminator "CRLF.CRLF".
+    """
+
+    def __init__(self, body_lines: int | None = None) -> None:
+        self._normalizer = LineEndingNormalizer()
+        self._limiter = _TopLimiter(body_lines) if body_lines is not None else None
+        self._at_line_start = True
+        self._stopped = False
+
+    @property
+    def done(self) -> bool:
+        """True once TOP has all the lines it wants: read no further."""
+        return self._stopped
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._stopped:
+            return b""
+        data = self._normalizer.feed(chunk)
+        if self._limiter is not None:
+            data = self._limiter.feed(data)
+            self._stopped = self._limiter.done
+        return self._stuff(data)
+
+    def finish(self) -> bytes:
+        tail = b"" if self._stopped else self._normalizer.finish()
+        return self._stuff(tail) + TERMINATOR
+
+    def _stuff(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        stuffed = data.replace(b"\n.", b"\n..")
+        if self._at_line_start and stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        self._at_line_start = stuffed.endswith(b"\n")
+        return stuffed
