@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import time
 from collections.abc import Mapping, Sequence
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -98,6 +100,28 @@ class _MemoryMaildrop:
             self._closed = True
             self._store._unlock(self._mailbox)
         return succeed(None)
+
+
+_deliveries = itertools.count(1)
+
+
+def deliver_to_maildir(
+    maildir: str, message: bytes, *, subdirectory: str = "new", info: str = ""
+) -> str:
+    """
+    Deliver ``message`` to the Maildir at ``maildir`` as an MTA would
+    (written in ``tmp/``, then renamed), creating the Maildir if needed.
+    Returns the unique name; ``info`` (e.g. ``":2,S"``) is appended to the
+    file name, typically with ``subdirectory="cur"``.
+    """
+    for part in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(maildir, part), exist_ok=True)
+    unique = f"{int(time.time())}.M{next(_deliveries)}P{os.getpid()}.pop3d-testing"
+    temporary = os.path.join(maildir, "tmp", unique)
+    with open(temporary, "wb") as file:
+        file.write(message)
+    os.rename(temporary, os.path.join(maildir, subdirectory, unique + info))
+    return unique
 
 
 def memory_portal(store: IMaildropStore, users: Mapping[str, str]) -> Portal:

@@ -1,0 +1,157 @@
+"""
+Shared fixtures.
+
+Protocol tests drive bytes through a `Wire` (a StringTransport and a Clock);
+end-to-end tests start the real service, as ``twistd pop3d`` builds it, on a
+loopback port (`running_server`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from pop3d.factory import POP3Factory
+from pop3d.protocol import POP3Protocol
+from pop3d.session import SessionPolicy
+from pop3d.tap import Options, POP3Service, makeService
+from pop3d.testing import MemoryStore, memory_portal
+
+LOOPBACK_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+class Wire:
+    """
+    One connection to a POP3Protocol, driven with bytes: what the client
+    sends goes in, what the server wrote comes out.
+    """
+
+    def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
+        self.protocol: POP3Protocol = factory.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        """Everything the server wrote since the last take."""
+        written = self.transport.value()
+        self.transport.clear()
+        return bytes(written)
+
+    def send(self, data: bytes) -> bytes:
+        """Deliver raw bytes from the client; return the server's answer."""
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def command(self, line: bytes) -> bytes:
+        return self.send(line + b"\r\n")
+
+    def login(self, user: bytes = b"alice", password: bytes = b"wonderland") -> bytes:
+        self.command(b"USER " + user)
+        return self.command(b"PASS " + password)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def disconnect(self) -> None:
+        self.protocol.connectionLost(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def make_factory(clock: Clock, store: MemoryStore) -> Callable[..., POP3Factory]:
+    def make(**overrides: object) -> POP3Factory:
+        options: dict[str, object] = {
+            "clock": clock,
+            "hostname": "pop.example.test",
+            "policy": SessionPolicy(),
+        }
+        options.update(overrides)
+        return POP3Factory(memory_portal(store, USERS), **options)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def factory(make_factory: Callable[..., POP3Factory]) -> POP3Factory:
+    return make_factory()
+
+
+@pytest.fixture
+def wire(factory: POP3Factory) -> Wire:
+    return Wire(factory)
+
+
+@dataclass
+class RunningServer:
+    """A pop3d service built by the twistd plugin, listening on loopback."""
+
+    host: str
+    port: int
+    mail_root: Path
+    passwd: Path
+    service: POP3Service
+
+    def maildir(self, user: str) -> Path:
+        return self.mail_root / user
+
+
+def write_passwd(path: Path, users: dict[str, str]) -> Path:
+    path.write_text("".join(f"{name}:{{PLAIN}}{secret}::\n" for name, secret in users.items()))
+    return path
+
+
+@pytest_twisted.async_yield_fixture
+async def running_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """
+    The service exactly as ``twistd pop3d`` makes it (Options, makeService),
+    listening on an ephemeral loopback port, over a Maildir root in tmp_path.
+    """
+    mail_root = tmp_path / "mail"
+    mail_root.mkdir()
+    passwd = write_passwd(tmp_path / "passwd", USERS)
+    options = Options()
+    options.parseOptions(
+        [
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--mail-location",
+            f"maildir:{mail_root}/{{user}}",
+            "--auth",
+            f"passwd-file:{passwd}",
+        ]
+    )
+    service = makeService(options)
+    assert isinstance(service, POP3Service)
+    service.startService()
+    ports = await service.when_listening()
+    address = ports[0].getHost()
+    try:
+        yield RunningServer(address.host, address.port, mail_root, passwd, service)
+    finally:
+        await service.stopService()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite must not depend on the developer's locale or home directory.
+    os.environ.setdefault("LC_ALL", "C.UTF-8")
