@@ -91,19 +91,30 @@ def parse_message_number(argument: bytes) -> int | None:
     A message-number argument: decimal digits only, greater than zero.
 
     Returns None for anything else, so that "+1", "0x1", " 1" or "1.0" are
-    never mistaken for a message number.
+    never mistaken for a message number.  ``isdigit`` alone would accept
+    other scripts' digits in str, but these are bytes: ASCII only.
     """
-    if not argument.isdigit() or len(argument) > 10:
+    if not argument.isdigit():
         return None
-    number = int(argument)
+    number = _bounded_int(argument)
     return number if number > 0 else None
 
 
 def parse_line_count(argument: bytes) -> int | None:
     """The non-negative line count of TOP (RFC 1939 section 7)."""
-    if not argument.isdigit() or len(argument) > 10:
+    if not argument.isdigit():
         return None
-    return int(argument)
+    return _bounded_int(argument)
+
+
+#: Larger than any message number or line count can be, small enough to parse.
+_HUGE = 10**18
+
+
+def _bounded_int(digits: bytes) -> int:
+    """An ASCII-digit string as an int, saturating instead of parsing megabytes."""
+    significant = digits.lstrip(b"0")
+    return _HUGE if len(significant) > 18 else int(significant or b"0")
 
 
 class ResponseCode(enum.Enum):

@@ -1,0 +1,601 @@
+"""
+The protocol, bytes in and bytes out: every command in every state, every
+error path (RFC 1939 sections 3-9, RFC 2449, RFC 3206), driven through a
+StringTransport with a Clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, globalLogPublisher
+from zope.interface import implementer
+
+from pop3d.errors import DeletionFailed, MaildropUnavailable
+from pop3d.factory import POP3Factory
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.protocol import DEFAULT_TIMEOUT
+from pop3d.realm import MaildropRealm
+from pop3d.session import (
+    ALREADY_DELETED,
+    APOP_UNAVAILABLE,
+    BYE,
+    CAPABILITIES_FOLLOW,
+    INTERNAL_ERROR,
+    LINE_TOO_LONG,
+    LOGIN_FAILED,
+    NO_SUCH_MESSAGE,
+    PASS_WITHOUT_USER,
+    TOO_MANY_BAD_COMMANDS,
+    TOP_FOLLOWS,
+    UIDL_FOLLOWS,
+    UNKNOWN_COMMAND,
+    USER_ACCEPTED,
+    WRONG_STATE,
+)
+from pop3d.testing import MemoryStore
+from pop3d.wire import MAX_COMMAND_LENGTH, ResponseCode, format_status
+
+from .conftest import USERS, Wire
+
+OK = b"+OK\r\n"
+
+MESSAGE_1 = b"From: a@example.org\nSubject: one\n\nline 1\n.line 2\nline 3\n"
+MESSAGE_2 = b"From: b@example.org\r\nSubject: two\r\n\r\nbody\r\n"
+MESSAGE_3 = b"Subject: three\n\nno final newline"
+SIZE_1 = len(MESSAGE_1) + MESSAGE_1.count(b"\n")
+SIZE_2 = len(MESSAGE_2)
+SIZE_3 = len(MESSAGE_3) + MESSAGE_3.count(b"\n") + 2
+
+
+def ok(text: str = "") -> bytes:
+    return format_status(True, text)
+
+
+def err(text: str, code: ResponseCode | None = None) -> bytes:
+    return format_status(False, text, code)
+
+
+AUTH_FAILED = err(LOGIN_FAILED, ResponseCode.AUTH)
+
+
+@pytest.fixture
+def uids(store: MemoryStore) -> list[str]:
+    return [store.deliver("alice", m) for m in (MESSAGE_1, MESSAGE_2, MESSAGE_3)]
+
+
+@pytest.fixture
+def logged_in(wire: Wire, uids: list[str]) -> Wire:
+    assert wire.login() == ok(f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
+    return wire
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+class TestGreeting:
+    """RFC 1939 section 4 (greeting) and section 7 (APOP timestamp)."""
+
+    def test_greeting_carries_an_apop_timestamp(self, wire: Wire) -> None:
+        assert re.fullmatch(
+            rb"\+OK pop3d ready <[0-9a-f]{16}\.\d+@pop\.example\.test>\r\n", wire.greeting
+        )
+
+    def test_timestamp_is_fresh_on_every_greeting(self, factory: POP3Factory) -> None:
+        assert Wire(factory).greeting != Wire(factory).greeting
+
+    def test_no_timestamp_when_apop_cannot_be_verified(self, clock: Clock) -> None:
+        portal = Portal(MaildropRealm(MemoryStore()), [_PasswordOnlyChecker()])
+        assert Wire(POP3Factory(portal, clock=clock)).greeting == ok("pop3d ready")
+
+
+class TestAuthorization:
+    """RFC 1939 section 7 (USER, PASS, APOP), RFC 3206 section 4 ([AUTH])."""
+
+    def test_user_then_pass(self, wire: Wire, uids: list[str]) -> None:
+        assert wire.command(b"USER alice") == ok(USER_ACCEPTED)
+        assert wire.command(b"PASS wonderland") == ok(
+            f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)"
+        )
+
+    def test_wrong_password(self, wire: Wire) -> None:
+        assert wire.login(b"alice", b"nope") == AUTH_FAILED
+
+    def test_unknown_user_looks_like_a_wrong_password(self, wire: Wire) -> None:
+        assert wire.command(b"USER mallory") == ok(USER_ACCEPTED)
+        assert wire.command(b"PASS wonderland") == AUTH_FAILED
+
+    def test_after_a_failure_user_must_be_sent_again(self, wire: Wire) -> None:
+        wire.login(b"alice", b"nope")
+        assert wire.command(b"PASS wonderland") == err(PASS_WITHOUT_USER)
+
+    def test_retry_after_failure(self, wire: Wire) -> None:
+        wire.login(b"alice", b"nope")
+        assert wire.login().startswith(b"+OK maildrop has")
+
+    def test_pass_without_user(self, wire: Wire) -> None:
+        assert wire.command(b"PASS wonderland") == err(PASS_WITHOUT_USER)
+
+    def test_password_with_spaces(self, make_factory: Callable[..., POP3Factory]) -> None:
+        wire = Wire(make_factory())
+        # The fixture's users have no spaces: build one that does.
+        portal = wire.protocol.session._portal
+        checker = InMemoryUsernamePasswordDatabaseDontUse(carol=b"two words")
+        portal.registerChecker(checker)
+        wire.command(b"USER carol")
+        assert wire.command(b"PASS two words").startswith(b"+OK")
+
+    @pytest.mark.parametrize("line", [b"USER", b"USER a b", b"PASS"])
+    def test_malformed(self, wire: Wire, line: bytes) -> None:
+        assert wire.command(line).startswith(b"-ERR ")
+
+    def test_apop(self, wire: Wire, uids: list[str]) -> None:
+        timestamp = re.search(rb"<[^>]+>", wire.greeting)
+        assert timestamp is not None
+        digest = hashlib.md5(timestamp.group() + b"wonderland").hexdigest().encode()
+        assert wire.command(b"APOP alice " + digest).startswith(b"+OK maildrop has 3 messages")
+
+    def test_apop_digest_may_be_upper_case(self, wire: Wire) -> None:
+        timestamp = re.search(rb"<[^>]+>", wire.greeting)
+        assert timestamp is not None
+        digest = hashlib.md5(timestamp.group() + b"wonderland").hexdigest().upper().encode()
+        assert wire.command(b"APOP alice " + digest).startswith(b"+OK")
+
+    def test_apop_wrong_digest(self, wire: Wire) -> None:
+        assert wire.command(b"APOP alice " + b"0" * 32) == AUTH_FAILED
+
+    def test_apop_digest_of_another_greeting_fails(self, factory: POP3Factory) -> None:
+        first, second = Wire(factory), Wire(factory)
+        timestamp = re.search(rb"<[^>]+>", first.greeting)
+        assert timestamp is not None
+        digest = hashlib.md5(timestamp.group() + b"wonderland").hexdigest().encode()
+        assert second.command(b"APOP alice " + digest) == AUTH_FAILED
+
+    @pytest.mark.parametrize("line", [b"APOP alice", b"APOP alice xyz", b"APOP"])
+    def test_apop_malformed(self, wire: Wire, line: bytes) -> None:
+        assert wire.command(line).startswith(b"-ERR ")
+
+    def test_apop_not_offered(self, clock: Clock) -> None:
+        portal = Portal(MaildropRealm(MemoryStore()), [_PasswordOnlyChecker()])
+        wire = Wire(POP3Factory(portal, clock=clock))
+        assert wire.command(b"APOP alice " + b"0" * 32) == err(APOP_UNAVAILABLE)
+
+    @pytest.mark.parametrize(
+        "line", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL"]
+    )
+    def test_transaction_commands_before_login(self, wire: Wire, line: bytes) -> None:
+        assert wire.command(line) == err(WRONG_STATE)
+        assert not wire.closed
+
+    def test_quit_before_login_closes_without_update(self, wire: Wire) -> None:
+        assert wire.command(b"QUIT") == ok(BYE)
+        assert wire.closed
+
+    def test_unsafe_user_name_is_refused_like_a_bad_password(
+        self, wire: Wire, store: MemoryStore
+    ) -> None:
+        checker = InMemoryUsernamePasswordDatabaseDontUse(**{"../bob": b"pw"})
+        wire.protocol.session._portal.registerChecker(checker)
+        assert wire.login(b"../bob", b"pw") == AUTH_FAILED
+
+    def test_maildrop_in_use(self, factory: POP3Factory, uids: list[str]) -> None:
+        """RFC 2449 section 8.1.2: [IN-USE] when another session holds the maildrop."""
+        first, second = Wire(factory), Wire(factory)
+        assert first.login().startswith(b"+OK")
+        assert second.login() == err("maildrop is locked by another session", ResponseCode.IN_USE)
+        assert first.command(b"STAT").startswith(b"+OK 3 ")
+        first.command(b"QUIT")
+        assert second.login().startswith(b"+OK")
+
+    def test_a_failed_login_releases_nothing_it_did_not_take(
+        self, factory: POP3Factory, store: MemoryStore, uids: list[str]
+    ) -> None:
+        first = Wire(factory)
+        first.login()
+        Wire(factory).login()
+        assert store.is_locked("alice")
+
+    @pytest.mark.parametrize(
+        "error,code",
+        [
+            (MaildropUnavailable("cannot read maildir"), ResponseCode.SYS_TEMP),
+            (MaildropUnavailable("cannot read maildir", permanent=True), ResponseCode.SYS_PERM),
+        ],
+    )
+    def test_maildrop_that_cannot_be_opened(
+        self, clock: Clock, error: MaildropUnavailable, code: ResponseCode
+    ) -> None:
+        """RFC 1939 section 4 / RFC 3206: no +OK before the maildrop is open."""
+        wire = _wire_for_store(clock, _FailingStore(error))
+        assert wire.login() == err("cannot read maildir", code)
+        # Still in AUTHORIZATION: transaction commands are refused.
+        assert wire.command(b"STAT") == err(WRONG_STATE)
+
+    def test_unexpected_store_failure_is_logged_not_shown(
+        self, clock: Clock, log_events: list[LogEvent]
+    ) -> None:
+        wire = _wire_for_store(clock, _FailingStore(RuntimeError("secret internals /etc/x")))
+        answer = wire.login()
+        assert answer == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert b"internals" not in answer
+        assert any(e.get("log_failure") is not None for e in log_events)
+
+
+class TestCapa:
+    """RFC 2449 section 5: CAPA in both states."""
+
+    BEFORE = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE",
+              b"EXPIRE NEVER"]
+
+    def test_before_login(self, wire: Wire) -> None:
+        assert wire.command(b"CAPA") == ok(CAPABILITIES_FOLLOW) + b"".join(
+            c + b"\r\n" for c in self.BEFORE
+        ) + b".\r\n"
+
+    def test_after_login_everything_announced_before_is_announced_again(
+        self, logged_in: Wire
+    ) -> None:
+        lines = logged_in.command(b"CAPA").split(b"\r\n")
+        assert lines[0] == ok(CAPABILITIES_FOLLOW).rstrip()
+        assert lines[1:-2] == [*self.BEFORE, b"IMPLEMENTATION pop3d"]
+        assert lines[-2:] == [b".", b""]
+
+
+class TestTransaction:
+    """RFC 1939 section 5 and the commands of sections 5 and 7."""
+
+    def test_stat(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"STAT") == ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
+
+    def test_list(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"LIST") == (
+            ok(f"3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
+            + f"1 {SIZE_1}\r\n2 {SIZE_2}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+        )
+
+    def test_list_one(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"LIST 2") == ok(f"2 {SIZE_2}")
+
+    @pytest.mark.parametrize("argument", [b"4", b"99999999999"])
+    def test_list_no_such_message(self, logged_in: Wire, argument: bytes) -> None:
+        assert logged_in.command(b"LIST " + argument) == err(NO_SUCH_MESSAGE)
+
+    @pytest.mark.parametrize("line", [b"LIST 0", b"LIST x", b"LIST 1 2", b"STAT 1", b"RETR",
+                                      b"RETR -1", b"TOP 1", b"TOP 1 x", b"TOP 1 -1", b"DELE",
+                                      b"UIDL 1 2"])
+    def test_malformed_arguments(self, logged_in: Wire, line: bytes) -> None:
+        answer = logged_in.command(line)
+        assert answer.startswith(b"-ERR ") and answer.count(b"\r\n") == 1
+
+    def test_retr_sends_exact_bytes(self, logged_in: Wire) -> None:
+        """RFC 1939 section 3: CRLF lines, byte-stuffed, CRLF.CRLF; section 11: size."""
+        assert logged_in.command(b"RETR 1") == (
+            ok(f"{SIZE_1} octets")
+            + b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n"
+        )
+
+    def test_retr_crlf_stored(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"RETR 2") == ok(f"{SIZE_2} octets") + MESSAGE_2 + b".\r\n"
+
+    def test_retr_without_final_newline(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"RETR 3") == (
+            ok(f"{SIZE_3} octets") + b"Subject: three\r\n\r\nno final newline\r\n.\r\n"
+        )
+
+    def test_top(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"TOP 1 2") == ok(TOP_FOLLOWS) + (
+            b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\n.\r\n"
+        )
+
+    def test_top_zero(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"TOP 2 0") == ok(TOP_FOLLOWS) + (
+            b"From: b@example.org\r\nSubject: two\r\n\r\n.\r\n"
+        )
+
+    def test_dele_marks_and_hides(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"DELE 1") == ok("message 1 deleted")
+        assert logged_in.command(b"STAT") == ok(f"2 {SIZE_2 + SIZE_3}")
+        assert logged_in.command(b"LIST") == (
+            ok(f"2 messages ({SIZE_2 + SIZE_3} octets)")
+            + f"2 {SIZE_2}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+        )
+        for line in (b"RETR 1", b"LIST 1", b"TOP 1 0", b"UIDL 1"):
+            assert logged_in.command(line) == err(NO_SUCH_MESSAGE)
+
+    def test_dele_twice(self, logged_in: Wire) -> None:
+        logged_in.command(b"DELE 2")
+        assert logged_in.command(b"DELE 2") == err(ALREADY_DELETED)
+
+    def test_dele_only_marks(self, logged_in: Wire, store: MemoryStore) -> None:
+        """RFC 1939 section 6: nothing is removed before UPDATE."""
+        logged_in.command(b"DELE 1")
+        assert len(store.messages("alice")) == 3
+
+    def test_rset_unmarks(self, logged_in: Wire) -> None:
+        logged_in.command(b"DELE 1")
+        logged_in.command(b"DELE 3")
+        assert logged_in.command(b"RSET") == ok(
+            f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)"
+        )
+        assert logged_in.command(b"LIST 1") == ok(f"1 {SIZE_1}")
+
+    def test_noop(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"NOOP") == OK
+
+    def test_uidl(self, logged_in: Wire, uids: list[str]) -> None:
+        assert logged_in.command(b"UIDL") == ok(UIDL_FOLLOWS) + b"".join(
+            b"%d %s\r\n" % (i, uid.encode()) for i, uid in enumerate(uids, 1)
+        ) + b".\r\n"
+        assert logged_in.command(b"UIDL 2") == ok(f"2 {uids[1]}")
+
+    @pytest.mark.parametrize("line", [b"USER alice", b"PASS x", b"APOP alice " + b"0" * 32])
+    def test_authorization_commands_after_login(self, logged_in: Wire, line: bytes) -> None:
+        assert logged_in.command(line) == err(WRONG_STATE)
+
+    def test_message_removed_by_another_program(
+        self, logged_in: Wire, store: MemoryStore, uids: list[str]
+    ) -> None:
+        """A vanished message is -ERR, never +OK with an empty body."""
+        store.remove_behind_the_servers_back("alice", uids[0])
+        answer = logged_in.command(b"RETR 1")
+        assert answer.startswith(b"-ERR ") and answer.count(b"\r\n") == 1
+        assert logged_in.command(b"TOP 1 0").startswith(b"-ERR ")
+        assert logged_in.command(b"RETR 2").startswith(b"+OK")
+
+    def test_snapshot_ignores_new_mail(self, logged_in: Wire, store: MemoryStore) -> None:
+        """RFC 1939 section 8: message numbers are fixed for the session."""
+        store.deliver("alice", b"Subject: late\n\nlate\n")
+        assert logged_in.command(b"STAT").startswith(b"+OK 3 ")
+        assert logged_in.command(b"RETR 4") == err(NO_SUCH_MESSAGE)
+
+    def test_keywords_are_case_insensitive(self, logged_in: Wire) -> None:
+        assert logged_in.command(b"stat").startswith(b"+OK 3 ")
+        assert logged_in.command(b"Noop") == OK
+
+
+class TestUpdate:
+    """RFC 1939 section 6: deletions happen after QUIT, and only then."""
+
+    def test_quit_removes_marked_messages(self, logged_in: Wire, store: MemoryStore) -> None:
+        logged_in.command(b"DELE 1")
+        logged_in.command(b"DELE 3")
+        assert logged_in.command(b"QUIT") == ok(BYE)
+        assert logged_in.closed
+        assert store.messages("alice") == [MESSAGE_2]
+        assert not store.is_locked("alice")
+
+    def test_quit_without_deletions(self, logged_in: Wire, store: MemoryStore) -> None:
+        assert logged_in.command(b"QUIT") == ok(BYE)
+        assert len(store.messages("alice")) == 3
+
+    def test_disconnect_deletes_nothing(self, logged_in: Wire, store: MemoryStore) -> None:
+        logged_in.command(b"DELE 1")
+        logged_in.disconnect()
+        assert len(store.messages("alice")) == 3
+        assert not store.is_locked("alice")
+
+    def test_rset_then_quit_deletes_nothing(self, logged_in: Wire, store: MemoryStore) -> None:
+        logged_in.command(b"DELE 1")
+        logged_in.command(b"RSET")
+        logged_in.command(b"QUIT")
+        assert len(store.messages("alice")) == 3
+
+    def test_failed_removal(self, clock: Clock, log_events: list[LogEvent]) -> None:
+        store = _FailingRemovalStore([b"Subject: a\n\na\n", b"Subject: b\n\nb\n"])
+        wire = _wire_for_store(clock, store)
+        wire.login()
+        wire.command(b"DELE 1")
+        assert wire.command(b"QUIT") == err(
+            "1 message(s) could not be deleted, try again later", ResponseCode.SYS_TEMP
+        )
+        assert wire.closed and store.closed
+
+    def test_unexpected_failure_in_update(self, clock: Clock, log_events: list[LogEvent]) -> None:
+        store = _FailingRemovalStore([b"a\n"], RuntimeError("disk on fire"))
+        wire = _wire_for_store(clock, store)
+        wire.login()
+        wire.command(b"DELE 1")
+        assert wire.command(b"QUIT") == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert wire.closed and store.closed
+        assert any(e.get("log_failure") is not None for e in log_events)
+
+    def test_logout_is_logged_with_counts_and_no_password(
+        self, logged_in: Wire, log_events: list[LogEvent]
+    ) -> None:
+        logged_in.command(b"RETR 2")
+        logged_in.command(b"DELE 1")
+        logged_in.command(b"QUIT")
+        logout = [e for e in log_events if "logout" in e.get("log_format", "")]
+        assert len(logout) == 1
+        assert logout[0]["retrieved_messages"] == 1
+        assert logout[0]["retrieved_octets"] == SIZE_2
+        assert logout[0]["deleted_messages"] == 1
+        assert logout[0]["deleted_octets"] == SIZE_1
+        assert logout[0]["user"] == "alice"
+        assert not any(USERS["alice"] in repr(e) for e in log_events)
+
+
+class TestTimeout:
+    """RFC 1939 section 3: inactivity autologout, at least 10 minutes."""
+
+    def test_default_is_ten_minutes(self, logged_in: Wire, clock: Clock) -> None:
+        clock.advance(DEFAULT_TIMEOUT - 1)
+        assert not logged_in.closed
+        clock.advance(1)
+        assert logged_in.closed
+
+    def test_autologout_sends_nothing_and_deletes_nothing(
+        self, logged_in: Wire, clock: Clock, store: MemoryStore
+    ) -> None:
+        logged_in.command(b"DELE 1")
+        clock.advance(DEFAULT_TIMEOUT)
+        assert logged_in.take() == b""
+        logged_in.disconnect()
+        assert len(store.messages("alice")) == 3
+        assert not store.is_locked("alice")
+
+    def test_activity_resets_the_timer(self, logged_in: Wire, clock: Clock) -> None:
+        clock.advance(DEFAULT_TIMEOUT - 1)
+        logged_in.command(b"NOOP")
+        clock.advance(DEFAULT_TIMEOUT - 1)
+        assert not logged_in.closed
+
+    def test_timer_runs_before_login_too(self, wire: Wire, clock: Clock) -> None:
+        clock.advance(DEFAULT_TIMEOUT)
+        assert wire.closed
+
+
+class TestPipelining:
+    """RFC 2449 section 6.6: answers strictly in the order of the commands."""
+
+    def test_all_in_one_write(self, wire: Wire, uids: list[str]) -> None:
+        answer = wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nRETR 2\r\nNOOP\r\nQUIT\r\n")
+        assert answer == (
+            ok(USER_ACCEPTED)
+            + ok(f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
+            + ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
+            + ok(f"{SIZE_2} octets") + MESSAGE_2 + b".\r\n"
+            + OK
+            + ok(BYE)
+        )
+
+    def test_waits_for_an_asynchronous_login(self, clock: Clock, store: MemoryStore) -> None:
+        store.deliver("alice", MESSAGE_2)
+        slow = _SlowStore(store)
+        wire = _wire_for_store(clock, slow)
+        assert wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n") == ok(USER_ACCEPTED)
+        slow.release()
+        assert wire.take() == ok(f"maildrop has 1 messages ({SIZE_2} octets)") + ok(
+            f"1 {SIZE_2}"
+        ) + OK
+
+    def test_commands_split_across_writes(self, wire: Wire) -> None:
+        assert wire.send(b"NO") == b""
+        assert wire.send(b"OP\r") == b""
+        assert wire.send(b"\nCA") == err(WRONG_STATE)
+
+    def test_bare_lf_line_endings_are_accepted(self, wire: Wire) -> None:
+        assert wire.send(b"USER alice\nPASS wonderland\n").endswith(b"octets)\r\n")
+
+
+class TestAbuse:
+    """Long lines and repeated bad commands (RFC 2449 section 4 for lengths)."""
+
+    def test_255_octet_commands_are_accepted(self, wire: Wire) -> None:
+        line = b"USER " + b"u" * 248
+        assert len(line + b"\r\n") == 255
+        assert wire.command(line) == ok(USER_ACCEPTED)
+
+    def test_overlong_line_is_refused_and_the_session_goes_on(self, wire: Wire) -> None:
+        answer = wire.send(b"USER " + b"x" * (MAX_COMMAND_LENGTH + 10) + b"\r\nNOOP\r\n")
+        assert answer == err(LINE_TOO_LONG) + err(WRONG_STATE)
+
+    def test_overlong_line_in_pieces_is_not_buffered(self, logged_in: Wire) -> None:
+        piece = b"x" * 4096
+        for _ in range(256):
+            assert logged_in.send(piece) == b""
+            assert len(logged_in.protocol._buffer) <= MAX_COMMAND_LENGTH + 1
+        assert logged_in.send(b"tail\r\nNOOP\r\n") == err(LINE_TOO_LONG) + OK
+
+    def test_three_bad_commands_before_login_close(self, wire: Wire) -> None:
+        assert wire.command(b"FOO") == err(UNKNOWN_COMMAND)
+        assert wire.command(b"STAT") == err(WRONG_STATE)
+        assert wire.command(b"BAR") == err(TOO_MANY_BAD_COMMANDS)
+        assert wire.closed
+
+    def test_twenty_bad_commands_after_login_close(self, logged_in: Wire) -> None:
+        for _ in range(19):
+            assert logged_in.command(b"LIST x").startswith(b"-ERR ")
+        assert not logged_in.closed
+        assert logged_in.command(b"FOO") == err(TOO_MANY_BAD_COMMANDS)
+        assert logged_in.closed
+
+    def test_no_such_message_is_not_abuse(self, logged_in: Wire) -> None:
+        for _ in range(30):
+            logged_in.command(b"RETR 99")
+        assert not logged_in.closed
+
+    def test_nothing_is_answered_after_a_hangup(self, wire: Wire) -> None:
+        assert wire.send(b"QUIT\r\nCAPA\r\n") == ok(BYE)
+
+
+# -- test doubles -----------------------------------------------------------
+
+
+def _wire_for_store(clock: Clock, store: Any) -> Wire:
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+    return Wire(POP3Factory(Portal(MaildropRealm(store), [checker]), clock=clock))
+
+
+class _PasswordOnlyChecker(InMemoryUsernamePasswordDatabaseDontUse):
+    from twisted.cred.credentials import IUsernamePassword
+
+    credentialInterfaces = (IUsernamePassword,)
+
+
+@implementer(IMaildropStore)
+class _FailingStore:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return fail(self.error)
+
+
+@implementer(IMaildropStore)
+class _SlowStore:
+    """Opens maildrops only when told to, like a store on a busy disk."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.pending: list[tuple[str, Deferred[IMaildrop]]] = []
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        waiting: Deferred[IMaildrop] = Deferred()
+        self.pending.append((mailbox, waiting))
+        return waiting
+
+    def release(self) -> None:
+        for mailbox, waiting in self.pending:
+            self.inner.open(mailbox).chainDeferred(waiting)
+
+
+@implementer(IMaildropStore)
+class _FailingRemovalStore:
+    def __init__(self, messages: Sequence[bytes], error: Exception | None = None) -> None:
+        self.messages = list(messages)
+        self.error = error or DeletionFailed(1)
+        self.closed = False
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return succeed(_FailingRemovalMaildrop(self))
+
+
+@implementer(IMaildrop)
+class _FailingRemovalMaildrop:
+    def __init__(self, store: _FailingRemovalStore) -> None:
+        self.store = store
+        self.messages = [MessageInfo(f"u{i}", len(m)) for i, m in enumerate(store.messages)]
+
+    def open_message(self, index: int) -> Deferred[IMessageBody]:
+        raise NotImplementedError
+
+    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        return fail(self.store.error)
+
+    def close(self) -> Deferred[None]:
+        self.store.closed = True
+        return succeed(None)
