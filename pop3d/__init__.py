@@ -13,6 +13,7 @@ from pop3d.factory import POP3Factory
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
 from pop3d.maildir import MaildirStore
 from pop3d.realm import MaildropRealm
+from pop3d.service import POP3Service
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "MessageInfo",
     "POP3Error",
     "POP3Factory",
+    "POP3Service",
     "PasswdFileChecker",
     "__version__",
 ]

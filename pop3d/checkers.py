@@ -55,8 +55,12 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
             raise PasswdFileError(f"{source} line {number}: expected user:{{SCHEME}}password")
         password = rest.split(b":", 1)[0]
         if not password:
-            log.warn("{source} line {number}: {user} has no password and cannot log in",
-                     source=source, number=number, user=user.decode("utf-8", "replace"))
+            log.warn(
+                "{source} line {number}: {user} has no password and cannot log in",
+                source=source,
+                number=number,
+                user=user.decode("utf-8", "replace"),
+            )
             continue
         if not password.startswith(b"{") or b"}" not in password:
             raise PasswdFileError(
@@ -67,7 +71,7 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
         if scheme not in PLAINTEXT_SCHEMES:
             raise PasswdFileError(
                 f"{source} line {number}: unsupported password scheme {{{scheme}}}; "
-                f"supported: {', '.join('{%s}' % s for s in sorted(PLAINTEXT_SCHEMES))}"
+                f"supported: {', '.join(f'{{{s}}}' for s in sorted(PLAINTEXT_SCHEMES))}"
             )
         entries[user] = PasswordEntry(scheme, secret)
     return entries

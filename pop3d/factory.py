@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
-from pop3d.session import Session, SessionPolicy
+from pop3d.session import DEFAULT_POLICY, Session, SessionPolicy
 
 
 class POP3Factory(Factory):
@@ -33,7 +33,7 @@ class POP3Factory(Factory):
         clock: IReactorTime,
         timeout: int | None = DEFAULT_TIMEOUT,
         hostname: str | None = None,
-        policy: SessionPolicy = SessionPolicy(),
+        policy: SessionPolicy = DEFAULT_POLICY,
     ) -> None:
         self.portal = portal
         self.clock = clock

@@ -120,7 +120,7 @@ def _open_maildir(root: str) -> _Maildrop:
 def _snapshot(root: str) -> tuple[list[MessageInfo], list[str]]:
     messages: list[MessageInfo] = []
     paths: list[str] = []
-    for name, path in zip(*_scan(root)):
+    for name, path in zip(*_scan(root), strict=True):
         size = _wire_size(name, path)
         if size is None:
             # Moved or removed by another program since the scan.

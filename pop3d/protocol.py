@@ -73,7 +73,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.log.info("connection from {peer}", peer=self.session.peer)
         self.transport.write(self.session.greeting().to_bytes())
 
-    def connectionLost(self, reason: FailureType = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: FailureType | None = None) -> None:
         self._disconnected = True
         self.setTimeout(None)
         self.session.connection_lost()
@@ -96,7 +96,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             super().dataReceived(rest)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        head, newline, rest = line.partition(self.delimiter)
+        _, newline, rest = line.partition(self.delimiter)
         if not newline:
             # The line has not ended yet: drop what we have and keep dropping
             # until its end, so it is never buffered whole.

@@ -4,7 +4,8 @@ The cred realm: an authenticated avatar id becomes a locked maildrop.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm

@@ -13,8 +13,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
@@ -61,7 +62,7 @@ LINE_TOO_LONG = "line too long"
 NO_SUCH_MESSAGE = "no such message"
 ALREADY_DELETED = "message already deleted"
 INTERNAL_ERROR = "internal server error, try again later"
-PASS_WITHOUT_USER = "send USER first"
+PASS_WITHOUT_USER = "send USER first"  # noqa: S105
 APOP_UNAVAILABLE = "APOP is not available"
 CAPABILITIES_FOLLOW = "capability list follows"
 TOP_FOLLOWS = "top of message follows"
@@ -92,7 +93,7 @@ class Hangup:
     status: Status
 
 
-Reply = Union[Status, Listing, MessageStream, Hangup]
+Reply = Status | Listing | MessageStream | Hangup
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class SessionPolicy:
     #: Like Dovecot: a client that keeps sending nonsense is disconnected.
     max_bad_commands_before_login: int = 3
     max_bad_commands_after_login: int = 20
+
+
+DEFAULT_POLICY = SessionPolicy()
 
 
 @dataclass
@@ -165,7 +169,7 @@ class Session:
         *,
         apop_challenge: bytes | None,
         peer: str,
-        policy: SessionPolicy = SessionPolicy(),
+        policy: SessionPolicy = DEFAULT_POLICY,
     ) -> None:
         self._portal = portal
         self._apop_challenge = apop_challenge
@@ -476,9 +480,7 @@ class Session:
         maildrop = self._maildrop
         doomed = sorted(self._deleted)
         doomed_octets = sum(maildrop.messages[i].size for i in doomed)
-        removal: Deferred[None] = (
-            maildrop.remove(doomed) if doomed else succeed(None)
-        )
+        removal: Deferred[None] = maildrop.remove(doomed) if doomed else succeed(None)
 
         def removed(_: None) -> Reply:
             self.counters.deleted_messages = len(doomed)

@@ -7,13 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
@@ -21,6 +19,7 @@ from pop3d.factory import POP3Factory
 from pop3d.maildir import MaildirStore, MaildirTemplateError
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
+from pop3d.service import POP3Service
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -71,9 +70,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["store"] = parse_mail_location(self["mail-location"])
         self["timeout"] = parse_timeout(self["timeout"])
         if not self.get("credCheckers"):
-            raise usage.UsageError(
-                "--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd"
-            )
+            raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         from twisted.internet import reactor
 
         self["endpoints"] = [parse_endpoint(reactor, description) for description in self["listen"]]
@@ -133,51 +130,15 @@ def build_portal(realm: MaildropRealm, checkers: Sequence[Any]) -> Portal:
     return portal
 
 
-class POP3Service(Service):
-    """
-    Listens on every endpoint with one factory.  Unlike a bare
-    StreamServerEndpointService, a failure to listen is raised from
-    startService (so twistd does not run on with nothing listening), and
-    `when_listening` tells which ports were bound (useful with port 0).
-    """
-
-    def __init__(self, endpoints: Sequence[IStreamServerEndpoint], factory: POP3Factory) -> None:
-        self._endpoints = list(endpoints)
-        self._factory = factory
-        self._ports: list[IListeningPort] = []
-        self._listening: Deferred[list[IListeningPort]] | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        failures: list[Failure] = []
-        attempts = []
-        for endpoint in self._endpoints:
-            attempt = endpoint.listen(self._factory)
-            attempt.addCallback(self._ports.append)
-            attempt.addErrback(failures.append)
-            attempts.append(attempt)
-        if failures:
-            failures[0].raiseException()
-        self._listening = gatherResults(attempts).addCallback(lambda _: list(self._ports))
-
-    def when_listening(self) -> Deferred[list[IListeningPort]]:
-        """Fires with the listening ports once all endpoints listen."""
-        assert self._listening is not None, "the service is not started"
-        return self._listening
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        ports, self._ports = self._ports, []
-        stopped = [maybeDeferred(port.stopListening) for port in ports]
-        return gatherResults(stopped).addCallback(lambda _: None)
-
-
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorCore = reactor  # type: ignore[assignment]
     portal = build_portal(MaildropRealm(options["store"]), options["credCheckers"])
     factory = POP3Factory(
-        portal, clock=clock, timeout=options["timeout"], hostname=options["hostname"]  # type: ignore[arg-type]
+        portal,
+        clock=clock,
+        timeout=options["timeout"],
+        hostname=options["hostname"],  # type: ignore[arg-type]
     )
     return POP3Service(options["endpoints"], factory)

@@ -33,7 +33,7 @@ class Verb(enum.Enum):
     """
 
     USER = "USER"
-    PASS = "PASS"
+    PASS = "PASS"  # noqa: S105
     APOP = "APOP"
     QUIT = "QUIT"
     STAT = "STAT"

@@ -21,8 +21,9 @@ from twisted.internet.testing import StringTransport
 
 from pop3d.factory import POP3Factory
 from pop3d.protocol import POP3Protocol
+from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
-from pop3d.tap import Options, POP3Service, makeService
+from pop3d.tap import Options, makeService
 from pop3d.testing import MemoryStore, memory_portal
 
 LOOPBACK_PEER = IPv4Address("TCP", "127.0.0.1", 40000)

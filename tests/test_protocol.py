@@ -237,13 +237,21 @@ class TestAuthorization:
 class TestCapa:
     """RFC 2449 section 5: CAPA in both states."""
 
-    BEFORE = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE",
-              b"EXPIRE NEVER"]
+    BEFORE = [
+        b"TOP",
+        b"UIDL",
+        b"USER",
+        b"RESP-CODES",
+        b"PIPELINING",
+        b"AUTH-RESP-CODE",
+        b"EXPIRE NEVER",
+    ]
 
     def test_before_login(self, wire: Wire) -> None:
-        assert wire.command(b"CAPA") == ok(CAPABILITIES_FOLLOW) + b"".join(
-            c + b"\r\n" for c in self.BEFORE
-        ) + b".\r\n"
+        assert (
+            wire.command(b"CAPA")
+            == ok(CAPABILITIES_FOLLOW) + b"".join(c + b"\r\n" for c in self.BEFORE) + b".\r\n"
+        )
 
     def test_after_login_everything_announced_before_is_announced_again(
         self, logged_in: Wire
@@ -273,9 +281,22 @@ class TestTransaction:
     def test_list_no_such_message(self, logged_in: Wire, argument: bytes) -> None:
         assert logged_in.command(b"LIST " + argument) == err(NO_SUCH_MESSAGE)
 
-    @pytest.mark.parametrize("line", [b"LIST 0", b"LIST x", b"LIST 1 2", b"STAT 1", b"RETR",
-                                      b"RETR -1", b"TOP 1", b"TOP 1 x", b"TOP 1 -1", b"DELE",
-                                      b"UIDL 1 2"])
+    @pytest.mark.parametrize(
+        "line",
+        [
+            b"LIST 0",
+            b"LIST x",
+            b"LIST 1 2",
+            b"STAT 1",
+            b"RETR",
+            b"RETR -1",
+            b"TOP 1",
+            b"TOP 1 x",
+            b"TOP 1 -1",
+            b"DELE",
+            b"UIDL 1 2",
+        ],
+    )
     def test_malformed_arguments(self, logged_in: Wire, line: bytes) -> None:
         answer = logged_in.command(line)
         assert answer.startswith(b"-ERR ") and answer.count(b"\r\n") == 1
@@ -336,9 +357,12 @@ class TestTransaction:
         assert logged_in.command(b"NOOP") == OK
 
     def test_uidl(self, logged_in: Wire, uids: list[str]) -> None:
-        assert logged_in.command(b"UIDL") == ok(UIDL_FOLLOWS) + b"".join(
-            b"%d %s\r\n" % (i, uid.encode()) for i, uid in enumerate(uids, 1)
-        ) + b".\r\n"
+        assert (
+            logged_in.command(b"UIDL")
+            == ok(UIDL_FOLLOWS)
+            + b"".join(b"%d %s\r\n" % (i, uid.encode()) for i, uid in enumerate(uids, 1))
+            + b".\r\n"
+        )
         assert logged_in.command(b"UIDL 2") == ok(f"2 {uids[1]}")
 
     @pytest.mark.parametrize("line", [b"USER alice", b"PASS x", b"APOP alice " + b"0" * 32])
@@ -467,7 +491,9 @@ class TestPipelining:
             ok(USER_ACCEPTED)
             + ok(f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
             + ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
-            + ok(f"{SIZE_2} octets") + MESSAGE_2 + b".\r\n"
+            + ok(f"{SIZE_2} octets")
+            + MESSAGE_2
+            + b".\r\n"
             + OK
             + ok(BYE)
         )
@@ -478,9 +504,9 @@ class TestPipelining:
         wire = _wire_for_store(clock, slow)
         assert wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n") == ok(USER_ACCEPTED)
         slow.release()
-        assert wire.take() == ok(f"maildrop has 1 messages ({SIZE_2} octets)") + ok(
-            f"1 {SIZE_2}"
-        ) + OK
+        assert (
+            wire.take() == ok(f"maildrop has 1 messages ({SIZE_2} octets)") + ok(f"1 {SIZE_2}") + OK
+        )
 
     def test_commands_split_across_writes(self, wire: Wire) -> None:
         assert wire.send(b"NO") == b""

@@ -58,9 +58,7 @@ class TestParseCommand:
 
     def test_pass_keeps_spaces_in_the_password(self) -> None:
         # RFC 1939 section 7 (PASS): the argument may contain spaces.
-        assert parse_command(b"PASS my secret  pass ") == Command(
-            Verb.PASS, (b"my secret  pass ",)
-        )
+        assert parse_command(b"PASS my secret  pass ") == Command(Verb.PASS, (b"my secret  pass ",))
 
     def test_pass_without_argument(self) -> None:
         assert parse_command(b"PASS") == Command(Verb.PASS, ())
@@ -193,8 +191,9 @@ class TestMessageEncoder:
 
     @given(
         message=st.binary(max_size=300)
-        | st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"..", b"x y"]))
-        .map(b"".join),
+        | st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"..", b"x y"])).map(
+            b"".join
+        ),
         chunk_size=st.integers(min_value=1, max_value=17),
     )
     def test_any_chunking_gives_the_same_bytes_and_the_announced_size(
@@ -212,8 +211,9 @@ class TestMessageEncoder:
         assert len(unstuffed) == wire_size(message)
 
     @given(
-        message=st.lists(st.sampled_from([b"H: v\n", b"\n", b".x\n", b"body\r\n", b"y"]))
-        .map(b"".join),
+        message=st.lists(st.sampled_from([b"H: v\n", b"\n", b".x\n", b"body\r\n", b"y"])).map(
+            b"".join
+        ),
         lines=st.integers(min_value=0, max_value=5),
         chunk_size=st.integers(min_value=1, max_value=9),
     )

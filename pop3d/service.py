@@ -1,0 +1,53 @@
+"""
+The service that listens on endpoints for a POP3Factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python.failure import Failure
+
+from pop3d.factory import POP3Factory
+
+
+class POP3Service(Service):
+    """
+    Listens on every endpoint with one factory.  Unlike a bare
+    StreamServerEndpointService, a failure to listen is raised from
+    startService (so twistd does not run on with nothing listening), and
+    `when_listening` tells which ports were bound (useful with port 0).
+    """
+
+    def __init__(self, endpoints: Sequence[IStreamServerEndpoint], factory: POP3Factory) -> None:
+        self._endpoints = list(endpoints)
+        self._factory = factory
+        self._ports: list[IListeningPort] = []
+        self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Failure] = []
+        attempts = []
+        for endpoint in self._endpoints:
+            attempt = endpoint.listen(self._factory)
+            attempt.addCallback(self._ports.append)
+            attempt.addErrback(failures.append)
+            attempts.append(attempt)
+        if failures:
+            failures[0].raiseException()
+        self._listening = gatherResults(attempts).addCallback(lambda _: list(self._ports))
+
+    def when_listening(self) -> Deferred[list[IListeningPort]]:
+        """Fires with the listening ports once all endpoints listen."""
+        assert self._listening is not None, "the service is not started"
+        return self._listening
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        ports, self._ports = self._ports, []
+        stopped = [maybeDeferred(port.stopListening) for port in ports]
+        return gatherResults(stopped).addCallback(lambda _: None)

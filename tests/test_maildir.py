@@ -1,0 +1,203 @@
+"""
+What is particular to the Maildir store: the layout, Maildir++ size fields,
+other programs moving files, locks held by other processes, faults.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
+from pop3d.maildir import (
+    LOCK_FILE_NAME,
+    MaildirStore,
+    MaildirTemplateError,
+    expand_template,
+)
+from pop3d.testing import deliver_to_maildir
+from pop3d.wire import wire_size
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MaildirStore:
+    return MaildirStore(f"{tmp_path}/{{user}}")
+
+
+@pytest.fixture
+def maildir(tmp_path: Path) -> Path:
+    root = tmp_path / "alice"
+    for part in ("new", "cur", "tmp"):
+        (root / part).mkdir(parents=True)
+    return root
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_new_and_cur_but_not_tmp(store: MaildirStore, maildir: Path) -> None:
+    (maildir / "new" / "1.M1.host").write_bytes(b"new\n")
+    (maildir / "cur" / "2.M2.host:2,S").write_bytes(b"cur\n")
+    (maildir / "tmp" / "3.M3.host").write_bytes(b"being delivered\n")
+    (maildir / "cur" / ".hidden").write_bytes(b"not a message\n")
+    (maildir / "new" / "subdirectory").mkdir()
+    maildrop = await store.open("alice")
+    assert [m.uid for m in maildrop.messages] == ["1.M1.host", "2.M2.host"]
+    await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_maildir_plus_plus_wire_size_is_trusted(store: MaildirStore, maildir: Path) -> None:
+    """Maildir++ ``,W=`` is the CRLF size: STAT needs no read of the file."""
+    (maildir / "cur" / "1.M1.host,S=5,W=123:2,S").write_bytes(b"abcd\n")
+    (maildir / "new" / "2.M2.host").write_bytes(b"a\nb\n")
+    maildrop = await store.open("alice")
+    assert [m.size for m in maildrop.messages] == [123, wire_size(b"a\nb\n")]
+    await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uidl_survives_a_move_from_new_to_cur(store: MaildirStore, maildir: Path) -> None:
+    """RFC 1939 section 7: the same UIDL in every session, whatever other programs do."""
+    unique = deliver_to_maildir(str(maildir), b"Subject: x\n\nbody\n")
+    first = await store.open("alice")
+    uid = first.messages[0].uid
+    # A mail reader marks it seen while we hold the maildrop.
+    os.rename(maildir / "new" / unique, maildir / "cur" / f"{unique}:2,S")
+    body = await first.open_message(0)
+    assert body.read(100) == b"Subject: x\n\nbody\n"
+    body.close()
+    await first.close()
+    second = await store.open("alice")
+    assert [m.uid for m in second.messages] == [uid]
+    await second.remove([0])
+    await second.close()
+    assert list((maildir / "cur").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_removal_follows_a_moved_message(store: MaildirStore, maildir: Path) -> None:
+    unique = deliver_to_maildir(str(maildir), b"x\n")
+    maildrop = await store.open("alice")
+    os.rename(maildir / "new" / unique, maildir / "cur" / f"{unique}:2,S")
+    await maildrop.remove([0])
+    await maildrop.close()
+    assert list((maildir / "cur").iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_unique_names_get_a_valid_uidl(store: MaildirStore, maildir: Path) -> None:
+    name = "1700000000.M1P1." + "very-long-host-name." * 5 + "example"
+    (maildir / "new" / name).write_bytes(b"x\n")
+    uids = []
+    for _ in range(2):
+        maildrop = await store.open("alice")
+        uids.append(maildrop.messages[0].uid)
+        await maildrop.close()
+    assert len(uids[0]) <= 70 and uids[0] == uids[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_maildir_is_empty_and_not_created(
+    store: MaildirStore, tmp_path: Path
+) -> None:
+    maildrop = await store.open("nobody")
+    assert list(maildrop.messages) == []
+    await maildrop.close()
+    assert not (tmp_path / "nobody").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_maildir_that_is_a_file(store: MaildirStore, tmp_path: Path) -> None:
+    """RFC 3206 section 4: a condition an administrator must fix is SYS/PERM."""
+    (tmp_path / "alice").write_bytes(b"oops")
+    with pytest.raises(MaildropUnavailable) as raised:
+        await store.open("alice")
+    assert raised.value.permanent
+
+
+@pytest_twisted.ensureDeferred
+async def test_cur_that_is_a_file(store: MaildirStore, maildir: Path) -> None:
+    (maildir / "cur").rmdir()
+    (maildir / "cur").write_bytes(b"oops")
+    with pytest.raises(MaildropUnavailable) as raised:
+        await store.open("alice")
+    assert raised.value.permanent
+    # The lock was not kept by the failed open.
+    (maildir / "cur").unlink()
+    maildrop = await store.open("alice")
+    await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_removal_does_the_others(store: MaildirStore, maildir: Path) -> None:
+    names = [deliver_to_maildir(str(maildir), b"%d\n" % i) for i in range(3)]
+    maildrop = await store.open("alice")
+    # Something that cannot be unlinked now stands where message 2 was.
+    (maildir / "new" / names[1]).unlink()
+    (maildir / "new" / names[1]).mkdir()
+    with pytest.raises(DeletionFailed) as raised:
+        await maildrop.remove([0, 1, 2])
+    assert raised.value.failed == 1
+    await maildrop.close()
+    assert sorted(p.name for p in (maildir / "new").iterdir()) == [names[1]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_file_stays_and_is_not_a_message(store: MaildirStore, maildir: Path) -> None:
+    maildrop = await store.open("alice")
+    await maildrop.close()
+    assert (maildir / LOCK_FILE_NAME).exists()
+    maildrop = await store.open("alice")
+    assert list(maildrop.messages) == []
+    await maildrop.close()
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_lock_held_by_another_process(store: MaildirStore, maildir: Path) -> None:
+    """RFC 1939 section 8: exclusive access across processes; a dead holder frees it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(maildir / LOCK_FILE_NAME)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(MaildropLocked):
+            await store.open("alice")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    maildrop = await store.open("alice")
+    await maildrop.close()
+
+
+class TestTemplates:
+    def test_user_local_domain(self) -> None:
+        expanded = expand_template("/m/{domain}/{local}/{user}", "al@ex.org")
+        assert expanded == "/m/ex.org/al/al@ex.org"
+
+    def test_no_domain(self) -> None:
+        assert expand_template("/m/{local}", "alice") == "/m/alice"
+
+    def test_name_is_not_expanded_again(self) -> None:
+        assert expand_template("/m/{user}/{domain}", "{domain}@x") == "/m/{domain}@x/x"
+
+    @pytest.mark.parametrize("template", ["/m/{usr}", "/m/{user", "/m/{0}", ""])
+    def test_bad_templates(self, template: str) -> None:
+        with pytest.raises(MaildirTemplateError):
+            MaildirStore(template)
