@@ -116,7 +116,7 @@ class PasswdFileChecker:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
         return self._entries
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
         username = _as_bytes(credentials.username)
         found = self._current_entries().get(username)
         entry = found or _NO_SUCH_USER

@@ -51,7 +51,7 @@ class POP3Factory(Factory):
         token = secrets.token_hex(8)
         return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
 
-    def buildProtocol(self, addr: IAddress) -> POP3Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> POP3Protocol:
         session = Session(
             self.portal,
             apop_challenge=self.apop_challenge(),
@@ -63,7 +63,7 @@ class POP3Factory(Factory):
         return protocol
 
 
-def _describe(addr: IAddress) -> str:
+def _describe(addr: IAddress | None) -> str:
     host = getattr(addr, "host", None)
     port = getattr(addr, "port", None)
     if host is not None and port is not None:

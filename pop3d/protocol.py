@@ -8,10 +8,11 @@ backpressure.  Every decision about what to answer is the session's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -53,7 +54,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def __init__(self, session: Session, *, clock: IReactorTime, timeout: int | None) -> None:
         self.session = session
-        self.callLater = clock.callLater
+        self._clock = clock
         self._timeout = timeout
         self._command_in_flight = False
         self._paused_for_command = False
@@ -62,16 +63,27 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._closing = False
         self._disconnected = False
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's scheduling, on the injected clock.
+        return self._clock.callLater(period, func)
+
+    @property
+    def _connection(self) -> ITCPTransport:
+        # Set for the whole life of a connected protocol; every transport
+        # pop3d runs on (TCP, TLS, UNIX, StringTransport) can abort.
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     # -- connection lifecycle ----------------------------------------------
 
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
             # The last chunk of a message and the terminator must not wait
             # for an ACK (Nagle), or every small RETR costs a round trip.
-            self.transport.setTcpNoDelay(True)
+            self._connection.setTcpNoDelay(True)
         self.setTimeout(self._timeout)
         self.log.info("connection from {peer}", peer=self.session.peer)
-        self.transport.write(self.session.greeting().to_bytes())
+        self._connection.write(self.session.greeting().to_bytes())
 
     def connectionLost(self, reason: FailureType | None = None) -> None:
         self._disconnected = True
@@ -83,7 +95,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         # entering UPDATE.  Abort rather than wait for a stalled client to
         # drain its buffer.
         self.log.info("autologout of idle connection from {peer}", peer=self.session.peer)
-        self.transport.abortConnection()
+        self._connection.abortConnection()
 
     # -- framing -------------------------------------------------------------
 
@@ -104,7 +116,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return
         self._discarding_long_line = False
         self._after_long_line = rest
-        self._answer(maybeDeferred(self.session.line_too_long))
+        self._answer(_ask(self.session.line_too_long))
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -112,11 +124,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.resetTimeout()
         if self._discarding_long_line:
             self._discarding_long_line = False
-            self._answer(maybeDeferred(self.session.line_too_long))
+            self._answer(_ask(self.session.line_too_long))
             return
         if line.endswith(b"\r"):
             line = line[:-1]
-        self._answer(maybeDeferred(self.session.handle_line, line))
+        self._answer(_ask(lambda: self.session.handle_line(line)))
 
     # -- answering, strictly in order ----------------------------------------
 
@@ -152,15 +164,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
                 reply.body.close()
             return None
         if isinstance(reply, Status):
-            self.transport.write(reply.to_bytes())
+            self._connection.write(reply.to_bytes())
         elif isinstance(reply, Listing):
-            self.transport.write(format_multiline(reply.status, reply.lines))
+            self._connection.write(format_multiline(reply.status, reply.lines))
         elif isinstance(reply, Hangup):
             self._closing = True
-            self.transport.write(reply.status.to_bytes())
-            self.transport.loseConnection()
+            self._connection.write(reply.status.to_bytes())
+            self._connection.loseConnection()
         else:
-            producer = _MessageProducer(self.transport, reply, self.resetTimeout)
+            producer = _MessageProducer(self._connection, reply, self.resetTimeout)
             return producer.start().addErrback(self._stream_failed)
         return None
 
@@ -173,7 +185,16 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.log.failure(
             "reading a message failed mid-response to {peer}", failure, peer=self.session.peer
         )
-        self.transport.abortConnection()
+        self._connection.abortConnection()
+
+
+def _ask(question: Callable[[], Reply | Deferred[Reply]]) -> Deferred[Reply]:
+    """The session's answer as a Deferred, whether it came at once or not."""
+    try:
+        answer = question()
+    except Exception:
+        return fail()
+    return answer if isinstance(answer, Deferred) else succeed(answer)
 
 
 class ResponseAbandoned(Exception):

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from pop3d.interfaces import IMaildrop, IMaildropStore
 
@@ -59,8 +59,8 @@ class MaildropRealm:
         self.store = store
 
     def requestAvatar(
-        self, avatarId: bytes | str, mind: object, *interfaces: Any
-    ) -> Deferred[tuple[Any, IMaildrop, Callable[[], None]]]:
+        self, avatarId: Any, mind: object, *interfaces: Any
+    ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
         if IMaildrop not in interfaces:
             raise NotImplementedError("MaildropRealm only provides IMaildrop")
         name = mailbox_name(avatarId)
@@ -68,7 +68,7 @@ class MaildropRealm:
             raise UnauthorizedLogin()
         opened: Deferred[IMaildrop] = maybeDeferred(self.store.open, name)
 
-        def avatar(maildrop: IMaildrop) -> tuple[Any, IMaildrop, Callable[[], None]]:
+        def avatar(maildrop: IMaildrop) -> tuple[type[Interface], object, Callable[[], None]]:
             return (IMaildrop, maildrop, lambda: None)
 
         return opened.addCallback(avatar)

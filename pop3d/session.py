@@ -17,12 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import (
+    ICredentials,
+    IUsernameHashedPassword,
+    IUsernamePassword,
+    UsernamePassword,
+)
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.interfaces import IMaildrop, IMessageBody
@@ -334,14 +339,13 @@ class Session:
         credentials = APOPCredentials(self._apop_challenge, username, digest)
         return self._login(credentials, username, "APOP")
 
-    def _login(self, credentials: object, username: bytes, method: str) -> Deferred[Reply]:
+    def _login(self, credentials: ICredentials, username: bytes, method: str) -> Deferred[Reply]:
         shown_user = username.decode("utf-8", "replace")
-        attempt: Deferred[tuple[object, IMaildrop, Callable[[], None]]] = self._portal.login(
-            credentials, None, IMaildrop
-        )
+        attempt = self._portal.login(credentials, None, IMaildrop)
 
-        def succeeded(result: tuple[object, IMaildrop, Callable[[], None]]) -> Reply:
-            _, maildrop, _logout = result
+        def succeeded(result: tuple[type[Interface], object, Callable[[], None]]) -> Reply:
+            _, avatar, _logout = result
+            maildrop = IMaildrop(avatar)
             if self._disconnected:
                 maildrop.close()
                 return Status(False, BYE)
@@ -513,7 +517,10 @@ class Session:
             self._release()
             return reply
 
-        return removal.addCallbacks(removed, not_removed).addCallback(logged_out)
+        outcome: Deferred[Reply] = removal.addCallback(removed)
+        outcome.addErrback(not_removed)
+        outcome.addCallback(logged_out)
+        return outcome
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, Status]:

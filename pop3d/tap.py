@@ -11,7 +11,7 @@ from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
@@ -133,12 +133,12 @@ def build_portal(realm: MaildropRealm, checkers: Sequence[Any]) -> Portal:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    clock: IReactorCore = reactor  # type: ignore[assignment]
+    clock: IReactorTime = reactor
     portal = build_portal(MaildropRealm(options["store"]), options["credCheckers"])
     factory = POP3Factory(
         portal,
         clock=clock,
         timeout=options["timeout"],
-        hostname=options["hostname"],  # type: ignore[arg-type]
+        hostname=options["hostname"],
     )
     return POP3Service(options["endpoints"], factory)
