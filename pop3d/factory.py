@@ -55,7 +55,7 @@ class POP3Factory(Factory):
         session = Session(
             self.portal,
             apop_challenge=self.apop_challenge(),
-            peer=_describe(addr),
+            peer=describe_address(addr),
             policy=self.policy,
         )
         protocol = POP3Protocol(session, clock=self.clock, timeout=self.timeout)
@@ -63,7 +63,8 @@ class POP3Factory(Factory):
         return protocol
 
 
-def _describe(addr: IAddress | None) -> str:
+def describe_address(addr: IAddress | None) -> str:
+    """host:port for IP addresses, the path for UNIX sockets."""
     host = getattr(addr, "host", None)
     port = getattr(addr, "port", None)
     if host is not None and port is not None:

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.factory import POP3Factory
+from pop3d.factory import POP3Factory, describe_address
 
 
 class POP3Service(Service):
@@ -21,6 +22,8 @@ class POP3Service(Service):
     startService (so twistd does not run on with nothing listening), and
     `when_listening` tells which ports were bound (useful with port 0).
     """
+
+    log = Logger()
 
     def __init__(self, endpoints: Sequence[IStreamServerEndpoint], factory: POP3Factory) -> None:
         self._endpoints = list(endpoints)
@@ -34,12 +37,16 @@ class POP3Service(Service):
         attempts = []
         for endpoint in self._endpoints:
             attempt = endpoint.listen(self._factory)
-            attempt.addCallback(self._ports.append)
+            attempt.addCallback(self._listening_on)
             attempt.addErrback(failures.append)
             attempts.append(attempt)
         if failures:
             failures[0].raiseException()
         self._listening = gatherResults(attempts).addCallback(lambda _: list(self._ports))
+
+    def _listening_on(self, port: IListeningPort) -> None:
+        self._ports.append(port)
+        self.log.info("pop3d listening on {address}", address=describe_address(port.getHost()))
 
     def when_listening(self) -> Deferred[list[IListeningPort]]:
         """Fires with the listening ports once all endpoints listen."""

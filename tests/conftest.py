@@ -156,3 +156,19 @@ async def running_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 def pytest_configure(config: pytest.Config) -> None:
     # The suite must not depend on the developer's locale or home directory.
     os.environ.setdefault("LC_ALL", "C.UTF-8")
+
+
+def require_program(name: str) -> str:
+    """
+    The path of an external program a test needs.  Outside CI a missing one
+    skips the test with a hint; in CI (which installs them) it fails.
+    """
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install {name}); .ci/run installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

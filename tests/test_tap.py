@@ -1,0 +1,123 @@
+"""
+The ``twistd pop3d`` command line (pop3d.tap), parsed in-process.  Running
+the real twistd is in test_process.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.python import usage
+
+from pop3d.interfaces import IMaildrop
+from pop3d.maildir import MaildirStore
+from pop3d.realm import MaildropRealm
+from pop3d.session import APOPCredentials
+from pop3d.tap import DEFAULT_LISTEN, Options, build_portal
+from pop3d.testing import MemoryStore
+
+
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    path = tmp_path / "passwd"
+    path.write_text("alice:{PLAIN}wonderland::\n")
+    return path
+
+
+def parse(*arguments: str) -> Options:
+    options = Options()
+    options.parseOptions(list(arguments))
+    return options
+
+
+def test_documented_form(passwd: Path, tmp_path: Path) -> None:
+    options = parse(
+        "--listen", "tcp:1110:interface=127.0.0.1",
+        "--mail-location", f"maildir:{tmp_path}/{{user}}",
+        "--auth", f"passwd-file:{passwd}",
+        "--timeout", "900",
+    )  # fmt: skip
+    assert options["timeout"] == 900
+    assert isinstance(options["store"], MaildirStore)
+    assert options["store"].path_for("alice") == f"{tmp_path}/alice"
+    [endpoint] = options["endpoints"]
+    assert isinstance(endpoint, TCP4ServerEndpoint)
+
+
+def test_defaults(passwd: Path) -> None:
+    options = parse("--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}")
+    assert options["listen"] == [DEFAULT_LISTEN]
+    assert options["timeout"] == 600
+
+
+def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
+    options = parse(
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--listen", f"unix:{tmp_path}/pop3.sock",
+        "--mail-location", "maildir:/srv/{user}",
+        "--auth", f"passwd-file:{passwd}",
+    )  # fmt: skip
+    assert [type(e) for e in options["endpoints"]] == [TCP4ServerEndpoint, UNIXServerEndpoint]
+
+
+@pytest.mark.parametrize(
+    "arguments,option",
+    [
+        (["--timeout", "599"], "--timeout"),
+        (["--timeout", "ten"], "--timeout"),
+        (["--mail-location", "mbox:/var/mail/{user}"], "--mail-location"),
+        (["--mail-location", "maildir:/srv/{usr}"], "--mail-location"),
+        (["--listen", "bogus:1"], "--listen"),
+        (["--listen", "tcp:notaport"], "--listen"),
+    ],
+)
+def test_bad_options_name_the_option(passwd: Path, arguments: list[str], option: str) -> None:
+    base = {"--mail-location": "maildir:/srv/{user}", "--auth": f"passwd-file:{passwd}"}
+    given = dict(zip(arguments[::2], arguments[1::2], strict=True))
+    merged = [part for item in {**base, **given}.items() for part in item]
+    with pytest.raises(usage.UsageError, match=re.escape(option)):
+        parse(*merged)
+
+
+def test_auth_and_mail_location_are_required(passwd: Path) -> None:
+    with pytest.raises(usage.UsageError, match="--mail-location"):
+        parse("--auth", f"passwd-file:{passwd}")
+    with pytest.raises(usage.UsageError, match="--auth"):
+        parse("--mail-location", "maildir:/srv/{user}")
+
+
+def test_unknown_scheme_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_text("alice:{NOPE}x::\n")
+    with pytest.raises(usage.UsageError, match=r"unsupported password scheme \{NOPE\}"):
+        parse("--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{path}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_auth_option_counts(passwd: Path) -> None:
+    """Repeated --auth options are all consulted, in order."""
+    options = parse(
+        "--mail-location", "maildir:/srv/{user}",
+        "--auth", f"passwd-file:{passwd}",
+        "--auth", "memory:bob:builder",
+    )  # fmt: skip
+    portal = build_portal(MaildropRealm(MemoryStore()), options["credCheckers"])
+    for user, password in [(b"alice", b"wonderland"), (b"bob", b"builder")]:
+        _, maildrop, _ = await portal.login(UsernamePassword(user, password), None, IMaildrop)
+        await IMaildrop(maildrop).close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_auth_supports_apop(passwd: Path) -> None:
+    options = parse("--mail-location", "maildir:/srv/{user}", "--auth", "memory:bob:builder")
+    portal = build_portal(MaildropRealm(MemoryStore()), options["credCheckers"])
+    challenge = b"<1.2@host>"
+    digest = hashlib.md5(challenge + b"builder").hexdigest().encode()
+    _, maildrop, _ = await portal.login(APOPCredentials(challenge, b"bob", digest), None, IMaildrop)
+    await IMaildrop(maildrop).close()
