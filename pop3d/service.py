@@ -33,16 +33,27 @@ class POP3Service(Service):
 
     def startService(self) -> None:
         super().startService()
-        failures: list[Failure] = []
-        attempts = []
-        for endpoint in self._endpoints:
-            attempt = endpoint.listen(self._factory)
-            attempt.addCallback(self._listening_on)
-            attempt.addErrback(failures.append)
-            attempts.append(attempt)
-        if failures:
-            failures[0].raiseException()
-        self._listening = gatherResults(attempts).addCallback(lambda _: list(self._ports))
+        attempts = [
+            endpoint.listen(self._factory).addCallback(self._listening_on)
+            for endpoint in self._endpoints
+        ]
+        failed_at_once: list[Failure] = []
+
+        def note(failure: Failure) -> Failure:
+            failed_at_once.append(failure)
+            return failure
+
+        for attempt in attempts:
+            attempt.addErrback(note)
+        self._listening = gatherResults(attempts, consumeErrors=True).addCallback(
+            lambda _: list(self._ports)
+        )
+        if failed_at_once:
+            # The usual failures (port in use, permission denied) are known
+            # at once: raise them, so that twistd stops instead of running on
+            # with nothing listening.
+            self._listening.addErrback(lambda _: None)
+            failed_at_once[0].raiseException()
 
     def _listening_on(self, port: IListeningPort) -> None:
         self._ports.append(port)

@@ -64,6 +64,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         self["listen"].append(description)
 
+    def opt_auth(self, description: str) -> None:
+        """A twisted.cred checker, e.g. passwd-file:/etc/pop3d/passwd (repeatable)."""
+        try:
+            super().opt_auth(description)
+        except usage.UsageError as error:
+            # Name the option and the checker type, never the argument: it
+            # may hold a password (memory:alice:secret).
+            auth_type = description.split(":", 1)[0]
+            reason = str(error).removeprefix("Unexpected error: ")
+            raise usage.UsageError(f"--auth {auth_type}: {reason}") from None
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
