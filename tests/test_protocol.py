@@ -508,6 +508,17 @@ class TestPipelining:
             wire.take() == ok(f"maildrop has 1 messages ({SIZE_2} octets)") + ok(f"1 {SIZE_2}") + OK
         )
 
+    def test_disconnect_during_login_releases_the_maildrop(
+        self, clock: Clock, store: MemoryStore
+    ) -> None:
+        slow = _SlowStore(store)
+        wire = _wire_for_store(clock, slow)
+        wire.send(b"USER alice\r\nPASS wonderland\r\n")
+        wire.disconnect()
+        slow.release()
+        assert not store.is_locked("alice")
+        assert wire.take() == b""
+
     def test_commands_split_across_writes(self, wire: Wire) -> None:
         assert wire.send(b"NO") == b""
         assert wire.send(b"OP\r") == b""
