@@ -116,7 +116,8 @@ def deliver_to_maildir(
     """
     for part in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(maildir, part), exist_ok=True)
-    unique = f"{int(time.time())}.M{next(_deliveries)}P{os.getpid()}.pop3d-testing"
+    # Zero-padded so that name order (the order of a snapshot) is delivery order.
+    unique = f"{int(time.time())}.M{next(_deliveries):06d}P{os.getpid()}.pop3d-testing"
     temporary = os.path.join(maildir, "tmp", unique)
     with open(temporary, "wb") as file:
         file.write(message)
