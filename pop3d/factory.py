@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+from collections.abc import Callable
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.portal import Portal
@@ -52,21 +53,11 @@ class POP3Factory(Factory):
         return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
 
     def buildProtocol(self, addr: IAddress | None) -> POP3Protocol:
-        session = Session(
-            self.portal,
-            apop_challenge=self.apop_challenge(),
-            peer=describe_address(addr),
-            policy=self.policy,
-        )
-        protocol = POP3Protocol(session, clock=self.clock, timeout=self.timeout)
+        def new_session(peer: Callable[[], str]) -> Session:
+            return Session(
+                self.portal, apop_challenge=self.apop_challenge(), peer=peer, policy=self.policy
+            )
+
+        protocol = POP3Protocol(new_session, clock=self.clock, timeout=self.timeout)
         protocol.factory = self
         return protocol
-
-
-def describe_address(addr: IAddress | None) -> str:
-    """host:port for IP addresses, the path for UNIX sockets."""
-    host = getattr(addr, "host", None)
-    port = getattr(addr, "port", None)
-    if host is not None and port is not None:
-        return f"{host}:{port}"
-    return str(getattr(addr, "name", None) or addr)

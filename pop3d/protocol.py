@@ -12,7 +12,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -52,8 +58,14 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     MAX_LENGTH = MAX_COMMAND_LENGTH
     log = Logger()
 
-    def __init__(self, session: Session, *, clock: IReactorTime, timeout: int | None) -> None:
-        self.session = session
+    def __init__(
+        self,
+        new_session: Callable[[Callable[[], str]], Session],
+        *,
+        clock: IReactorTime,
+        timeout: int | None,
+    ) -> None:
+        self.session = new_session(self._describe_peer)
         self._clock = clock
         self._timeout = timeout
         self._command_in_flight = False
@@ -73,6 +85,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         # pop3d runs on (TCP, TLS, UNIX, StringTransport) can abort.
         assert self.transport is not None
         return cast(ITCPTransport, self.transport)
+
+    def _describe_peer(self) -> str:
+        return describe_address(self.transport.getPeer() if self.transport else None)
 
     # -- connection lifecycle ----------------------------------------------
 
@@ -186,6 +201,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             "reading a message failed mid-response to {peer}", failure, peer=self.session.peer
         )
         self._connection.abortConnection()
+
+
+def describe_address(addr: IAddress | None) -> str:
+    """host:port for IP addresses, the path for UNIX sockets."""
+    host = getattr(addr, "host", None)
+    port = getattr(addr, "port", None)
+    if host is not None and port is not None:
+        return f"{host}:{port}"
+    return str(getattr(addr, "name", None) or addr)
 
 
 def _ask(question: Callable[[], Reply | Deferred[Reply]]) -> Deferred[Reply]:

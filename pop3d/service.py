@@ -12,7 +12,8 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.factory import POP3Factory, describe_address
+from pop3d.factory import POP3Factory
+from pop3d.protocol import describe_address
 
 
 class POP3Service(Service):

@@ -173,12 +173,12 @@ class Session:
         portal: Portal,
         *,
         apop_challenge: bytes | None,
-        peer: str,
+        peer: Callable[[], str],
         policy: SessionPolicy = DEFAULT_POLICY,
     ) -> None:
         self._portal = portal
         self._apop_challenge = apop_challenge
-        self.peer = peer
+        self._describe_peer = peer
         self._policy = policy
         self.state = State.AUTHORIZATION
         self.user: str | None = None
@@ -206,6 +206,15 @@ class Session:
             (State.TRANSACTION, Verb.CAPA): self._capa,
             (State.TRANSACTION, Verb.QUIT): self._quit_update,
         }
+
+    @property
+    def peer(self) -> str:
+        """
+        Who the client is, asked of the transport each time: behind a
+        PROXY-protocol wrapper (haproxy: endpoints) the real client is known
+        only after the connection was made.
+        """
+        return self._describe_peer()
 
     # -- entry points used by the protocol adapter -------------------------
 

@@ -122,20 +122,20 @@ def write_passwd(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-@pytest_twisted.async_yield_fixture
-async def running_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+async def start_service(tmp_path: Path, listen: list[str]) -> RunningServer:
     """
-    The service exactly as ``twistd pop3d`` makes it (Options, makeService),
-    listening on an ephemeral loopback port, over a Maildir root in tmp_path.
+    Start the service exactly as ``twistd pop3d`` makes it (Options,
+    makeService) on the given endpoints, over a Maildir root in tmp_path.
+    The first endpoint's address is the server's host and port.
     """
     mail_root = tmp_path / "mail"
-    mail_root.mkdir()
+    mail_root.mkdir(exist_ok=True)
     passwd = write_passwd(tmp_path / "passwd", USERS)
+    arguments = [part for description in listen for part in ("--listen", description)]
     options = Options()
     options.parseOptions(
         [
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
+            *arguments,
             "--mail-location",
             f"maildir:{mail_root}/{{user}}",
             "--auth",
@@ -147,10 +147,19 @@ async def running_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
     service.startService()
     ports = await service.when_listening()
     address = ports[0].getHost()
+    return RunningServer(
+        getattr(address, "host", ""), getattr(address, "port", 0), mail_root, passwd, service
+    )
+
+
+@pytest_twisted.async_yield_fixture
+async def running_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """The twistd-built service on an ephemeral 127.0.0.1 port."""
+    server = await start_service(tmp_path, ["tcp:0:interface=127.0.0.1"])
     try:
-        yield RunningServer(address.host, address.port, mail_root, passwd, service)
+        yield server
     finally:
-        await service.stopService()
+        await server.service.stopService()
 
 
 def pytest_configure(config: pytest.Config) -> None:
