@@ -9,7 +9,7 @@ backpressure.  Every decision about what to answer is the session's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -25,6 +25,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3d.errors import POP3Error
 from pop3d.session import (
     INTERNAL_ERROR,
     Hangup,
@@ -36,15 +37,34 @@ from pop3d.session import (
 from pop3d.wire import MAX_COMMAND_LENGTH, ResponseCode, Status, format_multiline
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import ITransport
     from twisted.python.failure import Failure as FailureType
+
+log = Logger()
 
 #: How much of a stored message is read and encoded at a time.  Large
 #: enough that bytes.replace runs at C speed over most of the data.
 CHUNK_SIZE = 256 * 1024
 
+#: How much pipelined input is held, unprocessed, before the socket is no
+#: longer read.
+MAX_HELD_INPUT = 64 * 1024
+
 #: RFC 1939 section 3: the autologout timer MUST be at least 10 minutes.
 DEFAULT_TIMEOUT = 600
+
+
+class _Transport(Protocol):
+    """What pop3d needs of a transport: every one it runs on (TCP, TLS, UNIX,
+    StringTransport) is a consumer and a producer that can abort."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def setTcpNoDelay(self, enabled: bool) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
 
 
 class POP3Protocol(LineReceiver, TimeoutMixin):
@@ -68,8 +88,17 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.session = new_session(self._describe_peer)
         self._clock = clock
         self._timeout = timeout
+        # Lines are held back while a reply is being produced (so that
+        # pipelined commands are answered in order) and while the transport
+        # cannot take more output (so that a client that does not read
+        # cannot make the server buffer replies without bound).  Reading
+        # from the socket goes on, since TLS needs it to make progress,
+        # until too much input is held.
         self._command_in_flight = False
-        self._paused_for_command = False
+        self._output_blocked = False
+        self._held_input = 0
+        self._reading_paused = False
+        self._stream: _MessageStreamer | None = None
         self._discarding_long_line = False
         self._after_long_line = b""
         self._closing = False
@@ -80,11 +109,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return self._clock.callLater(period, func)
 
     @property
-    def _connection(self) -> ITCPTransport:
-        # Set for the whole life of a connected protocol; every transport
-        # pop3d runs on (TCP, TLS, UNIX, StringTransport) can abort.
+    def _connection(self) -> _Transport:
+        # Set for the whole life of a connected protocol.
         assert self.transport is not None
-        return cast(ITCPTransport, self.transport)
+        return cast(_Transport, self.transport)
 
     def _describe_peer(self) -> str:
         return describe_address(self.transport.getPeer() if self.transport else None)
@@ -96,6 +124,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             # The last chunk of a message and the terminator must not wait
             # for an ACK (Nagle), or every small RETR costs a round trip.
             self._connection.setTcpNoDelay(True)
+        self._connection.registerProducer(_OutputValve(self), True)
         self.setTimeout(self._timeout)
         self.log.info("connection from {peer}", peer=self.session.peer)
         self._connection.write(self.session.greeting().to_bytes())
@@ -103,6 +132,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: FailureType | None = None) -> None:
         self._disconnected = True
         self.setTimeout(None)
+        if self._stream is not None:
+            self._stream.abandon()
         self.session.connection_lost()
 
     def timeoutConnection(self) -> None:
@@ -110,19 +141,54 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         # entering UPDATE.  Abort rather than wait for a stalled client to
         # drain its buffer.
         self.log.info("autologout of idle connection from {peer}", peer=self.session.peer)
+        self._closing = True
         self._connection.abortConnection()
+
+    # -- flow control --------------------------------------------------------
+
+    def output_blocked(self, blocked: bool) -> None:
+        """The transport's buffer went over (or back under) its limit."""
+        self._output_blocked = blocked
+        if self._stream is not None:
+            if blocked:
+                self._stream.pause()
+            else:
+                self._stream.resume()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._disconnected or self._closing:
+            return
+        hold = self._command_in_flight or self._output_blocked
+        if hold and not self.paused:
+            # LineReceiver hands over no more lines while paused.
+            self.paused = True
+        elif not hold and self.paused:
+            self.paused = False
+            self._held_input = 0
+            if self._reading_paused:
+                self._reading_paused = False
+                self._connection.resumeProducing()
+            self.dataReceived(b"")
 
     # -- framing -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.paused and not self._reading_paused:
+            self._held_input += len(data)
+            if self._held_input > MAX_HELD_INPUT:
+                self._reading_paused = True
+                self._connection.pauseProducing()
         super().dataReceived(data)
         # LineReceiver stops at an overlong line and hands us everything it
         # had buffered; what followed the overlong line is fed back here.
-        while self._after_long_line and not self._disconnected:
+        while self._after_long_line and not (self._disconnected or self._closing):
             rest, self._after_long_line = self._after_long_line, b""
             super().dataReceived(rest)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self._closing:
+            return
         _, newline, rest = line.partition(self.delimiter)
         if not newline:
             # The line has not ended yet: drop what we have and keep dropping
@@ -148,33 +214,24 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     # -- answering, strictly in order ----------------------------------------
 
     def _answer(self, reply: Deferred[Reply]) -> None:
-        """
-        Send a reply.  While it is not fully sent, no further command is read,
-        so pipelined commands are answered in order (RFC 2449 section 6.6)
-        and a client cannot make the server buffer without bound.
-        """
+        """Send a reply; no further command is read until it is all written."""
         self._command_in_flight = True
         reply.addErrback(self._unexpected_failure)
         reply.addCallback(self._send)
         reply.addErrback(self._unexpected_failure)
         reply.addBoth(self._command_done)
-        if self._command_in_flight and not self._disconnected:
-            self._paused_for_command = True
-            self.pauseProducing()
+        self._update_reading()
 
     def _command_done(self, _: object) -> None:
         self._command_in_flight = False
-        if self._paused_for_command:
-            self._paused_for_command = False
-            if not self._disconnected and not self._closing:
-                self.resumeProducing()
+        self._update_reading()
 
     def _unexpected_failure(self, failure: Failure) -> Status:
         self.log.failure("unexpected error answering {peer}", failure, peer=self.session.peer)
         return Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
 
     def _send(self, reply: Reply) -> Deferred[None] | None:
-        if self._disconnected:
+        if self._disconnected or self._closing:
             if isinstance(reply, MessageStream):
                 reply.body.close()
             return None
@@ -184,23 +241,49 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._connection.write(format_multiline(reply.status, reply.lines))
         elif isinstance(reply, Hangup):
             self._closing = True
+            # A transport with a registered producer does not close.
+            self._connection.unregisterProducer()
             self._connection.write(reply.status.to_bytes())
             self._connection.loseConnection()
         else:
-            producer = _MessageProducer(self._connection, reply, self.resetTimeout)
-            return producer.start().addErrback(self._stream_failed)
+            self._stream = _MessageStreamer(self._connection, reply, self.resetTimeout)
+            if not self._output_blocked:
+                self._stream.resume()
+            return self._stream.done.addBoth(self._stream_ended)
         return None
 
-    def _stream_failed(self, failure: Failure) -> None:
-        self._closing = True
-        if failure.check(ResponseAbandoned):
+    def _stream_ended(self, result: Failure | None) -> None:
+        self._stream = None
+        if not isinstance(result, Failure) or result.check(ResponseAbandoned):
             return
-        # The status line is out, so there is no honest way to finish the
+        # Part of the message is out, so there is no honest way to finish the
         # response: abort, and the client knows the message is incomplete.
         self.log.failure(
-            "reading a message failed mid-response to {peer}", failure, peer=self.session.peer
+            "reading a message failed mid-response to {peer}", result, peer=self.session.peer
         )
+        self._closing = True
         self._connection.abortConnection()
+
+
+@implementer(IPushProducer)
+class _OutputValve:
+    """
+    Registered on the transport for the whole connection: tells the protocol
+    when the transport's buffer is full, and when it has drained.
+    """
+
+    def __init__(self, protocol: POP3Protocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.output_blocked(True)
+
+    def resumeProducing(self) -> None:
+        self._protocol.output_blocked(False)
+
+    def stopProducing(self) -> None:
+        # The connection is closing; connectionLost follows and cleans up.
+        pass
 
 
 def describe_address(addr: IAddress | None) -> str:
@@ -225,48 +308,40 @@ class ResponseAbandoned(Exception):
     """The connection closed while a message was being sent."""
 
 
-@implementer(IPushProducer)
-class _MessageProducer:
+class _MessageStreamer:
     """
-    Streams one RETR/TOP response with backpressure: a chunk is read only
-    when the transport wants more, so a 200 MB message or a slow client never
-    makes the server hold more than a chunk or two.
+    Writes one RETR/TOP response a chunk at a time, only while the transport
+    takes more: a 200 MB message or a slow client never makes the server hold
+    more than a chunk or two.
     """
 
-    def __init__(self, transport: ITransport, reply: MessageStream, progress: Any) -> None:
+    def __init__(self, transport: _Transport, reply: MessageStream, progress: Any) -> None:
         self._transport = transport
         self._body = reply.body
         self._encoder = reply.encoder
-        self._pending = reply.status.to_bytes()
+        self._pending_status: bytes | None = reply.status.to_bytes()
         self._progress = progress
-        self._paused = False
+        self._paused = True
         self._finished = False
-        self._done: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred()
 
-    def start(self) -> Deferred[None]:
-        self._transport.registerProducer(self, True)  # type: ignore[attr-defined]
-        self.resumeProducing()
-        return self._done
-
-    def pauseProducing(self) -> None:
+    def pause(self) -> None:
         self._paused = True
 
-    def resumeProducing(self) -> None:
+    def resume(self) -> None:
         self._paused = False
         try:
             while not self._paused and not self._finished:
-                self._produce_one()
+                self._write_one_chunk()
         except Exception:
-            self._finish(Failure())
+            self._fail(Failure())
 
-    def stopProducing(self) -> None:
-        # The connection is going away (the transport says so before the
-        # protocol hears of it): nothing more may be written.
+    def abandon(self) -> None:
+        """The connection is gone: nothing more may be written."""
         self._finish(Failure(ResponseAbandoned()))
 
-    def _produce_one(self) -> None:
-        out = [self._pending]
-        self._pending = b""
+    def _write_one_chunk(self) -> None:
+        out = [self._pending_status or b""]
         at_end = self._encoder.done
         if not at_end:
             chunk = self._body.read(CHUNK_SIZE)
@@ -279,18 +354,30 @@ class _MessageProducer:
             at_end = not chunk or self._encoder.done
         if at_end:
             out.append(self._encoder.finish())
+        self._pending_status = None
         self._progress()
         self._transport.write(b"".join(out))
         if at_end:
-            self._finish()
+            self._finish(None)
 
-    def _finish(self, failure: Failure | None = None) -> None:
+    def _fail(self, failure: Failure) -> None:
+        status = self._pending_status
+        if status is not None and failure.check(POP3Error):
+            # Nothing was sent yet: the client can be told plainly.
+            error = failure.value
+            assert isinstance(error, POP3Error)
+            log.failure("cannot read a message", failure)
+            self._transport.write(error.status().to_bytes())
+            self._finish(None)
+        else:
+            self._finish(failure)
+
+    def _finish(self, failure: Failure | None) -> None:
         if self._finished:
             return
         self._finished = True
         self._body.close()
-        self._transport.unregisterProducer()  # type: ignore[attr-defined]
         if failure is None:
-            self._done.callback(None)
+            self.done.callback(None)
         else:
-            self._done.errback(failure)
+            self.done.errback(failure)

@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from pop3d import maildir
+from pop3d.protocol import POP3Protocol
 
 from .conftest import RunningServer
 
@@ -24,6 +25,9 @@ MESSAGE_SIZE = 40 * 1024 * 1024
 # send buffer (up to 4 MiB on Linux by default), the small receive buffer the
 # client sets, the transport's buffer and a couple of 256 KiB chunks.
 READ_AHEAD_BOUND = 8 * 1024 * 1024
+# More than the kernel's socket buffers can hold between a client and a
+# server that stopped reading (about 5 MiB on Linux's defaults).
+FLOOD_LIMIT = 16 * 1024 * 1024
 
 
 def _write_big_message(maildir_path: Path) -> int:
@@ -105,3 +109,50 @@ async def test_a_slow_reader_does_not_make_the_server_read_ahead(
     assert read_from_disk == stored
     assert received > stored
     assert worst_lead < READ_AHEAD_BOUND, f"server read {worst_lead} bytes ahead of its reader"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_cannot_make_the_server_buffer(
+    running_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Pipelined commands from a client that reads no replies: once the
+    transport's buffer is full the server stops taking commands (and then
+    stops reading the socket), instead of buffering replies without bound.
+    """
+    protocols: list[POP3Protocol] = []
+    original_made = POP3Protocol.connectionMade
+
+    def recording_made(self: POP3Protocol) -> None:
+        protocols.append(self)
+        original_made(self)
+
+    monkeypatch.setattr(POP3Protocol, "connectionMade", recording_made)
+
+    def flood() -> int:
+        sock = socket.socket()
+        sock.connect((running_server.host, running_server.port))
+        sock.setblocking(False)
+        burst = b"CAPA\r\n" * 10_000
+        sent = 0
+        stalled_rounds = 0
+        try:
+            # Send until the server has stopped reading for several rounds of
+            # its reactor: then everything it would buffer, it has buffered.
+            while stalled_rounds < 20 and sent < FLOOD_LIMIT:
+                try:
+                    sent += sock.send(burst)
+                    stalled_rounds = 0
+                except BlockingIOError:
+                    stalled_rounds += 1
+                _wait_for_reactor_turns(2)
+            return sent
+        finally:
+            sock.close()
+
+    sent = await deferToThread(flood)
+    [protocol] = protocols
+    transport = protocol.transport
+    pending_output = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    assert sent < FLOOD_LIMIT, "the server took commands without bound"
+    assert pending_output < 1024 * 1024, f"{pending_output} octets of replies buffered"
