@@ -184,12 +184,15 @@ class FirstMatchChecker:
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
 
-        def try_next(failure: Failure | None = None) -> Deferred[Any]:
-            if failure is not None:
-                failure.trap(UnauthorizedLogin)
+        def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
+            if failure is not None and not failure.check(UnauthorizedLogin):
+                # A checker that breaks must not answer differently from a
+                # wrong password: that could tell which users exist.
+                log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
                 return fail(UnauthorizedLogin())
-            return maybeDeferred(checker.requestAvatarId, credentials).addErrback(try_next)
+            attempt = maybeDeferred(checker.requestAvatarId, credentials)
+            return attempt.addErrback(try_next, checker)
 
-        return try_next()
+        return try_next(None, None)

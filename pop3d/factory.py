@@ -15,6 +15,10 @@ from twisted.internet.protocol import Factory
 
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.session import DEFAULT_POLICY, Session, SessionPolicy
+from pop3d.throttle import FailureDelay
+
+#: Dovecot's auth_failure_delay default.
+DEFAULT_LOGIN_FAILURE_DELAY = 2.0
 
 
 class POP3Factory(Factory):
@@ -24,7 +28,9 @@ class POP3Factory(Factory):
 
     ``clock`` is the reactor (or a `twisted.internet.task.Clock` in tests);
     ``timeout`` is the inactivity autologout in seconds (None: never);
-    ``hostname`` goes into APOP timestamps.
+    ``hostname`` goes into APOP timestamps; ``login_failure_delay`` is how
+    long the answer to a peer's first failed login waits (it doubles for each
+    further failure, see `pop3d.throttle.FailureDelay`).
     """
 
     def __init__(
@@ -35,12 +41,14 @@ class POP3Factory(Factory):
         timeout: int | None = DEFAULT_TIMEOUT,
         hostname: str | None = None,
         policy: SessionPolicy = DEFAULT_POLICY,
+        login_failure_delay: float = DEFAULT_LOGIN_FAILURE_DELAY,
     ) -> None:
         self.portal = portal
         self.clock = clock
         self.timeout = timeout
         self.hostname = hostname or socket.gethostname()
         self.policy = policy
+        self.failure_delay = FailureDelay(clock, base=login_failure_delay)
 
     def apop_challenge(self) -> bytes | None:
         """
@@ -55,7 +63,11 @@ class POP3Factory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> POP3Protocol:
         def new_session(peer: Callable[[], str]) -> Session:
             return Session(
-                self.portal, apop_challenge=self.apop_challenge(), peer=peer, policy=self.policy
+                self.portal,
+                apop_challenge=self.apop_challenge(),
+                peer=peer,
+                failure_delay=self.failure_delay,
+                policy=self.policy,
             )
 
         protocol = POP3Protocol(new_session, clock=self.clock, timeout=self.timeout)

@@ -24,13 +24,14 @@ from twisted.cred.credentials import (
     UsernamePassword,
 )
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.interfaces import IMaildrop, IMessageBody
+from pop3d.throttle import FailureDelay
 from pop3d.wire import (
     Command,
     MessageEncoder,
@@ -109,6 +110,8 @@ class SessionPolicy:
     #: Like Dovecot: a client that keeps sending nonsense is disconnected.
     max_bad_commands_before_login: int = 3
     max_bad_commands_after_login: int = 20
+    #: Failed logins (PASS, APOP) on one connection before it is closed.
+    max_failed_logins: int = 3
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -174,6 +177,7 @@ class Session:
         *,
         apop_challenge: bytes | None,
         peer: Callable[[], str],
+        failure_delay: FailureDelay | None = None,
         policy: SessionPolicy = DEFAULT_POLICY,
     ) -> None:
         self._portal = portal
@@ -188,6 +192,9 @@ class Session:
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
         self._deleted: set[int] = set()
         self._bad_commands = 0
+        self._failed_logins = 0
+        self._failure_delay = failure_delay
+        self._logout: Callable[[], None] | None = None
         self._disconnected = False
         self._table: dict[tuple[State, Verb], Handler] = {
             (State.AUTHORIZATION, Verb.USER): self._user,
@@ -249,7 +256,8 @@ class Session:
     def connection_lost(self) -> None:
         """
         The connection ended.  Outside UPDATE nothing is deleted (RFC 1939
-        section 6: only QUIT enters UPDATE); the lock is released.
+        section 6: only QUIT enters UPDATE); the lock is released.  (An
+        UPDATE under way releases it when it ends, whatever happens.)
         """
         self._disconnected = True
         if self.state is State.TRANSACTION:
@@ -315,10 +323,13 @@ class Session:
 
     def _release(self) -> None:
         maildrop, self._maildrop = self._maildrop, None
+        logout, self._logout = self._logout, None
         if maildrop is not None:
-            maildrop.close().addErrback(
+            maybeDeferred(maildrop.close).addErrback(
                 lambda failure: self.log.failure("releasing maildrop failed", failure)
             )
+        if logout is not None:
+            logout()
 
     # -- AUTHORIZATION (RFC 1939 section 4, section 7 for APOP) ---------------
 
@@ -353,12 +364,12 @@ class Session:
         attempt = self._portal.login(credentials, None, IMaildrop)
 
         def succeeded(result: tuple[type[Interface], object, Callable[[], None]]) -> Reply:
-            _, avatar, _logout = result
-            maildrop = IMaildrop(avatar)
+            _, avatar, logout = result
+            self._maildrop = IMaildrop(avatar)
+            self._logout = logout
             if self._disconnected:
-                maildrop.close()
+                self._release()
                 return Status(False, BYE)
-            self._maildrop = maildrop
             self.user = shown_user
             self.state = State.TRANSACTION
             self._bad_commands = 0
@@ -370,7 +381,7 @@ class Session:
             )
             return Status(True, self._maildrop_summary())
 
-        def failed(failure: Failure) -> Reply:
+        def failed(failure: Failure) -> Reply | Deferred[Reply]:
             reason, status = _login_failure_status(failure)
             if reason == "internal":
                 self.log.failure(
@@ -387,9 +398,26 @@ class Session:
                     method=method,
                     reason=reason,
                 )
-            return status
+            if reason != "credentials":
+                return status
+            return self._answer_failed_login(status)
 
         return attempt.addCallbacks(succeeded, failed)
+
+    def _answer_failed_login(self, status: Status) -> Reply | Deferred[Reply]:
+        """
+        A wrong password (or unknown user: the same answer, after the same
+        wait) is answered late, and the connection is closed after a few.
+        """
+        self._failed_logins += 1
+        reply: Reply = status
+        if self._failed_logins >= self._policy.max_failed_logins:
+            reply = Hangup(status)
+        if self._failure_delay is None:
+            return reply
+        host = self.peer.rpartition(":")[0] or self.peer
+        delay = self._failure_delay.delay_for_failure(host)
+        return self._failure_delay.wait(delay).addCallback(lambda _: reply)
 
     def _quit_unauthenticated(self, command: Command) -> Reply:
         return Hangup(Status(True, BYE))
@@ -463,7 +491,7 @@ class Session:
                 self.counters.retrieved_octets += self._size(index)
             return MessageStream(status, body, MessageEncoder(body_lines))
 
-        return self._maildrop.open_message(index).addCallback(opened)
+        return maybeDeferred(self._maildrop.open_message, index).addCallback(opened)
 
     def _dele(self, command: Command) -> Reply:
         if len(command.arguments) != 1:
@@ -493,7 +521,9 @@ class Session:
         maildrop = self._maildrop
         doomed = sorted(self._deleted)
         doomed_octets = sum(maildrop.messages[i].size for i in doomed)
-        removal: Deferred[None] = maildrop.remove(doomed) if doomed else succeed(None)
+        removal: Deferred[None] = (
+            maybeDeferred(maildrop.remove, doomed) if doomed else succeed(None)
+        )
 
         def removed(_: None) -> Reply:
             self.counters.deleted_messages = len(doomed)

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
-from pop3d.factory import POP3Factory
+from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.maildir import MaildirStore, MaildirTemplateError
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
@@ -51,6 +51,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Inactivity autologout in seconds; at least 600 (RFC 1939 section 3).",
         ],
         ["hostname", None, None, "Host name in APOP timestamps (default: this host's name)."],
+        [
+            "login-failure-delay",
+            None,
+            str(DEFAULT_LOGIN_FAILURE_DELAY),
+            "Seconds before a failed login is answered; doubles for a peer that keeps failing.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -80,6 +86,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["listen"] = [DEFAULT_LISTEN]
         self["store"] = parse_mail_location(self["mail-location"])
         self["timeout"] = parse_timeout(self["timeout"])
+        self["login-failure-delay"] = parse_delay(self["login-failure-delay"])
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         from twisted.internet import reactor
@@ -110,6 +117,18 @@ def parse_timeout(value: str) -> int:
         raise usage.UsageError(
             f"--timeout {seconds}: RFC 1939 requires an autologout timer of at least "
             f"{DEFAULT_TIMEOUT} seconds"
+        )
+    return seconds
+
+
+def parse_delay(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise usage.UsageError(
+            f"--login-failure-delay {value!r}: expected seconds between 0 and 60"
         )
     return seconds
 
@@ -151,5 +170,6 @@ def makeService(options: Options) -> IService:
         clock=clock,
         timeout=options["timeout"],
         hostname=options["hostname"],
+        login_failure_delay=options["login-failure-delay"],
     )
     return POP3Service(options["endpoints"], factory)

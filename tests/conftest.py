@@ -86,6 +86,8 @@ def make_factory(clock: Clock, store: MemoryStore) -> Callable[..., POP3Factory]
             "clock": clock,
             "hostname": "pop.example.test",
             "policy": SessionPolicy(),
+            # Failed logins are answered at once unless a test is about the wait.
+            "login_failure_delay": 0,
         }
         options.update(overrides)
         return POP3Factory(memory_portal(store, USERS), **options)  # type: ignore[arg-type]

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from pop3d.checkers import (
     FirstMatchChecker,
@@ -163,6 +165,21 @@ class TestStrcredGlue:
     async def test_memory_checker_meets_wire_bytes(self) -> None:
         checker = accept_wire_bytes(makeChecker("memory:alice:secret"))
         assert await checker.requestAvatarId(UsernamePassword(b"alice", b"secret")) == b"alice"
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_broken_checker_looks_like_a_wrong_password(self) -> None:
+        """A checker that raises must not tell which users exist."""
+
+        @implementer(ICredentialsChecker)
+        class Broken:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                raise PermissionError("/etc/shadow")
+
+        chained = FirstMatchChecker([Broken()], [IUsernamePassword])
+        with pytest.raises(UnauthorizedLogin):
+            await chained.requestAvatarId(UsernamePassword(b"root", b"x"))
 
     @pytest_twisted.ensureDeferred
     async def test_first_match_tries_every_checker(self) -> None:

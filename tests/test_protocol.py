@@ -234,6 +234,74 @@ class TestAuthorization:
         assert any(e.get("log_failure") is not None for e in log_events)
 
 
+class TestFailedLogins:
+    """Brute-force defences: a wait before each failure, a limit per connection."""
+
+    @pytest.fixture
+    def slow_factory(self, make_factory: Callable[..., POP3Factory]) -> POP3Factory:
+        return make_factory(login_failure_delay=2)
+
+    def test_failure_is_answered_after_the_delay(
+        self, slow_factory: POP3Factory, clock: Clock
+    ) -> None:
+        wire = Wire(slow_factory)
+        assert wire.login(b"alice", b"nope") == b""
+        clock.advance(1.9)
+        assert wire.take() == b""
+        clock.advance(0.1)
+        assert wire.take() == AUTH_FAILED
+
+    def test_unknown_user_waits_just_as_long(self, slow_factory: POP3Factory, clock: Clock) -> None:
+        wire = Wire(slow_factory)
+        wire.login(b"mallory", b"nope")
+        clock.advance(1.9)
+        assert wire.take() == b""
+        clock.advance(0.1)
+        assert wire.take() == AUTH_FAILED
+
+    def test_the_delay_grows_for_a_peer_that_keeps_failing(
+        self, slow_factory: POP3Factory, clock: Clock
+    ) -> None:
+        first = Wire(slow_factory)
+        first.login(b"alice", b"nope")
+        clock.advance(2)
+        second = Wire(slow_factory)
+        second.login(b"alice", b"nope")
+        clock.advance(3.9)
+        assert second.take() == b""
+        clock.advance(0.1)
+        assert second.take() == AUTH_FAILED
+
+    def test_the_wait_does_not_hold_up_other_sessions(
+        self, slow_factory: POP3Factory, clock: Clock, uids: list[str]
+    ) -> None:
+        guesser, user = Wire(slow_factory), Wire(slow_factory)
+        guesser.login(b"alice", b"nope")
+        assert user.login().startswith(b"+OK maildrop has")
+        assert user.command(b"STAT").startswith(b"+OK 3 ")
+
+    def test_commands_pipelined_behind_a_failure_wait_for_it(
+        self, slow_factory: POP3Factory, clock: Clock
+    ) -> None:
+        wire = Wire(slow_factory)
+        assert wire.send(b"USER alice\r\nPASS nope\r\nCAPA\r\n") == ok(USER_ACCEPTED)
+        clock.advance(2)
+        assert wire.take().startswith(AUTH_FAILED + ok(CAPABILITIES_FOLLOW))
+
+    def test_three_failures_close_the_connection(self, wire: Wire) -> None:
+        assert wire.login(b"alice", b"one") == AUTH_FAILED
+        assert wire.login(b"alice", b"two") == AUTH_FAILED
+        assert not wire.closed
+        assert wire.login(b"alice", b"three") == AUTH_FAILED
+        assert wire.closed
+
+    def test_apop_failures_count_too(self, wire: Wire) -> None:
+        wire.login(b"alice", b"one")
+        wire.command(b"APOP alice " + b"0" * 32)
+        wire.login(b"alice", b"three")
+        assert wire.closed
+
+
 class TestCapa:
     """RFC 2449 section 5: CAPA in both states."""
 
@@ -427,6 +495,17 @@ class TestUpdate:
         )
         assert wire.closed and store.closed
 
+    def test_store_raising_instead_of_failing_its_deferred(
+        self, clock: Clock, log_events: list[LogEvent]
+    ) -> None:
+        """A store that breaks its contract still cannot keep the lock."""
+        store = _FailingRemovalStore([b"a\n"], raise_at_once=PermissionError("cur/"))
+        wire = _wire_for_store(clock, store)
+        wire.login()
+        wire.command(b"DELE 1")
+        assert wire.command(b"QUIT") == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert wire.closed and store.closed
+
     def test_unexpected_failure_in_update(self, clock: Clock, log_events: list[LogEvent]) -> None:
         store = _FailingRemovalStore([b"a\n"], RuntimeError("disk on fire"))
         wire = _wire_for_store(clock, store)
@@ -612,9 +691,15 @@ class _SlowStore:
 
 @implementer(IMaildropStore)
 class _FailingRemovalStore:
-    def __init__(self, messages: Sequence[bytes], error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        messages: Sequence[bytes],
+        error: Exception | None = None,
+        raise_at_once: Exception | None = None,
+    ) -> None:
         self.messages = list(messages)
         self.error = error or DeletionFailed(1)
+        self.raise_at_once = raise_at_once
         self.closed = False
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
@@ -631,6 +716,8 @@ class _FailingRemovalMaildrop:
         raise NotImplementedError
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        if self.store.raise_at_once is not None:
+            raise self.store.raise_at_once
         return fail(self.store.error)
 
     def close(self) -> Deferred[None]:
