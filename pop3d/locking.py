@@ -27,24 +27,25 @@ class MaildropLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, path: str) -> MaildropLock:
+    def acquire(cls, path: str, *, dir_fd: int | None = None) -> MaildropLock:
         """
-        Take the lock at ``path`` without waiting.  Raises `MaildropLocked` if
-        it is held, `MaildropUnavailable` if the lock file cannot be opened.
+        Take the lock at ``path`` (relative to ``dir_fd`` if given) without
+        waiting.  Raises `MaildropLocked` if it is held, `MaildropUnavailable`
+        if the lock file cannot be opened (or is a symbolic link).
         """
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except PermissionError as error:
-            raise MaildropUnavailable(
-                "cannot create the maildrop lock file", permanent=True
-            ) from error
+            fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
         except OSError as error:
-            raise MaildropUnavailable("cannot create the maildrop lock file") from error
+            permanent = isinstance(error, PermissionError) or error.errno == errno.ELOOP
+            raise MaildropUnavailable(
+                "cannot create the maildrop lock file", permanent=permanent
+            ) from error
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise MaildropLocked() from error
             raise MaildropUnavailable("cannot lock the maildrop") from error
         return cls(fd)

@@ -5,18 +5,29 @@ Messages are read from ``new/`` and ``cur/``; ``tmp/`` holds deliveries in
 progress and is never looked at.  A message is identified across sessions by
 its unique name, the part of the file name before ``:`` (so a move from
 ``new/`` to ``cur/`` by another program, which adds ``:2,FLAGS``, keeps it).
+
+Maildirs usually belong to their users while the server runs with more
+privilege, so nothing here follows a symbolic link: the Maildir itself, its
+``new``/``cur`` directories, its messages and its lock file are opened with
+``O_NOFOLLOW`` relative to directory descriptors, and only regular files are
+served.  A user cannot point their Maildir at someone else's mail.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import BinaryIO
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -29,10 +40,14 @@ from pop3d.wire import WireSizeCounter, is_valid_uidl
 #: Maildir++ treats dot-names in the root as folders.
 LOCK_FILE_NAME = "pop3d.lock"
 
+_SUBDIRECTORIES = ("new", "cur")
 _READ_SIZE = 256 * 1024
 _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted in cur/ must not block the server on open.
+_MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = Logger()
 
@@ -52,13 +67,18 @@ def check_template(template: str) -> None:
         raise MaildirTemplateError("the maildir path is empty")
 
 
-def expand_template(template: str, mailbox: str) -> str:
+def expand_template(template: str, mailbox: str) -> str | None:
     """
     Substitute a mailbox name into a path template in one pass, so text in
-    the name is never itself taken for a placeholder.
+    the name is never itself taken for a placeholder.  None if a part the
+    template uses is empty or starts with a dot (``{domain}`` of ``a@`` or
+    ``{local}`` of ``.x@y``), which would name the wrong directory.
     """
     local, _, domain = mailbox.partition("@")
     values = {"user": mailbox, "local": local, "domain": domain}
+    for used in _PLACEHOLDER.findall(template):
+        if not values[used] or values[used].startswith("."):
+            return None
     return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 
@@ -73,122 +93,165 @@ def uidl_for(unique_name: str) -> str:
     return hashlib.sha1(unique_name.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _unique_name(file_name: str) -> str:
+    return file_name.split(":", 1)[0]
+
+
 @implementer(IMaildropStore)
 class MaildirStore:
     """
     Maildirs found by a path template such as ``/srv/mail/{user}``.
 
     ``{user}`` is the whole user name, ``{local}`` and ``{domain}`` its parts
-    around ``@``.
+    around ``@``.  With a ``reactor``, opening a maildrop (which may read
+    every message to learn its size) runs in the reactor's thread pool, so
+    other sessions are not held up; without one it runs inline.
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, *, reactor: IReactorThreads | None = None) -> None:
         check_template(template)
         self.template = template
+        self._reactor = reactor
 
-    def path_for(self, mailbox: str) -> str:
+    def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
-        try:
-            maildrop: IMaildrop = _open_maildir(self.path_for(mailbox))
-        except POP3Error as error:
-            return fail(error)
-        return succeed(maildrop)
+        path = self.path_for(mailbox)
+        if path is None:
+            return fail(UnauthorizedLogin())
+        if self._reactor is None:
+            return maybeDeferred(_open_maildir, path)
+        threads = self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, threads, _open_maildir, path)
 
 
-def _open_maildir(root: str) -> _Maildrop:
+def _open_maildir(root: str) -> IMaildrop:
     try:
-        root_stat = os.stat(root)
+        root_fd = os.open(root, _DIRECTORY_FLAGS)
     except FileNotFoundError:
         # Nothing delivered yet: an empty maildrop, not an error.
-        return _Maildrop(root, [], [], None)
+        return _Maildrop(root, None, [], [], None)
     except OSError as error:
-        raise _unavailable("cannot read maildir", root, error) from error
-    if not stat.S_ISDIR(root_stat.st_mode):
-        log.error("maildir {path} is not a directory", path=root)
-        raise MaildropUnavailable("maildrop is not a directory", permanent=True)
-    lock = MaildropLock.acquire(os.path.join(root, LOCK_FILE_NAME))
+        raise _unavailable("cannot open maildir", root, error) from error
+    lock: MaildropLock | None = None
     try:
-        messages, paths = _snapshot(root)
+        lock = MaildropLock.acquire(LOCK_FILE_NAME, dir_fd=root_fd)
+        messages, locations = _snapshot(root, root_fd)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
+        os.close(root_fd)
         raise
-    return _Maildrop(root, messages, paths, lock)
+    return _Maildrop(root, root_fd, messages, locations, lock)
 
 
-def _snapshot(root: str) -> tuple[list[MessageInfo], list[str]]:
+@contextmanager
+def _subdirectory(root: str, root_fd: int, name: str) -> Iterator[int | None]:
+    """A descriptor of new/ or cur/, or None if there is none."""
+    try:
+        fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=root_fd)
+    except FileNotFoundError:
+        yield None
+        return
+    except OSError as error:
+        raise _unavailable("cannot open maildir", os.path.join(root, name), error) from error
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _snapshot(root: str, root_fd: int) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
+    """The messages in new/ and cur/, in unique-name order, with their sizes."""
+    found: dict[str, tuple[str, str]] = {}
+    for subdirectory in _SUBDIRECTORIES:
+        with _subdirectory(root, root_fd, subdirectory) as fd:
+            if fd is None:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                            continue
+                        # A message seen in both (another program moving it
+                        # right now) is the same message: the cur/ one wins.
+                        found[_unique_name(entry.name)] = (subdirectory, entry.name)
+            except OSError as error:
+                path = os.path.join(root, subdirectory)
+                raise _unavailable("cannot read maildir", path, error) from error
     messages: list[MessageInfo] = []
-    paths: list[str] = []
-    for name, path in zip(*_scan(root), strict=True):
-        size = _wire_size(name, path)
-        if size is None:
-            # Moved or removed by another program since the scan.
-            moved = _locate(root, name)
-            if moved is None or moved == path:
-                continue
-            path, size = moved, _wire_size(name, moved)
+    locations: list[tuple[str, str]] = []
+    for unique in sorted(found):
+        location: tuple[str, str] | None = found[unique]
+        size = None
+        while location is not None and size is None:
+            size = _wire_size(root, root_fd, unique, location)
             if size is None:
-                continue
-        messages.append(MessageInfo(uidl_for(name), size))
-        paths.append(path)
-    return messages, paths
+                # Moved or removed by another program since the scan.
+                moved = _locate(root, root_fd, unique)
+                location = moved if moved != location else None
+        if location is not None and size is not None:
+            messages.append(MessageInfo(uidl_for(unique), size))
+            locations.append(location)
+    return messages, locations
 
 
-def _scan(root: str) -> tuple[list[str], list[str]]:
-    """The unique names and paths of the messages in new/ and cur/, in name order."""
-    found: dict[str, str] = {}
-    for subdirectory in ("new", "cur"):
-        directory = os.path.join(root, subdirectory)
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.name.startswith(".") or not entry.is_file():
-                        continue
-                    # A message seen in both (another program moving it right
-                    # now) is the same message: the cur/ one wins.
-                    found[entry.name.split(":", 1)[0]] = entry.path
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            raise _unavailable("cannot read maildir", directory, error) from error
-    names = sorted(found)
-    return names, [found[name] for name in names]
-
-
-def _wire_size(unique_name: str, path: str) -> int | None:
+def _wire_size(root: str, root_fd: int, unique: str, location: tuple[str, str]) -> int | None:
     """The RETR size of a message, or None if its file is gone."""
-    field = _WIRE_SIZE_FIELD.search(unique_name)
+    field = _WIRE_SIZE_FIELD.search(unique)
     if field is not None:
         return int(field.group(1))
     counter = WireSizeCounter()
     try:
-        with open(path, "rb") as message:
+        with _open_message(root, root_fd, location) as message:
             while chunk := message.read(_READ_SIZE):
                 counter.feed(chunk)
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise _unavailable("cannot read message", path, error) from error
+        raise _unavailable("cannot read message", os.path.join(root, *location), error) from error
     return counter.finish()
 
 
-def _locate(root: str, unique_name: str) -> str | None:
+def _open_message(root: str, root_fd: int, location: tuple[str, str]) -> BinaryIO:
+    """Open a message file, refusing anything but a regular file."""
+    subdirectory, name = location
+    with _subdirectory(root, root_fd, subdirectory) as directory_fd:
+        if directory_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
+        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", name)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _locate(root: str, root_fd: int, unique: str) -> tuple[str, str] | None:
     """Where a message with this unique name is now, if anywhere."""
     for subdirectory in ("cur", "new"):
-        directory = os.path.join(root, subdirectory)
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.name.split(":", 1)[0] == unique_name:
-                        return entry.path
-        except FileNotFoundError:
-            continue
+        with _subdirectory(root, root_fd, subdirectory) as fd:
+            if fd is None:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if _unique_name(entry.name) == unique:
+                            return (subdirectory, entry.name)
+            except OSError as error:
+                path = os.path.join(root, subdirectory)
+                raise _unavailable("cannot read maildir", path, error) from error
     return None
 
 
 def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
-    permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError))
+    # ELOOP: a symbolic link where a directory or a message should be.
+    permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
+        error.errno in (errno.ELOOP, errno.EINVAL)
+    )
     log.error("{what} {path}: {error}", what=what, path=path, error=error)
     return MaildropUnavailable(what, permanent=permanent)
 
@@ -214,61 +277,80 @@ class _Maildrop:
     def __init__(
         self,
         root: str,
+        root_fd: int | None,
         messages: list[MessageInfo],
-        paths: list[str],
+        locations: list[tuple[str, str]],
         lock: MaildropLock | None,
     ) -> None:
         self.root = root
         self.messages = messages
-        self._paths = paths
-        self._unique_names = [os.path.basename(p).split(":", 1)[0] for p in paths]
+        self._root_fd = root_fd
+        self._locations = locations
         self._lock = lock
 
-    def _relocate(self, index: int) -> str | None:
-        path = _locate(self.root, self._unique_names[index])
-        if path is not None:
-            self._paths[index] = path
-        return path
+    def _relocate(self, index: int) -> tuple[str, str] | None:
+        assert self._root_fd is not None
+        unique = _unique_name(self._locations[index][1])
+        location = _locate(self.root, self._root_fd, unique)
+        if location is not None:
+            self._locations[index] = location
+        return location
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
-        path: str | None = self._paths[index]
-        while path is not None:
-            try:
-                body: IMessageBody = _FileBody(open(path, "rb"), path)
-            except FileNotFoundError:
-                relocated = self._relocate(index)
-                path = relocated if relocated != path else None
-                continue
-            except OSError as error:
-                return fail(_unavailable("cannot open message", path, error))
-            return succeed(body)
+        assert self._root_fd is not None
+        location: tuple[str, str] | None = self._locations[index]
+        try:
+            while location is not None:
+                try:
+                    file = _open_message(self.root, self._root_fd, location)
+                except FileNotFoundError:
+                    relocated = self._relocate(index)
+                    location = relocated if relocated != location else None
+                    continue
+                except OSError as error:
+                    path = os.path.join(self.root, *location)
+                    raise _unavailable("cannot open message", path, error) from error
+                body: IMessageBody = _FileBody(file, os.path.join(self.root, *location))
+                return succeed(body)
+        except POP3Error as error:
+            return fail(error)
         return fail(MessageGone())
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
-        failed = 0
-        for index in indexes:
-            if not self._remove_one(index):
-                failed += 1
+        failed = sum(1 for index in indexes if not self._remove_one(index))
         if failed:
             return fail(DeletionFailed(failed))
         return succeed(None)
 
     def _remove_one(self, index: int) -> bool:
-        path: str | None = self._paths[index]
-        while path is not None:
-            try:
-                os.unlink(path)
-                return True
-            except FileNotFoundError:
-                relocated = self._relocate(index)
-                path = relocated if relocated != path else None
-            except OSError as error:
-                log.error("cannot delete {path}: {error}", path=path, error=error)
-                return False
+        assert self._root_fd is not None
+        location: tuple[str, str] | None = self._locations[index]
+        try:
+            while location is not None:
+                subdirectory, name = location
+                try:
+                    with _subdirectory(self.root, self._root_fd, subdirectory) as fd:
+                        if fd is None:
+                            raise FileNotFoundError(errno.ENOENT, "no such directory")
+                        os.unlink(name, dir_fd=fd)
+                    return True
+                except FileNotFoundError:
+                    relocated = self._relocate(index)
+                    location = relocated if relocated != location else None
+        except OSError as error:
+            path = os.path.join(self.root, *location) if location else self.root
+            log.error("cannot delete {path}: {error}", path=path, error=error)
+            return False
+        except POP3Error:
+            return False
         # Already gone: what the user asked for is done.
         return True
 
     def close(self) -> Deferred[None]:
         if self._lock is not None:
             self._lock.release()
+            self._lock = None
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
         return succeed(None)

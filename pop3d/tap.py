@@ -5,18 +5,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
-from pop3d.maildir import MaildirStore, MaildirTemplateError
+from pop3d.maildir import MaildirStore, MaildirTemplateError, check_template
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.service import POP3Service
@@ -84,7 +84,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        self["store"] = parse_mail_location(self["mail-location"])
+        self["maildir-template"] = parse_mail_location(self["mail-location"])
         self["timeout"] = parse_timeout(self["timeout"])
         self["login-failure-delay"] = parse_delay(self["login-failure-delay"])
         if not self.get("credCheckers"):
@@ -94,7 +94,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["endpoints"] = [parse_endpoint(reactor, description) for description in self["listen"]]
 
 
-def parse_mail_location(location: str | None) -> MaildirStore:
+def parse_mail_location(location: str | None) -> str:
+    """The Maildir path template of a --mail-location value."""
     if not location:
         raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
     kind, separator, path = location.partition(":")
@@ -103,9 +104,10 @@ def parse_mail_location(location: str | None) -> MaildirStore:
             f"--mail-location {location!r}: expected maildir:PATH, e.g. maildir:/srv/mail/{{user}}"
         )
     try:
-        return MaildirStore(path)
+        check_template(path)
     except MaildirTemplateError as error:
         raise usage.UsageError(f"--mail-location: {error}") from error
+    return path
 
 
 def parse_timeout(value: str) -> int:
@@ -164,7 +166,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorTime = reactor
-    portal = build_portal(MaildropRealm(options["store"]), options["credCheckers"])
+    store = MaildirStore(options["maildir-template"], reactor=cast(IReactorThreads, reactor))
+    portal = build_portal(MaildropRealm(store), options["credCheckers"])
     factory = POP3Factory(
         portal,
         clock=clock,

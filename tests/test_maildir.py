@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.cred.error import UnauthorizedLogin
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.maildir import (
@@ -201,3 +202,84 @@ class TestTemplates:
     def test_bad_templates(self, template: str) -> None:
         with pytest.raises(MaildirTemplateError):
             MaildirStore(template)
+
+
+class TestNoSymbolicLinks:
+    """
+    Maildirs belong to their users; the server usually has more privilege.
+    Nothing is followed through a symbolic link, so a user cannot read or
+    delete what is not theirs.
+    """
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_maildir_that_is_a_link_is_refused(
+        self, store: MaildirStore, tmp_path: Path
+    ) -> None:
+        deliver_to_maildir(str(tmp_path / "alice"), b"Subject: alice's secret\n\n")
+        (tmp_path / "mallory").symlink_to(tmp_path / "alice")
+        with pytest.raises(MaildropUnavailable) as raised:
+            await store.open("mallory")
+        assert raised.value.permanent
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_linked_cur_is_refused(self, store: MaildirStore, tmp_path: Path) -> None:
+        deliver_to_maildir(str(tmp_path / "alice"), b"x\n", subdirectory="cur")
+        for part in ("new", "tmp"):
+            (tmp_path / "mallory" / part).mkdir(parents=True)
+        (tmp_path / "mallory" / "cur").symlink_to(tmp_path / "alice" / "cur")
+        with pytest.raises(MaildropUnavailable):
+            await store.open("mallory")
+
+    @pytest_twisted.ensureDeferred
+    async def test_linked_and_special_files_are_not_messages(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"root's secret\n")
+        (maildir / "cur" / "1.M1.link:2,S").symlink_to(secret)
+        os.mkfifo(maildir / "new" / "2.M2.fifo")
+        (maildir / "new" / "3.M3.real").write_bytes(b"real\n")
+        maildrop = await store.open("alice")
+        assert [m.uid for m in maildrop.messages] == ["3.M3.real"]
+        await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_message_swapped_for_a_link_is_not_served(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"root's secret\n")
+        (maildir / "new" / "1.M1.host").write_bytes(b"mine\n")
+        maildrop = await store.open("alice")
+        (maildir / "new" / "1.M1.host").unlink()
+        (maildir / "new" / "1.M1.host").symlink_to(secret)
+        with pytest.raises(MaildropUnavailable):
+            await maildrop.open_message(0)
+        await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_linked_lock_file_is_refused_and_not_created(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        target = tmp_path / "elsewhere" / "created-by-root"
+        target.parent.mkdir()
+        (maildir / LOCK_FILE_NAME).symlink_to(target)
+        with pytest.raises(MaildropUnavailable):
+            await store.open("alice")
+        assert not target.exists()
+
+
+class TestNameParts:
+    @pytest.mark.parametrize("name", ["alice@", "@example.org", ".x@example.org", "a@.."])
+    @pytest_twisted.ensureDeferred
+    async def test_names_whose_parts_would_name_the_wrong_directory(
+        self, tmp_path: Path, name: str
+    ) -> None:
+        store = MaildirStore(f"{tmp_path}/{{domain}}/{{local}}")
+        with pytest.raises(UnauthorizedLogin):
+            await store.open(name)
+
+    @pytest_twisted.ensureDeferred
+    async def test_parts_are_only_checked_when_used(self, tmp_path: Path) -> None:
+        maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice@")
+        await maildrop.close()

@@ -44,8 +44,7 @@ def test_documented_form(passwd: Path, tmp_path: Path) -> None:
         "--timeout", "900",
     )  # fmt: skip
     assert options["timeout"] == 900
-    assert isinstance(options["store"], MaildirStore)
-    assert options["store"].path_for("alice") == f"{tmp_path}/alice"
+    assert MaildirStore(options["maildir-template"]).path_for("alice") == f"{tmp_path}/alice"
     [endpoint] = options["endpoints"]
     assert isinstance(endpoint, TCP4ServerEndpoint)
 
