@@ -40,7 +40,6 @@ from pop3d.wire import WireSizeCounter, is_valid_uidl
 #: Maildir++ treats dot-names in the root as folders.
 LOCK_FILE_NAME = "pop3d.lock"
 
-_SUBDIRECTORIES = ("new", "cur")
 _READ_SIZE = 256 * 1024
 _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
@@ -162,24 +161,31 @@ def _subdirectory(root: str, root_fd: int, name: str) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _snapshot(root: str, root_fd: int) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
-    """The messages in new/ and cur/, in unique-name order, with their sizes."""
-    found: dict[str, tuple[str, str]] = {}
-    for subdirectory in _SUBDIRECTORIES:
+def _files(root: str, root_fd: int, subdirectories: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(subdirectory, file name) of every regular, visible file in them."""
+    for subdirectory in subdirectories:
         with _subdirectory(root, root_fd, subdirectory) as fd:
             if fd is None:
                 continue
             try:
                 with os.scandir(fd) as entries:
-                    for entry in entries:
-                        if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                            continue
-                        # A message seen in both (another program moving it
-                        # right now) is the same message: the cur/ one wins.
-                        found[_unique_name(entry.name)] = (subdirectory, entry.name)
+                    names = [
+                        entry.name
+                        for entry in entries
+                        if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+                    ]
             except OSError as error:
                 path = os.path.join(root, subdirectory)
                 raise _unavailable("cannot read maildir", path, error) from error
+        for name in names:
+            yield subdirectory, name
+
+
+def _snapshot(root: str, root_fd: int) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
+    """The messages in new/ and cur/, in unique-name order, with their sizes."""
+    # A message seen in both (another program moving it right now) is the
+    # same message: the cur/ one, seen last, wins.
+    found = {_unique_name(name): (sub, name) for sub, name in _files(root, root_fd, ("new", "cur"))}
     messages: list[MessageInfo] = []
     locations: list[tuple[str, str]] = []
     for unique in sorted(found):
@@ -232,18 +238,9 @@ def _open_message(root: str, root_fd: int, location: tuple[str, str]) -> BinaryI
 
 def _locate(root: str, root_fd: int, unique: str) -> tuple[str, str] | None:
     """Where a message with this unique name is now, if anywhere."""
-    for subdirectory in ("cur", "new"):
-        with _subdirectory(root, root_fd, subdirectory) as fd:
-            if fd is None:
-                continue
-            try:
-                with os.scandir(fd) as entries:
-                    for entry in entries:
-                        if _unique_name(entry.name) == unique:
-                            return (subdirectory, entry.name)
-            except OSError as error:
-                path = os.path.join(root, subdirectory)
-                raise _unavailable("cannot read maildir", path, error) from error
+    for subdirectory, name in _files(root, root_fd, ("cur", "new")):
+        if _unique_name(name) == unique:
+            return (subdirectory, name)
     return None
 
 

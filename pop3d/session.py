@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
-from pop3d.interfaces import IMaildrop, IMessageBody
+from pop3d.interfaces import IMaildrop, IMessageBody, MessageInfo
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
     Command,
@@ -431,37 +431,37 @@ class Session:
         return Status(True, f"{count} {octets}")
 
     def _list(self, command: Command) -> Reply:
-        assert self._maildrop is not None
-        messages = self._maildrop.messages
-        if len(command.arguments) > 1:
-            raise _BadCommand("LIST takes at most one argument")
-        if command.arguments:
-            index = self._message_index(command.arguments[0])
-            return Status(True, f"{index + 1} {messages[index].size}")
-        deleted = self._deleted
-        lines = [
-            b"%d %d" % (i + 1, message.size)
-            for i, message in enumerate(messages)
-            if i not in deleted
-        ]
         count, octets = self._totals()
-        return Listing(Status(True, f"{count} messages ({octets} octets)"), lines)
+        return self._scan_listing(
+            command,
+            lambda message: str(message.size),
+            Status(True, f"{count} messages ({octets} octets)"),
+        )
 
     def _uidl(self, command: Command) -> Reply:
+        return self._scan_listing(command, lambda message: message.uid, Status(True, UIDL_FOLLOWS))
+
+    def _scan_listing(
+        self, command: Command, describe: Callable[[MessageInfo], str], heading: Status
+    ) -> Reply:
+        """
+        LIST and UIDL (RFC 1939 sections 5, 7): one "number value" line for
+        the message asked for, or for every message not marked as deleted.
+        """
         assert self._maildrop is not None
         messages = self._maildrop.messages
         if len(command.arguments) > 1:
-            raise _BadCommand("UIDL takes at most one argument")
+            raise _BadCommand(f"{command.verb.value} takes at most one argument")
         if command.arguments:
             index = self._message_index(command.arguments[0])
-            return Status(True, f"{index + 1} {messages[index].uid}")
+            return Status(True, f"{index + 1} {describe(messages[index])}")
         deleted = self._deleted
         lines = [
-            b"%d %s" % (i + 1, message.uid.encode("ascii"))
+            f"{i + 1} {describe(message)}".encode("ascii")
             for i, message in enumerate(messages)
             if i not in deleted
         ]
-        return Listing(Status(True, UIDL_FOLLOWS), lines)
+        return Listing(heading, lines)
 
     def _retr(self, command: Command) -> Deferred[Reply]:
         if len(command.arguments) != 1:
