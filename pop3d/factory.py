@@ -6,16 +6,31 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
-from pop3d.session import DEFAULT_POLICY, Session, SessionPolicy
+from pop3d.sasl import ISASLMechanism
+from pop3d.sasl.cram_md5 import CramMD5
+from pop3d.sasl.login import Login
+from pop3d.sasl.plain import Plain
+from pop3d.session import DEFAULT_POLICY, Link, Session, SessionPolicy
 from pop3d.throttle import FailureDelay
+from pop3d.tls import ServerTLS
+from pop3d.wire import ResponseCode, format_status
+
+log = Logger()
+
+#: Mechanisms offered when none are given, strongest first.
+DEFAULT_MECHANISMS: tuple[ISASLMechanism, ...] = (CramMD5(), Plain(), Login())
+
+TOO_MANY_CONNECTIONS = "too many connections, try again later"
 
 #: Dovecot's auth_failure_delay default.
 DEFAULT_LOGIN_FAILURE_DELAY = 2.0
@@ -42,6 +57,10 @@ class POP3Factory(Factory):
         hostname: str | None = None,
         policy: SessionPolicy = DEFAULT_POLICY,
         login_failure_delay: float = DEFAULT_LOGIN_FAILURE_DELAY,
+        mechanisms: Sequence[ISASLMechanism] | None = None,
+        tls: ServerTLS | None = None,
+        max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
     ) -> None:
         self.portal = portal
         self.clock = clock
@@ -49,6 +68,12 @@ class POP3Factory(Factory):
         self.hostname = hostname or socket.gethostname()
         self.policy = policy
         self.failure_delay = FailureDelay(clock, base=login_failure_delay)
+        self.mechanisms = list(DEFAULT_MECHANISMS if mechanisms is None else mechanisms)
+        self.tls = tls
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self._connections = 0
+        self._connections_by_host: Counter[str] = Counter()
 
     def apop_challenge(self) -> bytes | None:
         """
@@ -60,16 +85,54 @@ class POP3Factory(Factory):
         token = secrets.token_hex(8)
         return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
 
-    def buildProtocol(self, addr: IAddress | None) -> POP3Protocol:
-        def new_session(peer: Callable[[], str]) -> Session:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        host = getattr(addr, "host", None) or ""
+        if self._over_limit(host):
+            log.warn("refusing connection from {host}: too many connections", host=host)
+            return _TooManyConnections()
+
+        def new_session(link: Callable[[], Link]) -> Session:
             return Session(
                 self.portal,
                 apop_challenge=self.apop_challenge(),
-                peer=peer,
+                link=link,
                 failure_delay=self.failure_delay,
                 policy=self.policy,
+                mechanisms=self.mechanisms,
+                tls_available=self.tls is not None,
+                hostname=self.hostname,
+                clock=self.clock,
             )
 
-        protocol = POP3Protocol(new_session, clock=self.clock, timeout=self.timeout)
+        protocol = POP3Protocol(
+            new_session,
+            clock=self.clock,
+            timeout=self.timeout,
+            tls=self.tls,
+            on_close=lambda: self._closed(host),
+        )
         protocol.factory = self
+        self._connections += 1
+        self._connections_by_host[host] += 1
         return protocol
+
+    def _over_limit(self, host: str) -> bool:
+        if self.max_connections is not None and self._connections >= self.max_connections:
+            return True
+        limit = self.max_connections_per_ip
+        return limit is not None and self._connections_by_host[host] >= limit
+
+    def _closed(self, host: str) -> None:
+        self._connections -= 1
+        self._connections_by_host[host] -= 1
+        if self._connections_by_host[host] <= 0:
+            del self._connections_by_host[host]
+
+
+class _TooManyConnections(Protocol):
+    """Says why, then hangs up (RFC 3206 SYS/TEMP: try again later)."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(format_status(False, TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP))
+        self.transport.loseConnection()

@@ -8,15 +8,19 @@ backpressure.  Every decision about what to answer is the session's.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
+    ISSLTransport,
     ITCPTransport,
 )
 from twisted.logger import Logger
@@ -29,11 +33,15 @@ from pop3d.errors import POP3Error
 from pop3d.session import (
     INTERNAL_ERROR,
     Hangup,
+    Link,
     Listing,
     MessageStream,
     Reply,
+    SASLContinuation,
     Session,
+    StartTLS,
 )
+from pop3d.tls import ServerTLS
 from pop3d.wire import MAX_COMMAND_LENGTH, ResponseCode, Status, format_multiline
 
 if TYPE_CHECKING:
@@ -61,6 +69,7 @@ class _Transport(Protocol):
     def loseConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def setTcpNoDelay(self, enabled: bool) -> None: ...
+    def startTLS(self, context_factory: object) -> None: ...
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
     def unregisterProducer(self) -> None: ...
     def pauseProducing(self) -> None: ...
@@ -80,12 +89,16 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def __init__(
         self,
-        new_session: Callable[[Callable[[], str]], Session],
+        new_session: Callable[[Callable[[], Link]], Session],
         *,
         clock: IReactorTime,
         timeout: int | None,
+        tls: ServerTLS | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.session = new_session(self._describe_peer)
+        self.session = new_session(self._link)
+        self._on_close = on_close
+        self._tls = tls
         self._clock = clock
         self._timeout = timeout
         # Lines are held back while a reply is being produced (so that
@@ -114,8 +127,16 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         assert self.transport is not None
         return cast(_Transport, self.transport)
 
-    def _describe_peer(self) -> str:
-        return describe_address(self.transport.getPeer() if self.transport else None)
+    def _link(self) -> Link:
+        transport = self.transport
+        address = transport.getPeer() if transport is not None else None
+        host = getattr(address, "host", None)
+        return Link(
+            peer=describe_address(address),
+            host=host if host is not None else describe_address(address),
+            secure=ISSLTransport.providedBy(transport),
+            local=isinstance(address, UNIXAddress) or _is_loopback(host),
+        )
 
     # -- connection lifecycle ----------------------------------------------
 
@@ -131,6 +152,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: FailureType | None = None) -> None:
         self._disconnected = True
+        if self._on_close is not None:
+            self._on_close()
         self.setTimeout(None)
         if self._stream is not None:
             self._stream.abandon()
@@ -239,6 +262,17 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._connection.write(reply.to_bytes())
         elif isinstance(reply, Listing):
             self._connection.write(format_multiline(reply.status, reply.lines))
+        elif isinstance(reply, SASLContinuation):
+            self._connection.write(b"+ " + base64.b64encode(reply.data) + b"\r\n")
+        elif isinstance(reply, StartTLS):
+            assert self._tls is not None
+            self._connection.write(reply.status.to_bytes())
+            # Whatever the client sent after STLS, before the handshake, is
+            # dropped, never executed after it (RFC 2595 section 4;
+            # CVE-2011-0411-style command injection).
+            self.clearLineBuffer()
+            self._after_long_line = b""
+            self._connection.startTLS(self._tls.context_factory())
         elif isinstance(reply, Hangup):
             self._closing = True
             # A transport with a registered producer does not close.
@@ -284,6 +318,15 @@ class _OutputValve:
     def stopProducing(self) -> None:
         # The connection is closing; connectionLost follows and cleans up.
         pass
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def describe_address(addr: IAddress | None) -> str:

@@ -10,10 +10,12 @@ command lines and returns replies (or Deferreds of replies), and the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,14 @@ from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.interfaces import IMaildrop, IMessageBody, MessageInfo
+from pop3d.sasl import (
+    Authenticate,
+    Challenge,
+    ExchangeContext,
+    ISASLExchange,
+    ISASLMechanism,
+    SASLError,
+)
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
     Command,
@@ -46,6 +56,7 @@ from pop3d.wire import (
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
+    from twisted.internet.interfaces import IReactorTime
 
 
 class State(enum.Enum):
@@ -70,6 +81,14 @@ ALREADY_DELETED = "message already deleted"
 INTERNAL_ERROR = "internal server error, try again later"
 PASS_WITHOUT_USER = "send USER first"  # noqa: S105
 APOP_UNAVAILABLE = "APOP is not available"
+PLAINTEXT_DISALLOWED = "plaintext authentication disallowed on non-secure connections"
+UNKNOWN_MECHANISM = "unsupported authentication mechanism"
+AUTH_CANCELLED = "authentication cancelled"
+INVALID_BASE64 = "invalid base64"
+MECHANISMS_FOLLOW = "available authentication mechanisms"
+STLS_UNAVAILABLE = "STLS is not available"
+TLS_ALREADY_ACTIVE = "TLS is already active"
+BEGIN_TLS = "begin TLS negotiation"
 CAPABILITIES_FOLLOW = "capability list follows"
 TOP_FOLLOWS = "top of message follows"
 UIDL_FOLLOWS = "unique-id listing follows"
@@ -99,7 +118,35 @@ class Hangup:
     status: Status
 
 
-Reply = Status | Listing | MessageStream | Hangup
+@dataclass(frozen=True)
+class SASLContinuation:
+    """A SASL challenge: ``+ base64`` (RFC 5034 section 4)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Answer STLS, then begin the TLS handshake (RFC 2595 section 4)."""
+
+    status: Status
+
+
+Reply = Status | Listing | MessageStream | Hangup | SASLContinuation | StartTLS
+
+
+@dataclass(frozen=True)
+class Link:
+    """What the session knows of the connection it runs on."""
+
+    #: host:port of the client (behind a PROXY-protocol proxy, the real one).
+    peer: str
+    #: The client's host alone, for per-peer accounting.
+    host: str
+    #: TLS is in use (implicit TLS or after STLS).
+    secure: bool
+    #: The client is on this machine (loopback address or UNIX socket).
+    local: bool
 
 
 @dataclass(frozen=True)
@@ -112,6 +159,10 @@ class SessionPolicy:
     max_bad_commands_after_login: int = 20
     #: Failed logins (PASS, APOP) on one connection before it is closed.
     max_failed_logins: int = 3
+    #: RFC 2595 section 2.3, RFC 8314 section 4.1: logins that send the
+    #: password itself (USER/PASS, SASL PLAIN and LOGIN) are refused on a
+    #: connection that is neither encrypted nor local, unless this is True.
+    allow_plaintext_auth: bool = False
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -176,13 +227,22 @@ class Session:
         portal: Portal,
         *,
         apop_challenge: bytes | None,
-        peer: Callable[[], str],
+        link: Callable[[], Link],
         failure_delay: FailureDelay | None = None,
         policy: SessionPolicy = DEFAULT_POLICY,
+        mechanisms: Sequence[ISASLMechanism] = (),
+        tls_available: bool = False,
+        hostname: str = "localhost",
+        clock: IReactorTime | None = None,
     ) -> None:
         self._portal = portal
         self._apop_challenge = apop_challenge
-        self._describe_peer = peer
+        self._link = link
+        self._mechanisms = list(mechanisms)
+        self._tls_available = tls_available
+        self._hostname = hostname
+        self._clock = clock
+        self._sasl: _SASLInProgress | None = None
         self._policy = policy
         self.state = State.AUTHORIZATION
         self.user: str | None = None
@@ -202,6 +262,8 @@ class Session:
             (State.AUTHORIZATION, Verb.APOP): self._apop,
             (State.AUTHORIZATION, Verb.CAPA): self._capa,
             (State.AUTHORIZATION, Verb.QUIT): self._quit_unauthenticated,
+            (State.AUTHORIZATION, Verb.AUTH): self._auth,
+            (State.AUTHORIZATION, Verb.STLS): self._stls,
             (State.TRANSACTION, Verb.STAT): self._stat,
             (State.TRANSACTION, Verb.LIST): self._list,
             (State.TRANSACTION, Verb.RETR): self._retr,
@@ -215,13 +277,17 @@ class Session:
         }
 
     @property
-    def peer(self) -> str:
+    def link(self) -> Link:
         """
-        Who the client is, asked of the transport each time: behind a
+        The connection, asked of the transport each time: behind a
         PROXY-protocol wrapper (haproxy: endpoints) the real client is known
-        only after the connection was made.
+        only after the connection was made, and STLS makes it secure.
         """
-        return self._describe_peer()
+        return self._link()
+
+    @property
+    def peer(self) -> str:
+        return self.link.peer
 
     # -- entry points used by the protocol adapter -------------------------
 
@@ -233,6 +299,8 @@ class Session:
 
     def handle_line(self, line: bytes) -> Reply | Deferred[Reply]:
         """Answer one command line (without its line ending)."""
+        if self._sasl is not None:
+            return self._sasl_response(line)
         command = parse_command(line)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
@@ -291,14 +359,35 @@ class Session:
         The CAPA lines for the current state (RFC 2449 section 5: whatever
         is announced before login is announced after it too).
         """
-        offered = self._portal.listCredentialsInterfaces()
         lines = [b"TOP", b"UIDL"]
-        if IUsernamePassword in offered:
+        if self._user_pass_offered():
             lines.append(b"USER")
         lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        mechanisms = self._offered_mechanisms()
+        if mechanisms:
+            lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
+        link = self.link
+        if self.state is State.AUTHORIZATION and self._tls_available and not link.secure:
+            lines.append(b"STLS")
         if self.state is State.TRANSACTION:
             lines.append(b"IMPLEMENTATION " + self._policy.implementation.encode("ascii"))
         return lines
+
+    def _plaintext_allowed(self) -> bool:
+        link = self.link
+        return link.secure or link.local or self._policy.allow_plaintext_auth
+
+    def _user_pass_offered(self) -> bool:
+        offered = IUsernamePassword in self._portal.listCredentialsInterfaces()
+        return offered and self._plaintext_allowed()
+
+    def _offered_mechanisms(self) -> list[ISASLMechanism]:
+        plaintext = self._plaintext_allowed()
+        return [
+            m
+            for m in self._mechanisms
+            if m.usable(self._portal) and (plaintext or not m.sends_password)
+        ]
 
     def _maildrop_summary(self) -> str:
         count, octets = self._totals()
@@ -338,6 +427,8 @@ class Session:
             raise _BadCommand("USER takes exactly one argument")
         if IUsernamePassword not in self._portal.listCredentialsInterfaces():
             return Status(False, "USER/PASS is not available")
+        if not self._plaintext_allowed():
+            return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
         self._pending_user = command.arguments[0]
         return Status(True, USER_ACCEPTED)
 
@@ -404,6 +495,77 @@ class Session:
 
         return attempt.addCallbacks(succeeded, failed)
 
+    def _auth(self, command: Command) -> Reply | Deferred[Reply]:
+        """RFC 5034 section 4; with no argument, the mechanisms (as Outlook expects)."""
+        if not command.arguments:
+            names = [m.name for m in self._offered_mechanisms()]
+            return Listing(Status(True, MECHANISMS_FOLLOW), names)
+        if len(command.arguments) > 2:
+            raise _BadCommand("AUTH takes a mechanism and an optional initial response")
+        name = command.arguments[0].upper()
+        mechanism = next((m for m in self._offered_mechanisms() if m.name == name), None)
+        if mechanism is None:
+            refused = any(m.name == name and m.sends_password for m in self._mechanisms)
+            if refused and not self._plaintext_allowed():
+                return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
+            return Status(False, UNKNOWN_MECHANISM)
+        initial: bytes | None = None
+        if len(command.arguments) == 2:
+            # "=" is an empty initial response (RFC 5034 section 4).
+            argument = command.arguments[1]
+            initial = b"" if argument == b"=" else _decode_base64(argument)
+            if initial is None:
+                return Status(False, INVALID_BASE64)
+        self._pending_user = None
+        context = ExchangeContext(
+            self._portal, self._hostname, self._clock.seconds() if self._clock else 0.0
+        )
+        self._sasl = _SASLInProgress(mechanism.name, mechanism.start(context))
+        return self._sasl_step(initial)
+
+    def _sasl_response(self, line: bytes) -> Reply | Deferred[Reply]:
+        """A line answering a SASL challenge: base64, or "*" to cancel."""
+        if line.strip() == b"*":
+            self._sasl = None
+            return Status(False, AUTH_CANCELLED)
+        response = _decode_base64(line.strip())
+        if response is None:
+            self._sasl = None
+            return Status(False, INVALID_BASE64)
+        return self._sasl_step(response)
+
+    def _sasl_step(self, response: bytes | None) -> Deferred[Reply]:
+        sasl = self._sasl
+        assert sasl is not None
+
+        def stepped(result: Challenge | Authenticate) -> Reply | Deferred[Reply]:
+            if isinstance(result, Challenge):
+                return SASLContinuation(result.data)
+            self._sasl = None
+            method = "SASL " + sasl.name.decode("ascii", "replace")
+            return self._login(result.credentials, result.username, method)
+
+        def refused(failure: Failure) -> Reply:
+            # After a failure the session is as if AUTH never happened.
+            self._sasl = None
+            failure.trap(SASLError)
+            error = failure.value
+            assert isinstance(error, SASLError)
+            return error.status()
+
+        step: Deferred[Challenge | Authenticate] = maybeDeferred(sasl.exchange.step, response)
+        return step.addCallbacks(stepped, refused)
+
+    def _stls(self, command: Command) -> Reply:
+        """RFC 2595 section 4: only before login, only while TLS is off."""
+        if not self._tls_available:
+            return Status(False, STLS_UNAVAILABLE)
+        if self.link.secure:
+            return Status(False, TLS_ALREADY_ACTIVE)
+        # Nothing said before the handshake carries over (RFC 2595 section 4).
+        self._pending_user = None
+        return StartTLS(Status(True, BEGIN_TLS))
+
     def _answer_failed_login(self, status: Status) -> Reply | Deferred[Reply]:
         """
         A wrong password (or unknown user: the same answer, after the same
@@ -415,7 +577,7 @@ class Session:
             reply = Hangup(status)
         if self._failure_delay is None:
             return reply
-        host = self.peer.rpartition(":")[0] or self.peer
+        host = self.link.host
         delay = self._failure_delay.delay_for_failure(host)
         return self._failure_delay.wait(delay).addCallback(lambda _: reply)
 
@@ -560,6 +722,19 @@ class Session:
         outcome.addErrback(not_removed)
         outcome.addCallback(logged_out)
         return outcome
+
+
+@dataclass(frozen=True)
+class _SASLInProgress:
+    name: bytes
+    exchange: ISASLExchange
+
+
+def _decode_base64(text: bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, Status]:

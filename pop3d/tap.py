@@ -4,14 +4,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
@@ -19,7 +20,10 @@ from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.maildir import MaildirStore, MaildirTemplateError, check_template
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
+from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
+from pop3d.session import SessionPolicy
+from pop3d.tls import ServerTLS, TLSConfigurationError
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -35,7 +39,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         "--auth takes any twisted.cred checker (passwd-file:, memory:, file:, ...) "
         "and may be repeated."
     )
-    supportedInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    supportedInterfaces = (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+        ICramMD5Credentials,
+        IScramSHA256Credentials,
+    )
+    optFlags = [
+        [
+            "allow-plaintext-auth",
+            None,
+            "Accept USER/PASS and SASL PLAIN/LOGIN on connections that are neither "
+            "TLS nor local (refused by default: RFC 2595 2.3, RFC 8314 4.1).",
+        ],
+    ]
     optParameters = [
         [
             "mail-location",
@@ -51,6 +68,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Inactivity autologout in seconds; at least 600 (RFC 1939 section 3).",
         ],
         ["hostname", None, None, "Host name in APOP timestamps (default: this host's name)."],
+        ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
+        ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
+        ["max-connections", None, None, "Most connections at once (default: no limit)."],
+        ["max-connections-per-ip", None, None, "Most connections at once from one address."],
         [
             "login-failure-delay",
             None,
@@ -87,6 +108,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["maildir-template"] = parse_mail_location(self["mail-location"])
         self["timeout"] = parse_timeout(self["timeout"])
         self["login-failure-delay"] = parse_delay(self["login-failure-delay"])
+        for limit in ("max-connections", "max-connections-per-ip"):
+            self[limit] = parse_limit(limit, self[limit])
+        self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         from twisted.internet import reactor
@@ -135,6 +159,25 @@ def parse_delay(value: str) -> float:
     return seconds
 
 
+def parse_limit(option: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise usage.UsageError(f"--{option} {value!r}: expected a positive whole number")
+    return int(value)
+
+
+def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
+    if certificate is None and key is None:
+        return None
+    if certificate is None or key is None:
+        raise usage.UsageError("--tls-cert and --tls-key go together")
+    try:
+        return ServerTLS(certificate, key)
+    except TLSConfigurationError as error:
+        raise usage.UsageError(f"--tls-cert/--tls-key: {error}") from None
+
+
 def parse_endpoint(reactor: Any, description: str) -> Any:
     from twisted.internet.endpoints import serverFromString
 
@@ -174,5 +217,37 @@ def makeService(options: Options) -> IService:
         timeout=options["timeout"],
         hostname=options["hostname"],
         login_failure_delay=options["login-failure-delay"],
+        policy=SessionPolicy(allow_plaintext_auth=bool(options["allow-plaintext-auth"])),
+        tls=options["tls"],
+        max_connections=options["max-connections"],
+        max_connections_per_ip=options["max-connections-per-ip"],
     )
-    return POP3Service(options["endpoints"], factory)
+    service = MultiService()
+    pop3 = POP3Service(options["endpoints"], factory)
+    pop3.setName("pop3")
+    pop3.setServiceParent(service)
+    if options["tls"] is not None:
+        ReloadOnHangup(options["tls"].reload).setServiceParent(service)
+    return service
+
+
+class ReloadOnHangup(Service):
+    """Runs ``reload`` in the reactor thread whenever the process gets SIGHUP."""
+
+    def __init__(self, reload: Callable[[], None]) -> None:
+        self._reload = reload
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        def on_hangup(signum: int, frame: object) -> None:
+            cast(IReactorFromThreads, reactor).callFromThread(self._reload)
+
+        self._previous = signal.signal(signal.SIGHUP, on_hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)

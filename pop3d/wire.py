@@ -45,6 +45,8 @@ class Verb(enum.Enum):
     TOP = "TOP"
     UIDL = "UIDL"
     CAPA = "CAPA"
+    AUTH = "AUTH"
+    STLS = "STLS"
 
 
 _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}

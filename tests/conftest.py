@@ -9,12 +9,13 @@ loopback port (`running_server`).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -113,7 +114,7 @@ class RunningServer:
     port: int
     mail_root: Path
     passwd: Path
-    service: POP3Service
+    service: MultiService
 
     def maildir(self, user: str) -> Path:
         return self.mail_root / user
@@ -124,7 +125,9 @@ def write_passwd(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-async def start_service(tmp_path: Path, listen: list[str]) -> RunningServer:
+async def start_service(
+    tmp_path: Path, listen: list[str], extra: Sequence[str] = ()
+) -> RunningServer:
     """
     Start the service exactly as ``twistd pop3d`` makes it (Options,
     makeService) on the given endpoints, over a Maildir root in tmp_path.
@@ -142,12 +145,15 @@ async def start_service(tmp_path: Path, listen: list[str]) -> RunningServer:
             f"maildir:{mail_root}/{{user}}",
             "--auth",
             f"passwd-file:{passwd}",
+            *extra,
         ]
     )
     service = makeService(options)
-    assert isinstance(service, POP3Service)
+    assert isinstance(service, MultiService)
+    pop3 = service.getServiceNamed("pop3")
+    assert isinstance(pop3, POP3Service)
     service.startService()
-    ports = await service.when_listening()
+    ports = await pop3.when_listening()
     address = ports[0].getHost()
     return RunningServer(
         getattr(address, "host", ""), getattr(address, "port", 0), mail_root, passwd, service

@@ -139,7 +139,9 @@ async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path) -> N
     """Behind HAProxy (send-proxy), logs name the client, not the proxy."""
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
-    server = await start_service(tmp_path, ["haproxy:tcp:0:interface=127.0.0.1"])
+    server = await start_service(
+        tmp_path, ["haproxy:tcp:0:interface=127.0.0.1"], ["--allow-plaintext-auth"]
+    )
     try:
 
         def client() -> bytes:

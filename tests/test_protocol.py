@@ -313,6 +313,7 @@ class TestCapa:
         b"PIPELINING",
         b"AUTH-RESP-CODE",
         b"EXPIRE NEVER",
+        b"SASL CRAM-MD5 PLAIN LOGIN",
     ]
 
     def test_before_login(self, wire: Wire) -> None:

@@ -1,0 +1,43 @@
+"""
+LOGIN (draft-murchison-sasl-login): the user name, then the password, each
+asked for in turn.  Obsolete, but Outlook and many phones still use it.
+"""
+
+from __future__ import annotations
+
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from pop3d.sasl import Authenticate, Challenge, ExchangeContext, ISASLExchange, ISASLMechanism
+
+
+@implementer(ISASLMechanism)
+class Login:
+    name = b"LOGIN"
+    sends_password = True
+
+    def usable(self, portal: Portal) -> bool:
+        return IUsernamePassword in portal.listCredentialsInterfaces()
+
+    def start(self, context: ExchangeContext) -> ISASLExchange:
+        return _LoginExchange()
+
+
+@implementer(ISASLExchange)
+class _LoginExchange:
+    def __init__(self) -> None:
+        self._username: bytes | None = None
+        self._asked_for_username = False
+
+    def step(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
+        if self._username is None:
+            if response is None and not self._asked_for_username:
+                self._asked_for_username = True
+                return succeed(Challenge(b"Username:"))
+            self._username = response or b""
+            return succeed(Challenge(b"Password:"))
+        return succeed(
+            Authenticate(UsernamePassword(self._username, response or b""), self._username)
+        )
