@@ -1,0 +1,306 @@
+"""
+Authentication beyond USER/PASS, bytes in and bytes out: SASL AUTH
+(RFC 5034, RFC 4616 PLAIN, RFC 2195 CRAM-MD5, LOGIN), STLS (RFC 2595) and the
+plaintext policy (RFC 2595 section 2.3, RFC 8314 section 4.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import StringTransport
+from zope.interface import alsoProvides
+
+from pop3d.factory import POP3Factory
+from pop3d.session import (
+    AUTH_CANCELLED,
+    BEGIN_TLS,
+    CAPABILITIES_FOLLOW,
+    INVALID_BASE64,
+    LOGIN_FAILED,
+    MECHANISMS_FOLLOW,
+    PLAINTEXT_DISALLOWED,
+    STLS_UNAVAILABLE,
+    TLS_ALREADY_ACTIVE,
+    UNKNOWN_MECHANISM,
+    USER_ACCEPTED,
+    WRONG_STATE,
+)
+from pop3d.testing import MemoryStore
+from pop3d.tls import ServerTLS
+from pop3d.wire import ResponseCode, format_status
+
+from .conftest import Wire
+
+REMOTE_PEER = IPv4Address("TCP", "198.51.100.7", 50000)
+
+
+def ok(text: str = "") -> bytes:
+    return format_status(True, text)
+
+
+def err(text: str, code: ResponseCode | None = None) -> bytes:
+    return format_status(False, text, code)
+
+
+AUTH_FAILED = err(LOGIN_FAILED, ResponseCode.AUTH)
+DISALLOWED = err(PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def continuation(line: bytes) -> bytes:
+    """The data of a ``+ base64`` line."""
+    assert line.startswith(b"+ ") and line.endswith(b"\r\n"), line
+    return base64.b64decode(line[2:-2])
+
+
+def capabilities(wire: Wire) -> list[bytes]:
+    answer = wire.command(b"CAPA")
+    assert answer.startswith(ok(CAPABILITIES_FOLLOW))
+    return answer.split(b"\r\n")[1:-2]
+
+
+class _TLSCapableTransport(StringTransport):
+    """A StringTransport that can "start TLS", as a TCP transport can."""
+
+    def __init__(self, peerAddress: IPv4Address) -> None:
+        super().__init__(peerAddress=peerAddress)
+        self.tls_started_with: object = None
+        self.buffered_before_tls = b""
+
+    def startTLS(self, context_factory: object) -> None:
+        self.tls_started_with = context_factory
+        alsoProvides(self, ISSLTransport)
+
+
+class TLSWire(Wire):
+    def __init__(self, factory: POP3Factory, peer: IPv4Address = REMOTE_PEER) -> None:
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = _TLSCapableTransport(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+
+@pytest.fixture
+def tls(tmp_path_factory: pytest.TempPathFactory) -> ServerTLS:
+    from .test_endpoints import _self_signed
+
+    key, cert = _self_signed(tmp_path_factory.mktemp("tls"))
+    return ServerTLS(str(cert), str(key))
+
+
+@pytest.fixture
+def local(factory: POP3Factory, store: MemoryStore) -> Wire:
+    store.deliver("alice", b"Subject: hi\n\nhi\n")
+    return Wire(factory)
+
+
+class TestSASL:
+    """RFC 5034 section 4 (AUTH), with the mechanisms' own RFCs."""
+
+    def test_auth_without_argument_lists_mechanisms(self, local: Wire) -> None:
+        assert local.command(b"AUTH") == (
+            ok(MECHANISMS_FOLLOW) + b"CRAM-MD5\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+        )
+
+    def test_plain_with_initial_response(self, local: Wire) -> None:
+        """RFC 4616 section 2: [authzid] NUL authcid NUL passwd."""
+        answer = local.command(b"AUTH PLAIN " + b64(b"\x00alice\x00wonderland"))
+        assert answer.startswith(b"+OK maildrop has 1 messages")
+
+    def test_plain_without_initial_response(self, local: Wire) -> None:
+        assert local.command(b"AUTH PLAIN") == b"+ \r\n"
+        answer = local.command(b64(b"alice\x00alice\x00wonderland"))
+        assert answer.startswith(b"+OK maildrop has 1")
+
+    def test_plain_wrong_password(self, local: Wire) -> None:
+        assert local.command(b"AUTH PLAIN " + b64(b"\x00alice\x00nope")) == AUTH_FAILED
+        # As if AUTH never happened: the session goes on in AUTHORIZATION.
+        assert local.command(b"STAT") == err(WRONG_STATE)
+
+    def test_plain_refuses_another_authorization_identity(self, local: Wire) -> None:
+        answer = local.command(b"AUTH PLAIN " + b64(b"bob\x00alice\x00wonderland"))
+        assert answer.startswith(b"-ERR [AUTH] ")
+
+    @pytest.mark.parametrize(
+        "response", [b"\x00alice", b"alice", b"\x00\x00pw", b"a\x00b\x00c\x00d"]
+    )
+    def test_plain_malformed(self, local: Wire, response: bytes) -> None:
+        assert local.command(b"AUTH PLAIN " + b64(response)).startswith(b"-ERR ")
+
+    def test_empty_initial_response_is_an_equals_sign(self, local: Wire) -> None:
+        """RFC 5034 section 4: "=" stands for an empty initial response."""
+        assert local.command(b"AUTH PLAIN =").startswith(b"-ERR ")
+
+    def test_login(self, local: Wire) -> None:
+        assert continuation(local.command(b"AUTH LOGIN")) == b"Username:"
+        assert continuation(local.command(b64(b"alice"))) == b"Password:"
+        assert local.command(b64(b"wonderland")).startswith(b"+OK maildrop has 1")
+
+    def test_login_with_initial_response(self, local: Wire) -> None:
+        assert continuation(local.command(b"AUTH LOGIN " + b64(b"alice"))) == b"Password:"
+        assert local.command(b64(b"wonderland")).startswith(b"+OK")
+
+    def test_cram_md5(self, local: Wire) -> None:
+        """RFC 2195 section 2."""
+        challenge = continuation(local.command(b"AUTH CRAM-MD5"))
+        assert challenge.startswith(b"<") and challenge.endswith(b"@pop.example.test>")
+        digest = hmac.new(b"wonderland", challenge, hashlib.md5).hexdigest().encode()
+        assert local.command(b64(b"alice " + digest)).startswith(b"+OK maildrop has 1")
+
+    def test_cram_md5_wrong_digest(self, local: Wire) -> None:
+        challenge = continuation(local.command(b"AUTH CRAM-MD5"))
+        digest = hmac.new(b"nope", challenge, hashlib.md5).hexdigest().encode()
+        assert local.command(b64(b"alice " + digest)) == AUTH_FAILED
+
+    def test_cram_md5_challenges_differ(self, factory: POP3Factory) -> None:
+        first = continuation(Wire(factory).command(b"AUTH CRAM-MD5"))
+        second = continuation(Wire(factory).command(b"AUTH CRAM-MD5"))
+        assert first != second
+
+    def test_cram_md5_takes_no_initial_response(self, local: Wire) -> None:
+        assert local.command(b"AUTH CRAM-MD5 " + b64(b"x")).startswith(b"-ERR ")
+
+    def test_cancel(self, local: Wire) -> None:
+        """RFC 5034 section 4: "*" cancels the exchange with -ERR."""
+        local.command(b"AUTH LOGIN")
+        assert local.command(b"*") == err(AUTH_CANCELLED)
+        assert local.login().startswith(b"+OK")
+
+    def test_bad_base64_in_a_response(self, local: Wire) -> None:
+        local.command(b"AUTH LOGIN")
+        assert local.command(b"not base64!") == err(INVALID_BASE64)
+        assert local.command(b"CAPA").startswith(b"+OK")
+
+    def test_bad_base64_in_the_initial_response(self, local: Wire) -> None:
+        assert local.command(b"AUTH PLAIN ***") == err(INVALID_BASE64)
+
+    def test_unknown_mechanism(self, local: Wire) -> None:
+        assert local.command(b"AUTH X-NOPE") == err(UNKNOWN_MECHANISM)
+
+    def test_mechanism_names_are_case_insensitive(self, local: Wire) -> None:
+        assert local.command(b"AUTH plain " + b64(b"\x00alice\x00wonderland")).startswith(b"+OK")
+
+    def test_long_responses_are_accepted(self, local: Wire) -> None:
+        long_password = b"p" * 3000
+        answer = local.command(b"AUTH PLAIN " + b64(b"\x00alice\x00" + long_password))
+        assert answer == AUTH_FAILED
+
+    def test_auth_after_login_is_refused(self, local: Wire) -> None:
+        local.login()
+        assert local.command(b"AUTH PLAIN").startswith(b"-ERR ")
+
+    def test_sasl_stays_in_capa_after_login(self, local: Wire) -> None:
+        before = capabilities(local)
+        local.login()
+        after = capabilities(local)
+        assert b"SASL CRAM-MD5 PLAIN LOGIN" in before and b"SASL CRAM-MD5 PLAIN LOGIN" in after
+
+    def test_failed_sasl_logins_count_towards_the_limit(self, local: Wire) -> None:
+        for _ in range(3):
+            local.command(b"AUTH PLAIN " + b64(b"\x00alice\x00nope"))
+        assert local.closed
+
+
+class TestPlaintextPolicy:
+    """RFC 2595 section 2.3, RFC 8314 section 4.1: no cleartext passwords
+    over a connection that is neither encrypted nor local."""
+
+    @pytest.fixture
+    def remote(self, factory: POP3Factory, store: MemoryStore) -> Wire:
+        store.deliver("alice", b"Subject: hi\n\nhi\n")
+        return Wire(factory, REMOTE_PEER)
+
+    def test_user_is_refused_the_same_whatever_the_credentials(self, remote: Wire) -> None:
+        assert remote.command(b"USER alice") == DISALLOWED
+        assert remote.command(b"USER mallory") == DISALLOWED
+
+    @pytest.mark.parametrize("mechanism", [b"PLAIN", b"LOGIN"])
+    def test_password_mechanisms_are_refused(self, remote: Wire, mechanism: bytes) -> None:
+        assert remote.command(b"AUTH " + mechanism) == DISALLOWED
+
+    def test_capa_does_not_offer_what_would_be_refused(self, remote: Wire) -> None:
+        offered = capabilities(remote)
+        assert b"USER" not in offered
+        assert b"SASL CRAM-MD5" in offered
+
+    def test_apop_and_cram_md5_stay_available(self, remote: Wire) -> None:
+        challenge = continuation(remote.command(b"AUTH CRAM-MD5"))
+        digest = hmac.new(b"wonderland", challenge, hashlib.md5).hexdigest().encode()
+        assert remote.command(b64(b"alice " + digest)).startswith(b"+OK")
+
+    def test_the_administrator_may_allow_it(
+        self, make_factory: Callable[..., POP3Factory], store: MemoryStore
+    ) -> None:
+        from pop3d.session import SessionPolicy
+
+        factory = make_factory(policy=SessionPolicy(allow_plaintext_auth=True))
+        remote = Wire(factory, REMOTE_PEER)
+        assert remote.command(b"USER alice") == ok(USER_ACCEPTED)
+
+    def test_local_peers_may(self, local: Wire) -> None:
+        assert local.command(b"USER alice") == ok(USER_ACCEPTED)
+
+
+class TestSTLS:
+    """RFC 2595 section 4."""
+
+    @pytest.fixture
+    def remote_tls(
+        self, make_factory: Callable[..., POP3Factory], store: MemoryStore, tls: ServerTLS
+    ) -> TLSWire:
+        store.deliver("alice", b"Subject: hi\n\nhi\n")
+        return TLSWire(make_factory(tls=tls))
+
+    def test_offered_before_tls(self, remote_tls: TLSWire) -> None:
+        assert b"STLS" in capabilities(remote_tls)
+
+    def test_stls_starts_tls(self, remote_tls: TLSWire, tls: ServerTLS) -> None:
+        assert remote_tls.command(b"STLS") == ok(BEGIN_TLS)
+        transport = remote_tls.transport
+        assert isinstance(transport, _TLSCapableTransport)
+        assert transport.tls_started_with is tls.context_factory()
+
+    def test_pipelined_commands_after_stls_are_discarded(self, remote_tls: TLSWire) -> None:
+        """The STARTTLS command-injection bug: nothing sent in the clear after
+        STLS may be executed once TLS is up."""
+        answer = remote_tls.send(b"STLS\r\nCAPA\r\nUSER alice\r\n")
+        assert answer == ok(BEGIN_TLS)
+        # After the handshake, the injected USER did not happen.
+        assert remote_tls.command(b"PASS wonderland").startswith(b"-ERR ")
+
+    def test_capabilities_are_recomputed_after_the_handshake(self, remote_tls: TLSWire) -> None:
+        before = capabilities(remote_tls)
+        remote_tls.command(b"STLS")
+        after = capabilities(remote_tls)
+        assert b"USER" not in before and b"USER" in after
+        assert b"STLS" in before and b"STLS" not in after
+        assert b"SASL CRAM-MD5 PLAIN LOGIN" in after
+
+    def test_login_after_stls(self, remote_tls: TLSWire) -> None:
+        remote_tls.command(b"STLS")
+        assert remote_tls.login().startswith(b"+OK maildrop has 1")
+
+    def test_stls_twice(self, remote_tls: TLSWire) -> None:
+        remote_tls.command(b"STLS")
+        assert remote_tls.command(b"STLS") == err(TLS_ALREADY_ACTIVE)
+
+    def test_stls_after_login(
+        self, make_factory: Callable[..., POP3Factory], tls: ServerTLS
+    ) -> None:
+        wire = TLSWire(make_factory(tls=tls), IPv4Address("TCP", "127.0.0.1", 1))
+        wire.login()
+        assert wire.command(b"STLS") == err(WRONG_STATE)
+
+    def test_stls_without_a_certificate(self, local: Wire) -> None:
+        assert local.command(b"STLS") == err(STLS_UNAVAILABLE)
+        assert b"STLS" not in capabilities(local)
