@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
-from pop3d.factory import POP3Factory
+from pop3d.factory import TOO_MANY_CONNECTIONS, POP3Factory
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
@@ -644,6 +645,25 @@ class TestAbuse:
         for _ in range(30):
             logged_in.command(b"RETR 99")
         assert not logged_in.closed
+
+    def test_connections_per_ip_are_limited(self, make_factory: Callable[..., POP3Factory]) -> None:
+        """RFC 3206 section 4: SYS/TEMP, the client may try again later."""
+        factory = make_factory(max_connections_per_ip=2)
+        first, _second = Wire(factory), Wire(factory)
+        third = Wire(factory)
+        assert third.greeting == err(TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP)
+        assert third.closed
+        other_host = Wire(factory, IPv4Address("TCP", "127.0.0.2", 1))
+        assert other_host.greeting.startswith(b"+OK")
+        first.disconnect()
+        assert Wire(factory).greeting.startswith(b"+OK")
+
+    def test_connections_in_all_are_limited(self, make_factory: Callable[..., POP3Factory]) -> None:
+        factory = make_factory(max_connections=1)
+        Wire(factory)
+        assert Wire(factory, IPv4Address("TCP", "127.0.0.2", 1)).greeting.startswith(
+            b"-ERR [SYS/TEMP]"
+        )
 
     def test_nothing_is_answered_after_a_hangup(self, wire: Wire) -> None:
         assert wire.send(b"QUIT\r\nCAPA\r\n") == ok(BYE)
