@@ -23,7 +23,7 @@ from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
-from pop3d.tls import ServerTLS, TLSConfigurationError
+from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -115,7 +115,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         from twisted.internet import reactor
 
-        self["endpoints"] = [parse_endpoint(reactor, description) for description in self["listen"]]
+        self["endpoints"] = [
+            parse_endpoint(reactor, description, self["tls"]) for description in self["listen"]
+        ]
 
 
 def parse_mail_location(location: str | None) -> str:
@@ -178,10 +180,19 @@ def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
         raise usage.UsageError(f"--tls-cert/--tls-key: {error}") from None
 
 
-def parse_endpoint(reactor: Any, description: str) -> Any:
+def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None) -> Any:
+    """
+    A server endpoint.  ``ssl:PORT[:...]`` without ``privateKey=`` uses the
+    --tls-cert/--tls-key certificate, re-read on SIGHUP like the one of STLS;
+    with ``privateKey=`` it is Twisted's own ``ssl:`` endpoint.
+    """
     from twisted.internet.endpoints import serverFromString
 
     try:
+        if description.startswith("ssl:") and "privateKey=" not in description:
+            if tls is None:
+                raise ValueError("ssl: needs privateKey= (or --tls-cert and --tls-key)")
+            return ImplicitTLSEndpoint(serverFromString(reactor, "tcp:" + description[4:]), tls)
         return serverFromString(reactor, description)
     except Exception as error:  # endpoint parsers raise many types
         raise usage.UsageError(f"--listen {description!r}: {error}") from error

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import re
 
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 log = Logger()
 
@@ -68,3 +78,32 @@ class ServerTLS:
 
     def context_factory(self) -> CertificateOptions:
         return self._options
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentCertificate:
+    """Makes each new TLS connection with the certificate loaded right now."""
+
+    def __init__(self, tls: ServerTLS) -> None:
+        self._tls = tls
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._tls.context_factory().getContext(), None)
+
+
+@implementer(IStreamServerEndpoint)
+class ImplicitTLSEndpoint:
+    """
+    Implicit TLS (RFC 8314 section 3.3) over any stream endpoint, with the
+    certificate of a `ServerTLS`, so that a reload applies to new
+    connections at once.
+    """
+
+    def __init__(self, wrapped: IStreamServerEndpoint, tls: ServerTLS) -> None:
+        self._wrapped = wrapped
+        self._tls = tls
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self._wrapped.listen(
+            TLSMemoryBIOFactory(_CurrentCertificate(self._tls), False, protocolFactory)
+        )

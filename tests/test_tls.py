@@ -122,6 +122,30 @@ async def test_curl_implicit_tls(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_implicit_tls_with_the_reloadable_certificate(tmp_path: Path) -> None:
+    """``--listen ssl:PORT`` without privateKey= uses --tls-cert/--tls-key."""
+    server = await _tls_server(tmp_path, ["ssl:0:interface=127.0.0.1"])
+    try:
+
+        def fetch() -> tuple[list[bytes], dict[str, list[str]]]:
+            context = _client_context(tmp_path)
+            client = poplib.POP3_SSL(server.host, server.port, context=context, timeout=10)
+            capabilities = client.capa()
+            client.user("alice")
+            client.pass_(USERS["alice"])
+            lines = client.retr(1)[1]
+            client.quit()
+            return lines, capabilities
+
+        lines, capabilities = await deferToThread(fetch)
+        assert lines == [b"Subject: secret", b"", b".dotted", b"line"]
+        # The connection is secure already: no STLS on offer.
+        assert "STLS" not in capabilities
+    finally:
+        await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_openssl_s_client_starttls(tmp_path: Path) -> None:
     server = await _tls_server(tmp_path)
     try:
@@ -183,9 +207,10 @@ async def test_commands_injected_before_the_handshake_are_not_run(tmp_path: Path
         await server.service.stopService()
 
 
+@pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
 @pytest_twisted.ensureDeferred
 async def test_certificate_is_reloaded_on_sighup(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, implicit: bool
 ) -> None:
     reloaded: Deferred[None] = Deferred()
     original = ServerTLS.reload
@@ -195,25 +220,27 @@ async def test_certificate_is_reloaded_on_sighup(
         reloaded.callback(None)
 
     monkeypatch.setattr(ServerTLS, "reload", reload)
-    server = await _tls_server(tmp_path)
+    listen = ["ssl:0:interface=127.0.0.1"] if implicit else None
+    server = await _tls_server(tmp_path, listen)
     try:
-        first = await deferToThread(_server_certificate, server)
+        first = await deferToThread(_server_certificate, server, implicit)
         _self_signed(tmp_path)  # a renewed certificate, same files
         os.kill(os.getpid(), signal.SIGHUP)
         await reloaded
-        second = await deferToThread(_server_certificate, server)
+        second = await deferToThread(_server_certificate, server, implicit)
         assert first != second
         assert second == ssl.PEM_cert_to_DER_cert((tmp_path / "cert.pem").read_text())
     finally:
         await server.service.stopService()
 
 
-def _server_certificate(server: RunningServer) -> bytes:
+def _server_certificate(server: RunningServer, implicit: bool) -> bytes:
     raw = socket.create_connection((server.host, server.port), timeout=10)
-    reader = raw.makefile("rb")
-    reader.readline()
-    raw.sendall(b"STLS\r\n")
-    reader.readline()
+    if not implicit:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"STLS\r\n")
+        reader.readline()
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
