@@ -105,3 +105,18 @@ class IMaildropStore(Interface):
         if another session holds it (in any process), or
         `pop3d.errors.MaildropUnavailable` if it cannot be read.
         """
+
+
+class ISeenFlags(Interface):
+    """
+    An optional part of `IMaildrop`: a store that records what a client has
+    read, for mail readers that share the maildrop (IMAP, webmail).
+    """
+
+    def mark_seen(retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
+        """
+        Called once during UPDATE, after `IMaildrop.remove`: ``retrieved``
+        are the messages sent with RETR, ``kept`` those not deleted.  Never
+        changes a message's UIDL or its content; a failure is logged, not
+        reported to the client (the client's work is done).
+        """

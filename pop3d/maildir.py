@@ -32,8 +32,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, ISeenFlags, MessageInfo
 from pop3d.locking import MaildropLock
+from pop3d.uidl import (
+    DOVECOT_DEFAULT_FORMAT,
+    DovecotUidlist,
+    check_format,
+    expand_format,
+    parse_dovecot_uidlist,
+)
 from pop3d.wire import WireSizeCounter, is_valid_uidl
 
 #: The lock file in the root of every locked Maildir.  No leading dot:
@@ -41,6 +48,9 @@ from pop3d.wire import WireSizeCounter, is_valid_uidl
 LOCK_FILE_NAME = "pop3d.lock"
 
 _READ_SIZE = 256 * 1024
+DOVECOT_UIDLIST = "dovecot-uidlist"
+_MAX_UIDLIST_SIZE = 64 * 1024 * 1024
+_MAX_HEADER_SIZE = 256 * 1024
 _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
@@ -105,11 +115,26 @@ class MaildirStore:
     around ``@``.  With a ``reactor``, opening a maildrop (which may read
     every message to learn its size) runs in the reactor's thread pool, so
     other sessions are not held up; without one it runs inline.
+
+    UIDLs are the messages' unique names, except where the Maildir holds a
+    ``dovecot-uidlist``: messages Dovecot listed keep the UIDL Dovecot served
+    (its stored one, or ``uidl_format``, Dovecot's own default unless given:
+    see `pop3d.uidl`).  A ``uidl_format`` using only ``%f``/``%m`` applies to
+    every message.
     """
 
-    def __init__(self, template: str, *, reactor: IReactorThreads | None = None) -> None:
+    def __init__(
+        self,
+        template: str,
+        *,
+        reactor: IReactorThreads | None = None,
+        uidl_format: str | None = None,
+    ) -> None:
         check_template(template)
+        if uidl_format is not None:
+            check_format(uidl_format)
         self.template = template
+        self.uidl_format = uidl_format
         self._reactor = reactor
 
     def path_for(self, mailbox: str) -> str | None:
@@ -120,12 +145,12 @@ class MaildirStore:
         if path is None:
             return fail(UnauthorizedLogin())
         if self._reactor is None:
-            return maybeDeferred(_open_maildir, path)
+            return maybeDeferred(_open_maildir, path, self.uidl_format)
         threads = self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, threads, _open_maildir, path)
+        return deferToThreadPool(self._reactor, threads, _open_maildir, path, self.uidl_format)
 
 
-def _open_maildir(root: str) -> IMaildrop:
+def _open_maildir(root: str, uidl_format: str | None) -> IMaildrop:
     try:
         root_fd = os.open(root, _DIRECTORY_FLAGS)
     except FileNotFoundError:
@@ -136,7 +161,7 @@ def _open_maildir(root: str) -> IMaildrop:
     lock: MaildropLock | None = None
     try:
         lock = MaildropLock.acquire(LOCK_FILE_NAME, dir_fd=root_fd)
-        messages, locations = _snapshot(root, root_fd)
+        messages, locations = _snapshot(root, root_fd, uidl_format)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -181,14 +206,28 @@ def _files(root: str, root_fd: int, subdirectories: Sequence[str]) -> Iterator[t
             yield subdirectory, name
 
 
-def _snapshot(root: str, root_fd: int) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
-    """The messages in new/ and cur/, in unique-name order, with their sizes."""
+def _snapshot(
+    root: str, root_fd: int, uidl_format: str | None
+) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
+    """
+    The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
+    UID order for those it listed, then in unique-name order.
+    """
     # A message seen in both (another program moving it right now) is the
     # same message: the cur/ one, seen last, wins.
     found = {_unique_name(name): (sub, name) for sub, name in _files(root, root_fd, ("new", "cur"))}
+    dovecot = _read_dovecot_uidlist(root, root_fd)
+    records = dovecot.records if dovecot is not None else {}
+    no_uid = float("inf")
+
+    def order(unique: str) -> tuple[float, str]:
+        record = records.get(unique)
+        return (record.uid if record is not None else no_uid, unique)
+
     messages: list[MessageInfo] = []
     locations: list[tuple[str, str]] = []
-    for unique in sorted(found):
+    seen_uidls: set[str] = set()
+    for unique in sorted(found, key=order):
         location: tuple[str, str] | None = found[unique]
         size = None
         while location is not None and size is None:
@@ -198,9 +237,65 @@ def _snapshot(root: str, root_fd: int) -> tuple[list[MessageInfo], list[tuple[st
                 moved = _locate(root, root_fd, unique)
                 location = moved if moved != location else None
         if location is not None and size is not None:
-            messages.append(MessageInfo(uidl_for(unique), size))
+            uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, uidl_format)
+            if uidl is None or uidl in seen_uidls:
+                uidl = uidl_for(unique)
+            seen_uidls.add(uidl)
+            messages.append(MessageInfo(uidl, size))
             locations.append(location)
     return messages, locations
+
+
+def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
+    try:
+        fd = os.open(DOVECOT_UIDLIST, _MESSAGE_FLAGS, dir_fd=root_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        log.warn("ignoring {path}: {error}", path=os.path.join(root, DOVECOT_UIDLIST), error=error)
+        return None
+    with open(fd, "rb") as file:
+        return parse_dovecot_uidlist(file.read(_MAX_UIDLIST_SIZE))
+
+
+def _compatible_uidl(
+    root: str,
+    root_fd: int,
+    unique: str,
+    location: tuple[str, str],
+    dovecot: DovecotUidlist | None,
+    uidl_format: str | None,
+) -> str | None:
+    """The UIDL another server gave this message, when there is one to keep."""
+    record = dovecot.records.get(unique) if dovecot is not None else None
+    if record is not None and record.stored_uidl and is_valid_uidl(record.stored_uidl):
+        return record.stored_uidl
+    template = uidl_format or (DOVECOT_DEFAULT_FORMAT if record is not None else None)
+    if template is None:
+        return None
+    header = _read_header(root, root_fd, location) if "m" in template else None
+    uidl = expand_format(
+        template,
+        uid=record.uid if record is not None else None,
+        uidvalidity=dovecot.uidvalidity if dovecot is not None else None,
+        file_name=unique,
+        header=header,
+    )
+    return uidl if uidl is not None and is_valid_uidl(uidl) else None
+
+
+def _read_header(root: str, root_fd: int, location: tuple[str, str]) -> bytes | None:
+    """A message's header, up to and including the blank line after it."""
+    try:
+        with _open_message(root, root_fd, location) as message:
+            start = message.read(_MAX_HEADER_SIZE)
+    except OSError:
+        return None
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        end = start.find(separator)
+        if end != -1:
+            return start[: end + len(separator)]
+    return start
 
 
 def _wire_size(root: str, root_fd: int, unique: str, location: tuple[str, str]) -> int | None:
@@ -269,7 +364,7 @@ class _FileBody:
         self._file.close()
 
 
-@implementer(IMaildrop)
+@implementer(IMaildrop, ISeenFlags)
 class _Maildrop:
     def __init__(
         self,
@@ -342,6 +437,39 @@ class _Maildrop:
             return False
         # Already gone: what the user asked for is done.
         return True
+
+    def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
+        """
+        What Dovecot's POP3 server does to a Maildir: messages still in new/
+        move to cur/, and retrieved ones get the S (seen) flag.  The unique
+        name, and so the UIDL, stays.
+        """
+        if self._root_fd is None:
+            return succeed(None)
+        seen = set(retrieved)
+        for index in kept:
+            subdirectory, name = self._locations[index]
+            unique, _, info = name.partition(":")
+            flags = set(info[2:]) if info.startswith("2,") else set()
+            if index in seen:
+                flags.add("S")
+            target = f"{unique}:2,{''.join(sorted(flags))}"
+            if subdirectory == "cur" and target == name:
+                continue
+            try:
+                with (
+                    _subdirectory(self.root, self._root_fd, subdirectory) as source,
+                    _subdirectory(self.root, self._root_fd, "cur") as cur,
+                ):
+                    if source is None or cur is None:
+                        continue
+                    # Never replace a file another program put there.
+                    os.link(name, target, src_dir_fd=source, dst_dir_fd=cur, follow_symlinks=False)
+                    os.unlink(name, dir_fd=source)
+                self._locations[index] = ("cur", target)
+            except (OSError, POP3Error) as error:
+                log.info("not marking {name} seen: {error}", name=name, error=error)
+        return succeed(None)
 
     def close(self) -> Deferred[None]:
         if self._lock is not None:

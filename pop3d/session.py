@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
-from pop3d.interfaces import IMaildrop, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageInfo
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -251,6 +251,8 @@ class Session:
         self._maildrop: IMaildrop | None = None
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
         self._deleted: set[int] = set()
+        # Sent with RETR (not TOP), for stores that record what was read.
+        self._retrieved: set[int] = set()
         self._bad_commands = 0
         self._failed_logins = 0
         self._failure_delay = failure_delay
@@ -649,6 +651,7 @@ class Session:
 
         def opened(body: IMessageBody) -> Reply:
             if body_lines is None:
+                self._retrieved.add(index)
                 self.counters.retrieved_messages += 1
                 self.counters.retrieved_octets += self._size(index)
             return MessageStream(status, body, MessageEncoder(body_lines))
@@ -703,6 +706,15 @@ class Session:
             self.log.failure("UPDATE for {user} failed", failure, user=self.user)
             return Hangup(Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP))
 
+        def seen_marked(reply: Reply) -> Reply | Deferred[Reply]:
+            if not ISeenFlags.providedBy(maildrop):
+                return reply
+            kept = [i for i in range(len(maildrop.messages)) if i not in self._deleted]
+            retrieved = sorted(self._retrieved - self._deleted)
+            marking = maybeDeferred(ISeenFlags(maildrop).mark_seen, retrieved, kept)
+            marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
+            return marking.addCallback(lambda _: reply)
+
         def logged_out(reply: Reply) -> Reply:
             self.log.info(
                 "logout: user={user} peer={peer} retrieved={retrieved_messages}"
@@ -720,6 +732,7 @@ class Session:
 
         outcome: Deferred[Reply] = removal.addCallback(removed)
         outcome.addErrback(not_removed)
+        outcome.addCallback(seen_marked)
         outcome.addCallback(logged_out)
         return outcome
 

@@ -24,6 +24,7 @@ from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError
+from pop3d.uidl import UIDLFormatError, check_format
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -68,6 +69,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Inactivity autologout in seconds; at least 600 (RFC 1939 section 3).",
         ],
         ["hostname", None, None, "Host name in APOP timestamps (default: this host's name)."],
+        [
+            "uidl-format",
+            None,
+            None,
+            "UIDLs of another server to keep (Dovecot's variables %u %v %f %m, e.g. "
+            "%08Xu%08Xv); by default Dovecot's when a dovecot-uidlist is present.",
+        ],
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
         ["max-connections", None, None, "Most connections at once (default: no limit)."],
@@ -111,6 +119,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for limit in ("max-connections", "max-connections-per-ip"):
             self[limit] = parse_limit(limit, self[limit])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
+        if self["uidl-format"] is not None:
+            try:
+                check_format(self["uidl-format"])
+            except UIDLFormatError as error:
+                raise usage.UsageError(f"--uidl-format: {error}") from None
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         from twisted.internet import reactor
@@ -204,6 +217,14 @@ def build_portal(realm: MaildropRealm, checkers: Sequence[Any]) -> Portal:
     same kind of credentials are tried one after another.
     """
     prepared = [accept_wire_bytes(checker) for checker in checkers]
+    from twisted.internet import reactor
+
+    from pop3d.checkers import PasswdFileChecker
+
+    for checker in prepared:
+        if isinstance(checker, PasswdFileChecker):
+            # bcrypt, Argon2, SHA-crypt, PBKDF2: in the thread pool, 4 at once.
+            checker.run_slow_work_in(cast(IReactorThreads, reactor))
     portal = Portal(realm)
     interfaces: list[Any] = []
     for checker in prepared:
@@ -220,7 +241,11 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorTime = reactor
-    store = MaildirStore(options["maildir-template"], reactor=cast(IReactorThreads, reactor))
+    store = MaildirStore(
+        options["maildir-template"],
+        reactor=cast(IReactorThreads, reactor),
+        uidl_format=options["uidl-format"],
+    )
     portal = build_portal(MaildropRealm(store), options["credCheckers"])
     factory = POP3Factory(
         portal,
