@@ -339,6 +339,14 @@ def _locate(root: str, root_fd: int, unique: str) -> tuple[str, str] | None:
     return None
 
 
+def _exists(name: str, directory_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
     # ELOOP: a symbolic link where a directory or a message should be.
     permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
@@ -463,9 +471,11 @@ class _Maildrop:
                 ):
                     if source is None or cur is None:
                         continue
-                    # Never replace a file another program put there.
-                    os.link(name, target, src_dir_fd=source, dst_dir_fd=cur, follow_symlinks=False)
-                    os.unlink(name, dir_fd=source)
+                    # Never replace a file another program put there; rename
+                    # is atomic, so a crash leaves the message in one place.
+                    if _exists(target, cur):
+                        continue
+                    os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur)
                 self._locations[index] = ("cur", target)
             except (OSError, POP3Error) as error:
                 log.info("not marking {name} seen: {error}", name=name, error=error)

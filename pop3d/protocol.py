@@ -42,7 +42,7 @@ from pop3d.session import (
     StartTLS,
 )
 from pop3d.tls import ServerTLS
-from pop3d.wire import MAX_COMMAND_LENGTH, ResponseCode, Status, format_multiline
+from pop3d.wire import MAX_COMMAND_LENGTH, TERMINATOR, ResponseCode, Status, format_multiline
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure as FailureType
@@ -347,6 +347,13 @@ def _ask(question: Callable[[], Reply | Deferred[Reply]]) -> Deferred[Reply]:
     return answer if isinstance(answer, Deferred) else succeed(answer)
 
 
+class MessageTruncated(Exception):
+    """A message had fewer octets than its announced size when sent."""
+
+    def __init__(self, announced: int, found: int) -> None:
+        super().__init__(f"announced {announced} octets, found {found}")
+
+
 class ResponseAbandoned(Exception):
     """The connection closed while a message was being sent."""
 
@@ -362,6 +369,7 @@ class _MessageStreamer:
         self._transport = transport
         self._body = reply.body
         self._encoder = reply.encoder
+        self._expected_size = reply.expected_size
         self._pending_status: bytes | None = reply.status.to_bytes()
         self._progress = progress
         self._paused = True
@@ -395,13 +403,20 @@ class _MessageStreamer:
                 chunk = self._body.read(CHUNK_SIZE)
                 out.append(self._encoder.feed(chunk))
             at_end = not chunk or self._encoder.done
-        if at_end:
-            out.append(self._encoder.finish())
         self._pending_status = None
         self._progress()
-        self._transport.write(b"".join(out))
-        if at_end:
-            self._finish(None)
+        if not at_end:
+            self._transport.write(b"".join(out))
+            return
+        ending = self._encoder.finish()
+        if self._expected_size is not None and self._encoder.size < self._expected_size:
+            # Shorter than announced: the file was cut while being sent.  The
+            # terminator would make a truncated message look complete.
+            self._transport.write(b"".join(out) + ending[: -len(TERMINATOR)])
+            self._finish(Failure(MessageTruncated(self._expected_size, self._encoder.size)))
+            return
+        self._transport.write(b"".join(out) + ending)
+        self._finish(None)
 
     def _fail(self, failure: Failure) -> None:
         status = self._pending_status

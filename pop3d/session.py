@@ -109,6 +109,9 @@ class MessageStream:
     status: Status
     body: IMessageBody
     encoder: MessageEncoder
+    #: RETR's announced size: a message that turns out shorter (truncated by
+    #: another program meanwhile) must not end as if it were complete.
+    expected_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -654,7 +657,8 @@ class Session:
                 self._retrieved.add(index)
                 self.counters.retrieved_messages += 1
                 self.counters.retrieved_octets += self._size(index)
-            return MessageStream(status, body, MessageEncoder(body_lines))
+            expected = self._size(index) if body_lines is None else None
+            return MessageStream(status, body, MessageEncoder(body_lines), expected)
 
         return maybeDeferred(self._maildrop.open_message, index).addCallback(opened)
 

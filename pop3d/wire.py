@@ -303,6 +303,9 @@ class MessageEncoder:
     """
 
     def __init__(self, body_lines: int | None = None) -> None:
+        #: Octets of the message encoded so far, before byte-stuffing: what
+        #: LIST announced, once the whole message is through.
+        self.size = 0
         self._normalizer = LineEndingNormalizer()
         self._limiter = _TopLimiter(body_lines) if body_lines is not None else None
         self._at_line_start = True
@@ -320,10 +323,12 @@ class MessageEncoder:
         if self._limiter is not None:
             data = self._limiter.feed(data)
             self._stopped = self._limiter.done
+        self.size += len(data)
         return self._stuff(data)
 
     def finish(self) -> bytes:
         tail = b"" if self._stopped else self._normalizer.finish()
+        self.size += len(tail)
         return self._stuff(tail) + TERMINATOR
 
     def _stuff(self, data: bytes) -> bytes:

@@ -1,0 +1,174 @@
+"""
+Faults of the storage under a real Maildir: removals that fail during UPDATE,
+a full disk, messages that vanish or shrink while being sent, a server
+killed during UPDATE.  Whatever happens, no message the user did not delete
+is lost, and none is ever half there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet.task import Clock
+
+from pop3d import maildir as maildir_module
+from pop3d.factory import POP3Factory
+from pop3d.maildir import MaildirStore
+from pop3d.realm import MaildropRealm
+from pop3d.session import BYE
+from pop3d.testing import deliver_to_maildir
+from pop3d.wire import ResponseCode, format_status
+
+from .conftest import Wire
+from .test_process import HOST, Launch, launch, serve, write_passwd
+
+__all__ = ["launch"]  # the fixture, used by the kill -9 test
+
+MESSAGES = [b"Subject: %d\n\nbody %d\n" % (n, n) for n in range(1, 6)]
+
+
+@pytest.fixture
+def mail(tmp_path: Path) -> Path:
+    root = tmp_path / "alice"
+    for message in MESSAGES:
+        deliver_to_maildir(str(root), message)
+    return root
+
+
+@pytest.fixture
+def wire(tmp_path: Path, mail: Path) -> Wire:
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+    portal = Portal(MaildropRealm(MaildirStore(f"{tmp_path}/{{user}}")), [checker])
+    wire = Wire(POP3Factory(portal, clock=Clock(), login_failure_delay=0))
+    assert wire.login().startswith(b"+OK maildrop has 5 messages")
+    return wire
+
+
+def _contents(root: Path) -> list[bytes]:
+    return sorted(p.read_bytes() for part in ("new", "cur") for p in (root / part).iterdir())
+
+
+def _failing(
+    monkeypatch: pytest.MonkeyPatch, name: str, call: str, error: int, target: bytes
+) -> None:
+    """Make os.<call> fail with ``error`` for the file holding ``target``."""
+    original: Callable[..., object] = getattr(os, call)
+    directory = {}
+
+    def failing(path: str, *args: object, **kwargs: object) -> object:
+        fd = kwargs.get("dir_fd") or kwargs.get("src_dir_fd")
+        if isinstance(fd, int) and path not in directory:
+            try:
+                with open(os.open(path, os.O_RDONLY, dir_fd=fd), "rb") as file:
+                    directory[path] = file.read()
+            except OSError:
+                directory[path] = b""
+        if directory.get(path) == target:
+            raise OSError(error, os.strerror(error), path)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(maildir_module.os, call, failing)
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EIO, errno.EROFS])
+def test_a_removal_that_fails_loses_nothing_else(
+    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    """RFC 1939 section 6 and RFC 3206: -ERR [SYS/TEMP], the rest done."""
+    _failing(monkeypatch, "unlink", "unlink", error, MESSAGES[1])
+    for number in (1, 2, 3):
+        wire.command(b"DELE %d" % number)
+    assert wire.command(b"QUIT") == format_status(
+        False, "1 message(s) could not be deleted, try again later", ResponseCode.SYS_TEMP
+    )
+    assert _contents(mail) == sorted([MESSAGES[1], MESSAGES[3], MESSAGES[4]])
+
+
+def test_a_message_already_removed_by_someone_else(wire: Wire, mail: Path) -> None:
+    for path in (mail / "new").iterdir():
+        if path.read_bytes() == MESSAGES[0]:
+            path.unlink()
+    wire.command(b"DELE 1")
+    assert wire.command(b"QUIT") == format_status(True, BYE)
+    assert _contents(mail) == sorted(MESSAGES[1:])
+
+
+def test_a_full_disk_while_marking_seen_loses_nothing(
+    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for message in MESSAGES:
+        _failing(monkeypatch, "rename", "rename", errno.ENOSPC, message)
+    wire.command(b"RETR 1")
+    wire.command(b"DELE 2")
+    assert wire.command(b"QUIT") == format_status(True, BYE)
+    assert _contents(mail) == sorted([MESSAGES[0], *MESSAGES[2:]])
+
+
+def _after_opening(
+    monkeypatch: pytest.MonkeyPatch, mail: Path, act: Callable[[Path], object]
+) -> None:
+    """Run ``act`` on message 1's file right after RETR opened it."""
+    [victim] = [p for p in (mail / "new").iterdir() if p.read_bytes() == MESSAGES[0]]
+    original_open = maildir_module._open_message
+
+    def open_then_act(*args: object) -> object:
+        opened = original_open(*args)  # type: ignore[arg-type]
+        act(victim)
+        return opened
+
+    monkeypatch.setattr(maildir_module, "_open_message", open_then_act)
+
+
+def test_a_message_removed_while_being_sent_is_sent_whole(
+    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once RETR has opened the file, its bytes stay readable."""
+    _after_opening(monkeypatch, mail, Path.unlink)
+    answer = wire.command(b"RETR 1")
+    assert answer.endswith(MESSAGES[0].replace(b"\n", b"\r\n") + b".\r\n")
+
+
+def test_a_message_cut_short_while_being_sent_does_not_end_as_complete(
+    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _after_opening(monkeypatch, mail, lambda path: os.truncate(path, 5))
+    answer = wire.command(b"RETR 1")
+    assert answer.startswith(b"+OK ")
+    assert not answer.endswith(b"\r\n.\r\n")
+    assert wire.transport.disconnecting or wire.closed
+
+
+def test_killed_during_update_leaves_every_message_whole_or_gone(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """
+    kill -9 of the real server right after QUIT of a session that deleted
+    many messages: each message is then either absent or complete.
+    """
+    mail_root = tmp_path / "mail"
+    root = mail_root / "alice"
+    messages = [b"Subject: %d\n\n%s\n" % (n, b"x" * 2000) for n in range(400)]
+    for message in messages:
+        deliver_to_maildir(str(root), message)
+    server = serve(launch, mail_root, write_passwd(tmp_path))
+    with socket.create_connection((HOST, server.port), timeout=30) as client:
+        script = b"USER alice\r\nPASS wonderland\r\n"
+        script += b"".join(b"DELE %d\r\n" % n for n in range(1, 401, 2)) + b"QUIT\r\n"
+        client.sendall(script)
+        reader = client.makefile("rb")
+        for _ in range(2 + 200):  # greeting, USER, PASS and the DELEs
+            assert reader.readline().startswith(b"+OK")
+        os.kill(server.pid, signal.SIGKILL)
+    server.process.wait()
+    remaining = _contents(root)
+    assert set(remaining) <= set(messages)
+    kept = {m for i, m in enumerate(messages) if i % 2 == 1}
+    assert kept <= set(remaining)
