@@ -22,6 +22,7 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from twisted.cred.error import UnauthorizedLogin
@@ -49,6 +50,8 @@ LOCK_FILE_NAME = "pop3d.lock"
 
 _READ_SIZE = 256 * 1024
 DOVECOT_UIDLIST = "dovecot-uidlist"
+#: Where counted message sizes are kept (see `_SizeCache`).
+SIZE_CACHE = "pop3d-sizes"
 _MAX_UIDLIST_SIZE = 64 * 1024 * 1024
 _MAX_HEADER_SIZE = 256 * 1024
 _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
@@ -227,22 +230,30 @@ def _snapshot(
     messages: list[MessageInfo] = []
     locations: list[tuple[str, str]] = []
     seen_uidls: set[str] = set()
-    for unique in sorted(found, key=order):
-        location: tuple[str, str] | None = found[unique]
-        size = None
-        while location is not None and size is None:
-            size = _wire_size(root, root_fd, unique, location)
-            if size is None:
-                # Moved or removed by another program since the scan.
-                moved = _locate(root, root_fd, unique)
-                location = moved if moved != location else None
-        if location is not None and size is not None:
+    sizes = _SizeCache.load(root, root_fd)
+    with (
+        _subdirectory(root, root_fd, "new") as new_fd,
+        _subdirectory(root, root_fd, "cur") as cur_fd,
+    ):
+        directories = {"new": new_fd, "cur": cur_fd}
+        for unique in sorted(found, key=order):
+            location: tuple[str, str] | None = found[unique]
+            size = None
+            while location is not None and size is None:
+                size = sizes.wire_size(unique, location, directories)
+                if size is None:
+                    # Moved or removed by another program since the scan.
+                    moved = _locate(root, root_fd, unique)
+                    location = moved if moved != location else None
+            if location is None or size is None:
+                continue
             uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, uidl_format)
             if uidl is None or uidl in seen_uidls:
                 uidl = uidl_for(unique)
             seen_uidls.add(uidl)
             messages.append(MessageInfo(uidl, size))
             locations.append(location)
+    sizes.save(set(found))
     return messages, locations
 
 
@@ -298,21 +309,101 @@ def _read_header(root: str, root_fd: int, location: tuple[str, str]) -> bytes | 
     return start
 
 
-def _wire_size(root: str, root_fd: int, unique: str, location: tuple[str, str]) -> int | None:
-    """The RETR size of a message, or None if its file is gone."""
-    field = _WIRE_SIZE_FIELD.search(unique)
-    if field is not None:
-        return int(field.group(1))
-    counter = WireSizeCounter()
-    try:
-        with _open_message(root, root_fd, location) as message:
-            while chunk := message.read(_READ_SIZE):
-                counter.feed(chunk)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise _unavailable("cannot read message", os.path.join(root, *location), error) from error
-    return counter.finish()
+@dataclass(frozen=True)
+class _SizeRecord:
+    disk_size: int
+    mtime_ns: int
+    inode: int
+    wire_size: int
+
+
+class _SizeCache:
+    """
+    Wire sizes of messages without a Maildir++ ``,W=`` field, kept in the
+    Maildir root so that a later login reads no message again.  An entry is
+    used only while the file's size, mtime and inode are what they were when
+    it was counted: a file changed since is counted again.
+    """
+
+    HEADER = "pop3d-sizes 1"
+
+    def __init__(self, root: str, root_fd: int, records: dict[str, _SizeRecord]) -> None:
+        self._root = root
+        self._root_fd = root_fd
+        self._records = records
+        self._changed = False
+
+    @classmethod
+    def load(cls, root: str, root_fd: int) -> _SizeCache:
+        records: dict[str, _SizeRecord] = {}
+        try:
+            fd = os.open(SIZE_CACHE, _MESSAGE_FLAGS, dir_fd=root_fd)
+            with open(fd, encoding="utf-8", errors="surrogateescape") as file:
+                if file.readline().rstrip("\n") == cls.HEADER:
+                    for line in file:
+                        name, *numbers = line.rstrip("\n").split("\t")
+                        if len(numbers) == 4 and all(n.isdigit() for n in numbers):
+                            records[name] = _SizeRecord(*(int(n) for n in numbers))
+        except OSError:
+            pass  # no cache yet, or unreadable: sizes are counted again
+        return cls(root, root_fd, records)
+
+    def wire_size(
+        self, unique: str, location: tuple[str, str], directories: dict[str, int | None]
+    ) -> int | None:
+        """The RETR size of a message, or None if its file is gone."""
+        field = _WIRE_SIZE_FIELD.search(unique)
+        if field is not None:
+            return int(field.group(1))
+        subdirectory, name = location
+        directory = directories[subdirectory]
+        path = os.path.join(self._root, subdirectory, name)
+        if directory is None:
+            return None
+        try:
+            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            cached = self._records.get(unique)
+            if cached is not None and (cached.disk_size, cached.mtime_ns, cached.inode) == (
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ino,
+            ):
+                return cached.wire_size
+            counter = WireSizeCounter()
+            with _open_message(self._root, self._root_fd, location) as message:
+                while chunk := message.read(_READ_SIZE):
+                    counter.feed(chunk)
+                after = os.fstat(message.fileno())
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise _unavailable("cannot read message", path, error) from error
+        size = counter.finish()
+        self._records[unique] = _SizeRecord(after.st_size, after.st_mtime_ns, after.st_ino, size)
+        self._changed = True
+        return size
+
+    def save(self, present: set[str]) -> None:
+        """Write the cache back if it changed, keeping only present messages."""
+        stale = self._records.keys() - present
+        if not self._changed and not stale:
+            return
+        lines = [self.HEADER]
+        lines += [
+            f"{name}\t{r.disk_size}\t{r.mtime_ns}\t{r.inode}\t{r.wire_size}"
+            for name, r in self._records.items()
+            if name in present
+        ]
+        temporary = SIZE_CACHE + ".tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(temporary, flags, 0o600, dir_fd=self._root_fd)
+            with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
+                file.write("\n".join(lines) + "\n")
+            # Atomic: a crash leaves the old cache or the new one.
+            os.rename(temporary, SIZE_CACHE, src_dir_fd=self._root_fd, dst_dir_fd=self._root_fd)
+        except OSError as error:
+            log.info("not caching message sizes in {root}: {error}", root=self._root, error=error)
 
 
 def _open_message(root: str, root_fd: int, location: tuple[str, str]) -> BinaryIO:

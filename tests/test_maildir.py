@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 
+from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.maildir import (
     LOCK_FILE_NAME,
@@ -282,4 +283,56 @@ class TestNameParts:
     @pytest_twisted.ensureDeferred
     async def test_parts_are_only_checked_when_used(self, tmp_path: Path) -> None:
         maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice@")
+        await maildrop.close()
+
+
+class TestSizeCache:
+    """
+    Sizes without a ``,W=`` field are counted once and kept: a later login
+    reads no message, and a changed file is never given its old size.
+    """
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_later_login_reads_no_message(
+        self, store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for n in range(3):
+            (maildir / "new" / f"{n}.M{n}.host").write_bytes(b"line\n" * (n + 1))
+        first = await store.open("alice")
+        sizes = [m.size for m in first.messages]
+        await first.close()
+        opened: list[object] = []
+        original = maildir_module._open_message
+        monkeypatch.setattr(
+            maildir_module,
+            "_open_message",
+            lambda *args: opened.append(args) or original(*args),  # type: ignore[func-returns-value]
+        )
+        second = await store.open("alice")
+        assert [m.size for m in second.messages] == sizes == [6, 12, 18]
+        assert opened == []
+        await second.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_changed_file_is_counted_again(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        message = maildir / "cur" / "1.M1.host:2,S"
+        message.write_bytes(b"abc\n")
+        first = await store.open("alice")
+        assert first.messages[0].size == 5
+        await first.close()
+        # Same length on disk, one more line: a different wire size.
+        message.write_bytes(b"a\nb\n")
+        os.utime(message, ns=(1, 1))
+        second = await store.open("alice")
+        assert second.messages[0].size == 6
+        await second.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_damaged_cache_is_ignored(self, store: MaildirStore, maildir: Path) -> None:
+        (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
+        (maildir / maildir_module.SIZE_CACHE).write_bytes(b"pop3d-sizes 1\n1.M1.host\tjunk\n")
+        maildrop = await store.open("alice")
+        assert maildrop.messages[0].size == 3
         await maildrop.close()
