@@ -67,27 +67,26 @@ async def test_poplib_stls(tmp_path: Path) -> None:
         await server.service.stopService()
 
 
+async def _curl_fetches_message_1(tmp_path: Path, url: str, *options: str) -> None:
+    out, err, code = await getProcessOutputAndValue(
+        require_program("curl"),
+        [
+            *("--disable", "--silent", "--show-error", *options),
+            *("--cacert", str(tmp_path / "cert.pem")),
+            *("--user", f"alice:{USERS['alice']}", url),
+        ],
+        env={"PATH": os.defpath},
+    )
+    assert code == 0, err
+    assert out == EXPECTED
+
+
 @pytest_twisted.ensureDeferred
 async def test_curl_requires_stls(tmp_path: Path) -> None:
     server = await _tls_server(tmp_path)
     try:
-        out, err, code = await getProcessOutputAndValue(
-            require_program("curl"),
-            [
-                "--disable",
-                "--silent",
-                "--show-error",
-                "--ssl-reqd",
-                "--cacert",
-                str(tmp_path / "cert.pem"),
-                "--user",
-                f"alice:{USERS['alice']}",
-                f"pop3://{server.host}:{server.port}/1",
-            ],
-            env={"PATH": os.defpath},
-        )
-        assert code == 0, err
-        assert out == EXPECTED
+        url = f"pop3://{server.host}:{server.port}/1"
+        await _curl_fetches_message_1(tmp_path, url, "--ssl-reqd")
     finally:
         await server.service.stopService()
 
@@ -101,22 +100,7 @@ async def test_curl_implicit_tls(tmp_path: Path) -> None:
         tmp_path, [f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
     )
     try:
-        out, err, code = await getProcessOutputAndValue(
-            require_program("curl"),
-            [
-                "--disable",
-                "--silent",
-                "--show-error",
-                "--cacert",
-                str(cert),
-                "--user",
-                f"alice:{USERS['alice']}",
-                f"pop3s://{server.host}:{server.port}/1",
-            ],
-            env={"PATH": os.defpath},
-        )
-        assert code == 0, err
-        assert out == EXPECTED
+        await _curl_fetches_message_1(tmp_path, f"pop3s://{server.host}:{server.port}/1")
     finally:
         await server.service.stopService()
 
