@@ -304,3 +304,47 @@ class TestSTLS:
     def test_stls_without_a_certificate(self, local: Wire) -> None:
         assert local.command(b"STLS") == err(STLS_UNAVAILABLE)
         assert b"STLS" not in capabilities(local)
+
+
+class TestThirdPartyMechanism:
+    """A mechanism is an object given to the factory; the protocol is untouched."""
+
+    def test_a_new_mechanism_is_offered_and_used(
+        self, make_factory: Callable[..., POP3Factory], store: MemoryStore
+    ) -> None:
+        from twisted.cred.credentials import UsernamePassword
+        from twisted.internet.defer import Deferred, succeed
+        from zope.interface import implementer
+
+        from pop3d.sasl import (
+            Authenticate,
+            Challenge,
+            ExchangeContext,
+            ISASLExchange,
+            ISASLMechanism,
+        )
+
+        @implementer(ISASLExchange)
+        class TokenExchange:
+            def step(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
+                if response is None:
+                    return succeed(Challenge(b"token?"))
+                user, _, token = response.partition(b":")
+                return succeed(Authenticate(UsernamePassword(user, token), user))
+
+        @implementer(ISASLMechanism)
+        class XToken:
+            name = b"X-TOKEN"
+            sends_password = False
+
+            def usable(self, portal: object) -> bool:
+                return True
+
+            def start(self, context: ExchangeContext) -> ISASLExchange:
+                return TokenExchange()
+
+        store.deliver("alice", b"Subject: hi\n\nhi\n")
+        wire = Wire(make_factory(mechanisms=[XToken()]), REMOTE_PEER)
+        assert b"SASL X-TOKEN" in capabilities(wire)
+        assert continuation(wire.command(b"AUTH X-TOKEN")) == b"token?"
+        assert wire.command(b64(b"alice:wonderland")).startswith(b"+OK maildrop has 1")

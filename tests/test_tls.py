@@ -232,3 +232,17 @@ def _server_certificate(server: RunningServer, implicit: bool) -> bytes:
         certificate = secure.getpeercert(binary_form=True)
     assert certificate is not None
     return certificate
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+@pytest_twisted.ensureDeferred
+async def test_curl_sasl_mechanisms(tmp_path: Path, mechanism: str) -> None:
+    """Each SASL mechanism against an independent client (curl's own SASL)."""
+    server = await _tls_server(tmp_path)
+    try:
+        url = f"pop3://{server.host}:{server.port}/1"
+        await _curl_fetches_message_1(
+            tmp_path, url, "--ssl-reqd", "--login-options", f"AUTH={mechanism}"
+        )
+    finally:
+        await server.service.stopService()
