@@ -1,30 +1,58 @@
 """
 Credential checkers: Dovecot's passwd-file format, and the glue that lets
 twisted.cred.strcred's checkers take the bytes POP3 reads from the wire.
+
+The password schemes themselves are in `pop3d.passwords`.
 """
 
 from __future__ import annotations
 
-import hmac
 import os
-from collections.abc import Iterable, Sequence
+import secrets
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
+from zope.interface.interface import InterfaceClass
+
+from pop3d.passwords import (
+    SCHEMES,
+    SCRAM_ITERATIONS,
+    CramMD5Scheme,
+    PasswordScheme,
+    PasswordSchemeError,
+    ScramSHA256Scheme,
+    get_scheme,
+    parse_scram_secret,
+    scram_keys,
+    scram_salt,
+    split_scheme,
+)
+from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
 
 log = Logger()
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
 #: Schemes whose stored secret is the password itself.
-PLAINTEXT_SCHEMES = frozenset({"PLAIN", "CLEARTEXT"})
+PLAINTEXT_SCHEMES = frozenset(name for name, scheme in SCHEMES.items() if scheme.plaintext)
+
+#: Slow checks (bcrypt, Argon2, SHA-crypt, PBKDF2) run at once in the
+#: reactor's thread pool, at most this many by default.
+DEFAULT_MAX_CONCURRENT = 4
 
 
 class PasswdFileError(ValueError):
@@ -38,12 +66,17 @@ class PasswordEntry:
     scheme: str
     secret: bytes
 
+    @property
+    def kind(self) -> PasswordScheme:
+        return SCHEMES[self.scheme]
+
 
 def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes, PasswordEntry]:
     """
     Parse Dovecot's passwd-file format: ``user:{SCHEME}password:`` followed
     by optional fields that are ignored here; blank lines and lines starting
-    with ``#`` are comments.
+    with ``#`` are comments.  An unknown scheme, or a secret its scheme
+    cannot read, is an error that names the line.
     """
     entries: dict[bytes, PasswordEntry] = {}
     for number, raw_line in enumerate(content.splitlines(), start=1):
@@ -62,73 +95,281 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
                 user=user.decode("utf-8", "replace"),
             )
             continue
-        if not password.startswith(b"{") or b"}" not in password:
+        try:
+            name, secret = split_scheme(password)
+            scheme = get_scheme(name)
+        except PasswordSchemeError as error:
+            raise PasswdFileError(f"{source} line {number}: {error}") from None
+        try:
+            scheme.check(secret)
+        except PasswordSchemeError as error:
+            # The secret itself is never repeated in the message.
             raise PasswdFileError(
-                f"{source} line {number}: the password has no {{SCHEME}} prefix (e.g. {{PLAIN}})"
-            )
-        scheme_bytes, _, secret = password[1:].partition(b"}")
-        scheme = scheme_bytes.decode("ascii", "replace").upper()
-        if scheme not in PLAINTEXT_SCHEMES:
-            raise PasswdFileError(
-                f"{source} line {number}: unsupported password scheme {{{scheme}}}; "
-                f"supported: {', '.join(f'{{{s}}}' for s in sorted(PLAINTEXT_SCHEMES))}"
-            )
-        entries[user] = PasswordEntry(scheme, secret)
+                f"{source} line {number}: malformed {{{scheme.name}}} password: {error}"
+            ) from None
+        entries[user] = PasswordEntry(scheme.name, secret)
     return entries
 
 
-# Compared against when the user is unknown, so that an unknown user and a
-# wrong password take the same path.
-_NO_SUCH_USER = PasswordEntry("PLAIN", b"\x00" * 16)
+@dataclass(frozen=True)
+class _Table:
+    """A loaded passwd-file and what follows from it."""
+
+    entries: dict[bytes, PasswordEntry]
+    #: The credentials its entries can verify.
+    interfaces: tuple[InterfaceClass, ...]
+    #: The most common (scheme, cost) among the entries and a secret of it:
+    #: an unknown user's password is checked against a dummy of that class.
+    usual: tuple[PasswordScheme, bytes, Hashable]
+    #: What an unknown user's CRAM-MD5 response is checked against.
+    cram_dummy: PasswordEntry
+    #: Most entries that can serve SCRAM are plaintext, whose keys are
+    #: derived for each exchange: so are dummy keys for everyone else.
+    scram_derives: bool
+
+    @classmethod
+    def of(cls, entries: dict[bytes, PasswordEntry]) -> _Table:
+        kinds = {entry.kind for entry in entries.values()}
+        plaintext = any(kind.plaintext for kind in kinds)
+        cram = any(isinstance(kind, CramMD5Scheme) for kind in kinds)
+        scram = any(isinstance(kind, ScramSHA256Scheme) for kind in kinds)
+        interfaces: list[InterfaceClass] = [IUsernamePassword]
+        if plaintext:
+            interfaces.append(IUsernameHashedPassword)
+        if plaintext or cram:
+            interfaces.append(ICramMD5Credentials)
+        if plaintext or scram:
+            interfaces.append(IScramSHA256Credentials)
+        samples: dict[tuple[str, Hashable], bytes] = {}
+        counts: Counter[tuple[str, Hashable]] = Counter()
+        for entry in entries.values():
+            key = (entry.scheme, entry.kind.cost(entry.secret))
+            samples.setdefault(key, entry.secret)
+            counts[key] += 1
+        usual: tuple[PasswordScheme, bytes, Hashable]
+        if counts:
+            (name, cost), _ = counts.most_common(1)[0]
+            usual = (SCHEMES[name], samples[(name, cost)], cost)
+        else:
+            usual = (SCHEMES["PLAIN"], b"", None)
+        cram_dummy = (
+            PasswordEntry("CRAM-MD5", secrets.token_hex(32).encode("ascii"))
+            if cram
+            else PasswordEntry("PLAIN", secrets.token_hex(8).encode("ascii"))
+        )
+        derived = sum(1 for entry in entries.values() if entry.kind.plaintext)
+        stored = sum(1 for entry in entries.values() if isinstance(entry.kind, ScramSHA256Scheme))
+        return cls(entries, tuple(interfaces), usual, cram_dummy, derived > stored)
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IScramKeySource)
 class PasswdFileChecker:
     """
-    Checks USER/PASS and APOP against a Dovecot passwd-file.
+    Checks logins against a Dovecot passwd-file, whatever the scheme of
+    each entry (see `pop3d.passwords`).
+
+    - USER/PASS (``IUsernamePassword``): every scheme.
+    - APOP (``IUsernameHashedPassword``): plaintext entries only.
+    - SASL CRAM-MD5 (`ICramMD5Credentials`): plaintext and ``{CRAM-MD5}``.
+    - SASL SCRAM-SHA-256 (`IScramSHA256Credentials`, `IScramKeySource`):
+      ``{SCRAM-SHA-256}`` entries, and plaintext ones whose keys are derived
+      on demand with `pop3d.passwords.SCRAM_ITERATIONS` iterations and a salt
+      that is stable for the process (`pop3d.passwords.scram_salt`).
+
+    ``credentialInterfaces`` lists only what the file's entries can verify,
+    so that APOP or CRAM-MD5 are not advertised when no entry could pass.
 
     The file is read at start-up (a bad file is an error then) and read again
     whenever it changes; a change that does not parse is logged and the last
-    good content stays in use.
+    good content stays in use.  (A portal learns ``credentialInterfaces``
+    once, when it is built.)
+
+    Slow checks (bcrypt, Argon2, SHA-crypt, PBKDF2) run inline until
+    `run_slow_work_in` gives the checker a reactor: then they run in the
+    reactor's thread pool, a bounded number at once.  An unknown user is
+    checked against a dummy secret of the file's most common scheme and
+    cost, so that it takes the path and the time of a wrong password.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces: tuple[InterfaceClass, ...] = (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+        ICramMD5Credentials,
+        IScramSHA256Credentials,
+    )
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._reactor: IReactorThreads | None = None
+        self._semaphore: DeferredSemaphore | None = None
+        self._dummies: dict[tuple[str, Hashable], bytes] = {}
         self._signature = self._stat()
         with open(path, "rb") as passwd:
-            self._entries = parse_passwd_file(passwd.read(), path)
+            self._set_table(_Table.of(parse_passwd_file(passwd.read(), path)))
+
+    def run_slow_work_in(
+        self, reactor: IReactorThreads, max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    ) -> None:
+        """
+        Run slow checks in ``reactor``'s thread pool, at most
+        ``max_concurrent`` at once (the others wait their turn, in order).
+        """
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self._reactor = reactor
+        self._semaphore = DeferredSemaphore(max_concurrent)
+
+    def _set_table(self, table: _Table) -> None:
+        self._table = table
+        self.credentialInterfaces = table.interfaces
 
     def _stat(self) -> tuple[int, int, int]:
         info = os.stat(self.path)
         return (info.st_mtime_ns, info.st_size, info.st_ino)
 
-    def _current_entries(self) -> dict[bytes, PasswordEntry]:
+    def _current_table(self) -> _Table:
         try:
             signature = self._stat()
             if signature != self._signature:
                 with open(self.path, "rb") as passwd:
-                    self._entries = parse_passwd_file(passwd.read(), self.path)
+                    self._set_table(_Table.of(parse_passwd_file(passwd.read(), self.path)))
                 self._signature = signature
                 log.info("reloaded {path}", path=self.path)
         except (OSError, PasswdFileError) as error:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
-        return self._entries
+        return self._table
+
+    def _current_entries(self) -> dict[bytes, PasswordEntry]:
+        return self._current_table().entries
+
+    def _slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
+        """Run ``work`` in the thread pool if there is one, else now."""
+        reactor, semaphore = self._reactor, self._semaphore
+        if reactor is None or semaphore is None:
+            return maybeDeferred(work, *args, **kwargs)
+
+        def start() -> Deferred[_T]:
+            assert reactor is not None
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+
+        return semaphore.run(start)
+
+    # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
         username = _as_bytes(credentials.username)
-        found = self._current_entries().get(username)
-        entry = found or _NO_SUCH_USER
-        if IUsernamePassword.providedBy(credentials):
-            matched = hmac.compare_digest(_as_bytes(credentials.password), entry.secret)
+        table = self._current_table()
+        found = table.entries.get(username)
+        matched: Deferred[bool]
+        if IScramSHA256Credentials.providedBy(credentials):
+            matched = self._check_scram(table, username, found, credentials)
+        elif ICramMD5Credentials.providedBy(credentials):
+            matched = succeed(self._check_cram_md5(table, found, credentials))
+        elif IUsernamePassword.providedBy(credentials):
+            matched = self._check_password(table, found, _as_bytes(credentials.password))
         elif IUsernameHashedPassword.providedBy(credentials):
+            matched = succeed(self._check_hashed(found, credentials))
+        else:
+            matched = succeed(False)
+
+        def decided(ok: bool) -> bytes | tuple[()]:
+            if ok and found is not None:
+                return username
+            raise UnauthorizedLogin()
+
+        return matched.addCallback(decided)
+
+    def _check_password(
+        self, table: _Table, found: PasswordEntry | None, password: bytes
+    ) -> Deferred[bool]:
+        if found is None:
+            scheme, sample, cost = table.usual
+            if scheme.slow:
+                return self._slow(self._verify_dummy, scheme, sample, cost, password)
+            return succeed(self._verify_dummy(scheme, sample, cost, password))
+        kind = found.kind
+        if kind.slow:
+            return self._slow(kind.verify, found.secret, password)
+        return succeed(kind.verify(found.secret, password))
+
+    def _verify_dummy(
+        self, scheme: PasswordScheme, sample: bytes, cost: Hashable, password: bytes
+    ) -> bool:
+        key = (scheme.name, cost)
+        dummy = self._dummies.get(key)
+        if dummy is None:
+            # Made once per scheme and cost, in the thread pool for slow
+            # schemes; two threads making it at once is harmless.
+            dummy = self._dummies[key] = scheme.dummy_like(sample)
+        scheme.verify(dummy, password)
+        return False
+
+    @staticmethod
+    def _check_hashed(found: PasswordEntry | None, credentials: Any) -> bool:
+        """APOP: the digest covers the password itself."""
+        if found is None:
+            credentials.checkPassword(secrets.token_hex(8).encode("ascii"))
+            return False
+        if not found.kind.plaintext:
+            return False
+        return bool(credentials.checkPassword(found.secret))
+
+    @staticmethod
+    def _check_cram_md5(table: _Table, found: PasswordEntry | None, credentials: Any) -> bool:
+        entry = found or table.cram_dummy
+        kind = entry.kind
+        if kind.plaintext:
             matched = bool(credentials.checkPassword(entry.secret))
+        elif isinstance(kind, CramMD5Scheme):
+            challenge = _as_bytes(credentials.challenge)
+            response = _as_bytes(credentials.response)
+            matched = kind.verify_response(entry.secret, challenge, response)
         else:
             matched = False
-        if matched and found is not None:
-            return succeed(username)
-        return fail(UnauthorizedLogin())
+        return matched and found is not None
+
+    def _check_scram(
+        self, table: _Table, username: bytes, found: PasswordEntry | None, credentials: Any
+    ) -> Deferred[bool]:
+        def verify(keys: ScramKeys | None) -> bool:
+            matched = bool(credentials.verify(keys or _DUMMY_SCRAM_KEYS))
+            return matched and keys is not None
+
+        return self._scram_keys_of(table, username, found).addCallback(verify)
+
+    # -- IScramKeySource ---------------------------------------------------------
+
+    def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
+        """
+        The keys of a ``{SCRAM-SHA-256}`` entry as stored; those of a
+        plaintext entry derived (in the thread pool, for each exchange);
+        None for an unknown user or another scheme, after the same work as
+        the file's usual SCRAM-capable entry, so that the time it takes does
+        not tell which users exist.
+        """
+        username = _as_bytes(username)
+        table = self._current_table()
+        return self._scram_keys_of(table, username, table.entries.get(username))
+
+    def _scram_keys_of(
+        self, table: _Table, username: bytes, entry: PasswordEntry | None
+    ) -> Deferred[ScramKeys | None]:
+        kind = entry.kind if entry is not None else None
+        if entry is not None and isinstance(kind, ScramSHA256Scheme):
+            return succeed(parse_scram_secret(entry.secret))
+        password = entry.secret if entry is not None and entry.kind.plaintext else None
+        if password is None and not table.scram_derives:
+            return succeed(None)
+        derived = self._slow(
+            scram_keys, password or _DUMMY_SCRAM_PASSWORD, scram_salt(username), SCRAM_ITERATIONS
+        )
+        return derived.addCallback(lambda keys: keys if password is not None else None)
+
+
+_DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
+_DUMMY_SCRAM_KEYS = ScramKeys(
+    secrets.token_bytes(16), SCRAM_ITERATIONS, secrets.token_bytes(32), secrets.token_bytes(32)
+)
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -141,8 +382,10 @@ class PasswdFileCheckerFactory:
 
     authType = "passwd-file"
     authHelp = (
-        "Dovecot-style passwd-file: one 'user:{SCHEME}password:' line per user "
-        "({PLAIN} and {CLEARTEXT}); '#' starts a comment.  Re-read when it changes."
+        "Dovecot-style passwd-file: one 'user:{SCHEME}password:' line per user; "
+        "schemes: " + " ".join(f"{{{name}}}" for name in sorted(SCHEMES)) + ".  "
+        "'#' starts a comment.  Re-read when it changes.  "
+        "'python -m pop3d pw' makes hashed passwords."
     )
     argStringFormat = "Path to the passwd-file"
     credentialInterfaces = PasswdFileChecker.credentialInterfaces
@@ -175,11 +418,16 @@ class FirstMatchChecker:
     Several checkers for one credentials interface, tried in order: the first
     that accepts the credentials wins.  (A Portal keeps one checker per
     interface, so repeated ``--auth`` options need this to all count.)
+
+    When some of its checkers are `IScramKeySource`s, so is it: it asks
+    them in order, and the first that knows the user answers.
     """
 
     def __init__(self, checkers: Sequence[Any], interfaces: Iterable[Any]) -> None:
         self.checkers = list(checkers)
         self.credentialInterfaces = tuple(interfaces)
+        if any(IScramKeySource.providedBy(checker) for checker in self.checkers):
+            alsoProvides(self, IScramKeySource)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
@@ -196,3 +444,22 @@ class FirstMatchChecker:
             return attempt.addErrback(try_next, checker)
 
         return try_next(None, None)
+
+    def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
+        """`IScramKeySource`: the first non-None answer of the checkers that give keys."""
+        return Deferred.fromCoroutine(self._first_scram_keys(username))
+
+    async def _first_scram_keys(self, username: bytes) -> ScramKeys | None:
+        for checker in self.checkers:
+            if not IScramKeySource.providedBy(checker):
+                continue
+            try:
+                keys: ScramKeys | None = await maybeDeferred(checker.scram_sha256_keys, username)
+            except Exception:
+                # As in requestAvatarId: a broken checker is as one that does
+                # not know the user.
+                log.failure("SCRAM key source {checker} failed", checker=checker)
+                continue
+            if keys is not None:
+                return keys
+        return None

@@ -20,6 +20,7 @@ from pop3d.sasl import ISASLMechanism
 from pop3d.sasl.cram_md5 import CramMD5
 from pop3d.sasl.login import Login
 from pop3d.sasl.plain import Plain
+from pop3d.sasl.scram import ScramSHA256
 from pop3d.session import DEFAULT_POLICY, Link, Session, SessionPolicy
 from pop3d.throttle import FailureDelay
 from pop3d.tls import ServerTLS
@@ -28,7 +29,7 @@ from pop3d.wire import ResponseCode, format_status
 log = Logger()
 
 #: Mechanisms offered when none are given, strongest first.
-DEFAULT_MECHANISMS: tuple[ISASLMechanism, ...] = (CramMD5(), Plain(), Login())
+DEFAULT_MECHANISMS: tuple[ISASLMechanism, ...] = (ScramSHA256(), CramMD5(), Plain(), Login())
 
 TOO_MANY_CONNECTIONS = "too many connections, try again later"
 

@@ -15,9 +15,11 @@ from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
 from twisted.python import usage
 
-from pop3d.checkers import FirstMatchChecker, accept_wire_bytes
+from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
+from pop3d.interfaces import IMaildropStore
 from pop3d.maildir import MaildirStore, MaildirTemplateError, check_template
+from pop3d.mbox import MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
@@ -59,8 +61,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "mail-location",
             "m",
             None,
-            "Where maildrops are: maildir:PATH, where PATH may use {user}, "
-            "{local} and {domain} (e.g. maildir:/srv/mail/{user}).",
+            "Where maildrops are: maildir:PATH (Maildirs) or mbox:PATH (mbox "
+            "files), where PATH may use {user}, {local} and {domain} (e.g. "
+            "maildir:/srv/mail/{user}, mbox:/var/mail/{user}).",
         ],
         [
             "timeout",
@@ -134,13 +137,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def parse_mail_location(location: str | None) -> str:
-    """The Maildir path template of a --mail-location value."""
+    """The path template of a --mail-location value (maildir:PATH or mbox:PATH)."""
     if not location:
         raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
     kind, separator, path = location.partition(":")
-    if not separator or kind != "maildir":
+    if not separator or kind not in ("maildir", "mbox"):
         raise usage.UsageError(
-            f"--mail-location {location!r}: expected maildir:PATH, e.g. maildir:/srv/mail/{{user}}"
+            f"--mail-location {location!r}: expected maildir:PATH or mbox:PATH, "
+            "e.g. maildir:/srv/mail/{user} or mbox:/var/mail/{user}"
         )
     try:
         check_template(path)
@@ -211,28 +215,42 @@ def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None)
         raise usage.UsageError(f"--listen {description!r}: {error}") from error
 
 
-def build_portal(realm: MaildropRealm, checkers: Sequence[Any]) -> Portal:
+def build_portal(
+    realm: MaildropRealm, checkers: Sequence[Any], threads: IReactorThreads | None = None
+) -> Portal:
     """
     A portal over all the checkers given, in order: several checkers for the
-    same kind of credentials are tried one after another.
+    same kind of credentials are tried one after another.  With ``threads``,
+    slow password hashes run in its thread pool.
     """
     prepared = [accept_wire_bytes(checker) for checker in checkers]
-    from twisted.internet import reactor
+    if threads is not None:
+        for checker in prepared:
+            if isinstance(checker, PasswdFileChecker):
+                # bcrypt, Argon2, SHA-crypt, PBKDF2: in the thread pool, 4 at once.
+                checker.run_slow_work_in(threads)
 
-    from pop3d.checkers import PasswdFileChecker
+    def can_check(checker: Any, interface: Any) -> bool:
+        offered = checker.credentialInterfaces
+        # CRAM-MD5 credentials can also be checked with a plaintext password,
+        # by any checker that verifies APOP-style hashed credentials.
+        return interface in offered or (
+            interface is ICramMD5Credentials and IUsernameHashedPassword in offered
+        )
 
-    for checker in prepared:
-        if isinstance(checker, PasswdFileChecker):
-            # bcrypt, Argon2, SHA-crypt, PBKDF2: in the thread pool, 4 at once.
-            checker.run_slow_work_in(cast(IReactorThreads, reactor))
-    portal = Portal(realm)
     interfaces: list[Any] = []
     for checker in prepared:
         for interface in checker.credentialInterfaces:
             if interface not in interfaces:
                 interfaces.append(interface)
+    if IUsernameHashedPassword in interfaces and ICramMD5Credentials not in interfaces:
+        interfaces.append(ICramMD5Credentials)
+    # CRAM-MD5 credentials are also hashed-password credentials: the portal
+    # takes the first registered interface they provide, so theirs goes first.
+    interfaces.sort(key=lambda interface: interface is not ICramMD5Credentials)
+    portal = Portal(realm)
     for interface in interfaces:
-        serving = [c for c in prepared if interface in c.credentialInterfaces]
+        serving = [c for c in prepared if can_check(c, interface)]
         portal.registerChecker(FirstMatchChecker(serving, [interface]), interface)
     return portal
 
@@ -241,12 +259,18 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorTime = reactor
-    store = MaildirStore(
-        options["maildir-template"],
-        reactor=cast(IReactorThreads, reactor),
-        uidl_format=options["uidl-format"],
+    threads = cast(IReactorThreads, reactor)
+    store: IMaildropStore
+    # parse_mail_location accepted maildir:PATH or mbox:PATH.
+    if options["mail-location"].startswith("mbox:"):
+        store = MboxStore(options["maildir-template"], reactor=threads)
+    else:
+        store = MaildirStore(
+            options["maildir-template"], reactor=threads, uidl_format=options["uidl-format"]
+        )
+    portal = build_portal(
+        MaildropRealm(store), options["credCheckers"], cast(IReactorThreads, reactor)
     )
-    portal = build_portal(MaildropRealm(store), options["credCheckers"])
     factory = POP3Factory(
         portal,
         clock=clock,

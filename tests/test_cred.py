@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
+import pop3d.checkers
 from pop3d.checkers import (
     FirstMatchChecker,
     PasswdFileChecker,
@@ -27,8 +32,18 @@ from pop3d.checkers import (
     parse_passwd_file,
 )
 from pop3d.interfaces import IMaildrop
+from pop3d.passwords import (
+    SCHEMES,
+    SCRAM_ITERATIONS,
+    parse_scram_secret,
+    scram_keys,
+    scram_salt,
+)
 from pop3d.realm import MaildropRealm, is_safe_mailbox_name
+from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
+from pop3d.sasl.cram_md5 import CramMD5, CramMD5Credentials
 from pop3d.session import APOPCredentials
+from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
 
 
@@ -189,3 +204,403 @@ class TestStrcredGlue:
         assert await chained.requestAvatarId(UsernamePassword(b"bob", b"two")) == b"bob"
         with pytest.raises(UnauthorizedLogin):
             await chained.requestAvatarId(UsernamePassword(b"bob", b"one"))
+
+
+# -- hashed schemes (pop3d.passwords) in the passwd-file checker ----------------
+
+# doveadm pw -s ... -p "correct horse" (Dovecot 2.3.19.1); tanstaaftanstaaf is
+# RFC 2195's example password.
+BLF_HORSE = b"$2y$05$8.EtBsQSSze1Ukke2iJSYeKMwJDqIk2FOpNWYeJSHnt5rACuzI4PC"
+BLF_PENCIL = b"$2y$05$IzH8hM6czbBdR/uG45vpGejn2WojjtYtvP4n66iF9pvChtgL3HUzy"
+SHA512_HORSE = (
+    b"$6$DIDFPj2jIZ1ezu9i$XXq..exMy09oIQ8xPf4sd/Qn8lcfEk24ar/ArzeBNBEFv97FfMfM12VYVq4Xhls07"
+    b"4rUMl.j/t/TIi10hDw1s0"
+)
+CRAM_TANSTAAF = b"d06d4e1b26fccaa4b0b61801132340a354b21152711fb604ca3e035e7015116b"
+SCRAM_HORSE = (
+    b"4096,sX7qYEBSBRXbLXCdE/63BQ==,4R+yUgPOSMvlLbJCIXJkdS+GDZm7fb/+MNRqpij0lxE=,"
+    b"jCB7ex4JVZHcF9ubxHObPHeJFv1br0HEiGlkovFYsuY="
+)
+RFC2195_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
+RFC2195_RESPONSE = b"b913a602c7eda7a495b4e6e7334d3890"
+
+HASHED_PASSWD = b"".join(
+    [
+        b"blf:{BLF-CRYPT}" + BLF_HORSE + b"::\n",
+        b"sha:{SHA512-CRYPT}" + SHA512_HORSE + b":1000:1000::/home/sha::\n",
+        b"cram:{CRAM-MD5}" + CRAM_TANSTAAF + b"::\n",
+        b"scram:{SCRAM-SHA-256}" + SCRAM_HORSE + b"::\n",
+        b"plain:{PLAIN}tanstaaftanstaaf::\n",
+    ]
+)
+
+
+def passwd_checker(tmp_path: Path, content: bytes) -> PasswdFileChecker:
+    path = tmp_path / "passwd"
+    path.write_bytes(content)
+    return PasswdFileChecker(str(path))
+
+
+class TestHashedPasswdFile:
+    @pytest.fixture
+    def checker(self, tmp_path: Path) -> PasswdFileChecker:
+        return passwd_checker(tmp_path, HASHED_PASSWD)
+
+    @pytest.mark.parametrize(
+        "user,password",
+        [
+            (b"blf", b"correct horse"),
+            (b"sha", b"correct horse"),
+            (b"cram", b"tanstaaftanstaaf"),
+            (b"scram", b"correct horse"),
+            (b"plain", b"tanstaaftanstaaf"),
+        ],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_user_pass_for_every_scheme(
+        self, checker: PasswdFileChecker, user: bytes, password: bytes
+    ) -> None:
+        assert await checker.requestAvatarId(UsernamePassword(user, password)) == user
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(user, password + b"!"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_apop_only_for_plaintext(self, checker: PasswdFileChecker) -> None:
+        def apop(user: bytes, secret: bytes) -> APOPCredentials:
+            digest = hashlib.md5(b"<1.2@host>" + secret).hexdigest().encode()
+            return APOPCredentials(b"<1.2@host>", user, digest)
+
+        assert await checker.requestAvatarId(apop(b"plain", b"tanstaaftanstaaf")) == b"plain"
+        # Neither the password nor the stored hash make an APOP digest.
+        for user, secret in [(b"blf", b"correct horse"), (b"blf", BLF_HORSE)]:
+            with pytest.raises(UnauthorizedLogin):
+                await checker.requestAvatarId(apop(user, secret))
+
+    @pytest.mark.parametrize("user", [b"cram", b"plain"])
+    @pytest_twisted.ensureDeferred
+    async def test_cram_md5_from_context_and_plaintext(
+        self, checker: PasswdFileChecker, user: bytes
+    ) -> None:
+        """RFC 2195's example, against Dovecot's stored HMAC context and a plaintext entry."""
+        good = CramMD5Credentials(user, RFC2195_CHALLENGE, RFC2195_RESPONSE)
+        assert await checker.requestAvatarId(good) == user
+        bad = CramMD5Credentials(user, RFC2195_CHALLENGE, b"0" * 32)
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(bad)
+
+    @pytest.mark.parametrize("user", [b"blf", b"scram", b"nobody"])
+    @pytest_twisted.ensureDeferred
+    async def test_cram_md5_refused_without_a_usable_secret(
+        self, checker: PasswdFileChecker, user: bytes
+    ) -> None:
+        credentials = CramMD5Credentials(user, RFC2195_CHALLENGE, RFC2195_RESPONSE)
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(credentials)
+
+    def test_malformed_secret_names_line_and_scheme(self) -> None:
+        content = b"alice:{PLAIN}x::\nbob:{BLF-CRYPT}$2y$05$tooshort::\n"
+        with pytest.raises(PasswdFileError, match=r"line 2: malformed \{BLF-CRYPT\}") as caught:
+            parse_passwd_file(content)
+        assert b"tooshort" not in str(caught.value).encode()
+
+    def test_scheme_names_are_case_insensitive(self) -> None:
+        entries = parse_passwd_file(b"a:{blf-crypt}" + BLF_HORSE + b"\n")
+        assert entries[b"a"].scheme == "BLF-CRYPT"
+
+
+class TestAdvertisedInterfaces:
+    """APOP and CRAM-MD5 are offered only when some entry can verify them."""
+
+    @pytest.mark.parametrize(
+        "content,expected",
+        [
+            (b"a:{BLF-CRYPT}" + BLF_HORSE + b"\n", {IUsernamePassword}),
+            (b"a:{SHA512-CRYPT}" + SHA512_HORSE + b"\n", {IUsernamePassword}),
+            (b"a:{CRAM-MD5}" + CRAM_TANSTAAF + b"\n", {IUsernamePassword, ICramMD5Credentials}),
+            (
+                b"a:{SCRAM-SHA-256}" + SCRAM_HORSE + b"\n",
+                {IUsernamePassword, IScramSHA256Credentials},
+            ),
+            (
+                b"a:{PLAIN}x\n",
+                {
+                    IUsernamePassword,
+                    IUsernameHashedPassword,
+                    ICramMD5Credentials,
+                    IScramSHA256Credentials,
+                },
+            ),
+            (b"# nobody yet\n", {IUsernamePassword}),
+        ],
+    )
+    def test_only_what_the_entries_can_verify(
+        self, tmp_path: Path, content: bytes, expected: set[object]
+    ) -> None:
+        assert set(passwd_checker(tmp_path, content).credentialInterfaces) == expected
+
+    def test_the_plugin_offers_everything_it_might_verify(self) -> None:
+        assert set(PasswdFileCheckerFactory.credentialInterfaces) == {
+            IUsernamePassword,
+            IUsernameHashedPassword,
+            ICramMD5Credentials,
+            IScramSHA256Credentials,
+        }
+
+    def test_portal_has_no_apop_for_hashed_files(self, tmp_path: Path) -> None:
+        checker = passwd_checker(tmp_path, b"a:{BLF-CRYPT}" + BLF_HORSE + b"\n")
+        portal = build_portal(MaildropRealm(MemoryStore()), [checker])
+        assert IUsernameHashedPassword not in portal.listCredentialsInterfaces()
+        assert ICramMD5Credentials not in portal.listCredentialsInterfaces()
+        assert not CramMD5().usable(portal)
+
+    @pytest_twisted.ensureDeferred
+    async def test_recomputed_on_reload(self, tmp_path: Path) -> None:
+        checker = passwd_checker(tmp_path, b"a:{BLF-CRYPT}" + BLF_HORSE + b"\n")
+        path = Path(checker.path)
+        path.write_bytes(b"a:{CRAM-MD5}" + CRAM_TANSTAAF + b"\n")
+        os.utime(path, ns=(1, 1))
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"a", b"wrong"))
+        assert ICramMD5Credentials in checker.credentialInterfaces
+
+
+class SpyScheme:
+    """Records the thread and the secret of every check of one scheme."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.calls: list[tuple[threading.Thread, bytes]] = []
+        scheme = SCHEMES[name]
+        original = scheme.verify
+
+        def verify(secret: bytes, password: bytes) -> bool:
+            self.calls.append((threading.current_thread(), secret))
+            return original(secret, password)
+
+        monkeypatch.setattr(scheme, "verify", verify)
+
+
+class FakeThreadPool:
+    """Holds the work given to it until the test runs it: no threads, no waiting."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Callable[..., None], Callable[..., object], tuple[object, ...]]]
+        self.queued = []
+
+    def callInThreadWithCallback(
+        self, on_result: Callable[..., None], work: Callable[..., object], *args: object
+    ) -> None:
+        self.queued.append((on_result, work, args))
+
+    def run_next(self) -> None:
+        on_result, work, args = self.queued.pop(0)
+        on_result(True, work(*args))
+
+
+class FakeThreadingReactor:
+    def __init__(self) -> None:
+        self.pool = FakeThreadPool()
+
+    def getThreadPool(self) -> FakeThreadPool:
+        return self.pool
+
+    def callFromThread(self, work: Callable[..., object], *args: object) -> None:
+        work(*args)
+
+
+class TestSlowWork:
+    @pytest_twisted.ensureDeferred
+    async def test_slow_hashes_run_in_the_reactor_thread_pool(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from twisted.internet import reactor
+
+        assert threading.current_thread() is threading.main_thread()  # the reactor's
+        spy = SpyScheme(monkeypatch, "BLF-CRYPT")
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        checker.run_slow_work_in(cast(IReactorThreads, reactor))
+        assert await checker.requestAvatarId(UsernamePassword(b"blf", b"correct horse")) == b"blf"
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"blf", b"wrong"))
+        assert len(spy.calls) == 2
+        assert all(thread is not threading.main_thread() for thread, _ in spy.calls)
+
+    @pytest_twisted.ensureDeferred
+    async def test_build_portal_uses_the_reactor_thread_pool(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spy = SpyScheme(monkeypatch, "SHA512-CRYPT")
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        from twisted.internet import reactor
+
+        portal = build_portal(
+            MaildropRealm(MemoryStore()), [checker], cast(IReactorThreads, reactor)
+        )
+        credentials = UsernamePassword(b"sha", b"correct horse")
+        _, maildrop, _ = await portal.login(credentials, None, IMaildrop)
+        await IMaildrop(maildrop).close()
+        [(thread, _)] = spy.calls
+        assert thread is not threading.main_thread()
+
+    def test_without_a_reactor_work_runs_inline(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        spy = SpyScheme(monkeypatch, "BLF-CRYPT")
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        result = checker.requestAvatarId(UsernamePassword(b"blf", b"correct horse"))
+        assert result.result == b"blf"
+        assert spy.calls[0][0] is threading.current_thread()
+
+    def test_concurrency_is_bounded(self, tmp_path: Path) -> None:
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        reactor = FakeThreadingReactor()
+        checker.run_slow_work_in(reactor, max_concurrent=2)  # type: ignore[arg-type]
+        attempts = [
+            checker.requestAvatarId(UsernamePassword(user, b"correct horse"))
+            for user in [b"blf", b"sha", b"blf", b"scram", b"sha"]
+        ]
+        results: list[object] = []
+        for attempt in attempts:
+            attempt.addBoth(results.append)
+        pool = reactor.pool
+        assert len(pool.queued) == 2 and results == []
+        pool.run_next()
+        assert len(pool.queued) == 2 and results == [b"blf"]
+        while pool.queued:
+            assert len(pool.queued) <= 2
+            pool.run_next()
+        assert results == [b"blf", b"sha", b"blf", b"scram", b"sha"]
+
+    def test_cheap_checks_do_not_wait_for_the_pool(self, tmp_path: Path) -> None:
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        reactor = FakeThreadingReactor()
+        checker.run_slow_work_in(reactor, max_concurrent=1)  # type: ignore[arg-type]
+        checker.requestAvatarId(UsernamePassword(b"blf", b"correct horse"))
+        cram = checker.requestAvatarId(UsernamePassword(b"cram", b"tanstaaftanstaaf"))
+        assert cram.result == b"cram"
+
+    def test_max_concurrent_must_be_positive(self, tmp_path: Path) -> None:
+        checker = passwd_checker(tmp_path, HASHED_PASSWD)
+        with pytest.raises(ValueError, match="at least 1"):
+            checker.run_slow_work_in(FakeThreadingReactor(), max_concurrent=0)  # type: ignore[arg-type]
+
+
+class TestUnknownUsers:
+    """An unknown user is checked like a wrong password, against a dummy of the usual kind."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_checked_against_a_dummy_of_the_most_common_scheme_and_cost(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        content = b"".join(
+            [
+                b"a:{BLF-CRYPT}" + BLF_HORSE + b"\n",
+                b"b:{BLF-CRYPT}" + BLF_PENCIL + b"\n",
+                b"c:{SHA512-CRYPT}" + SHA512_HORSE + b"\n",
+            ]
+        )
+        checker = passwd_checker(tmp_path, content)
+        bcrypt_spy = SpyScheme(monkeypatch, "BLF-CRYPT")
+        sha_spy = SpyScheme(monkeypatch, "SHA512-CRYPT")
+        for password in [b"correct horse", b"pencil"]:
+            with pytest.raises(UnauthorizedLogin):
+                await checker.requestAvatarId(UsernamePassword(b"mallory", password))
+        assert sha_spy.calls == []
+        secrets = [secret for _, secret in bcrypt_spy.calls]
+        assert len(secrets) == 2 and secrets[0] == secrets[1]
+        assert secrets[0].startswith(b"$2y$05$") and secrets[0] not in (BLF_HORSE, BLF_PENCIL)
+
+    @pytest_twisted.ensureDeferred
+    async def test_in_the_thread_pool_too(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from twisted.internet import reactor
+
+        checker = passwd_checker(tmp_path, b"a:{BLF-CRYPT}" + BLF_HORSE + b"\n")
+        checker.run_slow_work_in(cast(IReactorThreads, reactor))
+        spy = SpyScheme(monkeypatch, "BLF-CRYPT")
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"mallory", b"correct horse"))
+        [(thread, _)] = spy.calls
+        assert thread is not threading.main_thread()
+
+
+class TestScramKeySource:
+    @pytest.fixture
+    def checker(self, tmp_path: Path) -> PasswdFileChecker:
+        return passwd_checker(tmp_path, HASHED_PASSWD)
+
+    def test_is_a_key_source(self, checker: PasswdFileChecker) -> None:
+        assert IScramKeySource.providedBy(checker)
+
+    @pytest_twisted.ensureDeferred
+    async def test_stored_keys(self, checker: PasswdFileChecker) -> None:
+        keys = await checker.scram_sha256_keys(b"scram")
+        assert keys is not None
+        assert keys.iterations == 4096
+        assert keys == parse_scram_secret(SCRAM_HORSE)
+
+    @pytest_twisted.ensureDeferred
+    async def test_derived_for_plaintext(self, checker: PasswdFileChecker) -> None:
+        keys = await checker.scram_sha256_keys(b"plain")
+        assert keys == scram_keys(b"tanstaaftanstaaf", scram_salt(b"plain"), SCRAM_ITERATIONS)
+        assert await checker.scram_sha256_keys(b"plain") == keys  # the same salt each time
+
+    @pytest.mark.parametrize(
+        "content,derivations",
+        [
+            # Mostly plaintext: unknown users and other schemes derive dummy keys too.
+            (b"p:{PLAIN}x\nq:{PLAIN}y\nb:{BLF-CRYPT}" + BLF_HORSE + b"\n", 1),
+            # Mostly stored SCRAM keys: nobody derives anything.
+            (b"s:{SCRAM-SHA-256}" + SCRAM_HORSE + b"\nb:{BLF-CRYPT}" + BLF_HORSE + b"\n", 0),
+        ],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_users_do_the_usual_work(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        content: bytes,
+        derivations: int,
+    ) -> None:
+        checker = passwd_checker(tmp_path, content)
+        derived: list[bytes] = []
+
+        def counting(password: bytes, salt: bytes, iterations: int) -> ScramKeys:
+            derived.append(salt)
+            return scram_keys(password, salt, iterations)
+
+        monkeypatch.setattr(pop3d.checkers, "scram_keys", counting)
+        for user in [b"nobody", b"b"]:
+            derived.clear()
+            assert await checker.scram_sha256_keys(user) is None
+            assert derived == [scram_salt(user)] * derivations
+
+    @pytest.mark.parametrize("user", [b"blf", b"cram", b"nobody"])
+    @pytest_twisted.ensureDeferred
+    async def test_none_without_scram_keys(self, checker: PasswdFileChecker, user: bytes) -> None:
+        assert await checker.scram_sha256_keys(user) is None
+
+    def test_first_match_is_a_key_source_only_over_key_sources(
+        self, checker: PasswdFileChecker
+    ) -> None:
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"x")
+        assert not IScramKeySource.providedBy(FirstMatchChecker([memory], [IUsernamePassword]))
+        assert IScramKeySource.providedBy(FirstMatchChecker([memory, checker], []))
+
+    @pytest_twisted.ensureDeferred
+    async def test_first_match_asks_in_order(self, tmp_path: Path) -> None:
+        (tmp_path / "one").mkdir()
+        (tmp_path / "two").mkdir()
+        first = passwd_checker(tmp_path / "one", b"a:{SCRAM-SHA-256}" + SCRAM_HORSE + b"\n")
+        second = passwd_checker(tmp_path / "two", b"a:{PLAIN}x\nb:{PLAIN}y\n")
+
+        @implementer(IScramKeySource)
+        class Broken:
+            def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
+                raise OSError("LDAP is down")
+
+        chained = FirstMatchChecker([Broken(), first, second], [IScramSHA256Credentials])
+        source = IScramKeySource(chained)
+        assert await source.scram_sha256_keys(b"a") == parse_scram_secret(SCRAM_HORSE)
+        assert await source.scram_sha256_keys(b"b") == await second.scram_sha256_keys(b"b")
+        assert await source.scram_sha256_keys(b"c") is None

@@ -1,10 +1,12 @@
 """
 The store contract (pop3d.interfaces), checked the same way for every store:
-the Maildir store and the public in-memory store.
+the Maildir store, the mbox store and the public in-memory store.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from zope.interface.verify import verifyObject
 from pop3d.errors import MaildropLocked, MessageGone
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.maildir import MaildirStore
+from pop3d.mbox import MboxStore
 from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.wire import MessageEncoder, is_valid_uidl, wire_size
 
@@ -62,7 +65,45 @@ def _maildir(tmp_path: Path) -> StoreUnderTest:
     return StoreUnderTest(store, deliver, remaining, vanish)
 
 
-@pytest.fixture(params=[_memory, _maildir], ids=["memory", "maildir"])
+# An mbox as an MTA writes it (mboxrd): a From_ line, the message with
+# "From " lines quoted, and a line ending that is framing, not message.
+_FROM_LINE = b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\n"
+_MBOX_MESSAGE = re.compile(rb"^From [^\n]*\n((?:(?!From ).*\n?)*)", re.MULTILINE)
+
+
+def _mbox(tmp_path: Path) -> StoreUnderTest:
+    (tmp_path / "mail").mkdir()
+    store = MboxStore(f"{tmp_path}/mail/{{user}}")
+
+    def stored(mailbox: str) -> list[bytes]:
+        path = tmp_path / "mail" / mailbox
+        return [m.group(0) for m in _MBOX_MESSAGE.finditer(path.read_bytes())]
+
+    def deliver(mailbox: str, message: bytes) -> None:
+        quoted = re.sub(rb"(?m)^(>*From )", rb">\1", message)
+        with open(tmp_path / "mail" / mailbox, "ab") as mbox:
+            mbox.write(_FROM_LINE + quoted + b"\n")
+
+    def remaining(mailbox: str) -> list[bytes]:
+        messages = []
+        for entry in stored(mailbox):
+            message = entry.split(b"\n", 1)[1]
+            message = message.removesuffix(b"\r\n" if message.endswith(b"\r\n") else b"\n")
+            messages.append(re.sub(rb"(?m)^>(>*From )", rb"\1", message))
+        return messages
+
+    def vanish(mailbox: str, index: int) -> None:
+        # Another program, ignoring the locks, writes a new file without it.
+        entries = stored(mailbox)
+        del entries[index]
+        replacement = tmp_path / "mail" / "replacement"
+        replacement.write_bytes(b"".join(entries))
+        os.replace(replacement, tmp_path / "mail" / mailbox)
+
+    return StoreUnderTest(store, deliver, remaining, vanish)
+
+
+@pytest.fixture(params=[_memory, _maildir, _mbox], ids=["memory", "maildir", "mbox"])
 def under_test(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
     factory: Callable[[Path], StoreUnderTest] = request.param
     return factory(tmp_path)

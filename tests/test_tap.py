@@ -70,7 +70,7 @@ def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
     [
         (["--timeout", "599"], "--timeout"),
         (["--timeout", "ten"], "--timeout"),
-        (["--mail-location", "mbox:/var/mail/{user}"], "--mail-location"),
+        (["--mail-location", "nosuch:/var/mail/{user}"], "--mail-location"),
         (["--mail-location", "maildir:/srv/{usr}"], "--mail-location"),
         (["--listen", "bogus:1"], "--listen"),
         (["--listen", "tcp:notaport"], "--listen"),
@@ -120,3 +120,28 @@ async def test_memory_auth_supports_apop(passwd: Path) -> None:
     digest = hashlib.md5(challenge + b"builder").hexdigest().encode()
     _, maildrop, _ = await portal.login(APOPCredentials(challenge, b"bob", digest), None, IMaildrop)
     await IMaildrop(maildrop).close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cram_md5_reaches_every_checker_that_can_verify_it(tmp_path: Path) -> None:
+    """A {CRAM-MD5} passwd-file and a plaintext memory: checker, side by side."""
+    import hmac as hmac_module
+
+    from pop3d.passwords import cram_md5_context
+    from pop3d.sasl.cram_md5 import CramMD5Credentials
+
+    passwd = tmp_path / "passwd"
+    context = cram_md5_context(b"wonderland").hex()
+    passwd.write_text(f"alice:{{CRAM-MD5}}{context}::\n")
+    options = parse(
+        "--mail-location", "maildir:/srv/{user}",
+        "--auth", f"passwd-file:{passwd}",
+        "--auth", "memory:bob:builder",
+    )  # fmt: skip
+    portal = build_portal(MaildropRealm(MemoryStore()), options["credCheckers"])
+    challenge = b"<1.2@host>"
+    for user, password in [(b"alice", b"wonderland"), (b"bob", b"builder")]:
+        digest = hmac_module.new(password, challenge, "md5").hexdigest().encode()
+        credentials = CramMD5Credentials(user, challenge, digest)
+        _, maildrop, _ = await portal.login(credentials, None, IMaildrop)
+        await IMaildrop(maildrop).close()

@@ -1,0 +1,1012 @@
+"""
+pop3d and twisted.mail.pop3, side by side, in one run, on loopback.
+
+    /work/venv/bin/python benchmarks/run.py [--quick] [--json out.json]
+    /work/venv/bin/python benchmarks/run.py --profile retr-1
+
+Builds test maildrops in a temporary directory, starts each server fresh for
+each workload (pop3d as ``twistd -n --pidfile= pop3d``, Twisted's server
+through benchmarks/twisted_pop3_server.py), drives it with the load
+generator of benchmarks/loadgen.py (which checks every byte it receives),
+and prints a table (pop3d, twisted.mail.pop3, their ratio, the targets of
+issue #5), the CPU used by the servers and by the load generator, and the
+machine.  See benchmarks/README.rst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import maildrops
+import servers
+from loadgen import (
+    CLOSE,
+    CONNECT,
+    LINE,
+    MULTI,
+    PARK,
+    RETR,
+    LoadGenerator,
+    ParkingLot,
+    Script,
+    SessionError,
+    cpu_seconds,
+    expect_ok,
+)
+from maildrops import Maildrop
+from servers import Server
+
+SERVERS = ("pop3d", "twisted")
+SERVER_TITLES = {"pop3d": "pop3d", "twisted": "twisted.mail.pop3"}
+WORKLOADS = ("login-storm", "retr-1", "retr-8", "huge", "many", "idle")
+MB = 1_000_000
+
+
+# -- configuration -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    storm_clients: int = 50
+    storm_messages: int = 20
+    storm_seconds: float = 10.0
+    warmup_seconds: float = 1.0
+    retr_messages: int = 2000
+    retr_size: int = 20 * 1024
+    retr_clients: int = 8
+    retr_seconds: float = 8.0
+    huge_size: int = 200 * MB
+    huge_repeats: int = 2
+    many_messages: int = 100_000
+    many_size: int = 3000
+    later_logins: int = 3
+    idle_checkpoints: tuple[int, ...] = (2000, 10_000)
+
+    @classmethod
+    def make(cls, quick: bool) -> Config:
+        if not quick:
+            return cls(quick=False)
+        return cls(
+            quick=True,
+            storm_seconds=3.0,
+            warmup_seconds=0.5,
+            retr_seconds=3.0,
+            huge_repeats=1,
+            many_messages=10_000,
+            later_logins=2,
+            idle_checkpoints=(2000,),
+        )
+
+
+# -- test data -------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    root: Path
+    mail: Path
+    storm: list[Maildrop] = field(default_factory=list)
+    retr: list[Maildrop] = field(default_factory=list)
+    retr_bodies: list[bytes] = field(default_factory=list)
+    huge: Maildrop | None = None
+    huge_body: bytes = b""
+    many: Maildrop | None = None
+    idle: list[Maildrop] = field(default_factory=list)
+    idle_warmup: Maildrop | None = None
+    passwd: dict[str, Path] = field(default_factory=dict)
+
+    def all_drops(self) -> Iterator[Maildrop]:
+        yield from self.storm
+        yield from self.retr
+        yield from (d for d in (self.huge, self.many, self.idle_warmup) if d is not None)
+        yield from self.idle
+
+
+def build_dataset(root: Path, cfg: Config, workloads: list[str]) -> Dataset:
+    data = Dataset(root, root / "mail")
+    data.mail.mkdir()
+    started = time.monotonic()
+    if "login-storm" in workloads:
+        messages = [
+            maildrops.mime_message(n, 2000 + (n * 997) % 10_000, seed=1)
+            for n in range(cfg.storm_messages)
+        ]
+        first = maildrops.write_maildrop("storm00", data.mail / "storm00", messages)
+        data.storm = [first] + [
+            maildrops.link_maildrop(f"storm{k:02d}", data.mail / f"storm{k:02d}", first)
+            for k in range(1, cfg.storm_clients)
+        ]
+    if "retr-1" in workloads or "retr-8" in workloads:
+        messages = [maildrops.mime_message(n, cfg.retr_size) for n in range(cfg.retr_messages)]
+        first = maildrops.write_maildrop("retr0", data.mail / "retr0", messages)
+        data.retr_bodies = [maildrops.retr_bytes(m) for m in messages]
+        del messages
+        data.retr = [first] + [
+            maildrops.link_maildrop(f"retr{k}", data.mail / f"retr{k}", first)
+            for k in range(1, cfg.retr_clients)
+        ]
+    if "huge" in workloads:
+        message = maildrops.huge_message(cfg.huge_size)
+        data.huge = maildrops.write_maildrop("huge", data.mail / "huge", [message])
+        data.huge_body = maildrops.retr_bytes(message)
+        del message
+    if "many" in workloads:
+        pool = [maildrops.mime_message(n, cfg.many_size, seed=3) for n in range(250)]
+        messages = [pool[(n * 7) % len(pool)] for n in range(cfg.many_messages)]
+        data.many = maildrops.write_maildrop("many", data.mail / "many", messages)
+    if "idle" in workloads:
+        template = maildrops.write_maildrop(
+            "idlewarm", data.mail / "idlewarm", [maildrops.mime_message(0, 3000, seed=5)]
+        )
+        data.idle_warmup = template
+        data.idle = [
+            maildrops.link_maildrop(f"idle{k:05d}", data.mail / f"idle{k:05d}", template)
+            for k in range(max(cfg.idle_checkpoints))
+        ]
+    pop3d_passwd, twisted_passwd = maildrops.write_passwd_files(root, list(data.all_drops()))
+    data.passwd = {"pop3d": pop3d_passwd, "twisted": twisted_passwd}
+    os.sync()  # no write-back during the measurements
+    print(f"test maildrops built in {time.monotonic() - started:.1f} s under {root}", flush=True)
+    return data
+
+
+def start_server(kind: str, data: Dataset, label: str, profile: Path | None = None) -> Server:
+    if kind == "pop3d":
+        argv = servers.pop3d_command(data.mail, data.passwd["pop3d"], profile)
+    else:
+        argv = servers.twisted_command(data.mail, data.passwd["twisted"])
+    server = Server(kind, argv, data.root / f"{label}-{kind}.log", data.root)
+    server.start()
+    return server
+
+
+# -- measuring ---------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Wall time and CPU time of the server and of the load generator."""
+
+    wall: float = 0.0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    #: CPU time of the whole machine (all processes), to see other load.
+    machine_cpu: float = 0.0
+
+    def figures(self) -> dict[str, float]:
+        wall = self.wall or 1e-9
+        other = max(0.0, self.machine_cpu - self.server_cpu - self.client_cpu)
+        return {
+            "seconds": round(self.wall, 3),
+            "server_cpu_s": round(self.server_cpu, 3),
+            "server_cores": round(self.server_cpu / wall, 3),
+            "client_cpu_s": round(self.client_cpu, 3),
+            "client_cores": round(self.client_cpu / wall, 3),
+            "other_cores": round(other / wall, 3),
+        }
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU time of the whole machine so far (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is in user)
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._start = (0.0, 0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._start = (
+            time.monotonic(),
+            self.server.sample().cpu,
+            cpu_seconds(),
+            machine_cpu_seconds(),
+        )
+
+    def stop(self) -> Window:
+        wall, server_cpu, client_cpu, machine_cpu = self._start
+        return Window(
+            time.monotonic() - wall,
+            self.server.sample().cpu - server_cpu,
+            cpu_seconds() - client_cpu,
+            machine_cpu_seconds() - machine_cpu,
+        )
+
+
+@dataclass
+class Phases:
+    """Shared by the scripts of a timed workload; the runner moves it along."""
+
+    lot: ParkingLot = field(default_factory=ParkingLot)
+    stop_at: float = 0.0
+    finished: bool = False
+    count: int = 0
+    octets: int = 0
+
+
+def run_timed(
+    lg: LoadGenerator, server: Server, phases: Phases, durations: list[float], budget: float
+) -> Window:
+    """
+    Scripts park in ``phases.lot`` when ready and after each phase; every
+    phase runs until ``phases.stop_at``; the last phase is measured.
+    """
+    deadline = time.monotonic() + budget
+    lg.run(deadline)  # connected, logged in, parked
+    window = Window()
+    meter = Meter(server)
+    for duration in durations:
+        if lg.errors:
+            break
+        phases.count = phases.octets = 0
+        meter.start()
+        phases.stop_at = time.monotonic() + duration
+        lg.release(phases.lot)
+        lg.run(deadline)
+        window = meter.stop()
+    phases.finished = True
+    lg.release(phases.lot)
+    lg.run(deadline)
+    return window
+
+
+def command(verb: str, argument: str | int = "") -> bytes:
+    return f"{verb} {argument}".strip().encode() + b"\r\n"
+
+
+def _login(drop: Maildrop) -> Iterator[Any]:
+    """connect, greeting, USER, PASS (a sub-script: ``yield from``)."""
+    expect_ok((yield (CONNECT,)), "greeting")
+    expect_ok((yield (LINE, command("USER", drop.user))), "USER")
+    expect_ok((yield (LINE, command("PASS", drop.password))), "PASS")
+
+
+def _quit() -> Iterator[Any]:
+    expect_ok((yield (LINE, b"QUIT\r\n")), "QUIT")
+    yield (CLOSE,)
+
+
+def _finish(result: dict[str, Any], lg: LoadGenerator) -> dict[str, Any]:
+    if lg.errors:
+        result["errors"] = lg.errors[:5] + (
+            [f"... and {len(lg.errors) - 5} more"] if len(lg.errors) > 5 else []
+        )
+    lg.close_all()
+    return result
+
+
+# -- workloads -------------------------------------------------------------------------
+
+
+def login_storm(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """50 clients, each: connect, USER, PASS, STAT, QUIT, again and again."""
+    phases = Phases()
+
+    def script(drop: Maildrop) -> Script:
+        stat = b"+OK %d %d" % (drop.count, sum(drop.sizes(kind)))
+        while True:
+            yield (PARK, phases.lot)
+            if phases.finished:
+                return
+            while time.monotonic() < phases.stop_at:
+                yield from _login(drop)
+                reply = yield (LINE, b"STAT\r\n")
+                if reply != stat:
+                    raise SessionError(f"STAT: expected {stat!r}, got {reply!r}")
+                yield from _quit()
+                phases.count += 1
+
+    lg = LoadGenerator(("127.0.0.1", server.port))
+    lg.start([(d.user, script(d)) for d in data.storm])
+    window = run_timed(
+        lg, server, phases, [cfg.warmup_seconds, cfg.storm_seconds], cfg.storm_seconds + 60
+    )
+    result = {
+        "clients": len(data.storm),
+        "messages_per_maildrop": data.storm[0].count,
+        "sessions": phases.count,
+        "sessions_per_s": round(phases.count / window.wall, 1) if window.wall else 0.0,
+        **window.figures(),
+    }
+    return _finish(result, lg)
+
+
+def _retr(server: Server, kind: str, data: Dataset, cfg: Config, clients: int) -> dict[str, Any]:
+    phases = Phases()
+    bodies = data.retr_bodies
+    commands = [command("RETR", n + 1) for n in range(len(bodies))]
+
+    def script(drop: Maildrop, first: int) -> Script:
+        yield from _login(drop)
+        index = first
+        while True:
+            yield (PARK, phases.lot)
+            if phases.finished:
+                break
+            while time.monotonic() < phases.stop_at:
+                expect_ok((yield (RETR, commands[index], bodies[index])), "RETR")
+                phases.count += 1
+                phases.octets += len(bodies[index])
+                index = (index + 1) % len(bodies)
+        yield from _quit()
+
+    lg = LoadGenerator(("127.0.0.1", server.port))
+    drops = data.retr[:clients]
+    lg.start([(d.user, script(d, k * len(bodies) // clients)) for k, d in enumerate(drops)])
+    window = run_timed(
+        lg, server, phases, [cfg.warmup_seconds, cfg.retr_seconds], cfg.retr_seconds + 120
+    )
+    result = {
+        "clients": clients,
+        "messages": phases.count,
+        "octets": phases.octets,
+        "mb_per_s": round(phases.octets / MB / window.wall, 2) if window.wall else 0.0,
+        **window.figures(),
+    }
+    return _finish(result, lg)
+
+
+def retr_one(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """One client RETRs 20 KB messages one after another."""
+    return _retr(server, kind, data, cfg, 1)
+
+
+def retr_eight(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """Eight clients, each on its own maildrop, RETR 20 KB messages."""
+    return _retr(server, kind, data, cfg, cfg.retr_clients)
+
+
+def huge(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """RETR of one 200 MB message: throughput, and how much memory that costs."""
+    assert data.huge is not None
+    drop, body = data.huge, data.huge_body
+    phases = Phases()
+    login_ms: list[float] = []
+
+    def script() -> Script:
+        expect_ok((yield (CONNECT,)), "greeting")
+        expect_ok((yield (LINE, command("USER", drop.user))), "USER")
+        started = time.monotonic()
+        expect_ok((yield (LINE, command("PASS", drop.password))), "PASS")
+        login_ms.append((time.monotonic() - started) * 1000)
+        while True:
+            yield (PARK, phases.lot)
+            if phases.finished:
+                break
+            for _ in range(cfg.huge_repeats):
+                expect_ok((yield (RETR, b"RETR 1\r\n", body)), "RETR")
+                phases.count += 1
+                phases.octets += len(body)
+        yield from _quit()
+
+    lg = LoadGenerator(("127.0.0.1", server.port), step_timeout=120)
+    before = server.sample()
+    lg.start([(drop.user, script())])
+    window = run_timed(lg, server, phases, [0.0], 600)
+    after = server.sample()
+    result = {
+        "message_octets": len(body),
+        "retrieved": phases.count,
+        "mb_per_s": round(phases.octets / MB / window.wall, 2) if window.wall else 0.0,
+        "login_ms": round(login_ms[0], 1) if login_ms else None,
+        "rss_before_kib": before.rss_kib,
+        "peak_rss_kib": after.hwm_kib,
+        "peak_rss_growth_mb": round((after.hwm_kib - before.rss_kib) * 1024 / MB, 2),
+        **window.figures(),
+    }
+    return _finish(result, lg)
+
+
+def many(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """
+    A Maildir of 100,000 messages: the first login (PASS to STAT), then
+    later logins (PASS to STAT, LIST, UIDL), each timed by the client.
+    """
+    assert data.many is not None
+    drop = data.many
+    sizes = drop.sizes(kind)
+    stat = b"+OK %d %d" % (drop.count, sum(sizes))
+    listing = b"".join(b"%d %d\r\n" % (n + 1, size) for n, size in enumerate(sizes))
+    uidls = b"".join(b"%d %s\r\n" % (n + 1, u.encode()) for n, u in enumerate(drop.uidls(kind)))
+    times: dict[str, list[float]] = {"first": [], "stat": [], "list": [], "uidl": []}
+
+    def timed_login(first: bool) -> Script:
+        expect_ok((yield (CONNECT,)), "greeting")
+        expect_ok((yield (LINE, command("USER", drop.user))), "USER")
+        started = time.monotonic()
+        expect_ok((yield (LINE, command("PASS", drop.password))), "PASS")
+        reply = yield (LINE, b"STAT\r\n")
+        times["first" if first else "stat"].append((time.monotonic() - started) * 1000)
+        if reply != stat:
+            raise SessionError(f"STAT: expected {stat!r}, got {reply[:100]!r}")
+        if not first:
+            for verb, expected in (("list", listing), ("uidl", uidls)):
+                started = time.monotonic()
+                status, body = yield (MULTI, command(verb.upper()))
+                times[verb].append((time.monotonic() - started) * 1000)
+                expect_ok(status, verb.upper())
+                if body != expected:
+                    raise SessionError(f"{verb.upper()}: {_first_difference(expected, body)}")
+        yield from _quit()
+
+    def script() -> Script:
+        yield from timed_login(first=True)
+        for _ in range(cfg.later_logins):
+            yield from timed_login(first=False)
+
+    lg = LoadGenerator(("127.0.0.1", server.port), step_timeout=300)
+    meter = Meter(server)
+    meter.start()
+    lg.start([(drop.user, script())])
+    lg.run(time.monotonic() + 900)
+    window = meter.stop()
+
+    def ms(values: list[float]) -> float | None:
+        return round(statistics.median(values), 1) if values else None
+
+    result = {
+        "messages": drop.count,
+        "first_login_ms": ms(times["first"]),
+        "later_logins": len(times["stat"]),
+        "later_stat_ms": ms(times["stat"]),
+        "later_list_ms": ms(times["list"]),
+        "later_uidl_ms": ms(times["uidl"]),
+        **window.figures(),
+    }
+    return _finish(result, lg)
+
+
+def _first_difference(expected: bytes, got: bytes) -> str:
+    expected_lines, got_lines = expected.split(b"\r\n"), got.split(b"\r\n")
+    for number, (want, have) in enumerate(zip(expected_lines, got_lines, strict=False), 1):
+        if want != have:
+            return f"line {number}: expected {want!r}, got {have!r}"
+    return f"{len(got_lines) - 1} lines, expected {len(expected_lines) - 1}"
+
+
+@dataclass
+class IdleCounts:
+    held: int = 0
+    failed: int = 0
+    answered: int = 0
+    last_failure: str = ""
+
+
+def idle(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any]:
+    """
+    Authenticated sessions that do nothing: server memory per session, and
+    how many are held (each then has to answer NOOP).
+    """
+    assert data.idle_warmup is not None
+    counts = IdleCounts()
+    hold, done = ParkingLot(), ParkingLot()
+
+    def warmup() -> Script:
+        yield from _login(data.idle_warmup)  # type: ignore[arg-type]
+        yield from _quit()
+
+    def script(drop: Maildrop) -> Script:
+        try:
+            yield from _login(drop)
+        except SessionError as error:
+            counts.failed += 1
+            counts.last_failure = str(error)
+            yield (CLOSE,)
+            return
+        counts.held += 1
+        yield (PARK, hold)
+        try:
+            expect_ok((yield (LINE, b"NOOP\r\n")), "NOOP")
+            counts.answered += 1
+        except SessionError as error:
+            counts.last_failure = str(error)
+        yield (PARK, done)
+
+    deadline = time.monotonic() + 300
+    lg = LoadGenerator(("127.0.0.1", server.port), step_timeout=20)
+    lg.start([("warmup", warmup())])
+    lg.run(deadline)
+    base = server.sample()
+    checkpoints: dict[str, dict[str, Any]] = {}
+    batch = 100
+    started = 0
+    for target in cfg.idle_checkpoints:
+        while started < target and time.monotonic() < deadline:
+            failed_before = counts.failed
+            drops = data.idle[started : min(target, started + batch)]
+            lg.start([(d.user, script(d)) for d in drops])
+            started += len(drops)
+            lg.run(deadline)
+            if counts.failed - failed_before == len(drops):
+                break  # a whole batch refused: the server is at its limit
+        sample = server.sample()
+        growth = sample.rss_kib - base.rss_kib
+        checkpoints[str(target)] = {
+            "attempted": started,
+            "held": counts.held,
+            "rss_growth_kib": growth,
+            "kib_per_session": round(growth / counts.held, 2) if counts.held else None,
+        }
+        if counts.held < target:
+            break
+    lg.release(hold)
+    lg.run(deadline)
+    result = {
+        "base_rss_kib": base.rss_kib,
+        "open_files_limit": server.open_files_limit(),
+        "checkpoints": checkpoints,
+        "held": counts.held,
+        "answered_noop": counts.answered,
+        "failed_logins": counts.failed,
+        "last_failure": counts.last_failure,
+    }
+    if counts.answered != counts.held:
+        lg.errors.append(f"{counts.held - counts.answered} held sessions did not answer NOOP")
+    return _finish(result, lg)
+
+
+RUNNERS: dict[str, Callable[[Server, str, Dataset, Config], dict[str, Any]]] = {
+    "login-storm": login_storm,
+    "retr-1": retr_one,
+    "retr-8": retr_eight,
+    "huge": huge,
+    "many": many,
+    "idle": idle,
+}
+
+
+def summary_line(workload: str, result: dict[str, Any]) -> str:
+    figures = {
+        "login-storm": lambda r: f"{r['sessions_per_s']} sessions/s",
+        "retr-1": lambda r: f"{r['mb_per_s']} MB/s",
+        "retr-8": lambda r: f"{r['mb_per_s']} MB/s",
+        "huge": lambda r: f"{r['mb_per_s']} MB/s, peak RSS +{r['peak_rss_growth_mb']} MB",
+        "many": lambda r: (
+            f"first {r['first_login_ms']} ms; later STAT {r['later_stat_ms']} ms, "
+            f"LIST {r['later_list_ms']} ms, UIDL {r['later_uidl_ms']} ms"
+        ),
+        "idle": lambda r: ", ".join(
+            f"{c['held']} held: {c['kib_per_session']} KiB each" for c in r["checkpoints"].values()
+        ),
+    }
+    text = figures[workload](result)
+    if "server_cores" in result and workload != "idle":
+        text += (
+            f" (server {result['server_cores']:.2f} cores,"
+            f" load generator {result['client_cores']:.2f} cores,"
+            f" other processes {result['other_cores']:.2f} cores)"
+        )
+    if result.get("errors"):
+        text += f"  ERRORS: {result['errors']}"
+    return text
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    workload: str
+    get: Callable[[dict[str, Any]], float | None]
+    higher_is_better: bool
+    target: str = ""
+    #: (pop3d value, twisted value) -> met?
+    check: Callable[[float, float | None], bool] | None = None
+
+
+def _checkpoint(n: int, key: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(result: dict[str, Any]) -> float | None:
+        checkpoint = result.get("checkpoints", {}).get(str(n))
+        return None if checkpoint is None else checkpoint.get(key)
+
+    return get
+
+
+def _ratio_at_least(factor: float) -> Callable[[float, float | None], bool]:
+    return lambda mine, theirs: bool(theirs) and mine / theirs >= factor  # type: ignore[operator]
+
+
+def report_rows(cfg: Config) -> list[Row]:
+    many = f"{cfg.many_messages // 1000}k-message Maildir"
+    rows = [
+        Row(
+            f"login storm, {cfg.storm_clients} clients (sessions/s)",
+            "login-storm",
+            lambda r: r["sessions_per_s"],
+            True,
+            ">= 1.5x twisted",
+            _ratio_at_least(1.5),
+        ),
+        Row(
+            f"RETR {cfg.retr_messages:,} x 20 KB, 1 client (MB/s)",
+            "retr-1",
+            lambda r: r["mb_per_s"],
+            True,
+            ">= 3x twisted",
+            _ratio_at_least(3),
+        ),
+        Row(
+            f"RETR 20 KB, {cfg.retr_clients} clients on {cfg.retr_clients} maildrops (MB/s)",
+            "retr-8",
+            lambda r: r["mb_per_s"],
+            True,
+            ">= 156 MB/s",
+            lambda mine, _: mine >= 156,
+        ),
+        Row(
+            f"RETR {cfg.retr_clients} clients: server CPU (cores)",
+            "retr-8",
+            lambda r: r["server_cores"],
+            True,
+            "both cores",
+            lambda mine, _: mine >= 1.5,
+        ),
+        Row(
+            f"RETR one {cfg.huge_size // MB} MB message (MB/s)",
+            "huge",
+            lambda r: r["mb_per_s"],
+            True,
+            ">= 2x twisted",
+            _ratio_at_least(2),
+        ),
+        Row(
+            f"RETR {cfg.huge_size // MB} MB: server peak RSS growth (MB)",
+            "huge",
+            lambda r: r["peak_rss_growth_mb"],
+            False,
+            "< 20 MB",
+            lambda mine, _: mine < 20,
+        ),
+        Row(
+            f"PASS to the {cfg.huge_size // MB} MB maildrop (ms)",
+            "huge",
+            lambda r: r["login_ms"],
+            False,
+        ),
+        Row(
+            f"{many}: first login, PASS->STAT (ms)",
+            "many",
+            lambda r: r["first_login_ms"],
+            False,
+            "< 1,000 ms",
+            lambda mine, _: mine < 1000,
+        ),
+    ]
+    for key, name in (("stat", "PASS->STAT"), ("list", "LIST"), ("uidl", "UIDL")):
+        rows.append(
+            Row(
+                f"{many}: later login, {name} (ms)",
+                "many",
+                lambda r, key=key: r[f"later_{key}_ms"],  # type: ignore[misc]
+                False,
+                "< 100 ms",
+                lambda mine, _: mine < 100,
+            )
+        )
+    for n in cfg.idle_checkpoints:
+        rows.append(
+            Row(
+                f"idle sessions: RSS per session at {n:,} (KiB)",
+                "idle",
+                _checkpoint(n, "kib_per_session"),
+                False,
+                "<= 4 KiB",
+                lambda mine, _: mine <= 4,
+            )
+        )
+        rows.append(
+            Row(
+                f"idle sessions: held of {n:,}",
+                "idle",
+                _checkpoint(n, "held"),
+                True,
+                f"{n:,} held" if n >= 10_000 else "",
+                (lambda mine, _, n=n: mine >= n) if n >= 10_000 else None,  # type: ignore[misc]
+            )
+        )
+    return rows
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def render_table(
+    results: dict[str, dict[str, Any]], cfg: Config
+) -> tuple[str, list[dict[str, Any]]]:
+    header = (
+        "Workload (unit)",
+        "Better",
+        "pop3d",
+        "twisted.mail.pop3",
+        "pop3d/twisted",
+        "Target (#5)",
+        "pop3d",
+    )
+    lines: list[tuple[str, ...]] = [header]
+    verdicts: list[dict[str, Any]] = []
+    for row in report_rows(cfg):
+        if row.workload not in results:
+            continue
+        values: dict[str, float | None] = {}
+        for kind in SERVERS:
+            result = results[row.workload].get(kind, {})
+            try:
+                values[kind] = None if result.get("errors") else row.get(result)
+            except (KeyError, TypeError):
+                values[kind] = None
+        mine, theirs = values["pop3d"], values["twisted"]
+        ratio = f"{mine / theirs:.2f}x" if mine is not None and theirs else "-"
+        better = "higher" if row.higher_is_better else "lower"
+        verdict = ""
+        if row.check is not None:
+            verdict = "?" if mine is None else ("met" if row.check(mine, theirs) else "MISSED")
+            verdicts.append(
+                {
+                    "figure": row.label.strip(),
+                    "target": row.target,
+                    "pop3d": mine,
+                    "verdict": verdict,
+                }
+            )
+        lines.append(
+            (row.label, better, _number(mine), _number(theirs), ratio, row.target, verdict)
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+    heading = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()
+    text = [rule, heading, rule]
+    for line in lines[1:]:
+        cells = [line[0].ljust(widths[0])] + [
+            cell.rjust(width) if 2 <= i <= 4 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line[1:], widths[1:], strict=True), 1)
+        ]
+        text.append("  ".join(cells).rstrip())
+    text.append(rule)
+    return "\n".join(text), verdicts
+
+
+def render_cpu(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "CPU over each measured window (cores = CPU seconds / wall seconds; other = the",
+        "rest of the machine, which should be near 0):",
+        f"  {'workload':<12} {'server':<18} {'server cores':>12} {'load generator cores':>21}"
+        f" {'other cores':>12}",
+    ]
+    for workload in WORKLOADS:
+        for kind in SERVERS:
+            result = results.get(workload, {}).get(kind)
+            if not result or "server_cores" not in result or workload == "idle":
+                continue
+            lines.append(
+                f"  {workload:<12} {SERVER_TITLES[kind]:<18} {result['server_cores']:>12.2f}"
+                f" {result['client_cores']:>21.2f} {result['other_cores']:>12.2f}"
+            )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    import twisted
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) // 1024
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=servers.HERE,
+        check=False,
+    ).stdout.strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_mib": memory,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "pop3d_commit": commit or "unknown",
+    }
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    return (
+        f"{machine['nproc']} x {machine['cpu_model']}, {machine['memory_mib']:,} MiB, "
+        f"Linux {machine['kernel']}, Python {machine['python']}, "
+        f"Twisted {machine['twisted']}, pop3d {machine['pop3d_commit']}"
+    )
+
+
+# -- profiling ------------------------------------------------------------------------------
+
+
+def profile(workload: str, data: Dataset, cfg: Config, output: Path, top: int) -> None:
+    """Run one workload against pop3d under cProfile (all threads); print the top functions."""
+    server = start_server("pop3d", data, f"profile-{workload}", profile=output)
+    try:
+        result = RUNNERS[workload](server, "pop3d", data, cfg)
+        print(f"{workload} under cProfile (slower than without): {summary_line(workload, result)}")
+    finally:
+        server.stop(timeout=120)  # SIGTERM: twistd stops, the profile is written
+    if not output.exists():
+        raise RuntimeError(f"no profile written; log:\n{server.log_tail()}")
+    for order in ("tottime", "cumulative"):
+        print(f"\nTop {top} functions by {order} ({output}):")
+        stats = pstats.Stats(str(output))
+        _shorten_paths(stats)
+        stats.sort_stats(order).print_stats(top)
+
+
+def _shorten_paths(stats: pstats.Stats) -> None:
+    """site-packages/twisted/... and pop3d/... instead of absolute paths."""
+    prefixes = sorted({str(servers.HERE.parent) + "/", *(p + "/" for p in sys.path if p)}, key=len)
+
+    def short(key: tuple[str, int, str]) -> tuple[str, int, str]:
+        filename, line, name = key
+        for prefix in reversed(prefixes):
+            if filename.startswith(prefix):
+                return filename[len(prefix) :], line, name
+        return key
+
+    table: Any = stats.stats  # type: ignore[attr-defined]
+    stats.stats = {  # type: ignore[attr-defined]
+        short(key): (cc, nc, tt, ct, {short(c): v for c, v in callers.items()})
+        for key, (cc, nc, tt, ct, callers) in table.items()
+    }
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter run (under 2 minutes)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--only", help=f"comma-separated workloads to run, of: {', '.join(WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=WORKLOADS,
+        help="run this workload against pop3d only, under cProfile, and print the top functions",
+    )
+    parser.add_argument("--profile-output", type=Path, help="where to write the .prof file")
+    parser.add_argument("--top", type=int, default=25, help="functions to print with --profile")
+    parser.add_argument("--tmpdir", type=Path, help="where to build the test maildrops")
+    parser.add_argument("--keep", action="store_true", help="keep the test maildrops and logs")
+    options = parser.parse_args(argv)
+
+    cfg = Config.make(options.quick)
+    if options.profile:
+        workloads = [options.profile]
+    elif options.only:
+        workloads = [w.strip() for w in options.only.split(",")]
+        unknown = set(workloads) - set(WORKLOADS)
+        if unknown:
+            parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    else:
+        workloads = list(WORKLOADS)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    fd_limit = servers.raise_fd_limit()
+    if "idle" in workloads and max(cfg.idle_checkpoints) + 256 > fd_limit:
+        cfg = Config(**{**cfg.__dict__, "idle_checkpoints": (cfg.idle_checkpoints[0],)})
+        print(f"open files limit {fd_limit}: 10,000 idle sessions skipped", flush=True)
+    machine = machine_info()
+    print(f"machine: {describe_machine(machine)}", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="pop3d-bench-", dir=options.tmpdir))
+    results: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    try:
+        data = build_dataset(root, cfg, workloads)
+        if options.profile:
+            output = options.profile_output or Path(tempfile.gettempdir()) / (
+                f"pop3d-{options.profile}.prof"
+            )
+            profile(options.profile, data, cfg, output.resolve(), options.top)
+            return 0
+        for workload in workloads:
+            results[workload] = {}
+            for kind in SERVERS:
+                began = time.monotonic()
+                server = start_server(kind, data, workload)
+                try:
+                    result = RUNNERS[workload](server, kind, data, cfg)
+                finally:
+                    server.stop()
+                result["elapsed_s"] = round(time.monotonic() - began, 1)
+                problems = server.log_problems()
+                if problems:
+                    result["server_log_problems"] = [*problems[:5], f"({len(problems)} lines)"]
+                results[workload][kind] = result
+                print(
+                    f"{workload:<12} {SERVER_TITLES[kind]:<18} {summary_line(workload, result)}"
+                    f" [{result['elapsed_s']} s]",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        print("interrupted; stopping the servers", file=sys.stderr)
+        return 130
+    finally:
+        servers.stop_all()
+        if options.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    table, verdicts = render_table(results, cfg)
+    errors = {
+        f"{workload}/{kind}": result["errors"]
+        for workload, by_server in results.items()
+        for kind, result in by_server.items()
+        if result.get("errors")
+    }
+    print()
+    print(f"Machine: {describe_machine(machine)}")
+    mode = "quick run" if cfg.quick else "full run"
+    print(f"{mode} in {time.monotonic() - started:.0f} s; MB = 10^6 octets; loopback")
+    print()
+    print(table)
+    print()
+    print(render_cpu(results))
+    if errors:
+        print("\nERRORS (figures of these runs are not shown):")
+        for name, messages in errors.items():
+            for message in messages:
+                print(f"  {name}: {message}")
+    if options.json:
+        document = {
+            "machine": machine,
+            "config": {k: v for k, v in cfg.__dict__.items()},
+            "results": results,
+            "targets": verdicts,
+            "errors": errors,
+        }
+        options.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"\nJSON written to {options.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
