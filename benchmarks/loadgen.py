@@ -97,14 +97,28 @@ class LoadGenerator:
         self._runnable: deque[tuple[_Slot, Any, BaseException | None]] = deque()
         self._active = 0
         self._slots: set[_Slot] = set()
+        self._waiting: deque[_Slot] = deque()
+        self._max_active: int | None = None
 
     # -- running ---------------------------------------------------------
 
-    def start(self, scripts: list[tuple[str, Script]]) -> None:
-        """Schedule named scripts; they run during `run`."""
+    def start(self, scripts: list[tuple[str, Script]], max_active: int | None = None) -> None:
+        """
+        Schedule named scripts; they run during `run`.  With ``max_active``,
+        no more than that many run at once (parked ones do not count): the
+        others wait their turn, so that connections do not overflow the
+        server's listen backlog.
+        """
+        self._max_active = max_active
         for name, script in scripts:
             slot = _Slot(script, name)
             self._slots.add(slot)
+            self._waiting.append(slot)
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiting and (self._max_active is None or self._active < self._max_active):
+            slot = self._waiting.popleft()
             self._active += 1
             self._runnable.append((slot, None, None))
 
@@ -126,6 +140,7 @@ class LoadGenerator:
         while True:
             while self._runnable:
                 self._step(*self._runnable.popleft())
+                self._admit()
             if self._active == 0:
                 return
             now = time.monotonic()
@@ -136,6 +151,8 @@ class LoadGenerator:
                         slot.script.close()
                         self._finish(slot)
                 self._runnable.clear()
+                self._waiting.clear()
+                self._active = 0
                 return
             events = self._selector.select(min(0.25, max(0.0, deadline - now)))
             for key, mask in events:
@@ -161,6 +178,7 @@ class LoadGenerator:
             slot.state = _DONE
         self._slots.clear()
         self._runnable.clear()
+        self._waiting.clear()
         self._active = 0
         self._selector.close()
 

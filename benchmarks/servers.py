@@ -53,7 +53,9 @@ def _with_fd_limit(argv: list[str]) -> list[str]:
     return ["sh", "-c", 'ulimit -S -n "$0" && exec "$@"', str(hard), *argv]
 
 
-def pop3d_command(mail_root: Path, passwd: Path, profile: Path | None = None) -> list[str]:
+def pop3d_command(
+    mail_root: Path, passwd: Path, profile: Path | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
     twistd = str(Path(sys.executable).parent / "twistd")
     prefix = (
         [sys.executable, twistd]
@@ -76,6 +78,7 @@ def pop3d_command(mail_root: Path, passwd: Path, profile: Path | None = None) ->
             f"maildir:{mail_root}/{{user}}",
             "--auth",
             f"passwd-file:{passwd}",
+            *extra,
         ]
     )
 
@@ -169,11 +172,24 @@ class Server:
                     return
 
     def sample(self) -> ProcessSample:
-        with open(f"/proc/{self.pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-        status = _proc_status(self.pid)
-        return ProcessSample(cpu, status.get("VmRSS", 0), status.get("VmHWM", 0))
+        """
+        The server's process and its descendants (a server with worker
+        processes): CPU of all of them (with their reaped children), the sum
+        of their RSS and of their peak RSS.
+        """
+        cpu, rss, hwm = 0.0, 0, 0
+        for pid in _process_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+                status = _proc_status(pid)
+            except OSError:
+                continue  # exited meanwhile
+            # utime, stime, cutime, cstime
+            cpu += sum(int(field) for field in fields[11:15]) / _CLOCK_TICKS
+            rss += status.get("VmRSS", 0)
+            hwm += status.get("VmHWM", 0)
+        return ProcessSample(cpu, rss, hwm)
 
     def open_files_limit(self) -> int:
         with open(f"/proc/{self.pid}/limits") as limits:
@@ -219,6 +235,26 @@ class Server:
             return []
         markers = ("Traceback", "Unhandled", "Could not accept", "Too many open files")
         return [line for line in text.splitlines() if any(m in line for m in markers)]
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    return tree
 
 
 def _proc_status(pid: int) -> dict[str, int]:

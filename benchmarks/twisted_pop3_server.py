@@ -45,15 +45,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.cred.checkers import FilePasswordDB
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.mail import maildir, pop3
 from zope.interface import implementer
@@ -75,19 +74,21 @@ class FairPOP3(pop3.POP3):
     _at_line_start = True
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)  # fix 3
-        super().connectionMade()
+        cast(ITCPTransport, self.transport).setTcpNoDelay(True)  # fix 3
+        super().connectionMade()  # type: ignore[no-untyped-call]
 
     def _sendMessageContent(
         self, i: bytes, fpWrapper: Callable[[Any], Any], successResponse: Callable[[int], Any]
-    ) -> Deferred[Any]:
+    ) -> Any:
         # Fix 2: a new message starts at the start of a line.  (Commands are
         # not processed while a message is sent, so one flag is enough.)
         def start_message(file: Any) -> Any:
             self._at_line_start = True
             return fpWrapper(file)
 
-        return super()._sendMessageContent(i, start_message, successResponse)
+        return super()._sendMessageContent(  # type: ignore[no-untyped-call]
+            i, start_message, successResponse
+        )
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # Fix 2: Twisted's two replaces, plus the line start carried over
@@ -118,15 +119,13 @@ class MaildirRealm:
 
 
 class POP3ServerFactory(protocol.ServerFactory):
-    protocol = FairPOP3
-
     def __init__(self, portal: Portal) -> None:
         self.portal = portal
 
-    def buildProtocol(self, addr: Any) -> FairPOP3:
+    def buildProtocol(self, addr: Any) -> Any:
         server = FairPOP3()
-        server.factory = self
-        server.portal = self.portal
+        server.factory = self  # type: ignore[assignment]
+        server.portal = self.portal  # type: ignore[assignment]
         return server
 
 
@@ -156,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def failed(failure: Any) -> None:
         log.failure("cannot listen", failure)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     serverFromString(reactor, options.listen).listen(factory).addCallbacks(listening, failed)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

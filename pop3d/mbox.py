@@ -28,15 +28,16 @@ one ambiguity mboxo has):
   risk rewriting it.  ``Content-Length:`` headers (mboxcl) are not used.
 - A missing file is an empty maildrop (it is not created).
 
-The file is read once at login to index it (offsets, sizes and UIDLs),
-without holding more than a line at a time; message bodies are then read
-from the file as they are sent.
+The file is read once at login, in 1 MiB buffers, to index it (offsets,
+sizes and UIDLs); message bodies are then read from the file as they are
+sent.  Memory use does not grow with the size of the file or its messages.
 
 Locks
 -----
 
-For the whole session (RFC 1939 section 4: exclusive access), in this order,
-which is the order of Postfix local(8) and procmail:
+For the whole session (RFC 1939 section 4: exclusive access), in this order
+(the dotlock before the fcntl lock, as Postfix local(8) and procmail take
+them):
 
 1. an in-process registry entry, because fcntl locks are per process and
    would let a second session of this server in;
@@ -44,13 +45,17 @@ which is the order of Postfix local(8) and procmail:
    (atomic on local file systems and on NFSv3 and later) and holding the
    server's PID.  One older than `DOTLOCK_STALE_SECONDS` (10 minutes:
    between Postfix's 500 seconds and procmail's 1024) is taken for the
-   leftover of a crashed program and removed; a session refreshes the age of
-   its own dotlock whenever it reads or deletes mail;
+   leftover of a crashed program and removed.  A session refreshes the age
+   of its own dotlock whenever it reads or deletes mail; if another program
+   still breaks it during a long idle spell, the fcntl lock keeps that
+   program out, and UPDATE checks the dotlock again before rewriting;
 3. an ``fcntl`` (``lockf``) write lock on the whole mbox file.
 
-Any of them held elsewhere is ``-ERR [IN-USE]``.  None is waited for, so
-the order of other programs (mutt takes fcntl first) cannot deadlock.  They
-are released in the reverse order on every way a session ends.  With
+Any of them held elsewhere is ``-ERR [IN-USE]``; MTAs that find them held
+retry later.  None is waited for, so whatever order another program takes
+them in cannot deadlock.  They are released in the reverse order on every
+way a session ends (a server killed with SIGKILL leaves its dotlock, which
+then keeps the maildrop in use until it is stale).  With
 classic fcntl locks, closing any descriptor of a file drops the process's
 locks on it, so this module opens the mbox once per session and reads
 message bodies with ``pread`` on that descriptor.
@@ -101,8 +106,8 @@ UIDLs
 -----
 
 A message's UIDL is its ``X-UIDL:`` header (written by qpopper and others)
-when that is a valid UIDL (RFC 1939 section 7), is the first ``X-UIDL:`` of
-the message header, is not folded, does not look like one of the generated
+when that is a valid UIDL (RFC 1939 section 7), is the first ``X-UIDL:`` in
+the first 64 KiB of the message header, is not folded, does not look like one of the generated
 ids below, and no earlier message of the file has it.
 
 Otherwise it is the first 40 hex digits of the SHA-256 of the From_ line and
@@ -750,6 +755,7 @@ def _rewrite(
         # Mail appended since the snapshot, by a program that ignored the locks.
         copier.copy(current.end, size)
         _checkpoint("written")
+        os.fsync(fd)
         _checkpoint("synced")
         os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         renamed = True
@@ -871,7 +877,12 @@ class _MboxMaildrop:
             raise _unavailable("cannot check the mbox", self.path, error) from error
         if (found.st_dev, found.st_ino) != (own.st_dev, own.st_ino):
             log.warn("{path} was replaced by another program", path=self.path)
-            fd = _open_locked(self._dir_fd, self._name, self.path)
+            try:
+                fd = _open_locked(self._dir_fd, self._name, self.path)
+            except MaildropLocked:
+                raise MaildropUnavailable(
+                    "the maildrop is being changed by another program"
+                ) from None
             if fd is None:
                 self._follow(None)
                 return

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -12,7 +14,17 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorThreads,
+    IReactorTime,
+)
+
+# Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
+# endpoint; a worker has an inherited socket instead.
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
@@ -25,8 +37,9 @@ from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
-from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError
+from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.uidl import UIDLFormatError, check_format
+from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -82,6 +95,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
         ["max-connections", None, None, "Most connections at once (default: no limit)."],
+        [
+            "workers",
+            None,
+            "1",
+            "Worker processes sharing the listening sockets ('auto': one per core).",
+        ],
+        ["worker-sockets", None, None, "(internal: the sockets a worker inherits)"],
         ["max-connections-per-ip", None, None, "Most connections at once from one address."],
         [
             "login-failure-delay",
@@ -94,6 +114,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Kept to start --workers with the same options.
+        self.arguments = list(options if options is not None else sys.argv[1:])
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -129,6 +155,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError(f"--uidl-format: {error}") from None
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
+        self["workers"] = parse_workers(self["workers"], self["listen"])
+        if self["worker-sockets"] is not None:
+            # A worker: the parent listens; these are its sockets.
+            try:
+                self["worker-sockets"] = InheritedSocket.parse_all(self["worker-sockets"])
+            except ValueError as error:
+                raise usage.UsageError(f"--worker-sockets: {error}") from None
+            self["endpoints"] = []
+            return
         from twisted.internet import reactor
 
         self["endpoints"] = [
@@ -195,6 +230,36 @@ def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
         return ServerTLS(certificate, key)
     except TLSConfigurationError as error:
         raise usage.UsageError(f"--tls-cert/--tls-key: {error}") from None
+
+
+#: Endpoint kinds whose sockets worker processes can share.
+_SHAREABLE = ("tcp:", "tcp6:", "unix:", "systemd:")
+
+
+def parse_workers(value: str, listen: Sequence[str]) -> int:
+    count = os.cpu_count() or 1 if value == "auto" else int(value) if value.isdigit() else 0
+    if count < 1:
+        raise usage.UsageError(f"--workers {value!r}: expected a positive number or 'auto'")
+    if count > 1:
+        for description in listen:
+            inner = description.removeprefix("haproxy:")
+            ours = inner.startswith("ssl:") and "privateKey=" not in inner
+            if not (ours or inner.startswith(_SHAREABLE)):
+                raise usage.UsageError(
+                    f"--listen {description!r}: with --workers, use tcp:, tcp6:, unix:, "
+                    "systemd: or ssl:PORT with --tls-cert/--tls-key (optionally behind haproxy:)"
+                )
+    return count
+
+
+def worker_factory(description: str, factory: Any, tls: ServerTLS | None) -> Any:
+    """The wrapping a --listen kind puts around the factory, in a worker."""
+    if description.startswith("haproxy:"):
+        return HAProxyWrappingFactory(worker_factory(description[8:], factory, tls))
+    if description.startswith("ssl:"):
+        assert tls is not None
+        return tls_server_factory(factory, tls)
+    return factory
 
 
 def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None) -> Any:
@@ -283,11 +348,33 @@ def makeService(options: Options) -> IService:
         max_connections_per_ip=options["max-connections-per-ip"],
     )
     service = MultiService()
-    pop3 = POP3Service(options["endpoints"], factory)
-    pop3.setName("pop3")
-    pop3.setServiceParent(service)
-    if options["tls"] is not None:
-        ReloadOnHangup(options["tls"].reload).setServiceParent(service)
+    reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None
+    if options["worker-sockets"] is not None:
+        factories = [
+            worker_factory(description, factory, options["tls"])
+            for description in options["listen"]
+        ]
+        if len(factories) != len(options["worker-sockets"]):
+            raise usage.UsageError("--worker-sockets does not match --listen")
+        adopted = AdoptedPorts(cast(IReactorSocket, reactor), options["worker-sockets"], factories)
+        adopted.setServiceParent(service)
+    elif options["workers"] > 1:
+        pool = WorkerPool(
+            cast(IReactorProcess, reactor),
+            options["endpoints"],
+            worker_command(options.arguments),
+            options["workers"],
+        )
+        pool.setName("workers")
+        pool.setServiceParent(service)
+        if reload is not None:
+            reload = lambda: pool.signal_workers("HUP")  # noqa: E731
+    else:
+        pop3 = POP3Service(options["endpoints"], factory)
+        pop3.setName("pop3")
+        pop3.setServiceParent(service)
+    if reload is not None:
+        ReloadOnHangup(reload).setServiceParent(service)
     return service
 
 

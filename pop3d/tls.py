@@ -104,6 +104,9 @@ class ImplicitTLSEndpoint:
         self._tls = tls
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._wrapped.listen(
-            TLSMemoryBIOFactory(_CurrentCertificate(self._tls), False, protocolFactory)
-        )
+        return self._wrapped.listen(tls_server_factory(protocolFactory, self._tls))
+
+
+def tls_server_factory(factory: IProtocolFactory, tls: ServerTLS) -> TLSMemoryBIOFactory:
+    """``factory`` behind implicit TLS with the current certificate of ``tls``."""
+    return TLSMemoryBIOFactory(_CurrentCertificate(tls), False, factory)

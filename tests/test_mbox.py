@@ -594,6 +594,34 @@ def test_mail_appended_during_the_rewrite_survives(
     assert alice.read_bytes() == mbox_of([messages[0], messages[2]]) + late
 
 
+def test_the_new_file_is_synced_before_the_rename_and_the_directory_after(
+    store: MboxStore, alice: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes the rename safe against a power failure, not only a crash."""
+    alice.write_bytes(mbox_of([b"Subject: a\n\na\n", b"Subject: b\n\nb\n"]))
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + ("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(mbox_module, "_checkpoint", events.append)
+    maildrop = now(store.open("alice"))
+    now(maildrop.remove([0]))
+    now(maildrop.close())
+    assert [event for event in events if event != "copying"] == [
+        "created",
+        "written",
+        "fsync file",
+        "synced",
+        "renamed",
+        "fsync directory",
+        "done",
+    ]
+
+
 def test_the_rewrite_keeps_owner_and_mode(store: MboxStore, alice: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("giving the mbox another owner needs root")

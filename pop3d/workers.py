@@ -1,0 +1,255 @@
+"""
+Every core: ``--workers N`` runs N worker processes that accept on the same
+listening sockets.
+
+The parent listens as a single server would (so ``systemd:`` socket
+activation, privileged ports and port 0 work as usual), stops accepting
+itself, and starts the workers with the listening sockets as inherited file
+descriptors; each worker adopts them (``adoptStreamPort``) and serves POP3
+as a whole server does.  The kernel hands each new connection to one worker.
+A worker that dies is started again; it takes no mail with it, since its
+sessions never reached UPDATE and the kernel drops its maildrop locks, which
+are ``flock`` locks shared by all processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pop3d.protocol import describe_address
+
+log = Logger()
+
+#: Seconds before a worker that died is started again.
+RESTART_DELAY = 1.0
+#: How often a worker checks that its parent is still there.
+PARENT_CHECK_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class InheritedSocket:
+    """A listening socket a worker adopts: its descriptor and address family."""
+
+    fd: int
+    family: int
+
+    def __str__(self) -> str:
+        return f"{self.fd}:{self.family}"
+
+    @classmethod
+    def parse_all(cls, text: str) -> list[InheritedSocket]:
+        """The ``--worker-sockets`` value: ``FD:FAMILY,FD:FAMILY,...``."""
+        sockets = []
+        for item in text.split(","):
+            fd, _, family = item.partition(":")
+            if not (fd.isdigit() and family.isdigit()):
+                raise ValueError(f"expected FD:FAMILY, got {item!r}")
+            sockets.append(cls(int(fd), int(family)))
+        return sockets
+
+
+class AdoptedPorts(Service):
+    """In a worker: accept on the inherited sockets, one factory each."""
+
+    def __init__(
+        self,
+        reactor: IReactorSocket,
+        sockets: Sequence[InheritedSocket],
+        factories: Sequence[IProtocolFactory],
+    ) -> None:
+        self._reactor = reactor
+        self._sockets = list(sockets)
+        self._factories = list(factories)
+        self._ports: list[IListeningPort] = []
+        self._parent_watch = LoopingCall(lambda: None)
+
+    def startService(self) -> None:
+        super().startService()
+        # When the parent is gone, however it went, so is the worker: no
+        # one would restart it or pass signals on, and it keeps the port.
+        parent = os.getppid()
+        self._parent_watch = LoopingCall(self._stop_if_orphaned, parent)
+        self._parent_watch.clock = cast(IReactorTime, self._reactor)
+        self._parent_watch.start(PARENT_CHECK_INTERVAL, now=False)
+        for inherited, factory in zip(self._sockets, self._factories, strict=True):
+            family = socket.AddressFamily(inherited.family)
+            port = self._reactor.adoptStreamPort(inherited.fd, family, factory)  # type: ignore[arg-type]
+            # adoptStreamPort duplicates the descriptor.
+            os.close(inherited.fd)
+            self._ports.append(port)
+            log.info(
+                "pop3d worker {pid} listening on {address}",
+                pid=os.getpid(),
+                address=describe_address(port.getHost()),
+            )
+
+    def _stop_if_orphaned(self, parent: int) -> None:
+        if os.getppid() != parent:
+            log.info("the parent process is gone; worker {pid} stops", pid=os.getpid())
+            self._parent_watch.stop()
+            cast(IReactorCore, self._reactor).stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._parent_watch.running:
+            self._parent_watch.stop()
+        ports, self._ports = self._ports, []
+        stopped = DeferredList([port.stopListening() for port in ports])  # type: ignore[misc]
+        return stopped.addCallback(lambda _: None)
+
+
+class _NotAccepting(Factory):
+    """The parent's listening ports never accept: the workers do."""
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        return None
+
+
+class WorkerPool(Service):
+    """
+    In the parent: listen on ``endpoints``, then keep ``count`` workers
+    running, each started as ``command`` + ``--worker-sockets FD:FAMILY,...``.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        endpoints: Sequence[IStreamServerEndpoint],
+        command: Sequence[str],
+        count: int,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoints = list(endpoints)
+        self._command = list(command)
+        self._count = count
+        self._ports: list[IListeningPort] = []
+        self._sockets: list[InheritedSocket] = []
+        self._workers: dict[int, _Worker] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Failure] = []
+        for endpoint in self._endpoints:
+            listening = endpoint.listen(_NotAccepting())
+            listening.addCallbacks(self._ports.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        for port in self._ports:
+            # Port objects of TCP and UNIX endpoints: the socket is theirs.
+            port.stopReading()  # type: ignore[attr-defined]
+            listener: socket.socket = port.socket  # type: ignore[attr-defined]
+            self._sockets.append(InheritedSocket(listener.fileno(), listener.family))
+        for number in range(self._count):
+            self._start(number)
+
+    def _start(self, number: int) -> None:
+        if not self.running:
+            return
+        # The workers see the sockets at descriptors 3, 4, ... in order.
+        inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(self._sockets)]
+        child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
+        child_fds.update(
+            {s.fd: parent.fd for s, parent in zip(inherited, self._sockets, strict=True)}
+        )
+        arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
+        worker = _Worker(self, number)
+        self._workers[number] = worker
+        self._reactor.spawnProcess(
+            worker, arguments[0], arguments, env=os.environ.copy(), childFDs=child_fds
+        )
+        log.info("started worker {number}", number=number)
+
+    def signal_workers(self, name: str) -> None:
+        """Pass a signal on to every worker (SIGHUP: reload the certificate)."""
+        for worker in self._workers.values():
+            worker.send(name)
+
+    def worker_ended(self, number: int, reason: Failure) -> None:
+        worker = self._workers.pop(number, None)
+        if worker is not None and worker.stopped is not None:
+            worker.stopped.callback(None)
+        if self.running:
+            log.warn(
+                "worker {number} ended ({reason}); starting it again",
+                number=number,
+                reason=reason.getErrorMessage(),
+            )
+            clock = cast(IReactorTime, self._reactor)
+            clock.callLater(RESTART_DELAY, self._start, number)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        ending = []
+        for worker in list(self._workers.values()):
+            worker.stopped = Deferred()
+            ending.append(worker.stopped)
+            worker.terminate()
+        for port in self._ports:
+            port.stopListening()
+        self._ports = []
+        return DeferredList(ending).addCallback(lambda _: None)
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self._pool = pool
+        self.number = number
+        self.stopped: Deferred[None] | None = None
+
+    def terminate(self) -> None:
+        self.send("TERM")
+
+    def send(self, name: str) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess(name)
+            except Exception:  # already gone
+                log.debug("worker {number} already ended", number=self.number)
+
+    def processEnded(self, reason: Failure) -> None:
+        if reason.check(ProcessDone):
+            log.info("worker {number} exited", number=self.number)
+        self._pool.worker_ended(self.number, reason)
+
+
+def worker_command(arguments: Sequence[str]) -> list[str]:
+    """
+    How to start a worker: twistd in the foreground, with the parent's pop3d
+    options less ``--workers``.
+    """
+    kept: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+            continue
+        if argument == "--workers":
+            skip = True
+            continue
+        if argument.startswith("--workers="):
+            continue
+        kept.append(argument)
+    twistd = "from twisted.scripts.twistd import run; run()"
+    return [sys.executable, "-c", twistd, "-n", "--pidfile=", "pop3d", *kept]

@@ -1,0 +1,119 @@
+"""
+``--workers N``: worker processes share the listening sockets; a worker that
+dies is started again and takes no mail with it; maildrop locks hold across
+workers; orphaned workers do not outlive their parent.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from pop3d.testing import deliver_to_maildir
+
+from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
+
+__all__ = ["launch"]  # the fixture
+
+WORKER_LISTENING = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)")
+
+
+def _start_pool(launch: Launch, tmp_path: Path, workers: int) -> tuple[object, int, list[int]]:
+    mail_root = tmp_path / "mail"
+    for n in (1, 2):
+        deliver_to_maildir(str(mail_root / "alice"), b"Subject: %d\n\nbody\n" % n)
+    server = launch(*pop3d_arguments(mail_root, write_passwd(tmp_path), "--workers", str(workers)))
+    pids, ports = [], set()
+    for _ in range(workers):
+        match = server.wait_for(WORKER_LISTENING)
+        pids.append(int(match.group(1)))
+        ports.add(int(match.group(2)))
+    [port] = ports
+    return server, port, pids
+
+
+def _stat(port: int) -> tuple[int, int]:
+    client = poplib.POP3(HOST, port, timeout=PATIENCE)
+    client.user("alice")
+    client.pass_("wonderland")
+    result = client.stat()
+    client.quit()
+    return result
+
+
+def test_workers_share_the_port_and_a_dead_one_comes_back(tmp_path: Path, launch: Launch) -> None:
+    server, port, pids = _start_pool(launch, tmp_path, 2)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    for _ in range(6):
+        assert _stat(port)[0] == 2
+    os.kill(pids[0], signal.SIGKILL)
+    replacement = int(server.wait_for(WORKER_LISTENING).group(1))  # type: ignore[attr-defined]
+    assert replacement not in pids
+    for _ in range(6):
+        assert _stat(port)[0] == 2
+
+
+def test_maildrop_locks_hold_across_workers(tmp_path: Path, launch: Launch) -> None:
+    """RFC 2449 section 8.1.2: [IN-USE], whichever workers the two logins reach."""
+    _, port, _ = _start_pool(launch, tmp_path, 2)
+    holders = []
+    try:
+        for _ in range(4):  # enough connections to reach both workers
+            client = poplib.POP3(HOST, port, timeout=PATIENCE)
+            holders.append(client)
+            client.user("alice")
+            try:
+                client.pass_("wonderland")
+            except poplib.error_proto as refused:
+                assert str(refused).startswith("b'-ERR [IN-USE]")
+            else:
+                assert len(holders) == 1, "a second session got the same maildrop"
+    finally:
+        for client in holders:
+            client.close()
+
+
+def test_workers_end_with_their_parent(tmp_path: Path, launch: Launch) -> None:
+    server, _, pids = _start_pool(launch, tmp_path, 2)
+    os.kill(server.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    for pid in pids:
+        _wait_gone(pid)
+
+
+def _wait_gone(pid: int) -> None:
+    """
+    An orphaned worker notices its parent's end on its stdin pipe and stops;
+    nothing announces that to us, so look until it is gone (bounded).
+    """
+    import time
+
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state == "Z":  # ended, waiting to be reaped by init
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"worker {pid} outlived its parent")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--workers", "0"],
+        ["--workers", "many"],
+        ["--workers", "2", "--listen", "ssl:995:privateKey=key.pem"],
+    ],
+)
+def test_bad_worker_options(tmp_path: Path, launch: Launch, arguments: list[str]) -> None:
+    server = launch(*pop3d_arguments(tmp_path, write_passwd(tmp_path), *arguments))
+    status, output = server.wait_exit()
+    assert status != 0 and "Traceback" not in output
+    assert "--workers" in output.strip().splitlines()[-1] or "--listen" in output
