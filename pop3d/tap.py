@@ -149,6 +149,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         if self["uidl-format"] is not None:
+            if self["mail-location"].startswith("mbox:"):
+                raise usage.UsageError(
+                    "--uidl-format applies to Maildirs; mbox UIDLs reuse X-UIDL headers"
+                )
             try:
                 check_format(self["uidl-format"])
             except UIDLFormatError as error:
@@ -333,9 +337,7 @@ def makeService(options: Options) -> IService:
         store = MaildirStore(
             options["maildir-template"], reactor=threads, uidl_format=options["uidl-format"]
         )
-    portal = build_portal(
-        MaildropRealm(store), options["credCheckers"], cast(IReactorThreads, reactor)
-    )
+    portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
     factory = POP3Factory(
         portal,
         clock=clock,

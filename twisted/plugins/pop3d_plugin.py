@@ -9,7 +9,7 @@ from pop3d.checkers import PasswdFileCheckerFactory
 pop3d = ServiceMaker(
     "pop3d",
     "pop3d.tap",
-    "A POP3 server (RFC 1939) for Maildirs",
+    "A POP3 server (RFC 1939) for Maildirs and mbox files",
     "pop3d",
 )
 
