@@ -40,6 +40,7 @@ from pop3d.uidl import (
     DovecotUidlist,
     check_format,
     expand_format,
+    header_x_uidl,
     parse_dovecot_uidlist,
 )
 from pop3d.wire import WireSizeCounter, is_valid_uidl
@@ -123,7 +124,9 @@ class MaildirStore:
     ``dovecot-uidlist``: messages Dovecot listed keep the UIDL Dovecot served
     (its stored one, or ``uidl_format``, Dovecot's own default unless given:
     see `pop3d.uidl`).  A ``uidl_format`` using only ``%f``/``%m`` applies to
-    every message.
+    every message.  With ``reuse_x_uidl``, a message's ``X-UIDL`` header
+    (written by qpopper and others) is its UIDL, after Dovecot's and before
+    ``uidl_format``.
     """
 
     def __init__(
@@ -132,12 +135,14 @@ class MaildirStore:
         *,
         reactor: IReactorThreads | None = None,
         uidl_format: str | None = None,
+        reuse_x_uidl: bool = False,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
             check_format(uidl_format)
         self.template = template
         self.uidl_format = uidl_format
+        self.reuse_x_uidl = reuse_x_uidl
         self._reactor = reactor
 
     def path_for(self, mailbox: str) -> str | None:
@@ -147,13 +152,22 @@ class MaildirStore:
         path = self.path_for(mailbox)
         if path is None:
             return fail(UnauthorizedLogin())
+        naming = _UIDLNaming(self.uidl_format, self.reuse_x_uidl)
         if self._reactor is None:
-            return maybeDeferred(_open_maildir, path, self.uidl_format)
+            return maybeDeferred(_open_maildir, path, naming)
         threads = self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, threads, _open_maildir, path, self.uidl_format)
+        return deferToThreadPool(self._reactor, threads, _open_maildir, path, naming)
 
 
-def _open_maildir(root: str, uidl_format: str | None) -> IMaildrop:
+@dataclass(frozen=True)
+class _UIDLNaming:
+    """How UIDLs of other servers are kept (see `MaildirStore`)."""
+
+    uidl_format: str | None
+    reuse_x_uidl: bool
+
+
+def _open_maildir(root: str, naming: _UIDLNaming) -> IMaildrop:
     try:
         root_fd = os.open(root, _DIRECTORY_FLAGS)
     except FileNotFoundError:
@@ -164,7 +178,7 @@ def _open_maildir(root: str, uidl_format: str | None) -> IMaildrop:
     lock: MaildropLock | None = None
     try:
         lock = MaildropLock.acquire(LOCK_FILE_NAME, dir_fd=root_fd)
-        messages, locations = _snapshot(root, root_fd, uidl_format)
+        messages, locations = _snapshot(root, root_fd, naming)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -210,7 +224,7 @@ def _files(root: str, root_fd: int, subdirectories: Sequence[str]) -> Iterator[t
 
 
 def _snapshot(
-    root: str, root_fd: int, uidl_format: str | None
+    root: str, root_fd: int, naming: _UIDLNaming
 ) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
@@ -247,7 +261,7 @@ def _snapshot(
                     location = moved if moved != location else None
             if location is None or size is None:
                 continue
-            uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, uidl_format)
+            uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, naming)
             if uidl is None or uidl in seen_uidls:
                 uidl = uidl_for(unique)
             seen_uidls.add(uidl)
@@ -275,16 +289,21 @@ def _compatible_uidl(
     unique: str,
     location: tuple[str, str],
     dovecot: DovecotUidlist | None,
-    uidl_format: str | None,
+    naming: _UIDLNaming,
 ) -> str | None:
     """The UIDL another server gave this message, when there is one to keep."""
     record = dovecot.records.get(unique) if dovecot is not None else None
     if record is not None and record.stored_uidl and is_valid_uidl(record.stored_uidl):
         return record.stored_uidl
-    template = uidl_format or (DOVECOT_DEFAULT_FORMAT if record is not None else None)
+    template = naming.uidl_format or (DOVECOT_DEFAULT_FORMAT if record is not None else None)
+    needs_header = naming.reuse_x_uidl or (template is not None and "m" in template)
+    header = _read_header(root, root_fd, location) if needs_header else None
+    if naming.reuse_x_uidl and header is not None and record is None:
+        x_uidl = header_x_uidl(header)
+        if x_uidl is not None:
+            return x_uidl
     if template is None:
         return None
-    header = _read_header(root, root_fd, location) if "m" in template else None
     uidl = expand_format(
         template,
         uid=record.uid if record is not None else None,

@@ -157,7 +157,8 @@ from pop3d.errors import (
 )
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
 from pop3d.maildir import check_template, expand_template
-from pop3d.wire import WireSizeCounter, is_valid_uidl
+from pop3d.uidl import header_x_uidl
+from pop3d.wire import WireSizeCounter
 
 #: A dotlock older than this (by its modification time) is stale and removed.
 DOTLOCK_STALE_SECONDS = 10 * 60
@@ -370,27 +371,6 @@ class _Entry:
     uid: str
 
 
-def _header_x_uidl(header: bytes, complete: bool) -> str | None:
-    """
-    The first X-UIDL field of a message header, if it is a valid UIDL and
-    not folded.  ``complete`` is false if the header was cut short, so its
-    last line may be a piece.
-    """
-    lines = header.split(b"\n")
-    if header.endswith(b"\n") or not complete:
-        lines.pop()
-    for number, line in enumerate(lines):
-        name, colon, value = line.removesuffix(b"\r").partition(b":")
-        if not colon or name[:1] in (b" ", b"\t") or name.rstrip(b" \t").lower() != b"x-uidl":
-            continue
-        following = lines[number + 1] if number + 1 < len(lines) else b""
-        if following[:1] in (b" ", b"\t"):
-            return None  # folded: not one token
-        text = value.strip(b" \t").decode("ascii", "replace")
-        return text if is_valid_uidl(text) else None
-    return None
-
-
 class _MessageBuilder:
     """
     Follows one message during indexing.  Its content (quoting already
@@ -444,7 +424,7 @@ class _MessageBuilder:
     def _end_header(self, length: int, complete: bool) -> None:
         assert self._header is not None
         header, self._header = bytes(self._header[:length]), None
-        self.x_uidl = _header_x_uidl(header, complete)
+        self.x_uidl = header_x_uidl(header, complete)
 
     def finish(self, end: int) -> tuple[_Entry, str, str | None]:
         """The message's entry, digest and X-UIDL, given where it ends."""

@@ -63,6 +63,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     )
     optFlags = [
         [
+            "reuse-x-uidl",
+            None,
+            "Serve a Maildir message's X-UIDL header (qpopper and others wrote one) as its UIDL.",
+        ],
+        [
             "allow-plaintext-auth",
             None,
             "Accept USER/PASS and SASL PLAIN/LOGIN on connections that are neither "
@@ -335,7 +340,10 @@ def makeService(options: Options) -> IService:
         store = MboxStore(options["maildir-template"], reactor=threads)
     else:
         store = MaildirStore(
-            options["maildir-template"], reactor=threads, uidl_format=options["uidl-format"]
+            options["maildir-template"],
+            reactor=threads,
+            uidl_format=options["uidl-format"],
+            reuse_x_uidl=bool(options["reuse-x-uidl"]),
         )
     portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
     factory = POP3Factory(

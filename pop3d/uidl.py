@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pop3d.wire import is_valid_uidl
+
 #: What Dovecot 2.x serves when pop3_uidl_format is not set.
 DOVECOT_DEFAULT_FORMAT = "%08xu%08xv"
 
@@ -119,3 +121,24 @@ def expand_format(
 
     expanded = _VARIABLE.sub(value, template)
     return None if missing else expanded
+
+
+def header_x_uidl(header: bytes, complete: bool = True) -> str | None:
+    """
+    The first X-UIDL field of a message header, if it is a valid UIDL and
+    not folded.  ``complete`` is false if the header was cut short, so its
+    last line may be a piece.
+    """
+    lines = header.split(b"\n")
+    if header.endswith(b"\n") or not complete:
+        lines.pop()
+    for number, line in enumerate(lines):
+        name, colon, value = line.removesuffix(b"\r").partition(b":")
+        if not colon or name[:1] in (b" ", b"\t") or name.rstrip(b" \t").lower() != b"x-uidl":
+            continue
+        following = lines[number + 1] if number + 1 < len(lines) else b""
+        if following[:1] in (b" ", b"\t"):
+            return None  # folded: not one token
+        text = value.strip(b" \t").decode("ascii", "replace")
+        return text if is_valid_uidl(text) else None
+    return None

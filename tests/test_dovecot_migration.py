@@ -234,3 +234,22 @@ async def _compare_with_dovecot(shared: Path, tmp_path: Path) -> None:
     assert b"\r\n".join(message) + b"\r\n" in from_dovecot.replace(b"\r\n..", b"\r\n.")
     shutil.move(str(server.mail_root / "alice"), home / "Maildir")
     assert dovecot_pop3(b"UIDL\r\nQUIT\r\n").split(b".\r\n")[0].split(b"\r\n")[1:-1] == uidls
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_x_uidl_headers_are_reused_when_asked(tmp_path: Path, reuse: bool) -> None:
+    """qpopper and others wrote X-UIDL headers; clients saw those."""
+    root = str(tmp_path / "alice")
+    first = deliver_to_maildir(root, b"X-UIDL: 7c1b8d2e0f\nSubject: a\n\na\n")
+    second = deliver_to_maildir(root, b"X-UIDL: 7c1b8d2e0f\nSubject: b\n\nsame X-UIDL\n")
+    plain = deliver_to_maildir(root, b"Subject: c\n\nnone\n")
+    store = MaildirStore(f"{tmp_path}/{{user}}", reuse_x_uidl=reuse)
+    maildrop = await store.open("alice")
+    uids = [m.uid for m in maildrop.messages]
+    await maildrop.close()
+    if reuse:
+        # A second message claiming the same X-UIDL keeps its own: unique.
+        assert uids == ["7c1b8d2e0f", second, plain]
+    else:
+        assert uids == [first, second, plain]
