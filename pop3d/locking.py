@@ -33,7 +33,8 @@ class MaildropLock:
         waiting.  Raises `MaildropLocked` if it is held, `MaildropUnavailable`
         if the lock file cannot be opened (or is a symbolic link).
         """
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO put there by the Maildir's owner must not block.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
         except OSError as error:

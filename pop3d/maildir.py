@@ -15,6 +15,7 @@ served.  A user cannot point their Maildir at someone else's mail.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -279,6 +280,9 @@ def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
     except OSError as error:
         log.warn("ignoring {path}: {error}", path=os.path.join(root, DOVECOT_UIDLIST), error=error)
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
     with open(fd, "rb") as file:
         return parse_dovecot_uidlist(file.read(_MAX_UIDLIST_SIZE))
 
@@ -414,8 +418,13 @@ class _SizeCache:
             if name in present
         ]
         temporary = SIZE_CACHE + ".tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        # The Maildir's owner may have put anything under that name (a FIFO
+        # that would block, a hard link to a file to overwrite): remove it,
+        # then create a new file or nothing.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=self._root_fd)
             fd = os.open(temporary, flags, 0o600, dir_fd=self._root_fd)
             with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
                 file.write("\n".join(lines) + "\n")

@@ -116,6 +116,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._after_long_line = b""
         self._closing = False
         self._disconnected = False
+        self._tls_started = False
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's scheduling, on the injected clock.
@@ -134,7 +135,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return Link(
             peer=describe_address(address),
             host=host if host is not None else describe_address(address),
-            secure=ISSLTransport.providedBy(transport),
+            # A wrapper (haproxy:) hides that STLS made the transport secure.
+            secure=self._tls_started or ISSLTransport.providedBy(transport),
             local=isinstance(address, UNIXAddress) or _is_loopback(host),
         )
 
@@ -273,6 +275,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self.clearLineBuffer()
             self._after_long_line = b""
             self._connection.startTLS(self._tls.context_factory())
+            self._tls_started = True
         elif isinstance(reply, Hangup):
             self._closing = True
             # A transport with a registered producer does not close.

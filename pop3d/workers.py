@@ -44,6 +44,8 @@ log = Logger()
 
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
+#: Seconds the workers have to end after SIGTERM, before SIGKILL.
+STOP_TIMEOUT = 10.0
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
 
@@ -209,7 +211,15 @@ class WorkerPool(Service):
         for port in self._ports:
             port.stopListening()
         self._ports = []
-        return DeferredList(ending).addCallback(lambda _: None)
+        # A worker that does not end when asked is killed.
+        clock = cast(IReactorTime, self._reactor)
+        laggards = clock.callLater(STOP_TIMEOUT, self.signal_workers, "KILL")
+
+        def ended(_: object) -> None:
+            if laggards.active():
+                laggards.cancel()
+
+        return DeferredList(ending).addCallback(ended)
 
 
 class _Worker(ProcessProtocol):

@@ -336,3 +336,24 @@ class TestSizeCache:
         maildrop = await store.open("alice")
         assert maildrop.messages[0].size == 3
         await maildrop.close()
+
+    @pytest.mark.parametrize("planted", ["fifo", "hard link", "directory"])
+    @pytest_twisted.ensureDeferred
+    async def test_what_the_owner_plants_under_the_cache_names_is_harmless(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path, planted: str
+    ) -> None:
+        """The server must not block on, or write through, files users control."""
+        (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious\n")
+        temporary = maildir / (maildir_module.SIZE_CACHE + ".tmp")
+        if planted == "fifo":
+            os.mkfifo(temporary)
+        elif planted == "hard link":
+            os.link(victim, temporary)
+        else:
+            (maildir / maildir_module.DOVECOT_UIDLIST).mkdir()
+        maildrop = await store.open("alice")
+        assert maildrop.messages[0].size == 3
+        await maildrop.close()
+        assert victim.read_bytes() == b"precious\n"

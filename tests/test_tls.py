@@ -246,3 +246,33 @@ async def test_curl_sasl_mechanisms(tmp_path: Path, mechanism: str) -> None:
         )
     finally:
         await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stls_behind_haproxy_counts_as_secure(tmp_path: Path) -> None:
+    """The PROXY-protocol wrapper must not hide that STLS made the link secure."""
+    server = await _tls_server(tmp_path, ["haproxy:tcp:0:interface=127.0.0.1"])
+    try:
+
+        def converse() -> list[bytes]:
+            raw = socket.create_connection((server.host, server.port), timeout=10)
+            raw.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 110\r\n")
+            reader = raw.makefile("rb")
+            reader.readline()
+            raw.sendall(b"STLS\r\n")
+            reader.readline()
+            secure = _client_context(tmp_path).wrap_socket(raw, server_hostname="localhost")
+            secure.sendall(b"CAPA\r\nUSER alice\r\nSTLS\r\n")
+            replies = secure.makefile("rb")
+            lines = []
+            while (line := replies.readline()) != b".\r\n":
+                lines.append(line)
+            lines += [replies.readline(), replies.readline()]
+            secure.close()
+            return lines
+
+        lines = await deferToThread(converse)
+    finally:
+        await server.service.stopService()
+    assert b"USER\r\n" in lines and b"STLS\r\n" not in lines
+    assert lines[-2:] == [b"+OK send PASS\r\n", b"-ERR TLS is already active\r\n"]
