@@ -27,15 +27,19 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, ISeenFlags, MessageInfo
 from pop3d.locking import MaildropLock
+from pop3d.storage import (
+    check_template,
+    expand_template,
+    run_blocking,
+)
 from pop3d.uidl import (
     DOVECOT_DEFAULT_FORMAT,
     DovecotUidlist,
@@ -56,7 +60,6 @@ DOVECOT_UIDLIST = "dovecot-uidlist"
 SIZE_CACHE = "pop3d-sizes"
 _MAX_UIDLIST_SIZE = 64 * 1024 * 1024
 _MAX_HEADER_SIZE = 256 * 1024
-_PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -64,36 +67,6 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = Logger()
-
-
-class MaildirTemplateError(ValueError):
-    """A --mail-location path template that cannot be used."""
-
-
-def check_template(template: str) -> None:
-    """Refuse a template with placeholders other than {user}, {local}, {domain}."""
-    leftover = _PLACEHOLDER.sub("", template)
-    if "{" in leftover or "}" in leftover:
-        raise MaildirTemplateError(
-            f"unknown placeholder in {template!r}: use {{user}}, {{local}} or {{domain}}"
-        )
-    if not template:
-        raise MaildirTemplateError("the maildir path is empty")
-
-
-def expand_template(template: str, mailbox: str) -> str | None:
-    """
-    Substitute a mailbox name into a path template in one pass, so text in
-    the name is never itself taken for a placeholder.  None if a part the
-    template uses is empty or starts with a dot (``{domain}`` of ``a@`` or
-    ``{local}`` of ``.x@y``), which would name the wrong directory.
-    """
-    local, _, domain = mailbox.partition("@")
-    values = {"user": mailbox, "local": local, "domain": domain}
-    for used in _PLACEHOLDER.findall(template):
-        if not values[used] or values[used].startswith("."):
-            return None
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
 
 
 def uidl_for(unique_name: str) -> str:
@@ -154,10 +127,7 @@ class MaildirStore:
         if path is None:
             return fail(UnauthorizedLogin())
         naming = _UIDLNaming(self.uidl_format, self.reuse_x_uidl)
-        if self._reactor is None:
-            return maybeDeferred(_open_maildir, path, naming)
-        threads = self._reactor.getThreadPool()
-        return deferToThreadPool(self._reactor, threads, _open_maildir, path, naming)
+        return run_blocking(self._reactor, _open_maildir, path, naming)
 
 
 @dataclass(frozen=True)

@@ -137,14 +137,13 @@ import stat
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -156,7 +155,7 @@ from pop3d.errors import (
     POP3Error,
 )
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
-from pop3d.maildir import check_template, expand_template
+from pop3d.storage import check_template, expand_template, run_blocking
 from pop3d.uidl import header_x_uidl
 from pop3d.wire import WireSizeCounter
 
@@ -916,7 +915,7 @@ class _MboxMaildrop:
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
         if not indexes:
             return succeed(None)
-        return _run(self._reactor, self._remove, list(indexes))
+        return run_blocking(self._reactor, self._remove, list(indexes))
 
     def _remove(self, indexes: list[int]) -> None:
         with self._mutex:
@@ -970,14 +969,6 @@ class _MboxMaildrop:
 # -- the store --------------------------------------------------------------------
 
 
-def _run(
-    reactor: IReactorThreads | None, function: Callable[..., _T], *arguments: object
-) -> Deferred[_T]:
-    if reactor is None:
-        return maybeDeferred(function, *arguments)
-    return deferToThreadPool(reactor, reactor.getThreadPool(), function, *arguments)
-
-
 @implementer(IMaildropStore)
 class MboxStore:
     """
@@ -1002,7 +993,7 @@ class MboxStore:
         path = self.path_for(mailbox)
         if path is None:
             return fail(UnauthorizedLogin())
-        return _run(self._reactor, _open_mbox, path, self._reactor)
+        return run_blocking(self._reactor, _open_mbox, path, self._reactor)
 
 
 def _open_mbox(path: str, reactor: IReactorThreads | None) -> IMaildrop:

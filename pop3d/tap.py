@@ -30,13 +30,14 @@ from twisted.python import usage
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.interfaces import IMaildropStore
-from pop3d.maildir import MaildirStore, MaildirTemplateError, check_template
+from pop3d.maildir import MaildirStore
 from pop3d.mbox import MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
+from pop3d.storage import MaildirTemplateError, check_template
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.uidl import UIDLFormatError, check_format
 from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command

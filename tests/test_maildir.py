@@ -17,12 +17,8 @@ from twisted.cred.error import UnauthorizedLogin
 
 from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.maildir import (
-    LOCK_FILE_NAME,
-    MaildirStore,
-    MaildirTemplateError,
-    expand_template,
-)
+from pop3d.maildir import LOCK_FILE_NAME, MaildirStore
+from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
 

@@ -1,0 +1,60 @@
+"""
+What the stores have in common: mailbox path templates, and running their
+blocking file work in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+
+_T = TypeVar("_T")
+
+_PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
+
+
+class MaildirTemplateError(ValueError):
+    """A --mail-location path template that cannot be used."""
+
+
+def check_template(template: str) -> None:
+    """Refuse a template with placeholders other than {user}, {local}, {domain}."""
+    leftover = _PLACEHOLDER.sub("", template)
+    if "{" in leftover or "}" in leftover:
+        raise MaildirTemplateError(
+            f"unknown placeholder in {template!r}: use {{user}}, {{local}} or {{domain}}"
+        )
+    if not template:
+        raise MaildirTemplateError("the maildir path is empty")
+
+
+def expand_template(template: str, mailbox: str) -> str | None:
+    """
+    Substitute a mailbox name into a path template in one pass, so text in
+    the name is never itself taken for a placeholder.  None if a part the
+    template uses is empty or starts with a dot (``{domain}`` of ``a@`` or
+    ``{local}`` of ``.x@y``), which would name the wrong directory.
+    """
+    local, _, domain = mailbox.partition("@")
+    values = {"user": mailbox, "local": local, "domain": domain}
+    for used in _PLACEHOLDER.findall(template):
+        if not values[used] or values[used].startswith("."):
+            return None
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def run_blocking(
+    reactor: IReactorThreads | None, function: Callable[..., _T], *arguments: object
+) -> Deferred[_T]:
+    """
+    Run file work in the reactor's thread pool, so that other sessions are
+    not held up; without a reactor (tests), inline.
+    """
+    if reactor is None:
+        return maybeDeferred(function, *arguments)
+    return deferToThreadPool(reactor, reactor.getThreadPool(), function, *arguments)
