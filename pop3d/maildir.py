@@ -335,8 +335,11 @@ class _SizeCache:
                 if file.readline().rstrip("\n") == cls.HEADER:
                     for line in file:
                         name, *numbers = line.rstrip("\n").split("\t")
-                        if len(numbers) == 4 and all(n.isdigit() for n in numbers):
-                            records[name] = _SizeRecord(*(int(n) for n in numbers))
+                        try:
+                            disk_size, mtime_ns, inode, wire_size = map(int, numbers)
+                        except ValueError:
+                            continue  # a damaged line: that size is counted again
+                        records[name] = _SizeRecord(disk_size, mtime_ns, inode, wire_size)
         except OSError:
             pass  # no cache yet, or unreadable: sizes are counted again
         return cls(root, root_fd, records)
@@ -350,7 +353,6 @@ class _SizeCache:
             return int(field.group(1))
         subdirectory, name = location
         directory = directories[subdirectory]
-        path = os.path.join(self._root, subdirectory, name)
         if directory is None:
             return None
         try:
@@ -370,6 +372,7 @@ class _SizeCache:
         except FileNotFoundError:
             return None
         except OSError as error:
+            path = os.path.join(self._root, subdirectory, name)
             raise _unavailable("cannot read message", path, error) from error
         size = counter.finish()
         self._records[unique] = _SizeRecord(after.st_size, after.st_mtime_ns, after.st_ino, size)

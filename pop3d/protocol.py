@@ -9,6 +9,7 @@ backpressure.  Every decision about what to answer is the session's.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -323,6 +324,7 @@ class _OutputValve:
         pass
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback(host: str | None) -> bool:
     if host is None:
         return False
