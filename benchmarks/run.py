@@ -814,7 +814,7 @@ def render_table(
         "twisted.mail.pop3",
         "pop3d/twisted",
         "Target (#5)",
-        "pop3d",
+        "Met",
     )
     lines: list[tuple[str, ...]] = [header]
     verdicts: list[dict[str, Any]] = []
