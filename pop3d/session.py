@@ -1,7 +1,7 @@
 """
 The POP3 session state machine (RFC 1939 sections 3-7, RFC 2449).
 
-Every legal (state, command) pair is listed once, in `Session._table`; a
+Every legal (state, command) pair is listed once, in `_TABLE`; a
 command that is not there is answered ``-ERR`` without running any code
 chosen by the client.  The session knows nothing about transports: it takes
 command lines and returns replies (or Deferreds of replies), and the
@@ -212,7 +212,7 @@ def _is_md5_hex(value: bytes) -> bool:
     return len(value) == 32 and all(c in b"0123456789abcdefABCDEF" for c in value)
 
 
-Handler = Callable[[Command], "Reply | Deferred[Reply]"]
+Handler = Callable[["Session", Command], "Reply | Deferred[Reply]"]
 
 
 class Session:
@@ -261,25 +261,6 @@ class Session:
         self._failure_delay = failure_delay
         self._logout: Callable[[], None] | None = None
         self._disconnected = False
-        self._table: dict[tuple[State, Verb], Handler] = {
-            (State.AUTHORIZATION, Verb.USER): self._user,
-            (State.AUTHORIZATION, Verb.PASS): self._pass,
-            (State.AUTHORIZATION, Verb.APOP): self._apop,
-            (State.AUTHORIZATION, Verb.CAPA): self._capa,
-            (State.AUTHORIZATION, Verb.QUIT): self._quit_unauthenticated,
-            (State.AUTHORIZATION, Verb.AUTH): self._auth,
-            (State.AUTHORIZATION, Verb.STLS): self._stls,
-            (State.TRANSACTION, Verb.STAT): self._stat,
-            (State.TRANSACTION, Verb.LIST): self._list,
-            (State.TRANSACTION, Verb.RETR): self._retr,
-            (State.TRANSACTION, Verb.DELE): self._dele,
-            (State.TRANSACTION, Verb.NOOP): self._noop,
-            (State.TRANSACTION, Verb.RSET): self._rset,
-            (State.TRANSACTION, Verb.TOP): self._top,
-            (State.TRANSACTION, Verb.UIDL): self._uidl,
-            (State.TRANSACTION, Verb.CAPA): self._capa,
-            (State.TRANSACTION, Verb.QUIT): self._quit_update,
-        }
 
     @property
     def link(self) -> Link:
@@ -309,11 +290,11 @@ class Session:
         command = parse_command(line)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
-        handler = self._table.get((self.state, command.verb))
+        handler = _TABLE.get((self.state, command.verb))
         if handler is None:
             return self._bad_command(WRONG_STATE)
         try:
-            result = handler(command)
+            result = handler(self, command)
         except _BadCommand as bad:
             return self._bad_command(bad.text)
         except POP3Error as error:
@@ -739,6 +720,28 @@ class Session:
         outcome.addCallback(seen_marked)
         outcome.addCallback(logged_out)
         return outcome
+
+
+# Every legal (state, command) pair, and who answers it: the whole protocol.
+_TABLE: dict[tuple[State, Verb], Handler] = {
+    (State.AUTHORIZATION, Verb.USER): Session._user,
+    (State.AUTHORIZATION, Verb.PASS): Session._pass,
+    (State.AUTHORIZATION, Verb.APOP): Session._apop,
+    (State.AUTHORIZATION, Verb.CAPA): Session._capa,
+    (State.AUTHORIZATION, Verb.QUIT): Session._quit_unauthenticated,
+    (State.AUTHORIZATION, Verb.AUTH): Session._auth,
+    (State.AUTHORIZATION, Verb.STLS): Session._stls,
+    (State.TRANSACTION, Verb.STAT): Session._stat,
+    (State.TRANSACTION, Verb.LIST): Session._list,
+    (State.TRANSACTION, Verb.RETR): Session._retr,
+    (State.TRANSACTION, Verb.DELE): Session._dele,
+    (State.TRANSACTION, Verb.NOOP): Session._noop,
+    (State.TRANSACTION, Verb.RSET): Session._rset,
+    (State.TRANSACTION, Verb.TOP): Session._top,
+    (State.TRANSACTION, Verb.UIDL): Session._uidl,
+    (State.TRANSACTION, Verb.CAPA): Session._capa,
+    (State.TRANSACTION, Verb.QUIT): Session._quit_update,
+}
 
 
 @dataclass(frozen=True)
