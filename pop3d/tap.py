@@ -375,6 +375,7 @@ def makeService(options: Options) -> IService:
             options["endpoints"],
             worker_command(options.arguments),
             options["workers"],
+            options["listen"],
         )
         pool.setName("workers")
         pool.setServiceParent(service)

@@ -15,6 +15,7 @@ are ``flock`` locks shared by all processes.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -141,40 +142,58 @@ class WorkerPool(Service):
         endpoints: Sequence[IStreamServerEndpoint],
         command: Sequence[str],
         count: int,
+        descriptions: Sequence[str] = (),
     ) -> None:
         self._reactor = reactor
         self._endpoints = list(endpoints)
+        self._descriptions = list(descriptions) or [""] * len(self._endpoints)
         self._command = list(command)
         self._count = count
         self._ports: list[IListeningPort] = []
-        self._sockets: list[InheritedSocket] = []
+        self._own_sockets: list[socket.socket] = []
+        # For each worker, its listening sockets, in --listen order.
+        self._sockets: list[list[InheritedSocket]] = [[] for _ in range(count)]
         self._workers: dict[int, _Worker] = {}
 
     def startService(self) -> None:
         super().startService()
         failures: list[Failure] = []
-        for endpoint in self._endpoints:
+        for endpoint, description in zip(self._endpoints, self._descriptions, strict=True):
+            address = tcp_address(description)
+            if address is not None:
+                # A socket per worker on one port (SO_REUSEPORT): the kernel
+                # spreads connections across workers.  A shared socket would
+                # give a burst of connections to whichever worker woke first.
+                for number, listener in enumerate(reuseport_sockets(address, self._count)):
+                    self._own_sockets.append(listener)
+                    self._sockets[number].append(
+                        InheritedSocket(listener.fileno(), listener.family)
+                    )
+                continue
             listening = endpoint.listen(_NotAccepting())
-            listening.addCallbacks(self._ports.append, failures.append)
+            listening.addCallbacks(self._share, failures.append)
         if failures:
             failures[0].raiseException()
-        for port in self._ports:
-            # Port objects of TCP and UNIX endpoints: the socket is theirs.
-            port.stopReading()  # type: ignore[attr-defined]
-            listener: socket.socket = port.socket  # type: ignore[attr-defined]
-            self._sockets.append(InheritedSocket(listener.fileno(), listener.family))
         for number in range(self._count):
             self._start(number)
+
+    def _share(self, port: IListeningPort) -> None:
+        """One socket for all workers (UNIX sockets, systemd's sockets)."""
+        self._ports.append(port)
+        # Port objects of these endpoints: the socket is theirs.
+        port.stopReading()  # type: ignore[attr-defined]
+        listener: socket.socket = port.socket  # type: ignore[attr-defined]
+        for sockets in self._sockets:
+            sockets.append(InheritedSocket(listener.fileno(), listener.family))
 
     def _start(self, number: int) -> None:
         if not self.running:
             return
         # The workers see the sockets at descriptors 3, 4, ... in order.
-        inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(self._sockets)]
+        own = self._sockets[number]
+        inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(own)]
         child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
-        child_fds.update(
-            {s.fd: parent.fd for s, parent in zip(inherited, self._sockets, strict=True)}
-        )
+        child_fds.update({s.fd: parent.fd for s, parent in zip(inherited, own, strict=True)})
         arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
         worker = _Worker(self, number)
         self._workers[number] = worker
@@ -211,6 +230,9 @@ class WorkerPool(Service):
         for port in self._ports:
             port.stopListening()
         self._ports = []
+        for listener in self._own_sockets:
+            listener.close()
+        self._own_sockets = []
         # A worker that does not end when asked is killed.
         clock = cast(IReactorTime, self._reactor)
         laggards = clock.callLater(STOP_TIMEOUT, self.signal_workers, "KILL")
@@ -242,6 +264,59 @@ class _Worker(ProcessProtocol):
         if reason.check(ProcessDone):
             log.info("worker {number} exited", number=self.number)
         self._pool.worker_ended(self.number, reason)
+
+
+@dataclass(frozen=True)
+class TCPAddress:
+    family: int
+    host: str
+    port: int
+    backlog: int
+
+
+def tcp_address(description: str) -> TCPAddress | None:
+    """
+    Where a ``tcp:``, ``tcp6:`` or (pop3d's own) ``ssl:`` endpoint listens,
+    behind an optional ``haproxy:``; None for other kinds.
+    """
+    inner = description.removeprefix("haproxy:")
+    kind, _, rest = inner.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl") or "privateKey=" in rest:
+        return None
+    # Endpoint strings escape ":" inside values with a backslash.
+    fields = [f.replace("\\:", ":") for f in re.split(r"(?<!\\):", rest)]
+    options = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+    positional = [f for f in fields[1:] if "=" not in f]
+    if not fields[0].isdigit() or positional:
+        return None
+    host = options.get("interface", "::" if kind == "tcp6" else "")
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in host else socket.AF_INET
+    backlog = int(options["backlog"]) if options.get("backlog", "").isdigit() else 50
+    return TCPAddress(family, host, int(fields[0]), backlog)
+
+
+def reuseport_sockets(address: TCPAddress, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port, with SO_REUSEPORT."""
+    sockets: list[socket.socket] = []
+    port = address.port
+    try:
+        for _ in range(count):
+            listener = socket.socket(address.family, socket.SOCK_STREAM)
+            sockets.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((address.host, port))
+            # Port 0: the first socket picks the port; the others share it.
+            port = listener.getsockname()[1]
+            listener.listen(address.backlog)
+            listener.setblocking(False)
+            listener.set_inheritable(True)
+    except OSError:
+        for listener in sockets:
+            listener.close()
+        raise
+    log.info("pop3d listening on {host}:{port}", host=address.host or "*", port=port)
+    return sockets
 
 
 def worker_command(arguments: Sequence[str]) -> list[str]:

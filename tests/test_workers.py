@@ -10,6 +10,7 @@ import os
 import poplib
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,35 @@ def test_bad_worker_options(tmp_path: Path, launch: Launch, arguments: list[str]
     status, output = server.wait_exit()
     assert status != 0 and "Traceback" not in output
     assert "--workers" in output.strip().splitlines()[-1] or "--listen" in output
+
+
+def test_connections_are_spread_over_the_workers(tmp_path: Path, launch: Launch) -> None:
+    """
+    Each worker has its own socket on the port (SO_REUSEPORT), so a burst of
+    connections does not all go to the worker that happens to wake first.
+    (All 16 on one of two workers by chance: 1 in 32,768.)
+    """
+    _, port, pids = _start_pool(launch, tmp_path, 2)
+    # Connected all at once, before any worker accepts: a burst.
+    clients = [socket.create_connection((HOST, port), timeout=PATIENCE) for _ in range(16)]
+    try:
+        # Every client has its greeting: every connection is accepted.
+        assert all(client.recv(3) == b"+OK" for client in clients)
+        connected = {pid: len(_sockets(pid)) for pid in pids}
+        assert all(count > 2 for count in connected.values()), connected
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_each_worker_has_its_own_listening_socket(tmp_path: Path, launch: Launch) -> None:
+    """SO_REUSEPORT: no socket is shared, so no worker takes a whole burst."""
+    _, _, pids = _start_pool(launch, tmp_path, 2)
+    first, second = (_sockets(pid) for pid in pids)
+    assert first and second and not first & second
+
+
+def _sockets(pid: int) -> set[str]:
+    """The sockets a process has open (``socket:[inode]``)."""
+    links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return {link for link in links if link.startswith("socket:")}
