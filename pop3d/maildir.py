@@ -127,7 +127,7 @@ class MaildirStore:
         if path is None:
             return fail(UnauthorizedLogin())
         naming = _UIDLNaming(self.uidl_format, self.reuse_x_uidl)
-        return run_blocking(self._reactor, _open_maildir, path, naming)
+        return run_blocking(self._reactor, _open_maildir, path, naming, self._reactor)
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,14 @@ class _UIDLNaming:
     reuse_x_uidl: bool
 
 
-def _open_maildir(root: str, naming: _UIDLNaming) -> IMaildrop:
+def _open_maildir(
+    root: str, naming: _UIDLNaming, reactor: IReactorThreads | None = None
+) -> IMaildrop:
     try:
         root_fd = os.open(root, _DIRECTORY_FLAGS)
     except FileNotFoundError:
         # Nothing delivered yet: an empty maildrop, not an error.
-        return _Maildrop(root, None, [], [], None)
+        return _Maildrop(root, None, [], [], None, reactor)
     except OSError as error:
         raise _unavailable("cannot open maildir", root, error) from error
     lock: MaildropLock | None = None
@@ -155,7 +157,7 @@ def _open_maildir(root: str, naming: _UIDLNaming) -> IMaildrop:
             lock.release()
         os.close(root_fd)
         raise
-    return _Maildrop(root, root_fd, messages, locations, lock)
+    return _Maildrop(root, root_fd, messages, locations, lock, reactor)
 
 
 @contextmanager
@@ -473,9 +475,12 @@ class _Maildrop:
         messages: list[MessageInfo],
         locations: list[tuple[str, str]],
         lock: MaildropLock | None,
+        reactor: IReactorThreads | None,
     ) -> None:
         self.root = root
         self.messages = messages
+        # UPDATE's unlinks and renames run in its thread pool, like the scan.
+        self._reactor = reactor
         self._root_fd = root_fd
         self._locations = locations
         self._lock = lock
@@ -509,10 +514,12 @@ class _Maildrop:
         return fail(MessageGone())
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        return run_blocking(self._reactor, self._remove_all, list(indexes))
+
+    def _remove_all(self, indexes: list[int]) -> None:
         failed = sum(1 for index in indexes if not self._remove_one(index))
         if failed:
-            return fail(DeletionFailed(failed))
-        return succeed(None)
+            raise DeletionFailed(failed)
 
     def _remove_one(self, index: int) -> bool:
         assert self._root_fd is not None
@@ -544,8 +551,11 @@ class _Maildrop:
         move to cur/, and retrieved ones get the S (seen) flag.  The unique
         name, and so the UIDL, stays.
         """
+        return run_blocking(self._reactor, self._mark_seen, list(retrieved), list(kept))
+
+    def _mark_seen(self, retrieved: list[int], kept: list[int]) -> None:
         if self._root_fd is None:
-            return succeed(None)
+            return
         seen = set(retrieved)
         for index in kept:
             subdirectory, name = self._locations[index]
@@ -571,7 +581,6 @@ class _Maildrop:
                 self._locations[index] = ("cur", target)
             except (OSError, POP3Error) as error:
                 log.info("not marking {name} seen: {error}", name=name, error=error)
-        return succeed(None)
 
     def close(self) -> Deferred[None]:
         if self._lock is not None:

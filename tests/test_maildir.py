@@ -17,6 +17,7 @@ from twisted.cred.error import UnauthorizedLogin
 
 from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
+from pop3d.interfaces import ISeenFlags
 from pop3d.maildir import LOCK_FILE_NAME, MaildirStore
 from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
@@ -353,3 +354,33 @@ class TestSizeCache:
         assert maildrop.messages[0].size == 3
         await maildrop.close()
         assert victim.read_bytes() == b"precious\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_work_runs_off_the_reactor_thread(
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlinks and seen-flag renames of a big QUIT must not stall other sessions."""
+    import threading
+
+    from twisted.internet import reactor
+
+    for n in range(3):
+        (maildir / "new" / f"{n}.M{n}.host").write_bytes(b"x\n")
+    store = MaildirStore(f"{tmp_path}/{{user}}", reactor=reactor)  # type: ignore[arg-type]
+    maildrop = await store.open("alice")
+    threads: list[threading.Thread] = []
+    for call in ("unlink", "rename"):
+        original = getattr(os, call)
+
+        def recording(*args: object, _original: object = original, **kwargs: object) -> object:
+            threads.append(threading.current_thread())
+            return _original(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(maildir_module.os, call, recording)
+    await maildrop.remove([0])
+    await ISeenFlags(maildrop).mark_seen([1], [1, 2])
+    await maildrop.close()
+    assert len(threads) == 3
+    assert threading.main_thread() not in threads
+    assert sorted(p.name for p in (maildir / "cur").iterdir()) == ["1.M1.host:2,S", "2.M2.host:2,"]

@@ -43,7 +43,7 @@ from pop3d.mbox import (
 from pop3d.wire import MessageEncoder, ResponseCode, is_valid_uidl, wire_size
 
 from .conftest import require_program
-from .test_process import HOST, PATIENCE, Server, login, write_passwd
+from .test_process import PATIENCE, Server, login, pop3d_arguments, write_passwd
 
 T = TypeVar("T")
 
@@ -735,20 +735,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     passwd = write_passwd(tmp_path)
 
     def start(mail: Path) -> Server:
-        server = Server(
-            [
-                "-n",
-                "--pidfile=",
-                "pop3d",
-                "--listen",
-                f"tcp:0:interface={HOST}",
-                "--mail-location",
-                f"mbox:{mail}/{{user}}",
-                "--auth",
-                f"passwd-file:{passwd}",
-            ],
-            tmp_path,
-        )
+        server = Server(pop3d_arguments(mail, passwd, kind="mbox"), tmp_path)
         started.append(server)
         server.wait_listening()
         return server

@@ -176,7 +176,7 @@ def write_passwd(directory: Path, text: str = PASSWORD_LINE) -> Path:
     return path
 
 
-def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str) -> list[str]:
+def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str, kind: str = "maildir") -> list[str]:
     return [
         "-n",
         "--pidfile=",
@@ -184,7 +184,7 @@ def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str) -> list[str]:
         "--listen",
         f"tcp:0:interface={HOST}",
         "--mail-location",
-        f"maildir:{mail_root}/{{user}}",
+        f"{kind}:{mail_root}/{{user}}",
         "--auth",
         f"passwd-file:{passwd}",
         *extra,
