@@ -1,63 +1,308 @@
 """
-Exclusive maildrop locks that hold across processes (RFC 1939 section 8:
-a maildrop is served to one session at a time).
+Maildrop locks that hold across processes and across machines sharing the
+mail over NFS (RFC 1939 section 8: a maildrop is served to one session at a
+time).
+
+A lock is a file created with ``O_CREAT|O_EXCL`` (atomic on local file
+systems and on NFSv3 and later), naming its holder: host name, process id
+and an incarnation token (boot id and process start time), so that a lock
+left by a process that has died, on this machine, is known for stale at
+once, even when its process id has been given to a new process since.  A
+lock of another machine is stale when it has not been refreshed for
+`LOCK_STALE_SECONDS`; holders refresh theirs every `LOCK_REFRESH_SECONDS`
+(see `LockRefresher`).  Nothing is held open while the lock is held, so an
+idle session costs no descriptor for it.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable
 
+#: A lock whose file has not been touched for this long is taken for the
+#: leftover of a holder that is gone (between Postfix's 500 seconds and
+#: procmail's 1024, like the mbox dotlock).
+LOCK_STALE_SECONDS = 10 * 60
+#: How often held locks are touched; well under `LOCK_STALE_SECONDS`.
+LOCK_REFRESH_SECONDS = 60
 
-class MaildropLock:
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LockOwner:
     """
-    An ``flock`` on a lock file, held through its own open file description.
-
-    Because the kernel ties the lock to the open file, two sessions conflict
-    whether they run in one process or in two, and the lock vanishes with a
-    process that dies, however it dies: a stale lock cannot outlive its
-    holder.  The lock file itself is never removed (removing a lock file that
-    another process may be about to lock would let two holders in).
+    Who holds a lock, as written in its file: ``HOST PID INCARNATION TOKEN``
+    (the lock id tells one lock of a process from the next).
     """
 
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
+    host: str
+    pid: int
+    incarnation: str
+
+    def line(self, lock_id: str = "-") -> bytes:
+        text = f"{self.host} {self.pid} {self.incarnation} {lock_id}\n"
+        return text.encode("utf-8", "surrogateescape")
 
     @classmethod
-    def acquire(cls, path: str, *, dir_fd: int | None = None) -> MaildropLock:
+    def parse(cls, text: bytes) -> LockOwner | None:
+        fields = text.decode("utf-8", "surrogateescape").split()
+        if len(fields) not in (3, 4) or not fields[1].isdigit():
+            return None
+        return cls(fields[0], int(fields[1]), fields[2])
+
+    def is_gone(self) -> bool:
         """
-        Take the lock at ``path`` (relative to ``dir_fd`` if given) without
-        waiting.  Raises `MaildropLocked` if it is held, `MaildropUnavailable`
-        if the lock file cannot be opened (or is a symbolic link).
+        True only when this owner is known to be dead: it ran on this host
+        and its process (this incarnation of its pid) no longer exists.
         """
-        # O_NONBLOCK: a FIFO put there by the Maildir's owner must not block.
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
-        except OSError as error:
-            permanent = isinstance(error, PermissionError) or error.errno == errno.ELOOP
-            raise MaildropUnavailable(
-                "cannot create the maildrop lock file", permanent=permanent
-            ) from error
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
+        here = this_process()
+        if self.host != here.host:
+            return False
+        if self.incarnation == "-" or here.incarnation == "-":
+            # No /proc to tell incarnations apart: whether the pid exists.
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return True
+            except OSError:
+                return False
+            return False
+        return _incarnation(self.pid) != self.incarnation
+
+
+@lru_cache(maxsize=1)
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read().strip().replace("-", "")
+    except OSError:
+        return None
+
+
+def _incarnation(pid: int) -> str:
+    """``BOOTID:STARTTIME`` of a process, or "-" when it cannot be known."""
+    boot = _boot_id()
+    if boot is None:
+        return "-"
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return "gone"
+    # The command name (field 2) may hold spaces and parentheses.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return f"{boot}:{fields[19].decode('ascii')}"
+
+
+_current: LockOwner | None = None
+
+
+def this_process() -> LockOwner:
+    """The owner this process writes into its locks (recomputed after fork)."""
+    global _current
+    pid = os.getpid()
+    if _current is None or _current.pid != pid:
+        _current = LockOwner(socket.gethostname() or "localhost", pid, _incarnation(pid))
+    return _current
+
+
+class DotLock:
+    """
+    A held lock file.  Released by removing the file, but only while it is
+    still the file this holder created.
+    """
+
+    def __init__(self, path: str, content: bytes) -> None:
+        self.path = path
+        self._content: bytes | None = content
+
+    @classmethod
+    def acquire(
+        cls,
+        name: str,
+        *,
+        dir_fd: int,
+        directory: str,
+        stale_seconds: float = LOCK_STALE_SECONDS,
+        now: Callable[[], float] = time.time,
+    ) -> DotLock:
+        """
+        Create the lock file ``name`` in the directory open as ``dir_fd``
+        (whose path is ``directory``), breaking a stale one.  Raises
+        `MaildropLocked` if it is held, `MaildropUnavailable` if it cannot
+        be created (or a symbolic link is in the way for longer than a lock
+        may live).
+        """
+        path = os.path.join(directory, name)
+        for attempt in range(2):
+            try:
+                fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+            except FileExistsError:
+                if attempt == 0 and _break_if_stale(name, dir_fd, path, stale_seconds, now):
+                    continue
+                raise MaildropLocked() from None
+            except OSError as error:
+                permanent = isinstance(error, PermissionError) or error.errno in (
+                    errno.ELOOP,
+                    errno.EROFS,
+                )
+                raise MaildropUnavailable(
+                    "cannot create the maildrop lock file", permanent=permanent
+                ) from error
+            # The lock id tells this lock from a later one in the same file
+            # (inode numbers are reused at once).
+            content = this_process().line(lock_id=os.urandom(8).hex())
+            try:
+                os.write(fd, content)
+            except OSError as error:
+                os.close(fd)
+                _unlink_quietly(name, dir_fd)
+                raise MaildropUnavailable("cannot write the maildrop lock file") from error
             os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise MaildropLocked() from error
-            raise MaildropUnavailable("cannot lock the maildrop") from error
-        return cls(fd)
+            return cls(path, content)
+        raise MaildropLocked()
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._content is not None
+
+    def _is_ours(self) -> bool:
+        try:
+            fd = os.open(self.path, _READ_FLAGS)
+        except OSError:
+            return False
+        try:
+            return os.read(fd, 512) == self._content
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def refresh(self) -> None:
+        """Tell other machines this lock is alive (touch its file)."""
+        if self._content is None:
+            return
+        try:
+            if self._is_ours():
+                os.utime(self.path, follow_symlinks=False)
+            else:
+                log.warn("maildrop lock {path} was taken from this session", path=self.path)
+        except OSError as error:
+            log.warn("cannot refresh {path}: {error}", path=self.path, error=error)
 
     def release(self) -> None:
-        """Release the lock; releasing twice is harmless."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            # Closing the only descriptor of the open file releases the flock.
-            os.close(fd)
+        """Remove the lock file if it is still ours; releasing twice is harmless."""
+        if self._content is None:
+            return
+        try:
+            if self._is_ours():
+                os.unlink(self.path)
+        except OSError as error:
+            log.warn("cannot remove {path}: {error}", path=self.path, error=error)
+        finally:
+            self._content = None
+
+
+def _break_if_stale(
+    name: str, dir_fd: int, path: str, stale_seconds: float, now: Callable[[], float]
+) -> bool:
+    """Remove a lock file left by a holder that is gone; True if removed."""
+    try:
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return True  # released meanwhile
+    except OSError:
+        return False
+    if not stat.S_ISREG(found.st_mode):
+        # Not a lock any server made: a link or a directory planted there.
+        log.error("{path} is not a lock file", path=path)
+        raise MaildropUnavailable("the maildrop lock file is not a file", permanent=True)
+    owner = _read_owner(name, dir_fd)
+    age = now() - found.st_mtime
+    if owner is not None and owner.is_gone():
+        reason = f"its process {owner.pid} is gone"
+    elif age > stale_seconds:
+        reason = f"not refreshed for {age:.0f} seconds"
+    else:
+        return False
+    try:
+        again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        # Only the file judged stale: another server may have just broken
+        # it and made its own.
+        if (again.st_ino, again.st_mtime_ns) != (found.st_ino, found.st_mtime_ns):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return True
+    except OSError as error:
+        log.warn("cannot remove stale lock {path}: {error}", path=path, error=error)
+        return False
+    log.warn("removed stale maildrop lock {path}: {reason}", path=path, reason=reason)
+    return True
+
+
+def _read_owner(name: str, dir_fd: int) -> LockOwner | None:
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return LockOwner.parse(os.read(fd, 512))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+class LockRefresher:
+    """
+    Touches every held lock each `LOCK_REFRESH_SECONDS` on ``clock``, so that
+    servers on other machines do not take them for stale.  Runs only while
+    some lock is held.
+    """
+
+    def __init__(self, clock: IReactorTime | None, interval: float = LOCK_REFRESH_SECONDS) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._held: set[DotLock] = set()
+        self._loop: LoopingCall | None = None
+
+    def add(self, lock: DotLock) -> None:
+        self._held.add(lock)
+        if self._clock is not None and self._loop is None:
+            self._loop = LoopingCall(self.refresh_all)
+            self._loop.clock = self._clock
+            self._loop.start(self._interval, now=False)
+
+    def discard(self, lock: DotLock) -> None:
+        self._held.discard(lock)
+        if not self._held and self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+
+    def refresh_all(self) -> None:
+        for lock in list(self._held):
+            lock.refresh()

@@ -10,7 +10,19 @@ Maildirs usually belong to their users while the server runs with more
 privilege, so nothing here follows a symbolic link: the Maildir itself, its
 ``new``/``cur`` directories, its messages and its lock file are opened with
 ``O_NOFOLLOW`` relative to directory descriptors, and only regular files are
-served.  A user cannot point their Maildir at someone else's mail.
+served.  A user cannot point their Maildir at someone else's mail.  Between
+commands a session holds no descriptor of its Maildir (so an idle session
+costs one descriptor, its socket); each operation opens the directory again
+and refuses to go on if it is no longer the directory the session locked.
+
+Opening a maildrop is cheap when nothing changed.  As Dovecot does, the
+listing of a Maildir is kept in memory while ``new/``, ``cur/`` and
+``dovecot-uidlist`` keep the inode and modification time they had when it
+was made; like every Maildir reader this relies on the Maildir rule that a
+delivered file is never rewritten in place.  When they change, the
+directories are read again, but messages are read only when they are new:
+the sizes of messages without a Maildir++ ``,W=`` field are kept by unique
+name and inode, in memory and in the file ``pop3d-sizes`` of the Maildir.
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ import hashlib
 import os
 import re
 import stat
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,13 +42,14 @@ from typing import BinaryIO
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, ISeenFlags, MessageInfo
-from pop3d.locking import MaildropLock
+from pop3d.locking import LOCK_STALE_SECONDS, DotLock, LockRefresher
 from pop3d.storage import (
     check_template,
     expand_template,
@@ -50,9 +65,12 @@ from pop3d.uidl import (
 )
 from pop3d.wire import WireSizeCounter, is_valid_uidl
 
-#: The lock file in the root of every locked Maildir.  No leading dot:
-#: Maildir++ treats dot-names in the root as folders.
+#: The lock file in the root of every locked Maildir (see `pop3d.locking`).
+#: No leading dot: Maildir++ treats dot-names in the root as folders.
 LOCK_FILE_NAME = "pop3d.lock"
+#: Listings kept in memory, in messages over all Maildirs (about 300 bytes
+#: each); the least recently opened Maildirs are dropped first.
+LISTING_CACHE_MESSAGES = 250_000
 
 _READ_SIZE = 256 * 1024
 DOVECOT_UIDLIST = "dovecot-uidlist"
@@ -60,6 +78,9 @@ DOVECOT_UIDLIST = "dovecot-uidlist"
 SIZE_CACHE = "pop3d-sizes"
 _MAX_UIDLIST_SIZE = 64 * 1024 * 1024
 _MAX_HEADER_SIZE = 256 * 1024
+# A directory changed this recently may change again within the same tick
+# of the file system's clock, which its modification time would not show.
+_SETTLING_NS = 100_000_000
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -84,15 +105,71 @@ def _unique_name(file_name: str) -> str:
     return file_name.split(":", 1)[0]
 
 
+Location = tuple[str, str]
+"""Where a message file is: (``new`` or ``cur``, file name)."""
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What a listing depends on: (inode, mtime) of new/, cur/, dovecot-uidlist."""
+
+    new: tuple[int, int] | None
+    cur: tuple[int, int] | None
+    uidlist: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class _Listing:
+    stamp: _Stamp
+    #: Whether the stamp can be trusted: no part changed just before it.
+    settled: bool
+    messages: tuple[MessageInfo, ...]
+    locations: tuple[Location, ...]
+    #: unique name -> (inode, wire size) of messages without ",W=".
+    sizes: dict[str, tuple[int, int]]
+
+
+class _ListingCache:
+    """Recent listings by Maildir path, bounded by their number of messages."""
+
+    def __init__(self, max_messages: int) -> None:
+        self._max_messages = max_messages
+        self._listings: OrderedDict[str, _Listing] = OrderedDict()
+        self._messages = 0
+
+    def get(self, root: str) -> _Listing | None:
+        listing = self._listings.get(root)
+        if listing is not None:
+            self._listings.move_to_end(root)
+        return listing
+
+    def put(self, root: str, listing: _Listing) -> None:
+        self.forget(root)
+        if not self._max_messages or len(listing.messages) > self._max_messages:
+            return
+        self._listings[root] = listing
+        self._messages += len(listing.messages)
+        while self._messages > self._max_messages:
+            _, dropped = self._listings.popitem(last=False)
+            self._messages -= len(dropped.messages)
+
+    def forget(self, root: str) -> None:
+        dropped = self._listings.pop(root, None)
+        if dropped is not None:
+            self._messages -= len(dropped.messages)
+
+
 @implementer(IMaildropStore)
 class MaildirStore:
     """
     Maildirs found by a path template such as ``/srv/mail/{user}``.
 
     ``{user}`` is the whole user name, ``{local}`` and ``{domain}`` its parts
-    around ``@``.  With a ``reactor``, opening a maildrop (which may read
-    every message to learn its size) runs in the reactor's thread pool, so
-    other sessions are not held up; without one it runs inline.
+    around ``@``.  With a ``reactor``, reading a Maildir that changed (which
+    may read messages to learn their sizes) runs in the reactor's thread
+    pool, so other sessions are not held up; without one it runs inline.
+    Taking the lock and checking that nothing changed since the last listing
+    (a few system calls) run inline.
 
     UIDLs are the messages' unique names, except where the Maildir holds a
     ``dovecot-uidlist``: messages Dovecot listed keep the UIDL Dovecot served
@@ -101,6 +178,11 @@ class MaildirStore:
     every message.  With ``reuse_x_uidl``, a message's ``X-UIDL`` header
     (written by qpopper and others) is its UIDL, after Dovecot's and before
     ``uidl_format``.
+
+    ``listing_cache`` is how many messages of recent listings are kept in
+    memory (0: none, every login reads its directories).  Locks are lock
+    files (see `pop3d.locking`) refreshed on ``clock`` (by default the
+    reactor) and taken for stale after ``lock_stale_seconds``.
     """
 
     def __init__(
@@ -108,8 +190,11 @@ class MaildirStore:
         template: str,
         *,
         reactor: IReactorThreads | None = None,
+        clock: IReactorTime | None = None,
         uidl_format: str | None = None,
         reuse_x_uidl: bool = False,
+        listing_cache: int = LISTING_CACHE_MESSAGES,
+        lock_stale_seconds: float = LOCK_STALE_SECONDS,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -117,17 +202,115 @@ class MaildirStore:
         self.template = template
         self.uidl_format = uidl_format
         self.reuse_x_uidl = reuse_x_uidl
+        self.lock_stale_seconds = lock_stale_seconds
+        self._naming = _UIDLNaming(uidl_format, reuse_x_uidl)
         self._reactor = reactor
+        if clock is None and IReactorTime.providedBy(reactor):
+            clock = reactor
+        self._refresher = LockRefresher(clock)
+        self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
-        path = self.path_for(mailbox)
-        if path is None:
+        root = self.path_for(mailbox)
+        if root is None:
             return fail(UnauthorizedLogin())
-        naming = _UIDLNaming(self.uidl_format, self.reuse_x_uidl)
-        return run_blocking(self._reactor, _open_maildir, path, naming, self._reactor)
+        try:
+            root_fd = os.open(root, _DIRECTORY_FLAGS)
+        except FileNotFoundError:
+            # Nothing delivered yet: an empty maildrop, not an error.
+            return succeed(_Maildrop(None, (), (), None, self))
+        except OSError as error:
+            return fail(_unavailable("cannot open maildir", root, error))
+        lock: DotLock | None = None
+        try:
+            info = os.fstat(root_fd)
+            directory = _Directory(root, (info.st_dev, info.st_ino))
+            lock = DotLock.acquire(
+                LOCK_FILE_NAME,
+                dir_fd=root_fd,
+                directory=root,
+                stale_seconds=self.lock_stale_seconds,
+            )
+            stamp, settled = _take_stamp(root, root_fd)
+        except POP3Error as error:
+            os.close(root_fd)
+            return fail(error)
+        except OSError as error:
+            os.close(root_fd)
+            if lock is not None:
+                lock.release()
+            return fail(_unavailable("cannot read maildir", root, error))
+        self._refresher.add(lock)
+        held = lock
+        cached = self._listings.get(root)
+        if cached is not None and cached.settled and cached.stamp == stamp:
+            os.close(root_fd)
+            return succeed(_Maildrop(directory, cached.messages, cached.locations, held, self))
+        known = cached.sizes if cached is not None else None
+
+        def scan() -> _Listing:
+            try:
+                messages, locations, sizes = _snapshot(root, root_fd, self._naming, known)
+            finally:
+                os.close(root_fd)
+            return _Listing(stamp, settled, tuple(messages), tuple(locations), sizes)
+
+        def opened(listing: _Listing) -> IMaildrop:
+            self._listings.put(root, listing)
+            return _Maildrop(directory, listing.messages, listing.locations, held, self)
+
+        def failed(reason: Failure) -> Failure:
+            self._release(held)
+            return reason
+
+        return run_blocking(self._reactor, scan).addCallbacks(opened, failed)
+
+    def _release(self, lock: DotLock) -> None:
+        self._refresher.discard(lock)
+        lock.release()
+
+
+def _take_stamp(root: str, root_fd: int) -> tuple[_Stamp, bool]:
+    """The stamp of a Maildir now, and whether it has settled."""
+    settled_before = time.time_ns() - _SETTLING_NS
+    parts: list[tuple[int, int] | None] = []
+    settled = True
+    for name in ("new", "cur", DOVECOT_UIDLIST):
+        try:
+            info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            parts.append(None)
+            continue
+        parts.append((info.st_ino, info.st_mtime_ns))
+        settled = settled and info.st_mtime_ns < settled_before
+    return _Stamp(*parts), settled
+
+
+@dataclass(frozen=True)
+class _Directory:
+    """A Maildir a session has locked: its path, and which directory it was."""
+
+    path: str
+    identity: tuple[int, int]
+
+    @contextmanager
+    def opened(self) -> Iterator[int]:
+        """A descriptor of the Maildir, refusing a directory put in its place."""
+        try:
+            fd = os.open(self.path, _DIRECTORY_FLAGS)
+        except OSError as error:
+            raise _unavailable("cannot open maildir", self.path, error) from error
+        try:
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != self.identity:
+                log.error("{path} was replaced during a session", path=self.path)
+                raise MaildropUnavailable("the maildir was replaced", permanent=True)
+            yield fd
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -136,28 +319,6 @@ class _UIDLNaming:
 
     uidl_format: str | None
     reuse_x_uidl: bool
-
-
-def _open_maildir(
-    root: str, naming: _UIDLNaming, reactor: IReactorThreads | None = None
-) -> IMaildrop:
-    try:
-        root_fd = os.open(root, _DIRECTORY_FLAGS)
-    except FileNotFoundError:
-        # Nothing delivered yet: an empty maildrop, not an error.
-        return _Maildrop(root, None, [], [], None, reactor)
-    except OSError as error:
-        raise _unavailable("cannot open maildir", root, error) from error
-    lock: MaildropLock | None = None
-    try:
-        lock = MaildropLock.acquire(LOCK_FILE_NAME, dir_fd=root_fd)
-        messages, locations = _snapshot(root, root_fd, naming)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        os.close(root_fd)
-        raise
-    return _Maildrop(root, root_fd, messages, locations, lock, reactor)
 
 
 @contextmanager
@@ -176,62 +337,76 @@ def _subdirectory(root: str, root_fd: int, name: str) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _files(root: str, root_fd: int, subdirectories: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(subdirectory, file name) of every regular, visible file in them."""
+def _files(
+    root: str, root_fd: int, subdirectories: Sequence[str]
+) -> Iterator[tuple[str, str, int]]:
+    """(subdirectory, file name, inode) of every regular, visible file in them."""
     for subdirectory in subdirectories:
         with _subdirectory(root, root_fd, subdirectory) as fd:
             if fd is None:
                 continue
             try:
                 with os.scandir(fd) as entries:
-                    names = [
-                        entry.name
+                    found = [
+                        (entry.name, entry.inode())
                         for entry in entries
                         if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
                     ]
             except OSError as error:
                 path = os.path.join(root, subdirectory)
                 raise _unavailable("cannot read maildir", path, error) from error
-        for name in names:
-            yield subdirectory, name
+        for name, inode in found:
+            yield subdirectory, name, inode
 
 
 def _snapshot(
-    root: str, root_fd: int, naming: _UIDLNaming
-) -> tuple[list[MessageInfo], list[tuple[str, str]]]:
+    root: str,
+    root_fd: int,
+    naming: _UIDLNaming,
+    known_sizes: dict[str, tuple[int, int]] | None,
+) -> tuple[list[MessageInfo], list[Location], dict[str, tuple[int, int]]]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
-    UID order for those it listed, then in unique-name order.
+    UID order for those it listed, then in unique-name order.  Sizes come
+    from ``known_sizes`` (else the size cache file) where the inode matches.
     """
     # A message seen in both (another program moving it right now) is the
     # same message: the cur/ one, seen last, wins.
-    found = {_unique_name(name): (sub, name) for sub, name in _files(root, root_fd, ("new", "cur"))}
+    found = {
+        _unique_name(name): (sub, name, inode)
+        for sub, name, inode in _files(root, root_fd, ("new", "cur"))
+    }
     dovecot = _read_dovecot_uidlist(root, root_fd)
     records = dovecot.records if dovecot is not None else {}
-    no_uid = float("inf")
+    if records:
+        no_uid = float("inf")
 
-    def order(unique: str) -> tuple[float, str]:
-        record = records.get(unique)
-        return (record.uid if record is not None else no_uid, unique)
+        def order(unique: str) -> tuple[float, str]:
+            record = records.get(unique)
+            return (record.uid if record is not None else no_uid, unique)
 
+        ordered = sorted(found, key=order)
+    else:
+        ordered = sorted(found)
     messages: list[MessageInfo] = []
-    locations: list[tuple[str, str]] = []
+    locations: list[Location] = []
     seen_uidls: set[str] = set()
-    sizes = _SizeCache.load(root, root_fd)
+    sizes = _SizeCache(root, known_sizes if known_sizes is not None else _SizeCache.load(root_fd))
     with (
         _subdirectory(root, root_fd, "new") as new_fd,
         _subdirectory(root, root_fd, "cur") as cur_fd,
     ):
         directories = {"new": new_fd, "cur": cur_fd}
-        for unique in sorted(found, key=order):
-            location: tuple[str, str] | None = found[unique]
-            size = None
+        for unique in ordered:
+            sub, name, inode = found[unique]
+            size = sizes.wire_size(unique, inode, (sub, name), directories)
+            location: Location | None = (sub, name)
             while location is not None and size is None:
-                size = sizes.wire_size(unique, location, directories)
-                if size is None:
-                    # Moved or removed by another program since the scan.
-                    moved = _locate(root, root_fd, unique)
-                    location = moved if moved != location else None
+                # Moved or removed by another program since the scan.
+                moved = _locate(root, root_fd, unique)
+                location = moved if moved != location else None
+                if location is not None:
+                    size = sizes.wire_size(unique, None, location, directories)
             if location is None or size is None:
                 continue
             uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, naming)
@@ -240,8 +415,7 @@ def _snapshot(
             seen_uidls.add(uidl)
             messages.append(MessageInfo(uidl, size))
             locations.append(location)
-    sizes.save(set(found))
-    return messages, locations
+    return messages, locations, sizes.save(root_fd, set(found))
 
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
@@ -304,94 +478,91 @@ def _read_header(root: str, root_fd: int, location: tuple[str, str]) -> bytes | 
     return start
 
 
-@dataclass(frozen=True)
-class _SizeRecord:
-    disk_size: int
-    mtime_ns: int
-    inode: int
-    wire_size: int
-
-
 class _SizeCache:
     """
-    Wire sizes of messages without a Maildir++ ``,W=`` field, kept in the
-    Maildir root so that a later login reads no message again.  An entry is
-    used only while the file's size, mtime and inode are what they were when
-    it was counted: a file changed since is counted again.
+    Wire sizes of messages without a Maildir++ ``,W=`` field, by unique name
+    and inode, kept in the Maildir root so that a later login, in any
+    process, reads no message again.  A message whose file was replaced
+    (another inode) is counted again.
     """
 
-    HEADER = "pop3d-sizes 1"
+    HEADER = "pop3d-sizes 2"
 
-    def __init__(self, root: str, root_fd: int, records: dict[str, _SizeRecord]) -> None:
+    def __init__(self, root: str, known: dict[str, tuple[int, int]]) -> None:
         self._root = root
-        self._root_fd = root_fd
-        self._records = records
-        self._changed = False
+        self._known = known
+        self._counted: dict[str, tuple[int, int]] = {}
 
     @classmethod
-    def load(cls, root: str, root_fd: int) -> _SizeCache:
-        records: dict[str, _SizeRecord] = {}
+    def load(cls, root_fd: int) -> dict[str, tuple[int, int]]:
+        known: dict[str, tuple[int, int]] = {}
         try:
             fd = os.open(SIZE_CACHE, _MESSAGE_FLAGS, dir_fd=root_fd)
             with open(fd, encoding="utf-8", errors="surrogateescape") as file:
-                if file.readline().rstrip("\n") == cls.HEADER:
-                    for line in file:
-                        name, *numbers = line.rstrip("\n").split("\t")
-                        try:
-                            disk_size, mtime_ns, inode, wire_size = map(int, numbers)
-                        except ValueError:
-                            continue  # a damaged line: that size is counted again
-                        records[name] = _SizeRecord(disk_size, mtime_ns, inode, wire_size)
+                if file.readline().rstrip("\n") != cls.HEADER:
+                    return known
+                for line in file:
+                    name, _, numbers = line.rstrip("\n").partition("\t")
+                    inode, _, size = numbers.partition("\t")
+                    if inode.isdigit() and size.isdigit():
+                        known[name] = (int(inode), int(size))
+                    # else a damaged line: that size is counted again
         except OSError:
             pass  # no cache yet, or unreadable: sizes are counted again
-        return cls(root, root_fd, records)
+        return known
 
     def wire_size(
-        self, unique: str, location: tuple[str, str], directories: dict[str, int | None]
+        self,
+        unique: str,
+        inode: int | None,
+        location: Location,
+        directories: dict[str, int | None],
     ) -> int | None:
         """The RETR size of a message, or None if its file is gone."""
         field = _WIRE_SIZE_FIELD.search(unique)
         if field is not None:
             return int(field.group(1))
+        cached = self._known.get(unique)
+        if cached is not None and cached[0] == inode:
+            self._counted[unique] = cached
+            return cached[1]
         subdirectory, name = location
         directory = directories[subdirectory]
         if directory is None:
             return None
+        counter = WireSizeCounter()
         try:
-            info = os.stat(name, dir_fd=directory, follow_symlinks=False)
-            cached = self._records.get(unique)
-            if cached is not None and (cached.disk_size, cached.mtime_ns, cached.inode) == (
-                info.st_size,
-                info.st_mtime_ns,
-                info.st_ino,
-            ):
-                return cached.wire_size
-            counter = WireSizeCounter()
-            with _open_message(self._root, self._root_fd, location) as message:
-                while chunk := message.read(_READ_SIZE):
-                    counter.feed(chunk)
-                after = os.fstat(message.fileno())
+            fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory)
         except FileNotFoundError:
             return None
         except OSError as error:
             path = os.path.join(self._root, subdirectory, name)
             raise _unavailable("cannot read message", path, error) from error
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            while chunk := os.read(fd, _READ_SIZE):
+                counter.feed(chunk)
+        except OSError as error:
+            path = os.path.join(self._root, subdirectory, name)
+            raise _unavailable("cannot read message", path, error) from error
+        finally:
+            os.close(fd)
         size = counter.finish()
-        self._records[unique] = _SizeRecord(after.st_size, after.st_mtime_ns, after.st_ino, size)
-        self._changed = True
+        self._counted[unique] = (info.st_ino, size)
         return size
 
-    def save(self, present: set[str]) -> None:
-        """Write the cache back if it changed, keeping only present messages."""
-        stale = self._records.keys() - present
-        if not self._changed and not stale:
-            return
+    def save(self, root_fd: int, present: set[str]) -> dict[str, tuple[int, int]]:
+        """
+        Write the sizes of present messages back if they differ from what
+        was known; return them.
+        """
+        sizes = self._counted
+        if sizes == {name: v for name, v in self._known.items() if name in present}:
+            return sizes
         lines = [self.HEADER]
-        lines += [
-            f"{name}\t{r.disk_size}\t{r.mtime_ns}\t{r.inode}\t{r.wire_size}"
-            for name, r in self._records.items()
-            if name in present
-        ]
+        lines += [f"{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()]
         temporary = SIZE_CACHE + ".tmp"
         # The Maildir's owner may have put anything under that name (a FIFO
         # that would block, a hard link to a file to overwrite): remove it,
@@ -399,17 +570,18 @@ class _SizeCache:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=self._root_fd)
-            fd = os.open(temporary, flags, 0o600, dir_fd=self._root_fd)
+                os.unlink(temporary, dir_fd=root_fd)
+            fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
             with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
                 file.write("\n".join(lines) + "\n")
             # Atomic: a crash leaves the old cache or the new one.
-            os.rename(temporary, SIZE_CACHE, src_dir_fd=self._root_fd, dst_dir_fd=self._root_fd)
+            os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
         except OSError as error:
             log.info("not caching message sizes in {root}: {error}", root=self._root, error=error)
+        return sizes
 
 
-def _open_message(root: str, root_fd: int, location: tuple[str, str]) -> BinaryIO:
+def _open_message(root: str, root_fd: int, location: Location) -> BinaryIO:
     """Open a message file, refusing anything but a regular file."""
     subdirectory, name = location
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
@@ -425,9 +597,9 @@ def _open_message(root: str, root_fd: int, location: tuple[str, str]) -> BinaryI
         raise
 
 
-def _locate(root: str, root_fd: int, unique: str) -> tuple[str, str] | None:
+def _locate(root: str, root_fd: int, unique: str) -> Location | None:
     """Where a message with this unique name is now, if anywhere."""
-    for subdirectory, name in _files(root, root_fd, ("cur", "new")):
+    for subdirectory, name, _ in _files(root, root_fd, ("cur", "new")):
         if _unique_name(name) == unique:
             return (subdirectory, name)
     return None
@@ -470,71 +642,80 @@ class _FileBody:
 class _Maildrop:
     def __init__(
         self,
-        root: str,
-        root_fd: int | None,
-        messages: list[MessageInfo],
-        locations: list[tuple[str, str]],
-        lock: MaildropLock | None,
-        reactor: IReactorThreads | None,
+        directory: _Directory | None,
+        messages: Sequence[MessageInfo],
+        locations: Sequence[Location],
+        lock: DotLock | None,
+        store: MaildirStore,
     ) -> None:
-        self.root = root
         self.messages = messages
-        # UPDATE's unlinks and renames run in its thread pool, like the scan.
-        self._reactor = reactor
-        self._root_fd = root_fd
-        self._locations = locations
+        # None: no Maildir when the session began, an empty maildrop.
+        self._directory = directory
+        self._locations = list(locations)
         self._lock = lock
+        self._store = store
 
-    def _relocate(self, index: int) -> tuple[str, str] | None:
-        assert self._root_fd is not None
+    @property
+    def root(self) -> str:
+        return self._directory.path if self._directory is not None else ""
+
+    def _relocate(self, root_fd: int, index: int) -> Location | None:
         unique = _unique_name(self._locations[index][1])
-        location = _locate(self.root, self._root_fd, unique)
+        location = _locate(self.root, root_fd, unique)
         if location is not None:
             self._locations[index] = location
         return location
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
-        assert self._root_fd is not None
-        location: tuple[str, str] | None = self._locations[index]
+        assert self._directory is not None
+        location: Location | None = self._locations[index]
         try:
-            while location is not None:
-                try:
-                    file = _open_message(self.root, self._root_fd, location)
-                except FileNotFoundError:
-                    relocated = self._relocate(index)
-                    location = relocated if relocated != location else None
-                    continue
-                except OSError as error:
-                    path = os.path.join(self.root, *location)
-                    raise _unavailable("cannot open message", path, error) from error
-                body: IMessageBody = _FileBody(file, os.path.join(self.root, *location))
-                return succeed(body)
+            with self._directory.opened() as root_fd:
+                while location is not None:
+                    try:
+                        file = _open_message(self.root, root_fd, location)
+                    except FileNotFoundError:
+                        relocated = self._relocate(root_fd, index)
+                        location = relocated if relocated != location else None
+                        continue
+                    except OSError as error:
+                        path = os.path.join(self.root, *location)
+                        raise _unavailable("cannot open message", path, error) from error
+                    body: IMessageBody = _FileBody(file, os.path.join(self.root, *location))
+                    return succeed(body)
         except POP3Error as error:
             return fail(error)
         return fail(MessageGone())
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
-        return run_blocking(self._reactor, self._remove_all, list(indexes))
+        if not indexes:
+            return succeed(None)
+        # UPDATE's unlinks and renames run in the thread pool, like the scan.
+        return run_blocking(self._store._reactor, self._remove_all, list(indexes))
 
     def _remove_all(self, indexes: list[int]) -> None:
-        failed = sum(1 for index in indexes if not self._remove_one(index))
+        assert self._directory is not None
+        try:
+            with self._directory.opened() as root_fd:
+                failed = sum(1 for index in indexes if not self._remove_one(root_fd, index))
+        except POP3Error:
+            failed = len(indexes)
         if failed:
             raise DeletionFailed(failed)
 
-    def _remove_one(self, index: int) -> bool:
-        assert self._root_fd is not None
-        location: tuple[str, str] | None = self._locations[index]
+    def _remove_one(self, root_fd: int, index: int) -> bool:
+        location: Location | None = self._locations[index]
         try:
             while location is not None:
                 subdirectory, name = location
                 try:
-                    with _subdirectory(self.root, self._root_fd, subdirectory) as fd:
+                    with _subdirectory(self.root, root_fd, subdirectory) as fd:
                         if fd is None:
                             raise FileNotFoundError(errno.ENOENT, "no such directory")
                         os.unlink(name, dir_fd=fd)
                     return True
                 except FileNotFoundError:
-                    relocated = self._relocate(index)
+                    relocated = self._relocate(root_fd, index)
                     location = relocated if relocated != location else None
         except OSError as error:
             path = os.path.join(self.root, *location) if location else self.root
@@ -551,12 +732,10 @@ class _Maildrop:
         move to cur/, and retrieved ones get the S (seen) flag.  The unique
         name, and so the UIDL, stays.
         """
-        return run_blocking(self._reactor, self._mark_seen, list(retrieved), list(kept))
-
-    def _mark_seen(self, retrieved: list[int], kept: list[int]) -> None:
-        if self._root_fd is None:
-            return
+        if self._directory is None:
+            return succeed(None)
         seen = set(retrieved)
+        renames: list[tuple[int, str]] = []
         for index in kept:
             subdirectory, name = self._locations[index]
             unique, _, info = name.partition(":")
@@ -564,29 +743,47 @@ class _Maildrop:
             if index in seen:
                 flags.add("S")
             target = f"{unique}:2,{''.join(sorted(flags))}"
-            if subdirectory == "cur" and target == name:
-                continue
-            try:
-                with (
-                    _subdirectory(self.root, self._root_fd, subdirectory) as source,
-                    _subdirectory(self.root, self._root_fd, "cur") as cur,
-                ):
-                    if source is None or cur is None:
-                        continue
-                    # Never replace a file another program put there; rename
-                    # is atomic, so a crash leaves the message in one place.
-                    if _exists(target, cur):
-                        continue
-                    os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur)
-                self._locations[index] = ("cur", target)
-            except (OSError, POP3Error) as error:
-                log.info("not marking {name} seen: {error}", name=name, error=error)
+            if subdirectory != "cur" or target != name:
+                renames.append((index, target))
+        if not renames:
+            return succeed(None)
+        return run_blocking(self._store._reactor, self._rename_all, renames)
+
+    def _rename_all(self, renames: list[tuple[int, str]]) -> None:
+        assert self._directory is not None
+        try:
+            with (
+                self._directory.opened() as root_fd,
+                _subdirectory(self.root, root_fd, "new") as new_fd,
+                _subdirectory(self.root, root_fd, "cur") as cur_fd,
+            ):
+                if cur_fd is None:
+                    return
+                directories = {"new": new_fd, "cur": cur_fd}
+                for index, target in renames:
+                    self._rename(directories, cur_fd, index, target)
+        except POP3Error as error:
+            log.info("not marking messages seen in {root}: {error}", root=self.root, error=error)
+
+    def _rename(
+        self, directories: dict[str, int | None], cur_fd: int, index: int, target: str
+    ) -> None:
+        subdirectory, name = self._locations[index]
+        source = directories[subdirectory]
+        if source is None:
+            return
+        try:
+            # Never replace a file another program put there; rename is
+            # atomic, so a crash leaves the message in one place.
+            if _exists(target, cur_fd):
+                return
+            os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur_fd)
+            self._locations[index] = ("cur", target)
+        except OSError as error:
+            log.info("not marking {name} seen: {error}", name=name, error=error)
 
     def close(self) -> Deferred[None]:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            self._store._release(lock)
         return succeed(None)

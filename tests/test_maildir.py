@@ -9,15 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.task import Clock
 
 from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.interfaces import ISeenFlags
+from pop3d.locking import LOCK_REFRESH_SECONDS, LockOwner, this_process
 from pop3d.maildir import LOCK_FILE_NAME, MaildirStore
 from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
@@ -147,19 +150,25 @@ async def test_failed_removal_does_the_others(store: MaildirStore, maildir: Path
 
 
 @pytest_twisted.ensureDeferred
-async def test_lock_file_stays_and_is_not_a_message(store: MaildirStore, maildir: Path) -> None:
+async def test_lock_file_is_there_while_locked_and_is_not_a_message(
+    store: MaildirStore, maildir: Path
+) -> None:
     maildrop = await store.open("alice")
+    owner = LockOwner.parse((maildir / LOCK_FILE_NAME).read_bytes())
+    assert owner == this_process()
     await maildrop.close()
-    assert (maildir / LOCK_FILE_NAME).exists()
+    assert not (maildir / LOCK_FILE_NAME).exists()
+    (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
     maildrop = await store.open("alice")
-    assert list(maildrop.messages) == []
+    assert [m.uid for m in maildrop.messages] == ["1.M1.host"]
     await maildrop.close()
 
 
 _HOLD_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(fd, fcntl.LOCK_EX)
+import os, sys
+from pop3d.locking import DotLock
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+DotLock.acquire("pop3d.lock", dir_fd=fd, directory=sys.argv[1])
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -167,9 +176,12 @@ sys.stdin.read()
 
 @pytest_twisted.ensureDeferred
 async def test_lock_held_by_another_process(store: MaildirStore, maildir: Path) -> None:
-    """RFC 1939 section 8: exclusive access across processes; a dead holder frees it."""
+    """
+    RFC 1939 section 8: exclusive access across processes; a holder killed
+    with SIGKILL leaves its lock file, which is known for stale at once.
+    """
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(maildir / LOCK_FILE_NAME)],
+        [sys.executable, "-c", _HOLD_LOCK, str(maildir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -181,8 +193,98 @@ async def test_lock_held_by_another_process(store: MaildirStore, maildir: Path) 
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert (maildir / LOCK_FILE_NAME).exists()
     maildrop = await store.open("alice")
     await maildrop.close()
+
+
+class TestLockFiles:
+    """
+    Lock files that hold across machines sharing Maildirs over NFS: a lock
+    of another host is stale only once it has not been refreshed for
+    ``lock_stale_seconds``; a lock of this host is stale once its process
+    is gone, even if the process id now belongs to another process.
+    """
+
+    def plant(self, maildir: Path, owner: LockOwner, age: float = 0) -> Path:
+        lock = maildir / LOCK_FILE_NAME
+        lock.write_bytes(owner.line())
+        when = time.time() - age
+        os.utime(lock, (when, when))
+        return lock
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_fresh_lock_of_another_host_is_respected(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        lock = self.plant(maildir, LockOwner("elsewhere.example", 4242, "x:1"), age=60)
+        with pytest.raises(MaildropLocked):
+            await store.open("alice")
+        assert LockOwner.parse(lock.read_bytes()) == LockOwner("elsewhere.example", 4242, "x:1")
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_lock_not_refreshed_for_too_long_is_broken(
+        self, tmp_path: Path, maildir: Path
+    ) -> None:
+        store = MaildirStore(f"{tmp_path}/{{user}}", lock_stale_seconds=300)
+        self.plant(maildir, LockOwner("elsewhere.example", 4242, "x:1"), age=301)
+        maildrop = await store.open("alice")
+        assert LockOwner.parse((maildir / LOCK_FILE_NAME).read_bytes()) == this_process()
+        await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_reused_process_id_does_not_keep_a_lock(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        here = this_process()
+        # Our own pid, alive, but an earlier incarnation (a restarted server
+        # in a container often gets the same pid).
+        self.plant(maildir, LockOwner(here.host, here.pid, "0:0"))
+        maildrop = await store.open("alice")
+        await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_live_lock_of_this_host_is_respected(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        self.plant(maildir, this_process())
+        with pytest.raises(MaildropLocked):
+            await store.open("alice")
+
+    @pytest_twisted.ensureDeferred
+    async def test_held_locks_are_refreshed_on_the_clock(
+        self, tmp_path: Path, maildir: Path
+    ) -> None:
+        clock = Clock()
+        store = MaildirStore(f"{tmp_path}/{{user}}", clock=clock)
+        maildrop = await store.open("alice")
+        lock = maildir / LOCK_FILE_NAME
+        os.utime(lock, (1, 1))
+        clock.advance(LOCK_REFRESH_SECONDS)
+        assert time.time() - lock.stat().st_mtime < 60
+        await maildrop.close()
+        assert clock.getDelayedCalls() == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_lock_taken_over_is_not_removed_by_its_first_holder(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        maildrop = await store.open("alice")
+        lock = maildir / LOCK_FILE_NAME
+        lock.unlink()
+        self.plant(maildir, LockOwner("elsewhere.example", 1, "x:1"))
+        await maildrop.close()
+        assert LockOwner.parse(lock.read_bytes()) == LockOwner("elsewhere.example", 1, "x:1")
+
+    def test_incarnations_differ_between_processes(self) -> None:
+        other = subprocess.run(
+            [sys.executable, "-c", "from pop3d.locking import this_process as t; print(t())"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        assert this_process().incarnation not in other
+        assert this_process().host in other
 
 
 class TestTemplates:
@@ -311,7 +413,7 @@ class TestSizeCache:
         await second.close()
 
     @pytest_twisted.ensureDeferred
-    async def test_a_changed_file_is_counted_again(
+    async def test_a_replaced_file_is_counted_again(
         self, store: MaildirStore, maildir: Path
     ) -> None:
         message = maildir / "cur" / "1.M1.host:2,S"
@@ -319,9 +421,11 @@ class TestSizeCache:
         first = await store.open("alice")
         assert first.messages[0].size == 5
         await first.close()
-        # Same length on disk, one more line: a different wire size.
-        message.write_bytes(b"a\nb\n")
-        os.utime(message, ns=(1, 1))
+        # Same length on disk, one more line: a different wire size.  (A
+        # file is replaced by a rename, never rewritten: the Maildir rule.)
+        replacement = maildir / "tmp" / "1.M1.host"
+        replacement.write_bytes(b"a\nb\n")
+        replacement.rename(message)
         second = await store.open("alice")
         assert second.messages[0].size == 6
         await second.close()
@@ -329,7 +433,7 @@ class TestSizeCache:
     @pytest_twisted.ensureDeferred
     async def test_a_damaged_cache_is_ignored(self, store: MaildirStore, maildir: Path) -> None:
         (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
-        (maildir / maildir_module.SIZE_CACHE).write_bytes(b"pop3d-sizes 1\n1.M1.host\tjunk\n")
+        (maildir / maildir_module.SIZE_CACHE).write_bytes(b"pop3d-sizes 2\n1.M1.host\tjunk\n")
         maildrop = await store.open("alice")
         assert maildrop.messages[0].size == 3
         await maildrop.close()
@@ -356,6 +460,125 @@ class TestSizeCache:
         assert victim.read_bytes() == b"precious\n"
 
 
+class TestListingCache:
+    """
+    A later login does not read the Maildir's directories while new/, cur/
+    and dovecot-uidlist are unchanged, and never misses a change.
+    """
+
+    @pytest.fixture
+    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+        scanned: list[object] = []
+        original = os.scandir
+
+        def recording(path: object) -> object:
+            scanned.append(path)
+            return original(path)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(maildir_module.os, "scandir", recording)
+        return scanned
+
+    def settle(self, maildir: Path) -> None:
+        """Make the Maildir look untouched for a minute."""
+        for part in ("new", "cur"):
+            when = time.time() - 60
+            os.utime(maildir / part, (when, when))
+
+    async def uids(self, store: MaildirStore) -> list[str]:
+        maildrop = await store.open("alice")
+        try:
+            return [m.uid for m in maildrop.messages]
+        finally:
+            await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_an_unchanged_maildir_is_not_read_again(
+        self, store: MaildirStore, maildir: Path, scans: list[object]
+    ) -> None:
+        (maildir / "cur" / "1.M1.host:2,S").write_bytes(b"x\n")
+        self.settle(maildir)
+        assert await self.uids(store) == ["1.M1.host"]
+        scans.clear()
+        assert await self.uids(store) == ["1.M1.host"]
+        assert scans == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_delivery_is_seen_at_the_next_login(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        (maildir / "cur" / "1.M1.host:2,S").write_bytes(b"x\n")
+        self.settle(maildir)
+        assert await self.uids(store) == ["1.M1.host"]
+        deliver_to_maildir(str(maildir), b"y\n")
+        assert len(await self.uids(store)) == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_change_the_clock_cannot_show_is_not_missed(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """
+        A delivery within the same tick of the file system's clock as the
+        listing leaves new/ with the same mtime: a directory that changed
+        that recently is read again at the next login.
+        """
+        before = (maildir / "new").stat().st_mtime_ns
+        assert await self.uids(store) == []
+        (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
+        os.utime(maildir / "new", ns=(before, before))
+        assert await self.uids(store) == ["1.M1.host"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_new_dovecot_uidlist_is_read(self, store: MaildirStore, maildir: Path) -> None:
+        (maildir / "cur" / "1.M1.host:2,S").write_bytes(b"x\n")
+        self.settle(maildir)
+        assert await self.uids(store) == ["1.M1.host"]
+        (maildir / maildir_module.DOVECOT_UIDLIST).write_bytes(
+            b"3 V1700000000 N2 G0\n1 P7 :1.M1.host\n"
+        )
+        assert await self.uids(store) == ["7"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_without_the_cache_every_login_reads_the_maildir(
+        self, tmp_path: Path, maildir: Path, scans: list[object]
+    ) -> None:
+        store = MaildirStore(f"{tmp_path}/{{user}}", listing_cache=0)
+        self.settle(maildir)
+        await self.uids(store)
+        scans.clear()
+        await self.uids(store)
+        assert len(scans) == 2  # new/ and cur/
+
+    @pytest_twisted.ensureDeferred
+    async def test_the_cache_keeps_the_most_recent_listings(
+        self, tmp_path: Path, scans: list[object]
+    ) -> None:
+        store = MaildirStore(f"{tmp_path}/{{user}}", listing_cache=3)
+        for user in ("alice", "bob"):
+            for n in range(2):
+                deliver_to_maildir(str(tmp_path / user), b"%d\n" % n, subdirectory="cur")
+            self.settle(tmp_path / user)
+        for user in ("alice", "bob"):
+            maildrop = await store.open(user)
+            await maildrop.close()
+        scans.clear()
+        for user in ("bob", "alice"):
+            maildrop = await store.open(user)
+            await maildrop.close()
+        assert len(scans) == 2  # alice's new/ and cur/: she did not fit
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_maildir_replaced_during_a_session_is_not_served(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        deliver_to_maildir(str(maildir), b"mine\n")
+        maildrop = await store.open("alice")
+        maildir.rename(tmp_path / "moved")
+        deliver_to_maildir(str(maildir), b"someone else's\n")
+        with pytest.raises(MaildropUnavailable):
+            await maildrop.open_message(0)
+        await maildrop.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_update_work_runs_off_the_reactor_thread(
     tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
@@ -374,7 +597,8 @@ async def test_update_work_runs_off_the_reactor_thread(
         original = getattr(os, call)
 
         def recording(*args: object, _original: object = original, **kwargs: object) -> object:
-            threads.append(threading.current_thread())
+            if args[0] != str(maildir / LOCK_FILE_NAME):
+                threads.append(threading.current_thread())
             return _original(*args, **kwargs)  # type: ignore[operator]
 
         monkeypatch.setattr(maildir_module.os, call, recording)
