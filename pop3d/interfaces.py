@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from twisted.internet.defer import Deferred
 
@@ -119,4 +119,16 @@ class ISeenFlags(Interface):
         are the messages sent with RETR, ``kept`` those not deleted.  Never
         changes a message's UIDL or its content; a failure is logged, not
         reported to the client (the client's work is done).
+        """
+
+
+class IMaildropLocks(Interface):
+    """How a directory store keeps a maildrop to one session at a time."""
+
+    def acquire(directory: str, dir_fd: int) -> Callable[[], None]:
+        """
+        Lock the maildrop in ``directory`` (open as ``dir_fd``) without
+        waiting; return what releases the lock (harmless to call twice).
+        Raises `pop3d.errors.MaildropLocked` if it is held by another
+        session, in any process, or `pop3d.errors.MaildropUnavailable`.
         """

@@ -1,22 +1,32 @@
 """
-Maildrop locks that hold across processes and across machines sharing the
-mail over NFS (RFC 1939 section 8: a maildrop is served to one session at a
-time).
+Maildrop locks that hold across processes (RFC 1939 section 8: a maildrop is
+served to one session at a time), in two kinds.
 
-A lock is a file created with ``O_CREAT|O_EXCL`` (atomic on local file
-systems and on NFSv3 and later), naming its holder: host name, process id
-and an incarnation token (boot id and process start time), so that a lock
-left by a process that has died, on this machine, is known for stale at
-once, even when its process id has been given to a new process since.  A
-lock of another machine is stale when it has not been refreshed for
-`LOCK_STALE_SECONDS`; holders refresh theirs every `LOCK_REFRESH_SECONDS`
-(see `LockRefresher`).  Nothing is held open while the lock is held, so an
-idle session costs no descriptor for it.
+`LockTable`, the default: every maildrop lock of a process is a one-byte
+``fcntl`` write lock in one lock file shared by all servers of the host, at
+an offset derived from the Maildir's device and inode.  A lock costs one
+system call and no descriptor of its own, so an idle session holds only its
+socket; the kernel releases the locks of a process that dies, however it
+dies.  Every server of a Maildir tree must use the same lock file.
+
+`LockFiles`, for Maildirs shared by several machines over NFS (where fcntl
+locks depend on the lock daemon): a lock is a file in the Maildir created
+with ``O_CREAT|O_EXCL`` (atomic on local file systems and on NFSv3 and
+later), naming its holder: host name, process id and an incarnation token
+(boot id and process start time), so that a lock left by a process that
+has died, on this machine, is known for stale at once, even when its
+process id has been given to a new process since.  A lock of another
+machine is stale when it has not been refreshed for `LOCK_STALE_SECONDS`;
+holders refresh theirs every `LOCK_REFRESH_SECONDS`.  Creating and removing
+a file costs more than an fcntl lock (on the benchmark machine, about
+0.1 ms per login).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import socket
 import stat
@@ -28,8 +38,10 @@ from functools import lru_cache
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable
+from pop3d.interfaces import IMaildropLocks
 
 #: A lock whose file has not been touched for this long is taken for the
 #: leftover of a holder that is gone (between Postfix's 500 seconds and
@@ -306,3 +318,96 @@ class LockRefresher:
     def refresh_all(self) -> None:
         for lock in list(self._held):
             lock.refresh()
+
+
+@implementer(IMaildropLocks)
+class LockFiles:
+    """NFS-safe lock files named ``name`` in each Maildir (see the module docstring)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime | None,
+        *,
+        name: str = "pop3d.lock",
+        stale_seconds: float = LOCK_STALE_SECONDS,
+    ) -> None:
+        self.name = name
+        self.stale_seconds = stale_seconds
+        self._refresher = LockRefresher(clock)
+
+    def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
+        lock = DotLock.acquire(
+            self.name, dir_fd=dir_fd, directory=directory, stale_seconds=self.stale_seconds
+        )
+        self._refresher.add(lock)
+
+        def release() -> None:
+            self._refresher.discard(lock)
+            lock.release()
+
+        return release
+
+
+@implementer(IMaildropLocks)
+class LockTable:
+    """
+    fcntl byte-range locks in the lock file at ``path`` (see the module
+    docstring), plus a table of this process's own locks: fcntl locks never
+    conflict within one process.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = 0
+        self._held: set[int] = set()
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            # A forked child inherits the descriptor but not the locks.
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except OSError as error:
+                log.error("cannot open the lock file {path}: {error}", path=self.path, error=error)
+                raise MaildropUnavailable("cannot open the lock file") from error
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise MaildropUnavailable("the lock file is not a file", permanent=True)
+            self._fd, self._pid, self._held = fd, os.getpid(), set()
+        return self._fd
+
+    def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
+        info = os.fstat(dir_fd)
+        digest = hashlib.blake2b(b"%d:%d" % (info.st_dev, info.st_ino), digest_size=8).digest()
+        # 62 bits: a positive offset that any off_t holds.
+        offset = int.from_bytes(digest, "big") >> 2
+        fd = self._file()
+        if offset in self._held:
+            raise MaildropLocked()
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise MaildropLocked() from None
+            raise MaildropUnavailable("cannot lock the maildrop") from error
+        self._held.add(offset)
+        pid = self._pid
+
+        def release() -> None:
+            if offset not in self._held or pid != os.getpid():
+                return
+            self._held.discard(offset)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+            except OSError as error:
+                log.warn("cannot unlock {path}: {error}", path=directory, error=error)
+
+        return release
+
+    def close(self) -> None:
+        """Release every lock (for tests and shutdown)."""
+        fd, self._fd = self._fd, None
+        self._held = set()
+        if fd is not None:
+            os.close(fd)

@@ -35,21 +35,28 @@ import re
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, ISeenFlags, MessageInfo
-from pop3d.locking import LOCK_STALE_SECONDS, DotLock, LockRefresher
+from pop3d.interfaces import (
+    IMaildrop,
+    IMaildropLocks,
+    IMaildropStore,
+    IMessageBody,
+    ISeenFlags,
+    MessageInfo,
+)
+from pop3d.locking import LockTable
 from pop3d.storage import (
     check_template,
     expand_template,
@@ -65,9 +72,12 @@ from pop3d.uidl import (
 )
 from pop3d.wire import WireSizeCounter, is_valid_uidl
 
-#: The lock file in the root of every locked Maildir (see `pop3d.locking`).
-#: No leading dot: Maildir++ treats dot-names in the root as folders.
+#: With `LockFiles` (NFS), the lock file in the root of every locked
+#: Maildir.  No leading dot: Maildir++ treats dot-names in the root as folders.
 LOCK_FILE_NAME = "pop3d.lock"
+#: The `LockTable` file, in the directory above the Maildirs (see
+#: `default_lock_table`).  User names never start with a dot.
+LOCK_TABLE_NAME = ".pop3d-locks"
 #: Listings kept in memory, in messages over all Maildirs (about 300 bytes
 #: each); the least recently opened Maildirs are dropped first.
 LISTING_CACHE_MESSAGES = 250_000
@@ -180,9 +190,9 @@ class MaildirStore:
     ``uidl_format``.
 
     ``listing_cache`` is how many messages of recent listings are kept in
-    memory (0: none, every login reads its directories).  Locks are lock
-    files (see `pop3d.locking`) refreshed on ``clock`` (by default the
-    reactor) and taken for stale after ``lock_stale_seconds``.
+    memory (0: none, every login reads its directories).  ``locks`` keep a
+    maildrop to one session (see `pop3d.locking`): by default a `LockTable`
+    in `default_lock_table` of the template; `LockFiles` for NFS.
     """
 
     def __init__(
@@ -190,11 +200,10 @@ class MaildirStore:
         template: str,
         *,
         reactor: IReactorThreads | None = None,
-        clock: IReactorTime | None = None,
         uidl_format: str | None = None,
         reuse_x_uidl: bool = False,
         listing_cache: int = LISTING_CACHE_MESSAGES,
-        lock_stale_seconds: float = LOCK_STALE_SECONDS,
+        locks: IMaildropLocks | None = None,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -202,12 +211,9 @@ class MaildirStore:
         self.template = template
         self.uidl_format = uidl_format
         self.reuse_x_uidl = reuse_x_uidl
-        self.lock_stale_seconds = lock_stale_seconds
+        self.locks = locks if locks is not None else LockTable(default_lock_table(template))
         self._naming = _UIDLNaming(uidl_format, reuse_x_uidl)
         self._reactor = reactor
-        if clock is None and IReactorTime.providedBy(reactor):
-            clock = reactor
-        self._refresher = LockRefresher(clock)
         self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:
@@ -224,27 +230,21 @@ class MaildirStore:
             return succeed(_Maildrop(None, (), (), None, self))
         except OSError as error:
             return fail(_unavailable("cannot open maildir", root, error))
-        lock: DotLock | None = None
+        release: Callable[[], None] | None = None
         try:
             info = os.fstat(root_fd)
             directory = _Directory(root, (info.st_dev, info.st_ino))
-            lock = DotLock.acquire(
-                LOCK_FILE_NAME,
-                dir_fd=root_fd,
-                directory=root,
-                stale_seconds=self.lock_stale_seconds,
-            )
+            release = self.locks.acquire(root, root_fd)
             stamp, settled = _take_stamp(root, root_fd)
         except POP3Error as error:
             os.close(root_fd)
             return fail(error)
         except OSError as error:
             os.close(root_fd)
-            if lock is not None:
-                lock.release()
+            if release is not None:
+                release()
             return fail(_unavailable("cannot read maildir", root, error))
-        self._refresher.add(lock)
-        held = lock
+        held = release
         cached = self._listings.get(root)
         if cached is not None and cached.settled and cached.stamp == stamp:
             os.close(root_fd)
@@ -263,14 +263,21 @@ class MaildirStore:
             return _Maildrop(directory, listing.messages, listing.locations, held, self)
 
         def failed(reason: Failure) -> Failure:
-            self._release(held)
+            held()
             return reason
 
         return run_blocking(self._reactor, scan).addCallbacks(opened, failed)
 
-    def _release(self, lock: DotLock) -> None:
-        self._refresher.discard(lock)
-        lock.release()
+
+def default_lock_table(template: str) -> str:
+    """
+    Where the `LockTable` of a template is by default: in the directory
+    above its first placeholder (``/srv/mail/.pop3d-locks`` for
+    ``/srv/mail/{user}``), which belongs to the administrator.
+    """
+    fixed = template.split("{", 1)[0]
+    directory = fixed if fixed.endswith("/") else os.path.dirname(fixed)
+    return os.path.join(directory or ".", LOCK_TABLE_NAME)
 
 
 def _take_stamp(root: str, root_fd: int) -> tuple[_Stamp, bool]:
@@ -645,14 +652,14 @@ class _Maildrop:
         directory: _Directory | None,
         messages: Sequence[MessageInfo],
         locations: Sequence[Location],
-        lock: DotLock | None,
+        release: Callable[[], None] | None,
         store: MaildirStore,
     ) -> None:
         self.messages = messages
         # None: no Maildir when the session began, an empty maildrop.
         self._directory = directory
         self._locations = list(locations)
-        self._lock = lock
+        self._release = release
         self._store = store
 
     @property
@@ -736,8 +743,11 @@ class _Maildrop:
             return succeed(None)
         seen = set(retrieved)
         renames: list[tuple[int, str]] = []
+        locations = self._locations
         for index in kept:
-            subdirectory, name = self._locations[index]
+            subdirectory, name = locations[index]
+            if subdirectory == "cur" and index not in seen:
+                continue  # flags as they are
             unique, _, info = name.partition(":")
             flags = set(info[2:]) if info.startswith("2,") else set()
             if index in seen:
@@ -783,7 +793,7 @@ class _Maildrop:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 
     def close(self) -> Deferred[None]:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            self._store._release(lock)
+        release, self._release = self._release, None
+        if release is not None:
+            release()
         return succeed(None)

@@ -118,6 +118,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._closing = False
         self._disconnected = False
         self._tls_started = False
+        self._known_link: Link | None = None
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's scheduling, on the injected clock.
@@ -130,6 +131,14 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return cast(_Transport, self.transport)
 
     def _link(self) -> Link:
+        # Asked once a line arrives, not at connectionMade: behind a
+        # PROXY-protocol wrapper (haproxy: endpoints) the real client is
+        # known only once its header was read.  STLS forgets it.
+        if self._known_link is None:
+            self._known_link = self._describe_link()
+        return self._known_link
+
+    def _describe_link(self) -> Link:
         transport = self.transport
         address = transport.getPeer() if transport is not None else None
         host = getattr(address, "host", None)
@@ -150,7 +159,6 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._connection.setTcpNoDelay(True)
         self._connection.registerProducer(_OutputValve(self), True)
         self.setTimeout(self._timeout)
-        self.log.info("connection from {peer}", peer=self.session.peer)
         self._connection.write(self.session.greeting().to_bytes())
 
     def connectionLost(self, reason: FailureType | None = None) -> None:
@@ -235,7 +243,19 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return
         if line.endswith(b"\r"):
             line = line[:-1]
-        self._answer(_ask(lambda: self.session.handle_line(line)))
+        try:
+            reply = self.session.handle_line(line)
+        except Exception:
+            self._answer(fail())
+            return
+        if isinstance(reply, (Deferred, MessageStream)):
+            self._answer(reply if isinstance(reply, Deferred) else succeed(reply))
+            return
+        # Answered at once (most commands): no Deferred to go through.
+        try:
+            self._send(reply)
+        except Exception:
+            self._answer(fail())
 
     # -- answering, strictly in order ----------------------------------------
 
@@ -277,6 +297,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._after_long_line = b""
             self._connection.startTLS(self._tls.context_factory())
             self._tls_started = True
+            self._known_link = None
         elif isinstance(reply, Hangup):
             self._closing = True
             # A transport with a registered producer does not close.

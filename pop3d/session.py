@@ -173,8 +173,9 @@ DEFAULT_POLICY = SessionPolicy()
 
 @dataclass
 class SessionCounters:
-    """What a session did, for the logout log line."""
+    """What a session did, for the log line written when it ends."""
 
+    method: str = ""
     retrieved_messages: int = 0
     retrieved_octets: int = 0
     deleted_messages: int = 0
@@ -314,15 +315,33 @@ class Session:
         UPDATE under way releases it when it ends, whatever happens.)
         """
         self._disconnected = True
-        if self.state is State.TRANSACTION:
+        if self.state is State.AUTHORIZATION:
             self.log.info(
-                "session of {user} from {peer} ended without QUIT; nothing deleted",
-                user=self.user,
+                "disconnected before login: peer={peer} failed_logins={failed}",
                 peer=self.peer,
+                failed=self._failed_logins,
             )
+        elif self.state is State.TRANSACTION:
+            self._log_session_end("ended without QUIT, nothing deleted")
             self._release()
 
     # -- helpers --------------------------------------------------------------
+
+    def _log_session_end(self, outcome: str) -> None:
+        counters = self.counters
+        self.log.info(
+            "session {outcome}: user={user} peer={peer} method={method}"
+            " retrieved={retrieved_messages} ({retrieved_octets} octets)"
+            " deleted={deleted_messages} ({deleted_octets} octets)",
+            outcome=outcome,
+            user=self.user,
+            peer=self.peer,
+            method=counters.method,
+            retrieved_messages=counters.retrieved_messages,
+            retrieved_octets=counters.retrieved_octets,
+            deleted_messages=counters.deleted_messages,
+            deleted_octets=counters.deleted_octets,
+        )
 
     def _bad_command(self, text: str) -> Reply:
         self._bad_commands += 1
@@ -450,12 +469,8 @@ class Session:
             self.user = shown_user
             self.state = State.TRANSACTION
             self._bad_commands = 0
-            self.log.info(
-                "login succeeded: user={user} peer={peer} method={method}",
-                user=shown_user,
-                peer=self.peer,
-                method=method,
-            )
+            # One line per session, when it ends (see _log_session_end).
+            self.counters.method = method
             return Status(True, self._maildrop_summary())
 
         def failed(failure: Failure) -> Reply | Deferred[Reply]:
@@ -701,17 +716,7 @@ class Session:
             return marking.addCallback(lambda _: reply)
 
         def logged_out(reply: Reply) -> Reply:
-            self.log.info(
-                "logout: user={user} peer={peer} retrieved={retrieved_messages}"
-                " ({retrieved_octets} octets) deleted={deleted_messages}"
-                " ({deleted_octets} octets)",
-                user=self.user,
-                peer=self.peer,
-                retrieved_messages=self.counters.retrieved_messages,
-                retrieved_octets=self.counters.retrieved_octets,
-                deleted_messages=self.counters.deleted_messages,
-                deleted_octets=self.counters.deleted_octets,
-            )
+            self._log_session_end("logged out")
             self._release()
             return reply
 

@@ -29,8 +29,9 @@ from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
-from pop3d.interfaces import IMaildropStore
-from pop3d.maildir import MaildirStore
+from pop3d.interfaces import IMaildropLocks, IMaildropStore
+from pop3d.locking import LockFiles, LockTable
+from pop3d.maildir import MaildirStore, default_lock_table
 from pop3d.mbox import MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
@@ -74,6 +75,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Accept USER/PASS and SASL PLAIN/LOGIN on connections that are neither "
             "TLS nor local (refused by default: RFC 2595 2.3, RFC 8314 4.1).",
         ],
+        [
+            "nfs-locks",
+            None,
+            "Lock Maildirs with lock files in them, safe for servers on several "
+            "machines sharing the Maildirs over NFS (see docs/scaling.rst).",
+        ],
     ]
     optParameters = [
         [
@@ -97,6 +104,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "UIDLs of another server to keep (Dovecot's variables %u %v %f %m, e.g. "
             "%08Xu%08Xv); by default Dovecot's when a dovecot-uidlist is present.",
+        ],
+        [
+            "lock-table",
+            None,
+            None,
+            "The file that holds this host's Maildir locks; every server of the same "
+            "Maildirs must use the same one (default: .pop3d-locks in the directory "
+            "above the first {placeholder} of the Maildir path).",
         ],
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
@@ -163,6 +178,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_format(self["uidl-format"])
             except UIDLFormatError as error:
                 raise usage.UsageError(f"--uidl-format: {error}") from None
+        if self["nfs-locks"] and self["lock-table"]:
+            raise usage.UsageError("--nfs-locks and --lock-table exclude each other")
+        if (self["nfs-locks"] or self["lock-table"]) and self["mail-location"].startswith("mbox:"):
+            raise usage.UsageError(
+                "--nfs-locks and --lock-table apply to Maildirs; mbox files have dotlocks"
+            )
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         self["workers"] = parse_workers(self["workers"], self["listen"])
@@ -330,22 +351,31 @@ def build_portal(
     return portal
 
 
+def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime) -> IMaildropStore:
+    """The store --mail-location names, with its locks."""
+    # parse_mail_location accepted maildir:PATH or mbox:PATH.
+    if options["mail-location"].startswith("mbox:"):
+        return MboxStore(options["maildir-template"], reactor=threads)
+    locks: IMaildropLocks = (
+        LockFiles(clock)
+        if options["nfs-locks"]
+        else LockTable(options["lock-table"] or default_lock_table(options["maildir-template"]))
+    )
+    return MaildirStore(
+        options["maildir-template"],
+        reactor=threads,
+        uidl_format=options["uidl-format"],
+        reuse_x_uidl=bool(options["reuse-x-uidl"]),
+        locks=locks,
+    )
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorTime = reactor
     threads = cast(IReactorThreads, reactor)
-    store: IMaildropStore
-    # parse_mail_location accepted maildir:PATH or mbox:PATH.
-    if options["mail-location"].startswith("mbox:"):
-        store = MboxStore(options["maildir-template"], reactor=threads)
-    else:
-        store = MaildirStore(
-            options["maildir-template"],
-            reactor=threads,
-            uidl_format=options["uidl-format"],
-            reuse_x_uidl=bool(options["reuse-x-uidl"]),
-        )
+    store = build_store(options, threads, clock)
     portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
     factory = POP3Factory(
         portal,

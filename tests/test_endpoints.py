@@ -158,8 +158,8 @@ async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path) -> N
         await server.service.stopService()
         globalLogPublisher.removeObserver(events.append)
     assert answer.startswith(b"+OK pop3d ready") and answer.endswith(b"+OK bye\r\n")
-    logins = [e for e in events if e.get("log_format", "").startswith("login succeeded")]
-    assert [e["peer"] for e in logins] == ["203.0.113.7:40123"]
+    sessions = [e for e in events if e.get("log_format", "").startswith("session {outcome}")]
+    assert [e["peer"] for e in sessions] == ["203.0.113.7:40123"]
 
 
 _ACTIVATE = r"""

@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.interfaces import ISeenFlags
-from pop3d.locking import LOCK_REFRESH_SECONDS, LockOwner, this_process
+from pop3d.locking import LOCK_REFRESH_SECONDS, LockFiles, LockOwner, LockTable, this_process
 from pop3d.maildir import LOCK_FILE_NAME, MaildirStore
 from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
@@ -149,39 +149,29 @@ async def test_failed_removal_does_the_others(store: MaildirStore, maildir: Path
     assert sorted(p.name for p in (maildir / "new").iterdir()) == [names[1]]
 
 
-@pytest_twisted.ensureDeferred
-async def test_lock_file_is_there_while_locked_and_is_not_a_message(
-    store: MaildirStore, maildir: Path
-) -> None:
-    maildrop = await store.open("alice")
-    owner = LockOwner.parse((maildir / LOCK_FILE_NAME).read_bytes())
-    assert owner == this_process()
-    await maildrop.close()
-    assert not (maildir / LOCK_FILE_NAME).exists()
-    (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
-    maildrop = await store.open("alice")
-    assert [m.uid for m in maildrop.messages] == ["1.M1.host"]
-    await maildrop.close()
-
-
 _HOLD_LOCK = """
 import os, sys
-from pop3d.locking import DotLock
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-DotLock.acquire("pop3d.lock", dir_fd=fd, directory=sys.argv[1])
+from pop3d.locking import LockFiles, LockTable
+locks = LockTable(sys.argv[2]) if sys.argv[2] else LockFiles(None)
+locks.acquire(sys.argv[1], os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
 print("locked", flush=True)
 sys.stdin.read()
 """
 
 
+@pytest.mark.parametrize("kind", ["lock table", "lock files"])
 @pytest_twisted.ensureDeferred
-async def test_lock_held_by_another_process(store: MaildirStore, maildir: Path) -> None:
+async def test_lock_held_by_another_process(tmp_path: Path, maildir: Path, kind: str) -> None:
     """
     RFC 1939 section 8: exclusive access across processes; a holder killed
-    with SIGKILL leaves its lock file, which is known for stale at once.
+    with SIGKILL does not keep the maildrop (a lock file it leaves behind
+    is known for stale at once).
     """
+    table = str(tmp_path / "locks") if kind == "lock table" else ""
+    locks = LockTable(table) if table else LockFiles(None)
+    store = MaildirStore(f"{tmp_path}/{{user}}", locks=locks)
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(maildir)],
+        [sys.executable, "-c", _HOLD_LOCK, str(maildir), table],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -193,18 +183,51 @@ async def test_lock_held_by_another_process(store: MaildirStore, maildir: Path) 
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert (maildir / LOCK_FILE_NAME).exists()
     maildrop = await store.open("alice")
     await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lock_table_is_above_the_maildirs_and_costs_no_descriptor(
+    store: MaildirStore, tmp_path: Path
+) -> None:
+    assert store.locks.path == str(tmp_path / ".pop3d-locks")  # type: ignore[attr-defined]
+    for user in ("alice", "bob", "carol"):
+        deliver_to_maildir(str(tmp_path / user), b"x\n")
+    first = await store.open("alice")
+    before = len(os.listdir("/proc/self/fd"))
+    opened = [await store.open(user) for user in ("bob", "carol")]
+    assert len(os.listdir("/proc/self/fd")) == before
+    for maildrop in [first, *opened]:
+        await maildrop.close()
+    assert LOCK_FILE_NAME not in os.listdir(tmp_path / "alice")
+
+
+@pytest.mark.parametrize(
+    ("template", "table"),
+    [
+        ("/srv/mail/{user}", "/srv/mail/.pop3d-locks"),
+        ("/srv/{domain}/{local}", "/srv/.pop3d-locks"),
+        ("/home/{user}/Maildir", "/home/.pop3d-locks"),
+        ("/srv/mail-{user}", "/srv/.pop3d-locks"),
+        ("{user}", "./.pop3d-locks"),
+    ],
+)
+def test_where_the_lock_table_is(template: str, table: str) -> None:
+    assert maildir_module.default_lock_table(template) == table
 
 
 class TestLockFiles:
     """
     Lock files that hold across machines sharing Maildirs over NFS: a lock
     of another host is stale only once it has not been refreshed for
-    ``lock_stale_seconds``; a lock of this host is stale once its process
-    is gone, even if the process id now belongs to another process.
+    ``stale_seconds``; a lock of this host is stale once its process is
+    gone, even if the process id now belongs to another process.
     """
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> MaildirStore:
+        return MaildirStore(f"{tmp_path}/{{user}}", locks=LockFiles(None, stale_seconds=300))
 
     def plant(self, maildir: Path, owner: LockOwner, age: float = 0) -> Path:
         lock = maildir / LOCK_FILE_NAME
@@ -212,6 +235,20 @@ class TestLockFiles:
         when = time.time() - age
         os.utime(lock, (when, when))
         return lock
+
+    @pytest_twisted.ensureDeferred
+    async def test_the_lock_file_is_there_while_locked_and_is_not_a_message(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        maildrop = await store.open("alice")
+        owner = LockOwner.parse((maildir / LOCK_FILE_NAME).read_bytes())
+        assert owner == this_process()
+        await maildrop.close()
+        assert not (maildir / LOCK_FILE_NAME).exists()
+        (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
+        maildrop = await store.open("alice")
+        assert [m.uid for m in maildrop.messages] == ["1.M1.host"]
+        await maildrop.close()
 
     @pytest_twisted.ensureDeferred
     async def test_a_fresh_lock_of_another_host_is_respected(
@@ -224,9 +261,8 @@ class TestLockFiles:
 
     @pytest_twisted.ensureDeferred
     async def test_a_lock_not_refreshed_for_too_long_is_broken(
-        self, tmp_path: Path, maildir: Path
+        self, store: MaildirStore, maildir: Path
     ) -> None:
-        store = MaildirStore(f"{tmp_path}/{{user}}", lock_stale_seconds=300)
         self.plant(maildir, LockOwner("elsewhere.example", 4242, "x:1"), age=301)
         maildrop = await store.open("alice")
         assert LockOwner.parse((maildir / LOCK_FILE_NAME).read_bytes()) == this_process()
@@ -256,7 +292,7 @@ class TestLockFiles:
         self, tmp_path: Path, maildir: Path
     ) -> None:
         clock = Clock()
-        store = MaildirStore(f"{tmp_path}/{{user}}", clock=clock)
+        store = MaildirStore(f"{tmp_path}/{{user}}", locks=LockFiles(clock))
         maildrop = await store.open("alice")
         lock = maildir / LOCK_FILE_NAME
         os.utime(lock, (1, 1))
@@ -275,6 +311,17 @@ class TestLockFiles:
         self.plant(maildir, LockOwner("elsewhere.example", 1, "x:1"))
         await maildrop.close()
         assert LockOwner.parse(lock.read_bytes()) == LockOwner("elsewhere.example", 1, "x:1")
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_linked_lock_file_is_refused_and_not_created(
+        self, store: MaildirStore, maildir: Path, tmp_path: Path
+    ) -> None:
+        target = tmp_path / "elsewhere" / "created-by-root"
+        target.parent.mkdir()
+        (maildir / LOCK_FILE_NAME).symlink_to(target)
+        with pytest.raises(MaildropUnavailable):
+            await store.open("alice")
+        assert not target.exists()
 
     def test_incarnations_differ_between_processes(self) -> None:
         other = subprocess.run(
@@ -358,12 +405,12 @@ class TestNoSymbolicLinks:
         await maildrop.close()
 
     @pytest_twisted.ensureDeferred
-    async def test_a_linked_lock_file_is_refused_and_not_created(
+    async def test_a_linked_lock_table_is_refused_and_not_created(
         self, store: MaildirStore, maildir: Path, tmp_path: Path
     ) -> None:
         target = tmp_path / "elsewhere" / "created-by-root"
         target.parent.mkdir()
-        (maildir / LOCK_FILE_NAME).symlink_to(target)
+        (tmp_path / ".pop3d-locks").symlink_to(target)
         with pytest.raises(MaildropUnavailable):
             await store.open("alice")
         assert not target.exists()

@@ -517,14 +517,16 @@ class TestUpdate:
         assert wire.closed and store.closed
         assert any(e.get("log_failure") is not None for e in log_events)
 
-    def test_logout_is_logged_with_counts_and_no_password(
+    def test_a_session_is_logged_once_with_counts_and_no_password(
         self, logged_in: Wire, log_events: list[LogEvent]
     ) -> None:
         logged_in.command(b"RETR 2")
         logged_in.command(b"DELE 1")
         logged_in.command(b"QUIT")
-        logout = [e for e in log_events if "logout" in e.get("log_format", "")]
-        assert len(logout) == 1
+        assert [e["log_format"].split(":")[0] for e in log_events] == ["session {outcome}"]
+        logout = log_events
+        assert logout[0]["outcome"] == "logged out"
+        assert logout[0]["method"] == "USER"
         assert logout[0]["retrieved_messages"] == 1
         assert logout[0]["retrieved_octets"] == SIZE_2
         assert logout[0]["deleted_messages"] == 1

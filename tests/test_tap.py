@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.cred.credentials import UsernamePassword
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.task import Clock
 from twisted.python import usage
 
 from pop3d.interfaces import IMaildrop
+from pop3d.locking import LockFiles, LockTable
 from pop3d.maildir import MaildirStore
 from pop3d.realm import MaildropRealm
 from pop3d.session import APOPCredentials
-from pop3d.tap import DEFAULT_LISTEN, Options, build_portal
+from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store
 from pop3d.testing import MemoryStore
 
 
@@ -82,6 +85,40 @@ def test_bad_options_name_the_option(passwd: Path, arguments: list[str], option:
     merged = [part for item in {**base, **given}.items() for part in item]
     with pytest.raises(usage.UsageError, match=re.escape(option)):
         parse(*merged)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "kind", "where"),
+    [
+        ([], LockTable, "/srv/.pop3d-locks"),
+        (["--lock-table", "/run/pop3d/locks"], LockTable, "/run/pop3d/locks"),
+        (["--nfs-locks"], LockFiles, None),
+    ],
+)
+def test_maildir_locks(passwd: Path, arguments: list[str], kind: type, where: str | None) -> None:
+    options = parse(
+        "--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}", *arguments
+    )
+    store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
+    assert isinstance(store, MaildirStore)
+    assert isinstance(store.locks, kind)
+    if where is not None:
+        assert store.locks.path == where  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--nfs-locks", "--lock-table", "/run/locks"],
+        ["--mail-location", "mbox:/var/mail/{user}", "--nfs-locks"],
+        ["--mail-location", "mbox:/var/mail/{user}", "--lock-table", "/run/locks"],
+    ],
+)
+def test_lock_options_that_cannot_apply(passwd: Path, arguments: list[str]) -> None:
+    with pytest.raises(usage.UsageError, match=r"--nfs-locks|--lock-table"):
+        parse(
+            "--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}", *arguments
+        )
 
 
 def test_auth_and_mail_location_are_required(passwd: Path) -> None:
