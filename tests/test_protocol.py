@@ -523,7 +523,7 @@ class TestUpdate:
         logged_in.command(b"RETR 2")
         logged_in.command(b"DELE 1")
         logged_in.command(b"QUIT")
-        assert [e["log_format"].split(":")[0] for e in log_events] == ["session {outcome}"]
+        assert [e["log_format"].split(":")[0] for e in log_events] == ["session {summary}"]
         logout = log_events
         assert logout[0]["outcome"] == "logged out"
         assert logout[0]["method"] == "USER"
