@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     """
     One message of a maildrop snapshot.

@@ -70,7 +70,7 @@ from pop3d.uidl import (
     header_x_uidl,
     parse_dovecot_uidlist,
 )
-from pop3d.wire import WireSizeCounter, is_valid_uidl
+from pop3d.wire import WireSizeCounter, is_valid_uidl, wire_size
 
 #: With `LockFiles` (NFS), the lock file in the root of every locked
 #: Maildir.  No leading dot: Maildir++ treats dot-names in the root as folders.
@@ -251,15 +251,21 @@ class MaildirStore:
             return succeed(_Maildrop(directory, cached.messages, cached.locations, held, self))
         known = cached.sizes if cached is not None else None
 
-        def scan() -> _Listing:
+        def scan() -> tuple[_Listing, bool]:
             try:
-                messages, locations, sizes = _snapshot(root, root_fd, self._naming, known)
+                messages, locations, sizes, changed = _snapshot(root, root_fd, self._naming, known)
             finally:
                 os.close(root_fd)
-            return _Listing(stamp, settled, tuple(messages), tuple(locations), sizes)
+            return _Listing(stamp, settled, tuple(messages), tuple(locations), sizes), changed
 
-        def opened(listing: _Listing) -> IMaildrop:
+        def opened(scanned: tuple[_Listing, bool]) -> IMaildrop:
+            listing, changed = scanned
             self._listings.put(root, listing)
+            if changed:
+                # After the answer, not before it: the client waits for no
+                # file it does not need.
+                saving = run_blocking(self._reactor, _save_sizes, directory, listing.sizes)
+                saving.addErrback(lambda failure: log.failure("saving sizes failed", failure))
             return _Maildrop(directory, listing.messages, listing.locations, held, self)
 
         def failed(reason: Failure) -> Failure:
@@ -371,11 +377,14 @@ def _snapshot(
     root_fd: int,
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
-) -> tuple[list[MessageInfo], list[Location], dict[str, tuple[int, int]]]:
+) -> tuple[list[MessageInfo], list[Location], dict[str, tuple[int, int]], bool]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
     UID order for those it listed, then in unique-name order.  Sizes come
-    from ``known_sizes`` (else the size cache file) where the inode matches.
+    from ``,W=`` fields, else from ``known_sizes`` (else the size cache
+    file) where the inode matches, else from reading the message.  Also
+    returns the sizes to remember, by unique name: (inode, size), and
+    whether they differ from the size cache file's.
     """
     # A message seen in both (another program moving it right now) is the
     # same message: the cur/ one, seen last, wins.
@@ -395,34 +404,54 @@ def _snapshot(
         ordered = sorted(found, key=order)
     else:
         ordered = sorted(found)
-    messages: list[MessageInfo] = []
-    locations: list[Location] = []
-    seen_uidls: set[str] = set()
-    sizes = _SizeCache(root, known_sizes if known_sizes is not None else _SizeCache.load(root_fd))
+    known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
+    sizes, field_sizes = _known_sizes(found, known)
     with (
         _subdirectory(root, root_fd, "new") as new_fd,
         _subdirectory(root, root_fd, "cur") as cur_fd,
     ):
         directories = {"new": new_fd, "cur": cur_fd}
+        for subdirectory, directory_fd in directories.items():
+            uncounted = [
+                (unique, name, inode)
+                for unique, (sub, name, inode) in found.items()
+                if sub == subdirectory and unique not in sizes and unique not in field_sizes
+            ]
+            if uncounted and directory_fd is not None:
+                path = os.path.join(root, subdirectory)
+                sizes.update(_count_sizes(path, directory_fd, uncounted))
+        other_servers = dovecot is not None or naming.uidl_format or naming.reuse_x_uidl
+        messages: list[MessageInfo] = []
+        locations: list[Location] = []
+        seen_uidls: set[str] = set()
         for unique in ordered:
-            sub, name, inode = found[unique]
-            size = sizes.wire_size(unique, inode, (sub, name), directories)
+            sub, name, _ = found[unique]
             location: Location | None = (sub, name)
+            size = field_sizes.get(unique)
+            if size is None:
+                counted = sizes.get(unique)
+                size = counted[1] if counted is not None else None
             while location is not None and size is None:
                 # Moved or removed by another program since the scan.
                 moved = _locate(root, root_fd, unique)
                 location = moved if moved != location else None
                 if location is not None:
-                    size = sizes.wire_size(unique, None, location, directories)
+                    size = _count_moved(root, root_fd, unique, location, sizes)
             if location is None or size is None:
                 continue
-            uidl = _compatible_uidl(root, root_fd, unique, location, dovecot, naming)
+            uidl = (
+                _compatible_uidl(root, root_fd, unique, location, dovecot, naming)
+                if other_servers
+                else None
+            )
             if uidl is None or uidl in seen_uidls:
                 uidl = uidl_for(unique)
             seen_uidls.add(uidl)
             messages.append(MessageInfo(uidl, size))
             locations.append(location)
-    return messages, locations, sizes.save(root_fd, set(found))
+    sizes = {unique: sizes[unique] for unique in sizes.keys() & found.keys()}
+    changed = sizes != {unique: v for unique, v in known.items() if unique in found}
+    return messages, locations, sizes, changed
 
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
@@ -485,107 +514,143 @@ def _read_header(root: str, root_fd: int, location: tuple[str, str]) -> bytes | 
     return start
 
 
-class _SizeCache:
+# -- message sizes -----------------------------------------------------------
+#
+# Wire sizes of messages without a Maildir++ ",W=" field, by unique name and
+# inode, are kept in the Maildir root (SIZE_CACHE), so that a later login,
+# in any process, reads no message again.  A message whose file was replaced
+# (another inode) is counted again.
+
+_SIZE_CACHE_HEADER = "pop3d-sizes 2"
+
+
+def _known_sizes(
+    found: dict[str, tuple[str, str, int]], known: dict[str, tuple[int, int]]
+) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """Sizes known without reading: (still valid cached ones, ",W=" ones)."""
+    cached: dict[str, tuple[int, int]] = {}
+    fields: dict[str, int] = {}
+    for unique, (_, _, inode) in found.items():
+        if ",W=" in unique:
+            field = _WIRE_SIZE_FIELD.search(unique)
+            if field is not None:
+                fields[unique] = int(field.group(1))
+                continue
+        entry = known.get(unique)
+        if entry is not None and entry[0] == inode:
+            cached[unique] = entry
+    return cached, fields
+
+
+def _count_sizes(
+    path: str, directory_fd: int, messages: list[tuple[str, str, int]]
+) -> dict[str, tuple[int, int]]:
     """
-    Wire sizes of messages without a Maildir++ ``,W=`` field, by unique name
-    and inode, kept in the Maildir root so that a later login, in any
-    process, reads no message again.  A message whose file was replaced
-    (another inode) is counted again.
+    Read and measure (unique name, file name, inode) messages of one
+    directory; a file gone meanwhile is left out.  (A tight loop: the first
+    login to a large Maildir reads every message.)
     """
-
-    HEADER = "pop3d-sizes 2"
-
-    def __init__(self, root: str, known: dict[str, tuple[int, int]]) -> None:
-        self._root = root
-        self._known = known
-        self._counted: dict[str, tuple[int, int]] = {}
-
-    @classmethod
-    def load(cls, root_fd: int) -> dict[str, tuple[int, int]]:
-        known: dict[str, tuple[int, int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for unique, name, inode in messages:
         try:
-            fd = os.open(SIZE_CACHE, _MESSAGE_FLAGS, dir_fd=root_fd)
-            with open(fd, encoding="utf-8", errors="surrogateescape") as file:
-                if file.readline().rstrip("\n") != cls.HEADER:
-                    return known
-                for line in file:
-                    name, _, numbers = line.rstrip("\n").partition("\t")
-                    inode, _, size = numbers.partition("\t")
-                    if inode.isdigit() and size.isdigit():
-                        known[name] = (int(inode), int(size))
-                    # else a damaged line: that size is counted again
-        except OSError:
-            pass  # no cache yet, or unreadable: sizes are counted again
-        return known
+            fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+        try:
+            first = os.read(fd, _READ_SIZE)
+            if len(first) < _READ_SIZE:
+                # Short read: the whole file (most messages are small).  The
+                # inode is the scan's: if the file was replaced since, the
+                # next scan shows another inode and counts it again.
+                size = wire_size(first)
+            else:
+                counter = WireSizeCounter()
+                counter.feed(first)
+                while chunk := os.read(fd, _READ_SIZE):
+                    counter.feed(chunk)
+                size = counter.finish()
+        except OSError as error:
+            if error.errno == errno.EAGAIN:
+                continue  # a FIFO planted after the scan: not a message
+            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+        finally:
+            os.close(fd)
+        sizes[unique] = (inode, size)
+    return sizes
 
-    def wire_size(
-        self,
-        unique: str,
-        inode: int | None,
-        location: Location,
-        directories: dict[str, int | None],
-    ) -> int | None:
-        """The RETR size of a message, or None if its file is gone."""
-        field = _WIRE_SIZE_FIELD.search(unique)
-        if field is not None:
-            return int(field.group(1))
-        cached = self._known.get(unique)
-        if cached is not None and cached[0] == inode:
-            self._counted[unique] = cached
-            return cached[1]
-        subdirectory, name = location
-        directory = directories[subdirectory]
-        if directory is None:
+
+def _count_moved(
+    root: str,
+    root_fd: int,
+    unique: str,
+    location: Location,
+    sizes: dict[str, tuple[int, int]],
+) -> int | None:
+    """The size of a message found again after another program moved it."""
+    subdirectory, name = location
+    with _subdirectory(root, root_fd, subdirectory) as directory_fd:
+        if directory_fd is None:
             return None
-        counter = WireSizeCounter()
         try:
-            fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory)
+            inode = os.stat(name, dir_fd=directory_fd, follow_symlinks=False).st_ino
         except FileNotFoundError:
             return None
         except OSError as error:
-            path = os.path.join(self._root, subdirectory, name)
+            path = os.path.join(root, *location)
             raise _unavailable("cannot read message", path, error) from error
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None
-            while chunk := os.read(fd, _READ_SIZE):
-                counter.feed(chunk)
-        except OSError as error:
-            path = os.path.join(self._root, subdirectory, name)
-            raise _unavailable("cannot read message", path, error) from error
-        finally:
-            os.close(fd)
-        size = counter.finish()
-        self._counted[unique] = (info.st_ino, size)
-        return size
+        counted = _count_sizes(
+            os.path.join(root, subdirectory), directory_fd, [(unique, name, inode)]
+        )
+    sizes.update(counted)
+    return counted[unique][1] if unique in counted else None
 
-    def save(self, root_fd: int, present: set[str]) -> dict[str, tuple[int, int]]:
-        """
-        Write the sizes of present messages back if they differ from what
-        was known; return them.
-        """
-        sizes = self._counted
-        if sizes == {name: v for name, v in self._known.items() if name in present}:
-            return sizes
-        lines = [self.HEADER]
-        lines += [f"{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()]
-        temporary = SIZE_CACHE + ".tmp"
-        # The Maildir's owner may have put anything under that name (a FIFO
-        # that would block, a hard link to a file to overwrite): remove it,
-        # then create a new file or nothing.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=root_fd)
-            fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
-            with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
-                file.write("\n".join(lines) + "\n")
-            # Atomic: a crash leaves the old cache or the new one.
-            os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-        except OSError as error:
-            log.info("not caching message sizes in {root}: {error}", root=self._root, error=error)
-        return sizes
+
+def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
+    known: dict[str, tuple[int, int]] = {}
+    try:
+        fd = os.open(SIZE_CACHE, _MESSAGE_FLAGS, dir_fd=root_fd)
+        with open(fd, encoding="utf-8", errors="surrogateescape") as file:
+            if file.readline().rstrip("\n") != _SIZE_CACHE_HEADER:
+                return known
+            for line in file:
+                name, _, numbers = line.rstrip("\n").partition("\t")
+                inode, _, size = numbers.partition("\t")
+                if inode.isdigit() and size.isdigit():
+                    known[name] = (int(inode), int(size))
+                # else a damaged line: that size is counted again
+    except OSError:
+        pass  # no cache yet, or unreadable: sizes are counted again
+    return known
+
+
+def _save_sizes(directory: _Directory, sizes: dict[str, tuple[int, int]]) -> None:
+    try:
+        with directory.opened() as root_fd:
+            _write_sizes(directory.path, root_fd, sizes)
+    except POP3Error:
+        pass  # the Maildir is gone or replaced: nothing to keep
+
+
+def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
+    lines = [_SIZE_CACHE_HEADER]
+    lines += [f"{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()]
+    temporary = SIZE_CACHE + ".tmp"
+    # The Maildir's owner may have put anything under that name (a FIFO
+    # that would block, a hard link to a file to overwrite): remove it,
+    # then create a new file or nothing.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=root_fd)
+        fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
+            file.write("\n".join(lines) + "\n")
+        # Atomic: a crash leaves the old cache or the new one.
+        os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    except OSError as error:
+        log.info("not caching message sizes in {root}: {error}", root=root, error=error)
 
 
 def _open_message(root: str, root_fd: int, location: Location) -> BinaryIO:

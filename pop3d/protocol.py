@@ -284,7 +284,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if isinstance(reply, Status):
             self._connection.write(reply.to_bytes())
         elif isinstance(reply, Listing):
-            self._connection.write(format_multiline(reply.status, reply.lines))
+            self._connection.write(format_multiline(reply.status, reply.lines, reply.formatted))
         elif isinstance(reply, SASLContinuation):
             self._connection.write(b"+ " + base64.b64encode(reply.data) + b"\r\n")
         elif isinstance(reply, StartTLS):

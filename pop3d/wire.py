@@ -168,16 +168,18 @@ def _printable(text: str) -> str:
     return text.strip()
 
 
-def format_multiline(status: Status, lines: list[bytes]) -> bytes:
+def format_multiline(status: Status, lines: list[bytes], formatted: bytes = b"") -> bytes:
     """
     A complete multi-line response whose lines are already known (CAPA, LIST,
     UIDL): status line, byte-stuffed lines, terminator (RFC 1939 section 3).
+    ``formatted`` lines follow ``lines``, already stuffed and CRLF-terminated.
     """
     body = [status.to_bytes()]
     for line in lines:
         if line.startswith(b"."):
             line = b"." + line
         body.append(line + CRLF)
+    body.append(formatted)
     body.append(TERMINATOR)
     return b"".join(body)
 
@@ -267,6 +269,11 @@ class WireSizeCounter:
 
 def wire_size(message: bytes) -> int:
     """The wire size of a whole message held in memory."""
+    if b"\r" not in message:
+        # Mail as MTAs store it, LF only: what `LineEndingNormalizer` makes
+        # of it, counted at C speed.
+        ending = 0 if not message or message.endswith(b"\n") else len(CRLF)
+        return len(message) + message.count(b"\n") + ending
     counter = WireSizeCounter()
     counter.feed(message)
     return counter.finish()
