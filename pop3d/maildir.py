@@ -405,21 +405,19 @@ def _snapshot(
     else:
         ordered = sorted(found)
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
-    sizes, field_sizes = _known_sizes(found, known)
+    sizes, uncounted = _known_sizes(found, known)
     with (
         _subdirectory(root, root_fd, "new") as new_fd,
         _subdirectory(root, root_fd, "cur") as cur_fd,
     ):
         directories = {"new": new_fd, "cur": cur_fd}
+        counted = False
         for subdirectory, directory_fd in directories.items():
-            uncounted = [
-                (unique, name, inode)
-                for unique, (sub, name, inode) in found.items()
-                if sub == subdirectory and unique not in sizes and unique not in field_sizes
-            ]
-            if uncounted and directory_fd is not None:
+            todo = uncounted.get(subdirectory)
+            if todo and directory_fd is not None:
                 path = os.path.join(root, subdirectory)
-                sizes.update(_count_sizes(path, directory_fd, uncounted))
+                sizes.update(_count_sizes(path, directory_fd, todo))
+                counted = True
         other_servers = dovecot is not None or naming.uidl_format or naming.reuse_x_uidl
         messages: list[MessageInfo] = []
         locations: list[Location] = []
@@ -427,16 +425,15 @@ def _snapshot(
         for unique in ordered:
             sub, name, _ = found[unique]
             location: Location | None = (sub, name)
-            size = field_sizes.get(unique)
-            if size is None:
-                counted = sizes.get(unique)
-                size = counted[1] if counted is not None else None
+            entry = sizes.get(unique)
+            size = entry[1] if entry is not None else None
             while location is not None and size is None:
                 # Moved or removed by another program since the scan.
                 moved = _locate(root, root_fd, unique)
                 location = moved if moved != location else None
                 if location is not None:
                     size = _count_moved(root, root_fd, unique, location, sizes)
+                    counted = True
             if location is None or size is None:
                 continue
             uidl = (
@@ -449,9 +446,12 @@ def _snapshot(
             seen_uidls.add(uidl)
             messages.append(MessageInfo(uidl, size))
             locations.append(location)
-    sizes = {unique: sizes[unique] for unique in sizes.keys() & found.keys()}
-    changed = sizes != {unique: v for unique, v in known.items() if unique in found}
-    return messages, locations, sizes, changed
+    # Sizes given by ",W=" fields (inode -1) are not kept.
+    kept = {unique: entry for unique, entry in sizes.items() if entry[0] >= 0}
+    # Everything kept was found; the file changes if something was counted
+    # or something known is gone.
+    changed = counted or len(kept) != len(known)
+    return messages, locations, kept, changed
 
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
@@ -526,20 +526,25 @@ _SIZE_CACHE_HEADER = "pop3d-sizes 2"
 
 def _known_sizes(
     found: dict[str, tuple[str, str, int]], known: dict[str, tuple[int, int]]
-) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
-    """Sizes known without reading: (still valid cached ones, ",W=" ones)."""
-    cached: dict[str, tuple[int, int]] = {}
-    fields: dict[str, int] = {}
-    for unique, (_, _, inode) in found.items():
+) -> tuple[dict[str, tuple[int, int]], dict[str, list[tuple[str, str, int]]]]:
+    """
+    Sizes known without reading, by unique name: (inode, size), inode -1
+    for a ",W=" field; and what is left to read, by subdirectory.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    uncounted: dict[str, list[tuple[str, str, int]]] = {"new": [], "cur": []}
+    for unique, (subdirectory, name, inode) in found.items():
+        entry = known.get(unique)
+        if entry is not None and entry[0] == inode:
+            sizes[unique] = entry
+            continue
         if ",W=" in unique:
             field = _WIRE_SIZE_FIELD.search(unique)
             if field is not None:
-                fields[unique] = int(field.group(1))
+                sizes[unique] = (-1, int(field.group(1)))
                 continue
-        entry = known.get(unique)
-        if entry is not None and entry[0] == inode:
-            cached[unique] = entry
-    return cached, fields
+        uncounted[subdirectory].append((unique, name, inode))
+    return sizes, uncounted
 
 
 def _count_sizes(
