@@ -110,7 +110,7 @@ class POP3Factory(Factory):
             clock=self.clock,
             timeout=self.timeout,
             tls=self.tls,
-            on_close=lambda: self._closed(host),
+            on_close=_ConnectionClosed(self, host),
         )
         protocol.factory = self
         self._connections += 1
@@ -137,3 +137,16 @@ class _TooManyConnections(Protocol):
         assert self.transport is not None
         self.transport.write(format_status(False, TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP))
         self.transport.loseConnection()
+
+
+class _ConnectionClosed:
+    """Tells the factory a connection from ``host`` closed (small: one per session)."""
+
+    __slots__ = ("_factory", "_host")
+
+    def __init__(self, factory: POP3Factory, host: str) -> None:
+        self._factory = factory
+        self._host = host
+
+    def __call__(self) -> None:
+        self._factory._closed(self._host)

@@ -392,18 +392,16 @@ class LockTable:
                 raise MaildropLocked() from None
             raise MaildropUnavailable("cannot lock the maildrop") from error
         self._held.add(offset)
-        pid = self._pid
+        return _HeldRange(self, offset, self._pid)
 
-        def release() -> None:
-            if offset not in self._held or pid != os.getpid():
-                return
-            self._held.discard(offset)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
-            except OSError as error:
-                log.warn("cannot unlock {path}: {error}", path=directory, error=error)
-
-        return release
+    def _release(self, offset: int, pid: int) -> None:
+        if offset not in self._held or pid != os.getpid() or self._fd is None:
+            return
+        self._held.discard(offset)
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+        except OSError as error:
+            log.warn("cannot unlock {path}: {error}", path=self.path, error=error)
 
     def close(self) -> None:
         """Release every lock (for tests and shutdown)."""
@@ -411,3 +409,17 @@ class LockTable:
         self._held = set()
         if fd is not None:
             os.close(fd)
+
+
+class _HeldRange:
+    """Releases one lock of a `LockTable` (small: one per idle session)."""
+
+    __slots__ = ("_offset", "_pid", "_table")
+
+    def __init__(self, table: LockTable, offset: int, pid: int) -> None:
+        self._table = table
+        self._offset = offset
+        self._pid = pid
+
+    def __call__(self) -> None:
+        self._table._release(self._offset, self._pid)

@@ -119,24 +119,32 @@ Location = tuple[str, str]
 """Where a message file is: (``new`` or ``cur``, file name)."""
 
 
-@dataclass(frozen=True)
-class _Stamp:
-    """What a listing depends on: (inode, mtime) of new/, cur/, dovecot-uidlist."""
-
-    new: tuple[int, int] | None
-    cur: tuple[int, int] | None
-    uidlist: tuple[int, int] | None
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Listing:
-    stamp: _Stamp
+    """
+    A Maildir's messages as last read.  One is kept per recently opened
+    Maildir (so per idle session): it is kept small.
+    """
+
+    #: A digest of what the listing depends on: inode and mtime of new/,
+    #: cur/ and dovecot-uidlist (see `_take_stamp`).
+    stamp: int
     #: Whether the stamp can be trusted: no part changed just before it.
     settled: bool
     messages: tuple[MessageInfo, ...]
     locations: tuple[Location, ...]
-    #: unique name -> (inode, wire size) of messages without ",W=".
-    sizes: dict[str, tuple[int, int]]
+    #: The inode of each message file, -1 where the size is a ",W=" field.
+    inodes: tuple[int, ...]
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Unique name -> (inode, wire size) of messages without ",W="."""
+        return {
+            _unique_name(name): (inode, message.size)
+            for (_, name), inode, message in zip(
+                self.locations, self.inodes, self.messages, strict=True
+            )
+            if inode >= 0
+        }
 
 
 class _ListingCache:
@@ -233,7 +241,7 @@ class MaildirStore:
         release: Callable[[], None] | None = None
         try:
             info = os.fstat(root_fd)
-            directory = _Directory(root, (info.st_dev, info.st_ino))
+            directory = _Directory(root, info.st_dev, info.st_ino)
             release = self.locks.acquire(root, root_fd)
             stamp, settled = _take_stamp(root, root_fd)
         except POP3Error as error:
@@ -249,22 +257,27 @@ class MaildirStore:
         if cached is not None and cached.settled and cached.stamp == stamp:
             os.close(root_fd)
             return succeed(_Maildrop(directory, cached.messages, cached.locations, held, self))
-        known = cached.sizes if cached is not None else None
+        known = cached.sizes() if cached is not None else None
 
-        def scan() -> tuple[_Listing, bool]:
+        def scan() -> tuple[_Listing, dict[str, tuple[int, int]] | None]:
             try:
                 messages, locations, sizes, changed = _snapshot(root, root_fd, self._naming, known)
             finally:
                 os.close(root_fd)
-            return _Listing(stamp, settled, tuple(messages), tuple(locations), sizes), changed
+            # -1: a size from a ",W=" field, not counted, not kept.
+            unknown = (-1, 0)
+            inodes = tuple(sizes.get(_unique_name(name), unknown)[0] for _, name in locations)
+            return _Listing(stamp, settled, tuple(messages), tuple(locations), inodes), (
+                sizes if changed else None
+            )
 
-        def opened(scanned: tuple[_Listing, bool]) -> IMaildrop:
-            listing, changed = scanned
+        def opened(scanned: tuple[_Listing, dict[str, tuple[int, int]] | None]) -> IMaildrop:
+            listing, changed_sizes = scanned
             self._listings.put(root, listing)
-            if changed:
+            if changed_sizes is not None:
                 # After the answer, not before it: the client waits for no
                 # file it does not need.
-                saving = run_blocking(self._reactor, _save_sizes, directory, listing.sizes)
+                saving = run_blocking(self._reactor, _save_sizes, directory, changed_sizes)
                 saving.addErrback(lambda failure: log.failure("saving sizes failed", failure))
             return _Maildrop(directory, listing.messages, listing.locations, held, self)
 
@@ -286,8 +299,12 @@ def default_lock_table(template: str) -> str:
     return os.path.join(directory or ".", LOCK_TABLE_NAME)
 
 
-def _take_stamp(root: str, root_fd: int) -> tuple[_Stamp, bool]:
-    """The stamp of a Maildir now, and whether it has settled."""
+def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
+    """
+    The stamp of a Maildir now, and whether it has settled.  (A hash: two
+    stamps that differ could collide only if the Maildir's owner made them,
+    and would only hide their own new mail until the next change.)
+    """
     settled_before = time.time_ns() - _SETTLING_NS
     parts: list[tuple[int, int] | None] = []
     settled = True
@@ -299,15 +316,16 @@ def _take_stamp(root: str, root_fd: int) -> tuple[_Stamp, bool]:
             continue
         parts.append((info.st_ino, info.st_mtime_ns))
         settled = settled and info.st_mtime_ns < settled_before
-    return _Stamp(*parts), settled
+    return hash(tuple(parts)), settled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Directory:
     """A Maildir a session has locked: its path, and which directory it was."""
 
     path: str
-    identity: tuple[int, int]
+    device: int
+    inode: int
 
     @contextmanager
     def opened(self) -> Iterator[int]:
@@ -318,7 +336,7 @@ class _Directory:
             raise _unavailable("cannot open maildir", self.path, error) from error
         try:
             info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != self.identity:
+            if (info.st_dev, info.st_ino) != (self.device, self.inode):
                 log.error("{path} was replaced during a session", path=self.path)
                 raise MaildropUnavailable("the maildir was replaced", permanent=True)
             yield fd
@@ -717,6 +735,8 @@ class _FileBody:
 
 @implementer(IMaildrop, ISeenFlags)
 class _Maildrop:
+    __slots__ = ("_directory", "_locations", "_release", "_store", "messages")
+
     def __init__(
         self,
         directory: _Directory | None,
@@ -728,7 +748,8 @@ class _Maildrop:
         self.messages = messages
         # None: no Maildir when the session began, an empty maildrop.
         self._directory = directory
-        self._locations = list(locations)
+        # Copied when a message is found moved (rarely): until then, shared.
+        self._locations: Sequence[Location] = locations
         self._release = release
         self._store = store
 
@@ -736,11 +757,16 @@ class _Maildrop:
     def root(self) -> str:
         return self._directory.path if self._directory is not None else ""
 
+    def _moved(self, index: int, location: Location) -> None:
+        if not isinstance(self._locations, list):
+            self._locations = list(self._locations)
+        self._locations[index] = location
+
     def _relocate(self, root_fd: int, index: int) -> Location | None:
         unique = _unique_name(self._locations[index][1])
         location = _locate(self.root, root_fd, unique)
         if location is not None:
-            self._locations[index] = location
+            self._moved(index, location)
         return location
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
@@ -858,7 +884,7 @@ class _Maildrop:
             if _exists(target, cur_fd):
                 return
             os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur_fd)
-            self._locations[index] = ("cur", target)
+            self._moved(index, ("cur", target))
         except OSError as error:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 

@@ -331,6 +331,8 @@ class _OutputValve:
     when the transport's buffer is full, and when it has drained.
     """
 
+    __slots__ = ("_protocol",)
+
     def __init__(self, protocol: POP3Protocol) -> None:
         self._protocol = protocol
 

@@ -45,6 +45,10 @@ def mailbox_name(avatar_id: bytes | str) -> str | None:
     return avatar_id if is_safe_mailbox_name(avatar_id) else None
 
 
+def _nothing() -> None:
+    pass
+
+
 @implementer(IRealm)
 class MaildropRealm:
     """
@@ -69,6 +73,7 @@ class MaildropRealm:
         opened: Deferred[IMaildrop] = maybeDeferred(self.store.open, name)
 
         def avatar(maildrop: IMaildrop) -> tuple[type[Interface], object, Callable[[], None]]:
-            return (IMaildrop, maildrop, lambda: None)
+            # The maildrop's close() releases it; cred's logout has nothing to do.
+            return (IMaildrop, maildrop, _nothing)
 
         return opened.addCallback(avatar)

@@ -143,7 +143,7 @@ class StartTLS:
 Reply = Status | Listing | MessageStream | Hangup | SASLContinuation | StartTLS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     """What the session knows of the connection it runs on."""
 
@@ -174,9 +174,11 @@ class SessionPolicy:
 
 
 DEFAULT_POLICY = SessionPolicy()
+# Shared by every session that has marked no message.
+_NONE: frozenset[int] = frozenset()
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionCounters:
     """What a session did, for the log line written when it ends."""
 
@@ -247,7 +249,7 @@ class Session:
         self._portal = portal
         self._apop_challenge = apop_challenge
         self._link = link
-        self._mechanisms = list(mechanisms)
+        self._mechanisms = mechanisms
         self._tls_available = tls_available
         self._hostname = hostname
         self._clock = clock
@@ -259,11 +261,13 @@ class Session:
         self._pending_user: bytes | None = None
         self._maildrop: IMaildrop | None = None
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
-        self._deleted: set[int] = set()
+        # Most sessions delete and retrieve nothing (and an idle session
+        # should cost little): no set until they do.
+        self._deleted: set[int] | frozenset[int] = _NONE
         # The octets of the whole snapshot, summed once.
         self._all_octets: int | None = None
         # Sent with RETR (not TOP), for stores that record what was read.
-        self._retrieved: set[int] = set()
+        self._retrieved: set[int] | frozenset[int] = _NONE
         self._bad_commands = 0
         self._failed_logins = 0
         self._failure_delay = failure_delay
@@ -669,6 +673,8 @@ class Session:
 
         def opened(body: IMessageBody) -> Reply:
             if body_lines is None:
+                if isinstance(self._retrieved, frozenset):
+                    self._retrieved = set()
                 self._retrieved.add(index)
                 self.counters.retrieved_messages += 1
                 self.counters.retrieved_octets += self._size(index)
@@ -684,6 +690,8 @@ class Session:
         if number is not None and number - 1 in self._deleted:
             return Status(False, ALREADY_DELETED)
         index = self._message_index(command.arguments[0])
+        if isinstance(self._deleted, frozenset):
+            self._deleted = set()
         self._deleted.add(index)
         return Status(True, f"message {index + 1} deleted")
 
@@ -691,7 +699,7 @@ class Session:
         return Status(True)
 
     def _rset(self, command: Command) -> Reply:
-        self._deleted.clear()
+        self._deleted = _NONE
         return Status(True, self._maildrop_summary())
 
     def _capa(self, command: Command) -> Reply:
