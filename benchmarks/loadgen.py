@@ -16,6 +16,8 @@ thrown into the script as `SessionError`.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import resource
 import selectors
 import socket
@@ -31,6 +33,7 @@ RETR = "retr"  # ("retr", command, expected_body)     -> status line; body verif
 MULTI = "multi"  # ("multi", command)                 -> (status line, body or None)
 PARK = "park"  # ("park", lot)                        -> None, once the lot is released
 CLOSE = "close"  # ("close",)                         -> None
+WAIT = "wait"  # ("wait", seconds)                    -> None, that much later
 
 Instruction = tuple[Any, ...]
 Script = Generator[Instruction, Any, None]
@@ -99,6 +102,9 @@ class LoadGenerator:
         self._slots: set[_Slot] = set()
         self._waiting: deque[_Slot] = deque()
         self._max_active: int | None = None
+        #: (wake-up time, tie-breaker, slot) of scripts in a WAIT.
+        self._sleeping: list[tuple[float, int, _Slot]] = []
+        self._sleep_order = itertools.count()
 
     # -- running ---------------------------------------------------------
 
@@ -154,7 +160,10 @@ class LoadGenerator:
                 self._waiting.clear()
                 self._active = 0
                 return
-            events = self._selector.select(min(0.25, max(0.0, deadline - now)))
+            timeout = min(0.25, max(0.0, deadline - now))
+            if self._sleeping:
+                timeout = min(timeout, max(0.0, self._sleeping[0][0] - now))
+            events = self._selector.select(timeout)
             for key, mask in events:
                 slot = key.data
                 if mask & selectors.EVENT_WRITE:
@@ -162,6 +171,9 @@ class LoadGenerator:
                 if mask & selectors.EVENT_READ and slot.sock is not None:
                     self._readable(slot)
             now = time.monotonic()
+            while self._sleeping and self._sleeping[0][0] <= now:
+                _, _, sleeper = heapq.heappop(self._sleeping)
+                self._runnable.append((sleeper, None, None))
             if now >= next_check:
                 next_check = now + 0.25
                 for slot in list(self._slots):
@@ -207,6 +219,10 @@ class LoadGenerator:
                     return
             elif kind == CLOSE:
                 self._close(slot)
+            elif kind == WAIT:
+                wake = time.monotonic() + instruction[1]
+                heapq.heappush(self._sleeping, (wake, next(self._sleep_order), slot))
+                return
             elif kind == PARK:
                 slot.state = _PARKED
                 self._active -= 1

@@ -43,6 +43,7 @@ from loadgen import (
     MULTI,
     PARK,
     RETR,
+    WAIT,
     LoadGenerator,
     ParkingLot,
     Script,
@@ -117,6 +118,8 @@ class Dataset:
     huge: Maildrop | None = None
     huge_body: bytes = b""
     many: Maildrop | None = None
+    #: A small maildrop whose logins are timed while "many" is read.
+    many_probe: Maildrop | None = None
     idle: list[Maildrop] = field(default_factory=list)
     idle_warmup: Maildrop | None = None
     passwd: dict[str, Path] = field(default_factory=dict)
@@ -124,7 +127,9 @@ class Dataset:
     def all_drops(self) -> Iterator[Maildrop]:
         yield from self.storm
         yield from self.retr
-        yield from (d for d in (self.huge, self.many, self.idle_warmup) if d is not None)
+        yield from (
+            d for d in (self.huge, self.many, self.many_probe, self.idle_warmup) if d is not None
+        )
         yield from self.idle
 
 
@@ -160,6 +165,7 @@ def build_dataset(root: Path, cfg: Config, workloads: list[str]) -> Dataset:
         pool = [maildrops.mime_message(n, cfg.many_size, seed=3) for n in range(250)]
         messages = [pool[(n * 7) % len(pool)] for n in range(cfg.many_messages)]
         data.many = maildrops.write_maildrop("many", data.mail / "many", messages)
+        data.many_probe = maildrops.write_maildrop("manyprobe", data.mail / "manyprobe", pool[:3])
     if "idle" in workloads:
         template = maildrops.write_maildrop(
             "idlewarm", data.mail / "idlewarm", [maildrops.mime_message(0, 3000, seed=5)]
@@ -433,9 +439,15 @@ def many(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any
     """
     A Maildir of 100,000 messages: the first login (PASS to STAT), then
     later logins (PASS to STAT, LIST, UIDL), each timed by the client.
+    While the first login runs, another client logs in to a small maildrop
+    again and again (connect to STAT): how long a fresh session waits.
     """
-    assert data.many is not None
+    assert data.many is not None and data.many_probe is not None
     drop = data.many
+    probe_drop = data.many_probe
+    probe_stat = b"+OK %d %d" % (probe_drop.count, sum(probe_drop.sizes(kind)))
+    probe_ms: list[float] = []
+    first_done = [False]
     sizes = drop.sizes(kind)
     stat = b"+OK %d %d" % (drop.count, sum(sizes))
     listing = b"".join(b"%d %d\r\n" % (n + 1, size) for n, size in enumerate(sizes))
@@ -449,6 +461,7 @@ def many(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any
         expect_ok((yield (LINE, command("PASS", drop.password))), "PASS")
         reply = yield (LINE, b"STAT\r\n")
         times["first" if first else "stat"].append((time.monotonic() - started) * 1000)
+        first_done[0] = True
         if reply != stat:
             raise SessionError(f"STAT: expected {stat!r}, got {reply[:100]!r}")
         if not first:
@@ -466,10 +479,23 @@ def many(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any
         for _ in range(cfg.later_logins):
             yield from timed_login(first=False)
 
+    def probe() -> Script:
+        while not first_done[0]:
+            # Paced like users arriving (50 logins/s), not a flood that
+            # would itself be the load.
+            yield (WAIT, 0.02)
+            started = time.monotonic()
+            yield from _login(probe_drop)
+            reply = yield (LINE, b"STAT\r\n")
+            if reply != probe_stat:
+                raise SessionError(f"STAT: expected {probe_stat!r}, got {reply[:100]!r}")
+            probe_ms.append((time.monotonic() - started) * 1000)
+            yield from _quit()
+
     lg = LoadGenerator(("127.0.0.1", server.port), step_timeout=300)
     meter = Meter(server)
     meter.start()
-    lg.start([(drop.user, script())])
+    lg.start([(drop.user, script()), (probe_drop.user, probe())])
     lg.run(time.monotonic() + 900)
     window = meter.stop()
 
@@ -483,6 +509,12 @@ def many(server: Server, kind: str, data: Dataset, cfg: Config) -> dict[str, Any
         "later_stat_ms": ms(times["stat"]),
         "later_list_ms": ms(times["list"]),
         "later_uidl_ms": ms(times["uidl"]),
+        "fresh_sessions": len(probe_ms),
+        "fresh_session_median_ms": ms(probe_ms),
+        "fresh_session_max_ms": round(max(probe_ms), 1) if probe_ms else None,
+        "fresh_session_slowest_ms": [
+            (n, round(t, 1)) for n, t in sorted(enumerate(probe_ms), key=lambda x: -x[1])[:5]
+        ],
         **window.figures(),
     }
     return _finish(result, lg)
@@ -594,7 +626,9 @@ def summary_line(workload: str, result: dict[str, Any]) -> str:
         "huge": lambda r: f"{r['mb_per_s']} MB/s, peak RSS +{r['peak_rss_growth_mb']} MB",
         "many": lambda r: (
             f"first {r['first_login_ms']} ms; later STAT {r['later_stat_ms']} ms, "
-            f"LIST {r['later_list_ms']} ms, UIDL {r['later_uidl_ms']} ms"
+            f"LIST {r['later_list_ms']} ms, UIDL {r['later_uidl_ms']} ms; "
+            f"meanwhile {r['fresh_sessions']} fresh sessions, "
+            f"median {r['fresh_session_median_ms']} ms, max {r['fresh_session_max_ms']} ms"
         ),
         "idle": lambda r: ", ".join(
             f"{c['held']} held: {c['kib_per_session']} KiB each" for c in r["checkpoints"].values()
@@ -761,6 +795,16 @@ def report_rows(cfg: Config) -> list[Row]:
             lambda mine, _: mine < 1000,
         ),
     ]
+    rows.append(
+        Row(
+            f"{many}: first login, fresh session meanwhile, connect->STAT, max (ms)",
+            "many",
+            lambda r: r["fresh_session_max_ms"],
+            False,
+            "< 50 ms",
+            lambda mine, _: mine < 50,
+        )
+    )
     for key, name in (("stat", "PASS->STAT"), ("list", "LIST"), ("uidl", "UIDL")):
         rows.append(
             Row(

@@ -370,11 +370,19 @@ def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime)
     )
 
 
+#: Seconds a thread may hold the interpreter lock while another waits.
+SWITCH_INTERVAL = 0.001
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     clock: IReactorTime = reactor
     threads = cast(IReactorThreads, reactor)
+    # The reactor thread answers every session; the thread pool reads large
+    # Maildirs.  Hand the interpreter lock back to the reactor sooner than
+    # the default 5 ms, so a fresh session is not kept waiting by a scan.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     store = build_store(options, threads, clock)
     portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
     factory = POP3Factory(
