@@ -222,6 +222,7 @@ class MaildirStore:
         self.locks = locks if locks is not None else LockTable(default_lock_table(template))
         self._naming = _UIDLNaming(uidl_format, reuse_x_uidl)
         self._reactor = reactor
+        self.listing_cache = listing_cache
         self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:

@@ -31,7 +31,7 @@ from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_byt
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.interfaces import IMaildropLocks, IMaildropStore
 from pop3d.locking import LockFiles, LockTable
-from pop3d.maildir import MaildirStore, default_lock_table
+from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
 from pop3d.mbox import MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
@@ -113,6 +113,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Maildirs must use the same one (default: .pop3d-locks in the directory "
             "above the first {placeholder} of the Maildir path).",
         ],
+        [
+            "listing-cache",
+            None,
+            str(LISTING_CACHE_MESSAGES),
+            "Messages of recently opened Maildirs whose listing is kept in memory "
+            "(0: none; see docs/scaling.rst for NFS).",
+        ],
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
         ["max-connections", None, None, "Most connections at once (default: no limit)."],
@@ -168,6 +175,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["login-failure-delay"] = parse_delay(self["login-failure-delay"])
         for limit in ("max-connections", "max-connections-per-ip"):
             self[limit] = parse_limit(limit, self[limit])
+        self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         if self["uidl-format"] is not None:
             if self["mail-location"].startswith("mbox:"):
@@ -249,6 +257,12 @@ def parse_limit(option: str, value: str | None) -> int | None:
         return None
     if not value.isdigit() or int(value) < 1:
         raise usage.UsageError(f"--{option} {value!r}: expected a positive whole number")
+    return int(value)
+
+
+def parse_count(option: str, value: str) -> int:
+    if not value.isdigit():
+        raise usage.UsageError(f"--{option} {value!r}: expected a whole number (0 or more)")
     return int(value)
 
 
@@ -366,6 +380,7 @@ def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime)
         reactor=threads,
         uidl_format=options["uidl-format"],
         reuse_x_uidl=bool(options["reuse-x-uidl"]),
+        listing_cache=options["listing-cache"],
         locks=locks,
     )
 

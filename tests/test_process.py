@@ -191,9 +191,9 @@ def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str, kind: str = "mai
     ]
 
 
-def serve(launch: Launch, mail_root: Path, passwd: Path) -> Server:
+def serve(launch: Launch, mail_root: Path, passwd: Path, *extra: str) -> Server:
     """A running ``twistd pop3d`` over ``mail_root``, listening on a free port."""
-    server = launch(*pop3d_arguments(mail_root, passwd))
+    server = launch(*pop3d_arguments(mail_root, passwd, *extra))
     server.wait_listening()
     return server
 
@@ -325,7 +325,14 @@ def test_bad_option_is_a_usage_error(case: str, tmp_path: Path, launch: Launch) 
 # -- exclusive access across processes -----------------------------------------
 
 
-def test_maildrop_lock_holds_across_processes(tmp_path: Path, launch: Launch) -> None:
+#: The default lock table, and the lock files for Maildirs shared over NFS.
+LOCK_KINDS = pytest.mark.parametrize("locks", [(), ("--nfs-locks",)], ids=["table", "nfs"])
+
+
+@LOCK_KINDS
+def test_maildrop_lock_holds_across_processes(
+    tmp_path: Path, launch: Launch, locks: tuple[str, ...]
+) -> None:
     """
     RFC 1939 section 4: the server takes an exclusive-access lock on the
     maildrop at login, and a login that cannot get it fails; RFC 2449
@@ -335,8 +342,8 @@ def test_maildrop_lock_holds_across_processes(tmp_path: Path, launch: Launch) ->
     mail_root = tmp_path / "mail"
     passwd = write_passwd(tmp_path)
     deliver_to_maildir(str(mail_root / "alice"), b"Subject: one\n\nbody\n")
-    first = serve(launch, mail_root, passwd)
-    second = serve(launch, mail_root, passwd)
+    first = serve(launch, mail_root, passwd, *locks)
+    second = serve(launch, mail_root, passwd, *locks)
 
     holder = login(first)
     try:
@@ -365,12 +372,16 @@ def test_maildrop_lock_holds_across_processes(tmp_path: Path, launch: Launch) ->
     second.assert_healthy()
 
 
-def test_killed_process_leaves_no_lock_and_deletes_nothing(tmp_path: Path, launch: Launch) -> None:
+@LOCK_KINDS
+def test_killed_process_leaves_no_lock_and_deletes_nothing(
+    tmp_path: Path, launch: Launch, locks: tuple[str, ...]
+) -> None:
     """
-    A server killed with SIGKILL holds no lock (the kernel drops it with the
-    process), and since its session never reached UPDATE, nothing marked by
-    DELE was removed (RFC 1939 section 6: a session that ends other than by
-    QUIT MUST NOT remove any messages).
+    A server killed with SIGKILL holds no lock (the kernel drops its fcntl
+    locks; its lock file names a process that is gone), and since its
+    session never reached UPDATE, nothing marked by DELE was removed (RFC
+    1939 section 6: a session that ends other than by QUIT MUST NOT remove
+    any messages).
     """
     mail_root = tmp_path / "mail"
     passwd = write_passwd(tmp_path)
@@ -378,8 +389,8 @@ def test_killed_process_leaves_no_lock_and_deletes_nothing(tmp_path: Path, launc
     for number in (1, 2):
         deliver_to_maildir(str(maildir), b"Subject: %d\n\nbody\n" % number)
     delivered = sorted(os.listdir(maildir / "new"))
-    doomed = serve(launch, mail_root, passwd)
-    survivor = serve(launch, mail_root, passwd)
+    doomed = serve(launch, mail_root, passwd, *locks)
+    survivor = serve(launch, mail_root, passwd, *locks)
 
     victim = login(doomed)
     try:

@@ -19,7 +19,7 @@ from twisted.python import usage
 
 from pop3d.interfaces import IMaildrop
 from pop3d.locking import LockFiles, LockTable
-from pop3d.maildir import MaildirStore
+from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.realm import MaildropRealm
 from pop3d.session import APOPCredentials
 from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store
@@ -77,6 +77,8 @@ def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
         (["--mail-location", "maildir:/srv/{usr}"], "--mail-location"),
         (["--listen", "bogus:1"], "--listen"),
         (["--listen", "tcp:notaport"], "--listen"),
+        (["--listing-cache", "-1"], "--listing-cache"),
+        (["--listing-cache", "lots"], "--listing-cache"),
     ],
 )
 def test_bad_options_name_the_option(passwd: Path, arguments: list[str], option: str) -> None:
@@ -102,6 +104,7 @@ def test_maildir_locks(passwd: Path, arguments: list[str], kind: type, where: st
     store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
     assert isinstance(store, MaildirStore)
     assert isinstance(store.locks, kind)
+    assert store.listing_cache == LISTING_CACHE_MESSAGES
     if where is not None:
         assert store.locks.path == where  # type: ignore[attr-defined]
 
