@@ -289,6 +289,10 @@ def _unlink_quietly(name: str, dir_fd: int) -> None:
         pass
 
 
+#: Offsets held by this process, by lock file (device, inode).
+_held_in_this_process: dict[tuple[int, int], set[int]] = {}
+
+
 class LockRefresher:
     """
     Touches every held lock each `LOCK_REFRESH_SECONDS` on ``clock``, so that
@@ -371,10 +375,14 @@ class LockTable:
             except OSError as error:
                 log.error("cannot open the lock file {path}: {error}", path=self.path, error=error)
                 raise MaildropUnavailable("cannot open the lock file") from error
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 os.close(fd)
                 raise MaildropUnavailable("the lock file is not a file", permanent=True)
-            self._fd, self._pid, self._held = fd, os.getpid(), set()
+            # Two tables on one file in one process (two stores composed
+            # over one tree) share what this process holds.
+            held = _held_in_this_process.setdefault((info.st_dev, info.st_ino), set())
+            self._fd, self._pid, self._held = fd, os.getpid(), held
         return self._fd
 
     def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
@@ -404,9 +412,12 @@ class LockTable:
             log.warn("cannot unlock {path}: {error}", path=self.path, error=error)
 
     def close(self) -> None:
-        """Release every lock (for tests and shutdown)."""
+        """
+        Release every lock this process holds in the file, through any table
+        (closing a descriptor drops them all: fcntl's rule); for shutdown.
+        """
         fd, self._fd = self._fd, None
-        self._held = set()
+        self._held.clear()
         if fd is not None:
             os.close(fd)
 

@@ -5,6 +5,7 @@ other programs moving files, locks held by other processes, faults.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -195,12 +196,27 @@ async def test_the_lock_table_is_above_the_maildirs_and_costs_no_descriptor(
     for user in ("alice", "bob", "carol"):
         deliver_to_maildir(str(tmp_path / user), b"x\n")
     first = await store.open("alice")
+    gc.collect()  # files left open by earlier tests would close meanwhile
     before = len(os.listdir("/proc/self/fd"))
     opened = [await store.open(user) for user in ("bob", "carol")]
+    gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
     for maildrop in [first, *opened]:
         await maildrop.close()
     assert LOCK_FILE_NAME not in os.listdir(tmp_path / "alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_stores_on_one_tree_in_one_process_agree(tmp_path: Path, maildir: Path) -> None:
+    """fcntl locks never conflict within a process: the tables must know."""
+    first = MaildirStore(f"{tmp_path}/{{user}}")
+    second = MaildirStore(f"{tmp_path}/{{user}}")
+    maildrop = await first.open("alice")
+    with pytest.raises(MaildropLocked):
+        await second.open("alice")
+    await maildrop.close()
+    maildrop = await second.open("alice")
+    await maildrop.close()
 
 
 @pytest.mark.parametrize(
