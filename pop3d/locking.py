@@ -59,7 +59,7 @@ log = Logger()
 @dataclass(frozen=True)
 class LockOwner:
     """
-    Who holds a lock, as written in its file: ``HOST PID INCARNATION TOKEN``
+    Who holds a lock, as written in its file: ``HOST PID INCARNATION LOCKID``
     (the lock id tells one lock of a process from the next).
     """
 
@@ -74,51 +74,60 @@ class LockOwner:
     @classmethod
     def parse(cls, text: bytes) -> LockOwner | None:
         fields = text.decode("utf-8", "surrogateescape").split()
-        if len(fields) not in (3, 4) or not fields[1].isdigit():
+        if len(fields) not in (3, 4) or not (fields[1].isascii() and fields[1].isdigit()):
             return None
         return cls(fields[0], int(fields[1]), fields[2])
 
     def is_gone(self) -> bool:
         """
-        True only when this owner is known to be dead: it ran on this host
-        and its process (this incarnation of its pid) no longer exists.
+        True only when this owner is known to be dead: it ran on this host,
+        in this boot and this process-id namespace, and its process (this
+        incarnation of its pid) no longer exists.  Anything else (another
+        host, a container sharing the host name, a /proc that hides
+        processes) is left to the stale timeout.
         """
         here = this_process()
-        if self.host != here.host:
+        if self.host != here.host or self.incarnation == "-" or here.incarnation == "-":
             return False
-        if self.incarnation == "-" or here.incarnation == "-":
-            # No /proc to tell incarnations apart: whether the pid exists.
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                return False
+        if self.incarnation.rpartition(":")[0] != here.incarnation.rpartition(":")[0]:
             return False
-        return _incarnation(self.pid) != self.incarnation
+        now = _incarnation(self.pid)
+        # No such process, or a later one that was given its pid.
+        return now == _GONE or (now != "-" and now != self.incarnation)
+
+
+_GONE = "gone"
 
 
 @lru_cache(maxsize=1)
-def _boot_id() -> str | None:
+def _this_boot() -> str | None:
+    """The boot id and process-id namespace of this process, or None."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
-            return file.read().strip().replace("-", "")
+            boot = file.read().strip().replace("-", "")
+        namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
+    return f"{boot}:{namespace}"
 
 
 def _incarnation(pid: int) -> str:
-    """``BOOTID:STARTTIME`` of a process, or "-" when it cannot be known."""
-    boot = _boot_id()
+    """
+    ``BOOTID:PIDNS:STARTTIME`` of a process of this namespace, `_GONE` if
+    there is no such process, or "-" when it cannot be known.
+    """
+    boot = _this_boot()
     if boot is None:
         return "-"
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
+            stat_line = file.read()
+    except FileNotFoundError:
+        return _GONE
     except OSError:
-        return "gone"
+        return "-"
     # The command name (field 2) may hold spaces and parentheses.
-    fields = stat[stat.rfind(b")") + 2 :].split()
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
     return f"{boot}:{fields[19].decode('ascii')}"
 
 
@@ -134,14 +143,24 @@ def this_process() -> LockOwner:
     return _current
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class DotLock:
     """
     A held lock file.  Released by removing the file, but only while it is
-    still the file this holder created.
+    still the file this holder created (its content names this lock).  The
+    directory is opened again for each operation, never through a symbolic
+    link, and must still be the directory the lock was taken in.
     """
 
-    def __init__(self, path: str, content: bytes) -> None:
-        self.path = path
+    def __init__(
+        self, directory: str, identity: tuple[int, int], name: str, content: bytes
+    ) -> None:
+        self.path = os.path.join(directory, name)
+        self._directory = directory
+        self._identity = identity
+        self._name = name
         self._content: bytes | None = content
 
     @classmethod
@@ -158,8 +177,7 @@ class DotLock:
         Create the lock file ``name`` in the directory open as ``dir_fd``
         (whose path is ``directory``), breaking a stale one.  Raises
         `MaildropLocked` if it is held, `MaildropUnavailable` if it cannot
-        be created (or a symbolic link is in the way for longer than a lock
-        may live).
+        be created (or something other than a lock file is in the way).
         """
         path = os.path.join(directory, name)
         for attempt in range(2):
@@ -177,32 +195,38 @@ class DotLock:
                 raise MaildropUnavailable(
                     "cannot create the maildrop lock file", permanent=permanent
                 ) from error
-            # The lock id tells this lock from a later one in the same file
-            # (inode numbers are reused at once).
-            content = this_process().line(lock_id=os.urandom(8).hex())
             try:
+                # The lock id tells this lock from a later one in the same
+                # file (inode numbers are reused at once).
+                content = this_process().line(lock_id=os.urandom(8).hex())
                 os.write(fd, content)
-            except OSError as error:
+                info = os.fstat(dir_fd)
+            except BaseException as error:
                 os.close(fd)
                 _unlink_quietly(name, dir_fd)
-                raise MaildropUnavailable("cannot write the maildrop lock file") from error
+                if isinstance(error, OSError):
+                    raise MaildropUnavailable("cannot write the maildrop lock file") from error
+                raise
             os.close(fd)
-            return cls(path, content)
+            return cls(directory, (info.st_dev, info.st_ino), name, content)
         raise MaildropLocked()
 
     @property
     def held(self) -> bool:
         return self._content is not None
 
-    def _is_ours(self) -> bool:
+    def _if_ours(self, action: Callable[[int], None]) -> None:
+        """Do ``action(directory fd)`` if the lock file is still ours."""
+        fd = os.open(self._directory, _DIRECTORY_FLAGS)
         try:
-            fd = os.open(self.path, _READ_FLAGS)
-        except OSError:
-            return False
-        try:
-            return os.read(fd, 512) == self._content
-        except OSError:
-            return False
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) != self._identity:
+                log.warn("{path} was replaced; its lock is gone", path=self._directory)
+                return
+            if _read_file(self._name, fd) != self._content:
+                log.warn("maildrop lock {path} was taken from this session", path=self.path)
+                return
+            action(fd)
         finally:
             os.close(fd)
 
@@ -211,10 +235,7 @@ class DotLock:
         if self._content is None:
             return
         try:
-            if self._is_ours():
-                os.utime(self.path, follow_symlinks=False)
-            else:
-                log.warn("maildrop lock {path} was taken from this session", path=self.path)
+            self._if_ours(lambda fd: os.utime(self._name, dir_fd=fd, follow_symlinks=False))
         except OSError as error:
             log.warn("cannot refresh {path}: {error}", path=self.path, error=error)
 
@@ -223,8 +244,7 @@ class DotLock:
         if self._content is None:
             return
         try:
-            if self._is_ours():
-                os.unlink(self.path)
+            self._if_ours(lambda fd: os.unlink(self._name, dir_fd=fd))
         except OSError as error:
             log.warn("cannot remove {path}: {error}", path=self.path, error=error)
         finally:
@@ -245,7 +265,8 @@ def _break_if_stale(
         # Not a lock any server made: a link or a directory planted there.
         log.error("{path} is not a lock file", path=path)
         raise MaildropUnavailable("the maildrop lock file is not a file", permanent=True)
-    owner = _read_owner(name, dir_fd)
+    content = _read_file(name, dir_fd)
+    owner = LockOwner.parse(content) if content is not None else None
     age = now() - found.st_mtime
     if owner is not None and owner.is_gone():
         reason = f"its process {owner.pid} is gone"
@@ -253,29 +274,37 @@ def _break_if_stale(
         reason = f"not refreshed for {age:.0f} seconds"
     else:
         return False
+    # Moved aside, then checked: removing it by name could remove a lock
+    # that another server made after breaking this one itself.
+    aside = f"{name}.stale.{os.getpid()}.{os.urandom(4).hex()}"
     try:
-        again = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        # Only the file judged stale: another server may have just broken
-        # it and made its own.
-        if (again.st_ino, again.st_mtime_ns) != (found.st_ino, found.st_mtime_ns):
-            return False
-        os.unlink(name, dir_fd=dir_fd)
+        os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         return True
     except OSError as error:
         log.warn("cannot remove stale lock {path}: {error}", path=path, error=error)
         return False
+    if _read_file(aside, dir_fd) != content:
+        # Not the file judged stale: a fresh lock.  Put it back unless yet
+        # another one was made meanwhile (then its holder finds it gone).
+        try:
+            os.link(aside, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            pass
+        _unlink_quietly(aside, dir_fd)
+        return False
+    _unlink_quietly(aside, dir_fd)
     log.warn("removed stale maildrop lock {path}: {reason}", path=path, reason=reason)
     return True
 
 
-def _read_owner(name: str, dir_fd: int) -> LockOwner | None:
+def _read_file(name: str, dir_fd: int) -> bytes | None:
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
     try:
-        return LockOwner.parse(os.read(fd, 512))
+        return os.read(fd, 512)
     except OSError:
         return None
     finally:
@@ -287,10 +316,6 @@ def _unlink_quietly(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
-
-
-#: Offsets held by this process, by lock file (device, inode).
-_held_in_this_process: dict[tuple[int, int], set[int]] = {}
 
 
 class LockRefresher:
@@ -352,6 +377,10 @@ class LockFiles:
         return release
 
 
+#: Offsets held by this process, by lock file (device, inode).
+_held_in_this_process: dict[tuple[int, int], set[int]] = {}
+
+
 @implementer(IMaildropLocks)
 class LockTable:
     """
@@ -376,9 +405,11 @@ class LockTable:
                 log.error("cannot open the lock file {path}: {error}", path=self.path, error=error)
                 raise MaildropUnavailable("cannot open the lock file") from error
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                # Another user's file could hold every maildrop locked.
                 os.close(fd)
-                raise MaildropUnavailable("the lock file is not a file", permanent=True)
+                log.error("{path} is not a file of this server's user", path=self.path)
+                raise MaildropUnavailable("the lock table is not ours", permanent=True)
             # Two tables on one file in one process (two stores composed
             # over one tree) share what this process holds.
             held = _held_in_this_process.setdefault((info.st_dev, info.st_ino), set())
@@ -428,9 +459,12 @@ class _HeldRange:
     __slots__ = ("_offset", "_pid", "_table")
 
     def __init__(self, table: LockTable, offset: int, pid: int) -> None:
-        self._table = table
+        self._table: LockTable | None = table
         self._offset = offset
         self._pid = pid
 
     def __call__(self) -> None:
-        self._table._release(self._offset, self._pid)
+        # Twice is harmless: the offset may since be another session's.
+        table, self._table = self._table, None
+        if table is not None:
+            table._release(self._offset, self._pid)

@@ -91,6 +91,7 @@ _MAX_HEADER_SIZE = 256 * 1024
 # A directory changed this recently may change again within the same tick
 # of the file system's clock, which its modification time would not show.
 _SETTLING_NS = 100_000_000
+_COARSE_SETTLING_NS = 2_000_000_000
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -245,14 +246,17 @@ class MaildirStore:
             directory = _Directory(root, info.st_dev, info.st_ino)
             release = self.locks.acquire(root, root_fd)
             stamp, settled = _take_stamp(root, root_fd)
-        except POP3Error as error:
-            os.close(root_fd)
-            return fail(error)
-        except OSError as error:
+        except BaseException as error:
+            # Whatever went wrong (a lock file its owner filled with
+            # nonsense, say), neither the descriptor nor the lock stays.
             os.close(root_fd)
             if release is not None:
                 release()
-            return fail(_unavailable("cannot read maildir", root, error))
+            if isinstance(error, POP3Error):
+                return fail(error)
+            if isinstance(error, OSError):
+                return fail(_unavailable("cannot read maildir", root, error))
+            raise
         held = release
         cached = self._listings.get(root)
         if cached is not None and cached.settled and cached.stamp == stamp:
@@ -306,7 +310,7 @@ def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
     stamps that differ could collide only if the Maildir's owner made them,
     and would only hide their own new mail until the next change.)
     """
-    settled_before = time.time_ns() - _SETTLING_NS
+    now = time.time_ns()
     parts: list[tuple[int, int] | None] = []
     settled = True
     for name in ("new", "cur", DOVECOT_UIDLIST):
@@ -315,8 +319,12 @@ def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
         except FileNotFoundError:
             parts.append(None)
             continue
-        parts.append((info.st_ino, info.st_mtime_ns))
-        settled = settled and info.st_mtime_ns < settled_before
+        mtime = info.st_mtime_ns
+        parts.append((info.st_ino, mtime))
+        # Whole seconds: a file system (or NFS server) with coarse times,
+        # where a change within the same second would not show.
+        settling = _COARSE_SETTLING_NS if mtime % 1_000_000_000 == 0 else _SETTLING_NS
+        settled = settled and mtime < now - settling
     return hash(tuple(parts)), settled
 
 
@@ -641,7 +649,7 @@ def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
             for line in file:
                 name, _, numbers = line.rstrip("\n").partition("\t")
                 inode, _, size = numbers.partition("\t")
-                if inode.isdigit() and size.isdigit():
+                if inode.isascii() and inode.isdigit() and size.isascii() and size.isdigit():
                     known[name] = (int(inode), int(size))
                 # else a damaged line: that size is counted again
     except OSError:
@@ -660,19 +668,21 @@ def _save_sizes(directory: _Directory, sizes: dict[str, tuple[int, int]]) -> Non
 def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
     lines = [_SIZE_CACHE_HEADER]
     lines += [f"{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()]
-    temporary = SIZE_CACHE + ".tmp"
-    # The Maildir's owner may have put anything under that name (a FIFO
-    # that would block, a hard link to a file to overwrite): remove it,
-    # then create a new file or nothing.
+    # A name of this writer's own (two servers may save at once; a reader
+    # sees the old file or a whole new one), created new or not at all:
+    # nothing the Maildir's owner put anywhere is followed or overwritten.
+    temporary = f"{SIZE_CACHE}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary, dir_fd=root_fd)
         fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
-        with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
-            file.write("\n".join(lines) + "\n")
-        # Atomic: a crash leaves the old cache or the new one.
-        os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        try:
+            with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
+                file.write("\n".join(lines) + "\n")
+            os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=root_fd)
+            raise
     except OSError as error:
         log.info("not caching message sizes in {root}: {error}", root=root, error=error)
 

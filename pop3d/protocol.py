@@ -255,7 +255,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         try:
             self._send(reply)
         except Exception:
-            self._answer(fail())
+            # Part of the reply, or a TLS handshake, may be under way: no
+            # honest answer is left to give.
+            self.log.failure("unexpected error answering {peer}", peer=self.session.peer)
+            self._closing = True
+            self._connection.abortConnection()
 
     # -- answering, strictly in order ----------------------------------------
 

@@ -291,9 +291,35 @@ class TestLockFiles:
         here = this_process()
         # Our own pid, alive, but an earlier incarnation (a restarted server
         # in a container often gets the same pid).
-        self.plant(maildir, LockOwner(here.host, here.pid, "0:0"))
+        earlier = here.incarnation.rpartition(":")[0] + ":0"
+        self.plant(maildir, LockOwner(here.host, here.pid, earlier))
         maildrop = await store.open("alice")
         await maildrop.close()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_lock_of_another_pid_namespace_is_left_to_the_timeout(
+        self, store: MaildirStore, maildir: Path
+    ) -> None:
+        """A container sharing the host name cannot be asked about its processes."""
+        here = this_process()
+        self.plant(maildir, LockOwner(here.host, 4_000_000, "bootid:12345:1"))
+        with pytest.raises(MaildropLocked):
+            await store.open("alice")
+
+    @pytest.mark.parametrize("content", ["host ²³ x:1 id", f"host {10**30} - id", "\x00\xff"])
+    @pytest_twisted.ensureDeferred
+    async def test_a_lock_file_full_of_nonsense_costs_no_descriptor(
+        self, store: MaildirStore, maildir: Path, content: str
+    ) -> None:
+        lock = maildir / LOCK_FILE_NAME
+        lock.write_bytes(content.encode("utf-8", "surrogateescape"))
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with pytest.raises(MaildropLocked):
+                await store.open("alice")
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == before
 
     @pytest_twisted.ensureDeferred
     async def test_a_live_lock_of_this_host_is_respected(

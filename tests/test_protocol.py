@@ -28,6 +28,7 @@ from pop3d.realm import MaildropRealm
 from pop3d.session import (
     ALREADY_DELETED,
     APOP_UNAVAILABLE,
+    BEGIN_TLS,
     BYE,
     CAPABILITIES_FOLLOW,
     INTERNAL_ERROR,
@@ -85,6 +86,25 @@ def log_events() -> Iterator[list[LogEvent]]:
     globalLogPublisher.addObserver(events.append)
     yield events
     globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_tls_failure_after_stls_closes_without_a_plaintext_answer(
+    make_factory: Callable[..., POP3Factory], log_events: list[LogEvent]
+) -> None:
+    """
+    RFC 2595 section 4: after +OK to STLS the next bytes are the TLS
+    handshake.  A certificate that cannot be loaded then (a bad reload on
+    SIGHUP) leaves no honest answer: the connection is closed, and logged.
+    """
+
+    class BrokenTLS:
+        def context_factory(self) -> object:
+            raise OSError("cannot read the certificate")
+
+    wire = Wire(make_factory(tls=BrokenTLS()))
+    assert wire.command(b"STLS") == b"+OK " + BEGIN_TLS.encode() + b"\r\n"
+    assert wire.closed
+    assert any(e.get("log_failure") is not None for e in log_events)
 
 
 class TestGreeting:
