@@ -49,6 +49,9 @@ from pop3d.interfaces import IMaildropLocks
 LOCK_STALE_SECONDS = 10 * 60
 #: How often held locks are touched; well under `LOCK_STALE_SECONDS`.
 LOCK_REFRESH_SECONDS = 60
+#: `LockFiles`' lock file in the root of every locked Maildir.  No leading
+#: dot: Maildir++ treats dot-names in the root as folders.
+LOCK_FILE_NAME = "pop3d.lock"
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -211,10 +214,6 @@ class DotLock:
             return cls(directory, (info.st_dev, info.st_ino), name, content)
         raise MaildropLocked()
 
-    @property
-    def held(self) -> bool:
-        return self._content is not None
-
     def _if_ours(self, action: Callable[[int], None]) -> None:
         """Do ``action(directory fd)`` if the lock file is still ours."""
         fd = os.open(self._directory, _DIRECTORY_FLAGS)
@@ -357,7 +356,7 @@ class LockFiles:
         self,
         clock: IReactorTime | None,
         *,
-        name: str = "pop3d.lock",
+        name: str = LOCK_FILE_NAME,
         stale_seconds: float = LOCK_STALE_SECONDS,
     ) -> None:
         self.name = name

@@ -72,9 +72,6 @@ from pop3d.uidl import (
 )
 from pop3d.wire import WireSizeCounter, is_valid_uidl, wire_size
 
-#: With `LockFiles` (NFS), the lock file in the root of every locked
-#: Maildir.  No leading dot: Maildir++ treats dot-names in the root as folders.
-LOCK_FILE_NAME = "pop3d.lock"
 #: The `LockTable` file, in the directory above the Maildirs (see
 #: `default_lock_table`).  User names never start with a dot.
 LOCK_TABLE_NAME = ".pop3d-locks"

@@ -21,8 +21,15 @@ from twisted.internet.task import Clock
 from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.interfaces import ISeenFlags
-from pop3d.locking import LOCK_REFRESH_SECONDS, LockFiles, LockOwner, LockTable, this_process
-from pop3d.maildir import LOCK_FILE_NAME, MaildirStore
+from pop3d.locking import (
+    LOCK_FILE_NAME,
+    LOCK_REFRESH_SECONDS,
+    LockFiles,
+    LockOwner,
+    LockTable,
+    this_process,
+)
+from pop3d.maildir import MaildirStore
 from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
