@@ -35,13 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable
 from pop3d.interfaces import IMaildropLocks
+from pop3d.storage import run_blocking
 
 #: A lock whose file has not been touched for this long is taken for the
 #: leftover of a holder that is gone (between Postfix's 500 seconds and
@@ -223,6 +225,8 @@ class DotLock:
                 log.warn("{path} was replaced; its lock is gone", path=self._directory)
                 return
             if _read_file(self._name, fd) != self._content:
+                if self._content is None:
+                    return  # released meanwhile (refreshes run in a thread)
                 log.warn("maildrop lock {path} was taken from this session", path=self.path)
                 return
             action(fd)
@@ -320,12 +324,19 @@ def _unlink_quietly(name: str, dir_fd: int) -> None:
 class LockRefresher:
     """
     Touches every held lock each `LOCK_REFRESH_SECONDS` on ``clock``, so that
-    servers on other machines do not take them for stale.  Runs only while
-    some lock is held.
+    servers on other machines do not take them for stale; in the thread pool
+    of ``threads`` if given (a refresh is file work, over NFS).  Runs only
+    while some lock is held.
     """
 
-    def __init__(self, clock: IReactorTime | None, interval: float = LOCK_REFRESH_SECONDS) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime | None,
+        interval: float = LOCK_REFRESH_SECONDS,
+        threads: IReactorThreads | None = None,
+    ) -> None:
         self._clock = clock
+        self._threads = threads
         self._interval = interval
         self._held: set[DotLock] = set()
         self._loop: LoopingCall | None = None
@@ -343,9 +354,15 @@ class LockRefresher:
             self._loop.stop()
             self._loop = None
 
-    def refresh_all(self) -> None:
-        for lock in list(self._held):
-            lock.refresh()
+    def refresh_all(self) -> Deferred[None]:
+        refreshing = run_blocking(self._threads, _refresh, list(self._held))
+        refreshing.addErrback(lambda failure: log.failure("refreshing locks failed", failure))
+        return refreshing
+
+
+def _refresh(locks: list[DotLock]) -> None:
+    for lock in locks:
+        lock.refresh()
 
 
 @implementer(IMaildropLocks)
@@ -356,12 +373,17 @@ class LockFiles:
         self,
         clock: IReactorTime | None,
         *,
+        threads: IReactorThreads | None = None,
         name: str = LOCK_FILE_NAME,
         stale_seconds: float = LOCK_STALE_SECONDS,
     ) -> None:
         self.name = name
         self.stale_seconds = stale_seconds
-        self._refresher = LockRefresher(clock)
+        self._refresher = LockRefresher(clock, threads=threads)
+
+    def refresh(self) -> Deferred[None]:
+        """Touch every held lock now (the clock does it every minute)."""
+        return self._refresher.refresh_all()
 
     def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
         lock = DotLock.acquire(

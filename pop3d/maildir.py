@@ -263,15 +263,11 @@ class MaildirStore:
 
         def scan() -> tuple[_Listing, dict[str, tuple[int, int]] | None]:
             try:
-                messages, locations, sizes, changed = _snapshot(root, root_fd, self._naming, known)
+                messages, locations, inodes, to_save = _snapshot(root, root_fd, self._naming, known)
             finally:
                 os.close(root_fd)
-            # -1: a size from a ",W=" field, not counted, not kept.
-            unknown = (-1, 0)
-            inodes = tuple(sizes.get(_unique_name(name), unknown)[0] for _, name in locations)
-            return _Listing(stamp, settled, tuple(messages), tuple(locations), inodes), (
-                sizes if changed else None
-            )
+            listing = _Listing(stamp, settled, tuple(messages), tuple(locations), tuple(inodes))
+            return listing, to_save
 
         def opened(scanned: tuple[_Listing, dict[str, tuple[int, int]] | None]) -> IMaildrop:
             listing, changed_sizes = scanned
@@ -401,14 +397,14 @@ def _snapshot(
     root_fd: int,
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
-) -> tuple[list[MessageInfo], list[Location], dict[str, tuple[int, int]], bool]:
+) -> tuple[list[MessageInfo], list[Location], list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
     UID order for those it listed, then in unique-name order.  Sizes come
     from ``,W=`` fields, else from ``known_sizes`` (else the size cache
     file) where the inode matches, else from reading the message.  Also
-    returns the sizes to remember, by unique name: (inode, size), and
-    whether they differ from the size cache file's.
+    returns each message's inode (-1 for a ",W=" size), and the sizes to
+    save by unique name, (inode, size), if they differ from the file's.
     """
     # A message seen in both (another program moving it right now) is the
     # same message: the cur/ one, seen last, wins.
@@ -445,6 +441,7 @@ def _snapshot(
         other_servers = dovecot is not None or naming.uidl_format or naming.reuse_x_uidl
         messages: list[MessageInfo] = []
         locations: list[Location] = []
+        inodes: list[int] = []
         seen_uidls: set[str] = set()
         for unique in ordered:
             sub, name, _ = found[unique]
@@ -470,12 +467,13 @@ def _snapshot(
             seen_uidls.add(uidl)
             messages.append(MessageInfo(uidl, size))
             locations.append(location)
+            inodes.append(sizes[unique][0])
     # Sizes given by ",W=" fields (inode -1) are not kept.
     kept = {unique: entry for unique, entry in sizes.items() if entry[0] >= 0}
     # Everything kept was found; the file changes if something was counted
     # or something known is gone.
     changed = counted or len(kept) != len(known)
-    return messages, locations, kept, changed
+    return messages, locations, inodes, kept if changed else None
 
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:

@@ -371,7 +371,7 @@ def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime)
     if options["mail-location"].startswith("mbox:"):
         return MboxStore(options["maildir-template"], reactor=threads)
     locks: IMaildropLocks = (
-        LockFiles(clock)
+        LockFiles(clock, threads=threads)
         if options["nfs-locks"]
         else LockTable(options["lock-table"] or default_lock_table(options["maildir-template"]))
     )

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -349,6 +350,34 @@ class TestLockFiles:
         assert time.time() - lock.stat().st_mtime < 60
         await maildrop.close()
         assert clock.getDelayedCalls() == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_refreshes_run_off_the_reactor_thread(
+        self, tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Touching many lock files over NFS must not stall other sessions."""
+        import threading
+
+        from twisted.internet import reactor
+
+        locks = LockFiles(Clock(), threads=reactor)  # type: ignore[arg-type]
+        store = MaildirStore(f"{tmp_path}/{{user}}", locks=locks)
+        maildrop = await store.open("alice")
+        touched: list[threading.Thread] = []
+        original = os.utime
+
+        def recording(*args: Any, **kwargs: Any) -> None:
+            touched.append(threading.current_thread())
+            original(*args, **kwargs)
+
+        monkeypatch.setattr(os, "utime", recording)
+        os.utime(maildir / LOCK_FILE_NAME, (1, 1))
+        touched.clear()
+        await locks.refresh()
+        assert time.time() - (maildir / LOCK_FILE_NAME).stat().st_mtime < 60
+        await maildrop.close()
+        assert len(touched) == 1
+        assert touched[0] is not threading.main_thread()
 
     @pytest_twisted.ensureDeferred
     async def test_a_lock_taken_over_is_not_removed_by_its_first_holder(
