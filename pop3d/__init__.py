@@ -10,7 +10,7 @@ line (see `pop3d.tap`).
 from pop3d.checkers import PasswdFileChecker
 from pop3d.errors import POP3Error
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.maildir import MaildirStore
 from pop3d.mbox import MboxStore
 from pop3d.realm import MaildropRealm
@@ -26,6 +26,7 @@ __all__ = [
     "MaildropRealm",
     "MboxStore",
     "MessageInfo",
+    "MessageList",
     "POP3Error",
     "POP3Factory",
     "POP3Service",

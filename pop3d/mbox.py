@@ -154,7 +154,7 @@ from pop3d.errors import (
     MessageGone,
     POP3Error,
 )
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageList
 from pop3d.storage import check_template, expand_template, run_blocking
 from pop3d.uidl import header_x_uidl
 from pop3d.wire import WireSizeCounter
@@ -828,7 +828,9 @@ class _MboxMaildrop:
         self._files = [current] if current is not None else []
         self._reactor = reactor
         entries = current.entries if current is not None else []
-        self.messages = [MessageInfo(entry.uid, entry.size) for entry in entries]
+        self.messages = MessageList(
+            tuple(entry.uid for entry in entries), tuple(entry.size for entry in entries)
+        )
         # Where each message of the snapshot is in self._current, if anywhere.
         self._where: list[int | None] = list(range(len(entries)))
         self._mutex = threading.Lock()
@@ -894,7 +896,7 @@ class _MboxMaildrop:
             self._where = [None] * len(self.messages)
             return
         positions = {entry.uid: position for position, entry in enumerate(file.entries)}
-        self._where = [positions.get(message.uid) for message in self.messages]
+        self._where = [positions.get(uid) for uid in self.messages.uids]
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
         with self._mutex:

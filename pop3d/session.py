@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
-from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageInfo
+from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -417,11 +417,11 @@ class Session:
 
     def _totals(self) -> tuple[int, int]:
         assert self._maildrop is not None
-        messages = self._maildrop.messages
+        sizes = self._maildrop.messages.sizes
         if self._all_octets is None:
-            self._all_octets = sum(m.size for m in messages)
-        deleted_octets = sum(messages[i].size for i in self._deleted)
-        return len(messages) - len(self._deleted), self._all_octets - deleted_octets
+            self._all_octets = sum(sizes)
+        deleted_octets = sum(sizes[i] for i in self._deleted)
+        return len(sizes) - len(self._deleted), self._all_octets - deleted_octets
 
     def _message_index(self, argument: bytes) -> int:
         """The snapshot index of a message-number argument that is not deleted."""
@@ -613,41 +613,37 @@ class Session:
         return Status(True, f"{count} {octets}")
 
     def _list(self, command: Command) -> Reply:
+        assert self._maildrop is not None
         count, octets = self._totals()
         return self._scan_listing(
             command,
-            lambda message: str(message.size),
+            self._maildrop.messages.sizes,
             Status(True, f"{count} messages ({octets} octets)"),
         )
 
     def _uidl(self, command: Command) -> Reply:
-        return self._scan_listing(command, lambda message: message.uid, Status(True, UIDL_FOLLOWS))
+        assert self._maildrop is not None
+        return self._scan_listing(command, self._maildrop.messages.uids, Status(True, UIDL_FOLLOWS))
 
     def _scan_listing(
-        self, command: Command, describe: Callable[[MessageInfo], str], heading: Status
+        self, command: Command, values: Sequence[int] | Sequence[str], heading: Status
     ) -> Reply:
         """
         LIST and UIDL (RFC 1939 sections 5, 7): one "number value" line for
         the message asked for, or for every message not marked as deleted.
         """
-        assert self._maildrop is not None
-        messages = self._maildrop.messages
         if len(command.arguments) > 1:
             raise _BadCommand(f"{command.verb.value} takes at most one argument")
         if command.arguments:
             index = self._message_index(command.arguments[0])
-            return Status(True, f"{index + 1} {describe(messages[index])}")
+            return Status(True, f"{index + 1} {values[index]}")
         deleted = self._deleted
         # One string for the whole listing (100,000 lines in a few ms); no
         # line starts with ".", so none needs byte-stuffing.
-        text = "".join(
-            [
-                f"{number} {describe(message)}\r\n"
-                for number, message in enumerate(messages, 1)
-                if number - 1 not in deleted
-            ]
-        )
-        return Listing(heading, [], text.encode("ascii"))
+        lines = [f"{number} {value}\r\n" for number, value in enumerate(values, 1)]
+        if deleted:
+            lines = [line for index, line in enumerate(lines) if index not in deleted]
+        return Listing(heading, [], "".join(lines).encode("ascii"))
 
     def _retr(self, command: Command) -> Deferred[Reply]:
         if len(command.arguments) != 1:
@@ -666,7 +662,7 @@ class Session:
 
     def _size(self, index: int) -> int:
         assert self._maildrop is not None
-        return self._maildrop.messages[index].size
+        return self._maildrop.messages.sizes[index]
 
     def _stream(self, index: int, status: Status, body_lines: int | None) -> Deferred[Reply]:
         assert self._maildrop is not None
@@ -712,7 +708,7 @@ class Session:
         self.state = State.UPDATE
         maildrop = self._maildrop
         doomed = sorted(self._deleted)
-        doomed_octets = sum(maildrop.messages[i].size for i in doomed)
+        doomed_octets = sum(maildrop.messages.sizes[i] for i in doomed)
         removal: Deferred[None] = (
             maybeDeferred(maildrop.remove, doomed) if doomed else succeed(None)
         )
@@ -736,7 +732,8 @@ class Session:
         def seen_marked(reply: Reply) -> Reply | Deferred[Reply]:
             if not ISeenFlags.providedBy(maildrop):
                 return reply
-            kept = [i for i in range(len(maildrop.messages)) if i not in self._deleted]
+            every = range(len(maildrop.messages))
+            kept = [i for i in every if i not in self._deleted] if self._deleted else every
             retrieved = sorted(self._retrieved - self._deleted)
             marking = maybeDeferred(ISeenFlags(maildrop).mark_seen, retrieved, kept)
             marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))

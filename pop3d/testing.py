@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.realm import MaildropRealm
 from pop3d.wire import wire_size
 
@@ -81,7 +81,9 @@ class _MemoryMaildrop:
         self._store = store
         self._mailbox = mailbox
         self._stored = stored
-        self.messages = [MessageInfo(uid, wire_size(data)) for uid, data in stored.items()]
+        self.messages = MessageList.of(
+            MessageInfo(uid, wire_size(data)) for uid, data in stored.items()
+        )
         self._closed = False
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:

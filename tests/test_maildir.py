@@ -113,6 +113,34 @@ async def test_long_unique_names_get_a_valid_uidl(store: MaildirStore, maildir: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_only_the_long_unique_name_is_digested(store: MaildirStore, maildir: Path) -> None:
+    long_name = "1700000001.M1P1." + "very-long-host-name." * 5 + "example"
+    (maildir / "new" / "1700000000.M1P1.host").write_bytes(b"x\n")
+    (maildir / "cur" / (long_name + ":2,S")).write_bytes(b"y\n")
+    (maildir / "new" / "1700000002.M1P1.host").write_bytes(b"z\n")
+    maildrop = await store.open("alice")
+    uids = list(maildrop.messages.uids)
+    await maildrop.close()
+    assert uids[0] == "1700000000.M1P1.host" and uids[2] == "1700000002.M1P1.host"
+    assert len(uids[1]) <= 70 and uids[1] != long_name
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_are_in_unique_name_order_when_sorted_in_steps(
+    store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large listings are sorted a slice at a time; the order is the same."""
+    monkeypatch.setattr(maildir_module, "_SORT_STEP", 3)
+    names = [f"17000000{n:02d}.M{n}P1.host" for n in range(11)]
+    for n, name in enumerate(reversed(names)):
+        subdirectory, suffix = ("cur", ":2,S") if n % 2 else ("new", "")
+        (maildir / subdirectory / (name + suffix)).write_bytes(b"%d\n" % n)
+    maildrop = await store.open("alice")
+    assert list(maildrop.messages.uids) == names
+    await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_missing_maildir_is_empty_and_not_created(
     store: MaildirStore, tmp_path: Path
 ) -> None:
@@ -733,3 +761,35 @@ async def test_update_work_runs_off_the_reactor_thread(
     assert len(threads) == 3
     assert threading.main_thread() not in threads
     assert sorted(p.name for p in (maildir / "cur").iterdir()) == ["1.M1.host:2,S", "2.M2.host:2,"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_deciding_what_a_big_quit_renames_runs_off_the_reactor_thread(
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 100,000 messages, only deciding what to rename takes 0.1 s."""
+    import threading
+
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(maildir_module, "_PLAN_INLINE_MESSAGES", 2)
+    for n in range(3):
+        (maildir / "new" / f"{n}.M{n}.host").write_bytes(b"x\n")
+    store = MaildirStore(f"{tmp_path}/{{user}}", reactor=reactor)  # type: ignore[arg-type]
+    maildrop = await store.open("alice")
+    planners: list[threading.Thread] = []
+    original = maildir_module._Maildrop._renames
+
+    def recording(self: Any, *args: Any) -> Any:
+        planners.append(threading.current_thread())
+        return original(self, *args)
+
+    monkeypatch.setattr(maildir_module._Maildrop, "_renames", recording)
+    await ISeenFlags(maildrop).mark_seen([0], [0, 1, 2])
+    await maildrop.close()
+    assert planners and threading.main_thread() not in planners
+    assert sorted(p.name for p in (maildir / "cur").iterdir()) == [
+        "0.M0.host:2,S",
+        "1.M1.host:2,",
+        "2.M2.host:2,",
+    ]

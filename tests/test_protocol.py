@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
 from pop3d.factory import TOO_MANY_CONNECTIONS, POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.session import (
@@ -753,7 +753,9 @@ class _FailingRemovalStore:
 class _FailingRemovalMaildrop:
     def __init__(self, store: _FailingRemovalStore) -> None:
         self.store = store
-        self.messages = [MessageInfo(f"u{i}", len(m)) for i, m in enumerate(store.messages)]
+        self.messages = MessageList.of(
+            MessageInfo(f"u{i}", len(m)) for i, m in enumerate(store.messages)
+        )
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
         raise NotImplementedError

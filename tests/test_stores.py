@@ -16,7 +16,7 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody
+from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.maildir import MaildirStore
 from pop3d.mbox import MboxStore
 from pop3d.testing import MemoryStore, deliver_to_maildir
@@ -268,3 +268,22 @@ async def test_an_opened_message_stays_readable_if_removed(under_test: StoreUnde
 
 def test_stores_provide_the_interface(under_test: StoreUnderTest) -> None:
     assert verifyObject(IMaildropStore, under_test.store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_are_a_message_list(under_test: StoreUnderTest) -> None:
+    under_test.deliver("alice", MESSAGES[0])
+    under_test.deliver("alice", MESSAGES[1])
+    maildrop = await under_test.store.open("alice")
+    messages = maildrop.messages
+    await maildrop.close()
+    assert isinstance(messages, MessageList)
+    assert list(messages) == [messages[0], messages[1]]
+    assert messages.sizes == tuple(wire_size(m) for m in MESSAGES[:2])
+    assert messages[1] == MessageInfo(messages.uids[1], messages.sizes[1])
+    assert messages[1:] == MessageList(messages.uids[1:], messages.sizes[1:])
+
+
+def test_a_message_list_needs_a_size_for_every_uidl() -> None:
+    with pytest.raises(ValueError):
+        MessageList(("a", "b"), (1,))
