@@ -50,6 +50,10 @@ class MessageList(Sequence[MessageInfo]):
     sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        # Tuples, whatever sequences were given: the value stays hashable
+        # and nobody can change a snapshot through a list they kept.
+        object.__setattr__(self, "uids", tuple(self.uids))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
         if len(self.uids) != len(self.sizes):
             raise ValueError("as many UIDLs as sizes are needed")
 
@@ -105,7 +109,8 @@ class IMaildrop(Interface):
     """
 
     messages: MessageList = Attribute(
-        "The messages present when the maildrop was opened, in order: a `MessageList`."
+        "The messages present when the maildrop was opened, in order: a `MessageList`"
+        " (another sequence of `MessageInfo` is converted once per session)."
     )
 
     def open_message(index: int) -> Deferred[IMessageBody]:

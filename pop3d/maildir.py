@@ -420,9 +420,9 @@ def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
 
 def _sorted_in_steps(names: list[str]) -> list[str]:
     """
-    ``sorted(names)``, holding the GIL for a few milliseconds at a time
-    rather than ~30 ms for 100,000 names: the reactor thread answers other
-    sessions in between.  Sorting slices, then merging the sorted runs
+    ``sorted(names)``, holding the GIL for about a third as long at a time
+    (11 ms rather than 31 ms for 100,000 names): the reactor thread answers
+    other sessions in between.  Sorting slices, then merging the sorted runs
     (which the final sort finds and merges), costs about the same in all.
     """
     runs = [sorted(names[at : at + _SORT_STEP]) for at in range(0, len(names), _SORT_STEP)]
@@ -585,9 +585,9 @@ def _compatible_uidl(
 def _read_header(root: str, root_fd: int, location: tuple[str, str]) -> bytes | None:
     """A message's header, up to and including the blank line after it."""
     try:
-        fd = _open_message(root, root_fd, location)
+        fd, _ = _open_message(root, root_fd, location)
         try:
-            start = os.read(fd, _MAX_HEADER_SIZE)
+            start = _read_up_to(fd, _MAX_HEADER_SIZE)
         finally:
             os.close(fd)
     except OSError:
@@ -650,14 +650,16 @@ def _count_sizes(
             raise _unavailable("cannot read message", os.path.join(path, name), error) from error
         try:
             first = os.read(fd, _READ_SIZE)
-            if len(first) < _READ_SIZE:
-                # Short read: the whole file (most messages are small).  The
-                # inode is the scan's: if the file was replaced since, the
-                # next scan shows another inode and counts it again.
-                size = wire_size(first)
+            # Only an empty read is the end (see `_read_up_to`).  The inode
+            # is the scan's: if the file was replaced since, the next scan
+            # shows another inode and counts it again.
+            more = os.read(fd, _READ_SIZE) if first else b""
+            if not more:
+                size = wire_size(first)  # most messages: one read
             else:
                 counter = WireSizeCounter()
                 counter.feed(first)
+                counter.feed(more)
                 while chunk := os.read(fd, _READ_SIZE):
                     counter.feed(chunk)
                 size = counter.finish()
@@ -745,20 +747,34 @@ def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> 
         log.info("not caching message sizes in {root}: {error}", root=root, error=error)
 
 
-def _open_message(root: str, root_fd: int, location: Location) -> int:
-    """Open a message file, refusing anything but a regular file."""
+def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int]:
+    """Open a message file, refusing anything but a regular file: (fd, size)."""
     subdirectory, name = location
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
         fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", name)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info.st_size
+
+
+def _read_up_to(fd: int, size: int) -> bytes:
+    """``size`` octets, fewer only at the end of the file."""
+    # One read(2) may return less than asked before the end (FUSE, 9p,
+    # some network file systems), so only an empty read means the end.
+    data = os.read(fd, size)
+    while data and len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _locate(root: str, root_fd: int, unique: str) -> Location | None:
@@ -793,29 +809,34 @@ class _FileBody:
     to build for a message that is read in one or two chunks.
     """
 
-    __slots__ = ("_at_end", "_fd", "_path")
+    __slots__ = ("_fd", "_left", "_path")
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, size: int, path: str) -> None:
         self._fd = fd
+        # The size when opened: a read that reaches it is the last, with no
+        # read(2) just to learn that the next one returns nothing.
+        self._left = size
         self._path = path
-        self._at_end = False
 
     def read(self, size: int) -> bytes:
-        if self._at_end or self._fd < 0:
+        if self._fd < 0 or self._left <= 0:
             return b""
         try:
-            data = os.read(self._fd, size)
+            data = _read_up_to(self._fd, min(size, self._left))
         except OSError as error:
             raise _unavailable("cannot read message", self._path, error) from error
-        # A regular file reads short only at its end: no read(2) just to
-        # learn that the next one returns nothing.
-        self._at_end = len(data) < size
+        # Shorter than its size: the file was cut, and this is its end.
+        self._left = self._left - len(data) if data else 0
         return data
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def __del__(self) -> None:
+        # A body its reader forgot to close must not keep its descriptor.
+        self.close()
 
 
 @implementer(IMaildrop, ISeenFlags)
@@ -861,7 +882,7 @@ class _Maildrop:
             with self._directory.opened() as root_fd:
                 while location is not None:
                     try:
-                        fd = _open_message(self.root, root_fd, location)
+                        fd, file_size = _open_message(self.root, root_fd, location)
                     except FileNotFoundError:
                         relocated = self._relocate(root_fd, index)
                         location = relocated if relocated != location else None
@@ -869,7 +890,9 @@ class _Maildrop:
                     except OSError as error:
                         path = os.path.join(self.root, *location)
                         raise _unavailable("cannot open message", path, error) from error
-                    body: IMessageBody = _FileBody(fd, os.path.join(self.root, *location))
+                    body: IMessageBody = _FileBody(
+                        fd, file_size, os.path.join(self.root, *location)
+                    )
                     return succeed(body)
         except POP3Error as error:
             return fail(error)

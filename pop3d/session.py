@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
-from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags
+from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -176,6 +176,7 @@ class SessionPolicy:
 DEFAULT_POLICY = SessionPolicy()
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
+_NO_MESSAGES = MessageList()
 
 
 @dataclass(slots=True)
@@ -260,6 +261,7 @@ class Session:
         self.counters = SessionCounters()
         self._pending_user: bytes | None = None
         self._maildrop: IMaildrop | None = None
+        self._messages = _NO_MESSAGES
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
         # Most sessions delete and retrieve nothing (and an idle session
         # should cost little): no set until they do.
@@ -417,7 +419,7 @@ class Session:
 
     def _totals(self) -> tuple[int, int]:
         assert self._maildrop is not None
-        sizes = self._maildrop.messages.sizes
+        sizes = self._messages.sizes
         if self._all_octets is None:
             self._all_octets = sum(sizes)
         deleted_octets = sum(sizes[i] for i in self._deleted)
@@ -430,7 +432,7 @@ class Session:
             raise _BadCommand("invalid message number")
         assert self._maildrop is not None
         index = number - 1
-        if index >= len(self._maildrop.messages) or index in self._deleted:
+        if index >= len(self._messages) or index in self._deleted:
             raise POP3Error(NO_SUCH_MESSAGE)
         return index
 
@@ -481,6 +483,10 @@ class Session:
         def succeeded(result: tuple[type[Interface], object, Callable[[], None]]) -> Reply:
             _, avatar, logout = result
             self._maildrop = IMaildrop(avatar)
+            listed = self._maildrop.messages
+            # A store written against the older contract (a list of
+            # MessageInfo) still works: its list is converted once.
+            self._messages = listed if isinstance(listed, MessageList) else MessageList.of(listed)
             self._logout = logout
             if self._disconnected:
                 self._release()
@@ -617,13 +623,13 @@ class Session:
         count, octets = self._totals()
         return self._scan_listing(
             command,
-            self._maildrop.messages.sizes,
+            self._messages.sizes,
             Status(True, f"{count} messages ({octets} octets)"),
         )
 
     def _uidl(self, command: Command) -> Reply:
         assert self._maildrop is not None
-        return self._scan_listing(command, self._maildrop.messages.uids, Status(True, UIDL_FOLLOWS))
+        return self._scan_listing(command, self._messages.uids, Status(True, UIDL_FOLLOWS))
 
     def _scan_listing(
         self, command: Command, values: Sequence[int] | Sequence[str], heading: Status
@@ -662,7 +668,7 @@ class Session:
 
     def _size(self, index: int) -> int:
         assert self._maildrop is not None
-        return self._maildrop.messages.sizes[index]
+        return self._messages.sizes[index]
 
     def _stream(self, index: int, status: Status, body_lines: int | None) -> Deferred[Reply]:
         assert self._maildrop is not None
@@ -708,7 +714,7 @@ class Session:
         self.state = State.UPDATE
         maildrop = self._maildrop
         doomed = sorted(self._deleted)
-        doomed_octets = sum(maildrop.messages.sizes[i] for i in doomed)
+        doomed_octets = sum(self._messages.sizes[i] for i in doomed)
         removal: Deferred[None] = (
             maybeDeferred(maildrop.remove, doomed) if doomed else succeed(None)
         )
@@ -732,7 +738,7 @@ class Session:
         def seen_marked(reply: Reply) -> Reply | Deferred[Reply]:
             if not ISeenFlags.providedBy(maildrop):
                 return reply
-            every = range(len(maildrop.messages))
+            every = range(len(self._messages))
             kept = [i for i in every if i not in self._deleted] if self._deleted else every
             retrieved = sorted(self._retrieved - self._deleted)
             marking = maybeDeferred(ISeenFlags(maildrop).mark_seen, retrieved, kept)

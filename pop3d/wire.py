@@ -27,8 +27,8 @@ MAX_RESPONSE_LINE = 512
 MAX_UIDL_LENGTH = 70
 
 # A line starting with "." (after the first).  The regular expression engine
-# finds it about three times faster than bytes.replace, whose search for a
-# two-octet pattern steps through ~1 octet per comparison.
+# finds it 1.5-3 times faster than bytes.replace, whose search for a
+# two-octet pattern steps through about one octet per comparison.
 _DOT_LINE = re.compile(rb"\n\.")
 
 
@@ -222,6 +222,9 @@ class LineEndingNormalizer:
     def measure(self, chunk: bytes) -> int:
         """How many octets `feed` would return for ``chunk``, without making them."""
         chunk = self._take(chunk)
+        if b"\r" not in chunk:
+            # LF only: spare the slower two-octet count (see `feed`).
+            return len(chunk) + chunk.count(b"\n")
         return len(chunk) + chunk.count(b"\n") - chunk.count(b"\r\n")
 
     def _take(self, chunk: bytes) -> bytes:

@@ -793,3 +793,25 @@ async def test_deciding_what_a_big_quit_renames_runs_off_the_reactor_thread(
         "1.M1.host:2,",
         "2.M2.host:2,",
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_shorter_than_asked_are_not_the_end(
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE, 9p and some network file systems return short reads mid-file."""
+    message = b"Subject: short reads\nX-UIDL: abc123\n\n" + b".line\n" * 50
+    (maildir / "new" / "1.M1.host").write_bytes(message)
+    real_read = os.read
+    monkeypatch.setattr(maildir_module.os, "read", lambda fd, size: real_read(fd, min(size, 7)))
+    store = MaildirStore(f"{tmp_path}/{{user}}", reuse_x_uidl=True)
+    maildrop = await store.open("alice")
+    body = await maildrop.open_message(0)
+    chunks = []
+    while chunk := body.read(256 * 1024):
+        chunks.append(chunk)
+    body.close()
+    await maildrop.close()
+    assert b"".join(chunks) == message
+    assert maildrop.messages.sizes == (wire_size(message),)
+    assert maildrop.messages.uids == ("abc123",)

@@ -426,6 +426,44 @@ class TestTransaction:
         for line in (b"RETR 1", b"LIST 1", b"TOP 1 0", b"UIDL 1"):
             assert logged_in.command(line) == err(NO_SUCH_MESSAGE)
 
+    def test_a_deleted_middle_message_leaves_uidl_and_list(
+        self, logged_in: Wire, store: MemoryStore
+    ) -> None:
+        """RFC 1939 section 7: messages marked as deleted are not listed."""
+        uids = logged_in.command(b"UIDL").split(b"\r\n")[1:4]
+        logged_in.command(b"DELE 2")
+        assert logged_in.command(b"UIDL") == ok(UIDL_FOLLOWS) + b"\r\n".join(
+            [uids[0], uids[2], b".\r\n"]
+        )
+        assert logged_in.command(b"LIST") == (
+            ok(f"2 messages ({SIZE_1 + SIZE_3} octets)")
+            + f"1 {SIZE_1}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+        )
+
+    def test_a_store_listing_messages_as_a_list_still_works(
+        self,
+        factory: POP3Factory,
+        store: MemoryStore,
+        uids: list[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Stores written before `MessageList` give a list of `MessageInfo`."""
+        opening = store.open
+
+        def open_as_list(mailbox: str) -> Deferred[IMaildrop]:
+            def as_list(maildrop: IMaildrop) -> IMaildrop:
+                maildrop.messages = list(maildrop.messages)  # type: ignore[assignment]
+                return maildrop
+
+            return opening(mailbox).addCallback(as_list)
+
+        monkeypatch.setattr(store, "open", open_as_list)
+        wire = Wire(factory)
+        wire.login()
+        assert wire.command(b"STAT") == ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
+        assert wire.command(b"UIDL 2") == ok(f"2 {uids[1]}")
+        assert wire.command(b"LIST 3") == ok(f"3 {SIZE_3}")
+
     def test_dele_twice(self, logged_in: Wire) -> None:
         logged_in.command(b"DELE 2")
         assert logged_in.command(b"DELE 2") == err(ALREADY_DELETED)
