@@ -248,29 +248,46 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         except Exception:
             self._answer(fail())
             return
-        if isinstance(reply, (Deferred, MessageStream)):
-            self._answer(reply if isinstance(reply, Deferred) else succeed(reply))
+        if isinstance(reply, Deferred):
+            self._answer(reply)
             return
         # Answered at once (most commands): no Deferred to go through.
         try:
-            self._send(reply)
+            streaming = self._send(reply)
         except Exception:
             # Part of the reply, or a TLS handshake, may be under way: no
             # honest answer is left to give.
             self.log.failure("unexpected error answering {peer}", peer=self.session.peer)
             self._closing = True
             self._connection.abortConnection()
+            return
+        if streaming is not None:
+            # A message still being sent: no further command is read until
+            # it is all written.
+            self._command_in_flight = True
+            streaming.addBoth(self._command_done)
+            self._update_reading()
 
     # -- answering, strictly in order ----------------------------------------
 
     def _answer(self, reply: Deferred[Reply]) -> None:
         """Send a reply; no further command is read until it is all written."""
         self._command_in_flight = True
-        reply.addErrback(self._unexpected_failure)
-        reply.addCallback(self._send)
-        reply.addErrback(self._unexpected_failure)
-        reply.addBoth(self._command_done)
+        reply.addBoth(self._answer_ready)
         self._update_reading()
+
+    def _answer_ready(self, reply: Reply | Failure) -> Deferred[None] | None:
+        if isinstance(reply, Failure):
+            reply = self._unexpected_failure(reply)
+        try:
+            streaming = self._send(reply)
+        except Exception:
+            self._unexpected_failure(Failure())
+            streaming = None
+        if streaming is None:
+            self._command_done(None)
+            return None
+        return streaming.addBoth(self._command_done)
 
     def _command_done(self, _: object) -> None:
         self._command_in_flight = False

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from twisted.cred.credentials import (
     ICredentials,
@@ -177,6 +177,26 @@ DEFAULT_POLICY = SessionPolicy()
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
 _NO_MESSAGES = MessageList()
+
+_T = TypeVar("_T")
+
+
+def _settled(deferred: Deferred[_T]) -> _T | Deferred[_T]:
+    """
+    The result of a Deferred that has already succeeded, else the Deferred.
+    Most replies are ready at once (in-memory checkers, cached listings):
+    returned as they are, they skip the protocol's callback chain.
+    """
+    results: list[object] = []
+
+    def keep(result: object) -> object:
+        results.append(result)
+        return result
+
+    deferred.addBoth(keep)
+    if results and not isinstance(results[0], Failure):
+        return cast(_T, results[0])
+    return deferred
 
 
 @dataclass(slots=True)
@@ -476,7 +496,9 @@ class Session:
         credentials = APOPCredentials(self._apop_challenge, username, digest)
         return self._login(credentials, username, "APOP")
 
-    def _login(self, credentials: ICredentials, username: bytes, method: str) -> Deferred[Reply]:
+    def _login(
+        self, credentials: ICredentials, username: bytes, method: str
+    ) -> Reply | Deferred[Reply]:
         shown_user = username.decode("utf-8", "replace")
         attempt = self._portal.login(credentials, None, IMaildrop)
 
@@ -519,7 +541,7 @@ class Session:
                 return status
             return self._answer_failed_login(status)
 
-        return attempt.addCallbacks(succeeded, failed)
+        return _settled(attempt.addCallbacks(succeeded, failed))
 
     def _auth(self, command: Command) -> Reply | Deferred[Reply]:
         """RFC 5034 section 4; with no argument, the mechanisms (as Outlook expects)."""
@@ -651,13 +673,13 @@ class Session:
             lines = [line for index, line in enumerate(lines) if index not in deleted]
         return Listing(heading, [], "".join(lines).encode("ascii"))
 
-    def _retr(self, command: Command) -> Deferred[Reply]:
+    def _retr(self, command: Command) -> Reply | Deferred[Reply]:
         if len(command.arguments) != 1:
             raise _BadCommand("RETR takes one message number")
         index = self._message_index(command.arguments[0])
         return self._stream(index, Status(True, f"{self._size(index)} octets"), None)
 
-    def _top(self, command: Command) -> Deferred[Reply]:
+    def _top(self, command: Command) -> Reply | Deferred[Reply]:
         if len(command.arguments) != 2:
             raise _BadCommand("TOP takes a message number and a line count")
         lines = parse_line_count(command.arguments[1])
@@ -670,7 +692,9 @@ class Session:
         assert self._maildrop is not None
         return self._messages.sizes[index]
 
-    def _stream(self, index: int, status: Status, body_lines: int | None) -> Deferred[Reply]:
+    def _stream(
+        self, index: int, status: Status, body_lines: int | None
+    ) -> Reply | Deferred[Reply]:
         assert self._maildrop is not None
 
         def opened(body: IMessageBody) -> Reply:
@@ -683,7 +707,7 @@ class Session:
             expected = self._size(index) if body_lines is None else None
             return MessageStream(status, body, MessageEncoder(body_lines), expected)
 
-        return maybeDeferred(self._maildrop.open_message, index).addCallback(opened)
+        return _settled(maybeDeferred(self._maildrop.open_message, index).addCallback(opened))
 
     def _dele(self, command: Command) -> Reply:
         if len(command.arguments) != 1:
@@ -709,7 +733,7 @@ class Session:
 
     # -- UPDATE (RFC 1939 section 6) ---------------------------------------
 
-    def _quit_update(self, command: Command) -> Deferred[Reply]:
+    def _quit_update(self, command: Command) -> Reply | Deferred[Reply]:
         assert self._maildrop is not None
         self.state = State.UPDATE
         maildrop = self._maildrop
@@ -743,7 +767,7 @@ class Session:
             retrieved = sorted(self._retrieved - self._deleted)
             marking = maybeDeferred(ISeenFlags(maildrop).mark_seen, retrieved, kept)
             marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
-            return marking.addCallback(lambda _: reply)
+            return _settled(marking.addCallback(lambda _: reply))
 
         def logged_out(reply: Reply) -> Reply:
             self._log_session_end("logged out")
@@ -754,7 +778,7 @@ class Session:
         outcome.addErrback(not_removed)
         outcome.addCallback(seen_marked)
         outcome.addCallback(logged_out)
-        return outcome
+        return _settled(outcome)
 
 
 # Every legal (state, command) pair, and who answers it: the whole protocol.

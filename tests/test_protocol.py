@@ -464,6 +464,15 @@ class TestTransaction:
         assert wire.command(b"UIDL 2") == ok(f"2 {uids[1]}")
         assert wire.command(b"LIST 3") == ok(f"3 {SIZE_3}")
 
+    def test_commands_pipelined_behind_a_message_wait_for_all_of_it(self, logged_in: Wire) -> None:
+        """RFC 2449 section 6.6: answers in order, even while output is held back."""
+        logged_in.protocol.output_blocked(True)
+        assert logged_in.send(b"RETR 1\r\nNOOP\r\n") == b""
+        logged_in.protocol.output_blocked(False)
+        assert logged_in.take() == ok(f"{SIZE_1} octets") + (
+            b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n" + OK
+        )
+
     def test_dele_twice(self, logged_in: Wire) -> None:
         logged_in.command(b"DELE 2")
         assert logged_in.command(b"DELE 2") == err(ALREADY_DELETED)
