@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import overload
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
@@ -123,6 +124,41 @@ Location = tuple[str, str]
 """Where a message file is: (``new`` or ``cur``, file name)."""
 
 
+class _Locations(Sequence[Location]):
+    """
+    Where each message of a listing is, as two columns: kept for as long as
+    the listing, 100,000 (subdirectory, name) tuples would be objects for
+    the garbage collector to walk.
+    """
+
+    __slots__ = ("_names", "_subdirectories")
+
+    def __init__(self, subdirectories: tuple[str, ...], names: tuple[str, ...]) -> None:
+        self._subdirectories = subdirectories
+        self._names = names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, index: int) -> Location: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Location]: ...
+
+    def __getitem__(self, index: int | slice) -> Location | Sequence[Location]:
+        if isinstance(index, slice):
+            return list(zip(self._subdirectories[index], self._names[index], strict=True))
+        return (self._subdirectories[index], self._names[index])
+
+    def __iter__(self) -> Iterator[Location]:
+        return zip(self._subdirectories, self._names, strict=True)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+
 @dataclass(frozen=True, slots=True)
 class _Listing:
     """
@@ -136,7 +172,7 @@ class _Listing:
     #: Whether the stamp can be trusted: no part changed just before it.
     settled: bool
     messages: MessageList
-    locations: tuple[Location, ...]
+    locations: _Locations
     #: The inode of each message file, -1 where the size is a ",W=" field.
     inodes: tuple[int, ...]
 
@@ -144,8 +180,8 @@ class _Listing:
         """Unique name -> (inode, wire size) of messages without ",W="."""
         return {
             _unique_name(name): (inode, size)
-            for (_, name), inode, size in zip(
-                self.locations, self.inodes, self.messages.sizes, strict=True
+            for name, inode, size in zip(
+                self.locations.names, self.inodes, self.messages.sizes, strict=True
             )
             if inode >= 0
         }
@@ -274,7 +310,7 @@ class MaildirStore:
                     messages, locations, inodes, to_save = _snapshot(
                         root, root_fd, self._naming, known
                     )
-                    listing = _Listing(stamp, settled, messages, tuple(locations), tuple(inodes))
+                    listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
             finally:
                 os.close(root_fd)
             return listing, to_save
@@ -488,7 +524,7 @@ def _snapshot(
     root_fd: int,
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
-) -> tuple[MessageList, list[Location], list[int], dict[str, tuple[int, int]] | None]:
+) -> tuple[MessageList, _Locations, list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
     UID order for those it listed, then in unique-name order.  Sizes come
@@ -546,7 +582,10 @@ def _snapshot(
             uidls = _plain_uidls(ordered)
     entries = [sizes[unique] for unique in ordered]
     messages = MessageList(tuple(uidls), tuple([size for _, size in entries]))
-    locations = [(sub, name) for sub, name, _ in map(found.__getitem__, ordered)]
+    where = list(map(found.__getitem__, ordered))
+    locations = _Locations(
+        tuple([sub for sub, _, _ in where]), tuple([name for _, name, _ in where])
+    )
     inodes = [inode for inode, _ in entries]
     # Sizes given by ",W=" fields (inode -1) are not kept.
     kept = {unique: entry for unique, entry in sizes.items() if entry[0] >= 0}
