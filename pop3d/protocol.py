@@ -441,7 +441,7 @@ class _MessageStreamer:
         self._finish(Failure(ResponseAbandoned()))
 
     def _write_one_chunk(self) -> None:
-        out = [self._pending_status or b""]
+        out = [] if self._pending_status is None else [self._pending_status]
         at_end = self._encoder.done
         if not at_end:
             chunk = self._body.read(CHUNK_SIZE)
@@ -455,16 +455,20 @@ class _MessageStreamer:
         self._pending_status = None
         self._progress()
         if not at_end:
-            self._transport.write(b"".join(out))
+            # A middle chunk of a large message goes out as it is: joining
+            # would copy 256 KiB for nothing.
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
             return
         ending = self._encoder.finish()
         if self._expected_size is not None and self._encoder.size < self._expected_size:
             # Shorter than announced: the file was cut while being sent.  The
             # terminator would make a truncated message look complete.
-            self._transport.write(b"".join(out) + ending[: -len(TERMINATOR)])
+            out.append(ending[: -len(TERMINATOR)])
+            self._transport.write(b"".join(out))
             self._finish(Failure(MessageTruncated(self._expected_size, self._encoder.size)))
             return
-        self._transport.write(b"".join(out) + ending)
+        out.append(ending)
+        self._transport.write(b"".join(out))
         self._finish(None)
 
     def _fail(self, failure: Failure) -> None:
