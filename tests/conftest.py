@@ -8,6 +8,7 @@ loopback port (`running_server`).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,9 @@ async def start_service(
         ]
     )
     service = makeService(options)
+    # makeService freezes what lives as long as the server; this process
+    # outlives many servers, and its tests count on collections.
+    gc.unfreeze()
     assert isinstance(service, MultiService)
     pop3 = service.getServiceNamed("pop3")
     assert isinstance(pop3, POP3Service)

@@ -185,3 +185,31 @@ async def test_cram_md5_reaches_every_checker_that_can_verify_it(tmp_path: Path)
         credentials = CramMD5Credentials(user, challenge, digest)
         _, maildrop, _ = await portal.login(credentials, None, IMaildrop)
         await IMaildrop(maildrop).close()
+
+
+def test_the_server_leaves_what_lives_as_long_as_it_out_of_collections(
+    passwd: Path, tmp_path: Path
+) -> None:
+    """
+    Each full collection holds the GIL, and every session, while it walks
+    the objects; the modules and the reactor need not be walked again.
+    """
+    import gc
+    import sys
+
+    from pop3d.tap import SWITCH_INTERVAL, makeService
+
+    switch_interval = sys.getswitchinterval()
+    try:
+        makeService(
+            parse(
+                "--listen", "tcp:0:interface=127.0.0.1",
+                "--mail-location", f"maildir:{tmp_path}/{{user}}",
+                "--auth", f"passwd-file:{passwd}",
+            )
+        )  # fmt: skip
+        assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == SWITCH_INTERVAL
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(switch_interval)
