@@ -760,14 +760,18 @@ class Session:
             return Hangup(Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP))
 
         def seen_marked(reply: Reply) -> Reply | Deferred[Reply]:
-            if not ISeenFlags.providedBy(maildrop):
+            seen_flags = ISeenFlags(maildrop, None)
+            if seen_flags is None:
                 return reply
             every = range(len(self._messages))
             kept = [i for i in every if i not in self._deleted] if self._deleted else every
-            retrieved = sorted(self._retrieved - self._deleted)
-            marking = maybeDeferred(ISeenFlags(maildrop).mark_seen, retrieved, kept)
+            retrieved = sorted(self._retrieved - self._deleted) if self._retrieved else []
+            marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
+            settled: Deferred[None] | None = _settled(marking)
+            if settled is None:
+                return reply  # nothing to wait for (usually nothing to mark)
             marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
-            return _settled(marking.addCallback(lambda _: reply))
+            return marking.addCallback(lambda _: reply)
 
         def logged_out(reply: Reply) -> Reply:
             self._log_session_end("logged out")

@@ -9,6 +9,7 @@ tested with plain bytes.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -147,6 +148,9 @@ class Status:
         return format_status(self.ok, self.text, self.code)
 
 
+# Most replies repeat ("+OK", the same STAT of an unchanged maildrop, BYE):
+# remembered, they cost a dictionary lookup instead of checks and joins.
+@functools.lru_cache(maxsize=1024)
 def format_status(ok: bool, text: str = "", code: ResponseCode | None = None) -> bytes:
     """
     Format a single-line response.
