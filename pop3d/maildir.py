@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import os
 import re
 import stat
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -303,13 +301,10 @@ class MaildirStore:
 
         def scan() -> tuple[_Listing, dict[str, tuple[int, int]] | None]:
             try:
-                with _COLLECTOR_PAUSE:
-                    # In the thread too: 100,000 sizes take a tenth of a second.
-                    known = cached.sizes() if cached is not None else None
-                    messages, locations, inodes, to_save = _snapshot(
-                        root, root_fd, self._naming, known
-                    )
-                    listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
+                # In the thread too: 100,000 sizes take a tenth of a second.
+                known = cached.sizes() if cached is not None else None
+                messages, locations, inodes, to_save = _snapshot(root, root_fd, self._naming, known)
+                listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
             finally:
                 os.close(root_fd)
             return listing, to_save
@@ -329,42 +324,6 @@ class MaildirStore:
             return reason
 
         return run_blocking(self._reactor, scan).addCallbacks(opened, failed)
-
-
-class _CollectorPause:
-    """
-    Keeps the cyclic garbage collector off while any thread reads a Maildir.
-
-    Reading 100,000 messages makes a few hundred thousand short-lived tuples;
-    with the collector on, they set off full collections (tens of ms each,
-    holding the GIL, so every other session waits) and about a sixth of the
-    scan's time.  None of them is cyclic garbage: reference counting frees
-    them.  Once the last scan ends the collector runs as before, and its
-    first pass untracks the listing's tuples of strings for good.  An
-    application that turned the collector off itself keeps it off.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._scans = 0
-        self._paused = False
-
-    def __enter__(self) -> None:
-        with self._lock:
-            self._scans += 1
-            if self._scans == 1 and gc.isenabled():
-                gc.disable()
-                self._paused = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            self._scans -= 1
-            if self._scans == 0 and self._paused:
-                self._paused = False
-                gc.enable()
-
-
-_COLLECTOR_PAUSE = _CollectorPause()
 
 
 def default_lock_table(template: str) -> str:

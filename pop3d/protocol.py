@@ -282,7 +282,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         try:
             streaming = self._send(reply)
         except Exception:
+            # As in lineReceived: part of the reply may be out, and the next
+            # reply must not pass for this one's.
             self._unexpected_failure(Failure())
+            self._closing = True
+            self._connection.abortConnection()
             streaming = None
         if streaming is None:
             self._command_done(None)

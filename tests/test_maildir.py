@@ -815,29 +815,3 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     assert b"".join(chunks) == message
     assert maildrop.messages.sizes == (wire_size(message),)
     assert maildrop.messages.uids == ("abc123",)
-
-
-@pytest.mark.parametrize("enabled_before", [True, False])
-@pytest_twisted.ensureDeferred
-async def test_the_garbage_collector_rests_only_while_a_maildir_is_read(
-    store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch, enabled_before: bool
-) -> None:
-    """Full collections during a 100,000-message scan held every session up."""
-    (maildir / "new" / "1.M1.host").write_bytes(b"x\n")
-    during: list[bool] = []
-    counting = maildir_module._count_sizes
-
-    def recording(*args: Any) -> Any:
-        during.append(gc.isenabled())
-        return counting(*args)
-
-    monkeypatch.setattr(maildir_module, "_count_sizes", recording)
-    if not enabled_before:
-        gc.disable()
-    try:
-        maildrop = await store.open("alice")
-        await maildrop.close()
-        assert during == [False]
-        assert gc.isenabled() is enabled_before
-    finally:
-        gc.enable()

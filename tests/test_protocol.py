@@ -309,6 +309,27 @@ class TestFailedLogins:
         clock.advance(2)
         assert wire.take().startswith(AUTH_FAILED + ok(CAPABILITIES_FOLLOW))
 
+    def test_a_deferred_reply_that_cannot_be_sent_closes_the_connection(
+        self, slow_factory: POP3Factory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reply lost half-way must not leave the next one answering for it."""
+        wire = Wire(slow_factory)
+        wire.send(b"USER alice\r\nPASS nope\r\nNOOP\r\n")
+
+        sending = wire.protocol._send
+        failures = [RuntimeError("cannot send")]
+
+        def broken_once(reply: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return sending(reply)
+
+        monkeypatch.setattr(wire.protocol, "_send", broken_once)
+        clock.advance(2)
+        # Not "+OK" for NOOP, which the client would take for PASS's answer.
+        assert wire.take() == b""
+        assert wire.transport.disconnected
+
     def test_three_failures_close_the_connection(self, wire: Wire) -> None:
         assert wire.login(b"alice", b"one") == AUTH_FAILED
         assert wire.login(b"alice", b"two") == AUTH_FAILED
