@@ -80,7 +80,9 @@ LOCK_TABLE_NAME = ".pop3d-locks"
 LISTING_CACHE_MESSAGES = 250_000
 
 _READ_SIZE = 256 * 1024
-_SORT_STEP = 8192
+# Names one C-level call handles at once in a large listing: about a
+# millisecond of holding the GIL, which the reactor thread waits for.
+_STEP = 8192
 # Above this many kept messages, `mark_seen` decides what to rename off the
 # reactor thread too.
 _PLAN_INLINE_MESSAGES = 1000
@@ -456,7 +458,7 @@ def _sorted_in_steps(names: list[str]) -> list[str]:
     in between.  Slices are sorted, then sorted runs merged two at a time
     (the sort finds the two runs and merges them), for about the same work.
     """
-    runs = [sorted(names[at : at + _SORT_STEP]) for at in range(0, len(names), _SORT_STEP)]
+    runs = [sorted(names[at : at + _STEP]) for at in range(0, len(names), _STEP)]
     while len(runs) > 1:
         runs = [sorted(runs[at] + runs[at + 1]) for at in range(0, len(runs) - 1, 2)] + (
             [runs[-1]] if len(runs) % 2 else []
@@ -466,8 +468,8 @@ def _sorted_in_steps(names: list[str]) -> list[str]:
 
 def _plain_uidls(uniques: list[str]) -> list[str]:
     """`uidl_for` of each unique name, checked a slice at a time when they are valid."""
-    for at in range(0, len(uniques), _SORT_STEP):
-        joined = "".join(uniques[at : at + _SORT_STEP])
+    for at in range(0, len(uniques), _STEP):
+        joined = "".join(uniques[at : at + _STEP])
         if not (joined.isascii() and joined.isprintable() and " " not in joined):
             return [uidl_for(unique) for unique in uniques]
     if all(0 < len(unique) <= MAX_UIDL_LENGTH for unique in uniques):
@@ -519,8 +521,8 @@ def _snapshot(
         missing = [unique for unique in ordered if unique not in sizes]
         for unique in missing:
             # Moved or removed by another program since the scan.
-            _, name, _ = found[unique]
-            location: Location | None = (found[unique][0], name)
+            subdirectory, name, _ = found[unique]
+            location: Location | None = (subdirectory, name)
             size = None
             while location is not None and size is None:
                 moved = _locate(root, root_fd, unique)

@@ -130,7 +130,7 @@ async def test_messages_are_in_unique_name_order_when_sorted_in_steps(
     store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large listings are sorted a slice at a time; the order is the same."""
-    monkeypatch.setattr(maildir_module, "_SORT_STEP", 3)
+    monkeypatch.setattr(maildir_module, "_STEP", 3)
     names = [f"17000000{n:02d}.M{n}P1.host" for n in range(11)]
     for n, name in enumerate(reversed(names)):
         subdirectory, suffix = ("cur", ":2,S") if n % 2 else ("new", "")
