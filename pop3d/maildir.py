@@ -448,7 +448,7 @@ def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
         # A loop rather than one C-level update: with 100,000 messages, a
         # single call would hold the GIL (and so every session) for 10 ms.
         for name, inode in _entries(root, root_fd, subdirectory):
-            found[name.partition(":")[0]] = (subdirectory, name, inode)
+            found[_unique_name(name)] = (subdirectory, name, inode)
     return found
 
 

@@ -641,7 +641,6 @@ class Session:
         return Status(True, f"{count} {octets}")
 
     def _list(self, command: Command) -> Reply:
-        assert self._maildrop is not None
         count, octets = self._totals()
         return self._scan_listing(
             command,
@@ -650,7 +649,6 @@ class Session:
         )
 
     def _uidl(self, command: Command) -> Reply:
-        assert self._maildrop is not None
         return self._scan_listing(command, self._messages.uids, Status(True, UIDL_FOLLOWS))
 
     def _scan_listing(
