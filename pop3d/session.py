@@ -10,8 +10,6 @@ command lines and returns replies (or Deferreds of replies), and the
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import hashlib
 import hmac
@@ -44,14 +42,18 @@ from pop3d.sasl import (
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
     Command,
+    MalformedCommand,
     MessageEncoder,
     ResponseCode,
+    SASLCancel,
     Status,
     UnknownCommand,
     Verb,
+    decode_base64,
     parse_command,
     parse_line_count,
     parse_message_number,
+    parse_sasl_response,
 )
 
 if TYPE_CHECKING:
@@ -324,6 +326,8 @@ class Session:
         command = parse_command(line)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
+        if isinstance(command, MalformedCommand):
+            return self._bad_command(command.reason)
         handler = _TABLE.get((self.state, command.verb))
         if handler is None:
             return self._bad_command(WRONG_STATE)
@@ -332,7 +336,11 @@ class Session:
         except _BadCommand as bad:
             return self._bad_command(bad.text)
         except POP3Error as error:
+            self._bad_commands = 0
             return error.status()
+        # A command that was accepted (whatever its answer) ends a run of
+        # bad ones: the limit is on rejected commands in a row.
+        self._bad_commands = 0
         if isinstance(result, Deferred):
             return result.addErrback(_status_of_pop3_error)
         return result
@@ -469,8 +477,6 @@ class Session:
     # -- AUTHORIZATION (RFC 1939 section 4, section 7 for APOP) ---------------
 
     def _user(self, command: Command) -> Reply:
-        if len(command.arguments) != 1:
-            raise _BadCommand("USER takes exactly one argument")
         if IUsernamePassword not in self._portal.listCredentialsInterfaces():
             return Status(False, "USER/PASS is not available")
         if not self._plaintext_allowed():
@@ -481,15 +487,13 @@ class Session:
     def _pass(self, command: Command) -> Reply | Deferred[Reply]:
         if self._pending_user is None:
             raise _BadCommand(PASS_WITHOUT_USER)
-        if not command.arguments:
-            raise _BadCommand("PASS takes a password")
         username, self._pending_user = self._pending_user, None
         return self._login(UsernamePassword(username, command.arguments[0]), username, "USER")
 
     def _apop(self, command: Command) -> Reply | Deferred[Reply]:
         if self._apop_challenge is None:
             return Status(False, APOP_UNAVAILABLE)
-        if len(command.arguments) != 2 or not _is_md5_hex(command.arguments[1]):
+        if not _is_md5_hex(command.arguments[1]):
             raise _BadCommand("APOP takes a name and an MD5 digest")
         username, digest = command.arguments
         self._pending_user = None
@@ -548,8 +552,6 @@ class Session:
         if not command.arguments:
             names = [m.name for m in self._offered_mechanisms()]
             return Listing(Status(True, MECHANISMS_FOLLOW), names)
-        if len(command.arguments) > 2:
-            raise _BadCommand("AUTH takes a mechanism and an optional initial response")
         name = command.arguments[0].upper()
         mechanism = next((m for m in self._offered_mechanisms() if m.name == name), None)
         if mechanism is None:
@@ -561,7 +563,7 @@ class Session:
         if len(command.arguments) == 2:
             # "=" is an empty initial response (RFC 5034 section 4).
             argument = command.arguments[1]
-            initial = b"" if argument == b"=" else _decode_base64(argument)
+            initial = b"" if argument == b"=" else decode_base64(argument)
             if initial is None:
                 return Status(False, INVALID_BASE64)
         self._pending_user = None
@@ -573,10 +575,10 @@ class Session:
 
     def _sasl_response(self, line: bytes) -> Reply | Deferred[Reply]:
         """A line answering a SASL challenge: base64, or "*" to cancel."""
-        if line.strip() == b"*":
+        response = parse_sasl_response(line)
+        if isinstance(response, SASLCancel):
             self._sasl = None
             return Status(False, AUTH_CANCELLED)
-        response = _decode_base64(line.strip())
         if response is None:
             self._sasl = None
             return Status(False, INVALID_BASE64)
@@ -635,8 +637,6 @@ class Session:
     # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
 
     def _stat(self, command: Command) -> Reply:
-        if command.arguments:
-            raise _BadCommand("STAT takes no argument")
         count, octets = self._totals()
         return Status(True, f"{count} {octets}")
 
@@ -658,8 +658,6 @@ class Session:
         LIST and UIDL (RFC 1939 sections 5, 7): one "number value" line for
         the message asked for, or for every message not marked as deleted.
         """
-        if len(command.arguments) > 1:
-            raise _BadCommand(f"{command.verb.value} takes at most one argument")
         if command.arguments:
             index = self._message_index(command.arguments[0])
             return Status(True, f"{index + 1} {values[index]}")
@@ -672,14 +670,10 @@ class Session:
         return Listing(heading, [], "".join(lines).encode("ascii"))
 
     def _retr(self, command: Command) -> Reply | Deferred[Reply]:
-        if len(command.arguments) != 1:
-            raise _BadCommand("RETR takes one message number")
         index = self._message_index(command.arguments[0])
         return self._stream(index, Status(True, f"{self._size(index)} octets"), None)
 
     def _top(self, command: Command) -> Reply | Deferred[Reply]:
-        if len(command.arguments) != 2:
-            raise _BadCommand("TOP takes a message number and a line count")
         lines = parse_line_count(command.arguments[1])
         if lines is None:
             raise _BadCommand("invalid line count")
@@ -708,8 +702,6 @@ class Session:
         return _settled(maybeDeferred(self._maildrop.open_message, index).addCallback(opened))
 
     def _dele(self, command: Command) -> Reply:
-        if len(command.arguments) != 1:
-            raise _BadCommand("DELE takes one message number")
         number = parse_message_number(command.arguments[0])
         if number is not None and number - 1 in self._deleted:
             return Status(False, ALREADY_DELETED)
@@ -809,13 +801,6 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
 class _SASLInProgress:
     name: bytes
     exchange: ISASLExchange
-
-
-def _decode_base64(text: bytes) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, Status]:

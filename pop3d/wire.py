@@ -8,6 +8,8 @@ tested with plain bytes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
 import re
@@ -62,11 +64,8 @@ _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
 @dataclass(frozen=True)
 class Command:
     """
-    One parsed command line.
-
-    ``arguments`` are split on spaces, except for PASS, whose single argument
-    is the rest of the line: RFC 1939 section 7 allows a password containing
-    spaces.
+    One command line that follows the grammar below: a known keyword and
+    the arguments it takes.  PASS has one argument, the rest of the line.
     """
 
     verb: Verb
@@ -80,19 +79,157 @@ class UnknownCommand:
     keyword: bytes
 
 
-def parse_command(line: bytes) -> Command | UnknownCommand:
+@dataclass(frozen=True)
+class MalformedCommand:
     """
-    Parse one command line, without its line terminator.
+    A known keyword whose line breaks the grammar (RFC 1939 section 3: "a
+    syntactically invalid command"): answered ``-ERR``, never run.
+    ``reason`` says what is wrong, fit for the client.
+    """
 
-    Keywords are case-insensitive (RFC 1939 section 3).
+    verb: Verb
+    reason: str
+
+
+@dataclass(frozen=True)
+class Arguments:
     """
-    keyword, _, rest = line.lstrip(b" ").partition(b" ")
-    verb = _VERBS.get(keyword.upper())
+    What may follow a command's keyword: between ``fewest`` and ``most``
+    arguments, each after exactly one SPACE; ``usage`` names them for the
+    client.
+    """
+
+    fewest: int
+    most: int
+    usage: str
+
+
+# The command grammar.  RFC 1939 section 3: "Keywords and arguments consist
+# of printable ASCII characters.  Keywords and arguments are each separated
+# by a single SPACE character.  Keywords are three or four characters long."
+# So a line is KEYWORD *(SP 1*VCHAR), with exactly the arguments below.
+#
+# The exceptions, and only these:
+# - PASS: its one argument is the rest of the line, spaces included (RFC 1939
+#   section 7: "the argument may include spaces"), and octets beyond ASCII
+#   (UTF-8 passwords are common); never NUL, CR or LF.  See `PASS_ARGUMENT`.
+# - After UTF8 (RFC 6856 section 2.1, and before it where the server
+#   announces "UTF8 USER", section 2.2) the arguments of USER and APOP may
+#   be UTF-8; PASS takes UTF-8 always (above).  See `UTF8_ARGUMENTS`.
+# - A line answering a SASL challenge is not a command: it is base64 or "*"
+#   (RFC 5034 section 5).  See `parse_sasl_response`.
+# - The 40-character limit on an argument of RFC 1939 section 3 is lifted by
+#   RFC 2449 section 4 for servers that announce CAPA (commands of up to 255
+#   octets, here `MAX_COMMAND_LENGTH`): user names, SASL initial responses.
+GRAMMAR: dict[Verb, Arguments] = {
+    Verb.USER: Arguments(1, 1, "USER name"),
+    Verb.PASS: Arguments(1, 1, "PASS password"),
+    Verb.APOP: Arguments(2, 2, "APOP name digest"),
+    Verb.QUIT: Arguments(0, 0, "QUIT"),
+    Verb.STAT: Arguments(0, 0, "STAT"),
+    Verb.LIST: Arguments(0, 1, "LIST [msg]"),
+    Verb.RETR: Arguments(1, 1, "RETR msg"),
+    Verb.DELE: Arguments(1, 1, "DELE msg"),
+    Verb.NOOP: Arguments(0, 0, "NOOP"),
+    Verb.RSET: Arguments(0, 0, "RSET"),
+    Verb.TOP: Arguments(2, 2, "TOP msg n"),
+    Verb.UIDL: Arguments(0, 1, "UIDL [msg]"),
+    Verb.CAPA: Arguments(0, 0, "CAPA"),
+    # AUTH alone lists the mechanisms (what Outlook sends); RFC 5034
+    # section 4 for the mechanism and the optional initial response.
+    Verb.AUTH: Arguments(0, 2, "AUTH [mechanism [initial-response]]"),
+    Verb.STLS: Arguments(0, 0, "STLS"),
+}
+
+#: The commands whose arguments may be UTF-8 once the client asked for it
+#: (RFC 6856 section 2.1).
+UTF8_ARGUMENTS = frozenset({Verb.USER, Verb.APOP})
+
+# A keyword: three or four letters (RFC 1939 section 3).
+_KEYWORD = re.compile(rb"[A-Za-z]{3,4}")
+# The rest of an ordinary command line: arguments of printable ASCII
+# (0x21-0x7E), each after exactly one space.
+_ASCII_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e]+)*")
+# The same, with octets beyond ASCII allowed (checked as UTF-8 afterwards).
+_UTF8_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e\x80-\xff]+)*")
+# PASS: one SPACE, then at least one octet of anything but NUL, CR and LF.
+PASS_ARGUMENT = re.compile(rb" [^\x00\r\n]+")
+
+BAD_SPACING = "keyword and arguments are separated by a single space"
+BAD_OCTETS = "arguments are printable ASCII"
+BAD_UTF8 = "arguments are UTF-8"
+BAD_PASSWORD = "the password may not contain NUL"  # noqa: S105
+
+
+def parse_command(
+    line: bytes, *, utf8: bool = False
+) -> Command | UnknownCommand | MalformedCommand:
+    """
+    Parse one command line, without its line terminator, by the grammar
+    above.  Keywords are case-insensitive (RFC 1939 section 3).  ``utf8``:
+    the client enabled UTF-8 (RFC 6856), so USER and APOP take UTF-8.
+    """
+    keyword, _, rest = line.partition(b" ")
+    verb = _VERBS.get(keyword.upper()) if _KEYWORD.fullmatch(keyword) else None
     if verb is None:
         return UnknownCommand(keyword[:40])
     if verb is Verb.PASS:
-        return Command(verb, (rest,) if rest else ())
-    return Command(verb, tuple(rest.split()))
+        if PASS_ARGUMENT.fullmatch(line, len(keyword)):
+            return Command(verb, (rest,))
+        if rest and b"\x00" in rest:
+            return MalformedCommand(verb, BAD_PASSWORD)
+        return MalformedCommand(verb, "usage: " + GRAMMAR[verb].usage)
+    eight_bit = utf8 and verb in UTF8_ARGUMENTS
+    shape = _UTF8_ARGUMENTS if eight_bit else _ASCII_ARGUMENTS
+    if not shape.fullmatch(line, len(keyword)):
+        return MalformedCommand(verb, _what_is_wrong(line[len(keyword) :], eight_bit))
+    arguments = tuple(rest.split(b" ")) if rest else ()
+    if eight_bit and not all(_is_utf8(argument) for argument in arguments):
+        return MalformedCommand(verb, BAD_UTF8)
+    grammar = GRAMMAR[verb]
+    if not grammar.fewest <= len(arguments) <= grammar.most:
+        return MalformedCommand(verb, "usage: " + grammar.usage)
+    return Command(verb, arguments)
+
+
+def _what_is_wrong(rest: bytes, eight_bit: bool) -> str:
+    """Why the arguments ``rest`` (from the space after the keyword on) break the grammar."""
+    allowed = set(range(0x21, 0x7F)) | ({*range(0x80, 0x100)} if eight_bit else set())
+    if any(octet not in allowed and octet != 0x20 for octet in rest):
+        return BAD_OCTETS
+    return BAD_SPACING
+
+
+def _is_utf8(argument: bytes) -> bool:
+    try:
+        argument.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SASLCancel:
+    """The client cancelled a SASL exchange with "*" (RFC 5034 section 4)."""
+
+
+def parse_sasl_response(line: bytes) -> bytes | SASLCancel | None:
+    """
+    A line answering a SASL challenge (RFC 5034 section 5): "*" cancels,
+    anything else is base64 (an empty line is an empty response).  None for
+    a line that is neither, with nothing stripped or skipped.
+    """
+    if line == b"*":
+        return SASLCancel()
+    return decode_base64(line)
+
+
+def decode_base64(text: bytes) -> bytes | None:
+    """Strict base64 (RFC 4648 section 4, as RFC 5034 section 5 requires), or None."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def parse_message_number(argument: bytes) -> int | None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pop3d.wire import (
     MAX_RESPONSE_LINE,
     Command,
+    MalformedCommand,
     MessageEncoder,
     ResponseCode,
     Status,
@@ -61,7 +62,8 @@ class TestParseCommand:
         assert parse_command(b"PASS my secret  pass ") == Command(Verb.PASS, (b"my secret  pass ",))
 
     def test_pass_without_argument(self) -> None:
-        assert parse_command(b"PASS") == Command(Verb.PASS, ())
+        # A syntax error of the grammar now, no longer of the session.
+        assert parse_command(b"PASS") == MalformedCommand(Verb.PASS, "usage: PASS password")
 
     def test_unknown_keyword(self) -> None:
         assert parse_command(b"XYZZY 1") == UnknownCommand(b"XYZZY")
