@@ -2,8 +2,8 @@
 End-to-end tests: real POP3 clients against the service as ``twistd pop3d``
 builds it, listening on a loopback port, serving a real Maildir.
 
-The clients are Python's poplib, Twisted's POP3 client, curl, mpop and a
-raw socket that pipelines.  Blocking clients run in a thread and external
+The clients are Python's poplib, Twisted's POP3 client, curl, mpop,
+fetchmail and a raw socket that pipelines.  Blocking clients run in a thread and external
 programs run as child processes of the reactor, so the server (which runs
 in the reactor of this process) is never blocked by its own client.
 """
@@ -698,3 +698,64 @@ async def test_mpop_fetches_every_message_into_an_mbox(
     # Only new messages by default: everything was seen, nothing is fetched.
     await run_client(mpop, arguments, env)
     assert mbox.read_bytes() == delivered
+
+
+# -- fetchmail ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetchmail_fetches_every_message_byte_identical(
+    running_server: RunningServer, tmp_path: Path
+) -> None:
+    """
+    fetchmail hands each message to an MDA, as it does for most of its users
+    (with LF line endings, as it delivers).  With --keep and --uidl it leaves
+    them on the server (RFC 1939 section 6) and, the UIDLs being stable
+    (RFC 1939 section 7), fetches nothing the second time.
+    """
+    fetchmail = require_program("fetchmail")
+    expected = deliver(running_server)
+    home = tmp_path / "home"
+    home.mkdir()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rcfile = tmp_path / "fetchmailrc"
+    rcfile.write_text(
+        f"poll {running_server.host} protocol pop3 port {running_server.port}"
+        " auth password timeout 60\n"
+        "  user alice password wonderland\n"
+    )
+    # fetchmail refuses a run-control file that others can read.
+    rcfile.chmod(0o600)
+    arguments = [
+        "--fetchmailrc",
+        str(rcfile),
+        "--idfile",
+        str(tmp_path / "fetchids"),
+        "--pidfile",
+        str(tmp_path / "fetchmail.pid"),
+        "--nosyslog",
+        "--silent",
+        "--sslproto",
+        "",
+        "--keep",
+        "--uidl",
+        "--invisible",  # no Received: header of its own
+        "--norewrite",
+        "--mda",
+        f"/bin/sh -c 'cat > \"$(mktemp {inbox}/message.XXXXXX)\"'",
+    ]
+    env = {"HOME": str(home), "PATH": os.defpath, "LC_ALL": "C.UTF-8"}
+
+    await run_client(fetchmail, arguments, env)
+    received = {case_of(path.read_bytes()): path.read_bytes() for path in sorted(inbox.iterdir())}
+    assert len(list(inbox.iterdir())) == len(expected)
+    assert_all_arrived(
+        received, {name: wire.replace(b"\r\n", b"\n") for name, wire in expected.items()}
+    )
+    assert stored_cases(running_server) == sorted(expected)
+
+    # Exit status 1 is fetchmail's "no mail": every UIDL was seen.
+    out, err, code = await getProcessOutputAndValue(fetchmail, arguments, env=env)
+    assert code == 1, err.decode(errors="replace")
+    assert len(list(inbox.iterdir())) == len(expected)
