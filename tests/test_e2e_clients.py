@@ -756,6 +756,6 @@ async def test_fetchmail_fetches_every_message_byte_identical(
     assert stored_cases(running_server) == sorted(expected)
 
     # Exit status 1 is fetchmail's "no mail": every UIDL was seen.
-    out, err, code = await getProcessOutputAndValue(fetchmail, arguments, env=env)
+    _out, err, code = await getProcessOutputAndValue(fetchmail, arguments, env=env)
     assert code == 1, err.decode(errors="replace")
     assert len(list(inbox.iterdir())) == len(expected)
