@@ -96,3 +96,28 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
 def test_code_quality(command: tuple[str, ...]) -> None:
     result = _run(sys.executable, "-m", *command)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_test_the_compliance_table_cites_exists() -> None:
+    """The README's RFC compliance table names tests by node id: each must be there."""
+    table = README.split("RFC compliance\n==============", 1)[1].split("\n\n\n", 1)[0]
+    node_ids = re.findall(r"``(tests/[\w/]+\.py(?:::\w+)+)``", table)
+    assert len(node_ids) >= 20
+    for node_id in node_ids:
+        path, *names = node_id.split("::")
+        source = (ROOT / path).read_text()
+        for name in names:
+            assert re.search(rf"^\s*(?:async def|def|class) {name}\b", source, re.MULTILINE), (
+                f"{node_id}: no {name} in {path}"
+            )
+
+
+def test_the_readme_renders_without_a_warning() -> None:
+    """PyPI shows the README only if it is valid reStructuredText."""
+    import docutils.core
+
+    docutils.core.publish_string(
+        README,
+        writer_name="html",
+        settings_overrides={"halt_level": 2, "report_level": 2, "output_encoding": "unicode"},
+    )
