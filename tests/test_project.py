@@ -118,6 +118,6 @@ def test_the_readme_renders_without_a_warning() -> None:
 
     docutils.core.publish_string(
         README,
-        writer_name="html",
+        writer="html",
         settings_overrides={"halt_level": 2, "report_level": 2, "output_encoding": "unicode"},
     )
