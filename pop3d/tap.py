@@ -142,10 +142,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         [
             "client-workarounds",
             None,
-            "",
+            None,
             "Dovecot's pop3_client_workarounds, separated by spaces or commas: "
             "outlook-no-nuls (NUL octets sent as 0x80), oe-ns-eoh (a blank line "
-            "after a header that has none).",
+            "after a header that has none).  Default: none.",
         ],
     ]
 
@@ -277,9 +277,9 @@ def parse_count(option: str, value: str) -> int:
     return int(value)
 
 
-def parse_client_workarounds(value: str) -> ClientWorkarounds:
+def parse_client_workarounds(value: str | None) -> ClientWorkarounds:
     try:
-        return ClientWorkarounds.parse(value)
+        return ClientWorkarounds.parse(value or "")
     except UnknownWorkaround as error:
         raise usage.UsageError(f"--client-workarounds: {error}") from None
 
