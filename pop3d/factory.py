@@ -4,6 +4,7 @@ The protocol factory: one `Session` and one `POP3Protocol` per connection.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import socket
 from collections import Counter
@@ -24,7 +25,7 @@ from pop3d.sasl.scram import ScramSHA256
 from pop3d.session import DEFAULT_POLICY, Link, Session, SessionPolicy
 from pop3d.throttle import FailureDelay
 from pop3d.tls import ServerTLS
-from pop3d.wire import ResponseCode, format_status
+from pop3d.wire import ClientWorkarounds, ResponseCode, format_status
 
 log = Logger()
 
@@ -46,7 +47,8 @@ class POP3Factory(Factory):
     ``timeout`` is the inactivity autologout in seconds (None: never);
     ``hostname`` goes into APOP timestamps; ``login_failure_delay`` is how
     long the answer to a peer's first failed login waits (it doubles for each
-    further failure, see `pop3d.throttle.FailureDelay`).
+    further failure, see `pop3d.throttle.FailureDelay`); ``client_workarounds``,
+    when given, replaces those of ``policy`` (see `pop3d.wire.ClientWorkarounds`).
     """
 
     def __init__(
@@ -62,7 +64,10 @@ class POP3Factory(Factory):
         tls: ServerTLS | None = None,
         max_connections: int | None = None,
         max_connections_per_ip: int | None = None,
+        client_workarounds: ClientWorkarounds | None = None,
     ) -> None:
+        if client_workarounds is not None:
+            policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
         self.portal = portal
         self.clock = clock
         self.timeout = timeout

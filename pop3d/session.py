@@ -41,6 +41,8 @@ from pop3d.sasl import (
 )
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
+    NO_WORKAROUNDS,
+    ClientWorkarounds,
     Command,
     MalformedCommand,
     MessageEncoder,
@@ -173,6 +175,9 @@ class SessionPolicy:
     #: password itself (USER/PASS, SASL PLAIN and LOGIN) are refused on a
     #: connection that is neither encrypted nor local, unless this is True.
     allow_plaintext_auth: bool = False
+    #: What RETR and TOP send differently for clients that need it
+    #: (Dovecot's pop3_client_workarounds); none by default.
+    client_workarounds: ClientWorkarounds = NO_WORKAROUNDS
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -697,7 +702,8 @@ class Session:
                 self.counters.retrieved_messages += 1
                 self.counters.retrieved_octets += self._size(index)
             expected = self._size(index) if body_lines is None else None
-            return MessageStream(status, body, MessageEncoder(body_lines), expected)
+            encoder = MessageEncoder(body_lines, self._policy.client_workarounds)
+            return MessageStream(status, body, encoder, expected)
 
         return _settled(maybeDeferred(self._maildrop.open_message, index).addCallback(opened))
 

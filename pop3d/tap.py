@@ -42,6 +42,7 @@ from pop3d.session import SessionPolicy
 from pop3d.storage import MaildirTemplateError, check_template
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.uidl import UIDLFormatError, check_format
+from pop3d.wire import ClientWorkarounds, UnknownWorkaround
 from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command
 
 DEFAULT_LISTEN = "tcp:110"
@@ -138,6 +139,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             str(DEFAULT_LOGIN_FAILURE_DELAY),
             "Seconds before a failed login is answered; doubles for a peer that keeps failing.",
         ],
+        [
+            "client-workarounds",
+            None,
+            None,
+            "Dovecot's pop3_client_workarounds, separated by spaces or commas: "
+            "outlook-no-nuls (NUL octets sent as 0x80), oe-ns-eoh (a blank line "
+            "after a header that has none).  Default: none.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -177,6 +186,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for limit in ("max-connections", "max-connections-per-ip"):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
+        self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         if self["uidl-format"] is not None:
             if self["mail-location"].startswith("mbox:"):
@@ -265,6 +275,13 @@ def parse_count(option: str, value: str) -> int:
     if not value.isdigit():
         raise usage.UsageError(f"--{option} {value!r}: expected a whole number (0 or more)")
     return int(value)
+
+
+def parse_client_workarounds(value: str | None) -> ClientWorkarounds:
+    try:
+        return ClientWorkarounds.parse(value or "")
+    except UnknownWorkaround as error:
+        raise usage.UsageError(f"--client-workarounds: {error}") from None
 
 
 def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
@@ -411,6 +428,7 @@ def makeService(options: Options) -> IService:
         tls=options["tls"],
         max_connections=options["max-connections"],
         max_connections_per_ip=options["max-connections-per-ip"],
+        client_workarounds=options["client-workarounds"],
     )
     service = MultiService()
     reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None

@@ -13,7 +13,7 @@ import binascii
 import enum
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -466,6 +466,96 @@ class _TopLimiter:
         return b"".join(kept)
 
 
+@dataclass(frozen=True)
+class ClientWorkarounds:
+    """
+    Changes to what RETR and TOP send, for mail clients that break on some
+    messages (Dovecot's ``pop3_client_workarounds``, with the same names).
+    Only the octets on the wire change, never the stored message, and never
+    the sizes STAT, LIST and RETR announce (as in Dovecot): those come from
+    the store without reading every message.
+    """
+
+    #: ``outlook-no-nuls``: Outlook and Outlook Express hang on a message
+    #: holding a NUL octet; each one is sent as 0x80 instead (one octet for
+    #: one, so sizes are unchanged).
+    outlook_no_nuls: bool = False
+    #: ``oe-ns-eoh``: Outlook Express and Netscape Mail break on a message
+    #: without the blank line that ends the header (a header-only message,
+    #: which RFC 5322 allows); one is sent at its end.  These 2 octets come
+    #: after all the announced ones and are not counted in them.
+    oe_ns_eoh: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True if any workaround is on (else messages are sent as usual)."""
+        return self.outlook_no_nuls or self.oe_ns_eoh
+
+    @classmethod
+    def parse(cls, text: str) -> ClientWorkarounds:
+        """
+        Workarounds named as in Dovecot's setting: separated by spaces or
+        commas, in any case; an empty text names none.  An unknown name
+        raises `UnknownWorkaround`.
+        """
+        known = {_workaround_name(field.name): field.name for field in fields(cls)}
+        enabled: dict[str, bool] = {}
+        for name in text.replace(",", " ").split():
+            field_name = known.get(name.lower())
+            if field_name is None:
+                raise UnknownWorkaround(name, tuple(known))
+            enabled[field_name] = True
+        return cls(**enabled)
+
+
+def _workaround_name(field_name: str) -> str:
+    """The Dovecot name of a `ClientWorkarounds` field."""
+    return field_name.replace("_", "-")
+
+
+class UnknownWorkaround(ValueError):
+    """A client workaround name that is not one of `ClientWorkarounds`."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(f"unknown workaround {name!r} (known: {', '.join(known)})")
+        self.name = name
+
+
+NO_WORKAROUNDS = ClientWorkarounds()
+
+
+class _WorkaroundFilter:
+    """
+    Applies `ClientWorkarounds` to a normalised (CRLF) message as it goes
+    out, chunk by chunk: the result does not depend on where chunks split.
+    """
+
+    def __init__(self, workarounds: ClientWorkarounds) -> None:
+        self._replace_nuls = workarounds.outlook_no_nuls
+        # With oe-ns-eoh off there is no header end to look for.
+        self._header_ended = not workarounds.oe_ns_eoh
+        self._at_line_start = True
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        if not self._header_ended:
+            # Normalised data never ends with a bare CR (the normaliser holds
+            # one back), so a blank line is either whole in this chunk or
+            # starts it, right after a line ending in the previous one.
+            self._header_ended = (
+                self._at_line_start and data.startswith(CRLF)
+            ) or b"\r\n\r\n" in data
+            self._at_line_start = data.endswith(b"\n")
+        if self._replace_nuls:
+            data = data.replace(b"\0", b"\x80")
+        return data
+
+    def finish(self) -> bytes:
+        """The blank line ending the header, for a message that had none."""
+        return b"" if self._header_ended else CRLF
+
+
 class MessageEncoder:
     """
     Encodes a stored message as the body of a RETR or TOP response.
@@ -474,14 +564,20 @@ class MessageEncoder:
     send, CRLF-normalised and byte-stuffed wherever a line starts with "."
     (including the first line and lines that straddle chunks).  ``finish``
     returns the rest, ending with the terminator "CRLF.CRLF".
+    ``workarounds`` change the octets sent for clients that need it.
     """
 
-    def __init__(self, body_lines: int | None = None) -> None:
+    def __init__(
+        self, body_lines: int | None = None, workarounds: ClientWorkarounds = NO_WORKAROUNDS
+    ) -> None:
         #: Octets of the message encoded so far, before byte-stuffing: what
-        #: LIST announced, once the whole message is through.
+        #: LIST announced, once the whole message is through.  A blank line
+        #: that oe-ns-eoh adds is not counted, so it cannot hide a message
+        #: cut short.
         self.size = 0
         self._normalizer = LineEndingNormalizer()
         self._limiter = _TopLimiter(body_lines) if body_lines is not None else None
+        self._workarounds = _WorkaroundFilter(workarounds) if workarounds.enabled else None
         self._at_line_start = True
         self._stopped = False
 
@@ -498,11 +594,15 @@ class MessageEncoder:
             data = self._limiter.feed(data)
             self._stopped = self._limiter.done
         self.size += len(data)
+        if self._workarounds is not None:
+            data = self._workarounds.feed(data)
         return self._stuff(data)
 
     def finish(self) -> bytes:
         tail = b"" if self._stopped else self._normalizer.finish()
         self.size += len(tail)
+        if self._workarounds is not None:
+            tail = self._workarounds.feed(tail) + self._workarounds.finish()
         return self._stuff(tail) + TERMINATOR
 
     def _stuff(self, data: bytes) -> bytes:
