@@ -13,11 +13,11 @@ looking like the start of a message:
   reply, say) as it is.  The two are then the same bytes, so the only
   reading that never alters a message is to serve every line as stored:
   `MboxFormat.MBOXO`, the default (Dovecot reads mbox files so too).
-- mboxrd (mutt with ``mbox_type`` mboxrd, mpop, fetchmail's ``mboxrd``...)
-  adds one ``>`` to every line matching ``^>*From ``, so that removing one
-  ``>`` from every line matching ``^>+From `` gives the message back:
-  `MboxFormat.MBOXRD`, for files that only such writers write.  Read so,
-  an mboxo file loses a ``>`` from every ``>From `` line its authors wrote.
+- mboxrd (mpop's mbox delivery, for one) adds one ``>`` to every line
+  matching ``^>*From ``, so that removing one ``>`` from every line
+  matching ``^>+From `` gives the message back: `MboxFormat.MBOXRD`, for
+  files that only such writers write.  Read so, an mboxo file loses a
+  ``>`` from every ``>From `` line its authors wrote.
 
 Either way:
 
