@@ -12,7 +12,7 @@ from pop3d.errors import POP3Error
 from pop3d.factory import POP3Factory
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.maildir import MaildirStore
-from pop3d.mbox import MboxStore
+from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.realm import MaildropRealm
 from pop3d.service import POP3Service
 
@@ -24,6 +24,7 @@ __all__ = [
     "IMessageBody",
     "MaildirStore",
     "MaildropRealm",
+    "MboxFormat",
     "MboxStore",
     "MessageInfo",
     "MessageList",

@@ -5,8 +5,21 @@ and mutt keep it (``/var/mail/{user}``).
 Format
 ------
 
-The file is read as mboxrd (which also reads mboxo files correctly, with the
-one ambiguity mboxo has):
+Writers differ in how they keep a body line that begins with ``From `` from
+looking like the start of a message:
+
+- mboxo (Postfix local(8), procmail, mail.local) writes such a line as
+  ``>From `` and leaves a line that already was ``>From `` (a quoted
+  reply, say) as it is.  The two are then the same bytes, so the only
+  reading that never alters a message is to serve every line as stored:
+  `MboxFormat.MBOXO`, the default (Dovecot reads mbox files so too).
+- mboxrd (mpop's mbox delivery, for one) adds one ``>`` to every line
+  matching ``^>*From ``, so that removing one ``>`` from every line
+  matching ``^>+From `` gives the message back: `MboxFormat.MBOXRD`, for
+  files that only such writers write.  Read so, an mboxo file loses a
+  ``>`` from every ``>From `` line its authors wrote.
+
+Either way:
 
 - A message starts with a line that begins with ``From `` (the "From_"
   line), at the start of the file or at the start of any later line.  Every
@@ -19,10 +32,6 @@ one ambiguity mboxo has):
   blank line after every message, and a message that did not end with a
   newline gets one.  So a message is served exactly as delivered, except
   that a final CR of a message that ended with a bare CR is lost.
-- In a message, one ``>`` is removed from every line matching
-  ``^>+From `` (mboxrd).  An mboxo writer leaves a line that was
-  ``>From `` as it is, so such a line is served as ``From ``: mboxo cannot
-  tell the two apart.
 - Anything before the first From_ line must be blank, or the file is not
   an mbox and the maildrop is refused (``-ERR [SYS/PERM]``) rather than
   risk rewriting it.  ``Content-Length:`` headers (mboxcl) are not used.
@@ -111,8 +120,14 @@ the first 64 KiB of the message header, is not folded, does not look like one of
 ids below, and no earlier message of the file has it.
 
 Otherwise it is the first 40 hex digits of the SHA-256 of the From_ line and
-the message, followed by ``.N`` when N later messages in the file have the
-same From_ line and content (byte-identical deliveries in the same second).
+the message as read as mboxrd (one ``>`` removed from every line matching
+``^>+From ``: what earlier versions served), followed by ``.N`` when N later
+messages in the file have the same From_ line and content (byte-identical
+deliveries in the same second).
+The digest is the same in both formats, so choosing one never changes a
+UIDL (which would make clients download the mail again); it identifies the
+stored bytes just as well, since un-quoting maps different stored messages
+to different results.
 Counting later copies, not earlier ones, keeps every UIDL when messages are
 deleted from the front, as POP3 clients do; only a new byte-identical copy
 arriving later changes the UIDL of the earlier copies.
@@ -128,6 +143,7 @@ there.  It is meant for tests only.
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import hashlib
@@ -227,6 +243,15 @@ def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
     )
     log.error("{what} {path}: {error}", what=what, path=path, error=error)
     return MaildropUnavailable(what, permanent=permanent)
+
+
+class MboxFormat(enum.Enum):
+    """How the writers of an mbox quote body lines (the module docstring has more)."""
+
+    #: Lines are served as stored (Postfix local(8), procmail, mail.local).
+    MBOXO = "mboxo"
+    #: One ``>`` is removed from every line matching ``^>+From ``.
+    MBOXRD = "mboxrd"
 
 
 class _NotAnMbox(Exception):
@@ -365,20 +390,22 @@ class _Entry:
     body_end: int  # before the framing line ending
     end: int  # the next From_ line, or the end of the indexed part
     check: bytes  # the start of the From_ line, to recognise it
-    quotes: array[int]  # offsets of the ">" removed, from body_start
+    quotes: array[int]  # offsets of the ">" removed (mboxrd), from body_start
     size: int
     uid: str
 
 
 class _MessageBuilder:
     """
-    Follows one message during indexing.  Its content (quoting already
-    removed) comes in slices of any size; the last two octets are held back
-    until the end shows whether they are the framing line ending.
+    Follows one message during indexing.  Its content comes in slices of any
+    size, without the ``>`` that mboxrd quoting added (announced by
+    `quote`); the last two octets are held back until the end shows whether
+    they are the framing line ending.
     """
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, format: MboxFormat) -> None:
         self.start = start
+        self._format = format
         self.body_start = -1
         self.check = b""
         self.quotes: array[int] = array("q")
@@ -397,6 +424,22 @@ class _MessageBuilder:
         data = self._tail + data
         self._tail = data[-2:]
         self._emit(data[:-2])
+
+    def quote(self, offset: int) -> None:
+        """
+        A ``>`` before ``From `` at ``offset`` from the start of the message,
+        which mboxrd quoting would have added.  It is never part of the
+        digest (UIDLs are those of mboxrd in both formats); in mboxo it is
+        served, so it counts in the size.
+        """
+        if self._format is MboxFormat.MBOXRD:
+            self.quotes.append(offset)
+            return
+        # More content follows (the "From "), so the held-back octets are
+        # not framing: count them before the ">", in the order RETR sends.
+        tail, self._tail = self._tail, b""
+        self._emit(tail)
+        self._counter.feed(b">")
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -454,7 +497,8 @@ class _Scanner:
     else goes to the messages' digests and sizes in large slices.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, format: MboxFormat) -> None:
+        self._format = format
         self.entries: list[_Entry] = []
         self.digests: list[str] = []
         self.x_uidls: list[str | None] = []
@@ -484,13 +528,13 @@ class _Scanner:
             if self._message is None and quotes:
                 raise _NotAnMbox(base + start)
             if self._message is not None and quotes:
-                # A quoted ">From ": one ">" is not part of the message.
-                self._message.quotes.append(base + start - self._message.body_start)
+                # A quoted ">From ": one ">" is not part of the mboxrd message.
+                self._message.quote(base + start - self._message.body_start)
                 used = start + 1
                 continue
             if self._message is not None:
                 self._add(self._message.finish(base + start))
-            self._message = _MessageBuilder(base + start)
+            self._message = _MessageBuilder(base + start, self._format)
             self._in_from_line = True
             used = self._rest_of_from_line(buffer, start, end, base)
             if self._in_from_line:
@@ -545,9 +589,9 @@ class _Scanner:
         return self.entries
 
 
-def _index(fd: int, end: int) -> list[_Entry]:
+def _index(fd: int, end: int, format: MboxFormat) -> list[_Entry]:
     """Index the first ``end`` octets of the mbox open at ``fd``."""
-    scanner = _Scanner()
+    scanner = _Scanner(format)
     carried = b""
     base = offset = 0
     while True:
@@ -637,11 +681,11 @@ def _open_locked(dir_fd: int, name: str, path: str) -> int | None:
     return fd
 
 
-def _read_index(fd: int, path: str) -> tuple[list[_Entry], int]:
+def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], int]:
     """The index of the whole mbox open at ``fd``, and its size."""
     try:
         end = os.fstat(fd).st_size
-        return _index(fd, end), end
+        return _index(fd, end, format), end
     except _NotAnMbox as error:
         log.error(
             "{path} is not an mbox file (no From_ line at offset {offset})",
@@ -767,7 +811,7 @@ def _rewrite(
 
 @implementer(IMessageBody)
 class _Body:
-    """One message read from the mbox with pread, quoting removed."""
+    """One message read from the mbox with pread, without the ``>`` of `_Entry.quotes`."""
 
     def __init__(self, file: _MboxFile, entry: _Entry) -> None:
         self._file: _MboxFile | None = file
@@ -818,8 +862,10 @@ class _MboxMaildrop:
         dotlock: _DotLock | None,
         current: _MboxFile | None,
         reactor: IReactorThreads | None,
+        format: MboxFormat,
     ) -> None:
         self.path = path
+        self._format = format
         self._name = name
         self._dir_fd = dir_fd
         self._key = key
@@ -868,7 +914,7 @@ class _MboxMaildrop:
                 self._follow(None)
                 return
             try:
-                entries, end = _read_index(fd, self.path)
+                entries, end = _read_index(fd, self.path, self._format)
             except BaseException:
                 os.close(fd)
                 raise
@@ -886,7 +932,7 @@ class _MboxMaildrop:
             raise _unavailable("cannot read the mbox", self.path, error) from error
         if changed:
             log.warn("{path} was changed by another program", path=self.path)
-            current.entries, current.end = _read_index(current.fd, self.path)
+            current.entries, current.end = _read_index(current.fd, self.path, self._format)
             self._follow(current)
 
     def _follow(self, file: _MboxFile | None) -> None:
@@ -980,12 +1026,21 @@ class MboxStore:
     whole user name, ``{local}`` and ``{domain}`` its parts around ``@``.
     With a ``reactor``, opening a maildrop (which reads the whole file) and
     rewriting it at QUIT run in the reactor's thread pool; without one they
-    run inline.
+    run inline.  ``format`` is how the files' writers quote ``From`` lines
+    in bodies: `MboxFormat.MBOXO` (the default) serves every line as stored;
+    `MboxFormat.MBOXRD` removes one ``>`` from lines matching ``^>+From ``.
     """
 
-    def __init__(self, template: str, *, reactor: IReactorThreads | None = None) -> None:
+    def __init__(
+        self,
+        template: str,
+        *,
+        reactor: IReactorThreads | None = None,
+        format: MboxFormat = MboxFormat.MBOXO,
+    ) -> None:
         check_template(template)
         self.template = template
+        self.format = MboxFormat(format)
         self._reactor = reactor
 
     def path_for(self, mailbox: str) -> str | None:
@@ -995,10 +1050,10 @@ class MboxStore:
         path = self.path_for(mailbox)
         if path is None:
             return fail(UnauthorizedLogin())
-        return run_blocking(self._reactor, _open_mbox, path, self._reactor)
+        return run_blocking(self._reactor, _open_mbox, path, self._reactor, self.format)
 
 
-def _open_mbox(path: str, reactor: IReactorThreads | None) -> IMaildrop:
+def _open_mbox(path: str, reactor: IReactorThreads | None, format: MboxFormat) -> IMaildrop:
     directory, name = os.path.split(os.path.abspath(path))
     try:
         dir_fd = os.open(directory, _DIRECTORY_FLAGS)
@@ -1006,7 +1061,7 @@ def _open_mbox(path: str, reactor: IReactorThreads | None) -> IMaildrop:
         # Nothing delivered yet: an empty maildrop, not an error.
         key: object = ("path", os.path.abspath(path))
         _register(key)
-        return _MboxMaildrop(path, name, None, key, None, None, reactor)
+        return _MboxMaildrop(path, name, None, key, None, None, reactor, format)
     except OSError as error:
         raise _unavailable("cannot open the mbox directory", directory, error) from error
     dotlock: _DotLock | None = None
@@ -1022,7 +1077,7 @@ def _open_mbox(path: str, reactor: IReactorThreads | None) -> IMaildrop:
         # A leftover of a rewrite that crashed; with the locks held, nobody
         # else can be writing it.
         _unlink_quietly("." + name + REWRITE_SUFFIX, dir_fd)
-        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path))
+        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path, format))
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -1032,4 +1087,4 @@ def _open_mbox(path: str, reactor: IReactorThreads | None) -> IMaildrop:
         if registered:
             _unregister(key)
         raise
-    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor)
+    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, format)

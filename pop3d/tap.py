@@ -33,7 +33,7 @@ from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.interfaces import IMaildropLocks, IMaildropStore
 from pop3d.locking import LockFiles, LockTable
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
-from pop3d.mbox import MboxStore
+from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
@@ -106,6 +106,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "UIDLs of another server to keep (Dovecot's variables %u %v %f %m, e.g. "
             "%08Xu%08Xv); by default Dovecot's when a dovecot-uidlist is present.",
+        ],
+        [
+            "mbox-format",
+            None,
+            None,
+            "How the mbox files' writers quote body lines starting with 'From ': "
+            "mboxo (Postfix local, procmail, mail.local; the default: lines are served "
+            "as stored) or mboxrd (one '>' is removed from lines matching ^>+From ).",
         ],
         [
             "lock-table",
@@ -197,6 +205,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_format(self["uidl-format"])
             except UIDLFormatError as error:
                 raise usage.UsageError(f"--uidl-format: {error}") from None
+        self["mbox-format"] = parse_mbox_format(self["mbox-format"], self["mail-location"])
         if self["nfs-locks"] and self["lock-table"]:
             raise usage.UsageError("--nfs-locks and --lock-table exclude each other")
         if (self["nfs-locks"] or self["lock-table"]) and self["mail-location"].startswith("mbox:"):
@@ -236,6 +245,21 @@ def parse_mail_location(location: str | None) -> str:
     except MaildirTemplateError as error:
         raise usage.UsageError(f"--mail-location: {error}") from error
     return path
+
+
+def parse_mbox_format(value: str | None, location: str) -> MboxFormat:
+    """The --mbox-format value (mboxo by default); only mbox files have one."""
+    if value is None:
+        return MboxFormat.MBOXO
+    if not location.startswith("mbox:"):
+        raise usage.UsageError(
+            "--mbox-format applies to mbox files (--mail-location mbox:PATH), not Maildirs"
+        )
+    try:
+        return MboxFormat(value)
+    except ValueError:
+        choices = " or ".join(kind.value for kind in MboxFormat)
+        raise usage.UsageError(f"--mbox-format {value!r}: expected {choices}") from None
 
 
 def parse_timeout(value: str) -> int:
@@ -387,7 +411,9 @@ def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime)
     """The store --mail-location names, with its locks."""
     # parse_mail_location accepted maildir:PATH or mbox:PATH.
     if options["mail-location"].startswith("mbox:"):
-        return MboxStore(options["maildir-template"], reactor=threads)
+        return MboxStore(
+            options["maildir-template"], reactor=threads, format=options["mbox-format"]
+        )
     locks: IMaildropLocks = (
         LockFiles(clock, threads=threads)
         if options["nfs-locks"]

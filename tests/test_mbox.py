@@ -1,8 +1,9 @@
 """
-What is particular to the mbox store: the mboxrd format (From_ lines,
-quoting, framing), UIDLs, dotlock and fcntl locks shared with other programs,
-the rewrite at QUIT (mail appended meanwhile, owner and mode, crashes), and
-procmail writing the mbox that the server reads.
+What is particular to the mbox store: the format (From_ lines, quoting,
+framing; test_mbox_format.py has mboxo against mboxrd), UIDLs, dotlock and
+fcntl locks shared with other programs, the rewrite at QUIT (mail appended
+meanwhile, owner and mode, crashes), and procmail writing the mbox that the
+server reads.
 
 Most tests use the store without a reactor, where every Deferred has fired
 on return (`now`); the real ``twistd pop3d`` runs where a test needs a
@@ -38,6 +39,7 @@ from pop3d.mbox import (
     DOTLOCK_STALE_SECONDS,
     REWRITE_STEPS,
     REWRITE_STOP_VARIABLE,
+    MboxFormat,
     MboxStore,
 )
 from pop3d.wire import MessageEncoder, ResponseCode, is_valid_uidl, wire_size
@@ -65,11 +67,18 @@ def quote(message: bytes) -> bytes:
     return re.sub(rb"(?m)^(>*From )", rb">\1", message)
 
 
-def mbox_of(messages: list[bytes], from_line: bytes = FROM_LINE) -> bytes:
-    """An mbox as Postfix local(8) writes it: each message ends with a blank line."""
+def quote_mboxo(message: bytes) -> bytes:
+    """mboxo (procmail, Postfix local): ">" before every line starting "From "."""
+    return re.sub(rb"(?m)^From ", b">From ", message)
+
+
+def mbox_of(
+    messages: list[bytes], from_line: bytes = FROM_LINE, quoting: Callable[[bytes], bytes] = quote
+) -> bytes:
+    """An mbox as an MDA writes it (mboxrd by default): each message ends with a blank line."""
     entries = []
     for message in messages:
-        body = quote(message)
+        body = quoting(message)
         if body and not body.endswith(b"\n"):
             body += b"\n"
         entries.append(from_line + body + b"\n")
@@ -103,6 +112,11 @@ def mail(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(mail: Path) -> MboxStore:
     return MboxStore(f"{mail}/{{user}}")
+
+
+@pytest.fixture
+def mboxrd_store(mail: Path) -> MboxStore:
+    return MboxStore(f"{mail}/{{user}}", format=MboxFormat.MBOXRD)
 
 
 @pytest.fixture
@@ -147,42 +161,41 @@ def test_a_from_line_needs_no_blank_line_before_it(store: MboxStore, alice: Path
 
 def test_only_unquoted_from_at_a_line_start_separates(store: MboxStore, alice: Path) -> None:
     message = b"Subject: x\n\n From indented\nFrom\nFromage\nsay From here\n>From quoted\n"
-    alice.write_bytes(mbox_of([message]))
+    alice.write_bytes(FROM_LINE + message + b"\n")
     assert contents(store) == [message]
 
 
-def test_mboxrd_quoting_is_undone_once(store: MboxStore, alice: Path) -> None:
+def test_mboxrd_quoting_is_undone_once(mboxrd_store: MboxStore, alice: Path) -> None:
     alice.write_bytes(FROM_LINE + b"\n>From a\n>>From b\n>>>From c\n>From\n>Fromage\n\n")
-    assert contents(store) == [b"\nFrom a\n>From b\n>>From c\n>From\n>Fromage\n"]
+    assert contents(mboxrd_store) == [b"\nFrom a\n>From b\n>>From c\n>From\n>Fromage\n"]
 
 
-def test_mboxo_from_lines_come_back(store: MboxStore, alice: Path) -> None:
-    """
-    What procmail and Postfix (mboxo) write: "From " in a body becomes
-    ">From ", and comes back.  A body line that was ">From " is stored as
-    is by mboxo and comes back as "From ": mboxo cannot tell them apart.
-    """
-    alice.write_bytes(FROM_LINE + b"Subject: a\n\n>From here\n>From there\n\n")
-    assert contents(store) == [b"Subject: a\n\nFrom here\nFrom there\n"]
-
-
-def test_crlf_mbox(store: MboxStore, alice: Path) -> None:
+@pytest.mark.parametrize(
+    ("format", "last"),
+    [(MboxFormat.MBOXO, b">From x\r\n"), (MboxFormat.MBOXRD, b"From x\r\n")],
+    ids=["mboxo", "mboxrd"],
+)
+def test_crlf_mbox(mail: Path, alice: Path, format: MboxFormat, last: bytes) -> None:
     alice.write_bytes(
         b"From a\r\nSubject: a\r\n\r\nbody\r\n\r\nFrom b\r\nSubject: b\r\n\r\n>From x\r\n\r\n"
     )
-    assert contents(store) == [b"Subject: a\r\n\r\nbody\r\n", b"Subject: b\r\n\r\nFrom x\r\n"]
+    store = MboxStore(f"{mail}/{{user}}", format=format)
+    assert contents(store) == [b"Subject: a\r\n\r\nbody\r\n", b"Subject: b\r\n\r\n" + last]
 
 
-def test_long_lines_are_indexed_in_pieces(store: MboxStore, alice: Path) -> None:
+@pytest.mark.parametrize("format", list(MboxFormat), ids=lambda format: format.value)
+def test_long_lines_are_indexed_in_pieces(mail: Path, alice: Path, format: MboxFormat) -> None:
     long_from = b"From " + b"s" * 70_000 + b"\n"
     messages = [
         b"Subject: long\n\n>From " + b"y" * 200_000 + b"\nFrom " + b"z" * 100_000 + b"\n",
         b"Subject: after\n\n" + b"w" * 140_000 + b"\n",
     ]
     alice.write_bytes(mbox_of(messages, long_from))
-    maildrop = now(store.open("alice"))
-    assert [read_all(maildrop, i, 70_000) for i in (0, 1)] == messages
-    assert [m.size for m in maildrop.messages] == [wire_size(m) for m in messages]
+    # mboxo serves the lines as the mboxrd writer stored them.
+    served = messages if format is MboxFormat.MBOXRD else [quote(m) for m in messages]
+    maildrop = now(MboxStore(f"{mail}/{{user}}", format=format).open("alice"))
+    assert [read_all(maildrop, i, 70_000) for i in (0, 1)] == served
+    assert [m.size for m in maildrop.messages] == [wire_size(m) for m in served]
     now(maildrop.close())
 
 
@@ -229,8 +242,8 @@ MESSAGE_PIECES = [
 ]
 
 
-def opened(directory: str) -> IMaildrop:
-    return now(MboxStore(f"{directory}/{{user}}").open("alice"))
+def opened(directory: str, format: MboxFormat = MboxFormat.MBOXRD) -> IMaildrop:
+    return now(MboxStore(f"{directory}/{{user}}", format=format).open("alice"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -254,7 +267,8 @@ def test_mboxrd_round_trip(
     Whatever the messages, written as mboxrd they are read back exactly,
     with a size (RFC 1939 section 11) equal to what RETR sends before
     byte-stuffing, and the same UIDLs, however the file is cut into buffers
-    while it is indexed.
+    while it is indexed.  Read as mboxo, the same file is served as stored,
+    with sizes to match and the very same UIDLs.
     """
     with tempfile.TemporaryDirectory() as directory:
         Path(directory, "alice").write_bytes(
@@ -266,6 +280,14 @@ def test_mboxrd_round_trip(
             mock.patch.object(mbox_module, "_READ_SIZE", read_size),
             mock.patch.object(mbox_module, "_LINE_LIMIT", line_limit),
         ):
+            as_stored = opened(directory, MboxFormat.MBOXO)
+            try:
+                stored = [quote(message) for message in messages]
+                assert [read_all(as_stored, i, 3) for i in range(len(messages))] == stored
+                assert as_stored.messages.sizes == tuple(wire_size(m) for m in stored)
+                assert as_stored.messages.uids == reference.messages.uids
+            finally:
+                now(as_stored.close())
             maildrop = opened(directory)
         try:
             assert maildrop.messages == reference.messages
@@ -798,7 +820,8 @@ def test_a_message_delivered_by_procmail_is_served_as_delivered(
 ) -> None:
     """
     procmail (dotlock and fcntl, mboxo) delivers; RETR (RFC 1939 section 7)
-    sends each message as procmail got it, with the size LIST announced
+    sends each message as procmail stored it (its "From " body line quoted
+    as ">From ", which mboxo cannot undo), with the size LIST announced
     (section 11).  A procmail delivery during a session waits for the locks,
     and lands in the mbox the session's QUIT wrote, not in the replaced one.
     """
@@ -822,12 +845,14 @@ def test_a_message_delivered_by_procmail_is_served_as_delivered(
     ]
     for message in messages:
         assert deliver(message).wait(timeout=PATIENCE) == 0
+    assert b"\n\n>From the start\n.dot line\n" in alice.read_bytes()
+    stored = [quote_mboxo(message) for message in messages]
     server = servers(mail)
     client = login(server)
     try:
         sizes = [int(line.split()[1]) for line in client.list()[1]]
-        assert sizes == [wire_size(m) for m in messages]
-        for number, message in enumerate(messages, 1):
+        assert sizes == [wire_size(m) for m in stored]
+        for number, message in enumerate(stored, 1):
             lines = client.retr(number)[1]
             assert lines == message.replace(b"\r\n", b"\n").removesuffix(b"\n").split(b"\n")
         lockfile = shutil.which("lockfile")
@@ -840,5 +865,5 @@ def test_a_message_delivered_by_procmail_is_served_as_delivered(
     finally:
         client.close()
     assert waiting.wait(timeout=PATIENCE) == 0
-    assert contents(MboxStore(f"{mail}/{{user}}")) == [*messages[1:], late]
+    assert contents(MboxStore(f"{mail}/{{user}}")) == [*stored[1:], late]
     server.assert_healthy()

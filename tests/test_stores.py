@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 from pop3d.errors import MaildropLocked, MessageGone
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.maildir import MaildirStore
-from pop3d.mbox import MboxStore
+from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.wire import MessageEncoder, is_valid_uidl, wire_size
 
@@ -73,7 +73,7 @@ _MBOX_MESSAGE = re.compile(rb"^From [^\n]*\n((?:(?!From ).*\n?)*)", re.MULTILINE
 
 def _mbox(tmp_path: Path) -> StoreUnderTest:
     (tmp_path / "mail").mkdir()
-    store = MboxStore(f"{tmp_path}/mail/{{user}}")
+    store = MboxStore(f"{tmp_path}/mail/{{user}}", format=MboxFormat.MBOXRD)
 
     def stored(mailbox: str) -> list[bytes]:
         path = tmp_path / "mail" / mailbox

@@ -213,3 +213,61 @@ def test_the_server_leaves_what_lives_as_long_as_it_out_of_collections(
     finally:
         gc.unfreeze()
         sys.setswitchinterval(switch_interval)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "served"),
+    [
+        ([], b"Subject: a\n\n>From the earlier mail\n>>From x\n"),
+        (["--mbox-format", "mboxo"], b"Subject: a\n\n>From the earlier mail\n>>From x\n"),
+        (["--mbox-format", "mboxrd"], b"Subject: a\n\nFrom the earlier mail\n>From x\n"),
+    ],
+    ids=["default", "mboxo", "mboxrd"],
+)
+@pytest_twisted.ensureDeferred
+async def test_mbox_format(
+    passwd: Path, tmp_path: Path, arguments: list[str], served: bytes
+) -> None:
+    """mboxo (lines as stored) unless --mbox-format mboxrd (one '>' less on ^>+From )."""
+    (tmp_path / "alice").write_bytes(
+        b"From sender@example.test  Thu Nov 26 12:13:17 2026\n"
+        b"Subject: a\n\n>From the earlier mail\n>>From x\n\n"
+    )
+    options = parse(
+        "--mail-location", f"mbox:{tmp_path}/{{user}}", "--auth", f"passwd-file:{passwd}",
+        *arguments,
+    )  # fmt: skip
+    store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
+    maildrop = await store.open("alice")
+    try:
+        body = await maildrop.open_message(0)
+        assert body.read(1000) == served
+        body.close()
+    finally:
+        await maildrop.close()
+
+
+@pytest.mark.parametrize(
+    ("location", "value", "error"),
+    [
+        ("mbox:/var/mail/{user}", "mboxcl", "--mbox-format 'mboxcl': expected mboxo or mboxrd"),
+        ("mbox:/var/mail/{user}", "", "--mbox-format '': expected mboxo or mboxrd"),
+        (
+            "maildir:/srv/{user}",
+            "mboxrd",
+            "--mbox-format applies to mbox files (--mail-location mbox:PATH), not Maildirs",
+        ),
+        (
+            "maildir:/srv/{user}",
+            "mboxo",
+            "--mbox-format applies to mbox files (--mail-location mbox:PATH), not Maildirs",
+        ),
+    ],
+)
+def test_mbox_format_usage_errors(passwd: Path, location: str, value: str, error: str) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        parse(
+            "--mail-location", location, "--auth", f"passwd-file:{passwd}",
+            "--mbox-format", value,
+        )  # fmt: skip
+    assert str(refused.value) == error
