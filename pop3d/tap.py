@@ -54,7 +54,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         "[--listen tcp:110] [--timeout SECONDS]"
     )
     longdesc = (
-        "Serve POP3 (RFC 1939) from Maildirs.  --listen takes any Twisted endpoint "
+        "Serve POP3 (RFC 1939) from Maildirs or mbox files.  --listen takes any Twisted endpoint "
         "(tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...) and may be repeated; "
         "--auth takes any twisted.cred checker (passwd-file:, memory:, file:, ...) "
         "and may be repeated."
