@@ -144,7 +144,7 @@ class TestDelaySequence:
         plain = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0stale")
         delays = []
         for _ in range(3):
-            seconds, answer = answered_after(Wire(factory, CLIENT), clock, plain)  # type: ignore[arg-type]
+            seconds, answer = answered_after(Wire(factory, CLIENT), clock, plain)
             assert answer == AUTH_FAILED
             delays.append(seconds)
         delays.append(failed_login_delay(factory, clock, b"stale"))
@@ -160,7 +160,7 @@ class TestDelaySequence:
         factory = penalised()
         delays = []
         for _ in range(3):
-            wire = Wire(factory, CLIENT)  # type: ignore[arg-type]
+            wire = Wire(factory, CLIENT)
             seconds, answer = answered_after(wire, clock, b"APOP alice " + b"0" * 32)
             assert answer == AUTH_FAILED
             delays.append(seconds)
