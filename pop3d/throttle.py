@@ -74,7 +74,7 @@ class TrustedNetworks:
         return any(address in network for network in self.networks)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     """What is known of one address's recent failures."""
 
