@@ -80,8 +80,9 @@ class _Record:
 
     #: How many distinct guesses raised its delay (not beyond the maximum).
     level: int
-    #: When its delay was last raised: it is forgotten ``forget_after`` later.
-    last_raised: float
+    #: When it last failed with credentials not among ``recent`` (a new
+    #: guess): it is forgotten ``forget_after`` later.
+    last_guess: float
     #: Fingerprints of its latest failed credentials, oldest first.
     recent: list[bytes] = field(default_factory=list)
 
@@ -118,8 +119,8 @@ class FailureDelay:
     ``base`` seconds for an address's first failed login, doubling with each
     further failure with credentials not among its last few, up to
     ``maximum``; a failure that retries recent credentials waits as long as
-    the address's current delay, without raising it.  An address whose delay
-    was not raised for ``forget_after`` seconds starts again from ``base``.
+    the address's current delay, without raising it.  An address that made no
+    new guess for ``forget_after`` seconds starts again from ``base``.
     A ``base`` of 0 turns the delay off; clients in ``trusted`` networks are
     never delayed.
     """
@@ -155,13 +156,15 @@ class FailureDelay:
         now = self._clock.seconds()
         key = _penalty_key(peer_host)
         record = self._peers.pop(key, None)
-        if record is None or now - record.last_raised > self.forget_after:
+        if record is None or now - record.last_guess > self.forget_after:
             record = _Record(0, now)
         fingerprint = self._fingerprints(credentials)
         retried = fingerprint is not None and fingerprint in record.recent
-        if not retried and (record.level == 0 or self._delay(record.level) < self.maximum):
-            record.level += 1
-            record.last_raised = now
+        if not retried:
+            # A guesser kept at the maximum is remembered as long as it guesses.
+            record.last_guess = now
+            if record.level == 0 or self._delay(record.level) < self.maximum:
+                record.level += 1
         if fingerprint is not None:
             if retried:
                 record.recent.remove(fingerprint)

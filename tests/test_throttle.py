@@ -177,6 +177,21 @@ class TestDelaySequence:
         clock.advance(901)
         assert failed_login_delay(factory, clock, b"e") == 2
 
+    def test_a_guesser_kept_at_15_seconds_is_not_forgiven_while_it_guesses(
+        self, penalised: Callable[..., POP3Factory], clock: Clock
+    ) -> None:
+        factory = penalised()
+        guesses = [b"a", b"b", b"c", b"d"]
+        assert [failed_login_delay(factory, clock, g) for g in guesses] == [2, 4, 8, 15]
+        for guess in (b"e", b"f", b"g", b"h"):
+            clock.advance(600)
+            assert failed_login_delay(factory, clock, guess) == 15
+        # A retry is no guess: it does not keep the address remembered.
+        clock.advance(600)
+        assert failed_login_delay(factory, clock, b"h") == 15
+        clock.advance(600)
+        assert failed_login_delay(factory, clock, b"h") == 2
+
     def test_other_addresses_have_their_own_delay(
         self, penalised: Callable[..., POP3Factory], clock: Clock
     ) -> None:
