@@ -23,7 +23,7 @@ from pop3d.sasl.login import Login
 from pop3d.sasl.plain import Plain
 from pop3d.sasl.scram import ScramSHA256
 from pop3d.session import DEFAULT_POLICY, Link, Session, SessionPolicy
-from pop3d.throttle import FailureDelay
+from pop3d.throttle import FailureDelay, IPNetwork
 from pop3d.tls import ServerTLS
 from pop3d.wire import ClientWorkarounds, ResponseCode, format_status
 
@@ -47,8 +47,12 @@ class POP3Factory(Factory):
     ``timeout`` is the inactivity autologout in seconds (None: never);
     ``hostname`` goes into APOP timestamps; ``login_failure_delay`` is how
     long the answer to a peer's first failed login waits (it doubles for each
-    further failure, see `pop3d.throttle.FailureDelay`); ``client_workarounds``,
-    when given, replaces those of ``policy`` (see `pop3d.wire.ClientWorkarounds`).
+    further guess, up to 15 s, see `pop3d.throttle.FailureDelay`; 0: no
+    delay).  Clients in ``trusted_networks`` (`ipaddress` networks, e.g. a
+    webmail host) are never delayed, may fail any number of logins on one
+    connection, and are not counted against ``max_connections_per_ip``.
+    ``client_workarounds``, when given, replaces those of ``policy`` (see
+    `pop3d.wire.ClientWorkarounds`).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class POP3Factory(Factory):
         max_connections: int | None = None,
         max_connections_per_ip: int | None = None,
         client_workarounds: ClientWorkarounds | None = None,
+        trusted_networks: Sequence[IPNetwork] = (),
     ) -> None:
         if client_workarounds is not None:
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
@@ -73,7 +78,7 @@ class POP3Factory(Factory):
         self.timeout = timeout
         self.hostname = hostname or socket.gethostname()
         self.policy = policy
-        self.failure_delay = FailureDelay(clock, base=login_failure_delay)
+        self.failure_delay = FailureDelay(clock, base=login_failure_delay, trusted=trusted_networks)
         self.mechanisms = list(DEFAULT_MECHANISMS if mechanisms is None else mechanisms)
         self.tls = tls
         self.max_connections = max_connections
@@ -126,7 +131,10 @@ class POP3Factory(Factory):
         if self.max_connections is not None and self._connections >= self.max_connections:
             return True
         limit = self.max_connections_per_ip
-        return limit is not None and self._connections_by_host[host] >= limit
+        if limit is None or self._connections_by_host[host] < limit:
+            return False
+        # A trusted host (a webmail, a proxy) brings many users' connections.
+        return not self.failure_delay.trusts(host)
 
     def _closed(self, host: str) -> None:
         self._connections -= 1

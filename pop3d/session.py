@@ -548,7 +548,7 @@ class Session:
                 )
             if reason != "credentials":
                 return status
-            return self._answer_failed_login(status)
+            return self._answer_failed_login(status, credentials)
 
         return _settled(attempt.addCallbacks(succeeded, failed))
 
@@ -621,20 +621,25 @@ class Session:
         self._pending_user = None
         return StartTLS(Status(True, BEGIN_TLS))
 
-    def _answer_failed_login(self, status: Status) -> Reply | Deferred[Reply]:
+    def _answer_failed_login(
+        self, status: Status, credentials: ICredentials
+    ) -> Reply | Deferred[Reply]:
         """
         A wrong password (or unknown user: the same answer, after the same
-        wait) is answered late, and the connection is closed after a few.
+        wait) is answered late, and the connection is closed after a few;
+        the throttle recognises a retry of the same ``credentials``, and
+        exempts trusted networks from both.
         """
         self._failed_logins += 1
         reply: Reply = status
-        if self._failed_logins >= self._policy.max_failed_logins:
+        throttle, host = self._failure_delay, self.link.host
+        trusted = throttle is not None and throttle.trusts(host)
+        if self._failed_logins >= self._policy.max_failed_logins and not trusted:
             reply = Hangup(status)
-        if self._failure_delay is None:
+        if throttle is None:
             return reply
-        host = self.link.host
-        delay = self._failure_delay.delay_for_failure(host)
-        return self._failure_delay.wait(delay).addCallback(lambda _: reply)
+        delay = throttle.delay_for_failure(host, credentials)
+        return throttle.wait(delay).addCallback(lambda _: reply)
 
     def _quit_unauthenticated(self, command: Command) -> Reply:
         return Hangup(Status(True, BYE))

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gc
+import ipaddress
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.storage import MaildirTemplateError, check_template
+from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.uidl import UIDLFormatError, check_format
 from pop3d.wire import ClientWorkarounds, UnknownWorkaround
@@ -145,7 +147,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "login-failure-delay",
             None,
             str(DEFAULT_LOGIN_FAILURE_DELAY),
-            "Seconds before a failed login is answered; doubles for a peer that keeps failing.",
+            "Seconds before a failed login is answered (0: at once); doubles for each new "
+            f"guess from the same address, up to {MAXIMUM_DELAY:g}.",
         ],
         [
             "client-workarounds",
@@ -160,6 +163,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["trusted-networks"] = []
         self.arguments: list[str] = []
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
@@ -173,6 +177,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ssl:995:privateKey=key.pem:certKey=cert.pem (repeatable; default tcp:110).
         """
         self["listen"].append(description)
+
+    def opt_trusted_network(self, network: str) -> None:
+        """A network (e.g. 192.0.2.10/32) spared login delays, per-IP limits (repeatable)."""
+        self["trusted-networks"].append(parse_network(network))
 
     def opt_auth(self, description: str) -> None:
         """A twisted.cred checker, e.g. passwd-file:/etc/pop3d/passwd (repeatable)."""
@@ -280,11 +288,23 @@ def parse_delay(value: str) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds <= 60:
+    if not 0 <= seconds <= MAXIMUM_DELAY:
         raise usage.UsageError(
-            f"--login-failure-delay {value!r}: expected seconds between 0 and 60"
+            f"--login-failure-delay {value!r}: expected seconds between 0 and {MAXIMUM_DELAY:g}"
         )
     return seconds
+
+
+def parse_network(value: str) -> IPNetwork:
+    """A --trusted-network value: an IPv4 or IPv6 network, or one address."""
+    try:
+        # Host bits may be set: 192.0.2.10/24 means the network 192.0.2.0/24.
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise usage.UsageError(
+            f"--trusted-network {value!r}: expected an IPv4 or IPv6 network, "
+            "e.g. 192.0.2.10/32 or 2001:db8::/64"
+        ) from None
 
 
 def parse_limit(option: str, value: str | None) -> int | None:
@@ -455,6 +475,7 @@ def makeService(options: Options) -> IService:
         max_connections=options["max-connections"],
         max_connections_per_ip=options["max-connections-per-ip"],
         client_workarounds=options["client-workarounds"],
+        trusted_networks=options["trusted-networks"],
     )
     service = MultiService()
     reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None

@@ -280,15 +280,30 @@ class TestFailedLogins:
         clock.advance(0.1)
         assert wire.take() == AUTH_FAILED
 
-    def test_the_delay_grows_for_a_peer_that_keeps_failing(
+    def test_the_delay_grows_for_a_peer_that_keeps_guessing(
         self, slow_factory: POP3Factory, clock: Clock
     ) -> None:
+        """A new wrong password doubles the wait (2, 4, 8, 15 s: tests/test_throttle.py)."""
+        first = Wire(slow_factory)
+        first.login(b"alice", b"nope")
+        clock.advance(2)
+        second = Wire(slow_factory)
+        second.login(b"alice", b"nope again")
+        clock.advance(3.9)
+        assert second.take() == b""
+        clock.advance(0.1)
+        assert second.take() == AUTH_FAILED
+
+    def test_the_same_wrong_password_again_waits_no_longer(
+        self, slow_factory: POP3Factory, clock: Clock
+    ) -> None:
+        """A client polling with a stale saved password is not punished more each time."""
         first = Wire(slow_factory)
         first.login(b"alice", b"nope")
         clock.advance(2)
         second = Wire(slow_factory)
         second.login(b"alice", b"nope")
-        clock.advance(3.9)
+        clock.advance(1.9)
         assert second.take() == b""
         clock.advance(0.1)
         assert second.take() == AUTH_FAILED

@@ -79,6 +79,11 @@ def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
         (["--listen", "tcp:notaport"], "--listen"),
         (["--listing-cache", "-1"], "--listing-cache"),
         (["--listing-cache", "lots"], "--listing-cache"),
+        (["--login-failure-delay", "16"], "--login-failure-delay"),
+        (["--login-failure-delay", "-1"], "--login-failure-delay"),
+        (["--trusted-network", "192.0.2.300/32"], "--trusted-network '192.0.2.300/32'"),
+        (["--trusted-network", "webmail.example.org"], "--trusted-network"),
+        (["--trusted-network", "2001:db8::/129"], "--trusted-network '2001:db8::/129'"),
     ],
 )
 def test_bad_options_name_the_option(passwd: Path, arguments: list[str], option: str) -> None:
@@ -87,6 +92,29 @@ def test_bad_options_name_the_option(passwd: Path, arguments: list[str], option:
     merged = [part for item in {**base, **given}.items() for part in item]
     with pytest.raises(usage.UsageError, match=re.escape(option)):
         parse(*merged)
+
+
+def test_trusted_networks_are_repeatable_ipv4_and_ipv6(passwd: Path) -> None:
+    base = ("--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}")
+    assert parse(*base)["trusted-networks"] == []
+    options = parse(
+        *base,
+        "--trusted-network", "192.0.2.10/32",
+        "--trusted-network", "2001:db8::/64",
+        "--trusted-network", "198.51.100.0",
+    )  # fmt: skip
+    assert [str(network) for network in options["trusted-networks"]] == [
+        "192.0.2.10/32",
+        "2001:db8::/64",
+        "198.51.100.0/32",
+    ]
+
+
+def test_login_failure_delay_0_to_15(passwd: Path) -> None:
+    base = ("--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}")
+    assert parse(*base)["login-failure-delay"] == 2
+    assert parse(*base, "--login-failure-delay", "0")["login-failure-delay"] == 0
+    assert parse(*base, "--login-failure-delay", "15")["login-failure-delay"] == 15
 
 
 @pytest.mark.parametrize(
