@@ -178,3 +178,29 @@ class IMaildropLocks(Interface):
         Raises `pop3d.errors.MaildropLocked` if it is held by another
         session, in any process, or `pop3d.errors.MaildropUnavailable`.
         """
+
+
+class ILoginHistory(Interface):
+    """
+    When each user last logged in, for RFC 2449 section 6.5 LOGIN-DELAY
+    (see `pop3d.logindelay.LoginDelayRealm`).
+
+    Times are seconds on the server's clock (``IReactorTime.seconds``).  A
+    history shared by several processes (``twistd pop3d --workers``) must
+    give every one of them the same answers; one that survives a restart
+    keeps the delay across it.
+    """
+
+    def last_login(user: str) -> Deferred[float | None]:
+        """When ``user`` last logged in, or None if never (as far as known)."""
+
+    def record_login(user: str, now: float, delay: float) -> Deferred[float | None]:
+        """
+        Atomically, with respect to every other caller in every process: if
+        the last login of ``user`` is within ``delay`` seconds before
+        ``now`` (``now - delay < last <= now``), change nothing and return
+        that time (the login is refused); otherwise record ``now`` as their
+        last login and return None.  A last login later than ``now`` (the
+        clock was set back) holds no one back.  Fails, changing nothing,
+        if the history cannot be read or written.
+        """

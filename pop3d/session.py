@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
@@ -171,6 +171,10 @@ class SessionPolicy:
     #: password itself (USER/PASS, SASL PLAIN and LOGIN) are refused on a
     #: connection that is neither encrypted nor local, unless this is True.
     allow_plaintext_auth: bool = False
+    #: RFC 2449 section 6.5: seconds between a user's logins, announced in
+    #: CAPA (None: no LOGIN-DELAY).  Enforced by
+    #: `pop3d.logindelay.LoginDelayRealm`, which must be given the same value.
+    login_delay: int | None = None
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -407,6 +411,9 @@ class Session:
         if self._user_pass_offered():
             lines.append(b"USER")
         lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        if self._policy.login_delay is not None:
+            # One delay for every user: the same value in both states, no "USER".
+            lines.append(b"LOGIN-DELAY %d" % self._policy.login_delay)
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
@@ -830,6 +837,11 @@ def _login_failure_status(failure: Failure) -> tuple[str, Status]:
         error = failure.value
         assert isinstance(error, POP3Error)
         return "unavailable: " + error.text, error.status()
+    if failure.check(LoginDelayed):
+        # Not a failed login: neither counted nor made to wait.
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "login-delay", error.status()
     return "internal", Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -14,7 +15,7 @@ from typing import Any, cast
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorProcess,
@@ -32,6 +33,7 @@ from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_byt
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.interfaces import IMaildropLocks, IMaildropStore
 from pop3d.locking import LockFiles, LockTable
+from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
 from pop3d.mbox import MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
@@ -138,6 +140,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             str(DEFAULT_LOGIN_FAILURE_DELAY),
             "Seconds before a failed login is answered; doubles for a peer that keeps failing.",
         ],
+        [
+            "login-delay",
+            None,
+            None,
+            "Seconds a user must wait between logins, announced and enforced "
+            "(RFC 2449 LOGIN-DELAY; default: none).",
+        ],
+        [
+            "login-history",
+            None,
+            None,
+            "The SQLite file of last logins for --login-delay, shared by every "
+            "process of this host (default: .pop3d-logins beside the default --lock-table).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -178,6 +194,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
+        self["login-delay"], self["login-history"] = parse_login_delay(
+            self["login-delay"], self["login-history"], self["maildir-template"]
+        )
         if self["uidl-format"] is not None:
             if self["mail-location"].startswith("mbox:"):
                 raise usage.UsageError(
@@ -251,6 +270,28 @@ def parse_delay(value: str) -> float:
             f"--login-failure-delay {value!r}: expected seconds between 0 and 60"
         )
     return seconds
+
+
+def parse_login_delay(
+    value: str | None, history: str | None, template: str
+) -> tuple[int | None, str | None]:
+    """
+    The --login-delay seconds (None: no delay) and the --login-history file,
+    created if needed and read once now, so a path that cannot serve is an
+    error at start-up.
+    """
+    if value is None or value == "0":
+        if history is not None:
+            raise usage.UsageError("--login-history needs --login-delay")
+        return None, None
+    if not value.isdigit():
+        raise usage.UsageError(f"--login-delay {value!r}: expected a whole number of seconds")
+    path = history or default_login_history(template)
+    try:
+        LoginHistoryFile(path).check()
+    except (OSError, sqlite3.Error) as error:
+        raise usage.UsageError(f"--login-history {path}: {error}") from None
+    return int(value), path
 
 
 def parse_limit(option: str, value: str | None) -> int | None:
@@ -327,7 +368,7 @@ def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None)
 
 
 def build_portal(
-    realm: MaildropRealm, checkers: Sequence[Any], threads: IReactorThreads | None = None
+    realm: IRealm, checkers: Sequence[Any], threads: IReactorThreads | None = None
 ) -> Portal:
     """
     A portal over all the checkers given, in order: several checkers for the
@@ -400,14 +441,21 @@ def makeService(options: Options) -> IService:
     # the default 5 ms, so a fresh session is not kept waiting by a scan.
     sys.setswitchinterval(SWITCH_INTERVAL)
     store = build_store(options, threads, clock)
-    portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
+    realm: IRealm = MaildropRealm(store)
+    if options["login-delay"] is not None:
+        history = LoginHistoryFile(options["login-history"], reactor=threads)
+        realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
+    portal = build_portal(realm, options["credCheckers"], threads)
     factory = POP3Factory(
         portal,
         clock=clock,
         timeout=options["timeout"],
         hostname=options["hostname"],
         login_failure_delay=options["login-failure-delay"],
-        policy=SessionPolicy(allow_plaintext_auth=bool(options["allow-plaintext-auth"])),
+        policy=SessionPolicy(
+            allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
+            login_delay=options["login-delay"],
+        ),
         tls=options["tls"],
         max_connections=options["max-connections"],
         max_connections_per_ip=options["max-connections-per-ip"],
