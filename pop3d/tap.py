@@ -31,7 +31,7 @@ from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
-from pop3d.interfaces import IMaildropLocks, IMaildropStore
+from pop3d.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
 from pop3d.locking import LockFiles, LockTable
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
@@ -141,6 +141,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Seconds before a failed login is answered; doubles for a peer that keeps failing.",
         ],
         [
+            "expire",
+            None,
+            "never",
+            "Days a message is kept after it was first retrieved (RETR), then deleted "
+            "at a QUIT; 0: retrieved messages are deleted at QUIT; never: nothing "
+            "is deleted but what the client deletes (RFC 2449 EXPIRE).",
+        ],
+        [
             "login-delay",
             None,
             None,
@@ -194,6 +202,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
+        self["expire"] = parse_expire(self["expire"], store_class(self["mail-location"]))
         self["login-delay"], self["login-history"] = parse_login_delay(
             self["login-delay"], self["login-history"], self["maildir-template"]
         )
@@ -270,6 +279,26 @@ def parse_delay(value: str) -> float:
             f"--login-failure-delay {value!r}: expected seconds between 0 and 60"
         )
     return seconds
+
+
+def store_class(location: str) -> type:
+    """The class of store a --mail-location names (parse_mail_location accepted it)."""
+    return MboxStore if location.startswith("mbox:") else MaildirStore
+
+
+def parse_expire(value: str, store: type) -> int | None:
+    """--expire: days (0 or more), or None for never."""
+    if value.lower() == "never":
+        return None
+    if not value.isdigit() or len(value) > 6:
+        raise usage.UsageError(f"--expire {value!r}: expected a number of days or 'never'")
+    days = int(value)
+    if days and not IRetrievalTimesStore.implementedBy(store):
+        raise usage.UsageError(
+            f"--expire {days}: this --mail-location cannot record when messages were "
+            "retrieved (Maildirs can); use --expire 0 or never"
+        )
+    return days
 
 
 def parse_login_delay(
@@ -455,6 +484,7 @@ def makeService(options: Options) -> IService:
         policy=SessionPolicy(
             allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
             login_delay=options["login-delay"],
+            expire_days=options["expire"],
         ),
         tls=options["tls"],
         max_connections=options["max-connections"],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import poplib
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,11 +30,13 @@ from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.interfaces import ILoginHistory
+from pop3d.locking import LockTable
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
+from pop3d.maildir import MaildirStore
 from pop3d.realm import MaildropRealm
 from pop3d.session import SessionPolicy
 from pop3d.tap import Options
-from pop3d.testing import MemoryLoginHistory, MemoryStore
+from pop3d.testing import MemoryLoginHistory, MemoryStore, deliver_to_maildir
 
 from .conftest import USERS, Wire, start_service, write_passwd
 
@@ -383,3 +387,320 @@ async def test_poplib_is_refused_a_second_login(tmp_path: Path) -> None:
         await server.service.stopService()
     assert delay == b"3600"
     assert answer.startswith(b"-ERR [LOGIN-DELAY] last login less than 3600 seconds ago")
+
+
+# -- EXPIRE (RFC 2449 section 6.7) ----------------------------------------------
+
+DAY = 86_400
+MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: three\n\nthird\n"]
+LISTED_3 = b"+OK maildrop has 3 messages (72 octets)\r\n"
+
+
+def capa(before: bytes, after: bytes = b"") -> tuple[bytes, bytes]:
+    common = b"+OK capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\nRESP-CODES\r\nPIPELINING\r\n"
+    sasl = b"SASL CRAM-MD5 PLAIN LOGIN\r\n"
+    return (
+        common + b"AUTH-RESP-CODE\r\n" + before + sasl + b".\r\n",
+        common + b"AUTH-RESP-CODE\r\n" + before + sasl + b"IMPLEMENTATION pop3d\r\n.\r\n",
+    )
+
+
+class Maildirs:
+    """alice's real Maildir, served with a given EXPIRE policy on the Clock."""
+
+    def __init__(self, root: Path, clock: Clock) -> None:
+        self.root = root
+        self.clock = clock
+        self.maildir = root / "mail" / "alice"
+        self.uniques = [deliver_to_maildir(str(self.maildir), m) for m in MESSAGES]
+
+    def factory(self, days: int | None) -> POP3Factory:
+        # A new store each time: what a restarted server reads.
+        store = MaildirStore(
+            f"{self.root}/mail/{{user}}", locks=LockTable(str(self.root / "locks"))
+        )
+        return POP3Factory(
+            delayed_portal(MaildropRealm(store)),
+            clock=self.clock,
+            hostname="pop.example.test",
+            policy=SessionPolicy(expire_days=days),
+            login_failure_delay=0,
+        )
+
+    def present(self) -> list[int]:
+        """Which of the three delivered messages are still on disk (1-based)."""
+        names = {
+            name.split(":")[0] for sub in ("new", "cur") for name in os.listdir(self.maildir / sub)
+        }
+        return [number for number, unique in enumerate(self.uniques, 1) if unique in names]
+
+
+@pytest.fixture
+def maildirs(tmp_path: Path, clock: Clock) -> Maildirs:
+    return Maildirs(tmp_path, clock)
+
+
+def retrieve(wire: Wire, number: int) -> None:
+    assert wire.command(b"RETR %d" % number).startswith(b"+OK ")
+
+
+class TestExpireZero:
+    """EXPIRE 0: an implicit DELE of every message downloaded with RETR."""
+
+    def test_retrieved_messages_are_deleted_at_quit(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(0))
+        assert wire.login() == LISTED_3
+        retrieve(wire, 1)
+        assert (
+            wire.command(b"TOP 2 0") == b"+OK top of message follows\r\nSubject: two\r\n\r\n.\r\n"
+        )
+        # Nothing is gone before UPDATE: still listed, still there.
+        assert wire.command(b"STAT") == b"+OK 3 72\r\n"
+        assert maildirs.present() == [1, 2, 3]
+        assert wire.command(b"QUIT") == BYE
+        assert maildirs.present() == [2, 3]
+
+    def test_nothing_is_deleted_when_the_connection_drops(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(0))
+        wire.login()
+        retrieve(wire, 1)
+        wire.disconnect()
+        assert maildirs.present() == [1, 2, 3]
+
+    def test_nothing_is_deleted_at_the_autologout(self, maildirs: Maildirs, clock: Clock) -> None:
+        wire = Wire(maildirs.factory(0))
+        wire.login()
+        retrieve(wire, 2)
+        clock.advance(600)
+        assert wire.closed
+        wire.disconnect()
+        assert maildirs.present() == [1, 2, 3]
+
+    def test_rset_does_not_undo_the_implicit_dele(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(0))
+        wire.login()
+        retrieve(wire, 3)
+        wire.command(b"DELE 1")
+        wire.command(b"RSET")
+        assert wire.command(b"QUIT") == BYE
+        assert maildirs.present() == [1, 2]
+
+    def test_any_store_can_expire_at_once(
+        self, make_factory: Callable[..., POP3Factory], store: MemoryStore
+    ) -> None:
+        for message in MESSAGES:
+            store.deliver("alice", message)
+        wire = Wire(make_factory(policy=SessionPolicy(expire_days=0)))
+        wire.login()
+        retrieve(wire, 2)
+        assert wire.command(b"QUIT") == BYE
+        assert store.messages("alice") == [MESSAGES[0], MESSAGES[2]]
+
+    def test_capa_says_expire_0_in_both_states(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(0))
+        before, after = capa(b"EXPIRE 0\r\n")
+        assert wire.command(b"CAPA") == before
+        wire.login()
+        assert wire.command(b"CAPA") == after
+
+
+class TestExpireDays:
+    """EXPIRE 5: deleted at a QUIT at least 5 days after the first RETR."""
+
+    def test_deleted_at_a_quit_after_five_days(self, maildirs: Maildirs, clock: Clock) -> None:
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 1)
+        assert wire.command(b"QUIT") == BYE
+        assert maildirs.present() == [1, 2, 3]
+        clock.advance(5 * DAY - 1)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        assert wire.command(b"QUIT") == BYE
+        assert maildirs.present() == [1, 2, 3]
+        clock.advance(1)
+        wire = Wire(maildirs.factory(5))
+        # Still listed in the session that finds it expired (RFC 1939
+        # section 4: the snapshot does not change); gone after its QUIT.
+        assert wire.login() == LISTED_3
+        assert wire.command(b"RETR 1").startswith(b"+OK ")
+        assert wire.command(b"QUIT") == BYE
+        assert maildirs.present() == [2, 3]
+
+    def test_the_first_retrieval_counts(self, maildirs: Maildirs, clock: Clock) -> None:
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 2)
+        wire.command(b"QUIT")
+        clock.advance(3 * DAY)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 2)
+        wire.command(b"QUIT")
+        clock.advance(2 * DAY)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        wire.command(b"QUIT")
+        assert maildirs.present() == [1, 3]
+
+    def test_messages_never_retrieved_never_expire(self, maildirs: Maildirs, clock: Clock) -> None:
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 1)
+        assert wire.command(b"TOP 2 10").startswith(b"+OK ")
+        wire.command(b"QUIT")
+        clock.advance(1000 * DAY)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        wire.command(b"QUIT")
+        assert maildirs.present() == [2, 3]
+
+    def test_a_session_without_quit_neither_records_nor_deletes(
+        self, maildirs: Maildirs, clock: Clock
+    ) -> None:
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 1)
+        wire.disconnect()  # the retrieval is not recorded: only UPDATE writes
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 3)
+        wire.command(b"QUIT")
+        clock.advance(6 * DAY)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        wire.disconnect()
+        assert maildirs.present() == [1, 2, 3]
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        wire.command(b"QUIT")
+        assert maildirs.present() == [1, 2]
+
+    def test_the_times_are_kept_beside_the_sizes_and_forgotten_with_the_message(
+        self, maildirs: Maildirs, clock: Clock
+    ) -> None:
+        clock.advance(1_000_000)
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        retrieve(wire, 2)
+        wire.command(b"QUIT")
+        state = maildirs.maildir / "pop3d-retrieved"
+        assert state.read_bytes() == b"pop3d-retrieved 1\n%s\t1000000\n" % (
+            maildirs.uniques[1].encode()
+        )
+        clock.advance(5 * DAY)
+        for _ in range(2):
+            wire = Wire(maildirs.factory(5))
+            wire.login()
+            wire.command(b"QUIT")
+        assert maildirs.present() == [1, 3]
+        assert state.read_bytes() == b"pop3d-retrieved 1\n"
+
+    def test_a_damaged_time_never_expires_a_message_early(
+        self, maildirs: Maildirs, clock: Clock
+    ) -> None:
+        clock.advance(100 * DAY)
+        state = maildirs.maildir / "pop3d-retrieved"
+        state.write_text(
+            "pop3d-retrieved 1\n"
+            f"{maildirs.uniques[0]}\t-5\n{maildirs.uniques[1]}\t1e3\n"
+            f"{maildirs.uniques[2]}\t0\textra\n"
+        )
+        wire = Wire(maildirs.factory(5))
+        wire.login()
+        wire.command(b"QUIT")
+        assert maildirs.present() == [1, 2, 3]
+
+    def test_a_store_without_retrieval_times_expires_nothing(
+        self, make_factory: Callable[..., POP3Factory], store: MemoryStore, clock: Clock
+    ) -> None:
+        for message in MESSAGES:
+            store.deliver("alice", message)
+        for _ in range(2):
+            wire = Wire(make_factory(policy=SessionPolicy(expire_days=5)))
+            wire.login()
+            retrieve(wire, 1)
+            wire.command(b"DELE 3")
+            assert wire.command(b"QUIT") == BYE
+            clock.advance(10 * DAY)
+        assert store.messages("alice") == [MESSAGES[0], MESSAGES[1]]
+
+    def test_capa_says_expire_5_in_both_states(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(5))
+        before, after = capa(b"EXPIRE 5\r\n")
+        assert wire.command(b"CAPA") == before
+        wire.login()
+        assert wire.command(b"CAPA") == after
+
+    def test_capa_says_expire_never_by_default(self, maildirs: Maildirs) -> None:
+        wire = Wire(maildirs.factory(None))
+        before, after = capa(b"EXPIRE NEVER\r\n")
+        assert wire.command(b"CAPA") == before
+        wire.login()
+        assert wire.command(b"CAPA") == after
+
+
+class TestExpireOption:
+    @pytest.fixture
+    def passwd(self, tmp_path: Path) -> Path:
+        return write_passwd(tmp_path / "passwd", USERS)
+
+    def parse(self, passwd: Path, location: str, *extra: str) -> Options:
+        options = Options()
+        options.parseOptions(
+            ["--mail-location", location, "--auth", f"passwd-file:{passwd}", *extra]
+        )
+        return options
+
+    @pytest.mark.parametrize(
+        ("extra", "days"),
+        [
+            ([], None),
+            (["--expire", "never"], None),
+            (["--expire", "NEVER"], None),
+            (["--expire", "0"], 0),
+            (["--expire", "30"], 30),
+        ],
+    )
+    def test_values(self, passwd: Path, extra: list[str], days: int | None) -> None:
+        assert self.parse(passwd, "maildir:/srv/mail/{user}", *extra)["expire"] == days
+
+    @pytest.mark.parametrize("value", ["-1", "soon", "1.5", "9999999"])
+    def test_bad_values_name_the_option(self, passwd: Path, value: str) -> None:
+        with pytest.raises(usage.UsageError, match=re.escape(f"--expire {value!r}")):
+            self.parse(passwd, "maildir:/srv/mail/{user}", "--expire", value)
+
+    def test_mbox_cannot_keep_retrieval_times(self, passwd: Path) -> None:
+        assert self.parse(passwd, "mbox:/var/mail/{user}", "--expire", "0")["expire"] == 0
+        with pytest.raises(usage.UsageError, match="--expire 5: this --mail-location cannot"):
+            self.parse(passwd, "mbox:/var/mail/{user}", "--expire", "5")
+
+
+@pytest_twisted.ensureDeferred
+async def test_poplib_retrieved_messages_expire_at_quit(tmp_path: Path) -> None:
+    """End to end, ``--expire 0``: RFC 2449 section 6.7."""
+    server = await start_service(tmp_path, ["tcp:0:interface=127.0.0.1"], ["--expire", "0"])
+    maildir = server.maildir("alice")
+    for message in MESSAGES:
+        deliver_to_maildir(str(maildir), message)
+
+    def session() -> bytes:
+        client = poplib.POP3(server.host, server.port, timeout=30)
+        expire = client.capa()["EXPIRE"][0].encode()
+        client.user("alice")
+        client.pass_("wonderland")
+        client.retr(2)
+        client.quit()
+        return expire
+
+    try:
+        expire = await deferToThread(session)
+    finally:
+        await server.service.stopService()
+    assert expire == b"0"
+    left = sorted(
+        (maildir / sub / name).read_bytes()
+        for sub in ("new", "cur")
+        for name in os.listdir(maildir / sub)
+    )
+    assert left == [MESSAGES[0], MESSAGES[2]]
