@@ -52,4 +52,5 @@ def expired_messages(
         log.failure("retrieval times not kept: nothing expires in this session", failure)
         return frozenset()
 
-    return recorded.addCallbacks(expired, not_recorded)
+    # After `expired` too: whatever a store returns, UPDATE goes on.
+    return recorded.addCallback(expired).addErrback(not_recorded)

@@ -15,7 +15,7 @@ import poplib
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,8 +28,15 @@ from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from zope.interface import implementer
 
+from pop3d.errors import MaildropUnavailable
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import ILoginHistory
+from pop3d.interfaces import (
+    ILoginHistory,
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    IRetrievalTimes,
+)
 from pop3d.locking import LockTable
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.maildir import MaildirStore
@@ -302,26 +309,21 @@ class TestLoginHistoryFile:
         assert not target.exists()
 
 
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    return write_passwd(tmp_path / "passwd", USERS)
+
+
+def parse(passwd: Path, location: str, *extra: str) -> Options:
+    """``twistd pop3d`` options over ``location`` and ``passwd``."""
+    options = Options()
+    options.parseOptions(["--mail-location", location, "--auth", f"passwd-file:{passwd}", *extra])
+    return options
+
+
 class TestOptions:
-    @pytest.fixture
-    def passwd(self, tmp_path: Path) -> Path:
-        return write_passwd(tmp_path / "passwd", USERS)
-
-    def parse(self, passwd: Path, tmp_path: Path, *extra: str) -> Options:
-        options = Options()
-        options.parseOptions(
-            [
-                "--mail-location",
-                f"maildir:{tmp_path}/mail/{{user}}",
-                "--auth",
-                f"passwd-file:{passwd}",
-                *extra,
-            ]
-        )
-        return options
-
     def test_no_delay_by_default(self, passwd: Path, tmp_path: Path) -> None:
-        options = self.parse(passwd, tmp_path)
+        options = parse(passwd, f"maildir:{tmp_path}/mail/{{user}}")
         assert options["login-delay"] is None
         assert options["login-history"] is None
 
@@ -329,7 +331,7 @@ class TestOptions:
         self, passwd: Path, tmp_path: Path
     ) -> None:
         (tmp_path / "mail").mkdir()
-        options = self.parse(passwd, tmp_path, "--login-delay", "300")
+        options = parse(passwd, f"maildir:{tmp_path}/mail/{{user}}", "--login-delay", "300")
         assert options["login-delay"] == 300
         assert options["login-history"] == f"{tmp_path}/mail/.pop3d-logins"
         assert (tmp_path / "mail" / ".pop3d-logins").is_file()
@@ -351,7 +353,7 @@ class TestOptions:
         self, passwd: Path, tmp_path: Path, extra: list[str], message: str
     ) -> None:
         with pytest.raises(usage.UsageError) as raised:
-            self.parse(passwd, tmp_path, *extra)
+            parse(passwd, f"maildir:{tmp_path}/mail/{{user}}", *extra)
         assert str(raised.value).startswith(message)
 
 
@@ -625,6 +627,48 @@ class TestExpireDays:
             clock.advance(10 * DAY)
         assert store.messages("alice") == [MESSAGES[0], MESSAGES[1]]
 
+    def test_times_that_cannot_be_kept_expire_nothing_but_dele_is_done(
+        self, clock: Clock, store: MemoryStore
+    ) -> None:
+        """A store failing at UPDATE: logged; the client's DELE still happens."""
+
+        @implementer(IMaildrop, IRetrievalTimes)
+        class Forgetful:
+            def __init__(self, inner: IMaildrop) -> None:
+                self.inner = inner
+                self.messages = inner.messages
+
+            def open_message(self, index: int) -> Deferred[IMessageBody]:
+                return self.inner.open_message(index)
+
+            def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+                return self.inner.remove(indexes)
+
+            def close(self) -> Deferred[None]:
+                return self.inner.close()
+
+            def record_retrievals(
+                self, retrieved: Sequence[int], now: float
+            ) -> Deferred[Mapping[int, float]]:
+                return fail(MaildropUnavailable("cannot read the times"))
+
+        @implementer(IMaildropStore)
+        class ForgetfulStore:
+            def open(self, mailbox: str) -> Deferred[IMaildrop]:
+                return store.open(mailbox).addCallback(Forgetful)
+
+        for message in MESSAGES:
+            store.deliver("alice", message)
+        portal = delayed_portal(MaildropRealm(ForgetfulStore()))
+        factory = POP3Factory(portal, clock=clock, policy=SessionPolicy(expire_days=5))
+        wire = Wire(factory)
+        wire.login()
+        retrieve(wire, 1)
+        wire.command(b"DELE 2")
+        assert wire.command(b"QUIT") == BYE
+        assert store.messages("alice") == [MESSAGES[0], MESSAGES[2]]
+        assert not store.is_locked("alice")
+
     def test_capa_says_expire_5_in_both_states(self, maildirs: Maildirs) -> None:
         wire = Wire(maildirs.factory(5))
         before, after = capa(b"EXPIRE 5\r\n")
@@ -641,17 +685,6 @@ class TestExpireDays:
 
 
 class TestExpireOption:
-    @pytest.fixture
-    def passwd(self, tmp_path: Path) -> Path:
-        return write_passwd(tmp_path / "passwd", USERS)
-
-    def parse(self, passwd: Path, location: str, *extra: str) -> Options:
-        options = Options()
-        options.parseOptions(
-            ["--mail-location", location, "--auth", f"passwd-file:{passwd}", *extra]
-        )
-        return options
-
     @pytest.mark.parametrize(
         ("extra", "days"),
         [
@@ -663,17 +696,17 @@ class TestExpireOption:
         ],
     )
     def test_values(self, passwd: Path, extra: list[str], days: int | None) -> None:
-        assert self.parse(passwd, "maildir:/srv/mail/{user}", *extra)["expire"] == days
+        assert parse(passwd, "maildir:/srv/mail/{user}", *extra)["expire"] == days
 
     @pytest.mark.parametrize("value", ["-1", "soon", "1.5", "9999999"])
     def test_bad_values_name_the_option(self, passwd: Path, value: str) -> None:
         with pytest.raises(usage.UsageError, match=re.escape(f"--expire {value!r}")):
-            self.parse(passwd, "maildir:/srv/mail/{user}", "--expire", value)
+            parse(passwd, "maildir:/srv/mail/{user}", "--expire", value)
 
     def test_mbox_cannot_keep_retrieval_times(self, passwd: Path) -> None:
-        assert self.parse(passwd, "mbox:/var/mail/{user}", "--expire", "0")["expire"] == 0
+        assert parse(passwd, "mbox:/var/mail/{user}", "--expire", "0")["expire"] == 0
         with pytest.raises(usage.UsageError, match="--expire 5: this --mail-location cannot"):
-            self.parse(passwd, "mbox:/var/mail/{user}", "--expire", "5")
+            parse(passwd, "mbox:/var/mail/{user}", "--expire", "5")
 
 
 @pytest_twisted.ensureDeferred
