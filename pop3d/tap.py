@@ -309,17 +309,20 @@ def parse_login_delay(
     created if needed and read once now, so a path that cannot serve is an
     error at start-up.
     """
-    if value is None or value == "0":
+    if value is not None and not (value.isascii() and value.isdigit()):
+        raise usage.UsageError(f"--login-delay {value!r}: expected a whole number of seconds")
+    if value is None or int(value) == 0:
         if history is not None:
             raise usage.UsageError("--login-history needs --login-delay")
         return None, None
-    if not value.isdigit():
-        raise usage.UsageError(f"--login-delay {value!r}: expected a whole number of seconds")
     path = history or default_login_history(template)
+    checked = LoginHistoryFile(path)
     try:
-        LoginHistoryFile(path).check()
+        checked.check()
     except (OSError, sqlite3.Error) as error:
         raise usage.UsageError(f"--login-history {path}: {error}") from None
+    finally:
+        checked.close()
     return int(value), path
 
 

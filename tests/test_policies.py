@@ -296,6 +296,23 @@ class TestLoginHistoryFile:
         assert output == "5000.0\nNone\n"
         assert LoginHistoryFile(path).last_login("bob").result == 5100.0
 
+    def test_processes_recording_at_once_admit_one_login(self, tmp_path: Path) -> None:
+        """Three processes record a login of the same user at the same time: one wins."""
+        path = str(tmp_path / "logins")
+        script = (
+            "import sys\n"
+            "from pop3d.logindelay import LoginHistoryFile\n"
+            "print(LoginHistoryFile(sys.argv[1]).record_login('alice', 7000.0, 300).result)\n"
+        )
+        racers = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, path], stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
+        answers = sorted(racer.communicate()[0] for racer in racers)
+        assert answers == ["7000.0\n"] * 2 + ["None\n"]
+
     def test_a_new_file_is_private(self, tmp_path: Path) -> None:
         path = tmp_path / "logins"
         LoginHistoryFile(str(path)).check()
@@ -342,6 +359,7 @@ class TestOptions:
         [
             (["--login-delay", "five"], "--login-delay 'five'"),
             (["--login-delay", "-1"], "--login-delay '-1'"),
+            (["--login-delay", "00", "--login-history", "/tmp/x"], "--login-history needs"),
             (["--login-history", "/tmp/x"], "--login-history needs --login-delay"),
             (
                 ["--login-delay", "60", "--login-history", "/nonexistent/dir/logins"],
