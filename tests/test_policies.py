@@ -46,6 +46,10 @@ from pop3d.tap import Options
 from pop3d.testing import MemoryLoginHistory, MemoryStore, deliver_to_maildir
 
 from .conftest import USERS, Wire, start_service, write_passwd
+from .test_process import HOST, PATIENCE, Launch, pop3d_arguments
+from .test_workers import WORKER_LISTENING, launch
+
+__all__ = ["launch"]  # the fixture
 
 DELAY = 300
 
@@ -755,3 +759,47 @@ async def test_poplib_retrieved_messages_expire_at_quit(tmp_path: Path) -> None:
         for name in os.listdir(maildir / sub)
     )
     assert left == [MESSAGES[0], MESSAGES[2]]
+
+
+def test_workers_share_the_login_history(tmp_path: Path, launch: Launch) -> None:
+    """
+    ``twistd pop3d --workers 2 --login-delay``: a burst of connections reaches
+    both workers (each has its own socket, SO_REUSEPORT); after the first
+    login, every other one is refused, whichever worker it reached.
+    """
+    mail_root = tmp_path / "mail"
+    mail_root.mkdir()
+    arguments = pop3d_arguments(
+        mail_root,
+        write_passwd(tmp_path / "passwd", USERS),
+        "--workers",
+        "2",
+        "--login-delay",
+        "3600",
+    )
+    server = launch(*arguments)
+    listening = [server.wait_for(WORKER_LISTENING) for _ in range(2)]
+    pids = [int(match.group(1)) for match in listening]
+    port = int(listening[0].group(2))
+    clients = [poplib.POP3(HOST, port, timeout=PATIENCE) for _ in range(16)]
+    try:
+        reached = [
+            sum(os.readlink(fd).startswith("socket:") for fd in Path(f"/proc/{pid}/fd").iterdir())
+            for pid in pids
+        ]
+        # Each worker holds its listening socket and the connections it
+        # accepted: at least one
+        # each (all 16 on one of two workers by chance: 1 in 32,768).
+        assert all(count > 1 for count in reached), reached
+        answers = []
+        for client in clients:
+            client.user("alice")
+            try:
+                answers.append(client.pass_("wonderland")[:3])
+                client.quit()
+            except poplib.error_proto as error:
+                answers.append(error.args[0][:18])
+    finally:
+        for client in clients:
+            client.close()
+    assert answers == [b"+OK"] + [b"-ERR [LOGIN-DELAY]"] * 15
