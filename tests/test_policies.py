@@ -788,8 +788,7 @@ def test_workers_share_the_login_history(tmp_path: Path, launch: Launch) -> None
             for pid in pids
         ]
         # Each worker holds its listening socket and the connections it
-        # accepted: at least one
-        # each (all 16 on one of two workers by chance: 1 in 32,768).
+        # accepted: at least one each (all 16 on one worker by chance: 1 in 32,768).
         assert all(count > 1 for count in reached), reached
         answers = []
         for client in clients:
