@@ -245,6 +245,10 @@ class MaildirStore:
     memory (0: none, every login reads its directories).  ``locks`` keep a
     maildrop to one session (see `pop3d.locking`): by default a `LockTable`
     in `default_lock_table` of the template; `LockFiles` for NFS.
+
+    Its maildrops keep the time of each message's first retrieval
+    (`pop3d.interfaces.IRetrievalTimes`, for EXPIRE) in the file
+    `RETRIEVAL_TIMES` of the Maildir.
     """
 
     def __init__(
