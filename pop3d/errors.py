@@ -68,3 +68,18 @@ class DeletionFailed(POP3Error):
     def __init__(self, failed: int) -> None:
         super().__init__(f"{failed} message(s) could not be deleted, try again later")
         self.failed = failed
+
+
+class LoginDelayed(POP3Error):
+    """
+    RFC 2449 section 8.1.1: the user logged in less than the login delay
+    ago.  Raised only after their credentials were verified.
+    """
+
+    code = ResponseCode.LOGIN_DELAY
+
+    def __init__(self, delay: int, remaining: int) -> None:
+        super().__init__(
+            f"last login less than {delay} seconds ago, try again in {remaining} seconds"
+        )
+        self.remaining = remaining

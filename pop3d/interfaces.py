@@ -9,7 +9,7 @@ behind a thread pool; every failure is one of the types in `pop3d.errors`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, overload
 
@@ -178,3 +178,57 @@ class IMaildropLocks(Interface):
         Raises `pop3d.errors.MaildropLocked` if it is held by another
         session, in any process, or `pop3d.errors.MaildropUnavailable`.
         """
+
+
+class ILoginHistory(Interface):
+    """
+    When each user last logged in, for RFC 2449 section 6.5 LOGIN-DELAY
+    (see `pop3d.logindelay.LoginDelayRealm`).
+
+    Times are seconds on the server's clock (``IReactorTime.seconds``).  A
+    history shared by several processes (``twistd pop3d --workers``) must
+    give every one of them the same answers; one that survives a restart
+    keeps the delay across it.
+    """
+
+    def last_login(user: str) -> Deferred[float | None]:
+        """When ``user`` last logged in, or None if never (as far as known)."""
+
+    def record_login(user: str, now: float, delay: float) -> Deferred[float | None]:
+        """
+        Atomically, with respect to every other caller in every process: if
+        the last login of ``user`` is within ``delay`` seconds before
+        ``now`` (``now - delay < last <= now``), change nothing and return
+        that time (the login is refused); otherwise record ``now`` as their
+        last login and return None.  A last login later than ``now`` (the
+        clock was set back) holds no one back.  Fails, changing nothing,
+        if the history cannot be read or written.
+        """
+
+
+class IRetrievalTimes(Interface):
+    """
+    An optional part of `IMaildrop`: a store that keeps, across sessions,
+    when each message was first retrieved with RETR, so that RFC 2449
+    section 6.7 ``EXPIRE n`` (n days) can be kept (see `pop3d.expire`).
+    """
+
+    def record_retrievals(retrieved: Sequence[int], now: float) -> Deferred[Mapping[int, float]]:
+        """
+        Called once during UPDATE, before `IMaildrop.remove`, while the
+        maildrop is locked: record ``now`` as the first retrieval of each
+        message in ``retrieved`` that has none yet (an earlier one is kept),
+        forget the messages no longer in the maildrop, and return the first
+        retrieval time of every message of the snapshot that has one, by
+        index.  Never changes a message.  If the times cannot be read the
+        Deferred fails (the session then expires nothing); a time that
+        cannot be written is lost, which only keeps a message longer.
+        """
+
+
+class IRetrievalTimesStore(Interface):
+    """
+    An optional part of `IMaildropStore`: every maildrop it opens provides
+    `IRetrievalTimes`.  Only such a store can offer ``EXPIRE n`` for n of
+    1 or more (``twistd pop3d --expire`` checks at start-up).
+    """

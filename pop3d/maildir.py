@@ -36,7 +36,7 @@ import re
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import overload
@@ -54,6 +54,8 @@ from pop3d.interfaces import (
     IMaildropLocks,
     IMaildropStore,
     IMessageBody,
+    IRetrievalTimes,
+    IRetrievalTimesStore,
     ISeenFlags,
     MessageList,
 )
@@ -90,6 +92,8 @@ _PLAN_INLINE_MESSAGES = 1000
 DOVECOT_UIDLIST = "dovecot-uidlist"
 #: Where counted message sizes are kept (see `_SizeCache`).
 SIZE_CACHE = "pop3d-sizes"
+#: When messages were first retrieved, for EXPIRE (see `_Maildrop.record_retrievals`).
+RETRIEVAL_TIMES = "pop3d-retrieved"
 _MAX_UIDLIST_SIZE = 64 * 1024 * 1024
 _MAX_HEADER_SIZE = 256 * 1024
 # A directory changed this recently may change again within the same tick
@@ -217,7 +221,7 @@ class _ListingCache:
             self._messages -= len(dropped.messages)
 
 
-@implementer(IMaildropStore)
+@implementer(IMaildropStore, IRetrievalTimesStore)
 class MaildirStore:
     """
     Maildirs found by a path template such as ``/srv/mail/{user}``.
@@ -241,6 +245,10 @@ class MaildirStore:
     memory (0: none, every login reads its directories).  ``locks`` keep a
     maildrop to one session (see `pop3d.locking`): by default a `LockTable`
     in `default_lock_table` of the template; `LockFiles` for NFS.
+
+    Its maildrops keep the time of each message's first retrieval
+    (`pop3d.interfaces.IRetrievalTimes`, for EXPIRE) in the file
+    `RETRIEVAL_TIMES` of the Maildir.
     """
 
     def __init__(
@@ -748,22 +756,38 @@ def _count_moved(
     return counted[unique][1] if unique in counted else None
 
 
-def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
-    known: dict[str, tuple[int, int]] = {}
+def _state_records(root_fd: int, name: str, header: str) -> Iterator[tuple[str, str, str]]:
+    """
+    The lines of a state file of pop3d's in the Maildir root (``header``,
+    then ``unique name<TAB>field<TAB>field`` lines), split at their first
+    two tabs.  Nothing if the file is missing, unreadable or of another
+    format; whoever reads them checks the fields (the Maildir's owner can
+    write anything there).
+    """
     try:
-        fd = os.open(SIZE_CACHE, _MESSAGE_FLAGS, dir_fd=root_fd)
+        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=root_fd)
         with open(fd, encoding="utf-8", errors="surrogateescape") as file:
-            if file.readline().rstrip("\n") != _SIZE_CACHE_HEADER:
-                return known
+            if file.readline().rstrip("\n") != header:
+                return
             for line in file:
-                name, _, numbers = line.rstrip("\n").partition("\t")
-                inode, _, size = numbers.partition("\t")
-                if inode.isascii() and inode.isdigit() and size.isascii() and size.isdigit():
-                    known[name] = (int(inode), int(size))
-                # else a damaged line: that size is counted again
+                unique, _, fields = line.rstrip("\n").partition("\t")
+                first, _, second = fields.partition("\t")
+                yield unique, first, second
     except OSError:
-        pass  # no cache yet, or unreadable: sizes are counted again
-    return known
+        return
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
+    # A missing, unreadable or damaged entry: that size is counted again.
+    return {
+        name: (int(inode), int(size))
+        for name, inode, size in _state_records(root_fd, SIZE_CACHE, _SIZE_CACHE_HEADER)
+        if _is_number(inode) and _is_number(size)
+    }
 
 
 def _save_sizes(directory: _Directory, sizes: dict[str, tuple[int, int]]) -> None:
@@ -775,29 +799,69 @@ def _save_sizes(directory: _Directory, sizes: dict[str, tuple[int, int]]) -> Non
 
 
 def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
-    # A name of this writer's own (two servers may save at once; a reader
-    # sees the old file or a whole new one), created new or not at all:
-    # nothing the Maildir's owner put anywhere is followed or overwritten.
-    temporary = f"{SIZE_CACHE}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    def chunks() -> Iterator[bytes]:
+        yield f"{_SIZE_CACHE_HEADER}\n".encode()
+        # A slice at a time: formatting and encoding 100,000 lines in one go
+        # would hold the GIL, and every session, for ~20 ms.
+        entries = iter(sizes.items())
+        while step := list(itertools.islice(entries, _STEP)):
+            text = "".join([f"{name}\t{inode}\t{size}\n" for name, (inode, size) in step])
+            yield text.encode("utf-8", "surrogateescape")
+
     try:
-        fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
-        try:
-            with open(fd, "wb") as file:
-                file.write(f"{_SIZE_CACHE_HEADER}\n".encode())
-                # A slice at a time: formatting and encoding 100,000 lines in
-                # one go would hold the GIL, and every session, for ~20 ms.
-                entries = iter(sizes.items())
-                while step := list(itertools.islice(entries, _STEP)):
-                    text = "".join([f"{name}\t{inode}\t{size}\n" for name, (inode, size) in step])
-                    file.write(text.encode("utf-8", "surrogateescape"))
-            os.rename(temporary, SIZE_CACHE, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary, dir_fd=root_fd)
-            raise
+        _replace_state_file(root_fd, SIZE_CACHE, chunks())
     except OSError as error:
         log.info("not caching message sizes in {root}: {error}", root=root, error=error)
+
+
+def _replace_state_file(root_fd: int, name: str, chunks: Iterable[bytes]) -> None:
+    """
+    Replace the state file ``name`` of the Maildir root with ``chunks``, all
+    at once: a reader (or a crash) sees the old file or the whole new one.
+    Raises `OSError`.
+    """
+    # A name of this writer's own (two servers may save at once), created
+    # new or not at all: nothing the Maildir's owner put anywhere is
+    # followed or overwritten.
+    temporary = f"{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
+    try:
+        with open(fd, "wb") as file:
+            for chunk in chunks:
+                file.write(chunk)
+        os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=root_fd)
+        raise
+
+
+# When messages were first retrieved (RETR), by unique name, in whole seconds
+# of the server's clock: written in UPDATE, under the maildrop's lock.
+_RETRIEVAL_TIMES_HEADER = "pop3d-retrieved 1"
+
+
+def _load_retrieval_times(root_fd: int) -> dict[str, int]:
+    # A damaged entry is dropped: that message's retention starts again,
+    # later, never sooner.
+    return {
+        name: int(first)
+        for name, first, rest in _state_records(root_fd, RETRIEVAL_TIMES, _RETRIEVAL_TIMES_HEADER)
+        if _is_number(first) and not rest
+    }
+
+
+def _write_retrieval_times(root: str, root_fd: int, times: dict[str, int]) -> None:
+    text = "".join([f"{name}\t{first}\n" for name, first in times.items()])
+    try:
+        _replace_state_file(
+            root_fd,
+            RETRIEVAL_TIMES,
+            [f"{_RETRIEVAL_TIMES_HEADER}\n".encode(), text.encode("utf-8", "surrogateescape")],
+        )
+    except OSError as error:
+        log.error("cannot record retrievals in {root}: {error}", root=root, error=error)
 
 
 def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int]:
@@ -892,7 +956,7 @@ class _FileBody:
         self.close()
 
 
-@implementer(IMaildrop, ISeenFlags)
+@implementer(IMaildrop, ISeenFlags, IRetrievalTimes)
 class _Maildrop:
     __slots__ = ("_directory", "_locations", "_release", "_store", "messages")
 
@@ -1009,6 +1073,45 @@ class _Maildrop:
         if not renames:
             return succeed(None)
         return run_blocking(self._store._reactor, self._rename_all, renames)
+
+    def record_retrievals(
+        self, retrieved: Sequence[int], now: float
+    ) -> Deferred[Mapping[int, float]]:
+        """
+        In the file `RETRIEVAL_TIMES` of the Maildir root, by unique name (so
+        a message keeps its time when another program moves or flags it).
+        """
+        if self._directory is None:
+            return succeed({})
+        return run_blocking(
+            self._store._reactor, self._record_retrievals, list(retrieved), int(now)
+        )
+
+    def _record_retrievals(self, retrieved: list[int], now: int) -> dict[int, float]:
+        assert self._directory is not None
+        with self._directory.opened() as root_fd:
+            known = _load_retrieval_times(root_fd)
+            if not known and not retrieved:
+                return {}  # most Maildirs, at most QUITs: one failed open(2)
+            firsts: dict[int, float] = {}
+            kept: dict[str, int] = {}
+            if known:
+                for index, (_, name) in enumerate(self._locations):
+                    unique = _unique_name(name)
+                    first = known.get(unique)
+                    if first is not None:
+                        firsts[index] = first
+                        kept[unique] = first
+            for index in retrieved:
+                unique = _unique_name(self._locations[index][1])
+                # A name that would not fit on its line is not recorded: that
+                # message is kept, never deleted early.
+                if index not in firsts and "\t" not in unique and "\n" not in unique:
+                    firsts[index] = now
+                    kept[unique] = now
+            if kept != known:
+                _write_retrieval_times(self.root, root_fd, kept)
+        return firsts
 
     def _renames(self, retrieved: Sequence[int], kept: Sequence[int]) -> list[tuple[int, str]]:
         """(index, new file name) of each message `mark_seen` moves or flags."""

@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.expire import expired_messages
 from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
@@ -178,6 +179,14 @@ class SessionPolicy:
     #: What RETR and TOP send differently for clients that need it
     #: (Dovecot's pop3_client_workarounds); none by default.
     client_workarounds: ClientWorkarounds = NO_WORKAROUNDS
+    #: RFC 2449 section 6.5: seconds between a user's logins, announced in
+    #: CAPA (None: no LOGIN-DELAY).  Enforced by
+    #: `pop3d.logindelay.LoginDelayRealm`, which must be given the same value.
+    login_delay: int | None = None
+    #: RFC 2449 section 6.7: days a message is kept after its first RETR
+    #: (None: EXPIRE NEVER; 0: retrieved messages are deleted at QUIT).
+    #: Days of 1 or more need a maildrop with `pop3d.interfaces.IRetrievalTimes`.
+    expire_days: int | None = None
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -281,6 +290,8 @@ class Session:
         self._tls_available = tls_available
         self._hostname = hostname
         self._clock = clock
+        if policy.expire_days and clock is None:
+            raise ValueError("EXPIRE with a number of days needs a clock")
         self._sasl: _SASLInProgress | None = None
         self._policy = policy
         self.state = State.AUTHORIZATION
@@ -419,7 +430,10 @@ class Session:
         lines = [b"TOP", b"UIDL"]
         if self._user_pass_offered():
             lines.append(b"USER")
-        lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", b"EXPIRE NEVER"]
+        lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", _expire_capability(self._policy)]
+        if self._policy.login_delay is not None:
+            # One delay for every user: the same value in both states, no "USER".
+            lines.append(b"LOGIN-DELAY %d" % self._policy.login_delay)
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
@@ -738,7 +752,29 @@ class Session:
         assert self._maildrop is not None
         self.state = State.UPDATE
         maildrop = self._maildrop
-        doomed = sorted(self._deleted)
+        implied = _settled(self._expired(maildrop))
+        if isinstance(implied, Deferred):
+            return implied.addCallback(lambda expired: self._update(maildrop, expired))
+        return self._update(maildrop, implied)
+
+    def _expired(self, maildrop: IMaildrop) -> Deferred[frozenset[int]]:
+        """
+        RFC 2449 section 6.7: the messages the EXPIRE policy deletes in this
+        UPDATE besides those marked with DELE.  EXPIRE 0: an implicit DELE of
+        every message sent with RETR (not TOP).
+        """
+        days = self._policy.expire_days
+        if days is None:
+            return succeed(_NONE)
+        if days == 0:
+            return succeed(frozenset(self._retrieved))
+        assert self._clock is not None
+        kept = self._retrieved - self._deleted
+        return expired_messages(maildrop, kept, days=days, now=self._clock.seconds())
+
+    def _update(self, maildrop: IMaildrop, expired: frozenset[int]) -> Reply | Deferred[Reply]:
+        doomed_set = self._deleted | expired if expired else self._deleted
+        doomed = sorted(doomed_set)
         doomed_octets = sum(self._messages.sizes[i] for i in doomed)
         removal: Deferred[None] = (
             maybeDeferred(maildrop.remove, doomed) if doomed else succeed(None)
@@ -765,8 +801,8 @@ class Session:
             if seen_flags is None:
                 return reply
             every = range(len(self._messages))
-            kept = [i for i in every if i not in self._deleted] if self._deleted else every
-            retrieved = sorted(self._retrieved - self._deleted) if self._retrieved else []
+            kept = [i for i in every if i not in doomed_set] if doomed_set else every
+            retrieved = sorted(self._retrieved - doomed_set) if self._retrieved else []
             marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
             settled: Deferred[None] | None = _settled(marking)
             if settled is None:
@@ -814,6 +850,13 @@ class _SASLInProgress:
     exchange: ISASLExchange
 
 
+def _expire_capability(policy: SessionPolicy) -> bytes:
+    """One policy for every user: the same line in both states, no "USER"."""
+    if policy.expire_days is None:
+        return b"EXPIRE NEVER"
+    return b"EXPIRE %d" % policy.expire_days
+
+
 def _login_failure_status(failure: Failure) -> tuple[str, Status]:
     """Why a login failed (for the log) and what the client is told."""
     if failure.check(UnauthorizedLogin, LoginFailed):
@@ -826,6 +869,11 @@ def _login_failure_status(failure: Failure) -> tuple[str, Status]:
         error = failure.value
         assert isinstance(error, POP3Error)
         return "unavailable: " + error.text, error.status()
+    if failure.check(LoginDelayed):
+        # Not a failed login: neither counted nor made to wait.
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "login-delay", error.status()
     return "internal", Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
 
 

@@ -8,6 +8,7 @@ import gc
 import ipaddress
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -15,7 +16,7 @@ from typing import Any, cast
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorProcess,
@@ -31,8 +32,9 @@ from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
-from pop3d.interfaces import IMaildropLocks, IMaildropStore
+from pop3d.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
 from pop3d.locking import LockFiles, LockTable
+from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
 from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
@@ -158,6 +160,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "outlook-no-nuls (NUL octets sent as 0x80), oe-ns-eoh (a blank line "
             "after a header that has none).  Default: none.",
         ],
+        [
+            "expire",
+            None,
+            "never",
+            "Days a message is kept after it was first retrieved (RETR), then deleted "
+            "at a QUIT; 0: retrieved messages are deleted at QUIT; never: nothing "
+            "is deleted but what the client deletes (RFC 2449 EXPIRE).",
+        ],
+        [
+            "login-delay",
+            None,
+            None,
+            "Seconds a user must wait between logins, announced and enforced "
+            "(RFC 2449 LOGIN-DELAY; default: none).",
+        ],
+        [
+            "login-history",
+            None,
+            None,
+            "The SQLite file of last logins for --login-delay, shared by every "
+            "process of this host (default: .pop3d-logins beside the default --lock-table).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -204,6 +228,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
+        self["expire"] = parse_expire(self["expire"], store_class(self["mail-location"]))
+        self["login-delay"], self["login-history"] = parse_login_delay(
+            self["login-delay"], self["login-history"], self["maildir-template"]
+        )
         if self["uidl-format"] is not None:
             if self["mail-location"].startswith("mbox:"):
                 raise usage.UsageError(
@@ -307,6 +335,51 @@ def parse_network(value: str) -> IPNetwork:
         ) from None
 
 
+def store_class(location: str) -> type:
+    """The class of store a --mail-location names (parse_mail_location accepted it)."""
+    return MboxStore if location.startswith("mbox:") else MaildirStore
+
+
+def parse_expire(value: str, store: type) -> int | None:
+    """--expire: days (0 or more), or None for never."""
+    if value.lower() == "never":
+        return None
+    if not value.isdigit() or len(value) > 6:
+        raise usage.UsageError(f"--expire {value!r}: expected a number of days or 'never'")
+    days = int(value)
+    if days and not IRetrievalTimesStore.implementedBy(store):
+        raise usage.UsageError(
+            f"--expire {days}: this --mail-location cannot record when messages were "
+            "retrieved (Maildirs can); use --expire 0 or never"
+        )
+    return days
+
+
+def parse_login_delay(
+    value: str | None, history: str | None, template: str
+) -> tuple[int | None, str | None]:
+    """
+    The --login-delay seconds (None: no delay) and the --login-history file,
+    created if needed and read once now, so a path that cannot serve is an
+    error at start-up.
+    """
+    if value is not None and not (value.isascii() and value.isdigit()):
+        raise usage.UsageError(f"--login-delay {value!r}: expected a whole number of seconds")
+    if value is None or int(value) == 0:
+        if history is not None:
+            raise usage.UsageError("--login-history needs --login-delay")
+        return None, None
+    path = history or default_login_history(template)
+    checked = LoginHistoryFile(path)
+    try:
+        checked.check()
+    except (OSError, sqlite3.Error) as error:
+        raise usage.UsageError(f"--login-history {path}: {error}") from None
+    finally:
+        checked.close()
+    return int(value), path
+
+
 def parse_limit(option: str, value: str | None) -> int | None:
     if value is None:
         return None
@@ -388,7 +461,7 @@ def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None)
 
 
 def build_portal(
-    realm: MaildropRealm, checkers: Sequence[Any], threads: IReactorThreads | None = None
+    realm: IRealm, checkers: Sequence[Any], threads: IReactorThreads | None = None
 ) -> Portal:
     """
     A portal over all the checkers given, in order: several checkers for the
@@ -463,14 +536,22 @@ def makeService(options: Options) -> IService:
     # the default 5 ms, so a fresh session is not kept waiting by a scan.
     sys.setswitchinterval(SWITCH_INTERVAL)
     store = build_store(options, threads, clock)
-    portal = build_portal(MaildropRealm(store), options["credCheckers"], threads)
+    realm: IRealm = MaildropRealm(store)
+    if options["login-delay"] is not None:
+        history = LoginHistoryFile(options["login-history"], reactor=threads)
+        realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
+    portal = build_portal(realm, options["credCheckers"], threads)
     factory = POP3Factory(
         portal,
         clock=clock,
         timeout=options["timeout"],
         hostname=options["hostname"],
         login_failure_delay=options["login-failure-delay"],
-        policy=SessionPolicy(allow_plaintext_auth=bool(options["allow-plaintext-auth"])),
+        policy=SessionPolicy(
+            allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
+            login_delay=options["login-delay"],
+            expire_days=options["expire"],
+        ),
         tls=options["tls"],
         max_connections=options["max-connections"],
         max_connections_per_ip=options["max-connections-per-ip"],

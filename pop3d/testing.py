@@ -25,7 +25,15 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
+from pop3d.interfaces import (
+    ILoginHistory,
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
+from pop3d.logindelay import holds_back
 from pop3d.realm import MaildropRealm
 from pop3d.wire import wire_size
 
@@ -68,6 +76,27 @@ class MemoryStore:
 
     def _unlock(self, mailbox: str) -> None:
         self._locked.discard(mailbox)
+
+
+@implementer(ILoginHistory)
+class MemoryLoginHistory:
+    """
+    Last logins in memory, for `pop3d.logindelay.LoginDelayRealm` in tests:
+    shared by whatever holds the same instance, gone when it is.
+    """
+
+    def __init__(self) -> None:
+        self.logins: dict[str, float] = {}
+
+    def last_login(self, user: str) -> Deferred[float | None]:
+        return succeed(self.logins.get(user))
+
+    def record_login(self, user: str, now: float, delay: float) -> Deferred[float | None]:
+        last = self.logins.get(user)
+        if holds_back(last, now, delay):
+            return succeed(last)
+        self.logins[user] = now
+        return succeed(None)
 
 
 @implementer(IMessageBody)

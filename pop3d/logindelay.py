@@ -1,0 +1,250 @@
+"""
+RFC 2449 section 6.5 LOGIN-DELAY, enforced: a user who logged in less than
+the delay ago is refused with ``-ERR [LOGIN-DELAY]`` (section 8.1.1).
+
+`LoginDelayRealm` wraps the realm of a portal, so it runs only after a
+checker accepted the credentials: a wrong password or an unknown user is
+answered ``-ERR [AUTH]`` as always, and the refusal tells nothing about who
+exists.  A refused login is not a login: it does not restart the wait.
+
+The last logins are kept by an `pop3d.interfaces.ILoginHistory`:
+`LoginHistoryFile`, an SQLite database that the processes of ``twistd pop3d
+--workers`` share and that survives a restart, or
+`pop3d.testing.MemoryLoginHistory`.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from pop3d.errors import LoginDelayed
+from pop3d.interfaces import ILoginHistory, IMaildrop
+from pop3d.maildir import default_lock_table
+from pop3d.realm import mailbox_name
+from pop3d.storage import run_blocking
+
+#: The default `LoginHistoryFile`, beside the default lock table (see
+#: `default_login_history`).  User names never start with a dot.
+LOGIN_HISTORY_NAME = ".pop3d-logins"
+#: How long a process waits for another one's write to the history.
+BUSY_TIMEOUT_SECONDS = 5.0
+
+log = Logger()
+
+_Avatar = tuple[type[Interface], object, Callable[[], None]]
+
+
+def default_login_history(template: str) -> str:
+    """
+    Where the login history of a mail location is by default: in the same
+    directory as its default lock table (``/srv/mail/.pop3d-logins`` for
+    ``/srv/mail/{user}``), which belongs to the administrator.
+    """
+    return os.path.join(os.path.dirname(default_lock_table(template)), LOGIN_HISTORY_NAME)
+
+
+def holds_back(last: float | None, now: float, delay: float) -> bool:
+    """Whether a last login at ``last`` refuses a login at ``now``."""
+    return last is not None and now - delay < last <= now
+
+
+@implementer(IRealm)
+class LoginDelayRealm:
+    """
+    Refuses a login sooner than ``delay`` seconds after the same user's
+    previous one, then lets ``realm`` open the maildrop.
+
+    The history is asked first, so a refused login costs no maildrop
+    opening; the login is recorded only once the maildrop is open (the
+    +OK from which RFC 2449 counts), atomically, so two logins racing in
+    different processes cannot both get in.  The loser's maildrop is closed
+    again.  A history that cannot be read refuses the login (logged;
+    ``-ERR [SYS/TEMP]``): the delay is a promise made in CAPA.
+
+    Announce the same delay in CAPA (`pop3d.session.SessionPolicy.login_delay`).
+    """
+
+    def __init__(
+        self, realm: IRealm, history: ILoginHistory, *, delay: int, clock: IReactorTime
+    ) -> None:
+        self.realm = realm
+        self.history = history
+        self.delay = delay
+        self._clock = clock
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Deferred[_Avatar]:
+        user = mailbox_name(avatarId)
+        if user is None:
+            # Not a name any maildrop has: the realm refuses it as it always does.
+            return self._open(avatarId, mind, interfaces)
+
+        def checked(last: float | None) -> Deferred[_Avatar]:
+            if holds_back(last, self._clock.seconds(), self.delay):
+                assert last is not None
+                raise self._refusal(last)
+            opened = self._open(avatarId, mind, interfaces)
+            return opened.addCallback(record)
+
+        def record(avatar: _Avatar) -> Deferred[_Avatar]:
+            recorded = maybeDeferred(
+                self.history.record_login, user, self._clock.seconds(), self.delay
+            )
+
+            def decided(last: float | None) -> _Avatar:
+                if last is not None:
+                    _release(avatar)
+                    raise self._refusal(last)
+                return avatar
+
+            def broken(failure: Failure) -> Failure:
+                _release(avatar)
+                return failure
+
+            return recorded.addCallbacks(decided, broken)
+
+        looked_up: Deferred[float | None] = maybeDeferred(self.history.last_login, user)
+        return looked_up.addCallback(checked)
+
+    def _open(self, avatarId: Any, mind: object, interfaces: tuple[Any, ...]) -> Deferred[_Avatar]:
+        request: Callable[..., object] = self.realm.requestAvatar
+        return cast("Deferred[_Avatar]", maybeDeferred(request, avatarId, mind, *interfaces))
+
+    def _refusal(self, last: float) -> LoginDelayed:
+        """What a login held back by one at ``last`` is told."""
+        remaining = math.ceil(last + self.delay - self._clock.seconds())
+        return LoginDelayed(self.delay, max(1, remaining))
+
+
+def _release(avatar: _Avatar) -> None:
+    """Give back what the realm took for a login that is refused after all."""
+    _, opened, logout = avatar
+    maildrop = IMaildrop(opened, None)
+    if maildrop is not None:
+        maybeDeferred(maildrop.close).addErrback(
+            lambda failure: log.failure("releasing maildrop failed", failure)
+        )
+    logout()
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS last_login (name TEXT PRIMARY KEY, at REAL NOT NULL)"
+
+
+@implementer(ILoginHistory)
+class LoginHistoryFile:
+    """
+    Last logins in an SQLite database at ``path``, shared by every process
+    of this host that names the same file and kept across restarts.
+
+    Write-ahead logging lets readers proceed while one process writes; a
+    writer waits up to `BUSY_TIMEOUT_SECONDS` for another.  A new file is
+    created readable by its owner only (it names users).  With a
+    ``reactor``, every query runs in its thread pool; without one (tests),
+    inline.  Losing the file (or its last writes, in a power cut) only lets
+    users in sooner.
+    """
+
+    def __init__(self, path: str, *, reactor: IReactorThreads | None = None) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+
+    def check(self) -> None:
+        """
+        Create the database if needed and read it once, in the calling
+        thread (at start-up); raises `OSError` or `sqlite3.Error`.
+        """
+        with self._lock:
+            self._connected().execute("SELECT count(*) FROM last_login").fetchone()
+
+    def close(self) -> None:
+        """Close the connection (the next query opens it again)."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.close()
+
+    def last_login(self, user: str) -> Deferred[float | None]:
+        return run_blocking(self._reactor, self._last_login, user)
+
+    def record_login(self, user: str, now: float, delay: float) -> Deferred[float | None]:
+        return run_blocking(self._reactor, self._record_login, user, now, delay)
+
+    def _last_login(self, user: str) -> float | None:
+        with self._lock:
+            row = (
+                self._connected()
+                .execute("SELECT at FROM last_login WHERE name = ?", (user,))
+                .fetchone()
+            )
+        return None if row is None else float(row[0])
+
+    def _record_login(self, user: str, now: float, delay: float) -> float | None:
+        with self._lock:
+            connection = self._connected()
+            # IMMEDIATE: the write lock is taken before reading, so no other
+            # process can record a login between this read and this write.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                row = connection.execute(
+                    "SELECT at FROM last_login WHERE name = ?", (user,)
+                ).fetchone()
+                last = None if row is None else float(row[0])
+                if holds_back(last, now, delay):
+                    connection.execute("ROLLBACK")
+                    return last
+                connection.execute(
+                    "INSERT OR REPLACE INTO last_login (name, at) VALUES (?, ?)", (user, now)
+                )
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        return None
+
+    def _connected(self) -> sqlite3.Connection:
+        """The connection, opened (and the file created) on first use."""
+        if self._connection is not None:
+            return self._connection
+        # Created here, not by SQLite, to get owner-only permissions (SQLite
+        # gives its -wal and -shm files the same ones).
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            # Another user could hold everyone out, or let everyone in.
+            raise PermissionError(errno.EPERM, "not a file of this server's user", self.path)
+        connection = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_SECONDS,
+            # Transactions are begun explicitly; the connection is used by
+            # one pool thread at a time, under self._lock.
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(_SCHEMA)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
