@@ -39,8 +39,10 @@ from pop3d.sasl import (
     ISASLMechanism,
     SASLError,
 )
+from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
+    BAD_UTF8,
     Command,
     MalformedCommand,
     MessageEncoder,
@@ -94,6 +96,11 @@ BEGIN_TLS = "begin TLS negotiation"
 CAPABILITIES_FOLLOW = "capability list follows"
 TOP_FOLLOWS = "top of message follows"
 UIDL_FOLLOWS = "unique-id listing follows"
+# RFC 6856.
+UTF8_ENABLED = "UTF-8 mode enabled"
+STLS_AFTER_UTF8 = "STLS is not allowed after UTF8"
+INVALID_USER_NAME = "the user name contains characters that are not allowed"
+INVALID_PASSWORD = "the password contains characters that are not allowed"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -235,12 +242,37 @@ class APOPCredentials:
     def checkPassword(self, password: bytes | str) -> bool:
         if isinstance(password, str):
             password = password.encode("utf-8")
+        # RFC 6856 section 2.2: the secret of the digest is SASLprep'd as a
+        # stored string; one SASLprep refuses is used as it is.
+        try:
+            password = prepare_credential(password, stored=True)
+        except SASLprepError:
+            pass
         expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
         return hmac.compare_digest(expected, self.digest.lower())
 
 
 def _is_md5_hex(value: bytes) -> bool:
     return len(value) == 32 and all(c in b"0123456789abcdefABCDEF" for c in value)
+
+
+def _prepared(value: bytes, refusal: str) -> bytes:
+    """
+    A user name or password as the checkers see it: SASLprep for UTF-8
+    (RFC 6856 section 2.2, "query" strings); ``refusal`` for what it refuses.
+    """
+    try:
+        return prepare_credential(value)
+    except SASLprepError:
+        raise _BadCommand(refusal) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 Handler = Callable[["Session", Command], "Reply | Deferred[Reply]"]
@@ -297,6 +329,8 @@ class Session:
         self._failure_delay = failure_delay
         self._logout: Callable[[], None] | None = None
         self._disconnected = False
+        #: The client sent UTF8 (RFC 6856 section 2.1).
+        self.utf8 = False
 
     @property
     def link(self) -> Link:
@@ -323,7 +357,9 @@ class Session:
         """Answer one command line (without its line ending)."""
         if self._sasl is not None:
             return self._sasl_response(line)
-        command = parse_command(line)
+        # UTF-8 in USER and APOP from the start: the server announces
+        # "UTF8 USER" (RFC 6856 section 2.2).
+        command = parse_command(line, utf8=True)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
         if isinstance(command, MalformedCommand):
@@ -418,8 +454,12 @@ class Session:
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
+        # RFC 6856 section 2.2: UTF-8 user names and passwords before UTF8
+        # too (PASS always took them).
+        lines.append(b"UTF8 USER")
         link = self.link
-        if self.state is State.AUTHORIZATION and self._tls_available and not link.secure:
+        stls_possible = self._tls_available and not link.secure and not self.utf8
+        if self.state is State.AUTHORIZATION and stls_possible:
             lines.append(b"STLS")
         if self.state is State.TRANSACTION:
             lines.append(b"IMPLEMENTATION " + self._policy.implementation.encode("ascii"))
@@ -481,14 +521,19 @@ class Session:
             return Status(False, "USER/PASS is not available")
         if not self._plaintext_allowed():
             return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
-        self._pending_user = command.arguments[0]
+        self._pending_user = _prepared(command.arguments[0], INVALID_USER_NAME)
         return Status(True, USER_ACCEPTED)
 
     def _pass(self, command: Command) -> Reply | Deferred[Reply]:
         if self._pending_user is None:
             raise _BadCommand(PASS_WITHOUT_USER)
         username, self._pending_user = self._pending_user, None
-        return self._login(UsernamePassword(username, command.arguments[0]), username, "USER")
+        password = command.arguments[0]
+        if self.utf8 and not _is_utf8(password):
+            # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
+            raise _BadCommand(BAD_UTF8)
+        password = _prepared(password, INVALID_PASSWORD)
+        return self._login(UsernamePassword(username, password), username, "USER")
 
     def _apop(self, command: Command) -> Reply | Deferred[Reply]:
         if self._apop_challenge is None:
@@ -496,6 +541,7 @@ class Session:
         if not _is_md5_hex(command.arguments[1]):
             raise _BadCommand("APOP takes a name and an MD5 digest")
         username, digest = command.arguments
+        username = _prepared(username, INVALID_USER_NAME)
         self._pending_user = None
         credentials = APOPCredentials(self._apop_challenge, username, digest)
         return self._login(credentials, username, "APOP")
@@ -612,6 +658,9 @@ class Session:
             return Status(False, STLS_UNAVAILABLE)
         if self.link.secure:
             return Status(False, TLS_ALREADY_ACTIVE)
+        if self.utf8:
+            # RFC 6856 section 2.1: clients MUST NOT; servers MAY refuse.
+            return Status(False, STLS_AFTER_UTF8)
         # Nothing said before the handshake carries over (RFC 2595 section 4).
         self._pending_user = None
         return StartTLS(Status(True, BEGIN_TLS))
@@ -633,6 +682,11 @@ class Session:
 
     def _quit_unauthenticated(self, command: Command) -> Reply:
         return Hangup(Status(True, BYE))
+
+    def _utf8(self, command: Command) -> Reply:
+        """RFC 6856 section 2.1: UTF-8 mode, for the rest of the session."""
+        self.utf8 = True
+        return Status(True, UTF8_ENABLED)
 
     # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
 
@@ -784,6 +838,7 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
     (State.AUTHORIZATION, Verb.QUIT): Session._quit_unauthenticated,
     (State.AUTHORIZATION, Verb.AUTH): Session._auth,
     (State.AUTHORIZATION, Verb.STLS): Session._stls,
+    (State.AUTHORIZATION, Verb.UTF8): Session._utf8,
     (State.TRANSACTION, Verb.STAT): Session._stat,
     (State.TRANSACTION, Verb.LIST): Session._list,
     (State.TRANSACTION, Verb.RETR): Session._retr,

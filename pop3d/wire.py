@@ -56,6 +56,7 @@ class Verb(enum.Enum):
     CAPA = "CAPA"
     AUTH = "AUTH"
     STLS = "STLS"
+    UTF8 = "UTF8"
 
 
 _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
@@ -139,14 +140,17 @@ GRAMMAR: dict[Verb, Arguments] = {
     # section 4 for the mechanism and the optional initial response.
     Verb.AUTH: Arguments(0, 2, "AUTH [mechanism [initial-response]]"),
     Verb.STLS: Arguments(0, 0, "STLS"),
+    # RFC 6856 section 2.1.
+    Verb.UTF8: Arguments(0, 0, "UTF8"),
 }
 
 #: The commands whose arguments may be UTF-8 once the client asked for it
 #: (RFC 6856 section 2.1).
 UTF8_ARGUMENTS = frozenset({Verb.USER, Verb.APOP})
 
-# A keyword: three or four letters (RFC 1939 section 3).
-_KEYWORD = re.compile(rb"[A-Za-z]{3,4}")
+# A keyword: three or four characters (RFC 1939 section 3), letters but
+# for the digit of RFC 6856's UTF8.
+_KEYWORD = re.compile(rb"[A-Za-z][A-Za-z0-9]{2,3}")
 # The rest of an ordinary command line: arguments of printable ASCII
 # (0x21-0x7E), each after exactly one space.
 _ASCII_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e]+)*")

@@ -356,6 +356,8 @@ class TestCapa:
         b"AUTH-RESP-CODE",
         b"EXPIRE NEVER",
         b"SASL CRAM-MD5 PLAIN LOGIN",
+        # RFC 6856 section 2.2.
+        b"UTF8 USER",
     ]
 
     def test_before_login(self, wire: Wire) -> None:
