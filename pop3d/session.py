@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
 from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
@@ -49,6 +50,7 @@ from pop3d.wire import (
     ResponseCode,
     SASLCancel,
     Status,
+    Text,
     UnknownCommand,
     Verb,
     decode_base64,
@@ -96,9 +98,13 @@ BEGIN_TLS = "begin TLS negotiation"
 CAPABILITIES_FOLLOW = "capability list follows"
 TOP_FOLLOWS = "top of message follows"
 UIDL_FOLLOWS = "unique-id listing follows"
-# RFC 6856.
+# RFC 6856.  A text with {placeholders} is the message id of a `Text`.
 UTF8_ENABLED = "UTF-8 mode enabled"
 STLS_AFTER_UTF8 = "STLS is not allowed after UTF8"
+LANGUAGES_FOLLOW = "language listing follows"
+#: RFC 6856 section 3.2: "+OK", the tag chosen, then the text.
+LANGUAGE_CHANGED = "{tag} language changed"
+NO_SUCH_LANGUAGE = "language {range} is not available"
 INVALID_USER_NAME = "the user name contains characters that are not allowed"
 INVALID_PASSWORD = "the password contains characters that are not allowed"  # noqa: S105
 
@@ -300,6 +306,7 @@ class Session:
         tls_available: bool = False,
         hostname: str = "localhost",
         clock: IReactorTime | None = None,
+        languages: Languages = BUILTIN_LANGUAGES,
     ) -> None:
         self._portal = portal
         self._apop_challenge = apop_challenge
@@ -329,6 +336,10 @@ class Session:
         self._failure_delay = failure_delay
         self._logout: Callable[[], None] | None = None
         self._disconnected = False
+        self._languages = languages
+        #: How replies are worded (RFC 6856): None until LANG or UTF8, for
+        #: the English, ASCII-only texts of RFC 1939.
+        self.wording: Wording | None = None
         #: The client sent UTF8 (RFC 6856 section 2.1).
         self.utf8 = False
 
@@ -426,7 +437,7 @@ class Session:
             deleted_octets=counters.deleted_octets,
         )
 
-    def _bad_command(self, text: str) -> Reply:
+    def _bad_command(self, text: str | Text) -> Reply:
         self._bad_commands += 1
         limit = (
             self._policy.max_bad_commands_before_login
@@ -454,9 +465,9 @@ class Session:
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
-        # RFC 6856 section 2.2: UTF-8 user names and passwords before UTF8
-        # too (PASS always took them).
-        lines.append(b"UTF8 USER")
+        # RFC 6856: UTF-8 user names and passwords before UTF8 too (section
+        # 2.2: PASS always took them); LANG in both states (section 3.1).
+        lines += [b"UTF8 USER", b"LANG"]
         link = self.link
         stls_possible = self._tls_available and not link.secure and not self.utf8
         if self.state is State.AUTHORIZATION and stls_possible:
@@ -481,9 +492,11 @@ class Session:
             if m.usable(self._portal) and (plaintext or not m.sends_password)
         ]
 
-    def _maildrop_summary(self) -> str:
+    def _maildrop_summary(self) -> Text:
         count, octets = self._totals()
-        return f"maildrop has {count} messages ({octets} octets)"
+        return Text.of(
+            "maildrop has {count} messages ({octets} octets)", count=count, octets=octets
+        )
 
     def _totals(self) -> tuple[int, int]:
         assert self._maildrop is not None
@@ -661,8 +674,11 @@ class Session:
         if self.utf8:
             # RFC 6856 section 2.1: clients MUST NOT; servers MAY refuse.
             return Status(False, STLS_AFTER_UTF8)
-        # Nothing said before the handshake carries over (RFC 2595 section 4).
+        # Nothing said before the handshake carries over (RFC 2595 section 4),
+        # not even a LANG a man in the middle may have slipped in (RFC 6856
+        # section 7).
         self._pending_user = None
+        self.wording = None
         return StartTLS(Status(True, BEGIN_TLS))
 
     def _answer_failed_login(self, status: Status) -> Reply | Deferred[Reply]:
@@ -686,7 +702,27 @@ class Session:
     def _utf8(self, command: Command) -> Reply:
         """RFC 6856 section 2.1: UTF-8 mode, for the rest of the session."""
         self.utf8 = True
+        language = self._languages.english if self.wording is None else self.wording.language
+        self.wording = Wording(language, utf8=True)
         return Status(True, UTF8_ENABLED)
+
+    def _lang(self, command: Command) -> Reply:
+        """
+        RFC 6856 section 3: without an argument the languages, one
+        "tag description" line each; with a language range, the texts of
+        this and every later reply in the language chosen, which are UTF-8
+        from now on.  A language not offered changes nothing.
+        """
+        languages = self._languages
+        if not command.arguments:
+            listing = [f"{each.tag} {each.name}".encode() for each in languages.all]
+            return Listing(Status(True, LANGUAGES_FOLLOW), listing)
+        language_range = command.arguments[0].decode("ascii")
+        chosen = languages.lookup(language_range)
+        if chosen is None:
+            return Status(False, Text.of(NO_SUCH_LANGUAGE, range=language_range))
+        self.wording = Wording(chosen, utf8=True)
+        return Status(True, Text.of(LANGUAGE_CHANGED, tag=chosen.tag))
 
     # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
 
@@ -699,7 +735,7 @@ class Session:
         return self._scan_listing(
             command,
             self._messages.sizes,
-            Status(True, f"{count} messages ({octets} octets)"),
+            Status(True, Text.of("{count} messages ({octets} octets)", count=count, octets=octets)),
         )
 
     def _uidl(self, command: Command) -> Reply:
@@ -763,7 +799,7 @@ class Session:
         if isinstance(self._deleted, frozenset):
             self._deleted = set()
         self._deleted.add(index)
-        return Status(True, f"message {index + 1} deleted")
+        return Status(True, Text.of("message {number} deleted", number=index + 1))
 
     def _noop(self, command: Command) -> Reply:
         return Status(True)
@@ -839,6 +875,7 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
     (State.AUTHORIZATION, Verb.AUTH): Session._auth,
     (State.AUTHORIZATION, Verb.STLS): Session._stls,
     (State.AUTHORIZATION, Verb.UTF8): Session._utf8,
+    (State.AUTHORIZATION, Verb.LANG): Session._lang,
     (State.TRANSACTION, Verb.STAT): Session._stat,
     (State.TRANSACTION, Verb.LIST): Session._list,
     (State.TRANSACTION, Verb.RETR): Session._retr,
@@ -849,6 +886,7 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
     (State.TRANSACTION, Verb.UIDL): Session._uidl,
     (State.TRANSACTION, Verb.CAPA): Session._capa,
     (State.TRANSACTION, Verb.QUIT): Session._quit_update,
+    (State.TRANSACTION, Verb.LANG): Session._lang,
 }
 
 

@@ -76,21 +76,21 @@ def b64(data: bytes) -> bytes:
 
 
 class TestCapability:
-    """RFC 6856 section 2: announced in both states, alike."""
+    """RFC 6856 sections 2 and 3.1: announced in both states, alike."""
 
     def test_before_login(self, elise: Wire) -> None:
         capa = elise.command(b"CAPA")
         assert capa.startswith(b"+OK capability list follows\r\n")
-        assert b"\r\nUTF8 USER\r\n" in capa
+        assert b"\r\nUTF8 USER\r\nLANG\r\n" in capa
 
     def test_after_login(self, elise: Wire) -> None:
         elise.login(ELISE_NFC, PASSWORD_NFC)
         capa = elise.command(b"CAPA")
-        assert b"\r\nUTF8 USER\r\nIMPLEMENTATION pop3d\r\n.\r\n" in capa
+        assert b"\r\nUTF8 USER\r\nLANG\r\nIMPLEMENTATION pop3d\r\n.\r\n" in capa
 
     def test_after_the_utf8_command(self, elise: Wire) -> None:
         assert elise.command(b"UTF8") == UTF8_ENABLED
-        assert b"\r\nUTF8 USER\r\n" in elise.command(b"CAPA")
+        assert b"\r\nUTF8 USER\r\nLANG\r\n" in elise.command(b"CAPA")
 
 
 class TestUTF8Command:
@@ -298,6 +298,7 @@ async def test_poplib_utf8_user_against_the_server(running_server: RunningServer
 
     capabilities, enabled, logged_in, lines = await deferToThread(fetch)
     assert capabilities["UTF8"] == ["USER"]
+    assert "LANG" in capabilities
     assert enabled == b"+OK UTF-8 mode enabled"
     assert logged_in == b"+OK maildrop has 1 messages (79 octets)"
     assert lines == UTF8_MESSAGE.split(b"\r\n")[:-1]
