@@ -9,7 +9,7 @@ the client sees only ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
-from pop3d.wire import ResponseCode, Status
+from pop3d.wire import ResponseCode, Status, Text
 
 
 class POP3Error(Exception):
@@ -20,14 +20,17 @@ class POP3Error(Exception):
 
     code: ResponseCode | None = None
 
-    def __init__(self, text: str, code: ResponseCode | None = None) -> None:
-        super().__init__(text)
-        self.text = text
+    def __init__(self, text: str | Text, code: ResponseCode | None = None) -> None:
+        super().__init__(str(text))
+        #: The English text, for logs.
+        self.text = str(text)
+        #: What the client is told, translatable (`pop3d.wire.Text`).
+        self.message = text
         if code is not None:
             self.code = code
 
     def status(self) -> Status:
-        return Status(False, self.text, self.code)
+        return Status(False, self.message, self.code)
 
 
 class MaildropLocked(POP3Error):
@@ -66,7 +69,9 @@ class DeletionFailed(POP3Error):
     code = ResponseCode.SYS_TEMP
 
     def __init__(self, failed: int) -> None:
-        super().__init__(f"{failed} message(s) could not be deleted, try again later")
+        super().__init__(
+            Text.of("{failed} message(s) could not be deleted, try again later", failed=failed)
+        )
         self.failed = failed
 
 
@@ -80,6 +85,10 @@ class LoginDelayed(POP3Error):
 
     def __init__(self, delay: int, remaining: int) -> None:
         super().__init__(
-            f"last login less than {delay} seconds ago, try again in {remaining} seconds"
+            Text.of(
+                "last login less than {delay} seconds ago, try again in {remaining} seconds",
+                delay=delay,
+                remaining=remaining,
+            )
         )
         self.remaining = remaining

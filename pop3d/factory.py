@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from pop3d.i18n import BUILTIN_LANGUAGES, Languages
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.sasl import ISASLMechanism
 from pop3d.sasl.cram_md5 import CramMD5
@@ -70,6 +71,7 @@ class POP3Factory(Factory):
         max_connections_per_ip: int | None = None,
         client_workarounds: ClientWorkarounds | None = None,
         trusted_networks: Sequence[IPNetwork] = (),
+        languages: Languages = BUILTIN_LANGUAGES,
     ) -> None:
         if client_workarounds is not None:
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
@@ -85,6 +87,8 @@ class POP3Factory(Factory):
         self.max_connections_per_ip = max_connections_per_ip
         self._connections = 0
         self._connections_by_host: Counter[str] = Counter()
+        #: The languages of LANG (RFC 6856 section 3).
+        self.languages = languages
 
     def apop_challenge(self) -> bytes | None:
         """
@@ -113,6 +117,7 @@ class POP3Factory(Factory):
                 tls_available=self.tls is not None,
                 hostname=self.hostname,
                 clock=self.clock,
+                languages=self.languages,
             )
 
         protocol = POP3Protocol(

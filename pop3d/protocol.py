@@ -43,7 +43,14 @@ from pop3d.session import (
     StartTLS,
 )
 from pop3d.tls import ServerTLS
-from pop3d.wire import MAX_COMMAND_LENGTH, TERMINATOR, ResponseCode, Status, format_multiline
+from pop3d.wire import (
+    MAX_COMMAND_LENGTH,
+    TERMINATOR,
+    ResponseCode,
+    Status,
+    Translator,
+    format_multiline,
+)
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure as FailureType
@@ -306,15 +313,19 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             if isinstance(reply, MessageStream):
                 reply.body.close()
             return None
+        # Worded as the session speaks now: a LANG reply is in its new language.
+        wording = self.session.wording
         if isinstance(reply, Status):
-            self._connection.write(reply.to_bytes())
+            self._connection.write(reply.to_bytes(wording))
         elif isinstance(reply, Listing):
-            self._connection.write(format_multiline(reply.status, reply.lines, reply.formatted))
+            self._connection.write(
+                format_multiline(reply.status, reply.lines, reply.formatted, wording)
+            )
         elif isinstance(reply, SASLContinuation):
             self._connection.write(b"+ " + base64.b64encode(reply.data) + b"\r\n")
         elif isinstance(reply, StartTLS):
             assert self._tls is not None
-            self._connection.write(reply.status.to_bytes())
+            self._connection.write(reply.status.to_bytes(wording))
             # Whatever the client sent after STLS, before the handshake, is
             # dropped, never executed after it (RFC 2595 section 4;
             # CVE-2011-0411-style command injection).
@@ -327,10 +338,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._closing = True
             # A transport with a registered producer does not close.
             self._connection.unregisterProducer()
-            self._connection.write(reply.status.to_bytes())
+            self._connection.write(reply.status.to_bytes(wording))
             self._connection.loseConnection()
         else:
-            self._stream = _MessageStreamer(self._connection, reply, self.resetTimeout)
+            self._stream = _MessageStreamer(
+                self._connection, reply, self.resetTimeout, translator=wording
+            )
             if not self._output_blocked:
                 self._stream.resume()
             return self._stream.done.addBoth(self._stream_ended)
@@ -418,12 +431,20 @@ class _MessageStreamer:
     more than a chunk or two.
     """
 
-    def __init__(self, transport: _Transport, reply: MessageStream, progress: Any) -> None:
+    def __init__(
+        self,
+        transport: _Transport,
+        reply: MessageStream,
+        progress: Any,
+        *,
+        translator: Translator | None = None,
+    ) -> None:
         self._transport = transport
         self._body = reply.body
         self._encoder = reply.encoder
         self._expected_size = reply.expected_size
-        self._pending_status: bytes | None = reply.status.to_bytes()
+        self._translator = translator
+        self._pending_status: bytes | None = reply.status.to_bytes(translator)
         self._progress = progress
         self._paused = True
         self._finished = False
@@ -482,7 +503,7 @@ class _MessageStreamer:
             error = failure.value
             assert isinstance(error, POP3Error)
             log.failure("cannot read a message", failure)
-            self._transport.write(error.status().to_bytes())
+            self._transport.write(error.status().to_bytes(self._translator))
             self._finish(None)
         else:
             self._finish(failure)

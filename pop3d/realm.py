@@ -4,6 +4,7 @@ The cred realm: an authenticated avatar id becomes a locked maildrop.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,10 @@ from pop3d.interfaces import IMaildrop, IMaildropStore
 
 MAX_MAILBOX_NAME_OCTETS = 255
 
+# Control characters (C0 and C1), line and paragraph separators, surrogates:
+# nothing that could break a path, a log line or a terminal.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
 
 def is_safe_mailbox_name(name: str) -> bool:
     """
@@ -23,7 +28,8 @@ def is_safe_mailbox_name(name: str) -> bool:
 
     Names are substituted into paths, so anything that could leave the
     configured root is refused: path separators, ``.``/``..``, NUL and other
-    control characters, and names longer than 255 octets.
+    control characters (ASCII's and Unicode's), and names longer than 255
+    octets.  Other UTF-8 names are safe (RFC 6856 section 2.2).
     """
     encoded = name.encode("utf-8", "surrogateescape")
     if not 0 < len(encoded) <= MAX_MAILBOX_NAME_OCTETS:
@@ -32,7 +38,7 @@ def is_safe_mailbox_name(name: str) -> bool:
         return False
     if "/" in name or "\\" in name or ".." in name:
         return False
-    return all(ord(c) >= 0x20 and ord(c) != 0x7F for c in name)
+    return all(unicodedata.category(c) not in _UNSAFE_CATEGORIES for c in name)
 
 
 def mailbox_name(avatar_id: bytes | str) -> str | None:

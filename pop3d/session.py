@@ -31,6 +31,7 @@ from zope.interface import Interface, implementer
 
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
+from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
 from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
@@ -40,8 +41,10 @@ from pop3d.sasl import (
     ISASLMechanism,
     SASLError,
 )
+from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
+    BAD_UTF8,
     NO_WORKAROUNDS,
     ClientWorkarounds,
     Command,
@@ -50,6 +53,7 @@ from pop3d.wire import (
     ResponseCode,
     SASLCancel,
     Status,
+    Text,
     UnknownCommand,
     Verb,
     decode_base64,
@@ -97,6 +101,15 @@ BEGIN_TLS = "begin TLS negotiation"
 CAPABILITIES_FOLLOW = "capability list follows"
 TOP_FOLLOWS = "top of message follows"
 UIDL_FOLLOWS = "unique-id listing follows"
+# RFC 6856.  A text with {placeholders} is the message id of a `Text`.
+UTF8_ENABLED = "UTF-8 mode enabled"
+STLS_AFTER_UTF8 = "STLS is not allowed after UTF8"
+LANGUAGES_FOLLOW = "language listing follows"
+#: RFC 6856 section 3.2: "+OK", the tag chosen, then the text.
+LANGUAGE_CHANGED = "{tag} language changed"
+NO_SUCH_LANGUAGE = "language {range} is not available"
+INVALID_USER_NAME = "the user name contains characters that are not allowed"
+INVALID_PASSWORD = "the password contains characters that are not allowed"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -249,12 +262,37 @@ class APOPCredentials:
     def checkPassword(self, password: bytes | str) -> bool:
         if isinstance(password, str):
             password = password.encode("utf-8")
+        # RFC 6856 section 2.2: the secret of the digest is SASLprep'd as a
+        # stored string; one SASLprep refuses is used as it is.
+        try:
+            password = prepare_credential(password, stored=True)
+        except SASLprepError:
+            pass
         expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
         return hmac.compare_digest(expected, self.digest.lower())
 
 
 def _is_md5_hex(value: bytes) -> bool:
     return len(value) == 32 and all(c in b"0123456789abcdefABCDEF" for c in value)
+
+
+def _prepared(value: bytes, refusal: str) -> bytes:
+    """
+    A user name or password as the checkers see it: SASLprep for UTF-8
+    (RFC 6856 section 2.2, "query" strings); ``refusal`` for what it refuses.
+    """
+    try:
+        return prepare_credential(value)
+    except SASLprepError:
+        raise _BadCommand(refusal) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 Handler = Callable[["Session", Command], "Reply | Deferred[Reply]"]
@@ -282,6 +320,7 @@ class Session:
         tls_available: bool = False,
         hostname: str = "localhost",
         clock: IReactorTime | None = None,
+        languages: Languages = BUILTIN_LANGUAGES,
     ) -> None:
         self._portal = portal
         self._apop_challenge = apop_challenge
@@ -313,6 +352,12 @@ class Session:
         self._failure_delay = failure_delay
         self._logout: Callable[[], None] | None = None
         self._disconnected = False
+        self._languages = languages
+        #: How replies are worded (RFC 6856): None until LANG or UTF8, for
+        #: the English, ASCII-only texts of RFC 1939.
+        self.wording: Wording | None = None
+        #: The client sent UTF8 (RFC 6856 section 2.1).
+        self.utf8 = False
 
     @property
     def link(self) -> Link:
@@ -339,7 +384,9 @@ class Session:
         """Answer one command line (without its line ending)."""
         if self._sasl is not None:
             return self._sasl_response(line)
-        command = parse_command(line)
+        # UTF-8 in USER and APOP from the start: the server announces
+        # "UTF8 USER" (RFC 6856 section 2.2).
+        command = parse_command(line, utf8=True)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
         if isinstance(command, MalformedCommand):
@@ -406,7 +453,7 @@ class Session:
             deleted_octets=counters.deleted_octets,
         )
 
-    def _bad_command(self, text: str) -> Reply:
+    def _bad_command(self, text: str | Text) -> Reply:
         self._bad_commands += 1
         limit = (
             self._policy.max_bad_commands_before_login
@@ -437,8 +484,12 @@ class Session:
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
+        # RFC 6856: UTF-8 user names and passwords before UTF8 too (section
+        # 2.2: PASS always took them); LANG in both states (section 3.1).
+        lines += [b"UTF8 USER", b"LANG"]
         link = self.link
-        if self.state is State.AUTHORIZATION and self._tls_available and not link.secure:
+        stls_possible = self._tls_available and not link.secure and not self.utf8
+        if self.state is State.AUTHORIZATION and stls_possible:
             lines.append(b"STLS")
         if self.state is State.TRANSACTION:
             lines.append(b"IMPLEMENTATION " + self._policy.implementation.encode("ascii"))
@@ -460,9 +511,11 @@ class Session:
             if m.usable(self._portal) and (plaintext or not m.sends_password)
         ]
 
-    def _maildrop_summary(self) -> str:
+    def _maildrop_summary(self) -> Text:
         count, octets = self._totals()
-        return f"maildrop has {count} messages ({octets} octets)"
+        return Text.of(
+            "maildrop has {count} messages ({octets} octets)", count=count, octets=octets
+        )
 
     def _totals(self) -> tuple[int, int]:
         assert self._maildrop is not None
@@ -500,14 +553,19 @@ class Session:
             return Status(False, "USER/PASS is not available")
         if not self._plaintext_allowed():
             return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
-        self._pending_user = command.arguments[0]
+        self._pending_user = _prepared(command.arguments[0], INVALID_USER_NAME)
         return Status(True, USER_ACCEPTED)
 
     def _pass(self, command: Command) -> Reply | Deferred[Reply]:
         if self._pending_user is None:
             raise _BadCommand(PASS_WITHOUT_USER)
         username, self._pending_user = self._pending_user, None
-        return self._login(UsernamePassword(username, command.arguments[0]), username, "USER")
+        password = command.arguments[0]
+        if self.utf8 and not _is_utf8(password):
+            # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
+            raise _BadCommand(BAD_UTF8)
+        password = _prepared(password, INVALID_PASSWORD)
+        return self._login(UsernamePassword(username, password), username, "USER")
 
     def _apop(self, command: Command) -> Reply | Deferred[Reply]:
         if self._apop_challenge is None:
@@ -515,6 +573,7 @@ class Session:
         if not _is_md5_hex(command.arguments[1]):
             raise _BadCommand("APOP takes a name and an MD5 digest")
         username, digest = command.arguments
+        username = _prepared(username, INVALID_USER_NAME)
         self._pending_user = None
         credentials = APOPCredentials(self._apop_challenge, username, digest)
         return self._login(credentials, username, "APOP")
@@ -631,8 +690,14 @@ class Session:
             return Status(False, STLS_UNAVAILABLE)
         if self.link.secure:
             return Status(False, TLS_ALREADY_ACTIVE)
-        # Nothing said before the handshake carries over (RFC 2595 section 4).
+        if self.utf8:
+            # RFC 6856 section 2.1: clients MUST NOT; servers MAY refuse.
+            return Status(False, STLS_AFTER_UTF8)
+        # Nothing said before the handshake carries over (RFC 2595 section 4),
+        # not even a LANG a man in the middle may have slipped in (RFC 6856
+        # section 7).
         self._pending_user = None
+        self.wording = None
         return StartTLS(Status(True, BEGIN_TLS))
 
     def _answer_failed_login(
@@ -658,6 +723,31 @@ class Session:
     def _quit_unauthenticated(self, command: Command) -> Reply:
         return Hangup(Status(True, BYE))
 
+    def _utf8(self, command: Command) -> Reply:
+        """RFC 6856 section 2.1: UTF-8 mode, for the rest of the session."""
+        self.utf8 = True
+        language = self._languages.english if self.wording is None else self.wording.language
+        self.wording = Wording(language, utf8=True)
+        return Status(True, UTF8_ENABLED)
+
+    def _lang(self, command: Command) -> Reply:
+        """
+        RFC 6856 section 3: without an argument the languages, one
+        "tag description" line each; with a language range, the texts of
+        this and every later reply in the language chosen, which are UTF-8
+        from now on.  A language not offered changes nothing.
+        """
+        languages = self._languages
+        if not command.arguments:
+            listing = [f"{each.tag} {each.name}".encode() for each in languages.all]
+            return Listing(Status(True, LANGUAGES_FOLLOW), listing)
+        language_range = command.arguments[0].decode("ascii")
+        chosen = languages.lookup(language_range)
+        if chosen is None:
+            return Status(False, Text.of(NO_SUCH_LANGUAGE, range=language_range))
+        self.wording = Wording(chosen, utf8=True)
+        return Status(True, Text.of(LANGUAGE_CHANGED, tag=chosen.tag))
+
     # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
 
     def _stat(self, command: Command) -> Reply:
@@ -669,7 +759,7 @@ class Session:
         return self._scan_listing(
             command,
             self._messages.sizes,
-            Status(True, f"{count} messages ({octets} octets)"),
+            Status(True, Text.of("{count} messages ({octets} octets)", count=count, octets=octets)),
         )
 
     def _uidl(self, command: Command) -> Reply:
@@ -734,7 +824,7 @@ class Session:
         if isinstance(self._deleted, frozenset):
             self._deleted = set()
         self._deleted.add(index)
-        return Status(True, f"message {index + 1} deleted")
+        return Status(True, Text.of("message {number} deleted", number=index + 1))
 
     def _noop(self, command: Command) -> Reply:
         return Status(True)
@@ -831,6 +921,8 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
     (State.AUTHORIZATION, Verb.QUIT): Session._quit_unauthenticated,
     (State.AUTHORIZATION, Verb.AUTH): Session._auth,
     (State.AUTHORIZATION, Verb.STLS): Session._stls,
+    (State.AUTHORIZATION, Verb.UTF8): Session._utf8,
+    (State.AUTHORIZATION, Verb.LANG): Session._lang,
     (State.TRANSACTION, Verb.STAT): Session._stat,
     (State.TRANSACTION, Verb.LIST): Session._list,
     (State.TRANSACTION, Verb.RETR): Session._retr,
@@ -841,6 +933,7 @@ _TABLE: dict[tuple[State, Verb], Handler] = {
     (State.TRANSACTION, Verb.UIDL): Session._uidl,
     (State.TRANSACTION, Verb.CAPA): Session._capa,
     (State.TRANSACTION, Verb.QUIT): Session._quit_update,
+    (State.TRANSACTION, Verb.LANG): Session._lang,
 }
 
 

@@ -32,6 +32,7 @@ from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
+from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
 from pop3d.locking import LockFiles, LockTable
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
@@ -146,6 +147,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["worker-sockets", None, None, "(internal: the sockets a worker inherits)"],
         ["max-connections-per-ip", None, None, "Most connections at once from one address."],
         [
+            "language",
+            None,
+            ENGLISH,
+            "The language 'LANG *' chooses for replies (RFC 6856 section 3): "
+            + ", ".join(language.tag for language in BUILTIN_LANGUAGES.all)
+            + ".",
+        ],
+        [
             "login-failure-delay",
             None,
             str(DEFAULT_LOGIN_FAILURE_DELAY),
@@ -232,6 +241,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["login-delay"], self["login-history"] = parse_login_delay(
             self["login-delay"], self["login-history"], self["maildir-template"]
         )
+        self["languages"] = parse_language(self["language"])
         if self["uidl-format"] is not None:
             if self["mail-location"].startswith("mbox:"):
                 raise usage.UsageError(
@@ -264,6 +274,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["endpoints"] = [
             parse_endpoint(reactor, description, self["tls"]) for description in self["listen"]
         ]
+
+
+def parse_language(tag: str) -> Languages:
+    """--language: one of the languages pop3d has texts in."""
+    try:
+        return BUILTIN_LANGUAGES.with_preferred(tag)
+    except ValueError:
+        offered = ", ".join(language.tag for language in BUILTIN_LANGUAGES.all)
+        raise usage.UsageError(f"--language {tag}: not one of {offered}") from None
 
 
 def parse_mail_location(location: str | None) -> str:
@@ -557,6 +576,7 @@ def makeService(options: Options) -> IService:
         max_connections_per_ip=options["max-connections-per-ip"],
         client_workarounds=options["client-workarounds"],
         trusted_networks=options["trusted-networks"],
+        languages=options["languages"],
     )
     service = MultiService()
     reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None

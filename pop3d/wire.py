@@ -14,6 +14,7 @@ import enum
 import functools
 import re
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -56,6 +57,8 @@ class Verb(enum.Enum):
     CAPA = "CAPA"
     AUTH = "AUTH"
     STLS = "STLS"
+    UTF8 = "UTF8"
+    LANG = "LANG"
 
 
 _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
@@ -88,7 +91,7 @@ class MalformedCommand:
     """
 
     verb: Verb
-    reason: str
+    reason: str | Text
 
 
 @dataclass(frozen=True)
@@ -139,14 +142,18 @@ GRAMMAR: dict[Verb, Arguments] = {
     # section 4 for the mechanism and the optional initial response.
     Verb.AUTH: Arguments(0, 2, "AUTH [mechanism [initial-response]]"),
     Verb.STLS: Arguments(0, 0, "STLS"),
+    # RFC 6856 sections 2.1 and 3.1.
+    Verb.UTF8: Arguments(0, 0, "UTF8"),
+    Verb.LANG: Arguments(0, 1, "LANG [language-range]"),
 }
 
 #: The commands whose arguments may be UTF-8 once the client asked for it
 #: (RFC 6856 section 2.1).
 UTF8_ARGUMENTS = frozenset({Verb.USER, Verb.APOP})
 
-# A keyword: three or four letters (RFC 1939 section 3).
-_KEYWORD = re.compile(rb"[A-Za-z]{3,4}")
+# A keyword: three or four characters (RFC 1939 section 3), letters but
+# for the digit of RFC 6856's UTF8.
+_KEYWORD = re.compile(rb"[A-Za-z][A-Za-z0-9]{2,3}")
 # The rest of an ordinary command line: arguments of printable ASCII
 # (0x21-0x7E), each after exactly one space.
 _ASCII_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e]+)*")
@@ -178,7 +185,7 @@ def parse_command(
             return Command(verb, (rest,))
         if rest and b"\x00" in rest:
             return MalformedCommand(verb, BAD_PASSWORD)
-        return MalformedCommand(verb, "usage: " + GRAMMAR[verb].usage)
+        return MalformedCommand(verb, _usage(verb))
     eight_bit = utf8 and verb in UTF8_ARGUMENTS
     shape = _UTF8_ARGUMENTS if eight_bit else _ASCII_ARGUMENTS
     if not shape.fullmatch(line, len(keyword)):
@@ -188,8 +195,13 @@ def parse_command(
         return MalformedCommand(verb, BAD_UTF8)
     grammar = GRAMMAR[verb]
     if not grammar.fewest <= len(arguments) <= grammar.most:
-        return MalformedCommand(verb, "usage: " + grammar.usage)
+        return MalformedCommand(verb, _usage(verb))
     return Command(verb, arguments)
+
+
+def _usage(verb: Verb) -> Text:
+    """The reply to a command with the wrong arguments: how it is used."""
+    return Text.of("usage: {usage}", usage=GRAMMAR[verb].usage)
 
 
 def _what_is_wrong(rest: bytes, eight_bit: bool) -> str:
@@ -274,38 +286,101 @@ class ResponseCode(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Text:
+    """
+    A reply text with values in it: the English ``template`` (the message
+    id a translation looks up, RFC 6856 section 3) and the values of its
+    placeholders, filled in only once the text is worded for a session.
+    ``str()`` is the English text.
+    """
+
+    template: str
+    values: tuple[tuple[str, str | int], ...] = ()
+
+    @classmethod
+    def of(cls, template: str, **values: str | int) -> Text:
+        return cls(template, tuple(values.items()))
+
+    def fill(self, template: str) -> str:
+        """``template`` (this text's, or a translation of it) with the values in."""
+        values = dict(self.values)
+        try:
+            return template.format_map(values)
+        except (KeyError, IndexError, ValueError, AttributeError):
+            # A translation with a placeholder of its own: English, not a traceback.
+            return self.template.format_map(values)
+
+    def __str__(self) -> str:
+        return self.fill(self.template)
+
+
+class Translator(Protocol):
+    """
+    How one session's replies are worded (RFC 6856 section 3): the texts
+    in the language it chose, and whether they may be UTF-8.
+    """
+
+    @property
+    def utf8(self) -> bool:
+        """True once text beyond ASCII may be sent (after LANG or UTF8)."""
+
+    def translate(self, text: str) -> str:
+        """The translation of the English ``text``, or ``text`` itself."""
+
+
+@dataclass(frozen=True)
 class Status:
-    """A single-line response: status indicator, optional code, text."""
+    """
+    A single-line response: status indicator, optional code, text.  The
+    text is English; a `Translator` words it for a session as it goes out.
+    Response codes are never translated.
+    """
 
     ok: bool
-    text: str = ""
+    text: str | Text = ""
     code: ResponseCode | None = None
 
-    def to_bytes(self) -> bytes:
-        return format_status(self.ok, self.text, self.code)
+    def to_bytes(self, translator: Translator | None = None) -> bytes:
+        text = self.text
+        if translator is None:
+            return format_status(self.ok, text if isinstance(text, str) else str(text), self.code)
+        if isinstance(text, Text):
+            worded = text.fill(translator.translate(text.template))
+        else:
+            worded = translator.translate(text) if text else text
+        return format_status(self.ok, worded, self.code, utf8=translator.utf8)
 
 
 # Most replies repeat ("+OK", the same STAT of an unchanged maildrop, BYE):
 # remembered, they cost a dictionary lookup instead of checks and joins.
+# The text is part of the key: a translated reply is remembered as itself.
 @functools.lru_cache(maxsize=1024)
-def format_status(ok: bool, text: str = "", code: ResponseCode | None = None) -> bytes:
+def format_status(
+    ok: bool, text: str = "", code: ResponseCode | None = None, *, utf8: bool = False
+) -> bytes:
     """
     Format a single-line response.
 
     The result always ends with CRLF and never exceeds 512 octets; human text
     never starts with "[" (RFC 2449 section 3, ``schar``), so a client cannot
-    mistake it for a response code.
+    mistake it for a response code.  The text is printable ASCII unless
+    ``utf8`` (RFC 6856: after LANG or UTF8), when it is printable UTF-8 and
+    is cut, if it must be, between characters.
     """
     parts = [b"+OK" if ok else b"-ERR"]
     if code is not None:
         parts.append(b"[" + code.value.encode("ascii") + b"]")
-    safe_text = _printable(text)
+    safe_text = _printable_utf8(text) if utf8 else _printable(text)
     if code is None:
         safe_text = safe_text.lstrip("[")
     if safe_text:
-        parts.append(safe_text.encode("ascii"))
+        parts.append(safe_text.encode("utf-8" if utf8 else "ascii"))
     line = b" ".join(parts)
-    return line[: MAX_RESPONSE_LINE - len(CRLF)] + CRLF
+    if len(line) > MAX_RESPONSE_LINE - len(CRLF):
+        line = line[: MAX_RESPONSE_LINE - len(CRLF)]
+        if utf8:
+            line = line.decode("utf-8", "ignore").encode("utf-8")
+    return line + CRLF
 
 
 def _printable(text: str) -> str:
@@ -315,13 +390,26 @@ def _printable(text: str) -> str:
     return text.strip()
 
 
-def format_multiline(status: Status, lines: list[bytes], formatted: bytes = b"") -> bytes:
+def _printable_utf8(text: str) -> str:
+    """Printable text of any script: no controls, line separators or surrogates."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
+    return text.strip()
+
+
+def format_multiline(
+    status: Status,
+    lines: list[bytes],
+    formatted: bytes = b"",
+    translator: Translator | None = None,
+) -> bytes:
     """
     A complete multi-line response whose lines are already known (CAPA, LIST,
     UIDL): status line, byte-stuffed lines, terminator (RFC 1939 section 3).
     ``formatted`` lines follow ``lines``, already stuffed and CRLF-terminated.
+    Only the status line is worded by ``translator``.
     """
-    body = [status.to_bytes()]
+    body = [status.to_bytes(translator)]
     for line in lines:
         if line.startswith(b"."):
             line = b"." + line

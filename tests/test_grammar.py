@@ -141,7 +141,8 @@ MALFORMED_IN_AUTHORIZATION = [
     (b"USER alice ", SPACING),
     (b"USER alice\x00STAT", OCTETS),
     (b"USER al\x01ice", OCTETS),
-    (b"USER \xc3\xa9lise", OCTETS),
+    # UTF-8 names are welcome ("UTF8 USER", RFC 6856 section 2.2), Latin-1 not.
+    (b"USER \xe9lise", b"-ERR arguments are UTF-8\r\n"),
     (b"PASS", b"-ERR usage: PASS password\r\n"),
     (b"PASS ", b"-ERR usage: PASS password\r\n"),
     (b"PASS wonder\x00land", b"-ERR the password may not contain NUL\r\n"),

@@ -199,13 +199,14 @@ class TestLoginDelay:
         assert wire.command(b"CAPA") == (
             b"+OK capability list follows\r\n"
             b"TOP\r\nUIDL\r\nUSER\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
-            b"EXPIRE NEVER\r\nLOGIN-DELAY 300\r\nSASL CRAM-MD5 PLAIN LOGIN\r\n.\r\n"
+            b"EXPIRE NEVER\r\nLOGIN-DELAY 300\r\nSASL CRAM-MD5 PLAIN LOGIN\r\n"
+            b"UTF8 USER\r\nLANG\r\n.\r\n"
         )
         wire.login()
         assert wire.command(b"CAPA") == (
             b"+OK capability list follows\r\n"
             b"TOP\r\nUIDL\r\nUSER\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
-            b"EXPIRE NEVER\r\nLOGIN-DELAY 300\r\nSASL CRAM-MD5 PLAIN LOGIN\r\n"
+            b"EXPIRE NEVER\r\nLOGIN-DELAY 300\r\nSASL CRAM-MD5 PLAIN LOGIN\r\nUTF8 USER\r\nLANG\r\n"
             b"IMPLEMENTATION pop3d\r\n.\r\n"
         )
 
@@ -422,7 +423,7 @@ LISTED_3 = b"+OK maildrop has 3 messages (72 octets)\r\n"
 
 def capa(before: bytes, after: bytes = b"") -> tuple[bytes, bytes]:
     common = b"+OK capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\nRESP-CODES\r\nPIPELINING\r\n"
-    sasl = b"SASL CRAM-MD5 PLAIN LOGIN\r\n"
+    sasl = b"SASL CRAM-MD5 PLAIN LOGIN\r\nUTF8 USER\r\nLANG\r\n"
     return (
         common + b"AUTH-RESP-CODE\r\n" + before + sasl + b".\r\n",
         common + b"AUTH-RESP-CODE\r\n" + before + sasl + b"IMPLEMENTATION pop3d\r\n.\r\n",

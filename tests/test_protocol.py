@@ -371,6 +371,9 @@ class TestCapa:
         b"AUTH-RESP-CODE",
         b"EXPIRE NEVER",
         b"SASL CRAM-MD5 PLAIN LOGIN",
+        # RFC 6856 sections 2.2 and 3.1.
+        b"UTF8 USER",
+        b"LANG",
     ]
 
     def test_before_login(self, wire: Wire) -> None:

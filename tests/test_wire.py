@@ -63,7 +63,10 @@ class TestParseCommand:
 
     def test_pass_without_argument(self) -> None:
         # A syntax error of the grammar now, no longer of the session.
-        assert parse_command(b"PASS") == MalformedCommand(Verb.PASS, "usage: PASS password")
+        parsed = parse_command(b"PASS")
+        assert isinstance(parsed, MalformedCommand)
+        assert parsed.verb is Verb.PASS
+        assert str(parsed.reason) == "usage: PASS password"
 
     def test_unknown_keyword(self) -> None:
         assert parse_command(b"XYZZY 1") == UnknownCommand(b"XYZZY")

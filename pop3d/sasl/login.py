@@ -1,16 +1,26 @@
 """
 LOGIN (draft-murchison-sasl-login): the user name, then the password, each
 asked for in turn.  Obsolete, but Outlook and many phones still use it.
+Both are prepared with SASLprep, as for PLAIN.
 """
 
 from __future__ import annotations
 
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from pop3d.sasl import Authenticate, Challenge, ExchangeContext, ISASLExchange, ISASLMechanism
+from pop3d.sasl import (
+    Authenticate,
+    Challenge,
+    ExchangeContext,
+    ISASLExchange,
+    ISASLMechanism,
+    SASLError,
+)
+from pop3d.sasl.plain import NOT_ALLOWED
+from pop3d.saslprep import SASLprepError, prepare_credential
 
 
 @implementer(ISASLMechanism)
@@ -38,6 +48,9 @@ class _LoginExchange:
                 return succeed(Challenge(b"Username:"))
             self._username = response or b""
             return succeed(Challenge(b"Password:"))
-        return succeed(
-            Authenticate(UsernamePassword(self._username, response or b""), self._username)
-        )
+        try:
+            username = prepare_credential(self._username)
+            password = prepare_credential(response or b"")
+        except SASLprepError:
+            return fail(SASLError(NOT_ALLOWED))
+        return succeed(Authenticate(UsernamePassword(username, password), username))

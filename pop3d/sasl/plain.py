@@ -3,7 +3,8 @@ PLAIN (RFC 4616): ``[authzid] NUL authcid NUL passwd`` in one response.
 
 An authorization identity other than the authentication identity (acting as
 another user) is refused: pop3d has no notion of administrators who may read
-other users' mail.
+other users' mail.  The fields are prepared with SASLprep (RFC 4616 section
+2, `pop3d.saslprep`), so NFC and NFD forms of a UTF-8 name are one name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from pop3d.sasl import (
     ISASLMechanism,
     SASLError,
 )
+from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.wire import ResponseCode
+
+#: A user name or password SASLprep refuses (RFC 4013 section 2.3).
+NOT_ALLOWED = "the user name or password contains characters that are not allowed"
 
 
 @implementer(ISASLMechanism)
@@ -45,7 +50,10 @@ class _PlainExchange:
         fields = response.split(b"\x00")
         if len(fields) != 3 or not fields[1]:
             return fail(SASLError("malformed PLAIN response"))
-        authzid, authcid, password = fields
+        try:
+            authzid, authcid, password = (prepare_credential(field) for field in fields)
+        except SASLprepError:
+            return fail(SASLError(NOT_ALLOWED))
         if authzid and authzid != authcid:
             return fail(SASLError("not authorized to act as another user", ResponseCode.AUTH))
         return succeed(Authenticate(UsernamePassword(authcid, password), authcid))
