@@ -57,6 +57,7 @@ from pop3d.wire import (
     UnknownCommand,
     Verb,
     decode_base64,
+    is_utf8,
     parse_command,
     parse_line_count,
     parse_message_number,
@@ -285,14 +286,6 @@ def _prepared(value: bytes, refusal: str) -> bytes:
         return prepare_credential(value)
     except SASLprepError:
         raise _BadCommand(refusal) from None
-
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 Handler = Callable[["Session", Command], "Reply | Deferred[Reply]"]
@@ -561,7 +554,7 @@ class Session:
             raise _BadCommand(PASS_WITHOUT_USER)
         username, self._pending_user = self._pending_user, None
         password = command.arguments[0]
-        if self.utf8 and not _is_utf8(password):
+        if self.utf8 and not is_utf8(password):
             # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
             raise _BadCommand(BAD_UTF8)
         password = _prepared(password, INVALID_PASSWORD)

@@ -191,7 +191,7 @@ def parse_command(
     if not shape.fullmatch(line, len(keyword)):
         return MalformedCommand(verb, _what_is_wrong(line[len(keyword) :], eight_bit))
     arguments = tuple(rest.split(b" ")) if rest else ()
-    if eight_bit and not all(_is_utf8(argument) for argument in arguments):
+    if eight_bit and not all(is_utf8(argument) for argument in arguments):
         return MalformedCommand(verb, BAD_UTF8)
     grammar = GRAMMAR[verb]
     if not grammar.fewest <= len(arguments) <= grammar.most:
@@ -212,7 +212,8 @@ def _what_is_wrong(rest: bytes, eight_bit: bool) -> str:
     return BAD_SPACING
 
 
-def _is_utf8(argument: bytes) -> bool:
+def is_utf8(argument: bytes) -> bool:
+    """Whether ``argument`` is well-formed UTF-8."""
     try:
         argument.decode("utf-8")
     except UnicodeDecodeError:
