@@ -21,30 +21,12 @@ from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
-from pop3d.factory import TOO_MANY_CONNECTIONS, POP3Factory
+from pop3d.factory import POP3Factory
 from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
-from pop3d.session import (
-    ALREADY_DELETED,
-    APOP_UNAVAILABLE,
-    BEGIN_TLS,
-    BYE,
-    CAPABILITIES_FOLLOW,
-    INTERNAL_ERROR,
-    LINE_TOO_LONG,
-    LOGIN_FAILED,
-    NO_SUCH_MESSAGE,
-    PASS_WITHOUT_USER,
-    TOO_MANY_BAD_COMMANDS,
-    TOP_FOLLOWS,
-    UIDL_FOLLOWS,
-    UNKNOWN_COMMAND,
-    USER_ACCEPTED,
-    WRONG_STATE,
-)
 from pop3d.testing import MemoryStore
-from pop3d.wire import MAX_COMMAND_LENGTH, ResponseCode, format_status
+from pop3d.wire import MAX_COMMAND_LENGTH
 
 from .conftest import USERS, Wire
 
@@ -56,17 +38,10 @@ MESSAGE_3 = b"Subject: three\n\nno final newline"
 SIZE_1 = len(MESSAGE_1) + MESSAGE_1.count(b"\n")
 SIZE_2 = len(MESSAGE_2)
 SIZE_3 = len(MESSAGE_3) + MESSAGE_3.count(b"\n") + 2
+# The replies below spell these out: 62, 43 and 36 octets, 141 in all.
 
 
-def ok(text: str = "") -> bytes:
-    return format_status(True, text)
-
-
-def err(text: str, code: ResponseCode | None = None) -> bytes:
-    return format_status(False, text, code)
-
-
-AUTH_FAILED = err(LOGIN_FAILED, ResponseCode.AUTH)
+AUTH_FAILED = b"-ERR [AUTH] invalid user name or password\r\n"
 
 
 @pytest.fixture
@@ -76,7 +51,7 @@ def uids(store: MemoryStore) -> list[str]:
 
 @pytest.fixture
 def logged_in(wire: Wire, uids: list[str]) -> Wire:
-    assert wire.login() == ok(f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
+    assert wire.login() == b"+OK maildrop has 3 messages (141 octets)\r\n"
     return wire
 
 
@@ -102,7 +77,7 @@ def test_a_tls_failure_after_stls_closes_without_a_plaintext_answer(
             raise OSError("cannot read the certificate")
 
     wire = Wire(make_factory(tls=BrokenTLS()))
-    assert wire.command(b"STLS") == b"+OK " + BEGIN_TLS.encode() + b"\r\n"
+    assert wire.command(b"STLS") == b"+OK begin TLS negotiation\r\n"
     assert wire.closed
     assert any(e.get("log_failure") is not None for e in log_events)
 
@@ -120,35 +95,33 @@ class TestGreeting:
 
     def test_no_timestamp_when_apop_cannot_be_verified(self, clock: Clock) -> None:
         portal = Portal(MaildropRealm(MemoryStore()), [_PasswordOnlyChecker()])
-        assert Wire(POP3Factory(portal, clock=clock)).greeting == ok("pop3d ready")
+        assert Wire(POP3Factory(portal, clock=clock)).greeting == b"+OK pop3d ready\r\n"
 
 
 class TestAuthorization:
     """RFC 1939 section 7 (USER, PASS, APOP), RFC 3206 section 4 ([AUTH])."""
 
     def test_user_then_pass(self, wire: Wire, uids: list[str]) -> None:
-        assert wire.command(b"USER alice") == ok(USER_ACCEPTED)
-        assert wire.command(b"PASS wonderland") == ok(
-            f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)"
-        )
+        assert wire.command(b"USER alice") == b"+OK send PASS\r\n"
+        assert wire.command(b"PASS wonderland") == b"+OK maildrop has 3 messages (141 octets)\r\n"
 
     def test_wrong_password(self, wire: Wire) -> None:
         assert wire.login(b"alice", b"nope") == AUTH_FAILED
 
     def test_unknown_user_looks_like_a_wrong_password(self, wire: Wire) -> None:
-        assert wire.command(b"USER mallory") == ok(USER_ACCEPTED)
+        assert wire.command(b"USER mallory") == b"+OK send PASS\r\n"
         assert wire.command(b"PASS wonderland") == AUTH_FAILED
 
     def test_after_a_failure_user_must_be_sent_again(self, wire: Wire) -> None:
         wire.login(b"alice", b"nope")
-        assert wire.command(b"PASS wonderland") == err(PASS_WITHOUT_USER)
+        assert wire.command(b"PASS wonderland") == b"-ERR send USER first\r\n"
 
     def test_retry_after_failure(self, wire: Wire) -> None:
         wire.login(b"alice", b"nope")
         assert wire.login().startswith(b"+OK maildrop has")
 
     def test_pass_without_user(self, wire: Wire) -> None:
-        assert wire.command(b"PASS wonderland") == err(PASS_WITHOUT_USER)
+        assert wire.command(b"PASS wonderland") == b"-ERR send USER first\r\n"
 
     def test_password_with_spaces(self, make_factory: Callable[..., POP3Factory]) -> None:
         wire = Wire(make_factory())
@@ -192,17 +165,17 @@ class TestAuthorization:
     def test_apop_not_offered(self, clock: Clock) -> None:
         portal = Portal(MaildropRealm(MemoryStore()), [_PasswordOnlyChecker()])
         wire = Wire(POP3Factory(portal, clock=clock))
-        assert wire.command(b"APOP alice " + b"0" * 32) == err(APOP_UNAVAILABLE)
+        assert wire.command(b"APOP alice " + b"0" * 32) == b"-ERR APOP is not available\r\n"
 
     @pytest.mark.parametrize(
         "line", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL"]
     )
     def test_transaction_commands_before_login(self, wire: Wire, line: bytes) -> None:
-        assert wire.command(line) == err(WRONG_STATE)
+        assert wire.command(line) == b"-ERR command not valid in this state\r\n"
         assert not wire.closed
 
     def test_quit_before_login_closes_without_update(self, wire: Wire) -> None:
-        assert wire.command(b"QUIT") == ok(BYE)
+        assert wire.command(b"QUIT") == b"+OK bye\r\n"
         assert wire.closed
 
     def test_unsafe_user_name_is_refused_like_a_bad_password(
@@ -216,7 +189,7 @@ class TestAuthorization:
         """RFC 2449 section 8.1.2: [IN-USE] when another session holds the maildrop."""
         first, second = Wire(factory), Wire(factory)
         assert first.login().startswith(b"+OK")
-        assert second.login() == err("maildrop is locked by another session", ResponseCode.IN_USE)
+        assert second.login() == b"-ERR [IN-USE] maildrop is locked by another session\r\n"
         assert first.command(b"STAT").startswith(b"+OK 3 ")
         first.command(b"QUIT")
         assert second.login().startswith(b"+OK")
@@ -230,27 +203,34 @@ class TestAuthorization:
         assert store.is_locked("alice")
 
     @pytest.mark.parametrize(
-        "error,code",
+        "error,reply",
         [
-            (MaildropUnavailable("cannot read maildir"), ResponseCode.SYS_TEMP),
-            (MaildropUnavailable("cannot read maildir", permanent=True), ResponseCode.SYS_PERM),
+            (
+                MaildropUnavailable("cannot read maildir"),
+                b"-ERR [SYS/TEMP] cannot read maildir\r\n",
+            ),
+            (
+                MaildropUnavailable("cannot read maildir", permanent=True),
+                b"-ERR [SYS/PERM] cannot read maildir\r\n",
+            ),
         ],
+        ids=["SYS/TEMP", "SYS/PERM"],
     )
     def test_maildrop_that_cannot_be_opened(
-        self, clock: Clock, error: MaildropUnavailable, code: ResponseCode
+        self, clock: Clock, error: MaildropUnavailable, reply: bytes
     ) -> None:
         """RFC 1939 section 4 / RFC 3206: no +OK before the maildrop is open."""
         wire = _wire_for_store(clock, _FailingStore(error))
-        assert wire.login() == err("cannot read maildir", code)
+        assert wire.login() == reply
         # Still in AUTHORIZATION: transaction commands are refused.
-        assert wire.command(b"STAT") == err(WRONG_STATE)
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
 
     def test_unexpected_store_failure_is_logged_not_shown(
         self, clock: Clock, log_events: list[LogEvent]
     ) -> None:
         wire = _wire_for_store(clock, _FailingStore(RuntimeError("secret internals /etc/x")))
         answer = wire.login()
-        assert answer == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
         assert b"internals" not in answer
         assert any(e.get("log_failure") is not None for e in log_events)
 
@@ -320,9 +300,9 @@ class TestFailedLogins:
         self, slow_factory: POP3Factory, clock: Clock
     ) -> None:
         wire = Wire(slow_factory)
-        assert wire.send(b"USER alice\r\nPASS nope\r\nCAPA\r\n") == ok(USER_ACCEPTED)
+        assert wire.send(b"USER alice\r\nPASS nope\r\nCAPA\r\n") == b"+OK send PASS\r\n"
         clock.advance(2)
-        assert wire.take().startswith(AUTH_FAILED + ok(CAPABILITIES_FOLLOW))
+        assert wire.take().startswith(AUTH_FAILED + b"+OK capability list follows\r\n")
 
     def test_a_deferred_reply_that_cannot_be_sent_closes_the_connection(
         self, slow_factory: POP3Factory, clock: Clock, monkeypatch: pytest.MonkeyPatch
@@ -379,14 +359,16 @@ class TestCapa:
     def test_before_login(self, wire: Wire) -> None:
         assert (
             wire.command(b"CAPA")
-            == ok(CAPABILITIES_FOLLOW) + b"".join(c + b"\r\n" for c in self.BEFORE) + b".\r\n"
+            == b"+OK capability list follows\r\n"
+            + b"".join(c + b"\r\n" for c in self.BEFORE)
+            + b".\r\n"
         )
 
     def test_after_login_everything_announced_before_is_announced_again(
         self, logged_in: Wire
     ) -> None:
         lines = logged_in.command(b"CAPA").split(b"\r\n")
-        assert lines[0] == ok(CAPABILITIES_FOLLOW).rstrip()
+        assert lines[0] == b"+OK capability list follows"
         assert lines[1:-2] == [*self.BEFORE, b"IMPLEMENTATION pop3d"]
         assert lines[-2:] == [b".", b""]
 
@@ -395,20 +377,19 @@ class TestTransaction:
     """RFC 1939 section 5 and the commands of sections 5 and 7."""
 
     def test_stat(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"STAT") == ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
+        assert logged_in.command(b"STAT") == b"+OK 3 141\r\n"
 
     def test_list(self, logged_in: Wire) -> None:
         assert logged_in.command(b"LIST") == (
-            ok(f"3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
-            + f"1 {SIZE_1}\r\n2 {SIZE_2}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+            b"+OK 3 messages (141 octets)\r\n1 62\r\n2 43\r\n3 36\r\n.\r\n"
         )
 
     def test_list_one(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"LIST 2") == ok(f"2 {SIZE_2}")
+        assert logged_in.command(b"LIST 2") == b"+OK 2 43\r\n"
 
     @pytest.mark.parametrize("argument", [b"4", b"99999999999"])
     def test_list_no_such_message(self, logged_in: Wire, argument: bytes) -> None:
-        assert logged_in.command(b"LIST " + argument) == err(NO_SUCH_MESSAGE)
+        assert logged_in.command(b"LIST " + argument) == b"-ERR no such message\r\n"
 
     @pytest.mark.parametrize(
         "line",
@@ -433,37 +414,36 @@ class TestTransaction:
     def test_retr_sends_exact_bytes(self, logged_in: Wire) -> None:
         """RFC 1939 section 3: CRLF lines, byte-stuffed, CRLF.CRLF; section 11: size."""
         assert logged_in.command(b"RETR 1") == (
-            ok(f"{SIZE_1} octets")
+            b"+OK 62 octets\r\n"
             + b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n"
         )
 
     def test_retr_crlf_stored(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"RETR 2") == ok(f"{SIZE_2} octets") + MESSAGE_2 + b".\r\n"
+        assert logged_in.command(b"RETR 2") == b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n"
 
     def test_retr_without_final_newline(self, logged_in: Wire) -> None:
         assert logged_in.command(b"RETR 3") == (
-            ok(f"{SIZE_3} octets") + b"Subject: three\r\n\r\nno final newline\r\n.\r\n"
+            b"+OK 36 octets\r\nSubject: three\r\n\r\nno final newline\r\n.\r\n"
         )
 
     def test_top(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"TOP 1 2") == ok(TOP_FOLLOWS) + (
+        assert logged_in.command(b"TOP 1 2") == b"+OK top of message follows\r\n" + (
             b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\n.\r\n"
         )
 
     def test_top_zero(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"TOP 2 0") == ok(TOP_FOLLOWS) + (
+        assert logged_in.command(b"TOP 2 0") == b"+OK top of message follows\r\n" + (
             b"From: b@example.org\r\nSubject: two\r\n\r\n.\r\n"
         )
 
     def test_dele_marks_and_hides(self, logged_in: Wire) -> None:
-        assert logged_in.command(b"DELE 1") == ok("message 1 deleted")
-        assert logged_in.command(b"STAT") == ok(f"2 {SIZE_2 + SIZE_3}")
+        assert logged_in.command(b"DELE 1") == b"+OK message 1 deleted\r\n"
+        assert logged_in.command(b"STAT") == b"+OK 2 79\r\n"
         assert logged_in.command(b"LIST") == (
-            ok(f"2 messages ({SIZE_2 + SIZE_3} octets)")
-            + f"2 {SIZE_2}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+            b"+OK 2 messages (79 octets)\r\n2 43\r\n3 36\r\n.\r\n"
         )
         for line in (b"RETR 1", b"LIST 1", b"TOP 1 0", b"UIDL 1"):
-            assert logged_in.command(line) == err(NO_SUCH_MESSAGE)
+            assert logged_in.command(line) == b"-ERR no such message\r\n"
 
     def test_a_deleted_middle_message_leaves_uidl_and_list(
         self, logged_in: Wire, store: MemoryStore
@@ -471,12 +451,11 @@ class TestTransaction:
         """RFC 1939 section 7: messages marked as deleted are not listed."""
         uids = logged_in.command(b"UIDL").split(b"\r\n")[1:4]
         logged_in.command(b"DELE 2")
-        assert logged_in.command(b"UIDL") == ok(UIDL_FOLLOWS) + b"\r\n".join(
+        assert logged_in.command(b"UIDL") == b"+OK unique-id listing follows\r\n" + b"\r\n".join(
             [uids[0], uids[2], b".\r\n"]
         )
         assert logged_in.command(b"LIST") == (
-            ok(f"2 messages ({SIZE_1 + SIZE_3} octets)")
-            + f"1 {SIZE_1}\r\n3 {SIZE_3}\r\n.\r\n".encode()
+            b"+OK 2 messages (98 octets)\r\n1 62\r\n3 36\r\n.\r\n"
         )
 
     def test_a_store_listing_messages_as_a_list_still_works(
@@ -499,22 +478,22 @@ class TestTransaction:
         monkeypatch.setattr(store, "open", open_as_list)
         wire = Wire(factory)
         wire.login()
-        assert wire.command(b"STAT") == ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
-        assert wire.command(b"UIDL 2") == ok(f"2 {uids[1]}")
-        assert wire.command(b"LIST 3") == ok(f"3 {SIZE_3}")
+        assert wire.command(b"STAT") == b"+OK 3 141\r\n"
+        assert wire.command(b"UIDL 2") == b"+OK 2 " + uids[1].encode() + b"\r\n"
+        assert wire.command(b"LIST 3") == b"+OK 3 36\r\n"
 
     def test_commands_pipelined_behind_a_message_wait_for_all_of_it(self, logged_in: Wire) -> None:
         """RFC 2449 section 6.6: answers in order, even while output is held back."""
         logged_in.protocol.output_blocked(True)
         assert logged_in.send(b"RETR 1\r\nNOOP\r\n") == b""
         logged_in.protocol.output_blocked(False)
-        assert logged_in.take() == ok(f"{SIZE_1} octets") + (
+        assert logged_in.take() == b"+OK 62 octets\r\n" + (
             b"From: a@example.org\r\nSubject: one\r\n\r\nline 1\r\n..line 2\r\nline 3\r\n.\r\n" + OK
         )
 
     def test_dele_twice(self, logged_in: Wire) -> None:
         logged_in.command(b"DELE 2")
-        assert logged_in.command(b"DELE 2") == err(ALREADY_DELETED)
+        assert logged_in.command(b"DELE 2") == b"-ERR message already deleted\r\n"
 
     def test_dele_only_marks(self, logged_in: Wire, store: MemoryStore) -> None:
         """RFC 1939 section 6: nothing is removed before UPDATE."""
@@ -524,10 +503,8 @@ class TestTransaction:
     def test_rset_unmarks(self, logged_in: Wire) -> None:
         logged_in.command(b"DELE 1")
         logged_in.command(b"DELE 3")
-        assert logged_in.command(b"RSET") == ok(
-            f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)"
-        )
-        assert logged_in.command(b"LIST 1") == ok(f"1 {SIZE_1}")
+        assert logged_in.command(b"RSET") == b"+OK maildrop has 3 messages (141 octets)\r\n"
+        assert logged_in.command(b"LIST 1") == b"+OK 1 62\r\n"
 
     def test_noop(self, logged_in: Wire) -> None:
         assert logged_in.command(b"NOOP") == OK
@@ -535,15 +512,15 @@ class TestTransaction:
     def test_uidl(self, logged_in: Wire, uids: list[str]) -> None:
         assert (
             logged_in.command(b"UIDL")
-            == ok(UIDL_FOLLOWS)
+            == b"+OK unique-id listing follows\r\n"
             + b"".join(b"%d %s\r\n" % (i, uid.encode()) for i, uid in enumerate(uids, 1))
             + b".\r\n"
         )
-        assert logged_in.command(b"UIDL 2") == ok(f"2 {uids[1]}")
+        assert logged_in.command(b"UIDL 2") == b"+OK 2 " + uids[1].encode() + b"\r\n"
 
     @pytest.mark.parametrize("line", [b"USER alice", b"PASS x", b"APOP alice " + b"0" * 32])
     def test_authorization_commands_after_login(self, logged_in: Wire, line: bytes) -> None:
-        assert logged_in.command(line) == err(WRONG_STATE)
+        assert logged_in.command(line) == b"-ERR command not valid in this state\r\n"
 
     def test_message_removed_by_another_program(
         self, logged_in: Wire, store: MemoryStore, uids: list[str]
@@ -559,7 +536,7 @@ class TestTransaction:
         """RFC 1939 section 8: message numbers are fixed for the session."""
         store.deliver("alice", b"Subject: late\n\nlate\n")
         assert logged_in.command(b"STAT").startswith(b"+OK 3 ")
-        assert logged_in.command(b"RETR 4") == err(NO_SUCH_MESSAGE)
+        assert logged_in.command(b"RETR 4") == b"-ERR no such message\r\n"
 
     def test_keywords_are_case_insensitive(self, logged_in: Wire) -> None:
         assert logged_in.command(b"stat").startswith(b"+OK 3 ")
@@ -572,13 +549,13 @@ class TestUpdate:
     def test_quit_removes_marked_messages(self, logged_in: Wire, store: MemoryStore) -> None:
         logged_in.command(b"DELE 1")
         logged_in.command(b"DELE 3")
-        assert logged_in.command(b"QUIT") == ok(BYE)
+        assert logged_in.command(b"QUIT") == b"+OK bye\r\n"
         assert logged_in.closed
         assert store.messages("alice") == [MESSAGE_2]
         assert not store.is_locked("alice")
 
     def test_quit_without_deletions(self, logged_in: Wire, store: MemoryStore) -> None:
-        assert logged_in.command(b"QUIT") == ok(BYE)
+        assert logged_in.command(b"QUIT") == b"+OK bye\r\n"
         assert len(store.messages("alice")) == 3
 
     def test_disconnect_deletes_nothing(self, logged_in: Wire, store: MemoryStore) -> None:
@@ -598,8 +575,9 @@ class TestUpdate:
         wire = _wire_for_store(clock, store)
         wire.login()
         wire.command(b"DELE 1")
-        assert wire.command(b"QUIT") == err(
-            "1 message(s) could not be deleted, try again later", ResponseCode.SYS_TEMP
+        assert (
+            wire.command(b"QUIT")
+            == b"-ERR [SYS/TEMP] 1 message(s) could not be deleted, try again later\r\n"
         )
         assert wire.closed and store.closed
 
@@ -611,7 +589,9 @@ class TestUpdate:
         wire = _wire_for_store(clock, store)
         wire.login()
         wire.command(b"DELE 1")
-        assert wire.command(b"QUIT") == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert (
+            wire.command(b"QUIT") == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        )
         assert wire.closed and store.closed
 
     def test_unexpected_failure_in_update(self, clock: Clock, log_events: list[LogEvent]) -> None:
@@ -619,7 +599,9 @@ class TestUpdate:
         wire = _wire_for_store(clock, store)
         wire.login()
         wire.command(b"DELE 1")
-        assert wire.command(b"QUIT") == err(INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        assert (
+            wire.command(b"QUIT") == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        )
         assert wire.closed and store.closed
         assert any(e.get("log_failure") is not None for e in log_events)
 
@@ -677,25 +659,25 @@ class TestPipelining:
     def test_all_in_one_write(self, wire: Wire, uids: list[str]) -> None:
         answer = wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nRETR 2\r\nNOOP\r\nQUIT\r\n")
         assert answer == (
-            ok(USER_ACCEPTED)
-            + ok(f"maildrop has 3 messages ({SIZE_1 + SIZE_2 + SIZE_3} octets)")
-            + ok(f"3 {SIZE_1 + SIZE_2 + SIZE_3}")
-            + ok(f"{SIZE_2} octets")
+            b"+OK send PASS\r\n"
+            + b"+OK maildrop has 3 messages (141 octets)\r\n"
+            + b"+OK 3 141\r\n"
+            + b"+OK 43 octets\r\n"
             + MESSAGE_2
             + b".\r\n"
             + OK
-            + ok(BYE)
+            + b"+OK bye\r\n"
         )
 
     def test_waits_for_an_asynchronous_login(self, clock: Clock, store: MemoryStore) -> None:
         store.deliver("alice", MESSAGE_2)
         slow = _SlowStore(store)
         wire = _wire_for_store(clock, slow)
-        assert wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n") == ok(USER_ACCEPTED)
-        slow.release()
         assert (
-            wire.take() == ok(f"maildrop has 1 messages ({SIZE_2} octets)") + ok(f"1 {SIZE_2}") + OK
+            wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n") == b"+OK send PASS\r\n"
         )
+        slow.release()
+        assert wire.take() == b"+OK maildrop has 1 messages (43 octets)\r\n" + b"+OK 1 43\r\n" + OK
 
     def test_disconnect_during_login_releases_the_maildrop(
         self, clock: Clock, store: MemoryStore
@@ -711,7 +693,7 @@ class TestPipelining:
     def test_commands_split_across_writes(self, wire: Wire) -> None:
         assert wire.send(b"NO") == b""
         assert wire.send(b"OP\r") == b""
-        assert wire.send(b"\nCA") == err(WRONG_STATE)
+        assert wire.send(b"\nCA") == b"-ERR command not valid in this state\r\n"
 
     def test_bare_lf_line_endings_are_accepted(self, wire: Wire) -> None:
         assert wire.send(b"USER alice\nPASS wonderland\n").endswith(b"octets)\r\n")
@@ -723,30 +705,30 @@ class TestAbuse:
     def test_255_octet_commands_are_accepted(self, wire: Wire) -> None:
         line = b"USER " + b"u" * 248
         assert len(line + b"\r\n") == 255
-        assert wire.command(line) == ok(USER_ACCEPTED)
+        assert wire.command(line) == b"+OK send PASS\r\n"
 
     def test_overlong_line_is_refused_and_the_session_goes_on(self, wire: Wire) -> None:
         answer = wire.send(b"USER " + b"x" * (MAX_COMMAND_LENGTH + 10) + b"\r\nNOOP\r\n")
-        assert answer == err(LINE_TOO_LONG) + err(WRONG_STATE)
+        assert answer == b"-ERR line too long\r\n" + b"-ERR command not valid in this state\r\n"
 
     def test_overlong_line_in_pieces_is_not_buffered(self, logged_in: Wire) -> None:
         piece = b"x" * 4096
         for _ in range(256):
             assert logged_in.send(piece) == b""
             assert len(logged_in.protocol._buffer) <= MAX_COMMAND_LENGTH + 1
-        assert logged_in.send(b"tail\r\nNOOP\r\n") == err(LINE_TOO_LONG) + OK
+        assert logged_in.send(b"tail\r\nNOOP\r\n") == b"-ERR line too long\r\n" + OK
 
     def test_three_bad_commands_before_login_close(self, wire: Wire) -> None:
-        assert wire.command(b"FOO") == err(UNKNOWN_COMMAND)
-        assert wire.command(b"STAT") == err(WRONG_STATE)
-        assert wire.command(b"BAR") == err(TOO_MANY_BAD_COMMANDS)
+        assert wire.command(b"FOO") == b"-ERR unknown command\r\n"
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
+        assert wire.command(b"BAR") == b"-ERR too many bad commands, closing connection\r\n"
         assert wire.closed
 
     def test_twenty_bad_commands_after_login_close(self, logged_in: Wire) -> None:
         for _ in range(19):
             assert logged_in.command(b"LIST x").startswith(b"-ERR ")
         assert not logged_in.closed
-        assert logged_in.command(b"FOO") == err(TOO_MANY_BAD_COMMANDS)
+        assert logged_in.command(b"FOO") == b"-ERR too many bad commands, closing connection\r\n"
         assert logged_in.closed
 
     def test_no_such_message_is_not_abuse(self, logged_in: Wire) -> None:
@@ -759,7 +741,7 @@ class TestAbuse:
         factory = make_factory(max_connections_per_ip=2)
         first, _second = Wire(factory), Wire(factory)
         third = Wire(factory)
-        assert third.greeting == err(TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP)
+        assert third.greeting == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
         assert third.closed
         other_host = Wire(factory, IPv4Address("TCP", "127.0.0.2", 1))
         assert other_host.greeting.startswith(b"+OK")
@@ -774,7 +756,7 @@ class TestAbuse:
         )
 
     def test_nothing_is_answered_after_a_hangup(self, wire: Wire) -> None:
-        assert wire.send(b"QUIT\r\nCAPA\r\n") == ok(BYE)
+        assert wire.send(b"QUIT\r\nCAPA\r\n") == b"+OK bye\r\n"
 
 
 # -- test doubles -----------------------------------------------------------
