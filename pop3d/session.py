@@ -77,7 +77,8 @@ class State(enum.Enum):
     UPDATE = "UPDATE"
 
 
-# Texts of the replies, named so that tests compare against the same source.
+# Texts of the replies, named so that each is written once (tests compare
+# the literal bytes a client sees, not these names).
 GREETING = "pop3d ready"
 USER_ACCEPTED = "send PASS"
 LOGIN_FAILED = "invalid user name or password"
