@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,24 @@ def top_of(lines: list[bytes], body_lines: int) -> list[bytes]:
     return lines
 
 
+#: A day ago: directories "last changed" then have long settled.
+_LONG_AGO_NS = (int(time.time()) - 86400) * 1_000_000_000
+
+
+def let_time_pass(maildir: Path, moment: int) -> None:
+    """
+    Make a Maildir look as if nothing changed in it for a long while: its
+    new/ and cur/ get modification times from a day ago (the ``moment``-th
+    millisecond after, a different time each call, as if each change had
+    been made at its own moment).  The store trusts the listing it keeps
+    in memory only for directories that have settled (see `pop3d.maildir`),
+    so without this that path would never run in a test that runs fast.
+    """
+    stamp = _LONG_AGO_NS + moment * 1_000_000 + 1
+    for subdirectory in ("new", "cur"):
+        os.utime(maildir / subdirectory, ns=(stamp, stamp))
+
+
 def apop_digest(challenge: bytes, password: str) -> bytes:
     """RFC 1939 section 7: MD5 of the greeting's timestamp and the secret, in hex."""
     return hashlib.md5(challenge + password.encode()).hexdigest().encode()
@@ -205,6 +224,9 @@ class SessionModel:
     bad_commands: int = 0
     user: str = ""
     snapshot: list[StoredMessage] = field(default_factory=list)
+    #: Where the session last found each message of the snapshot, as
+    #: (subdirectory, file name): another program may have moved it since.
+    seen_at: list[tuple[str, str]] = field(default_factory=list)
     deleted: set[int] = field(default_factory=set)
     retrieved: set[int] = field(default_factory=set)
 
@@ -361,6 +383,9 @@ class Model:
         session.user = mailbox
         # Section 4: the maildrop as it is now, in unique-name order.
         session.snapshot = sorted(self.disk[mailbox], key=lambda message: message.unique)
+        session.seen_at = [
+            (message.subdirectory, message.file_name) for message in session.snapshot
+        ]
         return Answer(b"+OK " + self._summary(session) + b"\r\n")
 
     # -- TRANSACTION (sections 5 and 7) and UPDATE (section 6) -------------------
@@ -394,6 +419,8 @@ class Model:
             return self._on_snapshot(session, verb, arguments)
         except NoSuchMessage:
             return Answer(b"-ERR no such message\r\n")
+        except MessageGone:
+            return Answer(b"-ERR message was removed by another program\r\n")
 
     def _on_snapshot(self, session: SessionModel, verb: bytes, arguments: list[bytes]) -> Answer:
         snapshot = session.snapshot
@@ -418,6 +445,7 @@ class Model:
             return Answer(multi_line(heading, lines))
         if verb == b"RETR":
             index = self._index(session, arguments[0])
+            self._find(session, index)
             session.retrieved.add(index)
             content = snapshot[index].content
             return Answer(
@@ -427,6 +455,7 @@ class Model:
             if re.fullmatch(rb"[0-9]+", arguments[1]) is None:
                 raise Rejected(b"invalid line count")
             index = self._index(session, arguments[0])
+            self._find(session, index)
             lines = top_of(on_the_wire(snapshot[index].content), int(arguments[1]))
             return Answer(multi_line(b"+OK top of message follows\r\n", lines))
         if verb == b"DELE":
@@ -445,34 +474,56 @@ class Model:
         self.update(session)
         return Answer(BYE, closes=True)
 
+    def _on_disk(self, mailbox: str, message: StoredMessage) -> bool:
+        return any(message is there for there in self.disk[mailbox])
+
+    def _find(self, session: SessionModel, index: int) -> None:
+        """
+        A message is read wherever another program moved it (the session
+        learns its new place); one another program deleted is an -ERR.
+        """
+        message = session.snapshot[index]
+        if not self._on_disk(session.user, message):
+            raise MessageGone
+        session.seen_at[index] = (message.subdirectory, message.file_name)
+
     def update(self, session: SessionModel) -> None:
         """
-        Section 6: the marked messages go, and nothing else.  Then what the
-        README promises: the snapshot's other messages in new/ move to cur/,
-        and those sent with RETR get the S flag; the unique name stays.
+        Section 6: the marked messages go, wherever they are now, and nothing
+        else.  Then what the README promises: the snapshot's other messages
+        in new/ move to cur/, and those sent with RETR get the S flag; the
+        unique name stays.  A file another program renamed since the session
+        last saw it is left as that program left it.
         """
-        mailbox = self.disk[session.user]
-        doomed = [
-            snapshot for index, snapshot in enumerate(session.snapshot) if index in session.deleted
-        ]
+        doomed = [session.snapshot[index] for index in session.deleted]
         self.disk[session.user] = [
-            message for message in mailbox if not any(message is gone for gone in doomed)
+            message
+            for message in self.disk[session.user]
+            if not any(message is gone for gone in doomed)
         ]
         for index, message in enumerate(session.snapshot):
             if index in session.deleted:
                 continue
+            subdirectory, name = session.seen_at[index]
             retrieved = index in session.retrieved
-            if message.subdirectory == "cur" and not retrieved:
+            if subdirectory == "cur" and not retrieved:
                 continue
-            flags = set(message.info[3:]) if message.info.startswith(":2,") else set()
+            _, _, info = name.partition(":")
+            flags = set(info[2:]) if info.startswith("2,") else set()
             if retrieved:
                 flags.add("S")
-            message.subdirectory = "cur"
-            message.info = ":2," + "".join(sorted(flags))
+            target = ":2," + "".join(sorted(flags))
+            still_there = (message.subdirectory, message.file_name) == (subdirectory, name)
+            if self._on_disk(session.user, message) and still_there:
+                message.subdirectory, message.info = "cur", target
 
 
 class NoSuchMessage(Exception):
     """A message number that is not (or no longer) in the snapshot."""
+
+
+class MessageGone(Exception):
+    """A message of the snapshot that another program deleted."""
 
 
 # -- what the machine sends ---------------------------------------------------
@@ -624,6 +675,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.model = Model()
         self.wire: Wire | None = None
         self.session: SessionModel | None = None
+        self.moments = 0
 
     def teardown(self) -> None:
         if self.wire is not None:
@@ -825,6 +877,32 @@ class SessionMachine(RuleBasedStateMachine):
             os.path.join(self.root, mailbox), content, subdirectory=subdirectory, info=info
         )
         self.model.deliver(mailbox, StoredMessage(unique, content, subdirectory, info))
+
+    @precondition(lambda self: self.model.disk["alice"])
+    @rule(which=st.integers(0, 20), flags=st.sampled_from(["", "S", "F", "RS"]))
+    def another_program_moves(self, which: int, flags: str) -> None:
+        """
+        An IMAP server on the same Maildir (README: "Migrating from Dovecot")
+        moves a message of alice's to cur/ or changes its flags.
+        """
+        mailbox = self.model.disk["alice"]
+        message = mailbox[which % len(mailbox)]
+        source = Path(self.root, "alice", message.subdirectory, message.file_name)
+        message.subdirectory, message.info = "cur", ":2," + flags
+        source.rename(Path(self.root, "alice", "cur", message.file_name))
+
+    @precondition(lambda self: self.model.disk["alice"])
+    @rule(which=st.integers(0, 20))
+    def another_program_deletes(self, which: int) -> None:
+        message = self.model.disk["alice"].pop(which % len(self.model.disk["alice"]))
+        Path(self.root, "alice", message.subdirectory, message.file_name).unlink()
+
+    @rule()
+    def time_passes(self) -> None:
+        """The Maildirs settle: the store may trust what it listed before."""
+        for mailbox in self.model.created:
+            self.moments += 1
+            let_time_pass(Path(self.root, mailbox), self.moments)
 
     # -- what must always hold ------------------------------------------------
 

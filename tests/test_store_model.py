@@ -47,7 +47,13 @@ from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.testing import deliver_to_maildir
 
 from .clock_threads import ClockThreads, settle
-from .test_session_model import MESSAGES, PLACEMENTS, StoredMessage, wire_octets
+from .test_session_model import (
+    MESSAGES,
+    PLACEMENTS,
+    StoredMessage,
+    let_time_pass,
+    wire_octets,
+)
 
 MAILBOX = "carol"
 
@@ -91,6 +97,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = MaildirStore(f"{self.root}/{{user}}")
         self.disk: list[StoredMessage] = []
         self.opened: Opened | None = None
+        self.moments = 0
 
     @initialize(
         listing_cache=st.sampled_from([0, 2, LISTING_CACHE_MESSAGES]),
@@ -140,6 +147,13 @@ class StoreMachine(RuleBasedStateMachine):
     def another_program_deletes(self, which: int) -> None:
         message = self.disk.pop(which % len(self.disk))
         os.unlink(os.path.join(self.maildir, message.subdirectory, message.file_name))
+
+    @precondition(lambda self: os.path.isdir(self.maildir))
+    @rule()
+    def time_passes(self) -> None:
+        """The Maildir settles: the store may trust what it listed before."""
+        self.moments += 1
+        let_time_pass(Path(self.maildir), self.moments)
 
     # -- a session --------------------------------------------------------------
 
