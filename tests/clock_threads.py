@@ -6,14 +6,16 @@ and gets the result back through ``reactor.callFromThread``.  `ClockThreads`
 provides just that, without threads: the work runs at the Clock's next
 ``advance``, and its result reaches the Deferred then too, as it would a turn
 of the reactor later.  So a test sees a store's answers arrive late, as in
-production, but in an order that never varies; `settle` runs everything due.
+production, but in an order that never varies; `settle` runs everything due
+and `result_of` gives what a Deferred ended with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -66,6 +68,15 @@ class ClockThreads:
     def callFromThread(self, work: Callable[..., object], *arguments: object) -> None:
         # Back on the "reactor thread": a turn later, like the real one.
         self.clock.callLater(0, work, *arguments)
+
+
+def result_of(clock: Clock, deferred: Deferred[Any]) -> object:
+    """What ``deferred`` ends with (a result or a Failure) once `settle` ran."""
+    results: list[object] = []
+    deferred.addBoth(results.append)
+    settle(clock)
+    assert results, "no answer, even after everything due ran"
+    return results[0]
 
 
 def settle(clock: Clock) -> None:

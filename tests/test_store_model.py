@@ -36,7 +36,6 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -46,7 +45,7 @@ from pop3d.locking import LockTable
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.testing import deliver_to_maildir
 
-from .clock_threads import ClockThreads, settle
+from .clock_threads import ClockThreads, result_of, settle
 from .test_session_model import (
     MESSAGES,
     PLACEMENTS,
@@ -56,15 +55,6 @@ from .test_session_model import (
 )
 
 MAILBOX = "carol"
-
-
-def outcome(clock: Clock, deferred: Deferred[object]) -> object:
-    """What ``deferred`` ends with, once the Clock's due work has run."""
-    results: list[object] = []
-    deferred.addBoth(results.append)
-    settle(clock)
-    assert results, "the store never answered"
-    return results[0]
 
 
 def read_all(body: object) -> bytes:
@@ -116,11 +106,13 @@ class StoreMachine(RuleBasedStateMachine):
             self.deliver(content, placement)
 
     def teardown(self) -> None:
-        if self.opened is not None:
-            self.opened.maildrop.close()
-        if isinstance(self.store.locks, LockTable):
-            self.store.locks.close()
-        shutil.rmtree(self.root)
+        try:
+            if self.opened is not None:
+                self.opened.maildrop.close()
+        finally:
+            if isinstance(self.store.locks, LockTable):
+                self.store.locks.close()
+            shutil.rmtree(self.root)
 
     def _on_disk(self, message: StoredMessage) -> bool:
         return any(message is there for there in self.disk)
@@ -161,7 +153,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def open(self) -> None:
         existed = os.path.isdir(self.maildir)
-        maildrop = outcome(self.clock, self.store.open(MAILBOX))
+        maildrop = result_of(self.clock, self.store.open(MAILBOX))
         assert IMaildrop.providedBy(maildrop), maildrop
         assert isinstance(maildrop, object)
         snapshot = sorted(self.disk, key=lambda message: message.unique)
@@ -178,7 +170,7 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.opened is not None and self.opened.locked)
     @rule()
     def open_again_is_refused(self) -> None:
-        refused = outcome(self.clock, self.store.open(MAILBOX))
+        refused = result_of(self.clock, self.store.open(MAILBOX))
         assert isinstance(refused, Failure) and refused.check(MaildropLocked), refused
 
     @precondition(lambda self: self.opened is not None and self.opened.snapshot)
@@ -187,7 +179,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.opened is not None
         index = which % len(self.opened.snapshot)
         message = self.opened.snapshot[index]
-        body = outcome(self.clock, self.opened.maildrop.open_message(index))
+        body = result_of(self.clock, self.opened.maildrop.open_message(index))
         if not self._on_disk(message):
             assert isinstance(body, Failure) and body.check(MessageGone), body
             return
@@ -214,13 +206,13 @@ class StoreMachine(RuleBasedStateMachine):
         doomed = {index for index in doomed if index < count}
         kept = [index for index in range(count) if index not in doomed]
         retrieved = {index for index in retrieved if index in kept}
-        removal = outcome(self.clock, opened.maildrop.remove(sorted(doomed)))
+        removal = result_of(self.clock, opened.maildrop.remove(sorted(doomed)))
         assert removal is None, removal
         for index in doomed:
             gone = opened.snapshot[index]
             self.disk = [message for message in self.disk if message is not gone]
         seen_flags = ISeenFlags(opened.maildrop)
-        marked = outcome(self.clock, seen_flags.mark_seen(sorted(retrieved), kept))
+        marked = result_of(self.clock, seen_flags.mark_seen(sorted(retrieved), kept))
         assert marked is None, marked
         for index in kept:
             self._mark(opened, index, index in retrieved)
@@ -272,3 +264,26 @@ StoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestStore = StoreMachine.TestCase
+
+
+def test_store_work_waits_for_the_clock(tmp_path: Path) -> None:
+    """
+    `ClockThreads` is what the model tests rely on: work the store hands to
+    its thread pool is done, and its answer arrives, only when the Clock
+    turns; and then it arrives whole.
+    """
+    clock = Clock()
+    threads = ClockThreads(clock)
+    store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor)
+    deliver_to_maildir(str(tmp_path / MAILBOX), b"Subject: waiting\n\nbody\n")
+    results: list[object] = []
+    store.open(MAILBOX).addBoth(results.append)
+    assert results == []
+    assert threads.handed_over == 1
+    settle(clock)
+    [maildrop] = results
+    assert IMaildrop.providedBy(maildrop)
+    assert list(IMaildrop(maildrop).messages.sizes) == [len(b"Subject: waiting\r\n\r\nbody\r\n")]
+    IMaildrop(maildrop).close()
+    assert isinstance(store.locks, LockTable)
+    store.locks.close()
