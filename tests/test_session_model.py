@@ -675,7 +675,9 @@ class SessionMachine(RuleBasedStateMachine):
             memory_portal(self.store, USERS),
             clock=self.clock,
             hostname="pop.example.test",
-            login_failure_delay=0,
+            # As in production: a failed login is answered 2 s late, longer
+            # for a peer that keeps failing (see _wait_for_replies).
+            login_failure_delay=2,
         )
         self.model = Model()
         self.wire: Wire | None = None
@@ -716,6 +718,21 @@ class SessionMachine(RuleBasedStateMachine):
         self.model.released(self.session)
         self.wire = self.session = None
 
+    def _wait_for_replies(self) -> None:
+        """
+        Let every reply arrive: those waiting for the store's thread pool,
+        and answers to failed logins, which wait up to 30 s (pop3d.throttle).
+        The inactivity timer, ten minutes from the last command, never fires.
+        """
+        settle(self.clock)
+        while soon := [
+            call.getTime()
+            for call in self.clock.getDelayedCalls()
+            if call.getTime() <= self.clock.seconds() + 60
+        ]:
+            self.clock.advance(min(soon) - self.clock.seconds())
+            settle(self.clock)
+
     def _exchange(self, lines: list[bytes], cuts: list[int] | None = None) -> None:
         """
         Send ``lines`` (in one write, or cut into pieces at ``cuts``), let
@@ -740,8 +757,10 @@ class SessionMachine(RuleBasedStateMachine):
         for cut in [*sorted({cut % (len(data) + 1) for cut in cuts or []}), len(data)]:
             received += wire.send(data[start:cut])
             start = cut
-        # Replies that wait for the store's thread pool arrive now.
-        settle(self.clock)
+        # Pipelined replies leave strictly in order (RFC 2449 section 6.6):
+        # what is out before the wait is the start of what is expected.
+        assert expected.startswith(received), (lines, received, expected)
+        self._wait_for_replies()
         received += wire.take()
         assert received == expected, (lines, received, expected)
         assert wire.closed == closes
@@ -818,6 +837,12 @@ class SessionMachine(RuleBasedStateMachine):
         """
         assume(not any(starts_sasl(line) for line in lines))
         self._exchange(lines, cuts)
+
+    @rule(line=st.one_of(MALFORMED, GARBAGE), count=st.integers(2, 25))
+    def flood(self, line: bytes, count: int) -> None:
+        """The same line again and again: bad ones close, at 3 before login, 20 after."""
+        assume(not starts_sasl(line))
+        self._exchange([line] * count)
 
     # -- rules: the end of a connection ------------------------------------------
 
