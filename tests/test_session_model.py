@@ -5,8 +5,8 @@ Hypothesis drives pop3d as a server runs it (`POP3Factory` and its protocol
 over a StringTransport, the real `MaildropRealm` and a cred portal, the
 Maildir store doing its file work in a "thread pool" on the test's Clock)
 with valid commands, malformed variants of them, garbage, overlong and
-pipelined lines, dropped connections, autologouts, a second session for a
-locked maildrop, mail arriving in the middle of a session, another program
+pipelined lines, dropped connections, autologouts, two clients at once (one
+refused a maildrop the other holds), mail arriving in the middle of a session, another program
 (an IMAP server) moving, flagging and deleting files, and time passing (so
 the store's cached listings are used too).  A plain model
 of RFC 1939 predicts the exact bytes of every reply and the files every
@@ -661,8 +661,24 @@ PLACEMENTS = st.sampled_from(
 )
 
 
+@dataclass
+class Connection:
+    """A client's connection, and the model of its session."""
+
+    wire: Wire
+    session: SessionModel
+    #: The Clock's time when its last exchange ended.
+    last_active: float
+
+
+#: RFC 1939 section 3: the autologout timer, at least ten minutes.
+AUTOLOGOUT = 600
+#: The longest a failed login's answer waits (pop3d.throttle).
+LONGEST_LOGIN_DELAY = 30
+
+
 class SessionMachine(RuleBasedStateMachine):
-    """One client at a time (and at times a second one) against one pop3d."""
+    """Two clients, talking in turns, against one pop3d."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -680,15 +696,27 @@ class SessionMachine(RuleBasedStateMachine):
             login_failure_delay=2,
         )
         self.model = Model()
-        self.wire: Wire | None = None
-        self.session: SessionModel | None = None
+        self.connections: list[Connection | None] = [None, None]
+        #: The connection the rules talk on; `switch` changes it.
+        self.current = 0
         self.moments = 0
+
+    @property
+    def wire(self) -> Wire | None:
+        connection = self.connections[self.current]
+        return connection.wire if connection is not None else None
+
+    @property
+    def session(self) -> SessionModel | None:
+        connection = self.connections[self.current]
+        return connection.session if connection is not None else None
 
     def teardown(self) -> None:
         try:
-            if self.wire is not None:
-                self.wire.disconnect()
-                settle(self.clock)
+            for connection in self.connections:
+                if connection is not None:
+                    connection.wire.disconnect()
+            settle(self.clock)
             # No maildrop stays locked once its connection is gone.
             for mailbox in MAILBOXES:
                 maildrop = result_of(self.clock, self.store.open(mailbox))
@@ -702,21 +730,39 @@ class SessionMachine(RuleBasedStateMachine):
     # -- talking -----------------------------------------------------------
 
     def _connection(self) -> tuple[Wire, SessionModel]:
-        if self.wire is None or self.session is None:
-            self.wire = Wire(self.factory)
-            greeting = GREETING.fullmatch(self.wire.greeting)
-            assert greeting is not None, self.wire.greeting
-            self.session = SessionModel(challenge=greeting.group(1))
-        return self.wire, self.session
+        """The current connection; a new one if it has ended."""
+        self._reap()
+        connection = self.connections[self.current]
+        if connection is None:
+            wire = Wire(self.factory)
+            greeting = GREETING.fullmatch(wire.greeting)
+            assert greeting is not None, wire.greeting
+            connection = Connection(wire, SessionModel(greeting.group(1)), self.clock.seconds())
+            self.connections[self.current] = connection
+        return connection.wire, connection.session
 
-    def _gone(self) -> None:
-        """The current connection has ended, however it did."""
-        assert self.wire is not None and self.session is not None
-        self.wire.disconnect()
+    def _reap(self) -> None:
+        """
+        Connections the autologout timer closed (section 3): only after ten
+        minutes without a command, with no reply, and with no UPDATE.  (The
+        timer restarts at each command read; the last one may have been
+        read up to a failed login's delay before its exchange ended.)
+        """
+        for slot, connection in enumerate(self.connections):
+            if connection is not None and connection.wire.closed:
+                idle = self.clock.seconds() - connection.last_active
+                assert idle >= AUTOLOGOUT - LONGEST_LOGIN_DELAY, idle
+                self._gone(slot)
+
+    def _gone(self, slot: int | None = None) -> None:
+        """A connection (the current one by default) has ended, however it did."""
+        connection = self.connections[self.current if slot is None else slot]
+        assert connection is not None
+        connection.wire.disconnect()
         settle(self.clock)
-        assert self.wire.take() == b""
-        self.model.released(self.session)
-        self.wire = self.session = None
+        assert connection.wire.take() == b""
+        self.model.released(connection.session)
+        self.connections[self.current if slot is None else slot] = None
 
     def _wait_for_replies(self) -> None:
         """
@@ -766,6 +812,10 @@ class SessionMachine(RuleBasedStateMachine):
         assert wire.closed == closes
         if closes:
             self._gone()
+        else:
+            connection = self.connections[self.current]
+            assert connection is not None
+            connection.last_active = self.clock.seconds()
 
     # -- rules: logging in -------------------------------------------------
 
@@ -863,10 +913,12 @@ class SessionMachine(RuleBasedStateMachine):
         elif how == "drop":
             self._gone()
         elif how == "autologout":
-            self.clock.advance(600)
-            assert wire.take() == b""
+            # Ten minutes without a command: the other connection, idle at
+            # least as long, goes too.
+            self.clock.advance(AUTOLOGOUT)
             assert wire.closed
-            self._gone()
+            self._reap()
+            assert self.connections == [None, None]
         else:
             answer = self.model.answer(session, line)
             received = wire.send(line + b"\r\n")
@@ -875,6 +927,12 @@ class SessionMachine(RuleBasedStateMachine):
             # The command still happens: a QUIT still updates, a login whose
             # answer comes too late lets the maildrop go again.
             self._gone()
+
+    @rule()
+    def switch(self) -> None:
+        """Talk on the other connection (it stays open meanwhile)."""
+        self._reap()
+        self.current = 1 - self.current
 
     @precondition(lambda self: self.session is not None and self.session.user in self.model.locked)
     @rule()
