@@ -72,6 +72,8 @@ from .conftest import USERS, Wire
 
 AUTHORIZATION = "AUTHORIZATION"
 TRANSACTION = "TRANSACTION"
+#: After UPDATE, or once the connection is gone.
+ENDED = "ENDED"
 
 #: Mailboxes mail is delivered to.  bob's Maildir does not exist until his
 #: first delivery (an empty maildrop, not an error).
@@ -225,6 +227,7 @@ class SessionModel:
     failed_logins: int = 0
     bad_commands: int = 0
     user: str = ""
+    holds_lock: bool = False
     snapshot: list[StoredMessage] = field(default_factory=list)
     #: Where the session last found each message of the snapshot, as
     #: (subdirectory, file name): another program may have moved it since.
@@ -295,9 +298,11 @@ class Model:
         self.created.add(mailbox)
 
     def released(self, session: SessionModel) -> None:
-        """The connection ended: whatever happened, the lock goes."""
-        if session.state == TRANSACTION:
+        """The session ended (once): whatever happened, its lock goes."""
+        if session.holds_lock:
             self.locked.discard(session.user)
+            session.holds_lock = False
+        session.state = ENDED
 
     def answer(self, session: SessionModel, line: bytes) -> Answer:
         """The reply to one command line; the model moves on as pop3d must."""
@@ -381,6 +386,7 @@ class Model:
             # A maildrop with no Maildir yet is empty, and nothing is
             # locked: there is nothing a second session could take away.
             self.locked.add(mailbox)
+            session.holds_lock = True
         session.state = TRANSACTION
         session.user = mailbox
         # Section 4: the maildrop as it is now, in unique-name order.
@@ -944,7 +950,7 @@ class SessionMachine(RuleBasedStateMachine):
         self._reap()
         self.current = 1 - self.current
 
-    @precondition(lambda self: self.session is not None and self.session.user in self.model.locked)
+    @precondition(lambda self: self.session is not None and self.session.holds_lock)
     @rule()
     def second_session_is_refused(self) -> None:
         """Section 4: the maildrop stays locked to the first session."""
@@ -958,6 +964,45 @@ class SessionMachine(RuleBasedStateMachine):
         assert other.command(b"QUIT") == BYE
         other.disconnect()
         settle(self.clock)
+
+    @precondition(lambda self: self._logged_in())
+    @rule()
+    def quit_and_log_in_again_at_once(self) -> None:
+        """
+        A client quits and logs in again on a new connection before the
+        first UPDATE may have finished (a polling client does).  The second
+        login is refused [IN-USE] while the UPDATE is under way, and never
+        sees the maildrop half-updated: when it gets in, it gets exactly
+        what the first session left.
+        """
+        wire, session = self._connection()
+        user = session.user.encode()
+        bye = self.model.answer(session, b"QUIT")
+        received = wire.send(b"QUIT\r\n")
+        again = Wire(self.factory)
+        greeting = GREETING.fullmatch(again.greeting)
+        assert greeting is not None
+        second = SessionModel(greeting.group(1))
+        self.model.answer(second, b"USER " + user)
+        again.command(b"USER " + user)
+        reply = again.command(b"PASS " + USERS[user.decode()].encode())
+        self._wait_for_replies()
+        reply += again.take()
+        if reply != IN_USE:
+            # The first UPDATE was over at once (nothing to delete or move).
+            self.model.released(session)
+        assert reply == self.model.answer(second, b"PASS " + USERS[user.decode()].encode()).reply
+        assert received + wire.take() == bye.reply
+        self._gone()
+        answer = self.model.answer(second, b"QUIT")
+        assert again.command(b"QUIT") + self._settled_take(again) == answer.reply
+        again.disconnect()
+        settle(self.clock)
+        self.model.released(second)
+
+    def _settled_take(self, wire: Wire) -> bytes:
+        self._wait_for_replies()
+        return wire.take()
 
     # -- rules: the world outside the session --------------------------------
 
