@@ -3,17 +3,20 @@ Whole POP3 sessions over real Maildirs, checked step by step against a model.
 
 Hypothesis drives pop3d as a server runs it (`POP3Factory` and its protocol
 over a StringTransport, the real `MaildropRealm` and a cred portal, the
-Maildir store doing its file work in a "thread pool" on the test's Clock)
-with valid commands, malformed variants of them, garbage, overlong and
-pipelined lines, dropped connections, autologouts, two clients at once (one
-refused a maildrop the other holds), mail arriving in the middle of a session, another program
-(an IMAP server) moving, flagging and deleting files, and time passing (so
-the store's cached listings are used too).  A plain model
-of RFC 1939 predicts the exact bytes of every reply and the files every
-Maildir holds after every step.  The model knows: the session state
-(AUTHORIZATION or TRANSACTION), the pending USER, failed logins, the run of
-rejected commands, the snapshot taken at login, the messages marked as
-deleted or retrieved, and each message file (name, place, bytes).
+Maildir store doing its file work in a "thread pool" on the test's Clock,
+failed logins answered late) with valid commands, malformed variants of
+them, garbage, overlong and pipelined lines (CRLF or bare LF, cut anywhere),
+dropped connections, autologouts, two clients at once (one refused a
+maildrop the other holds, or logging in again the moment it quit), mail
+arriving in the middle of a session, another program (an IMAP server)
+moving, flagging and deleting files, and time passing (so that the store's
+cached listings are used too).  A plain model of RFC 1939 predicts the exact
+bytes of every reply and the files every Maildir holds after every step.
+The model knows: each session's state (AUTHORIZATION or TRANSACTION), the
+pending USER, failed logins, the run of rejected commands, the snapshot
+taken at login, the messages marked as deleted or retrieved, where the
+session last found each one, the locks; and each message file (name, place,
+bytes).
 
 What it checks, by RFC 1939 section:
 
@@ -23,7 +26,9 @@ What it checks, by RFC 1939 section:
   in ``.CRLF`` (the model builds each one from the RFC's rules, and the bytes
   must be identical).
 - 4: a login takes a snapshot: mail arriving during the session is not in
-  it, and is in the next session's; the maildrop is locked meanwhile.
+  it, and is in the next session's; the maildrop is locked meanwhile, for
+  as long as the UPDATE after QUIT runs too (a maildrop whose Maildir does
+  not exist yet is empty, and takes no lock).
 - 5 and 7: STAT, LIST, UIDL, RETR, TOP, DELE, RSET, NOOP on the snapshot;
   numbers of deleted messages, zero, non-numeric and out of range are
   refused.
@@ -774,7 +779,8 @@ class SessionMachine(RuleBasedStateMachine):
         """
         Let every reply arrive: those waiting for the store's thread pool,
         and answers to failed logins, which wait up to 30 s (pop3d.throttle).
-        The inactivity timer, ten minutes from the last command, never fires.
+        The current connection's inactivity timer, ten minutes from its last
+        command, never fires here; the other connection's may (see `_reap`).
         """
         settle(self.clock)
         while soon := [
