@@ -40,7 +40,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, ISeenFlags
+from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags
 from pop3d.locking import LockTable
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.testing import deliver_to_maildir
@@ -57,11 +57,12 @@ from .test_session_model import (
 MAILBOX = "carol"
 
 
-def read_all(body: object) -> bytes:
+def read_all(body: IMessageBody) -> bytes:
+    """A message body read in small pieces, then closed."""
     chunks = []
-    while chunk := body.read(7):  # type: ignore[attr-defined]
+    while chunk := body.read(7):
         chunks.append(chunk)
-    body.close()  # type: ignore[attr-defined]
+    body.close()
     return b"".join(chunks)
 
 
@@ -78,13 +79,15 @@ class Opened:
 
 
 class StoreMachine(RuleBasedStateMachine):
+    """One mailbox, one session at a time, and another program beside it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.root = tempfile.mkdtemp(prefix="pop3d-store-model-")
         self.maildir = os.path.join(self.root, MAILBOX)
         self.clock = Clock()
         self.threads = ClockThreads(self.clock)
-        self.store = MaildirStore(f"{self.root}/{{user}}")
+        self.store = MaildirStore(f"{self.root}/{{user}}")  # until make_store
         self.disk: list[StoredMessage] = []
         self.opened: Opened | None = None
         self.moments = 0
@@ -184,7 +187,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert isinstance(body, Failure) and body.check(MessageGone), body
             return
         assert not isinstance(body, Failure), body
-        assert read_all(body) == message.content
+        assert read_all(IMessageBody(body)) == message.content
         # Found wherever it is now: the session knows the new place.
         self.opened.seen_at[index] = (message.subdirectory, message.file_name)
 
