@@ -1,0 +1,292 @@
+"""
+The Maildir store alone, checked step by step against a model.
+
+Hypothesis opens, reads, updates and closes a maildrop of `MaildirStore`
+(its file work in a "thread pool" on a Clock) while mail arrives and another
+program (an IMAP server, a mail client) moves, flags and deletes files
+behind its back.  The model says what each listing holds, what each message
+reads as, and which files exist afterwards:
+
+- a listing is the messages of new/ and cur/ in unique-name order, each
+  with its wire size and its unique name as UIDL, however it was moved or
+  flagged (RFC 1939 sections 5 and 7: a UIDL never changes);
+- a message reads as the bytes delivered, wherever it was moved since the
+  listing; one deleted since is `MessageGone`;
+- `remove` deletes exactly the messages asked for, wherever they are now;
+  `mark_seen` moves and flags only as the README's "Migrating from Dovecot"
+  says, and never a file another program has renamed since the session
+  last saw it;
+- a maildrop is locked while open; no stored byte is ever altered.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from pop3d.errors import MaildropLocked, MessageGone
+from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags
+from pop3d.locking import LockTable
+from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
+from pop3d.testing import deliver_to_maildir
+
+from .clock_threads import ClockThreads, result_of, settle
+from .test_session_model import (
+    MESSAGES,
+    PLACEMENTS,
+    StoredMessage,
+    let_time_pass,
+    wire_octets,
+)
+
+MAILBOX = "carol"
+
+
+def read_all(body: IMessageBody) -> bytes:
+    """A message body read in small pieces, then closed."""
+    chunks = []
+    while chunk := body.read(7):
+        chunks.append(chunk)
+    body.close()
+    return b"".join(chunks)
+
+
+@dataclass
+class Opened:
+    """An open maildrop and what the model knows of its session."""
+
+    maildrop: IMaildrop
+    snapshot: list[StoredMessage]
+    #: Where the session last found each message: (subdirectory, file name).
+    seen_at: list[tuple[str, str]]
+    #: The Maildir existed when it was opened (so it is locked).
+    locked: bool
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """One mailbox, one session at a time, and another program beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = tempfile.mkdtemp(prefix="pop3d-store-model-")
+        self.maildir = os.path.join(self.root, MAILBOX)
+        self.clock = Clock()
+        self.threads = ClockThreads(self.clock)
+        self.store = MaildirStore(f"{self.root}/{{user}}")  # until make_store
+        self.disk: list[StoredMessage] = []
+        self.opened: Opened | None = None
+        self.moments = 0
+
+    @initialize(
+        listing_cache=st.sampled_from([0, 2, LISTING_CACHE_MESSAGES]),
+        deliveries=st.lists(st.tuples(MESSAGES, PLACEMENTS), max_size=5),
+    )
+    def make_store(
+        self, listing_cache: int, deliveries: list[tuple[bytes, tuple[str, str]]]
+    ) -> None:
+        """With no listing cache, a tiny one, or the default; mail may be waiting."""
+        self.store = MaildirStore(
+            f"{self.root}/{{user}}",
+            reactor=self.threads.as_reactor,
+            listing_cache=listing_cache,
+        )
+        for content, placement in deliveries:
+            self.deliver(content, placement)
+
+    def teardown(self) -> None:
+        try:
+            if self.opened is not None:
+                self.opened.maildrop.close()
+        finally:
+            if isinstance(self.store.locks, LockTable):
+                self.store.locks.close()
+            shutil.rmtree(self.root)
+
+    def _on_disk(self, message: StoredMessage) -> bool:
+        return any(message is there for there in self.disk)
+
+    # -- the world outside ----------------------------------------------------
+
+    @rule(content=MESSAGES, placement=PLACEMENTS)
+    def deliver(self, content: bytes, placement: tuple[str, str]) -> None:
+        subdirectory, info = placement
+        unique = deliver_to_maildir(self.maildir, content, subdirectory=subdirectory, info=info)
+        self.disk.append(StoredMessage(unique, content, subdirectory, info))
+
+    @precondition(lambda self: self.disk)
+    @rule(which=st.integers(0, 20), flags=st.sampled_from(["", "S", "F", "FS", "RST"]))
+    def another_program_moves(self, which: int, flags: str) -> None:
+        """An IMAP server moves a message to cur/ or changes its flags."""
+        message = self.disk[which % len(self.disk)]
+        source = os.path.join(self.maildir, message.subdirectory, message.file_name)
+        message.subdirectory, message.info = "cur", ":2," + flags
+        os.rename(source, os.path.join(self.maildir, "cur", message.file_name))
+
+    @precondition(lambda self: self.disk)
+    @rule(which=st.integers(0, 20))
+    def another_program_deletes(self, which: int) -> None:
+        message = self.disk.pop(which % len(self.disk))
+        os.unlink(os.path.join(self.maildir, message.subdirectory, message.file_name))
+
+    @precondition(lambda self: os.path.isdir(self.maildir))
+    @rule()
+    def time_passes(self) -> None:
+        """The Maildir settles: the store may trust what it listed before."""
+        self.moments += 1
+        let_time_pass(Path(self.maildir), self.moments)
+
+    # -- a session --------------------------------------------------------------
+
+    @precondition(lambda self: self.opened is None)
+    @rule()
+    def open(self) -> None:
+        existed = os.path.isdir(self.maildir)
+        maildrop = result_of(self.clock, self.store.open(MAILBOX))
+        assert IMaildrop.providedBy(maildrop), maildrop
+        assert isinstance(maildrop, object)
+        snapshot = sorted(self.disk, key=lambda message: message.unique)
+        listed = IMaildrop(maildrop).messages
+        assert list(listed.uids) == [message.unique for message in snapshot]
+        assert list(listed.sizes) == [wire_octets(message.content) for message in snapshot]
+        self.opened = Opened(
+            IMaildrop(maildrop),
+            snapshot,
+            [(message.subdirectory, message.file_name) for message in snapshot],
+            existed,
+        )
+
+    @precondition(lambda self: self.opened is not None and self.opened.locked)
+    @rule()
+    def open_again_is_refused(self) -> None:
+        refused = result_of(self.clock, self.store.open(MAILBOX))
+        assert isinstance(refused, Failure) and refused.check(MaildropLocked), refused
+
+    @precondition(lambda self: self.opened is not None and self.opened.snapshot)
+    @rule(which=st.integers(0, 20))
+    def read(self, which: int) -> None:
+        assert self.opened is not None
+        index = which % len(self.opened.snapshot)
+        message = self.opened.snapshot[index]
+        body = result_of(self.clock, self.opened.maildrop.open_message(index))
+        if not self._on_disk(message):
+            assert isinstance(body, Failure) and body.check(MessageGone), body
+            return
+        assert not isinstance(body, Failure), body
+        assert read_all(IMessageBody(body)) == message.content
+        # Found wherever it is now: the session knows the new place.
+        self.opened.seen_at[index] = (message.subdirectory, message.file_name)
+
+    @precondition(lambda self: self.opened is not None)
+    @rule()
+    def close(self) -> None:
+        """A session that ends without UPDATE changes nothing."""
+        assert self.opened is not None
+        self.opened.maildrop.close()
+        self.opened = None
+
+    @precondition(lambda self: self.opened is not None)
+    @rule(doomed=st.sets(st.integers(0, 9)), retrieved=st.sets(st.integers(0, 9)))
+    def update(self, doomed: set[int], retrieved: set[int]) -> None:
+        """RFC 1939 section 6 as the session does it: remove, mark seen, close."""
+        opened = self.opened
+        assert opened is not None
+        count = len(opened.snapshot)
+        doomed = {index for index in doomed if index < count}
+        kept = [index for index in range(count) if index not in doomed]
+        retrieved = {index for index in retrieved if index in kept}
+        removal = result_of(self.clock, opened.maildrop.remove(sorted(doomed)))
+        assert removal is None, removal
+        for index in doomed:
+            gone = opened.snapshot[index]
+            self.disk = [message for message in self.disk if message is not gone]
+        seen_flags = ISeenFlags(opened.maildrop)
+        marked = result_of(self.clock, seen_flags.mark_seen(sorted(retrieved), kept))
+        assert marked is None, marked
+        for index in kept:
+            self._mark(opened, index, index in retrieved)
+        opened.maildrop.close()
+        self.opened = None
+
+    def _mark(self, opened: Opened, index: int, retrieved: bool) -> None:
+        """What mark_seen does to one kept message (see the module docstring)."""
+        subdirectory, name = opened.seen_at[index]
+        if subdirectory == "cur" and not retrieved:
+            return
+        unique, _, info = name.partition(":")
+        flags = set(info[2:]) if info.startswith("2,") else set()
+        if retrieved:
+            flags.add("S")
+        target = f"{unique}:2,{''.join(sorted(flags))}"
+        message = opened.snapshot[index]
+        if not self._on_disk(message) or (message.subdirectory, message.file_name) != (
+            subdirectory,
+            name,
+        ):
+            # Moved or deleted by another program since: left as it is.
+            return
+        message.subdirectory, message.info = "cur", target[len(unique) :]
+
+    # -- what must always hold --------------------------------------------------
+
+    @invariant()
+    def files_are_as_the_model_says(self) -> None:
+        expected = {
+            (message.subdirectory, message.file_name): message.content for message in self.disk
+        }
+        root = Path(self.maildir)
+        if not root.exists():
+            assert expected == {}
+            return
+        found = {
+            (path.parent.name, path.name): path.read_bytes()
+            for subdirectory in ("new", "cur")
+            for path in (root / subdirectory).iterdir()
+        }
+        assert found == expected
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestStore = StoreMachine.TestCase
+
+
+def test_store_work_waits_for_the_clock(tmp_path: Path) -> None:
+    """
+    `ClockThreads` is what the model tests rely on: work the store hands to
+    its thread pool is done, and its answer arrives, only when the Clock
+    turns; and then it arrives whole.
+    """
+    clock = Clock()
+    threads = ClockThreads(clock)
+    store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor)
+    deliver_to_maildir(str(tmp_path / MAILBOX), b"Subject: waiting\n\nbody\n")
+    results: list[object] = []
+    store.open(MAILBOX).addBoth(results.append)
+    assert results == []
+    assert threads.handed_over == 1
+    settle(clock)
+    [maildrop] = results
+    assert IMaildrop.providedBy(maildrop)
+    assert list(IMaildrop(maildrop).messages.sizes) == [len(b"Subject: waiting\r\n\r\nbody\r\n")]
+    IMaildrop(maildrop).close()
+    assert isinstance(store.locks, LockTable)
+    store.locks.close()
