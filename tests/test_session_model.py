@@ -108,9 +108,26 @@ GRAMMAR: dict[bytes, tuple[int, int, bytes]] = {
     b"CAPA": (0, 0, b"CAPA"),
     b"AUTH": (0, 2, b"AUTH [mechanism [initial-response]]"),
     b"STLS": (0, 0, b"STLS"),
+    # RFC 6856 (UTF8 mode and LANG change what later replies look like:
+    # tests/test_utf8.py and tests/test_lang.py; not modelled here).
+    b"UTF8": (0, 0, b"UTF8"),
+    b"LANG": (0, 1, b"LANG [language-range]"),
 }
+#: Commands whose arguments may be UTF-8: the server announces "UTF8 USER"
+#: (RFC 6856 section 2.2).
+UTF8_ARGUMENTS = {b"USER", b"APOP"}
 ALLOWED = {
-    AUTHORIZATION: {b"USER", b"PASS", b"APOP", b"CAPA", b"QUIT", b"AUTH", b"STLS"},
+    AUTHORIZATION: {
+        b"USER",
+        b"PASS",
+        b"APOP",
+        b"CAPA",
+        b"QUIT",
+        b"AUTH",
+        b"STLS",
+        b"UTF8",
+        b"LANG",
+    },
     TRANSACTION: {
         b"STAT",
         b"LIST",
@@ -122,6 +139,7 @@ ALLOWED = {
         b"UIDL",
         b"CAPA",
         b"QUIT",
+        b"LANG",
     },
 }
 #: Rejected commands in a row that close the connection (like Dovecot).
@@ -136,7 +154,7 @@ LONGEST_LINE = 8192
 CAPABILITIES_BEFORE_LOGIN = (
     b"+OK capability list follows\r\n"
     b"TOP\r\nUIDL\r\nUSER\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
-    b"EXPIRE NEVER\r\nSASL CRAM-MD5 PLAIN LOGIN\r\n.\r\n"
+    b"EXPIRE NEVER\r\nSASL CRAM-MD5 PLAIN LOGIN\r\nUTF8 USER\r\nLANG\r\n.\r\n"
 )
 CAPABILITIES_AFTER_LOGIN = CAPABILITIES_BEFORE_LOGIN[:-3] + b"IMPLEMENTATION pop3d\r\n.\r\n"
 GREETING = re.compile(rb"\+OK pop3d ready (<[0-9a-f]{16}\.[0-9]+@pop\.example\.test>)\r\n")
@@ -259,7 +277,8 @@ def parse(line: bytes) -> tuple[bytes, list[bytes]]:
     """A command line by the grammar of RFC 1939 section 3: (keyword, arguments)."""
     keyword, space, rest = line.partition(b" ")
     verb = keyword.upper()
-    if re.fullmatch(rb"[A-Za-z]{3,4}", keyword) is None or verb not in GRAMMAR:
+    # Three or four characters: a letter, then letters or digits (UTF8).
+    if re.fullmatch(rb"[A-Za-z][A-Za-z0-9]{2,3}", keyword) is None or verb not in GRAMMAR:
         raise Rejected(b"unknown command")
     fewest, most, usage = GRAMMAR[verb]
     if verb == b"PASS":
@@ -270,22 +289,38 @@ def parse(line: bytes) -> tuple[bytes, list[bytes]]:
             raise Rejected(b"the password may not contain NUL")
         raise Rejected(b"usage: " + usage)
     after_keyword = line[len(keyword) :]
-    if re.fullmatch(rb"( [\x21-\x7e]+)*", after_keyword) is None:
-        if any(octet < 0x20 or octet > 0x7E for octet in after_keyword):
+    eight_bit = verb in UTF8_ARGUMENTS
+    octets = rb"[\x21-\x7e\x80-\xff]" if eight_bit else rb"[\x21-\x7e]"
+    if re.fullmatch(rb"( " + octets + rb"+)*", after_keyword) is None:
+        if any(
+            octet < 0x20 or octet == 0x7F or (octet > 0x7F and not eight_bit)
+            for octet in after_keyword
+        ):
             raise Rejected(b"arguments are printable ASCII")
         raise Rejected(b"keyword and arguments are separated by a single space")
     arguments = rest.split(b" ") if rest else []
+    if eight_bit:
+        for argument in arguments:
+            try:
+                argument.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Rejected(b"arguments are UTF-8") from None
     if not fewest <= len(arguments) <= most:
         raise Rejected(b"usage: " + usage)
     return verb, arguments
 
 
 def starts_sasl(line: bytes) -> bool:
-    """Whether a line would begin a SASL exchange, which this model leaves out."""
+    """
+    Whether a line would begin what this model leaves out: a SASL exchange,
+    or UTF8 and LANG, which change the wording of every later reply.
+    """
     try:
         verb, arguments = parse(line)
     except Rejected:
         return False
+    if verb in (b"UTF8", b"LANG"):
+        return True
     return verb == b"AUTH" and bool(arguments) and arguments[0].upper() in MECHANISMS
 
 
