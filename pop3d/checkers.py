@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 from zope.interface.interface import InterfaceClass
 
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -260,11 +261,21 @@ class PasswdFileChecker:
         username = _as_bytes(credentials.username)
         table = self._current_table()
         found = table.entries.get(username)
+        if found is None and isinstance(credentials, PreparedUsernamePassword):
+            # An entry written with the name as the client typed it, before
+            # names were prepared (see PreparedUsernamePassword).
+            for alternative in credentials.usernames[1:]:
+                found = table.entries.get(alternative)
+                if found is not None:
+                    username = alternative
+                    break
         matched: Deferred[bool]
         if IScramSHA256Credentials.providedBy(credentials):
             matched = self._check_scram(table, username, found, credentials)
         elif ICramMD5Credentials.providedBy(credentials):
             matched = succeed(self._check_cram_md5(table, found, credentials))
+        elif isinstance(credentials, PreparedUsernamePassword):
+            matched = self._check_passwords(table, found, credentials.passwords)
         elif IUsernamePassword.providedBy(credentials):
             matched = self._check_password(table, found, _as_bytes(credentials.password))
         elif IUsernameHashedPassword.providedBy(credentials):
@@ -278,6 +289,20 @@ class PasswdFileChecker:
             raise UnauthorizedLogin()
 
         return matched.addCallback(decided)
+
+    def _check_passwords(
+        self, table: _Table, found: PasswordEntry | None, passwords: tuple[bytes, ...]
+    ) -> Deferred[bool]:
+        """Each form of a password in turn, until one matches."""
+        first, *others = passwords
+        checked = self._check_password(table, found, first)
+        for other in others:
+
+            def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
+                return matched or self._check_password(table, found, other)
+
+            checked.addCallback(next_form)
+        return checked
 
     def _check_password(
         self, table: _Table, found: PasswordEntry | None, password: bytes

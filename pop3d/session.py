@@ -21,7 +21,6 @@ from twisted.cred.credentials import (
     ICredentials,
     IUsernameHashedPassword,
     IUsernamePassword,
-    UsernamePassword,
 )
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
@@ -547,7 +547,9 @@ class Session:
             return Status(False, "USER/PASS is not available")
         if not self._plaintext_allowed():
             return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
-        self._pending_user = _prepared(command.arguments[0], INVALID_USER_NAME)
+        # Refused now if SASLprep prohibits it; kept as sent (see PASS).
+        _prepared(command.arguments[0], INVALID_USER_NAME)
+        self._pending_user = command.arguments[0]
         return Status(True, USER_ACCEPTED)
 
     def _pass(self, command: Command) -> Reply | Deferred[Reply]:
@@ -558,8 +560,11 @@ class Session:
         if self.utf8 and not is_utf8(password):
             # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
             raise _BadCommand(BAD_UTF8)
-        password = _prepared(password, INVALID_PASSWORD)
-        return self._login(UsernamePassword(username, password), username, "USER")
+        try:
+            credentials = PreparedUsernamePassword(username, password)
+        except SASLprepError:
+            raise _BadCommand(INVALID_PASSWORD) from None
+        return self._login(credentials, credentials.username, "USER")
 
     def _apop(self, command: Command) -> Reply | Deferred[Reply]:
         if self._apop_challenge is None:

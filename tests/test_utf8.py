@@ -302,3 +302,54 @@ async def test_poplib_utf8_user_against_the_server(running_server: RunningServer
     assert enabled == b"+OK UTF-8 mode enabled"
     assert logged_in == b"+OK maildrop has 1 messages (79 octets)"
     assert lines == UTF8_MESSAGE.split(b"\r\n")[:-1]
+
+
+class TestCredentialsStoredBeforePreparation:
+    """
+    Passwords and names written to a passwd-file as users typed them, before
+    pop3d prepared credentials with SASLprep, still log in: SASLprep maps
+    ``²`` to ``2`` and a no-break space to a space, and composes NFD, so the
+    prepared form alone would no longer match them.
+    """
+
+    # "x²y<NO-BREAK SPACE>z": SASLprep makes it "x2y z".
+    LEGACY_PASSWORD = "x\u00b2y\u00a0z".encode()
+
+    @pytest.fixture
+    def legacy(self, tmp_path: Path, clock: Clock, store: MemoryStore) -> POP3Factory:
+        from pop3d.checkers import PasswdFileChecker
+        from pop3d.tap import build_portal
+
+        passwd = tmp_path / "passwd"
+        passwd.write_bytes(
+            b"carol:{PLAIN}"
+            + self.LEGACY_PASSWORD
+            + b"::\n"
+            # A name stored decomposed (NFD), as a macOS editor may save it.
+            + ELISE_NFD
+            + b":{PLAIN}secret::\n"
+        )
+        store.deliver("carol", UTF8_MESSAGE)
+        store.deliver(ELISE_NFD.decode(), UTF8_MESSAGE)
+        portal = build_portal(MaildropRealm(store), [PasswdFileChecker(str(passwd))])
+        return POP3Factory(portal, clock=clock, hostname="pop.example.test", login_failure_delay=0)
+
+    def test_a_password_sasl_prep_would_change_still_logs_in(self, legacy: POP3Factory) -> None:
+        wire = Wire(legacy)
+        assert wire.command(b"USER carol") == b"+OK send PASS\r\n"
+        assert wire.command(b"PASS " + self.LEGACY_PASSWORD) == LOGGED_IN
+
+    def test_a_wrong_password_is_still_wrong(self, legacy: POP3Factory) -> None:
+        wire = Wire(legacy)
+        wire.command(b"USER carol")
+        assert wire.command(b"PASS x2y\xc2\xa0q") == AUTH_FAILED
+
+    def test_a_name_stored_decomposed_logs_in_as_sent(self, legacy: POP3Factory) -> None:
+        wire = Wire(legacy)
+        wire.command(b"USER " + ELISE_NFD)
+        assert wire.command(b"PASS secret") == LOGGED_IN
+
+    def test_sasl_plain_with_the_legacy_password(self, legacy: POP3Factory) -> None:
+        wire = Wire(legacy)
+        response = b64(b"\x00carol\x00" + self.LEGACY_PASSWORD)
+        assert wire.command(b"AUTH PLAIN " + response) == LOGGED_IN

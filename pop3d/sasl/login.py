@@ -6,11 +6,12 @@ Both are prepared with SASLprep, as for PLAIN.
 
 from __future__ import annotations
 
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -20,7 +21,7 @@ from pop3d.sasl import (
     SASLError,
 )
 from pop3d.sasl.plain import NOT_ALLOWED
-from pop3d.saslprep import SASLprepError, prepare_credential
+from pop3d.saslprep import SASLprepError
 
 
 @implementer(ISASLMechanism)
@@ -49,8 +50,7 @@ class _LoginExchange:
             self._username = response or b""
             return succeed(Challenge(b"Password:"))
         try:
-            username = prepare_credential(self._username)
-            password = prepare_credential(response or b"")
+            credentials = PreparedUsernamePassword(self._username, response or b"")
         except SASLprepError:
             return fail(SASLError(NOT_ALLOWED))
-        return succeed(Authenticate(UsernamePassword(username, password), username))
+        return succeed(Authenticate(credentials, credentials.username))

@@ -9,11 +9,12 @@ other users' mail.  The fields are prepared with SASLprep (RFC 4616 section
 
 from __future__ import annotations
 
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -50,10 +51,12 @@ class _PlainExchange:
         fields = response.split(b"\x00")
         if len(fields) != 3 or not fields[1]:
             return fail(SASLError("malformed PLAIN response"))
+        authzid, authcid, password = fields
         try:
-            authzid, authcid, password = (prepare_credential(field) for field in fields)
+            credentials = PreparedUsernamePassword(authcid, password)
+            authzid = prepare_credential(authzid)
         except SASLprepError:
             return fail(SASLError(NOT_ALLOWED))
-        if authzid and authzid != authcid:
+        if authzid and authzid not in credentials.usernames:
             return fail(SASLError("not authorized to act as another user", ResponseCode.AUTH))
-        return succeed(Authenticate(UsernamePassword(authcid, password), authcid))
+        return succeed(Authenticate(credentials, credentials.username))
