@@ -171,6 +171,24 @@ class LoginHistoryFile:
         with self._lock:
             self._connected().execute("SELECT count(*) FROM last_login").fetchone()
 
+    def check_place(self) -> None:
+        """
+        At start-up, creating nothing: the file, if there, is a regular file
+        (not a link), else its directory exists.  The file itself is made at
+        the first login, by the process that serves: ``twistd --uid`` drops
+        privileges after start-up, and a file root made then would be
+        refused to the serving user (it must own it).  Raises `OSError`.
+        """
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(errno.ENOENT, "no such directory", directory) from None
+            return
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", self.path)
+
     def close(self) -> None:
         """Close the connection (the next query opens it again)."""
         with self._lock:

@@ -17,9 +17,11 @@ from pop3d.interfaces import IMaildrop, IMaildropStore
 
 MAX_MAILBOX_NAME_OCTETS = 255
 
-# Control characters (C0 and C1), line and paragraph separators, surrogates:
-# nothing that could break a path, a log line or a terminal.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+# Control characters (C0 and C1), line and paragraph separators, surrogates;
+# format characters (the invisible and direction-changing ones: U+200B,
+# U+202E), private-use and unassigned characters: nothing that could break a
+# path, a log line or a terminal, or show one name as another.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp", "Cf", "Co", "Cn"})
 
 
 def is_safe_mailbox_name(name: str) -> bool:

@@ -378,9 +378,7 @@ class Session:
         """Answer one command line (without its line ending)."""
         if self._sasl is not None:
             return self._sasl_response(line)
-        # UTF-8 in USER and APOP from the start: the server announces
-        # "UTF8 USER" (RFC 6856 section 2.2).
-        command = parse_command(line, utf8=True)
+        command = parse_command(line)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
         if isinstance(command, MalformedCommand):

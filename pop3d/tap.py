@@ -8,7 +8,6 @@ import gc
 import ipaddress
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -379,8 +378,8 @@ def parse_login_delay(
 ) -> tuple[int | None, str | None]:
     """
     The --login-delay seconds (None: no delay) and the --login-history file,
-    created if needed and read once now, so a path that cannot serve is an
-    error at start-up.
+    whose place is checked now (a missing directory, a link or a directory
+    in its place is an error at start-up); the serving process makes it.
     """
     if value is not None and not (value.isascii() and value.isdigit()):
         raise usage.UsageError(f"--login-delay {value!r}: expected a whole number of seconds")
@@ -389,13 +388,10 @@ def parse_login_delay(
             raise usage.UsageError("--login-history needs --login-delay")
         return None, None
     path = history or default_login_history(template)
-    checked = LoginHistoryFile(path)
     try:
-        checked.check()
-    except (OSError, sqlite3.Error) as error:
+        LoginHistoryFile(path).check_place()
+    except OSError as error:
         raise usage.UsageError(f"--login-history {path}: {error}") from None
-    finally:
-        checked.close()
     return int(value), path
 
 

@@ -116,9 +116,9 @@ class Arguments:
 # - PASS: its one argument is the rest of the line, spaces included (RFC 1939
 #   section 7: "the argument may include spaces"), and octets beyond ASCII
 #   (UTF-8 passwords are common); never NUL, CR or LF.  See `PASS_ARGUMENT`.
-# - After UTF8 (RFC 6856 section 2.1, and before it where the server
-#   announces "UTF8 USER", section 2.2) the arguments of USER and APOP may
-#   be UTF-8; PASS takes UTF-8 always (above).  See `UTF8_ARGUMENTS`.
+# - The arguments of USER and APOP may be UTF-8: pop3d announces "UTF8
+#   USER", so they may before the UTF8 command too (RFC 6856 section 2.2);
+#   PASS takes UTF-8 always (above).  See `UTF8_ARGUMENTS`.
 # - A line answering a SASL challenge is not a command: it is base64 or "*"
 #   (RFC 5034 section 5).  See `parse_sasl_response`.
 # - The 40-character limit on an argument of RFC 1939 section 3 is lifted by
@@ -147,18 +147,22 @@ GRAMMAR: dict[Verb, Arguments] = {
     Verb.LANG: Arguments(0, 1, "LANG [language-range]"),
 }
 
-#: The commands whose arguments may be UTF-8 once the client asked for it
-#: (RFC 6856 section 2.1).
+#: The commands whose arguments may be UTF-8 (RFC 6856 section 2.2).
 UTF8_ARGUMENTS = frozenset({Verb.USER, Verb.APOP})
 
 # A keyword: three or four characters (RFC 1939 section 3), letters but
 # for the digit of RFC 6856's UTF8.
 _KEYWORD = re.compile(rb"[A-Za-z][A-Za-z0-9]{2,3}")
-# The rest of an ordinary command line: arguments of printable ASCII
-# (0x21-0x7E), each after exactly one space.
-_ASCII_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e]+)*")
-# The same, with octets beyond ASCII allowed (checked as UTF-8 afterwards).
-_UTF8_ARGUMENTS = re.compile(rb"(?: [\x21-\x7e\x80-\xff]+)*")
+# The octets of an argument: printable ASCII (0x21-0x7E); for
+# `UTF8_ARGUMENTS` also those beyond ASCII (checked as UTF-8 afterwards).
+_ASCII_OCTETS = rb"\x21-\x7e"
+_UTF8_OCTETS = _ASCII_OCTETS + rb"\x80-\xff"
+# The rest of a command line: such arguments, each after exactly one space.
+_ASCII_ARGUMENTS = re.compile(rb"(?: [" + _ASCII_OCTETS + rb"]+)*")
+_UTF8_ARGUMENTS = re.compile(rb"(?: [" + _UTF8_OCTETS + rb"]+)*")
+# An octet that may stand in no argument (nor be the space between them).
+_ASCII_FORBIDDEN = re.compile(rb"[^ " + _ASCII_OCTETS + rb"]")
+_UTF8_FORBIDDEN = re.compile(rb"[^ " + _UTF8_OCTETS + rb"]")
 # PASS: one SPACE, then at least one octet of anything but NUL, CR and LF.
 PASS_ARGUMENT = re.compile(rb" [^\x00\r\n]+")
 
@@ -168,13 +172,10 @@ BAD_UTF8 = "arguments are UTF-8"
 BAD_PASSWORD = "the password may not contain NUL"  # noqa: S105
 
 
-def parse_command(
-    line: bytes, *, utf8: bool = False
-) -> Command | UnknownCommand | MalformedCommand:
+def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     """
     Parse one command line, without its line terminator, by the grammar
-    above.  Keywords are case-insensitive (RFC 1939 section 3).  ``utf8``:
-    the client enabled UTF-8 (RFC 6856), so USER and APOP take UTF-8.
+    above.  Keywords are case-insensitive (RFC 1939 section 3).
     """
     keyword, _, rest = line.partition(b" ")
     verb = _VERBS.get(keyword.upper()) if _KEYWORD.fullmatch(keyword) else None
@@ -186,7 +187,7 @@ def parse_command(
         if rest and b"\x00" in rest:
             return MalformedCommand(verb, BAD_PASSWORD)
         return MalformedCommand(verb, _usage(verb))
-    eight_bit = utf8 and verb in UTF8_ARGUMENTS
+    eight_bit = verb in UTF8_ARGUMENTS
     shape = _UTF8_ARGUMENTS if eight_bit else _ASCII_ARGUMENTS
     if not shape.fullmatch(line, len(keyword)):
         return MalformedCommand(verb, _what_is_wrong(line[len(keyword) :], eight_bit))
@@ -206,8 +207,8 @@ def _usage(verb: Verb) -> Text:
 
 def _what_is_wrong(rest: bytes, eight_bit: bool) -> str:
     """Why the arguments ``rest`` (from the space after the keyword on) break the grammar."""
-    allowed = set(range(0x21, 0x7F)) | ({*range(0x80, 0x100)} if eight_bit else set())
-    if any(octet not in allowed and octet != 0x20 for octet in rest):
+    forbidden = _UTF8_FORBIDDEN if eight_bit else _ASCII_FORBIDDEN
+    if forbidden.search(rest):
         return BAD_OCTETS
     return BAD_SPACING
 

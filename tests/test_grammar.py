@@ -240,19 +240,23 @@ class TestParser:
     def test_lines(self, line: bytes, parsed: object) -> None:
         assert parse_command(line) == parsed
 
-    def test_utf8_user_names_after_utf8(self) -> None:
-        """RFC 6856 section 2.1: after UTF8, USER and APOP take UTF-8."""
-        assert parse_command(b"USER \xc3\xa9lise", utf8=True) == Command(
-            Verb.USER, (b"\xc3\xa9lise",)
+    def test_utf8_user_names(self) -> None:
+        """
+        RFC 6856 section 2.2: pop3d announces "UTF8 USER", so USER and APOP
+        take UTF-8 before the UTF8 command too; other octets beyond ASCII
+        are refused, and other commands' arguments stay ASCII.
+        """
+        assert parse_command(b"USER \xc3\xa9lise") == Command(Verb.USER, (b"\xc3\xa9lise",))
+        assert parse_command(b"APOP \xc3\xa9lise " + b"0" * 32) == Command(
+            Verb.APOP, (b"\xc3\xa9lise", b"0" * 32)
         )
-        assert parse_command(b"USER \xc3\xa9lise") == MalformedCommand(
+        assert parse_command(b"USER \xff") == MalformedCommand(Verb.USER, "arguments are UTF-8")
+        assert parse_command(b"USER \xc3\xa9\x01") == MalformedCommand(
             Verb.USER, "arguments are printable ASCII"
         )
-        assert parse_command(b"USER \xff", utf8=True) == MalformedCommand(
-            Verb.USER, "arguments are UTF-8"
+        assert parse_command(b"RETR \xd9\xa1") == MalformedCommand(
+            Verb.RETR, "arguments are printable ASCII"
         )
-        # Message numbers stay ASCII whatever the mode.
-        assert isinstance(parse_command(b"RETR \xd9\xa1", utf8=True), MalformedCommand)
 
     @pytest.mark.parametrize(
         "line,parsed",

@@ -256,6 +256,10 @@ class TestMailboxNames:
             "\u00e9lise\u0085",  # NEXT LINE, a C1 control
             "\u00e9\u009b[2J",  # CSI, a C1 control
             "\u00e9lise\u2028x",  # LINE SEPARATOR
+            "eli\u202ees",  # RIGHT-TO-LEFT OVERRIDE: shows another name
+            "eli\u200bse",  # ZERO WIDTH SPACE: looks like "elise"
+            "\ue000lise",  # private use
+            "\u0378lise",  # unassigned
         ],
     )
     def test_unsafe_utf8_names(self, name: str) -> None:
