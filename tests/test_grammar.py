@@ -186,7 +186,7 @@ class TestBadCommandLimit:
             assert wire.command(b"CAPA").startswith(b"+OK ")
         assert not wire.closed
 
-    def test_the_third_in_a_row_gets_its_err_then_the_close(self, wire: Wire) -> None:
+    def test_the_third_in_a_row_gets_an_err_then_the_close(self, wire: Wire) -> None:
         assert wire.command(b"FOO") == UNKNOWN
         assert wire.command(b"NOOP x") == b"-ERR usage: NOOP\r\n"
         assert not wire.closed
