@@ -21,6 +21,8 @@ from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write
 
 __all__ = ["launch"]  # the fixture
 
+pytestmark = pytest.mark.process
+
 WORKER_LISTENING = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)")
 
 
