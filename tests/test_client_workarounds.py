@@ -470,6 +470,7 @@ def _responses(session: bytes, multiline: int) -> list[bytes]:
     return responses
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_same_bytes_as_dovecot(tmp_path: Path) -> None:
     """

@@ -177,6 +177,7 @@ def _as_nobody(home: Path, config: Path, program: str, *arguments: str, stdin: b
     return result.stdout
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_real_dovecot_uidls_are_kept(tmp_path: Path) -> None:
     """

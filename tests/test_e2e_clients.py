@@ -404,6 +404,7 @@ async def curl(server: RunningServer, path: str) -> bytes:
     return await run_client(require_program("curl"), arguments, env={"PATH": os.defpath})
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_curl_lists_and_retrieves_every_message(running_server: RunningServer) -> None:
     """
@@ -647,6 +648,7 @@ def split_mbox(mbox: bytes) -> dict[str, bytes]:
     return messages
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_mpop_fetches_every_message_into_an_mbox(
     running_server: RunningServer, tmp_path: Path
@@ -703,6 +705,7 @@ async def test_mpop_fetches_every_message_into_an_mbox(
 # -- fetchmail ------------------------------------------------------------------------------
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_fetchmail_fetches_every_message_byte_identical(
     running_server: RunningServer, tmp_path: Path

@@ -176,6 +176,7 @@ os.execv(sys.executable, [sys.executable, "-c",
 """
 
 
+@pytest.mark.process
 def test_systemd_socket_activation(tmp_path: Path) -> None:
     """A socket passed the systemd way (LISTEN_FDS, fd 3) is served."""
     passwd = write_passwd(tmp_path / "passwd", USERS)

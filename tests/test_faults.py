@@ -145,6 +145,7 @@ def test_a_message_cut_short_while_being_sent_does_not_end_as_complete(
     assert wire.transport.disconnecting or wire.closed
 
 
+@pytest.mark.process
 def test_killed_during_update_leaves_every_message_whole_or_gone(
     tmp_path: Path, launch: Launch
 ) -> None:

@@ -237,6 +237,7 @@ class TestCatalogs:
         pairs = re.findall(r'^msgid "(.*)"\nmsgstr "(.*)"$', text, re.MULTILINE)
         return {msgid: msgstr for msgid, msgstr in pairs if msgid}
 
+    @pytest.mark.peer
     def test_mo_is_compiled_from_the_po(self) -> None:
         """The committed .mo is what msgfmt makes of the .po (so pip needs no tools)."""
         msgfmt = require_program("msgfmt")

@@ -196,6 +196,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("kind", ["lock table", "lock files"])
 @pytest_twisted.ensureDeferred
 async def test_lock_held_by_another_process(tmp_path: Path, maildir: Path, kind: str) -> None:
@@ -429,6 +430,7 @@ class TestLockFiles:
             await store.open("alice")
         assert not target.exists()
 
+    @pytest.mark.process
     def test_incarnations_differ_between_processes(self) -> None:
         other = subprocess.run(
             [sys.executable, "-c", "from pop3d.locking import this_process as t; print(t())"],

@@ -453,6 +453,7 @@ class Holder:
         assert self.process.wait(timeout=PATIENCE) == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("script", [_HOLD_FCNTL, _HOLD_DOTLOCK], ids=["fcntl", "dotlock"])
 def test_a_lock_held_by_another_process_is_in_use(
     store: MboxStore, alice: Path, script: str
@@ -474,6 +475,7 @@ def test_a_lock_held_by_another_process_is_in_use(
     assert contents(store) == [b"Subject: a\n\na\n"]
 
 
+@pytest.mark.process
 def test_other_programs_see_both_locks_for_the_whole_session(store: MboxStore, alice: Path) -> None:
     alice.write_bytes(mbox_of([b"Subject: a\n\na\n", b"Subject: b\n\nb\n"]))
     assert probe(alice) == ["dotlock free", "fcntl free"]
@@ -582,6 +584,7 @@ def append_from_another_process(mbox: Path, data: bytes) -> None:
     subprocess.run([sys.executable, "-c", _APPEND, str(mbox)], input=data, check=True)
 
 
+@pytest.mark.process
 def test_mail_appended_during_the_session_survives_quit(store: MboxStore, alice: Path) -> None:
     """
     RFC 1939 section 6: UPDATE removes the messages marked as deleted, and
@@ -597,6 +600,7 @@ def test_mail_appended_during_the_session_survives_quit(store: MboxStore, alice:
     assert alice.read_bytes() == mbox_of(messages[1:2]) + late
 
 
+@pytest.mark.process
 def test_mail_appended_during_the_rewrite_survives(
     store: MboxStore, alice: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -661,6 +665,7 @@ def test_the_rewrite_keeps_owner_and_mode(store: MboxStore, alice: Path) -> None
     assert sorted(os.listdir(alice.parent)) == ["alice"]
 
 
+@pytest.mark.process
 def test_a_failed_rewrite_deletes_nothing(
     store: MboxStore, alice: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -771,6 +776,7 @@ BIG = [b"Subject: %d\n\n" % n + (b"line %d\n" % n) * 40_000 for n in range(12)]
 DELETED = (0, 4, 11)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("step", REWRITE_STEPS)
 def test_killed_during_the_rewrite_loses_nothing(
     step: str,
@@ -815,6 +821,8 @@ def test_killed_during_the_rewrite_loses_nothing(
     assert sorted(os.listdir(mail)) == ["alice"]
 
 
+@pytest.mark.process
+@pytest.mark.peer
 def test_a_message_delivered_by_procmail_is_served_as_delivered(
     tmp_path: Path, mail: Path, alice: Path, servers: Callable[..., Server]
 ) -> None:

@@ -146,6 +146,7 @@ def test_the_rewrite_at_quit_copies_kept_messages_as_stored(
     )
 
 
+@pytest.mark.peer
 def test_dovecot_serves_the_same_octets(mail: Path, alice: Path) -> None:
     """
     Dovecot's POP3 server, over the same mbox file, answers LIST and RETR
@@ -210,6 +211,8 @@ def retr_exactly(client: poplib.POP3, number: int) -> bytes:
     return b"".join(answer)
 
 
+@pytest.mark.process
+@pytest.mark.peer
 def test_procmail_delivery_is_served_as_procmail_stored_it(
     tmp_path: Path, mail: Path, alice: Path, serve: Callable[..., Server]
 ) -> None:
@@ -273,6 +276,7 @@ def test_procmail_delivery_is_served_as_procmail_stored_it(
     server.assert_healthy()
 
 
+@pytest.mark.process
 def test_twistd_mbox_format_mboxrd_removes_one_quote(
     mail: Path, alice: Path, serve: Callable[..., Server]
 ) -> None:

@@ -355,6 +355,7 @@ def run_pw(
     return result
 
 
+@pytest.mark.process
 class TestPwCommand:
     def test_default_scheme_from_stdin(self) -> None:
         result = run_pw("pw", stdin=b"correct horse\n")

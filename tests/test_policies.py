@@ -284,6 +284,7 @@ class TestLoginHistoryFile:
         assert one.last_login("alice").result == 1300.0
         assert one.last_login("bob").result is None
 
+    @pytest.mark.process
     def test_another_process_sees_the_login(self, tmp_path: Path) -> None:
         """What the --workers processes share: a login recorded by another process."""
         path = str(tmp_path / "logins")
@@ -301,6 +302,7 @@ class TestLoginHistoryFile:
         assert output == "5000.0\nNone\n"
         assert LoginHistoryFile(path).last_login("bob").result == 5100.0
 
+    @pytest.mark.process
     def test_processes_recording_at_once_admit_one_login(self, tmp_path: Path) -> None:
         """Three processes record a login of the same user at the same time: one wins."""
         path = str(tmp_path / "logins")
@@ -766,6 +768,7 @@ async def test_poplib_retrieved_messages_expire_at_quit(tmp_path: Path) -> None:
     assert left == [MESSAGES[0], MESSAGES[2]]
 
 
+@pytest.mark.process
 def test_workers_share_the_login_history(tmp_path: Path, launch: Launch) -> None:
     """
     ``twistd pop3d --workers 2 --login-delay``: a burst of connections reaches

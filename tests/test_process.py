@@ -28,6 +28,8 @@ import pytest
 
 from pop3d.testing import deliver_to_maildir
 
+pytestmark = pytest.mark.process
+
 HOST = "127.0.0.1"
 PASSWORD_LINE = "alice:{PLAIN}wonderland::\n"
 LISTENING = re.compile(r"POP3Factory starting on (\d+)")

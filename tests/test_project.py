@@ -10,6 +10,8 @@ import poplib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,7 @@ def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "command",
     [
@@ -139,3 +142,283 @@ def test_the_readme_renders_without_a_warning() -> None:
         writer="html",
         settings_overrides={"halt_level": 2, "report_level": 2, "output_encoding": "unicode"},
     )
+
+
+# -- markers: fast tests apart from process and peer tests --------------------
+
+#: Names whose use starts a child process: the subprocess module, Twisted's
+#: process API, and the os functions that do.
+PROCESS_NAMES = frozenset(
+    {
+        "subprocess",
+        "spawnProcess",
+        "getProcessOutput",
+        "getProcessOutputAndValue",
+        "getProcessValue",
+    }
+)
+PROCESS_OS_FUNCTIONS = re.compile(r"system|popen|fork(pty)?|(posix_)?spawn\w*|exec\w*")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a test, or something it uses, does: start a process, run a peer program."""
+
+    process: bool = False
+    peer: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(self.process or other.process, self.peer or other.peer)
+
+
+def _reads_ci(node: ast.AST) -> bool:
+    """``os.environ.get("CI")``, ``os.environ["CI"]``, ``"CI" in os.environ``."""
+    if isinstance(node, ast.Call):
+        found = node.args[:1]
+    elif isinstance(node, ast.Subscript):
+        found = [node.slice]
+    elif isinstance(node, ast.Compare):
+        found = [node.left]
+    else:
+        return False
+    return any(isinstance(value, ast.Constant) and value.value == "CI" for value in found)
+
+
+def _starts_a_process(node: ast.AST) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id in PROCESS_NAMES
+    if isinstance(node, ast.Attribute):
+        if isinstance(node.value, ast.Name) and node.value.id == "os":
+            return PROCESS_OS_FUNCTIONS.fullmatch(node.attr) is not None
+        return node.attr in PROCESS_NAMES
+    return False
+
+
+def _runs_a_peer(node: ast.AST) -> bool:
+    """
+    Looks for a peer program: with `conftest.require_program`, or by hand
+    next to a lookup of ``CI`` (where a missing peer fails instead of
+    skipping, as the house rules require).
+    """
+    if isinstance(node, ast.Name):
+        return node.id == "require_program"
+    return _reads_ci(node)
+
+
+def _direct_needs(node: ast.AST) -> Needs:
+    """What ``node``'s own code does."""
+    needs = Needs()
+    for child in ast.walk(node):
+        if _runs_a_peer(child):
+            needs |= Needs(process=True, peer=True)
+        elif _starts_a_process(child):
+            needs |= Needs(process=True)
+    return needs
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    """Names ``node`` refers to: variables, parameters (fixtures), ``self.`` attributes."""
+    names = set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name):
+            names.add(child.id)
+        elif isinstance(child, ast.arg):
+            names.add(child.arg)
+        elif isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name):
+            if child.value.id == "self":
+                names.add(child.attr)
+    return names
+
+
+def _marks(expressions: list[ast.expr]) -> set[str]:
+    """The X of every ``pytest.mark.X`` in decorators or a ``pytestmark`` value."""
+    return {
+        node.attr
+        for expression in expressions
+        for node in ast.walk(expression)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "pytest.mark"
+    }
+
+
+def _pytestmark(body: list[ast.stmt]) -> set[str]:
+    """Marks given by a ``pytestmark = ...`` line of a module or class."""
+    return _marks(
+        [
+            statement.value
+            for statement in body
+            if isinstance(statement, ast.Assign)
+            and [ast.unparse(target) for target in statement.targets] == ["pytestmark"]
+        ]
+    )
+
+
+@dataclass
+class Definition:
+    """A function, class or assignment of a test module, and what using it needs."""
+
+    module: str
+    name: str  # "function", "Class" or "Class.method"
+    uses: set[str]
+    needs: Needs
+    marks: set[str]
+    is_test: bool = False
+
+
+def _definitions(path: Path) -> Iterator[Definition]:
+    module = ast.parse(path.read_text(), str(path))
+    module_marks = _pytestmark(module.body)
+    for statement in module.body:
+        if isinstance(statement, ast.Assign):
+            for target in statement.targets:
+                if isinstance(target, ast.Name):
+                    yield Definition(
+                        path.stem,
+                        target.id,
+                        _names_used(statement.value),
+                        _direct_needs(statement.value),
+                        module_marks,
+                        # A test case made by assignment (hypothesis's machine.TestCase).
+                        is_test=target.id.startswith("Test"),
+                    )
+        elif isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            marks = module_marks | _marks(statement.decorator_list)
+            yield Definition(
+                path.stem,
+                statement.name,
+                _names_used(statement),
+                _direct_needs(statement),
+                marks,
+                is_test=statement.name.startswith("test")
+                and not isinstance(statement, ast.ClassDef),
+            )
+            if isinstance(statement, ast.ClassDef):
+                marks |= _pytestmark(statement.body)
+                for member in statement.body:
+                    if isinstance(member, ast.FunctionDef | ast.AsyncFunctionDef):
+                        yield Definition(
+                            path.stem,
+                            f"{statement.name}.{member.name}",
+                            _names_used(member),
+                            _direct_needs(member),
+                            marks | _marks(member.decorator_list),
+                            is_test=statement.name.startswith("Test")
+                            and member.name.startswith("test"),
+                        )
+
+
+def _scan_tests(directory: Path) -> dict[str, Definition]:
+    """
+    Every test in ``directory`` (by node id), knowing what it needs: what
+    its own code does, and what the helpers, fixtures and classes it uses do
+    (in its module or class, the test modules it imports them from, and
+    conftest.py), followed to the end.
+    """
+    definitions = {
+        (definition.module, definition.name): definition
+        for path in sorted(directory.glob("*.py"))
+        for definition in _definitions(path)
+    }
+    imported = {
+        (path.stem, alias.asname or alias.name): (statement.module, alias.name)
+        for path in sorted(directory.glob("*.py"))
+        for statement in ast.parse(path.read_text()).body
+        if isinstance(statement, ast.ImportFrom) and statement.level == 1 and statement.module
+        for alias in statement.names
+    }
+
+    def resolve(user: Definition, name: str) -> Definition | None:
+        owner = user.name.split(".")[0]
+        key = (user.module, name)
+        while key in imported:
+            key = imported[key]
+        return (
+            definitions.get((user.module, f"{owner}.{name}"))
+            or definitions.get(key)
+            or definitions.get(("conftest", name))  # a fixture, asked for by its name
+        )
+
+    changed = True
+    while changed:
+        changed = False
+        for definition in definitions.values():
+            for name in definition.uses:
+                used = resolve(definition, name)
+                if used is not None and definition.needs | used.needs != definition.needs:
+                    definition.needs |= used.needs
+                    changed = True
+    return {
+        f"{module}.py::{name.replace('.', '::')}": definition
+        for (module, name), definition in definitions.items()
+        if definition.is_test
+    }
+
+
+def test_the_marker_scan_follows_fixtures_helpers_and_imports(tmp_path: Path) -> None:
+    """What `test_tests_that_start_processes_or_run_peers_are_marked` relies on."""
+    (tmp_path / "conftest.py").write_text(
+        "def require_program(name): ...\n@pytest.fixture\ndef forked(): return os.fork()\n"
+    )
+    (tmp_path / "test_a.py").write_text(
+        "from twisted.internet.utils import getProcessOutput\n"
+        "pytestmark = [pytest.mark.slow]\n"
+        "class Server:\n"
+        "    def __init__(self): self.process = subprocess.Popen(['twistd'])\n"
+        "@pytest.fixture\n"
+        "def launch(): yield Server\n"
+        "def test_fixture(launch): pass\n"
+        "def test_twisted(): getProcessOutput('x')\n"
+        "def test_conftest_fixture(forked): pass\n"
+        "def test_pure(tmp_path): assert tmp_path\n"
+    )
+    (tmp_path / "test_b.py").write_text(
+        "from .test_a import launch as start\n"
+        "def _dovecot():\n"
+        "    if os.environ.get('CI'): pytest.fail('no dovecot')\n"
+        "@pytest.mark.process\n"
+        "def test_imported_fixture(start): pass\n"
+        "def test_own_fixture(start_twice): pass\n"
+        "@pytest.fixture\n"
+        "def start_twice(start): pass\n"
+        "@pytest.mark.peer\n"
+        "class TestPeers:\n"
+        "    def _curl(self): return require_program('curl')\n"
+        "    def test_method(self): self._curl()\n"
+        "    def test_plain(self): pass\n"
+        "    def test_dovecot(self): _dovecot()\n"
+        "TestModel = Machine.TestCase\n"
+    )
+    process, peer = Needs(process=True), Needs(process=True, peer=True)
+    tests = _scan_tests(tmp_path)
+    assert {node_id: test.needs for node_id, test in tests.items()} == {
+        "test_a.py::test_fixture": process,
+        "test_a.py::test_twisted": process,
+        "test_a.py::test_conftest_fixture": process,
+        "test_a.py::test_pure": Needs(),
+        "test_b.py::test_imported_fixture": process,
+        "test_b.py::test_own_fixture": process,
+        "test_b.py::TestPeers::test_method": peer,
+        "test_b.py::TestPeers::test_plain": Needs(),
+        "test_b.py::TestPeers::test_dovecot": peer,
+        "test_b.py::TestModel": Needs(),
+    }
+    assert tests["test_a.py::test_fixture"].marks == {"slow"}
+    assert tests["test_b.py::test_imported_fixture"].marks == {"process"}
+    assert tests["test_b.py::TestPeers::test_plain"].marks == {"peer"}
+
+
+def test_tests_that_start_processes_or_run_peers_are_marked() -> None:
+    """
+    ``pytest -m "not process and not peer"`` runs the fast tests only if every
+    test that starts a child process is marked ``process`` (or ``peer``), and
+    every test that runs a program from outside the project (curl, mpop,
+    procmail, Dovecot, ...) is marked ``peer``.
+    """
+    tests = _scan_tests(ROOT / "tests")
+    assert len(tests) > 500
+    unmarked = [
+        f"{node_id} needs @pytest.mark.{'peer' if test.needs.peer else 'process'}"
+        for node_id, test in tests.items()
+        if (test.needs.peer and "peer" not in test.marks)
+        or (test.needs.process and not test.marks & {"process", "peer"})
+    ]
+    assert unmarked == []

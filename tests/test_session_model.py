@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -72,6 +73,9 @@ from pop3d.testing import deliver_to_maildir, memory_portal
 
 from .clock_threads import ClockThreads, result_of, settle
 from .conftest import USERS, Wire
+
+# Hypothesis runs hundreds of sessions: seconds, not milliseconds.
+pytestmark = pytest.mark.slow
 
 # -- the model ---------------------------------------------------------------
 

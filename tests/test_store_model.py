@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -53,6 +54,9 @@ from .test_session_model import (
     let_time_pass,
     wire_octets,
 )
+
+# Hypothesis runs hundreds of store histories: seconds, not milliseconds.
+pytestmark = pytest.mark.slow
 
 MAILBOX = "carol"
 

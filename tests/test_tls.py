@@ -81,6 +81,7 @@ async def _curl_fetches_message_1(tmp_path: Path, url: str, *options: str) -> No
     assert out == EXPECTED
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_curl_requires_stls(tmp_path: Path) -> None:
     server = await _tls_server(tmp_path)
@@ -91,6 +92,7 @@ async def test_curl_requires_stls(tmp_path: Path) -> None:
         await server.service.stopService()
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_curl_implicit_tls(tmp_path: Path) -> None:
     """RFC 8314 section 3.3: pop3s://, TLS from the first byte."""
@@ -129,6 +131,7 @@ async def test_implicit_tls_with_the_reloadable_certificate(tmp_path: Path) -> N
         await server.service.stopService()
 
 
+@pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_openssl_s_client_starttls(tmp_path: Path) -> None:
     server = await _tls_server(tmp_path)
@@ -234,6 +237,7 @@ def _server_certificate(server: RunningServer, implicit: bool) -> bytes:
     return certificate
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
 @pytest_twisted.ensureDeferred
 async def test_curl_sasl_mechanisms(tmp_path: Path, mechanism: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import poplib
 import re
+import select
 import signal
 import socket
 from pathlib import Path
@@ -20,6 +21,8 @@ from pop3d.testing import deliver_to_maildir
 from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
 
 __all__ = ["launch"]  # the fixture
+
+pytestmark = pytest.mark.process
 
 WORKER_LISTENING = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)")
 
@@ -81,28 +84,25 @@ def test_maildrop_locks_hold_across_workers(tmp_path: Path, launch: Launch) -> N
 
 def test_workers_end_with_their_parent(tmp_path: Path, launch: Launch) -> None:
     server, _, pids = _start_pool(launch, tmp_path, 2)
-    os.kill(server.pid, signal.SIGKILL)  # type: ignore[attr-defined]
-    for pid in pids:
-        _wait_gone(pid)
+    # Opened before the kill: a pidfd stays the worker's, even if its pid is
+    # reused once it is gone.
+    workers = [os.pidfd_open(pid) for pid in pids]
+    try:
+        os.kill(server.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        for pid, pidfd in zip(pids, workers, strict=True):
+            _wait_gone(pid, pidfd)
+    finally:
+        for pidfd in workers:
+            os.close(pidfd)
 
 
-def _wait_gone(pid: int) -> None:
+def _wait_gone(pid: int, pidfd: int) -> None:
     """
     An orphaned worker notices its parent's end on its stdin pipe and stops;
-    nothing announces that to us, so look until it is gone (bounded).
+    its pidfd becomes readable when it has ended (Linux 5.3).
     """
-    import time
-
-    deadline = time.monotonic() + PATIENCE
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        if state == "Z":  # ended, waiting to be reaped by init
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"worker {pid} outlived its parent")
+    ended, _, _ = select.select([pidfd], [], [], PATIENCE)
+    assert ended, f"worker {pid} outlived its parent"
 
 
 @pytest.mark.parametrize(
