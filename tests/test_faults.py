@@ -19,10 +19,10 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.task import Clock
 
-from pop3d import maildir as maildir_module
 from pop3d.factory import POP3Factory
-from pop3d.maildir import MaildirStore
 from pop3d.realm import MaildropRealm
+from pop3d.stores import maildir as maildir_module
+from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
 
 from .conftest import Wire

@@ -19,10 +19,12 @@ import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 
-from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.interfaces import ISeenFlags
-from pop3d.locking import (
+from pop3d.stores import maildir as maildir_module
+from pop3d.stores.common import MaildirTemplateError, expand_template
+from pop3d.stores.interfaces import ISeenFlags
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.posix import (
     LOCK_FILE_NAME,
     LOCK_REFRESH_SECONDS,
     LockFiles,
@@ -30,8 +32,6 @@ from pop3d.locking import (
     LockTable,
     this_process,
 )
-from pop3d.maildir import MaildirStore
-from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
 
@@ -188,7 +188,7 @@ async def test_failed_removal_does_the_others(store: MaildirStore, maildir: Path
 
 _HOLD_LOCK = """
 import os, sys
-from pop3d.locking import LockFiles, LockTable
+from pop3d.stores.posix import LockFiles, LockTable
 locks = LockTable(sys.argv[2]) if sys.argv[2] else LockFiles(None)
 locks.acquire(sys.argv[1], os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
 print("locked", flush=True)
@@ -431,7 +431,7 @@ class TestLockFiles:
 
     def test_incarnations_differ_between_processes(self) -> None:
         other = subprocess.run(
-            [sys.executable, "-c", "from pop3d.locking import this_process as t; print(t())"],
+            [sys.executable, "-c", "from pop3d.stores.posix import this_process as t; print(t())"],
             capture_output=True,
             check=True,
             text=True,

@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from pop3d import mbox as mbox_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.interfaces import IMaildrop
-from pop3d.mbox import (
+from pop3d.stores import mbox as mbox_module
+from pop3d.stores.interfaces import IMaildrop
+from pop3d.stores.mbox import (
     DOTLOCK_STALE_SECONDS,
     REWRITE_STEPS,
     REWRITE_STOP_VARIABLE,

@@ -42,8 +42,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3d.errors import MaildropLocked, MaildropUnavailable
-from pop3d.interfaces import IMaildropLocks
-from pop3d.storage import run_blocking
+from pop3d.stores.common import run_blocking
+from pop3d.stores.interfaces import IMaildropLocks
 
 #: A lock whose file has not been touched for this long is taken for the
 #: leftover of a holder that is gone (between Postfix's 500 seconds and

@@ -49,7 +49,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
-from pop3d.interfaces import (
+from pop3d.stores.common import (
+    check_template,
+    expand_template,
+    run_blocking,
+)
+from pop3d.stores.interfaces import (
     IMaildrop,
     IMaildropLocks,
     IMaildropStore,
@@ -59,12 +64,7 @@ from pop3d.interfaces import (
     ISeenFlags,
     MessageList,
 )
-from pop3d.locking import LockTable
-from pop3d.storage import (
-    check_template,
-    expand_template,
-    run_blocking,
-)
+from pop3d.stores.posix import LockTable
 from pop3d.uidl import (
     DOVECOT_DEFAULT_FORMAT,
     DovecotUidlist,
@@ -243,11 +243,11 @@ class MaildirStore:
 
     ``listing_cache`` is how many messages of recent listings are kept in
     memory (0: none, every login reads its directories).  ``locks`` keep a
-    maildrop to one session (see `pop3d.locking`): by default a `LockTable`
+    maildrop to one session (see `pop3d.stores.posix`): by default a `LockTable`
     in `default_lock_table` of the template; `LockFiles` for NFS.
 
     Its maildrops keep the time of each message's first retrieval
-    (`pop3d.interfaces.IRetrievalTimes`, for EXPIRE) in the file
+    (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
     """
 

@@ -170,8 +170,8 @@ from pop3d.errors import (
     MessageGone,
     POP3Error,
 )
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageList
-from pop3d.storage import check_template, expand_template, run_blocking
+from pop3d.stores.common import check_template, expand_template, run_blocking
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageList
 from pop3d.uidl import header_x_uidl
 from pop3d.wire import WireSizeCounter
 
@@ -1022,7 +1022,7 @@ class MboxStore:
     """
     mbox files found by a path template such as ``/var/mail/{user}``.
 
-    The template is that of `pop3d.maildir.MaildirStore`: ``{user}`` is the
+    The template is that of `pop3d.stores.maildir.MaildirStore`: ``{user}`` is the
     whole user name, ``{local}`` and ``{domain}`` its parts around ``@``.
     With a ``reactor``, opening a maildrop (which reads the whole file) and
     rewriting it at QUIT run in the reactor's thread pool; without one they
