@@ -27,7 +27,6 @@ name and inode, in memory and in the file ``pop3d-sizes`` of the Maildir.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import itertools
@@ -52,6 +51,7 @@ from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3E
 from pop3d.stores.common import (
     check_template,
     expand_template,
+    fixed_directory,
     run_blocking,
 )
 from pop3d.stores.interfaces import (
@@ -64,7 +64,14 @@ from pop3d.stores.interfaces import (
     ISeenFlags,
     MessageList,
 )
-from pop3d.stores.posix import LockTable
+from pop3d.stores.posix import (
+    CREATE_FLAGS,
+    DIRECTORY_FLAGS,
+    READ_FLAGS,
+    LockTable,
+    unavailable,
+    unlink_quietly,
+)
 from pop3d.uidl import (
     DOVECOT_DEFAULT_FORMAT,
     DovecotUidlist,
@@ -102,9 +109,6 @@ _SETTLING_NS = 100_000_000
 _COARSE_SETTLING_NS = 2_000_000_000
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO planted in cur/ must not block the server on open.
-_MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = Logger()
 
@@ -281,12 +285,12 @@ class MaildirStore:
         if root is None:
             return fail(UnauthorizedLogin())
         try:
-            root_fd = os.open(root, _DIRECTORY_FLAGS)
+            root_fd = os.open(root, DIRECTORY_FLAGS)
         except FileNotFoundError:
             # Nothing delivered yet: an empty maildrop, not an error.
             return succeed(_Maildrop(None, MessageList(), (), None, self))
         except OSError as error:
-            return fail(_unavailable("cannot open maildir", root, error))
+            return fail(unavailable("cannot open maildir", root, error))
         release: Callable[[], None] | None = None
         try:
             info = os.fstat(root_fd)
@@ -302,7 +306,7 @@ class MaildirStore:
             if isinstance(error, POP3Error):
                 return fail(error)
             if isinstance(error, OSError):
-                return fail(_unavailable("cannot read maildir", root, error))
+                return fail(unavailable("cannot read maildir", root, error))
             raise
         held = release
         cached = self._listings.get(root)
@@ -343,9 +347,7 @@ def default_lock_table(template: str) -> str:
     above its first placeholder (``/srv/mail/.pop3d-locks`` for
     ``/srv/mail/{user}``), which belongs to the administrator.
     """
-    fixed = template.split("{", 1)[0]
-    directory = fixed if fixed.endswith("/") else os.path.dirname(fixed)
-    return os.path.join(directory or ".", LOCK_TABLE_NAME)
+    return os.path.join(fixed_directory(template), LOCK_TABLE_NAME)
 
 
 def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
@@ -384,9 +386,9 @@ class _Directory:
     def opened(self) -> Iterator[int]:
         """A descriptor of the Maildir, refusing a directory put in its place."""
         try:
-            fd = os.open(self.path, _DIRECTORY_FLAGS)
+            fd = os.open(self.path, DIRECTORY_FLAGS)
         except OSError as error:
-            raise _unavailable("cannot open maildir", self.path, error) from error
+            raise unavailable("cannot open maildir", self.path, error) from error
         try:
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) != (self.device, self.inode):
@@ -409,12 +411,12 @@ class _UIDLNaming:
 def _subdirectory(root: str, root_fd: int, name: str) -> Iterator[int | None]:
     """A descriptor of new/ or cur/, or None if there is none."""
     try:
-        fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=root_fd)
+        fd = os.open(name, DIRECTORY_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
         yield None
         return
     except OSError as error:
-        raise _unavailable("cannot open maildir", os.path.join(root, name), error) from error
+        raise unavailable("cannot open maildir", os.path.join(root, name), error) from error
     try:
         yield fd
     finally:
@@ -435,7 +437,7 @@ def _entries(root: str, root_fd: int, subdirectory: str) -> list[tuple[str, int]
                 ]
         except OSError as error:
             path = os.path.join(root, subdirectory)
-            raise _unavailable("cannot read maildir", path, error) from error
+            raise unavailable("cannot read maildir", path, error) from error
 
 
 def _files(
@@ -593,7 +595,7 @@ def _compatible_uidls(
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
     try:
-        fd = os.open(DOVECOT_UIDLIST, _MESSAGE_FLAGS, dir_fd=root_fd)
+        fd = os.open(DOVECOT_UIDLIST, READ_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -700,11 +702,11 @@ def _count_sizes(
     """
     for unique, name, inode in messages:
         try:
-            fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+            fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
-            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+            raise unavailable("cannot read message", os.path.join(path, name), error) from error
         try:
             first = os.read(fd, _READ_SIZE)
             # Only an empty read is the end (see `_read_up_to`).  The inode
@@ -723,7 +725,7 @@ def _count_sizes(
         except OSError as error:
             if error.errno == errno.EAGAIN:
                 continue  # a FIFO planted after the scan: not a message
-            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+            raise unavailable("cannot read message", os.path.join(path, name), error) from error
         finally:
             os.close(fd)
         sizes[unique] = (inode, size)
@@ -747,7 +749,7 @@ def _count_moved(
             return None
         except OSError as error:
             path = os.path.join(root, *location)
-            raise _unavailable("cannot read message", path, error) from error
+            raise unavailable("cannot read message", path, error) from error
         counted: dict[str, tuple[int, int]] = {}
         _count_sizes(
             os.path.join(root, subdirectory), directory_fd, [(unique, name, inode)], counted
@@ -765,7 +767,7 @@ def _state_records(root_fd: int, name: str, header: str) -> Iterator[tuple[str, 
     write anything there).
     """
     try:
-        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=root_fd)
+        fd = os.open(name, READ_FLAGS, dir_fd=root_fd)
         with open(fd, encoding="utf-8", errors="surrogateescape") as file:
             if file.readline().rstrip("\n") != header:
                 return
@@ -824,16 +826,14 @@ def _replace_state_file(root_fd: int, name: str, chunks: Iterable[bytes]) -> Non
     # new or not at all: nothing the Maildir's owner put anywhere is
     # followed or overwritten.
     temporary = f"{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
+    fd = os.open(temporary, os.O_WRONLY | CREATE_FLAGS, 0o600, dir_fd=root_fd)
     try:
         with open(fd, "wb") as file:
             for chunk in chunks:
                 file.write(chunk)
         os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary, dir_fd=root_fd)
+        unlink_quietly(temporary, root_fd)
         raise
 
 
@@ -870,7 +870,7 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+        fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -910,15 +910,6 @@ def _exists(name: str, directory_fd: int) -> bool:
     return True
 
 
-def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
-    # ELOOP: a symbolic link where a directory or a message should be.
-    permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
-        error.errno in (errno.ELOOP, errno.EINVAL)
-    )
-    log.error("{what} {path}: {error}", what=what, path=path, error=error)
-    return MaildropUnavailable(what, permanent=permanent)
-
-
 @implementer(IMessageBody)
 class _FileBody:
     """
@@ -941,7 +932,7 @@ class _FileBody:
         try:
             data = _read_up_to(self._fd, min(size, self._left))
         except OSError as error:
-            raise _unavailable("cannot read message", self._path, error) from error
+            raise unavailable("cannot read message", self._path, error) from error
         # Shorter than its size: the file was cut, and this is its end.
         self._left = self._left - len(data) if data else 0
         return data
@@ -1006,7 +997,7 @@ class _Maildrop:
                         continue
                     except OSError as error:
                         path = os.path.join(self.root, *location)
-                        raise _unavailable("cannot open message", path, error) from error
+                        raise unavailable("cannot open message", path, error) from error
                     body: IMessageBody = _FileBody(
                         fd, file_size, os.path.join(self.root, *location)
                     )
