@@ -90,12 +90,12 @@ LOCK_TABLE_NAME = ".pop3d-locks"
 LISTING_CACHE_MESSAGES = 250_000
 
 _READ_SIZE = 256 * 1024
-# Names one C-level call handles at once in a large listing: about a
-# millisecond of holding the GIL, which the reactor thread waits for.
-_STEP = 8192
-# Above this many kept messages, `mark_seen` decides what to rename off the
-# reactor thread too.
-_PLAN_INLINE_MESSAGES = 1000
+#: Names one C-level call handles at once in a large listing: about a
+#: millisecond of holding the GIL, which the reactor thread waits for.
+STEP = 8192
+#: Above this many kept messages, `mark_seen` decides what to rename off the
+#: reactor thread too.
+PLAN_INLINE_MESSAGES = 1000
 DOVECOT_UIDLIST = "dovecot-uidlist"
 #: Where counted message sizes are kept (see `_SizeCache`).
 SIZE_CACHE = "pop3d-sizes"
@@ -250,6 +250,12 @@ class MaildirStore:
     maildrop to one session (see `pop3d.stores.posix`): by default a `LockTable`
     in `default_lock_table` of the template; `LockFiles` for NFS.
 
+    Two knobs keep the reactor thread responsive with huge Maildirs (the
+    defaults suit them; tests make them small): a large listing is sorted
+    and checked ``step`` names at a time (`STEP`), and `mark_seen` decides
+    what to rename in the thread pool when more than ``plan_inline``
+    messages are kept (`PLAN_INLINE_MESSAGES`).
+
     Its maildrops keep the time of each message's first retrieval
     (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
@@ -264,6 +270,8 @@ class MaildirStore:
         reuse_x_uidl: bool = False,
         listing_cache: int = LISTING_CACHE_MESSAGES,
         locks: IMaildropLocks | None = None,
+        step: int = STEP,
+        plan_inline: int = PLAN_INLINE_MESSAGES,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -275,6 +283,8 @@ class MaildirStore:
         self._naming = _UIDLNaming(uidl_format, reuse_x_uidl)
         self._reactor = reactor
         self.listing_cache = listing_cache
+        self.step = step
+        self.plan_inline = plan_inline
         self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:
@@ -318,7 +328,9 @@ class MaildirStore:
             try:
                 # In the thread too: 100,000 sizes take a tenth of a second.
                 known = cached.sizes() if cached is not None else None
-                messages, locations, inodes, to_save = _snapshot(root, root_fd, self._naming, known)
+                messages, locations, inodes, to_save = _snapshot(
+                    root, root_fd, self._naming, known, self.step
+                )
                 listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
             finally:
                 os.close(root_fd)
@@ -462,14 +474,14 @@ def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
     return found
 
 
-def _sorted_in_steps(names: list[str]) -> list[str]:
+def _sorted_in_steps(names: list[str], step: int = STEP) -> list[str]:
     """
     ``sorted(names)``, holding the GIL a few milliseconds at a time rather
     than ~30 ms for 100,000 names: the reactor thread answers other sessions
     in between.  Slices are sorted, then sorted runs merged two at a time
     (the sort finds the two runs and merges them), for about the same work.
     """
-    runs = [sorted(names[at : at + _STEP]) for at in range(0, len(names), _STEP)]
+    runs = [sorted(names[at : at + step]) for at in range(0, len(names), step)]
     while len(runs) > 1:
         runs = [sorted(runs[at] + runs[at + 1]) for at in range(0, len(runs) - 1, 2)] + (
             [runs[-1]] if len(runs) % 2 else []
@@ -477,10 +489,10 @@ def _sorted_in_steps(names: list[str]) -> list[str]:
     return runs[0] if runs else []
 
 
-def _plain_uidls(uniques: list[str]) -> list[str]:
+def _plain_uidls(uniques: list[str], step: int = STEP) -> list[str]:
     """`uidl_for` of each unique name, checked a slice at a time when they are valid."""
-    for at in range(0, len(uniques), _STEP):
-        joined = "".join(uniques[at : at + _STEP])
+    for at in range(0, len(uniques), step):
+        joined = "".join(uniques[at : at + step])
         if not (joined.isascii() and joined.isprintable() and " " not in joined):
             return [uidl_for(unique) for unique in uniques]
     if all(0 < len(unique) <= MAX_UIDL_LENGTH for unique in uniques):
@@ -493,6 +505,7 @@ def _snapshot(
     root_fd: int,
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
+    step: int = STEP,
 ) -> tuple[MessageList, _Locations, list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
@@ -514,7 +527,7 @@ def _snapshot(
 
         ordered = sorted(found, key=order)
     else:
-        ordered = _sorted_in_steps(list(found))
+        ordered = _sorted_in_steps(list(found), step)
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
     sizes, uncounted = _known_sizes(found, known)
     with (
@@ -548,7 +561,7 @@ def _snapshot(
         if dovecot is not None or naming.uidl_format or naming.reuse_x_uidl:
             uidls = _compatible_uidls(root, root_fd, ordered, found, dovecot, naming)
         else:
-            uidls = _plain_uidls(ordered)
+            uidls = _plain_uidls(ordered, step)
     entries = [sizes[unique] for unique in ordered]
     messages = MessageList(tuple(uidls), tuple([size for _, size in entries]))
     # Comprehensions, not C-level map(): looking up 100,000 scattered
@@ -806,7 +819,7 @@ def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> 
         # A slice at a time: formatting and encoding 100,000 lines in one go
         # would hold the GIL, and every session, for ~20 ms.
         entries = iter(sizes.items())
-        while step := list(itertools.islice(entries, _STEP)):
+        while step := list(itertools.islice(entries, STEP)):
             text = "".join([f"{name}\t{inode}\t{size}\n" for name, (inode, size) in step])
             yield text.encode("utf-8", "surrogateescape")
 
@@ -1053,7 +1066,7 @@ class _Maildrop:
         """
         if self._directory is None:
             return succeed(None)
-        if len(kept) > _PLAN_INLINE_MESSAGES:
+        if len(kept) > self._store.plan_inline:
             # About a microsecond a message to decide: 100,000 messages
             # would hold up every other session for a tenth of a second.
             def plan_and_rename() -> None:
