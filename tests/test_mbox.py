@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar, cast
-from unittest import mock
 
 import pytest
 import pytest_twisted
@@ -34,7 +33,6 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.stores import mbox as mbox_module
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.mbox import (
     DOTLOCK_STALE_SECONDS,
@@ -242,8 +240,8 @@ MESSAGE_PIECES = [
 ]
 
 
-def opened(directory: str, format: MboxFormat = MboxFormat.MBOXRD) -> IMaildrop:
-    return now(MboxStore(f"{directory}/{{user}}", format=format).open("alice"))
+def opened(directory: str, format: MboxFormat = MboxFormat.MBOXRD, **reading: int) -> IMaildrop:
+    return now(MboxStore(f"{directory}/{{user}}", format=format, **reading).open("alice"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -276,19 +274,16 @@ def test_mboxrd_round_trip(
         )
         reference = opened(directory)
         now(reference.close())
-        with (
-            mock.patch.object(mbox_module, "_READ_SIZE", read_size),
-            mock.patch.object(mbox_module, "_LINE_LIMIT", line_limit),
-        ):
-            as_stored = opened(directory, MboxFormat.MBOXO)
-            try:
-                stored = [quote(message) for message in messages]
-                assert [read_all(as_stored, i, 3) for i in range(len(messages))] == stored
-                assert as_stored.messages.sizes == tuple(wire_size(m) for m in stored)
-                assert as_stored.messages.uids == reference.messages.uids
-            finally:
-                now(as_stored.close())
-            maildrop = opened(directory)
+        reading = {"read_size": read_size, "line_limit": line_limit}
+        as_stored = opened(directory, MboxFormat.MBOXO, **reading)
+        try:
+            stored = [quote(message) for message in messages]
+            assert [read_all(as_stored, i, 3) for i in range(len(messages))] == stored
+            assert as_stored.messages.sizes == tuple(wire_size(m) for m in stored)
+            assert as_stored.messages.uids == reference.messages.uids
+        finally:
+            now(as_stored.close())
+        maildrop = opened(directory, **reading)
         try:
             assert maildrop.messages == reference.messages
             assert [read_all(maildrop, i, 3) for i in range(len(messages))] == messages

@@ -187,9 +187,10 @@ DOTLOCK_STALE_SECONDS = 10 * 60
 DOTLOCK_SUFFIX = ".lock"
 REWRITE_SUFFIX = ".pop3d-rewrite"
 
-_READ_SIZE = 1024 * 1024
+#: How much of the file one read takes (`MboxStore`'s ``read_size``).
+READ_SIZE = 1024 * 1024
 # Lines longer than this are indexed in pieces.
-_LINE_LIMIT = 64 * 1024
+LINE_LIMIT = 64 * 1024
 # How much of a From_ line is kept to recognise it later.
 _CHECK_SIZE = 256
 _FROM_AT_START = re.compile(rb"(>*)From ")
@@ -210,6 +211,15 @@ class MboxFormat(enum.Enum):
     MBOXO = "mboxo"
     #: One ``>`` is removed from every line matching ``^>+From ``.
     MBOXRD = "mboxrd"
+
+
+@dataclass(frozen=True)
+class _Indexing:
+    """How a store reads its files to index them (see `MboxStore`)."""
+
+    format: MboxFormat
+    read_size: int = READ_SIZE
+    line_limit: int = LINE_LIMIT
 
 
 class _NotAnMbox(Exception):
@@ -335,8 +345,9 @@ class _Scanner:
     else goes to the messages' digests and sizes in large slices.
     """
 
-    def __init__(self, format: MboxFormat) -> None:
-        self._format = format
+    def __init__(self, indexing: _Indexing) -> None:
+        self._format = indexing.format
+        self._line_limit = indexing.line_limit
         self.entries: list[_Entry] = []
         self.digests: list[str] = []
         self.x_uidls: list[str | None] = []
@@ -356,7 +367,7 @@ class _Scanner:
                 return used
         end = len(buffer) if final else buffer.rfind(b"\n") + 1
         if end <= used:
-            if len(buffer) - used < _LINE_LIMIT:
+            if len(buffer) - used < self._line_limit:
                 return used  # wait for the rest of the line
             end = len(buffer)  # a very long line: take its first part now
         for start, quotes in self._lines_of_interest(buffer, used, end):
@@ -427,13 +438,14 @@ class _Scanner:
         return self.entries
 
 
-def _index(fd: int, end: int, format: MboxFormat) -> list[_Entry]:
+def _index(fd: int, end: int, indexing: _Indexing) -> list[_Entry]:
     """Index the first ``end`` octets of the mbox open at ``fd``."""
-    scanner = _Scanner(format)
+    scanner = _Scanner(indexing)
+    read_size = indexing.read_size
     carried = b""
     base = offset = 0
     while True:
-        chunk = os.pread(fd, min(_READ_SIZE, end - offset), offset) if offset < end else b""
+        chunk = os.pread(fd, min(read_size, end - offset), offset) if offset < end else b""
         offset += len(chunk)
         final = not chunk or offset >= end  # (a file shorter than it was ends early)
         buffer = carried + chunk if carried else chunk
@@ -519,11 +531,11 @@ def _open_locked(dir_fd: int, name: str, path: str) -> int | None:
     return fd
 
 
-def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], int]:
+def _read_index(fd: int, path: str, indexing: _Indexing) -> tuple[list[_Entry], int]:
     """The index of the whole mbox open at ``fd``, and its size."""
     try:
         end = os.fstat(fd).st_size
-        return _index(fd, end, format), end
+        return _index(fd, end, indexing), end
     except _NotAnMbox as error:
         log.error(
             "{path} is not an mbox file (no From_ line at offset {offset})",
@@ -541,14 +553,15 @@ def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], i
 class _Copier:
     """Copies byte ranges of one descriptor to the end of another."""
 
-    def __init__(self, source: int, target: int, written: int = 0) -> None:
+    def __init__(self, source: int, target: int, read_size: int) -> None:
         self._source = source
         self._target = target
-        self.written = written
+        self._read_size = read_size
+        self.written = 0
 
     def copy(self, start: int, end: int) -> None:
         while start < end:
-            data = os.pread(self._source, min(_READ_SIZE, end - start), start)
+            data = os.pread(self._source, min(self._read_size, end - start), start)
             if not data:
                 raise OSError(errno.EIO, "the mbox shrank during the rewrite")
             view = memoryview(data)
@@ -560,7 +573,7 @@ class _Copier:
 
 
 def _rewrite(
-    dir_fd: int, name: str, path: str, current: _MboxFile, doomed: set[int]
+    dir_fd: int, name: str, path: str, current: _MboxFile, doomed: set[int], read_size: int
 ) -> tuple[_MboxFile, list[int | None]]:
     """
     Replace the mbox by a copy without the ``doomed`` entries of ``current``
@@ -580,7 +593,7 @@ def _rewrite(
         if (created.st_uid, created.st_gid) != (before.st_uid, before.st_gid):
             os.fchown(fd, before.st_uid, before.st_gid)
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        copier = _Copier(current.fd, fd)
+        copier = _Copier(current.fd, fd, read_size)
         entries = current.entries
         copier.copy(0, entries[0].start if entries else current.end)
         kept: list[_Entry] = []
@@ -636,7 +649,8 @@ def _rewrite(
 class _Body:
     """One message read from the mbox with pread, without the ``>`` of `_Entry.quotes`."""
 
-    def __init__(self, file: _MboxFile, entry: _Entry) -> None:
+    def __init__(self, file: _MboxFile, entry: _Entry, read_size: int) -> None:
+        self._read_size = read_size
         self._file: _MboxFile | None = file
         self._position = entry.body_start
         self._end = entry.body_end
@@ -656,7 +670,8 @@ class _Body:
                 continue
             stop = self._quotes[-1] if self._quotes else self._end
             try:
-                data = file.pread(min(wanted, stop - self._position, _READ_SIZE), self._position)
+                size = min(wanted, stop - self._position, self._read_size)
+                data = file.pread(size, self._position)
             except OSError as error:
                 log.error("cannot read the mbox: {error}", error=error)
                 raise MaildropUnavailable("cannot read message") from error
@@ -685,10 +700,10 @@ class _MboxMaildrop:
         dotlock: DotLock | None,
         current: _MboxFile | None,
         reactor: IReactorThreads | None,
-        format: MboxFormat,
+        indexing: _Indexing,
     ) -> None:
         self.path = path
-        self._format = format
+        self._indexing = indexing
         self._name = name
         self._dir_fd = dir_fd
         self._key = key
@@ -737,7 +752,7 @@ class _MboxMaildrop:
                 self._follow(None)
                 return
             try:
-                entries, end = _read_index(fd, self.path, self._format)
+                entries, end = _read_index(fd, self.path, self._indexing)
             except BaseException:
                 os.close(fd)
                 raise
@@ -755,7 +770,7 @@ class _MboxMaildrop:
             raise unavailable("cannot read the mbox", self.path, error) from error
         if changed:
             log.warn("{path} was changed by another program", path=self.path)
-            current.entries, current.end = _read_index(current.fd, self.path, self._format)
+            current.entries, current.end = _read_index(current.fd, self.path, self._indexing)
             self._follow(current)
 
     def _follow(self, file: _MboxFile | None) -> None:
@@ -780,7 +795,9 @@ class _MboxMaildrop:
                 return fail(MessageGone())
             if self._dotlock is not None:
                 self._dotlock.refresh(self._dir_fd)
-            body: IMessageBody = _Body(self._current, self._current.entries[position])
+            body: IMessageBody = _Body(
+                self._current, self._current.entries[position], self._indexing.read_size
+            )
             return succeed(body)
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
@@ -808,7 +825,9 @@ class _MboxMaildrop:
                 )
                 raise DeletionFailed(len(doomed))
             try:
-                rewritten, moved = _rewrite(self._dir_fd, self._name, self.path, current, doomed)
+                rewritten, moved = _rewrite(
+                    self._dir_fd, self._name, self.path, current, doomed, self._indexing.read_size
+                )
             except OSError as error:
                 log.error("{path}: nothing deleted: {error}", path=self.path, error=error)
                 raise DeletionFailed(len(doomed)) from error
@@ -852,6 +871,10 @@ class MboxStore:
     run inline.  ``format`` is how the files' writers quote ``From`` lines
     in bodies: `MboxFormat.MBOXO` (the default) serves every line as stored;
     `MboxFormat.MBOXRD` removes one ``>`` from lines matching ``^>+From ``.
+
+    The file is indexed ``read_size`` octets at a time (`READ_SIZE`), and a
+    line longer than ``line_limit`` (`LINE_LIMIT`) in pieces; whatever they
+    are, the same messages, sizes and UIDLs result (tests make them small).
     """
 
     def __init__(
@@ -860,10 +883,15 @@ class MboxStore:
         *,
         reactor: IReactorThreads | None = None,
         format: MboxFormat = MboxFormat.MBOXO,
+        read_size: int = READ_SIZE,
+        line_limit: int = LINE_LIMIT,
     ) -> None:
         check_template(template)
+        if read_size < 1 or line_limit < 1:
+            raise ValueError("read_size and line_limit must be positive")
         self.template = template
         self.format = MboxFormat(format)
+        self._indexing = _Indexing(self.format, read_size, line_limit)
         self._reactor = reactor
         # Links are followed above the first placeholder only (/var/mail
         # may be one): below it, users may own the directories.
@@ -877,12 +905,12 @@ class MboxStore:
         if path is None:
             return fail(UnauthorizedLogin())
         return run_blocking(
-            self._reactor, _open_mbox, path, self._trusted, self._reactor, self.format
+            self._reactor, _open_mbox, path, self._trusted, self._reactor, self._indexing
         )
 
 
 def _open_mbox(
-    path: str, trusted: str, reactor: IReactorThreads | None, format: MboxFormat
+    path: str, trusted: str, reactor: IReactorThreads | None, indexing: _Indexing
 ) -> IMaildrop:
     directory, name = os.path.split(os.path.abspath(path))
     try:
@@ -891,7 +919,7 @@ def _open_mbox(
         # Nothing delivered yet: an empty maildrop, not an error.
         key: object = ("mbox path", os.path.abspath(path))
         PROCESS_LOCKS.claim(key)
-        return _MboxMaildrop(path, name, None, key, None, None, reactor, format)
+        return _MboxMaildrop(path, name, None, key, None, None, reactor, indexing)
     except OSError as error:
         raise unavailable("cannot open the mbox directory", directory, error) from error
     dotlock: DotLock | None = None
@@ -914,7 +942,7 @@ def _open_mbox(
         # A leftover of a rewrite that crashed; with the locks held, nobody
         # else can be writing it.
         unlink_quietly("." + name + REWRITE_SUFFIX, dir_fd)
-        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path, format))
+        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path, indexing))
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -924,4 +952,4 @@ def _open_mbox(
         if claimed:
             PROCESS_LOCKS.release(key)
         raise
-    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, format)
+    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, indexing)
