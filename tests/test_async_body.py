@@ -36,20 +36,25 @@ def late_store(clock: Clock) -> MemoryStore:
     return MemoryStore(clock=clock, latency=LATENCY)
 
 
+def logged_in(store: MemoryStore, clock: Clock) -> Wire:
+    """A session of alice's over ``store``, logged in."""
+    factory = POP3Factory(
+        memory_portal(store, USERS),
+        clock=clock,
+        hostname="pop.example.test",
+        policy=SessionPolicy(),
+        login_failure_delay=0,
+    )
+    wire = Wire(factory)
+    assert wire.login().startswith(b"+OK maildrop has 1 messages")
+    return wire
+
+
 @pytest.fixture
 def late_wire(clock: Clock, late_store: MemoryStore) -> Callable[[bytes], Wire]:
     def connect(message: bytes) -> Wire:
         late_store.deliver("alice", message)
-        factory = POP3Factory(
-            memory_portal(late_store, USERS),
-            clock=clock,
-            hostname="pop.example.test",
-            policy=SessionPolicy(),
-            login_failure_delay=0,
-        )
-        wire = Wire(factory)
-        assert wire.login() == b"+OK maildrop has 1 messages (%d octets)\r\n" % len(message)
-        return wire
+        return logged_in(late_store, clock)
 
     return connect
 
@@ -133,15 +138,7 @@ def test_a_read_that_fails_later_before_anything_was_sent_is_an_error_reply(
 
     store = FailingLater()
     store.deliver("alice", SMALL)
-    factory = POP3Factory(
-        memory_portal(store, USERS),
-        clock=clock,
-        hostname="pop.example.test",
-        policy=SessionPolicy(),
-        login_failure_delay=0,
-    )
-    wire = Wire(factory)
-    wire.login()
+    wire = logged_in(store, clock)
     assert wire.command(b"RETR 1") == b""
     clock.advance(LATENCY)
     assert wire.take() == b"-ERR [SYS/TEMP] the object store is down\r\n"

@@ -69,6 +69,7 @@ from pop3d.stores.posix import (
     DIRECTORY_FLAGS,
     READ_FLAGS,
     LockTable,
+    exists,
     unavailable,
     unlink_quietly,
 )
@@ -915,14 +916,6 @@ def _locate(root: str, root_fd: int, unique: str) -> Location | None:
     return None
 
 
-def _exists(name: str, directory_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 @implementer(IMessageBody)
 class _FileBody:
     """
@@ -1161,7 +1154,7 @@ class _Maildrop:
         try:
             # Never replace a file another program put there; rename is
             # atomic, so a crash leaves the message in one place.
-            if _exists(target, cur_fd):
+            if exists(target, cur_fd):
                 return
             os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur_fd)
             self._moved(index, ("cur", target))

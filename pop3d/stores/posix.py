@@ -430,7 +430,7 @@ class DotLock:
                 if found == self.content:
                     os.utime(self._name, dir_fd=fd, follow_symlinks=False)
                     return True
-                if found is not None or _exists(self._name, fd):
+                if found is not None or exists(self._name, fd):
                     return False
                 created = _create(self._name, fd)
                 try:
@@ -462,7 +462,8 @@ def _create(name: str, dir_fd: int) -> int:
     return os.open(name, os.O_WRONLY | CREATE_FLAGS, 0o600, dir_fd=dir_fd)
 
 
-def _exists(name: str, dir_fd: int) -> bool:
+def exists(name: str, dir_fd: int) -> bool:
+    """Whether anything (a link too, never followed) is at ``name`` in ``dir_fd``."""
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
