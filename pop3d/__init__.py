@@ -10,11 +10,17 @@ line (see `pop3d.tap`).
 from pop3d.checkers import PasswdFileChecker
 from pop3d.errors import POP3Error
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
-from pop3d.maildir import MaildirStore
-from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.realm import MaildropRealm
 from pop3d.service import POP3Service
+from pop3d.stores.interfaces import (
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.mbox import MboxFormat, MboxStore
 
 __version__ = "0.1.0"
 

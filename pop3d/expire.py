@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.interfaces import IMaildrop, IRetrievalTimes
+from pop3d.stores.interfaces import IMaildrop, IRetrievalTimes
 
 SECONDS_PER_DAY = 86_400
 

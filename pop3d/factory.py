@@ -42,7 +42,7 @@ DEFAULT_LOGIN_FAILURE_DELAY = 2.0
 class POP3Factory(Factory):
     """
     Serves POP3 for the users of a cred ``portal`` whose realm provides
-    `pop3d.interfaces.IMaildrop` avatars (see `pop3d.MaildropRealm`).
+    `pop3d.stores.interfaces.IMaildrop` avatars (see `pop3d.MaildropRealm`).
 
     ``clock`` is the reactor (or a `twisted.internet.task.Clock` in tests);
     ``timeout`` is the inactivity autologout in seconds (None: never);

@@ -7,7 +7,7 @@ checker accepted the credentials: a wrong password or an unknown user is
 answered ``-ERR [AUTH]`` as always, and the refusal tells nothing about who
 exists.  A refused login is not a login: it does not restart the wait.
 
-The last logins are kept by an `pop3d.interfaces.ILoginHistory`:
+The last logins are kept by an `ILoginHistory`:
 `LoginHistoryFile`, an SQLite database that the processes of ``twistd pop3d
 --workers`` share and that survives a restart, or
 `pop3d.testing.MemoryLoginHistory`.
@@ -32,10 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import LoginDelayed
-from pop3d.interfaces import ILoginHistory, IMaildrop
-from pop3d.maildir import default_lock_table
 from pop3d.realm import mailbox_name
-from pop3d.storage import run_blocking
+from pop3d.stores.common import run_blocking
+from pop3d.stores.interfaces import IMaildrop
+from pop3d.stores.maildir import default_lock_table
 
 #: The default `LoginHistoryFile`, beside the default lock table (see
 #: `default_login_history`).  User names never start with a dot.
@@ -46,6 +46,32 @@ BUSY_TIMEOUT_SECONDS = 5.0
 log = Logger()
 
 _Avatar = tuple[type[Interface], object, Callable[[], None]]
+
+
+class ILoginHistory(Interface):
+    """
+    When each user last logged in, for RFC 2449 section 6.5 LOGIN-DELAY
+    (see `pop3d.logindelay.LoginDelayRealm`).
+
+    Times are seconds on the server's clock (``IReactorTime.seconds``).  A
+    history shared by several processes (``twistd pop3d --workers``) must
+    give every one of them the same answers; one that survives a restart
+    keeps the delay across it.
+    """
+
+    def last_login(user: str) -> Deferred[float | None]:
+        """When ``user`` last logged in, or None if never (as far as known)."""
+
+    def record_login(user: str, now: float, delay: float) -> Deferred[float | None]:
+        """
+        Atomically, with respect to every other caller in every process: if
+        the last login of ``user`` is within ``delay`` seconds before
+        ``now`` (``now - delay < last <= now``), change nothing and return
+        that time (the login is refused); otherwise record ``now`` as their
+        last login and return None.  A last login later than ``now`` (the
+        clock was set back) holds no one back.  Fails, changing nothing,
+        if the history cannot be read or written.
+        """
 
 
 def default_login_history(template: str) -> str:

@@ -429,6 +429,11 @@ class _MessageStreamer:
     Writes one RETR/TOP response a chunk at a time, only while the transport
     takes more: a 200 MB message or a slow client never makes the server hold
     more than a chunk or two.
+
+    A body may answer a read at once (a local file) or later (a Deferred: a
+    store behind a network service).  One read is outstanding at a time; a
+    chunk that arrives while the transport is full is written, and the next
+    is asked for only once the transport takes more.
     """
 
     def __init__(
@@ -448,6 +453,9 @@ class _MessageStreamer:
         self._progress = progress
         self._paused = True
         self._finished = False
+        # The read whose answer is awaited, if any.
+        self._reading: Deferred[bytes] | None = None
+        self._pumping = False
         self.done: Deferred[None] = Deferred()
 
     def pause(self) -> None:
@@ -455,11 +463,19 @@ class _MessageStreamer:
 
     def resume(self) -> None:
         self._paused = False
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return  # a read answered at once, within the loop below: it goes on
+        self._pumping = True
         try:
-            while not self._paused and not self._finished:
+            while not self._paused and not self._finished and self._reading is None:
                 self._write_one_chunk()
         except Exception:
             self._fail(Failure())
+        finally:
+            self._pumping = False
 
     def abandon(self) -> None:
         """The connection is gone: nothing more may be written."""
@@ -470,13 +486,48 @@ class _MessageStreamer:
         at_end = self._encoder.done
         if not at_end:
             chunk = self._body.read(CHUNK_SIZE)
+            if not isinstance(chunk, bytes):
+                self._await(chunk)
+                return
             out.append(self._encoder.feed(chunk))
             if chunk and len(chunk) < CHUNK_SIZE and not self._encoder.done:
                 # A short read is usually the end: look once more, so that the
                 # last bytes and the terminator leave in the same write.
-                chunk = self._body.read(CHUNK_SIZE)
-                out.append(self._encoder.feed(chunk))
+                more = self._body.read(CHUNK_SIZE)
+                if not isinstance(more, bytes):
+                    # Not at hand: what is read goes now, the rest later.
+                    self._write(out, at_end=False)
+                    self._await(more)
+                    return
+                out.append(self._encoder.feed(more))
+                chunk = more
             at_end = not chunk or self._encoder.done
+        self._write(out, at_end)
+
+    def _await(self, reading: Deferred[bytes]) -> None:
+        """Wait for a read that answers later, then go on if the transport takes more."""
+        self._reading = reading
+        reading.addCallbacks(self._arrived, self._read_failed)
+
+    def _arrived(self, chunk: bytes) -> None:
+        self._reading = None
+        if self._finished:
+            return  # abandoned meanwhile; the body is closed
+        try:
+            out = [] if self._pending_status is None else [self._pending_status]
+            out.append(self._encoder.feed(chunk))
+            self._write(out, at_end=not chunk or self._encoder.done)
+        except Exception:
+            self._fail(Failure())
+            return
+        self._pump()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = None
+        if not self._finished:
+            self._fail(failure)
+
+    def _write(self, out: list[bytes], at_end: bool) -> None:
         self._pending_status = None
         self._progress()
         if not at_end:
@@ -512,6 +563,10 @@ class _MessageStreamer:
         if self._finished:
             return
         self._finished = True
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            # The answer is no longer wanted (the connection is gone).
+            reading.cancel()
         self._body.close()
         if failure is None:
             self.done.callback(None)

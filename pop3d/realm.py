@@ -13,7 +13,7 @@ from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import Interface, implementer
 
-from pop3d.interfaces import IMaildrop, IMaildropStore
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore
 
 MAX_MAILBOX_NAME_OCTETS = 255
 

@@ -32,7 +32,6 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
-from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -42,6 +41,7 @@ from pop3d.sasl import (
     SASLError,
 )
 from pop3d.saslprep import SASLprepError, prepare_credential
+from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.throttle import FailureDelay
 from pop3d.wire import (
     BAD_UTF8,
@@ -200,7 +200,7 @@ class SessionPolicy:
     login_delay: int | None = None
     #: RFC 2449 section 6.7: days a message is kept after its first RETR
     #: (None: EXPIRE NEVER; 0: retrieved messages are deleted at QUIT).
-    #: Days of 1 or more need a maildrop with `pop3d.interfaces.IRetrievalTimes`.
+    #: Days of 1 or more need a maildrop with `pop3d.stores.interfaces.IRetrievalTimes`.
     expire_days: int | None = None
 
 

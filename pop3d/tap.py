@@ -32,17 +32,17 @@ from twisted.python import usage
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
-from pop3d.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
-from pop3d.locking import LockFiles, LockTable
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
-from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
-from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
-from pop3d.storage import MaildirTemplateError, check_template
+from pop3d.stores.common import MaildirTemplateError, check_template
+from pop3d.stores.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
+from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
+from pop3d.stores.mbox import MboxFormat, MboxStore
+from pop3d.stores.posix import LockFiles, LockTable
 from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.uidl import UIDLFormatError, check_format

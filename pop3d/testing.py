@@ -13,69 +13,22 @@ users.  For example, with pytest-twisted::
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import (
-    ILoginHistory,
-    IMaildrop,
-    IMaildropStore,
-    IMessageBody,
-    MessageInfo,
-    MessageList,
-)
-from pop3d.logindelay import holds_back
+from pop3d.logindelay import ILoginHistory, holds_back
 from pop3d.realm import MaildropRealm
-from pop3d.wire import wire_size
+from pop3d.stores.interfaces import IMaildropStore
+from pop3d.stores.memory import MemoryStore
 
-
-@implementer(IMaildropStore)
-class MemoryStore:
-    """
-    Maildrops held in memory.  Locks hold within the process: a second
-    session for a mailbox that is open gets ``-ERR [IN-USE]``.
-    """
-
-    def __init__(self) -> None:
-        self._mailboxes: dict[str, dict[str, bytes]] = {}
-        self._locked: set[str] = set()
-        self._uids = itertools.count(1)
-
-    def deliver(self, mailbox: str, message: bytes) -> str:
-        """Add a message (stored bytes, LF or CRLF) and return its UIDL."""
-        uid = f"mem-{next(self._uids)}"
-        self._mailboxes.setdefault(mailbox, {})[uid] = message
-        return uid
-
-    def messages(self, mailbox: str) -> list[bytes]:
-        """The messages the mailbox holds now, in delivery order."""
-        return list(self._mailboxes.get(mailbox, {}).values())
-
-    def remove_behind_the_servers_back(self, mailbox: str, uid: str) -> None:
-        """What another program deleting a message mid-session looks like."""
-        del self._mailboxes[mailbox][uid]
-
-    def is_locked(self, mailbox: str) -> bool:
-        return mailbox in self._locked
-
-    def open(self, mailbox: str) -> Deferred[IMaildrop]:
-        if mailbox in self._locked:
-            return fail(MaildropLocked())
-        self._locked.add(mailbox)
-        stored = self._mailboxes.setdefault(mailbox, {})
-        return succeed(_MemoryMaildrop(self, mailbox, stored))
-
-    def _unlock(self, mailbox: str) -> None:
-        self._locked.discard(mailbox)
+__all__ = ["MemoryLoginHistory", "MemoryStore", "deliver_to_maildir", "memory_portal"]
 
 
 @implementer(ILoginHistory)
@@ -96,40 +49,6 @@ class MemoryLoginHistory:
         if holds_back(last, now, delay):
             return succeed(last)
         self.logins[user] = now
-        return succeed(None)
-
-
-@implementer(IMessageBody)
-class _MemoryBody(io.BytesIO):
-    pass
-
-
-@implementer(IMaildrop)
-class _MemoryMaildrop:
-    def __init__(self, store: MemoryStore, mailbox: str, stored: dict[str, bytes]) -> None:
-        self._store = store
-        self._mailbox = mailbox
-        self._stored = stored
-        self.messages = MessageList.of(
-            MessageInfo(uid, wire_size(data)) for uid, data in stored.items()
-        )
-        self._closed = False
-
-    def open_message(self, index: int) -> Deferred[IMessageBody]:
-        data = self._stored.get(self.messages[index].uid)
-        if data is None:
-            return fail(MessageGone())
-        return succeed(_MemoryBody(data))
-
-    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
-        for index in indexes:
-            self._stored.pop(self.messages[index].uid, None)
-        return succeed(None)
-
-    def close(self) -> Deferred[None]:
-        if not self._closed:
-            self._closed = True
-            self._store._unlock(self._mailbox)
         return succeed(None)
 
 

@@ -8,8 +8,11 @@ itself, and starts the workers with the listening sockets as inherited file
 descriptors; each worker adopts them (``adoptStreamPort``) and serves POP3
 as a whole server does.  The kernel hands each new connection to one worker.
 A worker that dies is started again; it takes no mail with it, since its
-sessions never reached UPDATE and the kernel drops its maildrop locks, which
-are ``flock`` locks shared by all processes.
+sessions never reached UPDATE.  Its maildrop locks hold across processes
+(`pop3d.stores.posix`): the kernel drops its ``fcntl`` locks (the Maildir
+lock table, the lock on an mbox), and the lock files or mbox dotlocks it
+leaves are broken by the next login on this host, which sees that their
+process is gone.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """
 A reactor's thread pool, as the stores use it, driven by a `Clock`.
 
-`pop3d.storage.run_blocking` hands file work to ``reactor.getThreadPool()``
+`pop3d.stores.common.run_blocking` hands file work to ``reactor.getThreadPool()``
 and gets the result back through ``reactor.callFromThread``.  `ClockThreads`
 provides just that, without threads: the work runs at the Clock's next
 ``advance``, and its result reaches the Deferred then too, as it would a turn

@@ -28,8 +28,14 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.protocol import CHUNK_SIZE
+from pop3d.stores.interfaces import (
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
 from pop3d.tap import Options
 from pop3d.testing import MemoryStore, deliver_to_maildir, memory_portal
 from pop3d.wire import ClientWorkarounds, MessageEncoder, UnknownWorkaround, wire_size

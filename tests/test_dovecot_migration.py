@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
-from pop3d.maildir import MaildirStore
+from pop3d.stores.maildir import MaildirStore
 from pop3d.tap import Options
 from pop3d.testing import deliver_to_maildir
 from pop3d.uidl import (

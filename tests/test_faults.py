@@ -11,18 +11,20 @@ import errno
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
-from pop3d import maildir as maildir_module
 from pop3d.factory import POP3Factory
-from pop3d.maildir import MaildirStore
 from pop3d.realm import MaildropRealm
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
+from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
 
 from .conftest import Wire
@@ -41,13 +43,17 @@ def mail(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def wire(tmp_path: Path, mail: Path) -> Wire:
+def _logged_in(store: IMaildropStore) -> Wire:
     checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
-    portal = Portal(MaildropRealm(MaildirStore(f"{tmp_path}/{{user}}")), [checker])
+    portal = Portal(MaildropRealm(store), [checker])
     wire = Wire(POP3Factory(portal, clock=Clock(), login_failure_delay=0))
     assert wire.login().startswith(b"+OK maildrop has 5 messages")
     return wire
+
+
+@pytest.fixture
+def wire(tmp_path: Path, mail: Path) -> Wire:
+    return _logged_in(MaildirStore(f"{tmp_path}/{{user}}"))
 
 
 def _contents(root: Path) -> list[bytes]:
@@ -73,7 +79,7 @@ def _failing(
             raise OSError(error, os.strerror(error), path)
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(maildir_module.os, call, failing)
+    monkeypatch.setattr(os, call, failing)
 
 
 @pytest.mark.parametrize("error", [errno.EACCES, errno.EIO, errno.EROFS])
@@ -111,34 +117,56 @@ def test_a_full_disk_while_marking_seen_loses_nothing(
     assert _contents(mail) == sorted([MESSAGES[0], *MESSAGES[2:]])
 
 
-def _after_opening(
-    monkeypatch: pytest.MonkeyPatch, mail: Path, act: Callable[[Path], object]
-) -> None:
-    """Run ``act`` on message 1's file right after RETR opened it."""
+@implementer(IMaildrop)
+class _ActingAfterOpening:
+    """A maildrop that runs ``act`` once a message is opened, before it is read."""
+
+    def __init__(self, maildrop: IMaildrop, act: Callable[[], object]) -> None:
+        self._maildrop = maildrop
+        self._act = act
+        self.messages = maildrop.messages
+
+    def open_message(self, index: int) -> Deferred[IMessageBody]:
+        def acted(body: IMessageBody) -> IMessageBody:
+            self._act()
+            return body
+
+        return self._maildrop.open_message(index).addCallback(acted)
+
+    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        return self._maildrop.remove(indexes)
+
+    def close(self) -> Deferred[None]:
+        return self._maildrop.close()
+
+
+def _after_opening(tmp_path: Path, mail: Path, act: Callable[[Path], object]) -> Wire:
+    """A session in which ``act`` runs on message 1's file right after RETR opened it."""
     [victim] = [p for p in (mail / "new").iterdir() if p.read_bytes() == MESSAGES[0]]
-    original_open = maildir_module._open_message
+    maildirs = MaildirStore(f"{tmp_path}/{{user}}")
 
-    def open_then_act(*args: object) -> object:
-        opened = original_open(*args)  # type: ignore[arg-type]
-        act(victim)
-        return opened
+    @implementer(IMaildropStore)
+    class Acting:
+        def open(self, mailbox: str) -> Deferred[IMaildrop]:
+            def wrapped(maildrop: IMaildrop) -> IMaildrop:
+                return _ActingAfterOpening(maildrop, lambda: act(victim))
 
-    monkeypatch.setattr(maildir_module, "_open_message", open_then_act)
+            return maildirs.open(mailbox).addCallback(wrapped)
+
+    return _logged_in(Acting())
 
 
-def test_a_message_removed_while_being_sent_is_sent_whole(
-    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_message_removed_while_being_sent_is_sent_whole(tmp_path: Path, mail: Path) -> None:
     """Once RETR has opened the file, its bytes stay readable."""
-    _after_opening(monkeypatch, mail, Path.unlink)
+    wire = _after_opening(tmp_path, mail, Path.unlink)
     answer = wire.command(b"RETR 1")
     assert answer.endswith(MESSAGES[0].replace(b"\n", b"\r\n") + b".\r\n")
 
 
 def test_a_message_cut_short_while_being_sent_does_not_end_as_complete(
-    wire: Wire, mail: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mail: Path
 ) -> None:
-    _after_opening(monkeypatch, mail, lambda path: os.truncate(path, 5))
+    wire = _after_opening(tmp_path, mail, lambda path: os.truncate(path, 5))
     answer = wire.command(b"RETR 1")
     assert answer.startswith(b"+OK ")
     assert not answer.endswith(b"\r\n.\r\n")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 
-from pop3d import maildir as maildir_module
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.interfaces import ISeenFlags
-from pop3d.locking import (
+from pop3d.stores import maildir as maildir_module
+from pop3d.stores.common import MaildirTemplateError, expand_template
+from pop3d.stores.interfaces import ISeenFlags
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.posix import (
     LOCK_FILE_NAME,
     LOCK_REFRESH_SECONDS,
     LockFiles,
@@ -30,8 +33,6 @@ from pop3d.locking import (
     LockTable,
     this_process,
 )
-from pop3d.maildir import MaildirStore
-from pop3d.storage import MaildirTemplateError, expand_template
 from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
 
@@ -127,10 +128,10 @@ async def test_only_the_long_unique_name_is_digested(store: MaildirStore, maildi
 
 @pytest_twisted.ensureDeferred
 async def test_messages_are_in_unique_name_order_when_sorted_in_steps(
-    store: MaildirStore, maildir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, maildir: Path
 ) -> None:
     """Large listings are sorted a slice at a time; the order is the same."""
-    monkeypatch.setattr(maildir_module, "_STEP", 3)
+    store = MaildirStore(f"{tmp_path}/{{user}}", step=3)
     names = [f"17000000{n:02d}.M{n}P1.host" for n in range(11)]
     for n, name in enumerate(reversed(names)):
         subdirectory, suffix = ("cur", ":2,S") if n % 2 else ("new", "")
@@ -188,7 +189,7 @@ async def test_failed_removal_does_the_others(store: MaildirStore, maildir: Path
 
 _HOLD_LOCK = """
 import os, sys
-from pop3d.locking import LockFiles, LockTable
+from pop3d.stores.posix import LockFiles, LockTable
 locks = LockTable(sys.argv[2]) if sys.argv[2] else LockFiles(None)
 locks.acquire(sys.argv[1], os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
 print("locked", flush=True)
@@ -433,7 +434,7 @@ class TestLockFiles:
     @pytest.mark.process
     def test_incarnations_differ_between_processes(self) -> None:
         other = subprocess.run(
-            [sys.executable, "-c", "from pop3d.locking import this_process as t; print(t())"],
+            [sys.executable, "-c", "from pop3d.stores.posix import this_process as t; print(t())"],
             capture_output=True,
             check=True,
             text=True,
@@ -555,16 +556,13 @@ class TestSizeCache:
         first = await store.open("alice")
         sizes = [m.size for m in first.messages]
         await first.close()
-        opened: list[object] = []
-        original = maildir_module._open_message
-        monkeypatch.setattr(
-            maildir_module,
-            "_open_message",
-            lambda *args: opened.append(args) or original(*args),  # type: ignore[func-returns-value]
-        )
+        # Grown in place (same inode; no Maildir writer does that): a login
+        # that read a message would count the new size.
+        for n in range(3):
+            with open(maildir / "new" / f"{n}.M{n}.host", "ab") as grown:
+                grown.write(b"more\n")
         second = await store.open("alice")
         assert [m.size for m in second.messages] == sizes == [6, 12, 18]
-        assert opened == []
         await second.close()
 
     @pytest_twisted.ensureDeferred
@@ -630,7 +628,7 @@ class TestListingCache:
             scanned.append(path)
             return original(path)  # type: ignore[call-overload]
 
-        monkeypatch.setattr(maildir_module.os, "scandir", recording)
+        monkeypatch.setattr(os, "scandir", recording)
         return scanned
 
     def settle(self, maildir: Path) -> None:
@@ -756,7 +754,7 @@ async def test_update_work_runs_off_the_reactor_thread(
                 threads.append(threading.current_thread())
             return _original(*args, **kwargs)  # type: ignore[operator]
 
-        monkeypatch.setattr(maildir_module.os, call, recording)
+        monkeypatch.setattr(os, call, recording)
     await maildrop.remove([0])
     await ISeenFlags(maildrop).mark_seen([1], [1, 2])
     await maildrop.close()
@@ -774,20 +772,24 @@ async def test_deciding_what_a_big_quit_renames_runs_off_the_reactor_thread(
 
     from twisted.internet import reactor
 
-    monkeypatch.setattr(maildir_module, "_PLAN_INLINE_MESSAGES", 2)
     for n in range(3):
         (maildir / "new" / f"{n}.M{n}.host").write_bytes(b"x\n")
-    store = MaildirStore(f"{tmp_path}/{{user}}", reactor=reactor)  # type: ignore[arg-type]
+    store = MaildirStore(
+        f"{tmp_path}/{{user}}",
+        reactor=reactor,  # type: ignore[arg-type]
+        plan_inline=2,
+    )
     maildrop = await store.open("alice")
     planners: list[threading.Thread] = []
-    original = maildir_module._Maildrop._renames
 
-    def recording(self: Any, *args: Any) -> Any:
-        planners.append(threading.current_thread())
-        return original(self, *args)
+    class Kept(list[int]):
+        """The kept messages, noting where they are gone through (decided about)."""
 
-    monkeypatch.setattr(maildir_module._Maildrop, "_renames", recording)
-    await ISeenFlags(maildrop).mark_seen([0], [0, 1, 2])
+        def __iter__(self) -> Iterator[int]:
+            planners.append(threading.current_thread())
+            return super().__iter__()
+
+    await ISeenFlags(maildrop).mark_seen([0], Kept([0, 1, 2]))
     await maildrop.close()
     assert planners and threading.main_thread() not in planners
     assert sorted(p.name for p in (maildir / "cur").iterdir()) == [
@@ -805,7 +807,7 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     message = b"Subject: short reads\nX-UIDL: abc123\n\n" + b".line\n" * 50
     (maildir / "new" / "1.M1.host").write_bytes(message)
     real_read = os.read
-    monkeypatch.setattr(maildir_module.os, "read", lambda fd, size: real_read(fd, min(size, 7)))
+    monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7)))
     store = MaildirStore(f"{tmp_path}/{{user}}", reuse_x_uidl=True)
     maildrop = await store.open("alice")
     body = await maildrop.open_message(0)

@@ -20,8 +20,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from pop3d.factory import POP3Factory
-from pop3d.mbox import MboxFormat, MboxStore
 from pop3d.session import SessionPolicy
+from pop3d.stores.mbox import MboxFormat, MboxStore
 from pop3d.testing import memory_portal
 
 from .conftest import USERS, Wire, require_program

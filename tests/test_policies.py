@@ -30,18 +30,17 @@ from zope.interface import implementer
 
 from pop3d.errors import MaildropUnavailable
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import (
-    ILoginHistory,
+from pop3d.logindelay import ILoginHistory, LoginDelayRealm, LoginHistoryFile, default_login_history
+from pop3d.realm import MaildropRealm
+from pop3d.session import SessionPolicy
+from pop3d.stores.interfaces import (
     IMaildrop,
     IMaildropStore,
     IMessageBody,
     IRetrievalTimes,
 )
-from pop3d.locking import LockTable
-from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
-from pop3d.maildir import MaildirStore
-from pop3d.realm import MaildropRealm
-from pop3d.session import SessionPolicy
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.posix import LockTable
 from pop3d.tap import Options
 from pop3d.testing import MemoryLoginHistory, MemoryStore, deliver_to_maildir
 

@@ -22,9 +22,15 @@ from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
+from pop3d.stores.interfaces import (
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
 from pop3d.testing import MemoryStore
 from pop3d.wire import MAX_COMMAND_LENGTH
 

@@ -23,7 +23,6 @@ from zope.interface import implementer
 
 from pop3d.checkers import PasswdFileChecker
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import (
     Authenticate,
@@ -37,6 +36,7 @@ from pop3d.sasl import (
     ScramKeys,
 )
 from pop3d.sasl.scram import ScramSHA256, escape_saslname, unescape_saslname
+from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
 from tests.conftest import Wire

@@ -66,9 +66,9 @@ from hypothesis.stateful import (
 from twisted.internet.task import Clock
 
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop
-from pop3d.locking import LockTable
-from pop3d.maildir import MaildirStore
+from pop3d.stores.interfaces import IMaildrop
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.posix import LockTable
 from pop3d.testing import deliver_to_maildir, memory_portal
 
 from .clock_threads import ClockThreads, result_of, settle
@@ -224,7 +224,7 @@ def let_time_pass(maildir: Path, moment: int) -> None:
     new/ and cur/ get modification times from a day ago (the ``moment``-th
     millisecond after, a different time each call, as if each change had
     been made at its own moment).  The store trusts the listing it keeps
-    in memory only for directories that have settled (see `pop3d.maildir`),
+    in memory only for directories that have settled (see `pop3d.stores.maildir`),
     so without this that path would never run in a test that runs fast.
     """
     stamp = _LONG_AGO_NS + moment * 1_000_000 + 1

@@ -41,9 +41,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, IMessageBody, ISeenFlags
-from pop3d.locking import LockTable
-from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
+from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags
+from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
+from pop3d.stores.posix import LockTable
 from pop3d.testing import deliver_to_maildir
 
 from .clock_threads import ClockThreads, result_of, settle

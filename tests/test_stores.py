@@ -1,5 +1,5 @@
 """
-The store contract (pop3d.interfaces), checked the same way for every store:
+The store contract (pop3d.stores.interfaces), checked the same way for every store:
 the Maildir store, the mbox store and the public in-memory store.
 """
 
@@ -16,9 +16,15 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageInfo, MessageList
-from pop3d.maildir import MaildirStore
-from pop3d.mbox import MboxFormat, MboxStore
+from pop3d.stores.interfaces import (
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.mbox import MboxFormat, MboxStore
 from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.wire import MessageEncoder, is_valid_uidl, wire_size
 

@@ -23,8 +23,8 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.protocol import POP3Protocol
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.testing import MemoryStore
 
 from .conftest import LOOPBACK_PEER

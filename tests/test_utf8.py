@@ -23,10 +23,10 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
 from pop3d.factory import POP3Factory
-from pop3d.interfaces import IMaildrop
 from pop3d.realm import MaildropRealm, is_safe_mailbox_name
 from pop3d.session import SessionPolicy
-from pop3d.storage import expand_template
+from pop3d.stores.common import expand_template
+from pop3d.stores.interfaces import IMaildrop
 from pop3d.testing import MemoryStore, deliver_to_maildir, memory_portal
 from pop3d.tls import ServerTLS
 

@@ -1,10 +1,13 @@
 """
-The contracts between the protocol and the storage behind it.
+The contracts between the protocol and the stores behind it.
 
 A store is anything that turns a mailbox name into an opened, exclusively
-locked maildrop.  Every method that may touch storage returns a Deferred, so
-the protocol never has to know whether a store is in memory, on local disk or
-behind a thread pool; every failure is one of the types in `pop3d.errors`.
+locked maildrop.  Every method that may touch storage returns a Deferred,
+so the protocol never has to know whether a store is in memory, on local
+disk, behind a thread pool or behind a network service; every failure is
+one of the types in `pop3d.errors`.  The one exception is made for speed:
+`IMessageBody.read` may answer at once (bytes) when the bytes are at hand,
+as a local file's are, and must then not block for long.
 """
 
 from __future__ import annotations
@@ -88,15 +91,25 @@ class IMessageBody(Interface):
     message, so a response that has started is never cut short.
     """
 
-    def read(size: int) -> bytes:
+    def read(size: int) -> bytes | Deferred[bytes]:
         """
-        Return up to ``size`` more stored bytes, or ``b""`` at the end.  Line
-        endings are as stored (LF or CRLF): the protocol converts them.
-        Raises `pop3d.errors.MaildropUnavailable` on an I/O error.
+        Up to ``size`` more stored bytes, or ``b""`` at the end: at once
+        (bytes), or later (a Deferred that fires with them).  Line endings
+        are as stored (LF or CRLF): the protocol converts them.
+
+        A store answers at once only when that takes no longer than a local
+        file read (the reactor thread waits for it); a store behind a
+        network service answers with a Deferred.  The caller asks for the
+        next bytes only after the previous answer came.  An I/O error is
+        `pop3d.errors.MaildropUnavailable`, raised or as the Deferred's
+        failure.
         """
 
     def close() -> None:
-        """Release the underlying resources.  Safe to call more than once."""
+        """
+        Release the underlying resources.  Safe to call more than once, and
+        while a read is outstanding (its answer is then ignored).
+        """
 
 
 class IMaildrop(Interface):
@@ -177,32 +190,6 @@ class IMaildropLocks(Interface):
         waiting; return what releases the lock (harmless to call twice).
         Raises `pop3d.errors.MaildropLocked` if it is held by another
         session, in any process, or `pop3d.errors.MaildropUnavailable`.
-        """
-
-
-class ILoginHistory(Interface):
-    """
-    When each user last logged in, for RFC 2449 section 6.5 LOGIN-DELAY
-    (see `pop3d.logindelay.LoginDelayRealm`).
-
-    Times are seconds on the server's clock (``IReactorTime.seconds``).  A
-    history shared by several processes (``twistd pop3d --workers``) must
-    give every one of them the same answers; one that survives a restart
-    keeps the delay across it.
-    """
-
-    def last_login(user: str) -> Deferred[float | None]:
-        """When ``user`` last logged in, or None if never (as far as known)."""
-
-    def record_login(user: str, now: float, delay: float) -> Deferred[float | None]:
-        """
-        Atomically, with respect to every other caller in every process: if
-        the last login of ``user`` is within ``delay`` seconds before
-        ``now`` (``now - delay < last <= now``), change nothing and return
-        that time (the login is refused); otherwise record ``now`` as their
-        last login and return None.  A last login later than ``now`` (the
-        clock was set back) holds no one back.  Fails, changing nothing,
-        if the history cannot be read or written.
         """
 
 

@@ -5,6 +5,7 @@ blocking file work in the reactor's thread pool.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -31,6 +32,17 @@ def check_template(template: str) -> None:
         )
     if not template:
         raise MaildirTemplateError("the maildir path is empty")
+
+
+def fixed_directory(template: str) -> str:
+    """
+    The directory above the first placeholder of a template
+    (``/srv/mail`` for ``/srv/mail/{user}``): the part the administrator
+    chose, where users own nothing.
+    """
+    fixed = template.split("{", 1)[0]
+    directory = fixed if fixed.endswith("/") else os.path.dirname(fixed)
+    return os.path.normpath(directory or ".")
 
 
 def expand_template(template: str, mailbox: str) -> str | None:

@@ -48,32 +48,38 @@ For the whole session (RFC 1939 section 4: exclusive access), in this order
 (the dotlock before the fcntl lock, as Postfix local(8) and procmail take
 them):
 
-1. an in-process registry entry, because fcntl locks are per process and
-   would let a second session of this server in;
-2. the dotlock ``FILE.lock``, created with ``O_CREAT|O_EXCL|O_NOFOLLOW``
-   (atomic on local file systems and on NFSv3 and later) and holding the
-   server's PID.  One older than `DOTLOCK_STALE_SECONDS` (10 minutes:
-   between Postfix's 500 seconds and procmail's 1024) is taken for the
-   leftover of a crashed program and removed.  A session refreshes the age
-   of its own dotlock whenever it reads or deletes mail; if another program
-   still breaks it during a long idle spell, the fcntl lock keeps that
-   program out, and UPDATE checks the dotlock again before rewriting;
+1. an entry in `pop3d.stores.posix.PROCESS_LOCKS`, because fcntl locks
+   are per process and would let a second session of this server in;
+2. the dotlock ``FILE.lock``, a `pop3d.stores.posix.DotLock`: created with
+   ``O_CREAT|O_EXCL|O_NOFOLLOW`` (atomic on local file systems and on NFSv3
+   and later), holding the server's PID on its first line (as liblockfile
+   writes it), then its host, incarnation and a lock id.  One older than
+   `DOTLOCK_STALE_SECONDS` (10 minutes: between Postfix's 500 seconds and
+   procmail's 1024), or left by a pop3d process of this host that is gone,
+   is taken for the leftover of a crashed program and broken: moved aside
+   and checked before it is removed, never removed by name, so that a
+   dotlock another program made meanwhile stays.  A session refreshes its
+   own dotlock whenever it reads or deletes mail; if another program still
+   breaks it during a long idle spell, the fcntl lock keeps that program
+   out, and UPDATE checks the dotlock again before rewriting;
 3. an ``fcntl`` (``lockf``) write lock on the whole mbox file.
 
 Any of them held elsewhere is ``-ERR [IN-USE]``; MTAs that find them held
 retry later.  None is waited for, so whatever order another program takes
 them in cannot deadlock.  They are released in the reverse order on every
 way a session ends (a server killed with SIGKILL leaves its dotlock, which
-then keeps the maildrop in use until it is stale).  With
+then keeps the maildrop in use until it is stale for other programs, and
+until the next pop3d session on the same host finds its process gone).  With
 classic fcntl locks, closing any descriptor of a file drops the process's
 locks on it, so this module opens the mbox once per session and reads
 message bodies with ``pread`` on that descriptor.
 
 Nothing here follows a symbolic link: the mbox, its dotlock and the
 temporary file of a rewrite are opened with ``O_NOFOLLOW`` relative to a
-descriptor of their directory, and only a regular file is an mbox.  (The
-directory path itself comes from the administrator's template and may go
-through links, as ``/var/mail`` often does.)
+descriptor of their directory, and only a regular file is an mbox.  The
+directories from the template's first placeholder on are opened one by one
+with ``O_NOFOLLOW`` too; above it (the administrator's part, such as
+``/var/mail``, often a link) links are followed.
 
 UPDATE
 ------
@@ -131,14 +137,6 @@ to different results.
 Counting later copies, not earlier ones, keeps every UIDL when messages are
 deleted from the front, as POP3 clients do; only a new byte-identical copy
 arriving later changes the UIDL of the earlier copies.
-
-Crash tests
------------
-
-When the environment variable ``POP3D_TEST_MBOX_REWRITE_STOP`` names one of
-`REWRITE_STEPS`, a rewrite that reaches that step logs ``mbox rewrite
-stopped at STEP`` and waits forever, so that a test can kill the process
-there.  It is meant for tests only.
 """
 
 from __future__ import annotations
@@ -151,7 +149,6 @@ import os
 import re
 import stat
 import threading
-import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -170,26 +167,30 @@ from pop3d.errors import (
     MessageGone,
     POP3Error,
 )
-from pop3d.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageList
-from pop3d.storage import check_template, expand_template, run_blocking
+from pop3d.stores.common import check_template, expand_template, fixed_directory, run_blocking
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody, MessageList
+from pop3d.stores.posix import (
+    CREATE_FLAGS,
+    PROCESS_LOCKS,
+    SAFE_OPEN,
+    DotLock,
+    open_directory,
+    unavailable,
+    unlink_quietly,
+)
 from pop3d.uidl import header_x_uidl
 from pop3d.wire import WireSizeCounter
 
 #: A dotlock older than this (by its modification time) is stale and removed.
 DOTLOCK_STALE_SECONDS = 10 * 60
 
-#: The steps of a rewrite, in order, for `REWRITE_STOP_VARIABLE`.
-REWRITE_STEPS = ("created", "copying", "written", "synced", "renamed", "done")
-
-#: Crash tests only: the rewrite step at which to stop for good.
-REWRITE_STOP_VARIABLE = "POP3D_TEST_MBOX_REWRITE_STOP"
-
 DOTLOCK_SUFFIX = ".lock"
 REWRITE_SUFFIX = ".pop3d-rewrite"
 
-_READ_SIZE = 1024 * 1024
+#: How much of the file one read takes (`MboxStore`'s ``read_size``).
+READ_SIZE = 1024 * 1024
 # Lines longer than this are indexed in pieces.
-_LINE_LIMIT = 64 * 1024
+LINE_LIMIT = 64 * 1024
 # How much of a From_ line is kept to recognise it later.
 _CHECK_SIZE = 256
 _FROM_AT_START = re.compile(rb"(>*)From ")
@@ -197,52 +198,10 @@ _FROM_AFTER_NEWLINE = re.compile(rb"\n(>*)From ")
 # How much of a message header is searched for X-UIDL.
 _HEADER_LIMIT = 64 * 1024
 _GENERATED_UIDL = re.compile(r"[0-9a-f]{40}(?:\.[0-9]+)?")
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-# O_NONBLOCK and O_NOCTTY: opening a FIFO or a device planted as the mbox
-# must neither block nor have effects; it is refused right after.
-_MBOX_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = Logger()
 
 _T = TypeVar("_T")
-
-
-def _checkpoint(step: str) -> None:
-    """Where a crash test may stop a rewrite (see the module docstring)."""
-    if os.environ.get(REWRITE_STOP_VARIABLE) == step:
-        log.critical("mbox rewrite stopped at {step}", step=step)
-        threading.Event().wait()
-
-
-# -- the in-process registry ----------------------------------------------------
-
-_held: set[object] = set()
-_held_mutex = threading.Lock()
-
-
-def _register(key: object) -> None:
-    with _held_mutex:
-        if key in _held:
-            raise MaildropLocked()
-        _held.add(key)
-
-
-def _unregister(key: object) -> None:
-    with _held_mutex:
-        _held.discard(key)
-
-
-# -- errors ---------------------------------------------------------------------
-
-
-def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
-    # ELOOP: a symbolic link where the mbox or its dotlock should be.
-    permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
-        error.errno in (errno.ELOOP, errno.EINVAL, errno.EROFS, errno.ENAMETOOLONG)
-    )
-    log.error("{what} {path}: {error}", what=what, path=path, error=error)
-    return MaildropUnavailable(what, permanent=permanent)
 
 
 class MboxFormat(enum.Enum):
@@ -254,128 +213,17 @@ class MboxFormat(enum.Enum):
     MBOXRD = "mboxrd"
 
 
+@dataclass(frozen=True)
+class _Indexing:
+    """How a store reads its files to index them (see `MboxStore`)."""
+
+    format: MboxFormat
+    read_size: int = READ_SIZE
+    line_limit: int = LINE_LIMIT
+
+
 class _NotAnMbox(Exception):
     """The file does not start with a From_ line."""
-
-
-# -- the dotlock ----------------------------------------------------------------
-
-
-class _DotLock:
-    """``NAME.lock`` next to the mbox, created exclusively and never followed."""
-
-    def __init__(self, dir_fd: int, name: str, fd: int) -> None:
-        self._dir_fd = dir_fd
-        self._name = name
-        self._fd: int | None = fd
-
-    @staticmethod
-    def _create(dir_fd: int, name: str) -> int:
-        fd = os.open(name, os.O_WRONLY | _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-        try:
-            os.write(fd, b"%d\n" % os.getpid())
-        except OSError:
-            pass  # the PID is a courtesy to liblockfile; the file is the lock
-        return fd
-
-    @classmethod
-    def acquire(cls, dir_fd: int, mbox_name: str, path: str) -> _DotLock:
-        """Take the dotlock, breaking it once if it is stale."""
-        name = mbox_name + DOTLOCK_SUFFIX
-        broken = False
-        for _ in range(3):
-            try:
-                return cls(dir_fd, name, cls._create(dir_fd, name))
-            except FileExistsError:
-                pass
-            except OSError as error:
-                raise _unavailable(
-                    "cannot create the dotlock", path + DOTLOCK_SUFFIX, error
-                ) from error
-            try:
-                found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # released meanwhile
-            except OSError as error:
-                raise _unavailable(
-                    "cannot check the dotlock", path + DOTLOCK_SUFFIX, error
-                ) from error
-            age = time.time() - found.st_mtime
-            if broken or age <= DOTLOCK_STALE_SECONDS:
-                raise MaildropLocked()
-            log.warn(
-                "removing stale dotlock {path} ({age:.0f} seconds old)",
-                path=path + DOTLOCK_SUFFIX,
-                age=age,
-            )
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                raise _unavailable(
-                    "cannot remove a stale dotlock", path + DOTLOCK_SUFFIX, error
-                ) from error
-            broken = True
-        raise MaildropLocked()
-
-    def _is_ours(self) -> bool | None:
-        """True if the name is our file, False if another's, None if no file."""
-        assert self._fd is not None
-        try:
-            found = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        own = os.fstat(self._fd)
-        return (found.st_dev, found.st_ino) == (own.st_dev, own.st_ino)
-
-    def refresh(self) -> None:
-        """Make the dotlock young again, so nobody takes it for stale."""
-        if self._fd is not None:
-            try:
-                os.utime(self._fd)
-            except OSError as error:
-                log.warn("cannot refresh a dotlock: {error}", error=error)
-
-    def ensure(self) -> bool:
-        """
-        Whether the dotlock is (again) ours: another program may have broken
-        it as stale.  If nobody holds it now it is taken again.
-        """
-        if self._fd is None:
-            return False
-        try:
-            ours = self._is_ours()
-            if ours:
-                os.utime(self._fd)
-                return True
-            if ours is False:
-                return False
-            fd = self._create(self._dir_fd, self._name)
-        except OSError as error:
-            log.warn("cannot take the dotlock again: {error}", error=error)
-            return False
-        log.warn("the dotlock {name} had been removed by another program", name=self._name)
-        os.close(self._fd)
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            # Never remove a dotlock that another program holds now.
-            found = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
-            own = os.fstat(fd)
-            if (found.st_dev, found.st_ino) == (own.st_dev, own.st_ino):
-                os.unlink(self._name, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            log.error("cannot remove the dotlock {name}: {error}", name=self._name, error=error)
-        finally:
-            os.close(fd)
 
 
 # -- the index ------------------------------------------------------------------
@@ -497,8 +345,9 @@ class _Scanner:
     else goes to the messages' digests and sizes in large slices.
     """
 
-    def __init__(self, format: MboxFormat) -> None:
-        self._format = format
+    def __init__(self, indexing: _Indexing) -> None:
+        self._format = indexing.format
+        self._line_limit = indexing.line_limit
         self.entries: list[_Entry] = []
         self.digests: list[str] = []
         self.x_uidls: list[str | None] = []
@@ -518,7 +367,7 @@ class _Scanner:
                 return used
         end = len(buffer) if final else buffer.rfind(b"\n") + 1
         if end <= used:
-            if len(buffer) - used < _LINE_LIMIT:
+            if len(buffer) - used < self._line_limit:
                 return used  # wait for the rest of the line
             end = len(buffer)  # a very long line: take its first part now
         for start, quotes in self._lines_of_interest(buffer, used, end):
@@ -589,13 +438,14 @@ class _Scanner:
         return self.entries
 
 
-def _index(fd: int, end: int, format: MboxFormat) -> list[_Entry]:
+def _index(fd: int, end: int, indexing: _Indexing) -> list[_Entry]:
     """Index the first ``end`` octets of the mbox open at ``fd``."""
-    scanner = _Scanner(format)
+    scanner = _Scanner(indexing)
+    read_size = indexing.read_size
     carried = b""
     base = offset = 0
     while True:
-        chunk = os.pread(fd, min(_READ_SIZE, end - offset), offset) if offset < end else b""
+        chunk = os.pread(fd, min(read_size, end - offset), offset) if offset < end else b""
         offset += len(chunk)
         final = not chunk or offset >= end  # (a file shorter than it was ends early)
         buffer = carried + chunk if carried else chunk
@@ -659,14 +509,14 @@ class _MboxFile:
 def _open_locked(dir_fd: int, name: str, path: str) -> int | None:
     """The mbox opened and fcntl-locked, or None if there is none."""
     try:
-        fd = os.open(name, _MBOX_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDWR | SAFE_OPEN, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise _unavailable("cannot open the mbox", path, error) from error
+        raise unavailable("cannot open the mbox", path, error) from error
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _unavailable(
+            raise unavailable(
                 "the mbox is not a regular file", path, OSError(errno.EINVAL, "not a file")
             )
         try:
@@ -674,18 +524,18 @@ def _open_locked(dir_fd: int, name: str, path: str) -> int | None:
         except OSError as error:
             if error.errno in (errno.EAGAIN, errno.EACCES):
                 raise MaildropLocked() from error
-            raise _unavailable("cannot lock the mbox", path, error) from error
+            raise unavailable("cannot lock the mbox", path, error) from error
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], int]:
+def _read_index(fd: int, path: str, indexing: _Indexing) -> tuple[list[_Entry], int]:
     """The index of the whole mbox open at ``fd``, and its size."""
     try:
         end = os.fstat(fd).st_size
-        return _index(fd, end, format), end
+        return _index(fd, end, indexing), end
     except _NotAnMbox as error:
         log.error(
             "{path} is not an mbox file (no From_ line at offset {offset})",
@@ -694,7 +544,7 @@ def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], i
         )
         raise MaildropUnavailable("the maildrop is not an mbox file", permanent=True) from None
     except OSError as error:
-        raise _unavailable("cannot read the mbox", path, error) from error
+        raise unavailable("cannot read the mbox", path, error) from error
 
 
 # -- the rewrite ------------------------------------------------------------------
@@ -703,14 +553,15 @@ def _read_index(fd: int, path: str, format: MboxFormat) -> tuple[list[_Entry], i
 class _Copier:
     """Copies byte ranges of one descriptor to the end of another."""
 
-    def __init__(self, source: int, target: int, written: int = 0) -> None:
+    def __init__(self, source: int, target: int, read_size: int) -> None:
         self._source = source
         self._target = target
-        self.written = written
+        self._read_size = read_size
+        self.written = 0
 
     def copy(self, start: int, end: int) -> None:
         while start < end:
-            data = os.pread(self._source, min(_READ_SIZE, end - start), start)
+            data = os.pread(self._source, min(self._read_size, end - start), start)
             if not data:
                 raise OSError(errno.EIO, "the mbox shrank during the rewrite")
             view = memoryview(data)
@@ -719,20 +570,10 @@ class _Copier:
                 view = view[done:]
                 self.written += done
             start += len(data)
-            _checkpoint("copying")
-
-
-def _unlink_quietly(name: str, dir_fd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        log.warn("cannot remove {name}: {error}", name=name, error=error)
 
 
 def _rewrite(
-    dir_fd: int, name: str, path: str, current: _MboxFile, doomed: set[int]
+    dir_fd: int, name: str, path: str, current: _MboxFile, doomed: set[int], read_size: int
 ) -> tuple[_MboxFile, list[int | None]]:
     """
     Replace the mbox by a copy without the ``doomed`` entries of ``current``
@@ -743,8 +584,8 @@ def _rewrite(
     before = os.fstat(current.fd)
     size = before.st_size
     temporary = "." + name + REWRITE_SUFFIX
-    _unlink_quietly(temporary, dir_fd)
-    fd = os.open(temporary, os.O_RDWR | _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+    unlink_quietly(temporary, dir_fd)
+    fd = os.open(temporary, os.O_RDWR | CREATE_FLAGS, 0o600, dir_fd=dir_fd)
     renamed = False
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -752,8 +593,7 @@ def _rewrite(
         if (created.st_uid, created.st_gid) != (before.st_uid, before.st_gid):
             os.fchown(fd, before.st_uid, before.st_gid)
         os.fchmod(fd, stat.S_IMODE(before.st_mode))
-        _checkpoint("created")
-        copier = _Copier(current.fd, fd)
+        copier = _Copier(current.fd, fd, read_size)
         entries = current.entries
         copier.copy(0, entries[0].start if entries else current.end)
         kept: list[_Entry] = []
@@ -777,15 +617,12 @@ def _rewrite(
         new_end = copier.written
         # Mail appended since the snapshot, by a program that ignored the locks.
         copier.copy(current.end, size)
-        _checkpoint("written")
         os.fsync(fd)
-        _checkpoint("synced")
         os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         renamed = True
-        _checkpoint("renamed")
     except BaseException:
         if not renamed:
-            _unlink_quietly(temporary, dir_fd)
+            unlink_quietly(temporary, dir_fd)
         os.close(fd)
         raise
     # Replaced: from here on the deletion is done, whatever else fails.
@@ -802,7 +639,6 @@ def _rewrite(
         os.fsync(dir_fd)
     except OSError as error:
         log.error("{path}: after the rewrite: {error}", path=path, error=error)
-    _checkpoint("done")
     return _MboxFile(fd, kept, new_end), where
 
 
@@ -813,7 +649,8 @@ def _rewrite(
 class _Body:
     """One message read from the mbox with pread, without the ``>`` of `_Entry.quotes`."""
 
-    def __init__(self, file: _MboxFile, entry: _Entry) -> None:
+    def __init__(self, file: _MboxFile, entry: _Entry, read_size: int) -> None:
+        self._read_size = read_size
         self._file: _MboxFile | None = file
         self._position = entry.body_start
         self._end = entry.body_end
@@ -833,7 +670,8 @@ class _Body:
                 continue
             stop = self._quotes[-1] if self._quotes else self._end
             try:
-                data = file.pread(min(wanted, stop - self._position, _READ_SIZE), self._position)
+                size = min(wanted, stop - self._position, self._read_size)
+                data = file.pread(size, self._position)
             except OSError as error:
                 log.error("cannot read the mbox: {error}", error=error)
                 raise MaildropUnavailable("cannot read message") from error
@@ -859,13 +697,13 @@ class _MboxMaildrop:
         name: str,
         dir_fd: int | None,
         key: object,
-        dotlock: _DotLock | None,
+        dotlock: DotLock | None,
         current: _MboxFile | None,
         reactor: IReactorThreads | None,
-        format: MboxFormat,
+        indexing: _Indexing,
     ) -> None:
         self.path = path
-        self._format = format
+        self._indexing = indexing
         self._name = name
         self._dir_fd = dir_fd
         self._key = key
@@ -901,7 +739,7 @@ class _MboxMaildrop:
             self._follow(None)
             return
         except OSError as error:
-            raise _unavailable("cannot check the mbox", self.path, error) from error
+            raise unavailable("cannot check the mbox", self.path, error) from error
         if (found.st_dev, found.st_ino) != (own.st_dev, own.st_ino):
             log.warn("{path} was replaced by another program", path=self.path)
             try:
@@ -914,7 +752,7 @@ class _MboxMaildrop:
                 self._follow(None)
                 return
             try:
-                entries, end = _read_index(fd, self.path, self._format)
+                entries, end = _read_index(fd, self.path, self._indexing)
             except BaseException:
                 os.close(fd)
                 raise
@@ -929,10 +767,10 @@ class _MboxMaildrop:
         try:
             changed = own.st_size < current.end or not all(current.intact(e) for e in used)
         except OSError as error:
-            raise _unavailable("cannot read the mbox", self.path, error) from error
+            raise unavailable("cannot read the mbox", self.path, error) from error
         if changed:
             log.warn("{path} was changed by another program", path=self.path)
-            current.entries, current.end = _read_index(current.fd, self.path, self._format)
+            current.entries, current.end = _read_index(current.fd, self.path, self._indexing)
             self._follow(current)
 
     def _follow(self, file: _MboxFile | None) -> None:
@@ -956,8 +794,10 @@ class _MboxMaildrop:
             if self._current is None or position is None:
                 return fail(MessageGone())
             if self._dotlock is not None:
-                self._dotlock.refresh()
-            body: IMessageBody = _Body(self._current, self._current.entries[position])
+                self._dotlock.refresh(self._dir_fd)
+            body: IMessageBody = _Body(
+                self._current, self._current.entries[position], self._indexing.read_size
+            )
             return succeed(body)
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
@@ -979,13 +819,15 @@ class _MboxMaildrop:
             if current is None or not doomed:
                 return  # already gone: done
             assert self._dir_fd is not None
-            if self._dotlock is not None and not self._dotlock.ensure():
+            if self._dotlock is not None and not self._dotlock.ensure(self._dir_fd):
                 log.error(
                     "{path}: nothing deleted: another program holds the dotlock", path=self.path
                 )
                 raise DeletionFailed(len(doomed))
             try:
-                rewritten, moved = _rewrite(self._dir_fd, self._name, self.path, current, doomed)
+                rewritten, moved = _rewrite(
+                    self._dir_fd, self._name, self.path, current, doomed, self._indexing.read_size
+                )
             except OSError as error:
                 log.error("{path}: nothing deleted: {error}", path=self.path, error=error)
                 raise DeletionFailed(len(doomed)) from error
@@ -1006,11 +848,11 @@ class _MboxMaildrop:
             self._files = []
             self._current = None
             if self._dotlock is not None:
-                self._dotlock.release()
+                self._dotlock.release(self._dir_fd)
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None
-            _unregister(self._key)
+            PROCESS_LOCKS.release(self._key)
         return succeed(None)
 
 
@@ -1022,13 +864,17 @@ class MboxStore:
     """
     mbox files found by a path template such as ``/var/mail/{user}``.
 
-    The template is that of `pop3d.maildir.MaildirStore`: ``{user}`` is the
+    The template is that of `pop3d.stores.maildir.MaildirStore`: ``{user}`` is the
     whole user name, ``{local}`` and ``{domain}`` its parts around ``@``.
     With a ``reactor``, opening a maildrop (which reads the whole file) and
     rewriting it at QUIT run in the reactor's thread pool; without one they
     run inline.  ``format`` is how the files' writers quote ``From`` lines
     in bodies: `MboxFormat.MBOXO` (the default) serves every line as stored;
     `MboxFormat.MBOXRD` removes one ``>`` from lines matching ``^>+From ``.
+
+    The file is indexed ``read_size`` octets at a time (`READ_SIZE`), and a
+    line longer than ``line_limit`` (`LINE_LIMIT`) in pieces; whatever they
+    are, the same messages, sizes and UIDLs result (tests make them small).
     """
 
     def __init__(
@@ -1037,11 +883,19 @@ class MboxStore:
         *,
         reactor: IReactorThreads | None = None,
         format: MboxFormat = MboxFormat.MBOXO,
+        read_size: int = READ_SIZE,
+        line_limit: int = LINE_LIMIT,
     ) -> None:
         check_template(template)
+        if read_size < 1 or line_limit < 1:
+            raise ValueError("read_size and line_limit must be positive")
         self.template = template
         self.format = MboxFormat(format)
+        self._indexing = _Indexing(self.format, read_size, line_limit)
         self._reactor = reactor
+        # Links are followed above the first placeholder only (/var/mail
+        # may be one): below it, users may own the directories.
+        self._trusted = fixed_directory(template)
 
     def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
@@ -1050,41 +904,52 @@ class MboxStore:
         path = self.path_for(mailbox)
         if path is None:
             return fail(UnauthorizedLogin())
-        return run_blocking(self._reactor, _open_mbox, path, self._reactor, self.format)
+        return run_blocking(
+            self._reactor, _open_mbox, path, self._trusted, self._reactor, self._indexing
+        )
 
 
-def _open_mbox(path: str, reactor: IReactorThreads | None, format: MboxFormat) -> IMaildrop:
+def _open_mbox(
+    path: str, trusted: str, reactor: IReactorThreads | None, indexing: _Indexing
+) -> IMaildrop:
     directory, name = os.path.split(os.path.abspath(path))
     try:
-        dir_fd = os.open(directory, _DIRECTORY_FLAGS)
+        dir_fd = open_directory(directory, trusted=trusted)
     except FileNotFoundError:
         # Nothing delivered yet: an empty maildrop, not an error.
-        key: object = ("path", os.path.abspath(path))
-        _register(key)
-        return _MboxMaildrop(path, name, None, key, None, None, reactor, format)
+        key: object = ("mbox path", os.path.abspath(path))
+        PROCESS_LOCKS.claim(key)
+        return _MboxMaildrop(path, name, None, key, None, None, reactor, indexing)
     except OSError as error:
-        raise _unavailable("cannot open the mbox directory", directory, error) from error
-    dotlock: _DotLock | None = None
+        raise unavailable("cannot open the mbox directory", directory, error) from error
+    dotlock: DotLock | None = None
     fd: int | None = None
-    registered = False
+    claimed = False
     try:
         directory_stat = os.fstat(dir_fd)
-        key = (directory_stat.st_dev, directory_stat.st_ino, name)
-        _register(key)
-        registered = True
-        dotlock = _DotLock.acquire(dir_fd, name, path)
+        key = ("mbox", directory_stat.st_dev, directory_stat.st_ino, name)
+        PROCESS_LOCKS.claim(key)
+        claimed = True
+        dotlock = DotLock.acquire(
+            name + DOTLOCK_SUFFIX,
+            dir_fd=dir_fd,
+            directory=directory,
+            stale_seconds=DOTLOCK_STALE_SECONDS,
+            pid_first=True,
+            links_are_locks=True,
+        )
         fd = _open_locked(dir_fd, name, path)
         # A leftover of a rewrite that crashed; with the locks held, nobody
         # else can be writing it.
-        _unlink_quietly("." + name + REWRITE_SUFFIX, dir_fd)
-        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path, format))
+        unlink_quietly("." + name + REWRITE_SUFFIX, dir_fd)
+        current = None if fd is None else _MboxFile(fd, *_read_index(fd, path, indexing))
     except BaseException:
         if fd is not None:
             os.close(fd)
         if dotlock is not None:
-            dotlock.release()
+            dotlock.release(dir_fd)
         os.close(dir_fd)
-        if registered:
-            _unregister(key)
+        if claimed:
+            PROCESS_LOCKS.release(key)
         raise
-    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, format)
+    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, indexing)

@@ -27,7 +27,6 @@ name and inode, in memory and in the file ``pop3d-sizes`` of the Maildir.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import itertools
@@ -49,7 +48,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable, MessageGone, POP3Error
-from pop3d.interfaces import (
+from pop3d.stores.common import (
+    check_template,
+    expand_template,
+    fixed_directory,
+    run_blocking,
+)
+from pop3d.stores.interfaces import (
     IMaildrop,
     IMaildropLocks,
     IMaildropStore,
@@ -59,11 +64,14 @@ from pop3d.interfaces import (
     ISeenFlags,
     MessageList,
 )
-from pop3d.locking import LockTable
-from pop3d.storage import (
-    check_template,
-    expand_template,
-    run_blocking,
+from pop3d.stores.posix import (
+    CREATE_FLAGS,
+    DIRECTORY_FLAGS,
+    READ_FLAGS,
+    LockTable,
+    exists,
+    unavailable,
+    unlink_quietly,
 )
 from pop3d.uidl import (
     DOVECOT_DEFAULT_FORMAT,
@@ -83,12 +91,12 @@ LOCK_TABLE_NAME = ".pop3d-locks"
 LISTING_CACHE_MESSAGES = 250_000
 
 _READ_SIZE = 256 * 1024
-# Names one C-level call handles at once in a large listing: about a
-# millisecond of holding the GIL, which the reactor thread waits for.
-_STEP = 8192
-# Above this many kept messages, `mark_seen` decides what to rename off the
-# reactor thread too.
-_PLAN_INLINE_MESSAGES = 1000
+#: Names one C-level call handles at once in a large listing: about a
+#: millisecond of holding the GIL, which the reactor thread waits for.
+STEP = 8192
+#: Above this many kept messages, `mark_seen` decides what to rename off the
+#: reactor thread too.
+PLAN_INLINE_MESSAGES = 1000
 DOVECOT_UIDLIST = "dovecot-uidlist"
 #: Where counted message sizes are kept (see `_SizeCache`).
 SIZE_CACHE = "pop3d-sizes"
@@ -102,9 +110,6 @@ _SETTLING_NS = 100_000_000
 _COARSE_SETTLING_NS = 2_000_000_000
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
-_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO planted in cur/ must not block the server on open.
-_MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = Logger()
 
@@ -243,11 +248,17 @@ class MaildirStore:
 
     ``listing_cache`` is how many messages of recent listings are kept in
     memory (0: none, every login reads its directories).  ``locks`` keep a
-    maildrop to one session (see `pop3d.locking`): by default a `LockTable`
+    maildrop to one session (see `pop3d.stores.posix`): by default a `LockTable`
     in `default_lock_table` of the template; `LockFiles` for NFS.
 
+    Two knobs keep the reactor thread responsive with huge Maildirs (the
+    defaults suit them; tests make them small): a large listing is sorted
+    and checked ``step`` names at a time (`STEP`), and `mark_seen` decides
+    what to rename in the thread pool when more than ``plan_inline``
+    messages are kept (`PLAN_INLINE_MESSAGES`).
+
     Its maildrops keep the time of each message's first retrieval
-    (`pop3d.interfaces.IRetrievalTimes`, for EXPIRE) in the file
+    (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
     """
 
@@ -260,6 +271,8 @@ class MaildirStore:
         reuse_x_uidl: bool = False,
         listing_cache: int = LISTING_CACHE_MESSAGES,
         locks: IMaildropLocks | None = None,
+        step: int = STEP,
+        plan_inline: int = PLAN_INLINE_MESSAGES,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -271,6 +284,8 @@ class MaildirStore:
         self._naming = _UIDLNaming(uidl_format, reuse_x_uidl)
         self._reactor = reactor
         self.listing_cache = listing_cache
+        self.step = step
+        self.plan_inline = plan_inline
         self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:
@@ -281,12 +296,12 @@ class MaildirStore:
         if root is None:
             return fail(UnauthorizedLogin())
         try:
-            root_fd = os.open(root, _DIRECTORY_FLAGS)
+            root_fd = os.open(root, DIRECTORY_FLAGS)
         except FileNotFoundError:
             # Nothing delivered yet: an empty maildrop, not an error.
             return succeed(_Maildrop(None, MessageList(), (), None, self))
         except OSError as error:
-            return fail(_unavailable("cannot open maildir", root, error))
+            return fail(unavailable("cannot open maildir", root, error))
         release: Callable[[], None] | None = None
         try:
             info = os.fstat(root_fd)
@@ -302,7 +317,7 @@ class MaildirStore:
             if isinstance(error, POP3Error):
                 return fail(error)
             if isinstance(error, OSError):
-                return fail(_unavailable("cannot read maildir", root, error))
+                return fail(unavailable("cannot read maildir", root, error))
             raise
         held = release
         cached = self._listings.get(root)
@@ -314,7 +329,9 @@ class MaildirStore:
             try:
                 # In the thread too: 100,000 sizes take a tenth of a second.
                 known = cached.sizes() if cached is not None else None
-                messages, locations, inodes, to_save = _snapshot(root, root_fd, self._naming, known)
+                messages, locations, inodes, to_save = _snapshot(
+                    root, root_fd, self._naming, known, self.step
+                )
                 listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
             finally:
                 os.close(root_fd)
@@ -343,9 +360,7 @@ def default_lock_table(template: str) -> str:
     above its first placeholder (``/srv/mail/.pop3d-locks`` for
     ``/srv/mail/{user}``), which belongs to the administrator.
     """
-    fixed = template.split("{", 1)[0]
-    directory = fixed if fixed.endswith("/") else os.path.dirname(fixed)
-    return os.path.join(directory or ".", LOCK_TABLE_NAME)
+    return os.path.join(fixed_directory(template), LOCK_TABLE_NAME)
 
 
 def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
@@ -384,9 +399,9 @@ class _Directory:
     def opened(self) -> Iterator[int]:
         """A descriptor of the Maildir, refusing a directory put in its place."""
         try:
-            fd = os.open(self.path, _DIRECTORY_FLAGS)
+            fd = os.open(self.path, DIRECTORY_FLAGS)
         except OSError as error:
-            raise _unavailable("cannot open maildir", self.path, error) from error
+            raise unavailable("cannot open maildir", self.path, error) from error
         try:
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) != (self.device, self.inode):
@@ -409,12 +424,12 @@ class _UIDLNaming:
 def _subdirectory(root: str, root_fd: int, name: str) -> Iterator[int | None]:
     """A descriptor of new/ or cur/, or None if there is none."""
     try:
-        fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=root_fd)
+        fd = os.open(name, DIRECTORY_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
         yield None
         return
     except OSError as error:
-        raise _unavailable("cannot open maildir", os.path.join(root, name), error) from error
+        raise unavailable("cannot open maildir", os.path.join(root, name), error) from error
     try:
         yield fd
     finally:
@@ -435,7 +450,7 @@ def _entries(root: str, root_fd: int, subdirectory: str) -> list[tuple[str, int]
                 ]
         except OSError as error:
             path = os.path.join(root, subdirectory)
-            raise _unavailable("cannot read maildir", path, error) from error
+            raise unavailable("cannot read maildir", path, error) from error
 
 
 def _files(
@@ -460,14 +475,14 @@ def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
     return found
 
 
-def _sorted_in_steps(names: list[str]) -> list[str]:
+def _sorted_in_steps(names: list[str], step: int = STEP) -> list[str]:
     """
     ``sorted(names)``, holding the GIL a few milliseconds at a time rather
     than ~30 ms for 100,000 names: the reactor thread answers other sessions
     in between.  Slices are sorted, then sorted runs merged two at a time
     (the sort finds the two runs and merges them), for about the same work.
     """
-    runs = [sorted(names[at : at + _STEP]) for at in range(0, len(names), _STEP)]
+    runs = [sorted(names[at : at + step]) for at in range(0, len(names), step)]
     while len(runs) > 1:
         runs = [sorted(runs[at] + runs[at + 1]) for at in range(0, len(runs) - 1, 2)] + (
             [runs[-1]] if len(runs) % 2 else []
@@ -475,10 +490,10 @@ def _sorted_in_steps(names: list[str]) -> list[str]:
     return runs[0] if runs else []
 
 
-def _plain_uidls(uniques: list[str]) -> list[str]:
+def _plain_uidls(uniques: list[str], step: int = STEP) -> list[str]:
     """`uidl_for` of each unique name, checked a slice at a time when they are valid."""
-    for at in range(0, len(uniques), _STEP):
-        joined = "".join(uniques[at : at + _STEP])
+    for at in range(0, len(uniques), step):
+        joined = "".join(uniques[at : at + step])
         if not (joined.isascii() and joined.isprintable() and " " not in joined):
             return [uidl_for(unique) for unique in uniques]
     if all(0 < len(unique) <= MAX_UIDL_LENGTH for unique in uniques):
@@ -491,6 +506,7 @@ def _snapshot(
     root_fd: int,
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
+    step: int = STEP,
 ) -> tuple[MessageList, _Locations, list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
@@ -512,7 +528,7 @@ def _snapshot(
 
         ordered = sorted(found, key=order)
     else:
-        ordered = _sorted_in_steps(list(found))
+        ordered = _sorted_in_steps(list(found), step)
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
     sizes, uncounted = _known_sizes(found, known)
     with (
@@ -546,7 +562,7 @@ def _snapshot(
         if dovecot is not None or naming.uidl_format or naming.reuse_x_uidl:
             uidls = _compatible_uidls(root, root_fd, ordered, found, dovecot, naming)
         else:
-            uidls = _plain_uidls(ordered)
+            uidls = _plain_uidls(ordered, step)
     entries = [sizes[unique] for unique in ordered]
     messages = MessageList(tuple(uidls), tuple([size for _, size in entries]))
     # Comprehensions, not C-level map(): looking up 100,000 scattered
@@ -593,7 +609,7 @@ def _compatible_uidls(
 
 def _read_dovecot_uidlist(root: str, root_fd: int) -> DovecotUidlist | None:
     try:
-        fd = os.open(DOVECOT_UIDLIST, _MESSAGE_FLAGS, dir_fd=root_fd)
+        fd = os.open(DOVECOT_UIDLIST, READ_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -700,11 +716,11 @@ def _count_sizes(
     """
     for unique, name, inode in messages:
         try:
-            fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+            fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
-            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+            raise unavailable("cannot read message", os.path.join(path, name), error) from error
         try:
             first = os.read(fd, _READ_SIZE)
             # Only an empty read is the end (see `_read_up_to`).  The inode
@@ -723,7 +739,7 @@ def _count_sizes(
         except OSError as error:
             if error.errno == errno.EAGAIN:
                 continue  # a FIFO planted after the scan: not a message
-            raise _unavailable("cannot read message", os.path.join(path, name), error) from error
+            raise unavailable("cannot read message", os.path.join(path, name), error) from error
         finally:
             os.close(fd)
         sizes[unique] = (inode, size)
@@ -747,7 +763,7 @@ def _count_moved(
             return None
         except OSError as error:
             path = os.path.join(root, *location)
-            raise _unavailable("cannot read message", path, error) from error
+            raise unavailable("cannot read message", path, error) from error
         counted: dict[str, tuple[int, int]] = {}
         _count_sizes(
             os.path.join(root, subdirectory), directory_fd, [(unique, name, inode)], counted
@@ -765,7 +781,7 @@ def _state_records(root_fd: int, name: str, header: str) -> Iterator[tuple[str, 
     write anything there).
     """
     try:
-        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=root_fd)
+        fd = os.open(name, READ_FLAGS, dir_fd=root_fd)
         with open(fd, encoding="utf-8", errors="surrogateescape") as file:
             if file.readline().rstrip("\n") != header:
                 return
@@ -804,7 +820,7 @@ def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> 
         # A slice at a time: formatting and encoding 100,000 lines in one go
         # would hold the GIL, and every session, for ~20 ms.
         entries = iter(sizes.items())
-        while step := list(itertools.islice(entries, _STEP)):
+        while step := list(itertools.islice(entries, STEP)):
             text = "".join([f"{name}\t{inode}\t{size}\n" for name, (inode, size) in step])
             yield text.encode("utf-8", "surrogateescape")
 
@@ -824,16 +840,14 @@ def _replace_state_file(root_fd: int, name: str, chunks: Iterable[bytes]) -> Non
     # new or not at all: nothing the Maildir's owner put anywhere is
     # followed or overwritten.
     temporary = f"{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o600, dir_fd=root_fd)
+    fd = os.open(temporary, os.O_WRONLY | CREATE_FLAGS, 0o600, dir_fd=root_fd)
     try:
         with open(fd, "wb") as file:
             for chunk in chunks:
                 file.write(chunk)
         os.rename(temporary, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary, dir_fd=root_fd)
+        unlink_quietly(temporary, root_fd)
         raise
 
 
@@ -870,7 +884,7 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        fd = os.open(name, _MESSAGE_FLAGS, dir_fd=directory_fd)
+        fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -902,23 +916,6 @@ def _locate(root: str, root_fd: int, unique: str) -> Location | None:
     return None
 
 
-def _exists(name: str, directory_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
-    # ELOOP: a symbolic link where a directory or a message should be.
-    permanent = isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
-        error.errno in (errno.ELOOP, errno.EINVAL)
-    )
-    log.error("{what} {path}: {error}", what=what, path=path, error=error)
-    return MaildropUnavailable(what, permanent=permanent)
-
-
 @implementer(IMessageBody)
 class _FileBody:
     """
@@ -941,7 +938,7 @@ class _FileBody:
         try:
             data = _read_up_to(self._fd, min(size, self._left))
         except OSError as error:
-            raise _unavailable("cannot read message", self._path, error) from error
+            raise unavailable("cannot read message", self._path, error) from error
         # Shorter than its size: the file was cut, and this is its end.
         self._left = self._left - len(data) if data else 0
         return data
@@ -1006,7 +1003,7 @@ class _Maildrop:
                         continue
                     except OSError as error:
                         path = os.path.join(self.root, *location)
-                        raise _unavailable("cannot open message", path, error) from error
+                        raise unavailable("cannot open message", path, error) from error
                     body: IMessageBody = _FileBody(
                         fd, file_size, os.path.join(self.root, *location)
                     )
@@ -1062,7 +1059,7 @@ class _Maildrop:
         """
         if self._directory is None:
             return succeed(None)
-        if len(kept) > _PLAN_INLINE_MESSAGES:
+        if len(kept) > self._store.plan_inline:
             # About a microsecond a message to decide: 100,000 messages
             # would hold up every other session for a tenth of a second.
             def plan_and_rename() -> None:
@@ -1157,7 +1154,7 @@ class _Maildrop:
         try:
             # Never replace a file another program put there; rename is
             # atomic, so a crash leaves the message in one place.
-            if _exists(target, cur_fd):
+            if exists(target, cur_fd):
                 return
             os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur_fd)
             self._moved(index, ("cur", target))

@@ -1,0 +1,148 @@
+"""
+The file mechanics the local-file stores share (`pop3d.stores.posix`): the
+one dotlock, the one in-process lock registry, opening directories without
+following links users could plant.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pop3d.errors import MaildropLocked
+from pop3d.stores.mbox import DOTLOCK_STALE_SECONDS, MboxStore
+from pop3d.stores.posix import DotLock, LockOwner, ProcessLocks, open_directory, unavailable
+from pop3d.wire import ResponseCode
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+def make_stale(lock: Path) -> None:
+    lock.write_bytes(b"")  # another program's lock, of no pop3d
+    then = time.time() - DOTLOCK_STALE_SECONDS - 30
+    os.utime(lock, (then, then), follow_symlinks=False)
+
+
+def test_a_stale_dotlock_another_server_broke_and_retook_meanwhile_stays_its_own(
+    tmp_path: Path, directory: int
+) -> None:
+    """
+    RFC 1939 section 8 (one session per maildrop).  Two servers find the same
+    stale dotlock; the other one breaks it and takes its own between this
+    one's judging it stale and removing it.  Removing it by name would take
+    the other's fresh lock away and let both serve the maildrop; moved aside
+    and checked, the fresh lock is put back and this server is refused.
+    """
+    lock = tmp_path / "alice.lock"
+    make_stale(lock)
+    others: list[DotLock] = []
+
+    def when_the_other_server_gets_ahead() -> float:
+        # Asked once the stale lock was judged: the other server acts now.
+        if not others:
+            others.append(DotLock.acquire("alice.lock", dir_fd=directory, directory=str(tmp_path)))
+        return time.time()
+
+    with pytest.raises(MaildropLocked):
+        DotLock.acquire(
+            "alice.lock",
+            dir_fd=directory,
+            directory=str(tmp_path),
+            stale_seconds=DOTLOCK_STALE_SECONDS,
+            now=when_the_other_server_gets_ahead,
+        )
+    [other] = others
+    assert lock.read_bytes() == other.content
+    assert sorted(os.listdir(tmp_path)) == ["alice.lock"]
+    other.release(directory)
+    assert not lock.exists()
+
+
+def test_a_stale_dotlock_is_broken_and_the_new_one_names_its_holder(
+    tmp_path: Path, directory: int
+) -> None:
+    lock = tmp_path / "alice.lock"
+    make_stale(lock)
+    held = DotLock.acquire("alice.lock", dir_fd=directory, directory=str(tmp_path), pid_first=True)
+    pid_line, owner_line = lock.read_bytes().splitlines()
+    assert pid_line == b"%d" % os.getpid()  # liblockfile reads the PID there
+    owner = LockOwner.parse(owner_line)
+    assert owner is not None and owner.pid == os.getpid()
+    held.release()
+    assert not lock.exists()
+
+
+def test_a_dotlock_of_a_process_that_is_gone_is_broken_at_once(
+    tmp_path: Path, directory: int
+) -> None:
+    """A pop3d killed with SIGKILL does not keep its maildrop locked for 10 minutes."""
+    held = DotLock.acquire("alice.lock", dir_fd=directory, directory=str(tmp_path))
+    with pytest.raises(MaildropLocked):
+        DotLock.acquire("alice.lock", dir_fd=directory, directory=str(tmp_path))
+    here = LockOwner.parse(held.content)
+    assert here is not None
+    # What a process of this boot that has exited leaves behind.
+    gone = LockOwner(here.host, 2**22 + 1, here.incarnation.rpartition(":")[0] + ":1")
+    (tmp_path / "alice.lock").write_bytes(gone.line("dead"))
+    again = DotLock.acquire("alice.lock", dir_fd=directory, directory=str(tmp_path))
+    assert (tmp_path / "alice.lock").read_bytes() == again.content
+    again.release()
+
+
+def test_the_process_registry_refuses_a_second_claim_until_released() -> None:
+    locks = ProcessLocks()
+    locks.claim(("mbox", 1, 2, "alice"))
+    with pytest.raises(MaildropLocked):
+        locks.claim(("mbox", 1, 2, "alice"))
+    locks.claim(("mbox", 1, 2, "bob"))
+    assert locks.release(("mbox", 1, 2, "alice"))
+    assert not locks.release(("mbox", 1, 2, "alice"))
+    locks.claim(("mbox", 1, 2, "alice"))
+
+
+def test_a_directory_is_opened_through_the_administrators_link_only(tmp_path: Path) -> None:
+    """Above the trusted part links are followed (/var/mail); below it, never."""
+    spool = tmp_path / "spool"
+    (spool / "alice").mkdir(parents=True)
+    (tmp_path / "mail").symlink_to(spool)
+    (spool / "mallory").symlink_to(spool / "alice")
+    fd = open_directory(str(tmp_path / "mail" / "alice"), trusted=str(tmp_path / "mail"))
+    assert os.fstat(fd).st_ino == (spool / "alice").stat().st_ino
+    os.close(fd)
+    with pytest.raises(OSError) as refused:
+        open_directory(str(tmp_path / "mail" / "mallory"), trusted=str(tmp_path / "mail"))
+    assert refused.value.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def test_an_mbox_below_a_users_linked_directory_is_refused(tmp_path: Path) -> None:
+    """
+    ``/home/{user}/Mail/inbox``: a user who makes ``Mail`` a link to another
+    user's directory gets ``-ERR [SYS/PERM]``, not the other's mail.
+    """
+    (tmp_path / "bob" / "Mail").mkdir(parents=True)
+    (tmp_path / "bob" / "Mail" / "inbox").write_bytes(b"From x\nSubject: bob's\n\nsecret\n")
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "alice" / "Mail").symlink_to(tmp_path / "bob" / "Mail")
+    store = MboxStore(f"{tmp_path}/{{user}}/Mail/inbox")
+    failures: list[BaseException] = []
+    store.open("alice").addErrback(lambda failure: failures.append(failure.value))
+    [error] = failures
+    assert getattr(error, "code", None) is ResponseCode.SYS_PERM
+
+
+def test_errors_that_need_an_administrator_are_permanent() -> None:
+    """RFC 3206 section 4: SYS/PERM for what will not pass by itself, SYS/TEMP otherwise."""
+    assert unavailable("x", "/p", OSError(errno.ELOOP, "link")).code is ResponseCode.SYS_PERM
+    assert unavailable("x", "/p", OSError(errno.EROFS, "ro")).code is ResponseCode.SYS_PERM
+    assert unavailable("x", "/p", PermissionError(errno.EACCES, "no")).code is ResponseCode.SYS_PERM
+    assert unavailable("x", "/p", OSError(errno.EIO, "io")).code is ResponseCode.SYS_TEMP
