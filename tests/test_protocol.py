@@ -17,6 +17,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
@@ -28,7 +29,7 @@ from pop3d.realm import MaildropRealm
 from pop3d.testing import MemoryStore
 from pop3d.wire import MAX_COMMAND_LENGTH
 
-from .conftest import USERS, Wire
+from .conftest import LOOPBACK_PEER, USERS, Wire
 
 OK = b"+OK\r\n"
 
@@ -42,6 +43,31 @@ SIZE_3 = len(MESSAGE_3) + MESSAGE_3.count(b"\n") + 2
 
 
 AUTH_FAILED = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+class _FailingTransport(StringTransport):
+    """A transport whose next writes raise the exceptions in ``failures``."""
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+        self.failures: list[Exception] = []
+
+    def write(self, data: bytes) -> None:
+        if self.failures:
+            raise self.failures.pop()
+        super().write(data)
+
+
+class _WireWithFailingWrites(Wire):
+    """A `Wire` whose transport can be told to fail a write."""
+
+    transport: _FailingTransport
+
+    def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = _FailingTransport(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
 
 
 @pytest.fixture
@@ -126,7 +152,7 @@ class TestAuthorization:
     def test_password_with_spaces(self, make_factory: Callable[..., POP3Factory]) -> None:
         wire = Wire(make_factory())
         # The fixture's users have no spaces: build one that does.
-        portal = wire.protocol.session._portal
+        portal = wire.protocol.driver.portal
         checker = InMemoryUsernamePasswordDatabaseDontUse(carol=b"two words")
         portal.registerChecker(checker)
         wire.command(b"USER carol")
@@ -182,7 +208,7 @@ class TestAuthorization:
         self, wire: Wire, store: MemoryStore
     ) -> None:
         checker = InMemoryUsernamePasswordDatabaseDontUse(**{"../bob": b"pw"})
-        wire.protocol.session._portal.registerChecker(checker)
+        wire.protocol.driver.portal.registerChecker(checker)
         assert wire.login(b"../bob", b"pw") == AUTH_FAILED
 
     def test_maildrop_in_use(self, factory: POP3Factory, uids: list[str]) -> None:
@@ -305,21 +331,12 @@ class TestFailedLogins:
         assert wire.take().startswith(AUTH_FAILED + b"+OK capability list follows\r\n")
 
     def test_a_deferred_reply_that_cannot_be_sent_closes_the_connection(
-        self, slow_factory: POP3Factory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+        self, slow_factory: POP3Factory, clock: Clock
     ) -> None:
         """A reply lost half-way must not leave the next one answering for it."""
-        wire = Wire(slow_factory)
+        wire = _WireWithFailingWrites(slow_factory)
         wire.send(b"USER alice\r\nPASS nope\r\nNOOP\r\n")
-
-        sending = wire.protocol._send
-        failures = [RuntimeError("cannot send")]
-
-        def broken_once(reply: Any) -> Any:
-            if failures:
-                raise failures.pop()
-            return sending(reply)
-
-        monkeypatch.setattr(wire.protocol, "_send", broken_once)
+        wire.transport.failures.append(RuntimeError("cannot send"))
         clock.advance(2)
         # Not "+OK" for NOOP, which the client would take for PASS's answer.
         assert wire.take() == b""

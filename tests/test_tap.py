@@ -17,11 +17,11 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from pop3d.driver import APOPCredentials
 from pop3d.interfaces import IMaildrop
 from pop3d.locking import LockFiles, LockTable
 from pop3d.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.realm import MaildropRealm
-from pop3d.session import APOPCredentials
 from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store
 from pop3d.testing import MemoryStore
 
