@@ -378,6 +378,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         )
         self._abort()
 
+
 @implementer(IPushProducer)
 class _OutputValve:
     """
