@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from zope.interface import implementer
 
 import pop3d.session
-from pop3d.interfaces import MessageList
+from pop3d.interfaces import IMessageBody, MessageList
 from pop3d.session import (
     TRANSITIONS,
     AnswerFailedLogin,
@@ -80,6 +81,7 @@ class _Authentication:
         return [CRAM, PLAIN]
 
 
+@implementer(IMessageBody)
 class _Body:
     """A message body the session only passes on."""
 
