@@ -6,7 +6,7 @@ The session decides; the driver does: logins through the cred portal (and
 the realm's LOGIN-DELAY refusal), the failed-login delay
 (`pop3d.throttle`), SASL mechanisms, store calls, the UPDATE plan
 (removal, EXPIRE, seen flags), releasing the maildrop, and the log lines.
-Every reply goes to ``deliver``, at once when it is ready at once (most
+Every reply goes to ``replies.deliver``, at once when it is ready at once (most
 commands: no Deferred is made for them) or when the work it waited for is
 done; `pop3d.protocol.POP3Protocol` puts it on the wire.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.cred.credentials import (
     ICredentials,
@@ -75,8 +75,13 @@ if TYPE_CHECKING:
     from twisted.cred.portal import Portal
     from twisted.internet.interfaces import IReactorTime
 
-#: Where a reply (or, for a bug, the Failure) goes: `POP3Protocol`.
-Deliver = Callable[["Reply | Failure"], None]
+
+class Replies(Protocol):
+    """Where the replies of a session go (`pop3d.protocol.POP3Protocol`)."""
+
+    def deliver(self, reply: Reply | Failure) -> None:
+        """Send ``reply`` (for a bug: the Failure, answered -ERR [SYS/TEMP])."""
+
 
 _NONE: frozenset[int] = frozenset()
 
@@ -119,16 +124,30 @@ def cred_credentials(credentials: object) -> ICredentials:
 class SessionDriver:
     """
     Runs one `Session` against a cred ``portal`` whose realm gives
-    `IMaildrop` avatars; answers go to ``deliver``.
+    `IMaildrop` avatars; answers go to ``replies``.
     """
 
     log = Logger()
+    # One per connection, thousands idle: no instance dictionary.
+    __slots__ = (
+        "_clock",
+        "_exchange",
+        "_failure_delay",
+        "_failure_wait",
+        "_hostname",
+        "_logout",
+        "_maildrop",
+        "_mechanisms",
+        "_replies",
+        "portal",
+        "session",
+    )
 
     def __init__(
         self,
         portal: Portal,
         *,
-        deliver: Deliver,
+        replies: Replies,
         link: Callable[[], Link],
         clock: IReactorTime,
         apop_challenge: bytes | None,
@@ -141,7 +160,7 @@ class SessionDriver:
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
-        self._deliver = deliver
+        self._replies = replies
         self._clock = clock
         self._failure_delay = failure_delay
         self._mechanisms = mechanisms
@@ -179,7 +198,7 @@ class SessionDriver:
             self._carry_out(outcome)
         else:
             # Most commands: the reply is ready.
-            self._deliver(outcome)
+            self._replies.deliver(outcome)
 
     def line_too_long(self) -> None:
         self._carry_out(self.session.line_too_long())
@@ -195,11 +214,11 @@ class SessionDriver:
         if isinstance(outcome, Action):
             _PERFORMERS[type(outcome)](self, outcome)
         else:
-            self._deliver(outcome)
+            self._replies.deliver(outcome)
 
     def _report_failure(self, failure: Failure) -> None:
         """A bug while carrying something out: the protocol answers SYS/TEMP."""
-        self._deliver(failure)
+        self._replies.deliver(failure)
 
     def _log_in(self, action: LogIn) -> None:
         credentials = cred_credentials(action.credentials)
@@ -250,10 +269,10 @@ class SessionDriver:
     def _answer_failed_login(self, action: AnswerFailedLogin) -> None:
         throttle, wait = self._failure_delay, self._failure_wait
         if throttle is None or wait <= 0:
-            self._deliver(action.reply)
+            self._replies.deliver(action.reply)
             return
         waited = throttle.wait(wait)
-        waited.addCallback(lambda _: self._deliver(action.reply))
+        waited.addCallback(lambda _: self._replies.deliver(action.reply))
         waited.addErrback(self._report_failure)
 
     def _start_sasl(self, action: StartSASL) -> None:
@@ -410,7 +429,7 @@ class SessionDriver:
         )
         self._release()
         if action.reply is not None:
-            self._deliver(action.reply)
+            self._replies.deliver(action.reply)
 
     def _release_maildrop(self, action: ReleaseMaildrop) -> None:
         self._release()
@@ -438,7 +457,7 @@ class SessionDriver:
             peer=self.session.peer,
             count=action.bad_commands,
         )
-        self._deliver(action.reply)
+        self._replies.deliver(action.reply)
 
 
 # Who carries out each request of the session.

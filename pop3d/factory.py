@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from pop3d.driver import Deliver, SessionDriver
+from pop3d.driver import Replies, SessionDriver
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.sasl import ISASLMechanism
@@ -107,10 +107,10 @@ class POP3Factory(Factory):
             log.warn("refusing connection from {host}: too many connections", host=host)
             return _TooManyConnections()
 
-        def new_driver(link: Callable[[], Link], deliver: Deliver) -> SessionDriver:
+        def new_driver(link: Callable[[], Link], replies: Replies) -> SessionDriver:
             return SessionDriver(
                 self.portal,
-                deliver=deliver,
+                replies=replies,
                 link=link,
                 clock=self.clock,
                 apop_challenge=self.apop_challenge(),

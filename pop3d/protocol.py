@@ -31,7 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3d.driver import Deliver, SessionDriver
+from pop3d.driver import Replies, SessionDriver
 from pop3d.errors import POP3Error
 from pop3d.session import (
     INTERNAL_ERROR,
@@ -104,7 +104,7 @@ _OPEN = frozenset({Phase.READING, Phase.ANSWERING})
 
 #: Makes the driver of one connection's session: given how to learn the
 #: link and where replies go.
-NewDriver = Callable[[Callable[[], Link], Deliver], SessionDriver]
+NewDriver = Callable[[Callable[[], Link], Replies], SessionDriver]
 
 
 class POP3Protocol(LineReceiver, TimeoutMixin):
@@ -128,7 +128,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         on_close: Callable[[], None] | None = None,
     ) -> None:
         #: Runs the session: logins, stores, logging.
-        self.driver = new_driver(self._link, self._deliver)
+        self.driver = new_driver(self._link, self)
         self._on_close = on_close
         self._tls = tls
         self._clock = clock
@@ -294,13 +294,13 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             else:
                 self.driver.line(line)
         except Exception:
-            self._deliver(Failure())
+            self.deliver(Failure())
         if self.phase is Phase.ANSWERING:
             # The answer comes later (or is a message still being sent): no
             # further command is read until it is all written.
             self._update_reading()
 
-    def _deliver(self, reply: Reply | Failure) -> None:
+    def deliver(self, reply: Reply | Failure) -> None:
         """The driver's answer to the command in flight, at once or later."""
         if isinstance(reply, Failure):
             reply = self._unexpected_failure(reply)

@@ -398,6 +398,7 @@ class SessionPolicy:
 
 
 DEFAULT_POLICY = SessionPolicy()
+_OK = Status(True)
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
 _NO_MESSAGES = MessageList()
@@ -469,6 +470,34 @@ class Session:
     logins can be checked.
     """
 
+    # Thousands of idle sessions: no instance dictionary.
+    __slots__ = (
+        "_all_octets",
+        "_apop_challenge",
+        "_authentication",
+        "_bad_commands",
+        "_deleted",
+        "_languages",
+        "_link",
+        "_login_method",
+        "_login_user",
+        "_messages",
+        "_opening",
+        "_opening_lines",
+        "_opening_status",
+        "_pending_user",
+        "_policy",
+        "_retrieved",
+        "_sasl_name",
+        "_tls_available",
+        "counters",
+        "failed_logins",
+        "state",
+        "user",
+        "utf8",
+        "wording",
+    )
+
     def __init__(
         self,
         *,
@@ -498,7 +527,7 @@ class Session:
         # OPENING_MESSAGE: the message, and the lines of TOP (None: RETR).
         self._opening = 0
         self._opening_lines: int | None = None
-        self._opening_status = Status(True)
+        self._opening_status = _OK
         self._messages = _NO_MESSAGES
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
         # Most sessions delete and retrieve nothing (and an idle session
