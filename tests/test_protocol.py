@@ -260,6 +260,25 @@ class TestAuthorization:
         assert b"internals" not in answer
         assert any(e.get("log_failure") is not None for e in log_events)
 
+    def test_a_maildrop_whose_listing_fails_is_released(self, clock: Clock) -> None:
+        """No +OK without a listing, and no lock kept for a login that failed."""
+        store = _UnlistableStore()
+        wire = _wire_for_store(clock, store)
+        assert wire.login() == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        assert store.closed
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
+
+    def test_a_message_that_cannot_be_opened_for_a_bug_is_a_sys_temp(
+        self, clock: Clock, log_events: list[LogEvent]
+    ) -> None:
+        wire = _wire_for_store(clock, _FailingRemovalStore([b"Subject: a\r\n\r\nbody\r\n"]))
+        wire.login()
+        answer = wire.command(b"RETR 1")
+        assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        assert any(e.get("log_failure") is not None for e in log_events)
+        # The session goes on.
+        assert wire.command(b"STAT") == b"+OK 1 20\r\n"
+
 
 class TestFailedLogins:
     """Brute-force defences: a wait before each failure, a limit per connection."""
@@ -797,6 +816,31 @@ class _FailingStore:
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
         return fail(self.error)
+
+
+@implementer(IMaildropStore)
+class _UnlistableStore:
+    """Opens a maildrop whose listing fails (a store with a bug)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return succeed(_UnlistableMaildrop(self))
+
+
+@implementer(IMaildrop)
+class _UnlistableMaildrop:
+    def __init__(self, store: _UnlistableStore) -> None:
+        self.store = store
+
+    @property
+    def messages(self) -> MessageList:
+        raise RuntimeError("listing failed")
+
+    def close(self) -> Deferred[None]:
+        self.store.closed = True
+        return succeed(None)
 
 
 @implementer(IMaildropStore)
