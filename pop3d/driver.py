@@ -127,7 +127,9 @@ class SessionDriver:
     `IMaildrop` avatars; answers go to ``replies``.
     """
 
-    log = Logger()
+    # The lines the session wrote before it stopped doing I/O, under the
+    # same name: log filters and readers of the log keep working.
+    log = Logger(namespace="pop3d.session.Session")
     # One per connection, thousands idle: no instance dictionary.
     __slots__ = (
         "_clock",
