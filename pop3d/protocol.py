@@ -99,6 +99,9 @@ class Phase(enum.Enum):
     #: The connection is gone.
     CLOSED = "CLOSED"
 
+    # Checked several times per command: identity's hash, in C.
+    __hash__ = object.__hash__
+
 
 _OPEN = frozenset({Phase.READING, Phase.ANSWERING})
 

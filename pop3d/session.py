@@ -74,6 +74,9 @@ class State(enum.Enum):
     #: The session is over (the connection is gone, or UPDATE ended).
     CLOSED = "CLOSED"
 
+    # Looked up on every command: identity's hash, in C, not Enum's in Python.
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     """What happens to a session besides commands (`pop3d.wire.Verb`)."""
@@ -102,6 +105,8 @@ class Event(enum.Enum):
     UPDATE_FAILED = "UPDATE_FAILED"
     #: The client went away.
     CONNECTION_LOST = "CONNECTION_LOST"
+
+    __hash__ = object.__hash__
 
 
 # Texts of the replies, named so that each is written once (tests compare
