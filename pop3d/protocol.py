@@ -3,7 +3,9 @@ The adapter between a TCP (or TLS, or UNIX) connection and a `Session`.
 
 It frames lines, enforces the line-length limit and the inactivity timeout,
 answers pipelined commands strictly in order, and streams messages with
-backpressure.  Every decision about what to answer is the session's.
+backpressure.  Every decision about what to answer is the session's
+(`pop3d.session`); what it asks for is done by its `pop3d.driver.SessionDriver`,
+which hands each reply to `POP3Protocol.deliver`.
 """
 
 from __future__ import annotations

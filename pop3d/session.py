@@ -1033,9 +1033,9 @@ class Transition:
     otherwise: State
 
 
-S = State
-_A, _U = S.AUTHORIZATION, S.USER_GIVEN
-_T = S.TRANSACTION
+_S = State
+_A, _U = _S.AUTHORIZATION, _S.USER_GIVEN
+_T = _S.TRANSACTION
 
 # Every legal (state, event) pair: the whole protocol.  A command that is not
 # here is answered "-ERR command not valid in this state"; another event is a
@@ -1045,11 +1045,11 @@ _ROWS: list[tuple[State, Verb | Event, Callable[..., Outcome | None], State, Sta
     (_A, Verb.USER, Session._user, _U, _A),
     (_U, Verb.USER, Session._user, _U, _U),
     (_A, Verb.PASS, Session._pass_without_user, _A, _A),
-    (_U, Verb.PASS, Session._pass, S.LOGIN_PENDING, _A),
-    (_A, Verb.APOP, Session._apop, S.LOGIN_PENDING, _A),
-    (_U, Verb.APOP, Session._apop, S.LOGIN_PENDING, _U),
-    (_A, Verb.AUTH, Session._auth, S.SASL_STEP, _A),
-    (_U, Verb.AUTH, Session._auth, S.SASL_STEP, _U),
+    (_U, Verb.PASS, Session._pass, _S.LOGIN_PENDING, _A),
+    (_A, Verb.APOP, Session._apop, _S.LOGIN_PENDING, _A),
+    (_U, Verb.APOP, Session._apop, _S.LOGIN_PENDING, _U),
+    (_A, Verb.AUTH, Session._auth, _S.SASL_STEP, _A),
+    (_U, Verb.AUTH, Session._auth, _S.SASL_STEP, _U),
     (_A, Verb.STLS, Session._stls, _A, _A),
     (_U, Verb.STLS, Session._stls, _A, _U),
     (_A, Verb.CAPA, Session._capa, _A, _A),
@@ -1060,61 +1060,61 @@ _ROWS: list[tuple[State, Verb | Event, Callable[..., Outcome | None], State, Sta
     (_U, Verb.LANG, Session._lang, _U, _U),
     (_A, Verb.QUIT, Session._quit_unauthenticated, _A, _A),
     (_U, Verb.QUIT, Session._quit_unauthenticated, _U, _U),
-    (_A, Event.CONNECTION_LOST, Session._disconnected_before_login, S.CLOSED, S.CLOSED),
-    (_U, Event.CONNECTION_LOST, Session._disconnected_before_login, S.CLOSED, S.CLOSED),
+    (_A, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
+    (_U, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
     # RFC 5034 section 4: the SASL exchange.
-    (S.SASL_STEP, Event.SASL_CHALLENGE, Session._sasl_challenge, S.SASL_CHALLENGED, _A),
-    (S.SASL_STEP, Event.SASL_SUCCEEDED, Session._sasl_succeeded, S.LOGIN_PENDING, _A),
-    (S.SASL_STEP, Event.SASL_REFUSED, Session._sasl_refused, _A, _A),
-    (S.SASL_STEP, Event.CONNECTION_LOST, Session._disconnected_before_login, S.CLOSED, S.CLOSED),
-    (S.SASL_CHALLENGED, Event.SASL_RESPONSE, Session._sasl_response, S.SASL_STEP, _A),
-    (S.SASL_CHALLENGED, Event.SASL_CANCEL, Session._sasl_cancel, _A, _A),
+    (_S.SASL_STEP, Event.SASL_CHALLENGE, Session._sasl_challenge, _S.SASL_CHALLENGED, _A),
+    (_S.SASL_STEP, Event.SASL_SUCCEEDED, Session._sasl_succeeded, _S.LOGIN_PENDING, _A),
+    (_S.SASL_STEP, Event.SASL_REFUSED, Session._sasl_refused, _A, _A),
+    (_S.SASL_STEP, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
+    (_S.SASL_CHALLENGED, Event.SASL_RESPONSE, Session._sasl_response, _S.SASL_STEP, _A),
+    (_S.SASL_CHALLENGED, Event.SASL_CANCEL, Session._sasl_cancel, _A, _A),
     (
-        S.SASL_CHALLENGED,
+        _S.SASL_CHALLENGED,
         Event.CONNECTION_LOST,
         Session._disconnected_before_login,
-        S.CLOSED,
-        S.CLOSED,
+        _S.CLOSED,
+        _S.CLOSED,
     ),
     # The driver checks the credentials and opens the maildrop.
-    (S.LOGIN_PENDING, Event.LOGIN_SUCCEEDED, Session._logged_in, _T, _T),
-    (S.LOGIN_PENDING, Event.LOGIN_REFUSED, Session._login_refused, _A, _A),
+    (_S.LOGIN_PENDING, Event.LOGIN_SUCCEEDED, Session._logged_in, _T, _T),
+    (_S.LOGIN_PENDING, Event.LOGIN_REFUSED, Session._login_refused, _A, _A),
     (
-        S.LOGIN_PENDING,
+        _S.LOGIN_PENDING,
         Event.CONNECTION_LOST,
         Session._disconnected_before_login,
-        S.CLOSED,
-        S.CLOSED,
+        _S.CLOSED,
+        _S.CLOSED,
     ),
     # RFC 1939 section 5 and 7: TRANSACTION.
     (_T, Verb.STAT, Session._stat, _T, _T),
     (_T, Verb.LIST, Session._list, _T, _T),
-    (_T, Verb.RETR, Session._retr, S.OPENING_MESSAGE, _T),
-    (_T, Verb.TOP, Session._top, S.OPENING_MESSAGE, _T),
+    (_T, Verb.RETR, Session._retr, _S.OPENING_MESSAGE, _T),
+    (_T, Verb.TOP, Session._top, _S.OPENING_MESSAGE, _T),
     (_T, Verb.DELE, Session._dele, _T, _T),
     (_T, Verb.NOOP, Session._noop, _T, _T),
     (_T, Verb.RSET, Session._rset, _T, _T),
     (_T, Verb.UIDL, Session._uidl, _T, _T),
     (_T, Verb.CAPA, Session._capa, _T, _T),
     (_T, Verb.LANG, Session._lang, _T, _T),
-    (_T, Verb.QUIT, Session._quit_update, S.UPDATE, _T),
-    (_T, Event.CONNECTION_LOST, Session._ended_without_quit, S.CLOSED, S.CLOSED),
-    (S.OPENING_MESSAGE, Event.MESSAGE_OPENED, Session._message_opened, _T, _T),
-    (S.OPENING_MESSAGE, Event.MESSAGE_GONE, Session._message_gone, _T, _T),
-    (S.OPENING_MESSAGE, Event.CONNECTION_LOST, Session._ended_without_quit, S.CLOSED, S.CLOSED),
+    (_T, Verb.QUIT, Session._quit_update, _S.UPDATE, _T),
+    (_T, Event.CONNECTION_LOST, Session._ended_without_quit, _S.CLOSED, _S.CLOSED),
+    (_S.OPENING_MESSAGE, Event.MESSAGE_OPENED, Session._message_opened, _T, _T),
+    (_S.OPENING_MESSAGE, Event.MESSAGE_GONE, Session._message_gone, _T, _T),
+    (_S.OPENING_MESSAGE, Event.CONNECTION_LOST, Session._ended_without_quit, _S.CLOSED, _S.CLOSED),
     # RFC 1939 section 6: UPDATE, which goes on if the client leaves.
-    (S.UPDATE, Event.UPDATE_DONE, Session._update_done, S.CLOSED, S.CLOSED),
-    (S.UPDATE, Event.UPDATE_FAILED, Session._update_failed, S.CLOSED, S.CLOSED),
-    (S.UPDATE, Event.CONNECTION_LOST, Session._nothing, S.UPDATE, S.UPDATE),
+    (_S.UPDATE, Event.UPDATE_DONE, Session._update_done, _S.CLOSED, _S.CLOSED),
+    (_S.UPDATE, Event.UPDATE_FAILED, Session._update_failed, _S.CLOSED, _S.CLOSED),
+    (_S.UPDATE, Event.CONNECTION_LOST, Session._nothing, _S.UPDATE, _S.UPDATE),
     # Outcomes that arrive after the client left.
-    (S.CLOSED, Event.LOGIN_SUCCEEDED, Session._release_late_login, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.LOGIN_REFUSED, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.SASL_CHALLENGE, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.SASL_SUCCEEDED, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.SASL_REFUSED, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.MESSAGE_OPENED, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.MESSAGE_GONE, Session._nothing, S.CLOSED, S.CLOSED),
-    (S.CLOSED, Event.CONNECTION_LOST, Session._nothing, S.CLOSED, S.CLOSED),
+    (_S.CLOSED, Event.LOGIN_SUCCEEDED, Session._release_late_login, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.LOGIN_REFUSED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_CHALLENGE, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_SUCCEEDED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_REFUSED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.MESSAGE_OPENED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.MESSAGE_GONE, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.CONNECTION_LOST, Session._nothing, _S.CLOSED, _S.CLOSED),
 ]
 
 TRANSITIONS: dict[tuple[State, Verb | Event], Transition] = {
