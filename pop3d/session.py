@@ -485,16 +485,14 @@ class Session:
         "_languages",
         "_link",
         "_login_method",
-        "_login_user",
         "_messages",
         "_opening",
         "_opening_lines",
         "_opening_status",
-        "_pending_user",
         "_policy",
         "_retrieved",
-        "_sasl_name",
         "_tls_available",
+        "_username",
         "counters",
         "failed_logins",
         "state",
@@ -522,13 +520,11 @@ class Session:
         #: The user logged in (as shown in logs), once in TRANSACTION.
         self.user: str | None = None
         self.counters = SessionCounters()
-        # USER_GIVEN: the name given.
-        self._pending_user = b""
-        # LOGIN_PENDING: who is logging in, and how.
-        self._login_user = b""
+        # USER_GIVEN: the name given; LOGIN_PENDING: who is logging in.
+        self._username = b""
+        # LOGIN_PENDING (and the SASL exchange before it): how ("USER",
+        # "APOP", "SASL PLAIN", ...).
         self._login_method = ""
-        # SASL_STEP, SASL_CHALLENGED: the mechanism's name.
-        self._sasl_name = b""
         # OPENING_MESSAGE: the message, and the lines of TOP (None: RETR).
         self._opening = 0
         self._opening_lines: int | None = None
@@ -752,14 +748,14 @@ class Session:
             raise _Declined(Status(False, USER_PASS_UNAVAILABLE))
         if not self._plaintext_allowed():
             raise _Declined(Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
-        self._pending_user = _prepared(command.arguments[0], INVALID_USER_NAME)
+        self._username = _prepared(command.arguments[0], INVALID_USER_NAME)
         return Status(True, USER_ACCEPTED)
 
     def _pass_without_user(self, command: Command) -> Reply:
         raise _BadCommand(PASS_WITHOUT_USER)
 
     def _pass(self, command: Command) -> Outcome:
-        username = self._pending_user
+        username = self._username
         password = command.arguments[0]
         if self.utf8 and not is_utf8(password):
             # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
@@ -777,7 +773,7 @@ class Session:
         return self._log_in(APOPDigest(self._apop_challenge, username, digest), username, "APOP")
 
     def _log_in(self, credentials: object, username: bytes, method: str) -> Action:
-        self._login_user = username
+        self._username = username
         self._login_method = method
         return LogIn(credentials, username, method)
 
@@ -802,7 +798,7 @@ class Session:
             initial = b"" if argument == b"=" else decode_base64(argument)
             if initial is None:
                 raise _Declined(Status(False, INVALID_BASE64))
-        self._sasl_name = mechanism.name
+        self._login_method = "SASL " + mechanism.name.decode("ascii", "replace")
         return StartSASL(mechanism, initial)
 
     def _stls(self, command: Command) -> Reply:
@@ -863,8 +859,7 @@ class Session:
 
     def _sasl_succeeded(self, result: tuple[object, bytes]) -> Outcome:
         credentials, username = result
-        method = "SASL " + self._sasl_name.decode("ascii", "replace")
-        return self._log_in(credentials, username, method)
+        return self._log_in(credentials, username, self._login_method)
 
     def _sasl_refused(self, status: Status) -> Outcome:
         # After a failure the session is as if AUTH never happened.
@@ -874,7 +869,8 @@ class Session:
 
     def _logged_in(self, messages: MessageList) -> Outcome:
         self._messages = messages
-        self.user = self._login_user.decode("utf-8", "replace")
+        self.user = self._username.decode("utf-8", "replace")
+        self._username = b""  # an idle session keeps only what it needs
         self._bad_commands = 0
         # One line per session, when it ends (see EndSession).
         self.counters.method = self._login_method
