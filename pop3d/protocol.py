@@ -159,6 +159,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         """The session this connection speaks for."""
         return self.driver.session
 
+    @property
+    def buffered_input(self) -> int:
+        """Octets of client input held, not yet taken as lines (a partial line, pipelined ones)."""
+        return len(self._buffer)
+
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's scheduling, on the injected clock.
         return self._clock.callLater(period, func)

@@ -751,7 +751,7 @@ class TestAbuse:
         piece = b"x" * 4096
         for _ in range(256):
             assert logged_in.send(piece) == b""
-            assert len(logged_in.protocol._buffer) <= MAX_COMMAND_LENGTH + 1
+            assert logged_in.protocol.buffered_input <= MAX_COMMAND_LENGTH + 1
         assert logged_in.send(b"tail\r\nNOOP\r\n") == b"-ERR line too long\r\n" + OK
 
     def test_three_bad_commands_before_login_close(self, wire: Wire) -> None:
