@@ -631,18 +631,23 @@ class Session:
         return self._fire(Event.LOGIN_SUCCEEDED, messages)
 
     def login_refused(self, refusal: LoginRefusal) -> Outcome | None:
+        """The login failed (wrong credentials, maildrop in use, LOGIN-DELAY, ...)."""
         return self._fire(Event.LOGIN_REFUSED, refusal)
 
     def message_opened(self, body: IMessageBody) -> Outcome | None:
+        """The message of `OpenMessage` is open: ``body`` is sent as the reply's lines."""
         return self._fire(Event.MESSAGE_OPENED, body)
 
     def message_gone(self, status: Status) -> Outcome | None:
+        """The message of `OpenMessage` cannot be read: ``status`` is the answer."""
         return self._fire(Event.MESSAGE_GONE, status)
 
     def update_done(self, removed: frozenset[int]) -> Outcome | None:
+        """`RunUpdate` removed ``removed`` (DELE's and EXPIRE's)."""
         return self._fire(Event.UPDATE_DONE, removed)
 
     def update_failed(self, status: Status) -> Outcome | None:
+        """`RunUpdate` could not remove everything: ``status`` is the answer to QUIT."""
         return self._fire(Event.UPDATE_FAILED, status)
 
     def connection_lost(self) -> Outcome | None:
