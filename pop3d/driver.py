@@ -84,6 +84,14 @@ class Replies(Protocol):
 
 
 _NONE: frozenset[int] = frozenset()
+#: What a client is told of a failure nobody expected (its details are logged).
+INTERNAL_ERROR_STATUS = Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+
+
+def unexpected_error(log: Logger, failure: Failure, peer: str) -> Status:
+    """Log a failure nobody expected, with its traceback; answer -ERR [SYS/TEMP]."""
+    log.failure("unexpected error answering {peer}", failure, peer=peer)
+    return INTERNAL_ERROR_STATUS
 
 
 @implementer(IUsernameHashedPassword)
@@ -342,8 +350,7 @@ class SessionDriver:
         self._carry_out(self.session.message_gone(status))
 
     def _unexpected(self, failure: Failure) -> Status:
-        self.log.failure("unexpected error answering {peer}", failure, peer=self.session.peer)
-        return Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        return unexpected_error(self.log, failure, self.session.peer)
 
     # -- UPDATE (RFC 1939 section 6) ---------------------------------------------
 
@@ -382,7 +389,7 @@ class SessionDriver:
             self.log.warn("UPDATE for {user} incomplete: {reason}", user=user, reason=error.text)
             return error.status()
         self.log.failure("UPDATE for {user} failed", failure, user=user)
-        return Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        return INTERNAL_ERROR_STATUS
 
     def _mark_seen(
         self,
@@ -513,4 +520,4 @@ def _login_failure_status(failure: Failure) -> tuple[str, Status]:
         error = failure.value
         assert isinstance(error, POP3Error)
         return "login-delay", error.status()
-    return "internal", Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+    return "internal", INTERNAL_ERROR_STATUS

@@ -33,10 +33,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3d.driver import Replies, SessionDriver
+from pop3d.driver import Replies, SessionDriver, unexpected_error
 from pop3d.errors import POP3Error
 from pop3d.session import (
-    INTERNAL_ERROR,
     Hangup,
     Link,
     Listing,
@@ -50,7 +49,6 @@ from pop3d.tls import ServerTLS
 from pop3d.wire import (
     MAX_COMMAND_LENGTH,
     TERMINATOR,
-    ResponseCode,
     Status,
     Translator,
     format_multiline,
@@ -337,8 +335,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._update_reading()
 
     def _unexpected_failure(self, failure: Failure) -> Status:
-        self.log.failure("unexpected error answering {peer}", failure, peer=self.session.peer)
-        return Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        return unexpected_error(self.log, failure, self.session.peer)
 
     def _send(self, reply: Reply) -> Deferred[None] | None:
         # Worded as the session speaks now: a LANG reply is in its new language.
