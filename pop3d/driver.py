@@ -205,7 +205,7 @@ class SessionDriver:
         """A command line from the client (without its line ending)."""
         outcome = self.session.receive_line(line)
         if isinstance(outcome, Action):
-            self._carry_out(outcome)
+            _PERFORMERS[type(outcome)](self, outcome)
         else:
             # Most commands: the reply is ready.
             self._replies.deliver(outcome)
@@ -328,17 +328,23 @@ class SessionDriver:
             self._message_not_opened(Failure())
             return
         if isinstance(opened, Deferred):
+            # RETR of small messages is benchmarked: one pair of callbacks,
+            # which catch their own failures.
             opened.addCallbacks(self._message_opened, self._message_not_opened)
-            opened.addErrback(self._report_failure)
         else:
             self._message_opened(cast(IMessageBody, opened))
 
     def _message_opened(self, body: IMessageBody) -> None:
-        outcome = self.session.message_opened(body)
-        if outcome is None:
-            body.close()  # the client has gone
-        else:
-            self._carry_out(outcome)
+        try:
+            outcome = self.session.message_opened(body)
+            if outcome is None:
+                body.close()  # the client has gone
+            elif isinstance(outcome, Action):
+                self._carry_out(outcome)
+            else:
+                self._replies.deliver(outcome)
+        except Exception:
+            self._report_failure(Failure())
 
     def _message_not_opened(self, failure: Failure) -> None:
         if failure.check(POP3Error):
@@ -347,7 +353,10 @@ class SessionDriver:
             status = error.status()
         else:
             status = self._unexpected(failure)
-        self._carry_out(self.session.message_gone(status))
+        try:
+            self._carry_out(self.session.message_gone(status))
+        except Exception:
+            self._report_failure(Failure())
 
     def _unexpected(self, failure: Failure) -> Status:
         return unexpected_error(self.log, failure, self.session.peer)
