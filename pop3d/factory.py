@@ -1,5 +1,5 @@
 """
-The protocol factory: one `Session` and one `POP3Protocol` per connection.
+The protocol factory: one `POP3Protocol`, `SessionDriver` and `Session` per connection.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from pop3d.driver import Replies, SessionDriver
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.sasl import ISASLMechanism
@@ -23,7 +24,7 @@ from pop3d.sasl.cram_md5 import CramMD5
 from pop3d.sasl.login import Login
 from pop3d.sasl.plain import Plain
 from pop3d.sasl.scram import ScramSHA256
-from pop3d.session import DEFAULT_POLICY, Link, Session, SessionPolicy
+from pop3d.session import DEFAULT_POLICY, Link, SessionPolicy
 from pop3d.throttle import FailureDelay, IPNetwork
 from pop3d.tls import ServerTLS
 from pop3d.wire import ClientWorkarounds, ResponseCode, format_status
@@ -106,22 +107,23 @@ class POP3Factory(Factory):
             log.warn("refusing connection from {host}: too many connections", host=host)
             return _TooManyConnections()
 
-        def new_session(link: Callable[[], Link]) -> Session:
-            return Session(
+        def new_driver(link: Callable[[], Link], replies: Replies) -> SessionDriver:
+            return SessionDriver(
                 self.portal,
-                apop_challenge=self.apop_challenge(),
+                replies=replies,
                 link=link,
+                clock=self.clock,
+                apop_challenge=self.apop_challenge(),
                 failure_delay=self.failure_delay,
                 policy=self.policy,
                 mechanisms=self.mechanisms,
                 tls_available=self.tls is not None,
                 hostname=self.hostname,
-                clock=self.clock,
                 languages=self.languages,
             )
 
         protocol = POP3Protocol(
-            new_session,
+            new_driver,
             clock=self.clock,
             timeout=self.timeout,
             tls=self.tls,

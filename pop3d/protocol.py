@@ -3,19 +3,22 @@ The adapter between a TCP (or TLS, or UNIX) connection and a `Session`.
 
 It frames lines, enforces the line-length limit and the inactivity timeout,
 answers pipelined commands strictly in order, and streams messages with
-backpressure.  Every decision about what to answer is the session's.
+backpressure.  Every decision about what to answer is the session's
+(`pop3d.session`); what it asks for is done by its `pop3d.driver.SessionDriver`,
+which hands each reply to `POP3Protocol.deliver`.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -30,9 +33,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3d.driver import Replies, SessionDriver, unexpected_error
 from pop3d.errors import POP3Error
 from pop3d.session import (
-    INTERNAL_ERROR,
     Hangup,
     Link,
     Listing,
@@ -46,7 +49,6 @@ from pop3d.tls import ServerTLS
 from pop3d.wire import (
     MAX_COMMAND_LENGTH,
     TERMINATOR,
-    ResponseCode,
     Status,
     Translator,
     format_multiline,
@@ -84,9 +86,33 @@ class _Transport(Protocol):
     def resumeProducing(self) -> None: ...
 
 
+class Phase(enum.Enum):
+    """Where a connection is, as far as commands go."""
+
+    #: Waiting for the next command line.
+    READING = "READING"
+    #: A command is being answered: its reply is not all written yet, and
+    #: pipelined lines wait (RFC 2449 section 6.6: answered strictly in order).
+    ANSWERING = "ANSWERING"
+    #: Hung up or aborting: nothing more is read or answered.
+    CLOSING = "CLOSING"
+    #: The connection is gone.
+    CLOSED = "CLOSED"
+
+    # Checked several times per command: identity's hash, in C.
+    __hash__ = object.__hash__
+
+
+_OPEN = frozenset({Phase.READING, Phase.ANSWERING})
+
+#: Makes the driver of one connection's session: given how to learn the
+#: link and where replies go.
+NewDriver = Callable[[Callable[[], Link], Replies], SessionDriver]
+
+
 class POP3Protocol(LineReceiver, TimeoutMixin):
     """
-    Speaks POP3 for one `Session` over one connection.
+    Speaks POP3 for one `Session` (run by its `SessionDriver`) over one connection.
     """
 
     # Bare LF is accepted as a line end as well as CRLF: lenient in what we
@@ -97,35 +123,44 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def __init__(
         self,
-        new_session: Callable[[Callable[[], Link]], Session],
+        new_driver: NewDriver,
         *,
         clock: IReactorTime,
         timeout: int | None,
         tls: ServerTLS | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.session = new_session(self._link)
+        #: Runs the session: logins, stores, logging.
+        self.driver = new_driver(self._link, self)
         self._on_close = on_close
         self._tls = tls
         self._clock = clock
         self._timeout = timeout
+        self.phase = Phase.READING
         # Lines are held back while a reply is being produced (so that
         # pipelined commands are answered in order) and while the transport
         # cannot take more output (so that a client that does not read
         # cannot make the server buffer replies without bound).  Reading
         # from the socket goes on, since TLS needs it to make progress,
         # until too much input is held.
-        self._command_in_flight = False
         self._output_blocked = False
         self._held_input = 0
         self._reading_paused = False
         self._stream: _MessageStreamer | None = None
         self._discarding_long_line = False
         self._after_long_line = b""
-        self._closing = False
-        self._disconnected = False
         self._tls_started = False
         self._known_link: Link | None = None
+
+    @property
+    def session(self) -> Session:
+        """The session this connection speaks for."""
+        return self.driver.session
+
+    @property
+    def buffered_input(self) -> int:
+        """Octets of client input held, not yet taken as lines (a partial line, pipelined ones)."""
+        return len(self._buffer)
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's scheduling, on the injected clock.
@@ -169,20 +204,24 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._connection.write(self.session.greeting().to_bytes())
 
     def connectionLost(self, reason: FailureType | None = None) -> None:
-        self._disconnected = True
+        self.phase = Phase.CLOSED
         if self._on_close is not None:
             self._on_close()
         self.setTimeout(None)
         if self._stream is not None:
             self._stream.abandon()
-        self.session.connection_lost()
+        self.driver.connection_lost()
 
     def timeoutConnection(self) -> None:
         # RFC 1939 section 3: autologout without a response and without
         # entering UPDATE.  Abort rather than wait for a stalled client to
         # drain its buffer.
         self.log.info("autologout of idle connection from {peer}", peer=self.session.peer)
-        self._closing = True
+        self._abort()
+
+    def _abort(self) -> None:
+        """Close at once: no honest answer is left to give."""
+        self.phase = Phase.CLOSING
         self._connection.abortConnection()
 
     # -- flow control --------------------------------------------------------
@@ -198,9 +237,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        if self._disconnected or self._closing:
+        if self.phase not in _OPEN:
             return
-        hold = self._command_in_flight or self._output_blocked
+        hold = self.phase is Phase.ANSWERING or self._output_blocked
         if hold and not self.paused:
             # LineReceiver hands over no more lines while paused.
             self.paused = True
@@ -223,12 +262,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         super().dataReceived(data)
         # LineReceiver stops at an overlong line and hands us everything it
         # had buffered; what followed the overlong line is fed back here.
-        while self._after_long_line and not (self._disconnected or self._closing):
+        while self._after_long_line and self.phase in _OPEN:
             rest, self._after_long_line = self._after_long_line, b""
             super().dataReceived(rest)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._closing:
+        if self.phase not in _OPEN:
             return
         _, newline, rest = line.partition(self.delimiter)
         if not newline:
@@ -238,81 +277,67 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             return
         self._discarding_long_line = False
         self._after_long_line = rest
-        self._answer(_ask(self.session.line_too_long))
+        self._command(None)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._closing:
+        if self.phase not in _OPEN:
             return
         self.resetTimeout()
         if self._discarding_long_line:
             self._discarding_long_line = False
-            self._answer(_ask(self.session.line_too_long))
+            self._command(None)
             return
         if line.endswith(b"\r"):
             line = line[:-1]
-        try:
-            reply = self.session.handle_line(line)
-        except Exception:
-            self._answer(fail())
-            return
-        if isinstance(reply, Deferred):
-            self._answer(reply)
-            return
-        # Answered at once (most commands): no Deferred to go through.
-        try:
-            streaming = self._send(reply)
-        except Exception:
-            # Part of the reply, or a TLS handshake, may be under way: no
-            # honest answer is left to give.
-            self.log.failure("unexpected error answering {peer}", peer=self.session.peer)
-            self._closing = True
-            self._connection.abortConnection()
-            return
-        if streaming is not None:
-            # A message still being sent: no further command is read until
-            # it is all written.
-            self._command_in_flight = True
-            streaming.addBoth(self._command_done)
-            self._update_reading()
+        self._command(line)
 
     # -- answering, strictly in order ----------------------------------------
 
-    def _answer(self, reply: Deferred[Reply]) -> None:
-        """Send a reply; no further command is read until it is all written."""
-        self._command_in_flight = True
-        reply.addBoth(self._answer_ready)
-        self._update_reading()
+    def _command(self, line: bytes | None) -> None:
+        """A command line (None: one that was too long) for the driver."""
+        self.phase = Phase.ANSWERING
+        try:
+            if line is None:
+                self.driver.line_too_long()
+            else:
+                self.driver.line(line)
+        except Exception:
+            self.deliver(Failure())
+        if self.phase is Phase.ANSWERING:
+            # The answer comes later (or is a message still being sent): no
+            # further command is read until it is all written.
+            self._update_reading()
 
-    def _answer_ready(self, reply: Reply | Failure) -> Deferred[None] | None:
+    def deliver(self, reply: Reply | Failure) -> None:
+        """The driver's answer to the command in flight, at once or later."""
         if isinstance(reply, Failure):
             reply = self._unexpected_failure(reply)
+        if self.phase not in _OPEN:
+            if isinstance(reply, MessageStream):
+                reply.body.close()
+            return
         try:
             streaming = self._send(reply)
         except Exception:
-            # As in lineReceived: part of the reply may be out, and the next
-            # reply must not pass for this one's.
+            # Part of the reply, or a TLS handshake, may be under way, and
+            # the next reply must not pass for this one's.
             self._unexpected_failure(Failure())
-            self._closing = True
-            self._connection.abortConnection()
-            streaming = None
+            self._abort()
+            return
         if streaming is None:
             self._command_done(None)
-            return None
-        return streaming.addBoth(self._command_done)
+        else:
+            streaming.addBoth(self._command_done)
 
     def _command_done(self, _: object) -> None:
-        self._command_in_flight = False
-        self._update_reading()
+        if self.phase is Phase.ANSWERING:
+            self.phase = Phase.READING
+            self._update_reading()
 
     def _unexpected_failure(self, failure: Failure) -> Status:
-        self.log.failure("unexpected error answering {peer}", failure, peer=self.session.peer)
-        return Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+        return unexpected_error(self.log, failure, self.session.peer)
 
     def _send(self, reply: Reply) -> Deferred[None] | None:
-        if self._disconnected or self._closing:
-            if isinstance(reply, MessageStream):
-                reply.body.close()
-            return None
         # Worded as the session speaks now: a LANG reply is in its new language.
         wording = self.session.wording
         if isinstance(reply, Status):
@@ -335,7 +360,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._tls_started = True
             self._known_link = None
         elif isinstance(reply, Hangup):
-            self._closing = True
+            self.phase = Phase.CLOSING
             # A transport with a registered producer does not close.
             self._connection.unregisterProducer()
             self._connection.write(reply.status.to_bytes(wording))
@@ -358,8 +383,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.log.failure(
             "reading a message failed mid-response to {peer}", result, peer=self.session.peer
         )
-        self._closing = True
-        self._connection.abortConnection()
+        self._abort()
 
 
 @implementer(IPushProducer)
@@ -402,15 +426,6 @@ def describe_address(addr: IAddress | None) -> str:
     if host is not None and port is not None:
         return f"{host}:{port}"
     return str(getattr(addr, "name", None) or addr)
-
-
-def _ask(question: Callable[[], Reply | Deferred[Reply]]) -> Deferred[Reply]:
-    """The session's answer as a Deferred, whether it came at once or not."""
-    try:
-        answer = question()
-    except Exception:
-        return fail()
-    return answer if isinstance(answer, Deferred) else succeed(answer)
 
 
 class MessageTruncated(Exception):

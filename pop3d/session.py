@@ -1,48 +1,31 @@
 """
-The POP3 session state machine (RFC 1939 sections 3-7, RFC 2449).
+The POP3 session state machine (RFC 1939 sections 3-7, RFC 2449, RFC 5034,
+RFC 6856), with no I/O.
 
-Every legal (state, command) pair is listed once, in `_TABLE`; a
-command that is not there is answered ``-ERR`` without running any code
-chosen by the client.  The session knows nothing about transports: it takes
-command lines and returns replies (or Deferreds of replies), and the
-`pop3d.protocol` adapter puts them on the wire.
+Like h11, the session does nothing itself and imports nothing of Twisted.
+It is told what happened -- a command line from the client, or the outcome
+of something it asked for -- and answers with what to do next: a reply to
+send (`Reply`), or an `Action` for its driver (`pop3d.driver`) to carry out
+and report back (log in, open a message, run the UPDATE plan, ...).
+
+Every transition is in `TRANSITIONS`, one table of
+(state, event) -> (who answers, next state, state if refused); an event
+that is not there in the current state is refused without running any code
+chosen by the client.  Sub-states are states of their own: a USER waiting
+for its PASS, a SASL exchange, a login or a message being fetched, UPDATE.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import Protocol
 
-from twisted.cred.credentials import (
-    ICredentials,
-    IUsernameHashedPassword,
-    IUsernamePassword,
-)
-from twisted.cred.error import LoginFailed, UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
-
-from pop3d.credentials import PreparedUsernamePassword
-from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
-from pop3d.expire import expired_messages
+from pop3d.errors import POP3Error
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
-from pop3d.sasl import (
-    Authenticate,
-    Challenge,
-    ExchangeContext,
-    ISASLExchange,
-    ISASLMechanism,
-    SASLError,
-)
 from pop3d.saslprep import SASLprepError, prepare_credential
-from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
-from pop3d.throttle import FailureDelay
+from pop3d.stores.interfaces import IMessageBody, MessageList
 from pop3d.wire import (
     BAD_UTF8,
     NO_WORKAROUNDS,
@@ -64,17 +47,66 @@ from pop3d.wire import (
     parse_sasl_response,
 )
 
-if TYPE_CHECKING:
-    from twisted.cred.portal import Portal
-    from twisted.internet.interfaces import IReactorTime
-
 
 class State(enum.Enum):
-    """The session states of RFC 1939 section 3."""
+    """
+    The session states of RFC 1939 section 3, with their sub-states: while
+    the session waits for its driver (a login, a message, UPDATE) no command
+    is taken; the driver holds pipelined lines until the outcome is in.
+    """
 
+    #: RFC 1939 section 4: no user named yet.
     AUTHORIZATION = "AUTHORIZATION"
+    #: USER was accepted: PASS may follow (RFC 1939 section 7).
+    USER_GIVEN = "USER_GIVEN"
+    #: A SASL mechanism is working on a response (RFC 5034 section 4).
+    SASL_STEP = "SASL_STEP"
+    #: A SASL challenge was sent: the next line is the client's answer.
+    SASL_CHALLENGED = "SASL_CHALLENGED"
+    #: The driver is checking credentials and opening the maildrop.
+    LOGIN_PENDING = "LOGIN_PENDING"
+    #: RFC 1939 section 5.
     TRANSACTION = "TRANSACTION"
+    #: RETR or TOP: the driver is opening the message.
+    OPENING_MESSAGE = "OPENING_MESSAGE"
+    #: RFC 1939 section 6: the driver is carrying out the UPDATE plan.
     UPDATE = "UPDATE"
+    #: The session is over (the connection is gone, or UPDATE ended).
+    CLOSED = "CLOSED"
+
+    # Looked up on every command: identity's hash, in C, not Enum's in Python.
+    __hash__ = object.__hash__
+
+
+class Event(enum.Enum):
+    """What happens to a session besides commands (`pop3d.wire.Verb`)."""
+
+    #: A line answering a SASL challenge (decoded; None if not base64).
+    SASL_RESPONSE = "SASL_RESPONSE"
+    #: "*" instead of an answer to a SASL challenge (RFC 5034 section 4).
+    SASL_CANCEL = "SASL_CANCEL"
+    #: The mechanism sends a challenge.
+    SASL_CHALLENGE = "SASL_CHALLENGE"
+    #: The exchange is complete: credentials to log in with.
+    SASL_SUCCEEDED = "SASL_SUCCEEDED"
+    #: The mechanism refused the client's response.
+    SASL_REFUSED = "SASL_REFUSED"
+    #: The maildrop is open; its listing.
+    LOGIN_SUCCEEDED = "LOGIN_SUCCEEDED"
+    #: The login was refused (`LoginRefusal`).
+    LOGIN_REFUSED = "LOGIN_REFUSED"
+    #: The message asked for is open; its body.
+    MESSAGE_OPENED = "MESSAGE_OPENED"
+    #: The message asked for cannot be read; the -ERR to send.
+    MESSAGE_GONE = "MESSAGE_GONE"
+    #: UPDATE removed what it was to remove (the indexes removed).
+    UPDATE_DONE = "UPDATE_DONE"
+    #: UPDATE could not remove everything; the -ERR to send.
+    UPDATE_FAILED = "UPDATE_FAILED"
+    #: The client went away.
+    CONNECTION_LOST = "CONNECTION_LOST"
+
+    __hash__ = object.__hash__
 
 
 # Texts of the replies, named so that each is written once (tests compare
@@ -91,6 +123,7 @@ NO_SUCH_MESSAGE = "no such message"
 ALREADY_DELETED = "message already deleted"
 INTERNAL_ERROR = "internal server error, try again later"
 PASS_WITHOUT_USER = "send USER first"  # noqa: S105
+USER_PASS_UNAVAILABLE = "USER/PASS is not available"  # noqa: S105
 APOP_UNAVAILABLE = "APOP is not available"
 PLAINTEXT_DISALLOWED = "plaintext authentication disallowed on non-secure connections"
 UNKNOWN_MECHANISM = "unsupported authentication mechanism"
@@ -112,6 +145,9 @@ LANGUAGE_CHANGED = "{tag} language changed"
 NO_SUCH_LANGUAGE = "language {range} is not available"
 INVALID_USER_NAME = "the user name contains characters that are not allowed"
 INVALID_PASSWORD = "the password contains characters that are not allowed"  # noqa: S105
+
+
+# -- replies --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -163,6 +199,171 @@ class StartTLS:
 Reply = Status | Listing | MessageStream | Hangup | SASLContinuation | StartTLS
 
 
+# -- requests for actions -----------------------------------------------------
+
+
+class Action:
+    """Something the driver must do for the session (then report back)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordCredentials:
+    """
+    USER and PASS (RFC 1939 section 7) as the client sent them; the checkers
+    get them SASLprep'd too (RFC 6856 section 2.2, `pop3d.credentials`).
+    """
+
+    username: bytes
+    password: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class APOPDigest:
+    """APOP (RFC 1939 section 7): MD5 of ``challenge`` and the shared secret."""
+
+    challenge: bytes
+    username: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LogIn(Action):
+    """
+    Check ``credentials`` (`PasswordCredentials`, `APOPDigest`, or what a SASL
+    mechanism produced) and open the maildrop; report `Session.login_succeeded`
+    or `Session.login_refused`.
+    """
+
+    credentials: object
+    username: bytes
+    #: For the log: "USER", "APOP", "SASL PLAIN", ...
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartSASL(Action):
+    """
+    Start ``mechanism`` and give it ``initial`` (None: AUTH carried no initial
+    response); report its outcome (`Session.sasl_challenge`,
+    `Session.sasl_succeeded`, `Session.sasl_refused`).
+    """
+
+    mechanism: Mechanism
+    initial: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepSASL(Action):
+    """Give the running mechanism the client's ``response``; report as for `StartSASL`."""
+
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMessage(Action):
+    """Open message ``index``; report `Session.message_opened` or `Session.message_gone`."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunUpdate(Action):
+    """
+    The UPDATE plan (RFC 1939 section 6): remove ``remove`` and, when
+    ``expire_days`` is set, those of ``expire_candidates`` retrieved that
+    many days ago (RFC 2449 section 6.7); then mark ``retrieved`` seen (of
+    the messages left) on stores that keep the flag.  Report
+    `Session.update_done` (whatever the seen flags did) or `Session.update_failed`.
+    """
+
+    remove: frozenset[int]
+    expire_days: int | None
+    expire_candidates: frozenset[int]
+    retrieved: frozenset[int]
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerFailedLogin(Action):
+    """Send ``reply`` after the failed-login delay (`pop3d.throttle`)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession(Action):
+    """
+    A logged-in session ended: write its one log line (``outcome`` and
+    `Session.counters`), release the maildrop, then send ``reply`` if any.
+    """
+
+    outcome: str
+    reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseMaildrop(Action):
+    """A login completed after the client left: release the maildrop, say nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectedBeforeLogin(Action):
+    """The client left before logging in: log it, with ``failed_logins``."""
+
+    failed_logins: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseForAbuse(Action):
+    """Too many bad commands in a row: log it, then send ``reply``."""
+
+    reply: Hangup
+    bad_commands: int
+
+
+Outcome = Reply | Action
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRefusal:
+    """Why a login failed, as the driver found it."""
+
+    #: What the client is told.
+    status: Status
+    #: A wrong password or unknown user: counted, and answered late.
+    counted: bool
+    #: The client is in a trusted network: never disconnected for failures.
+    trusted: bool = False
+
+
+# -- what the session needs to know ---------------------------------------------
+
+
+class Mechanism(Protocol):
+    """What the session knows of a SASL mechanism (`pop3d.sasl.ISASLMechanism`)."""
+
+    @property
+    def name(self) -> bytes: ...
+
+    @property
+    def sends_password(self) -> bool: ...
+
+
+class Authentication(Protocol):
+    """Which logins the server can check now (asked each time: checkers may be added)."""
+
+    def password_logins(self) -> bool:
+        """USER/PASS (and so plaintext SASL mechanisms) can be checked."""
+
+    def usable_mechanisms(self) -> Sequence[Mechanism]:
+        """The configured mechanisms whose credentials can be checked."""
+
+    def configured_mechanisms(self) -> Sequence[Mechanism]:
+        """Every configured mechanism."""
+
+
 @dataclass(frozen=True, slots=True)
 class Link:
     """What the session knows of the connection it runs on."""
@@ -205,29 +406,10 @@ class SessionPolicy:
 
 
 DEFAULT_POLICY = SessionPolicy()
+_OK = Status(True)
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
 _NO_MESSAGES = MessageList()
-
-_T = TypeVar("_T")
-
-
-def _settled(deferred: Deferred[_T]) -> _T | Deferred[_T]:
-    """
-    The result of a Deferred that has already succeeded, else the Deferred.
-    Most replies are ready at once (in-memory checkers, cached listings):
-    returned as they are, they skip the protocol's callback chain.
-    """
-    results: list[object] = []
-
-    def keep(result: object) -> object:
-        results.append(result)
-        return result
-
-    deferred.addBoth(keep)
-    if results and not isinstance(results[0], Failure):
-        return cast(_T, results[0])
-    return deferred
 
 
 @dataclass(slots=True)
@@ -241,6 +423,10 @@ class SessionCounters:
     deleted_octets: int = 0
 
 
+class SessionBusy(RuntimeError):
+    """A command line reached a session waiting for its driver (a driver bug)."""
+
+
 class _BadCommand(Exception):
     """A syntax error in a command: answered -ERR and counted as abuse."""
 
@@ -249,29 +435,15 @@ class _BadCommand(Exception):
         self.text = text
 
 
-@implementer(IUsernameHashedPassword)
-class APOPCredentials:
+class _Declined(Exception):
     """
-    The credentials of an APOP command (RFC 1939 section 7): the digest
-    is MD5 of the greeting's timestamp followed by the shared secret.
+    A command answered without its transition (a refusal, a listing):
+    the session takes the entry's ``otherwise`` state.
     """
 
-    def __init__(self, challenge: bytes, username: bytes, digest: bytes) -> None:
-        self.challenge = challenge
-        self.username = username
-        self.digest = digest
-
-    def checkPassword(self, password: bytes | str) -> bool:
-        if isinstance(password, str):
-            password = password.encode("utf-8")
-        # RFC 6856 section 2.2: the secret of the digest is SASLprep'd as a
-        # stored string; one SASLprep refuses is used as it is.
-        try:
-            password = prepare_credential(password, stored=True)
-        except SASLprepError:
-            pass
-        expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
-        return hmac.compare_digest(expected, self.digest.lower())
+    def __init__(self, reply: Reply) -> None:
+        super().__init__()
+        self.reply = reply
 
 
 def _is_md5_hex(value: bytes) -> bool:
@@ -289,49 +461,77 @@ def _prepared(value: bytes, refusal: str) -> bytes:
         raise _BadCommand(refusal) from None
 
 
-Handler = Callable[["Session", Command], "Reply | Deferred[Reply]"]
+_BEFORE_LOGIN = frozenset(
+    {State.AUTHORIZATION, State.USER_GIVEN, State.SASL_STEP, State.SASL_CHALLENGED}
+)
+# A line can only be taken while the session waits for the client.
+_TAKES_LINES = _BEFORE_LOGIN - {State.SASL_STEP} | {State.TRANSACTION}
 
 
 class Session:
     """
     One POP3 conversation, from greeting to UPDATE.
 
-    ``apop_challenge`` is the timestamp of the greeting, or None when the
-    portal cannot verify APOP (then the greeting carries none).
+    ``apop_challenge`` is the timestamp of the greeting, or None when APOP
+    cannot be verified (then the greeting carries none).  ``link`` tells the
+    connection as it is now (STLS makes it secure); ``authentication`` which
+    logins can be checked.
     """
 
-    log = Logger()
+    # Thousands of idle sessions: no instance dictionary.
+    __slots__ = (
+        "_all_octets",
+        "_apop_challenge",
+        "_authentication",
+        "_bad_commands",
+        "_deleted",
+        "_languages",
+        "_link",
+        "_login_method",
+        "_messages",
+        "_opening",
+        "_opening_lines",
+        "_opening_status",
+        "_policy",
+        "_retrieved",
+        "_tls_available",
+        "_username",
+        "counters",
+        "failed_logins",
+        "state",
+        "user",
+        "utf8",
+        "wording",
+    )
 
     def __init__(
         self,
-        portal: Portal,
         *,
         apop_challenge: bytes | None,
         link: Callable[[], Link],
-        failure_delay: FailureDelay | None = None,
+        authentication: Authentication,
         policy: SessionPolicy = DEFAULT_POLICY,
-        mechanisms: Sequence[ISASLMechanism] = (),
         tls_available: bool = False,
-        hostname: str = "localhost",
-        clock: IReactorTime | None = None,
         languages: Languages = BUILTIN_LANGUAGES,
     ) -> None:
-        self._portal = portal
         self._apop_challenge = apop_challenge
         self._link = link
-        self._mechanisms = mechanisms
+        self._authentication = authentication
         self._tls_available = tls_available
-        self._hostname = hostname
-        self._clock = clock
-        if policy.expire_days and clock is None:
-            raise ValueError("EXPIRE with a number of days needs a clock")
-        self._sasl: _SASLInProgress | None = None
         self._policy = policy
         self.state = State.AUTHORIZATION
+        #: The user logged in (as shown in logs), once in TRANSACTION.
         self.user: str | None = None
         self.counters = SessionCounters()
-        self._pending_user: bytes | None = None
-        self._maildrop: IMaildrop | None = None
+        # USER_GIVEN: the name given; LOGIN_PENDING: who is logging in.
+        self._username = b""
+        # LOGIN_PENDING (and the SASL exchange before it): how ("USER",
+        # "APOP", "SASL PLAIN", ...).
+        self._login_method = ""
+        # OPENING_MESSAGE: the message, and the lines of TOP (None: RETR).
+        self._opening = 0
+        self._opening_lines: int | None = None
+        self._opening_status = _OK
         self._messages = _NO_MESSAGES
         # Marked by DELE; nothing is removed before UPDATE (RFC 1939 section 6).
         # Most sessions delete and retrieve nothing (and an idle session
@@ -342,10 +542,7 @@ class Session:
         # Sent with RETR (not TOP), for stores that record what was read.
         self._retrieved: set[int] | frozenset[int] = _NONE
         self._bad_commands = 0
-        self._failed_logins = 0
-        self._failure_delay = failure_delay
-        self._logout: Callable[[], None] | None = None
-        self._disconnected = False
+        self.failed_logins = 0
         self._languages = languages
         #: How replies are worded (RFC 6856): None until LANG or UTF8, for
         #: the English, ASCII-only texts of RFC 1939.
@@ -366,7 +563,7 @@ class Session:
     def peer(self) -> str:
         return self.link.peer
 
-    # -- entry points used by the protocol adapter -------------------------
+    # -- events ------------------------------------------------------------------
 
     def greeting(self) -> Status:
         text = GREETING
@@ -374,91 +571,117 @@ class Session:
             text += " " + self._apop_challenge.decode("ascii")
         return Status(True, text)
 
-    def handle_line(self, line: bytes) -> Reply | Deferred[Reply]:
-        """Answer one command line (without its line ending)."""
-        if self._sasl is not None:
-            return self._sasl_response(line)
+    def receive_line(self, line: bytes) -> Outcome:
+        """A command line (without its line ending) from the client."""
+        state = self.state
+        if state is State.SASL_CHALLENGED:
+            response = parse_sasl_response(line)
+            if isinstance(response, SASLCancel):
+                answer = self._fire(Event.SASL_CANCEL, None)
+            else:
+                answer = self._fire(Event.SASL_RESPONSE, response)
+            assert answer is not None
+            return answer
+        if state not in _TAKES_LINES:
+            raise SessionBusy(f"a command line while {state.name}")
         command = parse_command(line)
         if isinstance(command, UnknownCommand):
             return self._bad_command(UNKNOWN_COMMAND)
         if isinstance(command, MalformedCommand):
             return self._bad_command(command.reason)
-        handler = _TABLE.get((self.state, command.verb))
-        if handler is None:
+        transition = TRANSITIONS.get((state, command.verb))
+        if transition is None:
             return self._bad_command(WRONG_STATE)
         try:
-            result = handler(self, command)
+            reply = transition.answer(self, command)
         except _BadCommand as bad:
+            self.state = transition.otherwise
             return self._bad_command(bad.text)
+        except _Declined as declined:
+            reply = declined.reply
+            self.state = transition.otherwise
         except POP3Error as error:
-            self._bad_commands = 0
-            return error.status()
+            reply = error.status()
+            self.state = transition.otherwise
+        else:
+            self.state = transition.then
         # A command that was accepted (whatever its answer) ends a run of
         # bad ones: the limit is on rejected commands in a row.
         self._bad_commands = 0
-        if isinstance(result, Deferred):
-            return result.addErrback(_status_of_pop3_error)
-        return result
+        assert reply is not None  # every command is answered
+        return reply
 
-    def line_too_long(self) -> Reply:
+    def line_too_long(self) -> Outcome:
         """A command line over the limit was received and discarded."""
         return self._bad_command(LINE_TOO_LONG)
 
-    def connection_lost(self) -> None:
+    def sasl_challenge(self, data: bytes) -> Outcome | None:
+        """The mechanism challenges the client with ``data``."""
+        return self._fire(Event.SASL_CHALLENGE, data)
+
+    def sasl_succeeded(self, credentials: object, username: bytes) -> Outcome | None:
+        """The exchange is complete: log in with ``credentials``."""
+        return self._fire(Event.SASL_SUCCEEDED, (credentials, username))
+
+    def sasl_refused(self, status: Status) -> Outcome | None:
+        """The mechanism refused the client's response with ``status``."""
+        return self._fire(Event.SASL_REFUSED, status)
+
+    def login_succeeded(self, messages: MessageList) -> Outcome | None:
+        """The maildrop is open and locked; ``messages`` is its listing."""
+        return self._fire(Event.LOGIN_SUCCEEDED, messages)
+
+    def login_refused(self, refusal: LoginRefusal) -> Outcome | None:
+        """The login failed (wrong credentials, maildrop in use, LOGIN-DELAY, ...)."""
+        return self._fire(Event.LOGIN_REFUSED, refusal)
+
+    def message_opened(self, body: IMessageBody) -> Outcome | None:
+        """The message of `OpenMessage` is open: ``body`` is sent as the reply's lines."""
+        return self._fire(Event.MESSAGE_OPENED, body)
+
+    def message_gone(self, status: Status) -> Outcome | None:
+        """The message of `OpenMessage` cannot be read: ``status`` is the answer."""
+        return self._fire(Event.MESSAGE_GONE, status)
+
+    def update_done(self, removed: frozenset[int]) -> Outcome | None:
+        """`RunUpdate` removed ``removed`` (DELE's and EXPIRE's)."""
+        return self._fire(Event.UPDATE_DONE, removed)
+
+    def update_failed(self, status: Status) -> Outcome | None:
+        """`RunUpdate` could not remove everything: ``status`` is the answer to QUIT."""
+        return self._fire(Event.UPDATE_FAILED, status)
+
+    def connection_lost(self) -> Outcome | None:
         """
         The connection ended.  Outside UPDATE nothing is deleted (RFC 1939
-        section 6: only QUIT enters UPDATE); the lock is released.  (An
-        UPDATE under way releases it when it ends, whatever happens.)
+        section 6: only QUIT enters UPDATE); the maildrop is released.  (An
+        UPDATE under way ends the session when it is done.)
         """
-        self._disconnected = True
-        if self.state is State.AUTHORIZATION:
-            self.log.info(
-                "disconnected before login: peer={peer} failed_logins={failed}",
-                peer=self.peer,
-                failed=self._failed_logins,
-            )
-        elif self.state is State.TRANSACTION:
-            self._log_session_end("ended without QUIT, nothing deleted")
-            self._release()
+        return self._fire(Event.CONNECTION_LOST, None)
 
-    # -- helpers --------------------------------------------------------------
+    def _fire(self, event: Event, payload: object) -> Outcome | None:
+        transition = TRANSITIONS.get((self.state, event))
+        if transition is None:
+            raise SessionBusy(f"{event.name} while {self.state.name}")
+        try:
+            outcome = transition.answer(self, payload)
+        except _Declined as declined:
+            self.state = transition.otherwise
+            return declined.reply
+        self.state = transition.then
+        return outcome
 
-    def _log_session_end(self, outcome: str) -> None:
-        counters = self.counters
-        # Rendered here, once: twisted.logger's formatter costs more than
-        # the rest of a short session's work.  The fields stay in the event.
-        summary = (
-            f"{outcome}: user={self.user} peer={self.peer} method={counters.method}"
-            f" retrieved={counters.retrieved_messages} ({counters.retrieved_octets} octets)"
-            f" deleted={counters.deleted_messages} ({counters.deleted_octets} octets)"
-        )
-        self.log.info(
-            "session {summary}",
-            summary=summary,
-            outcome=outcome,
-            user=self.user,
-            peer=self.peer,
-            method=counters.method,
-            retrieved_messages=counters.retrieved_messages,
-            retrieved_octets=counters.retrieved_octets,
-            deleted_messages=counters.deleted_messages,
-            deleted_octets=counters.deleted_octets,
-        )
+    # -- helpers -----------------------------------------------------------------
 
-    def _bad_command(self, text: str | Text) -> Reply:
+    def _bad_command(self, text: str | Text) -> Outcome:
         self._bad_commands += 1
         limit = (
             self._policy.max_bad_commands_before_login
-            if self.state is State.AUTHORIZATION
+            if self.state in _BEFORE_LOGIN
             else self._policy.max_bad_commands_after_login
         )
         if self._bad_commands >= limit:
-            self.log.info(
-                "closing connection from {peer} after {count} bad commands",
-                peer=self.peer,
-                count=self._bad_commands,
-            )
-            return Hangup(Status(False, TOO_MANY_BAD_COMMANDS))
+            return CloseForAbuse(Hangup(Status(False, TOO_MANY_BAD_COMMANDS)), self._bad_commands)
         return Status(False, text)
 
     def capabilities(self) -> list[bytes]:
@@ -481,9 +704,10 @@ class Session:
         lines += [b"UTF8 USER", b"LANG"]
         link = self.link
         stls_possible = self._tls_available and not link.secure and not self.utf8
-        if self.state is State.AUTHORIZATION and stls_possible:
+        before_login = self.state in _BEFORE_LOGIN
+        if before_login and stls_possible:
             lines.append(b"STLS")
-        if self.state is State.TRANSACTION:
+        if not before_login:
             lines.append(b"IMPLEMENTATION " + self._policy.implementation.encode("ascii"))
         return lines
 
@@ -492,15 +716,12 @@ class Session:
         return link.secure or link.local or self._policy.allow_plaintext_auth
 
     def _user_pass_offered(self) -> bool:
-        offered = IUsernamePassword in self._portal.listCredentialsInterfaces()
-        return offered and self._plaintext_allowed()
+        return self._authentication.password_logins() and self._plaintext_allowed()
 
-    def _offered_mechanisms(self) -> list[ISASLMechanism]:
+    def _offered_mechanisms(self) -> list[Mechanism]:
         plaintext = self._plaintext_allowed()
         return [
-            m
-            for m in self._mechanisms
-            if m.usable(self._portal) and (plaintext or not m.sends_password)
+            m for m in self._authentication.usable_mechanisms() if plaintext or not m.sends_password
         ]
 
     def _maildrop_summary(self) -> Text:
@@ -510,7 +731,6 @@ class Session:
         )
 
     def _totals(self) -> tuple[int, int]:
-        assert self._maildrop is not None
         sizes = self._messages.sizes
         if self._all_octets is None:
             self._all_octets = sum(sizes)
@@ -522,200 +742,89 @@ class Session:
         number = parse_message_number(argument)
         if number is None:
             raise _BadCommand("invalid message number")
-        assert self._maildrop is not None
         index = number - 1
         if index >= len(self._messages) or index in self._deleted:
             raise POP3Error(NO_SUCH_MESSAGE)
         return index
 
-    def _release(self) -> None:
-        maildrop, self._maildrop = self._maildrop, None
-        logout, self._logout = self._logout, None
-        if maildrop is not None:
-            maybeDeferred(maildrop.close).addErrback(
-                lambda failure: self.log.failure("releasing maildrop failed", failure)
-            )
-        if logout is not None:
-            logout()
-
     # -- AUTHORIZATION (RFC 1939 section 4, section 7 for APOP) ---------------
 
     def _user(self, command: Command) -> Reply:
-        if IUsernamePassword not in self._portal.listCredentialsInterfaces():
-            return Status(False, "USER/PASS is not available")
+        if not self._authentication.password_logins():
+            raise _Declined(Status(False, USER_PASS_UNAVAILABLE))
         if not self._plaintext_allowed():
-            return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
+            raise _Declined(Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
         # Refused now if SASLprep prohibits it; kept as sent (see PASS).
         _prepared(command.arguments[0], INVALID_USER_NAME)
-        self._pending_user = command.arguments[0]
+        self._username = command.arguments[0]
         return Status(True, USER_ACCEPTED)
 
-    def _pass(self, command: Command) -> Reply | Deferred[Reply]:
-        if self._pending_user is None:
-            raise _BadCommand(PASS_WITHOUT_USER)
-        username, self._pending_user = self._pending_user, None
+    def _pass_without_user(self, command: Command) -> Reply:
+        raise _BadCommand(PASS_WITHOUT_USER)
+
+    def _pass(self, command: Command) -> Outcome:
+        username = self._username
         password = command.arguments[0]
         if self.utf8 and not is_utf8(password):
             # RFC 6856 section 2.2; before UTF8, legacy octets pass as they are.
             raise _BadCommand(BAD_UTF8)
-        try:
-            credentials = PreparedUsernamePassword(username, password)
-        except SASLprepError:
-            raise _BadCommand(INVALID_PASSWORD) from None
-        return self._login(credentials, credentials.username, "USER")
+        # Refused if SASLprep prohibits it; both forms go to the checkers
+        # (the driver makes pop3d.credentials.PreparedUsernamePassword).
+        _prepared(password, INVALID_PASSWORD)
+        return self._log_in(PasswordCredentials(username, password), username, "USER")
 
-    def _apop(self, command: Command) -> Reply | Deferred[Reply]:
+    def _apop(self, command: Command) -> Outcome:
         if self._apop_challenge is None:
-            return Status(False, APOP_UNAVAILABLE)
+            raise _Declined(Status(False, APOP_UNAVAILABLE))
         if not _is_md5_hex(command.arguments[1]):
             raise _BadCommand("APOP takes a name and an MD5 digest")
         username, digest = command.arguments
         username = _prepared(username, INVALID_USER_NAME)
-        self._pending_user = None
-        credentials = APOPCredentials(self._apop_challenge, username, digest)
-        return self._login(credentials, username, "APOP")
+        return self._log_in(APOPDigest(self._apop_challenge, username, digest), username, "APOP")
 
-    def _login(
-        self, credentials: ICredentials, username: bytes, method: str
-    ) -> Reply | Deferred[Reply]:
-        shown_user = username.decode("utf-8", "replace")
-        attempt = self._portal.login(credentials, None, IMaildrop)
+    def _log_in(self, credentials: object, username: bytes, method: str) -> Action:
+        self._username = username
+        self._login_method = method
+        return LogIn(credentials, username, method)
 
-        def succeeded(result: tuple[type[Interface], object, Callable[[], None]]) -> Reply:
-            _, avatar, logout = result
-            self._maildrop = IMaildrop(avatar)
-            listed = self._maildrop.messages
-            # A store written against the older contract (a list of
-            # MessageInfo) still works: its list is converted once.
-            self._messages = listed if isinstance(listed, MessageList) else MessageList.of(listed)
-            self._logout = logout
-            if self._disconnected:
-                self._release()
-                return Status(False, BYE)
-            self.user = shown_user
-            self.state = State.TRANSACTION
-            self._bad_commands = 0
-            # One line per session, when it ends (see _log_session_end).
-            self.counters.method = method
-            return Status(True, self._maildrop_summary())
-
-        def failed(failure: Failure) -> Reply | Deferred[Reply]:
-            reason, status = _login_failure_status(failure)
-            if reason == "internal":
-                self.log.failure(
-                    "login of {user} from {peer} failed unexpectedly",
-                    failure,
-                    user=shown_user,
-                    peer=self.peer,
-                )
-            else:
-                self.log.info(
-                    "login failed: user={user} peer={peer} method={method} reason={reason}",
-                    user=shown_user,
-                    peer=self.peer,
-                    method=method,
-                    reason=reason,
-                )
-            if reason != "credentials":
-                return status
-            return self._answer_failed_login(status, credentials)
-
-        return _settled(attempt.addCallbacks(succeeded, failed))
-
-    def _auth(self, command: Command) -> Reply | Deferred[Reply]:
+    def _auth(self, command: Command) -> Outcome:
         """RFC 5034 section 4; with no argument, the mechanisms (as Outlook expects)."""
+        offered = self._offered_mechanisms()
         if not command.arguments:
-            names = [m.name for m in self._offered_mechanisms()]
-            return Listing(Status(True, MECHANISMS_FOLLOW), names)
+            names = [m.name for m in offered]
+            raise _Declined(Listing(Status(True, MECHANISMS_FOLLOW), names))
         name = command.arguments[0].upper()
-        mechanism = next((m for m in self._offered_mechanisms() if m.name == name), None)
+        mechanism = next((m for m in offered if m.name == name), None)
         if mechanism is None:
-            refused = any(m.name == name and m.sends_password for m in self._mechanisms)
+            configured = self._authentication.configured_mechanisms()
+            refused = any(m.name == name and m.sends_password for m in configured)
             if refused and not self._plaintext_allowed():
-                return Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH)
-            return Status(False, UNKNOWN_MECHANISM)
+                raise _Declined(Status(False, PLAINTEXT_DISALLOWED, ResponseCode.AUTH))
+            raise _Declined(Status(False, UNKNOWN_MECHANISM))
         initial: bytes | None = None
         if len(command.arguments) == 2:
             # "=" is an empty initial response (RFC 5034 section 4).
             argument = command.arguments[1]
             initial = b"" if argument == b"=" else decode_base64(argument)
             if initial is None:
-                return Status(False, INVALID_BASE64)
-        self._pending_user = None
-        context = ExchangeContext(
-            self._portal, self._hostname, self._clock.seconds() if self._clock else 0.0
-        )
-        self._sasl = _SASLInProgress(mechanism.name, mechanism.start(context))
-        return self._sasl_step(initial)
-
-    def _sasl_response(self, line: bytes) -> Reply | Deferred[Reply]:
-        """A line answering a SASL challenge: base64, or "*" to cancel."""
-        response = parse_sasl_response(line)
-        if isinstance(response, SASLCancel):
-            self._sasl = None
-            return Status(False, AUTH_CANCELLED)
-        if response is None:
-            self._sasl = None
-            return Status(False, INVALID_BASE64)
-        return self._sasl_step(response)
-
-    def _sasl_step(self, response: bytes | None) -> Deferred[Reply]:
-        sasl = self._sasl
-        assert sasl is not None
-
-        def stepped(result: Challenge | Authenticate) -> Reply | Deferred[Reply]:
-            if isinstance(result, Challenge):
-                return SASLContinuation(result.data)
-            self._sasl = None
-            method = "SASL " + sasl.name.decode("ascii", "replace")
-            return self._login(result.credentials, result.username, method)
-
-        def refused(failure: Failure) -> Reply:
-            # After a failure the session is as if AUTH never happened.
-            self._sasl = None
-            failure.trap(SASLError)
-            error = failure.value
-            assert isinstance(error, SASLError)
-            return error.status()
-
-        step: Deferred[Challenge | Authenticate] = maybeDeferred(sasl.exchange.step, response)
-        return step.addCallbacks(stepped, refused)
+                raise _Declined(Status(False, INVALID_BASE64))
+        self._login_method = "SASL " + mechanism.name.decode("ascii", "replace")
+        return StartSASL(mechanism, initial)
 
     def _stls(self, command: Command) -> Reply:
         """RFC 2595 section 4: only before login, only while TLS is off."""
         if not self._tls_available:
-            return Status(False, STLS_UNAVAILABLE)
+            raise _Declined(Status(False, STLS_UNAVAILABLE))
         if self.link.secure:
-            return Status(False, TLS_ALREADY_ACTIVE)
+            raise _Declined(Status(False, TLS_ALREADY_ACTIVE))
         if self.utf8:
             # RFC 6856 section 2.1: clients MUST NOT; servers MAY refuse.
-            return Status(False, STLS_AFTER_UTF8)
+            raise _Declined(Status(False, STLS_AFTER_UTF8))
         # Nothing said before the handshake carries over (RFC 2595 section 4),
-        # not even a LANG a man in the middle may have slipped in (RFC 6856
-        # section 7).
-        self._pending_user = None
+        # not even a USER, or a LANG a man in the middle may have slipped in
+        # (RFC 6856 section 7).
         self.wording = None
         return StartTLS(Status(True, BEGIN_TLS))
-
-    def _answer_failed_login(
-        self, status: Status, credentials: ICredentials
-    ) -> Reply | Deferred[Reply]:
-        """
-        A wrong password (or unknown user: the same answer, after the same
-        wait) is answered late, and the connection is closed after a few;
-        the throttle recognises a retry of the same ``credentials``, and
-        exempts trusted networks from both.
-        """
-        self._failed_logins += 1
-        reply: Reply = status
-        throttle, host = self._failure_delay, self.link.host
-        trusted = throttle is not None and throttle.trusts(host)
-        if self._failed_logins >= self._policy.max_failed_logins and not trusted:
-            reply = Hangup(status)
-        if throttle is None:
-            return reply
-        delay = throttle.delay_for_failure(host, credentials)
-        return throttle.wait(delay).addCallback(lambda _: reply)
 
     def _quit_unauthenticated(self, command: Command) -> Reply:
         return Hangup(Status(True, BYE))
@@ -744,6 +853,61 @@ class Session:
             return Status(False, Text.of(NO_SUCH_LANGUAGE, range=language_range))
         self.wording = Wording(chosen, utf8=True)
         return Status(True, Text.of(LANGUAGE_CHANGED, tag=chosen.tag))
+
+    # -- the SASL exchange (RFC 5034 section 4) --------------------------------------
+
+    def _sasl_response(self, response: bytes | None) -> Outcome:
+        if response is None:
+            raise _Declined(Status(False, INVALID_BASE64))
+        return StepSASL(response)
+
+    def _sasl_cancel(self, _: None) -> Outcome:
+        return Status(False, AUTH_CANCELLED)
+
+    def _sasl_challenge(self, data: bytes) -> Outcome:
+        return SASLContinuation(data)
+
+    def _sasl_succeeded(self, result: tuple[object, bytes]) -> Outcome:
+        credentials, username = result
+        return self._log_in(credentials, username, self._login_method)
+
+    def _sasl_refused(self, status: Status) -> Outcome:
+        # After a failure the session is as if AUTH never happened.
+        return status
+
+    # -- the outcome of a login ------------------------------------------------------
+
+    def _logged_in(self, messages: MessageList) -> Outcome:
+        self._messages = messages
+        self.user = self._username.decode("utf-8", "replace")
+        self._username = b""  # an idle session keeps only what it needs
+        self._bad_commands = 0
+        # One line per session, when it ends (see EndSession).
+        self.counters.method = self._login_method
+        return Status(True, self._maildrop_summary())
+
+    def _login_refused(self, refusal: LoginRefusal) -> Outcome:
+        """
+        A wrong password (or unknown user: the same answer, after the same
+        wait) is answered late, and the connection is closed after a few,
+        except for a trusted client.  Any other refusal is answered at once.
+        """
+        if not refusal.counted:
+            return refusal.status
+        self.failed_logins += 1
+        reply: Reply = refusal.status
+        if self.failed_logins >= self._policy.max_failed_logins and not refusal.trusted:
+            reply = Hangup(refusal.status)
+        return AnswerFailedLogin(reply)
+
+    def _disconnected_before_login(self, _: None) -> Outcome:
+        return DisconnectedBeforeLogin(self.failed_logins)
+
+    def _release_late_login(self, _: object) -> Outcome:
+        return ReleaseMaildrop()
+
+    def _nothing(self, _: object) -> None:
+        return None
 
     # -- TRANSACTION (RFC 1939 section 5, optional commands of section 7) -----
 
@@ -780,38 +944,38 @@ class Session:
             lines = [line for index, line in enumerate(lines) if index not in deleted]
         return Listing(heading, [], "".join(lines).encode("ascii"))
 
-    def _retr(self, command: Command) -> Reply | Deferred[Reply]:
+    def _retr(self, command: Command) -> Outcome:
         index = self._message_index(command.arguments[0])
-        return self._stream(index, Status(True, f"{self._size(index)} octets"), None)
+        return self._open(index, Status(True, f"{self._messages.sizes[index]} octets"), None)
 
-    def _top(self, command: Command) -> Reply | Deferred[Reply]:
+    def _top(self, command: Command) -> Outcome:
         lines = parse_line_count(command.arguments[1])
         if lines is None:
             raise _BadCommand("invalid line count")
         index = self._message_index(command.arguments[0])
-        return self._stream(index, Status(True, TOP_FOLLOWS), lines)
+        return self._open(index, Status(True, TOP_FOLLOWS), lines)
 
-    def _size(self, index: int) -> int:
-        assert self._maildrop is not None
-        return self._messages.sizes[index]
+    def _open(self, index: int, status: Status, body_lines: int | None) -> Outcome:
+        self._opening = index
+        self._opening_status = status
+        self._opening_lines = body_lines
+        return OpenMessage(index)
 
-    def _stream(
-        self, index: int, status: Status, body_lines: int | None
-    ) -> Reply | Deferred[Reply]:
-        assert self._maildrop is not None
+    def _message_opened(self, body: IMessageBody) -> Outcome:
+        index, body_lines = self._opening, self._opening_lines
+        expected: int | None = None
+        if body_lines is None:
+            if isinstance(self._retrieved, frozenset):
+                self._retrieved = set()
+            self._retrieved.add(index)
+            expected = self._messages.sizes[index]
+            self.counters.retrieved_messages += 1
+            self.counters.retrieved_octets += expected
+        encoder = MessageEncoder(body_lines, self._policy.client_workarounds)
+        return MessageStream(self._opening_status, body, encoder, expected)
 
-        def opened(body: IMessageBody) -> Reply:
-            if body_lines is None:
-                if isinstance(self._retrieved, frozenset):
-                    self._retrieved = set()
-                self._retrieved.add(index)
-                self.counters.retrieved_messages += 1
-                self.counters.retrieved_octets += self._size(index)
-            expected = self._size(index) if body_lines is None else None
-            encoder = MessageEncoder(body_lines, self._policy.client_workarounds)
-            return MessageStream(status, body, encoder, expected)
-
-        return _settled(maybeDeferred(self._maildrop.open_message, index).addCallback(opened))
+    def _message_gone(self, status: Status) -> Outcome:
+        return status
 
     def _dele(self, command: Command) -> Reply:
         number = parse_message_number(command.arguments[0])
@@ -833,111 +997,136 @@ class Session:
     def _capa(self, command: Command) -> Reply:
         return Listing(Status(True, CAPABILITIES_FOLLOW), self.capabilities())
 
+    def _ended_without_quit(self, _: None) -> Outcome:
+        return EndSession("ended without QUIT, nothing deleted", None)
+
     # -- UPDATE (RFC 1939 section 6) ---------------------------------------
 
-    def _quit_update(self, command: Command) -> Reply | Deferred[Reply]:
-        assert self._maildrop is not None
-        self.state = State.UPDATE
-        maildrop = self._maildrop
-        implied = _settled(self._expired(maildrop))
-        if isinstance(implied, Deferred):
-            return implied.addCallback(lambda expired: self._update(maildrop, expired))
-        return self._update(maildrop, implied)
-
-    def _expired(self, maildrop: IMaildrop) -> Deferred[frozenset[int]]:
+    def _quit_update(self, command: Command) -> Outcome:
         """
-        RFC 2449 section 6.7: the messages the EXPIRE policy deletes in this
-        UPDATE besides those marked with DELE.  EXPIRE 0: an implicit DELE of
-        every message sent with RETR (not TOP).
+        RFC 2449 section 6.7: the EXPIRE policy deletes more than DELE marked.
+        EXPIRE 0: an implicit DELE of every message sent with RETR (not TOP).
         """
         days = self._policy.expire_days
-        if days is None:
-            return succeed(_NONE)
-        if days == 0:
-            return succeed(frozenset(self._retrieved))
-        assert self._clock is not None
-        kept = self._retrieved - self._deleted
-        return expired_messages(maildrop, kept, days=days, now=self._clock.seconds())
-
-    def _update(self, maildrop: IMaildrop, expired: frozenset[int]) -> Reply | Deferred[Reply]:
-        doomed_set = self._deleted | expired if expired else self._deleted
-        doomed = sorted(doomed_set)
-        doomed_octets = sum(self._messages.sizes[i] for i in doomed)
-        removal: Deferred[None] = (
-            maybeDeferred(maildrop.remove, doomed) if doomed else succeed(None)
+        deleted, retrieved = self._deleted, self._retrieved
+        remove = frozenset(deleted | retrieved if days == 0 else deleted)
+        return RunUpdate(
+            remove=remove,
+            expire_days=days or None,
+            expire_candidates=frozenset(retrieved - deleted) if days else _NONE,
+            retrieved=frozenset(retrieved),
+            message_count=len(self._messages),
         )
 
-        def removed(_: None) -> Reply:
-            self.counters.deleted_messages = len(doomed)
-            self.counters.deleted_octets = doomed_octets
-            return Hangup(Status(True, BYE))
+    def _update_done(self, removed: frozenset[int]) -> Outcome:
+        self.counters.deleted_messages = len(removed)
+        self.counters.deleted_octets = sum(self._messages.sizes[i] for i in removed)
+        return EndSession("logged out", Hangup(Status(True, BYE)))
 
-        def not_removed(failure: Failure) -> Reply:
-            if failure.check(POP3Error):
-                error = failure.value
-                assert isinstance(error, POP3Error)
-                self.log.warn(
-                    "UPDATE for {user} incomplete: {reason}", user=self.user, reason=error.text
-                )
-                return Hangup(error.status())
-            self.log.failure("UPDATE for {user} failed", failure, user=self.user)
-            return Hangup(Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP))
-
-        def seen_marked(reply: Reply) -> Reply | Deferred[Reply]:
-            seen_flags = ISeenFlags(maildrop, None)
-            if seen_flags is None:
-                return reply
-            every = range(len(self._messages))
-            kept = [i for i in every if i not in doomed_set] if doomed_set else every
-            retrieved = sorted(self._retrieved - doomed_set) if self._retrieved else []
-            marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
-            settled: Deferred[None] | None = _settled(marking)
-            if settled is None:
-                return reply  # nothing to wait for (usually nothing to mark)
-            marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
-            return marking.addCallback(lambda _: reply)
-
-        def logged_out(reply: Reply) -> Reply:
-            self._log_session_end("logged out")
-            self._release()
-            return reply
-
-        outcome: Deferred[Reply] = removal.addCallback(removed)
-        outcome.addErrback(not_removed)
-        outcome.addCallback(seen_marked)
-        outcome.addCallback(logged_out)
-        return _settled(outcome)
+    def _update_failed(self, status: Status) -> Outcome:
+        return EndSession("logged out", Hangup(status))
 
 
-# Every legal (state, command) pair, and who answers it: the whole protocol.
-_TABLE: dict[tuple[State, Verb], Handler] = {
-    (State.AUTHORIZATION, Verb.USER): Session._user,
-    (State.AUTHORIZATION, Verb.PASS): Session._pass,
-    (State.AUTHORIZATION, Verb.APOP): Session._apop,
-    (State.AUTHORIZATION, Verb.CAPA): Session._capa,
-    (State.AUTHORIZATION, Verb.QUIT): Session._quit_unauthenticated,
-    (State.AUTHORIZATION, Verb.AUTH): Session._auth,
-    (State.AUTHORIZATION, Verb.STLS): Session._stls,
-    (State.AUTHORIZATION, Verb.UTF8): Session._utf8,
-    (State.AUTHORIZATION, Verb.LANG): Session._lang,
-    (State.TRANSACTION, Verb.STAT): Session._stat,
-    (State.TRANSACTION, Verb.LIST): Session._list,
-    (State.TRANSACTION, Verb.RETR): Session._retr,
-    (State.TRANSACTION, Verb.DELE): Session._dele,
-    (State.TRANSACTION, Verb.NOOP): Session._noop,
-    (State.TRANSACTION, Verb.RSET): Session._rset,
-    (State.TRANSACTION, Verb.TOP): Session._top,
-    (State.TRANSACTION, Verb.UIDL): Session._uidl,
-    (State.TRANSACTION, Verb.CAPA): Session._capa,
-    (State.TRANSACTION, Verb.QUIT): Session._quit_update,
-    (State.TRANSACTION, Verb.LANG): Session._lang,
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """
+    Who answers an event in a state, the state after it, and the state when
+    the answer is a refusal (a bad command, an -ERR, a listing of AUTH).
+    """
+
+    answer: Callable[[Session, object], Outcome | None]
+    then: State
+    otherwise: State
+
+
+_S = State
+_A, _U = _S.AUTHORIZATION, _S.USER_GIVEN
+_T = _S.TRANSACTION
+
+# Every legal (state, event) pair: the whole protocol.  A command that is not
+# here is answered "-ERR command not valid in this state"; another event is a
+# driver bug (`SessionBusy`).
+_ROWS: list[tuple[State, Verb | Event, Callable[..., Outcome | None], State, State]] = [
+    # RFC 1939 section 4 and 7: AUTHORIZATION, and a USER waiting for PASS.
+    (_A, Verb.USER, Session._user, _U, _A),
+    (_U, Verb.USER, Session._user, _U, _U),
+    (_A, Verb.PASS, Session._pass_without_user, _A, _A),
+    (_U, Verb.PASS, Session._pass, _S.LOGIN_PENDING, _A),
+    (_A, Verb.APOP, Session._apop, _S.LOGIN_PENDING, _A),
+    (_U, Verb.APOP, Session._apop, _S.LOGIN_PENDING, _U),
+    (_A, Verb.AUTH, Session._auth, _S.SASL_STEP, _A),
+    (_U, Verb.AUTH, Session._auth, _S.SASL_STEP, _U),
+    (_A, Verb.STLS, Session._stls, _A, _A),
+    (_U, Verb.STLS, Session._stls, _A, _U),
+    (_A, Verb.CAPA, Session._capa, _A, _A),
+    (_U, Verb.CAPA, Session._capa, _U, _U),
+    (_A, Verb.UTF8, Session._utf8, _A, _A),
+    (_U, Verb.UTF8, Session._utf8, _U, _U),
+    (_A, Verb.LANG, Session._lang, _A, _A),
+    (_U, Verb.LANG, Session._lang, _U, _U),
+    (_A, Verb.QUIT, Session._quit_unauthenticated, _A, _A),
+    (_U, Verb.QUIT, Session._quit_unauthenticated, _U, _U),
+    (_A, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
+    (_U, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
+    # RFC 5034 section 4: the SASL exchange.
+    (_S.SASL_STEP, Event.SASL_CHALLENGE, Session._sasl_challenge, _S.SASL_CHALLENGED, _A),
+    (_S.SASL_STEP, Event.SASL_SUCCEEDED, Session._sasl_succeeded, _S.LOGIN_PENDING, _A),
+    (_S.SASL_STEP, Event.SASL_REFUSED, Session._sasl_refused, _A, _A),
+    (_S.SASL_STEP, Event.CONNECTION_LOST, Session._disconnected_before_login, _S.CLOSED, _S.CLOSED),
+    (_S.SASL_CHALLENGED, Event.SASL_RESPONSE, Session._sasl_response, _S.SASL_STEP, _A),
+    (_S.SASL_CHALLENGED, Event.SASL_CANCEL, Session._sasl_cancel, _A, _A),
+    (
+        _S.SASL_CHALLENGED,
+        Event.CONNECTION_LOST,
+        Session._disconnected_before_login,
+        _S.CLOSED,
+        _S.CLOSED,
+    ),
+    # The driver checks the credentials and opens the maildrop.
+    (_S.LOGIN_PENDING, Event.LOGIN_SUCCEEDED, Session._logged_in, _T, _T),
+    (_S.LOGIN_PENDING, Event.LOGIN_REFUSED, Session._login_refused, _A, _A),
+    (
+        _S.LOGIN_PENDING,
+        Event.CONNECTION_LOST,
+        Session._disconnected_before_login,
+        _S.CLOSED,
+        _S.CLOSED,
+    ),
+    # RFC 1939 section 5 and 7: TRANSACTION.
+    (_T, Verb.STAT, Session._stat, _T, _T),
+    (_T, Verb.LIST, Session._list, _T, _T),
+    (_T, Verb.RETR, Session._retr, _S.OPENING_MESSAGE, _T),
+    (_T, Verb.TOP, Session._top, _S.OPENING_MESSAGE, _T),
+    (_T, Verb.DELE, Session._dele, _T, _T),
+    (_T, Verb.NOOP, Session._noop, _T, _T),
+    (_T, Verb.RSET, Session._rset, _T, _T),
+    (_T, Verb.UIDL, Session._uidl, _T, _T),
+    (_T, Verb.CAPA, Session._capa, _T, _T),
+    (_T, Verb.LANG, Session._lang, _T, _T),
+    (_T, Verb.QUIT, Session._quit_update, _S.UPDATE, _T),
+    (_T, Event.CONNECTION_LOST, Session._ended_without_quit, _S.CLOSED, _S.CLOSED),
+    (_S.OPENING_MESSAGE, Event.MESSAGE_OPENED, Session._message_opened, _T, _T),
+    (_S.OPENING_MESSAGE, Event.MESSAGE_GONE, Session._message_gone, _T, _T),
+    (_S.OPENING_MESSAGE, Event.CONNECTION_LOST, Session._ended_without_quit, _S.CLOSED, _S.CLOSED),
+    # RFC 1939 section 6: UPDATE, which goes on if the client leaves.
+    (_S.UPDATE, Event.UPDATE_DONE, Session._update_done, _S.CLOSED, _S.CLOSED),
+    (_S.UPDATE, Event.UPDATE_FAILED, Session._update_failed, _S.CLOSED, _S.CLOSED),
+    (_S.UPDATE, Event.CONNECTION_LOST, Session._nothing, _S.UPDATE, _S.UPDATE),
+    # Outcomes that arrive after the client left.
+    (_S.CLOSED, Event.LOGIN_SUCCEEDED, Session._release_late_login, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.LOGIN_REFUSED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_CHALLENGE, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_SUCCEEDED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.SASL_REFUSED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.MESSAGE_OPENED, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.MESSAGE_GONE, Session._nothing, _S.CLOSED, _S.CLOSED),
+    (_S.CLOSED, Event.CONNECTION_LOST, Session._nothing, _S.CLOSED, _S.CLOSED),
+]
+
+TRANSITIONS: dict[tuple[State, Verb | Event], Transition] = {
+    (state, event): Transition(answer, then, otherwise)
+    for state, event, answer, then, otherwise in _ROWS
 }
-
-
-@dataclass(frozen=True)
-class _SASLInProgress:
-    name: bytes
-    exchange: ISASLExchange
 
 
 def _expire_capability(policy: SessionPolicy) -> bytes:
@@ -945,31 +1134,3 @@ def _expire_capability(policy: SessionPolicy) -> bytes:
     if policy.expire_days is None:
         return b"EXPIRE NEVER"
     return b"EXPIRE %d" % policy.expire_days
-
-
-def _login_failure_status(failure: Failure) -> tuple[str, Status]:
-    """Why a login failed (for the log) and what the client is told."""
-    if failure.check(UnauthorizedLogin, LoginFailed):
-        return "credentials", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
-    if failure.check(MaildropLocked):
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "in-use", error.status()
-    if failure.check(MaildropUnavailable):
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "unavailable: " + error.text, error.status()
-    if failure.check(LoginDelayed):
-        # Not a failed login: neither counted nor made to wait.
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "login-delay", error.status()
-    return "internal", Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
-
-
-def _status_of_pop3_error(failure: Failure) -> Status:
-    """A typed failure becomes its -ERR line; any other failure passes on."""
-    failure.trap(POP3Error)
-    error = failure.value
-    assert isinstance(error, POP3Error)
-    return error.status()

@@ -31,6 +31,7 @@ from pop3d.checkers import (
     accept_wire_bytes,
     parse_passwd_file,
 )
+from pop3d.driver import APOPCredentials
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -41,7 +42,6 @@ from pop3d.passwords import (
 from pop3d.realm import MaildropRealm, is_safe_mailbox_name
 from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
 from pop3d.sasl.cram_md5 import CramMD5, CramMD5Credentials
-from pop3d.session import APOPCredentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore

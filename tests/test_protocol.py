@@ -17,6 +17,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
@@ -34,7 +35,7 @@ from pop3d.stores.interfaces import (
 from pop3d.testing import MemoryStore
 from pop3d.wire import MAX_COMMAND_LENGTH
 
-from .conftest import USERS, Wire
+from .conftest import LOOPBACK_PEER, USERS, Wire
 
 OK = b"+OK\r\n"
 
@@ -48,6 +49,31 @@ SIZE_3 = len(MESSAGE_3) + MESSAGE_3.count(b"\n") + 2
 
 
 AUTH_FAILED = b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+class _FailingTransport(StringTransport):
+    """A transport whose next writes raise the exceptions in ``failures``."""
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+        self.failures: list[Exception] = []
+
+    def write(self, data: bytes) -> None:
+        if self.failures:
+            raise self.failures.pop()
+        super().write(data)
+
+
+class _WireWithFailingWrites(Wire):
+    """A `Wire` whose transport can be told to fail a write."""
+
+    transport: _FailingTransport
+
+    def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = _FailingTransport(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
 
 
 @pytest.fixture
@@ -132,7 +158,7 @@ class TestAuthorization:
     def test_password_with_spaces(self, make_factory: Callable[..., POP3Factory]) -> None:
         wire = Wire(make_factory())
         # The fixture's users have no spaces: build one that does.
-        portal = wire.protocol.session._portal
+        portal = wire.protocol.driver.portal
         checker = InMemoryUsernamePasswordDatabaseDontUse(carol=b"two words")
         portal.registerChecker(checker)
         wire.command(b"USER carol")
@@ -188,7 +214,7 @@ class TestAuthorization:
         self, wire: Wire, store: MemoryStore
     ) -> None:
         checker = InMemoryUsernamePasswordDatabaseDontUse(**{"../bob": b"pw"})
-        wire.protocol.session._portal.registerChecker(checker)
+        wire.protocol.driver.portal.registerChecker(checker)
         assert wire.login(b"../bob", b"pw") == AUTH_FAILED
 
     def test_maildrop_in_use(self, factory: POP3Factory, uids: list[str]) -> None:
@@ -239,6 +265,25 @@ class TestAuthorization:
         assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
         assert b"internals" not in answer
         assert any(e.get("log_failure") is not None for e in log_events)
+
+    def test_a_maildrop_whose_listing_fails_is_released(self, clock: Clock) -> None:
+        """No +OK without a listing, and no lock kept for a login that failed."""
+        store = _UnlistableStore()
+        wire = _wire_for_store(clock, store)
+        assert wire.login() == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        assert store.closed
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
+
+    def test_a_message_that_cannot_be_opened_for_a_bug_is_a_sys_temp(
+        self, clock: Clock, log_events: list[LogEvent]
+    ) -> None:
+        wire = _wire_for_store(clock, _FailingRemovalStore([b"Subject: a\r\n\r\nbody\r\n"]))
+        wire.login()
+        answer = wire.command(b"RETR 1")
+        assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
+        assert any(e.get("log_failure") is not None for e in log_events)
+        # The session goes on.
+        assert wire.command(b"STAT") == b"+OK 1 20\r\n"
 
 
 class TestFailedLogins:
@@ -311,21 +356,12 @@ class TestFailedLogins:
         assert wire.take().startswith(AUTH_FAILED + b"+OK capability list follows\r\n")
 
     def test_a_deferred_reply_that_cannot_be_sent_closes_the_connection(
-        self, slow_factory: POP3Factory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+        self, slow_factory: POP3Factory, clock: Clock
     ) -> None:
         """A reply lost half-way must not leave the next one answering for it."""
-        wire = Wire(slow_factory)
+        wire = _WireWithFailingWrites(slow_factory)
         wire.send(b"USER alice\r\nPASS nope\r\nNOOP\r\n")
-
-        sending = wire.protocol._send
-        failures = [RuntimeError("cannot send")]
-
-        def broken_once(reply: Any) -> Any:
-            if failures:
-                raise failures.pop()
-            return sending(reply)
-
-        monkeypatch.setattr(wire.protocol, "_send", broken_once)
+        wire.transport.failures.append(RuntimeError("cannot send"))
         clock.advance(2)
         # Not "+OK" for NOOP, which the client would take for PASS's answer.
         assert wire.take() == b""
@@ -721,7 +757,7 @@ class TestAbuse:
         piece = b"x" * 4096
         for _ in range(256):
             assert logged_in.send(piece) == b""
-            assert len(logged_in.protocol._buffer) <= MAX_COMMAND_LENGTH + 1
+            assert logged_in.protocol.buffered_input <= MAX_COMMAND_LENGTH + 1
         assert logged_in.send(b"tail\r\nNOOP\r\n") == b"-ERR line too long\r\n" + OK
 
     def test_three_bad_commands_before_login_close(self, wire: Wire) -> None:
@@ -786,6 +822,31 @@ class _FailingStore:
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
         return fail(self.error)
+
+
+@implementer(IMaildropStore)
+class _UnlistableStore:
+    """Opens a maildrop whose listing fails (a store with a bug)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return succeed(_UnlistableMaildrop(self))
+
+
+@implementer(IMaildrop)
+class _UnlistableMaildrop:
+    def __init__(self, store: _UnlistableStore) -> None:
+        self.store = store
+
+    @property
+    def messages(self) -> MessageList:
+        raise RuntimeError("listing failed")
+
+    def close(self) -> Deferred[None]:
+        self.store.closed = True
+        return succeed(None)
 
 
 @implementer(IMaildropStore)

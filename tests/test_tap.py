@@ -17,8 +17,8 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from pop3d.driver import APOPCredentials
 from pop3d.realm import MaildropRealm
-from pop3d.session import APOPCredentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable

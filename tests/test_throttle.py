@@ -24,9 +24,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
+from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
 from pop3d.sasl.cram_md5 import CramMD5Credentials
-from pop3d.session import APOPCredentials, SessionPolicy
+from pop3d.session import SessionPolicy
 from pop3d.tap import worker_factory
 from pop3d.testing import deliver_to_maildir
 from pop3d.throttle import CredentialFingerprints, FailureDelay, TrustedNetworks

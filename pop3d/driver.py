@@ -1,0 +1,532 @@
+"""
+The driver of a `pop3d.session.Session`: it carries out what the session
+asks for and tells it the outcome.
+
+The session decides; the driver does: logins through the cred portal (and
+the realm's LOGIN-DELAY refusal), the failed-login delay
+(`pop3d.throttle`), SASL mechanisms, store calls, the UPDATE plan
+(removal, EXPIRE, seen flags), releasing the maildrop, and the log lines.
+Every reply goes to ``replies.deliver``, at once when it is ready at once (most
+commands: no Deferred is made for them) or when the work it waited for is
+done; `pop3d.protocol.POP3Protocol` puts it on the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
+
+from twisted.cred.credentials import (
+    ICredentials,
+    IUsernameHashedPassword,
+    IUsernamePassword,
+)
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from pop3d.credentials import PreparedUsernamePassword
+from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.expire import expired_messages
+from pop3d.i18n import BUILTIN_LANGUAGES, Languages
+from pop3d.sasl import (
+    Authenticate,
+    Challenge,
+    ExchangeContext,
+    ISASLExchange,
+    ISASLMechanism,
+    SASLError,
+)
+from pop3d.saslprep import SASLprepError, prepare_credential
+from pop3d.session import (
+    DEFAULT_POLICY,
+    INTERNAL_ERROR,
+    LOGIN_FAILED,
+    Action,
+    AnswerFailedLogin,
+    APOPDigest,
+    CloseForAbuse,
+    DisconnectedBeforeLogin,
+    EndSession,
+    Link,
+    LogIn,
+    LoginRefusal,
+    Mechanism,
+    OpenMessage,
+    Outcome,
+    PasswordCredentials,
+    ReleaseMaildrop,
+    Reply,
+    RunUpdate,
+    Session,
+    SessionPolicy,
+    StartSASL,
+    StepSASL,
+)
+from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
+from pop3d.throttle import FailureDelay
+from pop3d.wire import ResponseCode, Status
+
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+    from twisted.internet.interfaces import IReactorTime
+
+
+class Replies(Protocol):
+    """Where the replies of a session go (`pop3d.protocol.POP3Protocol`)."""
+
+    def deliver(self, reply: Reply | Failure) -> None:
+        """Send ``reply`` (for a bug: the Failure, answered -ERR [SYS/TEMP])."""
+
+
+_NONE: frozenset[int] = frozenset()
+#: What a client is told of a failure nobody expected (its details are logged).
+INTERNAL_ERROR_STATUS = Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+
+
+def unexpected_error(log: Logger, failure: Failure, peer: str) -> Status:
+    """Log a failure nobody expected, with its traceback; answer -ERR [SYS/TEMP]."""
+    log.failure("unexpected error answering {peer}", failure, peer=peer)
+    return INTERNAL_ERROR_STATUS
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """
+    The credentials of an APOP command (RFC 1939 section 7): the digest
+    is MD5 of the greeting's timestamp followed by the shared secret.
+    """
+
+    def __init__(self, challenge: bytes, username: bytes, digest: bytes) -> None:
+        self.challenge = challenge
+        self.username = username
+        self.digest = digest
+
+    def checkPassword(self, password: bytes | str) -> bool:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        # RFC 6856 section 2.2: the secret of the digest is SASLprep'd as a
+        # stored string; one SASLprep refuses is used as it is.
+        try:
+            password = prepare_credential(password, stored=True)
+        except SASLprepError:
+            pass
+        expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest.lower())
+
+
+def cred_credentials(credentials: object) -> ICredentials:
+    """The twisted.cred credentials of what a session asks to log in with."""
+    if isinstance(credentials, PasswordCredentials):
+        return PreparedUsernamePassword(credentials.username, credentials.password)
+    if isinstance(credentials, APOPDigest):
+        return APOPCredentials(credentials.challenge, credentials.username, credentials.digest)
+    # A SASL mechanism's own credentials.
+    return cast(ICredentials, credentials)
+
+
+class SessionDriver:
+    """
+    Runs one `Session` against a cred ``portal`` whose realm gives
+    `IMaildrop` avatars; answers go to ``replies``.
+    """
+
+    # The lines the session wrote before it stopped doing I/O, under the
+    # same name: log filters and readers of the log keep working.
+    log = Logger(namespace="pop3d.session.Session")
+    # One per connection, thousands idle: no instance dictionary.
+    __slots__ = (
+        "_clock",
+        "_exchange",
+        "_failure_delay",
+        "_failure_wait",
+        "_hostname",
+        "_logout",
+        "_maildrop",
+        "_mechanisms",
+        "_replies",
+        "portal",
+        "session",
+    )
+
+    def __init__(
+        self,
+        portal: Portal,
+        *,
+        replies: Replies,
+        link: Callable[[], Link],
+        clock: IReactorTime,
+        apop_challenge: bytes | None,
+        failure_delay: FailureDelay | None = None,
+        policy: SessionPolicy = DEFAULT_POLICY,
+        mechanisms: Sequence[ISASLMechanism] = (),
+        tls_available: bool = False,
+        hostname: str = "localhost",
+        languages: Languages = BUILTIN_LANGUAGES,
+    ) -> None:
+        #: The portal logins go through (a public seam: tests add checkers).
+        self.portal = portal
+        self._replies = replies
+        self._clock = clock
+        self._failure_delay = failure_delay
+        self._mechanisms = mechanisms
+        self._hostname = hostname
+        self.session = Session(
+            apop_challenge=apop_challenge,
+            link=link,
+            authentication=self,
+            policy=policy,
+            tls_available=tls_available,
+            languages=languages,
+        )
+        self._maildrop: IMaildrop | None = None
+        self._logout: Callable[[], None] | None = None
+        self._exchange: ISASLExchange | None = None
+        self._failure_wait = 0.0
+
+    # -- what the session asks of the portal (pop3d.session.Authentication) -------
+
+    def password_logins(self) -> bool:
+        return IUsernamePassword in self.portal.listCredentialsInterfaces()
+
+    def usable_mechanisms(self) -> Sequence[Mechanism]:
+        return [m for m in self._mechanisms if m.usable(self.portal)]
+
+    def configured_mechanisms(self) -> Sequence[Mechanism]:
+        return cast(Sequence[Mechanism], self._mechanisms)
+
+    # -- what the protocol tells ---------------------------------------------------
+
+    def line(self, line: bytes) -> None:
+        """A command line from the client (without its line ending)."""
+        outcome = self.session.receive_line(line)
+        if isinstance(outcome, Action):
+            _PERFORMERS[type(outcome)](self, outcome)
+        else:
+            # Most commands: the reply is ready.
+            self._replies.deliver(outcome)
+
+    def line_too_long(self) -> None:
+        self._carry_out(self.session.line_too_long())
+
+    def connection_lost(self) -> None:
+        self._carry_out(self.session.connection_lost())
+
+    # -- carrying out ------------------------------------------------------------------
+
+    def _carry_out(self, outcome: Outcome | None) -> None:
+        if outcome is None:
+            return
+        if isinstance(outcome, Action):
+            _PERFORMERS[type(outcome)](self, outcome)
+        else:
+            self._replies.deliver(outcome)
+
+    def _report_failure(self, failure: Failure) -> None:
+        """A bug while carrying something out: the protocol answers SYS/TEMP."""
+        self._replies.deliver(failure)
+
+    def _log_in(self, action: LogIn) -> None:
+        credentials = cred_credentials(action.credentials)
+        shown_user = action.username.decode("utf-8", "replace")
+        attempt: Deferred[tuple[IMaildrop, Callable[[], None], MessageList]] = self.portal.login(
+            credentials, None, IMaildrop
+        ).addCallback(_opened_maildrop)
+        attempt.addCallbacks(
+            self._logged_in,
+            self._login_failed,
+            errbackArgs=(credentials, shown_user, action.method),
+        )
+        attempt.addErrback(self._report_failure)
+
+    def _logged_in(self, opened: tuple[IMaildrop, Callable[[], None], MessageList]) -> None:
+        maildrop, logout, messages = opened
+        self._maildrop, self._logout = maildrop, logout
+        self._carry_out(self.session.login_succeeded(messages))
+
+    def _login_failed(
+        self, failure: Failure, credentials: ICredentials, shown_user: str, method: str
+    ) -> None:
+        reason, status = _login_failure_status(failure)
+        peer = self.session.peer
+        if reason == "internal":
+            self.log.failure(
+                "login of {user} from {peer} failed unexpectedly",
+                failure,
+                user=shown_user,
+                peer=peer,
+            )
+        else:
+            self.log.info(
+                "login failed: user={user} peer={peer} method={method} reason={reason}",
+                user=shown_user,
+                peer=peer,
+                method=method,
+                reason=reason,
+            )
+        counted = reason == "credentials"
+        throttle, host = self._failure_delay, self.session.link.host
+        trusted = throttle is not None and throttle.trusts(host)
+        if counted and throttle is not None:
+            # Recorded even if the client has gone: the next guess waits longer.
+            self._failure_wait = throttle.delay_for_failure(host, credentials)
+        self._carry_out(self.session.login_refused(LoginRefusal(status, counted, trusted)))
+
+    def _answer_failed_login(self, action: AnswerFailedLogin) -> None:
+        throttle, wait = self._failure_delay, self._failure_wait
+        if throttle is None or wait <= 0:
+            self._replies.deliver(action.reply)
+            return
+        waited = throttle.wait(wait)
+        waited.addCallback(lambda _: self._replies.deliver(action.reply))
+        waited.addErrback(self._report_failure)
+
+    def _start_sasl(self, action: StartSASL) -> None:
+        mechanism = cast(ISASLMechanism, action.mechanism)
+        context = ExchangeContext(self.portal, self._hostname, self._clock.seconds())
+        self._exchange = mechanism.start(context)
+        self._sasl_step(action.initial)
+
+    def _step_sasl(self, action: StepSASL) -> None:
+        self._sasl_step(action.response)
+
+    def _sasl_step(self, response: bytes | None) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        step: Deferred[Challenge | Authenticate] = maybeDeferred(exchange.step, response)
+        step.addCallbacks(self._sasl_stepped, self._sasl_refused)
+        step.addErrback(self._report_failure)
+
+    def _sasl_stepped(self, result: Challenge | Authenticate) -> None:
+        if isinstance(result, Challenge):
+            self._carry_out(self.session.sasl_challenge(result.data))
+            return
+        self._exchange = None
+        self._carry_out(self.session.sasl_succeeded(result.credentials, result.username))
+
+    def _sasl_refused(self, failure: Failure) -> None:
+        # After a failure the session is as if AUTH never happened.
+        self._exchange = None
+        if failure.check(SASLError):
+            error = failure.value
+            assert isinstance(error, SASLError)
+            status = error.status()
+        else:
+            status = self._unexpected(failure)
+        self._carry_out(self.session.sasl_refused(status))
+
+    def _open_message(self, action: OpenMessage) -> None:
+        maildrop = self._maildrop
+        assert maildrop is not None
+        try:
+            opened: object = maildrop.open_message(action.index)
+        except Exception:
+            self._message_not_opened(Failure())
+            return
+        if isinstance(opened, Deferred):
+            # RETR of small messages is benchmarked: one pair of callbacks,
+            # which catch their own failures.
+            opened.addCallbacks(self._message_opened, self._message_not_opened)
+        else:
+            self._message_opened(cast(IMessageBody, opened))
+
+    def _message_opened(self, body: IMessageBody) -> None:
+        try:
+            outcome = self.session.message_opened(body)
+            if outcome is None:
+                body.close()  # the client has gone
+            elif isinstance(outcome, Action):
+                self._carry_out(outcome)
+            else:
+                self._replies.deliver(outcome)
+        except Exception:
+            self._report_failure(Failure())
+
+    def _message_not_opened(self, failure: Failure) -> None:
+        if failure.check(POP3Error):
+            error = failure.value
+            assert isinstance(error, POP3Error)
+            status = error.status()
+        else:
+            status = self._unexpected(failure)
+        try:
+            self._carry_out(self.session.message_gone(status))
+        except Exception:
+            self._report_failure(Failure())
+
+    def _unexpected(self, failure: Failure) -> Status:
+        return unexpected_error(self.log, failure, self.session.peer)
+
+    # -- UPDATE (RFC 1939 section 6) ---------------------------------------------
+
+    def _run_update(self, plan: RunUpdate) -> None:
+        maildrop = self._maildrop
+        assert maildrop is not None
+        if plan.expire_days is None:
+            self._remove(_NONE, plan, maildrop)
+            return
+        # RFC 2449 section 6.7: the messages retrieved that long ago.
+        expired = expired_messages(
+            maildrop, plan.expire_candidates, days=plan.expire_days, now=self._clock.seconds()
+        )
+        expired.addCallback(self._remove, plan, maildrop)
+        expired.addErrback(self._report_failure)
+
+    def _remove(self, expired: frozenset[int], plan: RunUpdate, maildrop: IMaildrop) -> None:
+        doomed = plan.remove | expired if expired else plan.remove
+        if not doomed:
+            self._mark_seen(self.session.update_done(doomed), plan, doomed, maildrop)
+            return
+        removal: Deferred[None] = maybeDeferred(maildrop.remove, sorted(doomed))
+        removal.addCallbacks(
+            lambda _: self._mark_seen(self.session.update_done(doomed), plan, doomed, maildrop),
+            lambda failure: self._mark_seen(
+                self.session.update_failed(self._update_failure(failure)), plan, doomed, maildrop
+            ),
+        )
+        removal.addErrback(self._report_failure)
+
+    def _update_failure(self, failure: Failure) -> Status:
+        user = self.session.user
+        if failure.check(POP3Error):
+            error = failure.value
+            assert isinstance(error, POP3Error)
+            self.log.warn("UPDATE for {user} incomplete: {reason}", user=user, reason=error.text)
+            return error.status()
+        self.log.failure("UPDATE for {user} failed", failure, user=user)
+        return INTERNAL_ERROR_STATUS
+
+    def _mark_seen(
+        self,
+        outcome: Outcome | None,
+        plan: RunUpdate,
+        doomed: frozenset[int],
+        maildrop: IMaildrop,
+    ) -> None:
+        """Whether or not the removal worked, what was read is marked seen."""
+        seen_flags = ISeenFlags(maildrop, None)
+        if seen_flags is None:
+            self._carry_out(outcome)
+            return
+        every = range(plan.message_count)
+        kept = [i for i in every if i not in doomed] if doomed else every
+        retrieved = sorted(plan.retrieved - doomed) if plan.retrieved else []
+        marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
+        marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
+        marking.addCallback(lambda _: self._carry_out(outcome))
+        marking.addErrback(self._report_failure)
+
+    # -- the end of a session ------------------------------------------------------
+
+    def _end_session(self, action: EndSession) -> None:
+        session = self.session
+        counters = session.counters
+        outcome, user, peer = action.outcome, session.user, session.peer
+        # Rendered here, once: twisted.logger's formatter costs more than
+        # the rest of a short session's work.  The fields stay in the event.
+        summary = (
+            f"{outcome}: user={user} peer={peer} method={counters.method}"
+            f" retrieved={counters.retrieved_messages} ({counters.retrieved_octets} octets)"
+            f" deleted={counters.deleted_messages} ({counters.deleted_octets} octets)"
+        )
+        self.log.info(
+            "session {summary}",
+            summary=summary,
+            outcome=outcome,
+            user=user,
+            peer=peer,
+            method=counters.method,
+            retrieved_messages=counters.retrieved_messages,
+            retrieved_octets=counters.retrieved_octets,
+            deleted_messages=counters.deleted_messages,
+            deleted_octets=counters.deleted_octets,
+        )
+        self._release()
+        if action.reply is not None:
+            self._replies.deliver(action.reply)
+
+    def _release_maildrop(self, action: ReleaseMaildrop) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        maildrop, self._maildrop = self._maildrop, None
+        logout, self._logout = self._logout, None
+        if maildrop is not None:
+            maybeDeferred(maildrop.close).addErrback(
+                lambda failure: self.log.failure("releasing maildrop failed", failure)
+            )
+        if logout is not None:
+            logout()
+
+    def _disconnected_before_login(self, action: DisconnectedBeforeLogin) -> None:
+        self.log.info(
+            "disconnected before login: peer={peer} failed_logins={failed}",
+            peer=self.session.peer,
+            failed=action.failed_logins,
+        )
+
+    def _close_for_abuse(self, action: CloseForAbuse) -> None:
+        self.log.info(
+            "closing connection from {peer} after {count} bad commands",
+            peer=self.session.peer,
+            count=action.bad_commands,
+        )
+        self._replies.deliver(action.reply)
+
+
+# Who carries out each request of the session.
+_PERFORMERS: dict[type[Action], Callable[[SessionDriver, Action], None]] = {
+    LogIn: SessionDriver._log_in,  # type: ignore[dict-item]
+    AnswerFailedLogin: SessionDriver._answer_failed_login,  # type: ignore[dict-item]
+    StartSASL: SessionDriver._start_sasl,  # type: ignore[dict-item]
+    StepSASL: SessionDriver._step_sasl,  # type: ignore[dict-item]
+    OpenMessage: SessionDriver._open_message,  # type: ignore[dict-item]
+    RunUpdate: SessionDriver._run_update,  # type: ignore[dict-item]
+    EndSession: SessionDriver._end_session,  # type: ignore[dict-item]
+    ReleaseMaildrop: SessionDriver._release_maildrop,  # type: ignore[dict-item]
+    DisconnectedBeforeLogin: SessionDriver._disconnected_before_login,  # type: ignore[dict-item]
+    CloseForAbuse: SessionDriver._close_for_abuse,  # type: ignore[dict-item]
+}
+
+
+def _opened_maildrop(
+    result: tuple[type[Interface], object, Callable[[], None]],
+) -> tuple[IMaildrop, Callable[[], None], MessageList]:
+    """The maildrop of a login, its logout, and its listing."""
+    _, avatar, logout = result
+    maildrop = IMaildrop(avatar)
+    try:
+        listed = maildrop.messages
+        # A store written against the older contract (a list of
+        # MessageInfo) still works: its list is converted once.
+        messages = listed if isinstance(listed, MessageList) else MessageList.of(listed)
+    except Exception:
+        # Answered as a failed login: the lock is not kept.
+        maybeDeferred(maildrop.close)
+        logout()
+        raise
+    return maildrop, logout, messages
+
+
+def _login_failure_status(failure: Failure) -> tuple[str, Status]:
+    """Why a login failed (for the log) and what the client is told."""
+    if failure.check(UnauthorizedLogin, LoginFailed):
+        return "credentials", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
+    if failure.check(MaildropLocked):
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "in-use", error.status()
+    if failure.check(MaildropUnavailable):
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "unavailable: " + error.text, error.status()
+    if failure.check(LoginDelayed):
+        # Not a failed login: neither counted nor made to wait.
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "login-delay", error.status()
+    return "internal", INTERNAL_ERROR_STATUS
