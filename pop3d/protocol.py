@@ -375,7 +375,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         return None
 
     def _stream_ended(self, result: Failure | None) -> None:
-        self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is not None and stream.sent_whole:
+            self.session.message_sent()
         if not isinstance(result, Failure) or result.check(ResponseAbandoned):
             return
         # Part of the message is out, so there is no honest way to finish the
@@ -471,6 +473,8 @@ class _MessageStreamer:
         # The read whose answer is awaited, if any.
         self._reading: Deferred[bytes] | None = None
         self._pumping = False
+        #: The whole message and its terminator were written.
+        self.sent_whole = False
         self.done: Deferred[None] = Deferred()
 
     def pause(self) -> None:
@@ -560,6 +564,7 @@ class _MessageStreamer:
             return
         out.append(ending)
         self._transport.write(b"".join(out))
+        self.sent_whole = True
         self._finish(None)
 
     def _fail(self, failure: Failure) -> None:

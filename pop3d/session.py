@@ -965,14 +965,25 @@ class Session:
         index, body_lines = self._opening, self._opening_lines
         expected: int | None = None
         if body_lines is None:
-            if isinstance(self._retrieved, frozenset):
-                self._retrieved = set()
-            self._retrieved.add(index)
             expected = self._messages.sizes[index]
-            self.counters.retrieved_messages += 1
-            self.counters.retrieved_octets += expected
         encoder = MessageEncoder(body_lines, self._policy.client_workarounds)
         return MessageStream(self._opening_status, body, encoder, expected)
+
+    def message_sent(self) -> None:
+        """
+        The message of the last RETR went out whole, terminator and all.  Only
+        now is it retrieved: what EXPIRE 0 deletes at QUIT (RFC 2449 section
+        6.7, "downloaded with RETR"), what the seen flag marks and the log
+        counts.  A RETR answered -ERR, or cut off, retrieved nothing.
+        """
+        if self._opening_lines is not None:
+            return  # TOP
+        index = self._opening
+        if isinstance(self._retrieved, frozenset):
+            self._retrieved = set()
+        self._retrieved.add(index)
+        self.counters.retrieved_messages += 1
+        self.counters.retrieved_octets += self._messages.sizes[index]
 
     def _message_gone(self, status: Status) -> Outcome:
         return status

@@ -526,6 +526,29 @@ class TestExpireZero:
         assert wire.command(b"QUIT") == BYE
         assert store.messages("alice") == [MESSAGES[0], MESSAGES[2]]
 
+    def test_a_message_whose_retr_failed_is_kept(self, clock: Clock, store: MemoryStore) -> None:
+        """
+        Section 6.7 deletes what was "downloaded with RETR": a RETR answered
+        -ERR (the store could not read the message) downloaded nothing.
+        """
+        for message in MESSAGES:
+            store.deliver("alice", message)
+        portal = Portal(MaildropRealm(_UnreadableFirst(store)), [_alice_checker()])
+        wire = Wire(
+            POP3Factory(
+                portal,
+                clock=clock,
+                hostname="pop.example.test",
+                policy=SessionPolicy(expire_days=0),
+                login_failure_delay=0,
+            )
+        )
+        wire.login()
+        assert wire.command(b"RETR 1") == b"-ERR [SYS/TEMP] cannot read message\r\n"
+        retrieve(wire, 2)
+        assert wire.command(b"QUIT") == BYE
+        assert store.messages("alice") == [MESSAGES[0], MESSAGES[2]]
+
     def test_capa_says_expire_0_in_both_states(self, maildirs: Maildirs) -> None:
         wire = Wire(maildirs.factory(0))
         before, after = capa(b"EXPIRE 0\r\n")
@@ -809,3 +832,47 @@ def test_workers_share_the_login_history(tmp_path: Path, launch: Launch) -> None
         for client in clients:
             client.close()
     assert answers == [b"+OK"] + [b"-ERR [LOGIN-DELAY]"] * 15
+
+
+@implementer(IMessageBody)
+class _UnreadableBody:
+    """A message the store opened but cannot read (an I/O error, say)."""
+
+    def read(self, size: int) -> bytes:
+        raise MaildropUnavailable("cannot read message")
+
+    def close(self) -> None:
+        pass
+
+
+@implementer(IMaildrop)
+class _FirstUnreadable:
+    def __init__(self, maildrop: IMaildrop) -> None:
+        self._maildrop = maildrop
+        self.messages = maildrop.messages
+
+    def open_message(self, index: int) -> Deferred[IMessageBody]:
+        if index == 0:
+            return succeed(_UnreadableBody())
+        return self._maildrop.open_message(index)
+
+    def remove(self, indices: Sequence[int]) -> Deferred[None]:
+        return self._maildrop.remove(indices)
+
+    def close(self) -> Deferred[None]:
+        return self._maildrop.close()
+
+
+@implementer(IMaildropStore)
+class _UnreadableFirst:
+    """A store whose first message of every maildrop cannot be read."""
+
+    def __init__(self, store: IMaildropStore) -> None:
+        self._store = store
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return self._store.open(mailbox).addCallback(_FirstUnreadable)
+
+
+def _alice_checker() -> InMemoryUsernamePasswordDatabaseDontUse:
+    return InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")

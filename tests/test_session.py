@@ -557,6 +557,9 @@ class TestTransaction:
         assert isinstance(stream, MessageStream)
         assert rendered(stream) == b"+OK 20 octets\r\n"
         assert stream.expected_size == 20
+        # Retrieved once it went out whole (the protocol says so), not before.
+        assert (session.counters.retrieved_messages, session.counters.retrieved_octets) == (0, 0)
+        session.message_sent()
         assert (session.counters.retrieved_messages, session.counters.retrieved_octets) == (1, 20)
 
     def test_top_counts_nothing(self) -> None:
@@ -607,6 +610,7 @@ class TestUpdate:
         session = _transaction()
         session.receive_line(b"RETR 2")
         session.message_opened(_body())
+        session.message_sent()
         session.receive_line(b"DELE 1")
         assert session.receive_line(b"QUIT") == RunUpdate(
             remove=frozenset({0}),
@@ -629,10 +633,24 @@ class TestUpdate:
         session.login_succeeded(LISTING)
         session.receive_line(b"RETR 2")
         session.message_opened(_body())
+        session.message_sent()
         plan = session.receive_line(b"QUIT")
         assert isinstance(plan, RunUpdate)
         assert plan.remove == frozenset({1})
         assert plan.expire_days is None
+
+    def test_expire_0_keeps_a_message_whose_retr_failed(self) -> None:
+        """RFC 2449 section 6.7: only what was "downloaded with RETR" goes."""
+        session = make_session(expire_days=0)
+        session.receive_line(b"USER alice")
+        session.receive_line(b"PASS wonderland")
+        session.login_succeeded(LISTING)
+        session.receive_line(b"RETR 2")
+        session.message_opened(_body())  # then the read fails: never sent
+        plan = session.receive_line(b"QUIT")
+        assert isinstance(plan, RunUpdate)
+        assert plan.remove == frozenset()
+        assert plan.retrieved == frozenset()
 
     def test_expire_days_leave_the_choice_to_the_store(self) -> None:
         session = make_session(expire_days=3)
@@ -642,6 +660,7 @@ class TestUpdate:
         for line in (b"RETR 1", b"RETR 2"):
             session.receive_line(line)
             session.message_opened(_body())
+            session.message_sent()
         session.receive_line(b"DELE 2")
         plan = session.receive_line(b"QUIT")
         assert isinstance(plan, RunUpdate)
