@@ -33,6 +33,7 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
+from pop3d.realm import release
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -455,12 +456,7 @@ class SessionDriver:
     def _release(self) -> None:
         maildrop, self._maildrop = self._maildrop, None
         logout, self._logout = self._logout, None
-        if maildrop is not None:
-            maybeDeferred(maildrop.close).addErrback(
-                lambda failure: self.log.failure("releasing maildrop failed", failure)
-            )
-        if logout is not None:
-            logout()
+        release(maildrop, logout, self.log)
 
     def _disconnected_before_login(self, action: DisconnectedBeforeLogin) -> None:
         self.log.info(

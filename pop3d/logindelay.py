@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import LoginDelayed
-from pop3d.realm import mailbox_name
+from pop3d.realm import mailbox_name, release
 from pop3d.stores.common import run_blocking
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import default_lock_table
@@ -158,12 +158,7 @@ class LoginDelayRealm:
 def _release(avatar: _Avatar) -> None:
     """Give back what the realm took for a login that is refused after all."""
     _, opened, logout = avatar
-    maildrop = IMaildrop(opened, None)
-    if maildrop is not None:
-        maybeDeferred(maildrop.close).addErrback(
-            lambda failure: log.failure("releasing maildrop failed", failure)
-        )
-    logout()
+    release(IMaildrop(opened, None), logout, log)
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS last_login (name TEXT PRIMARY KEY, at REAL NOT NULL)"

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore
@@ -85,3 +86,17 @@ class MaildropRealm:
             return (IMaildrop, maildrop, _nothing)
 
         return opened.addCallback(avatar)
+
+
+def release(maildrop: IMaildrop | None, logout: Callable[[], None] | None, log: Logger) -> None:
+    """
+    Give back what a login took: close the maildrop (which unlocks it; a
+    failure goes to ``log``, there is no one left to tell) and log the
+    avatar out.
+    """
+    if maildrop is not None:
+        maybeDeferred(maildrop.close).addErrback(
+            lambda failure: log.failure("releasing maildrop failed", failure)
+        )
+    if logout is not None:
+        logout()
