@@ -296,10 +296,10 @@ def parse_mail_location(location: str | None) -> tuple[IMailLocationPlugin, str]
     for plugin in installed:
         if separator and plugin.scheme == scheme:
             return plugin, argument
-    forms = "; ".join(f"{plugin.scheme}:{plugin.argument_help}" for plugin in installed)
+    schemes = ", ".join(plugin.scheme for plugin in installed)
     raise usage.UsageError(
-        f"--mail-location {location!r}: expected SCHEME:ARGUMENT of an installed store "
-        f"(twistd pop3d --help-mail-location): {forms}"
+        f"--mail-location {location!r}: expected SCHEME:ARGUMENT, SCHEME one of the "
+        f"installed stores: {schemes} (twistd pop3d --help-mail-location tells more)"
     )
 
 
