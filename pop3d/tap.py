@@ -38,14 +38,16 @@ from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
-from pop3d.stores.common import MaildirTemplateError, check_template
-from pop3d.stores.interfaces import IMaildropLocks, IMaildropStore, IRetrievalTimesStore
-from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
-from pop3d.stores.mbox import MboxFormat, MboxStore
-from pop3d.stores.posix import LockFiles, LockTable
+from pop3d.stores.interfaces import (
+    IMaildropStore,
+    IMailLocationPlugin,
+    IRetrievalTimesStore,
+    MailLocationError,
+)
+from pop3d.stores.locations import installed_mail_locations
+from pop3d.stores.maildir import LISTING_CACHE_MESSAGES
 from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
-from pop3d.uidl import UIDLFormatError, check_format
 from pop3d.wire import ClientWorkarounds, UnknownWorkaround
 from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command
 
@@ -95,7 +97,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "Where maildrops are: maildir:PATH (Maildirs) or mbox:PATH (mbox "
             "files), where PATH may use {user}, {local} and {domain} (e.g. "
-            "maildir:/srv/mail/{user}, mbox:/var/mail/{user}).",
+            "maildir:/srv/mail/{user}, mbox:/var/mail/{user}), or SCHEME:ARGUMENT "
+            "of an installed store plug-in (see --help-mail-location).",
         ],
         [
             "timeout",
@@ -225,10 +228,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             reason = str(error).removeprefix("Unexpected error: ")
             raise usage.UsageError(f"--auth {auth_type}: {reason}") from None
 
+    def opt_help_mail_location(self) -> None:
+        """Show the kinds of --mail-location installed (store plug-ins), and exit."""
+        sys.stdout.write(mail_location_help(installed_mail_locations()))
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        self["maildir-template"] = parse_mail_location(self["mail-location"])
+        plugin, argument = parse_mail_location(self["mail-location"])
+        self["mail-location-plugin"] = plugin
+        # The argument is also where the default lock table and login
+        # history go (beside the first {placeholder} of a path).
+        self["maildir-template"] = argument
         self["timeout"] = parse_timeout(self["timeout"])
         self["login-failure-delay"] = parse_delay(self["login-failure-delay"])
         for limit in ("max-connections", "max-connections-per-ip"):
@@ -236,27 +248,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
-        self["expire"] = parse_expire(self["expire"], store_class(self["mail-location"]))
+        self["expire"] = parse_expire(self["expire"], plugin)
         self["login-delay"], self["login-history"] = parse_login_delay(
             self["login-delay"], self["login-history"], self["maildir-template"]
         )
         self["languages"] = parse_language(self["language"])
-        if self["uidl-format"] is not None:
-            if self["mail-location"].startswith("mbox:"):
-                raise usage.UsageError(
-                    "--uidl-format applies to Maildirs; mbox UIDLs reuse X-UIDL headers"
-                )
-            try:
-                check_format(self["uidl-format"])
-            except UIDLFormatError as error:
-                raise usage.UsageError(f"--uidl-format: {error}") from None
-        self["mbox-format"] = parse_mbox_format(self["mbox-format"], self["mail-location"])
-        if self["nfs-locks"] and self["lock-table"]:
-            raise usage.UsageError("--nfs-locks and --lock-table exclude each other")
-        if (self["nfs-locks"] or self["lock-table"]) and self["mail-location"].startswith("mbox:"):
-            raise usage.UsageError(
-                "--nfs-locks and --lock-table apply to Maildirs; mbox files have dotlocks"
-            )
+        try:
+            plugin.check(argument, self)
+        except MailLocationError as error:
+            raise usage.UsageError(str(error)) from None
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         self["workers"] = parse_workers(self["workers"], self["listen"])
@@ -284,36 +284,31 @@ def parse_language(tag: str) -> Languages:
         raise usage.UsageError(f"--language {tag}: not one of {offered}") from None
 
 
-def parse_mail_location(location: str | None) -> str:
-    """The path template of a --mail-location value (maildir:PATH or mbox:PATH)."""
+def parse_mail_location(location: str | None) -> tuple[IMailLocationPlugin, str]:
+    """
+    The store plug-in a --mail-location SCHEME:ARGUMENT names, and the
+    ARGUMENT (the plug-in checks it, with the store options, in postOptions).
+    """
     if not location:
         raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
-    kind, separator, path = location.partition(":")
-    if not separator or kind not in ("maildir", "mbox"):
-        raise usage.UsageError(
-            f"--mail-location {location!r}: expected maildir:PATH or mbox:PATH, "
-            "e.g. maildir:/srv/mail/{user} or mbox:/var/mail/{user}"
-        )
-    try:
-        check_template(path)
-    except MaildirTemplateError as error:
-        raise usage.UsageError(f"--mail-location: {error}") from error
-    return path
+    scheme, separator, argument = location.partition(":")
+    installed = installed_mail_locations()
+    for plugin in installed:
+        if separator and plugin.scheme == scheme:
+            return plugin, argument
+    schemes = ", ".join(plugin.scheme for plugin in installed)
+    raise usage.UsageError(
+        f"--mail-location {location!r}: expected SCHEME:ARGUMENT, SCHEME one of the "
+        f"installed stores: {schemes} (twistd pop3d --help-mail-location tells more)"
+    )
 
 
-def parse_mbox_format(value: str | None, location: str) -> MboxFormat:
-    """The --mbox-format value (mboxo by default); only mbox files have one."""
-    if value is None:
-        return MboxFormat.MBOXO
-    if not location.startswith("mbox:"):
-        raise usage.UsageError(
-            "--mbox-format applies to mbox files (--mail-location mbox:PATH), not Maildirs"
-        )
-    try:
-        return MboxFormat(value)
-    except ValueError:
-        choices = " or ".join(kind.value for kind in MboxFormat)
-        raise usage.UsageError(f"--mbox-format {value!r}: expected {choices}") from None
+def mail_location_help(plugins: Sequence[IMailLocationPlugin]) -> str:
+    """What --help-mail-location shows: each installed scheme, its argument and its help."""
+    lines = ["Usage: --mail-location SCHEME:ARGUMENT", ""]
+    for plugin in plugins:
+        lines += [f"  {plugin.scheme}:{plugin.argument_help}", f"      {plugin.help}"]
+    return "\n".join(lines) + "\n"
 
 
 def parse_timeout(value: str) -> int:
@@ -353,19 +348,14 @@ def parse_network(value: str) -> IPNetwork:
         ) from None
 
 
-def store_class(location: str) -> type:
-    """The class of store a --mail-location names (parse_mail_location accepted it)."""
-    return MboxStore if location.startswith("mbox:") else MaildirStore
-
-
-def parse_expire(value: str, store: type) -> int | None:
+def parse_expire(value: str, store: IMailLocationPlugin) -> int | None:
     """--expire: days (0 or more), or None for never."""
     if value.lower() == "never":
         return None
     if not value.isdigit() or len(value) > 6:
         raise usage.UsageError(f"--expire {value!r}: expected a number of days or 'never'")
     days = int(value)
-    if days and not IRetrievalTimesStore.implementedBy(store):
+    if days and IRetrievalTimesStore not in store.store_interfaces:
         raise usage.UsageError(
             f"--expire {days}: this --mail-location cannot record when messages were "
             "retrieved (Maildirs can); use --expire 0 or never"
@@ -516,25 +506,9 @@ def build_portal(
 
 
 def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime) -> IMaildropStore:
-    """The store --mail-location names, with its locks."""
-    # parse_mail_location accepted maildir:PATH or mbox:PATH.
-    if options["mail-location"].startswith("mbox:"):
-        return MboxStore(
-            options["maildir-template"], reactor=threads, format=options["mbox-format"]
-        )
-    locks: IMaildropLocks = (
-        LockFiles(clock, threads=threads)
-        if options["nfs-locks"]
-        else LockTable(options["lock-table"] or default_lock_table(options["maildir-template"]))
-    )
-    return MaildirStore(
-        options["maildir-template"],
-        reactor=threads,
-        uidl_format=options["uidl-format"],
-        reuse_x_uidl=bool(options["reuse-x-uidl"]),
-        listing_cache=options["listing-cache"],
-        locks=locks,
-    )
+    """The store --mail-location names, made by its plug-in (postOptions checked it)."""
+    plugin: IMailLocationPlugin = options["mail-location-plugin"]
+    return plugin.make(options["maildir-template"], options, threads, clock)
 
 
 #: Seconds a thread may hold the interpreter lock while another waits.

@@ -299,3 +299,62 @@ def test_mbox_format_usage_errors(passwd: Path, location: str, value: str, error
             "--mbox-format", value,
         )  # fmt: skip
     assert str(refused.value) == error
+
+
+def test_maildir_and_mbox_are_plugins_like_any_other() -> None:
+    """The built-in stores are found through twisted.plugin, as a third party's are."""
+    from pop3d.stores.interfaces import IMailLocationPlugin, IRetrievalTimesStore
+    from pop3d.stores.locations import installed_mail_locations
+
+    plugins = installed_mail_locations()
+    assert [plugin.scheme for plugin in plugins] == ["maildir", "mbox"]
+    assert all(IMailLocationPlugin.providedBy(plugin) for plugin in plugins)
+    maildir, mbox = plugins
+    assert IRetrievalTimesStore in maildir.store_interfaces
+    assert IRetrievalTimesStore not in mbox.store_interfaces
+
+
+def test_help_mail_location_lists_the_installed_stores(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse("--help-mail-location")
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == (
+        "Usage: --mail-location SCHEME:ARGUMENT\n"
+        "\n"
+        "  maildir:PATH with {user}, {local} or {domain}, e.g. maildir:/srv/mail/{user}\n"
+        "      Maildirs (options: --lock-table, --nfs-locks, --uidl-format, --reuse-x-uidl, "
+        "--listing-cache)\n"
+        "  mbox:PATH with {user}, {local} or {domain}, e.g. mbox:/var/mail/{user}\n"
+        "      mbox files, locked with dotlocks (option: --mbox-format)\n"
+    )
+
+
+@pytest.mark.parametrize("location", ["nosuch:/var/mail/{user}", "/var/mail/{user}", "maildir"])
+def test_an_unknown_mail_location_names_the_installed_stores(passwd: Path, location: str) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        parse("--mail-location", location, "--auth", f"passwd-file:{passwd}")
+    assert str(refused.value) == (
+        f"--mail-location {location!r}: expected SCHEME:ARGUMENT, SCHEME one of the installed "
+        "stores: maildir, mbox (twistd pop3d --help-mail-location tells more)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [
+        (
+            ["--mail-location", "mbox:/var/mail/{user}", "--uidl-format", "%u"],
+            "--uidl-format applies to Maildirs; mbox UIDLs reuse X-UIDL headers",
+        ),
+        (
+            ["--mail-location", "maildir:/srv/{user}", "--uidl-format", "%q"],
+            "--uidl-format: ",
+        ),
+    ],
+)
+def test_store_options_are_checked_by_their_store(
+    passwd: Path, arguments: list[str], error: str
+) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        parse(*arguments, "--auth", f"passwd-file:{passwd}")
+    assert str(refused.value).startswith(error)

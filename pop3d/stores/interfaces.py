@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IReactorThreads, IReactorTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,3 +220,66 @@ class IRetrievalTimesStore(Interface):
     `IRetrievalTimes`.  Only such a store can offer ``EXPIRE n`` for n of
     1 or more (``twistd pop3d --expire`` checks at start-up).
     """
+
+
+class MailLocationError(ValueError):
+    """
+    A ``--mail-location`` argument, or a store option given with it, that a
+    mail location plug-in cannot use.  The message names what is at fault
+    (``--mail-location: ...``, ``--mbox-format ...``): ``twistd pop3d``
+    shows it as the usage error.
+    """
+
+
+class IMailLocationPlugin(Interface):
+    """
+    A kind of mail location, ``twistd pop3d --mail-location SCHEME:ARGUMENT``:
+    the ``twisted.plugin`` plug-in that makes a store from the ARGUMENT.
+
+    ``twistd pop3d`` finds the plug-ins with
+    ``twisted.plugin.getPlugins(IMailLocationPlugin)`` (a plug-in object
+    also provides `twisted.plugin.IPlugin` and lives in a module of a
+    ``twisted/plugins/`` directory on the path; ``maildir:`` and ``mbox:``
+    are such plug-ins, declared in pop3d's own dropin), picks the one whose
+    ``scheme`` is the text before the first colon, calls `check` while it
+    parses the command line and `make` once when it starts serving.
+
+    Both get ``options``, the parsed ``twistd pop3d`` options (a mapping of
+    option name, without the dashes, to value).  A plug-in reads the store
+    options it uses (``uidl-format``, ``lock-table``, ``mbox-format``...)
+    and refuses, in `check`, those that cannot apply to it; it ignores the
+    rest.
+    """
+
+    scheme: str = Attribute("The name before the colon, e.g. ``maildir``: lower case, no colon.")
+
+    help: str = Attribute("One line that says what is stored where (--help-mail-location).")
+
+    argument_help: str = Attribute(
+        "The ARGUMENT's form, e.g. ``PATH with {user}, {local} or {domain}``."
+    )
+
+    store_interfaces: tuple[type[Interface], ...] = Attribute(
+        "The optional store interfaces every store it makes provides, e.g."
+        " `IRetrievalTimesStore` (which ``--expire DAYS`` needs)."
+    )
+
+    def check(argument: str, options: Mapping[str, object]) -> None:
+        """
+        Refuse an ARGUMENT, or a store option, that cannot be used: raise
+        `MailLocationError`.  Quick: at most a look at the file system, no
+        store is made, nothing is created.
+        """
+
+    def make(
+        argument: str,
+        options: Mapping[str, object],
+        threads: IReactorThreads,
+        clock: IReactorTime,
+    ) -> IMaildropStore:
+        """
+        The store (after `check` accepted ``argument`` and ``options``).
+        Its blocking work runs in ``threads``' thread pool, its timers on
+        ``clock``; making it does no blocking I/O (storage is first touched
+        by `IMaildropStore.open`).
+        """

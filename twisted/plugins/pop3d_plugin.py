@@ -1,10 +1,12 @@
 """
-The twistd dropin: ``twistd pop3d`` and the ``--auth passwd-file:`` checker.
+The twistd dropin: ``twistd pop3d``, the ``--auth passwd-file:`` checker and
+the ``--mail-location`` kinds ``maildir:`` and ``mbox:``.
 """
 
 from twisted.application.service import ServiceMaker
 
 from pop3d.checkers import PasswdFileCheckerFactory
+from pop3d.stores.locations import MaildirLocation, MboxLocation
 
 pop3d = ServiceMaker(
     "pop3d",
@@ -14,3 +16,6 @@ pop3d = ServiceMaker(
 )
 
 passwdFile = PasswdFileCheckerFactory()
+
+maildirLocation = MaildirLocation()
+mboxLocation = MboxLocation()

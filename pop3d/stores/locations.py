@@ -1,0 +1,140 @@
+"""
+The ``--mail-location`` plug-ins: finding them, and the two pop3d ships
+(``maildir:`` and ``mbox:``, declared in ``twisted/plugins/pop3d_plugin.py``
+like any other's).  See `pop3d.stores.interfaces.IMailLocationPlugin`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.plugin import IPlugin, getPlugins
+from zope.interface import Interface, implementedBy, implementer
+
+from pop3d.stores.common import MaildirTemplateError, check_template
+from pop3d.stores.interfaces import (
+    IMaildropLocks,
+    IMaildropStore,
+    IMailLocationPlugin,
+    MailLocationError,
+)
+from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore, default_lock_table
+from pop3d.stores.mbox import MboxFormat, MboxStore
+from pop3d.stores.posix import LockFiles, LockTable
+from pop3d.uidl import UIDLFormatError, check_format
+
+
+def installed_mail_locations() -> list[IMailLocationPlugin]:
+    """Every mail location plug-in on the path, by scheme (the first of a scheme wins)."""
+    found: dict[str, IMailLocationPlugin] = {}
+    for plugin in getPlugins(IMailLocationPlugin):
+        found.setdefault(plugin.scheme, plugin)
+    return [found[scheme] for scheme in sorted(found)]
+
+
+def checked_template(argument: str) -> str:
+    """A path template argument, or `MailLocationError` naming --mail-location."""
+    try:
+        check_template(argument)
+    except MaildirTemplateError as error:
+        raise MailLocationError(f"--mail-location: {error}") from error
+    return argument
+
+
+def _interfaces_of(store: type) -> tuple[type[Interface], ...]:
+    """The interfaces a store class declares (`IRetrievalTimesStore`...)."""
+    return tuple(implementedBy(store))  # type: ignore[no-untyped-call]
+
+
+@implementer(IPlugin, IMailLocationPlugin)
+class MaildirLocation:
+    """``maildir:PATH``: one Maildir per user (`MaildirStore`)."""
+
+    scheme = "maildir"
+    help = (
+        "Maildirs (options: --lock-table, --nfs-locks, --uidl-format, --reuse-x-uidl, "
+        "--listing-cache)"
+    )
+    argument_help = "PATH with {user}, {local} or {domain}, e.g. maildir:/srv/mail/{user}"
+    store_interfaces = _interfaces_of(MaildirStore)
+
+    def check(self, argument: str, options: Mapping[str, object]) -> None:
+        checked_template(argument)
+        if options.get("mbox-format") is not None:
+            raise MailLocationError(
+                "--mbox-format applies to mbox files (--mail-location mbox:PATH), not Maildirs"
+            )
+        uidl_format = options.get("uidl-format")
+        if uidl_format is not None:
+            try:
+                check_format(str(uidl_format))
+            except UIDLFormatError as error:
+                raise MailLocationError(f"--uidl-format: {error}") from None
+        if options.get("nfs-locks") and options.get("lock-table"):
+            raise MailLocationError("--nfs-locks and --lock-table exclude each other")
+
+    def make(
+        self,
+        argument: str,
+        options: Mapping[str, Any],
+        threads: IReactorThreads,
+        clock: IReactorTime,
+    ) -> IMaildropStore:
+        locks: IMaildropLocks = (
+            LockFiles(clock, threads=threads)
+            if options.get("nfs-locks")
+            else LockTable(options.get("lock-table") or default_lock_table(argument))
+        )
+        return MaildirStore(
+            argument,
+            reactor=threads,
+            uidl_format=options.get("uidl-format"),
+            reuse_x_uidl=bool(options.get("reuse-x-uidl")),
+            listing_cache=int(options.get("listing-cache", LISTING_CACHE_MESSAGES)),
+            locks=locks,
+        )
+
+
+@implementer(IPlugin, IMailLocationPlugin)
+class MboxLocation:
+    """``mbox:PATH``: one mbox file per user (`MboxStore`)."""
+
+    scheme = "mbox"
+    help = "mbox files, locked with dotlocks (option: --mbox-format)"
+    argument_help = "PATH with {user}, {local} or {domain}, e.g. mbox:/var/mail/{user}"
+    store_interfaces = _interfaces_of(MboxStore)
+
+    def check(self, argument: str, options: Mapping[str, object]) -> None:
+        checked_template(argument)
+        if options.get("uidl-format") is not None:
+            raise MailLocationError(
+                "--uidl-format applies to Maildirs; mbox UIDLs reuse X-UIDL headers"
+            )
+        if options.get("nfs-locks") or options.get("lock-table"):
+            raise MailLocationError(
+                "--nfs-locks and --lock-table apply to Maildirs; mbox files have dotlocks"
+            )
+        self._format(options)
+
+    def make(
+        self,
+        argument: str,
+        options: Mapping[str, Any],
+        threads: IReactorThreads,
+        clock: IReactorTime,
+    ) -> IMaildropStore:
+        return MboxStore(argument, reactor=threads, format=self._format(options))
+
+    @staticmethod
+    def _format(options: Mapping[str, object]) -> MboxFormat:
+        """The --mbox-format value (mboxo by default)."""
+        value = options.get("mbox-format")
+        if value is None:
+            return MboxFormat.MBOXO
+        try:
+            return MboxFormat(value)
+        except ValueError:
+            choices = " or ".join(kind.value for kind in MboxFormat)
+            raise MailLocationError(f"--mbox-format {value!r}: expected {choices}") from None
