@@ -30,6 +30,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
+from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
@@ -491,23 +492,16 @@ def build_portal(
                 checker.run_slow_work_in(threads)
 
     def can_check(checker: Any, interface: Any) -> bool:
-        offered = checker.credentialInterfaces
-        # CRAM-MD5 credentials can also be checked with a plaintext password,
-        # by any checker that verifies APOP-style hashed credentials.
-        return interface in offered or (
-            interface is ICramMD5Credentials and IUsernameHashedPassword in offered
-        )
+        # Credentials of a derived type are credentials of the base type too
+        # (CRAM-MD5's are hashed-password ones): a checker of the base type
+        # verifies them.
+        return any(interface.isOrExtends(offered) for offered in checker.credentialInterfaces)
 
-    interfaces: list[Any] = []
-    for checker in prepared:
-        for interface in checker.credentialInterfaces:
-            if interface not in interfaces:
-                interfaces.append(interface)
-    if IUsernameHashedPassword in interfaces and ICramMD5Credentials not in interfaces:
-        interfaces.append(ICramMD5Credentials)
-    # CRAM-MD5 credentials are also hashed-password credentials: the portal
-    # takes the first registered interface they provide, so theirs goes first.
-    interfaces.sort(key=lambda interface: interface is not ICramMD5Credentials)
+    # The portal takes the first registered interface that credentials
+    # provide: derived types go first, to the checkers made for them.
+    interfaces: list[Any] = most_specific_first(
+        interface for checker in prepared for interface in checker.credentialInterfaces
+    )
     portal = Portal(realm)
     for interface in interfaces:
         serving = [c for c in prepared if can_check(c, interface)]
