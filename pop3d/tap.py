@@ -31,12 +31,12 @@ from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.credchecks import most_specific_first
-from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
+from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
-from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
+from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.stores.common import MaildirTemplateError, check_template
@@ -191,6 +191,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "The SQLite file of last logins for --login-delay, shared by every "
             "process of this host (default: .pop3d-logins beside the default --lock-table).",
         ],
+        [
+            "sasl-mechanisms",
+            None,
+            None,
+            "The SASL mechanisms AUTH offers, in this order, separated by spaces or "
+            "commas: "
+            + ", ".join(m.name.decode("ascii") for m in DEFAULT_MECHANISMS)
+            + " (default: each of them, in that order, that the --auth checkers can verify).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -236,6 +245,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
+        self["sasl-mechanisms"] = parse_sasl_mechanisms(self["sasl-mechanisms"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         self["expire"] = parse_expire(self["expire"], store_class(self["mail-location"]))
         self["login-delay"], self["login-history"] = parse_login_delay(
@@ -417,6 +427,28 @@ def parse_client_workarounds(value: str | None) -> ClientWorkarounds:
         raise usage.UsageError(f"--client-workarounds: {error}") from None
 
 
+def parse_sasl_mechanisms(
+    value: str | None, known: Sequence[ISASLMechanism] = DEFAULT_MECHANISMS
+) -> list[ISASLMechanism] | None:
+    """
+    --sasl-mechanisms: the mechanisms named (case-insensitive, separated by
+    spaces or commas), in that order; None (the factory's default) without it.
+    """
+    if value is None:
+        return None
+    by_name = {mechanism.name.decode("ascii"): mechanism for mechanism in known}
+    offered = ", ".join(by_name)
+    names = list(dict.fromkeys(value.replace(",", " ").upper().split()))
+    if not names:
+        raise usage.UsageError(f"--sasl-mechanisms names no mechanism; known: {offered}")
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise usage.UsageError(
+            f"--sasl-mechanisms: unknown mechanism {', '.join(unknown)}; known: {offered}"
+        )
+    return [by_name[name] for name in names]
+
+
 def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
     if certificate is None and key is None:
         return None
@@ -567,6 +599,7 @@ def makeService(options: Options) -> IService:
         client_workarounds=options["client-workarounds"],
         trusted_networks=options["trusted-networks"],
         languages=options["languages"],
+        mechanisms=options["sasl-mechanisms"],
     )
     service = MultiService()
     reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None

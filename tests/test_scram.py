@@ -316,6 +316,30 @@ class TestFullExchange:
         assert wire.command(b"STAT").startswith(b"+OK 0 0")
         wire.command(b"QUIT")
 
+    @pytest.mark.parametrize(
+        "client_first,reply",
+        [
+            # The mechanism says why (unsupported, malformed, not authorized);
+            # the POP3 side words it: RFC 5034 section 4, RFC 3206 [AUTH].
+            (b"p=tls-unique,,n=plain,r=abc", b"-ERR SCRAM channel binding is not supported\r\n"),
+            (b"n,,n=pl=2Xain,r=abc", b"-ERR malformed SCRAM user name\r\n"),
+            (b"n,a=root,n=plain,r=abc", b"-ERR [AUTH] not authorized to act as another user\r\n"),
+        ],
+    )
+    def test_refusals_through_the_pop3_session(
+        self, tmp_path: Path, client_first: bytes, reply: bytes
+    ) -> None:
+        path = tmp_path / "passwd"
+        path.write_bytes(b"plain:{PLAIN}pencil::\n")
+        portal = build_portal(MaildropRealm(MemoryStore()), [PasswdFileChecker(str(path))])
+        factory = POP3Factory(
+            portal, clock=Clock(), hostname="pop.example.test", mechanisms=[ScramSHA256()]
+        )
+        wire = Wire(factory)
+        assert wire.command(b"AUTH SCRAM-SHA-256 " + base64.b64encode(client_first)) == reply
+        # As if AUTH never happened (RFC 5034 section 4).
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
+
 
 class TestMalformed:
     @pytest.mark.parametrize(
