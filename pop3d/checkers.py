@@ -33,6 +33,7 @@ from pop3d.credchecks import (
     PasswordChecks,
     PasswordEntry,
     PasswordLookup,
+    as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.passwords import (
@@ -71,7 +72,7 @@ def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]
     if isinstance(credentials, PreparedUsernamePassword):
         first, *others = credentials.passwords
     else:
-        first, others = _as_bytes(credentials.password), []
+        first, others = as_bytes(credentials.password), []
     checked = lookup.check_password(first)
     for other in others:
 
@@ -101,10 +102,6 @@ PASSWORD_CHECKS.register(
         possible=lambda schemes: any(scheme.plaintext for scheme in schemes),
     )
 )
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
 
 
 class PasswdFileError(ValueError):
@@ -292,7 +289,7 @@ class PasswdFileChecker:
     # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
-        username = _as_bytes(credentials.username)
+        username = as_bytes(credentials.username)
         table = self._current_table()
         found = table.entries.get(username)
         if found is None and isinstance(credentials, PreparedUsernamePassword):
@@ -353,7 +350,7 @@ class PasswdFileChecker:
         the file's usual SCRAM-capable entry, so that the time it takes does
         not tell which users exist.
         """
-        username = _as_bytes(username)
+        username = as_bytes(username)
         table = self._current_table()
         return self._scram_keys_of(table, username, table.entries.get(username))
 
@@ -437,7 +434,7 @@ def accept_wire_bytes(checker: Any) -> Any:
     if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
         converted = InMemoryUsernamePasswordDatabaseDontUse()
         for username, password in checker.users.items():
-            converted.addUser(_as_bytes(username), _as_bytes(password))
+            converted.addUser(as_bytes(username), as_bytes(password))
         return converted
     return checker
 

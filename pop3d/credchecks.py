@@ -43,6 +43,11 @@ def most_specific_first(interfaces: Iterable[InterfaceClass]) -> list[InterfaceC
     return sorted(unique, key=lambda interface: -len(interface.__iro__))
 
 
+def as_bytes(value: bytes | str) -> bytes:
+    """A credential field as the checks compare it (strcred's checkers give str)."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
 @implementer(IVerifiers)
 class PortalVerifiers:
     """What the checkers of a cred ``portal`` can verify, asked each time."""

@@ -20,7 +20,13 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from pop3d.credchecks import PASSWORD_CHECKS, PasswordCheck, PasswordEntry, PasswordLookup
+from pop3d.credchecks import (
+    PASSWORD_CHECKS,
+    PasswordCheck,
+    PasswordEntry,
+    PasswordLookup,
+    as_bytes,
+)
 from pop3d.passwords import CramMD5Scheme, PasswordScheme
 from pop3d.sasl import (
     Authenticate,
@@ -99,8 +105,8 @@ def verify_cram_md5(lookup: PasswordLookup, credentials: Any) -> bool:
     if kind.plaintext:
         matched = bool(credentials.checkPassword(entry.secret))
     elif isinstance(kind, CramMD5Scheme):
-        challenge = _as_bytes(credentials.challenge)
-        response = _as_bytes(credentials.response)
+        challenge = as_bytes(credentials.challenge)
+        response = as_bytes(credentials.response)
         matched = kind.verify_response(entry.secret, challenge, response)
     else:
         matched = False
@@ -116,10 +122,6 @@ def _dummy(schemes: Collection[PasswordScheme]) -> PasswordEntry:
     if any(isinstance(scheme, CramMD5Scheme) for scheme in schemes):
         return PasswordEntry("CRAM-MD5", secrets.token_hex(32).encode("ascii"))
     return PasswordEntry("PLAIN", secrets.token_hex(8).encode("ascii"))
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
 
 
 PASSWORD_CHECKS.register(
