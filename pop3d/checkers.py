@@ -27,11 +27,18 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 from zope.interface.interface import InterfaceClass
 
+from pop3d.credchecks import (
+    PASSWORD_CHECKS,
+    PasswordCheck,
+    PasswordChecks,
+    PasswordEntry,
+    PasswordLookup,
+    as_bytes,
+)
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
-    CramMD5Scheme,
     PasswordScheme,
     PasswordSchemeError,
     ScramSHA256Scheme,
@@ -41,9 +48,13 @@ from pop3d.passwords import (
     scram_salt,
     split_scheme,
 )
-from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
+from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 
 log = Logger()
+
+#: The modules of the SASL credential types a passwd-file verifies: each
+#: registers its check in PASSWORD_CHECKS when it is imported.
+CREDENTIAL_TYPE_MODULES = (cram_md5, scram)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -56,20 +67,45 @@ PLAINTEXT_SCHEMES = frozenset(name for name, scheme in SCHEMES.items() if scheme
 DEFAULT_MAX_CONCURRENT = 4
 
 
+def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]:
+    """USER/PASS: each form of a prepared password in turn, until one matches."""
+    if isinstance(credentials, PreparedUsernamePassword):
+        first, *others = credentials.passwords
+    else:
+        first, others = as_bytes(credentials.password), []
+    checked = lookup.check_password(first)
+    for other in others:
+
+        def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
+            return matched or lookup.check_password(other)
+
+        checked.addCallback(next_form)
+    return checked
+
+
+def _verify_hashed(lookup: PasswordLookup, credentials: Any) -> bool:
+    """APOP: the digest covers the password itself."""
+    found = lookup.entry
+    if found is None:
+        credentials.checkPassword(secrets.token_hex(8).encode("ascii"))
+        return False
+    if not found.kind.plaintext:
+        return False
+    return bool(credentials.checkPassword(found.secret))
+
+
+PASSWORD_CHECKS.register(PasswordCheck(IUsernamePassword, _verify_password))
+PASSWORD_CHECKS.register(
+    PasswordCheck(
+        IUsernameHashedPassword,
+        _verify_hashed,
+        possible=lambda schemes: any(scheme.plaintext for scheme in schemes),
+    )
+)
+
+
 class PasswdFileError(ValueError):
     """A passwd-file that cannot be used, with the line that is wrong."""
-
-
-@dataclass(frozen=True)
-class PasswordEntry:
-    """One user's stored password: ``{SCHEME}secret``."""
-
-    scheme: str
-    secret: bytes
-
-    @property
-    def kind(self) -> PasswordScheme:
-        return SCHEMES[self.scheme]
 
 
 def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes, PasswordEntry]:
@@ -122,25 +158,20 @@ class _Table:
     #: The most common (scheme, cost) among the entries and a secret of it:
     #: an unknown user's password is checked against a dummy of that class.
     usual: tuple[PasswordScheme, bytes, Hashable]
-    #: What an unknown user's CRAM-MD5 response is checked against.
-    cram_dummy: PasswordEntry
+    #: What an unknown user's credentials of each type are checked against
+    #: (for the checks that have a ``dummy``).
+    dummies: dict[InterfaceClass, PasswordEntry]
     #: Most entries that can serve SCRAM are plaintext, whose keys are
     #: derived for each exchange: so are dummy keys for everyone else.
     scram_derives: bool
 
     @classmethod
-    def of(cls, entries: dict[bytes, PasswordEntry]) -> _Table:
+    def of(cls, entries: dict[bytes, PasswordEntry], checks: PasswordChecks) -> _Table:
         kinds = {entry.kind for entry in entries.values()}
-        plaintext = any(kind.plaintext for kind in kinds)
-        cram = any(isinstance(kind, CramMD5Scheme) for kind in kinds)
-        scram = any(isinstance(kind, ScramSHA256Scheme) for kind in kinds)
-        interfaces: list[InterfaceClass] = [IUsernamePassword]
-        if plaintext:
-            interfaces.append(IUsernameHashedPassword)
-        if plaintext or cram:
-            interfaces.append(ICramMD5Credentials)
-        if plaintext or scram:
-            interfaces.append(IScramSHA256Credentials)
+        interfaces = tuple(check.interface for check in checks if check.possible(kinds))
+        dummies = {
+            check.interface: check.dummy(kinds) for check in checks if check.dummy is not None
+        }
         samples: dict[tuple[str, Hashable], bytes] = {}
         counts: Counter[tuple[str, Hashable]] = Counter()
         for entry in entries.values():
@@ -153,14 +184,9 @@ class _Table:
             usual = (SCHEMES[name], samples[(name, cost)], cost)
         else:
             usual = (SCHEMES["PLAIN"], b"", None)
-        cram_dummy = (
-            PasswordEntry("CRAM-MD5", secrets.token_hex(32).encode("ascii"))
-            if cram
-            else PasswordEntry("PLAIN", secrets.token_hex(8).encode("ascii"))
-        )
         derived = sum(1 for entry in entries.values() if entry.kind.plaintext)
         stored = sum(1 for entry in entries.values() if isinstance(entry.kind, ScramSHA256Scheme))
-        return cls(entries, tuple(interfaces), usual, cram_dummy, derived > stored)
+        return cls(entries, interfaces, usual, dummies, derived > stored)
 
 
 @implementer(ICredentialsChecker, IScramKeySource)
@@ -169,10 +195,15 @@ class PasswdFileChecker:
     Checks logins against a Dovecot passwd-file, whatever the scheme of
     each entry (see `pop3d.passwords`).
 
+    Each credential type is verified by its `pop3d.credchecks.PasswordCheck`
+    in ``checks`` (`pop3d.credchecks.PASSWORD_CHECKS` by default):
+
     - USER/PASS (``IUsernamePassword``): every scheme.
     - APOP (``IUsernameHashedPassword``): plaintext entries only.
-    - SASL CRAM-MD5 (`ICramMD5Credentials`): plaintext and ``{CRAM-MD5}``.
-    - SASL SCRAM-SHA-256 (`IScramSHA256Credentials`, `IScramKeySource`):
+    - SASL CRAM-MD5 (`pop3d.sasl.ICramMD5Credentials`, `pop3d.sasl.cram_md5`):
+      plaintext and ``{CRAM-MD5}``.
+    - SASL SCRAM-SHA-256 (`pop3d.sasl.IScramSHA256Credentials`,
+      `pop3d.sasl.scram`) with the keys of this checker's `IScramKeySource`:
       ``{SCRAM-SHA-256}`` entries, and plaintext ones whose keys are derived
       on demand with `pop3d.passwords.SCRAM_ITERATIONS` iterations and a salt
       that is stable for the process (`pop3d.passwords.scram_salt`).
@@ -192,21 +223,19 @@ class PasswdFileChecker:
     cost, so that it takes the path and the time of a wrong password.
     """
 
-    credentialInterfaces: tuple[InterfaceClass, ...] = (
-        IUsernamePassword,
-        IUsernameHashedPassword,
-        ICramMD5Credentials,
-        IScramSHA256Credentials,
-    )
+    #: Every credential type the default checks verify (an instance lists
+    #: what its file's entries can verify).
+    credentialInterfaces: tuple[InterfaceClass, ...] = PASSWORD_CHECKS.interfaces()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, checks: PasswordChecks = PASSWORD_CHECKS) -> None:
         self.path = path
+        self._checks = checks
         self._reactor: IReactorThreads | None = None
         self._semaphore: DeferredSemaphore | None = None
         self._dummies: dict[tuple[str, Hashable], bytes] = {}
         self._signature = self._stat()
         with open(path, "rb") as passwd:
-            self._set_table(_Table.of(parse_passwd_file(passwd.read(), path)))
+            self._set_table(_Table.of(parse_passwd_file(passwd.read(), path), checks))
 
     def run_slow_work_in(
         self, reactor: IReactorThreads, max_concurrent: int = DEFAULT_MAX_CONCURRENT
@@ -233,7 +262,9 @@ class PasswdFileChecker:
             signature = self._stat()
             if signature != self._signature:
                 with open(self.path, "rb") as passwd:
-                    self._set_table(_Table.of(parse_passwd_file(passwd.read(), self.path)))
+                    self._set_table(
+                        _Table.of(parse_passwd_file(passwd.read(), self.path), self._checks)
+                    )
                 self._signature = signature
                 log.info("reloaded {path}", path=self.path)
         except (OSError, PasswdFileError) as error:
@@ -258,7 +289,7 @@ class PasswdFileChecker:
     # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
-        username = _as_bytes(credentials.username)
+        username = as_bytes(credentials.username)
         table = self._current_table()
         found = table.entries.get(username)
         if found is None and isinstance(credentials, PreparedUsernamePassword):
@@ -269,19 +300,13 @@ class PasswdFileChecker:
                 if found is not None:
                     username = alternative
                     break
+        check = self._checks.for_credentials(credentials)
         matched: Deferred[bool]
-        if IScramSHA256Credentials.providedBy(credentials):
-            matched = self._check_scram(table, username, found, credentials)
-        elif ICramMD5Credentials.providedBy(credentials):
-            matched = succeed(self._check_cram_md5(table, found, credentials))
-        elif isinstance(credentials, PreparedUsernamePassword):
-            matched = self._check_passwords(table, found, credentials.passwords)
-        elif IUsernamePassword.providedBy(credentials):
-            matched = self._check_password(table, found, _as_bytes(credentials.password))
-        elif IUsernameHashedPassword.providedBy(credentials):
-            matched = succeed(self._check_hashed(found, credentials))
-        else:
+        if check is None:
             matched = succeed(False)
+        else:
+            lookup = _Lookup(self, table, username, found)
+            matched = check.run(lookup, credentials)
 
         def decided(ok: bool) -> bytes | tuple[()]:
             if ok and found is not None:
@@ -289,20 +314,6 @@ class PasswdFileChecker:
             raise UnauthorizedLogin()
 
         return matched.addCallback(decided)
-
-    def _check_passwords(
-        self, table: _Table, found: PasswordEntry | None, passwords: tuple[bytes, ...]
-    ) -> Deferred[bool]:
-        """Each form of a password in turn, until one matches."""
-        first, *others = passwords
-        checked = self._check_password(table, found, first)
-        for other in others:
-
-            def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
-                return matched or self._check_password(table, found, other)
-
-            checked.addCallback(next_form)
-        return checked
 
     def _check_password(
         self, table: _Table, found: PasswordEntry | None, password: bytes
@@ -329,39 +340,6 @@ class PasswdFileChecker:
         scheme.verify(dummy, password)
         return False
 
-    @staticmethod
-    def _check_hashed(found: PasswordEntry | None, credentials: Any) -> bool:
-        """APOP: the digest covers the password itself."""
-        if found is None:
-            credentials.checkPassword(secrets.token_hex(8).encode("ascii"))
-            return False
-        if not found.kind.plaintext:
-            return False
-        return bool(credentials.checkPassword(found.secret))
-
-    @staticmethod
-    def _check_cram_md5(table: _Table, found: PasswordEntry | None, credentials: Any) -> bool:
-        entry = found or table.cram_dummy
-        kind = entry.kind
-        if kind.plaintext:
-            matched = bool(credentials.checkPassword(entry.secret))
-        elif isinstance(kind, CramMD5Scheme):
-            challenge = _as_bytes(credentials.challenge)
-            response = _as_bytes(credentials.response)
-            matched = kind.verify_response(entry.secret, challenge, response)
-        else:
-            matched = False
-        return matched and found is not None
-
-    def _check_scram(
-        self, table: _Table, username: bytes, found: PasswordEntry | None, credentials: Any
-    ) -> Deferred[bool]:
-        def verify(keys: ScramKeys | None) -> bool:
-            matched = bool(credentials.verify(keys or _DUMMY_SCRAM_KEYS))
-            return matched and keys is not None
-
-        return self._scram_keys_of(table, username, found).addCallback(verify)
-
     # -- IScramKeySource ---------------------------------------------------------
 
     def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
@@ -372,7 +350,7 @@ class PasswdFileChecker:
         the file's usual SCRAM-capable entry, so that the time it takes does
         not tell which users exist.
         """
-        username = _as_bytes(username)
+        username = as_bytes(username)
         table = self._current_table()
         return self._scram_keys_of(table, username, table.entries.get(username))
 
@@ -392,13 +370,37 @@ class PasswdFileChecker:
 
 
 _DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
-_DUMMY_SCRAM_KEYS = ScramKeys(
-    secrets.token_bytes(16), SCRAM_ITERATIONS, secrets.token_bytes(32), secrets.token_bytes(32)
-)
 
 
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
+class _Lookup:
+    """One login's view of the file, for a `PasswordCheck` (`PasswordLookup`)."""
+
+    __slots__ = ("_checker", "_table", "entry", "username")
+
+    def __init__(
+        self,
+        checker: PasswdFileChecker,
+        table: _Table,
+        username: bytes,
+        entry: PasswordEntry | None,
+    ) -> None:
+        self._checker = checker
+        self._table = table
+        self.username = username
+        self.entry = entry
+
+    @property
+    def checker(self) -> object:
+        return self._checker
+
+    def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
+        return self._table.dummies[credentials]
+
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        return self._checker._check_password(self._table, self.entry, password)
+
+    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return self._checker._slow(work, *args)
 
 
 @implementer(ICheckerFactory, IPlugin)
@@ -432,7 +434,7 @@ def accept_wire_bytes(checker: Any) -> Any:
     if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
         converted = InMemoryUsernamePasswordDatabaseDontUse()
         for username, password in checker.users.items():
-            converted.addUser(_as_bytes(username), _as_bytes(password))
+            converted.addUser(as_bytes(username), as_bytes(password))
         return converted
     return checker
 

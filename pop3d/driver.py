@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from pop3d.credchecks import PortalVerifiers
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
@@ -41,6 +42,7 @@ from pop3d.sasl import (
     ISASLExchange,
     ISASLMechanism,
     SASLError,
+    SASLFailure,
 )
 from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.session import (
@@ -87,6 +89,22 @@ class Replies(Protocol):
 _NONE: frozenset[int] = frozenset()
 #: What a client is told of a failure nobody expected (its details are logged).
 INTERNAL_ERROR_STATUS = Status(False, INTERNAL_ERROR, ResponseCode.SYS_TEMP)
+
+
+#: The response code of each way a SASL mechanism ends an exchange; the text
+#: is the mechanism's (RFC 5034 section 4: "-ERR", with [AUTH] where the
+#: client asked to act as someone it has not proven to be, RFC 3206 section 4).
+SASL_FAILURE_CODES: dict[SASLFailure, ResponseCode | None] = {
+    SASLFailure.MALFORMED: None,
+    SASLFailure.UNSUPPORTED: None,
+    SASLFailure.UNEXPECTED: None,
+    SASLFailure.NOT_AUTHORIZED: ResponseCode.AUTH,
+}
+
+
+def sasl_failure_status(error: SASLError) -> Status:
+    """The reply to a mechanism's `SASLError`: the one place SASL meets POP3 replies."""
+    return Status(False, error.text, SASL_FAILURE_CODES[error.failure])
 
 
 def unexpected_error(log: Logger, failure: Failure, peer: str) -> Status:
@@ -195,7 +213,8 @@ class SessionDriver:
         return IUsernamePassword in self.portal.listCredentialsInterfaces()
 
     def usable_mechanisms(self) -> Sequence[Mechanism]:
-        return [m for m in self._mechanisms if m.usable(self.portal)]
+        verifiers = PortalVerifiers(self.portal)
+        return [m for m in self._mechanisms if m.usable(verifiers)]
 
     def configured_mechanisms(self) -> Sequence[Mechanism]:
         return cast(Sequence[Mechanism], self._mechanisms)
@@ -288,7 +307,8 @@ class SessionDriver:
 
     def _start_sasl(self, action: StartSASL) -> None:
         mechanism = cast(ISASLMechanism, action.mechanism)
-        context = ExchangeContext(self.portal, self._hostname, self._clock.seconds())
+        verifiers = PortalVerifiers(self.portal)
+        context = ExchangeContext(verifiers, self._hostname, self._clock.seconds())
         self._exchange = mechanism.start(context)
         self._sasl_step(action.initial)
 
@@ -315,7 +335,7 @@ class SessionDriver:
         if failure.check(SASLError):
             error = failure.value
             assert isinstance(error, SASLError)
-            status = error.status()
+            status = sasl_failure_status(error)
         else:
             status = self._unexpected(failure)
         self._carry_out(self.session.sasl_refused(status))

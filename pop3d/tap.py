@@ -30,12 +30,13 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
-from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, POP3Factory
+from pop3d.credchecks import most_specific_first
+from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
-from pop3d.sasl import ICramMD5Credentials, IScramSHA256Credentials
+from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import (
@@ -193,6 +194,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "The SQLite file of last logins for --login-delay, shared by every "
             "process of this host (default: .pop3d-logins beside the default --lock-table).",
         ],
+        [
+            "sasl-mechanisms",
+            None,
+            None,
+            "The SASL mechanisms AUTH offers, in this order, separated by spaces or "
+            "commas: "
+            + ", ".join(m.name.decode("ascii") for m in DEFAULT_MECHANISMS)
+            + " (default: each of them, in that order, that the --auth checkers can verify).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -247,6 +257,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
+        self["sasl-mechanisms"] = parse_sasl_mechanisms(self["sasl-mechanisms"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         self["expire"] = parse_expire(self["expire"], plugin)
         self["login-delay"], self["login-history"] = parse_login_delay(
@@ -406,6 +417,28 @@ def parse_client_workarounds(value: str | None) -> ClientWorkarounds:
         raise usage.UsageError(f"--client-workarounds: {error}") from None
 
 
+def parse_sasl_mechanisms(
+    value: str | None, known: Sequence[ISASLMechanism] = DEFAULT_MECHANISMS
+) -> list[ISASLMechanism] | None:
+    """
+    --sasl-mechanisms: the mechanisms named (case-insensitive, separated by
+    spaces or commas), in that order; None (the factory's default) without it.
+    """
+    if value is None:
+        return None
+    by_name = {mechanism.name.decode("ascii"): mechanism for mechanism in known}
+    offered = ", ".join(by_name)
+    names = list(dict.fromkeys(value.replace(",", " ").upper().split()))
+    if not names:
+        raise usage.UsageError(f"--sasl-mechanisms names no mechanism; known: {offered}")
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise usage.UsageError(
+            f"--sasl-mechanisms: unknown mechanism {', '.join(unknown)}; known: {offered}"
+        )
+    return [by_name[name] for name in names]
+
+
 def parse_tls(certificate: str | None, key: str | None) -> ServerTLS | None:
     if certificate is None and key is None:
         return None
@@ -481,23 +514,16 @@ def build_portal(
                 checker.run_slow_work_in(threads)
 
     def can_check(checker: Any, interface: Any) -> bool:
-        offered = checker.credentialInterfaces
-        # CRAM-MD5 credentials can also be checked with a plaintext password,
-        # by any checker that verifies APOP-style hashed credentials.
-        return interface in offered or (
-            interface is ICramMD5Credentials and IUsernameHashedPassword in offered
-        )
+        # Credentials of a derived type are credentials of the base type too
+        # (CRAM-MD5's are hashed-password ones): a checker of the base type
+        # verifies them.
+        return any(interface.isOrExtends(offered) for offered in checker.credentialInterfaces)
 
-    interfaces: list[Any] = []
-    for checker in prepared:
-        for interface in checker.credentialInterfaces:
-            if interface not in interfaces:
-                interfaces.append(interface)
-    if IUsernameHashedPassword in interfaces and ICramMD5Credentials not in interfaces:
-        interfaces.append(ICramMD5Credentials)
-    # CRAM-MD5 credentials are also hashed-password credentials: the portal
-    # takes the first registered interface they provide, so theirs goes first.
-    interfaces.sort(key=lambda interface: interface is not ICramMD5Credentials)
+    # The portal takes the first registered interface that credentials
+    # provide: derived types go first, to the checkers made for them.
+    interfaces: list[Any] = most_specific_first(
+        interface for checker in prepared for interface in checker.credentialInterfaces
+    )
     portal = Portal(realm)
     for interface in interfaces:
         serving = [c for c in prepared if can_check(c, interface)]
@@ -547,6 +573,7 @@ def makeService(options: Options) -> IService:
         client_workarounds=options["client-workarounds"],
         trusted_networks=options["trusted-networks"],
         languages=options["languages"],
+        mechanisms=options["sasl-mechanisms"],
     )
     service = MultiService()
     reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None

@@ -9,15 +9,39 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import ICredentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from zope.interface import alsoProvides
+from zope.interface import Attribute, alsoProvides, implementer
 
-from pop3d.factory import POP3Factory
+from pop3d.checkers import PasswdFileChecker
+from pop3d.credchecks import PASSWORD_CHECKS, PasswordCheck, PasswordChecks, PasswordLookup
+from pop3d.factory import DEFAULT_MECHANISMS, POP3Factory
+from pop3d.passwords import PasswordScheme
+from pop3d.realm import MaildropRealm
+from pop3d.sasl import (
+    Authenticate,
+    Challenge,
+    ExchangeContext,
+    ISASLExchange,
+    ISASLMechanism,
+    IVerifiers,
+    SASLError,
+    SASLFailure,
+)
+from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
 from pop3d.tls import ServerTLS
 
@@ -107,6 +131,24 @@ class TestSASL:
     def test_plain_refuses_another_authorization_identity(self, local: Wire) -> None:
         answer = local.command(b"AUTH PLAIN " + b64(b"bob\x00alice\x00wonderland"))
         assert answer.startswith(b"-ERR [AUTH] ")
+        assert answer == b"-ERR [AUTH] not authorized to act as another user\r\n"
+
+    @pytest.mark.parametrize(
+        "command,reply",
+        [
+            (b"AUTH PLAIN " + b64(b"\x00alice"), b"-ERR malformed PLAIN response\r\n"),
+            (
+                b"AUTH PLAIN " + b64("\x00alice\x00wönder\x07land".encode()),
+                b"-ERR the user name or password contains characters that are not allowed\r\n",
+            ),
+            (b"AUTH CRAM-MD5 " + b64(b"alice"), b"-ERR CRAM-MD5 takes no initial response\r\n"),
+        ],
+    )
+    def test_a_mechanisms_refusal_is_worded_by_the_server(
+        self, local: Wire, command: bytes, reply: bytes
+    ) -> None:
+        """RFC 5034 section 4: a failed exchange is -ERR, no [AUTH] unless about identity."""
+        assert local.command(command) == reply
 
     @pytest.mark.parametrize(
         "response", [b"\x00alice", b"alice", b"\x00\x00pw", b"a\x00b\x00c\x00d"]
@@ -290,13 +332,12 @@ class TestThirdPartyMechanism:
         self, make_factory: Callable[..., POP3Factory], store: MemoryStore
     ) -> None:
         from twisted.cred.credentials import UsernamePassword
-        from twisted.internet.defer import Deferred, succeed
+        from twisted.internet.defer import succeed
         from zope.interface import implementer
 
         from pop3d.sasl import (
             Authenticate,
             Challenge,
-            ExchangeContext,
             ISASLExchange,
             ISASLMechanism,
         )
@@ -314,7 +355,7 @@ class TestThirdPartyMechanism:
             name = b"X-TOKEN"
             sends_password = False
 
-            def usable(self, portal: object) -> bool:
+            def usable(self, verifiers: object) -> bool:
                 return True
 
             def start(self, context: ExchangeContext) -> ISASLExchange:
@@ -325,3 +366,181 @@ class TestThirdPartyMechanism:
         assert b"SASL X-TOKEN" in capabilities(wire)
         assert continuation(wire.command(b"AUTH X-TOKEN")) == b"token?"
         assert wire.command(b64(b"alice:wonderland")).startswith(b"+OK maildrop has 1")
+
+    def test_a_new_credential_type_and_its_checker(self, clock: Clock, store: MemoryStore) -> None:
+        """
+        A mechanism that yields its own kind of credentials, and the checker
+        that verifies them: written here, composed through public seams
+        (build_portal, POP3Factory(mechanisms=...)); no pop3d module changes.
+        """
+        tokens = {b"alice": b"s3cret-token"}
+        store.deliver("alice", b"Subject: hi\n\nhi\n")
+        with_checker = build_portal(
+            MaildropRealm(store), [_memory_checker(), _TokenChecker(tokens)]
+        )
+        mechanisms = [_XToken(), *DEFAULT_MECHANISMS]
+        wire = Wire(_factory(with_checker, clock, mechanisms), REMOTE_PEER)
+        # Offered first, as given; PLAIN and LOGIN are not on this connection.
+        assert b"SASL X-TOKEN CRAM-MD5" in capabilities(wire)
+        assert wire.command(b"AUTH X-TOKEN") == b"+ " + b64(b"token?") + b"\r\n"
+        assert wire.command(b64(b"no colon")) == b"-ERR malformed X-TOKEN response\r\n"
+        assert wire.command(b"AUTH X-TOKEN " + b64(b"alice:guess")) == AUTH_FAILED
+        answer = wire.command(b"AUTH X-TOKEN " + b64(b"alice:s3cret-token"))
+        assert answer == b"+OK maildrop has 1 messages (19 octets)\r\n"
+
+        # Without its checker the mechanism is not offered (RFC 5034 section 4).
+        without = build_portal(MaildropRealm(store), [_memory_checker()])
+        wire = Wire(_factory(without, clock, mechanisms), REMOTE_PEER)
+        assert b"SASL CRAM-MD5" in capabilities(wire)
+        assert wire.command(b"AUTH X-TOKEN") == b"-ERR unsupported authentication mechanism\r\n"
+
+    def test_a_password_file_learns_a_new_credential_type(
+        self, clock: Clock, store: MemoryStore, tmp_path: Path
+    ) -> None:
+        """
+        The credential type's module adds its check to the password checks
+        the passwd-file checker is given; the checker itself is unchanged.
+        """
+        checks = PasswordChecks(
+            [*PASSWORD_CHECKS, PasswordCheck(_IDigestCredentials, _verify_digest, _plaintext)]
+        )
+        passwd = tmp_path / "passwd"
+        passwd.write_bytes(b"alice:{PLAIN}wonderland::\n")
+        checker = PasswdFileChecker(str(passwd), checks=checks)
+        assert _IDigestCredentials in checker.credentialInterfaces
+        store.deliver("alice", b"Subject: hi\n\nhi\n")
+        portal = build_portal(MaildropRealm(store), [checker])
+        wire = Wire(_factory(portal, clock, [_XDigest()]), REMOTE_PEER)
+        assert b"SASL X-DIGEST" in capabilities(wire)
+        assert wire.command(b"AUTH X-DIGEST") == b"+ " + b64(b"nonce-1") + b"\r\n"
+        wrong = hmac.new(b"nope", b"nonce-1", hashlib.sha256).hexdigest().encode()
+        assert wire.command(b64(b"alice " + wrong)) == AUTH_FAILED
+        wire.command(b"AUTH X-DIGEST")
+        right = hmac.new(b"wonderland", b"nonce-1", hashlib.sha256).hexdigest().encode()
+        answer = wire.command(b64(b"alice " + right))
+        assert answer == b"+OK maildrop has 1 messages (19 octets)\r\n"
+
+        # A file whose entries cannot verify it does not advertise it.
+        passwd.write_bytes(b"alice:{CRAM-MD5}" + b"0" * 64 + b"::\n")
+        assert (
+            _IDigestCredentials not in PasswdFileChecker(str(passwd), checks).credentialInterfaces
+        )
+
+
+# -- a third party's mechanisms, credential types and checker, as written outside pop3d --
+
+
+def _memory_checker() -> InMemoryUsernamePasswordDatabaseDontUse:
+    return InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+
+
+def _factory(portal: Portal, clock: Clock, mechanisms: list[ISASLMechanism]) -> POP3Factory:
+    return POP3Factory(
+        portal,
+        clock=clock,
+        hostname="pop.example.test",
+        login_failure_delay=0,
+        mechanisms=mechanisms,
+    )
+
+
+class _ITokenCredentials(ICredentials):
+    username: bytes = Attribute("who")
+    token: bytes = Attribute("a bearer token")
+
+
+@implementer(_ITokenCredentials)
+@dataclass(frozen=True)
+class _TokenCredentials:
+    username: bytes
+    token: bytes
+
+
+@implementer(ICredentialsChecker)
+class _TokenChecker:
+    credentialInterfaces = (_ITokenCredentials,)
+
+    def __init__(self, tokens: dict[bytes, bytes]) -> None:
+        self._tokens = tokens
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        expected = self._tokens.get(credentials.username)
+        if expected is not None and hmac.compare_digest(expected, credentials.token):
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+@implementer(ISASLExchange)
+class _TokenExchange:
+    def step(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
+        if response is None:
+            return succeed(Challenge(b"token?"))
+        user, colon, token = response.partition(b":")
+        if not colon:
+            return fail(SASLError("malformed X-TOKEN response", SASLFailure.MALFORMED))
+        return succeed(Authenticate(_TokenCredentials(user, token), user))
+
+
+@implementer(ISASLMechanism)
+class _XToken:
+    name = b"X-TOKEN"
+    sends_password = False
+
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return bool(verifiers.can_verify(_ITokenCredentials))
+
+    def start(self, context: ExchangeContext) -> ISASLExchange:
+        return _TokenExchange()
+
+
+class _IDigestCredentials(ICredentials):
+    """HMAC-SHA-256 of a server nonce, keyed with the password."""
+
+    username: bytes = Attribute("who")
+    nonce: bytes = Attribute("the server's challenge")
+    digest: bytes = Attribute("hex")
+
+
+@implementer(_IDigestCredentials)
+@dataclass(frozen=True)
+class _DigestCredentials:
+    username: bytes
+    nonce: bytes
+    digest: bytes
+
+
+def _verify_digest(lookup: PasswordLookup, credentials: Any) -> bool:
+    entry = lookup.entry
+    if entry is None or not entry.kind.plaintext:
+        return False
+    expected = hmac.new(entry.secret, credentials.nonce, hashlib.sha256).hexdigest().encode()
+    return hmac.compare_digest(expected, credentials.digest)
+
+
+def _plaintext(schemes: Collection[PasswordScheme]) -> bool:
+    return any(scheme.plaintext for scheme in schemes)
+
+
+@implementer(ISASLExchange)
+class _DigestExchange:
+    def __init__(self) -> None:
+        self._sent = False
+
+    def step(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
+        if not self._sent:
+            self._sent = True
+            return succeed(Challenge(b"nonce-1"))
+        user, _, digest = (response or b"").rpartition(b" ")
+        return succeed(Authenticate(_DigestCredentials(user, b"nonce-1", digest), user))
+
+
+@implementer(ISASLMechanism)
+class _XDigest:
+    name = b"X-DIGEST"
+    sends_password = False
+
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return bool(verifiers.can_verify(_IDigestCredentials))
+
+    def start(self, context: ExchangeContext) -> ISASLExchange:
+        return _DigestExchange()

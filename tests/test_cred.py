@@ -31,6 +31,7 @@ from pop3d.checkers import (
     accept_wire_bytes,
     parse_passwd_file,
 )
+from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.passwords import (
     SCHEMES,
@@ -351,7 +352,7 @@ class TestAdvertisedInterfaces:
         portal = build_portal(MaildropRealm(MemoryStore()), [checker])
         assert IUsernameHashedPassword not in portal.listCredentialsInterfaces()
         assert ICramMD5Credentials not in portal.listCredentialsInterfaces()
-        assert not CramMD5().usable(portal)
+        assert not CramMD5().usable(PortalVerifiers(portal))
 
     @pytest_twisted.ensureDeferred
     async def test_recomputed_on_reload(self, tmp_path: Path) -> None:

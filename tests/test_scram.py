@@ -22,6 +22,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from pop3d.checkers import PasswdFileChecker
+from pop3d.credchecks import PortalVerifiers
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import (
@@ -124,7 +125,7 @@ class KeysChecker:
 
 
 def context_for(portal: Portal) -> ExchangeContext:
-    return ExchangeContext(portal, "pop.example.test", 0.0)
+    return ExchangeContext(PortalVerifiers(portal), "pop.example.test", 0.0)
 
 
 async def challenge(exchange: ISASLExchange, response: bytes | None) -> bytes:
@@ -233,17 +234,18 @@ async def run_exchange(portal: Portal, client: Client) -> tuple[Authenticate, by
 
 class TestFullExchange:
     def test_usable_over_the_passwd_file(self, portal: Portal) -> None:
-        assert ScramSHA256().usable(portal)
+        assert ScramSHA256().usable(PortalVerifiers(portal))
         assert ISASLMechanism.providedBy(ScramSHA256())
         assert ScramSHA256.name == b"SCRAM-SHA-256" and not ScramSHA256.sends_password
 
     def test_not_usable_without_a_key_source(self, tmp_path: Path) -> None:
         memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"x")
-        assert not ScramSHA256().usable(build_portal(MaildropRealm(MemoryStore()), [memory]))
+        memory_portal = build_portal(MaildropRealm(MemoryStore()), [memory])
+        assert not ScramSHA256().usable(PortalVerifiers(memory_portal))
         path = tmp_path / "passwd"
         path.write_bytes(b"blf:{BLF-CRYPT}" + BLF_HORSE + b"\n")
         hashed = build_portal(MaildropRealm(MemoryStore()), [PasswdFileChecker(str(path))])
-        assert not ScramSHA256().usable(hashed)
+        assert not ScramSHA256().usable(PortalVerifiers(hashed))
 
     @pytest.mark.parametrize(
         "user,password",
@@ -313,6 +315,30 @@ class TestFullExchange:
         assert wire.command(b"").startswith(b"+OK")
         assert wire.command(b"STAT").startswith(b"+OK 0 0")
         wire.command(b"QUIT")
+
+    @pytest.mark.parametrize(
+        "client_first,reply",
+        [
+            # The mechanism says why (unsupported, malformed, not authorized);
+            # the POP3 side words it: RFC 5034 section 4, RFC 3206 [AUTH].
+            (b"p=tls-unique,,n=plain,r=abc", b"-ERR SCRAM channel binding is not supported\r\n"),
+            (b"n,,n=pl=2Xain,r=abc", b"-ERR malformed SCRAM user name\r\n"),
+            (b"n,a=root,n=plain,r=abc", b"-ERR [AUTH] not authorized to act as another user\r\n"),
+        ],
+    )
+    def test_refusals_through_the_pop3_session(
+        self, tmp_path: Path, client_first: bytes, reply: bytes
+    ) -> None:
+        path = tmp_path / "passwd"
+        path.write_bytes(b"plain:{PLAIN}pencil::\n")
+        portal = build_portal(MaildropRealm(MemoryStore()), [PasswdFileChecker(str(path))])
+        factory = POP3Factory(
+            portal, clock=Clock(), hostname="pop.example.test", mechanisms=[ScramSHA256()]
+        )
+        wire = Wire(factory)
+        assert wire.command(b"AUTH SCRAM-SHA-256 " + base64.b64encode(client_first)) == reply
+        # As if AUTH never happened (RFC 5034 section 4).
+        assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
 
 
 class TestMalformed:

@@ -5,6 +5,7 @@ the real twistd is in test_process.py.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from pathlib import Path
@@ -18,12 +19,15 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 
 from pop3d.driver import APOPCredentials
+from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
 from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store
 from pop3d.testing import MemoryStore
+
+from .conftest import Wire
 
 
 @pytest.fixture
@@ -358,3 +362,98 @@ def test_store_options_are_checked_by_their_store(
     with pytest.raises(usage.UsageError) as refused:
         parse(*arguments, "--auth", f"passwd-file:{passwd}")
     assert str(refused.value).startswith(error)
+
+
+def test_sasl_mechanisms_default_to_the_factorys(passwd: Path) -> None:
+    """Without --sasl-mechanisms: all that the checkers can verify, strongest first."""
+    options = parse("--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}")
+    assert options["sasl-mechanisms"] is None
+    factory = POP3Factory(
+        build_portal(MaildropRealm(MemoryStore()), options["credCheckers"]),
+        clock=Clock(),
+        mechanisms=options["sasl-mechanisms"],
+    )
+    assert [m.name for m in factory.mechanisms] == [
+        b"SCRAM-SHA-256",
+        b"CRAM-MD5",
+        b"PLAIN",
+        b"LOGIN",
+    ]
+
+
+@pytest.mark.parametrize(
+    "value,names",
+    [
+        ("PLAIN", [b"PLAIN"]),
+        ("scram-sha-256 plain", [b"SCRAM-SHA-256", b"PLAIN"]),
+        ("login,Cram-MD5", [b"LOGIN", b"CRAM-MD5"]),
+        (" plain , login  plain ", [b"PLAIN", b"LOGIN"]),
+    ],
+)
+def test_sasl_mechanisms_chosen(passwd: Path, value: str, names: list[bytes]) -> None:
+    """Spaces or commas, any case, in the order given, each once."""
+    options = parse(
+        "--mail-location", "maildir:/srv/{user}",
+        "--auth", f"passwd-file:{passwd}",
+        "--sasl-mechanisms", value,
+    )  # fmt: skip
+    assert [m.name for m in options["sasl-mechanisms"]] == names
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (
+            "PLAIN, X-NOPE",
+            "--sasl-mechanisms: unknown mechanism X-NOPE; "
+            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+        ),
+        (
+            "digest-md5 gssapi",
+            "--sasl-mechanisms: unknown mechanism DIGEST-MD5, GSSAPI; "
+            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+        ),
+        (
+            " , ",
+            "--sasl-mechanisms names no mechanism; known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+        ),
+    ],
+)
+def test_sasl_mechanisms_usage_errors(passwd: Path, value: str, message: str) -> None:
+    with pytest.raises(usage.UsageError) as refused:
+        parse(
+            "--mail-location", "maildir:/srv/{user}",
+            "--auth", f"passwd-file:{passwd}",
+            "--sasl-mechanisms", value,
+        )  # fmt: skip
+    assert str(refused.value) == message
+
+
+def test_sasl_mechanisms_on_the_wire(passwd: Path) -> None:
+    """
+    RFC 2449 section 6.3 (CAPA's SASL) and RFC 5034 section 4 (AUTH): only
+    the mechanisms chosen are offered; another is unsupported.
+    """
+    options = parse(
+        "--mail-location", "maildir:/srv/{user}",
+        "--auth", f"passwd-file:{passwd}",
+        "--sasl-mechanisms", "login,plain",
+    )  # fmt: skip
+    store = MemoryStore()
+    store.deliver("alice", b"Subject: hi\n\nhi\n")
+    factory = POP3Factory(
+        build_portal(MaildropRealm(store), options["credCheckers"]),
+        clock=Clock(),
+        hostname="pop.example.test",
+        login_failure_delay=0,
+        mechanisms=options["sasl-mechanisms"],
+    )
+    wire = Wire(factory)
+    assert b"\r\nSASL LOGIN PLAIN\r\n" in wire.command(b"CAPA")
+    assert wire.command(b"AUTH") == (
+        b"+OK available authentication mechanisms\r\nLOGIN\r\nPLAIN\r\n.\r\n"
+    )
+    assert wire.command(b"AUTH SCRAM-SHA-256") == b"-ERR unsupported authentication mechanism\r\n"
+    assert wire.command(b"AUTH CRAM-MD5") == b"-ERR unsupported authentication mechanism\r\n"
+    answer = wire.command(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00wonderland"))
+    assert answer == b"+OK maildrop has 1 messages (19 octets)\r\n"

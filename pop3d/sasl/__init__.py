@@ -1,32 +1,38 @@
 """
-SASL for the POP3 AUTH command (RFC 5034, RFC 4422): the contract between
-the session and the mechanisms, one module per mechanism.
+SASL (RFC 4422) mechanisms, neutral about the protocol that carries them and
+about how the server checks credentials: one module per mechanism.
 
 A mechanism turns the client's responses into twisted.cred credentials; the
-portal's checkers do the checking, as for USER/PASS and APOP.  A third party
-adds a mechanism (OAUTHBEARER, say) by implementing `ISASLMechanism` and
-passing it to `pop3d.POP3Factory` (``mechanisms=``); nothing in the protocol
-changes.
+server's checkers do the checking, as for USER/PASS and APOP.  A mechanism
+knows neither POP3 (its failures are `SASLError`s whose `SASLFailure` the
+POP3 side maps to a reply, in `pop3d.driver`) nor the portal: it is told what
+the server can verify through `IVerifiers`, and asks it for what it needs
+(SCRAM asks for the `IScramKeySource` of its credentials' checker).
+
+A third party adds a mechanism (OAUTHBEARER, say) by implementing
+`ISASLMechanism` and passing it to `pop3d.POP3Factory` (``mechanisms=``); its
+credential type and the checker that verifies it go with it, and nothing in
+pop3d changes (`pop3d.tap.build_portal` registers whatever interfaces the
+checkers declare).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import ICredentials, IUsernameHashedPassword
 from zope.interface import Attribute, Interface
 
-from pop3d.errors import POP3Error
-
 if TYPE_CHECKING:
-    from twisted.cred.portal import Portal
     from twisted.internet.defer import Deferred
+    from zope.interface.interface import InterfaceClass
 
 
 @dataclass(frozen=True)
 class Challenge:
-    """Send ``data`` to the client (base64-encoded by the session) and wait."""
+    """Send ``data`` to the client and wait for its response."""
 
     data: bytes
 
@@ -39,15 +45,60 @@ class Authenticate:
     username: bytes
 
 
-class SASLError(POP3Error):
-    """The client broke the mechanism's rules (bad encoding, wrong fields)."""
+class SASLFailure(enum.Enum):
+    """Why a mechanism ends an exchange, whatever the protocol that carries it."""
+
+    #: The response breaks the mechanism's grammar (or its characters).
+    MALFORMED = "malformed"
+    #: The response asks for a part of the mechanism this server does not
+    #: implement (SCRAM channel binding, mandatory extensions).
+    UNSUPPORTED = "unsupported"
+    #: A response came when the mechanism expected none (the exchange is over).
+    UNEXPECTED = "unexpected"
+    #: The client asks to act as another identity than the one it proves.
+    NOT_AUTHORIZED = "not-authorized"
+
+
+class SASLError(Exception):
+    """
+    A mechanism ends the exchange: ``failure`` says why, ``text`` says it in
+    English for the client and the log (a message id of `pop3d.i18n`'s
+    catalogues, so the POP3 side can translate it).
+    """
+
+    def __init__(self, text: str, failure: SASLFailure = SASLFailure.MALFORMED) -> None:
+        super().__init__(text)
+        self.text = text
+        self.failure = failure
+
+
+class IVerifiers(Interface):
+    """
+    What the server can verify, as a mechanism sees it: the credential
+    types (zope interfaces) it has checks for, and those checks' add-on
+    interfaces.  Asked each time: checkers may come and go.
+    """
+
+    def can_verify(credentials: InterfaceClass) -> bool:
+        """
+        Whether credentials providing ``credentials`` can be checked: some
+        check verifies that interface or one it extends.
+        """
+
+    def lookup(credentials: InterfaceClass, wanted: InterfaceClass) -> Any:
+        """
+        The check for ``credentials`` as a ``wanted`` provider (e.g. SCRAM's
+        `IScramKeySource`), or None if there is no such check or it does not
+        provide ``wanted``.
+        """
 
 
 @dataclass(frozen=True)
 class ExchangeContext:
-    """What a mechanism may need to know about the session it serves."""
+    """What a mechanism may know of the exchange it runs."""
 
-    portal: Portal
+    #: What the server can verify (and the checks' add-on interfaces).
+    verifiers: IVerifiers
     #: Host name for challenges (CRAM-MD5's msg-id, say).
     hostname: str
     #: Seconds since the epoch, from the injected clock.
@@ -55,13 +106,13 @@ class ExchangeContext:
 
 
 class ISASLExchange(Interface):
-    """One run of a mechanism, from AUTH to success or failure."""
+    """One run of a mechanism, from its start to success or failure."""
 
     def step(response: bytes | None) -> Deferred[Challenge | Authenticate]:
         """
-        Take the client's next response, decoded (None when AUTH carried no
-        initial response) and answer with a `Challenge` or, at the end, an
-        `Authenticate`.  Fails with `SASLError` for a malformed response.
+        Take the client's next response, decoded (None when the client sent
+        no initial response) and answer with a `Challenge` or, at the end,
+        an `Authenticate`.  Fails with `SASLError` to end the exchange.
         """
 
 
@@ -75,8 +126,8 @@ class ISASLMechanism(Interface):
         "(RFC 2595 section 2.3, RFC 8314 section 4.1)."
     )
 
-    def usable(portal: Portal) -> bool:
-        """Whether the portal's checkers can verify what this mechanism yields."""
+    def usable(verifiers: IVerifiers) -> bool:
+        """Whether the server can verify what this mechanism yields."""
 
     def start(context: ExchangeContext) -> ISASLExchange:
         """Begin an exchange."""

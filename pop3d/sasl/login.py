@@ -7,7 +7,6 @@ Both are prepared with SASLprep, as for PLAIN.
 from __future__ import annotations
 
 from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
@@ -18,6 +17,7 @@ from pop3d.sasl import (
     ExchangeContext,
     ISASLExchange,
     ISASLMechanism,
+    IVerifiers,
     SASLError,
 )
 from pop3d.sasl.plain import NOT_ALLOWED
@@ -29,8 +29,8 @@ class Login:
     name = b"LOGIN"
     sends_password = True
 
-    def usable(self, portal: Portal) -> bool:
-        return IUsernamePassword in portal.listCredentialsInterfaces()
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return bool(verifiers.can_verify(IUsernamePassword))
 
     def start(self, context: ExchangeContext) -> ISASLExchange:
         return _LoginExchange()

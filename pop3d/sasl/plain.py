@@ -10,7 +10,6 @@ other users' mail.  The fields are prepared with SASLprep (RFC 4616 section
 from __future__ import annotations
 
 from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
@@ -21,10 +20,11 @@ from pop3d.sasl import (
     ExchangeContext,
     ISASLExchange,
     ISASLMechanism,
+    IVerifiers,
     SASLError,
+    SASLFailure,
 )
 from pop3d.saslprep import SASLprepError, prepare_credential
-from pop3d.wire import ResponseCode
 
 #: A user name or password SASLprep refuses (RFC 4013 section 2.3).
 NOT_ALLOWED = "the user name or password contains characters that are not allowed"
@@ -35,8 +35,8 @@ class Plain:
     name = b"PLAIN"
     sends_password = True
 
-    def usable(self, portal: Portal) -> bool:
-        return IUsernamePassword in portal.listCredentialsInterfaces()
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return bool(verifiers.can_verify(IUsernamePassword))
 
     def start(self, context: ExchangeContext) -> ISASLExchange:
         return _PlainExchange()
@@ -58,5 +58,7 @@ class _PlainExchange:
         except SASLprepError:
             return fail(SASLError(NOT_ALLOWED))
         if authzid and authzid not in credentials.usernames:
-            return fail(SASLError("not authorized to act as another user", ResponseCode.AUTH))
+            return fail(
+                SASLError("not authorized to act as another user", SASLFailure.NOT_AUTHORIZED)
+            )
         return succeed(Authenticate(credentials, credentials.username))

@@ -14,11 +14,13 @@ The exchange, in RFC 5034's terms::
     C:                                    (empty)
     S: +OK
 
-The mechanism reads the user's salt and iteration count from the portal's
-`IScramKeySource` (the checker registered for `IScramSHA256Credentials`),
-checks the proof to decide whether to send ``v=``, and in the end hands the
-portal `ScramCredentials` whose ``verify`` the checker calls to decide the
-login itself.  A wrong proof gets no ``v=``: the login fails at once, through
+The mechanism reads the user's salt and iteration count from the
+`IScramKeySource` that the server's verifiers give it (the check of
+`IScramSHA256Credentials`, `pop3d.sasl.IVerifiers.lookup`), checks the proof
+to decide whether to send ``v=``, and in the end hands the server
+`ScramCredentials` whose ``verify`` the checker calls to decide the login
+itself (a password file does so with `verify_scram`, registered in
+`pop3d.credchecks.PASSWORD_CHECKS`).  A wrong proof gets no ``v=``: the login fails at once, through
 the session's usual failed-login path.  An unknown user gets a salt made up
 from the user name (stable for the life of the process, unpredictable from
 outside) and the usual iteration count, so that it looks like any other.
@@ -38,15 +40,16 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Any
 
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3d.passwords import SCRAM_ITERATIONS, scram_salt
+from pop3d.credchecks import PASSWORD_CHECKS, PasswordCheck, PasswordLookup
+from pop3d.passwords import SCRAM_ITERATIONS, PasswordScheme, ScramSHA256Scheme, scram_salt
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -55,10 +58,11 @@ from pop3d.sasl import (
     ISASLMechanism,
     IScramKeySource,
     IScramSHA256Credentials,
+    IVerifiers,
     SASLError,
+    SASLFailure,
     ScramKeys,
 )
-from pop3d.wire import ResponseCode
 
 log = Logger()
 
@@ -117,18 +121,16 @@ class ScramSHA256:
     def __init__(self, make_nonce: Callable[[], bytes] = _random_nonce) -> None:
         self._make_nonce = make_nonce
 
-    def usable(self, portal: Portal) -> bool:
-        return _key_source(portal) is not None
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return _key_source(verifiers) is not None
 
     def start(self, context: ExchangeContext) -> ISASLExchange:
-        return _ScramExchange(_key_source(context.portal), self._make_nonce())
+        return _ScramExchange(_key_source(context.verifiers), self._make_nonce())
 
 
-def _key_source(portal: Portal) -> IScramKeySource | None:
-    checker = portal.checkers.get(IScramSHA256Credentials)
-    if checker is None or not IScramKeySource.providedBy(checker):
-        return None
-    source: IScramKeySource = checker
+def _key_source(verifiers: IVerifiers) -> IScramKeySource | None:
+    """The keys of the check that will verify the credentials, if it gives any."""
+    source: IScramKeySource | None = verifiers.lookup(IScramSHA256Credentials, IScramKeySource)
     return source
 
 
@@ -143,7 +145,7 @@ def unescape_saslname(value: bytes) -> bytes:
         elif escape == b"3D":
             out.append(b"=" + rest)
         else:
-            raise SASLError("malformed SCRAM user name")
+            raise SASLError("malformed SCRAM user name", SASLFailure.MALFORMED)
     return b"".join(out)
 
 
@@ -179,13 +181,13 @@ class _ScramExchange:
     def _client_first(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
         if response is None:
             if self._asked:
-                raise SASLError("expected the SCRAM client-first message")
+                raise SASLError("expected the SCRAM client-first message", SASLFailure.UNEXPECTED)
             # No initial response: ask for the client-first message.
             self._asked = True
             return succeed(Challenge(b""))
         flag, authzid_field, bare = _split(response, 3, "client-first")
         if flag.startswith(b"p="):
-            raise SASLError("SCRAM channel binding is not supported")
+            raise SASLError("SCRAM channel binding is not supported", SASLFailure.UNSUPPORTED)
         if flag not in (b"n", b"y"):
             raise SASLError("malformed SCRAM client-first message")
         authzid = b""
@@ -195,7 +197,7 @@ class _ScramExchange:
             authzid = unescape_saslname(authzid_field[2:])
         attributes = bare.split(b",")
         if attributes[0].startswith(b"m="):
-            raise SASLError("SCRAM mandatory extensions are not supported")
+            raise SASLError("SCRAM mandatory extensions are not supported", SASLFailure.UNSUPPORTED)
         if (
             len(attributes) < 2
             or not attributes[0].startswith(b"n=")
@@ -207,7 +209,7 @@ class _ScramExchange:
         if not username or not _PRINTABLE_NONCE.fullmatch(client_nonce):
             raise SASLError("malformed SCRAM client-first message")
         if authzid and authzid != username:
-            raise SASLError("not authorized to act as another user", ResponseCode.AUTH)
+            raise SASLError("not authorized to act as another user", SASLFailure.NOT_AUTHORIZED)
         self._gs2_header = flag + b"," + authzid_field + b","
         self._client_first_bare = bare
         self._username = username
@@ -281,7 +283,7 @@ class _ScramExchange:
         return succeed(Authenticate(self._credentials, self._username))
 
     def _refuse(self, response: bytes | None) -> Deferred[Challenge | Authenticate]:
-        raise SASLError("the SCRAM exchange is over")
+        raise SASLError("the SCRAM exchange is over", SASLFailure.UNEXPECTED)
 
 
 def _split(message: bytes, count: int, what: str) -> list[bytes]:
@@ -296,3 +298,36 @@ def _b64decode(value: bytes) -> bytes | None:
         return base64.b64decode(value, validate=True)
     except binascii.Error:
         return None
+
+
+# -- in a password file -----------------------------------------------------------------
+
+_DUMMY_SCRAM_KEYS = ScramKeys(
+    secrets.token_bytes(16), SCRAM_ITERATIONS, secrets.token_bytes(32), secrets.token_bytes(32)
+)
+
+
+def verify_scram(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]:
+    """
+    The proof against the keys of the file's own `IScramKeySource` (stored
+    or derived); an unknown user's against made-up keys, after the same work.
+    """
+    source = IScramKeySource(lookup.checker, None)
+    keys: Deferred[ScramKeys | None] = (
+        succeed(None)
+        if source is None
+        else maybeDeferred(source.scram_sha256_keys, lookup.username)
+    )
+
+    def verify(keys: ScramKeys | None) -> bool:
+        matched = bool(credentials.verify(keys or _DUMMY_SCRAM_KEYS))
+        return matched and keys is not None
+
+    return keys.addCallback(verify)
+
+
+def _possible(schemes: Collection[PasswordScheme]) -> bool:
+    return any(scheme.plaintext or isinstance(scheme, ScramSHA256Scheme) for scheme in schemes)
+
+
+PASSWORD_CHECKS.register(PasswordCheck(IScramSHA256Credentials, verify_scram, possible=_possible))

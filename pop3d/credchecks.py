@@ -1,0 +1,171 @@
+"""
+The registry of credential checks: which credential types (zope interfaces)
+the server can verify, and how.
+
+- `PortalVerifiers` shows a mechanism (`pop3d.sasl.IVerifiers`) what a cred
+  portal's checkers can verify, and hands out their add-on interfaces (SCRAM's
+  `pop3d.sasl.IScramKeySource`) without the mechanism seeing the portal.
+- `PasswordChecks` is the table a password file's checker
+  (`pop3d.checkers.PasswdFileChecker`) verifies credentials with: one
+  `PasswordCheck` per credential type, registered by the module that defines
+  the type (`pop3d.checkers` for USER/PASS and APOP, `pop3d.sasl.cram_md5`,
+  `pop3d.sasl.scram`).  A new credential type adds its check here from its
+  own module; the checker does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from pop3d.passwords import SCHEMES, PasswordScheme
+from pop3d.sasl import IVerifiers
+
+if TYPE_CHECKING:
+    from twisted.cred.portal import Portal
+    from zope.interface.interface import InterfaceClass
+
+_T = TypeVar("_T")
+
+
+def most_specific_first(interfaces: Iterable[InterfaceClass]) -> list[InterfaceClass]:
+    """
+    ``interfaces`` without repeats, an interface before those it extends
+    (otherwise in the order given): credentials of a derived type (CRAM-MD5's
+    are also hashed-password credentials) go to the check made for them.
+    """
+    unique = list(dict.fromkeys(interfaces))
+    # An interface's resolution order holds that of every interface it extends.
+    return sorted(unique, key=lambda interface: -len(interface.__iro__))
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A credential field as the checks compare it (strcred's checkers give str)."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+@implementer(IVerifiers)
+class PortalVerifiers:
+    """What the checkers of a cred ``portal`` can verify, asked each time."""
+
+    __slots__ = ("_portal",)
+
+    def __init__(self, portal: Portal) -> None:
+        self._portal = portal
+
+    def can_verify(self, credentials: InterfaceClass) -> bool:
+        return self._checker_for(credentials) is not None
+
+    def lookup(self, credentials: InterfaceClass, wanted: InterfaceClass) -> Any:
+        checker = self._checker_for(credentials)
+        return None if checker is None else wanted(checker, None)
+
+    def _checker_for(self, credentials: InterfaceClass) -> Any:
+        # The checker Portal.login would choose: the first registered for an
+        # interface that credentials of this type provide.
+        for interface, checker in self._portal.checkers.items():
+            if credentials.isOrExtends(interface):
+                return checker
+        return None
+
+
+@dataclass(frozen=True)
+class PasswordEntry:
+    """One user's stored password: ``{SCHEME}secret``."""
+
+    scheme: str
+    secret: bytes
+
+    @property
+    def kind(self) -> PasswordScheme:
+        return SCHEMES[self.scheme]
+
+
+class PasswordLookup(Protocol):
+    """What a `PasswordCheck` is given: one user's entry, and the means to use it."""
+
+    @property
+    def username(self) -> bytes:
+        """The user name as the file spells it."""
+
+    @property
+    def entry(self) -> PasswordEntry | None:
+        """The user's entry; None for an unknown user (who must take as long)."""
+
+    @property
+    def checker(self) -> object:
+        """The checker, for its add-on interfaces (`pop3d.sasl.IScramKeySource`)."""
+
+    def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
+        """
+        An entry to check an unknown user's ``credentials`` against, of the
+        kind the file's entries have (made by the check's ``dummy``).
+        """
+
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        """``password`` against the entry (or a dummy like the usual entry), whatever its scheme."""
+
+    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run CPU-heavy ``work`` away from the reactor thread when there is a pool."""
+
+
+@dataclass(frozen=True)
+class PasswordCheck:
+    """How a password file verifies one credential type."""
+
+    #: The credential type (a zope interface the credentials provide).
+    interface: InterfaceClass
+    #: The check: does ``credentials`` match the user's entry?  False for an
+    #: unknown user, after the same work as for a known one.
+    verify: Callable[[PasswordLookup, Any], Deferred[bool] | bool]
+    #: Whether a file whose entries have these schemes can verify the type at
+    #: all (else it is not advertised, and mechanisms that need it are not offered).
+    possible: Callable[[Collection[PasswordScheme]], bool] = lambda schemes: True
+    #: The entry an unknown user is checked against, for files of these schemes.
+    dummy: Callable[[Collection[PasswordScheme]], PasswordEntry] | None = None
+
+    def run(self, lookup: PasswordLookup, credentials: Any) -> Deferred[bool]:
+        """``verify``, its answer or its exception always in a Deferred."""
+        try:
+            result = self.verify(lookup, credentials)
+        except Exception:
+            return fail()
+        return result if isinstance(result, Deferred) else succeed(result)
+
+
+class PasswordChecks:
+    """The table of `PasswordCheck`s, one per credential type."""
+
+    def __init__(self, checks: Iterable[PasswordCheck] = ()) -> None:
+        self._checks: dict[InterfaceClass, PasswordCheck] = {}
+        for check in checks:
+            self.register(check)
+
+    def register(self, check: PasswordCheck) -> None:
+        """Add ``check`` (replacing an earlier check of its credential type)."""
+        self._checks[check.interface] = check
+
+    def __iter__(self) -> Iterator[PasswordCheck]:
+        """The checks, those of derived credential types first."""
+        order = most_specific_first(self._checks)
+        return iter([self._checks[interface] for interface in order])
+
+    def interfaces(self) -> tuple[InterfaceClass, ...]:
+        """Every credential type there is a check for."""
+        return tuple(check.interface for check in self)
+
+    def for_credentials(self, credentials: object) -> PasswordCheck | None:
+        """The check for ``credentials``: that of the most derived type they provide."""
+        for check in self:
+            if check.interface.providedBy(credentials):
+                return check
+        return None
+
+
+#: The checks every `pop3d.checkers.PasswdFileChecker` uses by default; each
+#: credential type's module registers its own.
+PASSWORD_CHECKS = PasswordChecks()

@@ -1,0 +1,148 @@
+"""
+The registry of credential checks (pop3d.credchecks) and the line between
+SASL mechanisms and POP3: mechanisms see what the server can verify, never
+the portal, and say why they fail, never how POP3 words it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+import pop3d.sasl
+from pop3d.credchecks import PASSWORD_CHECKS, PortalVerifiers, most_specific_first
+from pop3d.credentials import PreparedUsernamePassword
+from pop3d.driver import APOPCredentials, sasl_failure_status
+from pop3d.realm import MaildropRealm
+from pop3d.sasl import (
+    ICramMD5Credentials,
+    IScramKeySource,
+    IScramSHA256Credentials,
+    SASLError,
+    SASLFailure,
+    ScramKeys,
+)
+from pop3d.sasl.cram_md5 import CramMD5Credentials
+from pop3d.sasl.scram import ScramCredentials
+from pop3d.testing import MemoryStore
+
+#: What a mechanism must not know: POP3's replies and states, the portal.
+POP3_SIDE = {
+    "pop3d.wire",
+    "pop3d.errors",
+    "pop3d.session",
+    "pop3d.driver",
+    "pop3d.protocol",
+    "pop3d.factory",
+    "pop3d.checkers",
+    "pop3d.tap",
+    "twisted.cred.portal",
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_mechanisms_know_neither_pop3_nor_the_portal() -> None:
+    package = Path(pop3d.sasl.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {path.name for path in modules} >= {
+        "__init__.py",
+        "plain.py",
+        "login.py",
+        "cram_md5.py",
+        "scram.py",
+    }
+    for path in modules:
+        assert imported_modules(path) & POP3_SIDE == set(), path.name
+
+
+def test_each_failure_is_worded_in_one_place() -> None:
+    """RFC 5034 section 4: -ERR; [AUTH] (RFC 3206) only for another identity."""
+    replies = {
+        failure: sasl_failure_status(SASLError("why", failure)).to_bytes()
+        for failure in SASLFailure
+    }
+    assert replies == {
+        SASLFailure.MALFORMED: b"-ERR why\r\n",
+        SASLFailure.UNSUPPORTED: b"-ERR why\r\n",
+        SASLFailure.UNEXPECTED: b"-ERR why\r\n",
+        SASLFailure.NOT_AUTHORIZED: b"-ERR [AUTH] why\r\n",
+    }
+
+
+def test_most_specific_first() -> None:
+    given = [IUsernameHashedPassword, IUsernamePassword, ICramMD5Credentials, IUsernamePassword]
+    assert most_specific_first(given) == [
+        ICramMD5Credentials,
+        IUsernameHashedPassword,
+        IUsernamePassword,
+    ]
+
+
+@implementer(ICredentialsChecker, IScramKeySource)
+class _Keys:
+    credentialInterfaces = (IScramSHA256Credentials,)
+
+    def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
+        return succeed(None)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+        raise NotImplementedError
+
+
+class TestPortalVerifiers:
+    def test_a_derived_type_is_verified_by_its_base_types_checker(self) -> None:
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"x")
+        verifiers = PortalVerifiers(Portal(MaildropRealm(MemoryStore()), [memory]))
+        assert verifiers.can_verify(IUsernamePassword)
+        assert verifiers.can_verify(ICramMD5Credentials)  # through IUsernameHashedPassword
+        assert not verifiers.can_verify(IScramSHA256Credentials)
+        assert verifiers.lookup(IScramSHA256Credentials, IScramKeySource) is None
+
+    def test_lookup_gives_the_checkers_add_on_interface(self) -> None:
+        keys = _Keys()
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"x")
+        portal = Portal(MaildropRealm(MemoryStore()), [memory])
+        verifiers = PortalVerifiers(portal)
+        assert verifiers.lookup(IUsernamePassword, IScramKeySource) is None
+        # Asked each time: a checker added later counts.
+        portal.registerChecker(keys)
+        assert verifiers.can_verify(IScramSHA256Credentials)
+        assert verifiers.lookup(IScramSHA256Credentials, IScramKeySource) is keys
+
+
+class TestPasswordChecks:
+    def test_credentials_go_to_the_check_of_their_most_derived_type(self) -> None:
+        cases = [
+            (PreparedUsernamePassword(b"a", b"b"), IUsernamePassword),
+            (APOPCredentials(b"<1@x>", b"a", b"0" * 32), IUsernameHashedPassword),
+            (CramMD5Credentials(b"a", b"<1@x>", b"0" * 32), ICramMD5Credentials),
+            (ScramCredentials(b"a", b"m", b"p", b"s", 4096), IScramSHA256Credentials),
+        ]
+        for credentials, interface in cases:
+            check = PASSWORD_CHECKS.for_credentials(credentials)
+            assert check is not None and check.interface is interface
+        assert PASSWORD_CHECKS.for_credentials(object()) is None
+
+    def test_every_type_a_mechanism_yields_has_a_check(self) -> None:
+        assert set(PASSWORD_CHECKS.interfaces()) == {
+            IUsernamePassword,
+            IUsernameHashedPassword,
+            ICramMD5Credentials,
+            IScramSHA256Credentials,
+        }
