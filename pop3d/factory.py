@@ -102,8 +102,8 @@ class POP3Factory(Factory):
         return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        host = getattr(addr, "host", None) or ""
-        if self._over_limit(host):
+        if self.max_connections is not None and self._connections >= self.max_connections:
+            host = getattr(addr, "host", None) or ""
             log.warn("refusing connection from {host}: too many connections", host=host)
             return _TooManyConnections()
 
@@ -122,29 +122,40 @@ class POP3Factory(Factory):
                 languages=self.languages,
             )
 
+        slot = _ConnectionSlot(self)
         protocol = POP3Protocol(
             new_driver,
             clock=self.clock,
             timeout=self.timeout,
             tls=self.tls,
-            on_close=_ConnectionClosed(self, host),
+            on_close=slot.closed,
+            admit=slot.admit,
         )
         protocol.factory = self
         self._connections += 1
-        self._connections_by_host[host] += 1
         return protocol
 
-    def _over_limit(self, host: str) -> bool:
-        if self.max_connections is not None and self._connections >= self.max_connections:
-            return True
+    def _admit(self, host: str) -> bool:
+        """
+        Whether a connection from ``host`` (the real client, also behind a
+        PROXY header) is within ``max_connections_per_ip``; if so, it counts.
+        """
         limit = self.max_connections_per_ip
-        if limit is None or self._connections_by_host[host] < limit:
+        # A trusted host (a webmail) brings many users' connections.
+        if (
+            limit is not None
+            and self._connections_by_host[host] >= limit
+            and not self.failure_delay.trusts(host)
+        ):
+            log.warn("refusing connection from {host}: too many connections", host=host)
             return False
-        # A trusted host (a webmail, a proxy) brings many users' connections.
-        return not self.failure_delay.trusts(host)
+        self._connections_by_host[host] += 1
+        return True
 
-    def _closed(self, host: str) -> None:
+    def _closed(self, host: str | None) -> None:
         self._connections -= 1
+        if host is None:
+            return
         self._connections_by_host[host] -= 1
         if self._connections_by_host[host] <= 0:
             del self._connections_by_host[host]
@@ -159,14 +170,26 @@ class _TooManyConnections(Protocol):
         self.transport.loseConnection()
 
 
-class _ConnectionClosed:
-    """Tells the factory a connection from ``host`` closed (small: one per session)."""
+class _ConnectionSlot:
+    """
+    One connection in the factory's counts (small: one per session).  It
+    counts for its address only once the protocol knows the real client:
+    behind ``haproxy:`` the address a connection is accepted from is the
+    proxy's, and the client's arrives with the PROXY header, later.
+    """
 
     __slots__ = ("_factory", "_host")
 
-    def __init__(self, factory: POP3Factory, host: str) -> None:
+    def __init__(self, factory: POP3Factory) -> None:
         self._factory = factory
-        self._host = host
+        self._host: str | None = None
 
-    def __call__(self) -> None:
+    def admit(self, link: Link) -> bytes | None:
+        """None to serve the client of ``link``, else the refusal to send before hanging up."""
+        if not self._factory._admit(link.host):
+            return format_status(False, TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP)
+        self._host = link.host
+        return None
+
+    def closed(self) -> None:
         self._factory._closed(self._host)

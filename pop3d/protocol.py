@@ -29,6 +29,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+
+# Not re-exported by twisted.protocols.haproxy (see pop3d.tap).
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -109,6 +112,11 @@ _OPEN = frozenset({Phase.READING, Phase.ANSWERING})
 #: link and where replies go.
 NewDriver = Callable[[Callable[[], Link], Replies], SessionDriver]
 
+#: Asked once per connection, as soon as the real client is known (behind a
+#: PROXY header, once it arrived): None to serve it, or the refusal to send
+#: before hanging up.
+Admit = Callable[[Link], bytes | None]
+
 
 class POP3Protocol(LineReceiver, TimeoutMixin):
     """
@@ -129,10 +137,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         timeout: int | None,
         tls: ServerTLS | None = None,
         on_close: Callable[[], None] | None = None,
+        admit: Admit | None = None,
     ) -> None:
         #: Runs the session: logins, stores, logging.
         self.driver = new_driver(self._link, self)
         self._on_close = on_close
+        self._admit = admit
         self._tls = tls
         self._clock = clock
         self._timeout = timeout
@@ -194,7 +204,30 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     # -- connection lifecycle ----------------------------------------------
 
+    def _admitted(self, producing: bool) -> bool:
+        """
+        Asks ``admit`` about the real client (once); False: refused and
+        hanging up.  ``producing``: the output valve is registered.
+        """
+        admit, self._admit = self._admit, None
+        if admit is None:
+            return True
+        refusal = admit(self._link())
+        if refusal is None:
+            return True
+        self.phase = Phase.CLOSING
+        if producing:
+            # A transport with a registered producer does not close.
+            self._connection.unregisterProducer()
+        self._connection.write(refusal)
+        self._connection.loseConnection()
+        return False
+
     def connectionMade(self) -> None:
+        if not _behind_proxy_header(self.transport):
+            # The peer is the client: refused before the greeting.
+            if not self._admitted(producing=False):
+                return
         if ITCPTransport.providedBy(self.transport):
             # The last chunk of a message and the terminator must not wait
             # for an ACK (Nagle), or every small RETR costs a round trip.
@@ -254,6 +287,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     # -- framing -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        # Behind a PROXY header the client is known once bytes arrive after it.
+        if self._admit is not None and not self._admitted(producing=True):
+            return
         if self.paused and not self._reading_paused:
             self._held_input += len(data)
             if self._held_input > MAX_HELD_INPUT:
@@ -409,6 +445,21 @@ class _OutputValve:
     def stopProducing(self) -> None:
         # The connection is closing; connectionLost follows and cleans up.
         pass
+
+
+def _behind_proxy_header(transport: object) -> bool:
+    """
+    Whether the connection came through a PROXY-protocol wrapper (haproxy:),
+    outside any TLS layer (haproxy:ssl:), whose header names the client only
+    once it arrived, after connectionMade.
+    """
+    for _ in range(4):  # PROXY, TLS, TCP: a chain of wrappers is short
+        if transport is None:
+            return False
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 @functools.lru_cache(maxsize=1024)

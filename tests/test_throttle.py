@@ -15,6 +15,7 @@ import poplib
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -313,6 +314,61 @@ class TestTrustedNetworks:
         assert [delay_for("198.51.100.7", g) for g in (b"a", b"b")] == [2, 4]
         # Another client behind the same proxy starts afresh.
         assert delay_for("198.51.100.8", b"a") == 2
+
+    def test_behind_the_proxy_protocol_connections_count_per_client(
+        self, penalised: Callable[..., POP3Factory]
+    ) -> None:
+        """
+        ``--max-connections-per-ip`` behind HAProxy counts the clients the PROXY
+        headers name, not the proxy all of them come through (RFC 3206
+        section 4: SYS/TEMP, try again later).
+        """
+        factory = penalised(max_connections_per_ip=2)
+        proxied = worker_factory("haproxy:tcp:110", factory, None)
+        proxy = IPv4Address("TCP", "10.0.0.1", 50000)
+
+        def connect(client: str) -> tuple[StringTransport, Any]:
+            protocol = proxied.buildProtocol(proxy)
+            transport = StringTransport(peerAddress=proxy)
+            protocol.makeConnection(transport)
+            protocol.dataReceived(f"PROXY TCP4 {client} 192.0.2.1 40000 110\r\n".encode())
+            return transport, protocol
+
+        # Five clients behind one proxy: each is served.
+        for n in range(5):
+            transport, protocol = connect(f"198.51.100.{10 + n}")
+            protocol.dataReceived(b"USER alice\r\n")
+            assert GREETING.fullmatch(transport.value().removesuffix(SEND_PASS))
+        # One client's third connection: greeted before its address was
+        # known, refused at its first command, and hung up.
+        kept = [connect("198.51.100.7") for _ in range(2)]
+        for transport, protocol in kept:
+            protocol.dataReceived(b"CAPA\r\n")
+            assert not transport.disconnecting
+        third, protocol = connect("198.51.100.7")
+        protocol.dataReceived(b"USER alice\r\n")
+        greeting, refusal = third.value().split(b"\r\n", 1)
+        assert GREETING.fullmatch(greeting + b"\r\n")
+        assert refusal == TOO_MANY
+        assert third.disconnecting
+        # A PROXY v2 header (HAProxy's send-proxy-v2) names the client too.
+        v2 = (
+            b"\r\n\r\n\x00\r\nQUIT\n"  # signature
+            + b"\x21\x11\x00\x0c"  # v2 PROXY, TCP over IPv4, 12 octets
+            + bytes([198, 51, 100, 7, 192, 0, 2, 1])
+            + (40001).to_bytes(2, "big")
+            + (110).to_bytes(2, "big")
+        )
+        protocol = proxied.buildProtocol(proxy)
+        transport = StringTransport(peerAddress=proxy)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(v2 + b"CAPA\r\n")
+        assert transport.value().endswith(b"\r\n" + TOO_MANY)
+        # Once one of the client's connections closed, it may open another.
+        kept[0][1].connectionLost(None)
+        transport, protocol = connect("198.51.100.7")
+        protocol.dataReceived(b"USER alice\r\n")
+        assert GREETING.fullmatch(transport.value().removesuffix(SEND_PASS))
 
 
 class TestFingerprints:
