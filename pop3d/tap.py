@@ -482,17 +482,23 @@ def worker_factory(description: str, factory: Any, tls: ServerTLS | None) -> Any
 
 def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None) -> Any:
     """
-    A server endpoint.  ``ssl:PORT[:...]`` without ``privateKey=`` uses the
-    --tls-cert/--tls-key certificate, re-read on SIGHUP like the one of STLS;
-    with ``privateKey=`` it is Twisted's own ``ssl:`` endpoint.
+    A server endpoint.  ``ssl:PORT[:...]`` without ``privateKey=`` (also
+    behind ``haproxy:``) uses the --tls-cert/--tls-key certificate, re-read on
+    SIGHUP like the one of STLS; with ``privateKey=`` it is Twisted's own
+    ``ssl:`` endpoint.
     """
     from twisted.internet.endpoints import serverFromString
 
     try:
-        if description.startswith("ssl:") and "privateKey=" not in description:
+        inner = description.removeprefix("haproxy:")
+        if inner.startswith("ssl:") and "privateKey=" not in inner:
             if tls is None:
                 raise ValueError("ssl: needs privateKey= (or --tls-cert and --tls-key)")
-            return ImplicitTLSEndpoint(serverFromString(reactor, "tcp:" + description[4:]), tls)
+            # Behind haproxy: the PROXY header comes first, in the clear,
+            # then the TLS handshake: PROXY outside, TLS inside.
+            wrapper = description[: len(description) - len(inner)]
+            plain = serverFromString(reactor, wrapper + "tcp:" + inner[4:])
+            return ImplicitTLSEndpoint(plain, tls)
         return serverFromString(reactor, description)
     except Exception as error:  # endpoint parsers raise many types
         raise usage.UsageError(f"--listen {description!r}: {error}") from error

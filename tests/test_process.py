@@ -63,10 +63,10 @@ class Server:
     and the test can wait for a given line without sleeping.
     """
 
-    def __init__(self, arguments: list[str], cwd: Path) -> None:
+    def __init__(self, arguments: list[str], cwd: Path, program: list[str] = TWISTD) -> None:
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [*TWISTD, *arguments],
+            [*program, *arguments],
             cwd=cwd,
             env=environment,
             stdin=subprocess.DEVNULL,
