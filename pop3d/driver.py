@@ -518,8 +518,9 @@ class SessionDriver:
         )
         # Rendered here, once: twisted.logger's formatter costs more than
         # the rest of a short session's work.  The fields stay in the event.
+        method = method_token(counters.method)
         summary = (
-            f"{outcome}: user={quote(user or '')} peer={peer} method={method_token(counters.method)} "
+            f"{outcome}: user={quote(user or '')} peer={peer} method={method} "
             + self._policy.logout_format.render(values)
         )
         self.log.info(
