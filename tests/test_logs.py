@@ -149,6 +149,41 @@ async def test_login_line_names_tls_version_and_cipher(tmp_path: Path) -> None:
     assert version.startswith("TLSv")
 
 
+@pytest_twisted.ensureDeferred
+async def test_failed_login_behind_haproxy_names_the_real_client(tmp_path: Path) -> None:
+    """The PROXY protocol's source address is the one fail2ban must ban, not the proxy's."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    server = await start_service(
+        tmp_path,
+        ["haproxy:tcp:0:interface=127.0.0.1"],
+        ["--allow-plaintext-auth", "--login-failure-delay", "0"],
+    )
+    try:
+
+        def client() -> bytes:
+            with socket.create_connection((server.host, server.port), timeout=10) as sock:
+                sock.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 40123 110\r\n")
+                sock.sendall(b"USER alice\r\nPASS guess\r\nQUIT\r\n")
+                received = b""
+                while chunk := sock.recv(4096):
+                    received += chunk
+                return received
+
+        answer = await deferToThread(client)
+    finally:
+        await server.service.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    assert b"-ERR [AUTH]" in answer
+    failed = [formatEvent(e) for e in events if "login failed:" in e.get("log_format", "")]
+    assert len(failed) == 1
+    assert re.fullmatch(
+        r"\[\w+\.\d+\] login failed: rip=203\.0\.113\.7 method=USER reason=credentials"
+        r' user="alice"',
+        failed[0],
+    ), failed
+
+
 def _trusting(tmp_path: Path) -> object:
     import ssl
 
@@ -177,7 +212,10 @@ class LogFollower(Server):
 
 MESSAGE_1 = b"Subject: one\n\nfirst line\nsecond line\n"  # 41 octets with CRLF
 MESSAGE_2 = b"Subject: two\n\nbody\n"  # 22 octets with CRLF
-SESSION_LINE = r"(?P<stamp>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) \[pop3d\.session\.Session#info\] \[(?P<id>[0-9a-z]+\.\d+)\] "
+SESSION_LINE = (
+    r"(?P<stamp>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4})"
+    r" \[pop3d\.session\.Session#info\] \[(?P<id>[0-9a-z]+\.\d+)\] "
+)
 #: Shown as the user name by a client that tries to make fail2ban ban someone else.
 FORGERIES = [
     'eve" rip=10.9.8.7 reason=credentials user="x',
@@ -357,9 +395,31 @@ def _epoch(line: str) -> int:
 
 @pytest.mark.process
 def test_bad_logout_format_is_a_usage_error(tmp_path: Path, launch: Launch) -> None:  # noqa: F811
-    server = launch(
-        *pop3d_arguments(tmp_path, write_passwd(tmp_path), "--logout-format", "top=%q")
-    )
+    server = launch(*pop3d_arguments(tmp_path, write_passwd(tmp_path), "--logout-format", "top=%q"))
     code, output = server.wait_exit()
     assert code != 0
     assert "--logout-format: unknown variable '%q' in the logout format" in output
+
+
+@pytest.mark.process
+@pytest.mark.peer
+def test_the_readme_example_of_a_failed_login_is_what_the_filter_reads() -> None:
+    fail2ban_regex = require_program("fail2ban-regex")
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    examples = [
+        line.strip()
+        for line in readme.splitlines()
+        if line.startswith("    2026-") and "login failed:" in line
+    ]
+    assert examples == [
+        "2026-12-05T13:58:50+0000 [pop3d.session.Session#info] [5k8.5] login failed:"
+        ' rip=192.0.2.7 method=USER reason=credentials user="alice"'
+    ]
+    result = subprocess.run(
+        [fail2ban_regex, "-o", "ip", examples[0], str(FILTER)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
+    )
+    assert result.stdout.splitlines() == ["192.0.2.7"], result.stdout + result.stderr
