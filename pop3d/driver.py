@@ -305,14 +305,14 @@ class SessionDriver:
         if link.tls_version is not None:
             tls = f" tls={link.tls_version} cipher={link.tls_cipher}"
         method = method_token(session.counters.method)
+        # Rendered here, as the logout line is: the formatter is slow.
         self.log.info(
-            "login: rip={rip} method={method} user={quoted_user}{tls}",
+            "login: {summary}",
+            summary=f"rip={link.host} method={method} user={quote(session.user or '')}{tls}",
             rip=link.host,
             peer=link.peer,
             method=method,
             user=session.user,
-            quoted_user=quote(session.user or ""),
-            tls=tls,
             tls_version=link.tls_version,
             tls_cipher=link.tls_cipher,
         )
@@ -333,17 +333,21 @@ class SessionDriver:
         else:
             # The one format fail2ban reads (README, "Logs"): what the
             # client chose (the user name) comes last, quoted.
+            shown_method = method_token(method)
+            summary = (
+                f"rip={link.host} method={shown_method} reason={reason} user={quote(shown_user)}"
+            )
+            if detail:
+                summary += f" detail={quote(detail)}"
             self.log.info(
-                "login failed: rip={rip} method={method} reason={reason} user={quoted_user}"
-                "{detail_text}",
+                "login failed: {summary}",
+                summary=summary,
                 rip=link.host,
                 peer=link.peer,
-                method=method_token(method),
+                method=shown_method,
                 reason=reason,
                 user=shown_user,
-                quoted_user=quote(shown_user),
                 detail=detail,
-                detail_text=f" detail={quote(detail)}" if detail else "",
             )
         counted = reason == "credentials"
         throttle, host = self._failure_delay, self.session.link.host
