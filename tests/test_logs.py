@@ -339,6 +339,12 @@ def test_fail2ban_bans_failed_logins_and_nothing_else(tmp_path: Path, launch: La
     ids = re.findall(r"\[pop3d\.session\.Session#\w+\] \[([0-9a-z]+\.\d+)\] login", text)
     assert len(ids) == len(set(ids)) == 5 + 8
 
+    # The other lines of a session carry its id too.
+    for index, line in enumerate(lines):
+        if "reason=credentials" in line:
+            failed_id = line.split("] [", 1)[1].split("]", 1)[0]
+            assert f"] [{failed_id}] disconnected before login: peer=127.0.0.1:" in lines[index + 1]
+
     failed = [line.split("] ", 2)[2] for line in lines if "login failed:" in line]
     assert failed == [
         'login failed: rip=127.0.0.1 method=USER reason=credentials user="alice"',
