@@ -25,7 +25,7 @@ from twisted.cred.credentials import (
 )
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -34,6 +34,7 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
+from pop3d.logformat import SESSION_IDS, LogoutValues, method_token, quote
 from pop3d.realm import release
 from pop3d.sasl import (
     Authenticate,
@@ -148,15 +149,37 @@ def cred_credentials(credentials: object) -> ICredentials:
     return cast(ICredentials, credentials)
 
 
+class SessionLogger(Logger):
+    """
+    The log of one session: every line starts with ``[SESSION-ID]`` and
+    carries the id as the ``session`` field, so that an admin can follow
+    one session with grep.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        # The lines the session wrote before it stopped doing I/O, under the
+        # same name: log filters and readers of the log keep working.
+        super().__init__(namespace=SESSION_LOG_NAMESPACE)
+        self.session_id = session_id
+        # Written into the format as text, not as a field: a field costs the
+        # formatter a lookup on every line.
+        self._prefix = "[" + session_id.replace("{", "{{").replace("}", "}}") + "] "
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        super().emit(level, self._prefix + (format or ""), session=self.session_id, **kwargs)
+
+
+#: The namespace of every session's log lines.
+SESSION_LOG_NAMESPACE = "pop3d.session.Session"
+
+
 class SessionDriver:
     """
     Runs one `Session` against a cred ``portal`` whose realm gives
-    `IMaildrop` avatars; answers go to ``replies``.
+    `IMaildrop` avatars; answers go to ``replies``.  ``session_id`` names
+    it in the log (by default the next of `pop3d.logformat.SESSION_IDS`).
     """
 
-    # The lines the session wrote before it stopped doing I/O, under the
-    # same name: log filters and readers of the log keep working.
-    log = Logger(namespace="pop3d.session.Session")
     # One per connection, thousands idle: no instance dictionary.
     __slots__ = (
         "_clock",
@@ -167,7 +190,10 @@ class SessionDriver:
         "_logout",
         "_maildrop",
         "_mechanisms",
+        "_messages",
+        "_policy",
         "_replies",
+        "log",
         "portal",
         "session",
     )
@@ -186,9 +212,13 @@ class SessionDriver:
         tls_available: bool = False,
         hostname: str = "localhost",
         languages: Languages = BUILTIN_LANGUAGES,
+        session_id: str | None = None,
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
+        #: Where this session's lines go, each with the session id.
+        self.log = SessionLogger(session_id or SESSION_IDS.next_id())
+        self._policy = policy
         self._replies = replies
         self._clock = clock
         self._failure_delay = failure_delay
@@ -203,6 +233,7 @@ class SessionDriver:
             languages=languages,
         )
         self._maildrop: IMaildrop | None = None
+        self._messages: MessageList | None = None
         self._logout: Callable[[], None] | None = None
         self._exchange: ISASLExchange | None = None
         self._failure_wait = 0.0
@@ -265,28 +296,61 @@ class SessionDriver:
 
     def _logged_in(self, opened: tuple[IMaildrop, Callable[[], None], MessageList]) -> None:
         maildrop, logout, messages = opened
-        self._maildrop, self._logout = maildrop, logout
-        self._carry_out(self.session.login_succeeded(messages))
+        self._maildrop, self._logout, self._messages = maildrop, logout, messages
+        outcome = self.session.login_succeeded(messages)
+        self._log_login()
+        self._carry_out(outcome)
+
+    def _log_login(self) -> None:
+        session = self.session
+        link = session.link
+        tls = ""
+        if link.tls_version is not None:
+            tls = f" tls={link.tls_version} cipher={link.tls_cipher}"
+        method = method_token(session.counters.method)
+        # Rendered here, as the logout line is: the formatter is slow.
+        self.log.info(
+            "login: {summary}",
+            summary=f"rip={link.host} method={method} user={quote(session.user or '')}{tls}",
+            rip=link.host,
+            peer=link.peer,
+            method=method,
+            user=session.user,
+            tls_version=link.tls_version,
+            tls_cipher=link.tls_cipher,
+        )
 
     def _login_failed(
         self, failure: Failure, credentials: ICredentials, shown_user: str, method: str
     ) -> None:
-        reason, status = _login_failure_status(failure)
-        peer = self.session.peer
+        reason, detail, status = _login_failure_status(failure)
+        link = self.session.link
         if reason == "internal":
             self.log.failure(
-                "login of {user} from {peer} failed unexpectedly",
+                "login of {quoted_user} from {peer} failed unexpectedly",
                 failure,
                 user=shown_user,
-                peer=peer,
+                quoted_user=quote(shown_user),
+                peer=link.peer,
             )
         else:
+            # The one format fail2ban reads (README, "Logs"): what the
+            # client chose (the user name) comes last, quoted.
+            shown_method = method_token(method)
+            summary = (
+                f"rip={link.host} method={shown_method} reason={reason} user={quote(shown_user)}"
+            )
+            if detail:
+                summary += f" detail={quote(detail)}"
             self.log.info(
-                "login failed: user={user} peer={peer} method={method} reason={reason}",
-                user=shown_user,
-                peer=peer,
-                method=method,
+                "login failed: {summary}",
+                summary=summary,
+                rip=link.host,
+                peer=link.peer,
+                method=shown_method,
                 reason=reason,
+                user=shown_user,
+                detail=detail,
             )
         counted = reason == "credentials"
         throttle, host = self._failure_delay, self.session.link.host
@@ -447,12 +511,24 @@ class SessionDriver:
         session = self.session
         counters = session.counters
         outcome, user, peer = action.outcome, session.user, session.peer
+        messages = self._messages if self._messages is not None else MessageList()
+        values = LogoutValues(
+            top_count=counters.top_messages,
+            top_bytes=counters.top_octets,
+            retr_count=counters.retrieved_messages,
+            retr_bytes=counters.retrieved_octets,
+            deleted_count=counters.deleted_messages,
+            deleted_bytes=counters.deleted_octets,
+            message_count=len(messages),
+            message_bytes=sum(messages.sizes),
+            uidls=messages.uids,
+        )
         # Rendered here, once: twisted.logger's formatter costs more than
         # the rest of a short session's work.  The fields stay in the event.
+        method = method_token(counters.method)
         summary = (
-            f"{outcome}: user={user} peer={peer} method={counters.method}"
-            f" retrieved={counters.retrieved_messages} ({counters.retrieved_octets} octets)"
-            f" deleted={counters.deleted_messages} ({counters.deleted_octets} octets)"
+            f"{outcome}: user={quote(user or '')} peer={peer} method={method} "
+            + self._policy.logout_format.render(values)
         )
         self.log.info(
             "session {summary}",
@@ -465,6 +541,10 @@ class SessionDriver:
             retrieved_octets=counters.retrieved_octets,
             deleted_messages=counters.deleted_messages,
             deleted_octets=counters.deleted_octets,
+            top_messages=counters.top_messages,
+            top_octets=counters.top_octets,
+            message_count=values.message_count,
+            message_octets=values.message_bytes,
         )
         self._release()
         if action.reply is not None:
@@ -528,21 +608,21 @@ def _opened_maildrop(
     return maildrop, logout, messages
 
 
-def _login_failure_status(failure: Failure) -> tuple[str, Status]:
-    """Why a login failed (for the log) and what the client is told."""
+def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:
+    """Why a login failed (for the log: a word and details) and what the client is told."""
     if failure.check(UnauthorizedLogin, LoginFailed):
-        return "credentials", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
+        return "credentials", "", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
     if failure.check(MaildropLocked):
         error = failure.value
         assert isinstance(error, POP3Error)
-        return "in-use", error.status()
+        return "in-use", "", error.status()
     if failure.check(MaildropUnavailable):
         error = failure.value
         assert isinstance(error, POP3Error)
-        return "unavailable: " + error.text, error.status()
+        return "unavailable", error.text, error.status()
     if failure.check(LoginDelayed):
         # Not a failed login: neither counted nor made to wait.
         error = failure.value
         assert isinstance(error, POP3Error)
-        return "login-delay", error.status()
-    return "internal", INTERNAL_ERROR_STATUS
+        return "login-delay", "", error.status()
+    return "internal", "", INTERNAL_ERROR_STATUS

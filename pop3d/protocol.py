@@ -17,6 +17,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from OpenSSL import SSL
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -194,12 +195,15 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         transport = self.transport
         address = transport.getPeer() if transport is not None else None
         host = getattr(address, "host", None)
+        tls = _tls_connection(transport)
         return Link(
             peer=describe_address(address),
             host=host if host is not None else describe_address(address),
             # A wrapper (haproxy:) hides that STLS made the transport secure.
             secure=self._tls_started or ISSLTransport.providedBy(transport),
             local=isinstance(address, UNIXAddress) or _is_loopback(host),
+            tls_version=tls.get_protocol_version_name() if tls is not None else None,
+            tls_cipher=tls.get_cipher_name() if tls is not None else None,
         )
 
     # -- connection lifecycle ----------------------------------------------
@@ -249,7 +253,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         # RFC 1939 section 3: autologout without a response and without
         # entering UPDATE.  Abort rather than wait for a stalled client to
         # drain its buffer.
-        self.log.info("autologout of idle connection from {peer}", peer=self.session.peer)
+        self.driver.log.info("autologout of idle connection from {peer}", peer=self.session.peer)
         self._abort()
 
     def _abort(self) -> None:
@@ -371,7 +375,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._update_reading()
 
     def _unexpected_failure(self, failure: Failure) -> Status:
-        return unexpected_error(self.log, failure, self.session.peer)
+        return unexpected_error(self.driver.log, failure, self.session.peer)
 
     def _send(self, reply: Reply) -> Deferred[None] | None:
         # Worded as the session speaks now: a LANG reply is in its new language.
@@ -413,12 +417,12 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     def _stream_ended(self, result: Failure | None) -> None:
         stream, self._stream = self._stream, None
         if stream is not None and stream.sent_whole:
-            self.session.message_sent()
+            self.session.message_sent(stream.sent_octets)
         if not isinstance(result, Failure) or result.check(ResponseAbandoned):
             return
         # Part of the message is out, so there is no honest way to finish the
         # response: abort, and the client knows the message is incomplete.
-        self.log.failure(
+        self.driver.log.failure(
             "reading a message failed mid-response to {peer}", result, peer=self.session.peer
         )
         self._abort()
@@ -470,6 +474,25 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.partition("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def _tls_connection(transport: object) -> SSL.Connection | None:
+    """
+    The OpenSSL connection under a transport, once its handshake is done:
+    implicit TLS (the transport is TLS), or STLS (TLS is the protocol of the
+    TCP transport).
+    """
+    for layer in (transport, getattr(transport, "protocol", None)):
+        get_handle = getattr(layer, "getHandle", None)
+        try:
+            handle = get_handle() if get_handle is not None else None
+        except AttributeError:
+            # A TCP transport that has closed has no socket left (asked for
+            # the first time when a client left before sending a line).
+            handle = None
+        if isinstance(handle, SSL.Connection) and handle.get_cipher_name() is not None:
+            return handle
+    return None
 
 
 def describe_address(addr: IAddress | None) -> str:
@@ -573,6 +596,11 @@ class _MessageStreamer:
                 chunk = more
             at_end = not chunk or self._encoder.done
         self._write(out, at_end)
+
+    @property
+    def sent_octets(self) -> int:
+        """Octets of the message sent so far, before byte-stuffing."""
+        return self._encoder.size
 
     def _await(self, reading: Deferred[bytes]) -> None:
         """Wait for a read that answers later, then go on if the transport takes more."""

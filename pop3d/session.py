@@ -24,6 +24,7 @@ from typing import Protocol
 
 from pop3d.errors import POP3Error
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
+from pop3d.logformat import DEFAULT_LOGOUT, LogoutFormat
 from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.stores.interfaces import IMessageBody, MessageList
 from pop3d.wire import (
@@ -376,6 +377,9 @@ class Link:
     secure: bool
     #: The client is on this machine (loopback address or UNIX socket).
     local: bool
+    #: With TLS: the protocol version and cipher negotiated (for the log).
+    tls_version: str | None = None
+    tls_cipher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -403,6 +407,9 @@ class SessionPolicy:
     #: (None: EXPIRE NEVER; 0: retrieved messages are deleted at QUIT).
     #: Days of 1 or more need a maildrop with `pop3d.stores.interfaces.IRetrievalTimes`.
     expire_days: int | None = None
+    #: The end of the logout line (``--logout-format``, as Dovecot's
+    #: pop3_logout_format); `pop3d.driver` writes it.
+    logout_format: LogoutFormat = DEFAULT_LOGOUT
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -421,6 +428,9 @@ class SessionCounters:
     retrieved_octets: int = 0
     deleted_messages: int = 0
     deleted_octets: int = 0
+    #: TOP responses sent whole, and the octets of message they carried.
+    top_messages: int = 0
+    top_octets: int = 0
 
 
 class SessionBusy(RuntimeError):
@@ -969,15 +979,18 @@ class Session:
         encoder = MessageEncoder(body_lines, self._policy.client_workarounds)
         return MessageStream(self._opening_status, body, encoder, expected)
 
-    def message_sent(self) -> None:
+    def message_sent(self, octets: int = 0) -> None:
         """
-        The message of the last RETR went out whole, terminator and all.  Only
+        The message of the last RETR or TOP (``octets`` of it, before
+        byte-stuffing) went out whole, terminator and all.  Only
         now is it retrieved: what EXPIRE 0 deletes at QUIT (RFC 2449 section
         6.7, "downloaded with RETR"), what the seen flag marks and the log
         counts.  A RETR answered -ERR, or cut off, retrieved nothing.
         """
         if self._opening_lines is not None:
-            return  # TOP
+            self.counters.top_messages += 1
+            self.counters.top_octets += octets
+            return
         index = self._opening
         if isinstance(self._retrieved, frozenset):
             self._retrieved = set()

@@ -33,6 +33,7 @@ from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_byt
 from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
+from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
@@ -165,6 +166,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             f"guess from the same address, up to {MAXIMUM_DELAY:g}.",
         ],
         [
+            "logout-format",
+            None,
+            DEFAULT_LOGOUT_FORMAT,
+            "The end of the log line of a session that ends, as Dovecot's "
+            "pop3_logout_format: %t/%p TOP count/octets, %r/%b RETR count/octets, "
+            "%d deleted count, %{deleted_bytes}, %m/%s messages/octets in the "
+            "maildrop at login, %u a hash of its UIDL list, %% a percent sign "
+            "(long names such as %{top_count} work too).",
+        ],
+        [
             "client-workarounds",
             None,
             None,
@@ -257,6 +268,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
+        try:
+            self["logout-format"] = LogoutFormat.parse(self["logout-format"])
+        except LogoutFormatError as error:
+            raise usage.UsageError(f"--logout-format: {error}") from None
         self["sasl-mechanisms"] = parse_sasl_mechanisms(self["sasl-mechanisms"])
         self["tls"] = parse_tls(self["tls-cert"], self["tls-key"])
         self["expire"] = parse_expire(self["expire"], plugin)
@@ -572,6 +587,7 @@ def makeService(options: Options) -> IService:
             allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
             login_delay=options["login-delay"],
             expire_days=options["expire"],
+            logout_format=options["logout-format"],
         ),
         tls=options["tls"],
         max_connections=options["max-connections"],

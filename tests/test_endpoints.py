@@ -158,7 +158,7 @@ async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path) -> N
         await server.service.stopService()
         globalLogPublisher.removeObserver(events.append)
     assert answer.startswith(b"+OK pop3d ready") and answer.endswith(b"+OK bye\r\n")
-    sessions = [e for e in events if e.get("log_format", "").startswith("session {summary}")]
+    sessions = [e for e in events if "session {summary}" in e.get("log_format", "")]
     assert [e["peer"] for e in sessions] == ["203.0.113.7:40123"]
 
 

@@ -41,7 +41,7 @@ GREETING = re.compile(rb"\+OK pop3d ready <[0-9a-f]+\.[0-9]+@(mail-[ab])>")
 #: RFC 3206 section 4: SYS/TEMP, the client may try again later.
 TOO_MANY = b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
 #: pop3d's line at the end of a session (pop3d.driver), with the peer's address.
-SESSION_LOG = re.compile(r"session [^:\n]+: user=(\w+) peer=([0-9.]+):")
+SESSION_LOG = re.compile(r"session [^:\n]+: user=\"(\w+)\" peer=([0-9.]+):")
 MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: three\n\n.third\n"]
 #: What poplib hands back for each (lines without CRLF, a leading dot unstuffed).
 RECEIVED = [

@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
@@ -653,8 +653,15 @@ class TestUpdate:
         logged_in.command(b"RETR 2")
         logged_in.command(b"DELE 1")
         logged_in.command(b"QUIT")
-        assert [e["log_format"].split(":")[0] for e in log_events] == ["session {summary}"]
+        [text] = [formatEvent(e) for e in log_events]
+        # The default logout format is Dovecot's pop3_logout_format.
+        assert re.fullmatch(
+            r'\[[0-9a-z]+\.\d+\] session logged out: user="alice" peer=127\.0\.0\.1:40000'
+            r" method=USER top=0/0, retr=1/43, del=1/3, size=141",
+            text,
+        ), text
         logout = log_events
+        assert logout[0]["session"] == text[1 : text.index("]")]
         assert logout[0]["outcome"] == "logged out"
         assert logout[0]["method"] == "USER"
         assert logout[0]["retrieved_messages"] == 1
