@@ -88,9 +88,8 @@ def stop_sessions(
         finishing=len(finishing),
         timeout=timeout,
     )
-    waiting = [protocol.when_closed() for protocol in finishing]
-    # Those told to go may be slow to read their last line: they count too.
-    waiting += [protocol.when_closed() for protocol in connections if protocol not in finishing]
+    waiting = [protocol.when_closed() for protocol in connections]
+    stopped: Deferred[None] = Deferred()
 
     def too_late() -> None:
         late = [protocol for protocol in connections if protocol.phase is not Phase.CLOSED]
@@ -101,11 +100,17 @@ def stop_sessions(
         )
         for protocol in late:
             protocol.abort()
+        # Bounded: the process goes on stopping whether or not they are gone.
+        if not stopped.called:
+            stopped.callback(None)
 
     deadline = clock.callLater(timeout, too_late)
 
     def all_closed(_: object) -> None:
         if deadline.active():
             deadline.cancel()
+        if not stopped.called:
+            stopped.callback(None)
 
-    return DeferredList(waiting).addCallback(all_closed)
+    DeferredList(waiting).addCallback(all_closed)
+    return stopped

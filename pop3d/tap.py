@@ -582,6 +582,8 @@ def makeService(options: Options) -> IService:
         # Added first, so stopped after the listeners (MultiService stops
         # its children in reverse): no session arrives once it closes them.
         GracefulStop(lambda: factory.connections, clock=clock).setServiceParent(service)
+    # Before the listeners: SIGHUP is handled by the time anyone can connect.
+    ReloadOnHangup(lambda: reload()).setServiceParent(service)
     if options["worker-sockets"] is not None:
         factories = [
             worker_factory(description, factory, options["tls"])
@@ -606,7 +608,6 @@ def makeService(options: Options) -> IService:
         pop3 = POP3Service(options["endpoints"], factory)
         pop3.setName("pop3")
         pop3.setServiceParent(service)
-    ReloadOnHangup(reload).setServiceParent(service)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
@@ -641,14 +642,22 @@ class ReloadOnHangup(Service):
         self._reload = reload
         self._previous: Any = None
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install()
+
     def startService(self) -> None:
         super().startService()
+        if self._previous is None:
+            self._install()
+
+    def _install(self) -> None:
         from twisted.internet import reactor
 
         def on_hangup(signum: int, frame: object) -> None:
             cast(IReactorFromThreads, reactor).callFromThread(self._reload)
 
-        self._previous = signal.signal(signal.SIGHUP, on_hangup)
+        self._previous = signal.signal(signal.SIGHUP, on_hangup) or signal.SIG_DFL
 
     def stopService(self) -> None:
         super().stopService()
