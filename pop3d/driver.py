@@ -402,12 +402,6 @@ class SessionDriver:
         if not doomed:
             self._mark_seen(self.session.update_done(doomed), plan, doomed, maildrop)
             return
-        # Said before it starts: a stopping server waits for it (pop3d.lifecycle).
-        self.log.info(
-            "UPDATE for {user}: removing {count} messages",
-            user=self.session.user,
-            count=len(doomed),
-        )
         removal: Deferred[None] = maybeDeferred(maildrop.remove, sorted(doomed))
         removal.addCallbacks(
             lambda _: self._mark_seen(self.session.update_done(doomed), plan, doomed, maildrop),
