@@ -454,9 +454,13 @@ def _is_loopback(host: str | None) -> bool:
     if host is None:
         return False
     try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return False
+    # An IPv4 client of a dual-stack IPv6 socket (systemd's ListenStream=110)
+    # is ::ffff:127.0.0.1, which Python before 3.13 does not call loopback.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
 
 
 def describe_address(addr: IAddress | None) -> str:

@@ -6,6 +6,7 @@ each session, and that it is done within its bound whatever the clients do.
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.task import Clock
 
 from pop3d.factory import POP3Factory
@@ -15,6 +16,7 @@ from pop3d.testing import MemoryStore
 from .conftest import Wire
 
 SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down, try again later\r\n"
+PLAINTEXT_REFUSED = b"-ERR [AUTH] plaintext authentication disallowed on non-secure connections\r\n"
 
 
 def _stopper(factory: POP3Factory, clock: Clock) -> GracefulStop:
@@ -29,7 +31,7 @@ def test_session_in_transaction_is_closed_without_update(
     """
     RFC 1939 section 6: a session that ends other than by QUIT does not
     enter UPDATE, so the message marked by DELE stays; the client is told
-    why (RFC 3206 section 5: SYS/TEMP, a passing condition).
+    why (RFC 3206 section 4: SYS/TEMP, a passing condition).
     """
     store.deliver("alice", b"Subject: keep\n\nbody\n")
     wire = Wire(factory)
@@ -73,3 +75,15 @@ def test_nothing_to_stop(factory: POP3Factory, clock: Clock) -> None:
     stopped = _stopper(factory, clock).stopService()
     assert stopped.called
     assert clock.getDelayedCalls() == []
+
+
+def test_ipv4_mapped_loopback_is_local(factory: POP3Factory) -> None:
+    """
+    RFC 2595 section 2.3: plaintext logins only where they cannot be
+    overheard.  Over pop3d.socket (a dual-stack IPv6 socket) an IPv4
+    loopback client is ::ffff:127.0.0.1: local; another mapped address is not.
+    """
+    loopback = Wire(factory, IPv6Address("TCP", "::ffff:127.0.0.1", 40000))  # type: ignore[arg-type]
+    assert loopback.login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
+    remote = Wire(factory, IPv6Address("TCP", "::ffff:198.51.100.7", 40000))  # type: ignore[arg-type]
+    assert remote.command(b"USER alice") == PLAINTEXT_REFUSED

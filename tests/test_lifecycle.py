@@ -13,6 +13,7 @@ import poplib
 import pwd
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -105,7 +106,7 @@ def test_sigterm_closes_sessions_without_update_and_lets_update_finish(
     SIGTERM: the server stops accepting; a session in TRANSACTION with a
     message marked by DELE is closed without UPDATE (RFC 1939 section 6:
     only QUIT enters UPDATE, so nothing is removed) and told why (RFC 3206
-    SYS/TEMP); a session whose QUIT had started UPDATE finishes it and gets
+    section 4, SYS/TEMP); a session whose QUIT had started UPDATE finishes it and gets
     its +OK; the process exits within its bound.
     """
     mail_root = tmp_path / "mail"
@@ -326,3 +327,70 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, report
     ours = [line for line in report.splitlines() if "pop3d." in line]
     assert ours == [], report
+
+
+#: Listens the way pop3d.socket does (IPv6 and IPv4 on one socket), passes
+#: it as systemd does (fd 3, LISTEN_FDS, LISTEN_PID), then runs twistd.
+_ACTIVATE = r"""
+import os, socket, sys
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.bind(("::", 0))
+listener.listen()
+os.dup2(listener.fileno(), 3)
+os.set_inheritable(3, True)
+print(listener.getsockname()[1], flush=True)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="pop3d.socket", LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-c",
+    "from twisted.scripts.twistd import run; run()", *sys.argv[1:]])
+"""
+
+
+def _dual_stack() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="this machine has no IPv6")
+def test_systemd_service_command_serves_the_socket_unit(tmp_path: Path) -> None:
+    """
+    The ExecStart of contrib/systemd/pop3d.service, given the socket
+    pop3d.socket describes (dual-stack, passed as fd 3), serves mail over
+    IPv4 (only the Maildir and passwd paths are changed for the test).
+    """
+    unit = (CONTRIB / "pop3d.service").read_text().replace("\\\n", " ")
+    execstart = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    mail_root = tmp_path / "mail"
+    passwd = write_passwd(tmp_path, PASSWORDS)
+    message = b"Subject: activated\n\nbody\n"
+    deliver_to_maildir(str(mail_root / "alice"), message)
+    execstart = execstart.replace("/srv/mail", str(mail_root))
+    execstart = execstart.replace("/etc/pop3d/passwd", str(passwd))
+    arguments = shlex.split(execstart.removeprefix("ExecStart="))[1:]
+    server = subprocess.Popen(
+        [sys.executable, "-c", _ACTIVATE, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        # The socket listens before twistd starts: connecting needs no wait.
+        client = poplib.POP3(HOST, port, timeout=PATIENCE)
+        try:
+            client.user("alice")
+            assert client.pass_("wonderland").startswith(b"+OK")
+            assert client.retr(1)[1] == message.rstrip(b"\n").split(b"\n")
+            assert client.quit().startswith(b"+OK")
+        finally:
+            client.close()
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()  # type: ignore[union-attr]
