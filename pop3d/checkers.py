@@ -271,6 +271,10 @@ class PasswdFileChecker:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
         return self._table
 
+    def reload(self) -> None:
+        """Read the file again now if it changed (SIGHUP); logins do so anyway."""
+        self._current_table()
+
     def _current_entries(self) -> dict[bytes, PasswordEntry]:
         return self._current_table().entries
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import socket
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -90,6 +91,8 @@ class POP3Factory(Factory):
         self._connections_by_host: Counter[str] = Counter()
         #: The languages of LANG (RFC 6856 section 3).
         self.languages = languages
+        #: The connections served (closed ones drop out), for a graceful stop.
+        self.connections: weakref.WeakSet[POP3Protocol] = weakref.WeakSet()
 
     def apop_challenge(self) -> bytes | None:
         """
@@ -132,6 +135,7 @@ class POP3Factory(Factory):
             admit=slot.admit,
         )
         protocol.factory = self
+        self.connections.add(protocol)
         self._connections += 1
         return protocol
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -53,6 +53,7 @@ from pop3d.tls import ServerTLS
 from pop3d.wire import (
     MAX_COMMAND_LENGTH,
     TERMINATOR,
+    ResponseCode,
     Status,
     Translator,
     format_multiline,
@@ -73,6 +74,9 @@ MAX_HELD_INPUT = 64 * 1024
 
 #: RFC 1939 section 3: the autologout timer MUST be at least 10 minutes.
 DEFAULT_TIMEOUT = 600
+
+#: Told to an idle client when the server stops (RFC 3206 SYS/TEMP: come back later).
+SHUTTING_DOWN = Status(False, "server shutting down, try again later", ResponseCode.SYS_TEMP)
 
 
 class _Transport(Protocol):
@@ -162,6 +166,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._after_long_line = b""
         self._tls_started = False
         self._known_link: Link | None = None
+        self._closed_waiters: list[Deferred[None]] | None = None
 
     @property
     def session(self) -> Session:
@@ -248,6 +253,39 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         if self._stream is not None:
             self._stream.abandon()
         self.driver.connection_lost()
+        waiters, self._closed_waiters = self._closed_waiters, None
+        for waiter in waiters or ():
+            waiter.callback(None)
+
+    def when_closed(self) -> Deferred[None]:
+        """Fires once the connection is gone (at once if it is gone already)."""
+        if self.phase is Phase.CLOSED:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        if self._closed_waiters is None:
+            self._closed_waiters = []
+        self._closed_waiters.append(waiter)
+        return waiter
+
+    def shut_down(self) -> None:
+        """
+        The server is stopping: end this connection without UPDATE, as if
+        the client had gone (RFC 1939 section 6: nothing marked by DELE is
+        removed).  A client waiting for its next command is told why; one in
+        the middle of a reply is cut off (its reply cannot be finished).
+        """
+        if self.phase is Phase.READING:
+            self.phase = Phase.CLOSING
+            self._connection.unregisterProducer()
+            self._connection.write(SHUTTING_DOWN.to_bytes(self.session.wording))
+            self._connection.loseConnection()
+        elif self.phase is not Phase.CLOSED:
+            self._abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever is under way."""
+        if self.phase is not Phase.CLOSED:
+            self._abort()
 
     def timeoutConnection(self) -> None:
         # RFC 1939 section 3: autologout without a response and without
@@ -471,9 +509,13 @@ def _is_loopback(host: str | None) -> bool:
     if host is None:
         return False
     try:
-        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return False
+    # An IPv4 client of a dual-stack IPv6 socket (systemd's ListenStream=110)
+    # is ::ffff:127.0.0.1, which Python before 3.13 does not call loopback.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
 
 
 def _tls_connection(transport: object) -> SSL.Connection | None:

@@ -22,6 +22,8 @@ class POP3Service(Service):
     StreamServerEndpointService, a failure to listen is raised from
     startService (so twistd does not run on with nothing listening), and
     `when_listening` tells which ports were bound (useful with port 0).
+    It listens in ``privilegedStartService`` when that is called (twistd
+    does, before ``--uid``/``--gid`` drop root), else in ``startService``.
     """
 
     log = Logger()
@@ -32,8 +34,18 @@ class POP3Service(Service):
         self._ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
+    def privilegedStartService(self) -> None:
+        # twistd calls this before it gives up root (--uid/--gid): ports
+        # below 1024 are bound here.
+        super().privilegedStartService()
+        self._listen()
+
     def startService(self) -> None:
         super().startService()
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
         attempts = [
             endpoint.listen(self._factory).addCallback(self._listening_on)
             for endpoint in self._endpoints

@@ -33,6 +33,7 @@ from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_byt
 from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
+from pop3d.lifecycle import GracefulStop
 from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.protocol import DEFAULT_TIMEOUT
@@ -598,7 +599,13 @@ def makeService(options: Options) -> IService:
         mechanisms=options["sasl-mechanisms"],
     )
     service = MultiService()
-    reload: Callable[[], None] | None = options["tls"].reload if options["tls"] else None
+    reload: Callable[[], None] = reload_configuration(options)
+    if options["workers"] == 1 or options["worker-sockets"] is not None:
+        # Added first, so stopped after the listeners (MultiService stops
+        # its children in reverse): no session arrives once it closes them.
+        GracefulStop(lambda: factory.connections, clock=clock).setServiceParent(service)
+    # Before the listeners: SIGHUP is handled by the time anyone can connect.
+    ReloadOnHangup(lambda: reload()).setServiceParent(service)
     if options["worker-sockets"] is not None:
         factories = [
             worker_factory(description, factory, options["tls"])
@@ -618,14 +625,11 @@ def makeService(options: Options) -> IService:
         )
         pool.setName("workers")
         pool.setServiceParent(service)
-        if reload is not None:
-            reload = lambda: pool.signal_workers("HUP")  # noqa: E731
+        reload = lambda: pool.signal_workers("HUP")  # noqa: E731
     else:
         pop3 = POP3Service(options["endpoints"], factory)
         pop3.setName("pop3")
         pop3.setServiceParent(service)
-    if reload is not None:
-        ReloadOnHangup(reload).setServiceParent(service)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
@@ -635,6 +639,24 @@ def makeService(options: Options) -> IService:
     return service
 
 
+def reload_configuration(options: Options) -> Callable[[], None]:
+    """
+    What SIGHUP reads again: the --tls-cert/--tls-key files (kept as they
+    were if the new ones cannot be used) and the passwd files of --auth
+    passwd-file: (which logins also re-read whenever they change).
+    """
+    tls: ServerTLS | None = options["tls"]
+    passwd_files = [c for c in options["credCheckers"] if isinstance(c, PasswdFileChecker)]
+
+    def reload() -> None:
+        if tls is not None:
+            tls.reload()
+        for checker in passwd_files:
+            checker.reload()
+
+    return reload
+
+
 class ReloadOnHangup(Service):
     """Runs ``reload`` in the reactor thread whenever the process gets SIGHUP."""
 
@@ -642,14 +664,22 @@ class ReloadOnHangup(Service):
         self._reload = reload
         self._previous: Any = None
 
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install()
+
     def startService(self) -> None:
         super().startService()
+        if self._previous is None:
+            self._install()
+
+    def _install(self) -> None:
         from twisted.internet import reactor
 
         def on_hangup(signum: int, frame: object) -> None:
             cast(IReactorFromThreads, reactor).callFromThread(self._reload)
 
-        self._previous = signal.signal(signal.SIGHUP, on_hangup)
+        self._previous = signal.signal(signal.SIGHUP, on_hangup) or signal.SIG_DFL
 
     def stopService(self) -> None:
         super().stopService()

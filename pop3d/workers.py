@@ -48,7 +48,8 @@ log = Logger()
 
 #: Seconds before a worker that died is started again.
 RESTART_DELAY = 1.0
-#: Seconds the workers have to end after SIGTERM, before SIGKILL.
+#: Seconds the workers have to end after SIGTERM, before SIGKILL: longer
+#: than a worker gives its sessions in UPDATE (`pop3d.lifecycle.DRAIN_TIMEOUT`).
 STOP_TIMEOUT = 10.0
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
@@ -157,9 +158,23 @@ class WorkerPool(Service):
         # For each worker, its listening sockets, in --listen order.
         self._sockets: list[list[InheritedSocket]] = [[] for _ in range(count)]
         self._workers: dict[int, _Worker] = {}
+        self._bound = False
+
+    def privilegedStartService(self) -> None:
+        # Before twistd gives up root (--uid/--gid): ports below 1024 are
+        # bound here, and the workers, started later, run as the new user.
+        super().privilegedStartService()
+        self._bind()
 
     def startService(self) -> None:
         super().startService()
+        if not self._bound:
+            self._bind()
+        for number in range(self._count):
+            self._start(number)
+
+    def _bind(self) -> None:
+        self._bound = True
         failures: list[Failure] = []
         for endpoint, description in zip(self._endpoints, self._descriptions, strict=True):
             address = tcp_address(description)
@@ -177,8 +192,6 @@ class WorkerPool(Service):
             listening.addCallbacks(self._share, failures.append)
         if failures:
             failures[0].raiseException()
-        for number in range(self._count):
-            self._start(number)
 
     def _share(self, port: IListeningPort) -> None:
         """One socket for all workers (UNIX sockets, systemd's sockets)."""
