@@ -297,6 +297,10 @@ class Maildrop:
         moves messages to cur/ and adds flags to their names at QUIT, so
         this is read from the directory when it is needed).
         """
+        if server == "dovecot":
+            # Dovecot's are UID and UIDVALIDITY (pop3_uidl_format), which it
+            # assigns: the load generator checks their form, not their value.
+            raise ValueError("Dovecot's UIDLs cannot be known in advance")
         if server == "pop3d":
             return [name.split(":", 1)[0] for name in self.file_names]
         names = sorted(
@@ -309,10 +313,10 @@ class Maildrop:
 
     def sizes(self, server: str) -> list[int]:
         """
-        The sizes each server reports: pop3d the RFC 1939 size (CRLF line
-        endings); twisted.mail.pop3 the file size (LF line endings).
+        The sizes each server reports: pop3d and Dovecot the RFC 1939 size
+        (CRLF line endings); twisted.mail.pop3 the file size (LF line endings).
         """
-        return self.wire_sizes if server == "pop3d" else self.file_sizes
+        return self.file_sizes if server == "twisted" else self.wire_sizes
 
 
 def make_maildir(path: Path) -> None:
