@@ -243,7 +243,7 @@ def _crypt_salt(length: int) -> bytes:
     return bytes(secrets.choice(_CRYPT_ALPHABET) for _ in range(length))
 
 
-def _libpass_checksum(handler: object, password: bytes, salt: bytes, rounds: int | None) -> bytes:
+def _libpass_checksum(handler: Any, password: bytes, salt: bytes, rounds: int | None) -> bytes:
     """
     The checksum part (after the last ``$``) of libpass's ``handler`` for
     ``password`` with this salt and rounds; the caller writes the prefix as
@@ -253,7 +253,7 @@ def _libpass_checksum(handler: object, password: bytes, salt: bytes, rounds: int
     if rounds is not None:
         settings["rounds"] = rounds
     try:
-        hashed: str = handler.using(**settings).hash(password)  # type: ignore[attr-defined]
+        hashed: str = handler.using(**settings).hash(password)
     except ValueError as error:  # a salt outside crypt's alphabet, a NUL byte
         raise PasswordSchemeError(f"cannot compute the crypt(3) hash: {error}") from error
     return hashed.encode("ascii").rpartition(b"$")[2]
