@@ -19,12 +19,14 @@ Schemes:
     inner padded key block (RFC 2104), 16 bytes each, outer first, each the
     four 32-bit words A, B, C, D little-endian, in hex.  Serves USER/PASS
     and SASL CRAM-MD5 (RFC 2195) without knowing the password; checking a
-    CRAM-MD5 response resumes MD5 from those states, which hashlib cannot
-    do, hence the small pure-Python MD5 below.
+    CRAM-MD5 response resumes MD5 from those states, which neither hashlib
+    nor libpass can do (both only give finished digests), hence the small
+    pure-Python MD5 compression function below.
 ``{MD5-CRYPT}``, ``{SHA256-CRYPT}``, ``{SHA512-CRYPT}``
     ``$1$``, ``$5$`` and ``$6$`` crypt(3) hashes (``$5$rounds=N$`` too),
-    computed here in pure Python as glibc does (the crypt module is gone
-    from Python 3.13).
+    computed by libpass (the maintained fork of passlib) as glibc does; the
+    crypt module is gone from Python 3.13.  Salts are in crypt's alphabet
+    (``./0-9A-Za-z``), as every crypt(3) and ``doveadm pw`` makes them.
 ``{BLF-CRYPT}``
     bcrypt (``$2y$``, ``$2b$``, ``$2a$``), through the bcrypt package.  Like
     Dovecot, only the first 72 bytes of a password count: Dovecot's bcrypt
@@ -53,9 +55,11 @@ import re
 import secrets
 import struct
 from collections.abc import Hashable
+from typing import Any
 
 import argon2
 import bcrypt
+from passlib import hash as libpass_hash  # type: ignore[import-untyped]
 
 from pop3d.sasl import ScramKeys
 
@@ -129,6 +133,11 @@ class PlainScheme(PasswordScheme):
 
 
 # -- MD5 that can resume from a saved state (for {CRAM-MD5}) -----------------
+#
+# Our own code on purpose: Dovecot's {CRAM-MD5} secret is MD5's internal state
+# after one block, not a digest, so checking a response needs MD5's compression
+# function without the finalisation.  hashlib and libpass only give finished
+# digests; libpass has no CRAM-MD5 context scheme at all.
 
 _MASK = 0xFFFFFFFF
 _MD5_SHIFTS = [7, 12, 17, 22] * 4 + [5, 9, 14, 20] * 4 + [4, 11, 16, 23] * 4 + [6, 10, 15, 21] * 4
@@ -230,63 +239,31 @@ class CramMD5Scheme(PasswordScheme):
 _CRYPT_ALPHABET = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def _crypt_base64(data: bytes, groups: list[tuple[int, ...]]) -> bytes:
-    """crypt's little-endian base64 over byte triples taken in a set order."""
-    out = bytearray()
-    for group in groups:
-        value = 0
-        for index in group:
-            value = (value << 8) | data[index]
-        for _ in range(len(group) + 1):
-            out.append(_CRYPT_ALPHABET[value & 0x3F])
-            value >>= 6
-    return bytes(out)
-
-
 def _crypt_salt(length: int) -> bytes:
     return bytes(secrets.choice(_CRYPT_ALPHABET) for _ in range(length))
 
 
-def _repeat_to(data: bytes, length: int) -> bytes:
-    return (data * (length // len(data) + 1))[:length]
-
-
-_MD5_CRYPT_ORDER = [(0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5), (11,)]
+def _libpass_checksum(handler: Any, password: bytes, salt: bytes, rounds: int | None) -> bytes:
+    """
+    The checksum part (after the last ``$``) of libpass's ``handler`` for
+    ``password`` with this salt and rounds; the caller writes the prefix as
+    glibc does (libpass leaves out ``rounds=5000$`` even where glibc keeps it).
+    """
+    settings: dict[str, object] = {"salt": salt.decode("ascii", "replace")}
+    if rounds is not None:
+        settings["rounds"] = rounds
+    try:
+        hashed: str = handler.using(**settings).hash(password)
+    except ValueError as error:  # a salt outside crypt's alphabet, a NUL byte
+        raise PasswordSchemeError(f"cannot compute the crypt(3) hash: {error}") from error
+    return hashed.encode("ascii").rpartition(b"$")[2]
 
 
 def md5_crypt(password: bytes, salt: bytes) -> bytes:
-    """FreeBSD/glibc ``$1$`` crypt (salt: up to 8 characters)."""
+    """FreeBSD/glibc ``$1$`` crypt (salt: up to 8 characters), through libpass."""
     salt = salt[:8]
-    magic = b"$1$"
-    alternate = hashlib.md5(password + salt + password).digest()
-    context = hashlib.md5(password + magic + salt)
-    context.update(_repeat_to(alternate, len(password)))
-    length = len(password)
-    while length:
-        context.update(b"\x00" if length & 1 else password[:1])
-        length >>= 1
-    final = context.digest()
-    for i in range(1000):
-        round_hash = hashlib.md5(password if i & 1 else final)
-        if i % 3:
-            round_hash.update(salt)
-        if i % 7:
-            round_hash.update(password)
-        round_hash.update(final if i & 1 else password)
-        final = round_hash.digest()
-    return magic + salt + b"$" + _crypt_base64(final, _MD5_CRYPT_ORDER)
+    return b"$1$" + salt + b"$" + _libpass_checksum(libpass_hash.md5_crypt, password, salt, None)
 
-
-_SHA256_CRYPT_ORDER: list[tuple[int, ...]] = [
-    (0, 10, 20), (21, 1, 11), (12, 22, 2), (3, 13, 23), (24, 4, 14),
-    (15, 25, 5), (6, 16, 26), (27, 7, 17), (18, 28, 8), (9, 19, 29), (31, 30),
-]  # fmt: skip
-_SHA512_CRYPT_ORDER: list[tuple[int, ...]] = [
-    (0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45), (25, 46, 4), (47, 5, 26),
-    (6, 27, 48), (28, 49, 7), (50, 8, 29), (9, 30, 51), (31, 52, 10), (53, 11, 32),
-    (12, 33, 54), (34, 55, 13), (56, 14, 35), (15, 36, 57), (37, 58, 16), (59, 17, 38),
-    (18, 39, 60), (40, 61, 19), (62, 20, 41), (63,),
-]  # fmt: skip
 
 SHA_CRYPT_DEFAULT_ROUNDS = 5000
 SHA_CRYPT_MIN_ROUNDS = 1000
@@ -295,13 +272,12 @@ SHA_CRYPT_MAX_ROUNDS = 999_999_999
 
 def sha_crypt(password: bytes, setting: bytes, digest_name: str = "sha512") -> bytes:
     """
-    Ulrich Drepper's SHA-crypt as glibc implements it: ``setting`` is
+    Ulrich Drepper's SHA-crypt as glibc implements it, through libpass
+    (rounds clamped to 1000-999999999 as glibc does): ``setting`` is
     ``$5$salt`` or ``$6$salt`` with an optional ``rounds=N$`` before the
     salt (and may be a whole hash: what follows the salt is ignored).
     """
-    magic, order = (
-        (b"$6$", _SHA512_CRYPT_ORDER) if digest_name == "sha512" else (b"$5$", _SHA256_CRYPT_ORDER)
-    )
+    magic = b"$6$" if digest_name == "sha512" else b"$5$"
     if not setting.startswith(magic):
         raise PasswordSchemeError(f"expected a {magic.decode()} hash")
     rest = setting[len(magic) :]
@@ -315,58 +291,42 @@ def sha_crypt(password: bytes, setting: bytes, digest_name: str = "sha512") -> b
         custom_rounds = True
         rest = after
     salt = rest.split(b"$", 1)[0][:16]
-
-    def digest(*parts: bytes) -> bytes:
-        return hashlib.new(digest_name, b"".join(parts)).digest()
-
-    alternate = digest(password, salt, password)
-    context = hashlib.new(digest_name, password + salt)
-    context.update(_repeat_to(alternate, len(password)))
-    length = len(password)
-    while length:
-        context.update(alternate if length & 1 else password)
-        length >>= 1
-    a = context.digest()
-    p_bytes = _repeat_to(digest(password * len(password)), len(password)) if password else b""
-    s_bytes = _repeat_to(digest(salt * (16 + a[0])), len(salt)) if salt else b""
-    c = a
-    for i in range(rounds):
-        round_hash = hashlib.new(digest_name, p_bytes if i & 1 else c)
-        if i % 3:
-            round_hash.update(s_bytes)
-        if i % 7:
-            round_hash.update(p_bytes)
-        round_hash.update(c if i & 1 else p_bytes)
-        c = round_hash.digest()
+    handler = libpass_hash.sha512_crypt if digest_name == "sha512" else libpass_hash.sha256_crypt
+    checksum = _libpass_checksum(handler, password, salt, rounds)
     prefix = magic + (b"rounds=%d$" % rounds if custom_rounds else b"") + salt
-    return prefix + b"$" + _crypt_base64(c, order)
+    return prefix + b"$" + checksum
 
 
 class _CryptScheme(PasswordScheme):
     slow = True
     _FORMAT: re.Pattern[bytes]
     _MAGIC = b""
+    #: The libpass handler that verifies this scheme's hashes.
+    _libpass: Any
 
     def check(self, secret: bytes) -> None:
         if not self._FORMAT.fullmatch(secret):
-            raise PasswordSchemeError(f"expected a crypt(3) {self._MAGIC.decode()} hash")
-
-    def _compute(self, password: bytes, secret: bytes) -> bytes:
-        raise NotImplementedError
+            raise PasswordSchemeError(
+                f"expected a crypt(3) {self._MAGIC.decode()} hash (salt in ./0-9A-Za-z)"
+            )
 
     def verify(self, secret: bytes, password: bytes) -> bool:
         if b"\x00" in password:
             return False
-        return hmac.compare_digest(self._compute(password, secret), secret)
+        try:
+            return bool(self._libpass.verify(password, secret.decode("ascii")))
+        except ValueError:
+            # rounds= below 1000 (glibc clamps them and writes rounds=1000, so
+            # such a stored hash never matched) or a password over libpass's
+            # 4096-byte limit (longer than any POP3 command line): no match.
+            return False
 
 
 class MD5CryptScheme(_CryptScheme):
     name = "MD5-CRYPT"
     _MAGIC = b"$1$"
-    _FORMAT = re.compile(rb"\$1\$[^$]{0,8}\$[./0-9A-Za-z]{22}")
-
-    def _compute(self, password: bytes, secret: bytes) -> bytes:
-        return md5_crypt(password, secret[3:].split(b"$", 1)[0])
+    _FORMAT = re.compile(rb"\$1\$[./0-9A-Za-z]{0,8}\$[./0-9A-Za-z]{22}")
+    _libpass = libpass_hash.md5_crypt
 
     def hash(self, password: bytes, rounds: int | None = None) -> bytes:
         return md5_crypt(password, _crypt_salt(8))
@@ -380,11 +340,11 @@ class SHACryptScheme(_CryptScheme):
         self._digest_name = digest_name
         self._MAGIC = magic
         self._FORMAT = re.compile(
-            re.escape(magic) + rb"(rounds=[0-9]+\$)?[^$]{0,16}\$[./0-9A-Za-z]{%d}" % length
+            re.escape(magic) + rb"(rounds=[0-9]+\$)?[./0-9A-Za-z]{0,16}\$[./0-9A-Za-z]{%d}" % length
         )
-
-    def _compute(self, password: bytes, secret: bytes) -> bytes:
-        return sha_crypt(password, secret, self._digest_name)
+        self._libpass = (
+            libpass_hash.sha512_crypt if digest_name == "sha512" else libpass_hash.sha256_crypt
+        )
 
     def hash(self, password: bytes, rounds: int | None = None) -> bytes:
         setting = self._MAGIC

@@ -236,6 +236,51 @@ class TestCrypt:
         assert not scheme.verify(secret, b"abc\x00def")
 
 
+class TestCryptThroughLibpass:
+    """
+    MD5-crypt and SHA-crypt are computed by libpass; where libpass and glibc
+    write or read a hash differently, pop3d answers as glibc and Dovecot do.
+    """
+
+    HELLO_SHA512 = (
+        b"svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1"
+    )
+
+    def test_explicit_default_rounds_are_written_back(self) -> None:
+        """glibc keeps ``rounds=5000$`` when the setting names it (libpass would drop it)."""
+        expected = b"$6$rounds=5000$saltstring$" + self.HELLO_SHA512
+        assert sha_crypt(b"Hello world!", b"$6$rounds=5000$saltstring", "sha512") == expected
+        assert verify_password(b"{SHA512-CRYPT}" + expected, b"Hello world!")
+
+    def test_stored_rounds_below_the_minimum_never_match(self) -> None:
+        """glibc clamps rounds=10 to 1000 and writes that, so a stored rounds=10 never matched."""
+        clamped = sha_crypt(b"pw", b"$6$rounds=10$roundstoolow", "sha512")
+        assert clamped.startswith(b"$6$rounds=1000$roundstoolow$")
+        stored = b"$6$rounds=10$" + clamped[len(b"$6$rounds=1000$") :]
+        assert not SCHEMES["SHA512-CRYPT"].verify(stored, b"pw")
+
+    @pytest.mark.parametrize(
+        "name,secret",
+        [
+            ("SHA512-CRYPT", b"$6$ab!cd$" + HELLO_SHA512),
+            ("SHA256-CRYPT", b"$5$s\xc3\xa4lt$" + b"a" * 43),
+            ("MD5-CRYPT", b"$1$ab:c$" + b"a" * 22),
+        ],
+    )
+    def test_salt_outside_the_crypt_alphabet_is_refused_up_front(
+        self, name: str, secret: bytes
+    ) -> None:
+        with pytest.raises(PasswordSchemeError, match=r"salt in \./0-9A-Za-z"):
+            SCHEMES[name].check(secret)
+
+    @pytest.mark.parametrize("name", ["MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT"])
+    def test_a_huge_password_is_refused_not_an_error(self, name: str) -> None:
+        scheme = SCHEMES[name]
+        secret = scheme.hash(b"x" * 100)
+        assert scheme.verify(secret, b"x" * 100)
+        assert not scheme.verify(secret, b"x" * 5000)
+
+
 class TestBcrypt72Bytes:
     """
     Dovecot's bcrypt silently uses only the first 72 bytes (checked with
