@@ -230,6 +230,9 @@ class _ControlServer(LineReceiver):
 
 
 class ControlFactory(Factory):
+    # Its own line says where it listens.
+    noisy = False
+
     def __init__(self, sessions: Sessions) -> None:
         self.sessions = sessions
 
