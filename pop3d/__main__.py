@@ -1,4 +1,8 @@
 """
+pop3d's commands, ``python -m pop3d COMMAND`` (also installed as ``pop3d``):
+``who`` and ``kick`` talk to a running server's ``--control`` socket (see
+`pop3d.control`), as ``doveadm who`` and ``doveadm kick`` do.
+
 ``python -m pop3d pw`` (also installed as ``pop3d-pw``): print a
 ``{SCHEME}hash`` for a passwd-file line, as ``doveadm pw`` does.
 
