@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -49,9 +49,15 @@ def control_path() -> Iterator[str]:
         yield os.path.join(directory, "control")
 
 
-def _pop3d(*arguments: str) -> subprocess.CompletedProcess[str]:
+#: setup.cfg's console script: ``pop3d who``, ``pop3d kick``.
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "pop3d")
+
+
+def _pop3d(
+    *arguments: str, program: Sequence[str] = (sys.executable, "-m", "pop3d")
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pop3d", *arguments],
+        [*program, *arguments],
         capture_output=True,
         text=True,
         timeout=PATIENCE,
@@ -111,7 +117,7 @@ def test_who_and_kick(tmp_path: Path, launch: Launch, control_path: str) -> None
             alice.stat()
         assert _files(mail_root / "alice") == kept
 
-        again = _pop3d("kick", "--control", control_path, "alice")
+        again = _pop3d("kick", "--control", control_path, "alice", program=[CONSOLE_SCRIPT])
         assert (again.returncode, again.stdout) == (1, "kicked 0 sessions of alice\n")
         assert bob.stat() == (0, 0)
         who = _pop3d("who", "--control", control_path)
@@ -130,6 +136,11 @@ def test_who_and_kick(tmp_path: Path, launch: Launch, control_path: str) -> None
     assert missing.stderr == (
         f"python -m pop3d who: cannot reach the pop3d control socket {control_path}: "
         "No such file or directory (is twistd pop3d running with --control?)\n"
+    )
+    missing = _pop3d("kick", "--control", control_path, "alice", program=[CONSOLE_SCRIPT])
+    assert missing.returncode == 1
+    assert missing.stderr.startswith(
+        f"pop3d kick: cannot reach the pop3d control socket {control_path}:"
     )
 
 
