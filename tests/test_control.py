@@ -18,6 +18,7 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from zope.interface import implementer
 
 from pop3d import __main__ as cli
@@ -31,6 +32,7 @@ from pop3d.control import (
 from pop3d.factory import POP3Factory
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore
+from pop3d.tap import Options
 from pop3d.testing import MemoryStore, memory_portal
 
 from .conftest import USERS, Wire
@@ -258,3 +260,19 @@ def test_command_names_the_missing_socket(
         f"python -m pop3d {command[0]}: cannot reach the pop3d control socket {path}: "
         "No such file or directory (is twistd pop3d running with --control?)\n"
     )
+
+
+def test_twistd_option_refuses_a_file_with_a_usage_error(tmp_path: Path) -> None:
+    """``twistd pop3d --control`` at an existing file: a usage error naming the option."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}wonderland::\n")
+    occupied = tmp_path / "control"
+    occupied.write_text("precious\n")
+    options = Options()
+    arguments = ["--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}"]
+    with pytest.raises(
+        usage.UsageError,
+        match=rf"^--control {occupied}: exists and is not a socket; refusing to replace it$",
+    ):
+        options.parseOptions([*arguments, "--control", str(occupied)])
+    assert occupied.read_text() == "precious\n"
