@@ -1,4 +1,8 @@
 """
+pop3d's commands, ``python -m pop3d COMMAND`` (also installed as ``pop3d``):
+``who`` and ``kick`` talk to a running server's ``--control`` socket (see
+`pop3d.control`), as ``doveadm who`` and ``doveadm kick`` do.
+
 ``python -m pop3d pw`` (also installed as ``pop3d-pw``): print a
 ``{SCHEME}hash`` for a passwd-file line, as ``doveadm pw`` does.
 
@@ -24,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pop3d import control
 from pop3d.passwords import (
     DEFAULT_SCHEME,
     SCHEMES,
@@ -34,6 +39,8 @@ from pop3d.passwords import (
 
 #: The name the console script is installed under: it needs no "pw".
 CONSOLE_SCRIPT = "pop3d-pw"
+#: The console script for every command (``pop3d who``, ``pop3d kick``).
+MAIN_SCRIPT = "pop3d"
 
 
 class _Failed(Exception):
@@ -87,7 +94,47 @@ def _parser() -> argparse.ArgumentParser:
         help="check the password against {SCHEME}HASH instead of making a hash",
     )
     pw.add_argument("-l", "--list", action="store_true", help="list the supported schemes")
+    who = commands.add_parser(
+        "who",
+        help="list the logged-in sessions of a running server (like doveadm who)",
+        description=(
+            "List the logged-in sessions of the twistd pop3d started with --control PATH: "
+            "user, peer, RFC 1939 state, login time and the worker's process id."
+        ),
+    )
+    who.add_argument(
+        "--control", required=True, metavar="PATH", help="the server's --control socket"
+    )
+    who.add_argument("user", nargs="?", help="list only this user's sessions")
+    kick = commands.add_parser(
+        "kick",
+        help="close a user's sessions without UPDATE (like doveadm kick)",
+        description=(
+            "Close USER's sessions on the twistd pop3d started with --control PATH, without "
+            "UPDATE: nothing the client marked with DELE is deleted.  A session already in "
+            "UPDATE is left to finish.  Exit status 1 when no session was kicked."
+        ),
+    )
+    kick.add_argument(
+        "--control", required=True, metavar="PATH", help="the server's --control socket"
+    )
+    kick.add_argument("user", metavar="USER")
     return parser
+
+
+def _who(options: argparse.Namespace) -> int:
+    rows = control.request(options.control, {"command": "who"})["sessions"]
+    if options.user is not None:
+        rows = [row for row in rows if row["user"] == options.user]
+    sys.stdout.write(control.format_who(rows))
+    return 0
+
+
+def _kick(options: argparse.Namespace) -> int:
+    answer = control.request(options.control, {"command": "kick", "user": options.user})
+    kicked = int(answer["kicked"])
+    sys.stdout.write(f"kicked {kicked} session{'s' if kicked != 1 else ''} of {options.user}\n")
+    return 0 if kicked else 1
 
 
 def _read_password(confirm: bool) -> bytes:
@@ -146,16 +193,28 @@ def _pw(options: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit status (0 success, 1 failure, 2 usage)."""
-    command = "python -m pop3d pw"
+    program = "python -m pop3d"
+    named: str | None = None
     if argv is None:
         argv = sys.argv[1:]
-        if Path(sys.argv[0]).stem == CONSOLE_SCRIPT:
+        stem = Path(sys.argv[0]).stem
+        if stem == CONSOLE_SCRIPT:
             argv = ["pw", *argv]
-            command = CONSOLE_SCRIPT
+            named = CONSOLE_SCRIPT
+        elif stem == MAIN_SCRIPT:
+            program = MAIN_SCRIPT
     parser = _parser()
+    parser.prog = program
     options = parser.parse_args(argv)
+    command = named or f"{program} {options.command}"
     try:
+        if options.command == "who":
+            return _who(options)
+        if options.command == "kick":
+            return _kick(options)
         return _pw(options)
+    except control.ControlError as error:
+        parser.exit(1, f"{command}: {error}\n")
     except PasswordSchemeError as error:
         parser.exit(2, f"{command}: error: {error}\n")
     except _Failed as error:

@@ -194,6 +194,7 @@ class SessionDriver:
         "_policy",
         "_replies",
         "log",
+        "logged_in_at",
         "portal",
         "session",
     )
@@ -216,6 +217,8 @@ class SessionDriver:
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
+        #: When the login succeeded (the clock's seconds), for ``pop3d who``.
+        self.logged_in_at: float | None = None
         #: Where this session's lines go, each with the session id.
         self.log = SessionLogger(session_id or SESSION_IDS.next_id())
         self._policy = policy
@@ -297,6 +300,7 @@ class SessionDriver:
     def _logged_in(self, opened: tuple[IMaildrop, Callable[[], None], MessageList]) -> None:
         maildrop, logout, messages = opened
         self._maildrop, self._logout, self._messages = maildrop, logout, messages
+        self.logged_in_at = self._clock.seconds()
         outcome = self.session.login_succeeded(messages)
         self._log_login()
         self._carry_out(outcome)

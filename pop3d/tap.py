@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IReactorSocket,
     IReactorThreads,
     IReactorTime,
+    IReactorUNIX,
 )
 
 # Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
@@ -30,6 +31,14 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
+from pop3d.control import (
+    ControlError,
+    ControlService,
+    LocalSessions,
+    WorkerSessions,
+    prepare_socket_path,
+    worker_path,
+)
 from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
@@ -150,6 +159,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "Worker processes sharing the listening sockets ('auto': one per core).",
         ],
         ["worker-sockets", None, None, "(internal: the sockets a worker inherits)"],
+        [
+            "control",
+            None,
+            None,
+            "UNIX socket (mode 0600) for 'python -m pop3d who' and 'kick'; with "
+            "--workers, each worker also listens on PATH.PID.",
+        ],
         ["max-connections-per-ip", None, None, "Most connections at once from one address."],
         [
             "language",
@@ -287,6 +303,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         self["workers"] = parse_workers(self["workers"], self["listen"])
+        if self["control"] is not None and self["worker-sockets"] is None:
+            try:
+                prepare_socket_path(self["control"])
+            except ControlError as error:
+                raise usage.UsageError(str(error)) from None
         if self["worker-sockets"] is not None:
             # A worker: the parent listens; these are its sockets.
             try:
@@ -563,6 +584,22 @@ def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime)
 SWITCH_INTERVAL = 0.001
 
 
+def control_service(options: Options, factory: POP3Factory, service: MultiService) -> IService:
+    """``--control PATH``: this process's sessions, or (the parent of workers) theirs."""
+    from twisted.internet import reactor
+
+    unix = cast(IReactorUNIX, reactor)
+    path: str = options["control"]
+    if options["worker-sockets"] is not None:
+        return ControlService(
+            unix, worker_path(path, os.getpid()), LocalSessions(lambda: factory.connections)
+        )
+    if options["workers"] > 1:
+        pool = cast(WorkerPool, service.getServiceNamed("workers"))
+        return ControlService(unix, path, WorkerSessions(unix, path, pool.worker_pids))
+    return ControlService(unix, path, LocalSessions(lambda: factory.connections))
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -630,6 +667,8 @@ def makeService(options: Options) -> IService:
         pop3 = POP3Service(options["endpoints"], factory)
         pop3.setName("pop3")
         pop3.setServiceParent(service)
+    if options["control"] is not None:
+        control_service(options, factory, service).setServiceParent(service)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as

@@ -218,6 +218,15 @@ class WorkerPool(Service):
         )
         log.info("started worker {number}", number=number)
 
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers running now."""
+        pids = []
+        for worker in self._workers.values():
+            pid = getattr(worker.transport, "pid", None)
+            if isinstance(pid, int):
+                pids.append(pid)
+        return pids
+
     def signal_workers(self, name: str) -> None:
         """Pass a signal on to every worker (SIGHUP: reload the certificate)."""
         for worker in self._workers.values():
