@@ -8,11 +8,10 @@ from collections.abc import Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.factory import POP3Factory
 from pop3d.protocol import describe_address
 
 
@@ -28,7 +27,9 @@ class POP3Service(Service):
 
     log = Logger()
 
-    def __init__(self, endpoints: Sequence[IStreamServerEndpoint], factory: POP3Factory) -> None:
+    def __init__(
+        self, endpoints: Sequence[IStreamServerEndpoint], factory: IProtocolFactory
+    ) -> None:
         self._endpoints = list(endpoints)
         self._factory = factory
         self._ports: list[IListeningPort] = []

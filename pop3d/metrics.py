@@ -1,0 +1,174 @@
+"""
+Prometheus metrics of a POP3 server (``--metrics ENDPOINT``).
+
+`Metrics` holds the instruments, on a registry of its own (not
+prometheus_client's global one, so that several factories in one process
+do not collide).  Pass one as ``POP3Factory(metrics=...)``; without one
+nothing is counted and nothing costs.  `metrics_site` serves a registry
+over HTTP in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.twisted import MetricsResource
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from pop3d.service import POP3Service
+from pop3d.wire import ResponseCode, Verb
+
+#: Latency buckets in seconds: a login or an UPDATE takes milliseconds to seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_VERBS = {verb.value.encode("ascii"): verb.value for verb in Verb}
+
+
+def _reply_code(ok: bool, code: ResponseCode | None) -> str:
+    if code is not None:
+        return code.value
+    return "ok" if ok else "err"
+
+
+class Metrics:
+    """
+    The counters, gauges and histograms of one server, registered on
+    ``registry`` (a new `CollectorRegistry` by default).  The driver and
+    the protocol call the methods below where things happen.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge(
+            "pop3d_sessions_active",
+            "Connections being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.sessions = Counter("pop3d_sessions", "Connections served.", registry=r)
+        self.logins = Counter(
+            "pop3d_logins",
+            "Login attempts by method and result (ok, credentials, in-use, ...).",
+            ["method", "result"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "pop3d_commands",
+            "Command lines by verb (unknown: not a POP3 verb).",
+            ["verb"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "pop3d_replies",
+            "Status replies by response code (ok, err, or the RFC 2449/3206 code).",
+            ["code"],
+            registry=r,
+        )
+        self.message_octets = Counter(
+            "pop3d_message_octets_sent",
+            "Octets of messages sent by RETR and TOP.",
+            registry=r,
+        )
+        self.retrieved = Counter(
+            "pop3d_messages_retrieved", "Messages retrieved whole (RETR).", registry=r
+        )
+        self.deleted = Counter(
+            "pop3d_messages_deleted",
+            "Messages marked deleted (DELE) in ended sessions.",
+            registry=r,
+        )
+        self.lock_conflicts = Counter(
+            "pop3d_lock_conflicts",
+            "Logins refused because the maildrop was in use (IN-USE).",
+            registry=r,
+        )
+        self.login_seconds = Histogram(
+            "pop3d_login_seconds",
+            "Time from a login command to its answer (checking and opening the maildrop).",
+            ["result"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.update_seconds = Histogram(
+            "pop3d_update_seconds",
+            "Time the store takes for the UPDATE state (removing, marking seen).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tls_sessions = Counter(
+            "pop3d_tls_logins",
+            "Successful logins over TLS, by TLS version.",
+            ["version"],
+            registry=r,
+        )
+
+    # -- what the factory, protocol and driver report -------------------------
+
+    def session_started(self) -> None:
+        self.sessions.inc()
+        self.sessions_active.inc()
+
+    def session_ended(self) -> None:
+        self.sessions_active.dec()
+
+    def command(self, line: bytes) -> None:
+        word = line.split(b" ", 1)[0].upper()
+        self.commands.labels(_VERBS.get(word, "unknown")).inc()
+
+    def reply(self, ok: bool, code: ResponseCode | None) -> None:
+        self.replies.labels(_reply_code(ok, code)).inc()
+
+    def login(self, method: str, result: str, seconds: float, tls_version: str | None) -> None:
+        self.logins.labels(method, result).inc()
+        self.login_seconds.labels("ok" if result == "ok" else "failed").observe(seconds)
+        if result == "in-use":
+            self.lock_conflicts.inc()
+        if result == "ok" and tls_version is not None:
+            self.tls_sessions.labels(tls_version).inc()
+
+    def session_counts(self, retrieved: int, deleted: int, octets: int) -> None:
+        if retrieved:
+            self.retrieved.inc(retrieved)
+        if deleted:
+            self.deleted.inc(deleted)
+        if octets:
+            self.message_octets.inc(octets)
+
+    def update(self, seconds: float) -> None:
+        self.update_seconds.observe(seconds)
+
+
+def metrics_site(registry: CollectorRegistry) -> Site:
+    """An HTTP site serving ``registry`` at ``/metrics`` (and at ``/``)."""
+    root = Resource()
+    resource = MetricsResource(registry=registry)  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", resource)
+    root.putChild(b"", resource)
+    return Site(root)
+
+
+def metrics_service(endpoint: IStreamServerEndpoint, registry: CollectorRegistry) -> POP3Service:
+    """
+    A service named ``metrics`` that serves ``registry`` on ``endpoint``
+    while it runs (its ``when_listening`` tells the port).
+    """
+    service = POP3Service([endpoint], metrics_site(registry))
+    service.setName("metrics")  # type: ignore[no-untyped-call]
+    return service
+
+
+#: Where prometheus_client's multiprocess mode keeps each process's values.
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def workers_registry(directory: str) -> CollectorRegistry:
+    """
+    A registry summing what the workers (started with
+    ``PROMETHEUS_MULTIPROC_DIR=directory`` in their environment) count.
+    """
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry

@@ -1,0 +1,200 @@
+"""
+``--metrics``: Prometheus metrics served over HTTP, scraped with a real
+HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
+"""
+
+from __future__ import annotations
+
+import poplib
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.threads import deferToThread
+
+from pop3d.metrics import metrics_service
+from pop3d.service import POP3Service
+from pop3d.testing import deliver_to_maildir
+
+from .conftest import RunningServer, require_program, start_service
+
+CLIENT_TIMEOUT = 60
+
+#: Two messages of the same size, so whichever is number 1 the octets are known.
+MESSAGES = (b"Subject: one\r\n\r\nfirst body\r\n", b"Subject: two\r\n\r\nother body\r\n")
+
+
+async def start_with_metrics(tmp_path: Path) -> tuple[RunningServer, str]:
+    """The twistd-built service with --metrics on an ephemeral port; and the metrics URL."""
+    server = await start_service(
+        tmp_path,
+        ["tcp:0:interface=127.0.0.1"],
+        ["--metrics", "tcp:0:interface=127.0.0.1", "--login-failure-delay", "0"],
+    )
+    served = server.service.getServiceNamed("metrics")
+    assert isinstance(served, POP3Service)
+    [port] = await served.when_listening()
+    return server, f"http://127.0.0.1:{port.getHost().port}/metrics"
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:  # noqa: S310
+        assert response.status == 200
+        return bytes(response.read()).decode("utf-8")
+
+
+def samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def quit_and_wait_for_close(client: poplib.POP3) -> None:
+    """
+    QUIT, then read until the server hangs up: by then the server has
+    closed its side, so a later scrape counts this session as ended.
+    """
+    client.sock.sendall(b"QUIT\r\n")
+    assert client.file.readline() == b"+OK bye\r\n"
+    assert client.file.read() == b""
+    client.close()
+
+
+def sessions(server: RunningServer) -> None:
+    """
+    Three sessions: alice fails once, logs in, retrieves 1, deletes 2;
+    meanwhile a second login of alice finds her maildrop in use; then a
+    session that never logs in.
+    """
+    alice = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    alice.user("alice")
+    with pytest.raises(poplib.error_proto) as refused:
+        alice.pass_("wrong")
+    assert refused.value.args == (b"-ERR [AUTH] invalid user name or password",)
+    alice.user("alice")
+    alice.pass_("wonderland")
+    assert alice.stat() == (2, 2 * len(MESSAGES[0]))
+
+    second = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    second.user("alice")
+    with pytest.raises(poplib.error_proto) as in_use:
+        second.pass_("wonderland")
+    assert in_use.value.args[0].startswith(b"-ERR [IN-USE] ")
+    quit_and_wait_for_close(second)
+
+    alice.retr(1)
+    alice.dele(2)
+    quit_and_wait_for_close(alice)
+
+    anonymous = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    with pytest.raises(poplib.error_proto):
+        anonymous.noop()
+    anonymous.capa()
+    with pytest.raises(poplib.error_proto):
+        anonymous._shortcmd("FOO")
+    quit_and_wait_for_close(anonymous)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
+    """
+    After real sessions, the scraped metrics give exactly what happened:
+    sessions, logins by method and result, commands by verb, replies by
+    RFC 2449/3206 response code (RFC 2449 section 8: IN-USE, AUTH), octets
+    and messages retrieved, messages deleted in UPDATE, lock conflicts.
+    """
+    server, url = await start_with_metrics(tmp_path)
+    try:
+        for message in MESSAGES:
+            deliver_to_maildir(str(server.maildir("alice")), message)
+        await deferToThread(sessions, server)
+        found = samples(await deferToThread(scrape, url))
+    finally:
+        await server.service.stopService()
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("pop3d_sessions_total") == 3
+    assert value("pop3d_sessions_active") == 0
+    assert value("pop3d_logins_total", method="USER", result="ok") == 1
+    assert value("pop3d_logins_total", method="USER", result="credentials") == 1
+    assert value("pop3d_logins_total", method="USER", result="in-use") == 1
+    assert value("pop3d_lock_conflicts_total") == 1
+    commands = {
+        dict(labels)["verb"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_commands_total"
+    }
+    assert commands == {
+        "USER": 3,
+        "PASS": 3,
+        "STAT": 1,
+        "RETR": 1,
+        "DELE": 1,
+        "QUIT": 3,
+        "NOOP": 1,
+        "CAPA": 1,
+        "unknown": 1,
+    }
+    replies = {
+        dict(labels)["code"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_replies_total"
+    }
+    # ok: USER x3, PASS, STAT, RETR, DELE, QUIT x3, CAPA; err: NOOP, FOO.
+    assert replies == {"ok": 11, "err": 2, "AUTH": 1, "IN-USE": 1}
+    assert value("pop3d_messages_retrieved_total") == 1
+    assert value("pop3d_messages_deleted_total") == 1
+    assert value("pop3d_message_octets_sent_total") == len(MESSAGES[0])
+    assert value("pop3d_login_seconds_count", result="ok") == 1
+    assert value("pop3d_login_seconds_count", result="failed") == 2
+    assert value("pop3d_update_seconds_count") == 1
+    # Deleted in UPDATE: only the retrieved message is left.
+    assert len(list((server.maildir("alice") / "cur").iterdir())) == 1
+
+
+@pytest.mark.process
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
+    """Prometheus's own checker finds the exposition valid (after some sessions)."""
+    promtool = require_program("promtool")
+    server, url = await start_with_metrics(tmp_path)
+    try:
+        deliver_to_maildir(str(server.maildir("alice")), MESSAGES[0])
+        deliver_to_maildir(str(server.maildir("alice")), MESSAGES[1])
+        await deferToThread(sessions, server)
+        exposition = await deferToThread(scrape, url)
+    finally:
+        await server.service.stopService()
+    checked = await deferToThread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == ""
+
+
+def test_metrics_have_their_own_registry() -> None:
+    """Two servers in one process count apart (no global registry)."""
+    from prometheus_client import REGISTRY
+
+    from pop3d.metrics import Metrics
+
+    first, second = Metrics(), Metrics()
+    first.session_started()
+    assert first.registry.get_sample_value("pop3d_sessions_total") == 1
+    assert second.registry.get_sample_value("pop3d_sessions_total") == 0
+    assert REGISTRY.get_sample_value("pop3d_sessions_total") is None
+    assert metrics_service is not None
