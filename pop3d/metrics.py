@@ -10,8 +10,13 @@ over HTTP in the Prometheus text format.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.web.resource import Resource
@@ -23,7 +28,9 @@ from pop3d.wire import ResponseCode, Verb
 #: Latency buckets in seconds: a login or an UPDATE takes milliseconds to seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-_VERBS = {verb.value.encode("ascii"): verb.value for verb in Verb}
+_REPLY_CODES: list[tuple[bool, ResponseCode | None]] = [(True, None), (False, None)] + [
+    (False, code) for code in ResponseCode
+]
 
 
 def _reply_code(ok: bool, code: ResponseCode | None) -> str:
@@ -42,6 +49,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # First, so that a collection flushes before it reads the instruments.
+        r.register(_FlushFirst(self))
         self.sessions_active = Gauge(
             "pop3d_sessions_active",
             "Connections being served now.",
@@ -105,40 +114,89 @@ class Metrics:
             registry=r,
         )
 
+        # Counting is on every command's path, and an increment of a
+        # prometheus_client counter takes a lock: the counts are tallied in
+        # a plain dictionary (by labelled child, looked up once here) and
+        # added to the counters when the registry is collected (a scrape)
+        # or `flush` is called (the workers, every FLUSH_INTERVAL).
+        self._pending: defaultdict[Counter | Gauge, int] = defaultdict(int)
+        self._verb_counters = {
+            verb.value.encode("ascii"): self.commands.labels(verb.value) for verb in Verb
+        }
+        self._unknown_verb = self.commands.labels("unknown")
+        self._reply_counters = {key: self.replies.labels(_reply_code(*key)) for key in _REPLY_CODES}
+        self._login_counters: dict[tuple[str, str], Counter] = {}
+        self._login_ok = self.login_seconds.labels("ok")
+        self._login_failed = self.login_seconds.labels("failed")
+
+    def flush(self) -> None:
+        """Adds the tallied counts to the prometheus_client instruments."""
+        pending, self._pending = self._pending, defaultdict(int)
+        for instrument, count in pending.items():
+            instrument.inc(count)
+
     # -- what the factory, protocol and driver report -------------------------
 
     def session_started(self) -> None:
-        self.sessions.inc()
-        self.sessions_active.inc()
+        pending = self._pending
+        pending[self.sessions] += 1
+        pending[self.sessions_active] += 1
 
     def session_ended(self) -> None:
-        self.sessions_active.dec()
+        self._pending[self.sessions_active] -= 1
 
     def command(self, line: bytes) -> None:
-        word = line.split(b" ", 1)[0].upper()
-        self.commands.labels(_VERBS.get(word, "unknown")).inc()
+        counter = self._verb_counters.get(line.split(b" ", 1)[0].upper())
+        self._pending[counter or self._unknown_verb] += 1
 
     def reply(self, ok: bool, code: ResponseCode | None) -> None:
-        self.replies.labels(_reply_code(ok, code)).inc()
+        counter = self._reply_counters.get((ok, code))
+        if counter is None:  # a +OK with a code: not sent today
+            counter = self.replies.labels(_reply_code(ok, code))
+        self._pending[counter] += 1
 
     def login(self, method: str, result: str, seconds: float, tls_version: str | None) -> None:
-        self.logins.labels(method, result).inc()
-        self.login_seconds.labels("ok" if result == "ok" else "failed").observe(seconds)
+        key = (method, result)
+        counter = self._login_counters.get(key)
+        if counter is None:
+            counter = self._login_counters[key] = self.logins.labels(method, result)
+        pending = self._pending
+        pending[counter] += 1
+        (self._login_ok if result == "ok" else self._login_failed).observe(seconds)
         if result == "in-use":
-            self.lock_conflicts.inc()
+            pending[self.lock_conflicts] += 1
         if result == "ok" and tls_version is not None:
-            self.tls_sessions.labels(tls_version).inc()
+            pending[self.tls_sessions.labels(tls_version)] += 1
 
     def session_counts(self, retrieved: int, deleted: int, octets: int) -> None:
+        pending = self._pending
         if retrieved:
-            self.retrieved.inc(retrieved)
+            pending[self.retrieved] += retrieved
         if deleted:
-            self.deleted.inc(deleted)
+            pending[self.deleted] += deleted
         if octets:
-            self.message_octets.inc(octets)
+            pending[self.message_octets] += octets
 
     def update(self, seconds: float) -> None:
         self.update_seconds.observe(seconds)
+
+
+class _FlushFirst(Collector):
+    """
+    Registered before the instruments (a registry collects in the order of
+    registration): yields nothing, but flushes the tallies of ``metrics``
+    so that a scrape sees every count.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.flush()
+        return []
 
 
 def metrics_site(registry: CollectorRegistry) -> Site:

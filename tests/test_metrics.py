@@ -130,7 +130,7 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
     commands = {
         dict(labels)["verb"]: count
         for (name, labels), count in found.items()
-        if name == "pop3d_commands_total"
+        if name == "pop3d_commands_total" and count
     }
     assert commands == {
         "USER": 3,
@@ -146,10 +146,13 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
     replies = {
         dict(labels)["code"]: count
         for (name, labels), count in found.items()
-        if name == "pop3d_replies_total"
+        if name == "pop3d_replies_total" and count
     }
     # ok: USER x3, PASS, STAT, RETR, DELE, QUIT x3, CAPA; err: NOOP, FOO.
     assert replies == {"ok": 11, "err": 2, "AUTH": 1, "IN-USE": 1}
+    # Every verb and code is there from the start, at 0 (no gaps in graphs).
+    assert value("pop3d_commands_total", verb="APOP") == 0
+    assert ("pop3d_replies_total", (("code", "SYS/TEMP"),)) in found
     assert value("pop3d_messages_retrieved_total") == 1
     assert value("pop3d_messages_deleted_total") == 1
     assert value("pop3d_message_octets_sent_total") == len(MESSAGES[0])
