@@ -10,15 +10,18 @@ over HTTP in the Prometheus text format.
 
 from __future__ import annotations
 
+import shutil
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from prometheus_client.twisted import MetricsResource
+from twisted.application.service import Service
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -44,9 +47,15 @@ class Metrics:
     The counters, gauges and histograms of one server, registered on
     ``registry`` (a new `CollectorRegistry` by default).  The driver and
     the protocol call the methods below where things happen.
+
+    With ``tally`` (the default) counts are kept in a plain dictionary and
+    added to the instruments when the registry is collected (or on
+    `flush`): cheap on every command.  Without it each count goes to its
+    instrument at once, as a worker process must (`workers_registry`: the
+    parent reads the workers' values, it never collects theirs).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, tally: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         # First, so that a collection flushes before it reads the instruments.
@@ -119,7 +128,9 @@ class Metrics:
         # a plain dictionary (by labelled child, looked up once here) and
         # added to the counters when the registry is collected (a scrape)
         # or `flush` is called (the workers, every FLUSH_INTERVAL).
-        self._pending: defaultdict[Counter | Gauge, int] = defaultdict(int)
+        self._pending: MutableMapping[Counter | Gauge, int] = (
+            defaultdict(int) if tally else _AtOnce()
+        )
         self._verb_counters = {
             verb.value.encode("ascii"): self.commands.labels(verb.value) for verb in Verb
         }
@@ -131,9 +142,11 @@ class Metrics:
 
     def flush(self) -> None:
         """Adds the tallied counts to the prometheus_client instruments."""
-        pending, self._pending = self._pending, defaultdict(int)
-        for instrument, count in pending.items():
-            instrument.inc(count)
+        pending = self._pending
+        if isinstance(pending, defaultdict):
+            self._pending = defaultdict(int)
+            for instrument, count in pending.items():
+                instrument.inc(count)
 
     # -- what the factory, protocol and driver report -------------------------
 
@@ -181,6 +194,25 @@ class Metrics:
         self.update_seconds.observe(seconds)
 
 
+class _AtOnce(MutableMapping["Counter | Gauge", int]):
+    """Tallies nothing: ``tallies[instrument] += n`` increments ``instrument`` by n."""
+
+    def __getitem__(self, instrument: Counter | Gauge) -> int:
+        return 0
+
+    def __setitem__(self, instrument: Counter | Gauge, count: int) -> None:
+        instrument.inc(count)
+
+    def __delitem__(self, instrument: Counter | Gauge) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[Counter | Gauge]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 class _FlushFirst(Collector):
     """
     Registered before the instruments (a registry collects in the order of
@@ -199,10 +231,31 @@ class _FlushFirst(Collector):
         return []
 
 
+class MetricsPage(Resource):
+    """
+    ``registry`` in the Prometheus text format, or OpenMetrics when the
+    scraper asks for it (Accept).  Rendered in the reactor thread, where
+    the counts are made: prometheus_client's own MetricsResource runs in a
+    thread (WSGI) and fails on a ``unix:`` endpoint (no host).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: IRequest) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encoder(self._registry)
+
+
 def metrics_site(registry: CollectorRegistry) -> Site:
     """An HTTP site serving ``registry`` at ``/metrics`` (and at ``/``)."""
     root = Resource()
-    resource = MetricsResource(registry=registry)  # type: ignore[no-untyped-call]
+    resource = MetricsPage(registry)
     root.putChild(b"metrics", resource)
     root.putChild(b"", resource)
     return Site(root)
@@ -220,6 +273,17 @@ def metrics_service(endpoint: IStreamServerEndpoint, registry: CollectorRegistry
 
 #: Where prometheus_client's multiprocess mode keeps each process's values.
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class RemoveOnStop(Service):
+    """Removes ``directory`` (the workers' metrics files) when the server stops."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        shutil.rmtree(self._directory, ignore_errors=True)
 
 
 def workers_registry(directory: str) -> CollectorRegistry:

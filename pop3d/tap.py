@@ -37,7 +37,13 @@ from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.lifecycle import GracefulStop
 from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
-from pop3d.metrics import MULTIPROCESS_DIRECTORY, Metrics, metrics_service, workers_registry
+from pop3d.metrics import (
+    MULTIPROCESS_DIRECTORY,
+    Metrics,
+    RemoveOnStop,
+    metrics_service,
+    workers_registry,
+)
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
@@ -671,7 +677,8 @@ def serving_metrics(options: Options) -> Metrics | None:
     """
     if options["metrics"] is None or options["workers"] > 1:
         return None
-    return Metrics()
+    # A worker writes each count at once to the files the parent reads.
+    return Metrics(tally=options["worker-sockets"] is None)
 
 
 def add_metrics_endpoint(options: Options, metrics: Metrics | None, service: MultiService) -> None:
@@ -686,6 +693,7 @@ def add_metrics_endpoint(options: Options, metrics: Metrics | None, service: Mul
         directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
         os.environ[MULTIPROCESS_DIRECTORY] = directory
         registry = workers_registry(directory)
+        RemoveOnStop(directory).setServiceParent(service)
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)
 
 

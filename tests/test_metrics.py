@@ -5,7 +5,9 @@ HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
 
 from __future__ import annotations
 
+import http.client
 import poplib
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -20,6 +22,10 @@ from pop3d.service import POP3Service
 from pop3d.testing import deliver_to_maildir
 
 from .conftest import RunningServer, require_program, start_service
+from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
+from .test_workers import WORKER_LISTENING
+
+__all__ = ["launch"]  # the fixture
 
 CLIENT_TIMEOUT = 60
 
@@ -201,3 +207,69 @@ def test_metrics_have_their_own_registry() -> None:
     assert second.registry.get_sample_value("pop3d_sessions_total") == 0
     assert REGISTRY.get_sample_value("pop3d_sessions_total") is None
     assert metrics_service is not None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a UNIX socket (the --metrics endpoint of the workers test)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=CLIENT_TIMEOUT)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(CLIENT_TIMEOUT)
+        self.sock.connect(self._path)
+
+
+def scrape_unix(path: Path) -> str:
+    connection = UnixHTTPConnection(path)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read().decode("utf-8")
+    finally:
+        connection.close()
+
+
+@pytest.mark.process
+def test_one_endpoint_sums_the_workers(tmp_path: Path, launch: Launch) -> None:
+    """
+    With --workers 2, the parent's endpoint shows the sum of what both
+    workers counted (logins, commands, replies, sessions), whichever
+    worker each of the sessions reached.
+    """
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), MESSAGES[0])
+    socket_path = tmp_path / "metrics.sock"
+    server = launch(
+        *pop3d_arguments(
+            mail_root,
+            write_passwd(tmp_path),
+            "--workers",
+            "2",
+            "--metrics",
+            f"unix:{socket_path}",
+        )
+    )
+    ports = {int(server.wait_for(WORKER_LISTENING).group(2)) for _ in range(2)}
+    [port] = ports
+    sessions = 8
+    for _ in range(sessions):
+        client = poplib.POP3(HOST, port, timeout=PATIENCE)
+        client.user("alice")
+        client.pass_("wonderland")
+        assert client.stat() == (1, len(MESSAGES[0]))
+        quit_and_wait_for_close(client)
+    found = samples(scrape_unix(socket_path))
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("pop3d_sessions_total") == sessions
+    assert value("pop3d_logins_total", method="USER", result="ok") == sessions
+    for verb in ("USER", "PASS", "STAT", "QUIT"):
+        assert value("pop3d_commands_total", verb=verb) == sessions, verb
+    assert value("pop3d_replies_total", code="ok") == 4 * sessions
+    assert value("pop3d_login_seconds_count", result="ok") == sessions
