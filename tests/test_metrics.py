@@ -6,7 +6,9 @@ HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
 from __future__ import annotations
 
 import http.client
+import json
 import poplib
+import re
 import socket
 import subprocess
 import urllib.request
@@ -273,3 +275,37 @@ def test_one_endpoint_sums_the_workers(tmp_path: Path, launch: Launch) -> None:
         assert value("pop3d_commands_total", verb=verb) == sessions, verb
     assert value("pop3d_replies_total", code="ok") == 4 * sessions
     assert value("pop3d_login_seconds_count", result="ok") == sessions
+
+
+def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
+    """contrib/grafana/pop3d.json: every series a panel queries is one pop3d exposes."""
+    from prometheus_client import generate_latest
+
+    from pop3d.metrics import Metrics
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "contrib" / "grafana" / "pop3d.json").read_text()
+    )
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bpop3d_\w+", target["expr"])
+    }
+    metrics = Metrics()
+    metrics.login("USER", "ok", 0.1, "TLSv1.3")
+    metrics.update(0.1)
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if not line.startswith("#")
+    }
+    assert len(dashboard["panels"]) == 11
+    assert queried - exposed == set()
+    # Every metric has a panel (histograms: their buckets; no _created series).
+    counted = {
+        name
+        for name in exposed
+        if not name.endswith(("_created", "_seconds_count", "_seconds_sum"))
+    }
+    assert counted - queried == set()
