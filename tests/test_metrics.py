@@ -10,6 +10,7 @@ import json
 import poplib
 import re
 import socket
+import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ from pop3d.service import POP3Service
 from pop3d.testing import deliver_to_maildir
 
 from .conftest import RunningServer, require_program, start_service
+from .test_endpoints import _self_signed
 from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
 from .test_workers import WORKER_LISTENING
 
@@ -309,3 +311,40 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
         if not name.endswith(("_created", "_seconds_count", "_seconds_sum"))
     }
     assert counted - queried == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
+    """RFC 2595 section 4: after STLS, a login counts for its TLS version."""
+    key, cert = _self_signed(tmp_path)
+    server = await start_service(
+        tmp_path,
+        ["tcp:0:interface=127.0.0.1"],
+        ["--tls-cert", str(cert), "--tls-key", str(key), "--metrics", "tcp:0:interface=127.0.0.1"],
+    )
+    served = server.service.getServiceNamed("metrics")
+    assert isinstance(served, POP3Service)
+    [port] = await served.when_listening()
+    url = f"http://127.0.0.1:{port.getHost().port}/metrics"
+
+    def over_tls_1_2() -> None:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        client = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+        assert client.stls(context=context) == b"+OK begin TLS negotiation"
+        client.user("alice")
+        client.pass_("wonderland")
+        quit_and_wait_for_close(client)
+
+    try:
+        await deferToThread(over_tls_1_2)
+        found = samples(await deferToThread(scrape, url))
+    finally:
+        await server.service.stopService()
+    tls_logins = {
+        dict(labels)["version"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_tls_logins_total"
+    }
+    assert tls_logins == {"TLSv1.2": 1}
+    assert found[("pop3d_commands_total", (("verb", "STLS"),))] == 1
