@@ -379,7 +379,7 @@ class SessionDriver:
         assert self._metrics is not None
         elapsed = self._clock.seconds() - self._timer_started
         tls_version = self.session.link.tls_version if result == "ok" else None
-        self._metrics.login(method_token(method), result, elapsed, tls_version)
+        self._metrics.login(method, result, elapsed, tls_version)
 
     def _answer_failed_login(self, action: AnswerFailedLogin) -> None:
         throttle, wait = self._failure_delay, self._failure_wait

@@ -227,11 +227,17 @@ class _CountedReplies:
         self._metrics = metrics
 
     def deliver(self, reply: Reply | Failure) -> None:
-        if isinstance(reply, Failure):
+        kind = type(reply)
+        if kind is Status:  # most replies: checked first
+            status: object = reply
+        elif kind is Failure:
             # Answered -ERR [SYS/TEMP] by the protocol.
-            self._metrics.reply(False, ResponseCode.SYS_TEMP)
-        else:
-            status = reply if isinstance(reply, Status) else getattr(reply, "status", None)
-            if isinstance(status, Status):  # not a SASL continuation
-                self._metrics.reply(status.ok, status.code)
+            status = _SYSTEM_ERROR
+        else:  # a SASL continuation has no status
+            status = getattr(reply, "status", None)
+        if type(status) is Status:
+            self._metrics.reply(status.ok, status.code)
         self._replies.deliver(reply)
+
+
+_SYSTEM_ERROR = Status(False, code=ResponseCode.SYS_TEMP)

@@ -25,6 +25,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from pop3d.logformat import method_token
 from pop3d.service import POP3Service
 from pop3d.wire import ResponseCode, Verb
 
@@ -159,7 +160,8 @@ class Metrics:
         self._pending[self.sessions_active] -= 1
 
     def command(self, line: bytes) -> None:
-        counter = self._verb_counters.get(line.split(b" ", 1)[0].upper())
+        word = line.partition(b" ")[0]
+        counter = self._verb_counters.get(word) or self._verb_counters.get(word.upper())
         self._pending[counter or self._unknown_verb] += 1
 
     def reply(self, ok: bool, code: ResponseCode | None) -> None:
@@ -169,10 +171,13 @@ class Metrics:
         self._pending[counter] += 1
 
     def login(self, method: str, result: str, seconds: float, tls_version: str | None) -> None:
+        """A login by ``method`` (the session's: ``USER``, ``SASL PLAIN``) ended in ``result``."""
         key = (method, result)
         counter = self._login_counters.get(key)
         if counter is None:
-            counter = self._login_counters[key] = self.logins.labels(method, result)
+            # The method as the logs write it (USER, APOP, SASL/PLAIN).
+            token = method_token(method)
+            counter = self._login_counters[key] = self.logins.labels(token, result)
         pending = self._pending
         pending[counter] += 1
         (self._login_ok if result == "ok" else self._login_failed).observe(seconds)
