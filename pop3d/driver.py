@@ -518,21 +518,20 @@ class SessionDriver:
         """Whether or not the removal worked, what was read is marked seen."""
         seen_flags = ISeenFlags(maildrop, None)
         if seen_flags is None:
-            self._update_done()
-            self._carry_out(outcome)
+            self._updated(None, outcome)
             return
         every = range(plan.message_count)
         kept = [i for i in every if i not in doomed] if doomed else every
         retrieved = sorted(plan.retrieved - doomed) if plan.retrieved else []
         marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
         marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
-        marking.addCallback(lambda _: self._update_done())
-        marking.addCallback(lambda _: self._carry_out(outcome))
+        marking.addCallback(self._updated, outcome)
         marking.addErrback(self._report_failure)
 
-    def _update_done(self) -> None:
+    def _updated(self, _: object, outcome: Outcome | None) -> None:
         if self._metrics is not None:
             self._metrics.update(self._clock.seconds() - self._timer_started)
+        self._carry_out(outcome)
 
     # -- the end of a session ------------------------------------------------------
 

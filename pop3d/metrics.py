@@ -271,7 +271,10 @@ def metrics_service(endpoint: IStreamServerEndpoint, registry: CollectorRegistry
     A service named ``metrics`` that serves ``registry`` on ``endpoint``
     while it runs (its ``when_listening`` tells the port).
     """
-    service = POP3Service([endpoint], metrics_site(registry))
+    # Not "listening on": that is how scripts find the POP3 port in the log.
+    service = POP3Service(
+        [endpoint], metrics_site(registry), announcement="pop3d metrics at http://{address}/metrics"
+    )
     service.setName("metrics")  # type: ignore[no-untyped-call]
     return service
 

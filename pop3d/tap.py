@@ -628,8 +628,6 @@ def makeService(options: Options) -> IService:
         metrics=metrics,
     )
     service = MultiService()
-    if options["metrics"] is not None and options["worker-sockets"] is None:
-        add_metrics_endpoint(options, metrics, service)
     reload: Callable[[], None] = reload_configuration(options)
     if options["workers"] == 1 or options["worker-sockets"] is not None:
         # Added first, so stopped after the listeners (MultiService stops
@@ -661,6 +659,9 @@ def makeService(options: Options) -> IService:
         pop3 = POP3Service(options["endpoints"], factory)
         pop3.setName("pop3")
         pop3.setServiceParent(service)
+    if options["metrics"] is not None and options["worker-sockets"] is None:
+        # After the POP3 listeners: their "listening on" line comes first.
+        add_metrics_endpoint(options, metrics, service)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
