@@ -79,6 +79,8 @@ if TYPE_CHECKING:
     from twisted.cred.portal import Portal
     from twisted.internet.interfaces import IReactorTime
 
+    from pop3d.metrics import Metrics
+
 
 class Replies(Protocol):
     """Where the replies of a session go (`pop3d.protocol.POP3Protocol`)."""
@@ -191,8 +193,10 @@ class SessionDriver:
         "_maildrop",
         "_mechanisms",
         "_messages",
+        "_metrics",
         "_policy",
         "_replies",
+        "_timer_started",
         "log",
         "logged_in_at",
         "portal",
@@ -214,6 +218,7 @@ class SessionDriver:
         hostname: str = "localhost",
         languages: Languages = BUILTIN_LANGUAGES,
         session_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
@@ -240,6 +245,8 @@ class SessionDriver:
         self._logout: Callable[[], None] | None = None
         self._exchange: ISASLExchange | None = None
         self._failure_wait = 0.0
+        self._metrics = metrics
+        self._timer_started = 0.0
 
     # -- what the session asks of the portal (pop3d.session.Authentication) -------
 
@@ -257,6 +264,8 @@ class SessionDriver:
 
     def line(self, line: bytes) -> None:
         """A command line from the client (without its line ending)."""
+        if self._metrics is not None:
+            self._metrics.command(line)
         outcome = self.session.receive_line(line)
         if isinstance(outcome, Action):
             _PERFORMERS[type(outcome)](self, outcome)
@@ -287,6 +296,8 @@ class SessionDriver:
     def _log_in(self, action: LogIn) -> None:
         credentials = cred_credentials(action.credentials)
         shown_user = action.username.decode("utf-8", "replace")
+        if self._metrics is not None:
+            self._timer_started = self._clock.seconds()
         attempt: Deferred[tuple[IMaildrop, Callable[[], None], MessageList]] = self.portal.login(
             credentials, None, IMaildrop
         ).addCallback(_opened_maildrop)
@@ -303,6 +314,8 @@ class SessionDriver:
         self.logged_in_at = self._clock.seconds()
         outcome = self.session.login_succeeded(messages)
         self._log_login()
+        if self._metrics is not None:
+            self._count_login(self.session.counters.method, "ok")
         self._carry_out(outcome)
 
     def _log_login(self) -> None:
@@ -328,6 +341,8 @@ class SessionDriver:
         self, failure: Failure, credentials: ICredentials, shown_user: str, method: str
     ) -> None:
         reason, detail, status = _login_failure_status(failure)
+        if self._metrics is not None:
+            self._count_login(method, reason)
         link = self.session.link
         if reason == "internal":
             self.log.failure(
@@ -363,6 +378,12 @@ class SessionDriver:
             # Recorded even if the client has gone: the next guess waits longer.
             self._failure_wait = throttle.delay_for_failure(host, credentials)
         self._carry_out(self.session.login_refused(LoginRefusal(status, counted, trusted)))
+
+    def _count_login(self, method: str, result: str) -> None:
+        assert self._metrics is not None
+        elapsed = self._clock.seconds() - self._timer_started
+        tls_version = self.session.link.tls_version if result == "ok" else None
+        self._metrics.login(method, result, elapsed, tls_version)
 
     def _answer_failed_login(self, action: AnswerFailedLogin) -> None:
         throttle, wait = self._failure_delay, self._failure_wait
@@ -455,6 +476,8 @@ class SessionDriver:
     def _run_update(self, plan: RunUpdate) -> None:
         maildrop = self._maildrop
         assert maildrop is not None
+        if self._metrics is not None:
+            self._timer_started = self._clock.seconds()
         if plan.expire_days is None:
             self._remove(_NONE, plan, maildrop)
             return
@@ -499,15 +522,20 @@ class SessionDriver:
         """Whether or not the removal worked, what was read is marked seen."""
         seen_flags = ISeenFlags(maildrop, None)
         if seen_flags is None:
-            self._carry_out(outcome)
+            self._updated(None, outcome)
             return
         every = range(plan.message_count)
         kept = [i for i in every if i not in doomed] if doomed else every
         retrieved = sorted(plan.retrieved - doomed) if plan.retrieved else []
         marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
         marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
-        marking.addCallback(lambda _: self._carry_out(outcome))
+        marking.addCallback(self._updated, outcome)
         marking.addErrback(self._report_failure)
+
+    def _updated(self, _: object, outcome: Outcome | None) -> None:
+        if self._metrics is not None:
+            self._metrics.update(self._clock.seconds() - self._timer_started)
+        self._carry_out(outcome)
 
     # -- the end of a session ------------------------------------------------------
 
@@ -550,6 +578,12 @@ class SessionDriver:
             message_count=values.message_count,
             message_octets=values.message_bytes,
         )
+        if self._metrics is not None:
+            self._metrics.session_counts(
+                counters.retrieved_messages,
+                counters.deleted_messages,
+                counters.retrieved_octets + counters.top_octets,
+            )
         self._release()
         if action.reply is not None:
             self._replies.deliver(action.reply)

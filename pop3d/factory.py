@@ -10,12 +10,14 @@ import socket
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pop3d.driver import Replies, SessionDriver
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
@@ -25,10 +27,13 @@ from pop3d.sasl.cram_md5 import CramMD5
 from pop3d.sasl.login import Login
 from pop3d.sasl.plain import Plain
 from pop3d.sasl.scram import ScramSHA256
-from pop3d.session import DEFAULT_POLICY, Link, SessionPolicy
+from pop3d.session import DEFAULT_POLICY, Link, Reply, SessionPolicy
 from pop3d.throttle import FailureDelay, IPNetwork
 from pop3d.tls import ServerTLS
-from pop3d.wire import ClientWorkarounds, ResponseCode, format_status
+from pop3d.wire import ClientWorkarounds, ResponseCode, Status, format_status
+
+if TYPE_CHECKING:
+    from pop3d.metrics import Metrics
 
 log = Logger()
 
@@ -55,7 +60,8 @@ class POP3Factory(Factory):
     webmail host) are never delayed, may fail any number of logins on one
     connection, and are not counted against ``max_connections_per_ip``.
     ``client_workarounds``, when given, replaces those of ``policy`` (see
-    `pop3d.wire.ClientWorkarounds`).
+    `pop3d.wire.ClientWorkarounds`).  ``metrics`` (a `pop3d.metrics.Metrics`),
+    when given, counts what the server does; None: nothing is counted.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class POP3Factory(Factory):
         client_workarounds: ClientWorkarounds | None = None,
         trusted_networks: Sequence[IPNetwork] = (),
         languages: Languages = BUILTIN_LANGUAGES,
+        metrics: Metrics | None = None,
     ) -> None:
         if client_workarounds is not None:
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
@@ -91,6 +98,8 @@ class POP3Factory(Factory):
         self._connections_by_host: Counter[str] = Counter()
         #: The languages of LANG (RFC 6856 section 3).
         self.languages = languages
+        #: What the server counts (`pop3d.metrics.Metrics`), or None.
+        self.metrics = metrics
         #: The connections served (closed ones drop out), for a graceful stop.
         self.connections: weakref.WeakSet[POP3Protocol] = weakref.WeakSet()
 
@@ -110,7 +119,11 @@ class POP3Factory(Factory):
             log.warn("refusing connection from {host}: too many connections", host=host)
             return _TooManyConnections()
 
+        metrics = self.metrics
+
         def new_driver(link: Callable[[], Link], replies: Replies) -> SessionDriver:
+            if metrics is not None:
+                replies = _CountedReplies(replies, metrics)
             return SessionDriver(
                 self.portal,
                 replies=replies,
@@ -123,6 +136,7 @@ class POP3Factory(Factory):
                 tls_available=self.tls is not None,
                 hostname=self.hostname,
                 languages=self.languages,
+                metrics=metrics,
             )
 
         slot = _ConnectionSlot(self)
@@ -137,6 +151,8 @@ class POP3Factory(Factory):
         protocol.factory = self
         self.connections.add(protocol)
         self._connections += 1
+        if metrics is not None:
+            metrics.session_started()
         return protocol
 
     def _admit(self, host: str) -> bool:
@@ -158,6 +174,8 @@ class POP3Factory(Factory):
 
     def _closed(self, host: str | None) -> None:
         self._connections -= 1
+        if self.metrics is not None:
+            self.metrics.session_ended()
         if host is None:
             return
         self._connections_by_host[host] -= 1
@@ -197,3 +215,29 @@ class _ConnectionSlot:
 
     def closed(self) -> None:
         self._factory._closed(self._host)
+
+
+class _CountedReplies:
+    """Counts each reply by its response code on its way to the protocol."""
+
+    __slots__ = ("_metrics", "_replies")
+
+    def __init__(self, replies: Replies, metrics: Metrics) -> None:
+        self._replies = replies
+        self._metrics = metrics
+
+    def deliver(self, reply: Reply | Failure) -> None:
+        kind = type(reply)
+        if kind is Status:  # most replies: checked first
+            status: object = reply
+        elif kind is Failure:
+            # Answered -ERR [SYS/TEMP] by the protocol.
+            status = _SYSTEM_ERROR
+        else:  # a SASL continuation has no status
+            status = getattr(reply, "status", None)
+        if type(status) is Status:
+            self._metrics.reply(status.ok, status.code)
+        self._replies.deliver(reply)
+
+
+_SYSTEM_ERROR = Status(False, code=ResponseCode.SYS_TEMP)

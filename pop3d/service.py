@@ -8,11 +8,10 @@ from collections.abc import Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.factory import POP3Factory
 from pop3d.protocol import describe_address
 
 
@@ -28,8 +27,16 @@ class POP3Service(Service):
 
     log = Logger()
 
-    def __init__(self, endpoints: Sequence[IStreamServerEndpoint], factory: POP3Factory) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[IStreamServerEndpoint],
+        factory: IProtocolFactory,
+        *,
+        announcement: str = "pop3d listening on {address}",
+    ) -> None:
         self._endpoints = list(endpoints)
+        # The log line for each port (scripts wait for "listening on").
+        self._announcement = announcement
         self._factory = factory
         self._ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
@@ -70,7 +77,7 @@ class POP3Service(Service):
 
     def _listening_on(self, port: IListeningPort) -> None:
         self._ports.append(port)
-        self.log.info("pop3d listening on {address}", address=describe_address(port.getHost()))
+        self.log.info(self._announcement, address=describe_address(port.getHost()))
 
     def when_listening(self) -> Deferred[list[IListeningPort]]:
         """Fires with the listening ports once all endpoints listen."""

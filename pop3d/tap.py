@@ -9,6 +9,7 @@ import ipaddress
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -45,6 +46,13 @@ from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
 from pop3d.lifecycle import GracefulStop
 from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
+from pop3d.metrics import (
+    MULTIPROCESS_DIRECTORY,
+    Metrics,
+    RemoveOnStop,
+    metrics_service,
+    workers_registry,
+)
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
@@ -165,6 +173,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "UNIX socket (mode 0600) for 'python -m pop3d who' and 'kick'; with "
             "--workers, each worker also listens on PATH.PID.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Endpoint serving Prometheus metrics over HTTP, e.g. tcp:9110:interface=127.0.0.1 "
+            "(with --workers: the sum of all workers).",
         ],
         ["max-connections-per-ip", None, None, "Most connections at once from one address."],
         [
@@ -321,6 +336,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["endpoints"] = [
             parse_endpoint(reactor, description, self["tls"]) for description in self["listen"]
         ]
+        if self["metrics"] is not None:
+            self["metrics-endpoint"] = parse_metrics_endpoint(reactor, self["metrics"])
 
 
 def parse_language(tag: str) -> Languages:
@@ -517,6 +534,16 @@ def worker_factory(description: str, factory: Any, tls: ServerTLS | None) -> Any
     return factory
 
 
+def parse_metrics_endpoint(reactor: Any, description: str) -> Any:
+    """--metrics: any Twisted server endpoint."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        return serverFromString(reactor, description)
+    except Exception as error:  # endpoint parsers raise many types
+        raise usage.UsageError(f"--metrics {description!r}: {error}") from error
+
+
 def parse_endpoint(reactor: Any, description: str, tls: ServerTLS | None = None) -> Any:
     """
     A server endpoint.  ``ssl:PORT[:...]`` without ``privateKey=`` (also
@@ -615,6 +642,7 @@ def makeService(options: Options) -> IService:
         history = LoginHistoryFile(options["login-history"], reactor=threads)
         realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
     portal = build_portal(realm, options["credCheckers"], threads)
+    metrics = serving_metrics(options)
     factory = POP3Factory(
         portal,
         clock=clock,
@@ -634,6 +662,7 @@ def makeService(options: Options) -> IService:
         trusted_networks=options["trusted-networks"],
         languages=options["languages"],
         mechanisms=options["sasl-mechanisms"],
+        metrics=metrics,
     )
     service = MultiService()
     reload: Callable[[], None] = reload_configuration(options)
@@ -669,6 +698,9 @@ def makeService(options: Options) -> IService:
         pop3.setServiceParent(service)
     if options["control"] is not None:
         control_service(options, factory, service).setServiceParent(service)
+    if options["metrics"] is not None and options["worker-sockets"] is None:
+        # After the POP3 listeners: their "listening on" line comes first.
+        add_metrics_endpoint(options, metrics, service)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
@@ -676,6 +708,33 @@ def makeService(options: Options) -> IService:
     gc.collect()
     gc.freeze()
     return service
+
+
+def serving_metrics(options: Options) -> Metrics | None:
+    """
+    What this process counts: nothing without --metrics, nothing in the
+    parent of workers (they count, it sums), else a `Metrics`.
+    """
+    if options["metrics"] is None or options["workers"] > 1:
+        return None
+    # A worker writes each count at once to the files the parent reads.
+    return Metrics(tally=options["worker-sockets"] is None)
+
+
+def add_metrics_endpoint(options: Options, metrics: Metrics | None, service: MultiService) -> None:
+    """
+    Serves --metrics: this process's metrics, or with --workers the sum
+    of theirs, through prometheus_client's multiprocess mode in a private
+    directory (its environment variable is inherited by the workers).
+    """
+    if metrics is not None:
+        registry = metrics.registry
+    else:
+        directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
+        os.environ[MULTIPROCESS_DIRECTORY] = directory
+        registry = workers_registry(directory)
+        RemoveOnStop(directory).setServiceParent(service)
+    metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)
 
 
 def reload_configuration(options: Options) -> Callable[[], None]:

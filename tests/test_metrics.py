@@ -1,0 +1,350 @@
+"""
+``--metrics``: Prometheus metrics served over HTTP, scraped with a real
+HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import poplib
+import re
+import socket
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.threads import deferToThread
+
+from pop3d.metrics import metrics_service
+from pop3d.service import POP3Service
+from pop3d.testing import deliver_to_maildir
+
+from .conftest import RunningServer, require_program, start_service
+from .test_endpoints import _self_signed
+from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
+from .test_workers import WORKER_LISTENING
+
+__all__ = ["launch"]  # the fixture
+
+CLIENT_TIMEOUT = 60
+
+#: Two messages of the same size, so whichever is number 1 the octets are known.
+MESSAGES = (b"Subject: one\r\n\r\nfirst body\r\n", b"Subject: two\r\n\r\nother body\r\n")
+
+
+async def start_with_metrics(tmp_path: Path) -> tuple[RunningServer, str]:
+    """The twistd-built service with --metrics on an ephemeral port; and the metrics URL."""
+    server = await start_service(
+        tmp_path,
+        ["tcp:0:interface=127.0.0.1"],
+        ["--metrics", "tcp:0:interface=127.0.0.1", "--login-failure-delay", "0"],
+    )
+    served = server.service.getServiceNamed("metrics")
+    assert isinstance(served, POP3Service)
+    [port] = await served.when_listening()
+    return server, f"http://127.0.0.1:{port.getHost().port}/metrics"
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:  # noqa: S310
+        assert response.status == 200
+        return bytes(response.read()).decode("utf-8")
+
+
+def samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample: (name, sorted labels) -> value."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def quit_and_wait_for_close(client: poplib.POP3) -> None:
+    """
+    QUIT, then read until the server hangs up: by then the server has
+    closed its side, so a later scrape counts this session as ended.
+    """
+    client.sock.sendall(b"QUIT\r\n")
+    assert client.file.readline() == b"+OK bye\r\n"
+    assert client.file.read() == b""
+    client.close()
+
+
+def sessions(server: RunningServer) -> None:
+    """
+    Three sessions: alice fails once, logs in, retrieves 1, deletes 2;
+    meanwhile a second login of alice finds her maildrop in use; then a
+    session that never logs in.
+    """
+    alice = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    alice.user("alice")
+    with pytest.raises(poplib.error_proto) as refused:
+        alice.pass_("wrong")
+    assert refused.value.args == (b"-ERR [AUTH] invalid user name or password",)
+    alice.user("alice")
+    alice.pass_("wonderland")
+    assert alice.stat() == (2, 2 * len(MESSAGES[0]))
+
+    second = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    second.user("alice")
+    with pytest.raises(poplib.error_proto) as in_use:
+        second.pass_("wonderland")
+    assert in_use.value.args[0].startswith(b"-ERR [IN-USE] ")
+    quit_and_wait_for_close(second)
+
+    alice.retr(1)
+    alice.dele(2)
+    quit_and_wait_for_close(alice)
+
+    anonymous = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+    with pytest.raises(poplib.error_proto):
+        anonymous.noop()
+    anonymous.capa()
+    with pytest.raises(poplib.error_proto):
+        anonymous._shortcmd("FOO")
+    quit_and_wait_for_close(anonymous)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
+    """
+    After real sessions, the scraped metrics give exactly what happened:
+    sessions, logins by method and result, commands by verb, replies by
+    RFC 2449/3206 response code (RFC 2449 section 8: IN-USE, AUTH), octets
+    and messages retrieved, messages deleted in UPDATE, lock conflicts.
+    """
+    server, url = await start_with_metrics(tmp_path)
+    try:
+        for message in MESSAGES:
+            deliver_to_maildir(str(server.maildir("alice")), message)
+        await deferToThread(sessions, server)
+        found = samples(await deferToThread(scrape, url))
+    finally:
+        await server.service.stopService()
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("pop3d_sessions_total") == 3
+    assert value("pop3d_sessions_active") == 0
+    assert value("pop3d_logins_total", method="USER", result="ok") == 1
+    assert value("pop3d_logins_total", method="USER", result="credentials") == 1
+    assert value("pop3d_logins_total", method="USER", result="in-use") == 1
+    assert value("pop3d_lock_conflicts_total") == 1
+    commands = {
+        dict(labels)["verb"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_commands_total" and count
+    }
+    assert commands == {
+        "USER": 3,
+        "PASS": 3,
+        "STAT": 1,
+        "RETR": 1,
+        "DELE": 1,
+        "QUIT": 3,
+        "NOOP": 1,
+        "CAPA": 1,
+        "unknown": 1,
+    }
+    replies = {
+        dict(labels)["code"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_replies_total" and count
+    }
+    # ok: USER x3, PASS, STAT, RETR, DELE, QUIT x3, CAPA; err: NOOP, FOO.
+    assert replies == {"ok": 11, "err": 2, "AUTH": 1, "IN-USE": 1}
+    # Every verb and code is there from the start, at 0 (no gaps in graphs).
+    assert value("pop3d_commands_total", verb="APOP") == 0
+    assert ("pop3d_replies_total", (("code", "SYS/TEMP"),)) in found
+    assert value("pop3d_messages_retrieved_total") == 1
+    assert value("pop3d_messages_deleted_total") == 1
+    assert value("pop3d_message_octets_sent_total") == len(MESSAGES[0])
+    assert value("pop3d_login_seconds_count", result="ok") == 1
+    assert value("pop3d_login_seconds_count", result="failed") == 2
+    assert value("pop3d_update_seconds_count") == 1
+    # Deleted in UPDATE: only the retrieved message is left.
+    assert len(list((server.maildir("alice") / "cur").iterdir())) == 1
+
+
+@pytest.mark.process
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
+    """Prometheus's own checker finds the exposition valid (after some sessions)."""
+    promtool = require_program("promtool")
+    server, url = await start_with_metrics(tmp_path)
+    try:
+        deliver_to_maildir(str(server.maildir("alice")), MESSAGES[0])
+        deliver_to_maildir(str(server.maildir("alice")), MESSAGES[1])
+        await deferToThread(sessions, server)
+        exposition = await deferToThread(scrape, url)
+    finally:
+        await server.service.stopService()
+    checked = await deferToThread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == ""
+
+
+def test_metrics_have_their_own_registry() -> None:
+    """Two servers in one process count apart (no global registry)."""
+    from prometheus_client import REGISTRY
+
+    from pop3d.metrics import Metrics
+
+    first, second = Metrics(), Metrics()
+    first.session_started()
+    assert first.registry.get_sample_value("pop3d_sessions_total") == 1
+    assert second.registry.get_sample_value("pop3d_sessions_total") == 0
+    assert REGISTRY.get_sample_value("pop3d_sessions_total") is None
+    assert metrics_service is not None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a UNIX socket (the --metrics endpoint of the workers test)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=CLIENT_TIMEOUT)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(CLIENT_TIMEOUT)
+        self.sock.connect(self._path)
+
+
+def scrape_unix(path: Path) -> str:
+    connection = UnixHTTPConnection(path)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read().decode("utf-8")
+    finally:
+        connection.close()
+
+
+@pytest.mark.process
+def test_one_endpoint_sums_the_workers(tmp_path: Path, launch: Launch) -> None:
+    """
+    With --workers 2, the parent's endpoint shows the sum of what both
+    workers counted (logins, commands, replies, sessions), whichever
+    worker each of the sessions reached.
+    """
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), MESSAGES[0])
+    socket_path = tmp_path / "metrics.sock"
+    server = launch(
+        *pop3d_arguments(
+            mail_root,
+            write_passwd(tmp_path),
+            "--workers",
+            "2",
+            "--metrics",
+            f"unix:{socket_path}",
+        )
+    )
+    ports = {int(server.wait_for(WORKER_LISTENING).group(2)) for _ in range(2)}
+    [port] = ports
+    sessions = 8
+    for _ in range(sessions):
+        client = poplib.POP3(HOST, port, timeout=PATIENCE)
+        client.user("alice")
+        client.pass_("wonderland")
+        assert client.stat() == (1, len(MESSAGES[0]))
+        quit_and_wait_for_close(client)
+    found = samples(scrape_unix(socket_path))
+
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("pop3d_sessions_total") == sessions
+    assert value("pop3d_logins_total", method="USER", result="ok") == sessions
+    for verb in ("USER", "PASS", "STAT", "QUIT"):
+        assert value("pop3d_commands_total", verb=verb) == sessions, verb
+    assert value("pop3d_replies_total", code="ok") == 4 * sessions
+    assert value("pop3d_login_seconds_count", result="ok") == sessions
+
+
+def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
+    """contrib/grafana/pop3d.json: every series a panel queries is one pop3d exposes."""
+    from prometheus_client import generate_latest
+
+    from pop3d.metrics import Metrics
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "contrib" / "grafana" / "pop3d.json").read_text()
+    )
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bpop3d_\w+", target["expr"])
+    }
+    metrics = Metrics()
+    metrics.login("USER", "ok", 0.1, "TLSv1.3")
+    metrics.update(0.1)
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if not line.startswith("#")
+    }
+    assert len(dashboard["panels"]) == 11
+    assert queried - exposed == set()
+    # Every metric has a panel (histograms: their buckets; no _created series).
+    counted = {
+        name
+        for name in exposed
+        if not name.endswith(("_created", "_seconds_count", "_seconds_sum"))
+    }
+    assert counted - queried == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
+    """RFC 2595 section 4: after STLS, a login counts for its TLS version."""
+    key, cert = _self_signed(tmp_path)
+    server = await start_service(
+        tmp_path,
+        ["tcp:0:interface=127.0.0.1"],
+        ["--tls-cert", str(cert), "--tls-key", str(key), "--metrics", "tcp:0:interface=127.0.0.1"],
+    )
+    served = server.service.getServiceNamed("metrics")
+    assert isinstance(served, POP3Service)
+    [port] = await served.when_listening()
+    url = f"http://127.0.0.1:{port.getHost().port}/metrics"
+
+    def over_tls_1_2() -> None:
+        context = ssl.create_default_context(cafile=str(cert))
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        client = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
+        assert client.stls(context=context) == b"+OK begin TLS negotiation"
+        client.user("alice")
+        client.pass_("wonderland")
+        quit_and_wait_for_close(client)
+
+    try:
+        await deferToThread(over_tls_1_2)
+        found = samples(await deferToThread(scrape, url))
+    finally:
+        await server.service.stopService()
+    tls_logins = {
+        dict(labels)["version"]: count
+        for (name, labels), count in found.items()
+        if name == "pop3d_tls_logins_total"
+    }
+    assert tls_logins == {"TLSv1.2": 1}
+    assert found[("pop3d_commands_total", (("verb", "STLS"),))] == 1
