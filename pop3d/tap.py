@@ -672,6 +672,7 @@ def makeService(options: Options) -> IService:
         GracefulStop(lambda: factory.connections, clock=clock).setServiceParent(service)
     # Before the listeners: SIGHUP is handled by the time anyone can connect.
     ReloadOnHangup(lambda: reload()).setServiceParent(service)
+    workers: WorkerPool | None = None
     if options["worker-sockets"] is not None:
         factories = [
             worker_factory(description, factory, options["tls"])
@@ -682,16 +683,16 @@ def makeService(options: Options) -> IService:
         adopted = AdoptedPorts(cast(IReactorSocket, reactor), options["worker-sockets"], factories)
         adopted.setServiceParent(service)
     elif options["workers"] > 1:
-        pool = WorkerPool(
+        workers = WorkerPool(
             cast(IReactorProcess, reactor),
             options["endpoints"],
             worker_command(options.arguments),
             options["workers"],
             options["listen"],
         )
-        pool.setName("workers")
-        pool.setServiceParent(service)
-        reload = lambda: pool.signal_workers("HUP")  # noqa: E731
+        workers.setName("workers")
+        workers.setServiceParent(service)
+        reload = lambda: workers.signal_workers("HUP")  # noqa: E731
     else:
         pop3 = POP3Service(options["endpoints"], factory)
         pop3.setName("pop3")
@@ -700,7 +701,7 @@ def makeService(options: Options) -> IService:
         control_service(options, factory, service).setServiceParent(service)
     if options["metrics"] is not None and options["worker-sockets"] is None:
         # After the POP3 listeners: their "listening on" line comes first.
-        add_metrics_endpoint(options, metrics, service)
+        add_metrics_endpoint(options, metrics, service, workers)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
@@ -721,17 +722,24 @@ def serving_metrics(options: Options) -> Metrics | None:
     return Metrics(tally=options["worker-sockets"] is None)
 
 
-def add_metrics_endpoint(options: Options, metrics: Metrics | None, service: MultiService) -> None:
+def add_metrics_endpoint(
+    options: Options,
+    metrics: Metrics | None,
+    service: MultiService,
+    pool: WorkerPool | None = None,
+) -> None:
     """
-    Serves --metrics: this process's metrics, or with --workers the sum
-    of theirs, through prometheus_client's multiprocess mode in a private
-    directory (its environment variable is inherited by the workers).
+    Serves --metrics: this process's metrics, or with --workers (``pool``)
+    the sum of theirs, through prometheus_client's multiprocess mode in a
+    private directory, named to the workers (only) in the variable
+    prometheus_client reads.
     """
-    if metrics is not None:
+    if pool is None:
+        assert metrics is not None
         registry = metrics.registry
     else:
         directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
-        os.environ[MULTIPROCESS_DIRECTORY] = directory
+        pool.environment[MULTIPROCESS_DIRECTORY] = directory
         registry = workers_registry(directory)
         RemoveOnStop(directory).setServiceParent(service)
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)

@@ -158,6 +158,9 @@ class WorkerPool(Service):
         # For each worker, its listening sockets, in --listen order.
         self._sockets: list[list[InheritedSocket]] = [[] for _ in range(count)]
         self._workers: dict[int, _Worker] = {}
+        #: Variables the workers get on top of this process's environment
+        #: (e.g. prometheus_client's directory for --metrics with --workers).
+        self.environment: dict[str, str] = {}
         self._bound = False
 
     def privilegedStartService(self) -> None:
@@ -214,7 +217,11 @@ class WorkerPool(Service):
         worker = _Worker(self, number)
         self._workers[number] = worker
         self._reactor.spawnProcess(
-            worker, arguments[0], arguments, env=os.environ.copy(), childFDs=child_fds
+            worker,
+            arguments[0],
+            arguments,
+            env={**os.environ, **self.environment},
+            childFDs=child_fds,
         )
         log.info("started worker {number}", number=number)
 
