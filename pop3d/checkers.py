@@ -36,6 +36,7 @@ from pop3d.credchecks import (
     as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
+from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -462,15 +463,23 @@ class FirstMatchChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
+        unavailable: list[Failure] = []
 
         def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
-            if failure is not None and not failure.check(UnauthorizedLogin):
+            if failure is not None and failure.check(LoginRefused):
+                # The password was right and the user's database refuses them.
+                return fail(failure)
+            if failure is not None and failure.check(AuthUnavailable):
+                # Logged by the checker; another may still know the user, and
+                # if none does the client is told to try again later.
+                unavailable.append(failure)
+            elif failure is not None and not failure.check(UnauthorizedLogin):
                 # A checker that breaks must not answer differently from a
                 # wrong password: that could tell which users exist.
                 log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
-                return fail(UnauthorizedLogin())
+                return fail(unavailable[0] if unavailable else UnauthorizedLogin())
             attempt = maybeDeferred(checker.requestAvatarId, credentials)
             return attempt.addErrback(try_next, checker)
 

@@ -1,0 +1,788 @@
+"""
+``--auth sql:/etc/pop3d/dovecot-sql.conf.ext``: users and passwords in an SQL
+database, configured by Dovecot's own ``dovecot-sql.conf.ext``.
+
+The file is read as Dovecot reads it (`pop3d.dovecotconf`): ``driver``
+(``pgsql`` or ``sqlite``), ``connect``, ``default_pass_scheme``,
+``password_query``, ``user_query`` and ``iterate_query`` (accepted, unused).
+Dovecot's variables in the queries become bound parameters
+(`pop3d.authdb.sqlquery`).
+
+PostgreSQL is reached through psycopg 3 and a psycopg_pool connection pool
+of ``maxconns`` connections (Dovecot's key in ``connect``, 5 by default);
+SQLite through the standard library, read-only, one connection per thread.
+Every query runs in the reactor's thread pool, at most ``maxconns`` at once,
+and is bounded by `DEFAULT_QUERY_TIMEOUT` on the database's side
+(``statement_timeout``, SQLite's progress handler) and on the reactor's: a
+database that is down or slow answers the client ``-ERR [SYS/TEMP]``
+(`pop3d.errors.AuthUnavailable`), is logged once when it goes and once when
+it is back, and is reconnected to by itself.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, ParamSpec, TypeVar
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.strcred import ICheckerFactory
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3d.authdb.sqlquery import PYFORMAT, QMARK, BoundQuery, Placeholders, QueryError, bind_query
+from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_bytes
+from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
+from pop3d.dovecotvars import Variables
+from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.passwords import (
+    SCRAM_ITERATIONS,
+    PasswordScheme,
+    PasswordSchemeError,
+    ScramSHA256Scheme,
+    get_scheme,
+    parse_scram_secret,
+    scram_keys,
+    scram_salt,
+    split_scheme,
+)
+from pop3d.sasl import IScramKeySource, ScramKeys
+from pop3d.userdb import (
+    AuthenticatedUser,
+    IUserDatabase,
+    LoginContext,
+    UserFieldError,
+    UserSettings,
+    login_context_of,
+    parse_allow_nets,
+)
+
+log = Logger()
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: The keys of ``dovecot-sql.conf.ext`` (Dovecot 2.3).
+CONFIG_KEYS = (
+    "driver",
+    "connect",
+    "default_pass_scheme",
+    "password_query",
+    "user_query",
+    "iterate_query",
+)
+
+#: Dovecot's defaults for what the file does not set.
+DEFAULT_PASS_SCHEME = "MD5"  # noqa: S105 (a scheme name)
+DEFAULT_PASSWORD_QUERY = (
+    "SELECT username, domain, password FROM users "  # noqa: S105 (a query)
+    "WHERE username = '%n' AND domain = '%d'"
+)
+DEFAULT_USER_QUERY = "SELECT home, uid, gid FROM users WHERE username = '%n' AND domain = '%d'"
+#: Dovecot's ``maxconns`` when ``connect`` has none.
+DEFAULT_MAX_CONNECTIONS = 5
+
+#: Dovecot's names for schemes pop3d knows by another name.
+SCHEME_ALIASES = {"MD5": "MD5-CRYPT", "BLF": "BLF-CRYPT"}
+
+#: Seconds a query may take (connecting included) before the login is
+#: answered ``-ERR [SYS/TEMP]``.
+DEFAULT_QUERY_TIMEOUT = 5.0
+
+#: Slow password checks (bcrypt, Argon2, SHA-crypt) at once, as for a passwd-file.
+DEFAULT_MAX_CONCURRENT_CHECKS = 4
+
+#: The extra to install for each driver's library.
+_EXTRA_HINT = "pip install 'pop3d[sql]'"
+
+
+class DatabaseError(Exception):
+    """A query that did not run: the database is down, slow or refuses it."""
+
+
+# -- the configuration file ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SQLConfig:
+    """What ``dovecot-sql.conf.ext`` says, checked."""
+
+    path: str
+    driver: str
+    #: libpq's conninfo (pgsql), without Dovecot's own keys; or the database path (sqlite).
+    connect: str
+    max_connections: int
+    default_scheme: PasswordScheme
+    password_query: BoundQuery
+    user_query: BoundQuery
+
+
+def scheme_named(name: str) -> PasswordScheme:
+    """A scheme by pop3d's or Dovecot's name."""
+    upper = name.upper()
+    return get_scheme(SCHEME_ALIASES.get(upper, upper))
+
+
+def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
+    """
+    Dovecot's ``connect`` for pgsql as libpq's conninfo and ``maxconns``.
+
+    Dovecot splits it on spaces into ``key=value`` and takes ``maxconns``
+    and every ``host`` out for itself; the hosts become libpq's list
+    (``host=a,b``: tried in order).
+    """
+    try:
+        import psycopg.conninfo
+    except ImportError:
+        raise value.error(f"driver pgsql needs psycopg: {_EXTRA_HINT}") from None
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    hosts: list[str] = []
+    others: dict[str, str] = {}
+    for word in value.value.split():
+        key, _, setting = word.partition("=")
+        if key == "maxconns":
+            if not setting.isdigit() or int(setting) < 1:
+                raise value.error(f"invalid value for maxconns: {setting!r}")
+            max_connections = int(setting)
+        elif key == "host":
+            hosts.append(setting)
+        else:
+            others[key] = setting
+    if hosts:
+        others["host"] = ",".join(hosts)
+    try:
+        conninfo = psycopg.conninfo.make_conninfo(**others)
+    except psycopg.Error as error:
+        # libpq's message names the bad keyword, never a value.
+        raise value.error(f"connect: {error}") from None
+    return conninfo, max_connections
+
+
+def read_sql_config(path: str) -> SQLConfig:
+    """Read and check ``path``; `ConfigFileError` names the line of what is wrong."""
+    values = read_conf_ext(path, CONFIG_KEYS)
+    driver = values.get("driver")
+    if driver is None:
+        raise ConfigFileError(path, 1, "driver is not set (pgsql or sqlite)")
+    connect = values.get("connect")
+    if connect is None:
+        raise driver.error("connect is not set")
+    placeholders: Placeholders
+    if driver.value == "pgsql":
+        conninfo, max_connections = _pgsql_conninfo(connect)
+        placeholders = PYFORMAT
+    elif driver.value == "sqlite":
+        conninfo, max_connections = connect.value.strip(), DEFAULT_MAX_CONNECTIONS
+        if not conninfo:
+            raise connect.error("connect: the path of the SQLite database")
+        placeholders = QMARK
+    else:
+        raise driver.error(f"unsupported driver {driver.value!r}: pgsql or sqlite")
+    scheme_value = values.get("default_pass_scheme")
+    try:
+        scheme = scheme_named(scheme_value.value if scheme_value else DEFAULT_PASS_SCHEME)
+    except PasswordSchemeError as error:
+        if scheme_value is None:
+            raise
+        raise scheme_value.error(str(error)) from None
+
+    def query(key: str, default: str) -> BoundQuery:
+        given = values.get(key)
+        try:
+            return bind_query(given.value if given else default, placeholders)
+        except QueryError as error:
+            if given is None:
+                raise
+            raise given.error(f"{key}: {error}") from None
+
+    password_query = query("password_query", DEFAULT_PASSWORD_QUERY)
+    user_query = query("user_query", DEFAULT_USER_QUERY)
+    return SQLConfig(
+        path, driver.value, conninfo, max_connections, scheme, password_query, user_query
+    )
+
+
+# -- the databases ----------------------------------------------------------------------
+
+Row = dict[str, str | None]
+
+
+def _text(value: object) -> str | None:
+    """A column's value as the text Dovecot reads (its drivers read text)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def _rows(description: Sequence[Any] | None, records: Sequence[Sequence[Any]]) -> list[Row]:
+    # Field names in any case, as Dovecot matches them.
+    names = [column[0].lower() for column in description or ()]
+    return [dict(zip(names, map(_text, record), strict=True)) for record in records]
+
+
+class PostgresDatabase:
+    """
+    PostgreSQL through a psycopg_pool `ConnectionPool`, opened on first use
+    (in the process that serves: twistd may fork after reading options).
+    """
+
+    def __init__(self, conninfo: str, max_connections: int, timeout: float) -> None:
+        self.conninfo = conninfo
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self._pool: Any = None
+        self._lock = threading.Lock()
+
+    def _configure(self, connection: Any) -> None:
+        # Bounded on the server's side too: a slow query is cancelled there.
+        milliseconds = str(max(1, int(self.timeout * 1000)))
+        connection.execute("SELECT set_config('statement_timeout', %s, false)", (milliseconds,))
+
+    def _the_pool(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                from psycopg_pool import ConnectionPool
+
+                self._pool = ConnectionPool(
+                    self.conninfo,
+                    kwargs={
+                        "autocommit": True,
+                        "connect_timeout": max(2, round(self.timeout)),
+                    },
+                    min_size=1,
+                    max_size=self.max_connections,
+                    open=False,
+                    configure=self._configure,
+                    # A connection that died with the server is replaced
+                    # before it is handed out.
+                    check=ConnectionPool.check_connection,
+                    timeout=self.timeout,
+                    reconnect_timeout=self.timeout,
+                    name="pop3d-sql",
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    def fetch(self, statement: str, parameters: Sequence[str]) -> list[Row]:
+        """Run ``statement`` (blocking: in a thread)."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._the_pool().connection() as connection:
+                cursor = connection.execute(statement, parameters)
+                return _rows(cursor.description, cursor.fetchall())
+        except PoolTimeout:
+            raise DatabaseError(f"no connection within {self.timeout:g} s") from None
+        except psycopg.Error as error:
+            raise DatabaseError(_one_line(str(error))) from None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __str__(self) -> str:
+        return "PostgreSQL"
+
+
+class SQLiteDatabase:
+    """An SQLite file, read-only, one connection per thread that queries it."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            # Read-only: pop3d only reads, and a missing file is an error
+            # (an outage), not a new empty database.
+            uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+            connection = sqlite3.connect(uri, uri=True, timeout=self.timeout)
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+    def fetch(self, statement: str, parameters: Sequence[str]) -> list[Row]:
+        """Run ``statement`` (blocking: in a thread)."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            connection = self._connection()
+            # Interrupts a query still running at the deadline.
+            connection.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+            cursor = connection.execute(statement, tuple(parameters))
+            return _rows(cursor.description, cursor.fetchall())
+        except sqlite3.Error as error:
+            self._forget()
+            raise DatabaseError(_one_line(str(error))) from None
+
+    def _forget(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            with self._lock:
+                self._connections.remove(connection)
+            connection.close()
+
+    def close(self) -> None:
+        # Connections belong to their threads: each is closed when its
+        # thread next fails; at shutdown the process ends them.
+        pass
+
+    def __str__(self) -> str:
+        return f"SQLite {self.path}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+Database = PostgresDatabase | SQLiteDatabase
+
+
+def open_database(config: SQLConfig, timeout: float) -> Database:
+    if config.driver == "pgsql":
+        return PostgresDatabase(config.connect, config.max_connections, timeout)
+    return SQLiteDatabase(config.connect, timeout)
+
+
+# -- what a password_query row says ---------------------------------------------------
+
+
+class RowError(ValueError):
+    """A row the checker cannot use (logged, the login refused)."""
+
+
+@dataclass(frozen=True)
+class PassdbRow:
+    """One user's password_query row, read as Dovecot reads its fields."""
+
+    #: The canonical user name (``user``, ``username``, ``domain`` fields).
+    name: str
+    #: None with ``nopassword`` (or an empty password: no password can match).
+    entry: PasswordEntry | None
+    nopassword: bool = False
+    nologin: bool = False
+    reason: str | None = None
+    allowed_networks: tuple[IPv4Network | IPv6Network, ...] | None = None
+    settings: UserSettings = field(default_factory=UserSettings)
+
+    def authenticated(self) -> AuthenticatedUser:
+        return AuthenticatedUser(self.name, self.settings, self.allowed_networks)
+
+
+def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> PasswordEntry:
+    stored = value.encode("utf-8", "surrogateescape")
+    try:
+        if not noscheme and stored.startswith(b"{") and b"}" in stored:
+            name, secret = split_scheme(stored)
+            scheme = scheme_named(name)
+        else:
+            scheme, secret = default, stored
+        scheme.check(secret)
+    except PasswordSchemeError as error:
+        # Never the secret itself.
+        raise RowError(f"unusable password: {error}") from None
+    return PasswordEntry(scheme.name, secret)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def parse_passdb_row(fields: Row, user: str, default: PasswordScheme, source: str) -> PassdbRow:
+    """The fields of a password_query row (NULL fields are not set, as in Dovecot)."""
+    name = user
+    password: str | None = None
+    noscheme = False
+    flags: set[str] = set()
+    reason: str | None = None
+    networks: str | None = None
+    prefetch: dict[str, str] = {}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key == "user":
+            name = value
+        elif key == "username":
+            _, at, domain = name.partition("@")
+            name = value if "@" in value or not at else f"{value}@{domain}"
+        elif key == "domain":
+            name = name.partition("@")[0] + (f"@{value}" if value else "")
+        elif key in ("password", "password_noscheme"):
+            password, noscheme = value, key == "password_noscheme"
+        elif key in ("nologin", "nopassword"):
+            flags.add(key)
+        elif key == "reason":
+            reason = _UNPRINTABLE.sub(" ", value).strip() or None
+        elif key == "allow_nets":
+            networks = value
+        elif key.startswith("userdb_"):
+            prefetch[key.removeprefix("userdb_")] = value
+    nopassword = "nopassword" in flags
+    entry: PasswordEntry | None = None
+    if password:
+        if nopassword:
+            raise RowError("nopassword is set but the password is not empty")
+        entry = _password_entry(password, default, noscheme=noscheme)
+    try:
+        allowed = None if networks is None else parse_allow_nets(networks)
+        settings = UserSettings.from_fields(prefetch, source)
+    except (ValueError, UserFieldError) as error:
+        raise RowError(str(error)) from None
+    return PassdbRow(name, entry, nopassword, "nologin" in flags, reason, allowed, settings)
+
+
+# -- the checker ---------------------------------------------------------------------------
+
+
+class _Health:
+    """Logs a database's outage once, and its return once."""
+
+    def __init__(self, database: Database, config: str) -> None:
+        self._database = database
+        self._config = config
+        self.down = False
+
+    def failed(self, reason: str) -> None:
+        if not self.down:
+            self.down = True
+            log.error(
+                "SQL database unavailable ({database}, {config}): {reason}",
+                database=str(self._database),
+                config=self._config,
+                reason=reason,
+            )
+
+    def succeeded(self) -> None:
+        if self.down:
+            self.down = False
+            log.info(
+                "SQL database available again ({database}, {config})",
+                database=str(self._database),
+                config=self._config,
+            )
+
+
+@implementer(ICredentialsChecker, IScramKeySource, IUserDatabase)
+class SQLChecker:
+    """
+    Checks logins with the password_query of a ``dovecot-sql.conf.ext``, and
+    gives each user's settings from its user_query (`IUserDatabase`).
+
+    A password_query row gives (field names in any case):
+
+    - ``password``: ``{SCHEME}secret`` in any scheme pop3d knows, or a secret
+      of ``default_pass_scheme`` (``password_noscheme``: always that);
+    - ``user`` (or ``username``/``domain``): the canonical name, the
+      `AuthenticatedUser`'s name (its maildrop, its user_query);
+    - ``nologin`` (with ``reason``): refused once the password is verified,
+      ``-ERR [AUTH] reason`` (`LoginRefused`);
+    - ``allow_nets``: the networks the user may log in from;
+    - ``nopassword``: any password is accepted (USER/PASS, PLAIN, LOGIN);
+    - ``userdb_*``: settings prefetched (``userdb_mail``, ``userdb_home``, ...).
+
+    No row is an unknown user; several are refused and logged.  Every
+    credential type of ``checks`` is verified as a passwd-file's entry
+    would be: CRAM-MD5 and APOP need plaintext passwords, SCRAM-SHA-256
+    a ``{SCRAM-SHA-256}`` or plaintext one.
+
+    The user_query's ``home``, ``mail``, ``login_delay``, ``expire`` are the
+    user's settings; no row: not in the userdb (refused).
+    """
+
+    def __init__(
+        self,
+        config: SQLConfig,
+        *,
+        timeout: float = DEFAULT_QUERY_TIMEOUT,
+        checks: PasswordChecks = PASSWORD_CHECKS,
+        database: Database | None = None,
+    ) -> None:
+        self.config = config
+        self.timeout = timeout
+        self._checks = checks
+        self.database: Database = database or open_database(config, timeout)
+        self._health = _Health(self.database, config.path)
+        self._reactor: Any = None
+        self._queries = DeferredSemaphore(config.max_connections)
+        self._checks_running = DeferredSemaphore(DEFAULT_MAX_CONCURRENT_CHECKS)
+        self._dummies: dict[tuple[str, Hashable], bytes] = {}
+        default = config.default_scheme
+        kinds = [default]
+        self.credentialInterfaces = tuple(
+            check.interface for check in checks if check.possible(kinds)
+        )
+        self._dummy_entries = {
+            check.interface: check.dummy(kinds) for check in checks if check.dummy is not None
+        }
+
+    def run_slow_work_in(self, reactor: IReactorThreads) -> None:
+        """
+        Queries and slow password checks run in ``reactor``'s thread pool
+        (``reactor`` is also the clock of the query timeout); the pool is
+        closed when the reactor stops.
+        """
+        self._reactor = reactor
+        reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+            "before", "shutdown", self.database.close
+        )
+
+    # -- queries --------------------------------------------------------------------
+
+    def _in_thread(
+        self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Deferred[_T]:
+        reactor = self._reactor
+        if reactor is None:
+            raise RuntimeError("SQLChecker.run_slow_work_in was not called")
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+
+    def query(self, query: BoundQuery, variables: Variables) -> Deferred[list[Row]]:
+        """
+        The rows of ``query`` for these variables; `AuthUnavailable` when the
+        database does not answer (in time).
+        """
+        parameters = query.parameters(variables)
+
+        def run() -> Deferred[list[Row]]:
+            return self._in_thread(self.database.fetch, query.statement, parameters)
+
+        ran: Deferred[list[Row]] = self._queries.run(run)
+        clock: IReactorTime = self._reactor
+        # The database's own timeouts come first; this one is for a thread
+        # stuck in the driver (a server that accepts and never answers).
+        ran.addTimeout(self.timeout + 1, clock)
+
+        def answered(rows: list[Row]) -> list[Row]:
+            self._health.succeeded()
+            return rows
+
+        def failed(failure: Failure) -> list[Row]:
+            if failure.check(DatabaseError):
+                self._health.failed(str(failure.value))
+            elif failure.check(TimeoutError):
+                self._health.failed(f"no answer within {self.timeout + 1:g} s")
+            else:
+                failure.raiseException()
+            raise AuthUnavailable()
+
+        return ran.addCallbacks(answered, failed)
+
+    # -- passdb -----------------------------------------------------------------------
+
+    def _variables(self, user: str, context: LoginContext | None) -> Variables:
+        return Variables.for_login(user, context)
+
+    async def _passdb_row(self, user: str, context: LoginContext | None) -> PassdbRow | None:
+        rows = await self.query(self.config.password_query, self._variables(user, context))
+        if not rows:
+            return None
+        if len(rows) > 1:
+            log.error(
+                "password_query of {config} returned {count} rows for {user}: refused",
+                config=self.config.path,
+                count=len(rows),
+                user=user,
+            )
+            return None
+        try:
+            return parse_passdb_row(
+                rows[0], user, self.config.default_scheme, f"{self.config.path}: password_query"
+            )
+        except RowError as error:
+            log.error(
+                "password_query of {config} for {user}: {error}: refused",
+                config=self.config.path,
+                user=user,
+                error=str(error),
+            )
+            return None
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._request_avatar_id(credentials))
+
+    async def _request_avatar_id(self, credentials: Any) -> AuthenticatedUser:
+        username = as_bytes(credentials.username)
+        try:
+            user: str | None = username.decode("utf-8")
+        except UnicodeDecodeError:
+            user = None
+        if user is not None and "\x00" in user:
+            # No database keeps a NUL in text (PostgreSQL refuses one): no such user.
+            user = None
+        row = None if user is None else await self._passdb_row(user, login_context_of(credentials))
+        check = self._checks.for_credentials(credentials)
+        if row is not None and row.nopassword:
+            # Any password, but only where there is one to accept.
+            matched = IUsernamePassword.providedBy(credentials)
+        elif check is None:
+            matched = False
+        else:
+            entry = row.entry if row is not None else None
+            matched = await check.run(_SQLLookup(self, username, entry), credentials)
+        if not matched or row is None:
+            raise UnauthorizedLogin()
+        if row.nologin:
+            raise LoginRefused(row.reason or "Login disabled")
+        return row.authenticated()
+
+    # -- password checks (for the credchecks' PasswordLookup) ------------------------
+
+    def _slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
+        return self._checks_running.run(lambda: self._in_thread(work, *args, **kwargs))
+
+    def check_password(self, entry: PasswordEntry | None, password: bytes) -> Deferred[bool]:
+        if entry is None:
+            scheme = self.config.default_scheme
+            if scheme.slow:
+                return self._slow(self._verify_dummy, scheme, password)
+            return succeed(self._verify_dummy(scheme, password))
+        kind = entry.kind
+        if kind.slow:
+            return self._slow(kind.verify, entry.secret, password)
+        return succeed(kind.verify(entry.secret, password))
+
+    def _verify_dummy(self, scheme: PasswordScheme, password: bytes) -> bool:
+        # An unknown user takes the time of a wrong password of the default
+        # scheme, at its default cost.
+        dummy = self._dummies.get((scheme.name, None))
+        if dummy is None:
+            dummy = self._dummies[(scheme.name, None)] = scheme.hash(b"not a password")
+        scheme.verify(dummy, password)
+        return False
+
+    # -- IScramKeySource -------------------------------------------------------------
+
+    def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
+        """
+        A ``{SCRAM-SHA-256}`` password's keys; a plaintext one's derived; None
+        otherwise (also while the database is down: the login that follows
+        is answered ``-ERR [SYS/TEMP]``).
+        """
+        return Deferred.fromCoroutine(self._scram_keys(as_bytes(username)))
+
+    async def _scram_keys(self, username: bytes) -> ScramKeys | None:
+        try:
+            user = username.decode("utf-8")
+            row = None if "\x00" in user else await self._passdb_row(user, None)
+        except (UnicodeDecodeError, AuthUnavailable):
+            row = None
+        entry = row.entry if row is not None else None
+        if entry is not None and isinstance(entry.kind, ScramSHA256Scheme):
+            return parse_scram_secret(entry.secret)
+        password = entry.secret if entry is not None and entry.kind.plaintext else None
+        if password is None and not self.config.default_scheme.plaintext:
+            return None
+        keys = await self._slow(
+            scram_keys, password or b"not a password", scram_salt(username), SCRAM_ITERATIONS
+        )
+        return keys if password is not None else None
+
+    # -- IUserDatabase ------------------------------------------------------------------
+
+    def lookup(self, user: str, context: LoginContext | None) -> Deferred[UserSettings | None]:
+        """The user_query's fields for ``user``; None when it has no row (or several)."""
+        return Deferred.fromCoroutine(self._lookup(user, context))
+
+    async def _lookup(self, user: str, context: LoginContext | None) -> UserSettings | None:
+        rows = await self.query(self.config.user_query, self._variables(user, context))
+        if len(rows) != 1:
+            if rows:
+                log.error(
+                    "user_query of {config} returned {count} rows for {user}: refused",
+                    config=self.config.path,
+                    count=len(rows),
+                    user=user,
+                )
+            return None
+        fields = {name: value for name, value in rows[0].items() if value is not None}
+        try:
+            return UserSettings.from_fields(fields, f"{self.config.path}: user_query")
+        except UserFieldError as error:
+            log.error(
+                "user_query of {config} for {user}: {error}: refused",
+                config=self.config.path,
+                user=user,
+                error=str(error),
+            )
+            return None
+
+
+class _SQLLookup:
+    """One login's row, for a `pop3d.credchecks.PasswordCheck` (`PasswordLookup`)."""
+
+    __slots__ = ("_checker", "entry", "username")
+
+    def __init__(self, checker: SQLChecker, username: bytes, entry: PasswordEntry | None) -> None:
+        self._checker = checker
+        self.username = username
+        self.entry = entry
+
+    @property
+    def checker(self) -> object:
+        return self._checker
+
+    def dummy(self, credentials: Any) -> PasswordEntry:
+        return self._checker._dummy_entries[credentials]
+
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        return self._checker.check_password(self.entry, password)
+
+    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return self._checker._slow(work, *args)
+
+
+@implementer(ICheckerFactory, IPlugin)
+class SQLCheckerFactory:
+    """The ``--auth sql:PATH`` plugin for twisted.cred.strcred."""
+
+    authType = "sql"
+    authHelp = (
+        "Users in PostgreSQL or SQLite, configured by Dovecot's dovecot-sql.conf.ext "
+        "(driver, connect, default_pass_scheme, password_query, user_query); "
+        "PostgreSQL needs " + _EXTRA_HINT + "."
+    )
+    argStringFormat = "Path to dovecot-sql.conf.ext"
+    credentialInterfaces = PASSWORD_CHECKS.interfaces()
+
+    def generateChecker(self, argstring: str) -> SQLChecker:
+        if not argstring:
+            raise ConfigFileError(
+                "sql", 0, "sql needs a path: --auth sql:/etc/pop3d/dovecot-sql.conf.ext"
+            )
+        return SQLChecker(read_sql_config(argstring))
+
+
+__all__ = [
+    "CONFIG_KEYS",
+    "DatabaseError",
+    "PassdbRow",
+    "SQLChecker",
+    "SQLCheckerFactory",
+    "SQLConfig",
+    "parse_passdb_row",
+    "read_sql_config",
+]

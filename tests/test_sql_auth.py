@@ -1,0 +1,689 @@
+"""
+``--auth sql:dovecot-sql.conf.ext``: users in PostgreSQL or SQLite, read
+with Dovecot's own configuration file (pop3d.authdb.sql).
+
+The database tests run every case against a real PostgreSQL cluster that the
+fixture creates and starts (initdb, pg_ctl; as the ``postgres`` user when the
+tests run as root; a UNIX socket in a temporary directory, no TCP) and
+against an SQLite file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pwd
+import re
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python import usage
+
+from pop3d.authdb.sql import (
+    SQLChecker,
+    parse_passdb_row,
+    read_sql_config,
+    scheme_named,
+)
+from pop3d.authdb.sqlquery import PYFORMAT, QMARK, QueryError, bind_query
+from pop3d.credentials import PreparedUsernamePassword
+from pop3d.dovecotconf import ConfigFileError
+from pop3d.dovecotvars import Variables
+from pop3d.driver import APOPCredentials
+from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.passwords import get_scheme
+from pop3d.realm import MaildropRealm
+from pop3d.sasl.cram_md5 import CramMD5Credentials
+from pop3d.stores.interfaces import IMaildrop
+from pop3d.tap import Options, build_portal
+from pop3d.testing import MemoryStore
+from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
+
+from .test_scram import Client, run_exchange
+
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+# -- query binding (no database) ------------------------------------------------------
+
+
+class TestBinding:
+    def test_a_quoted_literal_with_variables_is_one_parameter(self) -> None:
+        bound = bind_query("SELECT password FROM users WHERE userid = '%n@%d'", PYFORMAT)
+        assert bound.statement == "SELECT password FROM users WHERE userid = %s"
+        assert bound.parameters(Variables("alice@example.org")) == ("alice@example.org",)
+
+    def test_qmark_style_for_sqlite(self) -> None:
+        bound = bind_query("SELECT 1 FROM t WHERE a = '%u' AND b = '%d'", QMARK)
+        assert bound.statement == "SELECT 1 FROM t WHERE a = ? AND b = ?"
+        assert bound.parameters(Variables("bob@x.test")) == ("bob@x.test", "x.test")
+
+    def test_the_value_is_what_dovecot_escaping_compares_with(self) -> None:
+        """``''`` in the literal is a quote; the expansion is the name as typed."""
+        bound = bind_query("SELECT 'it''s %Lu' AS reason", PYFORMAT)
+        assert bound.statement == "SELECT %s AS reason"
+        assert bound.parameters(Variables("O'Brien")) == ("it's o'brien",)
+
+    def test_percent_outside_and_in_plain_literals(self) -> None:
+        query = "SELECT 1 WHERE 7 %% 2 = 1 AND 'a%%' = 'a%%' AND 'x' = 'x' -- 5%% off"
+        pg = bind_query(query, PYFORMAT)
+        assert pg.statement == "SELECT 1 WHERE 7 %% 2 = 1 AND %s = %s AND 'x' = 'x' -- 5%%%% off"
+        assert pg.parameters(Variables("u")) == ("a%", "a%")
+        assert bind_query(query, QMARK).statement == (
+            "SELECT 1 WHERE 7 % 2 = 1 AND ? = ? AND 'x' = 'x' -- 5%% off"
+        )
+
+    @pytest.mark.parametrize(
+        "query,message",
+        [
+            ("SELECT password FROM users WHERE uid = %u", "variable %u outside quotes"),
+            ('SELECT x FROM "users_%d"', "quoted identifier"),
+            ("SELECT x FROM users WHERE name = E'%u'", "prefixed string literal"),
+            ("SELECT x FROM users WHERE name = '%q'", "unknown variable %q"),
+            ("SELECT x FROM users WHERE name = '%u", "unterminated ' quote"),
+            ("SELECT x /* %u", "unterminated /* comment"),
+        ],
+    )
+    def test_refused(self, query: str, message: str) -> None:
+        with pytest.raises(QueryError, match=re.escape(message)):
+            bind_query(query, PYFORMAT)
+
+
+# -- the configuration file -----------------------------------------------------------
+
+
+def write_config(path: Path, **settings: str) -> Path:
+    path.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
+    return path
+
+
+class TestConfig:
+    def test_dovecots_file_as_written(self, tmp_path: Path) -> None:
+        path = tmp_path / "dovecot-sql.conf.ext"
+        path.write_text(
+            "# Dovecot's example, unchanged\n"
+            "driver = pgsql\n"
+            "connect = host=/run/postgresql host=db2 dbname=mails user=mailreader "
+            "password=s3cret maxconns=3\n"
+            "default_pass_scheme = SHA512-CRYPT\n"
+            "password_query = \\\n"
+            "  SELECT username AS user, password \\\n"
+            "  FROM users WHERE username = '%n' AND domain = '%d'\n"
+            "user_query = SELECT home, uid, gid FROM users WHERE userid = '%u'\n"
+            "iterate_query = SELECT username AS user FROM users\n"
+        )
+        config = read_sql_config(str(path))
+        assert config.driver == "pgsql"
+        assert config.max_connections == 3
+        assert "host=/run/postgresql,db2" in config.connect
+        assert "maxconns" not in config.connect
+        assert config.default_scheme.name == "SHA512-CRYPT"
+        assert config.password_query.statement == (
+            "SELECT username AS user, password FROM users WHERE username = %s AND domain = %s"
+        )
+
+    def test_dovecot_defaults(self, tmp_path: Path) -> None:
+        config = read_sql_config(str(write_config(tmp_path / "f", driver="sqlite", connect="x")))
+        assert config.default_scheme.name == "MD5-CRYPT"  # Dovecot's "MD5"
+        assert config.max_connections == 5
+        assert config.password_query.templates == ("%n", "%d")
+
+    @pytest.mark.parametrize(
+        "settings,line,reason",
+        [
+            ({"driver": "oracle", "connect": "x"}, 1, "unsupported driver 'oracle'"),
+            ({"driver": "sqlite"}, 1, "connect is not set"),
+            (
+                {"driver": "sqlite", "connect": "x", "default_pass_scheme": "ROT13"},
+                3,
+                "unsupported password scheme {ROT13}",
+            ),
+            (
+                {"driver": "sqlite", "connect": "x", "password_query": "SELECT 1 WHERE a = %u"},
+                3,
+                "password_query: variable %u outside quotes",
+            ),
+            (
+                {"driver": "sqlite", "connect": "x", "user_query": "SELECT 1 WHERE a = '%{bogus}'"},
+                3,
+                "user_query: unknown variable %{bogus}",
+            ),
+            (
+                {"driver": "pgsql", "connect": "host=/x maxconns=none"},
+                2,
+                "invalid value for maxconns",
+            ),
+            ({"driver": "pgsql", "connect": "hots=/x"}, 2, 'invalid connection option "hots"'),
+            ({"driver": "sqlite", "connect": "x", "pass_query": "x"}, 3, "unknown"),
+        ],
+    )
+    def test_errors_name_the_file_and_line(
+        self, tmp_path: Path, settings: dict[str, str], line: int, reason: str
+    ) -> None:
+        path = write_config(tmp_path / "dovecot-sql.conf.ext", **settings)
+        with pytest.raises(ConfigFileError) as raised:
+            read_sql_config(str(path))
+        assert str(raised.value).startswith(f"{path}:{line}: ")
+        assert reason in str(raised.value)
+
+    def test_twistd_usage_error(self, tmp_path: Path) -> None:
+        path = write_config(tmp_path / "sql.conf", driver="mssql", connect="x")
+        with pytest.raises(usage.UsageError) as raised:
+            Options().parseOptions(
+                ["--mail-location", "maildir:/x/{user}", "--auth", f"sql:{path}"]
+            )
+        assert (
+            str(raised.value)
+            == f"--auth sql: {path}:1: unsupported driver 'mssql': pgsql or sqlite"
+        )
+
+
+class TestRows:
+    """password_query fields, as Dovecot reads them (no database needed)."""
+
+    plain = scheme_named("PLAIN")
+
+    def test_fields(self) -> None:
+        row = parse_passdb_row(
+            {
+                "user": "Alice@Example.org",
+                "password": "{PLAIN}x",
+                "nologin": "Y",
+                "reason": "gone\r\nfishing",
+                "allow_nets": "192.0.2.0/24, ::1",
+                "userdb_mail": "maildir:/srv/%u",
+                "userdb_login_delay": "60",
+                "uid": "1000",
+            },
+            "alice",
+            self.plain,
+            "test",
+        )
+        assert row.name == "Alice@Example.org"
+        assert row.entry is not None and (row.entry.scheme, row.entry.secret) == ("PLAIN", b"x")
+        assert row.nologin and row.reason == "gone fishing"
+        assert [str(n) for n in row.allowed_networks or ()] == ["192.0.2.0/24", "::1/128"]
+        assert row.settings == UserSettings(mail="maildir:/srv/%u", login_delay=60)
+
+    def test_username_and_domain_fields(self) -> None:
+        row = parse_passdb_row(
+            {"username": "bob", "domain": "example.org", "password": "p"}, "B@x", self.plain, "t"
+        )
+        assert row.name == "bob@example.org"
+
+    def test_null_fields_are_not_set(self) -> None:
+        row = parse_passdb_row(
+            {"password": "p", "nologin": None, "user": None}, "carol", self.plain, "t"
+        )
+        assert (row.name, row.nologin) == ("carol", False)
+
+    def test_default_scheme_and_noscheme(self) -> None:
+        sha = scheme_named("SHA512-CRYPT")
+        secret = sha.hash(b"pw").decode()
+        row = parse_passdb_row({"password": secret}, "u", sha, "t")
+        assert row.entry is not None and row.entry.scheme == "SHA512-CRYPT"
+        row = parse_passdb_row({"password_noscheme": "{braces}"}, "u", self.plain, "t")
+        assert row.entry is not None and row.entry.secret == b"{braces}"
+
+
+# -- the databases ----------------------------------------------------------------------
+
+SHA512_BOB = get_scheme("SHA512-CRYPT").hash(b"builder").decode()
+SCRAM_SECRET = get_scheme("SCRAM-SHA-256").hash(b"pencil").decode()
+CRAM_SECRET = get_scheme("CRAM-MD5").hash(b"hmac pw").decode()
+
+COLUMNS = (
+    "userid", "password", "canonical", "nologin", "reason", "allow_nets", "nopassword",
+    "prefetch_mail", "home", "mail", "login_delay", "expire",
+)  # fmt: skip
+USERS: list[tuple[Any, ...]] = [
+    ("alice", "wonderland", None, None, None, None, None, None, "/home/alice", None, None, None),
+    ("bob", "{SHA512-CRYPT}" + SHA512_BOB, None, None, None, None, None, None, None, None, None, None),
+    ("ivan", SHA512_BOB, None, None, None, None, None, None, None, None, None, None),
+    ("carol", "{PLAIN}secret", None, "Y", "Your account is suspended", None, None, None, None, None, None, None),
+    ("dave", "{PLAIN}secret", None, None, None, "192.0.2.0/24", None, None, None, None, None, None),
+    ("eve", None, None, None, None, None, "Y", None, None, None, None, None),
+    ("Frank@Example.ORG", "{PLAIN}frank", "frank@example.org", None, None, None, None, None, None, None, None, None),
+    ("frank@example.org", "{PLAIN}other", None, None, None, None, None, None, "/home/frank", "maildir:~/Mail", 120, "7"),
+    ("o'brien", "{PLAIN}irish", None, None, None, None, None, None, None, None, None, None),
+    ("twin", "{PLAIN}twin", None, None, None, None, None, None, None, None, None, None),
+    ("twin", "{PLAIN}twin", None, None, None, None, None, None, None, None, None, None),
+    ("scram", "{SCRAM-SHA-256}" + SCRAM_SECRET, None, None, None, None, None, None, None, None, None, None),
+    ("cram", "{CRAM-MD5}" + CRAM_SECRET, None, None, None, None, None, None, None, None, None, None),
+    ("gina", "{PLAIN}gina", None, None, None, None, None, "maildir:/prefetched/%u", "/home/gina", "maildir:~/Maildir", 300, "never"),
+    ("hank", "{NOSUCH}x", None, None, None, None, None, None, None, None, None, None),
+]  # fmt: skip
+CREATE_TABLE = (
+    "CREATE TABLE users (userid TEXT NOT NULL, password TEXT, canonical TEXT, nologin TEXT, "
+    "reason TEXT, allow_nets TEXT, nopassword TEXT, prefetch_mail TEXT, home TEXT, mail TEXT, "
+    "login_delay INTEGER, expire TEXT)"
+)
+
+#: Mixed-case field names (quoted aliases) test that fields are found in any case.
+PASSWORD_QUERY = (
+    'SELECT canonical AS "User", password AS "PassWord", nologin, reason, allow_nets, '
+    "nopassword, prefetch_mail AS userdb_mail FROM users WHERE userid = '%u'"
+)
+USER_QUERY = "SELECT home, mail, login_delay, expire FROM users WHERE userid = '%u'"
+
+
+def _postgres_owner() -> str:
+    """The user that runs the cluster: PostgreSQL refuses to run as root."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    return "nobody"
+
+
+def require_postgres() -> None:
+    reason = None
+    if not (POSTGRES_BIN / "initdb").exists():
+        reason = "PostgreSQL 15 is not installed (apt-get install postgresql); .ci/run installs it"
+    elif os.geteuid() == 0 and shutil.which("runuser") is None:
+        reason = "running PostgreSQL as root needs runuser to drop privileges"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class PostgresCluster:
+    """A throwaway cluster: its socket in ``root``, no TCP, trust authentication."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.owner = _postgres_owner()
+        root.chmod(0o755)
+        shutil.chown(root, self.owner)
+        self._run(str(POSTGRES_BIN / "initdb"), "-D", str(self.data), "-A", "trust",
+                  "-U", "pop3d", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8")  # fmt: skip
+        self.start()
+        self.execute("CREATE DATABASE mail")
+
+    def _run(self, *command: str) -> None:
+        if os.geteuid() == 0:
+            command = ("runuser", "-u", self.owner, "--", *command)
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-k {self.root} -c listen_addresses= -F"
+        self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-w",
+                  "-l", str(self.root / "postgres.log"), "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    @property
+    def connect(self) -> str:
+        return f"host={self.root} dbname=mail user=pop3d"
+
+    def execute(self, statement: str, rows: list[tuple[Any, ...]] | None = None) -> None:
+        import psycopg
+
+        dbname = "postgres" if statement.startswith("CREATE DATABASE") else "mail"
+        with psycopg.connect(
+            host=str(self.root), dbname=dbname, user="pop3d", autocommit=True
+        ) as c:
+            if rows is None:
+                c.execute(statement)  # type: ignore[arg-type]
+            else:
+                c.cursor().executemany(statement, rows)  # type: ignore[arg-type]
+
+    def count(self) -> int:
+        import psycopg
+
+        with psycopg.connect(host=str(self.root), dbname="mail", user="pop3d") as c:
+            row = c.execute("SELECT count(*) FROM users").fetchone()
+            assert row is not None
+            return int(row[0])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    require_postgres()
+    # Reachable by the cluster's owner (and Dovecot's auth process), which
+    # pytest's private temporary directory is not.
+    root = Path(tempfile.mkdtemp(prefix="pop3d-pg-"))
+    cluster = PostgresCluster(root)
+    try:
+        cluster.execute(CREATE_TABLE)
+        marks = ", ".join(["%s"] * len(COLUMNS))
+        cluster.execute(f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({marks})", USERS)
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def sqlite_database(path: Path) -> Path:
+    with sqlite3.connect(path) as connection:
+        connection.execute(CREATE_TABLE)
+        marks = ", ".join(["?"] * len(COLUMNS))
+        connection.executemany(f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({marks})", USERS)
+    connection.close()
+    return path
+
+
+class Databases:
+    """Writes configs for one driver, and makes checkers of them (closed at the end)."""
+
+    def __init__(self, driver: str, connect: str, tmp_path: Path) -> None:
+        self.driver = driver
+        self.connect = connect
+        self.tmp_path = tmp_path
+        self.checkers: list[SQLChecker] = []
+
+    def config(self, name: str = "dovecot-sql.conf.ext", **settings: str) -> Path:
+        values = {
+            "driver": self.driver,
+            "connect": self.connect,
+            "default_pass_scheme": "PLAIN",
+            "password_query": PASSWORD_QUERY,
+            "user_query": USER_QUERY,
+        }
+        values.update(settings)
+        return write_config(self.tmp_path / name, **values)
+
+    def checker(self, timeout: float = 5.0, **settings: str) -> SQLChecker:
+        checker = SQLChecker(read_sql_config(str(self.config(**settings))), timeout=timeout)
+        checker.run_slow_work_in(reactor)
+        self.checkers.append(checker)
+        return checker
+
+
+@pytest_twisted.async_yield_fixture(params=["sqlite", "pgsql"])
+async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
+    if request.param == "pgsql":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        made = Databases("pgsql", cluster.connect, tmp_path)
+    else:
+        made = Databases("sqlite", str(sqlite_database(tmp_path / "users.db")), tmp_path)
+    yield made
+    for checker in made.checkers:
+        await deferToThread(checker.database.close)
+
+
+async def login(checker: SQLChecker, user: bytes | str, password: bytes | str) -> Any:
+    credentials = PreparedUsernamePassword(
+        user.encode() if isinstance(user, str) else user,
+        password.encode() if isinstance(password, str) else password,
+    )
+    return await checker.requestAvatarId(credentials)
+
+
+class LogCapture:
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def texts(self, contains: str) -> list[str]:
+        found = [formatEvent(event) for event in self.events]
+        return [text for text in found if contains in text]
+
+
+@pytest.fixture
+def logged() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    try:
+        yield capture
+    finally:
+        globalLogPublisher.removeObserver(capture)
+
+
+@pytest.mark.peer
+class TestFields:
+    """Each field and variable, against PostgreSQL and SQLite."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_passwords_of_any_scheme(self, databases: Databases) -> None:
+        checker = databases.checker()
+        # No {SCHEME}: default_pass_scheme (PLAIN here).
+        assert await login(checker, "alice", "wonderland") == AuthenticatedUser("alice")
+        assert await login(checker, "bob", "builder") == AuthenticatedUser("bob")
+        for user, password in [("alice", "wonder"), ("bob", "wonderland"), ("nobody", "x")]:
+            with pytest.raises(UnauthorizedLogin):
+                await login(checker, user, password)
+
+    @pytest_twisted.ensureDeferred
+    async def test_default_pass_scheme(self, databases: Databases) -> None:
+        checker = databases.checker(default_pass_scheme="SHA512-CRYPT")
+        assert (await login(checker, "ivan", "builder")).name == "ivan"
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, "ivan", SHA512_BOB)
+        # Plaintext mechanisms cannot be offered over hashed passwords.
+        names = {interface.__name__ for interface in checker.credentialInterfaces}
+        assert names == {"IUsernamePassword"}
+
+    @pytest_twisted.ensureDeferred
+    async def test_user_field_is_the_canonical_name(self, databases: Databases) -> None:
+        checker = databases.checker()
+        user = await login(checker, "Frank@Example.ORG", "frank")
+        assert user.name == "frank@example.org"
+
+    @pytest_twisted.ensureDeferred
+    async def test_nologin_after_the_password(self, databases: Databases) -> None:
+        checker = databases.checker()
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, "carol", "wrong")
+        with pytest.raises(LoginRefused) as refused:
+            await login(checker, "carol", "secret")
+        assert refused.value.status().to_bytes() == b"-ERR [AUTH] Your account is suspended\r\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_allow_nets_and_prefetch(self, databases: Databases) -> None:
+        checker = databases.checker()
+        dave = await login(checker, "dave", "secret")
+        assert [str(n) for n in dave.allowed_networks] == ["192.0.2.0/24"]
+        assert not dave.allows(LoginContext("127.0.0.1", "127.0.0.1", True))
+        assert dave.allows(LoginContext("192.0.2.7", "127.0.0.1", False))
+        gina = await login(checker, "gina", "gina")
+        assert gina.settings == UserSettings(mail="maildir:/prefetched/%u")
+
+    @pytest_twisted.ensureDeferred
+    async def test_nopassword(self, databases: Databases) -> None:
+        checker = databases.checker()
+        assert (await login(checker, "eve", "anything at all")).name == "eve"
+        # A mechanism that needs the stored password has none to use.
+        challenge = b"<1.2@pop.example.test>"
+        digest = hashlib.md5(challenge + b"x").hexdigest().encode()
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(APOPCredentials(challenge, b"eve", digest))
+
+    @pytest_twisted.ensureDeferred
+    async def test_several_rows_or_a_bad_row_are_refused_and_logged(
+        self, databases: Databases, logged: LogCapture
+    ) -> None:
+        checker = databases.checker()
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, "twin", "twin")
+        assert len(logged.texts("returned 2 rows for twin: refused")) == 1
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, "hank", "x")
+        [line] = logged.texts("password_query of")[1:]
+        assert "hank: unusable password: unsupported password scheme {NOSUCH}" in line
+
+    @pytest_twisted.ensureDeferred
+    async def test_user_query(self, databases: Databases, logged: LogCapture) -> None:
+        checker = databases.checker()
+        assert await checker.lookup("gina", None) == UserSettings(
+            home="/home/gina", mail="maildir:~/Maildir", login_delay=300, expire_never=True
+        )
+        assert await checker.lookup("frank@example.org", None) == UserSettings(
+            home="/home/frank", mail="maildir:~/Mail", login_delay=120, expire_days=7
+        )
+        assert await checker.lookup("alice", None) == UserSettings(home="/home/alice")
+        assert await checker.lookup("nobody", None) is None
+        assert await checker.lookup("twin", None) is None
+        assert len(logged.texts("user_query of")) == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_variables_are_expanded_as_dovecot_does(self, databases: Databases) -> None:
+        """The query echoes its bound values back through nologin's reason."""
+        query = (
+            "SELECT '{PLAIN}x' AS password, 'Y' AS nologin, "
+            "'%u|%n|%d|%Lu|%Un|%r|%l|%s|%c|%2n|it''s 100%%' AS reason"
+        )
+        checker = databases.checker(password_query=query)
+        credentials = PreparedUsernamePassword(b"Ann@Example.org", b"x")
+        credentials.login_context = LoginContext("192.0.2.1", "198.51.100.2", True)  # type: ignore[attr-defined]
+        with pytest.raises(LoginRefused) as refused:
+            await checker.requestAvatarId(credentials)
+        assert refused.value.text == (
+            "Ann@Example.org|Ann|Example.org|ann@example.org|ANN|192.0.2.1|198.51.100.2|pop3|"
+            "secured|An|it's 100%"
+        )
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "x' OR '1'='1",
+            "alice'--",
+            "alice' /*",
+            "'; DROP TABLE users; --",
+            'a"b',
+            "100%",
+            "%u",
+            "%%u",
+            "back\\slash",
+            "*",
+            "(uid=*)",
+            ")",
+            "nul\x00byte",
+            "o'brien'",
+        ],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_injection(self, databases: Databases, name: str) -> None:
+        """Each name is a value: it matches no row, and the echo gives it back unchanged."""
+        checker = databases.checker()
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, name.encode(), b"irish")
+        with pytest.raises(UnauthorizedLogin):
+            await login(checker, name.encode(), b"' OR '1'='1")
+        assert (await login(checker, "o'brien", "irish")).name == "o'brien"
+        if "\x00" in name:
+            return  # never sent: no database stores a NUL in text
+        echo = databases.checker(
+            password_query="SELECT '{PLAIN}x' AS password, 'Y' AS nologin, '%u' AS reason"
+        )
+        with pytest.raises(LoginRefused) as refused:
+            await login(echo, name.encode(), b"x")
+        assert refused.value.text == name
+
+    @pytest_twisted.ensureDeferred
+    async def test_every_mechanism(self, databases: Databases) -> None:
+        """USER/PASS, PLAIN and LOGIN, APOP, CRAM-MD5, SCRAM-SHA-256 as with a passwd-file."""
+        checker = databases.checker()
+        portal = build_portal(MaildropRealm(MemoryStore()), [checker], reactor)
+
+        async def logs_in(credentials: Any) -> bool:
+            try:
+                _, maildrop, _ = await portal.login(credentials, None, IMaildrop)
+            except UnauthorizedLogin:
+                return False
+            await maildrop.close()
+            return True
+
+        assert await logs_in(PreparedUsernamePassword(b"bob", b"builder"))
+        challenge = b"<1896.697170952@dbc.mtview.ca.us>"
+
+        def apop(user: bytes, password: bytes) -> APOPCredentials:
+            return APOPCredentials(
+                challenge, user, hashlib.md5(challenge + password).hexdigest().encode()
+            )
+
+        assert await logs_in(apop(b"alice", b"wonderland"))
+        assert not await logs_in(apop(b"alice", b"wonder"))
+        assert not await logs_in(apop(b"bob", b"builder"))  # hashed: no APOP
+
+        def cram(user: bytes, password: bytes) -> CramMD5Credentials:
+            digest = hmac.new(password, challenge, "md5").hexdigest().encode()
+            return CramMD5Credentials(user, challenge, digest)
+
+        assert await logs_in(cram(b"alice", b"wonderland"))
+        assert await logs_in(cram(b"cram", b"hmac pw"))
+        assert not await logs_in(cram(b"cram", b"hmac"))
+        assert not await logs_in(cram(b"bob", b"builder"))
+
+        result, server_final, _ = await run_exchange(portal, Client(b"scram", b"pencil"))
+        assert server_final is not None and await logs_in(result.credentials)
+        result, server_final, _ = await run_exchange(portal, Client(b"alice", b"wonderland"))
+        assert server_final is not None and await logs_in(result.credentials)
+        result, server_final, _ = await run_exchange(portal, Client(b"scram", b"pen"))
+        assert server_final is None and not await logs_in(result.credentials)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_slow_query_is_unavailable_quickly(
+        self, databases: Databases, logged: LogCapture
+    ) -> None:
+        slow = {
+            # A statement the server itself cancels (statement_timeout).
+            "pgsql": "SELECT password FROM users, pg_sleep(30) WHERE userid = '%u'",
+            # A query the progress handler interrupts.
+            "sqlite": (
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                "SELECT password FROM users, n WHERE userid = '%u' AND i < 0"
+            ),
+        }[databases.driver]
+        checker = databases.checker(timeout=0.3, password_query=slow)
+        with pytest.raises(AuthUnavailable) as unavailable:
+            await login(checker, "alice", "wonderland")
+        assert unavailable.value.status().to_bytes() == (
+            b"-ERR [SYS/TEMP] authentication service unavailable, try again later\r\n"
+        )
+        assert len(logged.texts("SQL database unavailable")) == 1
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_the_injection_leaves_the_table_alone(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    databases = Databases("pgsql", postgres.connect, tmp_path)
+    checker = databases.checker()
+    before = postgres.count()
+    try:
+        for name in ["'; DELETE FROM users; --", "x'); DROP TABLE users; --"]:
+            with pytest.raises(UnauthorizedLogin):
+                await login(checker, name, "x")
+    finally:
+        await deferToThread(checker.database.close)
+    assert postgres.count() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCapture) -> None:
+    databases = Databases("sqlite", str(tmp_path / "not-yet.db"), tmp_path)
+    checker = databases.checker()
+    for _ in range(3):
+        with pytest.raises(AuthUnavailable):
+            await login(checker, "alice", "wonderland")
+    # It was not created (read-only), and the outage is one line.
+    assert not (tmp_path / "not-yet.db").exists()
+    assert len(logged.texts("SQL database unavailable")) == 1
+    sqlite_database(tmp_path / "not-yet.db")
+    assert (await login(checker, "alice", "wonderland")).name == "alice"
+    assert len(logged.texts("SQL database available again")) == 1
