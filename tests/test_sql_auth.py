@@ -13,19 +13,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import poplib
 import pwd
 import re
 import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -52,6 +53,7 @@ from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore
 from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
 
+from .conftest import start_service
 from .test_scram import Client, run_exchange
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -248,22 +250,31 @@ COLUMNS = (
     "userid", "password", "canonical", "nologin", "reason", "allow_nets", "nopassword",
     "prefetch_mail", "home", "mail", "login_delay", "expire",
 )  # fmt: skip
+
+
+def row(userid: str, password: str | None, **fields: Any) -> tuple[Any, ...]:
+    values = {"userid": userid, "password": password, **fields}
+    return tuple(values.get(column) for column in COLUMNS)
+
+
 USERS: list[tuple[Any, ...]] = [
-    ("alice", "wonderland", None, None, None, None, None, None, "/home/alice", None, None, None),
-    ("bob", "{SHA512-CRYPT}" + SHA512_BOB, None, None, None, None, None, None, None, None, None, None),
-    ("ivan", SHA512_BOB, None, None, None, None, None, None, None, None, None, None),
-    ("carol", "{PLAIN}secret", None, "Y", "Your account is suspended", None, None, None, None, None, None, None),
-    ("dave", "{PLAIN}secret", None, None, None, "192.0.2.0/24", None, None, None, None, None, None),
-    ("eve", None, None, None, None, None, "Y", None, None, None, None, None),
-    ("Frank@Example.ORG", "{PLAIN}frank", "frank@example.org", None, None, None, None, None, None, None, None, None),
-    ("frank@example.org", "{PLAIN}other", None, None, None, None, None, None, "/home/frank", "maildir:~/Mail", 120, "7"),
-    ("o'brien", "{PLAIN}irish", None, None, None, None, None, None, None, None, None, None),
-    ("twin", "{PLAIN}twin", None, None, None, None, None, None, None, None, None, None),
-    ("twin", "{PLAIN}twin", None, None, None, None, None, None, None, None, None, None),
-    ("scram", "{SCRAM-SHA-256}" + SCRAM_SECRET, None, None, None, None, None, None, None, None, None, None),
-    ("cram", "{CRAM-MD5}" + CRAM_SECRET, None, None, None, None, None, None, None, None, None, None),
-    ("gina", "{PLAIN}gina", None, None, None, None, None, "maildir:/prefetched/%u", "/home/gina", "maildir:~/Maildir", 300, "never"),
-    ("hank", "{NOSUCH}x", None, None, None, None, None, None, None, None, None, None),
+    row("alice", "wonderland", home="/home/alice"),
+    row("bob", "{SHA512-CRYPT}" + SHA512_BOB),
+    row("ivan", SHA512_BOB),
+    row("carol", "{PLAIN}secret", nologin="Y", reason="Your account is suspended"),
+    row("dave", "{PLAIN}secret", allow_nets="192.0.2.0/24"),
+    row("eve", None, nopassword="Y"),
+    row("Frank@Example.ORG", "{PLAIN}frank", canonical="frank@example.org"),
+    row("frank@example.org", "{PLAIN}other", home="/home/frank", mail="maildir:~/Mail",
+        login_delay=120, expire="7"),
+    row("o'brien", "{PLAIN}irish"),
+    row("twin", "{PLAIN}twin"),
+    row("twin", "{PLAIN}twin"),
+    row("scram", "{SCRAM-SHA-256}" + SCRAM_SECRET),
+    row("cram", "{CRAM-MD5}" + CRAM_SECRET),
+    row("gina", "{PLAIN}gina", prefetch_mail="maildir:/prefetched/%u", home="/home/gina",
+        mail="maildir:~/Maildir", login_delay=300, expire="never"),
+    row("hank", "{NOSUCH}x"),
 ]  # fmt: skip
 CREATE_TABLE = (
     "CREATE TABLE users (userid TEXT NOT NULL, password TEXT, canonical TEXT, nologin TEXT, "
@@ -277,6 +288,11 @@ PASSWORD_QUERY = (
     "nopassword, prefetch_mail AS userdb_mail FROM users WHERE userid = '%u'"
 )
 USER_QUERY = "SELECT home, mail, login_delay, expire FROM users WHERE userid = '%u'"
+
+
+def insert_users(placeholder: str) -> str:
+    marks = ", ".join([placeholder] * len(COLUMNS))
+    return f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({marks})"  # noqa: S608
 
 
 def _postgres_owner() -> str:
@@ -365,8 +381,7 @@ def postgres() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster(root)
     try:
         cluster.execute(CREATE_TABLE)
-        marks = ", ".join(["%s"] * len(COLUMNS))
-        cluster.execute(f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({marks})", USERS)
+        cluster.execute(insert_users("%s"), USERS)
         yield cluster
     finally:
         try:
@@ -378,8 +393,7 @@ def postgres() -> Iterator[PostgresCluster]:
 def sqlite_database(path: Path) -> Path:
     with sqlite3.connect(path) as connection:
         connection.execute(CREATE_TABLE)
-        marks = ", ".join(["?"] * len(COLUMNS))
-        connection.executemany(f"INSERT INTO users ({', '.join(COLUMNS)}) VALUES ({marks})", USERS)
+        connection.executemany(insert_users("?"), USERS)
     connection.close()
     return path
 
@@ -687,3 +701,51 @@ async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCap
     sqlite_database(tmp_path / "not-yet.db")
     assert (await login(checker, "alice", "wonderland")).name == "alice"
     assert len(logged.texts("SQL database available again")) == 1
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_database_down_and_back(
+    postgres: PostgresCluster, tmp_path: Path, logged: LogCapture
+) -> None:
+    """
+    PostgreSQL stopped under a running server: logins are answered
+    ``-ERR [SYS/TEMP]`` (RFC 3206 section 4) at once, the outage is logged
+    once; started again, logins work without a restart of pop3d, and that
+    is logged once too.
+    """
+    config = Databases("pgsql", postgres.connect, tmp_path).config()
+    server = await start_service(
+        tmp_path, ["tcp:0:interface=127.0.0.1"], ["--auth", f"sql:{config}"]
+    )
+
+    def session() -> bytes:
+        client = poplib.POP3(server.host, server.port, timeout=30)
+        try:
+            client.user("o'brien")
+            return client.pass_("irish")
+        except poplib.error_proto as error:
+            return bytes(error.args[0])
+        finally:
+            client.quit()
+
+    try:
+        assert (await deferToThread(session)).startswith(b"+OK")
+        await deferToThread(postgres.stop)
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                assert await deferToThread(session) == (
+                    b"-ERR [SYS/TEMP] authentication service unavailable, try again later"
+                )
+                assert time.monotonic() - started < 2
+        finally:
+            await deferToThread(postgres.start)
+        assert (await deferToThread(session)).startswith(b"+OK")
+        assert (await deferToThread(session)).startswith(b"+OK")
+    finally:
+        await server.service.stopService()
+    [down] = logged.texts("SQL database unavailable")
+    assert f"(PostgreSQL, {config})" in down
+    assert len(logged.texts("SQL database available again")) == 1
+    assert not logged.texts("Traceback")

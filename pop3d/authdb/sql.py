@@ -21,6 +21,7 @@ it is back, and is reconnected to by itself.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -111,6 +112,10 @@ _EXTRA_HINT = "pip install 'pop3d[sql]'"
 
 class DatabaseError(Exception):
     """A query that did not run: the database is down, slow or refuses it."""
+
+
+class _BrokenConnection(Exception):
+    """A pooled connection the server closed (it restarted, or it is down)."""
 
 
 # -- the configuration file ------------------------------------------------------------
@@ -249,6 +254,11 @@ class PostgresDatabase:
         self.timeout = timeout
         self._pool: Any = None
         self._lock = threading.Lock()
+        #: Whether the next query should first see that the server answers:
+        #: at the start and after a failure, so that a server that is down
+        #: fails each login at once (the pool would wait for a connection
+        #: until the timeout).
+        self._probe = True
 
     def _configure(self, connection: Any) -> None:
         # Bounded on the server's side too: a slow query is cancelled there.
@@ -260,19 +270,22 @@ class PostgresDatabase:
             if self._pool is None:
                 from psycopg_pool import ConnectionPool
 
+                # The pool warns at each failed reconnection; pop3d logs an
+                # outage itself, once (and once when it is over).
+                pool_log = logging.getLogger("psycopg.pool")
+                pool_log.addHandler(logging.NullHandler())
+                pool_log.propagate = False
+
                 self._pool = ConnectionPool(
                     self.conninfo,
                     kwargs={
                         "autocommit": True,
-                        "connect_timeout": max(2, round(self.timeout)),
+                        "connect_timeout": self._connect_timeout,
                     },
                     min_size=1,
                     max_size=self.max_connections,
                     open=False,
                     configure=self._configure,
-                    # A connection that died with the server is replaced
-                    # before it is handed out.
-                    check=ConnectionPool.check_connection,
                     timeout=self.timeout,
                     reconnect_timeout=self.timeout,
                     name="pop3d-sql",
@@ -286,13 +299,46 @@ class PostgresDatabase:
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._the_pool().connection() as connection:
+            if self._probe:
+                self._reach()
+            try:
+                return self._run(statement, parameters)
+            except _BrokenConnection:
+                # The server closed it (restarted): the pool drops it, and
+                # the others that went with it, if the server is back.
+                self._reach()
+                self._the_pool().check()
+                return self._run(statement, parameters)
+        except PoolTimeout:
+            self._probe = True
+            raise DatabaseError(f"no connection within {self.timeout:g} s") from None
+        except (psycopg.Error, _BrokenConnection) as error:
+            self._probe = True
+            raise DatabaseError(_one_line(str(error))) from None
+
+    def _reach(self) -> None:
+        """Connect once outside the pool: fails at once if the server is down."""
+        import psycopg
+
+        psycopg.connect(self.conninfo, connect_timeout=self._connect_timeout).close()
+        self._probe = False
+
+    def _run(self, statement: str, parameters: Sequence[str]) -> list[Row]:
+        import psycopg
+
+        with self._the_pool().connection() as connection:
+            try:
                 cursor = connection.execute(statement, parameters)
                 return _rows(cursor.description, cursor.fetchall())
-        except PoolTimeout:
-            raise DatabaseError(f"no connection within {self.timeout:g} s") from None
-        except psycopg.Error as error:
-            raise DatabaseError(_one_line(str(error))) from None
+            except psycopg.OperationalError as error:
+                if connection.broken or connection.closed:
+                    raise _BrokenConnection(str(error)) from None
+                raise
+
+    @property
+    def _connect_timeout(self) -> int:
+        # libpq counts whole seconds, at least 2.
+        return max(2, round(self.timeout))
 
     def close(self) -> None:
         with self._lock:
