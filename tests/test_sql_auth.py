@@ -17,6 +17,7 @@ import poplib
 import pwd
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -50,10 +51,13 @@ from pop3d.realm import MaildropRealm
 from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import Options, build_portal
-from pop3d.testing import MemoryStore
+from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
 
 from .conftest import start_service
+from .test_dovecot_migration import _require_dovecot as require_dovecot
+from .test_process import Launch
+from .test_process import launch as launch  # a fixture
 from .test_scram import Client, run_exchange
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -351,10 +355,12 @@ class PostgresCluster:
     def connect(self) -> str:
         return f"host={self.root} dbname=mail user=pop3d"
 
-    def execute(self, statement: str, rows: list[tuple[Any, ...]] | None = None) -> None:
+    def execute(
+        self, statement: str, rows: list[tuple[Any, ...]] | None = None, database: str = "mail"
+    ) -> None:
         import psycopg
 
-        dbname = "postgres" if statement.startswith("CREATE DATABASE") else "mail"
+        dbname = "postgres" if statement.startswith("CREATE DATABASE") else database
         with psycopg.connect(
             host=str(self.root), dbname=dbname, user="pop3d", autocommit=True
         ) as c:
@@ -749,3 +755,178 @@ async def test_database_down_and_back(
     assert f"(PostgreSQL, {config})" in down
     assert len(logged.texts("SQL database available again")) == 1
     assert not logged.texts("Traceback")
+
+
+# -- end to end: twistd pop3d and Dovecot on the same dovecot-sql.conf.ext ------------------
+
+DOVECOT = "/usr/sbin/dovecot"
+DOVECOT_PGSQL = "/usr/lib/dovecot/modules/libdriver_pgsql.so"
+
+
+def require_dovecot_pgsql() -> None:
+    require_dovecot()
+    if not (os.access(DOVECOT, os.X_OK) and os.path.exists(DOVECOT_PGSQL)):
+        reason = "Dovecot's SQL driver is not installed (apt-get install dovecot-pgsql)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dovecot_config(shared: Path, port: int, sql_config: Path) -> Path:
+    """Dovecot's whole server (master, auth, pop3) over the SQL passdb and userdb."""
+    path = shared / "dovecot.conf"
+    path.write_text(
+        f"base_dir = {shared}/run\n"
+        f"state_dir = {shared}/state\n"
+        f"log_path = {shared}/dovecot.log\n"
+        "protocols = pop3\nlisten = 127.0.0.1\nssl = no\n"
+        "disable_plaintext_auth = no\n"
+        # Refusals are answered at once by both (pop3d: --login-failure-delay 0).
+        "auth_failure_delay = 0\n"
+        "mail_uid = nobody\nmail_gid = nogroup\nfirst_valid_uid = 1\n"
+        f"service pop3-login {{\n  inet_listener pop3 {{\n    port = {port}\n  }}\n}}\n"
+        f"passdb {{\n  driver = sql\n  args = {sql_config}\n}}\n"
+        f"userdb {{\n  driver = sql\n  args = {sql_config}\n}}\n"
+    )
+    return path
+
+
+class POP3From(poplib.POP3):
+    """poplib's client, connecting from a given loopback address."""
+
+    def __init__(self, source: str, port: int) -> None:
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=30)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (self.source, 0))
+
+
+def pop3_session(
+    port: int, user: str, password: str, source: str
+) -> tuple[bool, list[bytes], list[bytes]]:
+    """Logged in?  Then the UIDL listing and message 1 as RETR gives it."""
+    # Each case from its own address: Dovecot slows down the next login
+    # from an address that failed one (its auth penalty), pop3d too.
+    client = POP3From(source, port)
+    try:
+        client.user(user)
+        try:
+            client.pass_(password)
+        except poplib.error_proto:
+            return False, [], []
+        uidls = client.uidl()[1]
+        message = client.retr(1)[1] if uidls else []
+        return True, uidls, message
+    finally:
+        client.quit()
+
+
+def run_cases(port: int) -> list[tuple[bool, list[bytes], list[bytes]]]:
+    return [
+        pop3_session(port, user, password, f"127.0.0.{10 + number}")
+        for number, (user, password, _) in enumerate(E2E_CASES)
+    ]
+
+
+E2E_CASES = [
+    ("alice", "wonderland", True),
+    ("alice", "wonder", False),
+    ("bob", "builder", True),
+    ("bob", SHA512_BOB, False),
+    ("carol", "secret", False),  # nologin
+    ("dave", "secret", False),  # allow_nets: not from 127.0.0.1
+    ("eve", "anything", True),  # nopassword
+    ("twin", "twin", False),  # two rows
+    ("hank", "x", False),  # a password in no scheme either knows
+    ("nobody", "x", False),
+    ("x'OR'1'='1", "x'OR'1'='1", False),
+]
+
+
+@pytest.mark.peer
+def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launch) -> None:
+    """
+    One dovecot-sql.conf.ext, read by the real Dovecot (passdb and userdb
+    ``driver = sql``) and by ``twistd pop3d --auth sql:``: the same users are
+    accepted and refused, and each is served the mail of the per-user
+    ``mail`` location the user_query gives (a different layout for bob),
+    with the same UIDLs and bytes.
+    """
+    require_dovecot_pgsql()
+    shared = Path(tempfile.mkdtemp(prefix="pop3d-sql-e2e-"))
+    try:
+        shared.chmod(0o755)
+        # --mail-location's root (its lock file), though the userdb places each user's mail.
+        (shared / "mail").mkdir()
+        home = shared / "home"
+        mail = {"alice": home / "alice" / "Maildir", "bob": home / "bob" / "Mail" / "inbox"}
+        for user, maildir in mail.items():
+            for number in (1, 2):
+                deliver_to_maildir(str(maildir), f"Subject: {number} for {user}\n\nhi\n".encode())
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(home)], check=True)
+        postgres.execute("CREATE DATABASE e2e")
+        postgres.execute(CREATE_TABLE, database="e2e")
+        postgres.execute(
+            insert_users("%s"),
+            [
+                row("alice", "wonderland", home=f"{home}/alice", mail="maildir:~/Maildir"),
+                row(
+                    "bob",
+                    "{SHA512-CRYPT}" + SHA512_BOB,
+                    home=f"{home}/bob",
+                    mail="maildir:~/Mail/inbox",
+                ),
+                row("carol", "{PLAIN}secret", nologin="Y", reason="Your account is suspended"),
+                row("dave", "{PLAIN}secret", allow_nets="192.0.2.0/24"),
+                row("eve", None, nopassword="Y", home=f"{home}/eve", mail="maildir:~/Maildir"),
+                row("twin", "{PLAIN}twin"),
+                row("twin", "{PLAIN}twin"),
+                row("hank", "{NOSUCH}x"),
+            ],
+            database="e2e",
+        )
+        sql_config = write_config(
+            shared / "dovecot-sql.conf.ext",
+            driver="pgsql",
+            connect=f"host={postgres.root} dbname=e2e user=pop3d maxconns=2",
+            default_pass_scheme="PLAIN",
+            password_query=(
+                "SELECT userid AS user, password, nologin, reason, allow_nets, nopassword "
+                "FROM users WHERE userid = '%u'"
+            ),
+            user_query="SELECT home, mail FROM users WHERE userid = '%u'",
+        )
+        sql_config.chmod(0o644)
+        dovecot_port = free_port()
+        config = dovecot_config(shared, dovecot_port, sql_config)
+        subprocess.run([DOVECOT, "-c", str(config)], check=True, timeout=60)
+        try:
+            # Dovecot first: pop3d keeps the UIDLs it finds in dovecot-uidlist.
+            from_dovecot = run_cases(dovecot_port)
+        finally:
+            subprocess.run([DOVECOT, "-c", str(config), "stop"], check=True, timeout=60)
+        server = launch(
+            "-n", "--pidfile=", "pop3d", "--listen", "tcp:0:interface=127.0.0.1",
+            "--mail-location", f"maildir:{shared}/mail/{{user}}",
+            "--auth", f"sql:{sql_config}", "--login-failure-delay", "0",
+        )  # fmt: skip
+        port = server.wait_listening()
+        from_pop3d = run_cases(port)
+        server.assert_healthy()
+        log = server.output
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    accepted = [ok for ok, _, _ in from_pop3d]
+    assert accepted == [expected for _, _, expected in E2E_CASES], log
+    assert accepted == [ok for ok, _, _ in from_dovecot]
+    assert from_pop3d == from_dovecot
+    alice, bob = from_pop3d[0], from_pop3d[2]
+    assert b"Subject: 1 for alice" in alice[2] and b"Subject: 1 for bob" in bob[2]
+    assert len(alice[1]) == len(bob[1]) == 2
