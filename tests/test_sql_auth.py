@@ -808,10 +808,11 @@ class POP3From(poplib.POP3):
         return socket.create_connection((self.host, self.port), timeout, (self.source, 0))
 
 
-def pop3_session(
-    port: int, user: str, password: str, source: str
-) -> tuple[bool, list[bytes], list[bytes]]:
-    """Logged in?  Then the UIDL listing and message 1 as RETR gives it."""
+Outcome = tuple[bool, list[bytes], list[bytes], bytes]
+
+
+def pop3_session(port: int, user: str, password: str, source: str) -> Outcome:
+    """Logged in?  Then the UIDL listing and message 1 as RETR gives it; else the reply."""
     # Each case from its own address: Dovecot slows down the next login
     # from an address that failed one (its auth penalty), pop3d too.
     client = POP3From(source, port)
@@ -819,16 +820,16 @@ def pop3_session(
         client.user(user)
         try:
             client.pass_(password)
-        except poplib.error_proto:
-            return False, [], []
+        except poplib.error_proto as error:
+            return False, [], [], bytes(error.args[0])
         uidls = client.uidl()[1]
         message = client.retr(1)[1] if uidls else []
-        return True, uidls, message
+        return True, uidls, message, b""
     finally:
         client.quit()
 
 
-def run_cases(port: int) -> list[tuple[bool, list[bytes], list[bytes]]]:
+def run_cases(port: int) -> list[Outcome]:
     return [
         pop3_session(port, user, password, f"127.0.0.{10 + number}")
         for number, (user, password, _) in enumerate(E2E_CASES)
@@ -923,10 +924,42 @@ def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launc
         log = server.output
     finally:
         shutil.rmtree(shared, ignore_errors=True)
-    accepted = [ok for ok, _, _ in from_pop3d]
+    accepted = [outcome[0] for outcome in from_pop3d]
     assert accepted == [expected for _, _, expected in E2E_CASES], log
-    assert accepted == [ok for ok, _, _ in from_dovecot]
-    assert from_pop3d == from_dovecot
+    # Same users, same UIDLs, same bytes; the refusals' words differ.
+    assert [o[:3] for o in from_pop3d] == [o[:3] for o in from_dovecot]
+    replies = [outcome[3] for outcome in from_pop3d]
+    assert replies[0] == b""
+    assert replies[1] == replies[9] == b"-ERR [AUTH] invalid user name or password"
+    assert replies[4] == b"-ERR [AUTH] Your account is suspended"  # carol: nologin
     alice, bob = from_pop3d[0], from_pop3d[2]
     assert b"Subject: 1 for alice" in alice[2] and b"Subject: 1 for bob" in bob[2]
     assert len(alice[1]) == len(bob[1]) == 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README, "SQL: PostgreSQL and SQLite": its files, its commands, its users."""
+    readme = (ROOT / "README.rst").read_text()
+    config = ROOT / "examples" / "sql" / "dovecot-sql.conf.ext"
+    settings = [
+        line for line in config.read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert "\n".join(f"    {line}".rstrip() for line in settings) in readme
+    assert "--auth sql:examples/sql/dovecot-sql.conf.ext" in readme
+    # The first command, run where the example's relative paths lead.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "sql").mkdir(parents=True)
+    script = (ROOT / "examples" / "sql" / "users.sql").read_text()
+    sqlite3.connect("examples/sql/users.db").executescript(script).connection.close()
+    checker = SQLChecker(read_sql_config(str(config)))
+    checker.run_slow_work_in(reactor)
+    assert (await login(checker, "alice", "wonderland")).name == "alice"
+    with pytest.raises(LoginRefused) as refused:
+        await login(checker, "bob", "builder")
+    assert refused.value.text == "Your account is suspended"
+    with pytest.raises(UnauthorizedLogin):
+        await login(checker, "bob", "wrong")

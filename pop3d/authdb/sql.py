@@ -151,6 +151,7 @@ def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
     """
     try:
         import psycopg.conninfo
+        import psycopg_pool  # noqa: F401 (needed at the first login)
     except ImportError:
         raise value.error(f"driver pgsql needs psycopg: {_EXTRA_HINT}") from None
     max_connections = DEFAULT_MAX_CONNECTIONS
@@ -816,9 +817,7 @@ class SQLCheckerFactory:
 
     def generateChecker(self, argstring: str) -> SQLChecker:
         if not argstring:
-            raise ConfigFileError(
-                "sql", 0, "sql needs a path: --auth sql:/etc/pop3d/dovecot-sql.conf.ext"
-            )
+            raise ValueError("needs a path: --auth sql:/etc/pop3d/dovecot-sql.conf.ext")
         return SQLChecker(read_sql_config(argstring))
 
 
