@@ -28,11 +28,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
+from zope.interface import implementer
 
 from pop3d.authdb.sql import (
     SQLChecker,
@@ -41,6 +45,7 @@ from pop3d.authdb.sql import (
     scheme_named,
 )
 from pop3d.authdb.sqlquery import PYFORMAT, QMARK, QueryError, bind_query
+from pop3d.checkers import FirstMatchChecker
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables
@@ -183,6 +188,13 @@ class TestConfig:
             read_sql_config(str(path))
         assert str(raised.value).startswith(f"{path}:{line}: ")
         assert reason in str(raised.value)
+
+    def test_a_path_is_needed(self) -> None:
+        with pytest.raises(usage.UsageError) as raised:
+            Options().parseOptions(["--mail-location", "maildir:/x/{user}", "--auth", "sql:"])
+        assert str(raised.value) == (
+            "--auth sql: needs a path: --auth sql:/etc/pop3d/dovecot-sql.conf.ext"
+        )
 
     def test_twistd_usage_error(self, tmp_path: Path) -> None:
         path = write_config(tmp_path / "sql.conf", driver="mssql", connect="x")
@@ -576,6 +588,19 @@ class TestFields:
             "secured|An|it's 100%"
         )
 
+    @pytest_twisted.ensureDeferred
+    async def test_the_password_variable(self, databases: Databases) -> None:
+        """%w: the database compares the password itself (Dovecot's nopassword idiom)."""
+        query = (
+            "SELECT 'Y' AS nopassword, userid AS user FROM users "
+            "WHERE userid = '%u' AND password = '{PLAIN}%w'"
+        )
+        checker = databases.checker(password_query=query)
+        assert (await login(checker, "o'brien", "irish")).name == "o'brien"
+        for password in ["irish'", "' OR ''='", "%w"]:
+            with pytest.raises(UnauthorizedLogin):
+                await login(checker, "o'brien", password)
+
     @pytest.mark.parametrize(
         "name",
         [
@@ -963,3 +988,38 @@ async def test_the_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert refused.value.text == "Your account is suspended"
     with pytest.raises(UnauthorizedLogin):
         await login(checker, "bob", "wrong")
+
+
+@implementer(ICredentialsChecker)
+class Unavailable:
+    """A checker whose database is down."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        return fail(AuthUnavailable())
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_checkers_one_down() -> None:
+    """
+    ``--auth`` twice: another checker may still accept; if none does, the
+    client is told to try later (not "wrong password"); a refusal after the
+    right password is final.
+    """
+    memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+    checker = FirstMatchChecker([Unavailable(), memory], [IUsernamePassword])
+    assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland")) == b"alice"
+    with pytest.raises(AuthUnavailable):
+        await checker.requestAvatarId(UsernamePassword(b"alice", b"wrong"))
+
+    @implementer(ICredentialsChecker)
+    class Refusing:
+        credentialInterfaces = (IUsernamePassword,)
+
+        def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+            return fail(LoginRefused("Your account is suspended"))
+
+    checker = FirstMatchChecker([Refusing(), memory], [IUsernamePassword])
+    with pytest.raises(LoginRefused):
+        await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))

@@ -640,11 +640,11 @@ class SQLChecker:
 
     # -- passdb -----------------------------------------------------------------------
 
-    def _variables(self, user: str, context: LoginContext | None) -> Variables:
-        return Variables.for_login(user, context)
-
-    async def _passdb_row(self, user: str, context: LoginContext | None) -> PassdbRow | None:
-        rows = await self.query(self.config.password_query, self._variables(user, context))
+    async def _passdb_row(
+        self, user: str, context: LoginContext | None, password: str | None = None
+    ) -> PassdbRow | None:
+        variables = Variables.for_login(user, context, password)
+        rows = await self.query(self.config.password_query, variables)
         if not rows:
             return None
         if len(rows) > 1:
@@ -680,7 +680,12 @@ class SQLChecker:
         if user is not None and "\x00" in user:
             # No database keeps a NUL in text (PostgreSQL refuses one): no such user.
             user = None
-        row = None if user is None else await self._passdb_row(user, login_context_of(credentials))
+        # %w: the password, when the client sent it (USER/PASS, PLAIN, LOGIN).
+        password = None
+        if IUsernamePassword.providedBy(credentials):
+            password = as_bytes(credentials.password).decode("utf-8", "replace")
+        context = login_context_of(credentials)
+        row = None if user is None else await self._passdb_row(user, context, password)
         check = self._checks.for_credentials(credentials)
         if row is not None and row.nopassword:
             # Any password, but only where there is one to accept.
@@ -755,7 +760,7 @@ class SQLChecker:
         return Deferred.fromCoroutine(self._lookup(user, context))
 
     async def _lookup(self, user: str, context: LoginContext | None) -> UserSettings | None:
-        rows = await self.query(self.config.user_query, self._variables(user, context))
+        rows = await self.query(self.config.user_query, Variables.for_login(user, context))
         if len(rows) != 1:
             if rows:
                 log.error(
