@@ -663,7 +663,9 @@ def makeService(options: Options) -> IService:
     )
     if options["login-delay"] is not None:
         history = LoginHistoryFile(options["login-history"], reactor=threads)
-        realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
+        realm = LoginDelayRealm(
+            realm, history, delay=options["login-delay"], clock=clock, per_user=userdb is not None
+        )
     portal = build_portal(realm, options["credCheckers"], threads)
     metrics = serving_metrics(options)
     factory = POP3Factory(
