@@ -329,7 +329,7 @@ class SessionDriver:
         )
 
     def _logged_in(self, opened: _Opened) -> None:
-        maildrop, logout, messages, settings = opened
+        maildrop, logout, messages, settings, user = opened
         self._maildrop, self._logout, self._messages = maildrop, logout, messages
         self.logged_in_at = self._clock.seconds()
         policy = None
@@ -337,7 +337,7 @@ class SessionDriver:
             policy = self._policy.for_user(
                 settings.login_delay, settings.expire_days, settings.expire_never
             )
-        outcome = self.session.login_succeeded(messages, policy)
+        outcome = self.session.login_succeeded(messages, policy, user)
         self._log_login()
         if self._metrics is not None:
             self._count_login(self.session.counters.method, "ok")
@@ -653,16 +653,17 @@ _PERFORMERS: dict[type[Action], Callable[[SessionDriver, Action], None]] = {
 
 
 #: What a login opened: the maildrop, its logout, its listing and (from a
-#: realm that knows them) the user's settings.
-_Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None"]
+#: realm that knows them) the user's settings and canonical name.
+_Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None", "str | None"]
 
 
 def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]]) -> _Opened:
     """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result
     settings: UserSettings | None = None
+    user: str | None = None
     if IUserMaildrop.providedBy(avatar):
-        settings = avatar.settings
+        settings, user = avatar.settings, avatar.user
         avatar = avatar.maildrop
     maildrop = IMaildrop(avatar)
     try:
@@ -675,7 +676,7 @@ def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]])
         maybeDeferred(maildrop.close)
         logout()
         raise
-    return maildrop, logout, messages, settings
+    return maildrop, logout, messages, settings, user
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:

@@ -124,6 +124,30 @@ class TestAllowNets:
             parse_allow_nets("192.0.2.1,192.0.2.300")
 
 
+class TestCanonicalName:
+    def test_the_maildrop_and_the_logs_are_the_databases_name(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.passwords[b"Alice"] = b"wonderland"
+        database.avatars[b"Alice"] = AuthenticatedUser("alice@example.org")
+        store.deliver("alice@example.org", b"hello\r\n")
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            wire = Wire(factory(MaildropRealm(store), database, clock))
+            reply = wire.login(b"Alice", b"wonderland")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert reply == b"+OK maildrop has 1 messages (7 octets)\r\n"
+        logins = [
+            e["summary"]
+            for e in events
+            if str(e.get("log_format", "")).endswith("login: {summary}")
+        ]
+        assert len(logins) == 1
+        assert logins[0].endswith('user="alice@example.org"')
+
+
 class TestRefusals:
     def test_nologin_gets_its_reason_with_auth(
         self, database: UserDatabase, clock: Clock, store: MemoryStore
