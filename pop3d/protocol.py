@@ -77,6 +77,12 @@ DEFAULT_TIMEOUT = 600
 
 #: Told to an idle client when the server stops (RFC 3206 SYS/TEMP: come back later).
 SHUTTING_DOWN = Status(False, "server shutting down, try again later", ResponseCode.SYS_TEMP)
+#: Told to a client an administrator kicked (``pop3d kick``).  RFC 3206
+#: section 4: SYS/TEMP, "likely to be temporary in nature, and therefore
+#: there is no need to alarm the user": the admin is at work on the
+#: maildrop, and the next poll may log in again.  (SYS/PERM would have the
+#: user call support; RFC 2449's IN-USE and LOGIN-DELAY answer logins only.)
+KICKED = Status(False, "disconnected by the administrator", ResponseCode.SYS_TEMP)
 
 
 class _Transport(Protocol):
@@ -274,10 +280,21 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         removed).  A client waiting for its next command is told why; one in
         the middle of a reply is cut off (its reply cannot be finished).
         """
+        self._hang_up_with(SHUTTING_DOWN)
+
+    def kick(self) -> None:
+        """
+        An administrator ends this session (``pop3d kick``), as `shut_down`
+        does: without UPDATE, a client waiting for its next command told
+        why (`KICKED`), one in the middle of a reply cut off.
+        """
+        self._hang_up_with(KICKED)
+
+    def _hang_up_with(self, status: Status) -> None:
         if self.phase is Phase.READING:
             self.phase = Phase.CLOSING
             self._connection.unregisterProducer()
-            self._connection.write(SHUTTING_DOWN.to_bytes(self.session.wording))
+            self._connection.write(status.to_bytes(self.session.wording))
             self._connection.loseConnection()
         elif self.phase is not Phase.CLOSED:
             self._abort()
