@@ -14,7 +14,8 @@ request and reads one answer; the server then closes the connection:
 - ``{"command": "kick", "user": NAME}`` -> ``{"kicked": N}``: NAME's
   sessions are told ``-ERR [SYS/TEMP] disconnected by the administrator``
   (one in the middle of a reply is cut off) and dropped without UPDATE
-  (RFC 1939 section 6: nothing marked by DELE is removed); a session already in UPDATE is left to finish it;
+  (RFC 1939 section 6: nothing marked by DELE is removed); a session
+  already in UPDATE is left to finish it;
 - anything else -> ``{"error": TEXT}``.
 
 The socket is the owner's only (mode 0600).  A path that is a symbolic link

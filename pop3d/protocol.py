@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IPushProducer,
     IReactorTime,
     ISSLTransport,
@@ -129,6 +130,7 @@ NewDriver = Callable[[Callable[[], Link], Replies], SessionDriver]
 Admit = Callable[[Link], bytes | None]
 
 
+@implementer(IHandshakeListener)
 class POP3Protocol(LineReceiver, TimeoutMixin):
     """
     Speaks POP3 for one `Session` (run by its `SessionDriver`) over one connection.
@@ -171,6 +173,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._discarding_long_line = False
         self._after_long_line = b""
         self._tls_started = False
+        self._handshake_done = False
         self._known_link: Link | None = None
         self._closed_waiters: list[Deferred[None]] | None = None
 
@@ -251,7 +254,17 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.setTimeout(self._timeout)
         self._connection.write(self.session.greeting().to_bytes())
 
+    def handshakeCompleted(self) -> None:
+        # IHandshakeListener: told by the TLS layer, of STLS or implicit TLS.
+        self._handshake_done = True
+        tls = _tls_connection(self.transport)
+        version = tls.get_protocol_version_name() if tls is not None else None
+        self.driver.tls_handshake_done(version or "unknown")
+
     def connectionLost(self, reason: FailureType | None = None) -> None:
+        if not self._handshake_done and reason is not None and reason.check(SSL.Error):
+            # Before a handshake completed, OpenSSL's errors are the handshake's.
+            self.driver.tls_handshake_failed()
         self.phase = Phase.CLOSED
         if self._on_close is not None:
             self._on_close()

@@ -50,6 +50,7 @@ from pop3d.metrics import (
     MULTIPROCESS_DIRECTORY,
     Metrics,
     RemoveOnStop,
+    TimingRealm,
     metrics_service,
     workers_registry,
 )
@@ -641,8 +642,11 @@ def makeService(options: Options) -> IService:
     if options["login-delay"] is not None:
         history = LoginHistoryFile(options["login-history"], reactor=threads)
         realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
-    portal = build_portal(realm, options["credCheckers"], threads)
     metrics = serving_metrics(options)
+    if metrics is not None:
+        # Outermost: asked as the checker accepts, it times checker and store.
+        realm = TimingRealm(realm, clock)
+    portal = build_portal(realm, options["credCheckers"], threads)
     factory = POP3Factory(
         portal,
         clock=clock,

@@ -169,6 +169,13 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
     assert value("pop3d_login_seconds_count", result="ok") == 1
     assert value("pop3d_login_seconds_count", result="failed") == 2
     assert value("pop3d_update_seconds_count") == 1
+    # The checker accepted alice's password twice (her second login then
+    # found the maildrop in use) and refused it once; the store opened (or
+    # failed to open) her maildrop twice, and a message once (RETR).
+    assert value("pop3d_auth_seconds_count", result="ok") == 2
+    assert value("pop3d_auth_seconds_count", result="failed") == 1
+    assert value("pop3d_store_open_seconds_count", object="maildrop") == 2
+    assert value("pop3d_store_open_seconds_count", object="message") == 1
     # Deleted in UPDATE: only the retrieved message is left.
     assert len(list((server.maildir("alice") / "cur").iterdir())) == 1
 
@@ -283,7 +290,7 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
     """contrib/grafana/pop3d.json: every series a panel queries is one pop3d exposes."""
     from prometheus_client import generate_latest
 
-    from pop3d.metrics import Metrics
+    from pop3d.metrics import LoginTiming, Metrics
 
     dashboard = json.loads(
         (Path(__file__).parent.parent / "contrib" / "grafana" / "pop3d.json").read_text()
@@ -296,13 +303,19 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
     }
     metrics = Metrics()
     metrics.login("USER", "ok", 0.1, "TLSv1.3")
+    timing = LoginTiming(0.0)
+    timing.checked, timing.opened = 0.1, 0.2
+    metrics.login_timing(timing, "ok", 0.2)
+    metrics.message_opened(0.1)
+    metrics.tls_handshake("TLSv1.3")
+    metrics.tls_handshake_failed()
     metrics.update(0.1)
     exposed = {
         line.split("{")[0].split(" ")[0]
         for line in generate_latest(metrics.registry).decode().splitlines()
         if not line.startswith("#")
     }
-    assert len(dashboard["panels"]) == 11
+    assert len(dashboard["panels"]) == 14
     assert queried - exposed == set()
     # Every metric has a panel (histograms: their buckets; no _created series).
     counted = {
@@ -314,20 +327,28 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
-    """RFC 2595 section 4: after STLS, a login counts for its TLS version."""
+async def test_logins_and_handshakes_over_tls_are_counted_by_version(tmp_path: Path) -> None:
+    """
+    RFC 2595 section 4 (STLS) and RFC 8314 section 3.3 (implicit TLS): each
+    completed handshake counts for its TLS version, a login after STLS for
+    its version too; a handshake that fails (a plain-text client on the TLS
+    port, a client that does not trust the certificate) counts as failed.
+    """
     key, cert = _self_signed(tmp_path)
     server = await start_service(
         tmp_path,
-        ["tcp:0:interface=127.0.0.1"],
+        ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
         ["--tls-cert", str(cert), "--tls-key", str(key), "--metrics", "tcp:0:interface=127.0.0.1"],
     )
+    pop3 = server.service.getServiceNamed("pop3")
+    assert isinstance(pop3, POP3Service)
+    implicit_port = (await pop3.when_listening())[1].getHost().port
     served = server.service.getServiceNamed("metrics")
     assert isinstance(served, POP3Service)
     [port] = await served.when_listening()
     url = f"http://127.0.0.1:{port.getHost().port}/metrics"
 
-    def over_tls_1_2() -> None:
+    def over_tls() -> None:
         context = ssl.create_default_context(cafile=str(cert))
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         client = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
@@ -336,15 +357,43 @@ async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
         client.pass_("wonderland")
         quit_and_wait_for_close(client)
 
+        context = ssl.create_default_context(cafile=str(cert))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        implicit = poplib.POP3_SSL(
+            server.host, implicit_port, context=context, timeout=CLIENT_TIMEOUT
+        )
+        assert implicit.sock.version() == "TLSv1.3"
+        quit_and_wait_for_close(implicit)
+
+        # A client that does not trust the self-signed certificate ...
+        with pytest.raises(ssl.SSLCertVerificationError):
+            poplib.POP3_SSL(
+                server.host,
+                implicit_port,
+                context=ssl.create_default_context(),
+                timeout=CLIENT_TIMEOUT,
+            )
+        # ... then a plain-text client on the TLS port: hung up on once the
+        # server gave up (and, before, read the first one's alert).
+        with socket.create_connection((server.host, implicit_port), CLIENT_TIMEOUT) as plain:
+            plain.sendall(b"USER alice\r\n")
+            while plain.recv(4096):
+                pass
+
     try:
-        await deferToThread(over_tls_1_2)
+        await deferToThread(over_tls)
         found = samples(await deferToThread(scrape, url))
     finally:
         await server.service.stopService()
-    tls_logins = {
-        dict(labels)["version"]: count
-        for (name, labels), count in found.items()
-        if name == "pop3d_tls_logins_total"
-    }
-    assert tls_logins == {"TLSv1.2": 1}
+
+    def by_version(name: str) -> dict[str, float]:
+        return {
+            dict(labels)["version"]: count
+            for (found_name, labels), count in found.items()
+            if found_name == name
+        }
+
+    assert by_version("pop3d_tls_logins_total") == {"TLSv1.2": 1}
+    assert by_version("pop3d_tls_handshakes_total") == {"TLSv1.2": 1, "TLSv1.3": 1}
+    assert found[("pop3d_tls_handshake_failures_total", ())] == 2
     assert found[("pop3d_commands_total", (("verb", "STLS"),))] == 1
