@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.cred.portal import IRealm
@@ -405,3 +405,11 @@ def workers_registry(directory: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return registry
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """
+    Process ``pid``, a worker counting into ``directory``, has exited: its
+    live gauges (sessions active) leave the sum; its counters stay in it.
+    """
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

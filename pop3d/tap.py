@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import ipaddress
 import os
@@ -51,6 +52,7 @@ from pop3d.metrics import (
     Metrics,
     RemoveOnStop,
     TimingRealm,
+    forget_process,
     metrics_service,
     workers_registry,
 )
@@ -744,6 +746,7 @@ def add_metrics_endpoint(
     else:
         directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
         pool.environment[MULTIPROCESS_DIRECTORY] = directory
+        pool.on_worker_exit = functools.partial(forget_process, directory)
         registry = workers_registry(directory)
         RemoveOnStop(directory).setServiceParent(service)
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)

@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -161,6 +161,9 @@ class WorkerPool(Service):
         #: Variables the workers get on top of this process's environment
         #: (e.g. prometheus_client's directory for --metrics with --workers).
         self.environment: dict[str, str] = {}
+        #: Called with the process id of each worker that has exited (e.g.
+        #: to drop its live gauges from --metrics), before it is restarted.
+        self.on_worker_exit: Callable[[int], None] | None = None
         self._bound = False
 
     def privilegedStartService(self) -> None:
@@ -216,13 +219,15 @@ class WorkerPool(Service):
         arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
         worker = _Worker(self, number)
         self._workers[number] = worker
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             worker,
             arguments[0],
             arguments,
             env={**os.environ, **self.environment},
             childFDs=child_fds,
         )
+        # Kept: the transport forgets its pid once the process has ended.
+        worker.pid = process.pid
         log.info("started worker {number}", number=number)
 
     def worker_pids(self) -> list[int]:
@@ -241,6 +246,11 @@ class WorkerPool(Service):
 
     def worker_ended(self, number: int, reason: Failure) -> None:
         worker = self._workers.pop(number, None)
+        if worker is not None and worker.pid is not None and self.on_worker_exit is not None:
+            try:
+                self.on_worker_exit(worker.pid)
+            except Exception:
+                log.failure("after worker {number} exited", number=number)
         if worker is not None and worker.stopped is not None:
             worker.stopped.callback(None)
         if self.running:
@@ -280,6 +290,7 @@ class _Worker(ProcessProtocol):
     def __init__(self, pool: WorkerPool, number: int) -> None:
         self._pool = pool
         self.number = number
+        self.pid: int | None = None
         self.stopped: Deferred[None] | None = None
 
     def terminate(self) -> None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import poplib
 import re
+import signal
 import socket
 import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
@@ -397,3 +400,78 @@ async def test_logins_and_handshakes_over_tls_are_counted_by_version(tmp_path: P
     assert by_version("pop3d_tls_handshakes_total") == {"TLSv1.2": 1, "TLSv1.3": 1}
     assert found[("pop3d_tls_handshake_failures_total", ())] == 2
     assert found[("pop3d_commands_total", (("verb", "STLS"),))] == 1
+
+
+#: The parent's line once a worker has exited (and been forgotten by --metrics).
+WORKER_ENDED = re.compile(r"worker \d+ ended \(.*\); starting it again")
+STARTED = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)|control socket at (\S+)")
+
+
+def ask_control(path: Path, request: dict[str, str]) -> dict[str, object]:
+    """One request on a --control socket (pop3d/control.py: a JSON line each way)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.settimeout(CLIENT_TIMEOUT)
+        control.connect(str(path))
+        control.sendall(json.dumps(request).encode() + b"\n")
+        answer: dict[str, object] = json.loads(control.makefile("rb").readline())
+        return answer
+
+
+@pytest.mark.process
+def test_a_dead_workers_sessions_leave_the_active_gauge(tmp_path: Path, launch: Launch) -> None:
+    """
+    With --workers, a worker that dies (killed here) takes its sessions
+    with it: once the parent has seen it exit, ``pop3d_sessions_active``
+    no longer counts them (prometheus_client's mark_process_dead), while
+    the counters keep what it had counted.
+    """
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), MESSAGES[0])
+    metrics_path = tmp_path / "metrics.sock"
+    control_path = tmp_path / "control.sock"
+    server = launch(
+        *pop3d_arguments(
+            mail_root,
+            write_passwd(tmp_path),
+            "--workers",
+            "2",
+            "--metrics",
+            f"unix:{metrics_path}",
+            "--control",
+            str(control_path),
+        )
+    )
+    workers: set[int] = set()
+    controls: set[str] = set()
+    while len(workers) < 2 or len(controls) < 3:
+        match = server.wait_for(STARTED)
+        if match.group(3):
+            controls.add(match.group(3))
+        else:
+            workers.add(int(match.group(1)))
+            port = int(match.group(2))
+
+    def value(name: str) -> float:
+        return samples(scrape_unix(metrics_path)).get((name, ()), 0.0)
+
+    client = poplib.POP3(HOST, port, timeout=PATIENCE)
+    try:
+        client.user("alice")
+        client.pass_("wonderland")
+        assert value("pop3d_sessions_active") == 1
+        who = ask_control(control_path, {"command": "who"})
+        [row] = cast(list[dict[str, object]], who["sessions"])
+        serving = cast(int, row["worker"])
+        assert serving in workers
+
+        os.kill(serving, signal.SIGKILL)
+        server.wait_for(WORKER_ENDED)
+        assert value("pop3d_sessions_active") == 0
+        assert value("pop3d_sessions_total") == 1
+        found = samples(scrape_unix(metrics_path))
+        assert found[("pop3d_logins_total", (("method", "USER"), ("result", "ok")))] == 1
+        # The client finds the connection gone; nothing was deleted.
+        assert client.file.read() == b""
+    finally:
+        client.close()
+    assert len(list((mail_root / "alice" / "new").iterdir())) == 1
