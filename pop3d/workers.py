@@ -39,7 +39,13 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    eventFromJSON,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.python.failure import Failure
 
 from pop3d.protocol import describe_address
@@ -53,6 +59,8 @@ RESTART_DELAY = 1.0
 STOP_TIMEOUT = 10.0
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
+#: The longest line of a worker's output held while its end is awaited.
+MAX_LOG_LINE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,8 +155,12 @@ class WorkerPool(Service):
         command: Sequence[str],
         count: int,
         descriptions: Sequence[str] = (),
+        log_observer: ILogObserver = globalLogPublisher,
     ) -> None:
         self._reactor = reactor
+        #: Where the workers' log events go: this process's log (its
+        #: --logfile, --syslog or standard output), so one writer has it all.
+        self.log_observer = log_observer
         self._endpoints = list(endpoints)
         self._descriptions = list(descriptions) or [""] * len(self._endpoints)
         self._command = list(command)
@@ -214,7 +226,9 @@ class WorkerPool(Service):
         # The workers see the sockets at descriptors 3, 4, ... in order.
         own = self._sockets[number]
         inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(own)]
-        child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
+        # Standard output: the worker's log events (worker_log_observer);
+        # standard error: whatever it writes before its log starts.
+        child_fds: dict[int, int | str] = {0: 0, 1: "r", 2: "r"}
         child_fds.update({s.fd: parent.fd for s, parent in zip(inherited, own, strict=True)})
         arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
         worker = _Worker(self, number)
@@ -286,10 +300,44 @@ class WorkerPool(Service):
         return DeferredList(ending).addCallback(ended)
 
 
+def worker_log_observer() -> ILogObserver:
+    """
+    The log of a worker (``twistd --logger pop3d.workers.worker_log_observer``):
+    every event as a line of JSON on standard output, which the parent
+    (`WorkerPool`) reads and logs as its own, with the worker's time and
+    fields.  So the workers' lines are in the parent's ``--logfile`` (or
+    syslog, or standard output), in its format, written by one process.
+    """
+    return jsonFileLogObserver(sys.stdout)
+
+
+class _LogLines:
+    """A worker's output, split into lines; a line longer than MAX_LOG_LINE is cut."""
+
+    def __init__(self, line: Callable[[bytes], None]) -> None:
+        self._line = line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._line(line)
+
+    def end(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+
+
 class _Worker(ProcessProtocol):
     def __init__(self, pool: WorkerPool, number: int) -> None:
         self._pool = pool
         self.number = number
+        self._events = _LogLines(self._event_line)
+        self._errors = _LogLines(self._error_line)
         self.pid: int | None = None
         self.stopped: Deferred[None] | None = None
 
@@ -303,7 +351,33 @@ class _Worker(ProcessProtocol):
             except Exception:  # already gone
                 log.debug("worker {number} already ended", number=self.number)
 
+    def outReceived(self, data: bytes) -> None:
+        self._events.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._errors.feed(data)
+
+    def _event_line(self, line: bytes) -> None:
+        text = line.lstrip(b"\x1e").decode("utf-8", "replace")
+        if not text.strip():
+            return
+        try:
+            event = eventFromJSON(text)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and "log_time" in event:
+            self._pool.log_observer(event)
+        else:  # a print, not a log event
+            log.info("worker {number}: {line}", number=self.number, line=text)
+
+    def _error_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if text.strip():
+            log.warn("worker {number}: {line}", number=self.number, line=text)
+
     def processEnded(self, reason: Failure) -> None:
+        self._events.end()
+        self._errors.end()
         if reason.check(ProcessDone):
             log.info("worker {number} exited", number=self.number)
         self._pool.worker_ended(self.number, reason)
@@ -380,4 +454,14 @@ def worker_command(arguments: Sequence[str]) -> list[str]:
             continue
         kept.append(argument)
     twistd = "from twisted.scripts.twistd import run; run()"
-    return [sys.executable, "-c", twistd, "-n", "--pidfile=", "pop3d", *kept]
+    return [
+        sys.executable,
+        "-c",
+        twistd,
+        "-n",
+        "--pidfile=",
+        "--logger",
+        "pop3d.workers.worker_log_observer",
+        "pop3d",
+        *kept,
+    ]
