@@ -5,7 +5,9 @@ HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
 
 from __future__ import annotations
 
+import html
 import http.client
+import importlib.util
 import json
 import os
 import poplib
@@ -16,6 +18,7 @@ import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
+from types import ModuleType
 from typing import cast
 
 import pytest
@@ -475,3 +478,56 @@ def test_a_dead_workers_sessions_leave_the_active_gauge(tmp_path: Path, launch: 
     finally:
         client.close()
     assert len(list((mail_root / "alice" / "new").iterdir())) == 1
+
+
+IMAGES = Path(__file__).parent.parent / "docs" / "images"
+
+
+def _render_dashboard_module() -> ModuleType:
+    """contrib/grafana/render_dashboard.py (a script, not a package module)."""
+    path = Path(__file__).parent.parent / "contrib" / "grafana" / "render_dashboard.py"
+    spec = importlib.util.spec_from_file_location("render_dashboard", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dashboard_picture_is_drawn_from_a_real_runs_samples() -> None:
+    """
+    docs/images/grafana-dashboard.svg is what render_dashboard.py draws
+    from the samples beside it (Prometheus's answers to the dashboard's own
+    queries during a real run): every panel, each with data, and a caption
+    that says it is no Grafana screenshot.
+    """
+    render_dashboard = _render_dashboard_module()
+    dashboard = json.loads(render_dashboard.DASHBOARD.read_text())
+    samples = json.loads((IMAGES / "grafana-dashboard-samples.json").read_text())
+    picture = (IMAGES / "grafana-dashboard.svg").read_text()
+    assert render_dashboard.render(dashboard, samples) == picture
+    # The samples answer the dashboard's queries as they are written now.
+    assert [[target["expr"] for target in panel["targets"]] for panel in samples["panels"]] == [
+        [
+            render_dashboard.resolve(
+                target["expr"], samples["rate_interval"], {"job": ".*", "instance": ".*"}
+            )
+            for target in panel["targets"]
+        ]
+        for panel in dashboard["panels"]
+    ]
+    for panel in dashboard["panels"]:
+        assert f">{html.escape(panel['title'], quote=False)}</text>" in picture
+    assert "No data" not in picture
+    assert "not a Grafana screenshot" in picture
+    # Lines drawn: every series of every panel.
+    drawn = picture.count("<polyline ")
+    assert drawn >= sum(len(t["series"]) for p in samples["panels"] for t in p["targets"])
+
+
+def test_the_operations_page_shows_the_dashboard_picture() -> None:
+    """docs/operations.rst shows the picture, captioned as a rendering, not a screenshot."""
+    page = (Path(__file__).parent.parent / "docs" / "operations.rst").read_text()
+    figure = page.split(".. figure:: images/grafana-dashboard.svg\n", 1)[1].split("\n\n", 2)
+    caption = " ".join(figure[1].split())
+    assert "rendering of the panels of contrib/grafana/pop3d.json" in caption
+    assert "not a Grafana screenshot" in caption
