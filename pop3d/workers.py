@@ -41,12 +41,14 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
     ILogObserver,
+    LogEvent,
     Logger,
     eventFromJSON,
     globalLogPublisher,
     jsonFileLogObserver,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3d.protocol import describe_address
 
@@ -308,7 +310,52 @@ def worker_log_observer() -> ILogObserver:
     fields.  So the workers' lines are in the parent's ``--logfile`` (or
     syslog, or standard output), in its format, written by one process.
     """
-    return jsonFileLogObserver(sys.stdout)
+    return _WithTracebackText(jsonFileLogObserver(sys.stdout))
+
+
+@implementer(ILogObserver)
+class _WithTracebackText:
+    """
+    Adds a failure's traceback as text (``log_traceback``): JSON keeps a
+    failure's frames but not its exception (``{'unpersistable': True}``).
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            event = {**event, "log_traceback": failure.getTraceback()}
+        self._observer(event)
+
+
+class _TracebackText:
+    """In the parent, a worker's failure: what a log observer asks of it, its traceback."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def getTraceback(self, *args: object, **kwargs: object) -> str:
+        return self._text
+
+
+def worker_event(line: bytes) -> LogEvent | None:
+    """
+    The log event of a line a worker's `worker_log_observer` wrote (its
+    failure, if any, as its traceback text), or None for another line.
+    """
+    text = line.lstrip(b"\x1e").decode("utf-8", "replace")
+    try:
+        event = eventFromJSON(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or "log_time" not in event:
+        return None
+    traceback = event.get("log_traceback")
+    if isinstance(traceback, str):
+        event["log_failure"] = _TracebackText(traceback)
+    return event
 
 
 class _LogLines:
@@ -358,16 +405,12 @@ class _Worker(ProcessProtocol):
         self._errors.feed(data)
 
     def _event_line(self, line: bytes) -> None:
-        text = line.lstrip(b"\x1e").decode("utf-8", "replace")
-        if not text.strip():
-            return
-        try:
-            event = eventFromJSON(text)
-        except ValueError:
-            event = None
-        if isinstance(event, dict) and "log_time" in event:
+        event = worker_event(line)
+        if event is not None:
             self._pool.log_observer(event)
-        else:  # a print, not a log event
+            return
+        text = line.decode("utf-8", "replace")
+        if text.strip():  # a print, not a log event
             log.info("worker {number}: {line}", number=self.number, line=text)
 
     def _error_line(self, line: bytes) -> None:
