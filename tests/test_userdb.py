@@ -28,6 +28,7 @@ from zope.interface import implementer
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.factory import POP3Factory
 from pop3d.logindelay import LoginDelayRealm
+from pop3d.metrics import Metrics, TimingRealm
 from pop3d.realm import MaildropRealm, user_mail_location
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import MailLocationError
@@ -107,6 +108,24 @@ class TestAllowNets:
         outside = Wire(server, peer("198.51.100.9"))
         assert outside.login() == AUTH_FAILED
         assert not store.is_locked("alice")
+        inside = Wire(server, peer("192.0.2.7"))
+        assert inside.login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
+
+    def test_with_metrics_the_realm_still_sees_where_the_login_comes_from(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.avatars[b"alice"] = AuthenticatedUser(
+            "alice", allowed_networks=parse_allow_nets("192.0.2.0/24")
+        )
+        metrics = Metrics()
+        server = POP3Factory(
+            Portal(TimingRealm(MaildropRealm(store), clock), [database]),
+            clock=clock,
+            policy=SessionPolicy(allow_plaintext_auth=True),
+            login_failure_delay=0,
+            metrics=metrics,
+        )
+        assert Wire(server, peer("198.51.100.9")).login() == AUTH_FAILED
         inside = Wire(server, peer("192.0.2.7"))
         assert inside.login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
 
