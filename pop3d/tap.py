@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import ipaddress
 import os
@@ -51,6 +52,8 @@ from pop3d.metrics import (
     MULTIPROCESS_DIRECTORY,
     Metrics,
     RemoveOnStop,
+    TimingRealm,
+    forget_process,
     metrics_service,
     workers_registry,
 )
@@ -664,9 +667,14 @@ def makeService(options: Options) -> IService:
     )
     if options["login-delay"] is not None:
         history = LoginHistoryFile(options["login-history"], reactor=threads)
-        realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
-    portal = build_portal(realm, options["credCheckers"], threads)
+        realm = LoginDelayRealm(
+            realm, history, delay=options["login-delay"], clock=clock, per_user=userdb is not None
+        )
     metrics = serving_metrics(options)
+    if metrics is not None:
+        # Outermost: asked as the checker accepts, it times checker and store.
+        realm = TimingRealm(realm, clock)
+    portal = build_portal(realm, options["credCheckers"], threads)
     factory = POP3Factory(
         portal,
         clock=clock,
@@ -769,6 +777,7 @@ def add_metrics_endpoint(
     else:
         directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
         pool.environment[MULTIPROCESS_DIRECTORY] = directory
+        pool.on_worker_exit = functools.partial(forget_process, directory)
         registry = workers_registry(directory)
         RemoveOnStop(directory).setServiceParent(service)
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)
