@@ -45,7 +45,7 @@ from pop3d.control import (
 from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
-from pop3d.lifecycle import GracefulStop
+from pop3d.lifecycle import GracefulStop, IReloadable
 from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.metrics import (
@@ -786,16 +786,17 @@ def add_metrics_endpoint(
 def reload_configuration(options: Options) -> Callable[[], None]:
     """
     What SIGHUP reads again: the --tls-cert/--tls-key files (kept as they
-    were if the new ones cannot be used) and the passwd files of --auth
-    passwd-file: (which logins also re-read whenever they change).
+    were if the new ones cannot be used) and the files of every --auth
+    checker that provides `pop3d.lifecycle.IReloadable` (passwd files,
+    which logins also re-read whenever they change; Dovecot's conf files).
     """
     tls: ServerTLS | None = options["tls"]
-    passwd_files = [c for c in options["credCheckers"] if isinstance(c, PasswdFileChecker)]
+    reloadable = [c for c in options["credCheckers"] if IReloadable.providedBy(c)]
 
     def reload() -> None:
         if tls is not None:
             tls.reload()
-        for checker in passwd_files:
+        for checker in reloadable:
             checker.reload()
 
     return reload
