@@ -51,6 +51,7 @@ from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import IReloadable
 from pop3d.passwords import get_scheme
 from pop3d.realm import MaildropRealm
 from pop3d.sasl.cram_md5 import CramMD5Credentials
@@ -721,8 +722,7 @@ async def test_the_injection_leaves_the_table_alone(
 
 @pytest_twisted.ensureDeferred
 async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCapture) -> None:
-    databases = Databases("sqlite", str(tmp_path / "not-yet.db"), tmp_path)
-    checker = databases.checker()
+    checker = Databases("sqlite", str(tmp_path / "not-yet.db"), tmp_path).checker()
     for _ in range(3):
         with pytest.raises(AuthUnavailable):
             await login(checker, "alice", "wonderland")
@@ -1023,3 +1023,29 @@ async def test_several_checkers_one_down() -> None:
     checker = FirstMatchChecker([Refusing(), memory], [IUsernamePassword])
     with pytest.raises(LoginRefused):
         await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reads_the_file_again(tmp_path: Path, logged: LogCapture) -> None:
+    """IReloadable: new queries and a new database take effect; a bad file is kept out."""
+    first = sqlite_database(tmp_path / "first.db")
+    second = tmp_path / "second.db"
+    with sqlite3.connect(second) as connection:
+        connection.execute(CREATE_TABLE)
+        connection.execute("INSERT INTO users (userid, password) VALUES ('zoe', '{PLAIN}zz')")
+    connection.close()
+    made = Databases("sqlite", str(first), tmp_path)
+    checker = made.checker()
+    assert IReloadable.providedBy(checker)
+    assert (await login(checker, "alice", "wonderland")).name == "alice"
+    made.connect = str(second)
+    path = made.config(default_pass_scheme="SHA512-CRYPT")
+    checker.reload()
+    assert (await login(checker, "zoe", "zz")).name == "zoe"
+    with pytest.raises(UnauthorizedLogin):
+        await login(checker, "alice", "wonderland")
+    path.write_text("driver = sqlite\nconnect = x\npassword_query = SELECT 1 WHERE a = %u\n")
+    checker.reload()
+    [error] = logged.texts("keeping the previous")
+    assert f"{path}:3: password_query: variable %u outside quotes" in error
+    assert (await login(checker, "zoe", "zz")).name == "zoe"

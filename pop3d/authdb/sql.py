@@ -49,6 +49,7 @@ from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCRAM_ITERATIONS,
     PasswordScheme,
@@ -533,7 +534,7 @@ class _Health:
             )
 
 
-@implementer(ICredentialsChecker, IScramKeySource, IUserDatabase)
+@implementer(ICredentialsChecker, IScramKeySource, IUserDatabase, IReloadable)
 class SQLChecker:
     """
     Checks logins with the password_query of a ``dovecot-sql.conf.ext``, and
@@ -577,14 +578,45 @@ class SQLChecker:
         self._queries = DeferredSemaphore(config.max_connections)
         self._checks_running = DeferredSemaphore(DEFAULT_MAX_CONCURRENT_CHECKS)
         self._dummies: dict[tuple[str, Hashable], bytes] = {}
-        default = config.default_scheme
+        self._set_scheme(config.default_scheme)
+
+    def _set_scheme(self, default: PasswordScheme) -> None:
         kinds = [default]
         self.credentialInterfaces = tuple(
-            check.interface for check in checks if check.possible(kinds)
+            check.interface for check in self._checks if check.possible(kinds)
         )
         self._dummy_entries = {
-            check.interface: check.dummy(kinds) for check in checks if check.dummy is not None
+            check.interface: check.dummy(kinds) for check in self._checks if check.dummy is not None
         }
+
+    def reload(self) -> None:
+        """
+        SIGHUP (`IReloadable`): read the file again.  New queries and scheme
+        apply to the next login; a new ``driver`` or ``connect`` opens a new
+        pool (the old one is closed in the thread pool).  A file that cannot
+        be used is logged with its line, and the one in use is kept.  (A
+        portal learns the mechanisms ``default_pass_scheme`` allows once.)
+        """
+        try:
+            config = read_sql_config(self.config.path)
+        except ConfigFileError as error:
+            log.error("keeping the previous {path}: {error}", path=self.config.path, error=error)
+            return
+        old = self.config
+        if (config.driver, config.connect, config.max_connections) != (
+            old.driver,
+            old.connect,
+            old.max_connections,
+        ):
+            previous, self.database = self.database, open_database(config, self.timeout)
+            self._health = _Health(self.database, config.path)
+            self._queries = DeferredSemaphore(config.max_connections)
+            if self._reactor is not None:
+                closed = self._in_thread(previous.close)
+                closed.addErrback(lambda failure: log.failure("closing {db}", failure, db=previous))
+        self.config = config
+        self._set_scheme(config.default_scheme)
+        log.info("reloaded {path}", path=config.path)
 
     def run_slow_work_in(self, reactor: IReactorThreads) -> None:
         """
