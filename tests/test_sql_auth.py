@@ -1049,3 +1049,22 @@ async def test_sighup_reads_the_file_again(tmp_path: Path, logged: LogCapture) -
     [error] = logged.texts("keeping the previous")
     assert f"{path}:3: password_query: variable %u outside quotes" in error
     assert (await login(checker, "zoe", "zz")).name == "zoe"
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_a_failing_query_with_the_password_logs_no_value(
+    postgres: PostgresCluster, tmp_path: Path, logged: LogCapture
+) -> None:
+    """PostgreSQL quotes a bad value in its error: with %w in the query, only the kind is logged."""
+    checker = Databases("pgsql", postgres.connect, tmp_path).checker(
+        password_query="SELECT password FROM users WHERE userid = '%u' AND login_delay = '%w'"
+    )
+    try:
+        with pytest.raises(AuthUnavailable):
+            await login(checker, "alice", "s3cret-pw")
+    finally:
+        await deferToThread(checker.database.close)
+    [line] = logged.texts("SQL database unavailable")
+    assert "InvalidTextRepresentation (SQLSTATE 22P02)" in line
+    assert "s3cret-pw" not in "".join(str(event) for event in logged.events)

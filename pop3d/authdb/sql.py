@@ -114,6 +114,18 @@ _EXTRA_HINT = "pip install 'pop3d[sql]'"
 class DatabaseError(Exception):
     """A query that did not run: the database is down, slow or refuses it."""
 
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        #: What happened without the database's words, which may quote a
+        #: parameter (PostgreSQL: 'invalid input syntax ...: "value"').
+        self.kind = kind or message
+
+
+def _database_error(error: Exception) -> DatabaseError:
+    state = getattr(error, "sqlstate", None)
+    kind = type(error).__name__ + (f" (SQLSTATE {state})" if state else "")
+    return DatabaseError(_one_line(str(error)), kind)
+
 
 class _BrokenConnection(Exception):
     """A pooled connection the server closed (it restarted, or it is down)."""
@@ -316,7 +328,7 @@ class PostgresDatabase:
             raise DatabaseError(f"no connection within {self.timeout:g} s") from None
         except (psycopg.Error, _BrokenConnection) as error:
             self._probe = True
-            raise DatabaseError(_one_line(str(error))) from None
+            raise _database_error(error) from None
 
     def _reach(self) -> None:
         """Connect once outside the pool: fails at once if the server is down."""
@@ -385,7 +397,7 @@ class SQLiteDatabase:
             return _rows(cursor.description, cursor.fetchall())
         except sqlite3.Error as error:
             self._forget()
-            raise DatabaseError(_one_line(str(error))) from None
+            raise _database_error(error) from None
 
     def _forget(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -661,7 +673,10 @@ class SQLChecker:
 
         def failed(failure: Failure) -> list[Row]:
             if failure.check(DatabaseError):
-                self._health.failed(str(failure.value))
+                error = failure.value
+                assert isinstance(error, DatabaseError)
+                # A query with the password in it: never the database's words.
+                self._health.failed(error.kind if query.holds_password else str(error))
             elif failure.check(TimeoutError):
                 self._health.failed(f"no answer within {self.timeout + 1:g} s")
             else:

@@ -18,7 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pop3d.dovecotvars import VariableError, Variables, check_template, expand
+from pop3d.dovecotvars import (
+    Reference,
+    VariableError,
+    Variables,
+    check_template,
+    expand,
+    split_template,
+)
 
 
 class QueryError(ValueError):
@@ -51,6 +58,15 @@ class BoundQuery:
     statement: str
     #: One Dovecot template per placeholder, in order: a literal's content.
     templates: tuple[str, ...]
+
+    @property
+    def holds_password(self) -> bool:
+        """Whether a parameter holds the password (``%w``): errors must not quote them."""
+        return any(
+            isinstance(part, Reference) and part.name == "password"
+            for template in self.templates
+            for part in split_template(template)
+        )
 
     def parameters(self, variables: Variables) -> tuple[str, ...]:
         """The values of the placeholders for one login (none of them SQL: data)."""
