@@ -62,7 +62,7 @@ from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
 
 from .conftest import start_service
 from .test_dovecot_migration import _require_dovecot as require_dovecot
-from .test_process import Launch
+from .test_process import Launch, Server
 from .test_process import launch as launch  # a fixture
 from .test_scram import Client, run_exchange
 
@@ -444,11 +444,91 @@ class Databases:
         return checker
 
 
-@pytest_twisted.async_yield_fixture(params=["sqlite", "pgsql"])
+MARIADB = Path("/usr/sbin/mariadbd")
+MARIADB_INSTALL = Path("/usr/bin/mariadb-install-db")
+READY = re.compile(r"ready for connections")
+
+
+def require_mariadb() -> None:
+    reason = None
+    if not (MARIADB.exists() and MARIADB_INSTALL.exists()):
+        reason = "MariaDB is not installed (apt-get install mariadb-server); .ci/run installs it"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class MariaDBServer:
+    """A throwaway MariaDB: its socket in ``root``, no TCP, root without a password."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "mysqld.sock"
+        as_user = ["--user=mysql"] if os.geteuid() == 0 else []
+        if os.geteuid() == 0:
+            shutil.chown(root, "mysql")
+        root.chmod(0o755)
+        subprocess.run(
+            [str(MARIADB_INSTALL), "--no-defaults", f"--datadir={root}/data", *as_user,
+             "--auth-root-authentication-method=normal", "--skip-test-db"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        self.server = Server(
+            ["--no-defaults", f"--datadir={root}/data", f"--socket={self.socket}",
+             "--skip-networking", f"--pid-file={root}/mysqld.pid", *as_user],
+            root,
+            program=[str(MARIADB)],
+        )  # fmt: skip
+        self.server.wait_for(READY)
+
+    @property
+    def connect(self) -> str:
+        return f"host={self.socket} dbname=mail user=root"
+
+    def execute(self, statement: str, rows: list[tuple[Any, ...]] | None = None) -> None:
+        import pymysql
+
+        connection = pymysql.connect(unix_socket=str(self.socket), user="root", autocommit=True)
+        try:
+            with connection.cursor() as cursor:
+                if rows is None:
+                    cursor.execute(statement)
+                else:
+                    cursor.executemany(statement, rows)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def mariadb() -> Iterator[MariaDBServer]:
+    require_mariadb()
+    root = Path(tempfile.mkdtemp(prefix="pop3d-my-"))
+    server = MariaDBServer(root)
+    try:
+        # Binary collation: names compare as PostgreSQL and SQLite compare them.
+        server.execute("CREATE DATABASE mail CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        server.execute(CREATE_TABLE.replace("CREATE TABLE users", "CREATE TABLE mail.users"))
+        server.execute(insert_users("%s").replace("INTO users", "INTO mail.users"), USERS)
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest_twisted.async_yield_fixture(params=["sqlite", "pgsql", "mysql"])
 async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
     if request.param == "pgsql":
         cluster: PostgresCluster = request.getfixturevalue("postgres")
         made = Databases("pgsql", cluster.connect, tmp_path)
+    elif request.param == "mysql":
+        server: MariaDBServer = request.getfixturevalue("mariadb")
+        made = Databases("mysql", server.connect, tmp_path)
     else:
         made = Databases("sqlite", str(sqlite_database(tmp_path / "users.db")), tmp_path)
     yield made
@@ -688,6 +768,8 @@ class TestFields:
         slow = {
             # A statement the server itself cancels (statement_timeout).
             "pgsql": "SELECT password FROM users, pg_sleep(30) WHERE userid = '%u'",
+            # max_statement_time (MariaDB), or the client's read timeout.
+            "mysql": "SELECT password FROM users WHERE userid = '%u' AND SLEEP(30) = 0",
             # A query the progress handler interrupts.
             "sqlite": (
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "

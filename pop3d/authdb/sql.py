@@ -44,7 +44,15 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3d.authdb.sqlquery import PYFORMAT, QMARK, BoundQuery, Placeholders, QueryError, bind_query
+from pop3d.authdb.sqlquery import (
+    MYSQL,
+    PYFORMAT,
+    QMARK,
+    BoundQuery,
+    Placeholders,
+    QueryError,
+    bind_query,
+)
 from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_bytes
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.dovecotvars import Variables
@@ -146,6 +154,8 @@ class SQLConfig:
     default_scheme: PasswordScheme
     password_query: BoundQuery
     user_query: BoundQuery
+    #: PyMySQL's connection settings (mysql), read from ``connect``.
+    mysql_settings: tuple[tuple[str, Any], ...] = ()
 
 
 def scheme_named(name: str) -> PasswordScheme:
@@ -190,17 +200,72 @@ def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
     return conninfo, max_connections
 
 
+#: Dovecot's mysql ``connect`` keys and PyMySQL's names for them (``host``
+#: and ``maxconns`` are read apart; a ``host`` that is a path is the socket).
+_MYSQL_KEYS = {
+    "port": "port",
+    "dbname": "database",
+    "user": "user",
+    "password": "password",
+    "client_flags": "client_flag",
+    "ssl_ca": "ssl_ca",
+    "ssl_cert": "ssl_cert",
+    "ssl_key": "ssl_key",
+    "ssl_cipher": "ssl_cipher",
+    "ssl_verify_server_cert": "ssl_verify_cert",
+    "option_file": "read_default_file",
+    "option_group": "read_default_group",
+}
+_MYSQL_NUMBERS = frozenset({"port", "client_flags"})
+
+
+def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], int]:
+    """Dovecot's ``connect`` for mysql as PyMySQL's arguments, and ``maxconns``."""
+    try:
+        import pymysql  # noqa: F401 (needed at the first login)
+    except ImportError:
+        raise value.error(f"driver mysql needs PyMySQL: {_EXTRA_HINT}") from None
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    settings: dict[str, Any] = {}
+    hosts: list[str] = []
+    for word in value.value.split():
+        key, _, setting = word.partition("=")
+        if key == "maxconns":
+            if not setting.isdigit() or int(setting) < 1:
+                raise value.error(f"invalid value for maxconns: {setting!r}")
+            max_connections = int(setting)
+        elif key == "host":
+            hosts.append(setting)
+        elif key in _MYSQL_KEYS:
+            if key in _MYSQL_NUMBERS:
+                if not setting.isdigit():
+                    raise value.error(f"connect: {key} must be a number")
+                settings[_MYSQL_KEYS[key]] = int(setting)
+            elif key == "ssl_verify_server_cert":
+                settings[_MYSQL_KEYS[key]] = setting.lower() in ("yes", "1", "true")
+            else:
+                settings[_MYSQL_KEYS[key]] = setting
+        else:
+            raise value.error(f"connect: unknown mysql setting {key!r}")
+    settings["hosts"] = tuple(hosts or ["localhost"])
+    return tuple(settings.items()), max_connections
+
+
 def read_sql_config(path: str) -> SQLConfig:
     """Read and check ``path``; `ConfigFileError` names the line of what is wrong."""
     values = read_conf_ext(path, CONFIG_KEYS)
     driver = values.get("driver")
     if driver is None:
-        raise ConfigFileError(path, 1, "driver is not set (pgsql or sqlite)")
+        raise ConfigFileError(path, 1, "driver is not set (pgsql, mysql or sqlite)")
     connect = values.get("connect")
     if connect is None:
         raise driver.error("connect is not set")
     placeholders: Placeholders
-    if driver.value == "pgsql":
+    mysql_settings: tuple[tuple[str, Any], ...] = ()
+    if driver.value == "mysql":
+        mysql_settings, max_connections = _mysql_settings(connect)
+        conninfo, placeholders = connect.value, MYSQL
+    elif driver.value == "pgsql":
         conninfo, max_connections = _pgsql_conninfo(connect)
         placeholders = PYFORMAT
     elif driver.value == "sqlite":
@@ -209,7 +274,7 @@ def read_sql_config(path: str) -> SQLConfig:
             raise connect.error("connect: the path of the SQLite database")
         placeholders = QMARK
     else:
-        raise driver.error(f"unsupported driver {driver.value!r}: pgsql or sqlite")
+        raise driver.error(f"unsupported driver {driver.value!r}: pgsql, mysql or sqlite")
     scheme_value = values.get("default_pass_scheme")
     try:
         scheme = scheme_named(scheme_value.value if scheme_value else DEFAULT_PASS_SCHEME)
@@ -230,7 +295,14 @@ def read_sql_config(path: str) -> SQLConfig:
     password_query = query("password_query", DEFAULT_PASSWORD_QUERY)
     user_query = query("user_query", DEFAULT_USER_QUERY)
     return SQLConfig(
-        path, driver.value, conninfo, max_connections, scheme, password_query, user_query
+        path,
+        driver.value,
+        conninfo,
+        max_connections,
+        scheme,
+        password_query,
+        user_query,
+        mysql_settings,
     )
 
 
@@ -416,16 +488,96 @@ class SQLiteDatabase:
         return f"SQLite {self.path}"
 
 
+class MySQLDatabase:
+    """
+    MySQL or MariaDB through PyMySQL: one connection per thread that
+    queries (at most ``maxconns`` query at once), made again after a
+    failure; each ``host`` in turn, a path being the server's socket.
+    """
+
+    def __init__(self, settings: Sequence[tuple[str, Any]], timeout: float) -> None:
+        options = dict(settings)
+        self.hosts: tuple[str, ...] = options.pop("hosts")
+        self.options = options
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connect(self) -> Any:
+        import pymysql
+
+        failure: Exception | None = None
+        for host in self.hosts:
+            where = {"unix_socket": host} if host.startswith("/") else {"host": host}
+            try:
+                connection = pymysql.connect(
+                    **where,
+                    **self.options,
+                    charset="utf8mb4",
+                    autocommit=True,
+                    connect_timeout=self.timeout,
+                    read_timeout=self.timeout,
+                    write_timeout=self.timeout,
+                )
+            except pymysql.Error as error:
+                failure = error
+                continue
+            try:
+                # MariaDB stops a slow statement itself (MySQL has no such
+                # setting for every statement: the read timeout still holds).
+                seconds = f"{self.timeout:.3f}"
+                connection.cursor().execute(f"SET SESSION max_statement_time = {seconds}")
+            except pymysql.Error:
+                pass
+            return connection
+        assert failure is not None
+        raise failure
+
+    def fetch(self, statement: str, parameters: Sequence[str]) -> list[Row]:
+        """Run ``statement`` (blocking: in a thread)."""
+        import pymysql
+
+        try:
+            connection = getattr(self._local, "connection", None)
+            if connection is None:
+                connection = self._local.connection = self._connect()
+            with connection.cursor() as cursor:
+                cursor.execute(statement, tuple(parameters))
+                return _rows(cursor.description, cursor.fetchall())
+        except pymysql.Error as error:
+            self._forget()
+            code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+            kind = type(error).__name__ + (f" ({code})" if code else "")
+            raise DatabaseError(_one_line(str(error)), kind) from None
+
+    def _forget(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # noqa: S110 (already broken)
+                pass
+
+    def close(self) -> None:
+        # As with SQLite: each thread's connection ends with the process.
+        pass
+
+    def __str__(self) -> str:
+        return "MySQL"
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-Database = PostgresDatabase | SQLiteDatabase
+Database = PostgresDatabase | SQLiteDatabase | MySQLDatabase
 
 
 def open_database(config: SQLConfig, timeout: float) -> Database:
     if config.driver == "pgsql":
         return PostgresDatabase(config.connect, config.max_connections, timeout)
+    if config.driver == "mysql":
+        return MySQLDatabase(config.mysql_settings, timeout)
     return SQLiteDatabase(config.connect, timeout)
 
 

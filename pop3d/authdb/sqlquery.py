@@ -42,12 +42,20 @@ class Placeholders:
 
     parameter: str
     percent: str
+    #: MySQL's SQL: ``"..."`` is a string too, backslashes escape in
+    #: strings, ``#`` starts a comment and identifiers are in backticks.
+    mysql: bool = False
 
 
 #: psycopg: ``%s``, and ``%%`` for a literal ``%``.
 PYFORMAT = Placeholders("%s", "%%")
 #: sqlite3 (qmark style): ``?``; ``%`` is an ordinary character.
 QMARK = Placeholders("?", "%")
+#: PyMySQL: as psycopg, in MySQL's dialect.
+MYSQL = Placeholders("%s", "%%", mysql=True)
+
+#: MySQL's backslash escapes in strings (``\%`` and ``\_`` keep their backslash).
+_MYSQL_ESCAPES = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,30 @@ class BoundQuery:
 def _variable_at(query: str, index: int) -> str:
     match = _VARIABLE.match(query, index)
     return match.group(0) if match else "%"
+
+
+def _mysql_quoted(query: str, start: int, quote: str) -> tuple[str, int]:
+    """A MySQL string at ``start``: doubled quotes and backslash escapes undone."""
+    content: list[str] = []
+    index = start + 1
+    while index < len(query):
+        char = query[index]
+        if char == "\\" and index + 1 < len(query):
+            escaped = query[index + 1]
+            if escaped in "%_":
+                content.append("\\" + escaped)
+            else:
+                content.append(_MYSQL_ESCAPES.get(escaped, escaped))
+            index += 2
+        elif char == quote and query.startswith(quote * 2, index):
+            content.append(quote)
+            index += 2
+        elif char == quote:
+            return "".join(content), index + 1
+        else:
+            content.append(char)
+            index += 1
+    raise QueryError(f"unterminated {quote} quote")
 
 
 def _quoted(query: str, start: int, quote: str) -> tuple[str, int]:
@@ -113,8 +145,11 @@ def bind_query(query: str, style: Placeholders) -> BoundQuery:
     index, length = 0, len(query)
     while index < length:
         char = query[index]
-        if char == "'":
-            content, after = _quoted(query, index, "'")
+        if char == "'" or (char == '"' and style.mysql):
+            if style.mysql:
+                content, after = _mysql_quoted(query, index, char)
+            else:
+                content, after = _quoted(query, index, "'")
             if "%" not in content:
                 parts.append(query[index:after].replace("%", style.percent))
             else:
@@ -131,8 +166,8 @@ def bind_query(query: str, style: Placeholders) -> BoundQuery:
                 templates.append(content)
                 parts.append(style.parameter)
             index = after
-        elif char == '"':
-            content, after = _quoted(query, index, '"')
+        elif char == '"' or (char == "`" and style.mysql):
+            content, after = _quoted(query, index, char)
             if "%" in content.replace("%%", ""):
                 raise QueryError(
                     f"variable {_variable_at(content, content.index('%'))} in a quoted "
@@ -140,7 +175,7 @@ def bind_query(query: str, style: Placeholders) -> BoundQuery:
                 )
             parts.append(query[index:after].replace("%", style.percent))
             index = after
-        elif query.startswith("--", index):
+        elif query.startswith("--", index) or (char == "#" and style.mysql):
             end = query.find("\n", index)
             end = length if end < 0 else end
             parts.append(query[index:end].replace("%", style.percent))
