@@ -4,8 +4,10 @@ with Dovecot's own configuration file (pop3d.authdb.sql).
 
 The database tests run every case against a real PostgreSQL cluster that the
 fixture creates and starts (initdb, pg_ctl; as the ``postgres`` user when the
-tests run as root; a UNIX socket in a temporary directory, no TCP) and
-against an SQLite file.
+tests run as root; a UNIX socket in a temporary directory, no TCP), a real
+MariaDB started the same way (mariadb-install-db, mariadbd as ``mysql``) and
+an SQLite file; the end-to-end tests run ``twistd pop3d`` and the real
+Dovecot (its pgsql and mysql drivers) on one ``dovecot-sql.conf.ext``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pop3d.authdb.sql import (
     read_sql_config,
     scheme_named,
 )
-from pop3d.authdb.sqlquery import PYFORMAT, QMARK, QueryError, bind_query
+from pop3d.authdb.sqlquery import MYSQL, PYFORMAT, QMARK, QueryError, bind_query
 from pop3d.checkers import FirstMatchChecker
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
@@ -97,6 +99,21 @@ class TestBinding:
             "SELECT 1 WHERE 7 % 2 = 1 AND ? = ? AND 'x' = 'x' -- 5%% off"
         )
 
+    def test_mysql_strings(self) -> None:
+        """MySQL: "..." is a string, backslashes escape, # starts a comment."""
+        query = (
+            "SELECT password FROM users WHERE userid = \"%u\" AND note = 'it\\'s %Ln' "
+            "AND a = `col%%` # 5%% off"
+        )
+        bound = bind_query(query, MYSQL)
+        assert bound.statement == (
+            "SELECT password FROM users WHERE userid = %s AND note = %s AND a = `col%%%%` "
+            "# 5%%%% off"
+        )
+        assert bound.parameters(Variables("Ann@x.test")) == ("Ann@x.test", "it's ann")
+        with pytest.raises(QueryError, match="quoted identifier"):
+            bind_query("SELECT 1 FROM `users_%d`", MYSQL)
+
     @pytest.mark.parametrize(
         "query,message",
         [
@@ -146,6 +163,24 @@ class TestConfig:
             "SELECT username AS user, password FROM users WHERE username = %s AND domain = %s"
         )
 
+    def test_mysql_connect(self, tmp_path: Path) -> None:
+        path = write_config(
+            tmp_path / "f",
+            driver="mysql",
+            connect="host=/run/mysqld/mysqld.sock host=db2 port=3307 dbname=mail user=u "
+            "password=p maxconns=7",
+        )
+        config = read_sql_config(str(path))
+        assert config.max_connections == 7
+        assert dict(config.mysql_settings) == {
+            "hosts": ("/run/mysqld/mysqld.sock", "db2"),
+            "port": 3307,
+            "database": "mail",
+            "user": "u",
+            "password": "p",
+        }
+        assert config.password_query.statement.endswith("username = %s AND domain = %s")
+
     def test_dovecot_defaults(self, tmp_path: Path) -> None:
         config = read_sql_config(str(write_config(tmp_path / "f", driver="sqlite", connect="x")))
         assert config.default_scheme.name == "MD5-CRYPT"  # Dovecot's "MD5"
@@ -178,6 +213,8 @@ class TestConfig:
                 "invalid value for maxconns",
             ),
             ({"driver": "pgsql", "connect": "hots=/x"}, 2, 'invalid connection option "hots"'),
+            ({"driver": "mysql", "connect": "host=/s dbnme=x"}, 2, "unknown mysql setting 'dbnme'"),
+            ({"driver": "mysql", "connect": "host=/s port=http"}, 2, "port must be a number"),
             ({"driver": "sqlite", "connect": "x", "pass_query": "x"}, 3, "unknown"),
         ],
     )
@@ -205,7 +242,7 @@ class TestConfig:
             )
         assert (
             str(raised.value)
-            == f"--auth sql: {path}:1: unsupported driver 'mssql': pgsql or sqlite"
+            == f"--auth sql: {path}:1: unsupported driver 'mssql': pgsql, mysql or sqlite"
         )
 
 
@@ -474,12 +511,14 @@ class MariaDBServer:
              "--auth-root-authentication-method=normal", "--skip-test-db"],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        self.server = Server(
-            ["--no-defaults", f"--datadir={root}/data", f"--socket={self.socket}",
-             "--skip-networking", f"--pid-file={root}/mysqld.pid", *as_user],
-            root,
-            program=[str(MARIADB)],
-        )  # fmt: skip
+        self.arguments = [
+            "--no-defaults", f"--datadir={root}/data", f"--socket={self.socket}",
+            "--skip-networking", f"--pid-file={root}/mysqld.pid", *as_user,
+        ]  # fmt: skip
+        self.start()
+
+    def start(self) -> None:
+        self.server = Server(self.arguments, self.root, program=[str(MARIADB)])
         self.server.wait_for(READY)
 
     @property
@@ -817,9 +856,10 @@ async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCap
 
 
 @pytest.mark.peer
+@pytest.mark.parametrize("driver", ["pgsql", "mysql"])
 @pytest_twisted.ensureDeferred
 async def test_database_down_and_back(
-    postgres: PostgresCluster, tmp_path: Path, logged: LogCapture
+    request: pytest.FixtureRequest, driver: str, tmp_path: Path, logged: LogCapture
 ) -> None:
     """
     PostgreSQL stopped under a running server: logins are answered
@@ -827,7 +867,10 @@ async def test_database_down_and_back(
     once; started again, logins work without a restart of pop3d, and that
     is logged once too.
     """
-    config = Databases("pgsql", postgres.connect, tmp_path).config()
+    server_of_the_database: PostgresCluster | MariaDBServer = request.getfixturevalue(
+        {"pgsql": "postgres", "mysql": "mariadb"}[driver]
+    )
+    config = Databases(driver, server_of_the_database.connect, tmp_path).config()
     server = await start_service(
         tmp_path, ["tcp:0:interface=127.0.0.1"], ["--auth", f"sql:{config}"]
     )
@@ -844,7 +887,7 @@ async def test_database_down_and_back(
 
     try:
         assert (await deferToThread(session)).startswith(b"+OK")
-        await deferToThread(postgres.stop)
+        await deferToThread(server_of_the_database.stop)
         try:
             for _ in range(3):
                 started = time.monotonic()
@@ -853,13 +896,13 @@ async def test_database_down_and_back(
                 )
                 assert time.monotonic() - started < 2
         finally:
-            await deferToThread(postgres.start)
+            await deferToThread(server_of_the_database.start)
         assert (await deferToThread(session)).startswith(b"+OK")
         assert (await deferToThread(session)).startswith(b"+OK")
     finally:
         await server.service.stopService()
     [down] = logged.texts("SQL database unavailable")
-    assert f"(PostgreSQL, {config})" in down
+    assert f"({'PostgreSQL' if driver == 'pgsql' else 'MySQL'}, {config})" in down
     assert len(logged.texts("SQL database available again")) == 1
     assert not logged.texts("Traceback")
 
@@ -867,16 +910,37 @@ async def test_database_down_and_back(
 # -- end to end: twistd pop3d and Dovecot on the same dovecot-sql.conf.ext ------------------
 
 DOVECOT = "/usr/sbin/dovecot"
-DOVECOT_PGSQL = "/usr/lib/dovecot/modules/libdriver_pgsql.so"
 
 
-def require_dovecot_pgsql() -> None:
+#: Dovecot's SQL drivers (Debian packages dovecot-pgsql, dovecot-mysql).
+DOVECOT_DRIVERS = {
+    "pgsql": "/usr/lib/dovecot/modules/libdriver_pgsql.so",
+    "mysql": "/usr/lib/dovecot/modules/libdriver_mysql.so",
+}
+
+
+def require_dovecot_sql(driver: str) -> None:
     require_dovecot()
-    if not (os.access(DOVECOT, os.X_OK) and os.path.exists(DOVECOT_PGSQL)):
-        reason = "Dovecot's SQL driver is not installed (apt-get install dovecot-pgsql)"
+    if not (os.access(DOVECOT, os.X_OK) and os.path.exists(DOVECOT_DRIVERS[driver])):
+        reason = f"Dovecot's {driver} driver is not installed (apt-get install dovecot-{driver})"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def e2e_database(request: pytest.FixtureRequest, driver: str, rows: list[tuple[Any, ...]]) -> str:
+    """A database ``e2e`` with ``rows`` in the driver's server; its ``connect``."""
+    if driver == "pgsql":
+        postgres: PostgresCluster = request.getfixturevalue("postgres")
+        postgres.execute("CREATE DATABASE e2e")
+        postgres.execute(CREATE_TABLE, database="e2e")
+        postgres.execute(insert_users("%s"), rows, database="e2e")
+        return f"host={postgres.root} dbname=e2e user=pop3d maxconns=2"
+    mariadb: MariaDBServer = request.getfixturevalue("mariadb")
+    mariadb.execute("CREATE DATABASE e2e CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    mariadb.execute(CREATE_TABLE.replace("TABLE users", "TABLE e2e.users"))
+    mariadb.execute(insert_users("%s").replace("INTO users", "INTO e2e.users"), rows)
+    return f"host={mariadb.socket} dbname=e2e user=root maxconns=2"
 
 
 def free_port() -> int:
@@ -959,7 +1023,10 @@ E2E_CASES = [
 
 
 @pytest.mark.peer
-def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launch) -> None:
+@pytest.mark.parametrize("driver", ["pgsql", "mysql"])
+def test_same_users_and_mail_as_dovecot(
+    request: pytest.FixtureRequest, driver: str, launch: Launch
+) -> None:
     """
     One dovecot-sql.conf.ext, read by the real Dovecot (passdb and userdb
     ``driver = sql``) and by ``twistd pop3d --auth sql:``: the same users are
@@ -967,7 +1034,7 @@ def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launc
     ``mail`` location the user_query gives (a different layout for bob),
     with the same UIDLs and bytes.
     """
-    require_dovecot_pgsql()
+    require_dovecot_sql(driver)
     shared = Path(tempfile.mkdtemp(prefix="pop3d-sql-e2e-"))
     try:
         shared.chmod(0o755)
@@ -979,10 +1046,9 @@ def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launc
             for number in (1, 2):
                 deliver_to_maildir(str(maildir), f"Subject: {number} for {user}\n\nhi\n".encode())
         subprocess.run(["chown", "-R", "nobody:nogroup", str(home)], check=True)
-        postgres.execute("CREATE DATABASE e2e")
-        postgres.execute(CREATE_TABLE, database="e2e")
-        postgres.execute(
-            insert_users("%s"),
+        connect = e2e_database(
+            request,
+            driver,
             [
                 row("alice", "wonderland", home=f"{home}/alice", mail="maildir:~/Maildir"),
                 row(
@@ -998,12 +1064,11 @@ def test_same_users_and_mail_as_dovecot(postgres: PostgresCluster, launch: Launc
                 row("twin", "{PLAIN}twin"),
                 row("hank", "{NOSUCH}x"),
             ],
-            database="e2e",
         )
         sql_config = write_config(
             shared / "dovecot-sql.conf.ext",
-            driver="pgsql",
-            connect=f"host={postgres.root} dbname=e2e user=pop3d maxconns=2",
+            driver=driver,
+            connect=connect,
             default_pass_scheme="PLAIN",
             password_query=(
                 "SELECT userid AS user, password, nologin, reason, allow_nets, nopassword "
@@ -1049,7 +1114,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest_twisted.ensureDeferred
 async def test_the_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """README, "SQL: PostgreSQL and SQLite": its files, its commands, its users."""
+    """README, "SQL: PostgreSQL, MySQL and SQLite": its files, its commands, its users."""
     readme = (ROOT / "README.rst").read_text()
     config = ROOT / "examples" / "sql" / "dovecot-sql.conf.ext"
     settings = [

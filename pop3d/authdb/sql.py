@@ -3,17 +3,19 @@
 database, configured by Dovecot's own ``dovecot-sql.conf.ext``.
 
 The file is read as Dovecot reads it (`pop3d.dovecotconf`): ``driver``
-(``pgsql`` or ``sqlite``), ``connect``, ``default_pass_scheme``,
+(``pgsql``, ``mysql`` or ``sqlite``), ``connect``, ``default_pass_scheme``,
 ``password_query``, ``user_query`` and ``iterate_query`` (accepted, unused).
 Dovecot's variables in the queries become bound parameters
 (`pop3d.authdb.sqlquery`).
 
 PostgreSQL is reached through psycopg 3 and a psycopg_pool connection pool
 of ``maxconns`` connections (Dovecot's key in ``connect``, 5 by default);
+MySQL and MariaDB through PyMySQL, one connection per thread that queries;
 SQLite through the standard library, read-only, one connection per thread.
 Every query runs in the reactor's thread pool, at most ``maxconns`` at once,
 and is bounded by `DEFAULT_QUERY_TIMEOUT` on the database's side
-(``statement_timeout``, SQLite's progress handler) and on the reactor's: a
+(``statement_timeout``, MariaDB's ``max_statement_time`` and the client's
+read timeout, SQLite's progress handler) and on the reactor's: a
 database that is down or slow answers the client ``-ERR [SYS/TEMP]``
 (`pop3d.errors.AuthUnavailable`), is logged once when it goes and once when
 it is back, and is reconnected to by itself.
@@ -539,15 +541,30 @@ class MySQLDatabase:
         try:
             connection = getattr(self._local, "connection", None)
             if connection is None:
-                connection = self._local.connection = self._connect()
-            with connection.cursor() as cursor:
-                cursor.execute(statement, tuple(parameters))
-                return _rows(cursor.description, cursor.fetchall())
+                return self._run(self._new_connection(), statement, parameters)
+            try:
+                return self._run(connection, statement, parameters)
+            except (pymysql.OperationalError, pymysql.InterfaceError) as error:
+                if "timed out" in str(error):
+                    raise
+                # The server closed it (it restarted): once more, anew.
+                self._forget()
+                return self._run(self._new_connection(), statement, parameters)
         except pymysql.Error as error:
             self._forget()
             code = error.args[0] if error.args and isinstance(error.args[0], int) else None
             kind = type(error).__name__ + (f" ({code})" if code else "")
             raise DatabaseError(_one_line(str(error)), kind) from None
+
+    def _new_connection(self) -> Any:
+        connection = self._local.connection = self._connect()
+        return connection
+
+    @staticmethod
+    def _run(connection: Any, statement: str, parameters: Sequence[str]) -> list[Row]:
+        with connection.cursor() as cursor:
+            cursor.execute(statement, tuple(parameters))
+            return _rows(cursor.description, cursor.fetchall())
 
     def _forget(self) -> None:
         connection = getattr(self._local, "connection", None)
@@ -1012,9 +1029,9 @@ class SQLCheckerFactory:
 
     authType = "sql"
     authHelp = (
-        "Users in PostgreSQL or SQLite, configured by Dovecot's dovecot-sql.conf.ext "
+        "Users in PostgreSQL, MySQL or SQLite, configured by Dovecot's dovecot-sql.conf.ext "
         "(driver, connect, default_pass_scheme, password_query, user_query); "
-        "PostgreSQL needs " + _EXTRA_HINT + "."
+        "PostgreSQL and MySQL need " + _EXTRA_HINT + "."
     )
     argStringFormat = "Path to dovecot-sql.conf.ext"
     credentialInterfaces = PASSWORD_CHECKS.interfaces()
