@@ -342,7 +342,11 @@ class OAuth2Checker:
         self.settings = settings
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
-        self._http = http if http is not None else _treq_client(reactor, settings)
+        # Made on first use: a checker that validates JWTs from a file needs none.
+        self._http_client = http
+        if http is None and settings.tls_ca_cert_file is not None:
+            # Now, so a bad CA file stops the start-up.
+            self._http_client = _treq_client(reactor, settings)
         self._verdicts: WeakKeyDictionary[object, _Outcome] = WeakKeyDictionary()
         self._outage: str | None = None
         self._dict_keys: dict[str, Any] = {}
@@ -359,6 +363,12 @@ class OAuth2Checker:
                     self._jwks = parse_jwks(stream.read(MAX_RESPONSE_BYTES))
             except (OSError, KeyUnavailable) as error:
                 raise ConfigFileError(settings.path, 0, f"jwks_url: {error}") from None
+
+    @property
+    def _http(self) -> Any:
+        if self._http_client is None:
+            self._http_client = _treq_client(self._reactor, self.settings)
+        return self._http_client
 
     # -- IOAuth2TokenVerifier --------------------------------------------------------
 
