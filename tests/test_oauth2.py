@@ -877,3 +877,27 @@ class TestConfig:
         checker = OAuth2Checker(read_settings(str(jwks_conf)), reactor, clock=Clock())
         portal: Portal = build_portal(MaildropRealm(MemoryStore()), [checker])
         assert IOAuth2BearerToken in portal.listCredentialsInterfaces()
+
+
+def test_the_readmes_example_is_accepted(tmp_path: Path) -> None:
+    """README, "OAuth2 (--auth oauth2:)": its config file and command line start a server."""
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    section = readme.split("OAuth2 (``--auth oauth2:``)\n", 1)[1]
+    block = section.split("    # /etc/pop3d/dovecot-oauth2.conf.ext\n", 1)[1].split("\n\n", 1)[0]
+    conf = tmp_path / "dovecot-oauth2.conf.ext"
+    conf.write_text("".join(line.removeprefix("    ") + "\n" for line in block.splitlines()))
+    if not Path("/etc/ssl/certs/ca-certificates.crt").is_file():
+        conf.write_text(conf.read_text().replace("/etc/ssl/certs/ca-certificates.crt", ""))
+    settings = read_settings(str(conf))
+    assert settings.introspection_mode == "post"
+    assert settings.introspection_url is not None
+    assert settings.introspection_url.basic_auth == ("pop3d", "client-secret")
+    command = section.split("twistd -n --pidfile= pop3d ", 1)[1].split("\n    curl", 1)[0]
+    arguments = command.replace("\\\n", " ").replace("'", "").split()
+    arguments = [
+        f"maildir:{tmp_path}/{{user}}" if a.startswith("maildir:") else a for a in arguments
+    ]
+    arguments = [f"oauth2:{conf}" if a.startswith("oauth2:") else a for a in arguments]
+    options = Options()
+    options.parseOptions(arguments)
+    assert [type(c).__name__ for c in options["credCheckers"]] == ["OAuth2Checker"]
