@@ -223,9 +223,11 @@ class TestXOAuth2Grammar:
 
     def test_error_json(self) -> None:
         """Google's (and Dovecot's) XOAUTH2 error: status 401, schemes, scope."""
-        assert xoauth2_error(TokenRefusal()) == b'{"status":"401","schemes":"bearer"}'
-        assert xoauth2_error(TokenRefusal("mail")) == (
-            b'{"status":"401","schemes":"bearer","scope":"mail"}'
+        assert (
+            xoauth2_error(TokenRefusal()) == b'{"status":"401","schemes":"bearer","scope":"mail"}'
+        )
+        assert xoauth2_error(TokenRefusal("pop")) == (
+            b'{"status":"401","schemes":"bearer","scope":"pop"}'
         )
 
 
@@ -366,7 +368,10 @@ class TestThroughTheSession:
         forged = sign(ec_key("k1"), claims(), kid="k1")
         assert wire.command(b"AUTH XOAUTH2") == b"+ \r\n"
         answer = wire.command(b64(xoauth2(forged)))
-        assert answer == b"+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=\r\n"
+        # {"status":"401","schemes":"bearer","scope":"mail"}
+        assert answer == (
+            b"+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n"
+        )
         assert wire.command(b"") == b"-ERR [AUTH] invalid user name or password\r\n"
 
     @pytest.mark.parametrize(

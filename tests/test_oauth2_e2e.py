@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -253,3 +254,126 @@ async def test_mpop(deployment: Deployment, tmp_path: Path, method: str) -> None
     code, said = await run(GOOD)
     assert code == 0, said
     assert b"hello over a bearer token" in mbox.read_bytes()
+
+
+# -- the same config file, the same provider: Dovecot's oauth2 passdb -------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+DOVECOT_CASES = [
+    # (mechanism, initial response, accepted?)
+    ("OAUTHBEARER", f"n,a={ALICE},\x01auth=Bearer {GOOD}\x01\x01", True),
+    ("OAUTHBEARER", f"n,a={ALICE.upper()},\x01auth=Bearer {GOOD}\x01\x01", True),
+    ("OAUTHBEARER", f"n,a={ALICE},\x01auth=Bearer {BAD}\x01\x01", False),
+    ("OAUTHBEARER", f"n,a=bob@example.test,\x01auth=Bearer {GOOD}\x01\x01", False),
+    ("XOAUTH2", f"user={ALICE}\x01auth=Bearer {GOOD}\x01\x01", True),
+    ("XOAUTH2", f"user={ALICE}\x01auth=Bearer {BAD}\x01\x01", False),
+    ("XOAUTH2", f"user=bob@example.test\x01auth=Bearer {GOOD}\x01\x01", False),
+]
+
+
+def auth_exchange(port: int, mechanism: str, response: str) -> list[bytes]:
+    """AUTH with an initial response; after an error challenge, the dummy response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
+        stream = connection.makefile("rb")
+        stream.readline()
+        connection.sendall(f"AUTH {mechanism} ".encode() + b64(response) + b"\r\n")
+        answers = [stream.readline()]
+        if answers[0].startswith(b"+ "):
+            # RFC 7628 section 3.2.3: %x01; Google's XOAUTH2: an empty line.
+            connection.sendall(b"AQ==\r\n" if mechanism == "OAUTHBEARER" else b"\r\n")
+            answers.append(stream.readline())
+        connection.sendall(b"QUIT\r\n")
+        return answers
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_dovecot_reads_the_same_file_and_agrees(tmp_path: Path) -> None:
+    """
+    Dovecot's oauth2 passdb with the same dovecot-oauth2.conf.ext and the same
+    provider accepts and refuses the same logins as pop3d, with the same
+    error challenges (RFC 7628 section 3.2.2; Google's XOAUTH2 JSON).
+    """
+    import shutil
+    import tempfile
+
+    dovecot = require_program("dovecot")
+    state = ProviderState()
+    state.tokens[GOOD] = {"username": ALICE, "active": True}
+    provider = listen(reactor, state)
+    # Dovecot's processes run as other users: a directory they may read.
+    shared = Path(tempfile.mkdtemp(prefix="pop3d-oauth2-"))
+    shared.chmod(0o755)
+    servers: list[Server] = []
+    try:
+        conf = shared / "dovecot-oauth2.conf.ext"
+        conf.write_text(
+            "introspection_mode = post\n"
+            f"introspection_url = http://pop3d:secret@127.0.0.1:{provider.getHost().port}"  # type: ignore[attr-defined]
+            "/introspect\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "timeout_msecs = 5000\n"
+        )
+        conf.chmod(0o644)
+        mail = shared / "mail"
+        mail.mkdir()
+        shutil.chown(mail, "nobody")
+        dovecot_port = free_port()
+        dovecot_conf = shared / "dovecot.conf"
+        dovecot_conf.write_text(
+            f"base_dir = {shared}/run\nstate_dir = {shared}/state\nlog_path = /dev/stderr\n"
+            "protocols = pop3\nlisten = 127.0.0.1\nssl = no\ndisable_plaintext_auth = no\n"
+            "auth_mechanisms = oauthbearer xoauth2\nauth_failure_delay = 0\n"
+            f"mail_location = maildir:{mail}/%u\n"
+            f"service pop3-login {{\n  inet_listener pop3 {{\n    port = {dovecot_port}\n  }}\n}}\n"
+            "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
+            "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            f"  args = {conf}\n}}\n"
+            f"userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={mail}/%u\n}}\n"
+        )
+        dovecot_conf.chmod(0o644)
+        servers.append(Server(["-F", "-c", str(dovecot_conf)], tmp_path, program=[dovecot]))
+        servers[-1].wait_for(re.compile(r"starting up for pop3"))
+        deliver_to_maildir(str(tmp_path / "mail" / ALICE), MESSAGE)
+        servers.append(
+            Server(
+                [
+                    "-n",
+                    "--pidfile=",
+                    "pop3d",
+                    "--listen",
+                    "tcp:0:interface=127.0.0.1",
+                    "--mail-location",
+                    f"maildir:{tmp_path}/mail/{{user}}",
+                    "--auth",
+                    f"oauth2:{conf}",
+                    "--login-failure-delay",
+                    "0",
+                ],
+                tmp_path,
+            )
+        )
+        pop3d_port = servers[-1].wait_listening()
+        for mechanism, response, accepted in DOVECOT_CASES:
+            ours = await deferToThread(auth_exchange, pop3d_port, mechanism, response)
+            theirs = await deferToThread(auth_exchange, dovecot_port, mechanism, response)
+            case = f"{mechanism} {response!r}"
+            assert ours[-1].startswith(b"+OK" if accepted else b"-ERR [AUTH]"), case
+            assert theirs[-1].startswith(b"+OK" if accepted else b"-ERR [AUTH]"), case
+            # The same challenge, byte for byte, before the failure.
+            assert ours[:-1] == theirs[:-1], case
+        assert GOOD not in servers[-1].output and BAD not in servers[-1].output
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(shared)
+        await provider.stopListening()

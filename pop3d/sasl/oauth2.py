@@ -254,10 +254,11 @@ def oauthbearer_error(refusal: TokenRefusal) -> bytes:
 
 
 def xoauth2_error(refusal: TokenRefusal) -> bytes:
-    """Google's XOAUTH2 error JSON (as Dovecot sends it), with the scope when there is one."""
-    error: dict[str, str] = {"status": "401", "schemes": "bearer"}
-    if refusal.scope:
-        error["scope"] = refusal.scope
+    """
+    Google's XOAUTH2 error JSON, as Dovecot sends it: its scope is always
+    there, ``mail`` unless the checker names another.
+    """
+    error = {"status": "401", "schemes": "bearer", "scope": refusal.scope or "mail"}
     return json.dumps(error, separators=(",", ":")).encode("utf-8")
 
 
