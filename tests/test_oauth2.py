@@ -906,3 +906,31 @@ def test_the_readmes_example_is_accepted(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(arguments)
     assert [type(c).__name__ for c in options["credCheckers"]] == ["OAuth2Checker"]
+
+
+class TestSeveralCheckers:
+    """`FirstMatchChecker` (repeated --auth) with checkers that may be unavailable."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_unavailable_is_not_a_wrong_password(
+        self, tmp_path: Path, provider_url: tuple[str, ProviderState]
+    ) -> None:
+        from pop3d.checkers import FirstMatchChecker
+        from pop3d.sasl.oauth2 import IOAuth2BearerToken
+
+        url, state = provider_url
+        down = http_checker(tmp_path, f"introspection_url = {url}/userinfo\n")
+        other = tmp_path / "other"
+        other.mkdir()
+        up = http_checker(
+            other, f"introspection_mode = get\nintrospection_url = {url}/introspect?token=\n"
+        )
+        both = FirstMatchChecker([down, up], [IOAuth2BearerToken])
+        state.status = 503
+        # Neither can tell: the service is unavailable, not the password wrong.
+        assert await check(both, "good-token") is AuthUnavailable  # type: ignore[arg-type]
+        state.status = None
+        assert await check(both, "good-token") == AuthenticatedUser(name=ALICE)  # type: ignore[arg-type]
+        assert await check(both, "nobodys-token") is UnauthorizedLogin  # type: ignore[arg-type]
+        verdict = await both.check_token(BearerTokenCredentials(b"", b"nobodys-token"))
+        assert verdict.user is None and verdict.refused == TokenRefusal()

@@ -18,10 +18,12 @@ past, ``nbf`` and ``iat`` not in the future, ``iss`` one of ``issuers`` when
 that is set, ``aud`` holding ``client_id`` when that is set, every
 configured ``scope`` in the token's ``scope``.  Time is the injected clock's.
 
-joserfc does the JOSE work (rather than PyJWT): it takes the current time as
-a parameter (``JWTClaimsRegistry(now=...)``), so tests use a
-`twisted.internet.task.Clock`; it selects a key of a JWK Set by ``kid``; and
-it refuses any algorithm not listed, ``none`` included.
+joserfc does the JOSE work (rather than PyJWT): keys of every type from
+JWK, PEM or raw secrets, a JWK Set whose key the token's ``kid`` selects,
+and only the algorithms listed (``none`` is never one), with the key's type
+checked against the algorithm.  The claims are checked here, as Dovecot
+checks them, against the injected clock's time (PyJWT reads the system
+clock itself), so tests use a `twisted.internet.task.Clock`.
 """
 
 from __future__ import annotations
