@@ -377,7 +377,10 @@ class OAuth2Checker:
 
         def verdict(outcome: _Outcome) -> TokenCheck:
             # Kept for the login that follows: one check per login.
-            self._verdicts[credentials] = outcome
+            try:
+                self._verdicts[credentials] = outcome
+            except TypeError:
+                pass  # credentials that cannot be weakly referenced are checked again
             if isinstance(outcome, _Accepted):
                 return TokenCheck(user=outcome.user.encode("utf-8"))
             if isinstance(outcome, _Refused):
@@ -421,6 +424,10 @@ class OAuth2Checker:
             return self._unavailable(str(error))
         except _TokenRefused as refused:
             return self._refused(credentials, refused.reason)
+        except Exception:
+            # A bug: its traceback in the log, and the client told to come back.
+            log.failure("oauth2: checking a token failed")
+            return _Unavailable("internal error")
         self._available()
         return self._decide(credentials, fields, validated_here)
 
