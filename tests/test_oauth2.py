@@ -934,3 +934,30 @@ class TestSeveralCheckers:
         assert await check(both, "nobodys-token") is UnauthorizedLogin  # type: ignore[arg-type]
         verdict = await both.check_token(BearerTokenCredentials(b"", b"nobodys-token"))
         assert verdict.user is None and verdict.refused == TokenRefusal()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reads_the_file_again(
+    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: LogText
+) -> None:
+    """IReloadable: new keys after a reload; a broken file is logged and the old one kept."""
+    from pop3d.lifecycle import IReloadable
+
+    clock = Clock()
+    clock.advance(NOW)
+    checker = OAuth2Checker(read_settings(str(jwks_conf)), reactor, clock=clock)
+    assert IReloadable.providedBy(checker)
+    rotated = ec_key("k3")
+    token = sign(rotated, claims(), kid="k3")
+    assert await check(checker, token) is UnauthorizedLogin
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(signing_key, rotated)))
+    checker.reload()
+    assert await check(checker, token) == AuthenticatedUser(name=ALICE)
+    jwks_conf.write_text(jwks_conf.read_text() + "use_grant_password = yes\n")
+    checker.reload()
+    assert logged.lines("oauth2: /") == [
+        f"oauth2: {jwks_conf} read again",
+        f"oauth2: {jwks_conf}:4: use_grant_password is not supported by pop3d; "
+        "keeping the settings in use",
+    ]
+    assert await check(checker, token) == AuthenticatedUser(name=ALICE)

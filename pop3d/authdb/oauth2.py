@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.errors import AuthUnavailable
+from pop3d.lifecycle import IReloadable
 from pop3d.sasl.oauth2 import (
     IOAuth2BearerToken,
     IOAuth2TokenVerifier,
@@ -321,12 +322,13 @@ class _Unreachable(Exception):
 # -- the checker ------------------------------------------------------------------
 
 
-@implementer(ICredentialsChecker, IOAuth2TokenVerifier)
+@implementer(ICredentialsChecker, IOAuth2TokenVerifier, IReloadable)
 class OAuth2Checker:
     """
     Verifies `IOAuth2BearerToken` credentials as ``settings`` say.
     ``reactor`` makes the HTTP requests and keeps the time (timeouts, JWT
-    expiry); ``http`` replaces the treq client made from it (tests).
+    expiry) unless ``clock`` is given; ``http`` replaces the treq client
+    made from it.  SIGHUP (`IReloadable`) reads the file again.
     """
 
     credentialInterfaces = (IOAuth2BearerToken,)
@@ -339,19 +341,16 @@ class OAuth2Checker:
         clock: IReactorTime | None = None,
         http: Any = None,
     ) -> None:
-        self.settings = settings
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
-        # Made on first use: a checker that validates JWTs from a file needs none.
-        self._http_client = http
-        if http is None and settings.tls_ca_cert_file is not None:
-            # Now, so a bad CA file stops the start-up.
-            self._http_client = _treq_client(reactor, settings)
+        self._http_given = http
         self._verdicts: WeakKeyDictionary[object, _Outcome] = WeakKeyDictionary()
         self._outage: str | None = None
-        self._dict_keys: dict[str, Any] = {}
-        self._jwks: Any = None
-        self._jwks_fetched_at: float | None = None
+        self._use(settings)
+
+    def _use(self, settings: OAuth2Settings) -> None:
+        """Take ``settings``, with fresh keys and HTTP client; `ConfigFileError` if unusable."""
+        jwks: Any = None
         if settings.jwks_url is not None and not settings.jwks_url.startswith(
             ("http://", "https://")
         ):
@@ -360,9 +359,30 @@ class OAuth2Checker:
 
             try:
                 with open(settings.jwks_url, "rb") as stream:
-                    self._jwks = parse_jwks(stream.read(MAX_RESPONSE_BYTES))
+                    jwks = parse_jwks(stream.read(MAX_RESPONSE_BYTES))
             except (OSError, KeyUnavailable) as error:
                 raise ConfigFileError(settings.path, 0, f"jwks_url: {error}") from None
+        # Made on first use: a checker that validates JWTs from a file needs none.
+        http = self._http_given
+        if http is None and settings.tls_ca_cert_file is not None:
+            # Now, so a bad CA file stops the start-up (or the reload).
+            http = _treq_client(self._reactor, settings)
+        self.settings = settings
+        self._http_client = http
+        self._jwks = jwks
+        self._jwks_fetched_at: float | None = None
+        # Dovecot keeps keys until it restarts (or reloads): so does this.
+        self._dict_keys: dict[str, Any] = {}
+
+    def reload(self) -> None:
+        """`IReloadable` (SIGHUP): read the file again; if it cannot be used, keep the old one."""
+        path = self.settings.path
+        try:
+            self._use(read_settings(path))
+        except ConfigFileError as error:
+            log.error("oauth2: {error}; keeping the settings in use", error=str(error))
+            return
+        log.info("oauth2: {path} read again", path=path)
 
     @property
     def _http(self) -> Any:
