@@ -36,6 +36,7 @@ from pop3d.credchecks import (
     as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
+from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCHEMES,
@@ -50,6 +51,7 @@ from pop3d.passwords import (
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
+from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
 
 log = Logger()
 
@@ -452,7 +454,12 @@ class FirstMatchChecker:
     interface, so repeated ``--auth`` options need this to all count.)
 
     When some of its checkers are `IScramKeySource`s, so is it: it asks
-    them in order, and the first that knows the user answers.
+    them in order, and the first that knows the user answers.  The same for
+    `IOAuth2TokenVerifier`: the first that accepts the token answers.
+
+    A checker whose database cannot answer (`AuthUnavailable`) does not end
+    the search; if no other accepts the credentials, the login fails with
+    that error (``-ERR [SYS/TEMP]``), not as a wrong password.
     """
 
     def __init__(self, checkers: Sequence[Any], interfaces: Iterable[Any]) -> None:
@@ -460,22 +467,47 @@ class FirstMatchChecker:
         self.credentialInterfaces = tuple(interfaces)
         if any(IScramKeySource.providedBy(checker) for checker in self.checkers):
             alsoProvides(self, IScramKeySource)
+        if any(IOAuth2TokenVerifier.providedBy(checker) for checker in self.checkers):
+            alsoProvides(self, IOAuth2TokenVerifier)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
+        unavailable: list[Failure] = []
 
         def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
-            if failure is not None and not failure.check(UnauthorizedLogin):
+            if failure is not None and failure.check(AuthUnavailable):
+                # Logged by the checker, once per outage.
+                unavailable.append(failure)
+            elif failure is not None and not failure.check(UnauthorizedLogin):
                 # A checker that breaks must not answer differently from a
                 # wrong password: that could tell which users exist.
                 log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
-                return fail(UnauthorizedLogin())
+                return fail(unavailable[0] if unavailable else UnauthorizedLogin())
             attempt = maybeDeferred(checker.requestAvatarId, credentials)
             return attempt.addErrback(try_next, checker)
 
         return try_next(None, None)
+
+    def check_token(self, credentials: Any) -> Deferred[TokenCheck]:
+        """`IOAuth2TokenVerifier`: the first acceptance, else the first refusal."""
+        return Deferred.fromCoroutine(self._first_token_check(credentials))
+
+    async def _first_token_check(self, credentials: Any) -> TokenCheck:
+        verdicts: list[TokenCheck] = []
+        for checker in self.checkers:
+            if not IOAuth2TokenVerifier.providedBy(checker):
+                continue
+            verdict: TokenCheck = await maybeDeferred(checker.check_token, credentials)
+            if verdict.user is not None:
+                return verdict
+            verdicts.append(verdict)
+        refusals = [verdict for verdict in verdicts if verdict.refused is not None]
+        if len(refusals) < len(verdicts):
+            # One could not tell: the login will say the service is unavailable.
+            return TokenCheck()
+        return refusals[0] if refusals else TokenCheck()
 
     def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
         """`IScramKeySource`: the first non-None answer of the checkers that give keys."""

@@ -59,6 +59,7 @@ from pop3d.metrics import (
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
+from pop3d.sasl.oauth2 import IOAuth2BearerToken
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import (
@@ -94,6 +95,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         IUsernameHashedPassword,
         ICramMD5Credentials,
         IScramSHA256Credentials,
+        IOAuth2BearerToken,
     )
     optFlags = [
         [
