@@ -31,7 +31,14 @@ from zope.interface import Interface, implementer
 
 from pop3d.credchecks import PortalVerifiers
 from pop3d.credentials import PreparedUsernamePassword
-from pop3d.errors import LoginDelayed, MaildropLocked, MaildropUnavailable, POP3Error
+from pop3d.errors import (
+    AuthUnavailable,
+    LoginDelayed,
+    LoginRefused,
+    MaildropLocked,
+    MaildropUnavailable,
+    POP3Error,
+)
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
 from pop3d.logformat import SESSION_IDS, LogoutValues, method_token, quote
@@ -73,6 +80,7 @@ from pop3d.session import (
 )
 from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags, MessageList
 from pop3d.throttle import FailureDelay
+from pop3d.userdb import IUserMaildrop, LoginContext, UserSettings, attach_login_context
 from pop3d.wire import ResponseCode, Status
 
 if TYPE_CHECKING:
@@ -298,8 +306,11 @@ class SessionDriver:
         shown_user = action.username.decode("utf-8", "replace")
         if self._metrics is not None:
             self._timer_started = self._clock.seconds()
-        attempt: Deferred[tuple[IMaildrop, Callable[[], None], MessageList]] = self.portal.login(
-            credentials, None, IMaildrop
+        context = self._login_context()
+        attach_login_context(credentials, context)
+        # The realm's richer avatar first (the user's settings), else the maildrop alone.
+        attempt: Deferred[_Opened] = self.portal.login(
+            credentials, context, IUserMaildrop, IMaildrop
         ).addCallback(_opened_maildrop)
         attempt.addCallbacks(
             self._logged_in,
@@ -308,11 +319,25 @@ class SessionDriver:
         )
         attempt.addErrback(self._report_failure)
 
-    def _logged_in(self, opened: tuple[IMaildrop, Callable[[], None], MessageList]) -> None:
-        maildrop, logout, messages = opened
+    def _login_context(self) -> LoginContext:
+        link = self.session.link
+        return LoginContext(
+            remote_ip=link.host,
+            local_ip=link.local_host,
+            # Dovecot's %c: "secured" over TLS or from this machine.
+            secured=link.secure or link.local,
+        )
+
+    def _logged_in(self, opened: _Opened) -> None:
+        maildrop, logout, messages, settings = opened
         self._maildrop, self._logout, self._messages = maildrop, logout, messages
         self.logged_in_at = self._clock.seconds()
-        outcome = self.session.login_succeeded(messages)
+        policy = None
+        if settings is not None and self._policy.per_user:
+            policy = self._policy.for_user(
+                settings.login_delay, settings.expire_days, settings.expire_never
+            )
+        outcome = self.session.login_succeeded(messages, policy)
         self._log_login()
         if self._metrics is not None:
             self._count_login(self.session.counters.method, "ok")
@@ -627,11 +652,18 @@ _PERFORMERS: dict[type[Action], Callable[[SessionDriver, Action], None]] = {
 }
 
 
-def _opened_maildrop(
-    result: tuple[type[Interface], object, Callable[[], None]],
-) -> tuple[IMaildrop, Callable[[], None], MessageList]:
-    """The maildrop of a login, its logout, and its listing."""
+#: What a login opened: the maildrop, its logout, its listing and (from a
+#: realm that knows them) the user's settings.
+_Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None"]
+
+
+def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]]) -> _Opened:
+    """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result
+    settings: UserSettings | None = None
+    if IUserMaildrop.providedBy(avatar):
+        settings = avatar.settings
+        avatar = avatar.maildrop
     maildrop = IMaildrop(avatar)
     try:
         listed = maildrop.messages
@@ -643,7 +675,7 @@ def _opened_maildrop(
         maybeDeferred(maildrop.close)
         logout()
         raise
-    return maildrop, logout, messages
+    return maildrop, logout, messages, settings
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:
@@ -658,6 +690,16 @@ def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:
         error = failure.value
         assert isinstance(error, POP3Error)
         return "unavailable", error.text, error.status()
+    if failure.check(LoginRefused):
+        # The password was right: the user database refuses this user.
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "refused", error.text, error.status()
+    if failure.check(AuthUnavailable):
+        # Logged (once per outage) by the checker that could not ask.
+        error = failure.value
+        assert isinstance(error, POP3Error)
+        return "auth-unavailable", error.text, error.status()
     if failure.check(LoginDelayed):
         # Not a failed login: neither counted nor made to wait.
         error = failure.value

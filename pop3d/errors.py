@@ -92,3 +92,28 @@ class LoginDelayed(POP3Error):
             )
         )
         self.remaining = remaining
+
+
+class LoginRefused(POP3Error):
+    """
+    The password was right but the user may not log in (Dovecot's
+    ``nologin`` field, with its ``reason``): ``-ERR [AUTH] reason``.
+    """
+
+    code = ResponseCode.AUTH
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason or "login not allowed for this user")
+
+
+class AuthUnavailable(POP3Error):
+    """
+    The user database cannot answer (down, slow, refusing us): the client
+    may try again later, ``-ERR [SYS/TEMP]``.  Whoever raises it has
+    logged the cause; the driver adds no traceback.
+    """
+
+    code = ResponseCode.SYS_TEMP
+
+    def __init__(self, text: str = "authentication service unavailable, try again later") -> None:
+        super().__init__(text)

@@ -36,6 +36,7 @@ from pop3d.realm import mailbox_name, release
 from pop3d.stores.common import run_blocking
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import default_lock_table
+from pop3d.userdb import AuthenticatedUser, IUserMaildrop
 
 #: The default `LoginHistoryFile`, beside the default lock table (see
 #: `default_login_history`).  User names never start with a dot.
@@ -101,6 +102,11 @@ class LoginDelayRealm:
     again.  A history that cannot be read refuses the login (logged;
     ``-ERR [SYS/TEMP]``): the delay is a promise made in CAPA.
 
+    A user database's own ``login_delay`` for a user (an
+    `pop3d.userdb.AuthenticatedUser`'s prefetched settings, or the
+    `pop3d.userdb.IUserMaildrop` the realm gives) replaces ``delay`` for
+    that user, but never exceeds it.
+
     Announce the same delay in CAPA (`pop3d.session.SessionPolicy.login_delay`).
     """
 
@@ -113,27 +119,34 @@ class LoginDelayRealm:
         self._clock = clock
 
     def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Deferred[_Avatar]:
-        user = mailbox_name(avatarId)
+        known = avatarId if isinstance(avatarId, AuthenticatedUser) else None
+        user = mailbox_name(known.name if known is not None else avatarId)
         if user is None:
             # Not a name any maildrop has: the realm refuses it as it always does.
             return self._open(avatarId, mind, interfaces)
+        # A delay the checker already fetched for this user applies before
+        # the maildrop is opened; one from the user database only after.
+        # Never longer than `delay`: CAPA announced it as the longest.
+        prefetched = known.settings.login_delay if known is not None else None
+        delay_before = self.delay if prefetched is None else min(prefetched, self.delay)
 
         def checked(last: float | None) -> Deferred[_Avatar]:
-            if holds_back(last, self._clock.seconds(), self.delay):
+            if holds_back(last, self._clock.seconds(), delay_before):
                 assert last is not None
-                raise self._refusal(last)
+                raise self._refusal(last, delay_before)
             opened = self._open(avatarId, mind, interfaces)
             return opened.addCallback(record)
 
-        def record(avatar: _Avatar) -> Deferred[_Avatar]:
-            recorded = maybeDeferred(
-                self.history.record_login, user, self._clock.seconds(), self.delay
-            )
+        def record(avatar: _Avatar) -> _Avatar | Deferred[_Avatar]:
+            delay = min(_user_delay(avatar, delay_before), self.delay)
+            if delay <= 0:
+                return avatar
+            recorded = maybeDeferred(self.history.record_login, user, self._clock.seconds(), delay)
 
             def decided(last: float | None) -> _Avatar:
                 if last is not None:
                     _release(avatar)
-                    raise self._refusal(last)
+                    raise self._refusal(last, delay)
                 return avatar
 
             def broken(failure: Failure) -> Failure:
@@ -142,6 +155,8 @@ class LoginDelayRealm:
 
             return recorded.addCallbacks(decided, broken)
 
+        if delay_before <= 0:
+            return checked(None)
         looked_up: Deferred[float | None] = maybeDeferred(self.history.last_login, user)
         return looked_up.addCallback(checked)
 
@@ -149,15 +164,25 @@ class LoginDelayRealm:
         request: Callable[..., object] = self.realm.requestAvatar
         return cast("Deferred[_Avatar]", maybeDeferred(request, avatarId, mind, *interfaces))
 
-    def _refusal(self, last: float) -> LoginDelayed:
+    def _refusal(self, last: float, delay: int) -> LoginDelayed:
         """What a login held back by one at ``last`` is told."""
-        remaining = math.ceil(last + self.delay - self._clock.seconds())
-        return LoginDelayed(self.delay, max(1, remaining))
+        remaining = math.ceil(last + delay - self._clock.seconds())
+        return LoginDelayed(delay, max(1, remaining))
+
+
+def _user_delay(avatar: _Avatar, default: int) -> int:
+    """The login delay of the user the avatar belongs to (their database's, or ``default``)."""
+    _, opened, _ = avatar
+    if IUserMaildrop.providedBy(opened) and opened.settings.login_delay is not None:
+        return int(opened.settings.login_delay)
+    return default
 
 
 def _release(avatar: _Avatar) -> None:
     """Give back what the realm took for a login that is refused after all."""
     _, opened, logout = avatar
+    if IUserMaildrop.providedBy(opened):
+        opened = opened.maildrop
     release(IMaildrop(opened, None), logout, log)
 
 

@@ -209,6 +209,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             local=isinstance(address, UNIXAddress) or _is_loopback(host),
             tls_version=tls.get_protocol_version_name() if tls is not None else None,
             tls_cipher=tls.get_cipher_name() if tls is not None else None,
+            local_host=getattr(transport.getHost(), "host", None)
+            if transport is not None
+            else None,
         )
 
     # -- connection lifecycle ----------------------------------------------

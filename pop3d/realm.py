@@ -10,11 +10,23 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from pop3d.stores.interfaces import IMaildrop, IMaildropStore
+from pop3d.dovecotvars import VariableError, Variables, expand
+from pop3d.errors import MaildropUnavailable
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, MailLocationError
+from pop3d.userdb import (
+    AuthenticatedUser,
+    IUserDatabase,
+    IUserMaildrop,
+    LoginContext,
+    UserMaildrop,
+    UserSettings,
+)
+
+log = Logger()
 
 MAX_MAILBOX_NAME_OCTETS = 255
 
@@ -66,26 +78,112 @@ class MaildropRealm:
     An avatar id that is not a safe mailbox name fails the login exactly as a
     wrong password does, so it is never used as a path and never tells the
     client anything.
+
+    A checker backed by a user database gives an
+    `pop3d.userdb.AuthenticatedUser`: its networks are checked against the
+    login's `pop3d.userdb.LoginContext` (the ``mind``), its settings are
+    completed by ``userdb`` (`pop3d.userdb.IUserDatabase`, Dovecot's
+    ``user_query``), and a per-user ``mail`` location is opened in the store
+    ``locations`` makes for it instead of ``store``.  Asked for
+    `pop3d.userdb.IUserMaildrop` first, the realm gives the maildrop with its
+    user and settings (the driver applies a per-user ``expire``).
     """
 
-    def __init__(self, store: IMaildropStore) -> None:
+    def __init__(
+        self,
+        store: IMaildropStore,
+        *,
+        userdb: IUserDatabase | None = None,
+        locations: Callable[[str], IMaildropStore] | None = None,
+    ) -> None:
         self.store = store
+        self.userdb = userdb
+        self.locations = locations
 
     def requestAvatar(
         self, avatarId: Any, mind: object, *interfaces: Any
     ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
-        if IMaildrop not in interfaces:
-            raise NotImplementedError("MaildropRealm only provides IMaildrop")
-        name = mailbox_name(avatarId)
+        wanted = [i for i in interfaces if i in (IUserMaildrop, IMaildrop)]
+        if not wanted:
+            raise NotImplementedError("MaildropRealm provides IUserMaildrop and IMaildrop")
+        user = avatarId if isinstance(avatarId, AuthenticatedUser) else None
+        name = mailbox_name(user.name if user is not None else avatarId)
         if name is None:
             raise UnauthorizedLogin()
-        opened: Deferred[IMaildrop] = maybeDeferred(self.store.open, name)
+        context = mind if isinstance(mind, LoginContext) else None
+        if user is not None and not user.allows(context):
+            log.info(
+                "login of {user} refused: {rip} is not in its allow_nets",
+                user=name,
+                rip=context.remote_ip if context is not None else None,
+            )
+            raise UnauthorizedLogin()
+        prefetched = user.settings if user is not None else UserSettings()
+        settings: Deferred[UserSettings] = succeed(prefetched)
+        if self.userdb is not None:
+            settings = self.userdb.lookup(name, context).addCallback(_completed, prefetched, name)
 
-        def avatar(maildrop: IMaildrop) -> tuple[type[Interface], object, Callable[[], None]]:
+        def open_maildrop(found: UserSettings) -> Deferred[tuple[UserSettings, IMaildrop]]:
+            store = self._store_for(name, found)
+            opened: Deferred[IMaildrop] = maybeDeferred(store.open, name)
+            return opened.addCallback(lambda maildrop: (found, maildrop))
+
+        def avatar(
+            opened: tuple[UserSettings, IMaildrop],
+        ) -> tuple[type[Interface], object, Callable[[], None]]:
+            found, maildrop = opened
             # The maildrop's close() releases it; cred's logout has nothing to do.
+            if wanted[0] is IUserMaildrop:
+                return (IUserMaildrop, UserMaildrop(maildrop, name, found), _nothing)
             return (IMaildrop, maildrop, _nothing)
 
-        return opened.addCallback(avatar)
+        return settings.addCallback(open_maildrop).addCallback(avatar)
+
+    def _store_for(self, name: str, settings: UserSettings) -> IMaildropStore:
+        if settings.mail is None:
+            return self.store
+        if self.locations is None:
+            raise MaildropUnavailable("this server has no per-user mail locations", permanent=True)
+        try:
+            location = user_mail_location(settings.mail, name, settings.home)
+            return self.locations(location)
+        except (MailLocationError, VariableError) as error:
+            log.error(
+                "mail location {location!r} of {user} cannot be used: {error}",
+                location=settings.mail,
+                user=name,
+                error=str(error),
+            )
+            raise MaildropUnavailable(
+                "the mail location of this user is misconfigured", permanent=True
+            ) from None
+
+
+def _completed(found: UserSettings | None, prefetched: UserSettings, name: str) -> UserSettings:
+    """The userdb's answer over what the checker prefetched; no answer: no login."""
+    if found is None:
+        log.info("login of {user} refused: not in the user database", user=name)
+        raise UnauthorizedLogin()
+    return prefetched.merged(found)
+
+
+def user_mail_location(location: str, user: str, home: str | None) -> str:
+    """
+    A Dovecot ``mail`` field made into a ``--mail-location``: ``~`` is the
+    home, Dovecot's variables (``%u``, ``%n``, ``%d``, ``%h``) are the
+    user's, and Dovecot's ``:KEY=VALUE`` options after the path (``INDEX``,
+    ``LAYOUT``...) are dropped: pop3d keeps no index.
+    """
+    scheme, separator, rest = location.partition(":")
+    if not separator:
+        raise MailLocationError(f"expected SCHEME:PATH, got {location!r}")
+    path = rest.split(":", 1)[0]
+    if path.startswith("~"):
+        if not home:
+            raise MailLocationError(f"{location!r} starts with '~' but the user has no home")
+        path = home.rstrip("/") + path[1:]
+    path = expand(path, Variables(user=user, home=home))
+    return f"{scheme}:{path}"
 
 
 def release(maildrop: IMaildrop | None, logout: Callable[[], None] | None, log: Logger) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pop3d.errors import POP3Error
@@ -380,6 +380,8 @@ class Link:
     #: With TLS: the protocol version and cipher negotiated (for the log).
     tls_version: str | None = None
     tls_cipher: str | None = None
+    #: The server's address the client connected to (Dovecot's ``%l``).
+    local_host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,31 @@ class SessionPolicy:
     #: The end of the logout line (``--logout-format``, as Dovecot's
     #: pop3_logout_format); `pop3d.driver` writes it.
     logout_format: LogoutFormat = DEFAULT_LOGOUT
+    #: A user database may set ``login_delay`` and ``expire`` per user: CAPA
+    #: before login announces `login_delay` as the largest delay and
+    #: `expire_days` as the shortest expiry any user has, followed by
+    #: ``USER`` (RFC 2449 sections 6.5 and 6.7); after login, the user's own
+    #: (`Session.login_succeeded`).
+    per_user: bool = False
+
+    def for_user(
+        self, login_delay: int | None, expire_days: int | None, never: bool
+    ) -> SessionPolicy:
+        """
+        This policy with a user's own values, kept within what CAPA promised
+        before login: a delay no longer than `login_delay`, an expiry no
+        sooner than `expire_days` (NEVER stays NEVER).
+        """
+        delay = self.login_delay
+        if login_delay is not None and delay is not None:
+            delay = min(login_delay, delay)
+        days = self.expire_days
+        if days is not None:
+            if never:
+                days = None
+            elif expire_days is not None:
+                days = max(expire_days, days)
+        return replace(self, login_delay=delay, expire_days=days)
 
 
 DEFAULT_POLICY = SessionPolicy()
@@ -505,6 +532,7 @@ class Session:
         "_policy",
         "_retrieved",
         "_tls_available",
+        "_user_policy",
         "_username",
         "counters",
         "failed_logins",
@@ -532,6 +560,7 @@ class Session:
         self.state = State.AUTHORIZATION
         #: The user logged in (as shown in logs), once in TRANSACTION.
         self.user: str | None = None
+        self._user_policy: SessionPolicy | None = None
         self.counters = SessionCounters()
         # USER_GIVEN: the name given; LOGIN_PENDING: who is logging in.
         self._username = b""
@@ -637,8 +666,15 @@ class Session:
         """The mechanism refused the client's response with ``status``."""
         return self._fire(Event.SASL_REFUSED, status)
 
-    def login_succeeded(self, messages: MessageList) -> Outcome | None:
-        """The maildrop is open and locked; ``messages`` is its listing."""
+    def login_succeeded(
+        self, messages: MessageList, policy: SessionPolicy | None = None
+    ) -> Outcome | None:
+        """
+        The maildrop is open and locked; ``messages`` is its listing.
+        ``policy``: the user's own (`SessionPolicy.for_user`), for the rest
+        of the session.
+        """
+        self._user_policy = policy
         return self._fire(Event.LOGIN_SUCCEEDED, messages)
 
     def login_refused(self, refusal: LoginRefusal) -> Outcome | None:
@@ -702,10 +738,18 @@ class Session:
         lines = [b"TOP", b"UIDL"]
         if self._user_pass_offered():
             lines.append(b"USER")
-        lines += [b"RESP-CODES", b"PIPELINING", b"AUTH-RESP-CODE", _expire_capability(self._policy)]
+        # RFC 2449 sections 6.5 and 6.7: values that may differ per user
+        # are followed by "USER" before login, and exact after it.
+        per_user = b" USER" if self._policy.per_user and self.user is None else b""
+        lines += [
+            b"RESP-CODES",
+            b"PIPELINING",
+            b"AUTH-RESP-CODE",
+            _expire_capability(self._policy)
+            + (per_user if self._policy.expire_days is not None else b""),
+        ]
         if self._policy.login_delay is not None:
-            # One delay for every user: the same value in both states, no "USER".
-            lines.append(b"LOGIN-DELAY %d" % self._policy.login_delay)
+            lines.append(b"LOGIN-DELAY %d" % self._policy.login_delay + per_user)
         mechanisms = self._offered_mechanisms()
         if mechanisms:
             lines.append(b" ".join([b"SASL", *(m.name for m in mechanisms)]))
@@ -889,6 +933,8 @@ class Session:
 
     def _logged_in(self, messages: MessageList) -> Outcome:
         self._messages = messages
+        if self._user_policy is not None:
+            self._policy, self._user_policy = self._user_policy, None
         self.user = self._username.decode("utf-8", "replace")
         self._username = b""  # an idle session keeps only what it needs
         self._bad_commands = 0
@@ -1154,7 +1200,7 @@ TRANSITIONS: dict[tuple[State, Verb | Event], Transition] = {
 
 
 def _expire_capability(policy: SessionPolicy) -> bytes:
-    """One policy for every user: the same line in both states, no "USER"."""
+    """The EXPIRE line (without the "USER" that per-user values add before login)."""
     if policy.expire_days is None:
         return b"EXPIRE NEVER"
     return b"EXPIRE %d" % policy.expire_days

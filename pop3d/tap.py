@@ -64,10 +64,11 @@ from pop3d.stores.interfaces import (
     IRetrievalTimesStore,
     MailLocationError,
 )
-from pop3d.stores.locations import installed_mail_locations
+from pop3d.stores.locations import MailLocations, installed_mail_locations
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES
 from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
+from pop3d.userdb import IUserDatabase, IUserSettingsSource
 from pop3d.wire import ClientWorkarounds, UnknownWorkaround
 from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command
 
@@ -601,6 +602,17 @@ def build_portal(
     return portal
 
 
+def user_database(checkers: Sequence[Any]) -> IUserDatabase | None:
+    """
+    The user database of the ``--auth`` checkers (Dovecot's userdb): the
+    first checker that also looks users up (`IUserDatabase`), if any.
+    """
+    for checker in checkers:
+        if IUserDatabase.providedBy(checker):
+            return checker
+    return None
+
+
 def build_store(options: Options, threads: IReactorThreads, clock: IReactorTime) -> IMaildropStore:
     """The store --mail-location names, made by its plug-in (postOptions checked it)."""
     plugin: IMailLocationPlugin = options["mail-location-plugin"]
@@ -637,7 +649,18 @@ def makeService(options: Options) -> IService:
     # the default 5 ms, so a fresh session is not kept waiting by a scan.
     sys.setswitchinterval(SWITCH_INTERVAL)
     store = build_store(options, threads, clock)
-    realm: IRealm = MaildropRealm(store)
+    userdb = user_database(options["credCheckers"])
+    realm: IRealm = MaildropRealm(
+        store,
+        userdb=userdb,
+        locations=MailLocations(
+            installed_mail_locations(),
+            options,
+            threads,
+            clock,
+            default_template=options["maildir-template"],
+        ),
+    )
     if options["login-delay"] is not None:
         history = LoginHistoryFile(options["login-history"], reactor=threads)
         realm = LoginDelayRealm(realm, history, delay=options["login-delay"], clock=clock)
@@ -654,6 +677,11 @@ def makeService(options: Options) -> IService:
             login_delay=options["login-delay"],
             expire_days=options["expire"],
             logout_format=options["logout-format"],
+            # Users from a database may have their own LOGIN-DELAY and EXPIRE.
+            per_user=any(
+                IUserDatabase.providedBy(checker) or IUserSettingsSource.providedBy(checker)
+                for checker in options["credCheckers"]
+            ),
         ),
         tls=options["tls"],
         max_connections=options["max-connections"],

@@ -138,3 +138,52 @@ class MboxLocation:
         except ValueError:
             choices = " or ".join(kind.value for kind in MboxFormat)
             raise MailLocationError(f"--mbox-format {value!r}: expected {choices}") from None
+
+
+class MailLocations:
+    """
+    The stores of per-user mail locations (a user database's ``mail``
+    field, `pop3d.realm.user_mail_location`): each made once by the
+    installed plug-in of its scheme, with the server's store options, and
+    kept for the next login (at most ``max_stores``, the least recently used
+    dropped first).
+
+    Maildirs opened through a per-user location lock in the server's lock
+    table (or with lock files under ``--nfs-locks``), as every other
+    Maildir it serves: one user, one lock, wherever their mail is.
+    """
+
+    def __init__(
+        self,
+        plugins: list[IMailLocationPlugin],
+        options: Mapping[str, Any],
+        threads: IReactorThreads,
+        clock: IReactorTime,
+        *,
+        default_template: str,
+        max_stores: int = 1024,
+    ) -> None:
+        self._plugins = {plugin.scheme: plugin for plugin in plugins}
+        shared = dict(options)
+        if not shared.get("nfs-locks") and not shared.get("lock-table"):
+            shared["lock-table"] = default_lock_table(default_template)
+        self._options = shared
+        self._threads = threads
+        self._clock = clock
+        self._max_stores = max_stores
+        self._stores: dict[str, IMaildropStore] = {}
+
+    def __call__(self, location: str) -> IMaildropStore:
+        """The store of ``location`` (``SCHEME:PATH``), or `MailLocationError`."""
+        store = self._stores.pop(location, None)
+        if store is None:
+            scheme, _, argument = location.partition(":")
+            plugin = self._plugins.get(scheme)
+            if plugin is None:
+                raise MailLocationError(f"no installed mail location kind {scheme!r}")
+            plugin.check(argument, self._options)
+            store = plugin.make(argument, self._options, self._threads, self._clock)
+            if len(self._stores) >= self._max_stores:
+                del self._stores[next(iter(self._stores))]
+        self._stores[location] = store
+        return store
