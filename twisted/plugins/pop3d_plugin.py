@@ -5,6 +5,7 @@ the ``--mail-location`` kinds ``maildir:`` and ``mbox:``.
 
 from twisted.application.service import ServiceMaker
 
+from pop3d.authdb.ldap import LdapCheckerFactory
 from pop3d.checkers import PasswdFileCheckerFactory
 from pop3d.stores.locations import MaildirLocation, MboxLocation
 
@@ -16,6 +17,7 @@ pop3d = ServiceMaker(
 )
 
 passwdFile = PasswdFileCheckerFactory()
+ldapDirectory = LdapCheckerFactory()
 
 maildirLocation = MaildirLocation()
 mboxLocation = MboxLocation()
