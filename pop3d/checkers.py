@@ -36,6 +36,7 @@ from pop3d.credchecks import (
     as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
+from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -450,6 +451,11 @@ class FirstMatchChecker:
     that accepts the credentials wins.  (A Portal keeps one checker per
     interface, so repeated ``--auth`` options need this to all count.)
 
+    A checker's `pop3d.errors.LoginRefused` (the password was right, the
+    user may not log in) ends the search with it; `pop3d.errors.AuthUnavailable`
+    (its database could not answer) lets the others try, and is the answer
+    if none of them accepts.
+
     When some of its checkers are `IScramKeySource`s, so is it: it asks
     them in order, and the first that knows the user answers.
     """
@@ -462,15 +468,24 @@ class FirstMatchChecker:
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
+        unavailable: list[Failure] = []
 
         def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
-            if failure is not None and not failure.check(UnauthorizedLogin):
+            if failure is not None and failure.check(LoginRefused):
+                # The password was right and the database refuses the user:
+                # that is the answer, with its reason.
+                return fail(failure)
+            if failure is not None and failure.check(AuthUnavailable):
+                # Logged by the checker; another checker may know the user.
+                unavailable.append(failure)
+            elif failure is not None and not failure.check(UnauthorizedLogin):
                 # A checker that breaks must not answer differently from a
                 # wrong password: that could tell which users exist.
                 log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
-                return fail(UnauthorizedLogin())
+                # Nobody accepted: "try again later" if a database could not say.
+                return fail(unavailable[0]) if unavailable else fail(UnauthorizedLogin())
             attempt = maybeDeferred(checker.requestAvatarId, credentials)
             return attempt.addErrback(try_next, checker)
 
