@@ -37,6 +37,7 @@ from pop3d.credchecks import (
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -190,7 +191,7 @@ class _Table:
         return cls(entries, interfaces, usual, dummies, derived > stored)
 
 
-@implementer(ICredentialsChecker, IScramKeySource)
+@implementer(ICredentialsChecker, IScramKeySource, IReloadable)
 class PasswdFileChecker:
     """
     Checks logins against a Dovecot passwd-file, whatever the scheme of

@@ -12,8 +12,10 @@ request and reads one answer; the server then closes the connection:
   (``TRANSACTION`` or ``UPDATE``), ``since`` the login time (ISO 8601, UTC,
   from the injected clock), ``worker`` the serving process's id;
 - ``{"command": "kick", "user": NAME}`` -> ``{"kicked": N}``: NAME's
-  sessions are dropped without UPDATE (RFC 1939 section 6: nothing marked by
-  DELE is removed); a session already in UPDATE is left to finish it;
+  sessions are told ``-ERR [SYS/TEMP] disconnected by the administrator``
+  (one in the middle of a reply is cut off) and dropped without UPDATE
+  (RFC 1939 section 6: nothing marked by DELE is removed); a session
+  already in UPDATE is left to finish it;
 - anything else -> ``{"error": TEXT}``.
 
 The socket is the owner's only (mode 0600).  A path that is a symbolic link
@@ -127,8 +129,9 @@ class LocalSessions:
             state = protocol.session.state
             if protocol.session.user != user or state in (State.UPDATE, State.CLOSED):
                 continue
-            # Dropped as a vanished client is: no UPDATE (RFC 1939 section 6).
-            protocol.abort()
+            # Told why (-ERR [SYS/TEMP]), then dropped as a vanished client
+            # is: no UPDATE (RFC 1939 section 6).
+            protocol.kick()
             kicked += 1
         if kicked:
             log.info("kicked {count} sessions of {user}", count=kicked, user=user)

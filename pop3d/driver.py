@@ -87,7 +87,7 @@ if TYPE_CHECKING:
     from twisted.cred.portal import Portal
     from twisted.internet.interfaces import IReactorTime
 
-    from pop3d.metrics import Metrics
+    from pop3d.metrics import LoginTiming, Metrics
 
 
 class Replies(Protocol):
@@ -197,6 +197,7 @@ class SessionDriver:
         "_failure_delay",
         "_failure_wait",
         "_hostname",
+        "_login_timing",
         "_logout",
         "_maildrop",
         "_mechanisms",
@@ -255,6 +256,7 @@ class SessionDriver:
         self._failure_wait = 0.0
         self._metrics = metrics
         self._timer_started = 0.0
+        self._login_timing: LoginTiming | None = None
 
     # -- what the session asks of the portal (pop3d.session.Authentication) -------
 
@@ -281,6 +283,15 @@ class SessionDriver:
             # Most commands: the reply is ready.
             self._replies.deliver(outcome)
 
+    def tls_handshake_done(self, version: str) -> None:
+        """A TLS handshake (STLS, or implicit TLS) completed with ``version``."""
+        if self._metrics is not None:
+            self._metrics.tls_handshake(version)
+
+    def tls_handshake_failed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.tls_handshake_failed()
+
     def line_too_long(self) -> None:
         self._carry_out(self.session.line_too_long())
 
@@ -304,13 +315,17 @@ class SessionDriver:
     def _log_in(self, action: LogIn) -> None:
         credentials = cred_credentials(action.credentials)
         shown_user = action.username.decode("utf-8", "replace")
-        if self._metrics is not None:
-            self._timer_started = self._clock.seconds()
         context = self._login_context()
         attach_login_context(credentials, context)
+        mind: object = context
+        if self._metrics is not None:
+            self._timer_started = self._clock.seconds()
+            # Filled in by pop3d.metrics.TimingRealm (checker and store
+            # times), which hands the realm inside it the context.
+            mind = self._login_timing = _login_timing(self._timer_started, context)
         # The realm's richer avatar first (the user's settings), else the maildrop alone.
         attempt: Deferred[_Opened] = self.portal.login(
-            credentials, context, IUserMaildrop, IMaildrop
+            credentials, mind, IUserMaildrop, IMaildrop
         ).addCallback(_opened_maildrop)
         attempt.addCallbacks(
             self._logged_in,
@@ -329,7 +344,7 @@ class SessionDriver:
         )
 
     def _logged_in(self, opened: _Opened) -> None:
-        maildrop, logout, messages, settings = opened
+        maildrop, logout, messages, settings, user = opened
         self._maildrop, self._logout, self._messages = maildrop, logout, messages
         self.logged_in_at = self._clock.seconds()
         policy = None
@@ -337,7 +352,7 @@ class SessionDriver:
             policy = self._policy.for_user(
                 settings.login_delay, settings.expire_days, settings.expire_never
             )
-        outcome = self.session.login_succeeded(messages, policy)
+        outcome = self.session.login_succeeded(messages, policy, user)
         self._log_login()
         if self._metrics is not None:
             self._count_login(self.session.counters.method, "ok")
@@ -406,9 +421,13 @@ class SessionDriver:
 
     def _count_login(self, method: str, result: str) -> None:
         assert self._metrics is not None
-        elapsed = self._clock.seconds() - self._timer_started
+        now = self._clock.seconds()
+        elapsed = now - self._timer_started
         tls_version = self.session.link.tls_version if result == "ok" else None
         self._metrics.login(method, result, elapsed, tls_version)
+        timing, self._login_timing = self._login_timing, None
+        if timing is not None and result != "internal":
+            self._metrics.login_timing(timing, result, now)
 
     def _answer_failed_login(self, action: AnswerFailedLogin) -> None:
         throttle, wait = self._failure_delay, self._failure_wait
@@ -457,6 +476,8 @@ class SessionDriver:
     def _open_message(self, action: OpenMessage) -> None:
         maildrop = self._maildrop
         assert maildrop is not None
+        if self._metrics is not None:
+            self._timer_started = self._clock.seconds()
         try:
             opened: object = maildrop.open_message(action.index)
         except Exception:
@@ -470,6 +491,8 @@ class SessionDriver:
             self._message_opened(cast(IMessageBody, opened))
 
     def _message_opened(self, body: IMessageBody) -> None:
+        if self._metrics is not None:
+            self._metrics.message_opened(self._clock.seconds() - self._timer_started)
         try:
             outcome = self.session.message_opened(body)
             if outcome is None:
@@ -482,6 +505,8 @@ class SessionDriver:
             self._report_failure(Failure())
 
     def _message_not_opened(self, failure: Failure) -> None:
+        if self._metrics is not None:
+            self._metrics.message_opened(self._clock.seconds() - self._timer_started)
         if failure.check(POP3Error):
             error = failure.value
             assert isinstance(error, POP3Error)
@@ -652,17 +677,25 @@ _PERFORMERS: dict[type[Action], Callable[[SessionDriver, Action], None]] = {
 }
 
 
+def _login_timing(started: float, context: LoginContext) -> LoginTiming:
+    # Imported when metrics are kept (pop3d.metrics imports prometheus_client).
+    from pop3d.metrics import LoginTiming
+
+    return LoginTiming(started, context)
+
+
 #: What a login opened: the maildrop, its logout, its listing and (from a
-#: realm that knows them) the user's settings.
-_Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None"]
+#: realm that knows them) the user's settings and canonical name.
+_Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None", "str | None"]
 
 
 def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]]) -> _Opened:
     """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result
     settings: UserSettings | None = None
+    user: str | None = None
     if IUserMaildrop.providedBy(avatar):
-        settings = avatar.settings
+        settings, user = avatar.settings, avatar.user
         avatar = avatar.maildrop
     maildrop = IMaildrop(avatar)
     try:
@@ -675,7 +708,7 @@ def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]])
         maybeDeferred(maildrop.close)
         logout()
         raise
-    return maildrop, logout, messages, settings
+    return maildrop, logout, messages, settings, user
 
 
 def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:

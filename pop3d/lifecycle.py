@@ -29,6 +29,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from pop3d.protocol import Phase, POP3Protocol
 from pop3d.session import State
@@ -114,3 +115,18 @@ def stop_sessions(
 
     DeferredList(waiting).addCallback(all_closed)
     return stopped
+
+
+class IReloadable(Interface):
+    """
+    An add-on for a credentials checker (or any part ``twistd pop3d``
+    composes) whose configuration is read from files: SIGHUP calls
+    `reload`.
+    """
+
+    def reload() -> None:
+        """
+        Read the configuration again, now, in the reactor thread (quickly;
+        slow work goes to the thread pool).  A configuration that cannot be
+        used is logged with the file and line, and the one in use is kept.
+        """

@@ -105,15 +105,24 @@ class LoginDelayRealm:
     A user database's own ``login_delay`` for a user (an
     `pop3d.userdb.AuthenticatedUser`'s prefetched settings, or the
     `pop3d.userdb.IUserMaildrop` the realm gives) replaces ``delay`` for
-    that user, but never exceeds it.
+    that user, but never exceeds it.  With ``per_user`` (the realm asks a
+    user database), a login is refused only once the maildrop is open and
+    the user's own delay known; otherwise before anything is opened.
 
     Announce the same delay in CAPA (`pop3d.session.SessionPolicy.login_delay`).
     """
 
     def __init__(
-        self, realm: IRealm, history: ILoginHistory, *, delay: int, clock: IReactorTime
+        self,
+        realm: IRealm,
+        history: ILoginHistory,
+        *,
+        delay: int,
+        clock: IReactorTime,
+        per_user: bool = False,
     ) -> None:
         self.realm = realm
+        self.per_user = per_user
         self.history = history
         self.delay = delay
         self._clock = clock
@@ -128,7 +137,10 @@ class LoginDelayRealm:
         # the maildrop is opened; one from the user database only after.
         # Never longer than `delay`: CAPA announced it as the longest.
         prefetched = known.settings.login_delay if known is not None else None
-        delay_before = self.delay if prefetched is None else min(prefetched, self.delay)
+        default = self.delay if prefetched is None else min(prefetched, self.delay)
+        # The user database may give this user a shorter delay, known once
+        # the realm asked it: then only the recording decides.
+        delay_before = 0 if prefetched is None and self.per_user else default
 
         def checked(last: float | None) -> Deferred[_Avatar]:
             if holds_back(last, self._clock.seconds(), delay_before):
@@ -138,7 +150,7 @@ class LoginDelayRealm:
             return opened.addCallback(record)
 
         def record(avatar: _Avatar) -> _Avatar | Deferred[_Avatar]:
-            delay = min(_user_delay(avatar, delay_before), self.delay)
+            delay = min(_user_delay(avatar, default), self.delay)
             if delay <= 0:
                 return avatar
             recorded = maybeDeferred(self.history.record_login, user, self._clock.seconds(), delay)

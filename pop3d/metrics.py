@@ -13,17 +13,21 @@ from __future__ import annotations
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, MutableMapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from pop3d.logformat import method_token
 from pop3d.service import POP3Service
@@ -123,6 +127,33 @@ class Metrics:
             ["version"],
             registry=r,
         )
+        self.tls_handshakes = Counter(
+            "pop3d_tls_handshakes",
+            "TLS handshakes completed (STLS and implicit TLS), by TLS version.",
+            ["version"],
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "pop3d_tls_handshake_failures",
+            "TLS handshakes that failed (no common version or cipher, a client that"
+            " refused the certificate, ...).",
+            registry=r,
+        )
+        self.auth_seconds = Histogram(
+            "pop3d_auth_seconds",
+            "Time the credential check of a login takes (password hash, lookup), by result.",
+            ["result"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_open_seconds = Histogram(
+            "pop3d_store_open_seconds",
+            "Time the store takes to open a maildrop (at login: lock, listing) or a"
+            " message (RETR, TOP).",
+            ["object"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
         # Counting is on every command's path, and an increment of a
         # prometheus_client counter takes a lock: the counts are tallied in
@@ -140,6 +171,10 @@ class Metrics:
         self._login_counters: dict[tuple[str, str], Counter] = {}
         self._login_ok = self.login_seconds.labels("ok")
         self._login_failed = self.login_seconds.labels("failed")
+        self._auth_ok = self.auth_seconds.labels("ok")
+        self._auth_failed = self.auth_seconds.labels("failed")
+        self._maildrop_open = self.store_open_seconds.labels("maildrop")
+        self._message_open = self.store_open_seconds.labels("message")
 
     def flush(self) -> None:
         """Adds the tallied counts to the prometheus_client instruments."""
@@ -186,6 +221,31 @@ class Metrics:
         if result == "ok" and tls_version is not None:
             pending[self.tls_sessions.labels(tls_version)] += 1
 
+    def login_timing(self, timing: LoginTiming, result: str, now: float) -> None:
+        """
+        How long the checker and the store took for a login that ended in
+        ``result`` at ``now``, as `TimingRealm` noted in ``timing``.
+        """
+        checked = timing.checked
+        if checked is None:
+            # The checker refused (or failed): the realm was never asked.
+            self._auth_failed.observe(now - timing.started)
+            return
+        self._auth_ok.observe(checked - timing.started)
+        opened = timing.opened if timing.opened is not None else now
+        self._maildrop_open.observe(opened - checked)
+
+    def message_opened(self, seconds: float) -> None:
+        """The store took ``seconds`` to open a message (RETR, TOP), or to fail to."""
+        self._message_open.observe(seconds)
+
+    def tls_handshake(self, version: str) -> None:
+        """A TLS handshake completed (STLS or implicit TLS) with ``version`` (``TLSv1.3``)."""
+        self._pending[self.tls_handshakes.labels(version)] += 1
+
+    def tls_handshake_failed(self) -> None:
+        self._pending[self.tls_handshake_failures] += 1
+
     def session_counts(self, retrieved: int, deleted: int, octets: int) -> None:
         pending = self._pending
         if retrieved:
@@ -197,6 +257,52 @@ class Metrics:
 
     def update(self, seconds: float) -> None:
         self.update_seconds.observe(seconds)
+
+
+class LoginTiming:
+    """
+    The mind of a login (``Portal.login``'s second argument) while metrics
+    are kept: when the login started, and, noted by `TimingRealm`, when the
+    checker had accepted the credentials and when the maildrop was open.
+    ``context`` is the mind the realm inside `TimingRealm` gets (the
+    login's `pop3d.userdb.LoginContext`).
+    """
+
+    __slots__ = ("checked", "context", "opened", "started")
+
+    def __init__(self, started: float, context: object = None) -> None:
+        self.started = started
+        self.context = context
+        self.checked: float | None = None
+        self.opened: float | None = None
+
+
+@implementer(IRealm)
+class TimingRealm:
+    """
+    ``realm``, noting in a `LoginTiming` mind when it is asked (the checker
+    has accepted the credentials: the end of the check) and when the
+    avatar is ready (the maildrop is open), on ``clock``.  Outermost, so
+    that what it times is the checker and everything the realm does.
+    """
+
+    def __init__(self, realm: IRealm, clock: IReactorTime) -> None:
+        self._realm = realm
+        self._clock = clock
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Deferred[Any]:
+        if not isinstance(mind, LoginTiming):
+            return maybeDeferred(self._realm.requestAvatar, avatarId, mind, *interfaces)
+        mind.checked = self._clock.seconds()
+        opening: Deferred[Any] = maybeDeferred(
+            self._realm.requestAvatar, avatarId, mind.context, *interfaces
+        )
+
+        def opened(result: object) -> object:
+            mind.opened = self._clock.seconds()
+            return result
+
+        return opening.addBoth(opened)
 
 
 class _AtOnce(MutableMapping["Counter | Gauge", int]):
@@ -302,3 +408,11 @@ def workers_registry(directory: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return registry
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """
+    Process ``pid``, a worker counting into ``directory``, has exited: its
+    live gauges (sessions active) leave the sum; its counters stay in it.
+    """
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IPushProducer,
     IReactorTime,
     ISSLTransport,
@@ -77,6 +78,12 @@ DEFAULT_TIMEOUT = 600
 
 #: Told to an idle client when the server stops (RFC 3206 SYS/TEMP: come back later).
 SHUTTING_DOWN = Status(False, "server shutting down, try again later", ResponseCode.SYS_TEMP)
+#: Told to a client an administrator kicked (``pop3d kick``).  RFC 3206
+#: section 4: SYS/TEMP, "likely to be temporary in nature, and therefore
+#: there is no need to alarm the user": the admin is at work on the
+#: maildrop, and the next poll may log in again.  (SYS/PERM would have the
+#: user call support; RFC 2449's IN-USE and LOGIN-DELAY answer logins only.)
+KICKED = Status(False, "disconnected by the administrator", ResponseCode.SYS_TEMP)
 
 
 class _Transport(Protocol):
@@ -123,6 +130,7 @@ NewDriver = Callable[[Callable[[], Link], Replies], SessionDriver]
 Admit = Callable[[Link], bytes | None]
 
 
+@implementer(IHandshakeListener)
 class POP3Protocol(LineReceiver, TimeoutMixin):
     """
     Speaks POP3 for one `Session` (run by its `SessionDriver`) over one connection.
@@ -165,6 +173,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self._discarding_long_line = False
         self._after_long_line = b""
         self._tls_started = False
+        self._handshake_done = False
         self._known_link: Link | None = None
         self._closed_waiters: list[Deferred[None]] | None = None
 
@@ -248,7 +257,17 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.setTimeout(self._timeout)
         self._connection.write(self.session.greeting().to_bytes())
 
+    def handshakeCompleted(self) -> None:
+        # IHandshakeListener: told by the TLS layer, of STLS or implicit TLS.
+        self._handshake_done = True
+        tls = _tls_connection(self.transport)
+        version = tls.get_protocol_version_name() if tls is not None else None
+        self.driver.tls_handshake_done(version or "unknown")
+
     def connectionLost(self, reason: FailureType | None = None) -> None:
+        if not self._handshake_done and reason is not None and reason.check(SSL.Error):
+            # Before a handshake completed, OpenSSL's errors are the handshake's.
+            self.driver.tls_handshake_failed()
         self.phase = Phase.CLOSED
         if self._on_close is not None:
             self._on_close()
@@ -277,10 +296,21 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         removed).  A client waiting for its next command is told why; one in
         the middle of a reply is cut off (its reply cannot be finished).
         """
+        self._hang_up_with(SHUTTING_DOWN)
+
+    def kick(self) -> None:
+        """
+        An administrator ends this session (``pop3d kick``), as `shut_down`
+        does: without UPDATE, a client waiting for its next command told
+        why (`KICKED`), one in the middle of a reply cut off.
+        """
+        self._hang_up_with(KICKED)
+
+    def _hang_up_with(self, status: Status) -> None:
         if self.phase is Phase.READING:
             self.phase = Phase.CLOSING
             self._connection.unregisterProducer()
-            self._connection.write(SHUTTING_DOWN.to_bytes(self.session.wording))
+            self._connection.write(status.to_bytes(self.session.wording))
             self._connection.loseConnection()
         elif self.phase is not Phase.CLOSED:
             self._abort()

@@ -667,14 +667,17 @@ class Session:
         return self._fire(Event.SASL_REFUSED, status)
 
     def login_succeeded(
-        self, messages: MessageList, policy: SessionPolicy | None = None
+        self, messages: MessageList, policy: SessionPolicy | None = None, user: str | None = None
     ) -> Outcome | None:
         """
         The maildrop is open and locked; ``messages`` is its listing.
         ``policy``: the user's own (`SessionPolicy.for_user`), for the rest
-        of the session.
+        of the session; ``user``: the name the user database knows the
+        user by, if not the one the client gave (logs, who and kick).
         """
         self._user_policy = policy
+        if user is not None:
+            self._username = user.encode("utf-8")
         return self._fire(Event.LOGIN_SUCCEEDED, messages)
 
     def login_refused(self, refusal: LoginRefusal) -> Outcome | None:

@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -39,8 +39,16 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    eventFromJSON,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3d.protocol import describe_address
 
@@ -53,6 +61,8 @@ RESTART_DELAY = 1.0
 STOP_TIMEOUT = 10.0
 #: How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
+#: The longest line of a worker's output held while its end is awaited.
+MAX_LOG_LINE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,8 +157,12 @@ class WorkerPool(Service):
         command: Sequence[str],
         count: int,
         descriptions: Sequence[str] = (),
+        log_observer: ILogObserver = globalLogPublisher,
     ) -> None:
         self._reactor = reactor
+        #: Where the workers' log events go: this process's log (its
+        #: --logfile, --syslog or standard output), so one writer has it all.
+        self.log_observer = log_observer
         self._endpoints = list(endpoints)
         self._descriptions = list(descriptions) or [""] * len(self._endpoints)
         self._command = list(command)
@@ -161,6 +175,9 @@ class WorkerPool(Service):
         #: Variables the workers get on top of this process's environment
         #: (e.g. prometheus_client's directory for --metrics with --workers).
         self.environment: dict[str, str] = {}
+        #: Called with the process id of each worker that has exited (e.g.
+        #: to drop its live gauges from --metrics), before it is restarted.
+        self.on_worker_exit: Callable[[int], None] | None = None
         self._bound = False
 
     def privilegedStartService(self) -> None:
@@ -211,18 +228,22 @@ class WorkerPool(Service):
         # The workers see the sockets at descriptors 3, 4, ... in order.
         own = self._sockets[number]
         inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(own)]
-        child_fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2}
+        # Standard output: the worker's log events (worker_log_observer);
+        # standard error: whatever it writes before its log starts.
+        child_fds: dict[int, int | str] = {0: 0, 1: "r", 2: "r"}
         child_fds.update({s.fd: parent.fd for s, parent in zip(inherited, own, strict=True)})
         arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
         worker = _Worker(self, number)
         self._workers[number] = worker
-        self._reactor.spawnProcess(
+        process = self._reactor.spawnProcess(
             worker,
             arguments[0],
             arguments,
             env={**os.environ, **self.environment},
             childFDs=child_fds,
         )
+        # Kept: the transport forgets its pid once the process has ended.
+        worker.pid = process.pid
         log.info("started worker {number}", number=number)
 
     def worker_pids(self) -> list[int]:
@@ -241,6 +262,11 @@ class WorkerPool(Service):
 
     def worker_ended(self, number: int, reason: Failure) -> None:
         worker = self._workers.pop(number, None)
+        if worker is not None and worker.pid is not None and self.on_worker_exit is not None:
+            try:
+                self.on_worker_exit(worker.pid)
+            except Exception:
+                log.failure("after worker {number} exited", number=number)
         if worker is not None and worker.stopped is not None:
             worker.stopped.callback(None)
         if self.running:
@@ -276,10 +302,90 @@ class WorkerPool(Service):
         return DeferredList(ending).addCallback(ended)
 
 
+def worker_log_observer() -> ILogObserver:
+    """
+    The log of a worker (``twistd --logger pop3d.workers.worker_log_observer``):
+    every event as a line of JSON on standard output, which the parent
+    (`WorkerPool`) reads and logs as its own, with the worker's time and
+    fields.  So the workers' lines are in the parent's ``--logfile`` (or
+    syslog, or standard output), in its format, written by one process.
+    """
+    return _WithTracebackText(jsonFileLogObserver(sys.stdout))
+
+
+@implementer(ILogObserver)
+class _WithTracebackText:
+    """
+    Adds a failure's traceback as text (``log_traceback``): JSON keeps a
+    failure's frames but not its exception (``{'unpersistable': True}``).
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            event = {**event, "log_traceback": failure.getTraceback()}
+        self._observer(event)
+
+
+class _TracebackText:
+    """In the parent, a worker's failure: what a log observer asks of it, its traceback."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def getTraceback(self, *args: object, **kwargs: object) -> str:
+        return self._text
+
+
+def worker_event(line: bytes) -> LogEvent | None:
+    """
+    The log event of a line a worker's `worker_log_observer` wrote (its
+    failure, if any, as its traceback text), or None for another line.
+    """
+    text = line.lstrip(b"\x1e").decode("utf-8", "replace")
+    try:
+        event = eventFromJSON(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or "log_time" not in event:
+        return None
+    traceback = event.get("log_traceback")
+    if isinstance(traceback, str):
+        event["log_failure"] = _TracebackText(traceback)
+    return event
+
+
+class _LogLines:
+    """A worker's output, split into lines; a line longer than MAX_LOG_LINE is cut."""
+
+    def __init__(self, line: Callable[[bytes], None]) -> None:
+        self._line = line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._line(line)
+
+    def end(self) -> None:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+
+
 class _Worker(ProcessProtocol):
     def __init__(self, pool: WorkerPool, number: int) -> None:
         self._pool = pool
         self.number = number
+        self._events = _LogLines(self._event_line)
+        self._errors = _LogLines(self._error_line)
+        self.pid: int | None = None
         self.stopped: Deferred[None] | None = None
 
     def terminate(self) -> None:
@@ -292,7 +398,29 @@ class _Worker(ProcessProtocol):
             except Exception:  # already gone
                 log.debug("worker {number} already ended", number=self.number)
 
+    def outReceived(self, data: bytes) -> None:
+        self._events.feed(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._errors.feed(data)
+
+    def _event_line(self, line: bytes) -> None:
+        event = worker_event(line)
+        if event is not None:
+            self._pool.log_observer(event)
+            return
+        text = line.decode("utf-8", "replace")
+        if text.strip():  # a print, not a log event
+            log.info("worker {number}: {line}", number=self.number, line=text)
+
+    def _error_line(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace")
+        if text.strip():
+            log.warn("worker {number}: {line}", number=self.number, line=text)
+
     def processEnded(self, reason: Failure) -> None:
+        self._events.end()
+        self._errors.end()
         if reason.check(ProcessDone):
             log.info("worker {number} exited", number=self.number)
         self._pool.worker_ended(self.number, reason)
@@ -369,4 +497,14 @@ def worker_command(arguments: Sequence[str]) -> list[str]:
             continue
         kept.append(argument)
     twistd = "from twisted.scripts.twistd import run; run()"
-    return [sys.executable, "-c", twistd, "-n", "--pidfile=", "pop3d", *kept]
+    return [
+        sys.executable,
+        "-c",
+        twistd,
+        "-n",
+        "--pidfile=",
+        "--logger",
+        "pop3d.workers.worker_log_observer",
+        "pop3d",
+        *kept,
+    ]

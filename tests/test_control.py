@@ -107,9 +107,9 @@ def test_kick_closes_without_update(factory: POP3Factory, store: MemoryStore) ->
     sessions = LocalSessions(lambda: factory.connections)
     assert _result(sessions.kick("alice")) == 1
 
-    # Cut off at once (StringTransport's abortConnection), nothing more said.
-    assert alice.transport.disconnected
-    assert alice.take() == b""
+    # Told why (RFC 3206 section 4: SYS/TEMP, come back later), then hung up.
+    assert alice.take() == b"-ERR [SYS/TEMP] disconnected by the administrator\r\n"
+    assert alice.closed
     alice.disconnect()
     assert store.messages("alice") == [b"Subject: keep\n\nbody\n"]
     assert not store.is_locked("alice")

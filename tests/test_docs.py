@@ -69,6 +69,10 @@ def test_the_docs_build_without_a_warning(tmp_path: Path) -> None:
     for option in Options.optFlags + Options.optParameters:
         assert f"--{option[0]}" in options
 
+    # The operations page shows the dashboard picture (Sphinx copied it).
+    assert 'src="_images/grafana-dashboard.svg"' in (tmp_path / "operations.html").read_text()
+    assert (tmp_path / "_images" / "grafana-dashboard.svg").is_file()
+
     # The whole RFC compliance table, every test it cites.
     compliance = _text(tmp_path / "compliance.html")
     cited = re.findall(r"``(tests/[\w/]+\.py(?:::\w+)+)``", _compliance_table())

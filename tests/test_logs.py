@@ -429,3 +429,74 @@ def test_the_readme_example_of_a_failed_login_is_what_the_filter_reads() -> None
         check=False,
     )
     assert result.stdout.splitlines() == ["192.0.2.7"], result.stdout + result.stderr
+
+
+WORKER_LISTENING = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)")
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while number:
+        number, digit = divmod(number, 36)
+        text = digits[digit] + text
+    return text
+
+
+@pytest.mark.process
+@pytest.mark.peer
+def test_workers_log_into_the_parents_logfile(tmp_path: Path, launch: Launch) -> None:  # noqa: F811
+    """
+    ``twistd --logfile X pop3d --workers 2``: the workers' session lines are
+    in X, in the same format (and nothing goes to standard output), and the
+    contrib fail2ban filter finds every failed login there.
+    """
+    fail2ban_regex = require_program("fail2ban-regex")
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), MESSAGE_1)
+    logfile = tmp_path / "pop3d.log"
+    arguments = pop3d_arguments(
+        mail_root, write_passwd(tmp_path), "--login-failure-delay", "0", "--workers", "2"
+    )
+    server = launch(f"--logfile={logfile}", *arguments)
+    log = LogFollower(logfile)
+    attempts = 8
+    try:
+        workers = set()
+        for _ in range(2):
+            match = log.wait_for(WORKER_LISTENING)
+            workers.add(int(match.group(1)))
+            port = int(match.group(2))
+        reader = poplib.POP3(HOST, port, timeout=PATIENCE)
+        reader.user("alice")
+        reader.pass_("wonderland")
+        reader.quit()
+        log.wait_for(re.compile(SESSION_LINE + r"session logged out: "))
+        for _ in range(attempts):
+            _one_attempt(port, b"USER alice", b"PASS guess")
+        for _ in range(attempts):
+            log.wait_for(re.compile(SESSION_LINE + r"disconnected before login: "))
+    finally:
+        server.stop()
+        log.stop()
+    lines = logfile.read_text("utf-8").splitlines()
+    session_lines = [line for line in lines if re.match(SESSION_LINE, line)]
+    # Written by the workers: each session id starts with its worker's pid.
+    prefixes = {_base36(pid) for pid in workers}
+    assert {line.split("] [", 2)[1].split(".")[0] for line in session_lines} <= prefixes
+    failed = [line for line in session_lines if " login failed: " in line]
+    assert [line.split("] ", 2)[2] for line in failed] == [
+        'login failed: rip=127.0.0.1 method=USER reason=credentials user="alice"'
+    ] * attempts
+    assert len([line for line in session_lines if "] login: rip=127.0.0.1 " in line]) == 1
+    # Nothing of it on the parent's standard output (where workers wrote before).
+    assert "Session#info" not in server.output, server.output
+    result = subprocess.run(
+        [fail2ban_regex, "-o", "msg", str(logfile), str(FILTER)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == failed

@@ -5,15 +5,21 @@ HTTP client (urllib, in a thread) after real POP3 sessions (poplib).
 
 from __future__ import annotations
 
+import html
 import http.client
+import importlib.util
 import json
+import os
 import poplib
 import re
+import signal
 import socket
 import ssl
 import subprocess
 import urllib.request
 from pathlib import Path
+from types import ModuleType
+from typing import cast
 
 import pytest
 import pytest_twisted
@@ -169,6 +175,13 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
     assert value("pop3d_login_seconds_count", result="ok") == 1
     assert value("pop3d_login_seconds_count", result="failed") == 2
     assert value("pop3d_update_seconds_count") == 1
+    # The checker accepted alice's password twice (her second login then
+    # found the maildrop in use) and refused it once; the store opened (or
+    # failed to open) her maildrop twice, and a message once (RETR).
+    assert value("pop3d_auth_seconds_count", result="ok") == 2
+    assert value("pop3d_auth_seconds_count", result="failed") == 1
+    assert value("pop3d_store_open_seconds_count", object="maildrop") == 2
+    assert value("pop3d_store_open_seconds_count", object="message") == 1
     # Deleted in UPDATE: only the retrieved message is left.
     assert len(list((server.maildir("alice") / "cur").iterdir())) == 1
 
@@ -283,7 +296,7 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
     """contrib/grafana/pop3d.json: every series a panel queries is one pop3d exposes."""
     from prometheus_client import generate_latest
 
-    from pop3d.metrics import Metrics
+    from pop3d.metrics import LoginTiming, Metrics
 
     dashboard = json.loads(
         (Path(__file__).parent.parent / "contrib" / "grafana" / "pop3d.json").read_text()
@@ -296,13 +309,19 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
     }
     metrics = Metrics()
     metrics.login("USER", "ok", 0.1, "TLSv1.3")
+    timing = LoginTiming(0.0)
+    timing.checked, timing.opened = 0.1, 0.2
+    metrics.login_timing(timing, "ok", 0.2)
+    metrics.message_opened(0.1)
+    metrics.tls_handshake("TLSv1.3")
+    metrics.tls_handshake_failed()
     metrics.update(0.1)
     exposed = {
         line.split("{")[0].split(" ")[0]
         for line in generate_latest(metrics.registry).decode().splitlines()
         if not line.startswith("#")
     }
-    assert len(dashboard["panels"]) == 11
+    assert len(dashboard["panels"]) == 14
     assert queried - exposed == set()
     # Every metric has a panel (histograms: their buckets; no _created series).
     counted = {
@@ -314,20 +333,28 @@ def test_the_grafana_dashboard_queries_only_metrics_pop3d_serves() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
-    """RFC 2595 section 4: after STLS, a login counts for its TLS version."""
+async def test_logins_and_handshakes_over_tls_are_counted_by_version(tmp_path: Path) -> None:
+    """
+    RFC 2595 section 4 (STLS) and RFC 8314 section 3.3 (implicit TLS): each
+    completed handshake counts for its TLS version, a login after STLS for
+    its version too; a handshake that fails (a plain-text client on the TLS
+    port, a client that does not trust the certificate) counts as failed.
+    """
     key, cert = _self_signed(tmp_path)
     server = await start_service(
         tmp_path,
-        ["tcp:0:interface=127.0.0.1"],
+        ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"],
         ["--tls-cert", str(cert), "--tls-key", str(key), "--metrics", "tcp:0:interface=127.0.0.1"],
     )
+    pop3 = server.service.getServiceNamed("pop3")
+    assert isinstance(pop3, POP3Service)
+    implicit_port = (await pop3.when_listening())[1].getHost().port
     served = server.service.getServiceNamed("metrics")
     assert isinstance(served, POP3Service)
     [port] = await served.when_listening()
     url = f"http://127.0.0.1:{port.getHost().port}/metrics"
 
-    def over_tls_1_2() -> None:
+    def over_tls() -> None:
         context = ssl.create_default_context(cafile=str(cert))
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         client = poplib.POP3(server.host, server.port, timeout=CLIENT_TIMEOUT)
@@ -336,15 +363,171 @@ async def test_logins_over_tls_are_counted_by_version(tmp_path: Path) -> None:
         client.pass_("wonderland")
         quit_and_wait_for_close(client)
 
+        context = ssl.create_default_context(cafile=str(cert))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        implicit = poplib.POP3_SSL(
+            server.host, implicit_port, context=context, timeout=CLIENT_TIMEOUT
+        )
+        assert implicit.sock.version() == "TLSv1.3"
+        quit_and_wait_for_close(implicit)
+
+        # A client that does not trust the self-signed certificate ...
+        with pytest.raises(ssl.SSLCertVerificationError):
+            poplib.POP3_SSL(
+                server.host,
+                implicit_port,
+                context=ssl.create_default_context(),
+                timeout=CLIENT_TIMEOUT,
+            )
+        # ... then a plain-text client on the TLS port: hung up on once the
+        # server gave up (and, before, read the first one's alert).
+        with socket.create_connection((server.host, implicit_port), CLIENT_TIMEOUT) as plain:
+            plain.sendall(b"USER alice\r\n")
+            while plain.recv(4096):
+                pass
+
     try:
-        await deferToThread(over_tls_1_2)
+        await deferToThread(over_tls)
         found = samples(await deferToThread(scrape, url))
     finally:
         await server.service.stopService()
-    tls_logins = {
-        dict(labels)["version"]: count
-        for (name, labels), count in found.items()
-        if name == "pop3d_tls_logins_total"
-    }
-    assert tls_logins == {"TLSv1.2": 1}
+
+    def by_version(name: str) -> dict[str, float]:
+        return {
+            dict(labels)["version"]: count
+            for (found_name, labels), count in found.items()
+            if found_name == name
+        }
+
+    assert by_version("pop3d_tls_logins_total") == {"TLSv1.2": 1}
+    assert by_version("pop3d_tls_handshakes_total") == {"TLSv1.2": 1, "TLSv1.3": 1}
+    assert found[("pop3d_tls_handshake_failures_total", ())] == 2
     assert found[("pop3d_commands_total", (("verb", "STLS"),))] == 1
+
+
+#: The parent's line once a worker has exited (and been forgotten by --metrics).
+WORKER_ENDED = re.compile(r"worker \d+ ended \(.*\); starting it again")
+STARTED = re.compile(r"pop3d worker (\d+) listening on [\d.]+:(\d+)|control socket at (\S+)")
+
+
+def ask_control(path: Path, request: dict[str, str]) -> dict[str, object]:
+    """One request on a --control socket (pop3d/control.py: a JSON line each way)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.settimeout(CLIENT_TIMEOUT)
+        control.connect(str(path))
+        control.sendall(json.dumps(request).encode() + b"\n")
+        answer: dict[str, object] = json.loads(control.makefile("rb").readline())
+        return answer
+
+
+@pytest.mark.process
+def test_a_dead_workers_sessions_leave_the_active_gauge(tmp_path: Path, launch: Launch) -> None:
+    """
+    With --workers, a worker that dies (killed here) takes its sessions
+    with it: once the parent has seen it exit, ``pop3d_sessions_active``
+    no longer counts them (prometheus_client's mark_process_dead), while
+    the counters keep what it had counted.
+    """
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), MESSAGES[0])
+    metrics_path = tmp_path / "metrics.sock"
+    control_path = tmp_path / "control.sock"
+    server = launch(
+        *pop3d_arguments(
+            mail_root,
+            write_passwd(tmp_path),
+            "--workers",
+            "2",
+            "--metrics",
+            f"unix:{metrics_path}",
+            "--control",
+            str(control_path),
+        )
+    )
+    workers: set[int] = set()
+    controls: set[str] = set()
+    while len(workers) < 2 or len(controls) < 3:
+        match = server.wait_for(STARTED)
+        if match.group(3):
+            controls.add(match.group(3))
+        else:
+            workers.add(int(match.group(1)))
+            port = int(match.group(2))
+
+    def value(name: str) -> float:
+        return samples(scrape_unix(metrics_path)).get((name, ()), 0.0)
+
+    client = poplib.POP3(HOST, port, timeout=PATIENCE)
+    try:
+        client.user("alice")
+        client.pass_("wonderland")
+        assert value("pop3d_sessions_active") == 1
+        who = ask_control(control_path, {"command": "who"})
+        [row] = cast(list[dict[str, object]], who["sessions"])
+        serving = cast(int, row["worker"])
+        assert serving in workers
+
+        os.kill(serving, signal.SIGKILL)
+        server.wait_for(WORKER_ENDED)
+        assert value("pop3d_sessions_active") == 0
+        assert value("pop3d_sessions_total") == 1
+        found = samples(scrape_unix(metrics_path))
+        assert found[("pop3d_logins_total", (("method", "USER"), ("result", "ok")))] == 1
+        # The client finds the connection gone; nothing was deleted.
+        assert client.file.read() == b""
+    finally:
+        client.close()
+    assert len(list((mail_root / "alice" / "new").iterdir())) == 1
+
+
+IMAGES = Path(__file__).parent.parent / "docs" / "images"
+
+
+def _render_dashboard_module() -> ModuleType:
+    """contrib/grafana/render_dashboard.py (a script, not a package module)."""
+    path = Path(__file__).parent.parent / "contrib" / "grafana" / "render_dashboard.py"
+    spec = importlib.util.spec_from_file_location("render_dashboard", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_dashboard_picture_is_drawn_from_a_real_runs_samples() -> None:
+    """
+    docs/images/grafana-dashboard.svg is what render_dashboard.py draws
+    from the samples beside it (Prometheus's answers to the dashboard's own
+    queries during a real run): every panel, each with data, and a caption
+    that says it is no Grafana screenshot.
+    """
+    render_dashboard = _render_dashboard_module()
+    dashboard = json.loads(render_dashboard.DASHBOARD.read_text())
+    samples = json.loads((IMAGES / "grafana-dashboard-samples.json").read_text())
+    picture = (IMAGES / "grafana-dashboard.svg").read_text()
+    assert render_dashboard.render(dashboard, samples) == picture
+    # The samples answer the dashboard's queries as they are written now.
+    assert [[target["expr"] for target in panel["targets"]] for panel in samples["panels"]] == [
+        [
+            render_dashboard.resolve(
+                target["expr"], samples["rate_interval"], {"job": ".*", "instance": ".*"}
+            )
+            for target in panel["targets"]
+        ]
+        for panel in dashboard["panels"]
+    ]
+    for panel in dashboard["panels"]:
+        assert f">{html.escape(panel['title'], quote=False)}</text>" in picture
+    assert "No data" not in picture
+    assert "not a Grafana screenshot" in picture
+    # Lines drawn: every series of every panel.
+    drawn = picture.count("<polyline ")
+    assert drawn >= sum(len(t["series"]) for p in samples["panels"] for t in p["targets"])
+
+
+def test_the_operations_page_shows_the_dashboard_picture() -> None:
+    """docs/operations.rst shows the picture, captioned as a rendering, not a screenshot."""
+    page = (Path(__file__).parent.parent / "docs" / "operations.rst").read_text()
+    figure = page.split(".. figure:: images/grafana-dashboard.svg\n", 1)[1].split("\n\n", 2)
+    caption = " ".join(figure[1].split())
+    assert "rendering of the panels of contrib/grafana/pop3d.json" in caption
+    assert "not a Grafana screenshot" in caption

@@ -150,3 +150,44 @@ def _sockets(pid: int) -> set[str]:
     """The sockets a process has open (``socket:[inode]``)."""
     links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
     return {link for link in links if link.startswith("socket:")}
+
+
+def test_a_workers_logged_failure_reaches_the_parents_log_whole(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """
+    A worker's log line, as the parent writes it: the worker's time, level,
+    namespace and text, and for a failure its traceback with the exception
+    and its message (JSON alone would lose them).  Other output is no event.
+    """
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from pop3d.workers import worker_event, worker_log_observer
+
+    observer = worker_log_observer()
+    try:
+        {}["missing"]
+    except KeyError:
+        failure = Failure()
+    observer(
+        {
+            "log_format": "login of {user} failed unexpectedly",
+            "user": "alice",
+            "log_failure": failure,
+            "log_level": LogLevel.critical,
+            "log_namespace": "pop3d.session.Session",
+            "log_time": 1796480000.0,
+        }
+    )
+    [line] = capsys.readouterr().out.encode().splitlines()
+    event = worker_event(line)
+    assert event is not None
+    text = formatEventAsClassicLogText(event, formatTime=lambda _: "TIME")
+    assert text is not None
+    assert text.startswith(
+        "TIME [pop3d.session.Session#critical] login of alice failed unexpectedly\n"
+        "\tTraceback (most recent call last):\n"
+    )
+    assert "\tbuiltins.KeyError: 'missing'\n" in text
+    assert worker_event(b"a line printed by a plug-in") is None

@@ -1,0 +1,374 @@
+"""
+What a user database says besides "the password is right", as the client
+and the files see it: Dovecot's ``allow_nets``, ``nologin``/``reason``, a
+database that cannot answer, per-user mail locations (``home``, ``mail``),
+and per-user LOGIN-DELAY and EXPIRE (RFC 2449 sections 6.5 and 6.7, with
+the "USER" token).  The checker here is a stand-in for the SQL, LDAP and
+OAuth2 ones: it speaks the same contract (`pop3d.userdb`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, globalLogPublisher
+from zope.interface import implementer
+
+from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.factory import POP3Factory
+from pop3d.logindelay import LoginDelayRealm
+from pop3d.metrics import Metrics, TimingRealm
+from pop3d.realm import MaildropRealm, user_mail_location
+from pop3d.session import SessionPolicy
+from pop3d.stores.interfaces import MailLocationError
+from pop3d.stores.locations import MailLocations, installed_mail_locations
+from pop3d.testing import MemoryLoginHistory, MemoryStore, deliver_to_maildir
+from pop3d.userdb import (
+    AuthenticatedUser,
+    IUserDatabase,
+    LoginContext,
+    UserSettings,
+    login_context_of,
+    parse_allow_nets,
+)
+
+from .conftest import Wire
+
+AUTH_FAILED = b"-ERR [AUTH] invalid user name or password\r\n"
+BYE = b"+OK bye\r\n"
+
+
+@implementer(ICredentialsChecker, IUserDatabase)
+class UserDatabase:
+    """A database of users: password, the avatar id it answers with, userdb settings."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.passwords: dict[bytes, bytes] = {b"alice": b"wonderland", b"bob": b"builder"}
+        self.avatars: dict[bytes, Any] = {}
+        self.settings: dict[str, UserSettings | None] = {}
+        self.refusals: dict[bytes, Exception] = {}
+        self.contexts: list[LoginContext | None] = []
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        self.contexts.append(login_context_of(credentials))
+        if self.passwords.get(credentials.username) != credentials.password:
+            return fail(UnauthorizedLogin())
+        if credentials.username in self.refusals:
+            return fail(self.refusals[credentials.username])
+        return succeed(self.avatars.get(credentials.username, credentials.username))
+
+    def lookup(self, user: str, context: LoginContext | None) -> Deferred[UserSettings | None]:
+        return succeed(self.settings.get(user, UserSettings()))
+
+
+@pytest.fixture
+def database() -> UserDatabase:
+    return UserDatabase()
+
+
+def factory(
+    realm: Any, database: UserDatabase, clock: Clock, policy: SessionPolicy | None = None
+) -> POP3Factory:
+    return POP3Factory(
+        Portal(realm, [database]),
+        clock=clock,
+        hostname="pop.example.test",
+        policy=replace(policy or SessionPolicy(per_user=True), allow_plaintext_auth=True),
+        login_failure_delay=0,
+    )
+
+
+def peer(host: str) -> IPv4Address:
+    return IPv4Address("TCP", host, 40000)
+
+
+class TestAllowNets:
+    """Dovecot's allow_nets: the password is right, the network is not."""
+
+    def test_a_login_from_another_network_is_a_failed_login(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.avatars[b"alice"] = AuthenticatedUser(
+            "alice", allowed_networks=parse_allow_nets("192.0.2.0/24, ::1")
+        )
+        server = factory(MaildropRealm(store, userdb=database), database, clock)
+        outside = Wire(server, peer("198.51.100.9"))
+        assert outside.login() == AUTH_FAILED
+        assert not store.is_locked("alice")
+        inside = Wire(server, peer("192.0.2.7"))
+        assert inside.login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
+
+    def test_with_metrics_the_realm_still_sees_where_the_login_comes_from(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.avatars[b"alice"] = AuthenticatedUser(
+            "alice", allowed_networks=parse_allow_nets("192.0.2.0/24")
+        )
+        metrics = Metrics()
+        server = POP3Factory(
+            Portal(TimingRealm(MaildropRealm(store), clock), [database]),
+            clock=clock,
+            policy=SessionPolicy(allow_plaintext_auth=True),
+            login_failure_delay=0,
+            metrics=metrics,
+        )
+        assert Wire(server, peer("198.51.100.9")).login() == AUTH_FAILED
+        inside = Wire(server, peer("192.0.2.7"))
+        assert inside.login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
+
+    def test_the_checker_sees_where_the_login_comes_from(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        server = factory(MaildropRealm(store), database, clock)
+        Wire(server, peer("192.0.2.7")).login()
+        assert database.contexts == [
+            LoginContext(remote_ip="192.0.2.7", local_ip="10.0.0.1", secured=False)
+        ]
+
+    def test_a_list_with_a_bad_entry_is_an_error(self) -> None:
+        with pytest.raises(ValueError, match=r"'192\.0\.2\.300' is not an address or network"):
+            parse_allow_nets("192.0.2.1,192.0.2.300")
+
+
+class TestCanonicalName:
+    def test_the_maildrop_and_the_logs_are_the_databases_name(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.passwords[b"Alice"] = b"wonderland"
+        database.avatars[b"Alice"] = AuthenticatedUser("alice@example.org")
+        store.deliver("alice@example.org", b"hello\r\n")
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            wire = Wire(factory(MaildropRealm(store), database, clock))
+            reply = wire.login(b"Alice", b"wonderland")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert reply == b"+OK maildrop has 1 messages (7 octets)\r\n"
+        logins = [
+            e["summary"]
+            for e in events
+            if str(e.get("log_format", "")).endswith("login: {summary}")
+        ]
+        assert len(logins) == 1
+        assert logins[0].endswith('user="alice@example.org"')
+
+
+class TestRefusals:
+    def test_nologin_gets_its_reason_with_auth(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.refusals[b"alice"] = LoginRefused("account suspended, call the helpdesk")
+        wire = Wire(factory(MaildropRealm(store), database, clock))
+        assert wire.login() == b"-ERR [AUTH] account suspended, call the helpdesk\r\n"
+        # Still in AUTHORIZATION, and not closed: another user may log in.
+        assert wire.login(b"bob", b"builder") == b"+OK maildrop has 0 messages (0 octets)\r\n"
+
+    def test_a_database_that_cannot_answer_is_a_temporary_failure_without_traceback(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.refusals[b"alice"] = AuthUnavailable()
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            wire = Wire(factory(MaildropRealm(store), database, clock))
+            reply = wire.login()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert reply == b"-ERR [SYS/TEMP] authentication service unavailable, try again later\r\n"
+        assert not [event for event in events if "log_failure" in event]
+        lines = [event["summary"] for event in events if "summary" in event]
+        assert any("reason=auth-unavailable" in line for line in lines)
+
+    def test_a_user_the_userdb_does_not_know_is_a_failed_login(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.settings["alice"] = None
+        wire = Wire(factory(MaildropRealm(store, userdb=database), database, clock))
+        assert wire.login() == AUTH_FAILED
+
+
+def locations(tmp_path: Path) -> MailLocations:
+    return MailLocations(
+        installed_mail_locations(),
+        {"lock-table": str(tmp_path / "locks")},
+        None,  # type: ignore[arg-type]  # stores run their file work inline
+        Clock(),
+        default_template=str(tmp_path / "mail" / "{user}"),
+    )
+
+
+class TestPerUserMailLocation:
+    def test_mail_and_home_from_the_userdb_name_the_maildir(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, tmp_path: Path
+    ) -> None:
+        home = tmp_path / "home" / "alice"
+        deliver_to_maildir(str(home / "Maildir"), b"Subject: here\r\n\r\nhi\r\n")
+        store.deliver("alice", b"Subject: not here\r\n\r\nno\r\n")
+        database.settings["alice"] = UserSettings(home=str(home), mail="maildir:~/Maildir")
+        realm = MaildropRealm(store, userdb=database, locations=locations(tmp_path))
+        wire = Wire(factory(realm, database, clock))
+        assert wire.login() == b"+OK maildrop has 1 messages (21 octets)\r\n"
+        assert (
+            wire.command(b"TOP 1 0") == b"+OK top of message follows\r\nSubject: here\r\n\r\n.\r\n"
+        )
+
+    def test_prefetched_settings_need_no_userdb(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, tmp_path: Path
+    ) -> None:
+        deliver_to_maildir(str(tmp_path / "vmail" / "example.org" / "alice"), b"x\r\n")
+        database.avatars[b"alice"] = AuthenticatedUser(
+            "alice@example.org",
+            settings=UserSettings(mail=f"maildir:{tmp_path}/vmail/%d/%n:INDEX=/var/index/%u"),
+        )
+        realm = MaildropRealm(store, locations=locations(tmp_path))
+        wire = Wire(factory(realm, database, clock))
+        assert wire.login() == b"+OK maildrop has 1 messages (3 octets)\r\n"
+
+    def test_a_broken_mail_location_is_a_permanent_failure(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, tmp_path: Path
+    ) -> None:
+        database.settings["alice"] = UserSettings(mail="imap:whatever")
+        realm = MaildropRealm(store, userdb=database, locations=locations(tmp_path))
+        wire = Wire(factory(realm, database, clock))
+        assert (
+            wire.login() == b"-ERR [SYS/PERM] the mail location of this user is misconfigured\r\n"
+        )
+
+    @pytest.mark.parametrize(
+        ("mail", "home", "location"),
+        [
+            ("maildir:~/Maildir", "/home/alice", "maildir:/home/alice/Maildir"),
+            ("maildir:~/Maildir:LAYOUT=fs", "/home/alice/", "maildir:/home/alice/Maildir"),
+            ("mbox:/var/mail/%Ln", None, "mbox:/var/mail/alice"),
+            ("maildir:/srv/%d/%n", None, "maildir:/srv/example.org/Alice"),
+        ],
+    )
+    def test_dovecot_mail_fields_become_mail_locations(
+        self, mail: str, home: str | None, location: str
+    ) -> None:
+        assert user_mail_location(mail, "Alice@example.org", home) == location
+
+    def test_a_tilde_without_a_home_is_an_error(self) -> None:
+        with pytest.raises(MailLocationError, match="the user has no home"):
+            user_mail_location("maildir:~/Maildir", "alice", None)
+
+
+def capabilities(wire: Wire) -> list[bytes]:
+    return [
+        line
+        for line in wire.command(b"CAPA").split(b"\r\n")
+        if line.startswith((b"EXPIRE", b"LOGIN-DELAY"))
+    ]
+
+
+class TestPerUserPolicies:
+    """RFC 2449 sections 6.5 and 6.7: values that differ per user."""
+
+    POLICY = SessionPolicy(login_delay=600, expire_days=30, per_user=True)
+
+    def test_capa_announces_the_bounds_with_user_then_the_users_own(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        # Section 6.5: "the largest value which could be set for any user"
+        # and section 6.7: "the smallest value", followed by "USER"; "the
+        # more accurate value in TRANSACTION state".
+        database.settings["alice"] = UserSettings(login_delay=60, expire_never=True)
+        wire = Wire(factory(MaildropRealm(store, userdb=database), database, clock, self.POLICY))
+        assert capabilities(wire) == [b"EXPIRE 30 USER", b"LOGIN-DELAY 600 USER"]
+        wire.login()
+        assert capabilities(wire) == [b"EXPIRE NEVER", b"LOGIN-DELAY 60"]
+
+    def test_a_user_without_own_values_gets_the_servers(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        wire = Wire(factory(MaildropRealm(store, userdb=database), database, clock, self.POLICY))
+        wire.login()
+        assert capabilities(wire) == [b"EXPIRE 30", b"LOGIN-DELAY 600"]
+
+    def test_own_values_stay_within_what_was_announced(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.settings["alice"] = UserSettings(login_delay=3600, expire_days=1)
+        wire = Wire(factory(MaildropRealm(store, userdb=database), database, clock, self.POLICY))
+        wire.login()
+        assert capabilities(wire) == [b"EXPIRE 30", b"LOGIN-DELAY 600"]
+
+    def test_one_server_for_all_announces_no_user_token(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        policy = SessionPolicy(login_delay=600, expire_days=30)
+        wire = Wire(factory(MaildropRealm(store), database, clock, policy))
+        assert capabilities(wire) == [b"EXPIRE 30", b"LOGIN-DELAY 600"]
+
+    def test_a_users_shorter_login_delay_is_enforced(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        database.settings["alice"] = UserSettings(login_delay=60)
+        realm = LoginDelayRealm(
+            MaildropRealm(store, userdb=database),
+            MemoryLoginHistory(),
+            delay=600,
+            clock=clock,
+            per_user=True,
+        )
+        server = factory(realm, database, clock, self.POLICY)
+        for name, password in ((b"alice", b"wonderland"), (b"bob", b"builder")):
+            first = Wire(server)
+            first.login(name, password)
+            assert first.command(b"QUIT") == BYE
+        clock.advance(61)
+        assert Wire(server).login() == b"+OK maildrop has 0 messages (0 octets)\r\n"
+        assert Wire(server).login(b"bob", b"builder") == (
+            b"-ERR [LOGIN-DELAY] last login less than 600 seconds ago, try again in 539 seconds\r\n"
+        )
+
+    def test_a_users_expire_never_keeps_what_expire_0_would_delete(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore
+    ) -> None:
+        store.deliver("alice", b"one\r\n")
+        store.deliver("bob", b"two\r\n")
+        database.settings["alice"] = UserSettings(expire_never=True)
+        policy = SessionPolicy(expire_days=0, per_user=True)
+        server = factory(MaildropRealm(store, userdb=database), database, clock, policy)
+        for name, password in ((b"alice", b"wonderland"), (b"bob", b"builder")):
+            wire = Wire(server)
+            wire.login(name, password)
+            wire.command(b"RETR 1")
+            assert wire.command(b"QUIT") == BYE
+        assert Wire(server).login() == b"+OK maildrop has 1 messages (5 octets)\r\n"
+        assert Wire(server).login(b"bob", b"builder") == (
+            b"+OK maildrop has 0 messages (0 octets)\r\n"
+        )
+
+
+class TestUserSettings:
+    def test_fields_by_dovecots_names(self) -> None:
+        fields: Mapping[str, str | None] = {
+            "HOME": "/home/a",
+            "mail": "maildir:~/M",
+            "login_delay": "60",
+            "expire": "never",
+            "uid": "1000",
+            "quota_rule": None,
+        }
+        assert UserSettings.from_fields(fields, "sql") == UserSettings(
+            home="/home/a", mail="maildir:~/M", login_delay=60, expire_never=True
+        )
+
+    def test_a_bad_number_names_the_field(self) -> None:
+        with pytest.raises(ValueError, match="sql: login_delay 'soon' is not a whole number"):
+            UserSettings.from_fields({"login_delay": "soon"}, "sql")
