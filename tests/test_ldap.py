@@ -40,6 +40,7 @@ from pop3d.dovecotconf import ConfigFileError, ConfigValue
 from pop3d.dovecotvars import Variables
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import IReloadable
 from pop3d.passwords import SCHEMES
 from pop3d.sasl import ICramMD5Credentials
 from pop3d.sasl.cram_md5 import CramMD5Credentials
@@ -608,6 +609,28 @@ class TestUserDatabase:
         )
         settings = await _checker(conf).lookup("alice", None)
         assert settings == UserSettings(home="/var/vmail/alice", mail="maildir:~/Inbox")
+
+
+@pytest.mark.peer
+class TestReload:
+    @pytest_twisted.ensureDeferred
+    async def test_sighup_reads_the_file_again(
+        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+    ) -> None:
+        conf = _write_conf(tmp_path / "c.conf.ext", ldap_server)
+        checker = _checker(conf)
+        assert IReloadable.providedBy(checker)
+        assert await _login(checker, _credentials("alice", HORSE)) == AuthenticatedUser("alice")
+        conf.write_text(conf.read_text().replace("(uid=%u)", "(cn=nobody-%u)"))
+        checker.reload()
+        assert isinstance(await _login(checker, _credentials("alice", HORSE)), UnauthorizedLogin)
+        good = conf.read_text()
+        conf.write_text(good + "scope = everywhere\n")
+        checker.reload()
+        assert f"keeping the previous {conf}: {conf}:" in "\n".join(
+            formatEvent(event) for event in events
+        )
+        assert isinstance(await _login(checker, _credentials("alice", HORSE)), UnauthorizedLogin)
 
 
 # -- outages ---------------------------------------------------------------------------

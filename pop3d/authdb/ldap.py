@@ -68,8 +68,10 @@ from pop3d.authdb.ldapconf import (
 )
 from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_bytes
 from pop3d.credentials import PreparedUsernamePassword
+from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import IReloadable
 from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, split_scheme
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
@@ -267,7 +269,7 @@ class LdapConnections:
             self._close(connection)
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IReloadable)
 class LdapChecker:
     """
     Checks logins against an LDAP directory configured by a
@@ -275,7 +277,9 @@ class LdapChecker:
 
     Its avatar ids are `pop3d.userdb.AuthenticatedUser`; with ``user_filter``
     or ``user_attrs`` in the file it is also the `pop3d.userdb.IUserDatabase`.
-    Nothing is asked before `run_slow_work_in` gives it a reactor.
+    Nothing is asked before `run_slow_work_in` gives it a reactor.  SIGHUP
+    (`reload`) reads the file again; the credential types it offers and
+    whether it is a user database stay as they were at start-up.
     """
 
     def __init__(
@@ -332,7 +336,24 @@ class LdapChecker:
         self._semaphore = DeferredSemaphore(max_concurrent)
         if IReactorCore.providedBy(reactor):
             core: IReactorCore = reactor
-            core.addSystemEventTrigger("after", "shutdown", self.connections.close)
+            core.addSystemEventTrigger("after", "shutdown", lambda: self.connections.close())
+
+    def reload(self) -> None:
+        """`IReloadable`: read the file again; a file that cannot be used is logged and kept."""
+        path = self.settings.path
+        try:
+            settings = read_ldap_settings(path)
+        except ConfigFileError as error:
+            log.error("keeping the previous {path}: {error}", path=path, error=str(error))
+            return
+        if settings == self.settings:
+            return
+        retired = self.connections
+        self.settings = settings
+        self.connections = LdapConnections(settings, retired.timeout)
+        # Unbinding talks to the server: not on the reactor thread.
+        self._in_thread(retired.close).addErrback(lambda _: None)
+        log.info("reloaded {path}", path=path)
 
     def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         reactor = self._reactor
