@@ -58,6 +58,7 @@ from .ldapserver import (
     PEOPLE,
     SERVICE_DN,
     SERVICE_PASSWORD,
+    SUFFIX,
     LdapServer,
     person_ldif,
     start_ldap_server,
@@ -465,6 +466,25 @@ class TestPasswordLookups:
         assert await _login(checker, cram) == AuthenticatedUser("plain")
         wrong = CramMD5Credentials(b"plain", challenge, b"0" * 32)
         assert isinstance(await _login(checker, wrong), UnauthorizedLogin)
+
+    @pytest.mark.parametrize(
+        "base,scope,found",
+        [
+            (SUFFIX, "subtree", True),
+            (SUFFIX, "onelevel", False),
+            (PEOPLE, "onelevel", True),
+            (PEOPLE, "base", False),
+            ("uid=%u," + PEOPLE, "base", True),
+        ],
+    )
+    @pytest_twisted.ensureDeferred
+    async def test_base_and_scope(
+        self, tmp_path: Path, ldap_server: LdapServer, base: str, scope: str, found: bool
+    ) -> None:
+        conf = _write_conf(tmp_path / "scope.conf.ext", ldap_server, f"scope = {scope}\n")
+        conf.write_text(conf.read_text().replace(f"base = {PEOPLE}\n", f"base = {base}\n"))
+        outcome = await _login(_checker(conf), _credentials("alice", HORSE))
+        assert (outcome == AuthenticatedUser("alice")) is found
 
     def test_hashed_directories_offer_user_pass_only(self, conf: Path) -> None:
         """With {CRYPT} by default no stored password serves APOP or CRAM-MD5."""
