@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -769,6 +771,26 @@ class TestFactory:
         path.write_text("uris = ldap://127.0.0.1\nbase = o=x\nscope = everything\n")
         with pytest.raises(usage.UsageError, match=rf"--auth ldap: {path}:3: 'everything'"):
             Options().parseOptions(["--auth", f"ldap:{path}"])
+
+    @pytest.mark.process
+    def test_without_python_ldap_the_usage_error_names_the_extra(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.conf.ext"
+        path.write_text("uris = ldap://127.0.0.1\nbase = o=x\n")
+        code = (
+            "import sys; sys.modules['ldap'] = None\n"
+            "from twisted.python import usage\n"
+            "from pop3d.tap import Options\n"
+            "try:\n"
+            f"    Options().parseOptions(['--auth', 'ldap:{path}'])\n"
+            "except usage.UsageError as error:\n"
+            "    print(error)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert result.stdout == (
+            "--auth ldap: python-ldap is not installed: pip install 'pop3d[ldap]'\n"
+        )
 
     def test_needs_a_path(self) -> None:
         with pytest.raises(ValueError, match="ldap needs a path"):

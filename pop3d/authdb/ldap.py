@@ -102,7 +102,7 @@ DEFAULT_TIMEOUT = 5.0
 #: Searches and binds at once (each holds a thread and a connection).
 DEFAULT_MAX_CONCURRENT = 4
 
-INSTALL_HINT = "--auth ldap needs python-ldap: pip install 'pop3d[ldap]'"
+INSTALL_HINT = "python-ldap is not installed: pip install 'pop3d[ldap]'"
 
 
 class LdapLibraryMissing(RuntimeError):
