@@ -36,7 +36,7 @@ from pop3d.credchecks import (
     as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
-from pop3d.errors import AuthUnavailable
+from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCHEMES,
@@ -453,13 +453,14 @@ class FirstMatchChecker:
     that accepts the credentials wins.  (A Portal keeps one checker per
     interface, so repeated ``--auth`` options need this to all count.)
 
+    A checker's `pop3d.errors.LoginRefused` (the password was right, the
+    user may not log in) ends the search with it; `pop3d.errors.AuthUnavailable`
+    (its database could not answer) lets the others try, and is the answer
+    if none of them accepts.
+
     When some of its checkers are `IScramKeySource`s, so is it: it asks
     them in order, and the first that knows the user answers.  The same for
     `IOAuth2TokenVerifier`: the first that accepts the token answers.
-
-    A checker whose database cannot answer (`AuthUnavailable`) does not end
-    the search; if no other accepts the credentials, the login fails with
-    that error (``-ERR [SYS/TEMP]``), not as a wrong password.
     """
 
     def __init__(self, checkers: Sequence[Any], interfaces: Iterable[Any]) -> None:
@@ -475,8 +476,12 @@ class FirstMatchChecker:
         unavailable: list[Failure] = []
 
         def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
+            if failure is not None and failure.check(LoginRefused):
+                # The password was right and the database refuses the user:
+                # that is the answer, with its reason.
+                return fail(failure)
             if failure is not None and failure.check(AuthUnavailable):
-                # Logged by the checker, once per outage.
+                # Logged by the checker; another checker may know the user.
                 unavailable.append(failure)
             elif failure is not None and not failure.check(UnauthorizedLogin):
                 # A checker that breaks must not answer differently from a
@@ -484,7 +489,8 @@ class FirstMatchChecker:
                 log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
-                return fail(unavailable[0] if unavailable else UnauthorizedLogin())
+                # Nobody accepted: "try again later" if a database could not say.
+                return fail(unavailable[0]) if unavailable else fail(UnauthorizedLogin())
             attempt = maybeDeferred(checker.requestAvatarId, credentials)
             return attempt.addErrback(try_next, checker)
 

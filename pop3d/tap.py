@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
+from pop3d.authdb.ldap import LdapChecker
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.control import (
     ControlError,
@@ -585,8 +586,8 @@ def build_portal(
     prepared = [accept_wire_bytes(checker) for checker in checkers]
     if threads is not None:
         for checker in prepared:
-            if isinstance(checker, PasswdFileChecker):
-                # bcrypt, Argon2, SHA-crypt, PBKDF2: in the thread pool, 4 at once.
+            if isinstance(checker, PasswdFileChecker | LdapChecker):
+                # bcrypt, Argon2, SHA-crypt, PBKDF2 (and LDAP searches): in the thread pool.
                 checker.run_slow_work_in(threads)
 
     def can_check(checker: Any, interface: Any) -> bool:
