@@ -515,6 +515,24 @@ def _refresh(
     return listing, (_SizeUpdate(counted, True) if counted else None)
 
 
+def _positions(subdirectories: tuple[str, ...], subdirectory: str) -> list[int]:
+    """Where a listing's messages in ``subdirectory`` are (new/ holds few, often none)."""
+    count = subdirectories.count(subdirectory)
+    if count * 16 < len(subdirectories):
+        positions: list[int] = []
+        at = -1
+        for _ in range(count):
+            at = subdirectories.index(subdirectory, at + 1)
+            positions.append(at)
+        return positions
+    here = map(subdirectory.__eq__, subdirectories)
+    return list(itertools.compress(range(len(subdirectories)), here))
+
+
+def _could_be_digest(uidl: str) -> bool:
+    return len(uidl) == 40 and all(c in "0123456789abcdef" for c in uidl)
+
+
 def _apply(
     root: str,
     root_fd: int,
@@ -535,17 +553,11 @@ def _apply(
     came: list[tuple[str, str, int]] = []
     for subdirectory, entries in reread.items():
         # Column operations in C: 100,000 names take a few milliseconds.
-        here = list(map(subdirectory.__eq__, subdirectories))
-        before = dict(
-            zip(itertools.compress(names, here), itertools.compress(inodes, here), strict=True)
-        )
+        here = _positions(subdirectories, subdirectory)
+        before = dict(zip(map(names.__getitem__, here), map(inodes.__getitem__, here), strict=True))
         if before == entries:
             continue
-        position = dict(
-            zip(
-                itertools.compress(names, here), itertools.compress(range(count), here), strict=True
-            )
-        )
+        position = dict(zip(map(names.__getitem__, here), here, strict=True))
         for name, _ in before.items() - entries.items():
             gone_at[_unique_name(name)] = position[name]
         came.extend((subdirectory, name, inode) for name, inode in entries.items() - before.items())
@@ -569,9 +581,11 @@ def _apply(
         last = next((at for at in range(count - 1, -1, -1) if at not in removed), None)
         if last is not None and _unique_name(names[last]) >= new_uniques[0]:
             return None  # not after every kept message: sorted the long way
-        uids = set(listing.messages.uids)
-        if any(uidl_for(unique) in uids for unique in new_uniques):
-            return None  # a message listed already, or its UIDL (see `uidl_for`)
+        # A later unique name is no kept message's, nor its UIDL, unless
+        # that UIDL is a digest (see `uidl_for`).
+        digests = [unique for unique in new_uniques if _could_be_digest(uidl_for(unique))]
+        if digests and not set(digests).isdisjoint(listing.messages.uids):
+            return None
     # What needs a size: new messages, and files replaced under a kept name.
     replaced = {at for at, (_, _, inode) in moved.items() if inode != inodes[at]}
     to_count = dict(fresh)
@@ -594,6 +608,19 @@ def _apply(
             if ",W=" not in unique or _WIRE_SIZE_FIELD.search(unique) is None
         )
     sizes = listing.messages.sizes
+    if not moved and not removed:
+        # Deliveries only: the columns are the kept ones, extended in C.
+        added = [fresh[unique] for unique in new_uniques]
+        locations = _Locations(
+            subdirectories + tuple([subdirectory for subdirectory, _, _ in added]),
+            names + tuple([name for _, name, _ in added]),
+        )
+        messages = listing.messages.extended(
+            tuple([uidl_for(unique) for unique in new_uniques]),
+            tuple([found[unique][1] for unique in new_uniques]),
+        )
+        inodes = inodes + tuple([inode for _, _, inode in added])
+        return _Listing(listing.stamps, messages, locations, inodes)
     kept_subdirectories = list(subdirectories)
     kept_names = list(names)
     kept_inodes = list(inodes)
