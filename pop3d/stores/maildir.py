@@ -1547,10 +1547,16 @@ class _Maildrop:
         seen = set(retrieved)
         renames: list[tuple[int, str]] = []
         locations = self._locations
+        # The column, when the listing's: no tuple made per kept message.
+        subdirectories = (
+            locations.subdirectories
+            if isinstance(locations, _Locations)
+            else [subdirectory for subdirectory, _ in locations]
+        )
         for index in kept:
-            subdirectory, name = locations[index]
-            if subdirectory == "cur" and index not in seen:
+            if subdirectories[index] == "cur" and index not in seen:
                 continue  # flags as they are
+            subdirectory, name = locations[index]
             unique, _, info = name.partition(":")
             flags = set(info[2:]) if info.startswith("2,") else set()
             if index in seen:
