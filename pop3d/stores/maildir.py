@@ -525,6 +525,8 @@ def _positions(subdirectories: tuple[str, ...], subdirectory: str) -> list[int]:
             at = subdirectories.index(subdirectory, at + 1)
             positions.append(at)
         return positions
+    if count == len(subdirectories):
+        return list(range(count))
     here = map(subdirectory.__eq__, subdirectories)
     return list(itertools.compress(range(len(subdirectories)), here))
 
@@ -554,7 +556,12 @@ def _apply(
     for subdirectory, entries in reread.items():
         # Column operations in C: 100,000 names take a few milliseconds.
         here = _positions(subdirectories, subdirectory)
-        before = dict(zip(map(names.__getitem__, here), map(inodes.__getitem__, here), strict=True))
+        if len(here) == count:
+            before = dict(zip(names, inodes, strict=True))  # all of them: cur/ after QUIT
+        else:
+            before = dict(
+                zip(map(names.__getitem__, here), map(inodes.__getitem__, here), strict=True)
+            )
         if before == entries:
             continue
         position = dict(zip(map(names.__getitem__, here), here, strict=True))
