@@ -90,8 +90,9 @@ class MessageList(Sequence[MessageInfo]):
 
     def numbered(self, column: Literal["sizes", "uids"]) -> bytes:
         """
-        ``"N value\r\n"`` for every message, N from 1: the body of a LIST
-        (``sizes``) or UIDL (``uids``) of the whole maildrop, made once.
+        A line ``N value`` (ending in CRLF) for every message, N from 1: the
+        body of a LIST (``sizes``) or UIDL (``uids``) of the whole maildrop,
+        made once.
         UIDLs are printable ASCII (RFC 1939 section 7), so no line needs
         byte-stuffing.
         """
