@@ -51,6 +51,7 @@ from pop3d.passwords import (
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
+from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
 
 log = Logger()
 
@@ -452,8 +453,14 @@ class FirstMatchChecker:
     that accepts the credentials wins.  (A Portal keeps one checker per
     interface, so repeated ``--auth`` options need this to all count.)
 
+    A checker's `pop3d.errors.LoginRefused` (the password was right, the
+    user may not log in) ends the search with it; `pop3d.errors.AuthUnavailable`
+    (its database could not answer) lets the others try, and is the answer
+    if none of them accepts.
+
     When some of its checkers are `IScramKeySource`s, so is it: it asks
-    them in order, and the first that knows the user answers.
+    them in order, and the first that knows the user answers.  The same for
+    `IOAuth2TokenVerifier`: the first that accepts the token answers.
     """
 
     def __init__(self, checkers: Sequence[Any], interfaces: Iterable[Any]) -> None:
@@ -461,6 +468,8 @@ class FirstMatchChecker:
         self.credentialInterfaces = tuple(interfaces)
         if any(IScramKeySource.providedBy(checker) for checker in self.checkers):
             alsoProvides(self, IScramKeySource)
+        if any(IOAuth2TokenVerifier.providedBy(checker) for checker in self.checkers):
+            alsoProvides(self, IOAuth2TokenVerifier)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         remaining = iter(self.checkers)
@@ -468,11 +477,11 @@ class FirstMatchChecker:
 
         def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
             if failure is not None and failure.check(LoginRefused):
-                # The password was right and the user's database refuses them.
+                # The password was right and the database refuses the user:
+                # that is the answer, with its reason.
                 return fail(failure)
             if failure is not None and failure.check(AuthUnavailable):
-                # Logged by the checker; another may still know the user, and
-                # if none does the client is told to try again later.
+                # Logged by the checker; another checker may know the user.
                 unavailable.append(failure)
             elif failure is not None and not failure.check(UnauthorizedLogin):
                 # A checker that breaks must not answer differently from a
@@ -480,11 +489,31 @@ class FirstMatchChecker:
                 log.failure("credentials checker {checker} failed", failure, checker=tried)
             checker = next(remaining, None)
             if checker is None:
-                return fail(unavailable[0] if unavailable else UnauthorizedLogin())
+                # Nobody accepted: "try again later" if a database could not say.
+                return fail(unavailable[0]) if unavailable else fail(UnauthorizedLogin())
             attempt = maybeDeferred(checker.requestAvatarId, credentials)
             return attempt.addErrback(try_next, checker)
 
         return try_next(None, None)
+
+    def check_token(self, credentials: Any) -> Deferred[TokenCheck]:
+        """`IOAuth2TokenVerifier`: the first acceptance, else the first refusal."""
+        return Deferred.fromCoroutine(self._first_token_check(credentials))
+
+    async def _first_token_check(self, credentials: Any) -> TokenCheck:
+        verdicts: list[TokenCheck] = []
+        for checker in self.checkers:
+            if not IOAuth2TokenVerifier.providedBy(checker):
+                continue
+            verdict: TokenCheck = await maybeDeferred(checker.check_token, credentials)
+            if verdict.user is not None:
+                return verdict
+            verdicts.append(verdict)
+        refusals = [verdict for verdict in verdicts if verdict.refused is not None]
+        if len(refusals) < len(verdicts):
+            # One could not tell: the login will say the service is unavailable.
+            return TokenCheck()
+        return refusals[0] if refusals else TokenCheck()
 
     def scram_sha256_keys(self, username: bytes) -> Deferred[ScramKeys | None]:
         """`IScramKeySource`: the first non-None answer of the checkers that give keys."""

@@ -25,6 +25,7 @@ from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.sasl import ISASLMechanism
 from pop3d.sasl.cram_md5 import CramMD5
 from pop3d.sasl.login import Login
+from pop3d.sasl.oauth2 import OAuthBearer, XOAuth2
 from pop3d.sasl.plain import Plain
 from pop3d.sasl.scram import ScramSHA256
 from pop3d.session import DEFAULT_POLICY, Link, Reply, SessionPolicy
@@ -37,8 +38,17 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-#: Mechanisms offered when none are given, strongest first.
-DEFAULT_MECHANISMS: tuple[ISASLMechanism, ...] = (ScramSHA256(), CramMD5(), Plain(), Login())
+#: Mechanisms offered when none are given, strongest first; each only when
+#: the checkers can verify what it yields (OAUTHBEARER and XOAUTH2: with
+#: ``--auth oauth2:``).
+DEFAULT_MECHANISMS: tuple[ISASLMechanism, ...] = (
+    ScramSHA256(),
+    CramMD5(),
+    Plain(),
+    Login(),
+    OAuthBearer(),
+    XOAuth2(),
+)
 
 TOO_MANY_CONNECTIONS = "too many connections, try again later"
 

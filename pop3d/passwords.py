@@ -34,8 +34,15 @@ Schemes:
     first 72 bytes do.
 ``{ARGON2ID}``, ``{ARGON2I}``
     Argon2 (RFC 9106) PHC strings, through argon2-cffi.
-``{SSHA512}``
-    base64 of SHA-512(password + salt) followed by the salt.
+``{SHA}``, ``{SSHA}``, ``{SMD5}``, ``{SSHA512}``
+    The LDAP forms (RFC 2307 ``userPassword``, OpenLDAP's ``slappasswd``):
+    base64 of SHA-1, SHA-1, MD5 or SHA-512 of the password followed by a
+    salt of 4-16 bytes (``{SHA}`` has none), then the salt; computed by
+    libpass's ``ldap_*`` handlers.
+``{CRYPT}``
+    Any crypt(3) hash above (``$1$``, ``$5$``, ``$6$``, ``$2b$``...) or
+    traditional DES crypt, as OpenLDAP's ``{CRYPT}`` stores them; new ones
+    are bcrypt, as Dovecot makes them.
 ``{SCRAM-SHA-256}``
     ``iterations,salt,StoredKey,ServerKey`` (base64): the SCRAM verifier of
     RFC 5802 / RFC 7677.  Serves USER/PASS and SASL SCRAM-SHA-256.
@@ -468,32 +475,121 @@ class Argon2Scheme(PasswordScheme):
         return hasher.hash(secrets.token_hex(16)).encode("ascii")
 
 
-# -- salted SHA-512 ---------------------------------------------------------------
+# -- the LDAP digests: {SHA}, {SSHA}, {SMD5}, {SSHA512} ------------------------
+#
+# RFC 2307's userPassword forms, as OpenLDAP's slappasswd writes them (and
+# Dovecot reads and writes them): base64 of the digest, followed for the
+# salted ones by the salt.  libpass's ldap_* handlers compute and compare.
+
+#: The salt lengths libpass reads; OpenLDAP writes 4 ({SMD5}) or 8 bytes,
+#: Dovecot 4.
+LDAP_SALT_SIZES = range(4, 17)
 
 
-class SSHA512Scheme(PasswordScheme):
-    name = "SSHA512"
-    _DIGEST = 64
+class LdapDigestScheme(PasswordScheme):
+    """
+    ``{SHA}`` (SHA-1), ``{SSHA}`` (salted SHA-1), ``{SMD5}`` (salted MD5),
+    ``{SSHA512}`` (salted SHA-512): ``base64(digest(password + salt) + salt)``.
+    """
 
-    def _decode(self, secret: bytes) -> tuple[bytes, bytes]:
+    def __init__(self, name: str, handler: Any, digest_size: int, salted: bool) -> None:
+        self.name = name
+        self._handler = handler
+        self._digest_size = digest_size
+        self._salted = salted
+
+    def check(self, secret: bytes) -> None:
         try:
             raw = base64.b64decode(secret, validate=True)
         except binascii.Error as error:
             raise PasswordSchemeError("expected base64") from error
-        if len(raw) <= self._DIGEST:
-            raise PasswordSchemeError("too short for SHA-512 and a salt")
-        return raw[: self._DIGEST], raw[self._DIGEST :]
-
-    def check(self, secret: bytes) -> None:
-        self._decode(secret)
+        salt_size = len(raw) - self._digest_size
+        if not self._salted:
+            if salt_size:
+                raise PasswordSchemeError(f"expected {self._digest_size} bytes in base64")
+        elif salt_size not in LDAP_SALT_SIZES:
+            raise PasswordSchemeError(
+                f"expected the {self._digest_size}-byte digest and a salt of 4-16 bytes"
+            )
 
     def verify(self, secret: bytes, password: bytes) -> bool:
-        digest, salt = self._decode(secret)
-        return hmac.compare_digest(hashlib.sha512(password + salt).digest(), digest)
+        try:
+            return bool(self._handler.verify(password, b"{%s}%s" % (self.name.encode(), secret)))
+        except ValueError:
+            return False
 
     def hash(self, password: bytes, rounds: int | None = None) -> bytes:
-        salt = secrets.token_bytes(4)
-        return base64.b64encode(hashlib.sha512(password + salt).digest() + salt)
+        hashed: str = self._handler.hash(password)
+        return hashed.encode("ascii").partition(b"}")[2]
+
+
+# -- {CRYPT}: whatever crypt(3) reads ----------------------------------------------
+
+_DES_CRYPT = re.compile(rb"[./0-9A-Za-z]{13}")
+
+
+class CryptScheme(PasswordScheme):
+    """
+    ``{CRYPT}``: a crypt(3) hash of any kind pop3d knows, told apart by its
+    prefix as crypt(3) does: ``$1$`` (MD5-crypt), ``$5$``/``$6$``
+    (SHA-crypt), ``$2a$``/``$2b$``/``$2y$`` (bcrypt), or 13 characters of
+    traditional DES crypt (only the first 8 bytes of a password count).
+    What OpenLDAP's ``slappasswd -h {CRYPT} -c FORMAT`` and Dovecot write.
+    New hashes are bcrypt, as ``doveadm pw -s CRYPT`` makes them.
+    """
+
+    name = "CRYPT"
+    slow = True
+    rounds_help = "bcrypt cost (4-31)"
+
+    def __init__(self, kinds: dict[bytes, PasswordScheme], bcrypt_scheme: PasswordScheme) -> None:
+        self._kinds = kinds
+        self._bcrypt = bcrypt_scheme
+
+    def _kind(self, secret: bytes) -> PasswordScheme | None:
+        """The scheme of a modular crypt hash, None for DES crypt."""
+        for prefix, kind in self._kinds.items():
+            if secret.startswith(prefix):
+                return kind
+        if _DES_CRYPT.fullmatch(secret):
+            return None
+        shown = secret[: secret.find(b"$", 1) + 1] if secret.startswith(b"$") else b""
+        raise PasswordSchemeError(
+            f"unsupported crypt(3) hash {shown.decode('ascii', 'replace')!r}; pop3d reads "
+            "$1$, $5$, $6$, $2a$, $2b$, $2y$ and 13-character DES hashes"
+            if shown
+            else "expected a crypt(3) hash ($6$..., $2y$..., or 13 characters of DES crypt)"
+        )
+
+    def check(self, secret: bytes) -> None:
+        kind = self._kind(secret)
+        if kind is not None:
+            kind.check(secret)
+
+    def verify(self, secret: bytes, password: bytes) -> bool:
+        kind = self._kind(secret)
+        if kind is not None:
+            return kind.verify(secret, password)
+        if b"\x00" in password:
+            return False
+        try:
+            return bool(libpass_hash.des_crypt.verify(password, secret.decode("ascii")))
+        except ValueError:
+            return False
+
+    def hash(self, password: bytes, rounds: int | None = None) -> bytes:
+        return self._bcrypt.hash(password, rounds)
+
+    def cost(self, secret: bytes) -> Hashable:
+        kind = self._kind(secret)
+        return ("DES", None) if kind is None else (kind.name, kind.cost(secret))
+
+    def dummy_like(self, secret: bytes) -> bytes:
+        kind = self._kind(secret)
+        if kind is not None:
+            return kind.dummy_like(secret)
+        dummy: str = libpass_hash.des_crypt.hash(secrets.token_hex(4))
+        return dummy.encode("ascii")
 
 
 # -- SCRAM-SHA-256 ----------------------------------------------------------------
@@ -580,22 +676,41 @@ class ScramSHA256Scheme(PasswordScheme):
 
 # -- registry ---------------------------------------------------------------------
 
-SCHEMES: dict[str, PasswordScheme] = {
-    scheme.name: scheme
-    for scheme in [
+
+def _schemes() -> dict[str, PasswordScheme]:
+    md5_crypt_scheme = MD5CryptScheme()
+    sha256_crypt_scheme = SHACryptScheme("SHA256-CRYPT", "sha256", b"$5$", 43)
+    sha512_crypt_scheme = SHACryptScheme("SHA512-CRYPT", "sha512", b"$6$", 86)
+    bcrypt_scheme = BcryptScheme()
+    crypt_kinds: dict[bytes, PasswordScheme] = {
+        b"$1$": md5_crypt_scheme,
+        b"$5$": sha256_crypt_scheme,
+        b"$6$": sha512_crypt_scheme,
+        b"$2a$": bcrypt_scheme,
+        b"$2b$": bcrypt_scheme,
+        b"$2y$": bcrypt_scheme,
+    }
+    every = [
         PlainScheme("PLAIN"),
         PlainScheme("CLEARTEXT"),
         CramMD5Scheme(),
-        MD5CryptScheme(),
-        SHACryptScheme("SHA256-CRYPT", "sha256", b"$5$", 43),
-        SHACryptScheme("SHA512-CRYPT", "sha512", b"$6$", 86),
-        BcryptScheme(),
+        md5_crypt_scheme,
+        sha256_crypt_scheme,
+        sha512_crypt_scheme,
+        bcrypt_scheme,
+        CryptScheme(crypt_kinds, bcrypt_scheme),
         Argon2Scheme("ARGON2I", argon2.Type.I, time_cost=4, memory_cost=32768),
         Argon2Scheme("ARGON2ID", argon2.Type.ID, time_cost=3, memory_cost=65536),
-        SSHA512Scheme(),
+        LdapDigestScheme("SHA", libpass_hash.ldap_sha1, 20, salted=False),
+        LdapDigestScheme("SSHA", libpass_hash.ldap_salted_sha1, 20, salted=True),
+        LdapDigestScheme("SMD5", libpass_hash.ldap_salted_md5, 16, salted=True),
+        LdapDigestScheme("SSHA512", libpass_hash.ldap_salted_sha512, 64, salted=True),
         ScramSHA256Scheme(),
     ]
-}
+    return {scheme.name: scheme for scheme in every}
+
+
+SCHEMES: dict[str, PasswordScheme] = _schemes()
 
 #: What ``python -m pop3d pw`` makes without ``-s``: Argon2id is memory-hard
 #: (RFC 9106's first recommendation), has no 72-byte limit and Dovecot

@@ -218,9 +218,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             local=isinstance(address, UNIXAddress) or _is_loopback(host),
             tls_version=tls.get_protocol_version_name() if tls is not None else None,
             tls_cipher=tls.get_cipher_name() if tls is not None else None,
-            local_host=getattr(transport.getHost(), "host", None)
-            if transport is not None
-            else None,
+            local_host=_local_host(transport),
         )
 
     # -- connection lifecycle ----------------------------------------------
@@ -549,6 +547,17 @@ def _is_loopback(host: str | None) -> bool:
     # is ::ffff:127.0.0.1, which Python before 3.13 does not call loopback.
     mapped = getattr(address, "ipv4_mapped", None)
     return bool((mapped or address).is_loopback)
+
+
+def _local_host(transport: object) -> str | None:
+    """The server's address the client connected to, if it is still known."""
+    try:
+        # A TCP transport forgets its socket once the connection is lost.
+        address = transport.getHost() if transport is not None else None  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return None
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _tls_connection(transport: object) -> SSL.Connection | None:

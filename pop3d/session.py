@@ -996,6 +996,12 @@ class Session:
             index = self._message_index(command.arguments[0])
             return Status(True, f"{index + 1} {values[index]}")
         deleted = self._deleted
+        if not deleted:
+            # Made once per listing the store keeps (see MessageList.numbered).
+            messages = self._messages
+            if values is messages.sizes:
+                return Listing(heading, [], messages.numbered("sizes"))
+            return Listing(heading, [], messages.numbered("uids"))
         # One string for the whole listing (100,000 lines in a few ms); no
         # line starts with ".", so none needs byte-stuffing.
         lines = [f"{number} {value}\r\n" for number, value in enumerate(values, 1)]

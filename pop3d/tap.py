@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.python import usage
 
+from pop3d.authdb.ldap import LdapChecker
 from pop3d.authdb.sql import SQLChecker
 from pop3d.checkers import FirstMatchChecker, PasswdFileChecker, accept_wire_bytes
 from pop3d.control import (
@@ -60,6 +61,7 @@ from pop3d.metrics import (
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
+from pop3d.sasl.oauth2 import IOAuth2BearerToken
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import (
@@ -95,6 +97,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         IUsernameHashedPassword,
         ICramMD5Credentials,
         IScramSHA256Credentials,
+        IOAuth2BearerToken,
     )
     optFlags = [
         [
@@ -584,8 +587,9 @@ def build_portal(
     prepared = [accept_wire_bytes(checker) for checker in checkers]
     if threads is not None:
         for checker in prepared:
-            if isinstance(checker, PasswdFileChecker | SQLChecker):
-                # bcrypt, Argon2, SHA-crypt, PBKDF2 (and SQL queries): in the thread pool.
+            if isinstance(checker, PasswdFileChecker | LdapChecker | SQLChecker):
+                # bcrypt, Argon2, SHA-crypt, PBKDF2 (and LDAP searches, SQL queries):
+                # in the thread pool.
                 checker.run_slow_work_in(threads)
 
     def can_check(checker: Any, interface: Any) -> bool:

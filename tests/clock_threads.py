@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
@@ -83,3 +85,17 @@ def settle(clock: Clock) -> None:
     """Run everything due now on ``clock``, and what that schedules for now, until nothing is."""
     while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
         clock.advance(0)
+
+
+@implementer(IReactorTime)
+class TimedClockThreads(ClockThreads):
+    """`ClockThreads` that is also the Clock's `IReactorTime`: a store can wait on it."""
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def callLater(self, delay: float, f: Callable[..., object], *a: object, **kw: object) -> Any:
+        return self.clock.callLater(delay, f, *a, **kw)
+
+    def getDelayedCalls(self) -> Any:
+        return self.clock.getDelayedCalls()

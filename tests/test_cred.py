@@ -18,7 +18,7 @@ from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordD
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
@@ -33,6 +33,7 @@ from pop3d.checkers import (
 )
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
+from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -196,6 +197,33 @@ class TestStrcredGlue:
         chained = FirstMatchChecker([Broken()], [IUsernamePassword])
         with pytest.raises(UnauthorizedLogin):
             await chained.requestAvatarId(UsernamePassword(b"root", b"x"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_database_that_cannot_answer_or_refuses_is_heard(self) -> None:
+        """
+        A user database down (AuthUnavailable: SYS/TEMP) is the answer only
+        if no other checker accepts; nologin (LoginRefused) is the answer at once.
+        """
+
+        @implementer(ICredentialsChecker)
+        class Raising:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def __init__(self, error: Exception) -> None:
+                self.error = error
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                return fail(self.error)
+
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"one")
+        down = Raising(AuthUnavailable())
+        chained = FirstMatchChecker([down, memory], [IUsernamePassword])
+        assert await chained.requestAvatarId(UsernamePassword(b"alice", b"one")) == b"alice"
+        with pytest.raises(AuthUnavailable):
+            await chained.requestAvatarId(UsernamePassword(b"bob", b"two"))
+        refusing = FirstMatchChecker([Raising(LoginRefused("closed")), memory], [IUsernamePassword])
+        with pytest.raises(LoginRefused, match="closed"):
+            await refusing.requestAvatarId(UsernamePassword(b"alice", b"one"))
 
     @pytest_twisted.ensureDeferred
     async def test_first_match_tries_every_checker(self) -> None:

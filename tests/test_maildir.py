@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.stores import maildir as maildir_module
@@ -35,6 +36,8 @@ from pop3d.stores.posix import (
 )
 from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
+
+from .clock_threads import TimedClockThreads, result_of, settle
 
 
 @pytest.fixture
@@ -819,3 +822,161 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     assert b"".join(chunks) == message
     assert maildrop.messages.sizes == (wire_size(message),)
     assert maildrop.messages.uids == ("abc123",)
+
+
+class TestListingAfterUpdate:
+    """
+    UPDATE brings the kept listing up to date with its own removals and
+    renames; a large Maildir is read again at QUIT once its directories have
+    settled, so that the next login reads nothing (issue 14), and no change
+    by another program is missed meanwhile.
+    """
+
+    @pytest.fixture
+    def threads(self) -> TimedClockThreads:
+        return TimedClockThreads(Clock())
+
+    @pytest.fixture
+    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+        scanned: list[object] = []
+        original = os.scandir
+
+        def recording(path: object) -> object:
+            scanned.append(path)
+            return original(path)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(os, "scandir", recording)
+        return scanned
+
+    def long_ago(self, maildir: Path) -> None:
+        """As if the directories last changed a minute ago (time passing, without a wait)."""
+        for part in ("new", "cur"):
+            when = time.time_ns() - 60 * 10**9
+            os.utime(maildir / part, ns=(when, when))
+
+    def open(self, store: MaildirStore, threads: TimedClockThreads) -> Any:
+        maildrop = result_of(threads.clock, store.open("alice"))
+        assert not isinstance(maildrop, Failure), maildrop
+        return maildrop
+
+    def quit(
+        self,
+        maildrop: Any,
+        threads: TimedClockThreads,
+        retrieved: list[int],
+        between: Callable[[], None] = lambda: None,
+    ) -> None:
+        """UPDATE, no deletion; ``between`` runs while QUIT waits for the renames to settle."""
+        marking = ISeenFlags(maildrop).mark_seen(retrieved, range(len(maildrop.messages)))
+        done: list[object] = []
+        marking.addBoth(done.append)
+        settle(threads.clock)
+        assert not done, "QUIT answered before reading the Maildir again"
+        between()
+        threads.clock.advance(maildir_module.SETTLE_WAIT_SECONDS)
+        settle(threads.clock)
+        assert done == [None]
+        maildrop.close()
+
+    def test_the_next_login_reads_nothing(
+        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, scans: list[object]
+    ) -> None:
+        store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor, settle_at_quit=1)
+        uniques = [deliver_to_maildir(str(maildir), b"%d\n" % n) for n in range(3)]
+        self.long_ago(maildir)
+        self.quit(self.open(store, threads), threads, [1], between=lambda: self.long_ago(maildir))
+        assert sorted(os.listdir(maildir / "cur")) == sorted(
+            [uniques[0] + ":2,", uniques[1] + ":2,S", uniques[2] + ":2,"]
+        )
+        scans.clear()
+        maildrop = self.open(store, threads)
+        assert scans == []
+        assert list(maildrop.messages.uids) == uniques
+        body = result_of(threads.clock, maildrop.open_message(1))
+        assert body.read(10) == b"1\n"  # type: ignore[union-attr]
+        body.close()  # type: ignore[union-attr]
+        maildrop.close()
+
+    @pytest.mark.parametrize("change", ["deliver", "delete", "flag"])
+    def test_another_programs_change_within_the_same_tick_is_seen(
+        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, change: str
+    ) -> None:
+        """
+        Another program changes the Maildir right after QUIT's renames, and
+        the directories keep the times the renames gave them (the same tick
+        of a coarse clock): the next login lists what is there.
+        """
+        store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor, settle_at_quit=1)
+        uniques = [deliver_to_maildir(str(maildir), b"%d\n" % n) for n in range(3)]
+        self.long_ago(maildir)
+
+        def meanwhile() -> None:
+            times = {part: (maildir / part).stat().st_mtime_ns for part in ("new", "cur")}
+            if change == "deliver":
+                uniques.append(deliver_to_maildir(str(maildir), b"late\n", subdirectory="cur"))
+            elif change == "delete":
+                os.unlink(maildir / "cur" / (uniques.pop(1) + ":2,"))
+            else:
+                os.rename(
+                    maildir / "cur" / (uniques[2] + ":2,"), maildir / "cur" / (uniques[2] + ":2,F")
+                )
+            for part, mtime in times.items():
+                os.utime(maildir / part, ns=(mtime, mtime))
+
+        self.quit(self.open(store, threads), threads, [0], between=meanwhile)
+        maildrop = self.open(store, threads)
+        assert list(maildrop.messages.uids) == uniques
+        assert list(maildrop.messages.sizes) == [
+            wire_size((maildir / "cur" / name).read_bytes())
+            for name in sorted(os.listdir(maildir / "cur"))
+        ]
+        maildrop.close()
+
+    def test_a_rename_that_fails_leaves_the_message_listed_where_it_is(
+        self,
+        tmp_path: Path,
+        maildir: Path,
+        threads: TimedClockThreads,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """
+        QUIT's renames stop part way (a crash of that work, a full disk): the
+        listing kept is what the directories hold, not what was planned.
+        """
+        store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor, settle_at_quit=1)
+        uniques = [deliver_to_maildir(str(maildir), b"%d\n" % n) for n in range(3)]
+        self.long_ago(maildir)
+        original = os.rename
+
+        def failing(source: object, target: object, **kwargs: Any) -> None:
+            if str(source) == uniques[1]:
+                raise OSError(28, "No space left on device")
+            original(source, target, **kwargs)  # type: ignore[arg-type]
+
+        maildrop = self.open(store, threads)
+        monkeypatch.setattr(os, "rename", failing)
+        self.quit(maildrop, threads, [0, 1, 2], between=lambda: self.long_ago(maildir))
+        monkeypatch.undo()
+        assert os.listdir(maildir / "new") == [uniques[1]]
+        maildrop = self.open(store, threads)
+        assert list(maildrop.messages.uids) == uniques
+        body = result_of(threads.clock, maildrop.open_message(1))
+        assert body.read(10) == b"1\n"  # type: ignore[union-attr]
+        body.close()  # type: ignore[union-attr]
+        maildrop.close()
+
+    def test_a_small_maildir_is_read_again_at_the_next_login_instead(
+        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads
+    ) -> None:
+        """Below ``settle_at_quit`` messages QUIT does not wait: reading costs less."""
+        store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor)
+        uniques = [deliver_to_maildir(str(maildir), b"%d\n" % n) for n in range(3)]
+        maildrop = self.open(store, threads)
+        marking = ISeenFlags(maildrop).mark_seen([0], range(3))
+        assert result_of(threads.clock, marking) is None
+        maildrop.close()
+        deliver_to_maildir(str(maildir), b"more\n")
+        maildrop = self.open(store, threads)
+        assert list(maildrop.messages.uids)[:3] == uniques
+        assert len(maildrop.messages) == 4
+        maildrop.close()

@@ -100,6 +100,15 @@ DOVECOT_VECTORS: list[tuple[bytes, bytes]] = [
         b"YQ9K+aK4opYVCM=",
         UMLAUTS,
     ),
+    (b"{SSHA}jywsvTvr3oQPHXVgOQLqwOIaNfVCvOLW", HORSE),
+    (b"{SSHA}5QFJ22eJiIo+Ihn/nRmKW8ifPZFg9Ub3", UMLAUTS),
+    (b"{SHA}L55TUjtiq8FBorTWAZ0jy6g129A=", HORSE),
+    (b"{SHA}9Rfd8dMqES/xrVXGbRsSyzjn6Pc=", UMLAUTS),
+    (b"{SMD5}wM0dBu1yRsi/q6ulCt1W1XVh9ko=", HORSE),
+    (b"{SMD5}FjbYGphCb/iIEctz8gxD1eaO+YQ=", UMLAUTS),
+    # Dovecot's {CRYPT} makes bcrypt hashes.
+    (b"{CRYPT}$2y$05$i05j7Nkj4OX.ReQnDhrRHOLRp9P2AuSJ9aQP4rjGG.UQsiZ3xsbcC", HORSE),
+    (b"{CRYPT}$2y$05$Ci9ItI8A2D5ONGwCcy8FT.FUyJW39WSqfmIxHfAROiyTyvPD2D4CO", UMLAUTS),
     (
         b"{SCRAM-SHA-256}4096,sX7qYEBSBRXbLXCdE/63BQ==,4R+yUgPOSMvlLbJCIXJkdS+GDZm7fb/+MNRqpij0l"
         b"xE=,jCB7ex4JVZHcF9ubxHObPHeJFv1br0HEiGlkovFYsuY=",
@@ -110,6 +119,42 @@ DOVECOT_VECTORS: list[tuple[bytes, bytes]] = [
         b"P0=,hIQ2tpvP05+v3KXct4VWZIY4MI5Xv1NrltWzAte4dIE=",
         UMLAUTS,
     ),
+]
+
+# Made with OpenLDAP 2.5's ``slappasswd -h SCHEME [-c CRYPT-FORMAT] -s PASSWORD``
+# ({SSHA512} with ``-o module-load=pw-sha2.la``): the userPassword values an
+# LDAP directory holds.
+SLAPPASSWD_VECTORS: list[tuple[bytes, bytes]] = [
+    (b"{SSHA}FckBsJexufHVyL0PAPf3kT6jHGdKJ7Hs", HORSE),
+    (b"{SSHA}Yyu8/gZJxJCA/Mt+FJv+CEogtsohMw3c", UMLAUTS),
+    (b"{SHA}L55TUjtiq8FBorTWAZ0jy6g129A=", HORSE),
+    (b"{SHA}9Rfd8dMqES/xrVXGbRsSyzjn6Pc=", UMLAUTS),
+    (b"{SMD5}X8tf42S2eBHunXDTPvLTGwMmOzY=", HORSE),
+    (b"{SMD5}O+7Dd7adxJ8kOYLNSg9V3SX5Ol4=", UMLAUTS),
+    (
+        b"{SSHA512}HB6DmleHAvmP11+M0XzS4DxlZFahTeF4Q4xSt5Pc2Y0hGtpwesTZZ/K8WzalL6zU9I5fJJvrajAw6"
+        b"MF8CQRw8v3DizcVc9l0",
+        HORSE,
+    ),
+    # slappasswd's default {CRYPT}: traditional DES, 8 bytes of the password.
+    (b"{CRYPT}XXsTqXqb60.nU", b"horse"),
+    (b"{CRYPT}MtZANfLX3peK2", b"password"),
+    (b"{CRYPT}$1$Wz/kzrof$918CawWcJIG7i4uOaVJEF1", HORSE),
+    (b"{CRYPT}$5$QKJGpc2eE4cuMQEZ$iN7BSvgclQiaj5opnts8yWmq0D.x3q1fp29xIakC7zB", HORSE),
+    (
+        b"{CRYPT}$6$rUNH2UKG8yivNmDd$u/W8HtEadwidOJces2S/3LMgZLAEazeRDTrE9jUDPY25/oVwaDI10QHTMIhPs"
+        b"dehdUqYBRHaiJztIOgirZRUX/",
+        HORSE,
+    ),
+    (
+        b"{CRYPT}$6$l5zRiO5sngF3SonS$op92ZDbyKihTBa4yj/9xqy6D16sRax92uOBH2o.QaA6EgUVbV0t1rSsC9En.WpF"
+        b"DLqcTADpCMG1.FecKDSxa81",
+        UMLAUTS,
+    ),
+    (b"{CRYPT}$2b$05$GP5DDMUcSl4zhZkvqhH2XeqerWNJsSph7HrF1p.Nv2NlaVcZObW1K", HORSE),
+    # Scheme names in a directory are often lower case.
+    (b"{ssha}FckBsJexufHVyL0PAPf3kT6jHGdKJ7Hs", HORSE),
+    (b"{crypt}$1$Wz/kzrof$918CawWcJIG7i4uOaVJEF1", HORSE),
 ]
 
 #: ``doveadm pw -s BLF-CRYPT -p`` with 72 "a" followed by "bcd".
@@ -138,6 +183,59 @@ class TestDovecotVectors:
     def test_stored_secret_is_well_formed(self, stored: bytes, password: bytes) -> None:
         name, secret = split_scheme(stored)
         get_scheme(name).check(secret)
+
+
+class TestSlappasswdVectors:
+    """What OpenLDAP writes into userPassword, read as Dovecot reads it."""
+
+    @pytest.mark.parametrize("stored,password", SLAPPASSWD_VECTORS)
+    def test_right_password(self, stored: bytes, password: bytes) -> None:
+        assert verify_password(stored, password)
+
+    @pytest.mark.parametrize("stored,password", SLAPPASSWD_VECTORS)
+    def test_wrong_password(self, stored: bytes, password: bytes) -> None:
+        assert not verify_password(stored, _wrong(password))
+        assert not verify_password(stored, b"x" + password)
+
+    @pytest.mark.parametrize("stored,password", SLAPPASSWD_VECTORS)
+    def test_stored_secret_is_well_formed(self, stored: bytes, password: bytes) -> None:
+        name, secret = split_scheme(stored)
+        get_scheme(name).check(secret)
+
+    def test_des_crypt_reads_eight_bytes_as_crypt3_does(self) -> None:
+        assert verify_password(b"{CRYPT}MtZANfLX3peK2", b"password and more")
+        assert not verify_password(b"{CRYPT}MtZANfLX3peK2", b"passwor")
+        assert not verify_password(b"{CRYPT}MtZANfLX3peK2", b"password\x00")
+
+    @pytest.mark.parametrize(
+        "secret,message",
+        [
+            (b"$y$j9T$salt$hash", r"unsupported crypt\(3\) hash '\$y\$'"),
+            (b"$7$CU..../....$hash", r"unsupported crypt\(3\) hash '\$7\$'"),
+            (b"tooshort", "expected a crypt"),
+            (b"$6$salt$short", r"expected a crypt\(3\) \$6\$ hash"),
+        ],
+    )
+    def test_crypt_hashes_pop3d_cannot_read_are_refused_up_front(
+        self, secret: bytes, message: str
+    ) -> None:
+        with pytest.raises(PasswordSchemeError, match=message):
+            SCHEMES["CRYPT"].check(secret)
+
+    @pytest.mark.parametrize(
+        "name,secret",
+        [
+            # 20 bytes of SHA-1 and a 1-byte salt; a 19-byte salt; 4 bytes too many.
+            ("SSHA", b"A" * 28),
+            ("SSHA", b"A" * 52),
+            ("SHA", b"A" * 32),
+            ("SMD5", b"AAAAAAAAAAAAAAAAAAAAAA=="),
+            ("SSHA", b"not base64!"),
+        ],
+    )
+    def test_malformed_ldap_digests(self, name: str, secret: bytes) -> None:
+        with pytest.raises(PasswordSchemeError):
+            SCHEMES[name].check(secret)
 
 
 class TestCramMD5:

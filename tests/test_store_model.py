@@ -16,7 +16,13 @@ reads as, and which files exist afterwards:
   `mark_seen` moves and flags only as the README's "Migrating from Dovecot"
   says, and never a file another program has renamed since the session
   last saw it;
-- a maildrop is locked while open; no stored byte is ever altered.
+- a maildrop is locked while open; no stored byte is ever altered;
+- the listing a store keeps and brings up to date (its own removals and
+  renames at UPDATE, what another program did since) is never stale: not
+  when the other program's change falls within the same tick of the file
+  system's clock as the store's own (so the directories' times do not show
+  it), nor when two stores (two ``--workers`` processes) serve the Maildir
+  in turn.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +99,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.threads = ClockThreads(self.clock)
         self.store = MaildirStore(f"{self.root}/{{user}}")  # until make_store
+        #: Another process's store (``--workers``), with a listing of its own.
+        self.other_store: MaildirStore | None = None
         self.disk: list[StoredMessage] = []
         self.opened: Opened | None = None
         self.moments = 0
@@ -108,6 +117,9 @@ class StoreMachine(RuleBasedStateMachine):
             f"{self.root}/{{user}}",
             reactor=self.threads.as_reactor,
             listing_cache=listing_cache,
+        )
+        self.other_store = MaildirStore(
+            f"{self.root}/{{user}}", reactor=self.threads.as_reactor, locks=self.store.locks
         )
         for content, placement in deliveries:
             self.deliver(content, placement)
@@ -148,6 +160,34 @@ class StoreMachine(RuleBasedStateMachine):
         os.unlink(os.path.join(self.maildir, message.subdirectory, message.file_name))
 
     @precondition(lambda self: os.path.isdir(self.maildir))
+    @rule(
+        change=st.sampled_from(["deliver", "deliver to cur", "move", "delete"]),
+        content=MESSAGES,
+        which=st.integers(0, 20),
+    )
+    def another_program_within_the_same_tick(self, change: str, content: bytes, which: int) -> None:
+        """
+        Another program's change that leaves new/ and cur/ with the times they
+        had, as a change within the same tick of a coarse clock does: only
+        possible (and so only made) while that tick may still be running,
+        here while the times are less than 50 ms old (the store waits for
+        100 ms).
+        """
+        root = Path(self.maildir)
+        times = {part: (root / part).stat().st_mtime_ns for part in ("new", "cur")}
+        if change.startswith("deliver"):
+            self.deliver(content, ("cur", ":2,") if change == "deliver to cur" else ("new", ""))
+        elif not self.disk:
+            return
+        elif change == "move":
+            self.another_program_moves(which, "F")
+        else:
+            self.another_program_deletes(which)
+        if all(time.time_ns() - mtime < 50_000_000 for mtime in times.values()):
+            for part, mtime in times.items():
+                os.utime(root / part, ns=(mtime, mtime))
+
+    @precondition(lambda self: os.path.isdir(self.maildir))
     @rule()
     def time_passes(self) -> None:
         """The Maildir settles: the store may trust what it listed before."""
@@ -157,10 +197,11 @@ class StoreMachine(RuleBasedStateMachine):
     # -- a session --------------------------------------------------------------
 
     @precondition(lambda self: self.opened is None)
-    @rule()
-    def open(self) -> None:
+    @rule(in_another_process=st.booleans())
+    def open(self, in_another_process: bool) -> None:
         existed = os.path.isdir(self.maildir)
-        maildrop = result_of(self.clock, self.store.open(MAILBOX))
+        store = self.other_store if in_another_process and self.other_store else self.store
+        maildrop = result_of(self.clock, store.open(MAILBOX))
         assert IMaildrop.providedBy(maildrop), maildrop
         assert isinstance(maildrop, object)
         snapshot = sorted(self.disk, key=lambda message: message.unique)

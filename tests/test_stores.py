@@ -293,3 +293,20 @@ async def test_messages_are_a_message_list(under_test: StoreUnderTest) -> None:
 def test_a_message_list_needs_a_size_for_every_uidl() -> None:
     with pytest.raises(ValueError):
         MessageList(("a", "b"), (1,))
+
+
+def test_a_message_list_numbers_its_lines_once() -> None:
+    """
+    The bodies of LIST and UIDL of a whole maildrop (RFC 1939 sections 5 and
+    7), made once per listing; a listing extended by deliveries keeps what
+    was made and adds the new lines.
+    """
+    listed = MessageList(("a1", "b2"), (120, 7))
+    assert listed.numbered("sizes") == b"1 120\r\n2 7\r\n"
+    assert listed.numbered("uids") == b"1 a1\r\n2 b2\r\n"
+    assert listed.numbered("uids") is listed.numbered("uids")
+    longer = listed.extended(("c3",), (9,))
+    assert longer == MessageList(("a1", "b2", "c3"), (120, 7, 9))
+    assert longer.numbered("sizes") == b"1 120\r\n2 7\r\n3 9\r\n"
+    assert longer.numbered("uids") == b"1 a1\r\n2 b2\r\n3 c3\r\n"
+    assert MessageList().numbered("uids") == b""

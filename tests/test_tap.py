@@ -18,6 +18,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
@@ -378,6 +379,16 @@ def test_sasl_mechanisms_default_to_the_factorys(passwd: Path) -> None:
         b"CRAM-MD5",
         b"PLAIN",
         b"LOGIN",
+        b"OAUTHBEARER",
+        b"XOAUTH2",
+    ]
+    # Offered: those a passwd-file can verify (OAUTHBEARER and XOAUTH2 need --auth oauth2:).
+    verifiers = PortalVerifiers(factory.portal)
+    assert [m.name for m in factory.mechanisms if m.usable(verifiers)] == [
+        b"SCRAM-SHA-256",
+        b"CRAM-MD5",
+        b"PLAIN",
+        b"LOGIN",
     ]
 
 
@@ -406,16 +417,19 @@ def test_sasl_mechanisms_chosen(passwd: Path, value: str, names: list[bytes]) ->
         (
             "PLAIN, X-NOPE",
             "--sasl-mechanisms: unknown mechanism X-NOPE; "
-            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN, "
+            "OAUTHBEARER, XOAUTH2",
         ),
         (
             "digest-md5 gssapi",
             "--sasl-mechanisms: unknown mechanism DIGEST-MD5, GSSAPI; "
-            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+            "known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN, "
+            "OAUTHBEARER, XOAUTH2",
         ),
         (
             " , ",
-            "--sasl-mechanisms names no mechanism; known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN",
+            "--sasl-mechanisms names no mechanism; known: SCRAM-SHA-256, CRAM-MD5, PLAIN, LOGIN, "
+            "OAUTHBEARER, XOAUTH2",
         ),
     ],
 )

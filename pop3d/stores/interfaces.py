@@ -13,8 +13,8 @@ as a local file's are, and must then not block for long.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, overload
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, overload
 
 from zope.interface import Attribute, Interface
 
@@ -52,6 +52,11 @@ class MessageList(Sequence[MessageInfo]):
 
     uids: tuple[str, ...] = ()
     sizes: tuple[int, ...] = ()
+    #: `numbered` bodies made so far, by column: a listing a store keeps for
+    #: the next login is formatted once, not at every LIST and UIDL.
+    _numbered: dict[str, bytes] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         # Tuples, whatever sequences were given: the value stays hashable
@@ -82,6 +87,39 @@ class MessageList(Sequence[MessageInfo]):
 
     def __iter__(self) -> Iterator[MessageInfo]:
         return map(MessageInfo, self.uids, self.sizes)
+
+    def numbered(self, column: Literal["sizes", "uids"]) -> bytes:
+        """
+        A line ``N value`` (ending in CRLF) for every message, N from 1: the
+        body of a LIST (``sizes``) or UIDL (``uids``) of the whole maildrop,
+        made once.
+        UIDLs are printable ASCII (RFC 1939 section 7), so no line needs
+        byte-stuffing.
+        """
+        made = self._numbered.get(column)
+        if made is None:
+            made = _numbered_lines(self.sizes if column == "sizes" else self.uids, 1)
+            self._numbered[column] = made
+        return made
+
+    def extended(self, uids: Sequence[str], sizes: Sequence[int]) -> MessageList:
+        """
+        These messages followed by more, keeping what `numbered` made of
+        these (a delivery adds lines to LIST and UIDL; it changes none).
+        """
+        longer = MessageList(self.uids + tuple(uids), self.sizes + tuple(sizes))
+        first = len(self.sizes) + 1
+        for column, made in list(self._numbered.items()):
+            added = sizes if column == "sizes" else uids
+            longer._numbered[column] = made + _numbered_lines(added, first)
+        return longer
+
+
+def _numbered_lines(values: Iterable[object], first: int) -> bytes:
+    # One string for the whole listing: 100,000 lines in a few ms.
+    return "".join([f"{number} {value}\r\n" for number, value in enumerate(values, first)]).encode(
+        "ascii"
+    )
 
 
 class IMessageBody(Interface):

@@ -38,11 +38,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import overload
+from typing import cast, overload
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,6 +69,7 @@ from pop3d.stores.posix import (
     CREATE_FLAGS,
     DIRECTORY_FLAGS,
     READ_FLAGS,
+    SAFE_OPEN,
     LockTable,
     exists,
     unavailable,
@@ -97,6 +99,12 @@ STEP = 8192
 #: Above this many kept messages, `mark_seen` decides what to rename off the
 #: reactor thread too.
 PLAN_INLINE_MESSAGES = 1000
+#: From this many messages on, QUIT waits (at most `SETTLE_WAIT_SECONDS`) for
+#: the renames it made to settle before reading new/ and cur/ again, so that
+#: the next login trusts its listing at once; smaller Maildirs are read again
+#: at the next login, which costs less than the wait.
+SETTLE_AT_QUIT_MESSAGES = 5000
+SETTLE_WAIT_SECONDS = 0.2
 DOVECOT_UIDLIST = "dovecot-uidlist"
 #: Where counted message sizes are kept (see `_SizeCache`).
 SIZE_CACHE = "pop3d-sizes"
@@ -167,6 +175,37 @@ class _Locations(Sequence[Location]):
     def names(self) -> tuple[str, ...]:
         return self._names
 
+    @property
+    def subdirectories(self) -> tuple[str, ...]:
+        return self._subdirectories
+
+
+_PARTS = ("new", "cur", DOVECOT_UIDLIST)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stamps:
+    """
+    What a listing depends on, part by part (new/, cur/, dovecot-uidlist):
+    inode and modification time, None for a part that is missing or was not
+    read (see `_take_stamps`), and whether each had settled: no change to it
+    just before it was stamped that its time could hide.
+    """
+
+    parts: tuple[tuple[int, int] | None, ...]
+    settled: tuple[bool, ...]
+
+    def trusted(self, now: _Stamps, part: int) -> bool:
+        """Whether what was read of ``part`` under these stamps still holds ``now``."""
+        return self.settled[part] and self.parts[part] == now.parts[part]
+
+    def trusted_all(self, now: _Stamps) -> bool:
+        return all(self.trusted(now, part) for part in range(len(_PARTS)))
+
+
+#: Stamps that nothing matches: every part is read again.
+_UNKNOWN = _Stamps((None, None, None), (False, False, False))
+
 
 @dataclass(frozen=True, slots=True)
 class _Listing:
@@ -175,24 +214,24 @@ class _Listing:
     Maildir (so per idle session): it is kept small.
     """
 
-    #: A digest of what the listing depends on: inode and mtime of new/,
-    #: cur/ and dovecot-uidlist (see `_take_stamp`).
-    stamp: int
-    #: Whether the stamp can be trusted: no part changed just before it.
-    settled: bool
+    #: The parts as they were when they were read (see `_take_stamps`).
+    stamps: _Stamps
     messages: MessageList
     locations: _Locations
-    #: The inode of each message file, -1 where the size is a ",W=" field.
+    #: The inode of each message file.
     inodes: tuple[int, ...]
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """Unique name -> (inode, wire size) of messages without ",W="."""
         return {
-            _unique_name(name): (inode, size)
-            for name, inode, size in zip(
-                self.locations.names, self.inodes, self.messages.sizes, strict=True
+            unique: (inode, size)
+            for unique, inode, size in zip(
+                map(_unique_name, self.locations.names),
+                self.inodes,
+                self.messages.sizes,
+                strict=True,
             )
-            if inode >= 0
+            if ",W=" not in unique or _WIRE_SIZE_FIELD.search(unique) is None
         }
 
 
@@ -219,6 +258,10 @@ class _ListingCache:
         while self._messages > self._max_messages:
             _, dropped = self._listings.popitem(last=False)
             self._messages -= len(dropped.messages)
+
+    def peek(self, root: str) -> _Listing | None:
+        """The listing kept for ``root``, leaving the order of recency as it is."""
+        return self._listings.get(root)
 
     def forget(self, root: str) -> None:
         dropped = self._listings.pop(root, None)
@@ -273,6 +316,7 @@ class MaildirStore:
         locks: IMaildropLocks | None = None,
         step: int = STEP,
         plan_inline: int = PLAN_INLINE_MESSAGES,
+        settle_at_quit: int = SETTLE_AT_QUIT_MESSAGES,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -286,6 +330,7 @@ class MaildirStore:
         self.listing_cache = listing_cache
         self.step = step
         self.plan_inline = plan_inline
+        self.settle_at_quit = settle_at_quit
         self._listings = _ListingCache(listing_cache)
 
     def path_for(self, mailbox: str) -> str | None:
@@ -307,7 +352,7 @@ class MaildirStore:
             info = os.fstat(root_fd)
             directory = _Directory(root, info.st_dev, info.st_ino)
             release = self.locks.acquire(root, root_fd)
-            stamp, settled = _take_stamp(root, root_fd)
+            stamps = _take_stamps(root_fd)
         except BaseException as error:
             # Whatever went wrong (a lock file its owner filled with
             # nonsense, say), neither the descriptor nor the lock stays.
@@ -321,37 +366,73 @@ class MaildirStore:
             raise
         held = release
         cached = self._listings.get(root)
-        if cached is not None and cached.settled and cached.stamp == stamp:
+        if cached is not None and cached.stamps.trusted_all(stamps):
             os.close(root_fd)
-            return succeed(_Maildrop(directory, cached.messages, cached.locations, held, self))
+            return succeed(
+                _Maildrop(directory, cached.messages, cached.locations, held, self, cached)
+            )
 
-        def scan() -> tuple[_Listing, dict[str, tuple[int, int]] | None]:
+        def scan() -> tuple[_Listing, _SizesToSave]:
             try:
-                # In the thread too: 100,000 sizes take a tenth of a second.
-                known = cached.sizes() if cached is not None else None
-                messages, locations, inodes, to_save = _snapshot(
-                    root, root_fd, self._naming, known, self.step
-                )
-                listing = _Listing(stamp, settled, messages, locations, tuple(inodes))
+                return self._read(root, root_fd, stamps, cached)
             finally:
                 os.close(root_fd)
-            return listing, to_save
 
-        def opened(scanned: tuple[_Listing, dict[str, tuple[int, int]] | None]) -> IMaildrop:
+        def opened(scanned: tuple[_Listing, _SizesToSave]) -> IMaildrop:
             listing, changed_sizes = scanned
-            self._listings.put(root, listing)
-            if changed_sizes is not None:
-                # After the answer, not before it: the client waits for no
-                # file it does not need.
-                saving = run_blocking(self._reactor, _save_sizes, directory, changed_sizes)
-                saving.addErrback(lambda failure: log.failure("saving sizes failed", failure))
-            return _Maildrop(directory, listing.messages, listing.locations, held, self)
+            self._keep(directory, listing, changed_sizes)
+            return _Maildrop(directory, listing.messages, listing.locations, held, self, listing)
 
         def failed(reason: Failure) -> Failure:
             held()
             return reason
 
         return run_blocking(self._reactor, scan).addCallbacks(opened, failed)
+
+    def _read(
+        self, root: str, root_fd: int, stamps: _Stamps, cached: _Listing | None
+    ) -> tuple[_Listing, _SizesToSave]:
+        """
+        The listing of a Maildir whose parts have ``stamps``: ``cached``
+        brought up to date by reading again only the directories that may
+        have changed (see `_refresh`), else everything read again.
+        """
+        if cached is not None and self._incremental(cached, stamps):
+            refreshed = _refresh(root, root_fd, cached, stamps)
+            if refreshed is not None:
+                return refreshed
+        # In the thread too: 100,000 sizes take a tenth of a second.
+        known = cached.sizes() if cached is not None else None
+        messages, locations, inodes, to_save = _snapshot(
+            root, root_fd, self._naming, known, self.step
+        )
+        listing = _Listing(stamps, messages, locations, tuple(inodes))
+        return listing, (_SizeUpdate(to_save, False) if to_save is not None else None)
+
+    def _incremental(self, cached: _Listing, stamps: _Stamps) -> bool:
+        """
+        Whether ``cached`` can be brought up to date part by part: its order
+        is the unique names' (no dovecot-uidlist, then or now) and its UIDLs
+        depend on nothing but the names.
+        """
+        uidlist = _PARTS.index(DOVECOT_UIDLIST)
+        return (
+            self._naming == _PLAIN_NAMING
+            and cached.stamps.parts[uidlist] is None
+            and stamps.parts[uidlist] is None
+        )
+
+    def _keep(self, directory: _Directory, listing: _Listing, sizes: _SizesToSave) -> None:
+        """Keep ``listing`` for the next login (on the reactor thread), and new sizes on disk."""
+        self._listings.put(directory.path, listing)
+        if sizes is not None:
+            # After the answer, not before it: the client waits for no
+            # file it does not need.
+            saving = run_blocking(self._reactor, _save_sizes, directory, sizes)
+            saving.addErrback(lambda failure: log.failure("saving sizes failed", failure))
+
+    def _cached(self, root: str) -> _Listing | None:
+        return self._listings.peek(root)
 
 
 def default_lock_table(template: str) -> str:
@@ -363,28 +444,244 @@ def default_lock_table(template: str) -> str:
     return os.path.join(fixed_directory(template), LOCK_TABLE_NAME)
 
 
-def _take_stamp(root: str, root_fd: int) -> tuple[int, bool]:
+def _take_stamps(root_fd: int) -> _Stamps:
     """
-    The stamp of a Maildir now, and whether it has settled.  (A hash: two
-    stamps that differ could collide only if the Maildir's owner made them,
-    and would only hide their own new mail until the next change.)
+    The stamps of a Maildir's parts now, each settled if it last changed
+    long enough ago that a later change cannot keep its time.  Whatever is
+    read of a part after this is at least as new as its stamp.
     """
     now = time.time_ns()
     parts: list[tuple[int, int] | None] = []
-    settled = True
-    for name in ("new", "cur", DOVECOT_UIDLIST):
+    settled: list[bool] = []
+    for name in _PARTS:
         try:
             info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
         except FileNotFoundError:
             parts.append(None)
+            settled.append(True)
             continue
         mtime = info.st_mtime_ns
         parts.append((info.st_ino, mtime))
         # Whole seconds: a file system (or NFS server) with coarse times,
         # where a change within the same second would not show.
         settling = _COARSE_SETTLING_NS if mtime % 1_000_000_000 == 0 else _SETTLING_NS
-        settled = settled and mtime < now - settling
-    return hash(tuple(parts)), settled
+        settled.append(mtime < now - settling)
+    return _Stamps(tuple(parts), tuple(settled))
+
+
+# -- bringing a kept listing up to date ---------------------------------------
+#
+# A later login reads again only the directories whose stamp changed (or had
+# not settled), and compares what it finds with the kept listing: with no
+# dovecot-uidlist and plain UIDLs, a listing is in unique-name order and each
+# message's UIDL follows from its name, so a difference is handled where it
+# is: messages gone are dropped, messages moved or flagged by another
+# program keep their place, new ones (whose unique names sort after every
+# kept one, as a delivery's do) are counted and appended.  Anything else
+# (a name in two places, a delivery that sorts before kept mail, a file
+# gone while counting it) is read the long way, `_snapshot`.
+
+
+@dataclass(frozen=True, slots=True)
+class _SizeUpdate:
+    """Sizes for `SIZE_CACHE`: all of them, or ones to append to the file."""
+
+    sizes: dict[str, tuple[int, int]]
+    append: bool
+
+
+_SizesToSave = _SizeUpdate | None
+
+
+def _refresh(
+    root: str, root_fd: int, cached: _Listing, stamps: _Stamps
+) -> tuple[_Listing, _SizesToSave] | None:
+    """
+    ``cached`` brought up to date with what new/ and cur/ hold now (their
+    stamps taken before this reads them: ``stamps``), reading only the ones
+    whose stamp is not the one it was read under; None where only a full
+    read can tell (see above).
+    """
+    reread = {
+        subdirectory: dict(_entries(root, root_fd, subdirectory))
+        for part, subdirectory in enumerate(_PARTS[:2])
+        if not cached.stamps.trusted(stamps, part)
+    }
+    counted: dict[str, tuple[int, int]] = {}
+    listing = _apply(root, root_fd, cached, reread, counted) if reread else cached
+    if listing is None:
+        return None
+    listing = _Listing(stamps, listing.messages, listing.locations, listing.inodes)
+    return listing, (_SizeUpdate(counted, True) if counted else None)
+
+
+def _positions(subdirectories: tuple[str, ...], subdirectory: str) -> list[int]:
+    """Where a listing's messages in ``subdirectory`` are (new/ holds few, often none)."""
+    count = subdirectories.count(subdirectory)
+    if count * 16 < len(subdirectories):
+        positions: list[int] = []
+        at = -1
+        for _ in range(count):
+            at = subdirectories.index(subdirectory, at + 1)
+            positions.append(at)
+        return positions
+    if count == len(subdirectories):
+        return list(range(count))
+    here = map(subdirectory.__eq__, subdirectories)
+    return list(itertools.compress(range(len(subdirectories)), here))
+
+
+def _could_be_digest(uidl: str) -> bool:
+    return len(uidl) == 40 and all(c in "0123456789abcdef" for c in uidl)
+
+
+def _apply(
+    root: str,
+    root_fd: int,
+    listing: _Listing,
+    reread: dict[str, dict[str, int]],
+    counted: dict[str, tuple[int, int]],
+) -> _Listing | None:
+    """
+    ``listing`` with what the ``reread`` subdirectories hold now (file name
+    -> inode); sizes read meanwhile are added to ``counted``.  None if only
+    a full read can tell.
+    """
+    subdirectories = listing.locations.subdirectories
+    names = listing.locations.names
+    inodes = listing.inodes
+    count = len(names)
+    gone_at: dict[str, int] = {}
+    came: list[tuple[str, str, int]] = []
+    for subdirectory, entries in reread.items():
+        # Column operations in C: 100,000 names take a few milliseconds.
+        here = _positions(subdirectories, subdirectory)
+        if len(here) == count:
+            before = dict(zip(names, inodes, strict=True))  # all of them: cur/ after QUIT
+        else:
+            before = dict(
+                zip(map(names.__getitem__, here), map(inodes.__getitem__, here), strict=True)
+            )
+        if before == entries:
+            continue
+        position = dict(zip(map(names.__getitem__, here), here, strict=True))
+        for name, _ in before.items() - entries.items():
+            gone_at[_unique_name(name)] = position[name]
+        came.extend((subdirectory, name, inode) for name, inode in entries.items() - before.items())
+    if not gone_at and not came:
+        return listing
+    moved: dict[int, tuple[str, str, int]] = {}
+    fresh: dict[str, tuple[str, str, int]] = {}
+    for subdirectory, name, inode in came:
+        unique = _unique_name(name)
+        at = gone_at.pop(unique, None)
+        if at is not None:
+            # Moved or flagged by another program (or replaced): same place.
+            moved[at] = (subdirectory, name, inode)
+        elif unique in fresh:
+            return None  # one unique name twice
+        else:
+            fresh[unique] = (subdirectory, name, inode)
+    removed = set(gone_at.values())
+    new_uniques = sorted(fresh)
+    if new_uniques:
+        last = next((at for at in range(count - 1, -1, -1) if at not in removed), None)
+        if last is not None and _unique_name(names[last]) >= new_uniques[0]:
+            return None  # not after every kept message: sorted the long way
+        # A later unique name is no kept message's, nor its UIDL, unless
+        # that UIDL is a digest (see `uidl_for`).
+        digests = [unique for unique in new_uniques if _could_be_digest(uidl_for(unique))]
+        if digests and not set(digests).isdisjoint(listing.messages.uids):
+            return None
+    # What needs a size: new messages, and files replaced under a kept name.
+    replaced = {at for at, (_, _, inode) in moved.items() if inode != inodes[at]}
+    to_count = dict(fresh)
+    to_count.update((_unique_name(moved[at][1]), moved[at]) for at in replaced)
+    found: dict[str, tuple[int, int]] = {}
+    if to_count:
+        found, uncounted = _known_sizes(to_count, {})
+        for subdirectory, todo in uncounted.items():
+            if todo:
+                with _subdirectory(root, root_fd, subdirectory) as directory_fd:
+                    if directory_fd is None:
+                        return None
+                    path = os.path.join(root, subdirectory)
+                    _count_sizes(path, directory_fd, todo, found)
+        if len(found) != len(to_count):
+            return None  # gone since: the long way finds where
+        counted.update(
+            (unique, entry)
+            for unique, entry in found.items()
+            if ",W=" not in unique or _WIRE_SIZE_FIELD.search(unique) is None
+        )
+    sizes = listing.messages.sizes
+    if not moved and not removed:
+        # Deliveries only: the columns are the kept ones, extended in C.
+        added = [fresh[unique] for unique in new_uniques]
+        locations = _Locations(
+            subdirectories + tuple([subdirectory for subdirectory, _, _ in added]),
+            names + tuple([name for _, name, _ in added]),
+        )
+        messages = listing.messages.extended(
+            tuple([uidl_for(unique) for unique in new_uniques]),
+            tuple([found[unique][1] for unique in new_uniques]),
+        )
+        inodes = inodes + tuple([inode for _, _, inode in added])
+        return _Listing(listing.stamps, messages, locations, inodes)
+    kept_subdirectories = list(subdirectories)
+    kept_names = list(names)
+    kept_inodes = list(inodes)
+    kept_sizes = list(sizes)
+    for at, (subdirectory, name, inode) in moved.items():
+        kept_subdirectories[at] = subdirectory
+        kept_names[at] = name
+        kept_inodes[at] = inode
+        if at in replaced:
+            kept_sizes[at] = found[_unique_name(name)][1]
+    kept_uids = listing.messages.uids
+    if removed:
+        keep = [at not in removed for at in range(count)]
+        kept_subdirectories = list(itertools.compress(kept_subdirectories, keep))
+        kept_names = list(itertools.compress(kept_names, keep))
+        kept_inodes = list(itertools.compress(kept_inodes, keep))
+        kept_sizes = list(itertools.compress(kept_sizes, keep))
+        kept_uids = tuple(itertools.compress(kept_uids, keep))
+    if removed or replaced:
+        messages = MessageList(kept_uids, tuple(kept_sizes))
+    else:
+        messages = listing.messages
+    if new_uniques:
+        added = [fresh[unique] for unique in new_uniques]
+        kept_subdirectories.extend(subdirectory for subdirectory, _, _ in added)
+        kept_names.extend(name for _, name, _ in added)
+        kept_inodes.extend(inode for _, _, inode in added)
+        # Appended: what LIST and UIDL formatted of the kept part stays.
+        messages = messages.extended(
+            tuple(uidl_for(unique) for unique in new_uniques),
+            tuple(found[unique][1] for unique in new_uniques),
+        )
+    locations = _Locations(tuple(kept_subdirectories), tuple(kept_names))
+    return _Listing(listing.stamps, messages, locations, tuple(kept_inodes))
+
+
+def _settling_delay(directory: _Directory) -> float | None:
+    """
+    Seconds until new/ and cur/ of a Maildir have settled (0: they have);
+    None if that is more than `SETTLE_WAIT_SECONDS` away (a file system
+    with whole-second times).
+    """
+    with directory.opened() as root_fd:
+        now = time.time_ns()
+        delay = 0
+        for name in _PARTS[:2]:
+            try:
+                mtime = os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if mtime % 1_000_000_000 == 0:
+                return None
+            delay = max(delay, mtime + _SETTLING_NS + 1_000_000 - now)
+    return delay / 1e9 if delay <= SETTLE_WAIT_SECONDS * 1e9 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +715,10 @@ class _UIDLNaming:
 
     uidl_format: str | None
     reuse_x_uidl: bool
+
+
+#: Unique names as UIDLs, unless dovecot-uidlist says otherwise.
+_PLAIN_NAMING = _UIDLNaming(None, False)
 
 
 @contextmanager
@@ -471,7 +772,8 @@ def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
         # A loop rather than one C-level update: with 100,000 messages, a
         # single call would hold the GIL (and so every session) for 10 ms.
         for name, inode in _entries(root, root_fd, subdirectory):
-            found[_unique_name(name)] = (subdirectory, name, inode)
+            # `_unique_name`, without a call per message.
+            found[name.partition(":")[0]] = (subdirectory, name, inode)
     return found
 
 
@@ -571,7 +873,7 @@ def _snapshot(
     locations = _Locations(
         tuple([sub for sub, _, _ in where]), tuple([name for _, name, _ in where])
     )
-    inodes = [inode for inode, _ in entries]
+    inodes = [inode for _, _, inode in where]
     # Sizes given by ",W=" fields (inode -1) are not kept.
     kept = {unique: entry for unique, entry in sizes.items() if entry[0] >= 0}
     # Everything kept was found; the file changes if something was counted
@@ -714,26 +1016,33 @@ def _count_sizes(
     directory into ``sizes``; a file gone meanwhile is left out.  (A tight
     loop: the first login to a large Maildir reads every message.)
     """
+    # Bound once: name lookups are a good part of the Python work per message.
+    open_file, read, close = os.open, os.read, os.close
     for unique, name, inode in messages:
         try:
-            fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
+            fd = open_file(name, READ_FLAGS, dir_fd=directory_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
             raise unavailable("cannot read message", os.path.join(path, name), error) from error
         try:
-            first = os.read(fd, _READ_SIZE)
-            # Only an empty read is the end (see `_read_up_to`).  The inode
-            # is the scan's: if the file was replaced since, the next scan
-            # shows another inode and counts it again.
-            more = os.read(fd, _READ_SIZE) if first else b""
+            first = read(fd, _READ_SIZE)
+            # Only an empty read is the end (see `_read_up_to`); one octet
+            # asked tells (no buffer of _READ_SIZE made for nothing).  The
+            # inode is the scan's: if the file was replaced since, the next
+            # scan shows another inode and counts it again.
+            more = read(fd, 1 if len(first) < _READ_SIZE else _READ_SIZE) if first else b""
             if not more:
-                size = wire_size(first)  # most messages: one read
+                # Most messages: one read, LF line endings (`wire_size`).
+                if b"\r" not in first and first.endswith(b"\n"):
+                    size = len(first) + first.count(b"\n")
+                else:
+                    size = wire_size(first)
             else:
                 counter = WireSizeCounter()
                 counter.feed(first)
                 counter.feed(more)
-                while chunk := os.read(fd, _READ_SIZE):
+                while chunk := read(fd, _READ_SIZE):
                     counter.feed(chunk)
                 size = counter.finish()
         except OSError as error:
@@ -741,7 +1050,7 @@ def _count_sizes(
                 continue  # a FIFO planted after the scan: not a message
             raise unavailable("cannot read message", os.path.join(path, name), error) from error
         finally:
-            os.close(fd)
+            close(fd)
         sizes[unique] = (inode, size)
 
 
@@ -806,12 +1115,39 @@ def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def _save_sizes(directory: _Directory, sizes: dict[str, tuple[int, int]]) -> None:
+def _save_sizes(directory: _Directory, update: _SizeUpdate) -> None:
     try:
         with directory.opened() as root_fd:
-            _write_sizes(directory.path, root_fd, sizes)
+            if update.append:
+                _append_sizes(directory.path, root_fd, update.sizes)
+            else:
+                _write_sizes(directory.path, root_fd, update.sizes)
     except POP3Error:
         pass  # the Maildir is gone or replaced: nothing to keep
+
+
+def _append_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
+    """
+    Add a few sizes to `SIZE_CACHE` (a later line wins), rather than
+    writing 100,000 lines again.  Each write starts a line of its own: a
+    line cut short by a crash ends up with a field that is not a number,
+    and is ignored (`_load_sizes`).
+    """
+    text = "".join([f"\n{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()])
+    try:
+        fd = os.open(SIZE_CACHE, os.O_WRONLY | os.O_APPEND | SAFE_OPEN, dir_fd=root_fd)
+    except FileNotFoundError:
+        return  # written whole by the next full read
+    except OSError as error:
+        log.info("not caching message sizes in {root}: {error}", root=root, error=error)
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.write(fd, (text + "\n").encode("utf-8", "surrogateescape"))
+    except OSError as error:
+        log.info("not caching message sizes in {root}: {error}", root=root, error=error)
+    finally:
+        os.close(fd)
 
 
 def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
@@ -955,7 +1291,16 @@ class _FileBody:
 
 @implementer(IMaildrop, ISeenFlags, IRetrievalTimes)
 class _Maildrop:
-    __slots__ = ("_directory", "_locations", "_release", "_store", "messages")
+    __slots__ = (
+        "_changed",
+        "_directory",
+        "_listing",
+        "_locations",
+        "_release",
+        "_removed",
+        "_store",
+        "messages",
+    )
 
     def __init__(
         self,
@@ -964,6 +1309,7 @@ class _Maildrop:
         locations: Sequence[Location],
         release: Callable[[], None] | None,
         store: MaildirStore,
+        listing: _Listing | None = None,
     ) -> None:
         self.messages = messages
         # None: no Maildir when the session began, an empty maildrop.
@@ -972,6 +1318,12 @@ class _Maildrop:
         self._locations: Sequence[Location] = locations
         self._release = release
         self._store = store
+        # The kept listing this session's messages are, and what the session
+        # did to the files since: UPDATE brings the listing up to date with
+        # it, so the next login need not read everything again.
+        self._listing = listing
+        self._removed: set[int] = set()
+        self._changed = False
 
     @property
     def root(self) -> str:
@@ -1038,6 +1390,7 @@ class _Maildrop:
                         if fd is None:
                             raise FileNotFoundError(errno.ENOENT, "no such directory")
                         os.unlink(name, dir_fd=fd)
+                    self._removed.add(index)
                     return True
                 except FileNotFoundError:
                     relocated = self._relocate(root_fd, index)
@@ -1049,6 +1402,7 @@ class _Maildrop:
         except POP3Error:
             return False
         # Already gone: what the user asked for is done.
+        self._removed.add(index)
         return True
 
     def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
@@ -1059,17 +1413,102 @@ class _Maildrop:
         """
         if self._directory is None:
             return succeed(None)
+        renaming: Deferred[None]
         if len(kept) > self._store.plan_inline:
             # About a microsecond a message to decide: 100,000 messages
             # would hold up every other session for a tenth of a second.
             def plan_and_rename() -> None:
                 self._rename_all(self._renames(retrieved, kept))
 
-            return run_blocking(self._store._reactor, plan_and_rename)
-        renames = self._renames(retrieved, kept)
-        if not renames:
-            return succeed(None)
-        return run_blocking(self._store._reactor, self._rename_all, renames)
+            renaming = run_blocking(self._store._reactor, plan_and_rename)
+        else:
+            renames = self._renames(retrieved, kept)
+            if renames:
+                renaming = run_blocking(self._store._reactor, self._rename_all, renames)
+            elif not self._removed:
+                return succeed(None)
+            else:
+                renaming = succeed(None)
+        return renaming.addCallback(lambda _: self._bring_listing_up_to_date())
+
+    def _bring_listing_up_to_date(self) -> Deferred[None] | None:
+        """
+        After this session's own removals and renames: the kept listing
+        with them, checked against what new/ and cur/ hold now (another
+        program may have changed them meanwhile, within the same tick of
+        their clock, which their times cannot show), and kept for the next
+        login.  A large Maildir is read once its directories have settled,
+        at most `SETTLE_WAIT_SECONDS` later, so that the next login trusts
+        it without reading it; QUIT's answer waits for this.  Never fails:
+        at worst, the next login reads the Maildir again.
+        """
+        if self._directory is None or not (self._removed or self._changed):
+            return None
+        if self._listing is None or self._store._cached(self.root) is not self._listing:
+            return None
+        directory = self._directory
+        store = self._store
+        reactor = store._reactor
+
+        def record_and_read() -> tuple[_Listing, _SizesToSave] | None:
+            recorded = self._recorded()
+            if recorded is None:
+                return None
+            with directory.opened() as root_fd:
+                return store._read(directory.path, root_fd, _take_stamps(root_fd), recorded)
+
+        def keep(result: tuple[_Listing, _SizesToSave] | None) -> None:
+            if result is not None and store._cached(directory.path) is self._listing:
+                store._keep(directory, *result)
+
+        def read(delay: float | None) -> Deferred[tuple[_Listing, _SizesToSave] | None]:
+            if delay and len(self.messages) >= store.settle_at_quit:
+                assert IReactorTime.providedBy(reactor)
+                waited = deferLater(cast(IReactorTime, reactor), delay, lambda: None)
+                return waited.addCallback(lambda _: run_blocking(reactor, record_and_read))
+            return run_blocking(reactor, record_and_read)
+
+        wanted = IReactorTime.providedBy(reactor) and len(self.messages) >= store.settle_at_quit
+        reading = run_blocking(reactor, _settling_delay, directory) if wanted else succeed(None)
+        done = reading.addCallback(read).addCallback(keep)
+        done.addErrback(lambda failure: log.failure("updating the listing failed", failure))
+        return done
+
+    def _recorded(self) -> _Listing | None:
+        """
+        The kept listing as this session left the Maildir: without the
+        messages it removed, with the names it renamed messages to (and any
+        new place it found a message at).  Its stamps are unknown: new/ and
+        cur/ are read again before anyone trusts it.
+        """
+        base = self._listing
+        if base is None:
+            return None
+        removed = self._removed
+        if isinstance(self._locations, list):
+            subdirectories, names = (
+                (tuple(column) for column in zip(*self._locations, strict=True))
+                if self._locations
+                else ((), ())
+            )
+        else:
+            subdirectories, names = base.locations.subdirectories, base.locations.names
+        messages, inodes = base.messages, base.inodes
+        if removed:
+            keep = [index not in removed for index in range(len(names))]
+            subdirectories = tuple(itertools.compress(subdirectories, keep))
+            names = tuple(itertools.compress(names, keep))
+            inodes = tuple(itertools.compress(inodes, keep))
+            messages = MessageList(
+                tuple(itertools.compress(messages.uids, keep)),
+                tuple(itertools.compress(messages.sizes, keep)),
+            )
+        uidlist = _PARTS.index(DOVECOT_UIDLIST)
+        stamps = _Stamps(
+            (None, None, base.stamps.parts[uidlist]),
+            (False, False, base.stamps.settled[uidlist]),
+        )
+        return _Listing(stamps, messages, _Locations(subdirectories, names), inodes)
 
     def record_retrievals(
         self, retrieved: Sequence[int], now: float
@@ -1115,10 +1554,16 @@ class _Maildrop:
         seen = set(retrieved)
         renames: list[tuple[int, str]] = []
         locations = self._locations
+        # The column, when the listing's: no tuple made per kept message.
+        subdirectories = (
+            locations.subdirectories
+            if isinstance(locations, _Locations)
+            else [subdirectory for subdirectory, _ in locations]
+        )
         for index in kept:
-            subdirectory, name = locations[index]
-            if subdirectory == "cur" and index not in seen:
+            if subdirectories[index] == "cur" and index not in seen:
                 continue  # flags as they are
+            subdirectory, name = locations[index]
             unique, _, info = name.partition(":")
             flags = set(info[2:]) if info.startswith("2,") else set()
             if index in seen:
@@ -1158,6 +1603,7 @@ class _Maildrop:
                 return
             os.rename(name, target, src_dir_fd=source, dst_dir_fd=cur_fd)
             self._moved(index, ("cur", target))
+            self._changed = True
         except OSError as error:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 
