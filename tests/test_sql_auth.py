@@ -1114,7 +1114,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest_twisted.ensureDeferred
 async def test_the_readme_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """README, "SQL: PostgreSQL, MySQL and SQLite": its files, its commands, its users."""
+    """README, the SQL subsection: its files, its commands, its users."""
     readme = (ROOT / "README.rst").read_text()
     config = ROOT / "examples" / "sql" / "dovecot-sql.conf.ext"
     settings = [
