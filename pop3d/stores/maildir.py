@@ -14,6 +14,10 @@ served.  A user cannot point their Maildir at someone else's mail.  Between
 commands a session holds no descriptor of its Maildir (so an idle session
 costs one descriptor, its socket); each operation opens the directory again
 and refuses to go on if it is no longer the directory the session locked.
+The one exception is RETR: the ``new``/``cur`` directory a session's
+messages come from stays open until the session ends, a few dozen for the
+whole process at most (see `_OpenSubdirectories`), and the Maildir's path is
+still checked before each message.
 
 Opening a maildrop is cheap when nothing changed.  As Dovecot does, the
 listing of a Maildir is kept in memory while ``new/``, ``cur/`` and
@@ -260,6 +264,11 @@ class MaildirStore:
     what to rename in the thread pool when more than ``plan_inline``
     messages are kept (`PLAN_INLINE_MESSAGES`).
 
+    A session that retrieves messages keeps the ``new/`` or ``cur/``
+    directory it read them from open until it ends, so that each RETR opens
+    one file: at most ``held_directories`` descriptors for the whole store
+    (`OPEN_SUBDIRECTORIES`; 0: none, every RETR opens the Maildir again).
+
     Its maildrops keep the time of each message's first retrieval
     (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
@@ -276,6 +285,7 @@ class MaildirStore:
         locks: IMaildropLocks | None = None,
         step: int = STEP,
         plan_inline: int = PLAN_INLINE_MESSAGES,
+        held_directories: int = OPEN_SUBDIRECTORIES,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -290,7 +300,7 @@ class MaildirStore:
         self.step = step
         self.plan_inline = plan_inline
         self._listings = _ListingCache(listing_cache)
-        self._subdirectories = _OpenSubdirectories(OPEN_SUBDIRECTORIES)
+        self._subdirectories = _OpenSubdirectories(held_directories)
 
     def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
