@@ -229,7 +229,10 @@ def start_server(
             )
         else:
             argv = servers.twisted_command(data.mail, data.passwd["twisted"])
-        server = Server(kind, argv, log, data.root)
+        # --workers auto: one per core, as twistd pop3d counts them; the
+        # server is ready once every worker listens.
+        workers = (os.cpu_count() or 1) if "auto" in POP3D_KINDS.get(kind, ()) else 0
+        server = Server(kind, argv, log, data.root, workers=workers)
     server.start()
     return server
 
