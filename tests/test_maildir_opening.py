@@ -169,3 +169,51 @@ async def test_without_held_directories_a_session_holds_no_descriptor(tmp_path: 
     assert await _retr(maildrop, 0) == b"x\n"
     assert _descriptors() == before
     await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retr_after_retr_over_tcp_sends_the_same_octets(tmp_path: Path) -> None:
+    """
+    RFC 1939 section 3: each RETR of a session, the first (which opens the
+    Maildir) and the later ones (opened in the held directory), sends the
+    message with CRLF line endings, a "." added in front of every line
+    starting with ".", and ".CRLF" at the end, byte for byte.
+    """
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+    from twisted.cred.portal import Portal
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.threads import deferToThread
+
+    from pop3d import MaildropRealm, POP3Factory, POP3Service
+
+    maildir = tmp_path / "alice"
+    deliver_to_maildir(str(maildir), b"Subject: one\n\n.\n..two\nend\n", subdirectory="cur")
+    deliver_to_maildir(str(maildir), b".starts\r\nwith a dot\r\n")
+    store = MaildirStore(f"{tmp_path}/{{user}}")
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    factory = POP3Factory(Portal(MaildropRealm(store), [checker]), clock=reactor, timeout=600)
+    pop3 = POP3Service([serverFromString(reactor, "tcp:0:interface=127.0.0.1")], factory)
+    pop3.startService()
+    try:
+        [port] = await pop3.when_listening()
+
+        def talk() -> bytes:
+            import socket
+
+            commands = b"USER alice\r\nPASS secret\r\n"
+            commands += b"RETR 1\r\nRETR 2\r\nRETR 1\r\nRETR 2\r\nQUIT\r\n"
+            with socket.create_connection(("127.0.0.1", port.getHost().port), 10) as client:
+                client.sendall(commands)
+                received = b""
+                while chunk := client.recv(65536):
+                    received += chunk
+            return received
+
+        received = await deferToThread(talk)
+    finally:
+        await pop3.stopService()
+    replies = received.split(b"\r\n", 3)[3]  # after the greeting, USER and PASS
+    first = b"+OK 31 octets\r\nSubject: one\r\n\r\n..\r\n...two\r\nend\r\n.\r\n"
+    second = b"+OK 21 octets\r\n..starts\r\nwith a dot\r\n.\r\n"
+    assert replies.startswith(first + second + first + second + b"+OK")
