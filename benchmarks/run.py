@@ -1201,7 +1201,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter run (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter run (a few minutes)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument(
         "--only", help=f"comma-separated workloads to run, of: {', '.join(WORKLOADS)}"

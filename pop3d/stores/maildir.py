@@ -898,7 +898,12 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
+        return _open_regular(name, directory_fd)
+
+
+def _open_regular(name: str, directory_fd: int) -> tuple[int, int]:
+    """Open a file of a directory, refusing links and anything but a regular file: (fd, size)."""
+    fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -996,18 +1001,10 @@ def _open_in(directory: _Directory, directory_fd: int, location: Location) -> _F
     if info.st_ino != directory.inode or info.st_dev != directory.device:
         return None
     try:
-        fd = os.open(location[1], READ_FLAGS, dir_fd=directory_fd)
+        fd, size = _open_regular(location[1], directory_fd)
     except OSError:
         return None
-    try:
-        info = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        return None
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        return None
-    return _FileBody(fd, info.st_size, directory.path, location)
+    return _FileBody(fd, size, directory.path, location)
 
 
 @implementer(IMessageBody)
