@@ -230,10 +230,13 @@ class Server:
         cwd: Path,
         port: int = 0,
         ready: re.Pattern[bytes] = _READY,
+        workers: int = 0,
     ) -> None:
         """
         ``ready``: the log line that says the server is listening; if it
-        has no port group, the server was told ``port``.
+        has no port group, the server was told ``port``.  ``workers``: how
+        many worker processes must also say they are listening on that port
+        (pop3d --workers: the parent says so before it starts them).
         """
         self.name = name
         self.argv = argv
@@ -242,6 +245,7 @@ class Server:
         self.port = 0
         self._given_port = port
         self._ready = ready
+        self._workers = workers
         self.process: subprocess.Popen[bytes] | None = None
         self._log_copier: subprocess.Popen[bytes] | None = None
 
@@ -294,8 +298,14 @@ class Server:
                 seen += chunk
                 match = self._ready.search(seen)
                 if match:
-                    self.port = int(match.group(2)) if self._ready.groups >= 2 else self._given_port
-                    return
+                    port = int(match.group(2)) if self._ready.groups >= 2 else self._given_port
+                    if self._workers_listening(seen, port) >= self._workers:
+                        self.port = port
+                        return
+
+    @staticmethod
+    def _workers_listening(log: bytes, port: int) -> int:
+        return len(re.findall(rb"worker \d+ listening on 127\.0\.0\.1:%d\b" % port, log))
 
     def sample(self, pss: bool = False) -> ProcessSample:
         """

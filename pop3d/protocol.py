@@ -433,12 +433,11 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._unexpected_failure(Failure())
             self._abort()
             return
-        if streaming is None:
-            self._command_done(None)
-        else:
-            streaming.addBoth(self._command_done)
+        if not streaming:
+            # A message being sent calls this when it ends (`_stream_ended`).
+            self._command_done()
 
-    def _command_done(self, _: object) -> None:
+    def _command_done(self) -> None:
         if self.phase is Phase.ANSWERING:
             self.phase = Phase.READING
             self._update_reading()
@@ -446,7 +445,8 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
     def _unexpected_failure(self, failure: Failure) -> Status:
         return unexpected_error(self.driver.log, failure, self.session.peer)
 
-    def _send(self, reply: Reply) -> Deferred[None] | None:
+    def _send(self, reply: Reply) -> bool:
+        """Put ``reply`` on the wire; True if it is a message, which may still be going."""
         # Worded as the session speaks now: a LANG reply is in its new language.
         wording = self.session.wording
         if isinstance(reply, Status):
@@ -475,26 +475,35 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._connection.write(reply.status.to_bytes(wording))
             self._connection.loseConnection()
         else:
-            self._stream = _MessageStreamer(
-                self._connection, reply, self.resetTimeout, translator=wording
+            # No Deferred per message: a small one is read, encoded and
+            # written within this call, and `_stream_ended` is called at once.
+            stream = _MessageStreamer(
+                self._connection, reply, self.resetTimeout, self._stream_ended, translator=wording
             )
+            self._stream = stream
             if not self._output_blocked:
-                self._stream.resume()
-            return self._stream.done.addBoth(self._stream_ended)
-        return None
+                stream.resume()
+            return True
+        return False
 
     def _stream_ended(self, result: Failure | None) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None and stream.sent_whole:
-            self.session.message_sent(stream.sent_octets)
-        if not isinstance(result, Failure) or result.check(ResponseAbandoned):
-            return
-        # Part of the message is out, so there is no honest way to finish the
-        # response: abort, and the client knows the message is incomplete.
-        self.driver.log.failure(
-            "reading a message failed mid-response to {peer}", result, peer=self.session.peer
-        )
-        self._abort()
+        """The message being sent went out whole (None), or could not."""
+        try:
+            stream, self._stream = self._stream, None
+            if stream is not None and stream.sent_whole:
+                self.session.message_sent(stream.sent_octets)
+            if result is not None and not result.check(ResponseAbandoned):
+                # Part of the message is out, so there is no honest way to
+                # finish the response: abort, and the client knows the
+                # message is incomplete.
+                self.driver.log.failure(
+                    "reading a message failed mid-response to {peer}",
+                    result,
+                    peer=self.session.peer,
+                )
+                self._abort()
+        finally:
+            self._command_done()
 
 
 @implementer(IPushProducer)
@@ -616,9 +625,15 @@ class _MessageStreamer:
         transport: _Transport,
         reply: MessageStream,
         progress: Any,
+        ended: Callable[[Failure | None], None],
         *,
         translator: Translator | None = None,
     ) -> None:
+        """
+        ``progress`` is called before each write; ``ended`` once, when the
+        message went out whole (None) or could not (the Failure; `ResponseAbandoned`
+        if the connection went first).
+        """
         self._transport = transport
         self._body = reply.body
         self._encoder = reply.encoder
@@ -633,7 +648,7 @@ class _MessageStreamer:
         self._pumping = False
         #: The whole message and its terminator were written.
         self.sent_whole = False
-        self.done: Deferred[None] = Deferred()
+        self._ended = ended
 
     def pause(self) -> None:
         self._paused = True
@@ -676,7 +691,9 @@ class _MessageStreamer:
                     self._write(out, at_end=False)
                     self._await(more)
                     return
-                out.append(self._encoder.feed(more))
+                if more:
+                    # (Feeding nothing would change nothing: spared per message.)
+                    out.append(self._encoder.feed(more))
                 chunk = more
             at_end = not chunk or self._encoder.done
         self._write(out, at_end)
@@ -751,7 +768,4 @@ class _MessageStreamer:
             # The answer is no longer wanted (the connection is gone).
             reading.cancel()
         self._body.close()
-        if failure is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(failure)
+        self._ended(failure)

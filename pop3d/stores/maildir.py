@@ -14,6 +14,10 @@ served.  A user cannot point their Maildir at someone else's mail.  Between
 commands a session holds no descriptor of its Maildir (so an idle session
 costs one descriptor, its socket); each operation opens the directory again
 and refuses to go on if it is no longer the directory the session locked.
+The one exception is RETR: the ``new``/``cur`` directory a session's
+messages come from stays open until the session ends, a few dozen for the
+whole process at most (see `_OpenSubdirectories`), and the Maildir's path is
+still checked before each message.
 
 Opening a maildrop is cheap when nothing changed.  As Dovecot does, the
 listing of a Maildir is kept in memory while ``new/``, ``cur/`` and
@@ -93,6 +97,9 @@ LOCK_TABLE_NAME = ".pop3d-locks"
 LISTING_CACHE_MESSAGES = 250_000
 
 _READ_SIZE = 256 * 1024
+#: Descriptors of the new/ and cur/ directories of sessions reading messages,
+#: kept open between RETRs, at most this many per store (see `_OpenSubdirectories`).
+OPEN_SUBDIRECTORIES = 64
 #: Names one C-level call handles at once in a large listing: about a
 #: millisecond of holding the GIL, which the reactor thread waits for.
 STEP = 8192
@@ -300,6 +307,11 @@ class MaildirStore:
     what to rename in the thread pool when more than ``plan_inline``
     messages are kept (`PLAN_INLINE_MESSAGES`).
 
+    A session that retrieves messages keeps the ``new/`` or ``cur/``
+    directory it read them from open until it ends, so that each RETR opens
+    one file: at most ``held_directories`` descriptors for the whole store
+    (`OPEN_SUBDIRECTORIES`; 0: none, every RETR opens the Maildir again).
+
     Its maildrops keep the time of each message's first retrieval
     (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
@@ -317,6 +329,7 @@ class MaildirStore:
         step: int = STEP,
         plan_inline: int = PLAN_INLINE_MESSAGES,
         settle_at_quit: int = SETTLE_AT_QUIT_MESSAGES,
+        held_directories: int = OPEN_SUBDIRECTORIES,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -332,6 +345,7 @@ class MaildirStore:
         self.plan_inline = plan_inline
         self.settle_at_quit = settle_at_quit
         self._listings = _ListingCache(listing_cache)
+        self._subdirectories = _OpenSubdirectories(held_directories)
 
     def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
@@ -1220,7 +1234,12 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
+        return _open_regular(name, directory_fd)
+
+
+def _open_regular(name: str, directory_fd: int) -> tuple[int, int]:
+    """Open a file of a directory, refusing links and anything but a regular file: (fd, size)."""
+    fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -1252,6 +1271,78 @@ def _locate(root: str, root_fd: int, unique: str) -> Location | None:
     return None
 
 
+class _OpenSubdirectories:
+    """
+    The new/ and cur/ directories that sessions opened messages from, kept
+    open until the session ends: a RETR then opens its file relative to the
+    directory held (``openat``, ``O_NOFOLLOW``), where otherwise it opens
+    the Maildir, checks that it is the one the session locked, opens the
+    subdirectory and then the file.  A directory held is the one that was
+    opened safely from the Maildir the session locked, so the file is the
+    same one the long way would reach; the Maildir's path is still checked
+    for each message (one ``lstat``), so a Maildir replaced during a
+    session is not served.
+
+    At most ``limit`` descriptors for the whole store, the least recently
+    used closed first (its session then takes the long way again): idle
+    sessions, however many, hold their sockets and these few descriptors.
+    Used on the reactor thread only.
+    """
+
+    __slots__ = ("_held", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held: OrderedDict[tuple[_Directory, str], int] = OrderedDict()
+
+    def get(self, directory: _Directory, subdirectory: str) -> int | None:
+        key = (directory, subdirectory)
+        fd = self._held.get(key)
+        if fd is not None:
+            self._held.move_to_end(key)
+        return fd
+
+    def open(self, directory: _Directory, root_fd: int, subdirectory: str) -> None:
+        """Hold ``subdirectory`` of ``root_fd`` (a checked Maildir); if that fails, nothing."""
+        key = (directory, subdirectory)
+        if self._limit <= 0 or key in self._held:
+            return
+        try:
+            self._held[key] = os.open(subdirectory, DIRECTORY_FLAGS, dir_fd=root_fd)
+        except OSError:
+            return  # the next message takes the long way, which says what is wrong
+        while len(self._held) > self._limit:
+            _, oldest = self._held.popitem(last=False)
+            os.close(oldest)
+
+    def forget(self, directory: _Directory) -> None:
+        """The session of ``directory`` ended: close what it held."""
+        for subdirectory in ("new", "cur"):
+            fd = self._held.pop((directory, subdirectory), None)
+            if fd is not None:
+                os.close(fd)
+
+
+def _open_in(directory: _Directory, directory_fd: int, location: Location) -> _FileBody | None:
+    """
+    A message opened in its subdirectory, held open (`_OpenSubdirectories`),
+    or None if that does not work (the message moved, an error): then the
+    long way finds it, or says what went wrong.
+    """
+    try:
+        # The Maildir at that path must still be the one the session locked.
+        info = os.stat(directory.path, follow_symlinks=False)
+    except OSError:
+        return None
+    if info.st_ino != directory.inode or info.st_dev != directory.device:
+        return None
+    try:
+        fd, size = _open_regular(location[1], directory_fd)
+    except OSError:
+        return None
+    return _FileBody(fd, size, directory.path, location)
+
+
 @implementer(IMessageBody)
 class _FileBody:
     """
@@ -1259,14 +1350,16 @@ class _FileBody:
     to build for a message that is read in one or two chunks.
     """
 
-    __slots__ = ("_fd", "_left", "_path")
+    __slots__ = ("_fd", "_left", "_location", "_root")
 
-    def __init__(self, fd: int, size: int, path: str) -> None:
+    def __init__(self, fd: int, size: int, root: str, location: Location) -> None:
         self._fd = fd
         # The size when opened: a read that reaches it is the last, with no
         # read(2) just to learn that the next one returns nothing.
         self._left = size
-        self._path = path
+        # Joined into a path only for an error message.
+        self._root = root
+        self._location = location
 
     def read(self, size: int) -> bytes:
         if self._fd < 0 or self._left <= 0:
@@ -1274,7 +1367,8 @@ class _FileBody:
         try:
             data = _read_up_to(self._fd, min(size, self._left))
         except OSError as error:
-            raise unavailable("cannot read message", self._path, error) from error
+            path = os.path.join(self._root, *self._location)
+            raise unavailable("cannot read message", path, error) from error
         # Shorter than its size: the file was cut, and this is its end.
         self._left = self._left - len(data) if data else 0
         return data
@@ -1342,10 +1436,23 @@ class _Maildrop:
         return location
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
-        assert self._directory is not None
+        directory = self._directory
+        assert directory is not None
         location: Location | None = self._locations[index]
+        assert location is not None
+        subdirectories = self._store._subdirectories
+        directory_fd = subdirectories.get(directory, location[0])
+        if directory_fd is not None:
+            try:
+                body = _open_in(directory, directory_fd, location)
+            except POP3Error as error:
+                return fail(error)
+            if body is not None:
+                return succeed(body)
+        # The first message of the session from this subdirectory, or one
+        # moved or gone: the Maildir and its subdirectory are opened again.
         try:
-            with self._directory.opened() as root_fd:
+            with directory.opened() as root_fd:
                 while location is not None:
                     try:
                         fd, file_size = _open_message(self.root, root_fd, location)
@@ -1356,9 +1463,8 @@ class _Maildrop:
                     except OSError as error:
                         path = os.path.join(self.root, *location)
                         raise unavailable("cannot open message", path, error) from error
-                    body: IMessageBody = _FileBody(
-                        fd, file_size, os.path.join(self.root, *location)
-                    )
+                    body = _FileBody(fd, file_size, self.root, location)
+                    subdirectories.open(directory, root_fd, location[0])
                     return succeed(body)
         except POP3Error as error:
             return fail(error)
@@ -1608,6 +1714,8 @@ class _Maildrop:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 
     def close(self) -> Deferred[None]:
+        if self._directory is not None:
+            self._store._subdirectories.forget(self._directory)
         release, self._release = self._release, None
         if release is not None:
             release()
