@@ -42,14 +42,10 @@ from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCHEMES,
-    SCRAM_ITERATIONS,
     PasswordScheme,
     PasswordSchemeError,
     ScramSHA256Scheme,
     get_scheme,
-    parse_scram_secret,
-    scram_keys,
-    scram_salt,
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
@@ -308,24 +304,8 @@ class PasswdFileChecker:
         """
         username = as_bytes(username)
         table = self._current_table()
-        return self._scram_keys_of(table, username, table.entries.get(username))
-
-    def _scram_keys_of(
-        self, table: _Table, username: bytes, entry: PasswordEntry | None
-    ) -> Deferred[ScramKeys | None]:
-        kind = entry.kind if entry is not None else None
-        if entry is not None and isinstance(kind, ScramSHA256Scheme):
-            return succeed(parse_scram_secret(entry.secret))
-        password = entry.secret if entry is not None and entry.kind.plaintext else None
-        if password is None and not table.scram_derives:
-            return succeed(None)
-        derived = self._verifier.run_slow(
-            scram_keys, password or _DUMMY_SCRAM_PASSWORD, scram_salt(username), SCRAM_ITERATIONS
-        )
-        return derived.addCallback(lambda keys: keys if password is not None else None)
-
-
-_DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
+        entry = table.entries.get(username)
+        return self._verifier.scram_keys(username, entry, table.scram_derives)
 
 
 @implementer(ICheckerFactory, IPlugin)

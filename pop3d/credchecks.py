@@ -28,8 +28,16 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDefer
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from pop3d.passwords import SCHEMES, PasswordScheme
-from pop3d.sasl import IVerifiers
+from pop3d.passwords import (
+    SCHEMES,
+    SCRAM_ITERATIONS,
+    PasswordScheme,
+    ScramSHA256Scheme,
+    parse_scram_secret,
+    scram_keys,
+    scram_salt,
+)
+from pop3d.sasl import IVerifiers, ScramKeys
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
@@ -251,6 +259,29 @@ class PasswordVerifier:
             return self.run_slow(kind.verify, entry.secret, password)
         return succeed(kind.verify(entry.secret, password))
 
+    def scram_keys(
+        self, username: bytes, entry: PasswordEntry | None, derive_dummy: bool
+    ) -> Deferred[ScramKeys | None]:
+        """
+        The SCRAM-SHA-256 keys of ``username``'s ``entry`` (`pop3d.sasl.IScramKeySource`):
+        those of a ``{SCRAM-SHA-256}`` entry as stored; those of a plaintext
+        entry derived (as slow work, for each exchange) with
+        `pop3d.passwords.SCRAM_ITERATIONS` iterations and the user's
+        `pop3d.passwords.scram_salt`.  None for an unknown user or another
+        scheme, after deriving dummy keys if ``derive_dummy`` (the checker's
+        usual SCRAM-capable entries are plaintext), so that the time it takes
+        does not tell which users exist.
+        """
+        if entry is not None and isinstance(entry.kind, ScramSHA256Scheme):
+            return succeed(parse_scram_secret(entry.secret))
+        password = entry.secret if entry is not None and entry.kind.plaintext else None
+        if password is None and not derive_dummy:
+            return succeed(None)
+        derived = self.run_slow(
+            scram_keys, password or _DUMMY_SCRAM_PASSWORD, scram_salt(username), SCRAM_ITERATIONS
+        )
+        return derived.addCallback(lambda keys: keys if password is not None else None)
+
     def _verify_dummy(self, like: PasswordEntry | PasswordScheme, password: bytes) -> bool:
         # Made once per scheme and cost, in the thread pool for slow schemes;
         # two threads making it at once is harmless.
@@ -268,6 +299,9 @@ class PasswordVerifier:
                 dummy = self._dummies[key] = scheme.hash(secrets.token_hex(16).encode("ascii"))
         scheme.verify(dummy, password)
         return False
+
+
+_DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

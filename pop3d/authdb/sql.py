@@ -68,14 +68,9 @@ from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
-    SCRAM_ITERATIONS,
     PasswordScheme,
     PasswordSchemeError,
-    ScramSHA256Scheme,
     get_scheme,
-    parse_scram_secret,
-    scram_keys,
-    scram_salt,
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
@@ -947,15 +942,9 @@ class SQLChecker:
         except (UnicodeDecodeError, AuthUnavailable):
             row = None
         entry = row.entry if row is not None else None
-        if entry is not None and isinstance(entry.kind, ScramSHA256Scheme):
-            return parse_scram_secret(entry.secret)
-        password = entry.secret if entry is not None and entry.kind.plaintext else None
-        if password is None and not self.config.default_scheme.plaintext:
-            return None
-        keys = await self._verifier.run_slow(
-            scram_keys, password or b"not a password", scram_salt(username), SCRAM_ITERATIONS
-        )
-        return keys if password is not None else None
+        derive_dummy = self.config.default_scheme.plaintext
+        keys: ScramKeys | None = await self._verifier.scram_keys(username, entry, derive_dummy)
+        return keys
 
     # -- IUserDatabase ------------------------------------------------------------------
 
