@@ -168,6 +168,35 @@ def scheme_named(name: str) -> PasswordScheme:
     return get_scheme(SCHEME_ALIASES.get(upper, upper))
 
 
+@dataclass(frozen=True)
+class _ConnectWords:
+    """Dovecot's ``connect`` split on spaces into ``key=value`` words."""
+
+    #: ``maxconns``, which Dovecot takes out for itself.
+    max_connections: int
+    #: Every ``host``, in order.
+    hosts: tuple[str, ...]
+    #: The other words, in order.
+    others: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, value: ConfigValue) -> _ConnectWords:
+        max_connections = DEFAULT_MAX_CONNECTIONS
+        hosts: list[str] = []
+        others: list[tuple[str, str]] = []
+        for word in value.value.split():
+            key, _, setting = word.partition("=")
+            if key == "maxconns":
+                if not setting.isdigit() or int(setting) < 1:
+                    raise value.error(f"invalid value for maxconns: {setting!r}")
+                max_connections = int(setting)
+            elif key == "host":
+                hosts.append(setting)
+            else:
+                others.append((key, setting))
+        return cls(max_connections, tuple(hosts), tuple(others))
+
+
 def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
     """
     Dovecot's ``connect`` for pgsql as libpq's conninfo and ``maxconns``.
@@ -181,27 +210,16 @@ def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
         import psycopg_pool  # noqa: F401 (needed at the first login)
     except ImportError:
         raise value.error(f"driver pgsql needs psycopg: {_EXTRA_HINT}") from None
-    max_connections = DEFAULT_MAX_CONNECTIONS
-    hosts: list[str] = []
-    others: dict[str, str] = {}
-    for word in value.value.split():
-        key, _, setting = word.partition("=")
-        if key == "maxconns":
-            if not setting.isdigit() or int(setting) < 1:
-                raise value.error(f"invalid value for maxconns: {setting!r}")
-            max_connections = int(setting)
-        elif key == "host":
-            hosts.append(setting)
-        else:
-            others[key] = setting
-    if hosts:
-        others["host"] = ",".join(hosts)
+    words = _ConnectWords.of(value)
+    others = dict(words.others)
+    if words.hosts:
+        others["host"] = ",".join(words.hosts)
     try:
         conninfo = psycopg.conninfo.make_conninfo(**others)
     except psycopg.Error as error:
         # libpq's message names the bad keyword, never a value.
         raise value.error(f"connect: {error}") from None
-    return conninfo, max_connections
+    return conninfo, words.max_connections
 
 
 #: Dovecot's mysql ``connect`` keys and PyMySQL's names for them (``host``
@@ -229,18 +247,10 @@ def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], in
         import pymysql  # noqa: F401 (needed at the first login)
     except ImportError:
         raise value.error(f"driver mysql needs PyMySQL: {_EXTRA_HINT}") from None
-    max_connections = DEFAULT_MAX_CONNECTIONS
+    words = _ConnectWords.of(value)
     settings: dict[str, Any] = {}
-    hosts: list[str] = []
-    for word in value.value.split():
-        key, _, setting = word.partition("=")
-        if key == "maxconns":
-            if not setting.isdigit() or int(setting) < 1:
-                raise value.error(f"invalid value for maxconns: {setting!r}")
-            max_connections = int(setting)
-        elif key == "host":
-            hosts.append(setting)
-        elif key in _MYSQL_KEYS:
+    for key, setting in words.others:
+        if key in _MYSQL_KEYS:
             if key in _MYSQL_NUMBERS:
                 if not setting.isdigit():
                     raise value.error(f"connect: {key} must be a number")
@@ -251,8 +261,8 @@ def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], in
                 settings[_MYSQL_KEYS[key]] = setting
         else:
             raise value.error(f"connect: unknown mysql setting {key!r}")
-    settings["hosts"] = tuple(hosts or ["localhost"])
-    return tuple(settings.items()), max_connections
+    settings["hosts"] = words.hosts or ("localhost",)
+    return tuple(settings.items()), words.max_connections
 
 
 def read_sql_config(path: str) -> SQLConfig:
