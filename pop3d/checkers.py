@@ -10,17 +10,16 @@ from __future__ import annotations
 import os
 import secrets
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -28,11 +27,14 @@ from zope.interface import alsoProvides, implementer
 from zope.interface.interface import InterfaceClass
 
 from pop3d.credchecks import (
+    DEFAULT_MAX_CONCURRENT,
     PASSWORD_CHECKS,
     PasswordCheck,
     PasswordChecks,
     PasswordEntry,
     PasswordLookup,
+    PasswordVerifier,
+    StoredPasswordLookup,
     as_bytes,
 )
 from pop3d.credentials import PreparedUsernamePassword
@@ -40,14 +42,10 @@ from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     SCHEMES,
-    SCRAM_ITERATIONS,
     PasswordScheme,
     PasswordSchemeError,
     ScramSHA256Scheme,
     get_scheme,
-    parse_scram_secret,
-    scram_keys,
-    scram_salt,
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
@@ -59,15 +57,8 @@ log = Logger()
 #: registers its check in PASSWORD_CHECKS when it is imported.
 CREDENTIAL_TYPE_MODULES = (cram_md5, scram)
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
 #: Schemes whose stored secret is the password itself.
 PLAINTEXT_SCHEMES = frozenset(name for name, scheme in SCHEMES.items() if scheme.plaintext)
-
-#: Slow checks (bcrypt, Argon2, SHA-crypt, PBKDF2) run at once in the
-#: reactor's thread pool, at most this many by default.
-DEFAULT_MAX_CONCURRENT = 4
 
 
 def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]:
@@ -158,9 +149,9 @@ class _Table:
     entries: dict[bytes, PasswordEntry]
     #: The credentials its entries can verify.
     interfaces: tuple[InterfaceClass, ...]
-    #: The most common (scheme, cost) among the entries and a secret of it:
-    #: an unknown user's password is checked against a dummy of that class.
-    usual: tuple[PasswordScheme, bytes, Hashable]
+    #: An entry of the most common (scheme, cost) among the entries: an
+    #: unknown user's password is checked against a dummy of that class.
+    usual: PasswordEntry | PasswordScheme
     #: What an unknown user's credentials of each type are checked against
     #: (for the checks that have a ``dummy``).
     dummies: dict[InterfaceClass, PasswordEntry]
@@ -171,25 +162,19 @@ class _Table:
     @classmethod
     def of(cls, entries: dict[bytes, PasswordEntry], checks: PasswordChecks) -> _Table:
         kinds = {entry.kind for entry in entries.values()}
-        interfaces = tuple(check.interface for check in checks if check.possible(kinds))
-        dummies = {
-            check.interface: check.dummy(kinds) for check in checks if check.dummy is not None
-        }
         samples: dict[tuple[str, Hashable], bytes] = {}
         counts: Counter[tuple[str, Hashable]] = Counter()
         for entry in entries.values():
             key = (entry.scheme, entry.kind.cost(entry.secret))
             samples.setdefault(key, entry.secret)
             counts[key] += 1
-        usual: tuple[PasswordScheme, bytes, Hashable]
+        usual: PasswordEntry | PasswordScheme = SCHEMES["PLAIN"]
         if counts:
             (name, cost), _ = counts.most_common(1)[0]
-            usual = (SCHEMES[name], samples[(name, cost)], cost)
-        else:
-            usual = (SCHEMES["PLAIN"], b"", None)
+            usual = PasswordEntry(name, samples[(name, cost)])
         derived = sum(1 for entry in entries.values() if entry.kind.plaintext)
         stored = sum(1 for entry in entries.values() if isinstance(entry.kind, ScramSHA256Scheme))
-        return cls(entries, interfaces, usual, dummies, derived > stored)
+        return cls(entries, checks.possible(kinds), usual, checks.dummies(kinds), derived > stored)
 
 
 @implementer(ICredentialsChecker, IScramKeySource, IReloadable)
@@ -233,9 +218,7 @@ class PasswdFileChecker:
     def __init__(self, path: str, checks: PasswordChecks = PASSWORD_CHECKS) -> None:
         self.path = path
         self._checks = checks
-        self._reactor: IReactorThreads | None = None
-        self._semaphore: DeferredSemaphore | None = None
-        self._dummies: dict[tuple[str, Hashable], bytes] = {}
+        self._verifier = PasswordVerifier()
         self._signature = self._stat()
         with open(path, "rb") as passwd:
             self._set_table(_Table.of(parse_passwd_file(passwd.read(), path), checks))
@@ -247,10 +230,7 @@ class PasswdFileChecker:
         Run slow checks in ``reactor``'s thread pool, at most
         ``max_concurrent`` at once (the others wait their turn, in order).
         """
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        self._reactor = reactor
-        self._semaphore = DeferredSemaphore(max_concurrent)
+        self._verifier = PasswordVerifier(reactor, max_concurrent)
 
     def _set_table(self, table: _Table) -> None:
         self._table = table
@@ -281,18 +261,6 @@ class PasswdFileChecker:
     def _current_entries(self) -> dict[bytes, PasswordEntry]:
         return self._current_table().entries
 
-    def _slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
-        """Run ``work`` in the thread pool if there is one, else now."""
-        reactor, semaphore = self._reactor, self._semaphore
-        if reactor is None or semaphore is None:
-            return maybeDeferred(work, *args, **kwargs)
-
-        def start() -> Deferred[_T]:
-            assert reactor is not None
-            return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
-
-        return semaphore.run(start)
-
     # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
@@ -312,7 +280,9 @@ class PasswdFileChecker:
         if check is None:
             matched = succeed(False)
         else:
-            lookup = _Lookup(self, table, username, found)
+            lookup = StoredPasswordLookup(
+                username, found, self, self._verifier, table.usual, table.dummies
+            )
             matched = check.run(lookup, credentials)
 
         def decided(ok: bool) -> bytes | tuple[()]:
@@ -321,31 +291,6 @@ class PasswdFileChecker:
             raise UnauthorizedLogin()
 
         return matched.addCallback(decided)
-
-    def _check_password(
-        self, table: _Table, found: PasswordEntry | None, password: bytes
-    ) -> Deferred[bool]:
-        if found is None:
-            scheme, sample, cost = table.usual
-            if scheme.slow:
-                return self._slow(self._verify_dummy, scheme, sample, cost, password)
-            return succeed(self._verify_dummy(scheme, sample, cost, password))
-        kind = found.kind
-        if kind.slow:
-            return self._slow(kind.verify, found.secret, password)
-        return succeed(kind.verify(found.secret, password))
-
-    def _verify_dummy(
-        self, scheme: PasswordScheme, sample: bytes, cost: Hashable, password: bytes
-    ) -> bool:
-        key = (scheme.name, cost)
-        dummy = self._dummies.get(key)
-        if dummy is None:
-            # Made once per scheme and cost, in the thread pool for slow
-            # schemes; two threads making it at once is harmless.
-            dummy = self._dummies[key] = scheme.dummy_like(sample)
-        scheme.verify(dummy, password)
-        return False
 
     # -- IScramKeySource ---------------------------------------------------------
 
@@ -359,55 +304,8 @@ class PasswdFileChecker:
         """
         username = as_bytes(username)
         table = self._current_table()
-        return self._scram_keys_of(table, username, table.entries.get(username))
-
-    def _scram_keys_of(
-        self, table: _Table, username: bytes, entry: PasswordEntry | None
-    ) -> Deferred[ScramKeys | None]:
-        kind = entry.kind if entry is not None else None
-        if entry is not None and isinstance(kind, ScramSHA256Scheme):
-            return succeed(parse_scram_secret(entry.secret))
-        password = entry.secret if entry is not None and entry.kind.plaintext else None
-        if password is None and not table.scram_derives:
-            return succeed(None)
-        derived = self._slow(
-            scram_keys, password or _DUMMY_SCRAM_PASSWORD, scram_salt(username), SCRAM_ITERATIONS
-        )
-        return derived.addCallback(lambda keys: keys if password is not None else None)
-
-
-_DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
-
-
-class _Lookup:
-    """One login's view of the file, for a `PasswordCheck` (`PasswordLookup`)."""
-
-    __slots__ = ("_checker", "_table", "entry", "username")
-
-    def __init__(
-        self,
-        checker: PasswdFileChecker,
-        table: _Table,
-        username: bytes,
-        entry: PasswordEntry | None,
-    ) -> None:
-        self._checker = checker
-        self._table = table
-        self.username = username
-        self.entry = entry
-
-    @property
-    def checker(self) -> object:
-        return self._checker
-
-    def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
-        return self._table.dummies[credentials]
-
-    def check_password(self, password: bytes) -> Deferred[bool]:
-        return self._checker._check_password(self._table, self.entry, password)
-
-    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return self._checker._slow(work, *args)
+        entry = table.entries.get(username)
+        return self._verifier.scram_keys(username, entry, table.scram_derives)
 
 
 @implementer(ICheckerFactory, IPlugin)

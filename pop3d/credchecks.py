@@ -11,25 +11,45 @@ the server can verify, and how.
   the type (`pop3d.checkers` for USER/PASS and APOP, `pop3d.sasl.cram_md5`,
   `pop3d.sasl.scram`).  A new credential type adds its check here from its
   own module; the checker does not change.
+- `PasswordVerifier` and `StoredPasswordLookup` are how every checker that
+  holds stored passwords (passwd-file, SQL, LDAP) checks one: slow schemes
+  in the reactor's thread pool, a bounded number at once, and an unknown
+  user against a dummy secret, so that it takes as long as a wrong password.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator
+import secrets
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from pop3d.passwords import SCHEMES, PasswordScheme
-from pop3d.sasl import IVerifiers
+from pop3d.passwords import (
+    SCHEMES,
+    SCRAM_ITERATIONS,
+    PasswordScheme,
+    ScramSHA256Scheme,
+    parse_scram_secret,
+    scram_keys,
+    scram_salt,
+)
+from pop3d.sasl import IVerifiers, ScramKeys
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
+    from twisted.internet.interfaces import IReactorThreads
     from zope.interface.interface import InterfaceClass
 
+_P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+#: Slow password checks (bcrypt, Argon2, SHA-crypt, PBKDF2) at once in the
+#: reactor's thread pool, by default.
+DEFAULT_MAX_CONCURRENT = 4
 
 
 def most_specific_first(interfaces: Iterable[InterfaceClass]) -> list[InterfaceClass]:
@@ -165,7 +185,148 @@ class PasswordChecks:
                 return check
         return None
 
+    def possible(self, schemes: Collection[PasswordScheme]) -> tuple[InterfaceClass, ...]:
+        """The credential types entries of these ``schemes`` can verify."""
+        return tuple(check.interface for check in self if check.possible(schemes))
+
+    def dummies(self, schemes: Collection[PasswordScheme]) -> dict[InterfaceClass, PasswordEntry]:
+        """What an unknown user's credentials of each type are checked against."""
+        return {check.interface: check.dummy(schemes) for check in self if check.dummy is not None}
+
 
 #: The checks every `pop3d.checkers.PasswdFileChecker` uses by default; each
 #: credential type's module registers its own.
 PASSWORD_CHECKS = PasswordChecks()
+
+
+class PasswordVerifier:
+    """
+    Checks passwords against stored entries, for every checker that holds
+    them (a passwd-file, an SQL or LDAP password lookup).
+
+    A slow scheme's work (bcrypt, Argon2, SHA-crypt, PBKDF2; any `run_slow`
+    work) runs in ``reactor``'s thread pool, at most ``max_concurrent`` at
+    once (the others wait their turn, in order); without a reactor it runs
+    inline.  A cheap scheme's check never waits for the pool.
+
+    An unknown user's password is checked against a dummy secret that no
+    password matches and that costs what the checker's usual entry costs
+    (made once per scheme and cost), so that it takes the path and the time
+    of a wrong password.
+    """
+
+    __slots__ = ("_dummies", "_reactor", "_semaphore")
+
+    def __init__(
+        self, reactor: IReactorThreads | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self._reactor = reactor
+        self._semaphore = DeferredSemaphore(max_concurrent)
+        self._dummies: dict[Hashable, bytes] = {}
+
+    def run_slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
+        """Run blocking ``work`` in the thread pool, in its turn; without a reactor, now."""
+        reactor = self._reactor
+        if reactor is None:
+            return maybeDeferred(work, *args, **kwargs)
+
+        def start() -> Deferred[_T]:
+            assert reactor is not None
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+
+        return self._semaphore.run(start)
+
+    def check(
+        self,
+        entry: PasswordEntry | None,
+        password: bytes,
+        like: PasswordEntry | PasswordScheme,
+    ) -> Deferred[bool]:
+        """
+        Whether ``password`` matches ``entry``.  For an unknown user (no
+        ``entry``): False, after checking it against a dummy of ``like``'s
+        scheme and cost (a scheme: at its default cost).
+        """
+        if entry is None:
+            scheme = like.kind if isinstance(like, PasswordEntry) else like
+            if scheme.slow:
+                return self.run_slow(self._verify_dummy, like, password)
+            return succeed(self._verify_dummy(like, password))
+        kind = entry.kind
+        if kind.slow:
+            return self.run_slow(kind.verify, entry.secret, password)
+        return succeed(kind.verify(entry.secret, password))
+
+    def scram_keys(
+        self, username: bytes, entry: PasswordEntry | None, derive_dummy: bool
+    ) -> Deferred[ScramKeys | None]:
+        """
+        The SCRAM-SHA-256 keys of ``username``'s ``entry`` (`pop3d.sasl.IScramKeySource`):
+        those of a ``{SCRAM-SHA-256}`` entry as stored; those of a plaintext
+        entry derived (as slow work, for each exchange) with
+        `pop3d.passwords.SCRAM_ITERATIONS` iterations and the user's
+        `pop3d.passwords.scram_salt`.  None for an unknown user or another
+        scheme, after deriving dummy keys if ``derive_dummy`` (the checker's
+        usual SCRAM-capable entries are plaintext), so that the time it takes
+        does not tell which users exist.
+        """
+        if entry is not None and isinstance(entry.kind, ScramSHA256Scheme):
+            return succeed(parse_scram_secret(entry.secret))
+        password = entry.secret if entry is not None and entry.kind.plaintext else None
+        if password is None and not derive_dummy:
+            return succeed(None)
+        derived = self.run_slow(
+            scram_keys, password or _DUMMY_SCRAM_PASSWORD, scram_salt(username), SCRAM_ITERATIONS
+        )
+        return derived.addCallback(lambda keys: keys if password is not None else None)
+
+    def _verify_dummy(self, like: PasswordEntry | PasswordScheme, password: bytes) -> bool:
+        # Made once per scheme and cost, in the thread pool for slow schemes;
+        # two threads making it at once is harmless.
+        if isinstance(like, PasswordEntry):
+            scheme = like.kind
+            key: Hashable = (scheme.name, "like", scheme.cost(like.secret))
+            dummy = self._dummies.get(key)
+            if dummy is None:
+                dummy = self._dummies[key] = scheme.dummy_like(like.secret)
+        else:
+            scheme = like
+            key = (scheme.name, "default")
+            dummy = self._dummies.get(key)
+            if dummy is None:
+                dummy = self._dummies[key] = scheme.hash(secrets.token_hex(16).encode("ascii"))
+        scheme.verify(dummy, password)
+        return False
+
+
+_DUMMY_SCRAM_PASSWORD = secrets.token_hex(16).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPasswordLookup:
+    """One login's stored entry, for a `PasswordCheck` (a `PasswordLookup`)."""
+
+    #: The user name as the checker's store spells it.
+    username: bytes
+    #: The user's entry; None for an unknown user.
+    entry: PasswordEntry | None
+    #: The checker, for its add-on interfaces (`pop3d.sasl.IScramKeySource`).
+    checker: object
+    verifier: PasswordVerifier
+    #: The usual entry (or scheme, at its default cost) an unknown user's
+    #: password is checked against a dummy of.
+    like: PasswordEntry | PasswordScheme
+    #: What an unknown user's credentials of each type are checked against
+    #: (`PasswordChecks.dummies`).
+    dummies: Mapping[InterfaceClass, PasswordEntry]
+
+    def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
+        return self.dummies[credentials]
+
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        return self.verifier.check(self.entry, password, self.like)
+
+    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        return self.verifier.run_slow(work, *args)

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
-import pop3d.checkers
+import pop3d.credchecks
 from pop3d.checkers import (
     FirstMatchChecker,
     PasswdFileChecker,
@@ -598,7 +598,7 @@ class TestScramKeySource:
             derived.append(salt)
             return scram_keys(password, salt, iterations)
 
-        monkeypatch.setattr(pop3d.checkers, "scram_keys", counting)
+        monkeypatch.setattr(pop3d.credchecks, "scram_keys", counting)
         for user in [b"nobody", b"b"]:
             derived.clear()
             assert await checker.scram_sha256_keys(user) is None

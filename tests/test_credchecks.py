@@ -7,19 +7,30 @@ the portal, and say why they fail, never how POP3 words it.
 from __future__ import annotations
 
 import ast
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 import pop3d.sasl
-from pop3d.credchecks import PASSWORD_CHECKS, PortalVerifiers, most_specific_first
+from pop3d.credchecks import (
+    PASSWORD_CHECKS,
+    PasswordEntry,
+    PasswordVerifier,
+    PortalVerifiers,
+    StoredPasswordLookup,
+    most_specific_first,
+)
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.driver import APOPCredentials, sasl_failure_status
+from pop3d.passwords import SCHEMES
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import (
     ICramMD5Credentials,
@@ -32,6 +43,8 @@ from pop3d.sasl import (
 from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.sasl.scram import ScramCredentials
 from pop3d.testing import MemoryStore
+
+from .test_cred import BLF_HORSE, SHA512_HORSE, FakeThreadingReactor, SpyScheme
 
 #: What a mechanism must not know: POP3's replies and states, the portal.
 POP3_SIDE = {
@@ -146,3 +159,95 @@ class TestPasswordChecks:
             ICramMD5Credentials,
             IScramSHA256Credentials,
         }
+
+
+class TestPasswordVerifier:
+    """
+    The one way every stored-password checker (passwd-file, SQL, LDAP)
+    checks a password: slow schemes in the thread pool, a bounded number at
+    once, and an unknown user against a dummy so that it takes as long.
+    """
+
+    def test_an_unknown_user_verifies_a_dummy_of_the_same_scheme_and_cost(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        bcrypt = SpyScheme(monkeypatch, "BLF-CRYPT")
+        sha = SpyScheme(monkeypatch, "SHA512-CRYPT")
+        verifier = PasswordVerifier()
+        like = PasswordEntry("BLF-CRYPT", BLF_HORSE)
+        for password in [b"correct horse", b"pencil"]:
+            assert verifier.check(None, password, like).result is False
+        assert sha.calls == []
+        [first, second] = [secret for _, secret in bcrypt.calls]
+        # The same dummy each time, at the usual entry's cost ($05$), never the entry.
+        assert first == second
+        assert first.startswith(b"$2y$05$") and first != BLF_HORSE
+        assert verifier.check(like, b"correct horse", like).result is True
+
+    def test_a_scheme_alone_gives_a_dummy_at_its_default_cost(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        sha = SpyScheme(monkeypatch, "SHA512-CRYPT")
+        verifier = PasswordVerifier()
+        assert verifier.check(None, b"correct horse", SCHEMES["SHA512-CRYPT"]).result is False
+        [(_, dummy)] = sha.calls
+        assert dummy.startswith(b"$6$") and dummy != SHA512_HORSE
+
+    def test_slow_work_never_exceeds_the_bound(self) -> None:
+        reactor = FakeThreadingReactor()
+        verifier = PasswordVerifier(cast(IReactorThreads, reactor), max_concurrent=2)
+        blf = PasswordEntry("BLF-CRYPT", BLF_HORSE)
+        sha = PasswordEntry("SHA512-CRYPT", SHA512_HORSE)
+        attempts = [
+            verifier.check(blf, b"correct horse", blf),
+            verifier.check(None, b"correct horse", blf),
+            verifier.check(sha, b"wrong", blf),
+            verifier.run_slow(lambda: "other slow work"),
+            verifier.check(None, b"correct horse", SCHEMES["SHA512-CRYPT"]),
+        ]
+        results: list[object] = []
+        for attempt in attempts:
+            attempt.addBoth(results.append)
+        pool = reactor.pool
+        assert len(pool.queued) == 2 and results == []
+        # A cheap scheme's check does not wait for its turn.
+        plain = PasswordEntry("PLAIN", b"tanstaaf")
+        assert verifier.check(plain, b"tanstaaf", plain).result is True
+        while pool.queued:
+            assert len(pool.queued) <= 2
+            pool.run_next()
+        assert results == [True, False, False, "other slow work", False]
+
+    def test_without_a_reactor_slow_work_runs_inline(self) -> None:
+        ran: list[threading.Thread] = []
+        done = PasswordVerifier().run_slow(lambda: ran.append(threading.current_thread()))
+        assert ran == [threading.current_thread()] and done.called
+
+    def test_the_bound_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="at least 1"):
+            PasswordVerifier(cast(IReactorThreads, FakeThreadingReactor()), max_concurrent=0)
+
+    def test_a_stored_lookup_serves_the_password_checks(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        bcrypt = SpyScheme(monkeypatch, "BLF-CRYPT")
+        blf = PasswordEntry("BLF-CRYPT", BLF_HORSE)
+        kinds = [blf.kind]
+        verifier = PasswordVerifier()
+
+        def login(entry: PasswordEntry | None, password: bytes) -> object:
+            lookup = StoredPasswordLookup(
+                b"alice", entry, None, verifier, blf, PASSWORD_CHECKS.dummies(kinds)
+            )
+            credentials = UsernamePassword(b"alice", password)
+            check = PASSWORD_CHECKS.for_credentials(credentials)
+            assert check is not None
+            return check.run(lookup, credentials).result
+
+        assert login(blf, b"correct horse") is True
+        assert login(blf, b"wrong") is False
+        assert login(None, b"correct horse") is False
+        assert len(bcrypt.calls) == 3 and bcrypt.calls[2][1] != BLF_HORSE
+        # CRAM-MD5 is checked against its own dummy, of the kind bcrypt files allow.
+        assert PASSWORD_CHECKS.possible(kinds) == (IUsernamePassword,)
+        assert set(PASSWORD_CHECKS.dummies(kinds)) == {ICramMD5Credentials}

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,9 +48,8 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorCore, IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -66,7 +65,14 @@ from pop3d.authdb.ldapconf import (
     read_ldap_settings,
     requested_attributes,
 )
-from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_bytes
+from pop3d.credchecks import (
+    PASSWORD_CHECKS,
+    PasswordChecks,
+    PasswordEntry,
+    PasswordVerifier,
+    StoredPasswordLookup,
+    as_bytes,
+)
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
@@ -295,7 +301,8 @@ class LdapChecker:
         self.connections = LdapConnections(settings, timeout)
         self._checks = checks
         self._reactor: IReactorThreads | None = None
-        self._semaphore = DeferredSemaphore(DEFAULT_MAX_CONCURRENT)
+        # Searches, binds and slow password checks share one bound.
+        self._verifier = PasswordVerifier()
         self._outage: str | None = None
         default = SCHEMES[settings.default_pass_scheme]
         self._default_kind = default
@@ -309,13 +316,10 @@ class LdapChecker:
                 for check in checks
                 if check.possible([default]) and check.interface is not IScramSHA256Credentials
             )
-        self._dummy_entries = {
-            check.interface: check.dummy([default]) for check in checks if check.dummy is not None
-        }
+        self._dummy_entries = checks.dummies([default])
         # An unknown user's password is checked against a dummy like the
         # last password the directory gave: the same scheme and cost.
-        self._usual: PasswordEntry | None = None
-        self._dummies: dict[tuple[str, Hashable], bytes] = {}
+        self._usual: PasswordEntry | PasswordScheme = SCHEMES["SSHA"]
         if settings.userdb:
             alsoProvides(self, IUserDatabase)
         prefetches = any(
@@ -333,7 +337,7 @@ class LdapChecker:
         when the reactor stops.
         """
         self._reactor = reactor
-        self._semaphore = DeferredSemaphore(max_concurrent)
+        self._verifier = PasswordVerifier(reactor, max_concurrent)
         if IReactorCore.providedBy(reactor):
             core: IReactorCore = reactor
             core.addSystemEventTrigger("after", "shutdown", lambda: self.connections.close())
@@ -356,15 +360,9 @@ class LdapChecker:
         log.info("reloaded {path}", path=path)
 
     def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        reactor = self._reactor
-        if reactor is None:
+        if self._reactor is None:
             return fail(RuntimeError("LdapChecker.run_slow_work_in was not called"))
-
-        def start() -> Deferred[_T]:
-            assert reactor is not None
-            return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
-
-        return self._semaphore.run(start)
+        return self._verifier.run_slow(work, *args)
 
     def _ask(self, work: Callable[[Any], _T]) -> Deferred[_T]:
         """``work(connection)`` in the thread pool; an outage becomes AuthUnavailable."""
@@ -535,7 +533,14 @@ class LdapChecker:
             check = self._checks.for_credentials(credentials)
             if check is None:
                 return fail(UnauthorizedLogin())
-            lookup = _Lookup(self, user.encode("utf-8"), stored)
+            lookup = StoredPasswordLookup(
+                user.encode("utf-8"),
+                stored,
+                self,
+                self._verifier,
+                self._usual,
+                self._dummy_entries,
+            )
             matched = check.run(lookup, credentials)
 
             def decided(ok: bool) -> AuthenticatedUser:
@@ -591,33 +596,6 @@ class LdapChecker:
             raise AuthUnavailable() from None
         return AuthenticatedUser(name, prefetched, networks)
 
-    # -- password checks -------------------------------------------------------------------
-
-    def check_password(self, entry: PasswordEntry | None, password: bytes) -> Deferred[bool]:
-        """``password`` against ``entry``, or against a dummy like the usual password."""
-        if entry is None:
-            usual = self._usual or PasswordEntry("SSHA", SCHEMES["SSHA"].hash(b"x"))
-            kind = usual.kind
-            return self.run_slow(self._verify_dummy, kind, usual.secret, password)
-        kind = entry.kind
-        if kind.slow:
-            return self.run_slow(kind.verify, entry.secret, password)
-        return succeed(kind.verify(entry.secret, password))
-
-    def _verify_dummy(self, scheme: PasswordScheme, sample: bytes, password: bytes) -> bool:
-        key = (scheme.name, scheme.cost(sample))
-        dummy = self._dummies.get(key)
-        if dummy is None:
-            dummy = self._dummies[key] = scheme.dummy_like(sample)
-        scheme.verify(dummy, password)
-        return False
-
-    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return self._in_thread(work, *args)
-
-    def dummy_entry(self, credentials: InterfaceClass) -> PasswordEntry:
-        return self._dummy_entries[credentials]
-
     # -- IUserDatabase ---------------------------------------------------------------------
 
     def lookup(self, user: str, context: LoginContext | None) -> Deferred[UserSettings | None]:
@@ -650,30 +628,6 @@ class LdapChecker:
             return None
 
         return found.addErrback(several).addCallback(read)
-
-
-class _Lookup:
-    """One login's stored password, for a `pop3d.credchecks.PasswordCheck`."""
-
-    __slots__ = ("_checker", "entry", "username")
-
-    def __init__(self, checker: LdapChecker, username: bytes, entry: PasswordEntry | None) -> None:
-        self._checker = checker
-        self.username = username
-        self.entry = entry
-
-    @property
-    def checker(self) -> object:
-        return self._checker
-
-    def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
-        return self._checker.dummy_entry(credentials)
-
-    def check_password(self, password: bytes) -> Deferred[bool]:
-        return self._checker.check_password(self.entry, password)
-
-    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return self._checker.run_slow(work, *args)
 
 
 @implementer(ICheckerFactory, IPlugin)

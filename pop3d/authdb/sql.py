@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, ParamSpec, TypeVar
@@ -38,7 +38,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -55,20 +55,22 @@ from pop3d.authdb.sqlquery import (
     QueryError,
     bind_query,
 )
-from pop3d.credchecks import PASSWORD_CHECKS, PasswordChecks, PasswordEntry, as_bytes
+from pop3d.credchecks import (
+    PASSWORD_CHECKS,
+    PasswordChecks,
+    PasswordEntry,
+    PasswordVerifier,
+    StoredPasswordLookup,
+    as_bytes,
+)
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
-    SCRAM_ITERATIONS,
     PasswordScheme,
     PasswordSchemeError,
-    ScramSHA256Scheme,
     get_scheme,
-    parse_scram_secret,
-    scram_keys,
-    scram_salt,
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
@@ -166,6 +168,35 @@ def scheme_named(name: str) -> PasswordScheme:
     return get_scheme(SCHEME_ALIASES.get(upper, upper))
 
 
+@dataclass(frozen=True)
+class _ConnectWords:
+    """Dovecot's ``connect`` split on spaces into ``key=value`` words."""
+
+    #: ``maxconns``, which Dovecot takes out for itself.
+    max_connections: int
+    #: Every ``host``, in order.
+    hosts: tuple[str, ...]
+    #: The other words, in order.
+    others: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, value: ConfigValue) -> _ConnectWords:
+        max_connections = DEFAULT_MAX_CONNECTIONS
+        hosts: list[str] = []
+        others: list[tuple[str, str]] = []
+        for word in value.value.split():
+            key, _, setting = word.partition("=")
+            if key == "maxconns":
+                if not setting.isdigit() or int(setting) < 1:
+                    raise value.error(f"invalid value for maxconns: {setting!r}")
+                max_connections = int(setting)
+            elif key == "host":
+                hosts.append(setting)
+            else:
+                others.append((key, setting))
+        return cls(max_connections, tuple(hosts), tuple(others))
+
+
 def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
     """
     Dovecot's ``connect`` for pgsql as libpq's conninfo and ``maxconns``.
@@ -179,27 +210,16 @@ def _pgsql_conninfo(value: ConfigValue) -> tuple[str, int]:
         import psycopg_pool  # noqa: F401 (needed at the first login)
     except ImportError:
         raise value.error(f"driver pgsql needs psycopg: {_EXTRA_HINT}") from None
-    max_connections = DEFAULT_MAX_CONNECTIONS
-    hosts: list[str] = []
-    others: dict[str, str] = {}
-    for word in value.value.split():
-        key, _, setting = word.partition("=")
-        if key == "maxconns":
-            if not setting.isdigit() or int(setting) < 1:
-                raise value.error(f"invalid value for maxconns: {setting!r}")
-            max_connections = int(setting)
-        elif key == "host":
-            hosts.append(setting)
-        else:
-            others[key] = setting
-    if hosts:
-        others["host"] = ",".join(hosts)
+    words = _ConnectWords.of(value)
+    others = dict(words.others)
+    if words.hosts:
+        others["host"] = ",".join(words.hosts)
     try:
         conninfo = psycopg.conninfo.make_conninfo(**others)
     except psycopg.Error as error:
         # libpq's message names the bad keyword, never a value.
         raise value.error(f"connect: {error}") from None
-    return conninfo, max_connections
+    return conninfo, words.max_connections
 
 
 #: Dovecot's mysql ``connect`` keys and PyMySQL's names for them (``host``
@@ -227,18 +247,10 @@ def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], in
         import pymysql  # noqa: F401 (needed at the first login)
     except ImportError:
         raise value.error(f"driver mysql needs PyMySQL: {_EXTRA_HINT}") from None
-    max_connections = DEFAULT_MAX_CONNECTIONS
+    words = _ConnectWords.of(value)
     settings: dict[str, Any] = {}
-    hosts: list[str] = []
-    for word in value.value.split():
-        key, _, setting = word.partition("=")
-        if key == "maxconns":
-            if not setting.isdigit() or int(setting) < 1:
-                raise value.error(f"invalid value for maxconns: {setting!r}")
-            max_connections = int(setting)
-        elif key == "host":
-            hosts.append(setting)
-        elif key in _MYSQL_KEYS:
+    for key, setting in words.others:
+        if key in _MYSQL_KEYS:
             if key in _MYSQL_NUMBERS:
                 if not setting.isdigit():
                     raise value.error(f"connect: {key} must be a number")
@@ -249,8 +261,8 @@ def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], in
                 settings[_MYSQL_KEYS[key]] = setting
         else:
             raise value.error(f"connect: unknown mysql setting {key!r}")
-    settings["hosts"] = tuple(hosts or ["localhost"])
-    return tuple(settings.items()), max_connections
+    settings["hosts"] = words.hosts or ("localhost",)
+    return tuple(settings.items()), words.max_connections
 
 
 def read_sql_config(path: str) -> SQLConfig:
@@ -757,18 +769,13 @@ class SQLChecker:
         self._health = _Health(self.database, config.path)
         self._reactor: Any = None
         self._queries = DeferredSemaphore(config.max_connections)
-        self._checks_running = DeferredSemaphore(DEFAULT_MAX_CONCURRENT_CHECKS)
-        self._dummies: dict[tuple[str, Hashable], bytes] = {}
+        self._verifier = PasswordVerifier()
         self._set_scheme(config.default_scheme)
 
     def _set_scheme(self, default: PasswordScheme) -> None:
         kinds = [default]
-        self.credentialInterfaces = tuple(
-            check.interface for check in self._checks if check.possible(kinds)
-        )
-        self._dummy_entries = {
-            check.interface: check.dummy(kinds) for check in self._checks if check.dummy is not None
-        }
+        self.credentialInterfaces = self._checks.possible(kinds)
+        self._dummy_entries = self._checks.dummies(kinds)
 
     def reload(self) -> None:
         """
@@ -806,6 +813,7 @@ class SQLChecker:
         closed when the reactor stops.
         """
         self._reactor = reactor
+        self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT_CHECKS)
         reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "before", "shutdown", self.database.close
         )
@@ -910,37 +918,22 @@ class SQLChecker:
             matched = False
         else:
             entry = row.entry if row is not None else None
-            matched = await check.run(_SQLLookup(self, username, entry), credentials)
+            lookup = StoredPasswordLookup(
+                username,
+                entry,
+                self,
+                self._verifier,
+                # An unknown user takes the time of a wrong password of the
+                # default scheme, at its default cost.
+                self.config.default_scheme,
+                self._dummy_entries,
+            )
+            matched = await check.run(lookup, credentials)
         if not matched or row is None:
             raise UnauthorizedLogin()
         if row.nologin:
             raise LoginRefused(row.reason or "Login disabled")
         return row.authenticated()
-
-    # -- password checks (for the credchecks' PasswordLookup) ------------------------
-
-    def _slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
-        return self._checks_running.run(lambda: self._in_thread(work, *args, **kwargs))
-
-    def check_password(self, entry: PasswordEntry | None, password: bytes) -> Deferred[bool]:
-        if entry is None:
-            scheme = self.config.default_scheme
-            if scheme.slow:
-                return self._slow(self._verify_dummy, scheme, password)
-            return succeed(self._verify_dummy(scheme, password))
-        kind = entry.kind
-        if kind.slow:
-            return self._slow(kind.verify, entry.secret, password)
-        return succeed(kind.verify(entry.secret, password))
-
-    def _verify_dummy(self, scheme: PasswordScheme, password: bytes) -> bool:
-        # An unknown user takes the time of a wrong password of the default
-        # scheme, at its default cost.
-        dummy = self._dummies.get((scheme.name, None))
-        if dummy is None:
-            dummy = self._dummies[(scheme.name, None)] = scheme.hash(b"not a password")
-        scheme.verify(dummy, password)
-        return False
 
     # -- IScramKeySource -------------------------------------------------------------
 
@@ -959,15 +952,9 @@ class SQLChecker:
         except (UnicodeDecodeError, AuthUnavailable):
             row = None
         entry = row.entry if row is not None else None
-        if entry is not None and isinstance(entry.kind, ScramSHA256Scheme):
-            return parse_scram_secret(entry.secret)
-        password = entry.secret if entry is not None and entry.kind.plaintext else None
-        if password is None and not self.config.default_scheme.plaintext:
-            return None
-        keys = await self._slow(
-            scram_keys, password or b"not a password", scram_salt(username), SCRAM_ITERATIONS
-        )
-        return keys if password is not None else None
+        derive_dummy = self.config.default_scheme.plaintext
+        keys: ScramKeys | None = await self._verifier.scram_keys(username, entry, derive_dummy)
+        return keys
 
     # -- IUserDatabase ------------------------------------------------------------------
 
@@ -997,30 +984,6 @@ class SQLChecker:
                 error=str(error),
             )
             return None
-
-
-class _SQLLookup:
-    """One login's row, for a `pop3d.credchecks.PasswordCheck` (`PasswordLookup`)."""
-
-    __slots__ = ("_checker", "entry", "username")
-
-    def __init__(self, checker: SQLChecker, username: bytes, entry: PasswordEntry | None) -> None:
-        self._checker = checker
-        self.username = username
-        self.entry = entry
-
-    @property
-    def checker(self) -> object:
-        return self._checker
-
-    def dummy(self, credentials: Any) -> PasswordEntry:
-        return self._checker._dummy_entries[credentials]
-
-    def check_password(self, password: bytes) -> Deferred[bool]:
-        return self._checker.check_password(self.entry, password)
-
-    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        return self._checker._slow(work, *args)
 
 
 @implementer(ICheckerFactory, IPlugin)

@@ -30,6 +30,25 @@ if TYPE_CHECKING:
     from zope.interface.interface import InterfaceClass
 
 
+def decode_saslname(value: bytes) -> bytes | None:
+    """
+    A ``saslname`` unescaped, as GS2 (RFC 5801 section 4: an authzid) and
+    SCRAM (RFC 5802 section 5.1: a user name) escape it: ``=2C`` is ``,``
+    and ``=3D`` is ``=``; None when any other ``=`` makes it malformed.
+    """
+    parts = value.split(b"=")
+    out = [parts[0]]
+    for part in parts[1:]:
+        escape, rest = part[:2], part[2:]
+        if escape == b"2C":
+            out.append(b"," + rest)
+        elif escape == b"3D":
+            out.append(b"=" + rest)
+        else:
+            return None
+    return b"".join(out)
+
+
 @dataclass(frozen=True)
 class Challenge:
     """Send ``data`` to the client and wait for its response."""

@@ -55,6 +55,7 @@ from pop3d.sasl import (
     IVerifiers,
     SASLError,
     SASLFailure,
+    decode_saslname,
 )
 
 #: RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
@@ -140,21 +141,6 @@ def _verifier(verifiers: IVerifiers) -> IOAuth2TokenVerifier | None:
     return verifier
 
 
-def unescape_authzid(value: bytes) -> bytes | None:
-    """RFC 5801 section 4 saslname: ``=2C`` is ``,``, ``=3D`` is ``=``; None if malformed."""
-    parts = value.split(b"=")
-    out = [parts[0]]
-    for part in parts[1:]:
-        escape, rest = part[:2], part[2:]
-        if escape == b"2C":
-            out.append(b"," + rest)
-        elif escape == b"3D":
-            out.append(b"=" + rest)
-        else:
-            return None
-    return b"".join(out)
-
-
 def _bearer_token(auth_value: bytes) -> bytes | None:
     """``Bearer <b64token>`` (RFC 6750 section 2.1) -> the token, or None."""
     match = _BEARER.fullmatch(auth_value)
@@ -206,7 +192,7 @@ def parse_oauthbearer(response: bytes) -> BearerTokenCredentials:
     if authzid_field:
         if not authzid_field.startswith(b"a="):
             raise SASLError(MALFORMED_OAUTHBEARER)
-        unescaped = unescape_authzid(authzid_field[2:])
+        unescaped = decode_saslname(authzid_field[2:])
         if not unescaped or not _is_utf8(unescaped) or b"\x00" in unescaped:
             raise SASLError(MALFORMED_OAUTHBEARER)
         username = unescaped

@@ -62,6 +62,7 @@ from pop3d.sasl import (
     SASLError,
     SASLFailure,
     ScramKeys,
+    decode_saslname,
 )
 
 log = Logger()
@@ -136,17 +137,10 @@ def _key_source(verifiers: IVerifiers) -> IScramKeySource | None:
 
 def unescape_saslname(value: bytes) -> bytes:
     """RFC 5802 section 5.1: ``=2C`` is ``,`` and ``=3D`` is ``=``; any other ``=`` is an error."""
-    parts = value.split(b"=")
-    out = [parts[0]]
-    for part in parts[1:]:
-        escape, rest = part[:2], part[2:]
-        if escape == b"2C":
-            out.append(b"," + rest)
-        elif escape == b"3D":
-            out.append(b"=" + rest)
-        else:
-            raise SASLError("malformed SCRAM user name", SASLFailure.MALFORMED)
-    return b"".join(out)
+    unescaped = decode_saslname(value)
+    if unescaped is None:
+        raise SASLError("malformed SCRAM user name", SASLFailure.MALFORMED)
+    return unescaped
 
 
 def escape_saslname(value: bytes) -> bytes:
