@@ -14,6 +14,7 @@ import base64
 import enum
 import functools
 import ipaddress
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -566,7 +567,8 @@ def _local_host(transport: object) -> str | None:
     except (AttributeError, OSError):
         return None
     host = getattr(address, "host", None)
-    return host if isinstance(host, str) else None
+    # Few addresses are listened on: one string each, not one per session.
+    return sys.intern(host) if isinstance(host, str) else None
 
 
 def _tls_connection(transport: object) -> SSL.Connection | None:

@@ -54,8 +54,9 @@ class MessageList(Sequence[MessageInfo]):
     sizes: tuple[int, ...] = ()
     #: `numbered` bodies made so far, by column: a listing a store keeps for
     #: the next login is formatted once, not at every LIST and UIDL.
-    _numbered: dict[str, bytes] = field(
-        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    #: (None until the first: one listing is kept per idle session.)
+    _numbered: dict[str, bytes] | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
     )
 
     def __post_init__(self) -> None:
@@ -96,10 +97,15 @@ class MessageList(Sequence[MessageInfo]):
         UIDLs are printable ASCII (RFC 1939 section 7), so no line needs
         byte-stuffing.
         """
-        made = self._numbered.get(column)
+        numbered = self._numbered
+        if numbered is None:
+            numbered = {}
+            # Frozen for its users; this cache is not part of the value.
+            object.__setattr__(self, "_numbered", numbered)
+        made = numbered.get(column)
         if made is None:
             made = _numbered_lines(self.sizes if column == "sizes" else self.uids, 1)
-            self._numbered[column] = made
+            numbered[column] = made
         return made
 
     def extended(self, uids: Sequence[str], sizes: Sequence[int]) -> MessageList:
@@ -109,9 +115,12 @@ class MessageList(Sequence[MessageInfo]):
         """
         longer = MessageList(self.uids + tuple(uids), self.sizes + tuple(sizes))
         first = len(self.sizes) + 1
-        for column, made in list(self._numbered.items()):
-            added = sizes if column == "sizes" else uids
-            longer._numbered[column] = made + _numbered_lines(added, first)
+        if self._numbered:
+            numbered = {
+                column: made + _numbered_lines(sizes if column == "sizes" else uids, first)
+                for column, made in self._numbered.items()
+            }
+            object.__setattr__(longer, "_numbered", numbered)
         return longer
 
 

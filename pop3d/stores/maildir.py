@@ -37,9 +37,11 @@ import itertools
 import os
 import re
 import stat
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast, overload
@@ -190,6 +192,11 @@ class _Locations(Sequence[Location]):
 _PARTS = ("new", "cur", DOVECOT_UIDLIST)
 
 
+#: One part's stamp, packed: inode and modification time (-1, -1: missing).
+_PART_STAMP = struct.Struct("<qq")
+_MISSING_PART = _PART_STAMP.pack(-1, -1)
+
+
 @dataclass(frozen=True, slots=True)
 class _Stamps:
     """
@@ -197,21 +204,44 @@ class _Stamps:
     inode and modification time, None for a part that is missing or was not
     read (see `_take_stamps`), and whether each had settled: no change to it
     just before it was stamped that its time could hide.
+
+    Kept with every listing, so once per idle session: packed into one bytes
+    object and a bit mask (a few dozen octets, not the dozen small objects
+    of tuples of ints).
     """
 
-    parts: tuple[tuple[int, int] | None, ...]
-    settled: tuple[bool, ...]
+    packed: bytes
+    settled_bits: int
+
+    @classmethod
+    def of(cls, parts: Sequence[tuple[int, int] | None], settled: Sequence[bool]) -> _Stamps:
+        return cls(
+            b"".join(_MISSING_PART if p is None else _PART_STAMP.pack(*p) for p in parts),
+            sum(1 << n for n, done in enumerate(settled) if done),
+        )
+
+    @property
+    def parts(self) -> tuple[tuple[int, int] | None, ...]:
+        unpacked = (_PART_STAMP.unpack_from(self.packed, n * 16) for n in range(len(_PARTS)))
+        return tuple(None if part == (-1, -1) else part for part in unpacked)
+
+    @property
+    def settled(self) -> tuple[bool, ...]:
+        return tuple(bool(self.settled_bits >> n & 1) for n in range(len(_PARTS)))
 
     def trusted(self, now: _Stamps, part: int) -> bool:
         """Whether what was read of ``part`` under these stamps still holds ``now``."""
-        return self.settled[part] and self.parts[part] == now.parts[part]
+        start = part * 16
+        return bool(self.settled_bits >> part & 1) and (
+            self.packed[start : start + 16] == now.packed[start : start + 16]
+        )
 
     def trusted_all(self, now: _Stamps) -> bool:
         return all(self.trusted(now, part) for part in range(len(_PARTS)))
 
 
 #: Stamps that nothing matches: every part is read again.
-_UNKNOWN = _Stamps((None, None, None), (False, False, False))
+_UNKNOWN = _Stamps.of((None, None, None), (False, False, False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,7 +510,7 @@ def _take_stamps(root_fd: int) -> _Stamps:
         # where a change within the same second would not show.
         settling = _COARSE_SETTLING_NS if mtime % 1_000_000_000 == 0 else _SETTLING_NS
         settled.append(mtime < now - settling)
-    return _Stamps(tuple(parts), tuple(settled))
+    return _Stamps.of(parts, settled)
 
 
 # -- bringing a kept listing up to date ---------------------------------------
@@ -1383,6 +1413,9 @@ class _FileBody:
         self.close()
 
 
+_NONE_REMOVED: frozenset[int] = frozenset()
+
+
 @implementer(IMaildrop, ISeenFlags, IRetrievalTimes)
 class _Maildrop:
     __slots__ = (
@@ -1416,7 +1449,8 @@ class _Maildrop:
         # did to the files since: UPDATE brings the listing up to date with
         # it, so the next login need not read everything again.
         self._listing = listing
-        self._removed: set[int] = set()
+        # Made at the first removal: an empty set per idle session is 216 octets.
+        self._removed: AbstractSet[int] = _NONE_REMOVED
         self._changed = False
 
     @property
@@ -1496,7 +1530,7 @@ class _Maildrop:
                         if fd is None:
                             raise FileNotFoundError(errno.ENOENT, "no such directory")
                         os.unlink(name, dir_fd=fd)
-                    self._removed.add(index)
+                    self._note_removed(index)
                     return True
                 except FileNotFoundError:
                     relocated = self._relocate(root_fd, index)
@@ -1508,8 +1542,13 @@ class _Maildrop:
         except POP3Error:
             return False
         # Already gone: what the user asked for is done.
-        self._removed.add(index)
+        self._note_removed(index)
         return True
+
+    def _note_removed(self, index: int) -> None:
+        if not isinstance(self._removed, set):
+            self._removed = set()
+        self._removed.add(index)
 
     def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
         """
@@ -1610,7 +1649,7 @@ class _Maildrop:
                 tuple(itertools.compress(messages.sizes, keep)),
             )
         uidlist = _PARTS.index(DOVECOT_UIDLIST)
-        stamps = _Stamps(
+        stamps = _Stamps.of(
             (None, None, base.stamps.parts[uidlist]),
             (False, False, base.stamps.settled[uidlist]),
         )
