@@ -17,13 +17,14 @@ process is gone.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import IO, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -43,9 +44,9 @@ from twisted.logger import (
     ILogObserver,
     LogEvent,
     Logger,
-    eventFromJSON,
+    LogLevel,
+    formatEvent,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -306,28 +307,42 @@ def worker_log_observer() -> ILogObserver:
     """
     The log of a worker (``twistd --logger pop3d.workers.worker_log_observer``):
     every event as a line of JSON on standard output, which the parent
-    (`WorkerPool`) reads and logs as its own, with the worker's time and
-    fields.  So the workers' lines are in the parent's ``--logfile`` (or
-    syslog, or standard output), in its format, written by one process.
+    (`WorkerPool`) reads and logs as its own, with the worker's time, system,
+    namespace and level.  So the workers' lines are in the parent's
+    ``--logfile`` (or syslog, or standard output), in its format, written by
+    one process.
     """
-    return _WithTracebackText(jsonFileLogObserver(sys.stdout))
+    return _WorkerLogLines(sys.stdout)
 
 
 @implementer(ILogObserver)
-class _WithTracebackText:
+class _WorkerLogLines:
     """
-    Adds a failure's traceback as text (``log_traceback``): JSON keeps a
-    failure's frames but not its exception (``{'unpersistable': True}``).
+    Writes each event as the few fields a log line is made of, its text
+    already formatted (and a failure's traceback as text): a busy worker
+    logs a few lines per session, and the parent reads every worker's, so
+    neither side flattens or rebuilds whole events.
     """
 
-    def __init__(self, observer: ILogObserver) -> None:
-        self._observer = observer
+    def __init__(self, output: IO[str]) -> None:
+        self._output = output
 
     def __call__(self, event: LogEvent) -> None:
+        level = event.get("log_level")
+        record: dict[str, object] = {
+            "time": event.get("log_time"),
+            "namespace": event.get("log_namespace"),
+            "level": getattr(level, "name", None),
+            "text": formatEvent(event),
+        }
+        system = event.get("log_system")
+        if system is not None:
+            record["system"] = str(system)
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
-            event = {**event, "log_traceback": failure.getTraceback()}
-        self._observer(event)
+            record["traceback"] = failure.getTraceback()
+        self._output.write(json.dumps(record) + "\n")
+        self._output.flush()
 
 
 class _TracebackText:
@@ -345,17 +360,31 @@ def worker_event(line: bytes) -> LogEvent | None:
     The log event of a line a worker's `worker_log_observer` wrote (its
     failure, if any, as its traceback text), or None for another line.
     """
-    text = line.lstrip(b"\x1e").decode("utf-8", "replace")
     try:
-        event = eventFromJSON(text)
+        record = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(event, dict) or "log_time" not in event:
+    if not isinstance(record, dict) or not isinstance(record.get("time"), int | float):
         return None
-    traceback = event.get("log_traceback")
+    text = record.get("text")
+    event: LogEvent = {
+        "log_time": record["time"],
+        "log_namespace": str(record.get("namespace") or "pop3d.workers"),
+        "log_level": _LEVELS.get(str(record.get("level")), LogLevel.info),
+        # The worker formatted the text: braces in it are no placeholders.
+        "log_format": "{log_text}",
+        "log_text": text if isinstance(text, str) else "",
+    }
+    system = record.get("system")
+    if isinstance(system, str):
+        event["log_system"] = system
+    traceback = record.get("traceback")
     if isinstance(traceback, str):
         event["log_failure"] = _TracebackText(traceback)
     return event
+
+
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
 
 class _LogLines:
