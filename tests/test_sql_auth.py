@@ -68,7 +68,19 @@ from .test_process import Launch, Server
 from .test_process import launch as launch  # a fixture
 from .test_scram import Client, run_exchange
 
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _newest_postgres_bin() -> Path:
+    """The bin directory of the newest PostgreSQL Debian installed (15 on bookworm)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda initdb: (
+            int(initdb.parent.parent.name) if initdb.parent.parent.name.isdigit() else 0
+        ),
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+POSTGRES_BIN = _newest_postgres_bin()
 
 # -- query binding (no database) ------------------------------------------------------
 
@@ -365,7 +377,7 @@ def _postgres_owner() -> str:
 def require_postgres() -> None:
     reason = None
     if not (POSTGRES_BIN / "initdb").exists():
-        reason = "PostgreSQL 15 is not installed (apt-get install postgresql); .ci/run installs it"
+        reason = "PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it"
     elif os.geteuid() == 0 and shutil.which("runuser") is None:
         reason = "running PostgreSQL as root needs runuser to drop privileges"
     if reason is not None:
