@@ -504,7 +504,22 @@ class TestInjection:
 
     @pytest.mark.parametrize(
         "user",
-        ["*", "s*", "a*", "*)(uid=*", "alice)(uid=*", "alice*", "al\\2a", "alice\x00", "*\x00"],
+        [
+            "*",
+            "s*",
+            "a*",
+            "*)(uid=*",
+            "alice)(uid=*",
+            "alice*",
+            "al\\2a",
+            "alice\x00",
+            "*\x00",
+            # Quotes and %: no meaning in a filter, and no variable either.
+            "alice'",
+            "' or '1'='1",
+            "%u",
+            "alice%",
+        ],
     )
     @pytest_twisted.ensureDeferred
     async def test_filter_syntax_in_a_name_matches_nothing(self, conf: Path, user: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from pop3d.authdb.sql import SQLChecker
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
@@ -25,7 +27,7 @@ from pop3d.realm import MaildropRealm
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
-from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store
+from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store, reload_configuration
 from pop3d.testing import MemoryStore
 
 from .conftest import Wire
@@ -471,3 +473,32 @@ def test_sasl_mechanisms_on_the_wire(passwd: Path) -> None:
     assert wire.command(b"AUTH CRAM-MD5") == b"-ERR unsupported authentication mechanism\r\n"
     answer = wire.command(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00wonderland"))
     assert answer == b"+OK maildrop has 1 messages (19 octets)\r\n"
+
+
+def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> None:
+    """
+    SIGHUP's reload reads again every --auth checker's file (passwd-file,
+    and Dovecot's conf files): a changed password_query is the one the
+    next login runs, without a restart.
+    """
+    database = tmp_path / "users.db"
+    connection = sqlite3.connect(database)
+    connection.executescript(
+        "CREATE TABLE users (userid TEXT, password TEXT, other TEXT);"
+        "INSERT INTO users VALUES ('carol', '{PLAIN}first', '{PLAIN}second');"
+    )
+    connection.commit()
+    connection.close()
+    conf = tmp_path / "dovecot-sql.conf.ext"
+    query = "password_query = SELECT userid AS user, {} AS password FROM users WHERE userid = '%u'"
+    conf.write_text(f"driver = sqlite\nconnect = {database}\n{query.format('password')}\n")
+    options = parse(
+        "--mail-location", f"maildir:{tmp_path}/{{user}}",
+        "--auth", f"passwd-file:{passwd}",
+        "--auth", f"sql:{conf}",
+    )  # fmt: skip
+    [sql] = [c for c in options["credCheckers"] if isinstance(c, SQLChecker)]
+    conf.write_text(f"driver = sqlite\nconnect = {database}\n{query.format('other')}\n")
+    assert "password AS password" in sql.config.password_query.statement
+    reload_configuration(options)()
+    assert "other AS password" in sql.config.password_query.statement
