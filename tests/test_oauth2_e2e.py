@@ -9,9 +9,13 @@ speaking RFC 7628 by hand, curl (``--oauth2-bearer``) and mpop
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
+import shlex
+import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,3 +381,80 @@ async def test_dovecot_reads_the_same_file_and_agrees(tmp_path: Path) -> None:
             server.stop()
         shutil.rmtree(shared)
         await provider.stopListening()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+README_EXAMPLE = re.compile(
+    r"^    (TOKEN=\$\(.*make_token\.py alice\))\n    (.*twistd .*)\n    (curl .*)\n", re.MULTILINE
+)
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_the_readme_example(tmp_path: Path) -> None:
+    """
+    README, the OAuth2 subsection: its file, and its three commands run in a
+    copy of the checkout's examples (the server on a free port, not 1110):
+    make_token.py's token lists alice's mail with curl (RFC 7628 section
+    3.1, OAUTHBEARER); the keys it wrote trust no private key in public.
+    """
+    readme = (ROOT / "README.rst").read_text()
+    config = ROOT / "examples" / "oauth2" / "dovecot-oauth2.conf.ext"
+    settings = [
+        line for line in config.read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert "\n".join(f"    {line}" for line in settings) in readme
+    match = README_EXAMPLE.search(readme)
+    assert match is not None
+    make_token, twistd, curl_command = match.groups()
+    assert make_token == "TOKEN=$(.venv/bin/python examples/oauth2/make_token.py alice)"
+    generated = ("jwks.json", "example-key.json", "__pycache__")
+    shutil.copytree(
+        ROOT / "examples" / "oauth2",
+        tmp_path / "examples" / "oauth2",
+        ignore=shutil.ignore_patterns(*generated),
+    )
+    shutil.copytree(ROOT / "examples" / "maildir", tmp_path / "examples" / "maildir")
+
+    async def token_for(user: str) -> str:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["examples/oauth2/make_token.py", user], path=str(tmp_path)
+        )
+        assert code == 0, err
+        return out.decode().strip()
+
+    alice, bob = await token_for("alice"), await token_for("bob")
+    public = json.loads((tmp_path / "examples" / "oauth2" / "jwks.json").read_text())
+    assert [sorted(key) for key in public["keys"]] == [["alg", "e", "kid", "kty", "n", "use"]]
+    private = tmp_path / "examples" / "oauth2" / "example-key.json"
+    assert private.stat().st_mode & 0o777 == 0o600
+
+    program, *arguments = shlex.split(twistd)
+    assert program == ".venv/bin/twistd"
+    assert "tcp:1110:interface=127.0.0.1" in arguments
+    arguments[arguments.index("tcp:1110:interface=127.0.0.1")] = "tcp:0:interface=127.0.0.1"
+    server = Server(arguments, tmp_path)
+    try:
+        server.wait_listening()
+        program, *options, url = shlex.split(curl_command)
+        assert (program, options, url) == (
+            "curl",
+            ["--oauth2-bearer", "$TOKEN"],
+            "pop3://alice@127.0.0.1:1110/",
+        )
+        url = url.replace(":1110/", f":{server.port}/")
+        checks = ["--disable", "--silent", "--show-error", "--noproxy", "*"]
+        common = [*checks, "--max-time", str(TIMEOUT), "--oauth2-bearer"]
+        curl = require_program("curl")
+        environment = {"PATH": os.defpath}
+        out, err, code = await getProcessOutputAndValue(
+            curl, [*common, alice, url], env=environment
+        )
+        assert (code, err) == (0, b"")
+        assert out == b"1 254\r\n2 301\r\n3 507\r\n4 210\r\n"
+        # bob's token is no key to alice's mail.
+        out, err, code = await getProcessOutputAndValue(curl, [*common, bob, url], env=environment)
+        assert code == 67, err
+    finally:
+        server.stop()
+    assert alice not in server.output
