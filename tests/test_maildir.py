@@ -723,6 +723,62 @@ class TestListingCache:
         assert len(scans) == 2  # alice's new/ and cur/: she did not fit
 
     @pytest_twisted.ensureDeferred
+    async def test_another_workers_quit_and_deliveries_are_seen_by_a_kept_listing(
+        self, store: MaildirStore, tmp_path: Path, maildir: Path, scans: list[object]
+    ) -> None:
+        """
+        ``--workers``: two stores on one Maildir.  While the first keeps its
+        listing, the second's QUIT moves messages from new/ to cur/ and flags
+        one seen, a file is replaced under its own name, one is deleted and
+        mail arrives.  The first store's next login lists exactly what is
+        there, in unique-name order with the new mail last (RFC 1939
+        section 7: UIDLs unchanged), reading new/ and cur/ once each.
+        """
+        for n in range(6):
+            subdirectory = "cur" if n % 2 else "new"
+            info = ":2,S" if n % 2 else ""
+            (maildir / subdirectory / f"{n}.M{n}.host{info}").write_bytes(b"x" * n + b"\n")
+        self.settle(maildir)
+        assert await self.uids(store) == [f"{n}.M{n}.host" for n in range(6)]
+        other = MaildirStore(f"{tmp_path}/{{user}}", locks=store.locks)
+        maildrop = await other.open("alice")
+        await ISeenFlags(maildrop).mark_seen([0], [0, 1, 2, 3, 4, 5])
+        await maildrop.close()
+        assert sorted(os.listdir(maildir / "new")) == []
+        (maildir / "cur" / "3.M3.host:2,S").unlink()
+        replaced = maildir / "tmp" / "5.M5.host"
+        replaced.write_bytes(b"a longer file now\n")
+        replaced.rename(maildir / "cur" / "5.M5.host:2,S")
+        (maildir / "new" / "7.M7.host").write_bytes(b"seven\n")
+        (maildir / "new" / "8.M8.host").write_bytes(b"eight!\n")
+        self.settle(maildir)
+        scans.clear()
+        maildrop = await store.open("alice")
+        try:
+            assert [(m.uid, m.size) for m in maildrop.messages] == [
+                ("0.M0.host", 2),
+                ("1.M1.host", 3),
+                ("2.M2.host", 4),
+                ("4.M4.host", 6),
+                ("5.M5.host", 19),
+                ("7.M7.host", 7),
+                ("8.M8.host", 8),
+            ]
+            body = await maildrop.open_message(4)
+            assert body.read(100) == b"a longer file now\n"  # the replacement, as stored
+            body.close()
+        finally:
+            await maildrop.close()
+        assert len(scans) == 2  # new/ and cur/, once each
+        assert sorted(os.listdir(maildir / "cur")) == [
+            "0.M0.host:2,S",
+            "1.M1.host:2,S",
+            "2.M2.host:2,",
+            "4.M4.host:2,",
+            "5.M5.host:2,S",
+        ]
+
+    @pytest_twisted.ensureDeferred
     async def test_a_maildir_replaced_during_a_session_is_not_served(
         self, store: MaildirStore, maildir: Path, tmp_path: Path
     ) -> None:
