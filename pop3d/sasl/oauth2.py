@@ -249,31 +249,33 @@ def xoauth2_error(refusal: TokenRefusal) -> bytes:
 
 
 @implementer(ISASLMechanism)
-class OAuthBearer:
+@dataclass(frozen=True)
+class BearerTokenMechanism:
+    """
+    A SASL mechanism that carries an OAuth 2.0 bearer token: the two differ
+    only in how the client's response is written and how a refusal is told.
+    """
+
+    name: bytes
+    parse: Callable[[bytes], BearerTokenCredentials]
+    error_json: Callable[[TokenRefusal], bytes]
+    sends_password: bool = True
+
+    def usable(self, verifiers: IVerifiers) -> bool:
+        return bool(verifiers.can_verify(IOAuth2BearerToken))
+
+    def start(self, context: ExchangeContext) -> ISASLExchange:
+        return _BearerExchange(_verifier(context.verifiers), self.parse, self.error_json)
+
+
+def OAuthBearer() -> BearerTokenMechanism:
     """The OAUTHBEARER mechanism (RFC 7628)."""
-
-    name = b"OAUTHBEARER"
-    sends_password = True
-
-    def usable(self, verifiers: IVerifiers) -> bool:
-        return bool(verifiers.can_verify(IOAuth2BearerToken))
-
-    def start(self, context: ExchangeContext) -> ISASLExchange:
-        return _BearerExchange(_verifier(context.verifiers), parse_oauthbearer, oauthbearer_error)
+    return BearerTokenMechanism(b"OAUTHBEARER", parse_oauthbearer, oauthbearer_error)
 
 
-@implementer(ISASLMechanism)
-class XOAuth2:
+def XOAuth2() -> BearerTokenMechanism:
     """The XOAUTH2 mechanism (Google's, Microsoft's)."""
-
-    name = b"XOAUTH2"
-    sends_password = True
-
-    def usable(self, verifiers: IVerifiers) -> bool:
-        return bool(verifiers.can_verify(IOAuth2BearerToken))
-
-    def start(self, context: ExchangeContext) -> ISASLExchange:
-        return _BearerExchange(_verifier(context.verifiers), parse_xoauth2, xoauth2_error)
+    return BearerTokenMechanism(b"XOAUTH2", parse_xoauth2, xoauth2_error)
 
 
 @implementer(ISASLExchange)
