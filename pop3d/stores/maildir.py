@@ -768,6 +768,14 @@ class _Directory:
     device: int
     inode: int
 
+    def unchanged(self) -> bool:
+        """Whether the path still names the Maildir that was locked (one lstat)."""
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == (self.device, self.inode)
+
     @contextmanager
     def opened(self) -> Iterator[int]:
         """A descriptor of the Maildir, refusing a directory put in its place."""
@@ -1385,26 +1393,6 @@ class _OpenSubdirectories:
                 os.close(fd)
 
 
-def _open_in(directory: _Directory, directory_fd: int, location: Location) -> _FileBody | None:
-    """
-    A message opened in its subdirectory, held open (`_OpenSubdirectories`),
-    or None if that does not work (the message moved, an error): then the
-    long way finds it, or says what went wrong.
-    """
-    try:
-        # The Maildir at that path must still be the one the session locked.
-        info = os.stat(directory.path, follow_symlinks=False)
-    except OSError:
-        return None
-    if info.st_ino != directory.inode or info.st_dev != directory.device:
-        return None
-    try:
-        fd, size = _open_regular(location[1], directory_fd)
-    except OSError:
-        return None
-    return _FileBody(fd, size, directory.path, location)
-
-
 @implementer(IMessageBody)
 class _FileBody:
     """
@@ -1508,13 +1496,18 @@ class _Maildrop:
         assert location is not None
         subdirectories = self._store._subdirectories
         directory_fd = subdirectories.get(directory, location[0])
-        if directory_fd is not None:
+        # The subdirectory held open since an earlier RETR: the message opened
+        # in it at once, if the Maildir at that path is still the locked one.
+        if directory_fd is not None and directory.unchanged():
             try:
-                body = _open_in(directory, directory_fd, location)
-            except POP3Error as error:
-                return fail(error)
-            if body is not None:
-                return succeed(body)
+                fd, size = _open_regular(location[1], directory_fd)
+            except FileNotFoundError:
+                pass  # moved or gone: the long way looks for it
+            except OSError as error:
+                path = os.path.join(self.root, *location)
+                return fail(unavailable("cannot open message", path, error))
+            else:
+                return succeed(_FileBody(fd, size, self.root, location))
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
         try:
