@@ -718,10 +718,16 @@ SCHEMES: dict[str, PasswordScheme] = _schemes()
 DEFAULT_SCHEME = "ARGON2ID"
 
 
+#: Dovecot's other names for schemes: ``{MD5}`` is its MD5-crypt, ``{BLF}``
+#: bcrypt, wherever a stored password or a default_pass_scheme names them.
+SCHEME_ALIASES = {"MD5": "MD5-CRYPT", "BLF": "BLF-CRYPT"}
+
+
 def get_scheme(name: str) -> PasswordScheme:
-    """The scheme called ``name`` (any case); `PasswordSchemeError` otherwise."""
+    """The scheme called ``name`` (any case, or Dovecot's alias); else `PasswordSchemeError`."""
+    upper = name.upper()
     try:
-        return SCHEMES[name.upper()]
+        return SCHEMES[SCHEME_ALIASES.get(upper, upper)]
     except KeyError:
         raise PasswordSchemeError(
             f"unsupported password scheme {{{name.upper()}}}; supported: "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pop3d.errors import POP3Error
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages, Wording
@@ -978,35 +978,38 @@ class Session:
         count, octets = self._totals()
         return self._scan_listing(
             command,
-            self._messages.sizes,
+            "sizes",
             Status(True, Text.of("{count} messages ({octets} octets)", count=count, octets=octets)),
         )
 
     def _uidl(self, command: Command) -> Reply:
-        return self._scan_listing(command, self._messages.uids, Status(True, UIDL_FOLLOWS))
+        return self._scan_listing(command, "uids", Status(True, UIDL_FOLLOWS))
 
     def _scan_listing(
-        self, command: Command, values: Sequence[int] | Sequence[str], heading: Status
+        self, command: Command, column: Literal["sizes", "uids"], heading: Status
     ) -> Reply:
         """
         LIST and UIDL (RFC 1939 sections 5, 7): one "number value" line for
         the message asked for, or for every message not marked as deleted.
         """
+        messages = self._messages
+        values: Sequence[int] | Sequence[str] = (
+            messages.sizes if column == "sizes" else messages.uids
+        )
         if command.arguments:
             index = self._message_index(command.arguments[0])
             return Status(True, f"{index + 1} {values[index]}")
         deleted = self._deleted
         if not deleted:
             # Made once per listing the store keeps (see MessageList.numbered).
-            messages = self._messages
-            if values is messages.sizes:
-                return Listing(heading, [], messages.numbered("sizes"))
-            return Listing(heading, [], messages.numbered("uids"))
+            return Listing(heading, [], messages.numbered(column))
         # One string for the whole listing (100,000 lines in a few ms); no
         # line starts with ".", so none needs byte-stuffing.
-        lines = [f"{number} {value}\r\n" for number, value in enumerate(values, 1)]
-        if deleted:
-            lines = [line for index, line in enumerate(lines) if index not in deleted]
+        lines = [
+            f"{number} {value}\r\n"
+            for number, value in enumerate(values, 1)
+            if number - 1 not in deleted
+        ]
         return Listing(heading, [], "".join(lines).encode("ascii"))
 
     def _retr(self, command: Command) -> Outcome:

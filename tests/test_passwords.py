@@ -621,3 +621,13 @@ class TestPwCommandInProcess:
         monkeypatch.setattr(sys, "argv", ["/usr/local/bin/pop3d-pw", "-s", "SSHA512"])
         status, out, _ = run(None, stdin=b"x\n")
         assert status == 0 and verify_password(out.strip(), b"x")
+
+
+@pytest.mark.parametrize(
+    ("alias", "scheme"), [("MD5", "MD5-CRYPT"), ("md5", "MD5-CRYPT"), ("BLF", "BLF-CRYPT")]
+)
+def test_dovecots_scheme_aliases_name_the_same_scheme(alias: str, scheme: str) -> None:
+    """Dovecot reads ``{MD5}$1$...`` as MD5-crypt and ``{BLF}`` as bcrypt; so does pop3d."""
+    assert get_scheme(alias) is get_scheme(scheme)
+    stored_as = get_scheme("MD5")
+    assert stored_as.verify(b"$1$z0xfQ/dG$oAEfoULFbrYIyCgBHITl60", HORSE)

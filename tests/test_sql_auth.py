@@ -44,7 +44,6 @@ from pop3d.authdb.sql import (
     SQLChecker,
     parse_passdb_row,
     read_sql_config,
-    scheme_named,
 )
 from pop3d.authdb.sqlquery import MYSQL, PYFORMAT, QMARK, QueryError, bind_query
 from pop3d.checkers import FirstMatchChecker
@@ -261,7 +260,7 @@ class TestConfig:
 class TestRows:
     """password_query fields, as Dovecot reads them (no database needed)."""
 
-    plain = scheme_named("PLAIN")
+    plain = get_scheme("PLAIN")
 
     def test_fields(self) -> None:
         row = parse_passdb_row(
@@ -298,7 +297,7 @@ class TestRows:
         assert (row.name, row.nologin) == ("carol", False)
 
     def test_default_scheme_and_noscheme(self) -> None:
-        sha = scheme_named("SHA512-CRYPT")
+        sha = get_scheme("SHA512-CRYPT")
         secret = sha.hash(b"pw").decode()
         row = parse_passdb_row({"password": secret}, "u", sha, "t")
         assert row.entry is not None and row.entry.scheme == "SHA512-CRYPT"

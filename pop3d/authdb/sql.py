@@ -109,9 +109,6 @@ DEFAULT_USER_QUERY = "SELECT home, uid, gid FROM users WHERE username = '%n' AND
 #: Dovecot's ``maxconns`` when ``connect`` has none.
 DEFAULT_MAX_CONNECTIONS = 5
 
-#: Dovecot's names for schemes pop3d knows by another name.
-SCHEME_ALIASES = {"MD5": "MD5-CRYPT", "BLF": "BLF-CRYPT"}
-
 #: Seconds a query may take (connecting included) before the login is
 #: answered ``-ERR [SYS/TEMP]``.
 DEFAULT_QUERY_TIMEOUT = 5.0
@@ -160,12 +157,6 @@ class SQLConfig:
     user_query: BoundQuery
     #: PyMySQL's connection settings (mysql), read from ``connect``.
     mysql_settings: tuple[tuple[str, Any], ...] = ()
-
-
-def scheme_named(name: str) -> PasswordScheme:
-    """A scheme by pop3d's or Dovecot's name."""
-    upper = name.upper()
-    return get_scheme(SCHEME_ALIASES.get(upper, upper))
 
 
 @dataclass(frozen=True)
@@ -291,7 +282,7 @@ def read_sql_config(path: str) -> SQLConfig:
         raise driver.error(f"unsupported driver {driver.value!r}: pgsql, mysql or sqlite")
     scheme_value = values.get("default_pass_scheme")
     try:
-        scheme = scheme_named(scheme_value.value if scheme_value else DEFAULT_PASS_SCHEME)
+        scheme = get_scheme(scheme_value.value if scheme_value else DEFAULT_PASS_SCHEME)
     except PasswordSchemeError as error:
         if scheme_value is None:
             raise
@@ -640,7 +631,7 @@ def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> P
     try:
         if not noscheme and stored.startswith(b"{") and b"}" in stored:
             name, secret = split_scheme(stored)
-            scheme = scheme_named(name)
+            scheme = get_scheme(name)
         else:
             scheme, secret = default, stored
         scheme.check(secret)
