@@ -22,10 +22,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from pop3d.passwords import (
@@ -38,13 +37,13 @@ from pop3d.passwords import (
     scram_salt,
 )
 from pop3d.sasl import IVerifiers, ScramKeys
+from pop3d.stores.common import run_blocking
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
     from twisted.internet.interfaces import IReactorThreads
     from zope.interface.interface import InterfaceClass
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 #: Slow password checks (bcrypt, Argon2, SHA-crypt, PBKDF2) at once in the
@@ -226,17 +225,11 @@ class PasswordVerifier:
         self._semaphore = DeferredSemaphore(max_concurrent)
         self._dummies: dict[Hashable, bytes] = {}
 
-    def run_slow(self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_T]:
+    def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run blocking ``work`` in the thread pool, in its turn; without a reactor, now."""
-        reactor = self._reactor
-        if reactor is None:
-            return maybeDeferred(work, *args, **kwargs)
-
-        def start() -> Deferred[_T]:
-            assert reactor is not None
-            return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
-
-        return self._semaphore.run(start)
+        if self._reactor is None:
+            return maybeDeferred(work, *args)
+        return self._semaphore.run(run_blocking, self._reactor, work, *args)
 
     def check(
         self,

@@ -66,6 +66,7 @@ from pop3d.authdb.ldapconf import (
     requested_attributes,
 )
 from pop3d.credchecks import (
+    DEFAULT_MAX_CONCURRENT,
     PASSWORD_CHECKS,
     PasswordChecks,
     PasswordEntry,
@@ -106,7 +107,6 @@ _T = TypeVar("_T")
 #: taken for unavailable.
 DEFAULT_TIMEOUT = 5.0
 #: Searches and binds at once (each holds a thread and a connection).
-DEFAULT_MAX_CONCURRENT = 4
 
 INSTALL_HINT = "python-ldap is not installed: pip install 'pop3d[ldap]'"
 

@@ -53,7 +53,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -67,6 +66,7 @@ from pop3d.sasl.oauth2 import (
     TokenCheck,
     TokenRefusal,
 )
+from pop3d.stores.common import run_blocking
 from pop3d.userdb import AuthenticatedUser
 
 log = Logger()
@@ -591,10 +591,9 @@ class OAuth2Checker:
         cached = self._dict_keys.get(path)
         if cached is not None:
             return cached
-        threads = cast(IReactorThreads, self._reactor)
         try:
-            key = await deferToThreadPool(
-                self._reactor, threads.getThreadPool(), load_dict_key, path, alg.upper()
+            key = await run_blocking(
+                cast(IReactorThreads, self._reactor), load_dict_key, path, alg.upper()
             )
         except OSError:
             raise KeyUnavailable(f"{alg.upper()} key {kid or 'default'!r} not found") from None

@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -40,7 +40,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
 from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -56,6 +55,7 @@ from pop3d.authdb.sqlquery import (
     bind_query,
 )
 from pop3d.credchecks import (
+    DEFAULT_MAX_CONCURRENT,
     PASSWORD_CHECKS,
     PasswordChecks,
     PasswordEntry,
@@ -74,6 +74,7 @@ from pop3d.passwords import (
     split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
+from pop3d.stores.common import run_blocking
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -86,7 +87,6 @@ from pop3d.userdb import (
 
 log = Logger()
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 #: The keys of ``dovecot-sql.conf.ext`` (Dovecot 2.3).
@@ -114,7 +114,6 @@ DEFAULT_MAX_CONNECTIONS = 5
 DEFAULT_QUERY_TIMEOUT = 5.0
 
 #: Slow password checks (bcrypt, Argon2, SHA-crypt) at once, as for a passwd-file.
-DEFAULT_MAX_CONCURRENT_CHECKS = 4
 
 #: The extra to install for each driver's library.
 _EXTRA_HINT = "pip install 'pop3d[sql]'"
@@ -804,20 +803,17 @@ class SQLChecker:
         closed when the reactor stops.
         """
         self._reactor = reactor
-        self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT_CHECKS)
+        self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT)
         reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "before", "shutdown", self.database.close
         )
 
     # -- queries --------------------------------------------------------------------
 
-    def _in_thread(
-        self, work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> Deferred[_T]:
-        reactor = self._reactor
-        if reactor is None:
+    def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        if self._reactor is None:
             raise RuntimeError("SQLChecker.run_slow_work_in was not called")
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+        return run_blocking(self._reactor, work, *args)
 
     def query(self, query: BoundQuery, variables: Variables) -> Deferred[list[Row]]:
         """
