@@ -767,6 +767,12 @@ class TestListingCache:
             body = await maildrop.open_message(4)
             assert body.read(100) == b"a longer file now\n"  # the replacement, as stored
             body.close()
+            # Moved to cur/ by the other worker: found where it is now, with
+            # no further read of the directories (checked below).
+            for index, stored in ((0, b"\n"), (2, b"xx\n")):
+                body = await maildrop.open_message(index)
+                assert body.read(100) == stored
+                body.close()
         finally:
             await maildrop.close()
         assert len(scans) == 2  # new/ and cur/, once each

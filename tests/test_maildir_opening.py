@@ -52,6 +52,8 @@ async def test_every_message_is_served_whole_one_after_another(
     maildrop = await store.open("alice")
     served = {await _retr(maildrop, index) for index in range(len(bodies))}
     served |= {await _retr(maildrop, index) for index in range(len(bodies))}  # and again
+    # Each number is its own message, through the held directories too.
+    assert [await _retr(maildrop, index) for index in range(len(bodies))] == bodies
     await maildrop.close()
     assert served == set(bodies)
 

@@ -138,6 +138,7 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
         return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
     assert value("pop3d_sessions_total") == 3
+    assert ("pop3d_sessions_active", ()) in found  # there, at 0: not merely absent
     assert value("pop3d_sessions_active") == 0
     assert value("pop3d_logins_total", method="USER", result="ok") == 1
     assert value("pop3d_logins_total", method="USER", result="credentials") == 1
@@ -167,6 +168,7 @@ async def test_metrics_count_real_sessions_exactly(tmp_path: Path) -> None:
     # ok: USER x3, PASS, STAT, RETR, DELE, QUIT x3, CAPA; err: NOOP, FOO.
     assert replies == {"ok": 11, "err": 2, "AUTH": 1, "IN-USE": 1}
     # Every verb and code is there from the start, at 0 (no gaps in graphs).
+    assert ("pop3d_commands_total", (("verb", "APOP"),)) in found
     assert value("pop3d_commands_total", verb="APOP") == 0
     assert ("pop3d_replies_total", (("code", "SYS/TEMP"),)) in found
     assert value("pop3d_messages_retrieved_total") == 1
@@ -469,6 +471,7 @@ def test_a_dead_workers_sessions_leave_the_active_gauge(tmp_path: Path, launch: 
 
         os.kill(serving, signal.SIGKILL)
         server.wait_for(WORKER_ENDED)
+        assert ("pop3d_sessions_active", ()) in samples(scrape_unix(metrics_path))
         assert value("pop3d_sessions_active") == 0
         assert value("pop3d_sessions_total") == 1
         found = samples(scrape_unix(metrics_path))

@@ -183,6 +183,7 @@ def test_a_workers_logged_failure_reaches_the_parents_log_whole(
     [line] = capsys.readouterr().out.encode().splitlines()
     event = worker_event(line)
     assert event is not None
+    assert event["log_time"] == 1796480000.0  # the worker's time, not the parent's
     text = formatEventAsClassicLogText(event, formatTime=lambda _: "TIME")
     assert text is not None
     assert text.startswith(
