@@ -714,7 +714,7 @@ class TestOutages:
         messages = _messages(events)
         assert len(messages) == 2, messages
         assert messages[0].startswith(f"LDAP server {server.uri} unavailable: Can't contact")
-        assert messages[1] == f"LDAP server {server.uri} answers again"
+        assert messages[1] == f"LDAP server {server.uri} available again"
         assert not any(HORSE in formatEvent(event) for event in events)
 
     @pytest_twisted.ensureDeferred

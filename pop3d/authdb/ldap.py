@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 from zope.interface.interface import InterfaceClass
 
+from pop3d.authdb import OutageLog
 from pop3d.authdb.ldapconf import (
     AttributeMapping,
     Deref,
@@ -303,7 +304,7 @@ class LdapChecker:
         self._reactor: IReactorThreads | None = None
         # Searches, binds and slow password checks share one bound.
         self._verifier = PasswordVerifier()
-        self._outage: str | None = None
+        self._outage = OutageLog(f"LDAP server {' '.join(settings.uris)}")
         default = SCHEMES[settings.default_pass_scheme]
         self._default_kind = default
         self.credentialInterfaces: tuple[InterfaceClass, ...]
@@ -355,6 +356,7 @@ class LdapChecker:
         retired = self.connections
         self.settings = settings
         self.connections = LdapConnections(settings, retired.timeout)
+        self._outage.what = f"LDAP server {' '.join(settings.uris)}"
         # Unbinding talks to the server: not on the reactor thread.
         self._in_thread(retired.close).addErrback(lambda _: None)
         log.info("reloaded {path}", path=path)
@@ -370,22 +372,13 @@ class LdapChecker:
         return asked.addCallbacks(self._answered, self._unanswered)
 
     def _answered(self, result: _T) -> _T:
-        if self._outage is not None:
-            log.info("LDAP server {uris} answers again", uris=" ".join(self.settings.uris))
-            self._outage = None
+        self._outage.succeeded()
         return result
 
     def _unanswered(self, failure: Failure) -> Failure:
         if not failure.check(_Unavailable):
             return failure
-        reason = str(failure.value)
-        if self._outage is None:
-            log.error(
-                "LDAP server {uris} unavailable: {reason}",
-                uris=" ".join(self.settings.uris),
-                reason=reason,
-            )
-        self._outage = reason
+        self._outage.failed(str(failure.value))
         raise AuthUnavailable()
 
     # -- searching (in a thread) ---------------------------------------------------------

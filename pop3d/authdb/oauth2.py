@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from pop3d.authdb import OutageLog
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable
@@ -345,7 +346,7 @@ class OAuth2Checker:
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._http_given = http
         self._verdicts: WeakKeyDictionary[object, _Outcome] = WeakKeyDictionary()
-        self._outage: str | None = None
+        self._outage = OutageLog("oauth2: token check")
         self._use(settings)
 
     def _use(self, settings: OAuth2Settings) -> None:
@@ -675,15 +676,11 @@ class OAuth2Checker:
         return _Refused(reason)
 
     def _unavailable(self, reason: str) -> _Outcome:
-        if self._outage is None:
-            log.warn("oauth2: token check unavailable: {reason}", reason=reason)
-        self._outage = reason
+        self._outage.failed(reason)
         return _Unavailable(reason)
 
     def _available(self) -> None:
-        if self._outage is not None:
-            log.info("oauth2: token check available again")
-            self._outage = None
+        self._outage.succeeded()
 
 
 class _TokenRefused(Exception):

@@ -45,6 +45,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3d.authdb import OutageLog
 from pop3d.authdb.sqlquery import (
     MYSQL,
     PYFORMAT,
@@ -689,34 +690,6 @@ def parse_passdb_row(fields: Row, user: str, default: PasswordScheme, source: st
 # -- the checker ---------------------------------------------------------------------------
 
 
-class _Health:
-    """Logs a database's outage once, and its return once."""
-
-    def __init__(self, database: Database, config: str) -> None:
-        self._database = database
-        self._config = config
-        self.down = False
-
-    def failed(self, reason: str) -> None:
-        if not self.down:
-            self.down = True
-            log.error(
-                "SQL database unavailable ({database}, {config}): {reason}",
-                database=str(self._database),
-                config=self._config,
-                reason=reason,
-            )
-
-    def succeeded(self) -> None:
-        if self.down:
-            self.down = False
-            log.info(
-                "SQL database available again ({database}, {config})",
-                database=str(self._database),
-                config=self._config,
-            )
-
-
 @implementer(ICredentialsChecker, IScramKeySource, IUserDatabase, IReloadable)
 class SQLChecker:
     """
@@ -756,7 +729,7 @@ class SQLChecker:
         self.timeout = timeout
         self._checks = checks
         self.database: Database = database or open_database(config, timeout)
-        self._health = _Health(self.database, config.path)
+        self._health = OutageLog("SQL database", f" ({self.database}, {config.path})")
         self._reactor: Any = None
         self._queries = DeferredSemaphore(config.max_connections)
         self._verifier = PasswordVerifier()
@@ -787,7 +760,8 @@ class SQLChecker:
             old.max_connections,
         ):
             previous, self.database = self.database, open_database(config, self.timeout)
-            self._health = _Health(self.database, config.path)
+            # The same outage log: an outage going on ends with one line.
+            self._health.where = f" ({self.database}, {config.path})"
             self._queries = DeferredSemaphore(config.max_connections)
             if self._reactor is not None:
                 closed = self._in_thread(previous.close)
