@@ -45,6 +45,31 @@ class ConfigValue:
         """An error about this value, naming its file and line (raise it)."""
         return ConfigFileError(self.path, self.line, reason)
 
+    def boolean(self, key: str) -> bool:
+        """
+        The value as Dovecot's yes/no (``yes``/``no``, also ``y``/``n``,
+        ``true``/``false``, ``1``/``0``, any case; empty is no); anything
+        else is an error naming ``key``, never taken for "no".
+        """
+        answer = yes_or_no(self.value)
+        if answer is None:
+            raise self.error(f"{key} {self.value!r}: expected yes or no")
+        return answer
+
+
+_YES = frozenset({"yes", "y", "true", "1"})
+_NO = frozenset({"no", "n", "false", "0", ""})
+
+
+def yes_or_no(word: str) -> bool | None:
+    """``word`` as a yes/no setting (see `ConfigValue.boolean`); None if it is neither."""
+    word = word.strip().lower()
+    if word in _YES:
+        return True
+    if word in _NO:
+        return False
+    return None
+
 
 def read_conf_ext(path: str | os.PathLike[str], keys: Collection[str]) -> dict[str, ConfigValue]:
     """

@@ -29,6 +29,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
+from pop3d.credchecks import as_bytes
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Addresses remembered at most; the least recently failing are forgotten first.
@@ -104,8 +106,8 @@ class CredentialFingerprints:
         """The fingerprint of ``credentials``, or None if they cannot be recognised."""
         if credentials is None or not IUsernamePassword.providedBy(credentials):
             return None
-        username = _as_bytes(credentials.username)
-        password = _as_bytes(credentials.password)
+        username = as_bytes(credentials.username)
+        password = as_bytes(credentials.password)
         digest = hmac.new(self._key, digestmod=hashlib.sha256)
         # The name's length first: ("ab", "c") and ("a", "bc") differ.
         digest.update(len(username).to_bytes(4, "big"))
@@ -182,10 +184,6 @@ class FailureDelay:
         if seconds <= 0:
             return succeed(None)
         return deferLater(self._clock, seconds, lambda: None)
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else value
 
 
 def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -93,8 +93,10 @@ class TestConfigFiles:
     def test_an_include_loop_is_refused(self, tmp_path: Path) -> None:
         main = tmp_path / "a.conf.ext"
         main.write_text("!include a.conf.ext\n")
-        with pytest.raises(ConfigFileError, match="nested too deep"):
+        with pytest.raises(ConfigFileError, match="nested too deep") as raised:
             read_conf_ext(main, KEYS)
+        # The line that includes once too often is named.
+        assert str(raised.value).startswith(f"{main}:1: ")
 
     def test_a_value_error_names_the_line_of_the_value(self) -> None:
         found = parse_conf_ext("\ndriver = oracle\n", "x.conf.ext", KEYS)

@@ -822,6 +822,11 @@ class TestConfig:
             ("introspection_url = http://x/\ntimeout_msecs = soon\n", 2, "timeout_msecs"),
             ("introspection_url = http://x/\npass_attrs = proxy=y\n", 2, "pass_attrs"),
             ("introspection_url = http://x/\ntls_ca_cert_file = /nonexistent\n", 2, "no such"),
+            (
+                "introspection_url = http://x/\nforce_introspection = sure\n",
+                2,
+                "force_introspection 'sure': expected yes or no",
+            ),
         ],
     )
     def test_refused_with_file_and_line(

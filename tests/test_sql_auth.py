@@ -192,6 +192,17 @@ class TestConfig:
         }
         assert config.password_query.statement.endswith("username = %s AND domain = %s")
 
+    @pytest.mark.parametrize(
+        ("word", "verify"), [("yes", True), ("Y", True), ("1", True), ("no", False)]
+    )
+    def test_mysql_certificate_check_is_a_dovecot_yes_or_no(
+        self, tmp_path: Path, word: str, verify: bool
+    ) -> None:
+        path = write_config(
+            tmp_path / "f", driver="mysql", connect=f"host=db ssl_verify_server_cert={word}"
+        )
+        assert dict(read_sql_config(str(path)).mysql_settings)["ssl_verify_cert"] is verify
+
     def test_dovecot_defaults(self, tmp_path: Path) -> None:
         config = read_sql_config(str(write_config(tmp_path / "f", driver="sqlite", connect="x")))
         assert config.default_scheme.name == "MD5-CRYPT"  # Dovecot's "MD5"
@@ -226,6 +237,13 @@ class TestConfig:
             ({"driver": "pgsql", "connect": "hots=/x"}, 2, 'invalid connection option "hots"'),
             ({"driver": "mysql", "connect": "host=/s dbnme=x"}, 2, "unknown mysql setting 'dbnme'"),
             ({"driver": "mysql", "connect": "host=/s port=http"}, 2, "port must be a number"),
+            (
+                # A misspelt yes/no is refused, never taken for "no" (which
+                # would silently turn certificate checks off).
+                {"driver": "mysql", "connect": "host=/s ssl_verify_server_cert=ture"},
+                2,
+                "connect: ssl_verify_server_cert 'ture': expected yes or no",
+            ),
             ({"driver": "sqlite", "connect": "x", "pass_query": "x"}, 3, "unknown"),
         ],
     )

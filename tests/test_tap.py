@@ -17,8 +17,11 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 
+from pop3d.authdb.ldap import LdapChecker
+from pop3d.authdb.oauth2 import OAuth2Checker
 from pop3d.authdb.sql import SQLChecker
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
@@ -492,13 +495,32 @@ def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> None:
     conf = tmp_path / "dovecot-sql.conf.ext"
     query = "password_query = SELECT userid AS user, {} AS password FROM users WHERE userid = '%u'"
     conf.write_text(f"driver = sqlite\nconnect = {database}\n{query.format('password')}\n")
+    ldap_conf = tmp_path / "dovecot-ldap.conf.ext"
+    ldap_conf.write_text("uris = ldap://127.0.0.1:1/\nbase = o=first\n")
+    oauth2_conf = tmp_path / "dovecot-oauth2.conf.ext"
+    oauth2_conf.write_text("introspection_url = http://127.0.0.1:1/first\n")
     options = parse(
         "--mail-location", f"maildir:{tmp_path}/{{user}}",
         "--auth", f"passwd-file:{passwd}",
         "--auth", f"sql:{conf}",
+        "--auth", f"ldap:{ldap_conf}",
+        "--auth", f"oauth2:{oauth2_conf}",
     )  # fmt: skip
     [sql] = [c for c in options["credCheckers"] if isinstance(c, SQLChecker)]
+    [ldap] = [c for c in options["credCheckers"] if isinstance(c, LdapChecker)]
+    [oauth2] = [c for c in options["credCheckers"] if isinstance(c, OAuth2Checker)]
     conf.write_text(f"driver = sqlite\nconnect = {database}\n{query.format('other')}\n")
+    ldap_conf.write_text("uris = ldap://127.0.0.1:2/\nbase = o=second\n")
+    oauth2_conf.write_text("introspection_url = http://127.0.0.1:2/second\n")
+    passwd.write_text("alice:{PLAIN}wonderland::\nbob:{PLAIN}builder::\n")
     assert "password AS password" in sql.config.password_query.statement
-    reload_configuration(options)()
+    assert ldap.settings.base == "o=first"
+    assert oauth2.settings.introspection_url.url == "http://127.0.0.1:1/first"
+    with capturedLogs() as events:
+        reload_configuration(options)()
     assert "other AS password" in sql.config.password_query.statement
+    assert ldap.settings.base == "o=second"
+    assert ldap.settings.uris == ("ldap://127.0.0.1:2/",)
+    assert oauth2.settings.introspection_url.url == "http://127.0.0.1:2/second"
+    # The passwd-file is read again by the signal itself, not at the next login.
+    assert f"reloaded {passwd}" in [formatEvent(event) for event in events]

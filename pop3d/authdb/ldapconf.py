@@ -416,20 +416,10 @@ def _uris(values: Mapping[str, ConfigValue]) -> tuple[str, ...]:
 
 _E = TypeVar("_E", bound=Enum)
 
-_TRUE = {"yes", "y", "true", "1"}
-_FALSE = {"no", "n", "false", "0", ""}
-
 
 def _yes(values: Mapping[str, ConfigValue], key: str) -> bool:
     found = values.get(key)
-    if found is None:
-        return False
-    word = found.value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise found.error(f"{key} {found.value!r}: expected yes or no")
+    return found is not None and found.boolean(key)
 
 
 def _choice(setting: ConfigValue, kind: type[_E]) -> _E:

@@ -66,14 +66,13 @@ from pop3d.sasl.oauth2 import (
     IOAuth2TokenVerifier,
     TokenCheck,
     TokenRefusal,
+    is_b64token,
 )
 from pop3d.stores.common import run_blocking
 from pop3d.userdb import AuthenticatedUser
 
 log = Logger()
 
-#: RFC 6750 section 2.1's b64token.
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 #: The modes of Dovecot's introspection_mode ("" is "auth").
 INTROSPECTION_MODES = ("auth", "get", "post", "local")
@@ -195,15 +194,6 @@ class OAuth2Settings:
         return TokenRefusal(" ".join(self.scopes) or None, self.openid_configuration_url)
 
 
-def _boolean(value: ConfigValue) -> bool:
-    word = value.value.strip().lower()
-    if word in ("yes", "true", "y", "1"):
-        return True
-    if word in ("no", "false", "n", "0", ""):
-        return False
-    raise value.error(f"{value.value!r} is neither yes nor no")
-
-
 def read_settings(path: str) -> OAuth2Settings:
     """The settings of ``path``; `ConfigFileError` naming file and line for what pop3d cannot do."""
     values = read_conf_ext(path, KEYS)
@@ -261,7 +251,7 @@ def read_settings(path: str) -> OAuth2Settings:
         introspection_url=introspection,
         introspection_mode=mode,
         tokeninfo_url=tokeninfo,
-        force_introspection=_boolean(values["force_introspection"])
+        force_introspection=values["force_introspection"].boolean("force_introspection")
         if "force_introspection" in values
         else False,
         username_attribute=text.get("username_attribute") or "email",
@@ -433,12 +423,9 @@ class OAuth2Checker:
     # -- checking ----------------------------------------------------------------------
 
     async def _outcome(self, credentials: IOAuth2BearerToken) -> _Outcome:
-        try:
-            token = credentials.token.decode("ascii")
-        except UnicodeDecodeError:
+        if not is_b64token(credentials.token):
             return self._refused(credentials, "not a bearer token")
-        if not _B64TOKEN.fullmatch(token):
-            return self._refused(credentials, "not a bearer token")
+        token = credentials.token.decode("ascii")
         try:
             fields, validated_here = await self._fields(token)
         except _Unreachable as error:

@@ -64,7 +64,7 @@ from pop3d.credchecks import (
     StoredPasswordLookup,
     as_bytes,
 )
-from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
+from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext, yes_or_no
 from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
@@ -247,7 +247,10 @@ def _mysql_settings(value: ConfigValue) -> tuple[tuple[tuple[str, Any], ...], in
                     raise value.error(f"connect: {key} must be a number")
                 settings[_MYSQL_KEYS[key]] = int(setting)
             elif key == "ssl_verify_server_cert":
-                settings[_MYSQL_KEYS[key]] = setting.lower() in ("yes", "1", "true")
+                verify = yes_or_no(setting)
+                if verify is None:
+                    raise value.error(f"connect: {key} {setting!r}: expected yes or no")
+                settings[_MYSQL_KEYS[key]] = verify
             else:
                 settings[_MYSQL_KEYS[key]] = setting
         else:

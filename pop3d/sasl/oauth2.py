@@ -141,10 +141,15 @@ def _verifier(verifiers: IVerifiers) -> IOAuth2TokenVerifier | None:
     return verifier
 
 
+def is_b64token(token: bytes) -> bool:
+    """Whether ``token`` has RFC 6750 section 2.1's b64token form."""
+    return _B64TOKEN.fullmatch(token) is not None
+
+
 def _bearer_token(auth_value: bytes) -> bytes | None:
     """``Bearer <b64token>`` (RFC 6750 section 2.1) -> the token, or None."""
     match = _BEARER.fullmatch(auth_value)
-    if match is None or not _B64TOKEN.fullmatch(match.group(1)):
+    if match is None or not is_b64token(match.group(1)):
         return None
     return match.group(1)
 
