@@ -14,6 +14,7 @@ password), ``%h`` (home), ``%%``; the long forms ``%{user}``,
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,9 +123,56 @@ class Reference:
         return text
 
 
-def split_template(template: str) -> list[str | Reference]:
-    """The template as literal text and `Reference` parts, in order."""
-    parts: list[str | Reference] = []
+@dataclass(frozen=True)
+class Lookup:
+    """
+    ``%{NAMESPACE:key}`` or ``%{NAMESPACE:key:default}``: a value the
+    caller looks up (an LDAP attribute of the entry, for ``%{ldap:...}``),
+    where the template was parsed with that namespace allowed.
+    """
+
+    namespace: str
+    key: str
+    default: str | None
+
+
+@dataclass(frozen=True)
+class Template:
+    """A template parsed once: literal text, `Reference` and `Lookup` parts, in order."""
+
+    parts: tuple[str | Reference | Lookup, ...]
+
+    def expand(
+        self,
+        variables: Variables,
+        escape: Callable[[str], str] = str,
+        lookup: Callable[[Lookup], str] | None = None,
+    ) -> str:
+        """
+        The text with every variable's value (through ``escape``, never the
+        template's own text) and every `Lookup` answered by ``lookup``.
+        """
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, Reference):
+                out.append(escape(part.value(variables)))
+            else:
+                assert lookup is not None  # only parsed in where a lookup is given
+                out.append(lookup(part))
+        return "".join(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_template(template: str, lookups: frozenset[str] = frozenset()) -> Template:
+    """
+    ``template`` parsed (`VariableError` if it names an unknown variable or
+    is cut short); ``%{NAMESPACE:...}`` for a namespace in ``lookups`` is a
+    `Lookup`.  Templates come from config files, so they are few: each is
+    parsed once, not at every login.
+    """
+    parts: list[str | Reference | Lookup] = []
     literal: list[str] = []
     position = 0
     while position < len(template):
@@ -137,14 +185,31 @@ def split_template(template: str) -> list[str | Reference]:
             literal.append("%")
             position += 2
             continue
-        reference, position = _reference_at(template, position)
+        part, position = _lookup_at(template, position, lookups) or _reference_at(
+            template, position
+        )
         if literal:
             parts.append("".join(literal))
             literal = []
-        parts.append(reference)
+        parts.append(part)
     if literal:
         parts.append("".join(literal))
-    return parts
+    return Template(tuple(parts))
+
+
+def _lookup_at(template: str, start: int, lookups: frozenset[str]) -> tuple[Lookup, int] | None:
+    if not template.startswith("%{", start):
+        return None
+    namespace, colon, _ = template[start + 2 :].partition(":")
+    if not colon or namespace not in lookups:
+        return None
+    end = template.find("}", start)
+    if end < 0:
+        raise VariableError(f"'%{{{namespace}:' without '}}' in {template!r}")
+    key, colon, default = template[start + 3 + len(namespace) : end].partition(":")
+    if not key:
+        raise VariableError(f"%{{{namespace}:}} names nothing in {template!r}")
+    return Lookup(namespace, key, default if colon else None), end + 1
 
 
 def _reference_at(template: str, start: int) -> tuple[Reference, int]:
@@ -180,7 +245,7 @@ def _reference_at(template: str, start: int) -> tuple[Reference, int]:
 
 def check_template(template: str) -> None:
     """Raise `VariableError` if ``template`` names an unknown variable."""
-    split_template(template)
+    parse_template(template)
 
 
 def expand(template: str, variables: Variables, escape: Callable[[str], str] = str) -> str:
@@ -189,7 +254,4 @@ def expand(template: str, variables: Variables, escape: Callable[[str], str] = s
     variable's value (an LDAP filter's escaping, say), never to the
     template's own text.
     """
-    return "".join(
-        part if isinstance(part, str) else escape(part.value(variables))
-        for part in split_template(template)
-    )
+    return parse_template(template).expand(variables, escape)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.dovecotconf import ConfigFileError, parse_conf_ext, read_conf_ext
-from pop3d.dovecotvars import VariableError, Variables, check_template, expand, split_template
+from pop3d.dovecotvars import VariableError, Variables, check_template, expand, parse_template
 from pop3d.userdb import LoginContext
 
 KEYS = ("driver", "connect", "password_query", "user_query", "default_pass_scheme")
@@ -156,7 +156,7 @@ class TestVariables:
         assert str(raised.value) == message
 
     def test_a_template_splits_into_text_and_references(self) -> None:
-        parts = split_template("WHERE u = '%n@%d' AND x = 1")
+        parts = parse_template("WHERE u = '%n@%d' AND x = 1").parts
         assert [p if isinstance(p, str) else p.name for p in parts] == [
             "WHERE u = '",
             "username",

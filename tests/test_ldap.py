@@ -30,7 +30,6 @@ from pop3d.authdb.ldapconf import (
     AttributeMapping,
     Deref,
     FieldTemplate,
-    LdapReference,
     RequireCert,
     Scope,
     entry_fields,
@@ -39,7 +38,7 @@ from pop3d.authdb.ldapconf import (
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError, ConfigValue
-from pop3d.dovecotvars import Variables
+from pop3d.dovecotvars import Lookup, Variables
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
@@ -298,6 +297,7 @@ class TestSettings:
             ("uris = ldap://x\nbase = o=x\nuser_attrs = =home\n", 3, "needs '=template'"),
             ("uris = ldap://x\nbase = o=x\nuser_attrs = a b=home\n", 3, "not an LDAP attribute"),
             ("uris = ldap://x\nbase = o=x\nuser_attrs = =home=%{ldap:x\n", 3, "without '}'"),
+            ("uris = ldap://x\nbase = o=x\nuser_attrs = =home=%{ldap:}\n", 3, "names nothing"),
             ("uris = ldap://x\nbase = o=x\nuser_query = x\n", 3, "unknown setting 'user_query'"),
         ],
     )
@@ -352,7 +352,7 @@ class TestAttributeLists:
 
     def test_percent_percent_stays_literal(self) -> None:
         template = FieldTemplate.parse("100%% of %{ldap:cn} %u")
-        assert template.parts[1] == LdapReference("cn", None)
+        assert template.template.parts[1] == Lookup("ldap", "cn", None)
         assert template.expand(self.VARIABLES, {"cn": "A"}) == "100% of A alice@example.org"
 
 

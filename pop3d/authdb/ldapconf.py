@@ -28,7 +28,14 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
-from pop3d.dovecotvars import VariableError, Variables, check_template, expand
+from pop3d.dovecotvars import (
+    Lookup,
+    Template,
+    VariableError,
+    Variables,
+    check_template,
+    parse_template,
+)
 from pop3d.passwords import PasswordSchemeError, get_scheme
 
 #: Every key of Dovecot 2.3's dovecot-ldap.conf.ext (an unknown key is an error).
@@ -105,76 +112,36 @@ class RequireCert(Enum):
 # -- templates ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LdapReference:
-    """``%{ldap:attr}`` or ``%{ldap:attr:default}`` in a field template."""
-
-    attribute: str
-    default: str | None
-
-
-def split_field_template(template: str) -> list[str | LdapReference]:
-    """
-    The template as Dovecot-variable text and `LdapReference` parts.  ``%%``
-    stays in the text (`pop3d.dovecotvars.expand` reads it).
-    """
-    parts: list[str | LdapReference] = []
-    text: list[str] = []
-    position = 0
-    while position < len(template):
-        if template.startswith("%%", position):
-            text.append("%%")
-            position += 2
-            continue
-        if template.startswith("%{ldap_ptr:", position):
-            raise VariableError(f"%{{ldap_ptr:...}} sub-queries are not supported in {template!r}")
-        if template.startswith("%{ldap:", position):
-            end = template.find("}", position)
-            if end < 0:
-                raise VariableError(f"'%{{ldap:' without '}}' in {template!r}")
-            attribute, colon, default = template[position + len("%{ldap:") : end].partition(":")
-            if not attribute or "@" in attribute:
-                raise VariableError(f"unsupported %{{ldap:...}} reference in {template!r}")
-            if text:
-                parts.append("".join(text))
-                text = []
-            parts.append(LdapReference(attribute, default if colon else None))
-            position = end + 1
-            continue
-        text.append(template[position])
-        position += 1
-    if text:
-        parts.append("".join(text))
-    return parts
+#: ``%{ldap:attr}`` and ``%{ldap:attr:default}``: another attribute of the entry.
+_LDAP_LOOKUPS = frozenset({"ldap"})
 
 
 @dataclass(frozen=True)
 class FieldTemplate:
     """A field's value made of text, ``%`` variables and ``%{ldap:...}`` values."""
 
-    parts: tuple[str | LdapReference, ...]
+    template: Template
 
     @classmethod
-    def parse(cls, template: str) -> FieldTemplate:
-        parts = tuple(split_field_template(template))
-        for part in parts:
-            if isinstance(part, str):
-                check_template(part)
-        return cls(parts)
+    def parse(cls, text: str) -> FieldTemplate:
+        if "%{ldap_ptr:" in text:
+            raise VariableError(f"%{{ldap_ptr:...}} sub-queries are not supported in {text!r}")
+        template = parse_template(text, _LDAP_LOOKUPS)
+        for part in template.parts:
+            if isinstance(part, Lookup) and "@" in part.key:
+                raise VariableError(f"unsupported %{{ldap:...}} reference in {text!r}")
+        return cls(template)
 
     @property
     def attributes(self) -> tuple[str, ...]:
-        return tuple(part.attribute for part in self.parts if isinstance(part, LdapReference))
+        return tuple(part.key for part in self.template.parts if isinstance(part, Lookup))
 
     def expand(self, variables: Variables, entry: Mapping[str, str]) -> str:
-        out: list[str] = []
-        for part in self.parts:
-            if isinstance(part, LdapReference):
-                value = entry.get(part.attribute.lower())
-                out.append(value if value is not None else (part.default or ""))
-            else:
-                out.append(expand(part, variables))
-        return "".join(out)
+        def attribute(lookup: Lookup) -> str:
+            value = entry.get(lookup.key.lower())
+            return value if value is not None else (lookup.default or "")
+
+        return self.template.expand(variables, lookup=attribute)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pop3d.dovecotvars import (
     Variables,
     check_template,
     expand,
-    split_template,
+    parse_template,
 )
 
 
@@ -73,7 +73,7 @@ class BoundQuery:
         return any(
             isinstance(part, Reference) and part.name == "password"
             for template in self.templates
-            for part in split_template(template)
+            for part in parse_template(template).parts
         )
 
     def parameters(self, variables: Variables) -> tuple[str, ...]:
