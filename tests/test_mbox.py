@@ -30,6 +30,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
@@ -40,6 +41,7 @@ from pop3d.stores.mbox import (
     MboxFormat,
     MboxStore,
 )
+from pop3d.stores.posix import LOCK_REFRESH_SECONDS
 from pop3d.wire import MessageEncoder, ResponseCode, is_valid_uidl, wire_size
 
 from .conftest import require_program
@@ -514,14 +516,24 @@ def test_a_second_session_in_this_process_is_refused_whatever_the_dotlock_age(
     now(held.close())
 
 
-def test_the_session_keeps_its_dotlock_young(store: MboxStore, alice: Path) -> None:
+def test_the_session_keeps_its_dotlock_young(mail: Path, alice: Path) -> None:
+    """
+    An idle session's dotlock is touched every minute on the clock, so that
+    Postfix or procmail never take it for a crashed program's and break it.
+    """
     alice.write_bytes(mbox_of([b"Subject: a\n\na\n"]))
+    clock = Clock()
+    store = MboxStore(f"{mail}/{{user}}", clock=clock)
     maildrop = now(store.open("alice"))
     lock = Path(f"{alice}.lock")
     age(lock, DOTLOCK_STALE_SECONDS - 1)
-    read_all(maildrop, 0)
+    clock.advance(LOCK_REFRESH_SECONDS - 1)
+    assert time.time() - lock.stat().st_mtime > DOTLOCK_STALE_SECONDS / 2
+    clock.advance(1)
     assert time.time() - lock.stat().st_mtime < DOTLOCK_STALE_SECONDS / 2
     now(maildrop.close())
+    assert not lock.exists()
+    assert clock.getDelayedCalls() == []
 
 
 def test_locks_are_released_when_opening_fails(store: MboxStore, alice: Path) -> None:

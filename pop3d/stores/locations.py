@@ -125,7 +125,7 @@ class MboxLocation:
         threads: IReactorThreads,
         clock: IReactorTime,
     ) -> IMaildropStore:
-        return MboxStore(argument, reactor=threads, format=self._format(options))
+        return MboxStore(argument, reactor=threads, clock=clock, format=self._format(options))
 
     @staticmethod
     def _format(options: Mapping[str, object]) -> MboxFormat:

@@ -58,10 +58,12 @@ them):
    procmail's 1024), or left by a pop3d process of this host that is gone,
    is taken for the leftover of a crashed program and broken: moved aside
    and checked before it is removed, never removed by name, so that a
-   dotlock another program made meanwhile stays.  A session refreshes its
-   own dotlock whenever it reads or deletes mail; if another program still
-   breaks it during a long idle spell, the fcntl lock keeps that program
-   out, and UPDATE checks the dotlock again before rewriting;
+   dotlock another program made meanwhile stays.  A session's dotlock is
+   touched every `pop3d.stores.posix.LOCK_REFRESH_SECONDS` on the store's
+   clock, in the thread pool, while it is held (idle or not: a client that
+   reads one message an hour keeps it too); if another program still
+   breaks it, the fcntl lock keeps that program out, and UPDATE checks the
+   dotlock again before rewriting;
 3. an ``fcntl`` (``lockf``) write lock on the whole mbox file.
 
 Any of them held elsewhere is ``-ERR [IN-USE]``; MTAs that find them held
@@ -156,7 +158,7 @@ from typing import TypeVar
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -174,6 +176,7 @@ from pop3d.stores.posix import (
     PROCESS_LOCKS,
     SAFE_OPEN,
     DotLock,
+    LockRefresher,
     open_directory,
     unavailable,
     unlink_quietly,
@@ -701,8 +704,10 @@ class _MboxMaildrop:
         current: _MboxFile | None,
         reactor: IReactorThreads | None,
         indexing: _Indexing,
+        refresher: LockRefresher,
     ) -> None:
         self.path = path
+        self._refresher = refresher
         self._indexing = indexing
         self._name = name
         self._dir_fd = dir_fd
@@ -793,8 +798,6 @@ class _MboxMaildrop:
             position = self._where[index]
             if self._current is None or position is None:
                 return fail(MessageGone())
-            if self._dotlock is not None:
-                self._dotlock.refresh(self._dir_fd)
             body: IMessageBody = _Body(
                 self._current, self._current.entries[position], self._indexing.read_size
             )
@@ -835,6 +838,11 @@ class _MboxMaildrop:
             self._current = rewritten
             self._where = [None if w is None else moved[w] for w in self._where]
 
+    def keep_dotlock_fresh(self) -> None:
+        """Have the store's refresher touch this session's dotlock until `close`."""
+        if self._dotlock is not None:
+            self._refresher.add(self._dotlock)
+
     def close(self) -> Deferred[None]:
         with self._mutex:
             if self._closed:
@@ -848,6 +856,7 @@ class _MboxMaildrop:
             self._files = []
             self._current = None
             if self._dotlock is not None:
+                self._refresher.discard(self._dotlock)
                 self._dotlock.release(self._dir_fd)
             if self._dir_fd is not None:
                 os.close(self._dir_fd)
@@ -866,11 +875,14 @@ class MboxStore:
 
     The template is that of `pop3d.stores.maildir.MaildirStore`: ``{user}`` is the
     whole user name, ``{local}`` and ``{domain}`` its parts around ``@``.
-    With a ``reactor``, opening a maildrop (which reads the whole file) and
-    rewriting it at QUIT run in the reactor's thread pool; without one they
-    run inline.  ``format`` is how the files' writers quote ``From`` lines
-    in bodies: `MboxFormat.MBOXO` (the default) serves every line as stored;
-    `MboxFormat.MBOXRD` removes one ``>`` from lines matching ``^>+From ``.
+    With a ``reactor``, opening a maildrop (which reads the whole file),
+    rewriting it at QUIT and touching held dotlocks run in the reactor's
+    thread pool; without one they run inline.  Held dotlocks are touched on
+    ``clock`` (default: the ``reactor``, if it keeps time; with neither,
+    they are not touched, which only tests do).  ``format`` is how the
+    files' writers quote ``From`` lines in bodies: `MboxFormat.MBOXO` (the
+    default) serves every line as stored; `MboxFormat.MBOXRD` removes one
+    ``>`` from lines matching ``^>+From ``.
 
     The file is indexed ``read_size`` octets at a time (`READ_SIZE`), and a
     line longer than ``line_limit`` (`LINE_LIMIT`) in pieces; whatever they
@@ -882,6 +894,7 @@ class MboxStore:
         template: str,
         *,
         reactor: IReactorThreads | None = None,
+        clock: IReactorTime | None = None,
         format: MboxFormat = MboxFormat.MBOXO,
         read_size: int = READ_SIZE,
         line_limit: int = LINE_LIMIT,
@@ -893,6 +906,9 @@ class MboxStore:
         self.format = MboxFormat(format)
         self._indexing = _Indexing(self.format, read_size, line_limit)
         self._reactor = reactor
+        if clock is None and IReactorTime.providedBy(reactor):
+            clock = reactor
+        self._refresher = LockRefresher(clock, threads=reactor)
         # Links are followed above the first placeholder only (/var/mail
         # may be one): below it, users may own the directories.
         self._trusted = fixed_directory(template)
@@ -904,14 +920,25 @@ class MboxStore:
         path = self.path_for(mailbox)
         if path is None:
             return fail(UnauthorizedLogin())
-        return run_blocking(
-            self._reactor, _open_mbox, path, self._trusted, self._reactor, self._indexing
-        )
+        opening = run_blocking(
+            self._reactor, _open_mbox, path, self._trusted, self._reactor, self._indexing,
+            self._refresher,
+        )  # fmt: skip
+        return opening.addCallback(self._hold)
+
+    def _hold(self, maildrop: _MboxMaildrop) -> IMaildrop:
+        # On the reactor thread, as every change to the refresher's set.
+        maildrop.keep_dotlock_fresh()
+        return maildrop
 
 
 def _open_mbox(
-    path: str, trusted: str, reactor: IReactorThreads | None, indexing: _Indexing
-) -> IMaildrop:
+    path: str,
+    trusted: str,
+    reactor: IReactorThreads | None,
+    indexing: _Indexing,
+    refresher: LockRefresher,
+) -> _MboxMaildrop:
     directory, name = os.path.split(os.path.abspath(path))
     try:
         dir_fd = open_directory(directory, trusted=trusted)
@@ -919,7 +946,7 @@ def _open_mbox(
         # Nothing delivered yet: an empty maildrop, not an error.
         key: object = ("mbox path", os.path.abspath(path))
         PROCESS_LOCKS.claim(key)
-        return _MboxMaildrop(path, name, None, key, None, None, reactor, indexing)
+        return _MboxMaildrop(path, name, None, key, None, None, reactor, indexing, refresher)
     except OSError as error:
         raise unavailable("cannot open the mbox directory", directory, error) from error
     dotlock: DotLock | None = None
@@ -952,4 +979,4 @@ def _open_mbox(
         if claimed:
             PROCESS_LOCKS.release(key)
         raise
-    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, indexing)
+    return _MboxMaildrop(path, name, dir_fd, key, dotlock, current, reactor, indexing, refresher)
