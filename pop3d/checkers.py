@@ -50,6 +50,7 @@ from pop3d.passwords import (
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
+from pop3d.stores.common import run_blocking
 
 log = Logger()
 
@@ -200,9 +201,11 @@ class PasswdFileChecker:
     so that APOP or CRAM-MD5 are not advertised when no entry could pass.
 
     The file is read at start-up (a bad file is an error then) and read again
-    whenever it changes; a change that does not parse is logged and the last
-    good content stays in use.  (A portal learns ``credentialInterfaces``
-    once, when it is built.)
+    whenever it changes (each login looks at its size, inode and time; the
+    reading and parsing run in the thread pool once `run_slow_work_in` gave
+    one, while the logins that noticed the change wait for it); a change
+    that does not parse is logged and the last good content stays in use.
+    (A portal learns ``credentialInterfaces`` once, when it is built.)
 
     Slow checks (bcrypt, Argon2, SHA-crypt, PBKDF2) run inline until
     `run_slow_work_in` gives the checker a reactor: then they run in the
@@ -219,9 +222,11 @@ class PasswdFileChecker:
         self.path = path
         self._checks = checks
         self._verifier = PasswordVerifier()
+        self._threads: IReactorThreads | None = None
+        #: Logins waiting for the file being read again.
+        self._waiting: list[Deferred[_Table]] = []
         self._signature = self._stat()
-        with open(path, "rb") as passwd:
-            self._set_table(_Table.of(parse_passwd_file(passwd.read(), path), checks))
+        self._set_table(self._read())
 
     def run_slow_work_in(
         self, reactor: IReactorThreads, max_concurrent: int = DEFAULT_MAX_CONCURRENT
@@ -231,6 +236,7 @@ class PasswdFileChecker:
         ``max_concurrent`` at once (the others wait their turn, in order).
         """
         self._verifier = PasswordVerifier(reactor, max_concurrent)
+        self._threads = reactor
 
     def _set_table(self, table: _Table) -> None:
         self._table = table
@@ -240,32 +246,54 @@ class PasswdFileChecker:
         info = os.stat(self.path)
         return (info.st_mtime_ns, info.st_size, info.st_ino)
 
-    def _current_table(self) -> _Table:
+    def _read(self) -> _Table:
+        with open(self.path, "rb") as passwd:
+            return _Table.of(parse_passwd_file(passwd.read(), self.path), self._checks)
+
+    def _current_table(self) -> Deferred[_Table]:
+        """The entries, read again first if the file changed."""
         try:
             signature = self._stat()
-            if signature != self._signature:
-                with open(self.path, "rb") as passwd:
-                    self._set_table(
-                        _Table.of(parse_passwd_file(passwd.read(), self.path), self._checks)
-                    )
-                self._signature = signature
-                log.info("reloaded {path}", path=self.path)
-        except (OSError, PasswdFileError) as error:
+        except OSError as error:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
-        return self._table
+            return succeed(self._table)
+        if signature == self._signature:
+            return succeed(self._table)
+        waiting: Deferred[_Table] = Deferred()
+        self._waiting.append(waiting)
+        if len(self._waiting) == 1:
+            # One reading for every login that noticed the change meanwhile.
+            reading = run_blocking(self._threads, self._read)
+            reading.addBoth(self._read_again, signature)
+        return waiting
+
+    def _read_again(self, result: _Table | Failure, signature: tuple[int, int, int]) -> None:
+        if isinstance(result, Failure):
+            if result.check(OSError, PasswdFileError):
+                log.error(
+                    "keeping the previous {path}: {error}", path=self.path, error=result.value
+                )
+            else:
+                log.failure("keeping the previous {path}", result, path=self.path)
+        else:
+            self._set_table(result)
+            self._signature = signature
+            log.info("reloaded {path}", path=self.path)
+        waiting, self._waiting = self._waiting, []
+        for login in waiting:
+            login.callback(self._table)
 
     def reload(self) -> None:
         """Read the file again now if it changed (SIGHUP); logins do so anyway."""
         self._current_table()
 
-    def _current_entries(self) -> dict[bytes, PasswordEntry]:
-        return self._current_table().entries
-
     # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        return self._current_table().addCallback(self._check, credentials)
+
+    def _check(self, table: _Table, credentials: Any) -> Deferred[bytes | tuple[()]]:
         username = as_bytes(credentials.username)
-        table = self._current_table()
         found = table.entries.get(username)
         if found is None and isinstance(credentials, PreparedUsernamePassword):
             # An entry written with the name as the client typed it, before
@@ -302,10 +330,12 @@ class PasswdFileChecker:
         the file's usual SCRAM-capable entry, so that the time it takes does
         not tell which users exist.
         """
-        username = as_bytes(username)
-        table = self._current_table()
-        entry = table.entries.get(username)
-        return self._verifier.scram_keys(username, entry, table.scram_derives)
+        name = as_bytes(username)
+
+        def keys(table: _Table) -> Deferred[ScramKeys | None]:
+            return self._verifier.scram_keys(name, table.entries.get(name), table.scram_derives)
+
+        return self._current_table().addCallback(keys)
 
 
 @implementer(ICheckerFactory, IPlugin)

@@ -20,6 +20,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import pop3d.credchecks
@@ -154,6 +155,29 @@ class TestPasswdFile:
         assert await checker.requestAvatarId(UsernamePassword(b"carol", b"new")) == b"carol"
         with pytest.raises(UnauthorizedLogin):
             await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+    def test_a_changed_file_is_read_in_the_thread_pool_once_for_waiting_logins(
+        self, checker: PasswdFileChecker
+    ) -> None:
+        """
+        Reading a large passwd-file again must not stall every other session:
+        it is queued to the thread pool, and two logins that noticed the
+        change meanwhile wait for that one reading, then both use it.
+        """
+        threads = FakeThreadingReactor()
+        checker.run_slow_work_in(cast(IReactorThreads, threads))
+        path = Path(checker.path)
+        path.write_bytes(b"carol:{PLAIN}new::\n")
+        os.utime(path, ns=(1, 1))
+        carol = checker.requestAvatarId(UsernamePassword(b"carol", b"new"))
+        alice = checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+        assert not carol.called and not alice.called
+        assert len(threads.pool.queued) == 1
+        threads.pool.run_next()
+        assert carol.result == b"carol"
+        assert isinstance(alice.result, Failure) and alice.result.check(UnauthorizedLogin)
+        alice.addErrback(lambda _: None)
+        assert threads.pool.queued == []
 
     @pytest_twisted.ensureDeferred
     async def test_a_broken_change_keeps_the_last_good_file(
