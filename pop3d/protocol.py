@@ -235,12 +235,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         refusal = admit(self._link())
         if refusal is None:
             return True
-        self.phase = Phase.CLOSING
-        if producing:
-            # A transport with a registered producer does not close.
-            self._connection.unregisterProducer()
-        self._connection.write(refusal)
-        self._connection.loseConnection()
+        self._hang_up(refusal, producing)
         return False
 
     def connectionMade(self) -> None:
@@ -307,12 +302,18 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
 
     def _hang_up_with(self, status: Status) -> None:
         if self.phase is Phase.READING:
-            self.phase = Phase.CLOSING
-            self._connection.unregisterProducer()
-            self._connection.write(status.to_bytes(self.session.wording))
-            self._connection.loseConnection()
+            self._hang_up(status.to_bytes(self.session.wording))
         elif self.phase is not Phase.CLOSED:
             self._abort()
+
+    def _hang_up(self, last_words: bytes, producing: bool = True) -> None:
+        """Say ``last_words``, then close once they are written."""
+        self.phase = Phase.CLOSING
+        if producing:
+            # A transport with a registered producer does not close.
+            self._connection.unregisterProducer()
+        self._connection.write(last_words)
+        self._connection.loseConnection()
 
     def abort(self) -> None:
         """Drop the connection at once, whatever is under way."""
@@ -470,11 +471,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             self._tls_started = True
             self._known_link = None
         elif isinstance(reply, Hangup):
-            self.phase = Phase.CLOSING
-            # A transport with a registered producer does not close.
-            self._connection.unregisterProducer()
-            self._connection.write(reply.status.to_bytes(wording))
-            self._connection.loseConnection()
+            self._hang_up(reply.status.to_bytes(wording))
         else:
             # No Deferred per message: a small one is read, encoded and
             # written within this call, and `_stream_ended` is called at once.
