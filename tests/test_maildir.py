@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -884,6 +885,67 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     assert b"".join(chunks) == message
     assert maildrop.messages.sizes == (wire_size(message),)
     assert maildrop.messages.uids == ("abc123",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_counting_sizes_leaves_access_times_alone(store: MaildirStore, maildir: Path) -> None:
+    """
+    The first login reads every message to learn its RFC 1939 size (section
+    11: CRLF line endings); that is the server's reading, not the user's: no
+    message's access time changes (O_NOATIME; a relatime mount would write
+    every inode again).
+    """
+    messages = {
+        maildir / "new" / "1.M1.host": b"Subject: one\n\nbody\n",
+        maildir / "cur" / "2.M2.host:2,S": b"Subject: two\r\n\r\nbody\r\nmore\n",
+    }
+    stamps = {}
+    for path, content in messages.items():
+        path.write_bytes(content)
+        info = path.stat()
+        # Older than the file: a relatime mount would update it on a read.
+        stamps[path] = info.st_mtime_ns - 3_600_000_000_000
+        os.utime(path, ns=(stamps[path], info.st_mtime_ns))
+    maildrop = await store.open("alice")
+    assert list(maildrop.messages.sizes) == [wire_size(m) for m in messages.values()] == [22, 28]
+    await maildrop.close()
+    assert {path: path.stat().st_atime_ns for path in messages} == stamps
+
+
+def test_sizes_are_counted_for_a_reader_who_does_not_own_the_messages(
+    tmp_path: Path, maildir: Path
+) -> None:
+    """
+    Only a file's owner (or a process with CAP_FOWNER) may read it without
+    touching its access time: a server that can read the Maildir but does
+    not own its messages still counts every size exactly (RFC 1939 section
+    11).  The server here is root without CAP_FOWNER (``setpriv``), the
+    messages belong to nobody.
+    """
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        reason = "reading as a non-owner needs root and setpriv (util-linux)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    contents = [b"Subject: one\n\nbody\n", b"Subject: two\n\n" + b"line\n" * 3000]
+    for number, content in enumerate(contents):
+        path = maildir / "new" / f"{number}.M{number}.host"
+        path.write_bytes(content)
+        shutil.chown(path, "nobody")
+    script = (
+        "from pop3d.stores.maildir import MaildirStore\n"
+        f"store = MaildirStore({str(tmp_path / '{user}')!r})\n"
+        "store.open('alice').addCallback(lambda drop: print(list(drop.messages.sizes)))\n"
+    )
+    result = subprocess.run(
+        [setpriv, "--bounding-set", "-fowner", "--", sys.executable, "-c", script],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout == b"[22, 18016]\n"
+    assert [wire_size(content) for content in contents] == [22, 18016]
 
 
 class TestListingAfterUpdate:

@@ -77,6 +77,7 @@ from pop3d.stores.posix import (
     DIRECTORY_FLAGS,
     READ_FLAGS,
     SAFE_OPEN,
+    UNSEEN_READ_FLAGS,
     LockTable,
     exists,
     unavailable,
@@ -1102,9 +1103,18 @@ def _count_sizes(
     """
     # Bound once: name lookups are a good part of the Python work per message.
     open_file, read, close = os.open, os.read, os.close
+    flags = UNSEEN_READ_FLAGS
     for unique, name, inode in messages:
         try:
-            fd = open_file(name, READ_FLAGS, dir_fd=directory_fd)
+            try:
+                fd = open_file(name, flags, dir_fd=directory_fd)
+            except PermissionError:
+                if flags == READ_FLAGS:
+                    raise
+                # Not the file's owner (EPERM for O_NOATIME, or really
+                # unreadable: then this fails again): as any reader does.
+                flags = READ_FLAGS
+                fd = open_file(name, flags, dir_fd=directory_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
