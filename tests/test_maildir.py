@@ -887,6 +887,73 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     assert maildrop.messages.uids == ("abc123",)
 
 
+def _many_messages(maildir: Path) -> dict[str, bytes]:
+    """More messages than make the store ask the file system, of every kind."""
+    messages = {
+        f"{number:04d}.M{number}.host": b"Subject: %d\n\n" % number + b"line\n" * (number % 7)
+        for number in range(maildir_module.ASK_FILE_SYSTEM_FROM)
+    }
+    # Longer than one read; CRLF already; no final newline; a ",S=" that
+    # says 3 (the file size in a name is a hint, the content decides).
+    messages["9001.M1.host"] = b"Subject: big\n\n" + b"x" * 99 + (b"\n" + b"y" * 99) * 3000 + b"\n"
+    messages["9002.M2.host"] = b"Subject: crlf\r\n\r\nbody\r\n"
+    messages["9003.M3.host"] = b"Subject: no newline\n\nlast"
+    messages["9004.M4.host,S=3"] = b"Subject: lies\n\nabcdef\n"
+    for name, content in messages.items():
+        (maildir / "new" / name).write_bytes(content)
+    return messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_sizes_are_exact_where_a_short_read_ends_a_file(
+    store: MaildirStore, maildir: Path
+) -> None:
+    """
+    RFC 1939 section 11: sizes with CRLF line endings.  On a local disk a
+    read returning less than asked is the end of the file, so a message read
+    whole in one go is not read again; sizes stay exact for every kind of
+    message, whatever its name says.
+    """
+    messages = _many_messages(maildir)
+    maildrop = await store.open("alice")
+    sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
+    await maildrop.close()
+    assert sizes == {name: wire_size(content) for name, content in messages.items()}
+    assert [sizes[unique] for unique in ("9001.M1.host", "9002.M2.host", "9003.M3.host")] == [
+        303117,
+        23,
+        29,  # the CRLF a server adds before the final dot counts (RFC 1939 section 11)
+    ]
+    assert sizes["9004.M4.host,S=3"] == 25
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_system_with_short_reads_is_read_to_the_end(
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    FUSE, 9p and some network file systems return short reads mid-file:
+    where the file system does not say otherwise, only an empty read ends a
+    message, and every size is exact (RFC 1939 section 11).
+    """
+    messages = _many_messages(maildir)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7)))
+    asked: list[int] = []
+
+    def like_fuse(directory_fd: int) -> bool:
+        asked.append(directory_fd)
+        return False
+
+    store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=like_fuse)
+    maildrop = await store.open("alice")
+    sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
+    await maildrop.close()
+    assert len(asked) == 1  # new/; cur/ holds nothing to count
+    assert sizes == {name: wire_size(content) for name, content in messages.items()}
+    assert sizes["9001.M1.host"] == 303117
+
+
 @pytest_twisted.ensureDeferred
 async def test_counting_sizes_leaves_access_times_alone(store: MaildirStore, maildir: Path) -> None:
     """

@@ -230,6 +230,37 @@ def read_small_file(name: str, dir_fd: int, limit: int = 512) -> bytes | None:
         os.close(fd)
 
 
+#: File systems on which a read(2) of a regular file returns fewer octets
+#: than asked only at the end of the file: local disks and memory.  Not FUSE,
+#: 9p, NFS or CIFS (which may return less mid-file), nor overlay (whose
+#: lower layers may be any of these).
+SHORT_READ_IS_END = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
+
+
+def short_read_is_end(directory_fd: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """
+    Whether a read of a regular file of the directory ``directory_fd`` that
+    returns fewer octets than asked has reached the end of the file: the
+    directory's device is mounted (every mount of it, in ``mountinfo``) as
+    one of `SHORT_READ_IS_END`.  False when that cannot be told (no
+    ``/proc``, a device not listed, as a Btrfs subvolume's is not).
+    """
+    try:
+        device = os.fstat(directory_fd).st_dev
+        wanted = f"{os.major(device)}:{os.minor(device)}"
+        with open(mountinfo, "rb") as file:
+            lines = file.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return False
+    kinds = set()
+    for line in lines:
+        # ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE ...
+        fields = line.split()
+        if len(fields) > 7 and fields[2] == wanted and "-" in fields[6:-1]:
+            kinds.add(fields[fields.index("-", 6) + 1])
+    return bool(kinds) and kinds <= SHORT_READ_IS_END
+
+
 def unlink_quietly(name: str, dir_fd: int) -> None:
     """Remove ``name`` if it is there; a failure is logged, not raised (cleaning up)."""
     try:
