@@ -979,6 +979,7 @@ async def test_counting_sizes_leaves_access_times_alone(store: MaildirStore, mai
     assert {path: path.stat().st_atime_ns for path in messages} == stamps
 
 
+@pytest.mark.peer
 def test_sizes_are_counted_for_a_reader_who_does_not_own_the_messages(
     tmp_path: Path, maildir: Path
 ) -> None:
