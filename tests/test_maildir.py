@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -884,6 +885,135 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     assert b"".join(chunks) == message
     assert maildrop.messages.sizes == (wire_size(message),)
     assert maildrop.messages.uids == ("abc123",)
+
+
+def _many_messages(maildir: Path) -> dict[str, bytes]:
+    """More messages than make the store ask the file system, of every kind."""
+    messages = {
+        f"{number:04d}.M{number}.host": b"Subject: %d\n\n" % number + b"line\n" * (number % 7)
+        for number in range(maildir_module.ASK_FILE_SYSTEM_FROM)
+    }
+    # Longer than one read; CRLF already; no final newline; a ",S=" that
+    # says 3 (the file size in a name is a hint, the content decides).
+    messages["9001.M1.host"] = b"Subject: big\n\n" + b"x" * 99 + (b"\n" + b"y" * 99) * 3000 + b"\n"
+    messages["9002.M2.host"] = b"Subject: crlf\r\n\r\nbody\r\n"
+    messages["9003.M3.host"] = b"Subject: no newline\n\nlast"
+    messages["9004.M4.host,S=3"] = b"Subject: lies\n\nabcdef\n"
+    for name, content in messages.items():
+        (maildir / "new" / name).write_bytes(content)
+    return messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_sizes_are_exact_where_a_short_read_ends_a_file(
+    store: MaildirStore, maildir: Path
+) -> None:
+    """
+    RFC 1939 section 11: sizes with CRLF line endings.  On a local disk a
+    read returning less than asked is the end of the file, so a message read
+    whole in one go is not read again; sizes stay exact for every kind of
+    message, whatever its name says.
+    """
+    messages = _many_messages(maildir)
+    maildrop = await store.open("alice")
+    sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
+    await maildrop.close()
+    assert sizes == {name: wire_size(content) for name, content in messages.items()}
+    assert [sizes[unique] for unique in ("9001.M1.host", "9002.M2.host", "9003.M3.host")] == [
+        303117,
+        23,
+        29,  # the CRLF a server adds before the final dot counts (RFC 1939 section 11)
+    ]
+    assert sizes["9004.M4.host,S=3"] == 25
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_system_with_short_reads_is_read_to_the_end(
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    FUSE, 9p and some network file systems return short reads mid-file:
+    where the file system does not say otherwise, only an empty read ends a
+    message, and every size is exact (RFC 1939 section 11).
+    """
+    messages = _many_messages(maildir)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7)))
+    asked: list[int] = []
+
+    def like_fuse(directory_fd: int) -> bool:
+        asked.append(directory_fd)
+        return False
+
+    store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=like_fuse)
+    maildrop = await store.open("alice")
+    sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
+    await maildrop.close()
+    assert len(asked) == 1  # new/; cur/ holds nothing to count
+    assert sizes == {name: wire_size(content) for name, content in messages.items()}
+    assert sizes["9001.M1.host"] == 303117
+
+
+@pytest_twisted.ensureDeferred
+async def test_counting_sizes_leaves_access_times_alone(store: MaildirStore, maildir: Path) -> None:
+    """
+    The first login reads every message to learn its RFC 1939 size (section
+    11: CRLF line endings); that is the server's reading, not the user's: no
+    message's access time changes (O_NOATIME; a relatime mount would write
+    every inode again).
+    """
+    messages = {
+        maildir / "new" / "1.M1.host": b"Subject: one\n\nbody\n",
+        maildir / "cur" / "2.M2.host:2,S": b"Subject: two\r\n\r\nbody\r\nmore\n",
+    }
+    stamps = {}
+    for path, content in messages.items():
+        path.write_bytes(content)
+        info = path.stat()
+        # Older than the file: a relatime mount would update it on a read.
+        stamps[path] = info.st_mtime_ns - 3_600_000_000_000
+        os.utime(path, ns=(stamps[path], info.st_mtime_ns))
+    maildrop = await store.open("alice")
+    assert list(maildrop.messages.sizes) == [wire_size(m) for m in messages.values()] == [22, 28]
+    await maildrop.close()
+    assert {path: path.stat().st_atime_ns for path in messages} == stamps
+
+
+@pytest.mark.peer
+def test_sizes_are_counted_for_a_reader_who_does_not_own_the_messages(
+    tmp_path: Path, maildir: Path
+) -> None:
+    """
+    Only a file's owner (or a process with CAP_FOWNER) may read it without
+    touching its access time: a server that can read the Maildir but does
+    not own its messages still counts every size exactly (RFC 1939 section
+    11).  The server here is root without CAP_FOWNER (``setpriv``), the
+    messages belong to nobody.
+    """
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        reason = "reading as a non-owner needs root and setpriv (util-linux)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    contents = [b"Subject: one\n\nbody\n", b"Subject: two\n\n" + b"line\n" * 3000]
+    for number, content in enumerate(contents):
+        path = maildir / "new" / f"{number}.M{number}.host"
+        path.write_bytes(content)
+        shutil.chown(path, "nobody")
+    script = (
+        "from pop3d.stores.maildir import MaildirStore\n"
+        f"store = MaildirStore({str(tmp_path / '{user}')!r})\n"
+        "store.open('alice').addCallback(lambda drop: print(list(drop.messages.sizes)))\n"
+    )
+    result = subprocess.run(
+        [setpriv, "--bounding-set", "-fowner", "--", sys.executable, "-c", script],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout == b"[22, 18016]\n"
+    assert [wire_size(content) for content in contents] == [22, 18016]
 
 
 class TestListingAfterUpdate:

@@ -16,7 +16,14 @@ import pytest
 
 from pop3d.errors import MaildropLocked
 from pop3d.stores.mbox import DOTLOCK_STALE_SECONDS, MboxStore
-from pop3d.stores.posix import DotLock, LockOwner, ProcessLocks, open_directory, unavailable
+from pop3d.stores.posix import (
+    DotLock,
+    LockOwner,
+    ProcessLocks,
+    open_directory,
+    short_read_is_end,
+    unavailable,
+)
 from pop3d.wire import ResponseCode
 
 
@@ -146,3 +153,48 @@ def test_errors_that_need_an_administrator_are_permanent() -> None:
     assert unavailable("x", "/p", OSError(errno.EROFS, "ro")).code is ResponseCode.SYS_PERM
     assert unavailable("x", "/p", PermissionError(errno.EACCES, "no")).code is ResponseCode.SYS_PERM
     assert unavailable("x", "/p", OSError(errno.EIO, "io")).code is ResponseCode.SYS_TEMP
+
+
+def test_a_short_read_is_the_end_on_local_file_systems_only(tmp_path: Path, directory: int) -> None:
+    """
+    A directory's file system is found by its device in mountinfo: a short
+    read ends a file on a local disk, never on FUSE, 9p, NFS or overlay, nor
+    where the device is not listed or mountinfo cannot be read.
+    """
+    device = os.fstat(directory).st_dev
+    here = f"{os.major(device)}:{os.minor(device)}"
+
+    def mounted(*lines: str) -> str:
+        path = tmp_path / "mountinfo"
+        path.write_text("".join(line + "\n" for line in lines))
+        return str(path)
+
+    def entry(device: str, kind: str, optional: str = "shared:1") -> str:
+        return f"29 1 {device} / /srv/mail rw,relatime {optional} - {kind} /dev/x rw"
+
+    other = "0:999"
+    for kind, expected in [
+        ("ext4", True),
+        ("xfs", True),
+        ("tmpfs", True),
+        ("fuse.sshfs", False),
+        ("9p", False),
+        ("nfs4", False),
+        ("overlay", False),
+    ]:
+        assert short_read_is_end(directory, mounted(entry(here, kind))) is expected, kind
+    # Optional fields vary in number (none here): the type follows "-".
+    assert short_read_is_end(directory, mounted(entry(here, "ext4", optional="")))
+    # Every mount of the device must be local.
+    assert not short_read_is_end(
+        directory, mounted(entry(here, "ext4"), entry(here, "fuse.mergerfs"))
+    )
+    assert not short_read_is_end(directory, mounted(entry(other, "ext4")))
+    assert not short_read_is_end(directory, mounted("29 1 " + here + " / /x rw -"))
+    assert not short_read_is_end(directory, str(tmp_path / "no-such-mountinfo"))
+    # The real table: /proc is no disk.
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert not short_read_is_end(proc)
+    finally:
+        os.close(proc)

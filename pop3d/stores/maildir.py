@@ -77,8 +77,10 @@ from pop3d.stores.posix import (
     DIRECTORY_FLAGS,
     READ_FLAGS,
     SAFE_OPEN,
+    UNSEEN_READ_FLAGS,
     LockTable,
     exists,
+    short_read_is_end,
     unavailable,
     unlink_quietly,
 )
@@ -103,6 +105,10 @@ _READ_SIZE = 256 * 1024
 #: Descriptors of the new/ and cur/ directories of sessions reading messages,
 #: kept open between RETRs, at most this many per store (see `_OpenSubdirectories`).
 OPEN_SUBDIRECTORIES = 64
+#: From this many messages to count in a directory on, its file system is
+#: asked whether a short read is the end of a file (`short_read_is_end`,
+#: about as long as 100 one-octet reads): a read saved per message then.
+ASK_FILE_SYSTEM_FROM = 256
 #: Names one C-level call handles at once in a large listing: about a
 #: millisecond of holding the GIL, which the reactor thread waits for.
 STEP = 8192
@@ -346,6 +352,13 @@ class MaildirStore:
     Its maildrops keep the time of each message's first retrieval
     (`pop3d.stores.interfaces.IRetrievalTimes`, for EXPIRE) in the file
     `RETRIEVAL_TIMES` of the Maildir.
+
+    Counting sizes reads each message to its end.  Where
+    ``short_read_is_end`` (given a descriptor of ``new/`` or ``cur/``) says
+    that a read returning less than asked is the end of a file, as on local
+    disks (`pop3d.stores.posix.short_read_is_end`, the default), a message
+    read in one go needs no second read to show its end; elsewhere (FUSE,
+    9p, NFS) only an empty read is the end.
     """
 
     def __init__(
@@ -361,6 +374,7 @@ class MaildirStore:
         plan_inline: int = PLAN_INLINE_MESSAGES,
         settle_at_quit: int = SETTLE_AT_QUIT_MESSAGES,
         held_directories: int = OPEN_SUBDIRECTORIES,
+        short_read_is_end: Callable[[int], bool] = short_read_is_end,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -375,6 +389,7 @@ class MaildirStore:
         self.step = step
         self.plan_inline = plan_inline
         self.settle_at_quit = settle_at_quit
+        self.short_read_is_end = short_read_is_end
         self._listings = _ListingCache(listing_cache)
         self._subdirectories = _OpenSubdirectories(held_directories)
 
@@ -449,7 +464,7 @@ class MaildirStore:
         # In the thread too: 100,000 sizes take a tenth of a second.
         known = cached.sizes() if cached is not None else None
         messages, locations, inodes, to_save = _snapshot(
-            root, root_fd, self._naming, known, self.step
+            root, root_fd, self._naming, known, self.step, self.short_read_is_end
         )
         listing = _Listing(stamps, messages, locations, tuple(inodes))
         return listing, (_SizeUpdate(to_save, False) if to_save is not None else None)
@@ -893,6 +908,7 @@ def _snapshot(
     naming: _UIDLNaming,
     known_sizes: dict[str, tuple[int, int]] | None,
     step: int = STEP,
+    short_read_is_end: Callable[[int], bool] | None = None,
 ) -> tuple[MessageList, _Locations, list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
@@ -927,7 +943,12 @@ def _snapshot(
             todo = uncounted.get(subdirectory)
             if todo and directory_fd is not None:
                 path = os.path.join(root, subdirectory)
-                _count_sizes(path, directory_fd, todo, sizes)
+                at_end = (
+                    short_read_is_end is not None
+                    and len(todo) >= ASK_FILE_SYSTEM_FROM
+                    and short_read_is_end(directory_fd)
+                )
+                _count_sizes(path, directory_fd, todo, sizes, short_read_is_end=at_end)
                 counted = True
         missing = [unique for unique in ordered if unique not in sizes]
         for unique in missing:
@@ -1094,28 +1115,45 @@ def _count_sizes(
     directory_fd: int,
     messages: list[tuple[str, str, int]],
     sizes: dict[str, tuple[int, int]],
+    *,
+    short_read_is_end: bool = False,
 ) -> None:
     """
     Read and measure (unique name, file name, inode) messages of one
     directory into ``sizes``; a file gone meanwhile is left out.  (A tight
-    loop: the first login to a large Maildir reads every message.)
+    loop: the first login to a large Maildir reads every message.)  With
+    ``short_read_is_end`` (the directory's file system says so: see
+    `MaildirStore`), a read returning less than asked ends a message.
     """
     # Bound once: name lookups are a good part of the Python work per message.
     open_file, read, close = os.open, os.read, os.close
+    flags = UNSEEN_READ_FLAGS
     for unique, name, inode in messages:
         try:
-            fd = open_file(name, READ_FLAGS, dir_fd=directory_fd)
+            try:
+                fd = open_file(name, flags, dir_fd=directory_fd)
+            except PermissionError:
+                if flags == READ_FLAGS:
+                    raise
+                # Not the file's owner (EPERM for O_NOATIME, or really
+                # unreadable: then this fails again): as any reader does.
+                flags = READ_FLAGS
+                fd = open_file(name, flags, dir_fd=directory_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
             raise unavailable("cannot read message", os.path.join(path, name), error) from error
         try:
             first = read(fd, _READ_SIZE)
-            # Only an empty read is the end (see `_read_up_to`); one octet
-            # asked tells (no buffer of _READ_SIZE made for nothing).  The
-            # inode is the scan's: if the file was replaced since, the next
-            # scan shows another inode and counts it again.
-            more = read(fd, 1 if len(first) < _READ_SIZE else _READ_SIZE) if first else b""
+            # Only an empty read is the end (see `_read_up_to`), unless the
+            # file system says a short one is; else one octet asked tells
+            # (no buffer of _READ_SIZE made for nothing).  The inode is the
+            # scan's: if the file was replaced since, the next scan shows
+            # another inode and counts it again.
+            if len(first) < _READ_SIZE and short_read_is_end:
+                more = b""
+            else:
+                more = read(fd, 1 if len(first) < _READ_SIZE else _READ_SIZE) if first else b""
             if not more:
                 # Most messages: one read, LF line endings (`wire_size`).
                 if b"\r" not in first and first.endswith(b"\n"):

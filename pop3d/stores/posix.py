@@ -82,6 +82,13 @@ SAFE_OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: A file read.
 READ_FLAGS = os.O_RDONLY | SAFE_OPEN
+#: A file read by the server for itself (a message's size counted), not for
+#: a client: its access time is left alone.  Linux grants ``O_NOATIME`` to
+#: the file's owner and to root only (anyone else gets EPERM: open with
+#: `READ_FLAGS` then).  Without it, the first read of a file delivered or
+#: renamed since it was last read writes its inode (relatime): about half
+#: the kernel's time of counting a large Maildir (issue 14).
+UNSEEN_READ_FLAGS = READ_FLAGS | getattr(os, "O_NOATIME", 0)
 #: A new file of the server's, created or not at all (add the access mode).
 CREATE_FLAGS = os.O_CREAT | os.O_EXCL | SAFE_OPEN
 
@@ -221,6 +228,37 @@ def read_small_file(name: str, dir_fd: int, limit: int = 512) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+#: File systems on which a read(2) of a regular file returns fewer octets
+#: than asked only at the end of the file: local disks and memory.  Not FUSE,
+#: 9p, NFS or CIFS (which may return less mid-file), nor overlay (whose
+#: lower layers may be any of these).
+SHORT_READ_IS_END = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs"})
+
+
+def short_read_is_end(directory_fd: int, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """
+    Whether a read of a regular file of the directory ``directory_fd`` that
+    returns fewer octets than asked has reached the end of the file: the
+    directory's device is mounted (every mount of it, in ``mountinfo``) as
+    one of `SHORT_READ_IS_END`.  False when that cannot be told (no
+    ``/proc``, a device not listed, as a Btrfs subvolume's is not).
+    """
+    try:
+        device = os.fstat(directory_fd).st_dev
+        wanted = f"{os.major(device)}:{os.minor(device)}"
+        with open(mountinfo, "rb") as file:
+            lines = file.read().decode("utf-8", "surrogateescape").splitlines()
+    except OSError:
+        return False
+    kinds = set()
+    for line in lines:
+        # ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE ...
+        fields = line.split()
+        if len(fields) > 7 and fields[2] == wanted and "-" in fields[6:-1]:
+            kinds.add(fields[fields.index("-", 6) + 1])
+    return bool(kinds) and kinds <= SHORT_READ_IS_END
 
 
 def unlink_quietly(name: str, dir_fd: int) -> None:
