@@ -17,11 +17,13 @@ process is gone.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
@@ -49,6 +51,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from pop3d.protocol import describe_address
@@ -311,38 +314,93 @@ def worker_log_observer() -> ILogObserver:
     namespace and level.  So the workers' lines are in the parent's
     ``--logfile`` (or syslog, or standard output), in its format, written by
     one process.
+
+    While the reactor runs, the lines of one reactor turn go out together
+    (see `WorkerLogLines`).
     """
-    return _WorkerLogLines(sys.stdout)
+    # twistd calls this once it has installed the reactor: the worker's log
+    # is put together here, as its service is in makeService.
+    from twisted.internet import reactor
+
+    core = cast(IReactorCore, reactor)
+    lines = WorkerLogLines(
+        sys.stdout, cast(IReactorTime, reactor), lambda: core.running and isInIOThread()
+    )
+    # What the last turn kept, however the process ends: twistd stopped by
+    # a signal kills itself with it (no atexit), after the reactor stopped.
+    core.addSystemEventTrigger("after", "shutdown", lines.flush)
+    atexit.register(lines.flush)
+    return lines
 
 
 @implementer(ILogObserver)
-class _WorkerLogLines:
+class WorkerLogLines:
     """
     Writes each event as the few fields a log line is made of, its text
     already formatted (and a failure's traceback as text): a busy worker
     logs a few lines per session, and the parent reads every worker's, so
     neither side flattens or rebuilds whole events.
+
+    While ``keeping()`` (in the worker: the reactor runs and this is its
+    thread), lines are kept until the end of the reactor turn (a
+    ``callLater(0, ...)`` on ``clock``) and written together: one write, and
+    one wake-up of the parent, for all the sessions of a turn, where a write
+    per line cost a worker and the parent as much as the sessions' own work
+    in a login storm.  Otherwise (the thread pool logging, the reactor not
+    yet or no longer running) a line is written at once, after those kept
+    before it, so the order holds.  `flush` writes what is kept.
     """
 
-    def __init__(self, output: IO[str]) -> None:
+    def __init__(self, output: IO[str], clock: IReactorTime, keeping: Callable[[], bool]) -> None:
         self._output = output
+        self._clock = clock
+        self._keeping = keeping
+        self._kept: list[str] = []
+        self._flush_pending = False
+        # The thread pool logs too: one writer at a time, in order.
+        self._lock = threading.Lock()
 
     def __call__(self, event: LogEvent) -> None:
-        level = event.get("log_level")
-        record: dict[str, object] = {
-            "time": event.get("log_time"),
-            "namespace": event.get("log_namespace"),
-            "level": getattr(level, "name", None),
-            "text": formatEvent(event),
-        }
-        system = event.get("log_system")
-        if system is not None:
-            record["system"] = str(system)
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            record["traceback"] = failure.getTraceback()
-        self._output.write(json.dumps(record) + "\n")
-        self._output.flush()
+        line = _worker_line(event)
+        with self._lock:
+            self._kept.append(line)
+            if not self._keeping():
+                self._write_kept()
+                return
+            if self._flush_pending:
+                return
+            self._flush_pending = True
+        self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write the lines kept so far."""
+        with self._lock:
+            self._flush_pending = False
+            self._write_kept()
+
+    def _write_kept(self) -> None:
+        kept, self._kept = self._kept, []
+        if kept:
+            self._output.write("".join(kept))
+            self._output.flush()
+
+
+def _worker_line(event: LogEvent) -> str:
+    """The line of JSON `worker_event` reads back."""
+    level = event.get("log_level")
+    record: dict[str, object] = {
+        "time": event.get("log_time"),
+        "namespace": event.get("log_namespace"),
+        "level": getattr(level, "name", None),
+        "text": formatEvent(event),
+    }
+    system = event.get("log_system")
+    if system is not None:
+        record["system"] = str(system)
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record) + "\n"
 
 
 class _TracebackText:
