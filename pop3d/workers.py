@@ -392,7 +392,7 @@ def _worker_line(event: LogEvent) -> str:
         "time": event.get("log_time"),
         "namespace": event.get("log_namespace"),
         "level": getattr(level, "name", None),
-        "text": formatEvent(event),
+        "text": _event_text(event),
     }
     system = event.get("log_system")
     if system is not None:
@@ -401,6 +401,24 @@ def _worker_line(event: LogEvent) -> str:
     if isinstance(failure, Failure):
         record["traceback"] = failure.getTraceback()
     return json.dumps(record) + "\n"
+
+
+def _event_text(event: LogEvent) -> str:
+    """
+    ``formatEvent(event)``, the common case (a plain format string, no
+    ``{callable()}`` field) done by ``str.format_map``, which reads fields,
+    conversions and specs as twisted.logger does, at a tenth of the cost:
+    a busy worker formats two lines per session.  Anything else, or a
+    format that fails (twisted.logger then says so in the text), goes to
+    ``formatEvent``.
+    """
+    format = event.get("log_format")
+    if type(format) is str and "()" not in format and "log_flattened" not in event:
+        try:
+            return format.format_map(event)
+        except Exception:
+            return formatEvent(event)  # which says in the text what went wrong
+    return formatEvent(event)
 
 
 class _TracebackText:

@@ -302,3 +302,61 @@ def test_a_stopping_workers_last_log_lines_reach_the_parent(tmp_path: Path, laun
     assert status == -signal.SIGTERM, output
     assert output.count("] Main loop terminated.\n") == 3, output
     assert output.count("] Server Shut Down.\n") == 3, output
+
+
+class _Box:
+    name = "INBOX"
+
+
+@pytest.mark.parametrize(
+    ("log_format", "text"),
+    [
+        (
+            "{user!r} has {count:03d} in {box.name} at {places[0]}, {when}",
+            "'alice' has 007 in INBOX at here, {later}",
+        ),
+        ("called: {who()}", "called: the caller"),
+        ("", ""),
+    ],
+)
+def test_a_workers_line_has_the_text_twisted_logger_formats(log_format: str, text: str) -> None:
+    """Fields, conversions, specs, attributes, items and twisted.logger's ``{callable()}``."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    observer(
+        {
+            "log_format": log_format,
+            "user": "alice",
+            "count": 7,
+            "box": _Box(),
+            "places": ["here"],
+            "when": "{later}",
+            "who": lambda: "the caller",
+            "log_level": LogLevel.info,
+            "log_namespace": "pop3d.session.Session",
+            "log_time": 1796480000.0,
+        }
+    )
+    assert _texts_and_times(output.text()) == [(text, 1796480000.0)]
+
+
+def test_a_workers_line_that_cannot_be_formatted_says_so() -> None:
+    """As twisted.logger does: the line is kept, with what went wrong."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    observer(
+        {
+            "log_format": "login of {user}",
+            "log_level": LogLevel.info,
+            "log_namespace": "pop3d.session.Session",
+            "log_time": 1796480000.0,
+        }
+    )
+    assert _texts_and_times(output.text()) == [
+        (
+            "Unable to format event {'log_format': 'login of {user}', 'log_level': "
+            "<LogLevel=info>, 'log_namespace': 'pop3d.session.Session', "
+            "'log_time': 1796480000.0}: 'user'",
+            1796480000.0,
+        )
+    ]
