@@ -18,6 +18,7 @@ process is gone.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -344,9 +345,9 @@ class WorkerLogLines:
     While ``keeping()`` (in the worker: the reactor runs and this is its
     thread), lines are kept until the end of the reactor turn (a
     ``callLater(0, ...)`` on ``clock``) and written together: one write, and
-    one wake-up of the parent, for all the sessions of a turn, where a write
-    per line cost a worker and the parent as much as the sessions' own work
-    in a login storm.  Otherwise (the thread pool logging, the reactor not
+    one wake-up of the parent, for all the sessions of a turn (in a login
+    storm, a write per line woke the parent twice per session and cost it a
+    third of its CPU).  Otherwise (the thread pool logging, the reactor not
     yet or no longer running) a line is written at once, after those kept
     before it, so the order holds.  `flush` writes what is kept.
     """
@@ -358,7 +359,7 @@ class WorkerLogLines:
         self._kept: list[str] = []
         self._flush_pending = False
         # The thread pool logs too: one writer at a time, in order.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __call__(self, event: LogEvent) -> None:
         line = _worker_line(event)
@@ -381,8 +382,13 @@ class WorkerLogLines:
     def _write_kept(self) -> None:
         kept, self._kept = self._kept, []
         if kept:
-            self._output.write("".join(kept))
-            self._output.flush()
+            # The parent gone (the pipe closed), these lines have nowhere to
+            # go; the worker stops within PARENT_CHECK_INTERVAL.  Raised from
+            # the end of a turn, the error would be logged, kept, and raised
+            # again at the end of the next.
+            with contextlib.suppress(OSError):
+                self._output.write("".join(kept))
+                self._output.flush()
 
 
 def _worker_line(event: LogEvent) -> str:

@@ -360,3 +360,27 @@ def test_a_workers_line_that_cannot_be_formatted_says_so() -> None:
             1796480000.0,
         )
     ]
+
+
+class _ClosedPipe(io.StringIO):
+    """Standard output of a worker whose parent is gone."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_worker_whose_parent_is_gone_drops_its_lines_and_carries_on() -> None:
+    """
+    Nowhere to write: the lines are dropped, nothing is raised into the
+    session that logged or the reactor turn (which would log the error, to
+    be written at the end of the next turn, and so on) until the worker
+    sees that its parent is gone and stops.
+    """
+    clock = Clock()
+    in_turn = [True]
+    observer = WorkerLogLines(_ClosedPipe(), clock, keeping=lambda: in_turn[0])
+    observer(_session_line(0))
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    in_turn[0] = False
+    observer(_session_line(1))
