@@ -68,6 +68,9 @@ STOP_TIMEOUT = 10.0
 PARENT_CHECK_INTERVAL = 1.0
 #: The longest line of a worker's output held while its end is awaited.
 MAX_LOG_LINE = 1024 * 1024
+#: The shortest time between two writes of a busy worker's log lines to the
+#: parent (see `WorkerLogLines`): the longest a line waits.
+LOG_WRITE_INTERVAL = 0.02
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,7 @@ def worker_log_observer() -> ILogObserver:
     ``--logfile`` (or syslog, or standard output), in its format, written by
     one process.
 
-    While the reactor runs, the lines of one reactor turn go out together
+    While the reactor runs, the lines logged close together go out together
     (see `WorkerLogLines`).
     """
     # twistd calls this once it has installed the reactor: the worker's log
@@ -343,21 +346,32 @@ class WorkerLogLines:
     neither side flattens or rebuilds whole events.
 
     While ``keeping()`` (in the worker: the reactor runs and this is its
-    thread), lines are kept until the end of the reactor turn (a
-    ``callLater(0, ...)`` on ``clock``) and written together: one write, and
-    one wake-up of the parent, for all the sessions of a turn (in a login
-    storm, a write per line woke the parent twice per session and cost it a
-    third of its CPU).  Otherwise (the thread pool logging, the reactor not
-    yet or no longer running) a line is written at once, after those kept
-    before it, so the order holds.  `flush` writes what is kept.
+    thread), lines are kept and written together at the end of a reactor
+    turn, at most one write per ``interval`` seconds: a line logged after a
+    quiet spell goes out at the end of its turn, and a busy worker wakes the
+    parent once per ``interval`` for all its sessions (a write per line
+    woke it twice per session of a login storm).  Each worker's lines keep
+    their order; two workers' lines may reach the parent's log up to
+    ``interval`` out of time order.  Otherwise (the thread pool logging, the
+    reactor not yet or no longer running) a line is written at once, after
+    those kept before it.
+    `flush` writes what is kept.
     """
 
-    def __init__(self, output: IO[str], clock: IReactorTime, keeping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        output: IO[str],
+        clock: IReactorTime,
+        keeping: Callable[[], bool],
+        interval: float = LOG_WRITE_INTERVAL,
+    ) -> None:
         self._output = output
         self._clock = clock
         self._keeping = keeping
+        self._interval = interval
         self._kept: list[str] = []
         self._flush_pending = False
+        self._last_write = -interval
         # The thread pool logs too: one writer at a time, in order.
         self._lock = threading.RLock()
 
@@ -371,7 +385,8 @@ class WorkerLogLines:
             if self._flush_pending:
                 return
             self._flush_pending = True
-        self._clock.callLater(0, self.flush)
+            delay = max(0.0, self._last_write + self._interval - self._clock.seconds())
+        self._clock.callLater(delay, self.flush)
 
     def flush(self) -> None:
         """Write the lines kept so far."""
@@ -382,6 +397,7 @@ class WorkerLogLines:
     def _write_kept(self) -> None:
         kept, self._kept = self._kept, []
         if kept:
+            self._last_write = self._clock.seconds()
             # The parent gone (the pipe closed), these lines have nowhere to
             # go; the worker stops within PARENT_CHECK_INTERVAL.  Raised from
             # the end of a turn, the error would be logged, kept, and raised

@@ -243,7 +243,7 @@ def test_a_workers_lines_of_one_reactor_turn_go_to_the_parent_in_one_write() -> 
     write (one wake-up of the parent) when the turn ends.
     """
     output, clock = _Writes(), Clock()
-    observer = WorkerLogLines(output, clock, keeping=lambda: True)
+    observer = WorkerLogLines(output, clock, keeping=lambda: True, interval=0.02)
     for number in range(3):
         observer(_session_line(number))
     assert output.writes == []  # the turn is not over
@@ -253,12 +253,34 @@ def test_a_workers_lines_of_one_reactor_turn_go_to_the_parent_in_one_write() -> 
         (f"[s1] login: rip=127.0.0.1 method=USER user=user{number}", 1796480000.0 + number)
         for number in range(3)
     ]
+
+
+def test_a_busy_worker_writes_its_lines_once_per_interval() -> None:
+    """
+    Lines logged soon after a write wait for the interval to end, then go
+    together, in order; a line after a quiet spell goes at the end of its
+    turn.
+    """
+    output, clock = _Writes(), Clock()
+    observer = WorkerLogLines(output, clock, keeping=lambda: True, interval=0.02)
+    observer(_session_line(0))
+    clock.advance(0)
+    clock.advance(0.005)
+    observer(_session_line(1))
+    clock.advance(0)
+    observer(_session_line(2))
+    clock.advance(0.014)
+    assert len(output.writes) == 1  # 0.019 s after the first write
+    clock.advance(0.002)
+    assert len(output.writes) == 2
+    assert [text for text, _ in _texts_and_times(output.writes[1])] == [
+        "[s1] login: rip=127.0.0.1 method=USER user=user1",
+        "[s1] login: rip=127.0.0.1 method=USER user=user2",
+    ]
+    clock.advance(1)
     observer(_session_line(3))
     clock.advance(0)
-    assert len(output.writes) == 2
-    assert _texts_and_times(output.writes[1]) == [
-        ("[s1] login: rip=127.0.0.1 method=USER user=user3", 1796480003.0)
-    ]
+    assert len(output.writes) == 3
 
 
 def test_a_line_logged_outside_the_reactor_turn_is_written_at_once_after_those_kept() -> None:
