@@ -373,6 +373,8 @@ class WorkerLogLines:
         self._flush_pending = False
         self._last_write = -interval
         # The thread pool logs too: one writer at a time, in order.
+        # Re-entrant: a signal handler logs ("Received SIGTERM") wherever
+        # the main thread is, in here too.
         self._lock = threading.RLock()
 
     def __call__(self, event: LogEvent) -> None:

@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,30 @@ def test_a_worker_whose_parent_is_gone_drops_its_lines_and_carries_on() -> None:
     assert clock.getDelayedCalls() == []
     in_turn[0] = False
     observer(_session_line(1))
+
+
+def test_a_line_logged_while_a_line_is_being_logged_is_kept_after_it() -> None:
+    """
+    A signal handler ("Received SIGTERM, shutting down.") logs wherever the
+    worker's main thread is, also in the middle of logging a line: the
+    worker neither hangs there nor loses either line.
+    """
+    output, clock = _Writes(), Clock()
+    interrupted: list[bool] = []
+
+    def keeping() -> bool:
+        if not interrupted:
+            interrupted.append(True)
+            observer(_session_line(1))  # the signal arrives here
+        return True
+
+    observer = WorkerLogLines(output, clock, keeping=keeping)
+    logging = threading.Thread(target=observer, args=(_session_line(0),), daemon=True)
+    logging.start()
+    logging.join(PATIENCE)
+    assert not logging.is_alive(), "logging a line hung"
+    clock.advance(0)
+    assert [text for text, _ in _texts_and_times(output.text())] == [
+        "[s1] login: rip=127.0.0.1 method=USER user=user0",
+        "[s1] login: rip=127.0.0.1 method=USER user=user1",
+    ]
