@@ -6,17 +6,22 @@ workers; orphaned workers do not outlive their parent.
 
 from __future__ import annotations
 
+import io
 import os
 import poplib
 import re
 import select
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 
 from pop3d.testing import deliver_to_maildir
+from pop3d.workers import WorkerLogLines
 
 from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
 
@@ -152,9 +157,7 @@ def _sockets(pid: int) -> set[str]:
     return {link for link in links if link.startswith("socket:")}
 
 
-def test_a_workers_logged_failure_reaches_the_parents_log_whole(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_a_workers_logged_failure_reaches_the_parents_log_whole() -> None:
     """
     A worker's log line, as the parent writes it: the worker's time, level,
     namespace and text, and for a failure its traceback with the exception
@@ -163,9 +166,10 @@ def test_a_workers_logged_failure_reaches_the_parents_log_whole(
     from twisted.logger import LogLevel, formatEventAsClassicLogText
     from twisted.python.failure import Failure
 
-    from pop3d.workers import worker_event, worker_log_observer
+    from pop3d.workers import worker_event
 
-    observer = worker_log_observer()
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
     try:
         {}["missing"]
     except KeyError:
@@ -180,7 +184,7 @@ def test_a_workers_logged_failure_reaches_the_parents_log_whole(
             "log_time": 1796480000.0,
         }
     )
-    [line] = capsys.readouterr().out.encode().splitlines()
+    [line] = output.text().encode().splitlines()
     event = worker_event(line)
     assert event is not None
     assert event["log_time"] == 1796480000.0  # the worker's time, not the parent's
@@ -192,3 +196,241 @@ def test_a_workers_logged_failure_reaches_the_parents_log_whole(
     )
     assert "\tbuiltins.KeyError: 'missing'\n" in text
     assert worker_event(b"a line printed by a plug-in") is None
+
+
+class _Writes(io.StringIO):
+    """A worker's standard output that remembers each write it was given, flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._unflushed = ""
+
+    def write(self, text: str) -> int:
+        self._unflushed += text
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self._unflushed:
+            self.writes.append(self._unflushed)
+            self._unflushed = ""
+        super().flush()
+
+    def text(self) -> str:
+        return "".join(self.writes)
+
+
+def _session_line(number: int) -> dict[str, object]:
+    return {
+        "log_format": "[s1] login: {summary}",
+        "summary": f"rip=127.0.0.1 method=USER user=user{number}",
+        "log_level": LogLevel.info,
+        "log_namespace": "pop3d.session.Session",
+        "log_time": 1796480000.0 + number,
+    }
+
+
+def _texts_and_times(written: str) -> list[tuple[str, float]]:
+    from pop3d.workers import worker_event
+
+    events = [worker_event(line) for line in written.encode().splitlines()]
+    return [(event["log_text"], event["log_time"]) for event in events if event is not None]
+
+
+def test_a_workers_lines_of_one_reactor_turn_go_to_the_parent_in_one_write() -> None:
+    """
+    A busy worker logs a few lines per session, several sessions a turn:
+    they reach the parent whole and in order, with their own times, in one
+    write (one wake-up of the parent) when the turn ends.
+    """
+    output, clock = _Writes(), Clock()
+    observer = WorkerLogLines(output, clock, keeping=lambda: True, interval=0.02)
+    for number in range(3):
+        observer(_session_line(number))
+    assert output.writes == []  # the turn is not over
+    clock.advance(0)
+    assert len(output.writes) == 1
+    assert _texts_and_times(output.text()) == [
+        (f"[s1] login: rip=127.0.0.1 method=USER user=user{number}", 1796480000.0 + number)
+        for number in range(3)
+    ]
+
+
+def test_a_busy_worker_writes_its_lines_once_per_interval() -> None:
+    """
+    Lines logged soon after a write wait for the interval to end, then go
+    together, in order; a line after a quiet spell goes at the end of its
+    turn.
+    """
+    output, clock = _Writes(), Clock()
+    observer = WorkerLogLines(output, clock, keeping=lambda: True, interval=0.02)
+    observer(_session_line(0))
+    clock.advance(0)
+    clock.advance(0.005)
+    observer(_session_line(1))
+    clock.advance(0)
+    observer(_session_line(2))
+    clock.advance(0.014)
+    assert len(output.writes) == 1  # 0.019 s after the first write
+    clock.advance(0.002)
+    assert len(output.writes) == 2
+    assert [text for text, _ in _texts_and_times(output.writes[1])] == [
+        "[s1] login: rip=127.0.0.1 method=USER user=user1",
+        "[s1] login: rip=127.0.0.1 method=USER user=user2",
+    ]
+    clock.advance(1)
+    observer(_session_line(3))
+    clock.advance(0)
+    assert len(output.writes) == 3
+
+
+def test_a_line_logged_outside_the_reactor_turn_is_written_at_once_after_those_kept() -> None:
+    """
+    The thread pool, or a worker whose reactor has stopped (its last lines,
+    before twistd ends the process with the signal that stopped it), writes
+    at once: nothing is lost, and what the turn kept goes first.
+    """
+    output, clock = _Writes(), Clock()
+    in_turn = [True]
+    observer = WorkerLogLines(output, clock, keeping=lambda: in_turn[0])
+    observer(_session_line(0))
+    observer(_session_line(1))
+    in_turn[0] = False
+    observer(_session_line(2))
+    assert [text for text, _ in _texts_and_times(output.text())] == [
+        f"[s1] login: rip=127.0.0.1 method=USER user=user{number}" for number in range(3)
+    ]
+    clock.advance(0)  # the end of the turn finds nothing left to write
+    assert len(output.writes) == 1
+
+
+def test_flush_writes_what_the_turn_kept() -> None:
+    """What a worker calls when its reactor has stopped and when it exits."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: True)
+    observer(_session_line(0))
+    observer.flush()
+    assert len(_texts_and_times(output.text())) == 1
+
+
+def test_a_stopping_workers_last_log_lines_reach_the_parent(tmp_path: Path, launch: Launch) -> None:
+    """
+    SIGTERM: each worker's last lines, logged after its reactor stopped
+    (twistd then ends it with the signal, no exit handlers run), are in
+    the parent's log, as the parent's own are.
+    """
+    server, _, _ = _start_pool(launch, tmp_path, 2)
+    server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    status, output = server.wait_exit()  # type: ignore[attr-defined]
+    assert status == -signal.SIGTERM, output
+    assert output.count("] Main loop terminated.\n") == 3, output
+    assert output.count("] Server Shut Down.\n") == 3, output
+
+
+class _Box:
+    name = "INBOX"
+
+
+@pytest.mark.parametrize(
+    ("log_format", "text"),
+    [
+        (
+            "{user!r} has {count:03d} in {box.name} at {places[0]}, {when}",
+            "'alice' has 007 in INBOX at here, {later}",
+        ),
+        ("called: {who()}", "called: the caller"),
+        ("", ""),
+    ],
+)
+def test_a_workers_line_has_the_text_twisted_logger_formats(log_format: str, text: str) -> None:
+    """Fields, conversions, specs, attributes, items and twisted.logger's ``{callable()}``."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    observer(
+        {
+            "log_format": log_format,
+            "user": "alice",
+            "count": 7,
+            "box": _Box(),
+            "places": ["here"],
+            "when": "{later}",
+            "who": lambda: "the caller",
+            "log_level": LogLevel.info,
+            "log_namespace": "pop3d.session.Session",
+            "log_time": 1796480000.0,
+        }
+    )
+    assert _texts_and_times(output.text()) == [(text, 1796480000.0)]
+
+
+def test_a_workers_line_that_cannot_be_formatted_says_so() -> None:
+    """As twisted.logger does: the line is kept, with what went wrong."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    observer(
+        {
+            "log_format": "login of {user}",
+            "log_level": LogLevel.info,
+            "log_namespace": "pop3d.session.Session",
+            "log_time": 1796480000.0,
+        }
+    )
+    assert _texts_and_times(output.text()) == [
+        (
+            "Unable to format event {'log_format': 'login of {user}', 'log_level': "
+            "<LogLevel=info>, 'log_namespace': 'pop3d.session.Session', "
+            "'log_time': 1796480000.0}: 'user'",
+            1796480000.0,
+        )
+    ]
+
+
+class _ClosedPipe(io.StringIO):
+    """Standard output of a worker whose parent is gone."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_worker_whose_parent_is_gone_drops_its_lines_and_carries_on() -> None:
+    """
+    Nowhere to write: the lines are dropped, nothing is raised into the
+    session that logged or the reactor turn (which would log the error, to
+    be written at the end of the next turn, and so on) until the worker
+    sees that its parent is gone and stops.
+    """
+    clock = Clock()
+    in_turn = [True]
+    observer = WorkerLogLines(_ClosedPipe(), clock, keeping=lambda: in_turn[0])
+    observer(_session_line(0))
+    clock.advance(0)
+    assert clock.getDelayedCalls() == []
+    in_turn[0] = False
+    observer(_session_line(1))
+
+
+def test_a_line_logged_while_a_line_is_being_logged_is_kept_after_it() -> None:
+    """
+    A signal handler ("Received SIGTERM, shutting down.") logs wherever the
+    worker's main thread is, also in the middle of logging a line: the
+    worker neither hangs there nor loses either line.
+    """
+    output, clock = _Writes(), Clock()
+    interrupted: list[bool] = []
+
+    def keeping() -> bool:
+        if not interrupted:
+            interrupted.append(True)
+            observer(_session_line(1))  # the signal arrives here
+        return True
+
+    observer = WorkerLogLines(output, clock, keeping=keeping)
+    logging = threading.Thread(target=observer, args=(_session_line(0),), daemon=True)
+    logging.start()
+    logging.join(PATIENCE)
+    assert not logging.is_alive(), "logging a line hung"
+    clock.advance(0)
+    assert [text for text, _ in _texts_and_times(output.text())] == [
+        "[s1] login: rip=127.0.0.1 method=USER user=user0",
+        "[s1] login: rip=127.0.0.1 method=USER user=user1",
+    ]
