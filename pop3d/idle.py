@@ -58,7 +58,13 @@ class IdleTimeouts:
 
     def forget(self, connection: TimesOut) -> None:
         """``connection`` has no timeout any more (it closed)."""
-        self._deadlines.pop(connection, None)
+        deadlines = self._deadlines
+        deadlines.pop(connection, None)
+        call = self._call
+        if not deadlines and call is not None:
+            # Nothing left to wait for: no call is left behind in the reactor.
+            self._call = None
+            call.cancel()
 
     def _expire(self) -> None:
         self._call = None
