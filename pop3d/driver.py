@@ -205,8 +205,8 @@ class SessionDriver:
         "_metrics",
         "_policy",
         "_replies",
+        "_session_id",
         "_timer_started",
-        "log",
         "logged_in_at",
         "portal",
         "session",
@@ -233,8 +233,8 @@ class SessionDriver:
         self.portal = portal
         #: When the login succeeded (the clock's seconds), for ``pop3d who``.
         self.logged_in_at: float | None = None
-        #: Where this session's lines go, each with the session id.
-        self.log = SessionLogger(session_id or SESSION_IDS.next_id())
+        # Its logger is made when a line is written (`log`): an idle session keeps the id alone.
+        self._session_id = session_id or SESSION_IDS.next_id()
         self._policy = policy
         self._replies = replies
         self._clock = clock
@@ -257,6 +257,11 @@ class SessionDriver:
         self._metrics = metrics
         self._timer_started = 0.0
         self._login_timing: LoginTiming | None = None
+
+    @property
+    def log(self) -> SessionLogger:
+        """Where this session's lines go, each with the session id."""
+        return SessionLogger(self._session_id)
 
     # -- what the session asks of the portal (pop3d.session.Authentication) -------
 

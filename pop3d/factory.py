@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from pop3d.driver import Replies, SessionDriver
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
+from pop3d.idle import IdleTimeouts
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
 from pop3d.sasl import ISASLMechanism
 from pop3d.sasl.cram_md5 import CramMD5
@@ -110,6 +111,8 @@ class POP3Factory(Factory):
         self.languages = languages
         #: What the server counts (`pop3d.metrics.Metrics`), or None.
         self.metrics = metrics
+        # Every connection's inactivity timeout, in one timer.
+        self._idle_timeouts = IdleTimeouts(clock, timeout)
         #: The connections served (closed ones drop out), for a graceful stop.
         self.connections: weakref.WeakSet[POP3Protocol] = weakref.WeakSet()
 
@@ -150,13 +153,17 @@ class POP3Factory(Factory):
             )
 
         slot = _ConnectionSlot(self)
+        if self._idle_timeouts.period != self.timeout:
+            self._idle_timeouts = IdleTimeouts(self.clock, self.timeout)
         protocol = POP3Protocol(
             new_driver,
             clock=self.clock,
             timeout=self.timeout,
             tls=self.tls,
-            on_close=slot.closed,
+            # The slot itself, not a bound method (64 octets per session).
+            on_close=slot,
             admit=slot.admit,
+            idle_timeouts=self._idle_timeouts,
         )
         protocol.factory = self
         self.connections.add(protocol)
@@ -223,7 +230,8 @@ class _ConnectionSlot:
         self._host = link.host
         return None
 
-    def closed(self) -> None:
+    def __call__(self) -> None:
+        """The connection closed."""
         self._factory._closed(self._host)
 
 

@@ -23,7 +23,6 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
@@ -35,12 +34,12 @@ from twisted.protocols.basic import LineReceiver
 
 # Not re-exported by twisted.protocols.haproxy (see pop3d.tap).
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3d.driver import Replies, SessionDriver, unexpected_error
 from pop3d.errors import POP3Error
+from pop3d.idle import IdleTimeouts
 from pop3d.session import (
     Hangup,
     Link,
@@ -59,6 +58,7 @@ from pop3d.wire import (
     Status,
     Translator,
     format_multiline,
+    format_unique_status,
 )
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ Admit = Callable[[Link], bytes | None]
 
 
 @implementer(IHandshakeListener)
-class POP3Protocol(LineReceiver, TimeoutMixin):
+class POP3Protocol(LineReceiver):
     """
     Speaks POP3 for one `Session` (run by its `SessionDriver`) over one connection.
     """
@@ -152,14 +152,21 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         tls: ServerTLS | None = None,
         on_close: Callable[[], None] | None = None,
         admit: Admit | None = None,
+        idle_timeouts: IdleTimeouts | None = None,
     ) -> None:
+        """
+        ``timeout``: the inactivity autologout in seconds of ``clock`` (None:
+        never); ``idle_timeouts``, when given, keeps it, with those of the
+        other connections that have the same (see `pop3d.idle`).
+        """
         #: Runs the session: logins, stores, logging.
         self.driver = new_driver(self._link, self)
         self._on_close = on_close
         self._admit = admit
         self._tls = tls
-        self._clock = clock
-        self._timeout = timeout
+        if idle_timeouts is None:
+            idle_timeouts = IdleTimeouts(clock, timeout)
+        self._idle_timeouts = idle_timeouts
         self.phase = Phase.READING
         # Lines are held back while a reply is being produced (so that
         # pipelined commands are answered in order) and while the transport
@@ -188,9 +195,10 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         """Octets of client input held, not yet taken as lines (a partial line, pipelined ones)."""
         return len(self._buffer)
 
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        # TimeoutMixin's scheduling, on the injected clock.
-        return self._clock.callLater(period, func)
+    def resetTimeout(self) -> None:
+        """The client is active: the inactivity timeout starts again."""
+        if self.phase is not Phase.CLOSED:
+            self._idle_timeouts.touch(self)
 
     @property
     def _connection(self) -> _Transport:
@@ -248,8 +256,9 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
             # for an ACK (Nagle), or every small RETR costs a round trip.
             self._connection.setTcpNoDelay(True)
         self._connection.registerProducer(_OutputValve(self), True)
-        self.setTimeout(self._timeout)
-        self._connection.write(self.session.greeting().to_bytes())
+        self.resetTimeout()
+        # Unique to this connection (APOP's timestamp): not remembered.
+        self._connection.write(format_unique_status(self.session.greeting()))
 
     def handshakeCompleted(self) -> None:
         # IHandshakeListener: told by the TLS layer, of STLS or implicit TLS.
@@ -265,7 +274,7 @@ class POP3Protocol(LineReceiver, TimeoutMixin):
         self.phase = Phase.CLOSED
         if self._on_close is not None:
             self._on_close()
-        self.setTimeout(None)
+        self._idle_timeouts.forget(self)
         if self._stream is not None:
             self._stream.abandon()
         self.driver.connection_lost()

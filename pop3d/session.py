@@ -940,6 +940,7 @@ class Session:
             self._policy, self._user_policy = self._user_policy, None
         self.user = self._username.decode("utf-8", "replace")
         self._username = b""  # an idle session keeps only what it needs
+        self._apop_challenge = None  # APOP is over (RFC 1939 section 7: AUTHORIZATION only)
         self._bad_commands = 0
         # One line per session, when it ends (see EndSession).
         self.counters.method = self._login_method

@@ -385,6 +385,18 @@ def format_status(
     return line + CRLF
 
 
+def format_unique_status(status: Status) -> bytes:
+    """
+    ``status.to_bytes()`` for a line that is never sent twice (the greeting,
+    with its APOP timestamp), without remembering it: `format_status` would
+    keep up to 1,024 of them, each pushing out a reply that does repeat.
+    """
+    text = status.text
+    return format_status.__wrapped__(
+        status.ok, text if isinstance(text, str) else str(text), status.code
+    )
+
+
 def _printable(text: str) -> str:
     """Text restricted to printable ASCII, so it cannot break the framing."""
     if not (text.isascii() and text.isprintable()):

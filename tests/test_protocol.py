@@ -701,6 +701,31 @@ class TestTimeout:
         clock.advance(DEFAULT_TIMEOUT)
         assert wire.closed
 
+    def test_each_connection_times_out_after_its_own_last_command(
+        self, factory: POP3Factory, clock: Clock
+    ) -> None:
+        # The connections of one server share one timer: none may time out
+        # another's, or keep another alive, or go sooner or later than 600 s
+        # after its own last command.
+        first = Wire(factory)
+        clock.advance(100)
+        gone = Wire(factory)
+        clock.advance(100)
+        second = Wire(factory)
+        clock.advance(300)
+        first.command(b"CAPA")  # at 500: first's time starts again
+        gone.disconnect()
+        clock.advance(DEFAULT_TIMEOUT - 301)  # 799
+        assert not first.closed
+        assert not second.closed
+        clock.advance(1)  # 800: 600 s after second connected
+        assert second.closed
+        assert not first.closed
+        clock.advance(299)  # 1099
+        assert not first.closed
+        clock.advance(1)  # 1100: 600 s after first's CAPA
+        assert first.closed
+
 
 class TestPipelining:
     """RFC 2449 section 6.6: answers strictly in the order of the commands."""
