@@ -20,6 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
@@ -1172,3 +1173,191 @@ class TestListingAfterUpdate:
         assert list(maildrop.messages.uids)[:3] == uniques
         assert len(maildrop.messages) == 4
         maildrop.close()
+
+
+class TestChangeNotes:
+    """
+    ``--workers`` (issue 14): a QUIT in one process notes what it changed in
+    the Maildir (`pop3d.stores.maildir.CHANGE_NOTES`), so that another
+    process's next login brings its own listing up to date without reading
+    the 100,000 names of cur/ again; and nothing depends on the note.
+    """
+
+    @pytest.fixture
+    def threads(self) -> TimedClockThreads:
+        return TimedClockThreads(Clock())
+
+    @pytest.fixture
+    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """The directories read (``os.scandir`` of new/ or cur/), by name."""
+        scanned: list[str] = []
+        original = os.scandir
+
+        def recording(fd: int) -> Any:
+            scanned.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            return original(fd)
+
+        monkeypatch.setattr(os, "scandir", recording)
+        return scanned
+
+    def long_ago(self, maildir: Path, parts: tuple[str, ...] = ("new", "cur")) -> None:
+        """As if the directories last changed a minute ago (each call another time)."""
+        when = time.time_ns() - 60 * 10**9
+        for part in parts:
+            os.utime(maildir / part, ns=(when, when))
+
+    def stores(self, tmp_path: Path, threads: TimedClockThreads) -> tuple[MaildirStore, ...]:
+        """Two worker processes' stores on the same Maildirs, sharing their locks."""
+        first = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor, settle_at_quit=1)
+        second = MaildirStore(
+            f"{tmp_path}/{{user}}",
+            reactor=threads.as_reactor,
+            settle_at_quit=1,
+            locks=first.locks,
+        )
+        return first, second
+
+    def open(self, store: MaildirStore, threads: TimedClockThreads) -> Any:
+        maildrop = result_of(threads.clock, store.open("alice"))
+        assert not isinstance(maildrop, Failure), maildrop
+        return maildrop
+
+    def retrieve_and_quit(
+        self, maildrop: Any, threads: TimedClockThreads, maildir: Path, index: int, body: bytes
+    ) -> None:
+        """RETR one message, then QUIT; the renames settle while QUIT waits for them."""
+        read = result_of(threads.clock, maildrop.open_message(index))
+        assert read.read(100) == body  # type: ignore[union-attr]
+        read.close()  # type: ignore[union-attr]
+        marking = ISeenFlags(maildrop).mark_seen([index], range(len(maildrop.messages)))
+        done: list[object] = []
+        marking.addBoth(done.append)
+        settle(threads.clock)
+        self.long_ago(maildir)
+        threads.clock.advance(maildir_module.SETTLE_WAIT_SECONDS)
+        settle(threads.clock)
+        assert done == [None]
+        maildrop.close()
+
+    def test_another_process_reads_no_directory_after_a_quit(
+        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, scans: list[str]
+    ) -> None:
+        """
+        The second store listed the Maildir; the first one's session
+        retrieves a message and QUITs (moving every message from new/ to
+        cur/, flagging one seen).  The second store's next login lists them
+        all, in the same order with the same UIDLs (RFC 1939 section 7) and
+        sizes, and opens the moved message, reading neither new/ nor cur/.
+        After another such session and 5 deliveries, it reads new/ only.
+        """
+        first, second = self.stores(tmp_path, threads)
+        bodies = [b"%d\n" % n for n in range(6)]
+        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
+        self.long_ago(maildir)
+        self.open(second, threads).close()
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 2, bodies[2])
+        assert sorted(os.listdir(maildir / "new")) == []
+        assert (maildir / maildir_module.CHANGE_NOTES).is_file()
+        scans.clear()
+        maildrop = self.open(second, threads)
+        assert scans == []
+        assert list(maildrop.messages.uids) == uniques
+        assert list(maildrop.messages.sizes) == [3] * 6
+        read = result_of(threads.clock, maildrop.open_message(2))
+        assert read.read(100) == bodies[2]  # type: ignore[union-attr]
+        read.close()  # type: ignore[union-attr]
+        assert scans == []  # found where the note said it went
+        maildrop.close()
+
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 4, bodies[4])
+        later = [b"later %d\n" % n for n in range(5)]
+        uniques += [deliver_to_maildir(str(maildir), body) for body in later]
+        self.long_ago(maildir, ("new",))
+        scans.clear()
+        maildrop = self.open(second, threads)
+        assert scans == ["new"]
+        assert list(maildrop.messages.uids) == uniques
+        assert list(maildrop.messages.sizes) == [3] * 6 + [9] * 5
+        for index, body in ((4, bodies[4]), (8, later[2])):
+            read = result_of(threads.clock, maildrop.open_message(index))
+            assert read.read(100) == body  # type: ignore[union-attr]
+            read.close()  # type: ignore[union-attr]
+        assert scans == ["new"]
+        maildrop.close()
+        assert sorted(os.listdir(maildir / "cur")) == [
+            uniques[0] + ":2,",
+            uniques[1] + ":2,",
+            uniques[2] + ":2,S",
+            uniques[3] + ":2,",
+            uniques[4] + ":2,S",
+            uniques[5] + ":2,",
+        ]
+
+    @pytest.mark.parametrize(
+        "damage",
+        ["garbage", "cut short", "another version", "lying", "fifo", "directory", "symbolic link"],
+    )
+    def test_a_damaged_note_is_ignored_and_said_once(
+        self,
+        tmp_path: Path,
+        maildir: Path,
+        threads: TimedClockThreads,
+        scans: list[str],
+        damage: str,
+    ) -> None:
+        """
+        The note file is in the Maildir, which its owner can write: when it
+        is not a whole note of pop3d's (or not a regular file, or says what
+        is not so), the other store reads new/ and cur/ as it did without
+        notes and lists exactly what is there; the damage is logged once,
+        not at every login.  The next QUIT replaces the file, never writing
+        through a link.
+        """
+        first, second = self.stores(tmp_path, threads)
+        bodies = [b"%d\n" % n for n in range(4)]
+        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
+        self.long_ago(maildir)
+        self.open(second, threads).close()
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        notes = maildir / maildir_module.CHANGE_NOTES
+        text = notes.read_bytes()
+        assert text.startswith(b"pop3d-changes 1\n") and text.endswith(b"\nend\n")
+        notes.unlink()
+        elsewhere = tmp_path / "elsewhere"
+        if damage == "garbage":
+            notes.write_bytes(b"\x00\xff not a note \n")
+        elif damage == "cut short":
+            notes.write_bytes(text[: len(text) // 2])
+        elif damage == "another version":
+            notes.write_bytes(text.replace(b"pop3d-changes 1\n", b"pop3d-changes 9\n"))
+        elif damage == "lying":
+            # Well formed, but the files it says were renamed never were.
+            notes.write_bytes(text.replace(uniques[1].encode(), uniques[0].encode()))
+        elif damage == "fifo":
+            os.mkfifo(notes)
+        elif damage == "directory":
+            notes.mkdir()
+        else:
+            elsewhere.write_bytes(text)
+            notes.symlink_to(elsewhere)
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            for _ in range(2):
+                self.long_ago(maildir)  # a change the note does not lead to
+                scans.clear()
+                maildrop = self.open(second, threads)
+                assert {"cur", "new"} <= set(scans)
+                assert list(maildrop.messages.uids) == uniques
+                assert list(maildrop.messages.sizes) == [3] * 4
+                maildrop.close()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        said = [formatEvent(event) for event in events if maildir_module.CHANGE_NOTES in str(event)]
+        assert len(said) == (0 if damage == "lying" else 1), said
+        assert all(said_once.startswith(f"ignoring {notes}: ") for said_once in said)
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 2, bodies[2])
+        if damage == "symbolic link":
+            assert elsewhere.read_bytes() == text
+        if damage != "directory":
+            assert notes.read_bytes().startswith(b"pop3d-changes 1\n")

@@ -22,7 +22,11 @@ reads as, and which files exist afterwards:
   when the other program's change falls within the same tick of the file
   system's clock as the store's own (so the directories' times do not show
   it), nor when two stores (two ``--workers`` processes) serve the Maildir
-  in turn.
+  in turn, one bringing its listing up to date from what the other's QUIT
+  noted it changed (`pop3d.stores.maildir.CHANGE_NOTES`);
+- a message that has not moved since the session last saw it (when it
+  opened the maildrop, or read the message) opens with no directory read:
+  the listing says where each message is.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -49,11 +56,16 @@ from twisted.python.failure import Failure
 
 from pop3d.errors import MaildropLocked, MessageGone
 from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags
-from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
+from pop3d.stores.maildir import (
+    LISTING_CACHE_MESSAGES,
+    SETTLE_AT_QUIT_MESSAGES,
+    SETTLE_WAIT_SECONDS,
+    MaildirStore,
+)
 from pop3d.stores.posix import LockTable
 from pop3d.testing import deliver_to_maildir
 
-from .clock_threads import ClockThreads, result_of, settle
+from .clock_threads import ClockThreads, TimedClockThreads, result_of, settle
 from .test_session_model import (
     MESSAGES,
     PLACEMENTS,
@@ -66,6 +78,13 @@ from .test_session_model import (
 pytestmark = pytest.mark.slow
 
 MAILBOX = "carol"
+
+
+@contextmanager
+def directory_reads() -> Iterator[mock.Mock]:
+    """Counts the directories read meanwhile (calls of ``os.scandir``)."""
+    with mock.patch.object(os, "scandir", wraps=os.scandir) as scandir:
+        yield scandir
 
 
 def read_all(body: IMessageBody) -> bytes:
@@ -97,7 +116,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.root = tempfile.mkdtemp(prefix="pop3d-store-model-")
         self.maildir = os.path.join(self.root, MAILBOX)
         self.clock = Clock()
-        self.threads = ClockThreads(self.clock)
+        self.threads = TimedClockThreads(self.clock)
         self.store = MaildirStore(f"{self.root}/{{user}}")  # until make_store
         #: Another process's store (``--workers``), with a listing of its own.
         self.other_store: MaildirStore | None = None
@@ -107,19 +126,30 @@ class StoreMachine(RuleBasedStateMachine):
 
     @initialize(
         listing_cache=st.sampled_from([0, 2, LISTING_CACHE_MESSAGES]),
+        settle_at_quit=st.sampled_from([1, SETTLE_AT_QUIT_MESSAGES]),
         deliveries=st.lists(st.tuples(MESSAGES, PLACEMENTS), max_size=5),
     )
     def make_store(
-        self, listing_cache: int, deliveries: list[tuple[bytes, tuple[str, str]]]
+        self,
+        listing_cache: int,
+        settle_at_quit: int,
+        deliveries: list[tuple[bytes, tuple[str, str]]],
     ) -> None:
-        """With no listing cache, a tiny one, or the default; mail may be waiting."""
+        """
+        With no listing cache, a tiny one, or the default; QUIT waits for its
+        renames to settle (as for a large Maildir) or not; mail may be waiting.
+        """
         self.store = MaildirStore(
             f"{self.root}/{{user}}",
             reactor=self.threads.as_reactor,
             listing_cache=listing_cache,
+            settle_at_quit=settle_at_quit,
         )
         self.other_store = MaildirStore(
-            f"{self.root}/{{user}}", reactor=self.threads.as_reactor, locks=self.store.locks
+            f"{self.root}/{{user}}",
+            reactor=self.threads.as_reactor,
+            locks=self.store.locks,
+            settle_at_quit=settle_at_quit,
         )
         for content, placement in deliveries:
             self.deliver(content, placement)
@@ -170,8 +200,8 @@ class StoreMachine(RuleBasedStateMachine):
         Another program's change that leaves new/ and cur/ with the times they
         had, as a change within the same tick of a coarse clock does: only
         possible (and so only made) while that tick may still be running,
-        here while the times are less than 50 ms old (the store waits for
-        100 ms).
+        here for a directory whose time is less than 50 ms old (the store
+        waits for 100 ms).
         """
         root = Path(self.maildir)
         times = {part: (root / part).stat().st_mtime_ns for part in ("new", "cur")}
@@ -183,23 +213,33 @@ class StoreMachine(RuleBasedStateMachine):
             self.another_program_moves(which, "F")
         else:
             self.another_program_deletes(which)
-        if all(time.time_ns() - mtime < 50_000_000 for mtime in times.values()):
-            for part, mtime in times.items():
+        for part, mtime in times.items():
+            if time.time_ns() - mtime < 50_000_000:
                 os.utime(root / part, ns=(mtime, mtime))
 
     @precondition(lambda self: os.path.isdir(self.maildir))
     @rule()
     def time_passes(self) -> None:
-        """The Maildir settles: the store may trust what it listed before."""
+        """
+        The Maildir settles: the store may trust what it listed before.  A
+        directory changed lately gets a time long ago (each time another);
+        one that had settled keeps its time, as it would.
+        """
         self.moments += 1
-        let_time_pass(Path(self.maildir), self.moments)
+        root = Path(self.maildir)
+        recent = time.time_ns() - 10 * 10**9
+        if any((root / part).stat().st_mtime_ns > recent for part in ("new", "cur")):
+            let_time_pass(root, self.moments)
 
     # -- a session --------------------------------------------------------------
 
     @precondition(lambda self: self.opened is None)
-    @rule(in_another_process=st.booleans())
-    def open(self, in_another_process: bool) -> None:
+    @rule(in_another_process=st.booleans(), after_a_while=st.booleans())
+    def open(self, in_another_process: bool, after_a_while: bool) -> None:
+        """A session begins, in one store or the other, maybe once the Maildir settled."""
         existed = os.path.isdir(self.maildir)
+        if after_a_while and existed:
+            self.time_passes()
         store = self.other_store if in_another_process and self.other_store else self.store
         maildrop = result_of(self.clock, store.open(MAILBOX))
         assert IMaildrop.providedBy(maildrop), maildrop
@@ -227,7 +267,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.opened is not None
         index = which % len(self.opened.snapshot)
         message = self.opened.snapshot[index]
-        body = result_of(self.clock, self.opened.maildrop.open_message(index))
+        with directory_reads() as scans:
+            body = result_of(self.clock, self.opened.maildrop.open_message(index))
+        here = (message.subdirectory, message.file_name)
+        if self._on_disk(message) and here == self.opened.seen_at[index]:
+            assert scans.call_count == 0, "a message where the listing says was looked for"
         if not self._on_disk(message):
             assert isinstance(body, Failure) and body.check(MessageGone), body
             return
@@ -245,9 +289,17 @@ class StoreMachine(RuleBasedStateMachine):
         self.opened = None
 
     @precondition(lambda self: self.opened is not None)
-    @rule(doomed=st.sets(st.integers(0, 9)), retrieved=st.sets(st.integers(0, 9)))
-    def update(self, doomed: set[int], retrieved: set[int]) -> None:
-        """RFC 1939 section 6 as the session does it: remove, mark seen, close."""
+    @rule(
+        doomed=st.sets(st.integers(0, 9)),
+        retrieved=st.sets(st.integers(0, 9)),
+        time_passes_meanwhile=st.booleans(),
+    )
+    def update(self, doomed: set[int], retrieved: set[int], time_passes_meanwhile: bool) -> None:
+        """
+        RFC 1939 section 6 as the session does it: remove, mark seen, close.
+        Time may pass while QUIT waits for its renames to settle (and so
+        QUIT notes what it changed, for the other store).
+        """
         opened = self.opened
         assert opened is not None
         count = len(opened.snapshot)
@@ -260,12 +312,71 @@ class StoreMachine(RuleBasedStateMachine):
             gone = opened.snapshot[index]
             self.disk = [message for message in self.disk if message is not gone]
         seen_flags = ISeenFlags(opened.maildrop)
-        marked = result_of(self.clock, seen_flags.mark_seen(sorted(retrieved), kept))
-        assert marked is None, marked
+        marked: list[object] = []
+        seen_flags.mark_seen(sorted(retrieved), kept).addBoth(marked.append)
+        settle(self.clock)
+        if time_passes_meanwhile and os.path.isdir(self.maildir):
+            self.time_passes()
+        self.clock.advance(SETTLE_WAIT_SECONDS)
+        settle(self.clock)
+        assert marked == [None], marked
         for index in kept:
             self._mark(opened, index, index in retrieved)
         opened.maildrop.close()
         self.opened = None
+
+    @precondition(lambda self: self.opened is None and os.path.isdir(self.maildir))
+    @rule(
+        quitting_in_another_process=st.booleans(),
+        # Half the time nothing between: the note is then all that changed.
+        between=st.one_of(
+            st.just(""), st.sampled_from(["deliver", "deliver to cur", "move", "delete"])
+        ),
+        content=MESSAGES,
+        which=st.integers(0, 20),
+        doomed=st.sets(st.integers(0, 9)),
+        retrieved=st.sets(st.integers(0, 9)),
+        time_passes_meanwhile=st.booleans(),
+        afterwards=st.sampled_from(["", "deliver", "deliver to cur", "move", "delete"]),
+        reads=st.booleans(),
+    )
+    def sessions_in_both_processes(
+        self,
+        quitting_in_another_process: bool,
+        between: str,
+        content: bytes,
+        which: int,
+        doomed: set[int],
+        retrieved: set[int],
+        time_passes_meanwhile: bool,
+        afterwards: str,
+        reads: bool,
+    ) -> None:
+        """
+        ``--workers``: one process lists the settled Maildir and its session
+        ends; another program may change the Maildir; then a session in the
+        other process QUITs (its renames may settle while QUIT waits), and
+        another program may change the Maildir right after, within the same
+        tick.  Then a session begins in the first process (and may read
+        every message): it may bring its listing up to date from what that
+        QUIT noted, if that is all that changed since it listed it.
+        """
+        self.open(in_another_process=not quitting_in_another_process, after_a_while=True)
+        self.close()
+        if between.startswith("deliver"):
+            self.deliver(content, ("cur", ":2,") if between == "deliver to cur" else ("new", ""))
+        elif between == "move" and self.disk:
+            self.another_program_moves(which, "F")
+        elif between == "delete" and self.disk:
+            self.another_program_deletes(which)
+        self.open(in_another_process=quitting_in_another_process, after_a_while=True)
+        self.update(doomed, retrieved, time_passes_meanwhile)
+        if afterwards:
+            self.another_program_within_the_same_tick(afterwards, content, which)
+        self.open(in_another_process=not quitting_in_another_process, after_a_while=False)
+        assert self.opened is not None
+        for index in range(len(self.opened.snapshot)) if reads else ():
+            self.read(index)
 
     def _mark(self, opened: Opened, index: int, retrieved: bool) -> None:
         """What mark_seen does to one kept message (see the module docstring)."""

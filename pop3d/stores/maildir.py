@@ -31,6 +31,7 @@ name and inode, in memory and in the file ``pop3d-sizes`` of the Maildir.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import itertools
@@ -392,6 +393,7 @@ class MaildirStore:
         self.short_read_is_end = short_read_is_end
         self._listings = _ListingCache(listing_cache)
         self._subdirectories = _OpenSubdirectories(held_directories)
+        self._notes = _ChangeNotes()
 
     def path_for(self, mailbox: str) -> str | None:
         return expand_template(self.template, mailbox)
@@ -458,7 +460,7 @@ class MaildirStore:
         have changed (see `_refresh`), else everything read again.
         """
         if cached is not None and self._incremental(cached, stamps):
-            refreshed = _refresh(root, root_fd, cached, stamps)
+            refreshed = _refresh(root, root_fd, cached, stamps, self._notes)
             if refreshed is not None:
                 return refreshed
         # In the thread too: 100,000 sizes take a tenth of a second.
@@ -554,21 +556,36 @@ _SizesToSave = _SizeUpdate | None
 
 
 def _refresh(
-    root: str, root_fd: int, cached: _Listing, stamps: _Stamps
+    root: str,
+    root_fd: int,
+    cached: _Listing,
+    stamps: _Stamps,
+    notes: _ChangeNotes | None = None,
 ) -> tuple[_Listing, _SizesToSave] | None:
     """
     ``cached`` brought up to date with what new/ and cur/ hold now (their
     stamps taken before this reads them: ``stamps``), reading only the ones
-    whose stamp is not the one it was read under; None where only a full
+    whose stamp is not the one it was read under, and of those only the
+    ones ``notes`` do not say how they changed; None where only a full
     read can tell (see above).
     """
+    untrusted = [part for part in range(2) if not cached.stamps.trusted(stamps, part)]
+    noted: dict[str, tuple[dict[str, int], list[tuple[str, str, int]]]] = {}
+    if notes is not None and any(cached.stamps.settled[part] for part in untrusted):
+        # Another process's QUIT may have noted what it changed: then that
+        # directory is not read (see `CHANGE_NOTES`).  A note never costs a
+        # login: whatever goes wrong, the directories are read.
+        try:
+            noted = _changes_from_notes(notes.read(root, root_fd), cached, stamps, untrusted)
+        except Exception:
+            log.failure("reading {path} failed", path=os.path.join(root, CHANGE_NOTES))
     reread = {
-        subdirectory: dict(_entries(root, root_fd, subdirectory))
-        for part, subdirectory in enumerate(_PARTS[:2])
-        if not cached.stamps.trusted(stamps, part)
+        _PARTS[part]: dict(_entries(root, root_fd, _PARTS[part]))
+        for part in untrusted
+        if _PARTS[part] not in noted
     }
     counted: dict[str, tuple[int, int]] = {}
-    listing = _apply(root, root_fd, cached, reread, counted) if reread else cached
+    listing = _apply(root, root_fd, cached, reread, counted, noted) if reread or noted else cached
     if listing is None:
         return None
     listing = _Listing(stamps, listing.messages, listing.locations, listing.inodes)
@@ -644,11 +661,13 @@ def _apply(
     listing: _Listing,
     reread: dict[str, dict[str, int]],
     counted: dict[str, tuple[int, int]],
+    noted: Mapping[str, tuple[dict[str, int], list[tuple[str, str, int]]]] | None = None,
 ) -> _Listing | None:
     """
     ``listing`` with what the ``reread`` subdirectories hold now (file name
-    -> inode); sizes read meanwhile are added to ``counted``.  None if only
-    a full read can tell.
+    -> inode), and the changes ``noted`` of others (what `_compare` would
+    find there: see `_changes_from_notes`); sizes read meanwhile are added
+    to ``counted``.  None if only a full read can tell.
     """
     subdirectories = listing.locations.subdirectories
     names = listing.locations.names
@@ -659,6 +678,9 @@ def _apply(
     for subdirectory, entries in reread.items():
         here = _positions(subdirectories, subdirectory)
         _compare(subdirectory, here, listing, entries, gone_at, came)
+    for noted_gone, noted_came in (noted or {}).values():
+        gone_at.update(noted_gone)
+        came.extend(noted_came)
     if not gone_at and not came:
         return listing
     moved: dict[int, tuple[str, str, int]] = {}
@@ -753,6 +775,344 @@ def _apply(
         )
     locations = _Locations(tuple(kept_subdirectories), tuple(kept_names))
     return _Listing(listing.stamps, messages, locations, tuple(kept_inodes))
+
+
+# -- notes of what a QUIT changed, for the other processes ---------------------
+#
+# With ``--workers``, each process keeps its own listing of a Maildir.  When
+# a session in one of them QUITs (renaming messages from new/ to cur/ and
+# flagging them seen), the listing another process keeps no longer matches
+# cur/'s stamp, and reading 100,000 names again to find the few that changed
+# takes 0.1-0.3 s.  So the QUIT that verified its changes (it reads new/ and
+# cur/ again, see `_Maildrop._bring_listing_up_to_date`) also writes them
+# down, directory by directory, in the state file `CHANGE_NOTES` of the
+# Maildir: "new/ (or cur/) went from stamp A to stamp B by losing these files
+# and gaining those".  Another process whose listing of that directory was
+# read under A (settled) and that finds it at B now applies the change
+# instead of reading the directory; several notes in a row are followed one
+# after the other.  A file in the Maildir works across processes, restarts
+# and servers sharing it; the maildrop's lock keeps its writers one at a
+# time; it is replaced whole (`_replace_state_file`).
+#
+# Correctness never depends on a note: a stamp identifies what a directory
+# holds only once it has settled (see `_take_stamps`), so a note is written
+# only for a directory whose stamps before and after had both settled, and
+# used only from a listing whose stamp had settled too; a directory whose
+# chain of notes does not lead to its stamp now, a note whose files are not
+# where the listing has them, and a note file that is damaged or not
+# pop3d's are read the usual way.
+
+#: Where QUITs note what they changed (see above).
+CHANGE_NOTES = "pop3d-changes"
+_CHANGE_NOTES_HEADER = "pop3d-changes 1"
+#: Notes kept in the file, the most recent ones, over both directories.
+MAX_CHANGE_NOTES = 16
+#: A QUIT that changed more files than this in one directory notes nothing
+#: for it (a reader would spend about what reading the directory costs).
+MAX_NOTED_FILES = 2000
+_MAX_CHANGE_NOTES_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _ChangeNote:
+    """
+    What one QUIT did to one of new/ and cur/: the directory had the
+    (inode, modification time) ``before``, then ``after`` (both settled),
+    and lost the files ``removed`` and gained ``added`` in between, each
+    as (file name, inode).
+    """
+
+    subdirectory: str
+    before: tuple[int, int]
+    after: tuple[int, int]
+    removed: tuple[tuple[str, int], ...]
+    added: tuple[tuple[str, int], ...]
+
+
+def _changes_made(
+    base: _Listing,
+    locations: Sequence[Location],
+    removed: AbstractSet[int],
+    recorded: _Listing,
+    verified: _Listing,
+) -> list[_ChangeNote]:
+    """
+    Notes of what a session did to the Maildir it listed as ``base``: it
+    removed the messages at positions ``removed`` and left the others at
+    ``locations`` (renamed by its QUIT, or found moved), which gave the
+    listing ``recorded``.  ``verified`` is what new/ and cur/ held when
+    read again after that.  Nothing if they differ (another program
+    changed the Maildir meanwhile: its change is not known file by file),
+    and nothing for a directory whose stamps had not settled.
+    """
+    if not (
+        verified.inodes == recorded.inodes
+        and verified.locations.names == recorded.locations.names
+        and verified.locations.subdirectories == recorded.locations.subdirectories
+    ):
+        return []
+    parts = [
+        part
+        for part in range(2)
+        if base.stamps.settled[part]
+        and verified.stamps.settled[part]
+        and base.stamps.parts[part] is not None
+        and verified.stamps.parts[part] is not None
+        and base.stamps.parts[part] != verified.stamps.parts[part]
+    ]
+    if not parts:
+        return []
+    before_subdirectories = base.locations.subdirectories
+    before_names = base.locations.names
+    if isinstance(locations, _Locations):
+        subdirectories, names = locations.subdirectories, locations.names
+    else:
+        subdirectories, names = (
+            (tuple(column) for column in zip(*locations, strict=True)) if locations else ((), ())
+        )
+    count = range(len(before_names))
+    # Column operations in C: a QUIT on 100,000 messages renames a few.
+    changed = set(itertools.compress(count, map(operator.ne, before_names, names)))
+    changed.update(
+        itertools.compress(count, map(operator.ne, before_subdirectories, subdirectories))
+    )
+    changed.update(removed)
+    gone: dict[str, list[tuple[str, int]]] = {"new": [], "cur": []}
+    came: dict[str, list[tuple[str, int]]] = {"new": [], "cur": []}
+    for at in sorted(changed):
+        inode = base.inodes[at]
+        gone[before_subdirectories[at]].append((before_names[at], inode))
+        if at not in removed:
+            came[subdirectories[at]].append((names[at], inode))
+    notes = []
+    for part in parts:
+        subdirectory = _PARTS[part]
+        files = gone[subdirectory] + came[subdirectory]
+        if len(files) > MAX_NOTED_FILES or any("\t" in name or "\n" in name for name, _ in files):
+            continue
+        before, after = base.stamps.parts[part], verified.stamps.parts[part]
+        assert before is not None and after is not None
+        notes.append(
+            _ChangeNote(
+                subdirectory, before, after, tuple(gone[subdirectory]), tuple(came[subdirectory])
+            )
+        )
+    return notes
+
+
+class _ChangeNotes:
+    """
+    Reading and writing `CHANGE_NOTES` (in the thread pool).  A file that
+    cannot be understood is ignored, and said once per file (its inode and
+    time) and store; a later QUIT replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._complained: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+
+    def read(self, root: str, root_fd: int) -> list[_ChangeNote]:
+        """The notes of a Maildir, oldest first; none if there are none to trust."""
+        try:
+            fd, size = _open_regular(CHANGE_NOTES, root_fd)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            self._complain(root, (0, 0), f"cannot open it: {error}")
+            return []
+        try:
+            info = os.fstat(fd)
+            stamp = (info.st_ino, info.st_mtime_ns)
+            if size > _MAX_CHANGE_NOTES_SIZE:
+                self._complain(root, stamp, "it is too large")
+                return []
+            data = _read_up_to(fd, _MAX_CHANGE_NOTES_SIZE + 1)
+        except OSError as error:
+            self._complain(root, (0, 0), f"cannot read it: {error}")
+            return []
+        finally:
+            os.close(fd)
+        notes = _parse_change_notes(data)
+        if notes is None:
+            self._complain(root, stamp, "it is not pop3d's, or damaged")
+            return []
+        return notes
+
+    def add(self, root: str, root_fd: int, notes: list[_ChangeNote]) -> None:
+        """Keep ``notes`` after the most recent ones; a failure is logged, nothing more."""
+        kept = (self.read(root, root_fd) + notes)[-MAX_CHANGE_NOTES:]
+        text = _format_change_notes(kept)
+        while len(text) > _MAX_CHANGE_NOTES_SIZE and len(kept) > 1:
+            kept = kept[1:]  # no larger than a reader accepts
+            text = _format_change_notes(kept)
+        try:
+            _replace_state_file(root_fd, CHANGE_NOTES, [text])
+        except OSError as error:
+            log.info("not noting changes in {root}: {error}", root=root, error=error)
+
+    def _complain(self, root: str, stamp: tuple[int, int], why: str) -> None:
+        key = (root, *stamp)
+        if key in self._complained:
+            return
+        self._complained[key] = None
+        if len(self._complained) > 1000:
+            self._complained.popitem(last=False)
+        path = os.path.join(root, CHANGE_NOTES)
+        log.warn("ignoring {path}: {why}", path=path, why=why)
+
+
+def _format_change_notes(notes: list[_ChangeNote]) -> bytes:
+    lines = [_CHANGE_NOTES_HEADER]
+    for note in notes:
+        lines.append(
+            "\t".join(
+                map(
+                    str,
+                    (
+                        "note",
+                        note.subdirectory,
+                        *note.before,
+                        *note.after,
+                        len(note.removed),
+                        len(note.added),
+                    ),
+                )
+            )
+        )
+        lines.extend(f"{name}\t{inode}" for name, inode in note.removed + note.added)
+    lines.append("end")
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _parse_change_notes(data: bytes) -> list[_ChangeNote] | None:
+    """The notes in a `CHANGE_NOTES` file; None unless all of it is pop3d's, whole."""
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    if lines[0] != _CHANGE_NOTES_HEADER or lines[-2:] != ["end", ""]:
+        return None
+    notes: list[_ChangeNote] = []
+    at = 1
+    end = len(lines) - 2
+    while at < end:
+        fields = lines[at].split("\t")
+        if (
+            len(fields) != 8
+            or fields[0] != "note"
+            or fields[1] not in ("new", "cur")
+            or not all(map(_is_number, fields[2:]))
+        ):
+            return None
+        numbers = [int(field) for field in fields[2:]]
+        removed, added = numbers[4], numbers[5]
+        files: list[tuple[str, int]] = []
+        for line in lines[at + 1 : at + 1 + removed + added]:
+            name, tab, inode = line.partition("\t")
+            if not tab or not name or not _is_number(inode):
+                return None
+            files.append((name, int(inode)))
+        if len(files) != removed + added:
+            return None
+        notes.append(
+            _ChangeNote(
+                fields[1],
+                (numbers[0], numbers[1]),
+                (numbers[2], numbers[3]),
+                tuple(files[:removed]),
+                tuple(files[removed:]),
+            )
+        )
+        at += 1 + removed + added
+    return notes if at == end else None
+
+
+def _follow_notes(
+    notes: list[_ChangeNote], subdirectory: str, start: tuple[int, int], goal: tuple[int, int]
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]] | None:
+    """
+    The files ``subdirectory`` lost and gained going from stamp ``start``
+    to ``goal``, following ``notes`` one after the other; None if they do
+    not lead there.
+    """
+    removed: set[tuple[str, int]] = set()
+    added: set[tuple[str, int]] = set()
+    stamp = start
+    for _ in range(len(notes)):
+        note = next(
+            (
+                note
+                for note in reversed(notes)
+                if note.subdirectory == subdirectory and note.before == stamp
+            ),
+            None,
+        )
+        if note is None:
+            return None
+        for entry in note.removed:
+            if entry in added:
+                added.discard(entry)
+            else:
+                removed.add(entry)
+        for entry in note.added:
+            if entry in removed:
+                removed.discard(entry)
+            else:
+                added.add(entry)
+        stamp = note.after
+        if stamp == goal:
+            return removed, added
+    return None
+
+
+def _noted_changes(
+    listing: _Listing,
+    subdirectory: str,
+    removed: set[tuple[str, int]],
+    added: set[tuple[str, int]],
+) -> tuple[dict[str, int], list[tuple[str, str, int]]] | None:
+    """
+    What `_compare` would find in ``subdirectory`` after it lost
+    ``removed`` and gained ``added`` (see there), found by looking up each
+    removed file in the listing (which is in unique-name order) rather than
+    comparing every file; None if one is not where the listing has it.
+    """
+    names = listing.locations.names
+    subdirectories = listing.locations.subdirectories
+    gone_at: dict[str, int] = {}
+    for name, inode in removed:
+        unique = _unique_name(name)
+        at = bisect.bisect_left(names, unique, key=_unique_name)
+        if not (
+            at < len(names)
+            and names[at] == name
+            and subdirectories[at] == subdirectory
+            and listing.inodes[at] == inode
+        ):
+            return None
+        gone_at[unique] = at
+    came = [(subdirectory, name, inode) for name, inode in sorted(added)]
+    return gone_at, came
+
+
+def _changes_from_notes(
+    notes: list[_ChangeNote], cached: _Listing, stamps: _Stamps, parts: list[int]
+) -> dict[str, tuple[dict[str, int], list[tuple[str, str, int]]]]:
+    """
+    For each of ``parts`` (new/, cur/) whose stamp in ``cached`` had settled
+    and whose notes lead from it to its stamp now (settled too: a note is
+    only written for settled stamps): what changed in it, as `_compare`
+    finds it.
+    """
+    found: dict[str, tuple[dict[str, int], list[tuple[str, str, int]]]] = {}
+    for part in parts:
+        start, goal = cached.stamps.parts[part], stamps.parts[part]
+        if not cached.stamps.settled[part] or start is None or goal is None:
+            continue
+        subdirectory = _PARTS[part]
+        followed = _follow_notes(notes, subdirectory, start, goal)
+        if followed is None:
+            continue
+        changes = _noted_changes(cached, subdirectory, *followed)
+        if changes is not None:
+            found[subdirectory] = changes
+    return found
 
 
 def _settling_delay(directory: _Directory) -> float | None:
@@ -1663,7 +2023,9 @@ class _Maildrop:
             if recorded is None:
                 return None
             with directory.opened() as root_fd:
-                return store._read(directory.path, root_fd, _take_stamps(root_fd), recorded)
+                result = store._read(directory.path, root_fd, _take_stamps(root_fd), recorded)
+                self._note_changes(root_fd, recorded, result[0])
+                return result
 
         def keep(result: tuple[_Listing, _SizesToSave] | None) -> None:
             if result is not None and store._cached(directory.path) is self._listing:
@@ -1717,6 +2079,22 @@ class _Maildrop:
             (False, False, base.stamps.settled[uidlist]),
         )
         return _Listing(stamps, messages, _Locations(subdirectories, names), inodes)
+
+    def _note_changes(self, root_fd: int, recorded: _Listing, verified: _Listing) -> None:
+        """
+        For the other processes: what this session changed, once new/ and
+        cur/ read again (``verified``) show that it is all that changed (see
+        `CHANGE_NOTES`).  A failure costs them a read, and is only logged.
+        """
+        base, store = self._listing, self._store
+        if base is None or not store._incremental(base, verified.stamps):
+            return
+        try:
+            notes = _changes_made(base, self._locations, self._removed, recorded, verified)
+            if notes:
+                store._notes.add(self.root, root_fd, notes)
+        except Exception:
+            log.failure("noting changes in {root} failed", root=self.root)
 
     def record_retrievals(
         self, retrieved: Sequence[int], now: float
