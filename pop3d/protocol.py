@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ISSLTransport,
     ITCPTransport,
+    IWriteDescriptor,
 )
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -184,6 +185,10 @@ class POP3Protocol(LineReceiver):
         self._handshake_done = False
         self._known_link: Link | None = None
         self._closed_waiters: list[Deferred[None]] | None = None
+        # Replies written since the transport was last told to send, and
+        # how deep in dataReceived we are (its replies leave at its end).
+        self._unsent = False
+        self._receiving = 0
 
     @property
     def session(self) -> Session:
@@ -259,6 +264,7 @@ class POP3Protocol(LineReceiver):
         self.resetTimeout()
         # Unique to this connection (APOP's timestamp): not remembered.
         self._connection.write(format_unique_status(self.session.greeting()))
+        self._send_now()
 
     def handshakeCompleted(self) -> None:
         # IHandshakeListener: told by the TLS layer, of STLS or implicit TLS.
@@ -379,12 +385,19 @@ class POP3Protocol(LineReceiver):
             if self._held_input > MAX_HELD_INPUT:
                 self._reading_paused = True
                 self._connection.pauseProducing()
-        super().dataReceived(data)
-        # LineReceiver stops at an overlong line and hands us everything it
-        # had buffered; what followed the overlong line is fed back here.
-        while self._after_long_line and self.phase in _OPEN:
-            rest, self._after_long_line = self._after_long_line, b""
-            super().dataReceived(rest)
+        self._receiving += 1
+        try:
+            super().dataReceived(data)
+            # LineReceiver stops at an overlong line and hands us everything it
+            # had buffered; what followed the overlong line is fed back here.
+            while self._after_long_line and self.phase in _OPEN:
+                rest, self._after_long_line = self._after_long_line, b""
+                super().dataReceived(rest)
+        finally:
+            self._receiving -= 1
+        if self._unsent and not self._receiving and self.phase in _OPEN:
+            # Every command of this read answered that could be: together.
+            self._send_now()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.phase not in _OPEN:
@@ -451,7 +464,29 @@ class POP3Protocol(LineReceiver):
     def _command_done(self) -> None:
         if self.phase is Phase.ANSWERING:
             self.phase = Phase.READING
+            self._unsent = True
+            # Commands the client sent meanwhile (pipelining) are answered
+            # now, and their replies leave together, with this one.
             self._update_reading()
+            if self._unsent and not self._receiving and self.phase in _OPEN:
+                self._send_now()
+
+    def _send_now(self) -> None:
+        """
+        Have the transport send what was written now, not on the reactor's
+        next turn: a TCP transport writes when epoll next reports the socket
+        writable, which costs every command a second turn of the reactor
+        (dispatch, two epoll_ctl calls) before its reply leaves, and a
+        client that waits for each reply (RETR after RETR, a login) waits
+        that much longer.  Only while the connection is open: the
+        transport closes itself once a hang-up's last words are out.
+        """
+        self._unsent = False
+        transport = self.transport
+        if IWriteDescriptor.providedBy(transport):
+            # What it cannot send now stays buffered, and the reactor sends
+            # it, or learns that the connection is gone, as it would have.
+            transport.doWrite()
 
     def _unexpected_failure(self, failure: Failure) -> Status:
         return unexpected_error(self.driver.log, failure, self.session.peer)

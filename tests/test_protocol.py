@@ -16,6 +16,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
@@ -771,6 +772,107 @@ class TestPipelining:
 
     def test_bare_lf_line_endings_are_accepted(self, wire: Wire) -> None:
         assert wire.send(b"USER alice\nPASS wonderland\n").endswith(b"octets)\r\n")
+
+
+@implementer(IWriteDescriptor)
+class _SocketLikeTransport(StringTransport):
+    """
+    A transport that, like a TCP connection, keeps what is written until
+    told to send it (`doWrite`, which the reactor calls when the socket is
+    writable); ``sent`` is what each `doWrite` sent.
+    """
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)
+        self.sent: list[bytes] = []
+        self._unsent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._unsent.append(data)
+
+    def doWrite(self) -> None:
+        self.sent.append(b"".join(self._unsent))
+        self._unsent = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "test"
+
+
+class _SocketLikeWire(Wire):
+    transport: _SocketLikeTransport
+
+    def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
+        self.protocol = factory.buildProtocol(peer)
+        self.transport = _SocketLikeTransport(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+
+class TestSendingAtOnce:
+    """
+    A reply leaves as soon as it is whole, not on the reactor's next turn
+    (which would cost every command a second turn before the client sees
+    its answer); the replies to commands pipelined together (RFC 2449
+    section 6.6) leave together, in one send.
+    """
+
+    @pytest.fixture
+    def wire(self, make_factory: Callable[..., POP3Factory], store: MemoryStore) -> _SocketLikeWire:
+        store.deliver("alice", MESSAGE_2)
+        return _SocketLikeWire(make_factory())
+
+    def test_the_greeting_is_sent_at_once(self, wire: _SocketLikeWire) -> None:
+        [greeting] = wire.transport.sent
+        assert greeting.startswith(b"+OK ") and greeting == wire.greeting
+
+    def test_each_reply_is_sent_before_the_next_command(self, wire: _SocketLikeWire) -> None:
+        wire.command(b"USER alice")
+        wire.command(b"PASS wonderland")
+        wire.command(b"RETR 1")
+        assert wire.transport.sent[1:] == [
+            b"+OK send PASS\r\n",
+            b"+OK maildrop has 1 messages (43 octets)\r\n",
+            b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n",
+        ]
+
+    def test_pipelined_replies_leave_in_one_send(self, wire: _SocketLikeWire) -> None:
+        wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n")
+        assert wire.transport.sent[1:] == [
+            b"+OK send PASS\r\n"
+            + b"+OK maildrop has 1 messages (43 octets)\r\n"
+            + b"+OK 1 43\r\n"
+            + OK
+        ]
+
+    def test_a_reply_that_comes_later_is_sent_when_it_comes(
+        self, clock: Clock, store: MemoryStore
+    ) -> None:
+        store.deliver("alice", MESSAGE_2)
+        slow = _SlowStore(store)
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+        wire = _SocketLikeWire(POP3Factory(Portal(MaildropRealm(slow), [checker]), clock=clock))
+        wire.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\n")
+        assert wire.transport.sent[1:] == [b"+OK send PASS\r\n"]
+        slow.release()
+        assert wire.transport.sent[2:] == [
+            b"+OK maildrop has 1 messages (43 octets)\r\n" + b"+OK 1 43\r\n"
+        ]
+
+    def test_the_farewell_is_left_to_the_closing_transport(self, wire: _SocketLikeWire) -> None:
+        """
+        A TCP transport that has been told to close sends what is left and
+        then closes: sending it from here would leave it open for good.
+        """
+        assert wire.send(b"QUIT\r\n") == b"+OK bye\r\n"
+        assert wire.transport.disconnecting
+        assert wire.transport.sent == [wire.greeting]
 
 
 class TestAbuse:
