@@ -268,6 +268,9 @@ class PasswdFileChecker:
         return waiting
 
     def _read_again(self, result: _Table | Failure, signature: tuple[int, int, int]) -> None:
+        # Read once per change, whatever came of it: a broken file is said
+        # once, and read again when it changes again.
+        self._signature = signature
         if isinstance(result, Failure):
             if result.check(OSError, PasswdFileError):
                 log.error(
@@ -277,7 +280,6 @@ class PasswdFileChecker:
                 log.failure("keeping the previous {path}", result, path=self.path)
         else:
             self._set_table(result)
-            self._signature = signature
             log.info("reloaded {path}", path=self.path)
         waiting, self._waiting = self._waiting, []
         for login in waiting:

@@ -59,7 +59,6 @@ from pop3d.wire import (
     Status,
     Translator,
     format_multiline,
-    format_unique_status,
 )
 
 if TYPE_CHECKING:
@@ -263,7 +262,7 @@ class POP3Protocol(LineReceiver):
         self._connection.registerProducer(_OutputValve(self), True)
         self.resetTimeout()
         # Unique to this connection (APOP's timestamp): not remembered.
-        self._connection.write(format_unique_status(self.session.greeting()))
+        self._connection.write(self.session.greeting().to_bytes(remember=False))
         self._send_now()
 
     def handshakeCompleted(self) -> None:
@@ -278,9 +277,10 @@ class POP3Protocol(LineReceiver):
             # Before a handshake completed, OpenSSL's errors are the handshake's.
             self.driver.tls_handshake_failed()
         self.phase = Phase.CLOSED
+        # First: whatever fails below, a closed connection is never timed out.
+        self._idle_timeouts.forget(self)
         if self._on_close is not None:
             self._on_close()
-        self._idle_timeouts.forget(self)
         if self._stream is not None:
             self._stream.abandon()
         self.driver.connection_lost()
@@ -475,15 +475,19 @@ class POP3Protocol(LineReceiver):
         """
         Have the transport send what was written now, not on the reactor's
         next turn: a TCP transport writes when epoll next reports the socket
-        writable, which costs every command a second turn of the reactor
-        (dispatch, two epoll_ctl calls) before its reply leaves, and a
-        client that waits for each reply (RETR after RETR, a login) waits
-        that much longer.  Only while the connection is open: the
-        transport closes itself once a hang-up's last words are out.
+        writable, which costs every command a second turn of the reactor (a
+        return from ``epoll_wait`` and a dispatch) before its reply leaves,
+        and a client that waits for each answer (RETR after RETR, a login)
+        waits that much longer.  Only while the connection is open and the
+        transport is not closing (the TLS layer closes it on a client's
+        close_notify, behind the protocol's back): a closing transport
+        closes itself once the rest is out, which only the reactor sees.
         """
         self._unsent = False
         transport = self.transport
-        if IWriteDescriptor.providedBy(transport):
+        if IWriteDescriptor.providedBy(transport) and not getattr(
+            transport, "disconnecting", True
+        ):
             # What it cannot send now stays buffered, and the reactor sends
             # it, or learns that the connection is gone, as it would have.
             transport.doWrite()

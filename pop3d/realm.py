@@ -178,11 +178,14 @@ def user_mail_location(location: str, user: str, home: str | None) -> str:
     if not separator:
         raise MailLocationError(f"expected SCHEME:PATH, got {location!r}")
     path = rest.split(":", 1)[0]
-    if path.startswith("~"):
+    # Variables first, in the template as configured (parsed once for every
+    # user), then the user's home, which is no template.
+    tilde = path.startswith("~")
+    path = expand(path[1:] if tilde else path, Variables(user=user, home=home))
+    if tilde:
         if not home:
             raise MailLocationError(f"{location!r} starts with '~' but the user has no home")
-        path = home.rstrip("/") + path[1:]
-    path = expand(path, Variables(user=user, home=home))
+        path = home.rstrip("/") + path
     return f"{scheme}:{path}"
 
 

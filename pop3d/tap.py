@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import atexit
 import gc
 import ipaddress
 import os
@@ -19,6 +20,7 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.interfaces import (
+    IReactorCore,
     IReactorFromThreads,
     IReactorProcess,
     IReactorSocket,
@@ -30,7 +32,9 @@ from twisted.internet.interfaces import (
 # Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
 # endpoint; a worker has an inherited socket instead.
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.threadable import isInIOThread
 
 from pop3d.authdb.ldap import LdapChecker
 from pop3d.authdb.sql import SQLChecker
@@ -76,7 +80,13 @@ from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
 from pop3d.userdb import IUserDatabase, IUserSettingsSource
 from pop3d.wire import ClientWorkarounds, UnknownWorkaround
-from pop3d.workers import AdoptedPorts, InheritedSocket, WorkerPool, worker_command
+from pop3d.workers import (
+    AdoptedPorts,
+    InheritedSocket,
+    WorkerLogLines,
+    WorkerPool,
+    worker_command,
+)
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -645,6 +655,34 @@ def control_service(options: Options, factory: POP3Factory, service: MultiServic
         pool = cast(WorkerPool, service.getServiceNamed("workers"))
         return ControlService(unix, path, WorkerSessions(unix, path, pool.worker_pids))
     return ControlService(unix, path, LocalSessions(lambda: factory.connections))
+
+
+def worker_log_observer() -> ILogObserver:
+    """
+    The log of a worker (``twistd --logger pop3d.tap.worker_log_observer``):
+    every event as a line of JSON on standard output, which the parent
+    (`WorkerPool`) reads and logs as its own, with the worker's time, system,
+    namespace and level.  So the workers' lines are in the parent's
+    ``--logfile`` (or syslog, or standard output), in its format, written by
+    one process.
+
+    While the reactor runs, the lines logged close together go out together
+    (see `pop3d.workers.WorkerLogLines`).
+    """
+    # twistd calls this once it has installed the reactor: the worker's log
+    # is put together here, in the composition root, as its service is in
+    # makeService.
+    from twisted.internet import reactor
+
+    core = cast(IReactorCore, reactor)
+    lines = WorkerLogLines(
+        sys.stdout, cast(IReactorTime, reactor), lambda: core.running and isInIOThread()
+    )
+    # What the last turn kept, however the process ends: twistd stopped by
+    # a signal kills itself with it (no atexit), after the reactor stopped.
+    core.addSystemEventTrigger("after", "shutdown", lines.flush)
+    atexit.register(lines.flush)
+    return lines
 
 
 def makeService(options: Options) -> IService:

@@ -342,15 +342,21 @@ class Status:
     text: str | Text = ""
     code: ResponseCode | None = None
 
-    def to_bytes(self, translator: Translator | None = None) -> bytes:
+    def to_bytes(self, translator: Translator | None = None, *, remember: bool = True) -> bytes:
+        """
+        The line as sent; ``remember`` False for a line never sent twice
+        (the greeting, with its APOP timestamp), which would only push the
+        replies that do repeat out of `format_status`'s memory.
+        """
+        format = format_status if remember else format_status.__wrapped__
         text = self.text
         if translator is None:
-            return format_status(self.ok, text if isinstance(text, str) else str(text), self.code)
+            return format(self.ok, text if isinstance(text, str) else str(text), self.code)
         if isinstance(text, Text):
             worded = text.fill(translator.translate(text.template))
         else:
             worded = translator.translate(text) if text else text
-        return format_status(self.ok, worded, self.code, utf8=translator.utf8)
+        return format(self.ok, worded, self.code, utf8=translator.utf8)
 
 
 # Most replies repeat ("+OK", the same STAT of an unchanged maildrop, BYE):
@@ -383,18 +389,6 @@ def format_status(
         if utf8:
             line = line.decode("utf-8", "ignore").encode("utf-8")
     return line + CRLF
-
-
-def format_unique_status(status: Status) -> bytes:
-    """
-    ``status.to_bytes()`` for a line that is never sent twice (the greeting,
-    with its APOP timestamp), without remembering it: `format_status` would
-    keep up to 1,024 of them, each pushing out a reply that does repeat.
-    """
-    text = status.text
-    return format_status.__wrapped__(
-        status.ok, text if isinstance(text, str) else str(text), status.code
-    )
 
 
 def _printable(text: str) -> str:

@@ -17,7 +17,6 @@ process is gone.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -52,7 +51,6 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from pop3d.protocol import describe_address
@@ -236,7 +234,7 @@ class WorkerPool(Service):
         # The workers see the sockets at descriptors 3, 4, ... in order.
         own = self._sockets[number]
         inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(own)]
-        # Standard output: the worker's log events (worker_log_observer);
+        # Standard output: the worker's log events (pop3d.tap.worker_log_observer);
         # standard error: whatever it writes before its log starts.
         child_fds: dict[int, int | str] = {0: 0, 1: "r", 2: "r"}
         child_fds.update({s.fd: parent.fd for s, parent in zip(inherited, own, strict=True)})
@@ -308,33 +306,6 @@ class WorkerPool(Service):
                 laggards.cancel()
 
         return DeferredList(ending).addCallback(ended)
-
-
-def worker_log_observer() -> ILogObserver:
-    """
-    The log of a worker (``twistd --logger pop3d.workers.worker_log_observer``):
-    every event as a line of JSON on standard output, which the parent
-    (`WorkerPool`) reads and logs as its own, with the worker's time, system,
-    namespace and level.  So the workers' lines are in the parent's
-    ``--logfile`` (or syslog, or standard output), in its format, written by
-    one process.
-
-    While the reactor runs, the lines logged close together go out together
-    (see `WorkerLogLines`).
-    """
-    # twistd calls this once it has installed the reactor: the worker's log
-    # is put together here, as its service is in makeService.
-    from twisted.internet import reactor
-
-    core = cast(IReactorCore, reactor)
-    lines = WorkerLogLines(
-        sys.stdout, cast(IReactorTime, reactor), lambda: core.running and isInIOThread()
-    )
-    # What the last turn kept, however the process ends: twistd stopped by
-    # a signal kills itself with it (no atexit), after the reactor stopped.
-    core.addSystemEventTrigger("after", "shutdown", lines.flush)
-    atexit.register(lines.flush)
-    return lines
 
 
 @implementer(ILogObserver)
@@ -457,7 +428,7 @@ class _TracebackText:
 
 def worker_event(line: bytes) -> LogEvent | None:
     """
-    The log event of a line a worker's `worker_log_observer` wrote (its
+    The log event of a line a worker's `pop3d.tap.worker_log_observer` wrote (its
     failure, if any, as its traceback text), or None for another line.
     """
     try:
@@ -633,7 +604,7 @@ def worker_command(arguments: Sequence[str]) -> list[str]:
         "-n",
         "--pidfile=",
         "--logger",
-        "pop3d.workers.worker_log_observer",
+        "pop3d.tap.worker_log_observer",
         "pop3d",
         *kept,
     ]

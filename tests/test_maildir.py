@@ -907,15 +907,17 @@ def _many_messages(maildir: Path) -> dict[str, bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_sizes_are_exact_where_a_short_read_ends_a_file(
-    store: MaildirStore, maildir: Path
+    tmp_path: Path, maildir: Path
 ) -> None:
     """
     RFC 1939 section 11: sizes with CRLF line endings.  On a local disk a
     read returning less than asked is the end of the file, so a message read
     whole in one go is not read again; sizes stay exact for every kind of
-    message, whatever its name says.
+    message, whatever its name says.  (Told it is such a disk, whatever
+    this machine's temporary directory is.)
     """
     messages = _many_messages(maildir)
+    store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=lambda fd: True)
     maildrop = await store.open("alice")
     sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
     await maildrop.close()
@@ -1292,6 +1294,58 @@ class TestChangeNotes:
             uniques[4] + ":2,S",
             uniques[5] + ":2,",
         ]
+
+    @pytest.mark.parametrize("hostile", ["a path", "hidden", "a directory", "missing"])
+    def test_a_note_naming_what_is_not_a_message_there_is_not_followed(
+        self,
+        tmp_path: Path,
+        maildir: Path,
+        threads: TimedClockThreads,
+        scans: list[str],
+        hostile: str,
+    ) -> None:
+        """
+        A user who can write their Maildir can write its note, with the
+        directories' real stamps: a note that says a message went to a path
+        (``x/../../other-user/cur/y``), to a hidden name, or to what is no
+        regular file with that inode in cur/ is not followed (the server
+        never reads or deletes anything outside the Maildir through it):
+        cur/ is read, and the listing is what is there.
+        """
+        first, second = self.stores(tmp_path, threads)
+        bodies = [b"%d\n" % n for n in range(4)]
+        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
+        self.long_ago(maildir)
+        self.open(second, threads).close()
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        notes = maildir / maildir_module.CHANGE_NOTES
+        moved = (uniques[1] + ":2,S").encode()
+        assert b"\n" + moved + b"\t" in notes.read_bytes()
+        cur = maildir / "cur"
+        stamp = cur.stat().st_mtime_ns
+        if hostile == "a path":
+            other = tmp_path / "bob" / "cur"
+            other.mkdir(parents=True)
+            (other / "secret").write_bytes(b"bob's\n")
+            name = moved + b"/../../../bob/cur/secret"
+        elif hostile == "hidden":
+            name = b".hidden"
+        elif hostile == "a directory":
+            (cur / "folder:2,S").mkdir()
+            name = b"folder:2,S"
+        else:
+            name = (uniques[1] + ":2,X").encode()
+        notes.write_bytes(notes.read_bytes().replace(b"\n" + moved + b"\t", b"\n" + name + b"\t"))
+        os.utime(cur, ns=(stamp, stamp))  # the stamp the note leads to
+        scans.clear()
+        maildrop = self.open(second, threads)
+        assert "cur" in scans
+        assert list(maildrop.messages.uids) == uniques
+        assert list(maildrop.messages.sizes) == [3] * 4
+        read = result_of(threads.clock, maildrop.open_message(1))
+        assert read.read(100) == bodies[1]  # type: ignore[union-attr]
+        read.close()  # type: ignore[union-attr]
+        maildrop.close()
 
     @pytest.mark.parametrize(
         "damage",

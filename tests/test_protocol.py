@@ -865,6 +865,22 @@ class TestSendingAtOnce:
             b"+OK maildrop has 1 messages (43 octets)\r\n" + b"+OK 1 43\r\n"
         ]
 
+    def test_a_transport_closing_on_its_own_is_left_to_close(
+        self, clock: Clock, store: MemoryStore
+    ) -> None:
+        """
+        The TLS layer closes the transport when the client ends TLS; a reply
+        that comes after that is left to it too, or the connection would
+        never close.
+        """
+        slow = _SlowStore(store)
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"wonderland")
+        wire = _SocketLikeWire(POP3Factory(Portal(MaildropRealm(slow), [checker]), clock=clock))
+        wire.send(b"USER alice\r\nPASS wonderland\r\n")
+        wire.transport.loseConnection()
+        slow.release()
+        assert wire.transport.sent[1:] == [b"+OK send PASS\r\n"]
+
     def test_the_farewell_is_left_to_the_closing_transport(self, wire: _SocketLikeWire) -> None:
         """
         A TCP transport that has been told to close sends what is left and

@@ -323,6 +323,9 @@ def test_a_stopping_workers_last_log_lines_reach_the_parent(tmp_path: Path, laun
     server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
     status, output = server.wait_exit()  # type: ignore[attr-defined]
     assert status == -signal.SIGTERM, output
+    # Logged while each reactor still ran (kept for the turn's end), then
+    # after it stopped (written at once).
+    assert output.count("] Received SIGTERM, shutting down.\n") == 3, output
     assert output.count("] Main loop terminated.\n") == 3, output
     assert output.count("] Server Shut Down.\n") == 3, output
 

@@ -576,7 +576,9 @@ def _refresh(
         # directory is not read (see `CHANGE_NOTES`).  A note never costs a
         # login: whatever goes wrong, the directories are read.
         try:
-            noted = _changes_from_notes(notes.read(root, root_fd), cached, stamps, untrusted)
+            noted = _changes_from_notes(
+                root, root_fd, notes.read(root, root_fd), cached, stamps, untrusted
+            )
         except Exception:
             log.failure("reading {path} failed", path=os.path.join(root, CHANGE_NOTES))
     reread = {
@@ -585,7 +587,17 @@ def _refresh(
         if _PARTS[part] not in noted
     }
     counted: dict[str, tuple[int, int]] = {}
-    listing = _apply(root, root_fd, cached, reread, counted, noted) if reread or noted else cached
+    try:
+        listing = _apply(root, root_fd, cached, reread, counted, noted) if reread or noted else cached
+    except Exception:
+        if not noted:
+            raise
+        # Something the notes said could not be used (a file that is no
+        # message any more): the directories say what is there.
+        log.failure("using {path} failed", path=os.path.join(root, CHANGE_NOTES))
+        reread = {_PARTS[part]: dict(_entries(root, root_fd, _PARTS[part])) for part in untrusted}
+        counted = {}
+        listing = _apply(root, root_fd, cached, reread, counted, {})
     if listing is None:
         return None
     listing = _Listing(stamps, listing.messages, listing.locations, listing.inodes)
@@ -864,12 +876,7 @@ def _changes_made(
         return []
     before_subdirectories = base.locations.subdirectories
     before_names = base.locations.names
-    if isinstance(locations, _Locations):
-        subdirectories, names = locations.subdirectories, locations.names
-    else:
-        subdirectories, names = (
-            (tuple(column) for column in zip(*locations, strict=True)) if locations else ((), ())
-        )
+    subdirectories, names = _columns(locations)
     count = range(len(before_names))
     # Column operations in C: a QUIT on 100,000 messages renames a few.
     changed = set(itertools.compress(count, map(operator.ne, before_names, names)))
@@ -898,6 +905,16 @@ def _changes_made(
             )
         )
     return notes
+
+
+def _columns(locations: Sequence[Location]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The subdirectories and the names of ``locations``, as two columns."""
+    if isinstance(locations, _Locations):
+        return locations.subdirectories, locations.names
+    if not locations:
+        return (), ()
+    subdirectories, names = zip(*locations, strict=True)
+    return subdirectories, names
 
 
 class _ChangeNotes:
@@ -1005,7 +1022,7 @@ def _parse_change_notes(data: bytes) -> list[_ChangeNote] | None:
         files: list[tuple[str, int]] = []
         for line in lines[at + 1 : at + 1 + removed + added]:
             name, tab, inode = line.partition("\t")
-            if not tab or not name or not _is_number(inode):
+            if not tab or not _is_message_name(name) or not _is_number(inode):
                 return None
             files.append((name, int(inode)))
         if len(files) != removed + added:
@@ -1021,6 +1038,15 @@ def _parse_change_notes(data: bytes) -> list[_ChangeNote] | None:
         )
         at += 1 + removed + added
     return notes if at == end else None
+
+
+def _is_message_name(name: str) -> bool:
+    """
+    Whether ``name`` could be a message's file in new/ or cur/, as `_entries`
+    lists them: a note names no path (``/``), nothing hidden, ``.`` or
+    ``..`` (a user who can write their Maildir can write its notes too).
+    """
+    return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
 
 
 def _follow_notes(
@@ -1062,6 +1088,8 @@ def _follow_notes(
 
 
 def _noted_changes(
+    root: str,
+    root_fd: int,
     listing: _Listing,
     subdirectory: str,
     removed: set[tuple[str, int]],
@@ -1071,8 +1099,20 @@ def _noted_changes(
     What `_compare` would find in ``subdirectory`` after it lost
     ``removed`` and gained ``added`` (see there), found by looking up each
     removed file in the listing (which is in unique-name order) rather than
-    comparing every file; None if one is not where the listing has it.
+    comparing every file, and each added one in the directory (a regular
+    file with the noted inode, as `_entries` would list it); None if one is
+    not where the note has it.
     """
+    with _subdirectory(root, root_fd, subdirectory) as directory_fd:
+        if directory_fd is None and added:
+            return None
+        for name, inode in added:
+            try:
+                info = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            except OSError:
+                return None
+            if not stat.S_ISREG(info.st_mode) or info.st_ino != inode:
+                return None
     names = listing.locations.names
     subdirectories = listing.locations.subdirectories
     gone_at: dict[str, int] = {}
@@ -1092,7 +1132,12 @@ def _noted_changes(
 
 
 def _changes_from_notes(
-    notes: list[_ChangeNote], cached: _Listing, stamps: _Stamps, parts: list[int]
+    root: str,
+    root_fd: int,
+    notes: list[_ChangeNote],
+    cached: _Listing,
+    stamps: _Stamps,
+    parts: list[int],
 ) -> dict[str, tuple[dict[str, int], list[tuple[str, str, int]]]]:
     """
     For each of ``parts`` (new/, cur/) whose stamp in ``cached`` had settled
@@ -1109,7 +1154,7 @@ def _changes_from_notes(
         followed = _follow_notes(notes, subdirectory, start, goal)
         if followed is None:
             continue
-        changes = _noted_changes(cached, subdirectory, *followed)
+        changes = _noted_changes(root, root_fd, cached, subdirectory, *followed)
         if changes is not None:
             found[subdirectory] = changes
     return found
@@ -2055,14 +2100,7 @@ class _Maildrop:
         if base is None:
             return None
         removed = self._removed
-        if isinstance(self._locations, list):
-            subdirectories, names = (
-                (tuple(column) for column in zip(*self._locations, strict=True))
-                if self._locations
-                else ((), ())
-            )
-        else:
-            subdirectories, names = base.locations.subdirectories, base.locations.names
+        subdirectories, names = _columns(self._locations)
         messages, inodes = base.messages, base.inodes
         if removed:
             keep = [index not in removed for index in range(len(names))]
