@@ -347,6 +347,7 @@ class WorkerLogLines:
         # Re-entrant: a signal handler logs ("Received SIGTERM") wherever
         # the main thread is, in here too.
         self._lock = threading.RLock()
+        self._writing = False
 
     def __call__(self, event: LogEvent) -> None:
         line = _worker_line(event)
@@ -368,16 +369,25 @@ class WorkerLogLines:
             self._write_kept()
 
     def _write_kept(self) -> None:
+        if self._writing:
+            # A signal handler logging in the middle of a write (a file
+            # object cannot be written from within its own write): its line
+            # stays kept for the next flush.
+            return
         kept, self._kept = self._kept, []
         if kept:
             self._last_write = self._clock.seconds()
+            self._writing = True
             # The parent gone (the pipe closed), these lines have nowhere to
             # go; the worker stops within PARENT_CHECK_INTERVAL.  Raised from
             # the end of a turn, the error would be logged, kept, and raised
             # again at the end of the next.
-            with contextlib.suppress(OSError):
-                self._output.write("".join(kept))
-                self._output.flush()
+            try:
+                with contextlib.suppress(OSError):
+                    self._output.write("".join(kept))
+                    self._output.flush()
+            finally:
+                self._writing = False
 
 
 def _worker_line(event: LogEvent) -> str:

@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -410,6 +411,48 @@ def test_a_worker_whose_parent_is_gone_drops_its_lines_and_carries_on() -> None:
     assert clock.getDelayedCalls() == []
     in_turn[0] = False
     observer(_session_line(1))
+
+
+class _ReentrantWrites(_Writes):
+    """Standard output that, like a real file object, refuses a write within a write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = False
+        self.during_write: Callable[[], None] = lambda: None
+
+    def write(self, text: str) -> int:
+        if self.writing:
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stdout>'>")
+        self.writing = True
+        try:
+            self.during_write()
+            return super().write(text)
+        finally:
+            self.writing = False
+
+
+def test_a_line_logged_in_the_middle_of_a_write_goes_with_the_next() -> None:
+    """
+    Once the reactor has stopped, lines are written at once; a signal
+    handler that logs while one is being written (Python runs handlers
+    wherever the main thread is) neither breaks that write nor loses its
+    own line: it goes with the next flush (the worker flushes at exit).
+    """
+    output, clock = _ReentrantWrites(), Clock()
+    observer = WorkerLogLines(output, clock, keeping=lambda: False)
+
+    def signal_arrives() -> None:
+        output.during_write = lambda: None
+        observer(_session_line(1))
+
+    output.during_write = signal_arrives
+    observer(_session_line(0))
+    observer.flush()
+    assert [text for text, _ in _texts_and_times(output.text())] == [
+        "[s1] login: rip=127.0.0.1 method=USER user=user0",
+        "[s1] login: rip=127.0.0.1 method=USER user=user1",
+    ]
 
 
 def test_a_line_logged_while_a_line_is_being_logged_is_kept_after_it() -> None:

@@ -365,6 +365,9 @@ class DotLock:
         self._identity = identity
         self._name = name
         self._held = True
+        # A refresh runs in the thread pool; a release on the reactor thread
+        # waits for it, so that no lock file is touched once released.
+        self._using = threading.Lock()
 
     @classmethod
     def acquire(
@@ -440,6 +443,10 @@ class DotLock:
 
     def refresh(self, dir_fd: int | None = None) -> None:
         """Tell others this lock is alive (touch its file), if it is still ours."""
+        with self._using:
+            self._refresh(dir_fd)
+
+    def _refresh(self, dir_fd: int | None) -> None:
         if not self._held:
             return
         try:
@@ -448,7 +455,7 @@ class DotLock:
                     return
                 if self._is_ours(fd):
                     os.utime(self._name, dir_fd=fd, follow_symlinks=False)
-                elif self._held:  # (not released meanwhile: refreshes run in a thread)
+                else:
                     log.warn("the lock {path} was taken from this session", path=self.path)
         except OSError as error:
             log.warn("cannot refresh {path}: {error}", path=self.path, error=error)
@@ -483,6 +490,10 @@ class DotLock:
 
     def release(self, dir_fd: int | None = None) -> None:
         """Remove the lock file if it is still ours; releasing twice is harmless."""
+        with self._using:
+            self._release(dir_fd)
+
+    def _release(self, dir_fd: int | None) -> None:
         if not self._held:
             return
         try:
