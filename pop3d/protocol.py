@@ -485,9 +485,7 @@ class POP3Protocol(LineReceiver):
         """
         self._unsent = False
         transport = self.transport
-        if IWriteDescriptor.providedBy(transport) and not getattr(
-            transport, "disconnecting", True
-        ):
+        if IWriteDescriptor.providedBy(transport) and not getattr(transport, "disconnecting", True):
             # What it cannot send now stays buffered, and the reactor sends
             # it, or learns that the connection is gone, as it would have.
             transport.doWrite()

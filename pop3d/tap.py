@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-import functools
 import atexit
+import functools
 import gc
 import ipaddress
 import os
@@ -28,11 +28,11 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IReactorUNIX,
 )
+from twisted.logger import ILogObserver
 
 # Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
 # endpoint; a worker has an inherited socket instead.
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
-from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.threadable import isInIOThread
 

@@ -588,7 +588,9 @@ def _refresh(
     }
     counted: dict[str, tuple[int, int]] = {}
     try:
-        listing = _apply(root, root_fd, cached, reread, counted, noted) if reread or noted else cached
+        listing = (
+            _apply(root, root_fd, cached, reread, counted, noted) if reread or noted else cached
+        )
     except Exception:
         if not noted:
             raise
