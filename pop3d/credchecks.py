@@ -161,17 +161,23 @@ class PasswordChecks:
 
     def __init__(self, checks: Iterable[PasswordCheck] = ()) -> None:
         self._checks: dict[InterfaceClass, PasswordCheck] = {}
+        # In the order `__iter__` gives them, made when first asked (every
+        # login asks): None after a change.
+        self._ordered: tuple[PasswordCheck, ...] | None = None
         for check in checks:
             self.register(check)
 
     def register(self, check: PasswordCheck) -> None:
         """Add ``check`` (replacing an earlier check of its credential type)."""
         self._checks[check.interface] = check
+        self._ordered = None
 
     def __iter__(self) -> Iterator[PasswordCheck]:
         """The checks, those of derived credential types first."""
-        order = most_specific_first(self._checks)
-        return iter([self._checks[interface] for interface in order])
+        if self._ordered is None:
+            order = most_specific_first(self._checks)
+            self._ordered = tuple(self._checks[interface] for interface in order)
+        return iter(self._ordered)
 
     def interfaces(self) -> tuple[InterfaceClass, ...]:
         """Every credential type there is a check for."""
