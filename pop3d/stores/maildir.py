@@ -40,6 +40,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -825,6 +826,8 @@ MAX_CHANGE_NOTES = 16
 #: for it (a reader would spend about what reading the directory costs).
 MAX_NOTED_FILES = 2000
 _MAX_CHANGE_NOTES_SIZE = 1024 * 1024
+#: Maildirs whose parsed notes a store keeps (see `_ChangeNotes`).
+MAX_PARSED_NOTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,11 +926,18 @@ class _ChangeNotes:
     """
     Reading and writing `CHANGE_NOTES` (in the thread pool).  A file that
     cannot be understood is ignored, and said once per file (its inode and
-    time) and store; a later QUIT replaces it.
+    time) and store; a later QUIT replaces it.  What a file says is parsed
+    once (while its inode, time and size stay), not at every login after
+    a delivery: the notes of the `MAX_PARSED_NOTES` Maildirs read last.
     """
 
     def __init__(self) -> None:
+        # Both used by several pool threads at once.
+        self._lock = threading.Lock()
         self._complained: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        self._parsed: OrderedDict[str, tuple[tuple[int, int, int], list[_ChangeNote]]] = (
+            OrderedDict()
+        )
 
     def read(self, root: str, root_fd: int) -> list[_ChangeNote]:
         """The notes of a Maildir, oldest first; none if there are none to trust."""
@@ -941,6 +951,12 @@ class _ChangeNotes:
         try:
             info = os.fstat(fd)
             stamp = (info.st_ino, info.st_mtime_ns)
+            version = (info.st_ino, info.st_mtime_ns, info.st_size)
+            with self._lock:
+                parsed = self._parsed.get(root)
+                if parsed is not None and parsed[0] == version:
+                    self._parsed.move_to_end(root)
+                    return list(parsed[1])
             if size > _MAX_CHANGE_NOTES_SIZE:
                 self._complain(root, stamp, "it is too large")
                 return []
@@ -954,7 +970,12 @@ class _ChangeNotes:
         if notes is None:
             self._complain(root, stamp, "it is not pop3d's, or damaged")
             return []
-        return notes
+        with self._lock:
+            self._parsed[root] = (version, notes)
+            self._parsed.move_to_end(root)
+            while len(self._parsed) > MAX_PARSED_NOTES:
+                self._parsed.popitem(last=False)
+        return list(notes)
 
     def add(self, root: str, root_fd: int, notes: list[_ChangeNote]) -> None:
         """Keep ``notes`` after the most recent ones; a failure is logged, nothing more."""
@@ -970,11 +991,12 @@ class _ChangeNotes:
 
     def _complain(self, root: str, stamp: tuple[int, int], why: str) -> None:
         key = (root, *stamp)
-        if key in self._complained:
-            return
-        self._complained[key] = None
-        if len(self._complained) > 1000:
-            self._complained.popitem(last=False)
+        with self._lock:
+            if key in self._complained:
+                return
+            self._complained[key] = None
+            if len(self._complained) > 1000:
+                self._complained.popitem(last=False)
         path = os.path.join(root, CHANGE_NOTES)
         log.warn("ignoring {path}: {why}", path=path, why=why)
 
