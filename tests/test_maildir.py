@@ -1019,40 +1019,45 @@ def test_sizes_are_counted_for_a_reader_who_does_not_own_the_messages(
     assert [wire_size(content) for content in contents] == [22, 18016]
 
 
-class TestListingAfterUpdate:
-    """
-    UPDATE brings the kept listing up to date with its own removals and
-    renames; a large Maildir is read again at QUIT once its directories have
-    settled, so that the next login reads nothing (issue 14), and no change
-    by another program is missed meanwhile.
-    """
+class _TimedMaildirSessions:
+    """What the tests of kept listings share: a clock, its thread pool, and the directories read."""
 
     @pytest.fixture
     def threads(self) -> TimedClockThreads:
         return TimedClockThreads(Clock())
 
     @pytest.fixture
-    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-        scanned: list[object] = []
+    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """The directories read (``os.scandir`` of new/ or cur/), by name."""
+        scanned: list[str] = []
         original = os.scandir
 
-        def recording(path: object) -> object:
-            scanned.append(path)
-            return original(path)  # type: ignore[call-overload]
+        def recording(fd: int) -> Any:
+            scanned.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            return original(fd)
 
         monkeypatch.setattr(os, "scandir", recording)
         return scanned
 
-    def long_ago(self, maildir: Path) -> None:
-        """As if the directories last changed a minute ago (time passing, without a wait)."""
-        for part in ("new", "cur"):
-            when = time.time_ns() - 60 * 10**9
+    def long_ago(self, maildir: Path, parts: tuple[str, ...] = ("new", "cur")) -> None:
+        """As if the directories last changed a minute ago (each call another time)."""
+        when = time.time_ns() - 60 * 10**9
+        for part in parts:
             os.utime(maildir / part, ns=(when, when))
 
     def open(self, store: MaildirStore, threads: TimedClockThreads) -> Any:
         maildrop = result_of(threads.clock, store.open("alice"))
         assert not isinstance(maildrop, Failure), maildrop
         return maildrop
+
+
+class TestListingAfterUpdate(_TimedMaildirSessions):
+    """
+    UPDATE brings the kept listing up to date with its own removals and
+    renames; a large Maildir is read again at QUIT once its directories have
+    settled, so that the next login reads nothing (issue 14), and no change
+    by another program is missed meanwhile.
+    """
 
     def quit(
         self,
@@ -1177,36 +1182,13 @@ class TestListingAfterUpdate:
         maildrop.close()
 
 
-class TestChangeNotes:
+class TestChangeNotes(_TimedMaildirSessions):
     """
     ``--workers`` (issue 14): a QUIT in one process notes what it changed in
     the Maildir (`pop3d.stores.maildir.CHANGE_NOTES`), so that another
     process's next login brings its own listing up to date without reading
     the 100,000 names of cur/ again; and nothing depends on the note.
     """
-
-    @pytest.fixture
-    def threads(self) -> TimedClockThreads:
-        return TimedClockThreads(Clock())
-
-    @pytest.fixture
-    def scans(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-        """The directories read (``os.scandir`` of new/ or cur/), by name."""
-        scanned: list[str] = []
-        original = os.scandir
-
-        def recording(fd: int) -> Any:
-            scanned.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-            return original(fd)
-
-        monkeypatch.setattr(os, "scandir", recording)
-        return scanned
-
-    def long_ago(self, maildir: Path, parts: tuple[str, ...] = ("new", "cur")) -> None:
-        """As if the directories last changed a minute ago (each call another time)."""
-        when = time.time_ns() - 60 * 10**9
-        for part in parts:
-            os.utime(maildir / part, ns=(when, when))
 
     def stores(self, tmp_path: Path, threads: TimedClockThreads) -> tuple[MaildirStore, ...]:
         """Two worker processes' stores on the same Maildirs, sharing their locks."""
@@ -1218,11 +1200,6 @@ class TestChangeNotes:
             locks=first.locks,
         )
         return first, second
-
-    def open(self, store: MaildirStore, threads: TimedClockThreads) -> Any:
-        maildrop = result_of(threads.clock, store.open("alice"))
-        assert not isinstance(maildrop, Failure), maildrop
-        return maildrop
 
     def retrieve_and_quit(
         self, maildrop: Any, threads: TimedClockThreads, maildir: Path, index: int, body: bytes
