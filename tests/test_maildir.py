@@ -1050,15 +1050,6 @@ class _TimedMaildirSessions:
         assert not isinstance(maildrop, Failure), maildrop
         return maildrop
 
-
-class TestListingAfterUpdate(_TimedMaildirSessions):
-    """
-    UPDATE brings the kept listing up to date with its own removals and
-    renames; a large Maildir is read again at QUIT once its directories have
-    settled, so that the next login reads nothing (issue 14), and no change
-    by another program is missed meanwhile.
-    """
-
     def quit(
         self,
         maildrop: Any,
@@ -1077,6 +1068,15 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         settle(threads.clock)
         assert done == [None]
         maildrop.close()
+
+
+class TestListingAfterUpdate(_TimedMaildirSessions):
+    """
+    UPDATE brings the kept listing up to date with its own removals and
+    renames; a large Maildir is read again at QUIT once its directories have
+    settled, so that the next login reads nothing (issue 14), and no change
+    by another program is missed meanwhile.
+    """
 
     def test_the_next_login_reads_nothing(
         self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, scans: list[object]
@@ -1208,15 +1208,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         read = result_of(threads.clock, maildrop.open_message(index))
         assert read.read(100) == body  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
-        marking = ISeenFlags(maildrop).mark_seen([index], range(len(maildrop.messages)))
-        done: list[object] = []
-        marking.addBoth(done.append)
-        settle(threads.clock)
-        self.long_ago(maildir)
-        threads.clock.advance(maildir_module.SETTLE_WAIT_SECONDS)
-        settle(threads.clock)
-        assert done == [None]
-        maildrop.close()
+        self.quit(maildrop, threads, [index], between=lambda: self.long_ago(maildir))
 
     def test_another_process_reads_no_directory_after_a_quit(
         self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, scans: list[str]
