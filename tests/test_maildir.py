@@ -1210,6 +1210,21 @@ class TestChangeNotes(_TimedMaildirSessions):
         read.close()  # type: ignore[union-attr]
         self.quit(maildrop, threads, [index], between=lambda: self.long_ago(maildir))
 
+    def noted_quit(
+        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads
+    ) -> tuple[MaildirStore, MaildirStore, list[bytes], list[str]]:
+        """
+        Four messages; the second store lists them, the first one's session
+        retrieves the second message and QUITs, noting what it changed.
+        """
+        first, second = self.stores(tmp_path, threads)
+        bodies = [b"%d\n" % n for n in range(4)]
+        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
+        self.long_ago(maildir)
+        self.open(second, threads).close()
+        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        return first, second, bodies, uniques
+
     def test_another_process_reads_no_directory_after_a_quit(
         self, tmp_path: Path, maildir: Path, threads: TimedClockThreads, scans: list[str]
     ) -> None:
@@ -1281,12 +1296,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         never reads or deletes anything outside the Maildir through it):
         cur/ is read, and the listing is what is there.
         """
-        first, second = self.stores(tmp_path, threads)
-        bodies = [b"%d\n" % n for n in range(4)]
-        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
-        self.long_ago(maildir)
-        self.open(second, threads).close()
-        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        _, second, bodies, uniques = self.noted_quit(tmp_path, maildir, threads)
         notes = maildir / maildir_module.CHANGE_NOTES
         moved = (uniques[1] + ":2,S").encode()
         assert b"\n" + moved + b"\t" in notes.read_bytes()
@@ -1336,12 +1346,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         not at every login.  The next QUIT replaces the file, never writing
         through a link.
         """
-        first, second = self.stores(tmp_path, threads)
-        bodies = [b"%d\n" % n for n in range(4)]
-        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
-        self.long_ago(maildir)
-        self.open(second, threads).close()
-        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        first, second, bodies, uniques = self.noted_quit(tmp_path, maildir, threads)
         notes = maildir / maildir_module.CHANGE_NOTES
         text = notes.read_bytes()
         assert text.startswith(b"pop3d-changes 1\n") and text.endswith(b"\nend\n")
