@@ -23,7 +23,7 @@ from pop3d.testing import deliver_to_maildir
 
 from .ldapserver import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, LdapServer, start_ldap_server
 from .test_ldap import USERS, _ldif
-from .test_process import HOST, PATIENCE, Server
+from .test_process import HOST, PATIENCE, Server, twistd_arguments
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVECOT_LDAP = "/usr/lib/dovecot/modules/auth/libauthdb_ldap.so"
@@ -148,20 +148,13 @@ def _pop3d(tmp_path: Path, ldap_conf: Path) -> Server:
     default_root = tmp_path / "default"
     default_root.mkdir(exist_ok=True)
     return Server(
-        [
-            "-n",
-            "--pidfile=",
-            "pop3d",
-            "--listen",
-            f"tcp:0:interface={HOST}",
-            "--mail-location",
+        twistd_arguments(
             f"maildir:{default_root}/{{user}}",
-            "--auth",
             f"ldap:{ldap_conf}",
             # Many failed logins from 127.0.0.1 in a row: no waiting here.
             "--login-failure-delay",
             "0",
-        ],
+        ),
         tmp_path,
     )
 

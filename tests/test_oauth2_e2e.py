@@ -29,7 +29,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from pop3d.testing import deliver_to_maildir
 from tests.conftest import require_program
 from tests.oauth2_provider import ProviderState, listen
-from tests.test_process import Server
+from tests.test_process import Server, twistd_arguments
 
 ALICE = "alice@example.test"
 GOOD = "ya29.good-token_for-alice~1"
@@ -65,19 +65,9 @@ async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
     mail_root = tmp_path / "mail"
     deliver_to_maildir(str(mail_root / ALICE), MESSAGE)
     server = Server(
-        [
-            "-n",
-            "--pidfile=",
-            "pop3d",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--mail-location",
-            f"maildir:{mail_root}/{{user}}",
-            "--auth",
-            f"oauth2:{conf}",
-            "--login-failure-delay",
-            "0",
-        ],
+        twistd_arguments(
+            f"maildir:{mail_root}/{{user}}", f"oauth2:{conf}", "--login-failure-delay", "0"
+        ),
         tmp_path,
     )
     try:
@@ -350,19 +340,12 @@ async def test_dovecot_reads_the_same_file_and_agrees(tmp_path: Path) -> None:
         deliver_to_maildir(str(tmp_path / "mail" / ALICE), MESSAGE)
         servers.append(
             Server(
-                [
-                    "-n",
-                    "--pidfile=",
-                    "pop3d",
-                    "--listen",
-                    "tcp:0:interface=127.0.0.1",
-                    "--mail-location",
+                twistd_arguments(
                     f"maildir:{tmp_path}/mail/{{user}}",
-                    "--auth",
                     f"oauth2:{conf}",
                     "--login-failure-delay",
                     "0",
-                ],
+                ),
                 tmp_path,
             )
         )

@@ -178,7 +178,8 @@ def write_passwd(directory: Path, text: str = PASSWORD_LINE) -> Path:
     return path
 
 
-def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str, kind: str = "maildir") -> list[str]:
+def twistd_arguments(mail_location: str, auth: str, *extra: str) -> list[str]:
+    """``twistd -n pop3d`` on a free loopback port, with one mail location and one checker."""
     return [
         "-n",
         "--pidfile=",
@@ -186,11 +187,15 @@ def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str, kind: str = "mai
         "--listen",
         f"tcp:0:interface={HOST}",
         "--mail-location",
-        f"{kind}:{mail_root}/{{user}}",
+        mail_location,
         "--auth",
-        f"passwd-file:{passwd}",
+        auth,
         *extra,
     ]
+
+
+def pop3d_arguments(mail_root: Path, passwd: Path, *extra: str, kind: str = "maildir") -> list[str]:
+    return twistd_arguments(f"{kind}:{mail_root}/{{user}}", f"passwd-file:{passwd}", *extra)
 
 
 def serve(launch: Launch, mail_root: Path, passwd: Path, *extra: str) -> Server:

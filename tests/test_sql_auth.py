@@ -63,7 +63,7 @@ from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
 
 from .conftest import start_service
 from .test_dovecot_migration import _require_dovecot as require_dovecot
-from .test_process import Launch, Server
+from .test_process import Launch, Server, twistd_arguments
 from .test_process import launch as launch  # a fixture
 from .test_scram import Client, run_exchange
 
@@ -1115,10 +1115,13 @@ def test_same_users_and_mail_as_dovecot(
         finally:
             subprocess.run([DOVECOT, "-c", str(config), "stop"], check=True, timeout=60)
         server = launch(
-            "-n", "--pidfile=", "pop3d", "--listen", "tcp:0:interface=127.0.0.1",
-            "--mail-location", f"maildir:{shared}/mail/{{user}}",
-            "--auth", f"sql:{sql_config}", "--login-failure-delay", "0",
-        )  # fmt: skip
+            *twistd_arguments(
+                f"maildir:{shared}/mail/{{user}}",
+                f"sql:{sql_config}",
+                "--login-failure-delay",
+                "0",
+            )
+        )
         port = server.wait_listening()
         from_pop3d = run_cases(port)
         server.assert_healthy()
