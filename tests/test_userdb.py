@@ -238,6 +238,34 @@ class TestPerUserMailLocation:
         wire = Wire(factory(realm, database, clock))
         assert wire.login() == b"+OK maildrop has 1 messages (3 octets)\r\n"
 
+    @pytest.mark.parametrize("server_options", [{}, {"nfs-locks": True}])
+    def test_an_mbox_from_the_userdb_is_served_whatever_the_maildir_options(
+        self,
+        database: UserDatabase,
+        clock: Clock,
+        store: MemoryStore,
+        tmp_path: Path,
+        server_options: dict[str, object],
+    ) -> None:
+        """
+        The server's lock table (or --nfs-locks) is for Maildirs; a user
+        whose mail is an mbox is served from it all the same.
+        """
+        mbox = tmp_path / "mbox" / "alice"
+        mbox.parent.mkdir()
+        mbox.write_bytes(b"From a@example.org Thu Jan  1 00:00:00 1970\nSubject: s\n\nhi\n")
+        database.settings["alice"] = UserSettings(mail=f"mbox:{mbox}")
+        mail_locations = MailLocations(
+            installed_mail_locations(),
+            server_options,
+            None,  # type: ignore[arg-type]  # stores run their file work inline
+            Clock(),
+            default_template=str(tmp_path / "mail" / "{user}"),
+        )
+        realm = MaildropRealm(store, userdb=database, locations=mail_locations)
+        wire = Wire(factory(realm, database, clock))
+        assert wire.login() == b"+OK maildrop has 1 messages (18 octets)\r\n"
+
     def test_a_broken_mail_location_is_a_permanent_failure(
         self, database: UserDatabase, clock: Clock, store: MemoryStore, tmp_path: Path
     ) -> None:

@@ -181,7 +181,11 @@ class MailLocations:
             plugin = self._plugins.get(scheme)
             if plugin is None:
                 raise MailLocationError(f"no installed mail location kind {scheme!r}")
-            plugin.check(argument, self._options)
+            # The location alone: the server's options were checked against
+            # its own location at start-up.  A user's location takes those
+            # that apply to it (a Maildir, the lock table) and ignores the
+            # rest, which are not its to refuse (an mbox, --nfs-locks).
+            plugin.check(argument, {})
             store = plugin.make(argument, self._options, self._threads, self._clock)
             if len(self._stores) >= self._max_stores:
                 del self._stores[next(iter(self._stores))]
