@@ -85,6 +85,8 @@ USERS: dict[str, tuple[str, str]] = {
     "frank": ("{CRYPT}XXsTqXqb60.nU", "horse"),
     "grace": ("{CRYPT}$2b$05$GP5DDMUcSl4zhZkvqhH2XeqerWNJsSph7HrF1p.Nv2NlaVcZObW1K", HORSE),
     "heidi": ("{CRYPT}$1$Wz/kzrof$918CawWcJIG7i4uOaVJEF1", HORSE),
+    # Dovecot's alias, as in every passdb: {BLF} is {BLF-CRYPT}.
+    "heidi2": ("{BLF}$2b$05$GP5DDMUcSl4zhZkvqhH2XeqerWNJsSph7HrF1p.Nv2NlaVcZObW1K", HORSE),
     "ivan": ("{CRYPT}$5$QKJGpc2eE4cuMQEZ$iN7BSvgclQiaj5opnts8yWmq0D.x3q1fp29xIakC7zB", HORSE),
     # No scheme: default_pass_scheme (CRYPT unless the file says otherwise).
     "judy": ("$1$Wz/kzrof$918CawWcJIG7i4uOaVJEF1", HORSE),

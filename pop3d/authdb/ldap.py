@@ -80,7 +80,7 @@ from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
-from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, split_scheme
+from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme, split_scheme
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
     AuthenticatedUser,
@@ -555,9 +555,7 @@ class LdapChecker:
                 name, secret = split_scheme(raw)
             else:
                 name, secret = self.settings.default_pass_scheme, raw
-            kind = SCHEMES.get(name)
-            if kind is None:
-                raise PasswordSchemeError(f"unsupported password scheme {{{name}}}")
+            kind = get_scheme(name)  # Dovecot's aliases too, as in every passdb
             kind.check(secret)
         except PasswordSchemeError as error:
             # The secret itself is never logged.

@@ -57,6 +57,7 @@ from pop3d.sasl import (
     SASLFailure,
     decode_saslname,
 )
+from pop3d.wire import is_utf8
 
 #: RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -198,7 +199,7 @@ def parse_oauthbearer(response: bytes) -> BearerTokenCredentials:
         if not authzid_field.startswith(b"a="):
             raise SASLError(MALFORMED_OAUTHBEARER)
         unescaped = decode_saslname(authzid_field[2:])
-        if not unescaped or not _is_utf8(unescaped) or b"\x00" in unescaped:
+        if not unescaped or not is_utf8(unescaped) or b"\x00" in unescaped:
             raise SASLError(MALFORMED_OAUTHBEARER)
         username = unescaped
     token = _bearer_token(pairs.get(b"auth", b""))
@@ -218,20 +219,12 @@ def parse_xoauth2(response: bytes) -> BearerTokenCredentials:
             raise SASLError(MALFORMED_XOAUTH2)
         pairs[key] = value
     user = pairs.get(b"user", b"")
-    if not user or not _is_utf8(user) or any(byte < 0x20 for byte in user):
+    if not user or not is_utf8(user) or any(byte < 0x20 for byte in user):
         raise SASLError(MALFORMED_XOAUTH2)
     token = _bearer_token(pairs.get(b"auth", b""))
     if token is None:
         raise SASLError(MALFORMED_XOAUTH2)
     return BearerTokenCredentials(user, token)
-
-
-def _is_utf8(value: bytes) -> bool:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def oauthbearer_error(refusal: TokenRefusal) -> bytes:
