@@ -97,7 +97,6 @@ class POP3Factory(Factory):
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
         self.portal = portal
         self.clock = clock
-        self.timeout = timeout
         self.hostname = hostname or socket.gethostname()
         self.policy = policy
         self.failure_delay = FailureDelay(clock, base=login_failure_delay, trusted=trusted_networks)
@@ -126,6 +125,11 @@ class POP3Factory(Factory):
         token = secrets.token_hex(8)
         return f"<{token}.{int(self.clock.seconds())}@{self.hostname}>".encode("ascii", "replace")
 
+    @property
+    def timeout(self) -> float | None:
+        """The inactivity autologout in seconds (None: never), kept by the shared timer."""
+        return self._idle_timeouts.period
+
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         if self.max_connections is not None and self._connections >= self.max_connections:
             host = getattr(addr, "host", None) or ""
@@ -153,12 +157,9 @@ class POP3Factory(Factory):
             )
 
         slot = _ConnectionSlot(self)
-        if self._idle_timeouts.period != self.timeout:
-            self._idle_timeouts = IdleTimeouts(self.clock, self.timeout)
         protocol = POP3Protocol(
             new_driver,
             clock=self.clock,
-            timeout=self.timeout,
             tls=self.tls,
             # The slot itself, not a bound method (64 octets per session).
             on_close=slot,

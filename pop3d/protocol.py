@@ -148,7 +148,7 @@ class POP3Protocol(LineReceiver):
         new_driver: NewDriver,
         *,
         clock: IReactorTime,
-        timeout: int | None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         tls: ServerTLS | None = None,
         on_close: Callable[[], None] | None = None,
         admit: Admit | None = None,
@@ -156,8 +156,8 @@ class POP3Protocol(LineReceiver):
     ) -> None:
         """
         ``timeout``: the inactivity autologout in seconds of ``clock`` (None:
-        never); ``idle_timeouts``, when given, keeps it, with those of the
-        other connections that have the same (see `pop3d.idle`).
+        never); or ``idle_timeouts``, which keeps it for all of a server's
+        connections (see `pop3d.idle`; then ``timeout`` is its ``period``).
         """
         #: Runs the session: logins, stores, logging.
         self.driver = new_driver(self._link, self)
