@@ -395,9 +395,7 @@ class POP3Protocol(LineReceiver):
                 super().dataReceived(rest)
         finally:
             self._receiving -= 1
-        if self._unsent and not self._receiving and self.phase in _OPEN:
-            # Every command of this read answered that could be: together.
-            self._send_now()
+        self._send_if_done()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.phase not in _OPEN:
@@ -468,8 +466,16 @@ class POP3Protocol(LineReceiver):
             # Commands the client sent meanwhile (pipelining) are answered
             # now, and their replies leave together, with this one.
             self._update_reading()
-            if self._unsent and not self._receiving and self.phase in _OPEN:
-                self._send_now()
+            self._send_if_done()
+
+    def _send_if_done(self) -> None:
+        """
+        Send what was written, once no read is being worked through (the
+        replies to every command of a read leave together) and the
+        connection is open.
+        """
+        if self._unsent and not self._receiving and self.phase in _OPEN:
+            self._send_now()
 
     def _send_now(self) -> None:
         """

@@ -1584,11 +1584,7 @@ def _count_sizes(
             else:
                 more = read(fd, 1 if len(first) < _READ_SIZE else _READ_SIZE) if first else b""
             if not more:
-                # Most messages: one read, LF line endings (`wire_size`).
-                if b"\r" not in first and first.endswith(b"\n"):
-                    size = len(first) + first.count(b"\n")
-                else:
-                    size = wire_size(first)
+                size = wire_size(first)  # most messages: read in one go
             else:
                 counter = WireSizeCounter()
                 counter.feed(first)
