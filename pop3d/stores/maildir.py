@@ -582,11 +582,11 @@ def _refresh(
             )
         except Exception:
             log.failure("reading {path} failed", path=os.path.join(root, CHANGE_NOTES))
-    reread = {
-        _PARTS[part]: dict(_entries(root, root_fd, _PARTS[part]))
-        for part in untrusted
-        if _PARTS[part] not in noted
-    }
+
+    def read(parts: list[int]) -> dict[str, dict[str, int]]:
+        return {_PARTS[part]: dict(_entries(root, root_fd, _PARTS[part])) for part in parts}
+
+    reread = read([part for part in untrusted if _PARTS[part] not in noted])
     counted: dict[str, tuple[int, int]] = {}
     try:
         listing = (
@@ -598,7 +598,7 @@ def _refresh(
         # Something the notes said could not be used (a file that is no
         # message any more): the directories say what is there.
         log.failure("using {path} failed", path=os.path.join(root, CHANGE_NOTES))
-        reread = {_PARTS[part]: dict(_entries(root, root_fd, _PARTS[part])) for part in untrusted}
+        reread = read(untrusted)
         counted = {}
         listing = _apply(root, root_fd, cached, reread, counted, {})
     if listing is None:
@@ -942,21 +942,29 @@ class _ChangeNotes:
     def read(self, root: str, root_fd: int) -> list[_ChangeNote]:
         """The notes of a Maildir, oldest first; none if there are none to trust."""
         try:
-            fd, size = _open_regular(CHANGE_NOTES, root_fd)
+            # One stat while the file stays as it was parsed last.
+            seen = os.stat(CHANGE_NOTES, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            self._complain(root, (0, 0), f"cannot look at it: {error}")
+            return []
+        with self._lock:
+            parsed = self._parsed.get(root)
+            if parsed is not None and parsed[0] == (seen.st_ino, seen.st_mtime_ns, seen.st_size):
+                self._parsed.move_to_end(root)
+                return list(parsed[1])
+        try:
+            fd, info = _open_regular_file(CHANGE_NOTES, root_fd)
         except FileNotFoundError:
             return []
         except OSError as error:
             self._complain(root, (0, 0), f"cannot open it: {error}")
             return []
         try:
-            info = os.fstat(fd)
             stamp = (info.st_ino, info.st_mtime_ns)
             version = (info.st_ino, info.st_mtime_ns, info.st_size)
-            with self._lock:
-                parsed = self._parsed.get(root)
-                if parsed is not None and parsed[0] == version:
-                    self._parsed.move_to_end(root)
-                    return list(parsed[1])
+            size = info.st_size
             if size > _MAX_CHANGE_NOTES_SIZE:
                 self._complain(root, stamp, "it is too large")
                 return []
@@ -1772,6 +1780,12 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
 
 def _open_regular(name: str, directory_fd: int) -> tuple[int, int]:
     """Open a file of a directory, refusing links and anything but a regular file: (fd, size)."""
+    fd, info = _open_regular_file(name, directory_fd)
+    return fd, info.st_size
+
+
+def _open_regular_file(name: str, directory_fd: int) -> tuple[int, os.stat_result]:
+    """`_open_regular`, with all that ``fstat`` said of the file."""
     fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
@@ -1780,7 +1794,7 @@ def _open_regular(name: str, directory_fd: int) -> tuple[int, int]:
     except BaseException:
         os.close(fd)
         raise
-    return fd, info.st_size
+    return fd, info
 
 
 def _read_up_to(fd: int, size: int) -> bytes:
