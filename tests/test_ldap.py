@@ -23,6 +23,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from pop3d.authdb.ldap import LdapChecker, LdapCheckerFactory, escape_dn_value
@@ -612,7 +613,7 @@ class TestAuthBind:
             def whoami(connection: Any) -> Any:
                 return connection.whoami_s()
 
-            identity = await checker._in_thread(checker.connections.run, whoami)
+            identity = await deferToThread(checker.connections.run, whoami)
             assert identity == f"dn:{SERVICE_DN}"
 
     def test_user_pass_only(self, lookup_conf: Path) -> None:

@@ -907,7 +907,7 @@ def _many_messages(maildir: Path) -> dict[str, bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_sizes_are_exact_where_a_short_read_ends_a_file(
-    tmp_path: Path, maildir: Path
+    tmp_path: Path, maildir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     RFC 1939 section 11: sizes with CRLF line endings.  On a local disk a
@@ -918,7 +918,16 @@ async def test_sizes_are_exact_where_a_short_read_ends_a_file(
     """
     messages = _many_messages(maildir)
     store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=lambda fd: True)
+    real_read = os.read
+    reads: list[int] = []
+
+    def counting(fd: int, size: int) -> bytes:
+        reads.append(fd)
+        return real_read(fd, size)
+
+    monkeypatch.setattr(os, "read", counting)
     maildrop = await store.open("alice")
+    monkeypatch.undo()
     sizes = dict(zip(maildrop.messages.uids, maildrop.messages.sizes, strict=True))
     await maildrop.close()
     assert sizes == {name: wire_size(content) for name, content in messages.items()}
@@ -928,6 +937,9 @@ async def test_sizes_are_exact_where_a_short_read_ends_a_file(
         29,  # the CRLF a server adds before the final dot counts (RFC 1939 section 11)
     ]
     assert sizes["9004.M4.host,S=3"] == 25
+    # One read a message: none is read again to learn that it ended, but
+    # the one larger than a read (9001, 303 KB: 256 KiB, the rest, the end).
+    assert len(reads) == len(messages) - 1 + 3
 
 
 @pytest_twisted.ensureDeferred
