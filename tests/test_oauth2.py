@@ -838,21 +838,61 @@ class TestConfig:
         assert str(raised.value).startswith(f"{conf}:{line}: ")
         assert reason in str(raised.value)
 
-    def test_dovecots_example_files_are_accepted(self, tmp_path: Path) -> None:
-        """The examples of Dovecot's oauth2 documentation (Google, WSO2, Microsoft)."""
-        for text in (
-            "tokeninfo_url = https://www.googleapis.com/oauth2/v3/tokeninfo?access_token=\n"
-            "introspection_url = https://www.googleapis.com/oauth2/v2/userinfo\n"
-            "#force_introspection = yes\nusername_attribute = email\n",
-            "introspection_mode = post\n"
-            "introspection_url = https://adminuser:adminpass@server.name:9443/oauth2/introspect\n"
-            "username_attribute = username\nactive_attribute = active\nactive_value = true\n",
-            "introspection_mode = auth\nintrospection_url = https://graph.microsoft.com/v1.0/me\n"
-            "username_attribute = mail\ndebug = yes\nmax_parallel_connections = 10\n"
-            "use_grant_password = no\ngrant_url = https://x/token\nblocking = yes\n",
-        ):
-            settings = read_settings(str(write_conf(tmp_path / "c.conf.ext", text)))
-            assert settings.introspection_url is not None
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (
+                "tokeninfo_url = https://www.googleapis.com/oauth2/v3/tokeninfo?access_token=\n"
+                "introspection_url = https://www.googleapis.com/oauth2/v2/userinfo\n"
+                "#force_introspection = yes\nusername_attribute = email\n",
+                {
+                    "introspection_mode": "auth",
+                    "introspection": "https://www.googleapis.com/oauth2/v2/userinfo",
+                    "tokeninfo": "https://www.googleapis.com/oauth2/v3/tokeninfo?access_token=",
+                    "force_introspection": False,
+                    "username_attribute": "email",
+                },
+            ),
+            (
+                "introspection_mode = post\n"
+                "introspection_url = https://adminuser:adminpass@server.name:9443/oauth2/introspect\n"
+                "username_attribute = username\nactive_attribute = active\nactive_value = true\n",
+                {
+                    "introspection_mode": "post",
+                    "introspection": "https://server.name:9443/oauth2/introspect",
+                    "username_attribute": "username",
+                    "active_attribute": "active",
+                    "active_value": "true",
+                },
+            ),
+            (
+                "introspection_mode = auth\nintrospection_url = https://graph.microsoft.com/v1.0/me\n"
+                "username_attribute = mail\ndebug = yes\nmax_parallel_connections = 10\n"
+                "use_grant_password = no\ngrant_url = https://x/token\nblocking = yes\n",
+                {
+                    "introspection_mode": "auth",
+                    "introspection": "https://graph.microsoft.com/v1.0/me",
+                    "username_attribute": "mail",
+                },
+            ),
+        ],
+        ids=["google", "wso2", "microsoft"],
+    )
+    def test_dovecots_example_files_are_accepted(
+        self, tmp_path: Path, text: str, expected: dict[str, object]
+    ) -> None:
+        """The examples of Dovecot's oauth2 documentation, read as Dovecot reads them."""
+        settings = read_settings(str(write_conf(tmp_path / "c.conf.ext", text)))
+        found: dict[str, object] = {
+            name: getattr(settings, name)
+            for name in expected
+            if name not in ("introspection", "tokeninfo")
+        }
+        if settings.introspection_url is not None:
+            found["introspection"] = settings.introspection_url.url
+        if "tokeninfo" in expected and settings.tokeninfo_url is not None:
+            found["tokeninfo"] = settings.tokeninfo_url.url
+        assert found == expected
 
     def test_post_url_password_is_kept_out_of_the_url(self, tmp_path: Path) -> None:
         conf = write_conf(
