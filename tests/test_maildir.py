@@ -1150,10 +1150,12 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         maildir: Path,
         threads: TimedClockThreads,
         monkeypatch: pytest.MonkeyPatch,
+        scans: list[str],
     ) -> None:
         """
         QUIT's renames stop part way (a crash of that work, a full disk): the
-        listing kept is what the directories hold, not what was planned.
+        listing kept is what the directories hold, not what was planned (the
+        message is opened where it is, without looking for it).
         """
         store = MaildirStore(f"{tmp_path}/{{user}}", reactor=threads.as_reactor, settle_at_quit=1)
         uniques = [deliver_to_maildir(str(maildir), b"%d\n" % n) for n in range(3)]
@@ -1168,13 +1170,16 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         maildrop = self.open(store, threads)
         monkeypatch.setattr(os, "rename", failing)
         self.quit(maildrop, threads, [0, 1, 2], between=lambda: self.long_ago(maildir))
-        monkeypatch.undo()
+        monkeypatch.setattr(os, "rename", original)
         assert os.listdir(maildir / "new") == [uniques[1]]
         maildrop = self.open(store, threads)
         assert list(maildrop.messages.uids) == uniques
+        assert list(maildrop.messages.sizes) == [3, 3, 3]
+        scans.clear()
         body = result_of(threads.clock, maildrop.open_message(1))
         assert body.read(10) == b"1\n"  # type: ignore[union-attr]
         body.close()  # type: ignore[union-attr]
+        assert scans == []  # listed in new/, where it is
         maildrop.close()
 
     def test_a_small_maildir_is_read_again_at_the_next_login_instead(

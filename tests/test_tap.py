@@ -10,12 +10,15 @@ import hashlib
 import re
 import sqlite3
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
@@ -23,6 +26,7 @@ from twisted.python import usage
 from pop3d.authdb.ldap import LdapChecker
 from pop3d.authdb.oauth2 import OAuth2Checker
 from pop3d.authdb.sql import SQLChecker
+from pop3d.checkers import PasswdFileChecker
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
@@ -478,7 +482,8 @@ def test_sasl_mechanisms_on_the_wire(passwd: Path) -> None:
     assert answer == b"+OK maildrop has 1 messages (19 octets)\r\n"
 
 
-def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> None:
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> None:
     """
     SIGHUP's reload reads again every --auth checker's file (passwd-file,
     and Dovecot's conf files): a changed password_query is the one the
@@ -524,3 +529,10 @@ def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> None:
     assert oauth2.settings.introspection_url.url == "http://127.0.0.1:2/second"
     # The passwd-file is read again by the signal itself, not at the next login.
     assert f"reloaded {passwd}" in [formatEvent(event) for event in events]
+    # The next logins run the new query, and find the new user.
+    sql.run_slow_work_in(cast(IReactorThreads, reactor))
+    assert await sql.requestAvatarId(UsernamePassword(b"carol", b"second")) is not None
+    with pytest.raises(UnauthorizedLogin):
+        await sql.requestAvatarId(UsernamePassword(b"carol", b"first"))
+    [passwd_file] = [c for c in options["credCheckers"] if isinstance(c, PasswdFileChecker)]
+    assert await passwd_file.requestAvatarId(UsernamePassword(b"bob", b"builder")) == b"bob"
