@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,86 +59,71 @@ async def test_every_message_is_served_whole_one_after_another(
     assert served == set(bodies)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_maildir_replaced_after_a_first_retr_is_not_served(
-    store: MaildirStore, tmp_path: Path
-) -> None:
-    maildir = tmp_path / "alice"
-    deliver_to_maildir(str(maildir), b"first\n")
-    deliver_to_maildir(str(maildir), b"second\n")
-    maildrop = await store.open("alice")
-    await _retr(maildrop, 0)  # its new/ is held from now on
+def _maildir_replaced(maildir: Path, tmp_path: Path, second: str) -> None:
     maildir.rename(tmp_path / "moved")
     deliver_to_maildir(str(maildir), b"someone else's\n")
-    with pytest.raises(MaildropUnavailable):
-        await maildrop.open_message(1)
-    await maildrop.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_maildir_swapped_for_a_link_after_a_first_retr_is_not_served(
-    store: MaildirStore, tmp_path: Path
-) -> None:
-    maildir = tmp_path / "alice"
-    deliver_to_maildir(str(maildir), b"first\n")
-    deliver_to_maildir(str(maildir), b"second\n")
-    maildrop = await store.open("alice")
-    await _retr(maildrop, 0)
+def _maildir_swapped_for_a_link(maildir: Path, tmp_path: Path, second: str) -> None:
     maildir.rename(tmp_path / "moved")
     maildir.symlink_to(tmp_path / "moved")  # the same directory, through a link
-    with pytest.raises(MaildropUnavailable):
-        await maildrop.open_message(1)
-    await maildrop.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_message_swapped_for_a_link_after_a_first_retr_is_not_served(
-    store: MaildirStore, tmp_path: Path
-) -> None:
+def _message_swapped_for_a_link(maildir: Path, tmp_path: Path, second: str) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"root's secret\n")
-    maildir = tmp_path / "alice"
-    deliver_to_maildir(str(maildir), b"first\n")
-    second = deliver_to_maildir(str(maildir), b"second\n")
-    maildrop = await store.open("alice")
-    await _retr(maildrop, 0)
     (maildir / "new" / second).unlink()
     (maildir / "new" / second).symlink_to(secret)
-    with pytest.raises(MaildropUnavailable):
-        await maildrop.open_message(1)
-    await maildrop.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_message_moved_to_cur_between_two_retrs_is_still_served(
-    store: MaildirStore, tmp_path: Path
-) -> None:
-    maildir = tmp_path / "alice"
-    deliver_to_maildir(str(maildir), b"first\n")
-    second = deliver_to_maildir(str(maildir), b"second\n")
-    maildrop = await store.open("alice")
-    await _retr(maildrop, 0)
+def _message_moved_to_cur(maildir: Path, tmp_path: Path, second: str) -> None:
     os.rename(maildir / "new" / second, maildir / "cur" / f"{second}:2,S")
-    assert await _retr(maildrop, 1) == b"second\n"
-    await maildrop.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_subdirectory_replaced_between_two_retrs_is_read_as_it_is_now(
-    store: MaildirStore, tmp_path: Path
-) -> None:
-    """
-    The held new/ is the one the session read; a message a program moved
-    into a new new/ meanwhile is still found (the Maildir is read again).
-    """
-    maildir = tmp_path / "alice"
-    deliver_to_maildir(str(maildir), b"first\n")
-    second = deliver_to_maildir(str(maildir), b"second\n")
-    maildrop = await store.open("alice")
-    await _retr(maildrop, 0)
+def _subdirectory_replaced(maildir: Path, tmp_path: Path, second: str) -> None:
+    # The held new/ is the one the session read; a message a program moved
+    # into a new new/ meanwhile is still found (the Maildir is read again).
     (maildir / "new").rename(maildir / "old-new")
     (maildir / "new").mkdir()
     os.rename(maildir / "old-new" / second, maildir / "new" / second)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "change",
+    [_maildir_replaced, _maildir_swapped_for_a_link, _message_swapped_for_a_link],
+    ids=["maildir replaced", "maildir swapped for a link", "message swapped for a link"],
+)
+async def test_after_a_first_retr_what_is_no_longer_the_locked_maildir_is_not_served(
+    store: MaildirStore, tmp_path: Path, change: Callable[[Path, Path, str], None]
+) -> None:
+    """The held new/ is used only while the path is still the Maildir locked, and its file."""
+    maildir = tmp_path / "alice"
+    deliver_to_maildir(str(maildir), b"first\n")
+    second = deliver_to_maildir(str(maildir), b"second\n")
+    maildrop = await store.open("alice")
+    await _retr(maildrop, 0)  # its new/ is held from now on
+    change(maildir, tmp_path, second)
+    with pytest.raises(MaildropUnavailable):
+        await maildrop.open_message(1)
+    await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "change",
+    [_message_moved_to_cur, _subdirectory_replaced],
+    ids=["message moved to cur", "subdirectory replaced"],
+)
+async def test_after_a_first_retr_a_message_moved_is_still_served(
+    store: MaildirStore, tmp_path: Path, change: Callable[[Path, Path, str], None]
+) -> None:
+    maildir = tmp_path / "alice"
+    deliver_to_maildir(str(maildir), b"first\n")
+    second = deliver_to_maildir(str(maildir), b"second\n")
+    maildrop = await store.open("alice")
+    await _retr(maildrop, 0)
+    change(maildir, tmp_path, second)
     assert await _retr(maildrop, 1) == b"second\n"
     await maildrop.close()
 
