@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
 import ipaddress
 import os
@@ -19,6 +18,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IReactorUNIX,
 )
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 
 # Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
 # endpoint; a worker has an inherited socket instead.
@@ -68,6 +68,7 @@ from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credenti
 from pop3d.sasl.oauth2 import IOAuth2BearerToken
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
+from pop3d.stores.common import run_blocking
 from pop3d.stores.interfaces import (
     IMaildropStore,
     IMailLocationPlugin,
@@ -87,6 +88,8 @@ from pop3d.workers import (
     WorkerPool,
     worker_command,
 )
+
+log = Logger()
 
 DEFAULT_LISTEN = "tcp:110"
 
@@ -780,7 +783,7 @@ def makeService(options: Options) -> IService:
         control_service(options, factory, service).setServiceParent(service)
     if options["metrics"] is not None and options["worker-sockets"] is None:
         # After the POP3 listeners: their "listening on" line comes first.
-        add_metrics_endpoint(options, metrics, service, workers)
+        add_metrics_endpoint(options, metrics, service, workers, threads)
     # Everything alive now (modules, classes, the reactor: ~50,000 objects)
     # lives as long as the process.  Frozen, it is left out of every full
     # collection, each of which holds the GIL, and so every session, for as
@@ -801,11 +804,16 @@ def serving_metrics(options: Options) -> Metrics | None:
     return Metrics(tally=options["worker-sockets"] is None)
 
 
+def _in_background(work: Deferred[None], what: str) -> None:
+    work.addErrback(lambda failure: log.failure(what, failure))
+
+
 def add_metrics_endpoint(
     options: Options,
     metrics: Metrics | None,
     service: MultiService,
     pool: WorkerPool | None = None,
+    threads: IReactorThreads | None = None,
 ) -> None:
     """
     Serves --metrics: this process's metrics, or with --workers (``pool``)
@@ -819,7 +827,11 @@ def add_metrics_endpoint(
     else:
         directory = tempfile.mkdtemp(prefix="pop3d-metrics-")
         pool.environment[MULTIPROCESS_DIRECTORY] = directory
-        pool.on_worker_exit = functools.partial(forget_process, directory)
+        # A worker's files are removed in the thread pool, not on the
+        # reactor thread that answers the other sessions.
+        pool.on_worker_exit = lambda pid: _in_background(
+            run_blocking(threads, forget_process, directory, pid), "forgetting a worker's metrics"
+        )
         registry = workers_registry(directory)
         RemoveOnStop(directory).setServiceParent(service)
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)

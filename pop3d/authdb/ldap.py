@@ -107,8 +107,6 @@ _T = TypeVar("_T")
 #: Seconds a connection, a bind or a search may take before the server is
 #: taken for unavailable.
 DEFAULT_TIMEOUT = 5.0
-#: Searches and binds at once (each holds a thread and a connection).
-
 INSTALL_HINT = "python-ldap is not installed: pip install 'pop3d[ldap]'"
 
 

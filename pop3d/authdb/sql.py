@@ -114,8 +114,6 @@ DEFAULT_MAX_CONNECTIONS = 5
 #: answered ``-ERR [SYS/TEMP]``.
 DEFAULT_QUERY_TIMEOUT = 5.0
 
-#: Slow password checks (bcrypt, Argon2, SHA-crypt) at once, as for a passwd-file.
-
 #: The extra to install for each driver's library.
 _EXTRA_HINT = "pip install 'pop3d[sql]'"
 
