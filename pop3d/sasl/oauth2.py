@@ -57,7 +57,6 @@ from pop3d.sasl import (
     SASLFailure,
     decode_saslname,
 )
-from pop3d.wire import is_utf8
 
 #: RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
@@ -199,7 +198,7 @@ def parse_oauthbearer(response: bytes) -> BearerTokenCredentials:
         if not authzid_field.startswith(b"a="):
             raise SASLError(MALFORMED_OAUTHBEARER)
         unescaped = decode_saslname(authzid_field[2:])
-        if not unescaped or not is_utf8(unescaped) or b"\x00" in unescaped:
+        if not unescaped or not _is_utf8(unescaped) or b"\x00" in unescaped:
             raise SASLError(MALFORMED_OAUTHBEARER)
         username = unescaped
     token = _bearer_token(pairs.get(b"auth", b""))
@@ -219,7 +218,7 @@ def parse_xoauth2(response: bytes) -> BearerTokenCredentials:
             raise SASLError(MALFORMED_XOAUTH2)
         pairs[key] = value
     user = pairs.get(b"user", b"")
-    if not user or not is_utf8(user) or any(byte < 0x20 for byte in user):
+    if not user or not _is_utf8(user) or any(byte < 0x20 for byte in user):
         raise SASLError(MALFORMED_XOAUTH2)
     token = _bearer_token(pairs.get(b"auth", b""))
     if token is None:
@@ -328,3 +327,12 @@ class _BearerExchange:
         # Accepted (or not checkable now): the login decides, with the
         # canonical name for the log when the token told it.
         return Authenticate(credentials, verdict.user or credentials.username)
+
+
+def _is_utf8(value: bytes) -> bool:
+    # Not pop3d.wire's: SASL mechanisms know nothing of POP3 (see pop3d.sasl).
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
