@@ -18,7 +18,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
@@ -747,7 +747,7 @@ def makeService(options: Options) -> IService:
         metrics=metrics,
     )
     service = MultiService()
-    reload: Callable[[], None] = reload_configuration(options)
+    reload: Callable[[], object] = reload_configuration(options)
     if options["workers"] == 1 or options["worker-sockets"] is not None:
         # Added first, so stopped after the listeners (MultiService stops
         # its children in reverse): no session arrives once it closes them.
@@ -837,21 +837,21 @@ def add_metrics_endpoint(
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)
 
 
-def reload_configuration(options: Options) -> Callable[[], None]:
+def reload_configuration(options: Options) -> Callable[[], Deferred[Any]]:
     """
     What SIGHUP reads again: the --tls-cert/--tls-key files (kept as they
     were if the new ones cannot be used) and the files of every --auth
     checker that provides `pop3d.lifecycle.IReloadable` (passwd files,
-    which logins also re-read whenever they change; Dovecot's conf files).
+    which logins also re-read whenever they change; Dovecot's conf files),
+    those in the thread pool: the Deferred fires once they are all read.
     """
     tls: ServerTLS | None = options["tls"]
     reloadable = [c for c in options["credCheckers"] if IReloadable.providedBy(c)]
 
-    def reload() -> None:
+    def reload() -> Deferred[Any]:
         if tls is not None:
             tls.reload()
-        for checker in reloadable:
-            checker.reload()
+        return DeferredList([checker.reload() for checker in reloadable])
 
     return reload
 
@@ -859,7 +859,7 @@ def reload_configuration(options: Options) -> Callable[[], None]:
 class ReloadOnHangup(Service):
     """Runs ``reload`` in the reactor thread whenever the process gets SIGHUP."""
 
-    def __init__(self, reload: Callable[[], None]) -> None:
+    def __init__(self, reload: Callable[[], object]) -> None:
         self._reload = reload
         self._previous: Any = None
 
