@@ -746,6 +746,23 @@ class TestOutages:
         assert "good-token" not in logged.text
 
     @pytest_twisted.ensureDeferred
+    async def test_a_jwks_url_fetched_as_any_other_answer(
+        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: LogText
+    ) -> None:
+        """A JWK Set is fetched with the bounds of every answer: too large is an outage."""
+        url, state = provider_url
+        clock = Clock()
+        clock.advance(NOW)
+        checker = http_checker(
+            tmp_path, f"introspection_mode = local\njwks_url = {url}/jwks.json\n", clock
+        )
+        state.jwks = {"keys": [], "padding": "x" * (1 << 20)}
+        assert await check(checker, sign(ec_key("live"), claims(), kid="live")) is AuthUnavailable
+        assert logged.lines("oauth2: token check unavailable") == [
+            f"oauth2: token check unavailable: {url}/jwks.json: answer larger than 1048576 bytes"
+        ]
+
+    @pytest_twisted.ensureDeferred
     async def test_slow_server_times_out(
         self, tmp_path: Path, provider_url: tuple[str, ProviderState]
     ) -> None:

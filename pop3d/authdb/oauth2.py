@@ -502,18 +502,7 @@ class OAuth2Checker:
             kwargs["data"] = data
         if endpoint.basic_auth is not None:
             kwargs["auth"] = endpoint.basic_auth
-        try:
-            requested: Deferred[Any] = self._http.request(method, url, **kwargs)
-            requested.addTimeout(self.settings.timeout, self._clock)
-            response = await requested
-            body = await _bounded_content(response).addTimeout(self.settings.timeout, self._clock)
-        except _TooLarge:
-            too_large = f"{endpoint.shown}: answer larger than {MAX_RESPONSE_BYTES} bytes"
-            raise _Unreachable(too_large) from None
-        except Exception as error:
-            # The exception's text may hold the URL, and so the token: its type only.
-            raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
-        status = int(response.code)
+        status, body = await self._fetch(method, url, endpoint, **kwargs)
         if 400 <= status < 500:
             raise _TokenRefused(f"{endpoint.shown} answered {status}")
         if not 200 <= status < 300:
@@ -531,6 +520,26 @@ class OAuth2Checker:
             # An OAuth2 error (RFC 6749 section 5.2) with a 2xx: Dovecot refuses too.
             raise _TokenRefused(f"{endpoint.shown}: error {str(fields['error'])[:60]!r}")
         return fields
+
+    async def _fetch(
+        self, method: str, url: str, endpoint: Endpoint, **kwargs: Any
+    ) -> tuple[int, bytes]:
+        """
+        The status and body of a request (within ``timeout_msecs``, at most
+        `MAX_RESPONSE_BYTES`); `_Unreachable` when there is none.
+        """
+        try:
+            requested: Deferred[Any] = self._http.request(method, url, **kwargs)
+            requested.addTimeout(self.settings.timeout, self._clock)
+            response = await requested
+            body = await _bounded_content(response).addTimeout(self.settings.timeout, self._clock)
+        except _TooLarge:
+            too_large = f"{endpoint.shown}: answer larger than {MAX_RESPONSE_BYTES} bytes"
+            raise _Unreachable(too_large) from None
+        except Exception as error:
+            # The exception's text may hold the URL, and so the token: its type only.
+            raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
+        return int(response.code), body
 
     async def _local(self, token: str) -> Mapping[str, Any]:
         from pop3d.authdb.oauth2_jwt import (
@@ -598,17 +607,9 @@ class OAuth2Checker:
         )
         if not known and stale:
             endpoint = Endpoint(url)
-            try:
-                requested: Deferred[Any] = self._http.request("GET", url)
-                requested.addTimeout(self.settings.timeout, self._clock)
-                response = await requested
-                body = await _bounded_content(response).addTimeout(
-                    self.settings.timeout, self._clock
-                )
-            except Exception as error:
-                raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
-            if response.code != 200:
-                raise _Unreachable(f"{endpoint.shown} answered {response.code}")
+            status, body = await self._fetch("GET", url, endpoint)
+            if status != 200:
+                raise _Unreachable(f"{endpoint.shown} answered {status}")
             try:
                 self._jwks = parse_jwks(body)
             except KeyUnavailable:
