@@ -75,7 +75,11 @@ from pop3d.stores.interfaces import (
     IRetrievalTimesStore,
     MailLocationError,
 )
-from pop3d.stores.locations import MailLocations, installed_mail_locations
+from pop3d.stores.locations import (
+    MailLocations,
+    find_mail_location,
+    installed_mail_locations,
+)
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES
 from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
@@ -377,16 +381,12 @@ def parse_mail_location(location: str | None) -> tuple[IMailLocationPlugin, str]
     """
     if not location:
         raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
-    scheme, separator, argument = location.partition(":")
-    installed = installed_mail_locations()
-    for plugin in installed:
-        if separator and plugin.scheme == scheme:
-            return plugin, argument
-    schemes = ", ".join(plugin.scheme for plugin in installed)
-    raise usage.UsageError(
-        f"--mail-location {location!r}: expected SCHEME:ARGUMENT, SCHEME one of the "
-        f"installed stores: {schemes} (twistd pop3d --help-mail-location tells more)"
-    )
+    try:
+        return find_mail_location(location, installed_mail_locations())
+    except MailLocationError as error:
+        raise usage.UsageError(
+            f"--mail-location {error} (twistd pop3d --help-mail-location tells more)"
+        ) from None
 
 
 def mail_location_help(plugins: Sequence[IMailLocationPlugin]) -> str:

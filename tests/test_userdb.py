@@ -276,6 +276,18 @@ class TestPerUserMailLocation:
             wire.login() == b"-ERR [SYS/PERM] the mail location of this user is misconfigured\r\n"
         )
 
+    @pytest.mark.parametrize("location", ["imap:whatever", "maildir"])
+    def test_a_location_of_no_installed_kind_names_the_installed_ones(
+        self, tmp_path: Path, location: str
+    ) -> None:
+        """As --mail-location does (test_tap): the same words, found the same way."""
+        with pytest.raises(MailLocationError) as refused:
+            locations(tmp_path)(location)
+        assert str(refused.value) == (
+            f"{location!r}: expected SCHEME:ARGUMENT, SCHEME one of the installed stores: "
+            "maildir, mbox"
+        )
+
     @pytest.mark.parametrize(
         ("mail", "home", "location"),
         [
