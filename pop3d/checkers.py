@@ -39,7 +39,7 @@ from pop3d.credchecks import (
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable
+from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import (
     SCHEMES,
     PasswordScheme,
@@ -50,7 +50,6 @@ from pop3d.passwords import (
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
-from pop3d.stores.common import run_blocking
 
 log = Logger()
 
@@ -222,9 +221,7 @@ class PasswdFileChecker:
         self.path = path
         self._checks = checks
         self._verifier = PasswordVerifier()
-        self._threads: IReactorThreads | None = None
-        #: Logins waiting for the file being read again.
-        self._waiting: list[Deferred[_Table]] = []
+        self._file = ReloadableFiles(path, self._read, self._set_table, (OSError, PasswdFileError))
         self._signature = self._stat()
         self._set_table(self._read())
 
@@ -236,7 +233,7 @@ class PasswdFileChecker:
         ``max_concurrent`` at once (the others wait their turn, in order).
         """
         self._verifier = PasswordVerifier(reactor, max_concurrent)
-        self._threads = reactor
+        self._file.threads = reactor
 
     def _set_table(self, table: _Table) -> None:
         self._table = table
@@ -258,36 +255,16 @@ class PasswdFileChecker:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
             return succeed(self._table)
         if signature == self._signature:
-            return succeed(self._table)
-        waiting: Deferred[_Table] = Deferred()
-        self._waiting.append(waiting)
-        if len(self._waiting) == 1:
-            # One reading for every login that noticed the change meanwhile.
-            reading = run_blocking(self._threads, self._read)
-            reading.addBoth(self._read_again, signature)
-        return waiting
-
-    def _read_again(self, result: _Table | Failure, signature: tuple[int, int, int]) -> None:
-        # Read once per change, whatever came of it: a broken file is said
+            # (While the file is read, the logins that noticed the change wait.)
+            return self._file.settled().addCallback(lambda _: self._table)
+        # Read once per change, whatever comes of it: a broken file is said
         # once, and read again when it changes again.
         self._signature = signature
-        if isinstance(result, Failure):
-            if result.check(OSError, PasswdFileError):
-                log.error(
-                    "keeping the previous {path}: {error}", path=self.path, error=result.value
-                )
-            else:
-                log.failure("keeping the previous {path}", result, path=self.path)
-        else:
-            self._set_table(result)
-            log.info("reloaded {path}", path=self.path)
-        waiting, self._waiting = self._waiting, []
-        for login in waiting:
-            login.callback(self._table)
+        return self._file.read_again().addCallback(lambda _: self._table)
 
-    def reload(self) -> None:
+    def reload(self) -> Deferred[None]:
         """Read the file again now if it changed (SIGHUP); logins do so anyway."""
-        self._current_table()
+        return self._current_table().addCallback(lambda _: None)
 
     # -- ICredentialsChecker ---------------------------------------------------
 

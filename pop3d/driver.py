@@ -716,31 +716,28 @@ def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]])
     return maildrop, logout, messages, settings, user
 
 
+#: The typed failures of a login, in the order they are looked for: the
+#: word the log line (and the metrics) give the reason, and whether the
+#: error's text goes to the log as its detail.
+_LOGIN_FAILURES: tuple[tuple[type[POP3Error], str, bool], ...] = (
+    (MaildropLocked, "in-use", False),
+    (MaildropUnavailable, "unavailable", True),
+    # The password was right: the user database refuses this user.
+    (LoginRefused, "refused", True),
+    # Logged (once per outage) by the checker that could not ask.
+    (AuthUnavailable, "auth-unavailable", True),
+    # Not a failed login: neither counted nor made to wait.
+    (LoginDelayed, "login-delay", False),
+)
+
+
 def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:
     """Why a login failed (for the log: a word and details) and what the client is told."""
     if failure.check(UnauthorizedLogin, LoginFailed):
         return "credentials", "", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
-    if failure.check(MaildropLocked):
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "in-use", "", error.status()
-    if failure.check(MaildropUnavailable):
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "unavailable", error.text, error.status()
-    if failure.check(LoginRefused):
-        # The password was right: the user database refuses this user.
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "refused", error.text, error.status()
-    if failure.check(AuthUnavailable):
-        # Logged (once per outage) by the checker that could not ask.
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "auth-unavailable", error.text, error.status()
-    if failure.check(LoginDelayed):
-        # Not a failed login: neither counted nor made to wait.
-        error = failure.value
-        assert isinstance(error, POP3Error)
-        return "login-delay", "", error.status()
+    for kind, reason, detailed in _LOGIN_FAILURES:
+        if failure.check(kind):
+            error = failure.value
+            assert isinstance(error, POP3Error)
+            return reason, error.text if detailed else "", error.status()
     return "internal", "", INTERNAL_ERROR_STATUS

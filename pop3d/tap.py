@@ -18,7 +18,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFromThreads,
@@ -75,7 +75,11 @@ from pop3d.stores.interfaces import (
     IRetrievalTimesStore,
     MailLocationError,
 )
-from pop3d.stores.locations import MailLocations, installed_mail_locations
+from pop3d.stores.locations import (
+    MailLocations,
+    find_mail_location,
+    installed_mail_locations,
+)
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES
 from pop3d.throttle import MAXIMUM_DELAY, IPNetwork
 from pop3d.tls import ImplicitTLSEndpoint, ServerTLS, TLSConfigurationError, tls_server_factory
@@ -377,16 +381,12 @@ def parse_mail_location(location: str | None) -> tuple[IMailLocationPlugin, str]
     """
     if not location:
         raise usage.UsageError("--mail-location is required, e.g. maildir:/srv/mail/{user}")
-    scheme, separator, argument = location.partition(":")
-    installed = installed_mail_locations()
-    for plugin in installed:
-        if separator and plugin.scheme == scheme:
-            return plugin, argument
-    schemes = ", ".join(plugin.scheme for plugin in installed)
-    raise usage.UsageError(
-        f"--mail-location {location!r}: expected SCHEME:ARGUMENT, SCHEME one of the "
-        f"installed stores: {schemes} (twistd pop3d --help-mail-location tells more)"
-    )
+    try:
+        return find_mail_location(location, installed_mail_locations())
+    except MailLocationError as error:
+        raise usage.UsageError(
+            f"--mail-location {error} (twistd pop3d --help-mail-location tells more)"
+        ) from None
 
 
 def mail_location_help(plugins: Sequence[IMailLocationPlugin]) -> str:
@@ -747,7 +747,7 @@ def makeService(options: Options) -> IService:
         metrics=metrics,
     )
     service = MultiService()
-    reload: Callable[[], None] = reload_configuration(options)
+    reload: Callable[[], object] = reload_configuration(options)
     if options["workers"] == 1 or options["worker-sockets"] is not None:
         # Added first, so stopped after the listeners (MultiService stops
         # its children in reverse): no session arrives once it closes them.
@@ -837,21 +837,21 @@ def add_metrics_endpoint(
     metrics_service(options["metrics-endpoint"], registry).setServiceParent(service)
 
 
-def reload_configuration(options: Options) -> Callable[[], None]:
+def reload_configuration(options: Options) -> Callable[[], Deferred[Any]]:
     """
     What SIGHUP reads again: the --tls-cert/--tls-key files (kept as they
     were if the new ones cannot be used) and the files of every --auth
     checker that provides `pop3d.lifecycle.IReloadable` (passwd files,
-    which logins also re-read whenever they change; Dovecot's conf files).
+    which logins also re-read whenever they change; Dovecot's conf files),
+    those in the thread pool: the Deferred fires once they are all read.
     """
     tls: ServerTLS | None = options["tls"]
     reloadable = [c for c in options["credCheckers"] if IReloadable.providedBy(c)]
 
-    def reload() -> None:
+    def reload() -> Deferred[Any]:
         if tls is not None:
             tls.reload()
-        for checker in reloadable:
-            checker.reload()
+        return DeferredList([checker.reload() for checker in reloadable])
 
     return reload
 
@@ -859,7 +859,7 @@ def reload_configuration(options: Options) -> Callable[[], None]:
 class ReloadOnHangup(Service):
     """Runs ``reload`` in the reactor thread whenever the process gets SIGHUP."""
 
-    def __init__(self, reload: Callable[[], None]) -> None:
+    def __init__(self, reload: Callable[[], object]) -> None:
         self._reload = reload
         self._previous: Any = None
 

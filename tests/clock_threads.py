@@ -99,3 +99,9 @@ class TimedClockThreads(ClockThreads):
 
     def getDelayedCalls(self) -> Any:
         return self.clock.getDelayedCalls()
+
+    def addSystemEventTrigger(
+        self, phase: str, event_type: str, f: Callable[..., object], *a: object, **kw: object
+    ) -> object:
+        # Kept, never run: a Clock does not shut down.
+        return (phase, event_type, f)

@@ -20,6 +20,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,6 +36,7 @@ from pop3d.checkers import (
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.lifecycle import ReloadableFiles
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -48,6 +50,8 @@ from pop3d.sasl.cram_md5 import CramMD5, CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
+
+from .clock_threads import ClockThreads, settle
 
 
 class TestMailboxNames:
@@ -178,6 +182,28 @@ class TestPasswdFile:
         assert isinstance(alice.result, Failure) and alice.result.check(UnauthorizedLogin)
         alice.addErrback(lambda _: None)
         assert threads.pool.queued == []
+
+    def test_a_reload_asked_during_a_reading_reads_once_more_after_it(self) -> None:
+        """
+        A SIGHUP (or a login that saw another change) while the files are
+        being read: they may have changed since that reading began, so they
+        are read once more after it; the logins waiting on the first reading
+        go on with what it gave.
+        """
+        clock = Clock()
+        threads = ClockThreads(clock)
+        readings = iter(["first", "second"])
+        used: list[str] = []
+        files = ReloadableFiles("/etc/pop3d/x.conf", lambda: next(readings), used.append, ())
+        files.threads = threads.as_reactor
+        seen: dict[str, list[str]] = {}
+        files.read_again().addCallback(lambda _: seen.setdefault("first", list(used)))
+        files.read_again().addCallback(lambda _: seen.setdefault("second", list(used)))
+        files.settled().addCallback(lambda _: seen.setdefault("login", list(used)))
+        assert threads.handed_over == 1
+        settle(clock)
+        assert threads.handed_over == 2
+        assert seen == {"first": ["first"], "login": ["first"], "second": ["first", "second"]}
 
     @pytest_twisted.ensureDeferred
     async def test_a_broken_change_keeps_the_last_good_file(

@@ -23,6 +23,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
@@ -56,6 +57,7 @@ from pop3d.userdb import (
 )
 from pop3d.wire import ResponseCode
 
+from .clock_threads import ClockThreads, result_of
 from .ldapserver import (
     PEOPLE,
     SERVICE_DN,
@@ -662,15 +664,58 @@ class TestReload:
         assert IReloadable.providedBy(checker)
         assert await _login(checker, _credentials("alice", HORSE)) == AuthenticatedUser("alice")
         conf.write_text(conf.read_text().replace("(uid=%u)", "(cn=nobody-%u)"))
-        checker.reload()
+        await checker.reload()
         assert isinstance(await _login(checker, _credentials("alice", HORSE)), UnauthorizedLogin)
         good = conf.read_text()
         conf.write_text(good + "scope = everywhere\n")
-        checker.reload()
+        await checker.reload()
         assert f"keeping the previous {conf}: {conf}:" in "\n".join(
             formatEvent(event) for event in events
         )
         assert isinstance(await _login(checker, _credentials("alice", HORSE)), UnauthorizedLogin)
+
+    def test_the_file_is_read_in_the_thread_pool_and_logins_wait_for_it(
+        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+    ) -> None:
+        """
+        SIGHUP's reading of the file is handed to the thread pool, not done
+        on the reactor thread; a login that arrives meanwhile waits for it,
+        and searches with the new pass_filter.
+        """
+        conf = _write_conf(tmp_path / "c.conf.ext", ldap_server)
+        good = conf.read_text()
+        conf.write_text(good.replace("(uid=%u)", "(cn=nobody-%u)"))
+        threads = ClockThreads(Clock())
+        checker = LdapChecker(read_ldap_settings(str(conf)))
+        checker.run_slow_work_in(threads.as_reactor)
+        conf.write_text(good)
+        checker.reload()
+        assert threads.handed_over == 1
+        assert "(cn=nobody-%u)" in checker.settings.pass_filter
+        alice = checker.requestAvatarId(_credentials("alice", HORSE))
+        assert not alice.called
+        assert result_of(threads.clock, alice) == AuthenticatedUser("alice")
+        assert [formatEvent(event) for event in events if "reloaded" in formatEvent(event)] == [
+            f"reloaded {conf}"
+        ]
+
+    def test_a_broken_file_keeps_the_one_in_use_and_is_logged_once(
+        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+    ) -> None:
+        conf = _write_conf(tmp_path / "c.conf.ext", ldap_server)
+        threads = ClockThreads(Clock())
+        checker = LdapChecker(read_ldap_settings(str(conf)))
+        checker.run_slow_work_in(threads.as_reactor)
+        conf.write_text(conf.read_text() + "scope = everywhere\n")
+        checker.reload()
+        logins = [checker.requestAvatarId(_credentials("alice", HORSE)) for _ in range(2)]
+        assert not any(login.called for login in logins)
+        assert [result_of(threads.clock, login) for login in logins] == [
+            AuthenticatedUser("alice"),
+            AuthenticatedUser("alice"),
+        ]
+        [kept] = [formatEvent(event) for event in events if "keeping" in formatEvent(event)]
+        assert kept.startswith(f"keeping the previous {conf}: {conf}:8: ")
 
 
 # -- outages ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from pop3d.session import SessionPolicy
 from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore
 from pop3d.userdb import AuthenticatedUser
+from tests.clock_threads import ClockThreads, result_of
 from tests.conftest import Wire
 from tests.oauth2_provider import (
     ISSUER,
@@ -745,6 +746,23 @@ class TestOutages:
         assert "good-token" not in logged.text
 
     @pytest_twisted.ensureDeferred
+    async def test_a_jwks_url_fetched_as_any_other_answer(
+        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: LogText
+    ) -> None:
+        """A JWK Set is fetched with the bounds of every answer: too large is an outage."""
+        url, state = provider_url
+        clock = Clock()
+        clock.advance(NOW)
+        checker = http_checker(
+            tmp_path, f"introspection_mode = local\njwks_url = {url}/jwks.json\n", clock
+        )
+        state.jwks = {"keys": [], "padding": "x" * (1 << 20)}
+        assert await check(checker, sign(ec_key("live"), claims(), kid="live")) is AuthUnavailable
+        assert logged.lines("oauth2: token check unavailable") == [
+            f"oauth2: token check unavailable: {url}/jwks.json: answer larger than 1048576 bytes"
+        ]
+
+    @pytest_twisted.ensureDeferred
     async def test_slow_server_times_out(
         self, tmp_path: Path, provider_url: tuple[str, ProviderState]
     ) -> None:
@@ -996,13 +1014,54 @@ async def test_sighup_reads_the_file_again(
     token = sign(rotated, claims(), kid="k3")
     assert await check(checker, token) is UnauthorizedLogin
     (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(signing_key, rotated)))
-    checker.reload()
+    await checker.reload()
     assert await check(checker, token) == AuthenticatedUser(name=ALICE)
     jwks_conf.write_text(jwks_conf.read_text() + "use_grant_password = yes\n")
-    checker.reload()
-    assert logged.lines("oauth2: /") == [
-        f"oauth2: {jwks_conf} read again",
-        f"oauth2: {jwks_conf}:4: use_grant_password is not supported by pop3d; "
-        "keeping the settings in use",
+    await checker.reload()
+    assert logged.lines(str(jwks_conf)) == [
+        f"reloaded {jwks_conf}",
+        f"keeping the previous {jwks_conf}: {jwks_conf}:4: use_grant_password is not supported "
+        "by pop3d",
     ]
     assert await check(checker, token) == AuthenticatedUser(name=ALICE)
+
+
+def test_a_reload_reads_the_files_in_the_thread_pool_and_logins_wait_for_it(
+    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: LogText
+) -> None:
+    """
+    SIGHUP's reading of the file, and of the JWK Set it names, is handed to
+    the thread pool, not done on the reactor thread; a token checked
+    meanwhile waits for it, and is validated with the new keys.
+    """
+    clock = Clock()
+    clock.advance(NOW)
+    threads = ClockThreads(clock)
+    checker = OAuth2Checker(read_settings(str(jwks_conf)), threads.as_reactor, clock=clock)
+    rotated = ec_key("k3")
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(signing_key, rotated)))
+    checker.reload()
+    assert threads.handed_over == 1
+    checked = Deferred.fromCoroutine(check(checker, sign(rotated, claims(), kid="k3")))
+    assert not checked.called
+    assert result_of(clock, checked) == AuthenticatedUser(name=ALICE)
+    assert logged.lines("reloaded") == [f"reloaded {jwks_conf}"]
+
+
+def test_a_broken_reload_keeps_the_settings_in_use_and_is_logged_once(
+    jwks_conf: Path, signing_key: Any, logged: LogText
+) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    threads = ClockThreads(clock)
+    checker = OAuth2Checker(read_settings(str(jwks_conf)), threads.as_reactor, clock=clock)
+    jwks_conf.write_text(jwks_conf.read_text() + "introspection_mode = sideways\n")
+    checker.reload()
+    token = sign(signing_key, claims(), kid="k1")
+    checks = [Deferred.fromCoroutine(check(checker, token)) for _ in range(2)]
+    assert not any(checked.called for checked in checks)
+    assert [result_of(clock, checked) for checked in checks] == [AuthenticatedUser(name=ALICE)] * 2
+    assert logged.lines("keeping the previous") == [
+        f"keeping the previous {jwks_conf}: {jwks_conf}:4: introspection_mode must be one of "
+        "auth, get, post, local, not 'sideways'"
+    ]

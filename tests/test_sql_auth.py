@@ -35,6 +35,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -61,6 +62,7 @@ from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
 
+from .clock_threads import TimedClockThreads, result_of
 from .conftest import start_service
 from .test_dovecot_migration import _require_dovecot as require_dovecot
 from .test_process import Launch, Server, twistd_arguments
@@ -1208,26 +1210,81 @@ async def test_several_checkers_one_down() -> None:
 async def test_sighup_reads_the_file_again(tmp_path: Path, logged: LogCapture) -> None:
     """IReloadable: new queries and a new database take effect; a bad file is kept out."""
     first = sqlite_database(tmp_path / "first.db")
-    second = tmp_path / "second.db"
-    with sqlite3.connect(second) as connection:
-        connection.execute(CREATE_TABLE)
-        connection.execute("INSERT INTO users (userid, password) VALUES ('zoe', '{PLAIN}zz')")
-    connection.close()
+    second = zoe_database(tmp_path / "second.db")
     made = Databases("sqlite", str(first), tmp_path)
     checker = made.checker()
     assert IReloadable.providedBy(checker)
     assert (await login(checker, "alice", "wonderland")).name == "alice"
     made.connect = str(second)
     path = made.config(default_pass_scheme="SHA512-CRYPT")
-    checker.reload()
+    await checker.reload()
     assert (await login(checker, "zoe", "zz")).name == "zoe"
     with pytest.raises(UnauthorizedLogin):
         await login(checker, "alice", "wonderland")
     path.write_text("driver = sqlite\nconnect = x\npassword_query = SELECT 1 WHERE a = %u\n")
-    checker.reload()
+    await checker.reload()
     [error] = logged.texts("keeping the previous")
     assert f"{path}:3: password_query: variable %u outside quotes" in error
     assert (await login(checker, "zoe", "zz")).name == "zoe"
+
+
+def test_a_reload_reads_the_file_in_the_thread_pool_and_logins_wait_for_it(
+    tmp_path: Path, logged: LogCapture
+) -> None:
+    """
+    SIGHUP's reading of dovecot-sql.conf.ext is not done on the reactor
+    thread, which goes on serving the other sessions: it is handed to the
+    thread pool.  A login that arrives meanwhile waits for it, and runs
+    the new query against the new database.
+    """
+    made = Databases("sqlite", str(sqlite_database(tmp_path / "first.db")), tmp_path)
+    path = made.config()
+    checker = SQLChecker(read_sql_config(str(path)))
+    threads = TimedClockThreads(Clock())
+    checker.run_slow_work_in(threads.as_reactor)
+    made.connect = str(zoe_database(tmp_path / "second.db"))
+    made.config()
+    checker.reload()
+    assert threads.handed_over == 1
+    assert checker.config.connect == str(tmp_path / "first.db")
+    zoe = Deferred.fromCoroutine(login(checker, "zoe", "zz"))
+    assert not zoe.called
+    assert result_of(threads.clock, zoe) == AuthenticatedUser("zoe")
+    assert logged.texts("reloaded") == [f"reloaded {path}"]
+    checker.database.close()
+
+
+def test_a_broken_reload_keeps_the_file_in_use_and_is_logged_once(
+    tmp_path: Path, logged: LogCapture
+) -> None:
+    """A file that cannot be used: one line naming its file and line; logins go on with the old."""
+    made = Databases("sqlite", str(sqlite_database(tmp_path / "first.db")), tmp_path)
+    path = made.config()
+    checker = SQLChecker(read_sql_config(str(path)))
+    threads = TimedClockThreads(Clock())
+    checker.run_slow_work_in(threads.as_reactor)
+    path.write_text("driver = sqlite\nconnect = x\npassword_query = SELECT 1 WHERE a = %u\n")
+    checker.reload()
+    logins = [Deferred.fromCoroutine(login(checker, "alice", "wonderland")) for _ in range(2)]
+    assert not any(waiting.called for waiting in logins)
+    assert [result_of(threads.clock, waiting) for waiting in logins] == [
+        AuthenticatedUser("alice"),
+        AuthenticatedUser("alice"),
+    ]
+    assert threads.handed_over == 3  # the file once, then the two queries
+    [kept] = logged.texts("keeping the previous")
+    assert kept.startswith(
+        f"keeping the previous {path}: {path}:3: password_query: variable %u outside quotes"
+    )
+    checker.database.close()
+
+
+def zoe_database(path: Path) -> Path:
+    with sqlite3.connect(path) as connection:
+        connection.execute(CREATE_TABLE)
+        connection.execute("INSERT INTO users (userid, password) VALUES ('zoe', '{PLAIN}zz')")
+    connection.close()
+    return path
 
 
 @pytest.mark.peer

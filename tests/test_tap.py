@@ -522,7 +522,7 @@ async def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> N
     assert ldap.settings.base == "o=first"
     assert oauth2.settings.introspection_url.url == "http://127.0.0.1:1/first"
     with capturedLogs() as events:
-        reload_configuration(options)()
+        await reload_configuration(options)()
     assert "other AS password" in sql.config.password_query.statement
     assert ldap.settings.base == "o=second"
     assert ldap.settings.uris == ("ldap://127.0.0.1:2/",)

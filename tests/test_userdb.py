@@ -25,7 +25,13 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import (
+    AuthUnavailable,
+    LoginDelayed,
+    LoginRefused,
+    MaildropLocked,
+    MaildropUnavailable,
+)
 from pop3d.factory import POP3Factory
 from pop3d.logindelay import LoginDelayRealm
 from pop3d.metrics import Metrics, TimingRealm
@@ -168,6 +174,64 @@ class TestCanonicalName:
 
 
 class TestRefusals:
+    @pytest.mark.parametrize(
+        ("error", "reply", "logged"),
+        [
+            (UnauthorizedLogin(), AUTH_FAILED, 'reason=credentials user="alice"'),
+            (
+                MaildropLocked(),
+                b"-ERR [IN-USE] maildrop is locked by another session\r\n",
+                'reason=in-use user="alice"',
+            ),
+            (
+                MaildropUnavailable("no such directory", permanent=True),
+                b"-ERR [SYS/PERM] no such directory\r\n",
+                'reason=unavailable user="alice" detail="no such directory"',
+            ),
+            (
+                LoginRefused("account suspended"),
+                b"-ERR [AUTH] account suspended\r\n",
+                'reason=refused user="alice" detail="account suspended"',
+            ),
+            (
+                AuthUnavailable(),
+                b"-ERR [SYS/TEMP] authentication service unavailable, try again later\r\n",
+                'reason=auth-unavailable user="alice" '
+                'detail="authentication service unavailable, try again later"',
+            ),
+            (
+                LoginDelayed(300, 120),
+                b"-ERR [LOGIN-DELAY] last login less than 300 seconds ago, "
+                b"try again in 120 seconds\r\n",
+                'reason=login-delay user="alice"',
+            ),
+        ],
+    )
+    def test_each_failed_login_its_reply_and_its_log_line(
+        self,
+        database: UserDatabase,
+        clock: Clock,
+        store: MemoryStore,
+        error: Exception,
+        reply: bytes,
+        logged: str,
+    ) -> None:
+        """
+        RFC 2449 section 8 (IN-USE, LOGIN-DELAY) and RFC 3206 section 4
+        (AUTH, SYS/TEMP, SYS/PERM): each typed failure its response code and
+        text; the log line fail2ban reads says which it was.
+        """
+        database.refusals[b"alice"] = error
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            answer = Wire(factory(MaildropRealm(store), database, clock)).login()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert answer == reply
+        [line] = [e["summary"] for e in events if "login failed:" in e.get("log_format", "")]
+        assert line.partition(" method=USER ")[2] == logged
+
     def test_nologin_gets_its_reason_with_auth(
         self, database: UserDatabase, clock: Clock, store: MemoryStore
     ) -> None:
@@ -274,6 +338,18 @@ class TestPerUserMailLocation:
         wire = Wire(factory(realm, database, clock))
         assert (
             wire.login() == b"-ERR [SYS/PERM] the mail location of this user is misconfigured\r\n"
+        )
+
+    @pytest.mark.parametrize("location", ["imap:whatever", "maildir"])
+    def test_a_location_of_no_installed_kind_names_the_installed_ones(
+        self, tmp_path: Path, location: str
+    ) -> None:
+        """As --mail-location does (test_tap): the same words, found the same way."""
+        with pytest.raises(MailLocationError) as refused:
+            locations(tmp_path)(location)
+        assert str(refused.value) == (
+            f"{location!r}: expected SCHEME:ARGUMENT, SCHEME one of the installed stores: "
+            "maildir, mbox"
         )
 
     @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -79,7 +80,7 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable
+from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme, split_scheme
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
@@ -303,6 +304,9 @@ class LdapChecker:
         # Searches, binds and slow password checks share one bound.
         self._verifier = PasswordVerifier()
         self._outage = OutageLog(f"LDAP server {' '.join(settings.uris)}")
+        self._file = ReloadableFiles(
+            settings.path, partial(read_ldap_settings, settings.path), self._use, (ConfigFileError,)
+        )
         default = SCHEMES[settings.default_pass_scheme]
         self._default_kind = default
         self.credentialInterfaces: tuple[InterfaceClass, ...]
@@ -336,19 +340,20 @@ class LdapChecker:
         when the reactor stops.
         """
         self._reactor = reactor
+        self._file.threads = reactor
         self._verifier = PasswordVerifier(reactor, max_concurrent)
         if IReactorCore.providedBy(reactor):
             core: IReactorCore = reactor
             core.addSystemEventTrigger("after", "shutdown", lambda: self.connections.close())
 
-    def reload(self) -> None:
-        """`IReloadable`: read the file again; a file that cannot be used is logged and kept."""
-        path = self.settings.path
-        try:
-            settings = read_ldap_settings(path)
-        except ConfigFileError as error:
-            log.error("keeping the previous {path}: {error}", path=path, error=str(error))
-            return
+    def reload(self) -> Deferred[None]:
+        """
+        `IReloadable`: read the file again, in the thread pool (logins wait
+        for it); a file that cannot be used is logged and kept.
+        """
+        return self._file.read_again()
+
+    def _use(self, settings: LdapSettings) -> None:
         if settings == self.settings:
             return
         retired = self.connections
@@ -357,7 +362,6 @@ class LdapChecker:
         self._outage.what = f"LDAP server {' '.join(settings.uris)}"
         # Unbinding talks to the server: not on the reactor thread.
         self._in_thread(retired.close).addErrback(lambda _: None)
-        log.info("reloaded {path}", path=path)
 
     def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         if self._reactor is None:
@@ -455,6 +459,10 @@ class LdapChecker:
     # -- ICredentialsChecker -------------------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        # With what a reading of the file under way (SIGHUP) gives.
+        return self._file.settled().addCallback(lambda _: self._request_avatar_id(credentials))
+
+    def _request_avatar_id(self, credentials: Any) -> Deferred[Any]:
         try:
             user = as_bytes(credentials.username).decode("utf-8")
         except UnicodeDecodeError:
@@ -589,6 +597,9 @@ class LdapChecker:
 
     def lookup(self, user: str, context: LoginContext | None) -> Deferred[UserSettings | None]:
         """``user_filter`` and ``user_attrs``: the user's settings, None if not found."""
+        return self._file.settled().addCallback(lambda _: self._lookup(user, context))
+
+    def _lookup(self, user: str, context: LoginContext | None) -> Deferred[UserSettings | None]:
         settings = self.settings
         variables = Variables.for_login(user, context)
         found = self._ask(

@@ -60,7 +60,7 @@ from zope.interface import implementer
 from pop3d.authdb import OutageLog
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.errors import AuthUnavailable
-from pop3d.lifecycle import IReloadable
+from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.sasl.oauth2 import (
     IOAuth2BearerToken,
     IOAuth2TokenVerifier,
@@ -337,48 +337,39 @@ class OAuth2Checker:
         self._http_given = http
         self._verdicts: WeakKeyDictionary[object, _Outcome] = WeakKeyDictionary()
         self._outage = OutageLog("oauth2: token check")
-        self._use(settings)
+        # At start-up, before any session: a bad file is a usage error.
+        self._use(_read_files(settings))
+        path = settings.path
+        self._file = ReloadableFiles(
+            path, lambda: _read_files(read_settings(path)), self._use, (ConfigFileError,)
+        )
+        self._file.threads = cast(IReactorThreads, reactor)
 
-    def _use(self, settings: OAuth2Settings) -> None:
-        """Take ``settings``, with fresh keys and HTTP client; `ConfigFileError` if unusable."""
-        jwks: Any = None
-        if settings.jwks_url is not None and not settings.jwks_url.startswith(
-            ("http://", "https://")
-        ):
-            # At start-up, before any session: a bad file is a usage error.
-            from pop3d.authdb.oauth2_jwt import KeyUnavailable, parse_jwks
-
-            try:
-                with open(settings.jwks_url, "rb") as stream:
-                    jwks = parse_jwks(stream.read(MAX_RESPONSE_BYTES))
-            except (OSError, KeyUnavailable) as error:
-                raise ConfigFileError(settings.path, 0, f"jwks_url: {error}") from None
+    def _use(self, files: _Files) -> None:
+        """Take what ``files`` hold, with fresh keys and HTTP client."""
         # Made on first use: a checker that validates JWTs from a file needs none.
         http = self._http_given
-        if http is None and settings.tls_ca_cert_file is not None:
-            # Now, so a bad CA file stops the start-up (or the reload).
-            http = _treq_client(self._reactor, settings)
-        self.settings = settings
+        if http is None and files.ca_certificates is not None:
+            http = _treq_client(self._reactor, files.ca_certificates)
+        self.settings = files.settings
         self._http_client = http
-        self._jwks = jwks
+        self._jwks = files.jwks
         self._jwks_fetched_at: float | None = None
         # Dovecot keeps keys until it restarts (or reloads): so does this.
         self._dict_keys: dict[str, Any] = {}
 
-    def reload(self) -> None:
-        """`IReloadable` (SIGHUP): read the file again; if it cannot be used, keep the old one."""
-        path = self.settings.path
-        try:
-            self._use(read_settings(path))
-        except ConfigFileError as error:
-            log.error("oauth2: {error}; keeping the settings in use", error=str(error))
-            return
-        log.info("oauth2: {path} read again", path=path)
+    def reload(self) -> Deferred[None]:
+        """
+        `IReloadable` (SIGHUP): read the file again, and the JWK Set and CA
+        files it names, in the thread pool (tokens checked meanwhile wait
+        for it); if they cannot be used, keep the old ones.
+        """
+        return self._file.read_again()
 
     @property
     def _http(self) -> Any:
         if self._http_client is None:
-            self._http_client = _treq_client(self._reactor, self.settings)
+            self._http_client = _treq_client(self._reactor, None)
         return self._http_client
 
     # -- IOAuth2TokenVerifier --------------------------------------------------------
@@ -423,6 +414,8 @@ class OAuth2Checker:
     # -- checking ----------------------------------------------------------------------
 
     async def _outcome(self, credentials: IOAuth2BearerToken) -> _Outcome:
+        # With what a reading of the files under way (SIGHUP) gives.
+        await self._file.settled()
         if not is_b64token(credentials.token):
             return self._refused(credentials, "not a bearer token")
         token = credentials.token.decode("ascii")
@@ -509,18 +502,7 @@ class OAuth2Checker:
             kwargs["data"] = data
         if endpoint.basic_auth is not None:
             kwargs["auth"] = endpoint.basic_auth
-        try:
-            requested: Deferred[Any] = self._http.request(method, url, **kwargs)
-            requested.addTimeout(self.settings.timeout, self._clock)
-            response = await requested
-            body = await _bounded_content(response).addTimeout(self.settings.timeout, self._clock)
-        except _TooLarge:
-            too_large = f"{endpoint.shown}: answer larger than {MAX_RESPONSE_BYTES} bytes"
-            raise _Unreachable(too_large) from None
-        except Exception as error:
-            # The exception's text may hold the URL, and so the token: its type only.
-            raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
-        status = int(response.code)
+        status, body = await self._fetch(method, url, endpoint, **kwargs)
         if 400 <= status < 500:
             raise _TokenRefused(f"{endpoint.shown} answered {status}")
         if not 200 <= status < 300:
@@ -538,6 +520,26 @@ class OAuth2Checker:
             # An OAuth2 error (RFC 6749 section 5.2) with a 2xx: Dovecot refuses too.
             raise _TokenRefused(f"{endpoint.shown}: error {str(fields['error'])[:60]!r}")
         return fields
+
+    async def _fetch(
+        self, method: str, url: str, endpoint: Endpoint, **kwargs: Any
+    ) -> tuple[int, bytes]:
+        """
+        The status and body of a request (within ``timeout_msecs``, at most
+        `MAX_RESPONSE_BYTES`); `_Unreachable` when there is none.
+        """
+        try:
+            requested: Deferred[Any] = self._http.request(method, url, **kwargs)
+            requested.addTimeout(self.settings.timeout, self._clock)
+            response = await requested
+            body = await _bounded_content(response).addTimeout(self.settings.timeout, self._clock)
+        except _TooLarge:
+            too_large = f"{endpoint.shown}: answer larger than {MAX_RESPONSE_BYTES} bytes"
+            raise _Unreachable(too_large) from None
+        except Exception as error:
+            # The exception's text may hold the URL, and so the token: its type only.
+            raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
+        return int(response.code), body
 
     async def _local(self, token: str) -> Mapping[str, Any]:
         from pop3d.authdb.oauth2_jwt import (
@@ -605,17 +607,9 @@ class OAuth2Checker:
         )
         if not known and stale:
             endpoint = Endpoint(url)
-            try:
-                requested: Deferred[Any] = self._http.request("GET", url)
-                requested.addTimeout(self.settings.timeout, self._clock)
-                response = await requested
-                body = await _bounded_content(response).addTimeout(
-                    self.settings.timeout, self._clock
-                )
-            except Exception as error:
-                raise _Unreachable(f"{endpoint.shown}: {type(error).__name__}") from None
-            if response.code != 200:
-                raise _Unreachable(f"{endpoint.shown} answered {response.code}")
+            status, body = await self._fetch("GET", url, endpoint)
+            if status != 200:
+                raise _Unreachable(f"{endpoint.shown} answered {status}")
             try:
                 self._jwks = parse_jwks(body)
             except KeyUnavailable:
@@ -704,24 +698,56 @@ def _bounded_content(response: Any) -> Deferred[bytes]:
     return collected.addCallback(lambda _: b"".join(chunks))
 
 
-def _treq_client(reactor: Any, settings: OAuth2Settings) -> Any:
-    """treq's HTTPClient over the reactor, trusting ``tls_ca_cert_file`` when set."""
+@dataclass(frozen=True)
+class _Files:
+    """A dovecot-oauth2.conf.ext, and what the files it names hold."""
+
+    settings: OAuth2Settings
+    #: The JWK Set of a ``jwks_url`` that is a file.
+    jwks: Any = None
+    #: The certificates of ``tls_ca_cert_file``.
+    ca_certificates: tuple[Any, ...] | None = None
+
+
+def _read_files(settings: OAuth2Settings) -> _Files:
+    """The JWK Set and CA files ``settings`` name, read (blocking); `ConfigFileError`: unusable."""
+    jwks: Any = None
+    if settings.jwks_url is not None and not settings.jwks_url.startswith(("http://", "https://")):
+        from pop3d.authdb.oauth2_jwt import KeyUnavailable, parse_jwks
+
+        try:
+            with open(settings.jwks_url, "rb") as stream:
+                jwks = parse_jwks(stream.read(MAX_RESPONSE_BYTES))
+        except (OSError, KeyUnavailable) as error:
+            raise ConfigFileError(settings.path, 0, f"jwks_url: {error}") from None
+    certificates = None
+    if settings.tls_ca_cert_file is not None:
+        from twisted.internet.ssl import Certificate
+
+        try:
+            with open(settings.tls_ca_cert_file, "rb") as stream:
+                pem = stream.read()
+        except OSError as error:
+            raise ConfigFileError(settings.path, 0, f"tls_ca_cert_file: {error}") from None
+        certificates = tuple(
+            Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
+            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+        )
+        if not certificates:
+            raise ConfigFileError(settings.path, 0, "tls_ca_cert_file holds no certificate")
+    return _Files(settings, jwks, certificates)
+
+
+def _treq_client(reactor: Any, ca_certificates: tuple[Any, ...] | None) -> Any:
+    """treq's HTTPClient over the reactor, trusting ``ca_certificates`` when given."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
     policy = BrowserLikePolicyForHTTPS()
-    if settings.tls_ca_cert_file is not None:
-        from twisted.internet.ssl import Certificate, trustRootFromCertificates
+    if ca_certificates is not None:
+        from twisted.internet.ssl import trustRootFromCertificates
 
-        with open(settings.tls_ca_cert_file, "rb") as stream:
-            pem = stream.read()
-        certificates = [
-            Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
-            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-        ]
-        if not certificates:
-            raise ConfigFileError(settings.path, 0, "tls_ca_cert_file holds no certificate")
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(certificates))
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(ca_certificates))
     pool = HTTPConnectionPool(reactor, persistent=True)
     return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 

@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, TypeVar
 
@@ -67,7 +68,7 @@ from pop3d.credchecks import (
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext, yes_or_no
 from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable
+from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import (
     PasswordScheme,
     PasswordSchemeError,
@@ -735,25 +736,27 @@ class SQLChecker:
         self._queries = DeferredSemaphore(config.max_connections)
         self._verifier = PasswordVerifier()
         self._set_scheme(config.default_scheme)
+        self._file = ReloadableFiles(
+            config.path, partial(read_sql_config, config.path), self._use, (ConfigFileError,)
+        )
 
     def _set_scheme(self, default: PasswordScheme) -> None:
         kinds = [default]
         self.credentialInterfaces = self._checks.possible(kinds)
         self._dummy_entries = self._checks.dummies(kinds)
 
-    def reload(self) -> None:
+    def reload(self) -> Deferred[None]:
         """
-        SIGHUP (`IReloadable`): read the file again.  New queries and scheme
+        SIGHUP (`IReloadable`): read the file again (in the thread pool; the
+        logins that come meanwhile wait for it).  New queries and scheme
         apply to the next login; a new ``driver`` or ``connect`` opens a new
         pool (the old one is closed in the thread pool).  A file that cannot
         be used is logged with its line, and the one in use is kept.  (A
         portal learns the mechanisms ``default_pass_scheme`` allows once.)
         """
-        try:
-            config = read_sql_config(self.config.path)
-        except ConfigFileError as error:
-            log.error("keeping the previous {path}: {error}", path=self.config.path, error=error)
-            return
+        return self._file.read_again()
+
+    def _use(self, config: SQLConfig) -> None:
         old = self.config
         if (config.driver, config.connect, config.max_connections) != (
             old.driver,
@@ -769,7 +772,6 @@ class SQLChecker:
                 closed.addErrback(lambda failure: log.failure("closing {db}", failure, db=previous))
         self.config = config
         self._set_scheme(config.default_scheme)
-        log.info("reloaded {path}", path=config.path)
 
     def run_slow_work_in(self, reactor: IReactorThreads) -> None:
         """
@@ -778,6 +780,7 @@ class SQLChecker:
         closed when the reactor stops.
         """
         self._reactor = reactor
+        self._file.threads = reactor
         self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT)
         reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "before", "shutdown", self.database.close
@@ -829,6 +832,7 @@ class SQLChecker:
     async def _passdb_row(
         self, user: str, context: LoginContext | None, password: str | None = None
     ) -> PassdbRow | None:
+        await self._file.settled()
         variables = Variables.for_login(user, context, password)
         rows = await self.query(self.config.password_query, variables)
         if not rows:
@@ -925,6 +929,7 @@ class SQLChecker:
         return Deferred.fromCoroutine(self._lookup(user, context))
 
     async def _lookup(self, user: str, context: LoginContext | None) -> UserSettings | None:
+        await self._file.settled()
         rows = await self.query(self.config.user_query, Variables.for_login(user, context))
         if len(rows) != 1:
             if rows:

@@ -6,7 +6,7 @@ like any other's).  See `pop3d.stores.interfaces.IMailLocationPlugin`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -32,6 +32,23 @@ def installed_mail_locations() -> list[IMailLocationPlugin]:
     for plugin in getPlugins(IMailLocationPlugin):
         found.setdefault(plugin.scheme, plugin)
     return [found[scheme] for scheme in sorted(found)]
+
+
+def find_mail_location(
+    location: str, plugins: Sequence[IMailLocationPlugin]
+) -> tuple[IMailLocationPlugin, str]:
+    """
+    The plug-in of ``plugins`` a ``SCHEME:ARGUMENT`` location names, and the
+    ARGUMENT; `MailLocationError` naming the installed schemes if none does.
+    """
+    scheme, separator, argument = location.partition(":")
+    for plugin in plugins:
+        if separator and plugin.scheme == scheme:
+            return plugin, argument
+    schemes = ", ".join(plugin.scheme for plugin in plugins)
+    raise MailLocationError(
+        f"{location!r}: expected SCHEME:ARGUMENT, SCHEME one of the installed stores: {schemes}"
+    )
 
 
 def checked_template(argument: str) -> str:
@@ -163,7 +180,7 @@ class MailLocations:
         default_template: str,
         max_stores: int = 1024,
     ) -> None:
-        self._plugins = {plugin.scheme: plugin for plugin in plugins}
+        self._plugins = plugins
         shared = dict(options)
         if not shared.get("nfs-locks") and not shared.get("lock-table"):
             shared["lock-table"] = default_lock_table(default_template)
@@ -177,10 +194,7 @@ class MailLocations:
         """The store of ``location`` (``SCHEME:PATH``), or `MailLocationError`."""
         store = self._stores.pop(location, None)
         if store is None:
-            scheme, _, argument = location.partition(":")
-            plugin = self._plugins.get(scheme)
-            if plugin is None:
-                raise MailLocationError(f"no installed mail location kind {scheme!r}")
+            plugin, argument = find_mail_location(location, self._plugins)
             # The location alone: the server's options were checked against
             # its own location at start-up.  A user's location takes those
             # that apply to it (a Maildir, the lock table) and ignores the
