@@ -311,7 +311,13 @@ class PasswdFileChecker:
             matched = succeed(False)
         else:
             lookup = StoredPasswordLookup(
-                username, found, self, self._verifier, table.usual, table.dummies
+                username,
+                found,
+                self,
+                self._verifier,
+                table.usual,
+                table.dummies,
+                table.scram_derives,
             )
             matched = check.run(lookup, credentials)
 

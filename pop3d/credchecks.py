@@ -128,6 +128,13 @@ class PasswordLookup(Protocol):
     def check_password(self, password: bytes) -> Deferred[bool]:
         """``password`` against the entry (or a dummy like the usual entry), whatever its scheme."""
 
+    def scram_keys(self) -> Deferred[ScramKeys | None]:
+        """
+        The SCRAM-SHA-256 keys of the entry (stored, or derived from a
+        plaintext one); None for an unknown user or another scheme, after
+        the work the checker's usual SCRAM-capable entry costs.
+        """
+
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run CPU-heavy ``work`` away from the reactor thread when there is a pool."""
 
@@ -320,12 +327,19 @@ class StoredPasswordLookup:
     #: What an unknown user's credentials of each type are checked against
     #: (`PasswordChecks.dummies`).
     dummies: Mapping[InterfaceClass, PasswordEntry]
+    #: Whether the usual SCRAM-capable entry is plaintext (its keys derived
+    #: for each exchange): then an unknown user's dummy keys are derived too.
+    scram_derives: bool = False
 
     def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
         return self.dummies[credentials]
 
     def check_password(self, password: bytes) -> Deferred[bool]:
         return self.verifier.check(self.entry, password, self.like)
+
+    def scram_keys(self) -> Deferred[ScramKeys | None]:
+        # The entry this login already holds: the store is not asked again.
+        return self.verifier.scram_keys(self.username, self.entry, self.scram_derives)
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return self.verifier.run_slow(work, *args)

@@ -12,6 +12,7 @@ Dovecot (its pgsql and mysql drivers) on one ``dovecot-sql.conf.ext``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -447,6 +448,17 @@ class PostgresCluster:
                 c.execute(statement)  # type: ignore[arg-type]
             else:
                 c.cursor().executemany(statement, rows)  # type: ignore[arg-type]
+
+    def value(self, query: str) -> int:
+        """The one number ``query`` answers."""
+        import psycopg
+
+        with psycopg.connect(
+            host=str(self.root), dbname="mail", user="pop3d", autocommit=True
+        ) as c:
+            row = c.execute(query).fetchone()  # type: ignore[arg-type]
+            assert row is not None
+            return int(row[0])
 
     def count(self) -> int:
         import psycopg
@@ -934,6 +946,73 @@ async def test_database_down_and_back(
     assert f"({'PostgreSQL' if driver == 'pgsql' else 'MySQL'}, {config})" in down
     assert len(logged.texts("SQL database available again")) == 1
     assert not logged.texts("Traceback")
+
+
+def scram_session(host: str, port: int, user: bytes, password: bytes) -> list[bytes]:
+    """AUTH SCRAM-SHA-256 (RFC 5034 section 4) by hand: every reply, as sent."""
+    client = Client(user, password)
+    pop = poplib.POP3(host, port, timeout=30)
+    replies = []
+    try:
+
+        def send(line: bytes) -> bytes:
+            pop._putcmd(line.decode("ascii"))  # type: ignore[attr-defined]
+            reply: bytes = pop._getline()[0]  # type: ignore[attr-defined]
+            replies.append(reply)
+            return reply
+
+        send(b"AUTH SCRAM-SHA-256")
+        server_first = send(base64.b64encode(client.first()))
+        if server_first.startswith(b"+ "):
+            server_final = send(base64.b64encode(client.final(base64.b64decode(server_first[2:]))))
+            if server_final.startswith(b"+ "):
+                send(b"")
+    finally:
+        pop.quit()
+    return replies
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_a_scram_login_asks_postgresql_once_for_the_login(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    """
+    SCRAM-SHA-256 (RFC 5802 section 5) over SQL, counted by PostgreSQL
+    itself (the password_query takes a number from a sequence): one query
+    for the server-first message's salt, one for the login, whose password
+    check uses the row that query gave (not a third query, nor the keys
+    derived again from another).  The replies are unchanged.
+    """
+    postgres.execute("CREATE SEQUENCE password_queries")
+    counted = (
+        "SELECT password, nextval('password_queries') AS counted FROM users WHERE userid = '%u'"
+    )
+    config = Databases("pgsql", postgres.connect, tmp_path).config(password_query=counted)
+    server = await start_service(
+        tmp_path, ["tcp:0:interface=127.0.0.1"], ["--auth", f"sql:{config}"]
+    )
+
+    async def session(user: bytes, password: bytes) -> tuple[list[bytes], int]:
+        before = postgres.value("SELECT last_value FROM password_queries")
+        replies = await deferToThread(scram_session, server.host, server.port, user, password)
+        return replies, postgres.value("SELECT last_value FROM password_queries") - before
+
+    try:
+        postgres.value("SELECT nextval('password_queries')")
+        for user, password in [(b"scram", b"pencil"), (b"o'brien", b"irish")]:
+            replies, queries = await session(user, password)
+            assert replies[0] == b"+ "
+            assert base64.b64decode(replies[1][2:]).startswith(b"r=fyko+d2lbbFgONRv9qkxdawL")
+            assert base64.b64decode(replies[2][2:]).startswith(b"v=")
+            assert replies[3] == b"+OK maildrop has 0 messages (0 octets)"
+            assert queries == 2
+        replies, queries = await session(b"scram", b"pen")
+        assert replies[2:] == [b"-ERR [AUTH] invalid user name or password"]
+        assert queries == 2
+    finally:
+        await server.service.stopService()
+        postgres.execute("DROP SEQUENCE password_queries")
 
 
 # -- end to end: twistd pop3d and Dovecot on the same dovecot-sql.conf.ext ------------------

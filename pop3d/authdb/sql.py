@@ -889,6 +889,8 @@ class SQLChecker:
                 # default scheme, at its default cost.
                 self.config.default_scheme,
                 self._dummy_entries,
+                # Plaintext passwords by default: their SCRAM keys are derived.
+                self.config.default_scheme.plaintext,
             )
             matched = await check.run(lookup, credentials)
         if not matched or row is None:
