@@ -31,10 +31,13 @@ from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
     PasswordScheme,
+    PasswordSchemeError,
     ScramSHA256Scheme,
+    get_scheme,
     parse_scram_secret,
     scram_keys,
     scram_salt,
+    split_scheme,
 )
 from pop3d.sasl import IVerifiers, ScramKeys
 from pop3d.stores.common import run_blocking
@@ -102,6 +105,30 @@ class PasswordEntry:
     @property
     def kind(self) -> PasswordScheme:
         return SCHEMES[self.scheme]
+
+    @classmethod
+    def parse(
+        cls, stored: bytes, default: PasswordScheme | None = None, *, noscheme: bool = False
+    ) -> PasswordEntry:
+        """
+        A stored password as every password database reads it (passwd-file,
+        SQL, LDAP): ``{SCHEME}secret`` in any scheme `pop3d.passwords.get_scheme`
+        knows (any case, Dovecot's aliases too); without the prefix (or with
+        ``noscheme``, Dovecot's ``password_noscheme``), a secret of
+        ``default``.  `PasswordSchemeError` says what is wrong, never the secret.
+        """
+        prefixed = not noscheme and stored.startswith(b"{") and b"}" in stored
+        if prefixed or default is None:
+            # Without a default the prefix is needed (split_scheme says so).
+            name, secret = split_scheme(stored)
+            scheme = get_scheme(name)
+        else:
+            scheme, secret = default, stored
+        try:
+            scheme.check(secret)
+        except PasswordSchemeError as error:
+            raise PasswordSchemeError(f"malformed {{{scheme.name}}} password: {error}") from None
+        return cls(scheme.name, secret)
 
 
 class PasswordLookup(Protocol):

@@ -80,7 +80,7 @@ from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.lifecycle import IReloadable
-from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme, split_scheme
+from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
     AuthenticatedUser,
@@ -547,21 +547,17 @@ class LdapChecker:
         """The ``password`` field as a stored password; None if there is none pop3d can use."""
         if not password:
             return None
-        raw = password.encode("utf-8", "surrogateescape")
         try:
-            if raw.startswith(b"{") and b"}" in raw:
-                name, secret = split_scheme(raw)
-            else:
-                name, secret = self.settings.default_pass_scheme, raw
-            kind = get_scheme(name)  # Dovecot's aliases too, as in every passdb
-            kind.check(secret)
+            entry = PasswordEntry.parse(
+                # The file's scheme of the moment (SIGHUP may change it).
+                password.encode("utf-8", "surrogateescape"),
+                get_scheme(self.settings.default_pass_scheme),
+            )
         except PasswordSchemeError as error:
-            # The secret itself is never logged.
             log.error(
                 "LDAP: the password of {user} cannot be used: {error}", user=user, error=str(error)
             )
             return None
-        entry = PasswordEntry(kind.name, secret)
         self._usual = entry
         return entry
 

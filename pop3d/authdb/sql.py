@@ -72,7 +72,6 @@ from pop3d.passwords import (
     PasswordScheme,
     PasswordSchemeError,
     get_scheme,
-    split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
 from pop3d.stores.common import run_blocking
@@ -628,18 +627,12 @@ class PassdbRow:
 
 
 def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> PasswordEntry:
-    stored = value.encode("utf-8", "surrogateescape")
     try:
-        if not noscheme and stored.startswith(b"{") and b"}" in stored:
-            name, secret = split_scheme(stored)
-            scheme = get_scheme(name)
-        else:
-            scheme, secret = default, stored
-        scheme.check(secret)
+        return PasswordEntry.parse(
+            value.encode("utf-8", "surrogateescape"), default, noscheme=noscheme
+        )
     except PasswordSchemeError as error:
-        # Never the secret itself.
         raise RowError(f"unusable password: {error}") from None
-    return PasswordEntry(scheme.name, secret)
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
