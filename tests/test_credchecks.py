@@ -295,7 +295,7 @@ class TestParsingStoredPasswords:
         in_file = passwd_file_reads(stored)
         try:
             in_sql: PasswordEntry | None = parse_passdb_row(
-                {"password": stored}, "user", SCHEMES["PLAIN"], "test"
+                {"password": stored}, SCHEMES["PLAIN"]
             ).entry
         except RowError:
             in_sql = None

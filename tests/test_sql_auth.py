@@ -60,7 +60,7 @@ from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore, deliver_to_maildir
-from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
+from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings, passdb_user
 
 from .conftest import start_service
 from .test_dovecot_migration import _require_dovecot as require_dovecot
@@ -282,45 +282,44 @@ class TestRows:
     plain = get_scheme("PLAIN")
 
     def test_fields(self) -> None:
-        row = parse_passdb_row(
-            {
-                "user": "Alice@Example.org",
-                "password": "{PLAIN}x",
-                "nologin": "Y",
-                "reason": "gone\r\nfishing",
-                "allow_nets": "192.0.2.0/24, ::1",
-                "userdb_mail": "maildir:/srv/%u",
-                "userdb_login_delay": "60",
-                "uid": "1000",
-            },
-            "alice",
-            self.plain,
-            "test",
-        )
-        assert row.name == "Alice@Example.org"
+        fields = {
+            "user": "Alice@Example.org",
+            "password": "{PLAIN}x",
+            "nologin": "Y",
+            "reason": "gone\r\nfishing",
+            "allow_nets": "192.0.2.0/24, ::1",
+            "userdb_mail": "maildir:/srv/%u",
+            "userdb_login_delay": "60",
+            "uid": "1000",
+        }
+        row = parse_passdb_row(fields, self.plain)
         assert row.entry is not None and (row.entry.scheme, row.entry.secret) == ("PLAIN", b"x")
-        assert row.nologin and row.reason == "gone fishing"
-        assert [str(n) for n in row.allowed_networks or ()] == ["192.0.2.0/24", "::1/128"]
-        assert row.settings == UserSettings(mail="maildir:/srv/%u", login_delay=60)
+        assert "password" not in row.fields
+        with pytest.raises(LoginRefused) as refused:
+            passdb_user("alice", row.fields, "test")
+        assert refused.value.status().to_bytes() == b"-ERR [AUTH] gone fishing\r\n"
+        del fields["nologin"]
+        user = passdb_user("alice", parse_passdb_row(fields, self.plain).fields, "test")
+        assert user.name == "Alice@Example.org"
+        assert [str(n) for n in user.allowed_networks or ()] == ["192.0.2.0/24", "::1/128"]
+        assert user.settings == UserSettings(mail="maildir:/srv/%u", login_delay=60)
 
     def test_username_and_domain_fields(self) -> None:
         row = parse_passdb_row(
-            {"username": "bob", "domain": "example.org", "password": "p"}, "B@x", self.plain, "t"
+            {"username": "bob", "domain": "example.org", "password": "p"}, self.plain
         )
-        assert row.name == "bob@example.org"
+        assert passdb_user("B@x", row.fields, "t").name == "bob@example.org"
 
     def test_null_fields_are_not_set(self) -> None:
-        row = parse_passdb_row(
-            {"password": "p", "nologin": None, "user": None}, "carol", self.plain, "t"
-        )
-        assert (row.name, row.nologin) == ("carol", False)
+        row = parse_passdb_row({"password": "p", "nologin": None, "user": None}, self.plain)
+        assert passdb_user("carol", row.fields, "t") == AuthenticatedUser("carol")
 
     def test_default_scheme_and_noscheme(self) -> None:
         sha = get_scheme("SHA512-CRYPT")
         secret = sha.hash(b"pw").decode()
-        row = parse_passdb_row({"password": secret}, "u", sha, "t")
+        row = parse_passdb_row({"password": secret}, sha)
         assert row.entry is not None and row.entry.scheme == "SHA512-CRYPT"
-        row = parse_passdb_row({"password_noscheme": "{braces}"}, "u", self.plain, "t")
+        row = parse_passdb_row({"password_noscheme": "{braces}"}, self.plain)
         assert row.entry is not None and row.entry.secret == b"{braces}"
 
 

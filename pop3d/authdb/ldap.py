@@ -16,7 +16,8 @@ Two ways to check a password, as in Dovecot:
   made from ``auth_bind_userdn``) with it, then binds back as ``dn``.  Only
   USER/PASS and SASL PLAIN/LOGIN can work this way.
 
-Fields: ``user`` (the canonical name), ``nologin`` with ``reason``
+Fields, read as from SQL (`pop3d.userdb.passdb_user`): ``user`` (or
+``username``/``domain``: the canonical name), ``nologin`` with ``reason``
 (`pop3d.errors.LoginRefused` after the password was verified),
 ``allow_nets``, and ``userdb_*`` (prefetched per-user settings).  A file that
 sets ``user_filter`` or ``user_attrs`` also serves as the userdb
@@ -78,7 +79,7 @@ from pop3d.credchecks import (
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme
 from pop3d.sasl import IScramSHA256Credentials
@@ -90,7 +91,7 @@ from pop3d.userdb import (
     UserFieldError,
     UserSettings,
     login_context_of,
-    parse_allow_nets,
+    passdb_user,
 )
 
 try:
@@ -563,23 +564,11 @@ class LdapChecker:
 
     def _authenticated(self, user: str, fields: dict[str, str]) -> AuthenticatedUser:
         """The avatar id of a user whose password was right, after nologin and friends."""
-        if "nologin" in fields:
-            raise LoginRefused(fields.get("reason") or None)
-        name = fields.get("user") or user
         try:
-            networks = parse_allow_nets(fields["allow_nets"]) if "allow_nets" in fields else None
-            prefetched = UserSettings.from_fields(
-                {
-                    field.removeprefix("userdb_"): value
-                    for field, value in fields.items()
-                    if field.startswith("userdb_")
-                },
-                self.settings.path,
-            )
+            return passdb_user(user, fields, self.settings.path)
         except UserFieldError as error:
             log.error("LDAP: the entry of {user} is unusable: {error}", user=user, error=str(error))
             raise AuthUnavailable() from None
-        return AuthenticatedUser(name, prefetched, networks)
 
     # -- IUserDatabase ---------------------------------------------------------------------
 

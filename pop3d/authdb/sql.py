@@ -24,14 +24,12 @@ it is back, and is reconnected to by itself.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any, TypeVar
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -66,7 +64,7 @@ from pop3d.credchecks import (
 )
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext, yes_or_no
 from pop3d.dovecotvars import Variables
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable
 from pop3d.passwords import (
     PasswordScheme,
@@ -82,7 +80,7 @@ from pop3d.userdb import (
     UserFieldError,
     UserSettings,
     login_context_of,
-    parse_allow_nets,
+    passdb_user,
 )
 
 log = Logger()
@@ -610,20 +608,14 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class PassdbRow:
-    """One user's password_query row, read as Dovecot reads its fields."""
+    """One user's password_query row: the password, and the fields read once it matched."""
 
-    #: The canonical user name (``user``, ``username``, ``domain`` fields).
-    name: str
     #: None with ``nopassword`` (or an empty password: no password can match).
     entry: PasswordEntry | None
     nopassword: bool = False
-    nologin: bool = False
-    reason: str | None = None
-    allowed_networks: tuple[IPv4Network | IPv6Network, ...] | None = None
-    settings: UserSettings = field(default_factory=UserSettings)
-
-    def authenticated(self) -> AuthenticatedUser:
-        return AuthenticatedUser(self.name, self.settings, self.allowed_networks)
+    #: The other fields (``user``, ``nologin``, ``allow_nets``, ``userdb_*``...),
+    #: NULL ones left out, for `pop3d.userdb.passdb_user`.
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> PasswordEntry:
@@ -635,50 +627,25 @@ def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> P
         raise RowError(f"unusable password: {error}") from None
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def parse_passdb_row(fields: Row, user: str, default: PasswordScheme, source: str) -> PassdbRow:
-    """The fields of a password_query row (NULL fields are not set, as in Dovecot)."""
-    name = user
+def parse_passdb_row(fields: Row, default: PasswordScheme) -> PassdbRow:
+    """The password of a password_query row (NULL fields are not set, as in Dovecot)."""
     password: str | None = None
     noscheme = False
-    flags: set[str] = set()
-    reason: str | None = None
-    networks: str | None = None
-    prefetch: dict[str, str] = {}
+    others: dict[str, str] = {}
     for key, value in fields.items():
         if value is None:
             continue
-        if key == "user":
-            name = value
-        elif key == "username":
-            _, at, domain = name.partition("@")
-            name = value if "@" in value or not at else f"{value}@{domain}"
-        elif key == "domain":
-            name = name.partition("@")[0] + (f"@{value}" if value else "")
-        elif key in ("password", "password_noscheme"):
+        if key in ("password", "password_noscheme"):
             password, noscheme = value, key == "password_noscheme"
-        elif key in ("nologin", "nopassword"):
-            flags.add(key)
-        elif key == "reason":
-            reason = _UNPRINTABLE.sub(" ", value).strip() or None
-        elif key == "allow_nets":
-            networks = value
-        elif key.startswith("userdb_"):
-            prefetch[key.removeprefix("userdb_")] = value
-    nopassword = "nopassword" in flags
+        else:
+            others[key] = value
+    nopassword = "nopassword" in others
     entry: PasswordEntry | None = None
     if password:
         if nopassword:
             raise RowError("nopassword is set but the password is not empty")
         entry = _password_entry(password, default, noscheme=noscheme)
-    try:
-        allowed = None if networks is None else parse_allow_nets(networks)
-        settings = UserSettings.from_fields(prefetch, source)
-    except (ValueError, UserFieldError) as error:
-        raise RowError(str(error)) from None
-    return PassdbRow(name, entry, nopassword, "nologin" in flags, reason, allowed, settings)
+    return PassdbRow(entry, nopassword, others)
 
 
 # -- the checker ---------------------------------------------------------------------------
@@ -701,6 +668,10 @@ class SQLChecker:
     - ``allow_nets``: the networks the user may log in from;
     - ``nopassword``: any password is accepted (USER/PASS, PLAIN, LOGIN);
     - ``userdb_*``: settings prefetched (``userdb_mail``, ``userdb_home``, ...).
+
+    The fields besides the password are read once it matched, as from LDAP
+    (`pop3d.userdb.passdb_user`): a value that cannot be used is logged and
+    answered ``-ERR [SYS/TEMP]`` (`AuthUnavailable`).
 
     No row is an unknown user; several are refused and logged.  Every
     credential type of ``checks`` is verified as a passwd-file's entry
@@ -835,9 +806,7 @@ class SQLChecker:
             )
             return None
         try:
-            return parse_passdb_row(
-                rows[0], user, self.config.default_scheme, f"{self.config.path}: password_query"
-            )
+            return parse_passdb_row(rows[0], self.config.default_scheme)
         except RowError as error:
             log.error(
                 "password_query of {config} for {user}: {error}: refused",
@@ -886,11 +855,19 @@ class SQLChecker:
                 self.config.default_scheme.plaintext,
             )
             matched = await check.run(lookup, credentials)
-        if not matched or row is None:
+        if not matched or row is None or user is None:
             raise UnauthorizedLogin()
-        if row.nologin:
-            raise LoginRefused(row.reason or "Login disabled")
-        return row.authenticated()
+        try:
+            return passdb_user(user, row.fields, f"{self.config.path}: password_query")
+        except UserFieldError as error:
+            # The password was right: the entry is for the administrator to mend.
+            log.error(
+                "password_query of {config} for {user}: {error}",
+                config=self.config.path,
+                user=user,
+                error=str(error),
+            )
+            raise AuthUnavailable() from None
 
     # -- IScramKeySource -------------------------------------------------------------
 
