@@ -318,18 +318,15 @@ class PasswordVerifier:
     def _verify_dummy(self, like: PasswordEntry | PasswordScheme, password: bytes) -> bool:
         # Made once per scheme and cost, in the thread pool for slow schemes;
         # two threads making it at once is harmless.
-        if isinstance(like, PasswordEntry):
-            scheme = like.kind
-            key: Hashable = (scheme.name, "like", scheme.cost(like.secret))
-            dummy = self._dummies.get(key)
-            if dummy is None:
-                dummy = self._dummies[key] = scheme.dummy_like(like.secret)
-        else:
-            scheme = like
-            key = (scheme.name, "default")
-            dummy = self._dummies.get(key)
-            if dummy is None:
-                dummy = self._dummies[key] = scheme.hash(secrets.token_hex(16).encode("ascii"))
+        scheme, sample = (
+            (like.kind, like.secret) if isinstance(like, PasswordEntry) else (like, None)
+        )
+        key: Hashable = (scheme.name, "default" if sample is None else scheme.cost(sample))
+        dummy = self._dummies.get(key)
+        if dummy is None:
+            unknown = secrets.token_hex(16).encode("ascii")
+            made = scheme.hash(unknown) if sample is None else scheme.dummy_like(sample)
+            dummy = self._dummies[key] = made
         scheme.verify(dummy, password)
         return False
 
