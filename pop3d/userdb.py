@@ -21,9 +21,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from pop3d.addresses import IPNetwork, in_networks
 from pop3d.errors import LoginRefused
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -140,29 +139,21 @@ class AuthenticatedUser:
     #: Settings the checker already fetched (Dovecot's ``userdb_*`` fields).
     settings: UserSettings = field(default_factory=UserSettings)
     #: Dovecot's ``allow_nets``: the login is refused from anywhere else.
-    allowed_networks: tuple[Network, ...] | None = None
+    allowed_networks: tuple[IPNetwork, ...] | None = None
 
     def allows(self, context: LoginContext | None) -> bool:
         """Whether a login over ``context`` may proceed."""
         if self.allowed_networks is None:
             return True
-        if context is None or context.remote_ip is None:
-            return False
-        try:
-            address = ipaddress.ip_address(context.remote_ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allowed_networks)
+        return context is not None and in_networks(context.remote_ip, self.allowed_networks)
 
 
-def parse_allow_nets(text: str) -> tuple[Network, ...]:
+def parse_allow_nets(text: str) -> tuple[IPNetwork, ...]:
     """
     Dovecot's ``allow_nets`` value: addresses and networks separated by
     commas or spaces (``127.0.0.1, 192.168.0.0/16 ::1``).
     """
-    networks: list[Network] = []
+    networks: list[IPNetwork] = []
     for item in text.replace(",", " ").split():
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
