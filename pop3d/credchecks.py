@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from pop3d.passwords import (
@@ -40,7 +40,7 @@ from pop3d.passwords import (
     split_scheme,
 )
 from pop3d.sasl import IVerifiers, ScramKeys
-from pop3d.stores.common import run_blocking
+from pop3d.stores.common import BoundedThreads
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
@@ -254,22 +254,17 @@ class PasswordVerifier:
     of a wrong password.
     """
 
-    __slots__ = ("_dummies", "_reactor", "_semaphore")
+    __slots__ = ("_dummies", "_threads")
 
     def __init__(
         self, reactor: IReactorThreads | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT
     ) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        self._reactor = reactor
-        self._semaphore = DeferredSemaphore(max_concurrent)
+        self._threads = BoundedThreads(reactor, max_concurrent)
         self._dummies: dict[Hashable, bytes] = {}
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run blocking ``work`` in the thread pool, in its turn; without a reactor, now."""
-        if self._reactor is None:
-            return maybeDeferred(work, *args)
-        return self._semaphore.run(run_blocking, self._reactor, work, *args)
+        return self._threads.run(work, *args)
 
     def check(
         self,

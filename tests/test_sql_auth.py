@@ -25,7 +25,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -63,6 +64,7 @@ from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings, passdb_user
 
 from .conftest import start_service
+from .test_cred import FakeThreadingReactor
 from .test_dovecot_migration import _require_dovecot as require_dovecot
 from .test_process import Launch, Server, twistd_arguments
 from .test_process import launch as launch  # a fixture
@@ -1280,6 +1282,56 @@ async def test_several_checkers_one_down() -> None:
     checker = FirstMatchChecker([Refusing(), memory], [IUsernamePassword])
     with pytest.raises(LoginRefused):
         await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+
+class QueuedThreadsReactor(FakeThreadingReactor, Clock):
+    """Work given to the thread pool waits there until the test runs it."""
+
+    def __init__(self) -> None:
+        FakeThreadingReactor.__init__(self)
+        Clock.__init__(self)
+
+    def addSystemEventTrigger(self, *arguments: object) -> None:
+        pass
+
+
+class RecordedDatabase:
+    """A database that answers every query with one row, and remembers who asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def fetch(self, statement: str, parameters: Sequence[str]) -> list[dict[str, str | None]]:
+        self.asked.append(parameters[0])
+        return [{"password": "{PLAIN}x"}]
+
+    def close(self) -> None:
+        pass
+
+
+def test_at_most_maxconns_queries_at_once(tmp_path: Path) -> None:
+    """Dovecot's maxconns bounds the queries in the thread pool; the others wait, in order."""
+    config = write_config(
+        tmp_path / "dovecot-sql.conf.ext",
+        driver="pgsql",
+        connect="host=/nonexistent dbname=mail maxconns=2",
+        password_query="SELECT password FROM users WHERE userid = '%u'",
+    )
+    database = RecordedDatabase()
+    checker = SQLChecker(read_sql_config(str(config)), database=database)  # type: ignore[arg-type]
+    reactor = QueuedThreadsReactor()
+    checker.run_slow_work_in(reactor)  # type: ignore[arg-type]
+    logins = [
+        checker.requestAvatarId(PreparedUsernamePassword(name.encode(), b"x"))
+        for name in ["ann", "bob", "cid", "dee"]
+    ]
+    pool = reactor.pool
+    assert len(pool.queued) == 2 and database.asked == []
+    while pool.queued:
+        assert len(pool.queued) <= 2
+        pool.run_next()
+    assert database.asked == ["ann", "bob", "cid", "dee"]
+    assert [login.result.name for login in logins] == ["ann", "bob", "cid", "dee"]
 
 
 @pytest_twisted.ensureDeferred

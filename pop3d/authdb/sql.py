@@ -28,15 +28,15 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -72,7 +72,7 @@ from pop3d.passwords import (
     get_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
-from pop3d.stores.common import run_blocking
+from pop3d.stores.common import BoundedThreads, run_blocking
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -84,8 +84,6 @@ from pop3d.userdb import (
 )
 
 log = Logger()
-
-_T = TypeVar("_T")
 
 #: The keys of ``dovecot-sql.conf.ext`` (Dovecot 2.3).
 CONFIG_KEYS = (
@@ -696,7 +694,8 @@ class SQLChecker:
         self.database: Database = database or open_database(config, timeout)
         self._health = OutageLog("SQL database", f" ({self.database}, {config.path})")
         self._reactor: Any = None
-        self._queries = DeferredSemaphore(config.max_connections)
+        # At most maxconns queries at once, in the thread pool (once there is one).
+        self._queries = BoundedThreads(None, config.max_connections)
         self._verifier = PasswordVerifier()
         self._set_scheme(config.default_scheme)
 
@@ -727,9 +726,9 @@ class SQLChecker:
             previous, self.database = self.database, open_database(config, self.timeout)
             # The same outage log: an outage going on ends with one line.
             self._health.where = f" ({self.database}, {config.path})"
-            self._queries = DeferredSemaphore(config.max_connections)
+            self._queries = BoundedThreads(self._reactor, config.max_connections)
             if self._reactor is not None:
-                closed = self._in_thread(previous.close)
+                closed = run_blocking(self._reactor, previous.close)
                 closed.addErrback(lambda failure: log.failure("closing {db}", failure, db=previous))
         self.config = config
         self._set_scheme(config.default_scheme)
@@ -742,6 +741,7 @@ class SQLChecker:
         closed when the reactor stops.
         """
         self._reactor = reactor
+        self._queries = BoundedThreads(reactor, self.config.max_connections)
         self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT)
         reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "before", "shutdown", self.database.close
@@ -749,22 +749,17 @@ class SQLChecker:
 
     # -- queries --------------------------------------------------------------------
 
-    def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        if self._reactor is None:
-            raise RuntimeError("SQLChecker.run_slow_work_in was not called")
-        return run_blocking(self._reactor, work, *args)
-
     def query(self, query: BoundQuery, variables: Variables) -> Deferred[list[Row]]:
         """
         The rows of ``query`` for these variables; `AuthUnavailable` when the
         database does not answer (in time).
         """
         parameters = query.parameters(variables)
-
-        def run() -> Deferred[list[Row]]:
-            return self._in_thread(self.database.fetch, query.statement, parameters)
-
-        ran: Deferred[list[Row]] = self._queries.run(run)
+        if self._reactor is None:
+            raise RuntimeError("SQLChecker.run_slow_work_in was not called")
+        ran: Deferred[list[Row]] = self._queries.run(
+            self.database.fetch, query.statement, parameters
+        )
         clock: IReactorTime = self._reactor
         # The database's own timeouts come first; this one is for a thread
         # stuck in the driver (a server that accepts and never answers).
