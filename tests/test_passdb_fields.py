@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from pop3d.authdb.ldap import LdapChecker
 from pop3d.authdb.ldapconf import read_ldap_settings
@@ -29,7 +29,8 @@ from pop3d.userdb import AuthenticatedUser, UserSettings
 
 from .ldapserver import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, LdapServer, person_ldif
 from .ldapserver import start_ldap_server as start_slapd
-from .test_sql_auth import sqlite_database, write_config
+from .test_sql_auth import LogCapture, sqlite_database, write_config
+from .test_sql_auth import logged as logged  # a fixture
 
 #: What a wrong password is answered (RFC 3206 section 4: [AUTH]).
 WRONG_PASSWORD = b"-ERR [AUTH] invalid user name or password\r\n"
@@ -126,22 +127,12 @@ async def outcome(checker: ICredentialsChecker, password: str) -> Any:
         return error.status().to_bytes()
 
 
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-
-
 @pytest.mark.peer
 @pytest.mark.parametrize("fields,expected", CASES)
 @pytest_twisted.ensureDeferred
 async def test_the_extra_fields_mean_the_same_in_sql_and_ldap(
     make_checker: Callable[[dict[str, str]], ICredentialsChecker],
-    logged: list[LogEvent],
+    logged: LogCapture,
     fields: dict[str, str],
     expected: AuthenticatedUser | bytes,
 ) -> None:
@@ -149,7 +140,9 @@ async def test_the_extra_fields_mean_the_same_in_sql_and_ldap(
     assert await outcome(checker, PASSWORD) == expected
     # A wrong password tells nothing of the fields (nor whether they are usable).
     assert await outcome(checker, "wrong") == WRONG_PASSWORD
-    lines = [formatEvent(event) for event in logged if event.get("log_level").name == "error"]
+    lines = [
+        formatEvent(event) for event in logged.events if event.get("log_level").name == "error"
+    ]
     if expected == UNAVAILABLE:
         [line] = lines
         name, value = next(iter(fields.items()))

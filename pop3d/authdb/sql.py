@@ -803,13 +803,17 @@ class SQLChecker:
         try:
             return parse_passdb_row(rows[0], self.config.default_scheme)
         except RowError as error:
-            log.error(
-                "password_query of {config} for {user}: {error}: refused",
-                config=self.config.path,
-                user=user,
-                error=str(error),
-            )
+            # Refused as an unknown user: the password could not be checked.
+            self._log_unusable_row(user, error)
             return None
+
+    def _log_unusable_row(self, user: str, error: ValueError) -> None:
+        log.error(
+            "password_query of {config} for {user}: {error}",
+            config=self.config.path,
+            user=user,
+            error=str(error),
+        )
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._request_avatar_id(credentials))
@@ -856,12 +860,7 @@ class SQLChecker:
             return passdb_user(user, row.fields, f"{self.config.path}: password_query")
         except UserFieldError as error:
             # The password was right: the entry is for the administrator to mend.
-            log.error(
-                "password_query of {config} for {user}: {error}",
-                config=self.config.path,
-                user=user,
-                error=str(error),
-            )
+            self._log_unusable_row(user, error)
             raise AuthUnavailable() from None
 
     # -- IScramKeySource -------------------------------------------------------------
