@@ -45,8 +45,6 @@ from pop3d.passwords import (
     PasswordScheme,
     PasswordSchemeError,
     ScramSHA256Scheme,
-    get_scheme,
-    split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
@@ -127,18 +125,9 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
             )
             continue
         try:
-            name, secret = split_scheme(password)
-            scheme = get_scheme(name)
+            entries[user] = PasswordEntry.parse(password)
         except PasswordSchemeError as error:
             raise PasswdFileError(f"{source} line {number}: {error}") from None
-        try:
-            scheme.check(secret)
-        except PasswordSchemeError as error:
-            # The secret itself is never repeated in the message.
-            raise PasswdFileError(
-                f"{source} line {number}: malformed {{{scheme.name}}} password: {error}"
-            ) from None
-        entries[user] = PasswordEntry(scheme.name, secret)
     return entries
 
 
@@ -288,7 +277,13 @@ class PasswdFileChecker:
             matched = succeed(False)
         else:
             lookup = StoredPasswordLookup(
-                username, found, self, self._verifier, table.usual, table.dummies
+                username,
+                found,
+                self,
+                self._verifier,
+                table.usual,
+                table.dummies,
+                table.scram_derives,
             )
             matched = check.run(lookup, credentials)
 

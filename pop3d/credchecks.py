@@ -24,20 +24,23 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
     PasswordScheme,
+    PasswordSchemeError,
     ScramSHA256Scheme,
+    get_scheme,
     parse_scram_secret,
     scram_keys,
     scram_salt,
+    split_scheme,
 )
 from pop3d.sasl import IVerifiers, ScramKeys
-from pop3d.stores.common import run_blocking
+from pop3d.stores.common import BoundedThreads
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
@@ -103,6 +106,30 @@ class PasswordEntry:
     def kind(self) -> PasswordScheme:
         return SCHEMES[self.scheme]
 
+    @classmethod
+    def parse(
+        cls, stored: bytes, default: PasswordScheme | None = None, *, noscheme: bool = False
+    ) -> PasswordEntry:
+        """
+        A stored password as every password database reads it (passwd-file,
+        SQL, LDAP): ``{SCHEME}secret`` in any scheme `pop3d.passwords.get_scheme`
+        knows (any case, Dovecot's aliases too); without the prefix (or with
+        ``noscheme``, Dovecot's ``password_noscheme``), a secret of
+        ``default``.  `PasswordSchemeError` says what is wrong, never the secret.
+        """
+        prefixed = not noscheme and stored.startswith(b"{") and b"}" in stored
+        if prefixed or default is None:
+            # Without a default the prefix is needed (split_scheme says so).
+            name, secret = split_scheme(stored)
+            scheme = get_scheme(name)
+        else:
+            scheme, secret = default, stored
+        try:
+            scheme.check(secret)
+        except PasswordSchemeError as error:
+            raise PasswordSchemeError(f"malformed {{{scheme.name}}} password: {error}") from None
+        return cls(scheme.name, secret)
+
 
 class PasswordLookup(Protocol):
     """What a `PasswordCheck` is given: one user's entry, and the means to use it."""
@@ -127,6 +154,13 @@ class PasswordLookup(Protocol):
 
     def check_password(self, password: bytes) -> Deferred[bool]:
         """``password`` against the entry (or a dummy like the usual entry), whatever its scheme."""
+
+    def scram_keys(self) -> Deferred[ScramKeys | None]:
+        """
+        The SCRAM-SHA-256 keys of the entry (stored, or derived from a
+        plaintext one); None for an unknown user or another scheme, after
+        the work the checker's usual SCRAM-capable entry costs.
+        """
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run CPU-heavy ``work`` away from the reactor thread when there is a pool."""
@@ -220,22 +254,17 @@ class PasswordVerifier:
     of a wrong password.
     """
 
-    __slots__ = ("_dummies", "_reactor", "_semaphore")
+    __slots__ = ("_dummies", "_threads")
 
     def __init__(
         self, reactor: IReactorThreads | None = None, max_concurrent: int = DEFAULT_MAX_CONCURRENT
     ) -> None:
-        if max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        self._reactor = reactor
-        self._semaphore = DeferredSemaphore(max_concurrent)
+        self._threads = BoundedThreads(reactor, max_concurrent)
         self._dummies: dict[Hashable, bytes] = {}
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         """Run blocking ``work`` in the thread pool, in its turn; without a reactor, now."""
-        if self._reactor is None:
-            return maybeDeferred(work, *args)
-        return self._semaphore.run(run_blocking, self._reactor, work, *args)
+        return self._threads.run(work, *args)
 
     def check(
         self,
@@ -284,18 +313,15 @@ class PasswordVerifier:
     def _verify_dummy(self, like: PasswordEntry | PasswordScheme, password: bytes) -> bool:
         # Made once per scheme and cost, in the thread pool for slow schemes;
         # two threads making it at once is harmless.
-        if isinstance(like, PasswordEntry):
-            scheme = like.kind
-            key: Hashable = (scheme.name, "like", scheme.cost(like.secret))
-            dummy = self._dummies.get(key)
-            if dummy is None:
-                dummy = self._dummies[key] = scheme.dummy_like(like.secret)
-        else:
-            scheme = like
-            key = (scheme.name, "default")
-            dummy = self._dummies.get(key)
-            if dummy is None:
-                dummy = self._dummies[key] = scheme.hash(secrets.token_hex(16).encode("ascii"))
+        scheme, sample = (
+            (like.kind, like.secret) if isinstance(like, PasswordEntry) else (like, None)
+        )
+        key: Hashable = (scheme.name, "default" if sample is None else scheme.cost(sample))
+        dummy = self._dummies.get(key)
+        if dummy is None:
+            unknown = secrets.token_hex(16).encode("ascii")
+            made = scheme.hash(unknown) if sample is None else scheme.dummy_like(sample)
+            dummy = self._dummies[key] = made
         scheme.verify(dummy, password)
         return False
 
@@ -320,12 +346,19 @@ class StoredPasswordLookup:
     #: What an unknown user's credentials of each type are checked against
     #: (`PasswordChecks.dummies`).
     dummies: Mapping[InterfaceClass, PasswordEntry]
+    #: Whether the usual SCRAM-capable entry is plaintext (its keys derived
+    #: for each exchange): then an unknown user's dummy keys are derived too.
+    scram_derives: bool = False
 
     def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
         return self.dummies[credentials]
 
     def check_password(self, password: bytes) -> Deferred[bool]:
         return self.verifier.check(self.entry, password, self.like)
+
+    def scram_keys(self) -> Deferred[ScramKeys | None]:
+        # The entry this login already holds: the store is not asked again.
+        return self.verifier.scram_keys(self.username, self.entry, self.scram_derives)
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return self.verifier.run_slow(work, *args)

@@ -32,6 +32,7 @@ from zope.interface import Interface, implementer
 from pop3d.credchecks import PortalVerifiers
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import (
+    LOGIN_FAILED,
     AuthUnavailable,
     LoginDelayed,
     LoginRefused,
@@ -56,7 +57,6 @@ from pop3d.saslprep import SASLprepError, prepare_credential
 from pop3d.session import (
     DEFAULT_POLICY,
     INTERNAL_ERROR,
-    LOGIN_FAILED,
     Action,
     AnswerFailedLogin,
     APOPDigest,

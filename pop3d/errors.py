@@ -94,16 +94,21 @@ class LoginDelayed(POP3Error):
         self.remaining = remaining
 
 
+#: The reply to a failed login (`pop3d.session.LOGIN_FAILED`, a message id).
+LOGIN_FAILED = "invalid user name or password"
+
+
 class LoginRefused(POP3Error):
     """
     The password was right but the user may not log in (Dovecot's
-    ``nologin`` field, with its ``reason``): ``-ERR [AUTH] reason``.
+    ``nologin`` field, with its ``reason``): ``-ERR [AUTH] reason``;
+    without a reason, the reply to a wrong password, as Dovecot answers.
     """
 
     code = ResponseCode.AUTH
 
     def __init__(self, reason: str | None = None) -> None:
-        super().__init__(reason or "login not allowed for this user")
+        super().__init__(reason or LOGIN_FAILED)
 
 
 class AuthUnavailable(POP3Error):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import enum
 import functools
-import ipaddress
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -38,6 +37,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3d.addresses import ip_address_of
 from pop3d.driver import Replies, SessionDriver, unexpected_error
 from pop3d.errors import POP3Error
 from pop3d.idle import IdleTimeouts
@@ -598,14 +598,11 @@ def _behind_proxy_header(transport: object) -> bool:
 def _is_loopback(host: str | None) -> bool:
     if host is None:
         return False
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return False
     # An IPv4 client of a dual-stack IPv6 socket (systemd's ListenStream=110)
-    # is ::ffff:127.0.0.1, which Python before 3.13 does not call loopback.
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool((mapped or address).is_loopback)
+    # is ::ffff:127.0.0.1, which Python before 3.13 does not call loopback:
+    # ip_address_of reads it as 127.0.0.1.
+    address = ip_address_of(host)
+    return address is not None and address.is_loopback
 
 
 def _local_host(transport: object) -> str | None:

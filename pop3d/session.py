@@ -115,7 +115,6 @@ class Event(enum.Enum):
 # the literal bytes a client sees, not these names).
 GREETING = "pop3d ready"
 USER_ACCEPTED = "send PASS"
-LOGIN_FAILED = "invalid user name or password"
 BYE = "bye"
 UNKNOWN_COMMAND = "unknown command"
 WRONG_STATE = "command not valid in this state"

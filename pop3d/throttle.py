@@ -29,9 +29,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
+# IPNetwork is re-exported: the options and the factory name it from here.
+from pop3d.addresses import IPNetwork as IPNetwork
+from pop3d.addresses import in_networks, ip_address_of
 from pop3d.credchecks import as_bytes
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Addresses remembered at most; the least recently failing are forgotten first.
 MAX_REMEMBERED_PEERS = 10_000
@@ -70,10 +71,7 @@ class TrustedNetworks:
     def __contains__(self, host: object) -> bool:
         if not self.networks or not isinstance(host, str):
             return False
-        address = _ip_address(host)
-        if address is None:
-            return False
-        return any(address in network for network in self.networks)
+        return in_networks(host, self.networks)
 
 
 @dataclass(slots=True)
@@ -186,20 +184,9 @@ class FailureDelay:
         return deferLater(self._clock, seconds, lambda: None)
 
 
-def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP address ``host`` names (an IPv4-mapped IPv6 one as IPv4), or None."""
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _penalty_key(host: str) -> str:
     """The address failures are counted under: IPv4 as is, IPv6 by its /64."""
-    address = _ip_address(host)
+    address = ip_address_of(host)
     if address is None:
         return host
     if isinstance(address, ipaddress.IPv6Address):

@@ -13,6 +13,7 @@ connection is described to checkers and the realm by a `LoginContext`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from pop3d.addresses import IPNetwork, in_networks
+from pop3d.errors import LoginRefused
 
 
 @dataclass(frozen=True)
@@ -137,35 +139,75 @@ class AuthenticatedUser:
     #: Settings the checker already fetched (Dovecot's ``userdb_*`` fields).
     settings: UserSettings = field(default_factory=UserSettings)
     #: Dovecot's ``allow_nets``: the login is refused from anywhere else.
-    allowed_networks: tuple[Network, ...] | None = None
+    allowed_networks: tuple[IPNetwork, ...] | None = None
 
     def allows(self, context: LoginContext | None) -> bool:
         """Whether a login over ``context`` may proceed."""
         if self.allowed_networks is None:
             return True
-        if context is None or context.remote_ip is None:
-            return False
-        try:
-            address = ipaddress.ip_address(context.remote_ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allowed_networks)
+        return context is not None and in_networks(context.remote_ip, self.allowed_networks)
 
 
-def parse_allow_nets(text: str) -> tuple[Network, ...]:
+def parse_allow_nets(text: str) -> tuple[IPNetwork, ...]:
     """
     Dovecot's ``allow_nets`` value: addresses and networks separated by
     commas or spaces (``127.0.0.1, 192.168.0.0/16 ::1``).
     """
-    networks: list[Network] = []
+    networks: list[IPNetwork] = []
     for item in text.replace(",", " ").split():
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise UserFieldError(f"allow_nets: {item!r} is not an address or network") from None
     return tuple(networks)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def passdb_user(user: str, fields: Mapping[str, str | None], source: str) -> AuthenticatedUser:
+    """
+    Who logs in as ``user``, whose password was verified, as the extra
+    fields of a password database (SQL, LDAP) say; Dovecot's field names, in
+    any case; a None or empty value is not set:
+
+    - ``user``, or ``username`` and ``domain``: the canonical name;
+    - ``nologin``: the login is refused (`pop3d.errors.LoginRefused`) with
+      ``reason`` as the reply's text; without a reason, with the reply to a
+      wrong password (Dovecot answers its "Authentication failed." then too);
+    - ``allow_nets``: the networks the user may log in from;
+    - ``userdb_*``: per-user settings (`UserSettings`), prefetched.
+
+    A value pop3d cannot use (a network, a number) raises `UserFieldError`
+    naming ``source``: the entry is the administrator's to mend.
+    """
+    name = user
+    extra: dict[str, str] = {}
+    prefetched: dict[str, str] = {}
+    for key, value in fields.items():
+        key = key.lower()
+        if not value:
+            continue
+        # In the order given, as Dovecot applies them.
+        if key == "user":
+            name = value
+        elif key == "username":
+            _, at, domain = name.partition("@")
+            name = value if "@" in value or not at else f"{value}@{domain}"
+        elif key == "domain":
+            name = name.partition("@")[0] + f"@{value}"
+        elif key.startswith("userdb_"):
+            prefetched[key.removeprefix("userdb_")] = value
+        else:
+            extra[key] = value
+    if "nologin" in extra:
+        reason = _UNPRINTABLE.sub(" ", extra.get("reason", "")).strip()
+        raise LoginRefused(reason or None)
+    try:
+        networks = parse_allow_nets(extra["allow_nets"]) if "allow_nets" in extra else None
+    except UserFieldError as error:
+        raise UserFieldError(f"{source}: {error}") from None
+    return AuthenticatedUser(name, UserSettings.from_fields(prefetched, source), networks)
 
 
 class IUserDatabase(Interface):

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 import pop3d.sasl
+from pop3d.checkers import PasswdFileError, parse_passwd_file
 from pop3d.credchecks import (
     PASSWORD_CHECKS,
     PasswordEntry,
@@ -30,7 +31,7 @@ from pop3d.credchecks import (
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.driver import APOPCredentials, sasl_failure_status
-from pop3d.passwords import SCHEMES
+from pop3d.passwords import SCHEMES, PasswordSchemeError
 from pop3d.realm import MaildropRealm
 from pop3d.sasl import (
     ICramMD5Credentials,
@@ -251,3 +252,75 @@ class TestPasswordVerifier:
         # CRAM-MD5 is checked against its own dummy, of the kind bcrypt files allow.
         assert PASSWORD_CHECKS.possible(kinds) == (IUsernamePassword,)
         assert set(PASSWORD_CHECKS.dummies(kinds)) == {ICramMD5Credentials}
+
+
+# -- stored passwords: one reading for every password database ----------------------
+
+#: Stored passwords as a database may hold them, and the password each one
+#: matches (None: every database refuses the value as unusable).
+STORED_PASSWORDS: list[tuple[str, bytes | None]] = [
+    ("{PLAIN}pencil", b"pencil"),
+    ("{plain}pencil", b"pencil"),
+    # Dovecot's aliases: {MD5} is MD5-crypt, {BLF} bcrypt.
+    ("{MD5}" + SCHEMES["MD5-CRYPT"].hash(b"pencil").decode(), b"pencil"),
+    ("{BLF}" + BLF_HORSE.decode(), b"correct horse"),
+    ("{blf-crypt}" + BLF_HORSE.decode(), b"correct horse"),
+    ("{SHA512-CRYPT}" + SHA512_HORSE.decode(), b"correct horse"),
+    ("{CRAM-MD5}" + SCHEMES["CRAM-MD5"].hash(b"pencil").decode(), b"pencil"),
+    ("{SCRAM-SHA-256}" + SCHEMES["SCRAM-SHA-256"].hash(b"pencil").decode(), b"pencil"),
+    ("{NOSUCH}pencil", None),
+    ("{SHA512-CRYPT}not a crypt string", None),
+    ("{SSHA}c2hvcnQ=", None),
+    ("{BLF-CRYPT}$2b$05$short", None),
+]
+
+
+def passwd_file_reads(stored: str) -> PasswordEntry | None:
+    """What a passwd-file makes of ``stored`` (None: it refuses the file)."""
+    try:
+        entries = parse_passwd_file(b"user:" + stored.encode() + b"::\n")
+    except PasswdFileError:
+        return None
+    return entries[b"user"]
+
+
+class TestParsingStoredPasswords:
+    @pytest.mark.parametrize("stored,password", STORED_PASSWORDS)
+    def test_every_database_reads_a_stored_password_alike(
+        self, stored: str, password: bytes | None
+    ) -> None:
+        """passwd-file and an SQL row (``password`` field) accept and refuse the same values."""
+        from pop3d.authdb.sql import RowError, parse_passdb_row
+
+        in_file = passwd_file_reads(stored)
+        try:
+            in_sql: PasswordEntry | None = parse_passdb_row(
+                {"password": stored}, SCHEMES["PLAIN"]
+            ).entry
+        except RowError:
+            in_sql = None
+        assert in_file == in_sql
+        if password is None:
+            assert in_file is None
+        else:
+            assert in_file is not None
+            assert in_file.kind.verify(in_file.secret, password)
+            assert not in_file.kind.verify(in_file.secret, password + b"x")
+
+    def test_without_a_prefix_the_default_scheme(self) -> None:
+        crypt = SCHEMES["SHA512-CRYPT"]
+        assert PasswordEntry.parse(SHA512_HORSE, crypt) == PasswordEntry(
+            "SHA512-CRYPT", SHA512_HORSE
+        )
+        # password_noscheme: a brace is part of the secret.
+        assert PasswordEntry.parse(b"{x}y", SCHEMES["PLAIN"], noscheme=True) == PasswordEntry(
+            "PLAIN", b"{x}y"
+        )
+        with pytest.raises(PasswordSchemeError, match=r"no \{SCHEME\} prefix"):
+            PasswordEntry.parse(b"pencil")
+
+    def test_errors_never_repeat_the_secret(self) -> None:
+        with pytest.raises(PasswordSchemeError) as error:
+            PasswordEntry.parse(b"{SHA512-CRYPT}my secret value")
+        assert str(error.value).startswith("malformed {SHA512-CRYPT} password: ")
+        assert "my secret value" not in str(error.value)

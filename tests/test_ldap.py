@@ -67,6 +67,7 @@ from .ldapserver import (
     person_ldif,
     start_ldap_server,
 )
+from .test_credchecks import STORED_PASSWORDS, passwd_file_reads
 
 HORSE = "correct horse"
 
@@ -147,6 +148,8 @@ def _load(server: LdapServer, home_root: Path) -> None:
         f"dn: cn=twin2,{PEOPLE}\nobjectClass: account\nobjectClass: posixAccount\n"
         "uid: twin\ncn: twin2\nuidNumber: 1000\ngidNumber: 1000\nhomeDirectory: /tmp\n"
         "userPassword: {SSHA}FckBsJexufHVyL0PAPf3kT6jHGdKJ7Hs\n",
+        # The values every password database must read alike.
+        *(_ldif(f"stored-{index}", stored) for index, (stored, _) in enumerate(STORED_PASSWORDS)),
         # A user whose password pop3d made: slapd checks it in auth binds.
         *(
             _ldif(
@@ -492,6 +495,19 @@ class TestPasswordLookups:
         conf.write_text(conf.read_text().replace(f"base = {PEOPLE}\n", f"base = {base}\n"))
         outcome = await _login(_checker(conf), _credentials("alice", HORSE))
         assert (outcome == AuthenticatedUser("alice")) is found
+
+    @pytest.mark.parametrize("index", range(len(STORED_PASSWORDS)))
+    @pytest_twisted.ensureDeferred
+    async def test_stored_passwords_read_as_a_passwd_file_reads_them(
+        self, conf: Path, index: int
+    ) -> None:
+        """Every scheme and alias a passwd-file accepts, and nothing else."""
+        stored, password = STORED_PASSWORDS[index]
+        user = f"stored-{index}"
+        avatar = await _login(_checker(conf), _credentials(user, (password or b"pencil").decode()))
+        assert (avatar == AuthenticatedUser(user)) is (passwd_file_reads(stored) is not None)
+        if password is None:
+            assert isinstance(avatar, UnauthorizedLogin)
 
     def test_hashed_directories_offer_user_pass_only(self, conf: Path) -> None:
         """With {CRYPT} by default no stored password serves APOP or CRAM-MD5."""

@@ -12,6 +12,7 @@ Dovecot (its pgsql and mysql drivers) on one ``dovecot-sql.conf.ext``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -24,7 +25,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,11 @@ from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore, deliver_to_maildir
-from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings
+from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings, passdb_user
 
 from .clock_threads import TimedClockThreads, result_of
 from .conftest import start_service
+from .test_cred import FakeThreadingReactor
 from .test_dovecot_migration import _require_dovecot as require_dovecot
 from .test_process import Launch, Server, twistd_arguments
 from .test_process import launch as launch  # a fixture
@@ -283,45 +285,44 @@ class TestRows:
     plain = get_scheme("PLAIN")
 
     def test_fields(self) -> None:
-        row = parse_passdb_row(
-            {
-                "user": "Alice@Example.org",
-                "password": "{PLAIN}x",
-                "nologin": "Y",
-                "reason": "gone\r\nfishing",
-                "allow_nets": "192.0.2.0/24, ::1",
-                "userdb_mail": "maildir:/srv/%u",
-                "userdb_login_delay": "60",
-                "uid": "1000",
-            },
-            "alice",
-            self.plain,
-            "test",
-        )
-        assert row.name == "Alice@Example.org"
+        fields = {
+            "user": "Alice@Example.org",
+            "password": "{PLAIN}x",
+            "nologin": "Y",
+            "reason": "gone\r\nfishing",
+            "allow_nets": "192.0.2.0/24, ::1",
+            "userdb_mail": "maildir:/srv/%u",
+            "userdb_login_delay": "60",
+            "uid": "1000",
+        }
+        row = parse_passdb_row(fields, self.plain)
         assert row.entry is not None and (row.entry.scheme, row.entry.secret) == ("PLAIN", b"x")
-        assert row.nologin and row.reason == "gone fishing"
-        assert [str(n) for n in row.allowed_networks or ()] == ["192.0.2.0/24", "::1/128"]
-        assert row.settings == UserSettings(mail="maildir:/srv/%u", login_delay=60)
+        assert "password" not in row.fields
+        with pytest.raises(LoginRefused) as refused:
+            passdb_user("alice", row.fields, "test")
+        assert refused.value.status().to_bytes() == b"-ERR [AUTH] gone fishing\r\n"
+        del fields["nologin"]
+        user = passdb_user("alice", parse_passdb_row(fields, self.plain).fields, "test")
+        assert user.name == "Alice@Example.org"
+        assert [str(n) for n in user.allowed_networks or ()] == ["192.0.2.0/24", "::1/128"]
+        assert user.settings == UserSettings(mail="maildir:/srv/%u", login_delay=60)
 
     def test_username_and_domain_fields(self) -> None:
         row = parse_passdb_row(
-            {"username": "bob", "domain": "example.org", "password": "p"}, "B@x", self.plain, "t"
+            {"username": "bob", "domain": "example.org", "password": "p"}, self.plain
         )
-        assert row.name == "bob@example.org"
+        assert passdb_user("B@x", row.fields, "t").name == "bob@example.org"
 
     def test_null_fields_are_not_set(self) -> None:
-        row = parse_passdb_row(
-            {"password": "p", "nologin": None, "user": None}, "carol", self.plain, "t"
-        )
-        assert (row.name, row.nologin) == ("carol", False)
+        row = parse_passdb_row({"password": "p", "nologin": None, "user": None}, self.plain)
+        assert passdb_user("carol", row.fields, "t") == AuthenticatedUser("carol")
 
     def test_default_scheme_and_noscheme(self) -> None:
         sha = get_scheme("SHA512-CRYPT")
         secret = sha.hash(b"pw").decode()
-        row = parse_passdb_row({"password": secret}, "u", sha, "t")
+        row = parse_passdb_row({"password": secret}, sha)
         assert row.entry is not None and row.entry.scheme == "SHA512-CRYPT"
-        row = parse_passdb_row({"password_noscheme": "{braces}"}, "u", self.plain, "t")
+        row = parse_passdb_row({"password_noscheme": "{braces}"}, self.plain)
         assert row.entry is not None and row.entry.secret == b"{braces}"
 
 
@@ -449,6 +450,17 @@ class PostgresCluster:
                 c.execute(statement)  # type: ignore[arg-type]
             else:
                 c.cursor().executemany(statement, rows)  # type: ignore[arg-type]
+
+    def value(self, query: str) -> int:
+        """The one number ``query`` answers."""
+        import psycopg
+
+        with psycopg.connect(
+            host=str(self.root), dbname="mail", user="pop3d", autocommit=True
+        ) as c:
+            row = c.execute(query).fetchone()  # type: ignore[arg-type]
+            assert row is not None
+            return int(row[0])
 
     def count(self) -> int:
         import psycopg
@@ -938,6 +950,73 @@ async def test_database_down_and_back(
     assert not logged.texts("Traceback")
 
 
+def scram_session(host: str, port: int, user: bytes, password: bytes) -> list[bytes]:
+    """AUTH SCRAM-SHA-256 (RFC 5034 section 4) by hand: every reply, as sent."""
+    client = Client(user, password)
+    pop = poplib.POP3(host, port, timeout=30)
+    replies = []
+    try:
+
+        def send(line: bytes) -> bytes:
+            pop._putcmd(line.decode("ascii"))  # type: ignore[attr-defined]
+            reply: bytes = pop._getline()[0]  # type: ignore[attr-defined]
+            replies.append(reply)
+            return reply
+
+        send(b"AUTH SCRAM-SHA-256")
+        server_first = send(base64.b64encode(client.first()))
+        if server_first.startswith(b"+ "):
+            server_final = send(base64.b64encode(client.final(base64.b64decode(server_first[2:]))))
+            if server_final.startswith(b"+ "):
+                send(b"")
+    finally:
+        pop.quit()
+    return replies
+
+
+@pytest.mark.peer
+@pytest_twisted.ensureDeferred
+async def test_a_scram_login_asks_postgresql_once_for_the_login(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    """
+    SCRAM-SHA-256 (RFC 5802 section 5) over SQL, counted by PostgreSQL
+    itself (the password_query takes a number from a sequence): one query
+    for the server-first message's salt, one for the login, whose password
+    check uses the row that query gave (not a third query, nor the keys
+    derived again from another).  The replies are unchanged.
+    """
+    postgres.execute("CREATE SEQUENCE password_queries")
+    counted = (
+        "SELECT password, nextval('password_queries') AS counted FROM users WHERE userid = '%u'"
+    )
+    config = Databases("pgsql", postgres.connect, tmp_path).config(password_query=counted)
+    server = await start_service(
+        tmp_path, ["tcp:0:interface=127.0.0.1"], ["--auth", f"sql:{config}"]
+    )
+
+    async def session(user: bytes, password: bytes) -> tuple[list[bytes], int]:
+        before = postgres.value("SELECT last_value FROM password_queries")
+        replies = await deferToThread(scram_session, server.host, server.port, user, password)
+        return replies, postgres.value("SELECT last_value FROM password_queries") - before
+
+    try:
+        postgres.value("SELECT nextval('password_queries')")
+        for user, password in [(b"scram", b"pencil"), (b"o'brien", b"irish")]:
+            replies, queries = await session(user, password)
+            assert replies[0] == b"+ "
+            assert base64.b64decode(replies[1][2:]).startswith(b"r=fyko+d2lbbFgONRv9qkxdawL")
+            assert base64.b64decode(replies[2][2:]).startswith(b"v=")
+            assert replies[3] == b"+OK maildrop has 0 messages (0 octets)"
+            assert queries == 2
+        replies, queries = await session(b"scram", b"pen")
+        assert replies[2:] == [b"-ERR [AUTH] invalid user name or password"]
+        assert queries == 2
+    finally:
+        await server.service.stopService()
+        postgres.execute("DROP SEQUENCE password_queries")
+
+
 # -- end to end: twistd pop3d and Dovecot on the same dovecot-sql.conf.ext ------------------
 
 DOVECOT = "/usr/sbin/dovecot"
@@ -1204,6 +1283,56 @@ async def test_several_checkers_one_down() -> None:
     checker = FirstMatchChecker([Refusing(), memory], [IUsernamePassword])
     with pytest.raises(LoginRefused):
         await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+
+class QueuedThreadsReactor(FakeThreadingReactor, Clock):
+    """Work given to the thread pool waits there until the test runs it."""
+
+    def __init__(self) -> None:
+        FakeThreadingReactor.__init__(self)
+        Clock.__init__(self)
+
+    def addSystemEventTrigger(self, *arguments: object) -> None:
+        pass
+
+
+class RecordedDatabase:
+    """A database that answers every query with one row, and remembers who asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def fetch(self, statement: str, parameters: Sequence[str]) -> list[dict[str, str | None]]:
+        self.asked.append(parameters[0])
+        return [{"password": "{PLAIN}x"}]
+
+    def close(self) -> None:
+        pass
+
+
+def test_at_most_maxconns_queries_at_once(tmp_path: Path) -> None:
+    """Dovecot's maxconns bounds the queries in the thread pool; the others wait, in order."""
+    config = write_config(
+        tmp_path / "dovecot-sql.conf.ext",
+        driver="pgsql",
+        connect="host=/nonexistent dbname=mail maxconns=2",
+        password_query="SELECT password FROM users WHERE userid = '%u'",
+    )
+    database = RecordedDatabase()
+    checker = SQLChecker(read_sql_config(str(config)), database=database)  # type: ignore[arg-type]
+    reactor = QueuedThreadsReactor()
+    checker.run_slow_work_in(reactor)  # type: ignore[arg-type]
+    logins = [
+        checker.requestAvatarId(PreparedUsernamePassword(name.encode(), b"x"))
+        for name in ["ann", "bob", "cid", "dee"]
+    ]
+    pool = reactor.pool
+    assert len(pool.queued) == 2 and database.asked == []
+    while pool.queued:
+        assert len(pool.queued) <= 2
+        pool.run_next()
+    assert database.asked == ["ann", "bob", "cid", "dee"]
+    assert [login.result.name for login in logins] == ["ann", "bob", "cid", "dee"]
 
 
 @pytest_twisted.ensureDeferred

@@ -40,6 +40,7 @@ from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import MailLocationError
 from pop3d.stores.locations import MailLocations, installed_mail_locations
 from pop3d.testing import MemoryLoginHistory, MemoryStore, deliver_to_maildir
+from pop3d.throttle import TrustedNetworks
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -143,6 +144,28 @@ class TestAllowNets:
         assert database.contexts == [
             LoginContext(remote_ip="192.0.2.7", local_ip="10.0.0.1", secured=False)
         ]
+
+    @pytest.mark.parametrize(
+        "host,inside",
+        [
+            ("192.0.2.7", True),
+            ("198.51.100.9", False),
+            # An IPv4 client of a dual-stack IPv6 socket.
+            ("::ffff:192.0.2.7", True),
+            ("::1", True),
+            ("fe80::1%eth0", True),
+            ("fe80::2%eth0", False),
+            ("/run/pop3d.sock", False),
+            ("", False),
+        ],
+    )
+    def test_allow_nets_reads_addresses_as_trusted_networks_do(
+        self, host: str, inside: bool
+    ) -> None:
+        networks = parse_allow_nets("192.0.2.0/24, ::1, fe80::1")
+        user = AuthenticatedUser("alice", allowed_networks=networks)
+        assert user.allows(LoginContext(host, None, False)) is inside
+        assert (host in TrustedNetworks(networks)) is inside
 
     def test_a_list_with_a_bad_entry_is_an_error(self) -> None:
         with pytest.raises(ValueError, match=r"'192\.0\.2\.300' is not an address or network"):

@@ -16,7 +16,8 @@ Two ways to check a password, as in Dovecot:
   made from ``auth_bind_userdn``) with it, then binds back as ``dn``.  Only
   USER/PASS and SASL PLAIN/LOGIN can work this way.
 
-Fields: ``user`` (the canonical name), ``nologin`` with ``reason``
+Fields, read as from SQL (`pop3d.userdb.passdb_user`): ``user`` (or
+``username``/``domain``: the canonical name), ``nologin`` with ``reason``
 (`pop3d.errors.LoginRefused` after the password was verified),
 ``allow_nets``, and ``userdb_*`` (prefetched per-user settings).  A file that
 sets ``user_filter`` or ``user_attrs`` also serves as the userdb
@@ -79,9 +80,9 @@ from pop3d.credchecks import (
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable, ReloadableFiles
-from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme, split_scheme
+from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
     AuthenticatedUser,
@@ -91,7 +92,7 @@ from pop3d.userdb import (
     UserFieldError,
     UserSettings,
     login_context_of,
-    parse_allow_nets,
+    passdb_user,
 )
 
 try:
@@ -555,43 +556,27 @@ class LdapChecker:
         """The ``password`` field as a stored password; None if there is none pop3d can use."""
         if not password:
             return None
-        raw = password.encode("utf-8", "surrogateescape")
         try:
-            if raw.startswith(b"{") and b"}" in raw:
-                name, secret = split_scheme(raw)
-            else:
-                name, secret = self.settings.default_pass_scheme, raw
-            kind = get_scheme(name)  # Dovecot's aliases too, as in every passdb
-            kind.check(secret)
+            entry = PasswordEntry.parse(
+                # The file's scheme of the moment (SIGHUP may change it).
+                password.encode("utf-8", "surrogateescape"),
+                get_scheme(self.settings.default_pass_scheme),
+            )
         except PasswordSchemeError as error:
-            # The secret itself is never logged.
             log.error(
                 "LDAP: the password of {user} cannot be used: {error}", user=user, error=str(error)
             )
             return None
-        entry = PasswordEntry(kind.name, secret)
         self._usual = entry
         return entry
 
     def _authenticated(self, user: str, fields: dict[str, str]) -> AuthenticatedUser:
         """The avatar id of a user whose password was right, after nologin and friends."""
-        if "nologin" in fields:
-            raise LoginRefused(fields.get("reason") or None)
-        name = fields.get("user") or user
         try:
-            networks = parse_allow_nets(fields["allow_nets"]) if "allow_nets" in fields else None
-            prefetched = UserSettings.from_fields(
-                {
-                    field.removeprefix("userdb_"): value
-                    for field, value in fields.items()
-                    if field.startswith("userdb_")
-                },
-                self.settings.path,
-            )
+            return passdb_user(user, fields, self.settings.path)
         except UserFieldError as error:
             log.error("LDAP: the entry of {user} is unusable: {error}", user=user, error=str(error))
             raise AuthUnavailable() from None
-        return AuthenticatedUser(name, prefetched, networks)
 
     # -- IUserDatabase ---------------------------------------------------------------------
 

@@ -24,22 +24,20 @@ it is back, and is reconnected to by itself.
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from ipaddress import IPv4Network, IPv6Network
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -67,16 +65,15 @@ from pop3d.credchecks import (
 )
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext, yes_or_no
 from pop3d.dovecotvars import Variables
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import AuthUnavailable
 from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import (
     PasswordScheme,
     PasswordSchemeError,
     get_scheme,
-    split_scheme,
 )
 from pop3d.sasl import IScramKeySource, ScramKeys
-from pop3d.stores.common import run_blocking
+from pop3d.stores.common import BoundedThreads, run_blocking
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -84,12 +81,10 @@ from pop3d.userdb import (
     UserFieldError,
     UserSettings,
     login_context_of,
-    parse_allow_nets,
+    passdb_user,
 )
 
 log = Logger()
-
-_T = TypeVar("_T")
 
 #: The keys of ``dovecot-sql.conf.ext`` (Dovecot 2.3).
 CONFIG_KEYS = (
@@ -612,81 +607,44 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class PassdbRow:
-    """One user's password_query row, read as Dovecot reads its fields."""
+    """One user's password_query row: the password, and the fields read once it matched."""
 
-    #: The canonical user name (``user``, ``username``, ``domain`` fields).
-    name: str
     #: None with ``nopassword`` (or an empty password: no password can match).
     entry: PasswordEntry | None
     nopassword: bool = False
-    nologin: bool = False
-    reason: str | None = None
-    allowed_networks: tuple[IPv4Network | IPv6Network, ...] | None = None
-    settings: UserSettings = field(default_factory=UserSettings)
-
-    def authenticated(self) -> AuthenticatedUser:
-        return AuthenticatedUser(self.name, self.settings, self.allowed_networks)
+    #: The other fields (``user``, ``nologin``, ``allow_nets``, ``userdb_*``...),
+    #: NULL ones left out, for `pop3d.userdb.passdb_user`.
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 def _password_entry(value: str, default: PasswordScheme, *, noscheme: bool) -> PasswordEntry:
-    stored = value.encode("utf-8", "surrogateescape")
     try:
-        if not noscheme and stored.startswith(b"{") and b"}" in stored:
-            name, secret = split_scheme(stored)
-            scheme = get_scheme(name)
-        else:
-            scheme, secret = default, stored
-        scheme.check(secret)
+        return PasswordEntry.parse(
+            value.encode("utf-8", "surrogateescape"), default, noscheme=noscheme
+        )
     except PasswordSchemeError as error:
-        # Never the secret itself.
         raise RowError(f"unusable password: {error}") from None
-    return PasswordEntry(scheme.name, secret)
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def parse_passdb_row(fields: Row, user: str, default: PasswordScheme, source: str) -> PassdbRow:
-    """The fields of a password_query row (NULL fields are not set, as in Dovecot)."""
-    name = user
+def parse_passdb_row(fields: Row, default: PasswordScheme) -> PassdbRow:
+    """The password of a password_query row (NULL fields are not set, as in Dovecot)."""
     password: str | None = None
     noscheme = False
-    flags: set[str] = set()
-    reason: str | None = None
-    networks: str | None = None
-    prefetch: dict[str, str] = {}
+    others: dict[str, str] = {}
     for key, value in fields.items():
         if value is None:
             continue
-        if key == "user":
-            name = value
-        elif key == "username":
-            _, at, domain = name.partition("@")
-            name = value if "@" in value or not at else f"{value}@{domain}"
-        elif key == "domain":
-            name = name.partition("@")[0] + (f"@{value}" if value else "")
-        elif key in ("password", "password_noscheme"):
+        if key in ("password", "password_noscheme"):
             password, noscheme = value, key == "password_noscheme"
-        elif key in ("nologin", "nopassword"):
-            flags.add(key)
-        elif key == "reason":
-            reason = _UNPRINTABLE.sub(" ", value).strip() or None
-        elif key == "allow_nets":
-            networks = value
-        elif key.startswith("userdb_"):
-            prefetch[key.removeprefix("userdb_")] = value
-    nopassword = "nopassword" in flags
+        else:
+            others[key] = value
+    nopassword = "nopassword" in others
     entry: PasswordEntry | None = None
     if password:
         if nopassword:
             raise RowError("nopassword is set but the password is not empty")
         entry = _password_entry(password, default, noscheme=noscheme)
-    try:
-        allowed = None if networks is None else parse_allow_nets(networks)
-        settings = UserSettings.from_fields(prefetch, source)
-    except (ValueError, UserFieldError) as error:
-        raise RowError(str(error)) from None
-    return PassdbRow(name, entry, nopassword, "nologin" in flags, reason, allowed, settings)
+    return PassdbRow(entry, nopassword, others)
 
 
 # -- the checker ---------------------------------------------------------------------------
@@ -709,6 +667,10 @@ class SQLChecker:
     - ``allow_nets``: the networks the user may log in from;
     - ``nopassword``: any password is accepted (USER/PASS, PLAIN, LOGIN);
     - ``userdb_*``: settings prefetched (``userdb_mail``, ``userdb_home``, ...).
+
+    The fields besides the password are read once it matched, as from LDAP
+    (`pop3d.userdb.passdb_user`): a value that cannot be used is logged and
+    answered ``-ERR [SYS/TEMP]`` (`AuthUnavailable`).
 
     No row is an unknown user; several are refused and logged.  Every
     credential type of ``checks`` is verified as a passwd-file's entry
@@ -733,7 +695,8 @@ class SQLChecker:
         self.database: Database = database or open_database(config, timeout)
         self._health = OutageLog("SQL database", f" ({self.database}, {config.path})")
         self._reactor: Any = None
-        self._queries = DeferredSemaphore(config.max_connections)
+        # At most maxconns queries at once, in the thread pool (once there is one).
+        self._queries = BoundedThreads(None, config.max_connections)
         self._verifier = PasswordVerifier()
         self._set_scheme(config.default_scheme)
         self._file = ReloadableFiles(
@@ -766,9 +729,9 @@ class SQLChecker:
             previous, self.database = self.database, open_database(config, self.timeout)
             # The same outage log: an outage going on ends with one line.
             self._health.where = f" ({self.database}, {config.path})"
-            self._queries = DeferredSemaphore(config.max_connections)
+            self._queries = BoundedThreads(self._reactor, config.max_connections)
             if self._reactor is not None:
-                closed = self._in_thread(previous.close)
+                closed = run_blocking(self._reactor, previous.close)
                 closed.addErrback(lambda failure: log.failure("closing {db}", failure, db=previous))
         self.config = config
         self._set_scheme(config.default_scheme)
@@ -781,6 +744,7 @@ class SQLChecker:
         """
         self._reactor = reactor
         self._file.threads = reactor
+        self._queries = BoundedThreads(reactor, self.config.max_connections)
         self._verifier = PasswordVerifier(reactor, DEFAULT_MAX_CONCURRENT)
         reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
             "before", "shutdown", self.database.close
@@ -788,22 +752,17 @@ class SQLChecker:
 
     # -- queries --------------------------------------------------------------------
 
-    def _in_thread(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        if self._reactor is None:
-            raise RuntimeError("SQLChecker.run_slow_work_in was not called")
-        return run_blocking(self._reactor, work, *args)
-
     def query(self, query: BoundQuery, variables: Variables) -> Deferred[list[Row]]:
         """
         The rows of ``query`` for these variables; `AuthUnavailable` when the
         database does not answer (in time).
         """
         parameters = query.parameters(variables)
-
-        def run() -> Deferred[list[Row]]:
-            return self._in_thread(self.database.fetch, query.statement, parameters)
-
-        ran: Deferred[list[Row]] = self._queries.run(run)
+        if self._reactor is None:
+            raise RuntimeError("SQLChecker.run_slow_work_in was not called")
+        ran: Deferred[list[Row]] = self._queries.run(
+            self.database.fetch, query.statement, parameters
+        )
         clock: IReactorTime = self._reactor
         # The database's own timeouts come first; this one is for a thread
         # stuck in the driver (a server that accepts and never answers).
@@ -846,17 +805,19 @@ class SQLChecker:
             )
             return None
         try:
-            return parse_passdb_row(
-                rows[0], user, self.config.default_scheme, f"{self.config.path}: password_query"
-            )
+            return parse_passdb_row(rows[0], self.config.default_scheme)
         except RowError as error:
-            log.error(
-                "password_query of {config} for {user}: {error}: refused",
-                config=self.config.path,
-                user=user,
-                error=str(error),
-            )
+            # Refused as an unknown user: the password could not be checked.
+            self._log_unusable_row(user, error)
             return None
+
+    def _log_unusable_row(self, user: str, error: ValueError) -> None:
+        log.error(
+            "password_query of {config} for {user}: {error}",
+            config=self.config.path,
+            user=user,
+            error=str(error),
+        )
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(self._request_avatar_id(credentials))
@@ -893,13 +854,18 @@ class SQLChecker:
                 # default scheme, at its default cost.
                 self.config.default_scheme,
                 self._dummy_entries,
+                # Plaintext passwords by default: their SCRAM keys are derived.
+                self.config.default_scheme.plaintext,
             )
             matched = await check.run(lookup, credentials)
-        if not matched or row is None:
+        if not matched or row is None or user is None:
             raise UnauthorizedLogin()
-        if row.nologin:
-            raise LoginRefused(row.reason or "Login disabled")
-        return row.authenticated()
+        try:
+            return passdb_user(user, row.fields, f"{self.config.path}: password_query")
+        except UserFieldError as error:
+            # The password was right: the entry is for the administrator to mend.
+            self._log_unusable_row(user, error)
+            raise AuthUnavailable() from None
 
     # -- IScramKeySource -------------------------------------------------------------
 

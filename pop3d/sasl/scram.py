@@ -303,21 +303,15 @@ _DUMMY_SCRAM_KEYS = ScramKeys(
 
 def verify_scram(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]:
     """
-    The proof against the keys of the file's own `IScramKeySource` (stored
-    or derived); an unknown user's against made-up keys, after the same work.
+    The proof against the keys of the lookup's entry (stored or derived); an
+    unknown user's against made-up keys, after the same work.
     """
-    source = IScramKeySource(lookup.checker, None)
-    keys: Deferred[ScramKeys | None] = (
-        succeed(None)
-        if source is None
-        else maybeDeferred(source.scram_sha256_keys, lookup.username)
-    )
 
     def verify(keys: ScramKeys | None) -> bool:
         matched = bool(credentials.verify(keys or _DUMMY_SCRAM_KEYS))
         return matched and keys is not None
 
-    return keys.addCallback(verify)
+    return lookup.scram_keys().addCallback(verify)
 
 
 def _possible(schemes: Collection[PasswordScheme]) -> bool:

@@ -1,6 +1,7 @@
 """
 What the stores have in common: mailbox path templates, and running their
-blocking file work in the reactor's thread pool.
+blocking file work in the reactor's thread pool (`run_blocking`; bounded,
+`BoundedThreads`, as the password checks and SQL queries use it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
@@ -70,3 +71,26 @@ def run_blocking(
     if reactor is None:
         return maybeDeferred(function, *arguments)
     return deferToThreadPool(reactor, reactor.getThreadPool(), function, *arguments)
+
+
+class BoundedThreads:
+    """
+    Blocking work in ``reactor``'s thread pool, at most ``limit`` at once
+    (the rest wait their turn, in order), so that one kind of work (slow
+    password checks, database queries) cannot take every thread; without a
+    reactor (tests), inline.
+    """
+
+    __slots__ = ("_reactor", "_turns")
+
+    def __init__(self, reactor: IReactorThreads | None, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the bound of concurrent work must be at least 1")
+        self._reactor = reactor
+        self._turns = DeferredSemaphore(limit)
+
+    def run(self, work: Callable[..., _T], *arguments: object) -> Deferred[_T]:
+        """``work(*arguments)`` in its turn; a Deferred of its result."""
+        if self._reactor is None:
+            return maybeDeferred(work, *arguments)
+        return self._turns.run(run_blocking, self._reactor, work, *arguments)
