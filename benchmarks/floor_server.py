@@ -56,6 +56,8 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from itertools import chain, count, repeat
+from operator import itemgetter
 from types import FrameType
 from typing import Any, cast
 
@@ -302,16 +304,18 @@ class FloorPOP3(LineReceiver):
         if argument:
             self.transport.write(b"-ERR not spoken by the floor\r\n")  # type: ignore[union-attr]
             return
-        listing = "".join([f"{n} {size}\r\n" for n, size in enumerate(self.sizes, 1)])
-        self.transport.write(b"+OK\r\n" + listing.encode() + b".\r\n")  # type: ignore[union-attr]
+        # One % over the whole listing: measured faster than a line at a time.
+        sizes = self.sizes
+        listing = (b"%d %d\r\n" * len(sizes)) % tuple(chain.from_iterable(zip(count(1), sizes)))
+        self.transport.write(b"+OK\r\n" + listing + b".\r\n")  # type: ignore[union-attr]
 
     def do_uidl(self, argument: bytes) -> None:
         if argument:
             self.transport.write(b"-ERR not spoken by the floor\r\n")  # type: ignore[union-attr]
             return
-        listing = b"".join(
-            [b"%d %s\r\n" % (n, name.partition(b":")[0]) for n, name in enumerate(self.names, 1)]
-        )
+        names = self.names
+        unique = map(itemgetter(0), map(bytes.partition, names, repeat(b":")))
+        listing = (b"%d %s\r\n" * len(names)) % tuple(chain.from_iterable(zip(count(1), unique)))
         self.transport.write(b"+OK\r\n" + listing + b".\r\n")  # type: ignore[union-attr]
 
     def do_retr(self, argument: bytes) -> None:
