@@ -1,5 +1,5 @@
 """
-pop3d, twisted.mail.pop3 and Dovecot, side by side, in one run, on loopback.
+pop3d, twisted.mail.pop3, Dovecot and the CPython+Twisted floor, side by side, in one run.
 
     .venv/bin/python benchmarks/run.py [--quick] [--json out.json]
     .venv/bin/python benchmarks/run.py --profile retr-1
@@ -7,11 +7,13 @@ pop3d, twisted.mail.pop3 and Dovecot, side by side, in one run, on loopback.
 Builds test maildrops in a temporary directory, starts each server fresh for
 each workload (pop3d as ``twistd -n --pidfile= pop3d``, Twisted's server
 through benchmarks/twisted_pop3_server.py, Dovecot as ``dovecot -F`` with a
-configuration written by benchmarks/servers.py), drives it with the load
+configuration written by benchmarks/servers.py, the floor of CPython +
+Twisted through benchmarks/floor_server.py), drives it with the load
 generator of benchmarks/loadgen.py (which checks every byte it receives),
-and prints a table (the three servers, pop3d/twisted and pop3d/Dovecot, the
-targets of issue #14), the CPU used by the servers and by the load
-generator, and the machine.  See benchmarks/README.rst.
+and prints a table (the servers, pop3d/twisted and pop3d/Dovecot, the
+targets of issue #14, whether pop3d and the floor meet them), the CPU used
+by the servers and by the load generator, and the machine.  See
+benchmarks/README.rst.
 """
 
 from __future__ import annotations
@@ -55,17 +57,19 @@ from loadgen import (
 from maildrops import Maildrop
 from servers import Server
 
-SERVERS = ("pop3d", "pop3d-auto", "twisted", "dovecot")
+SERVERS = ("pop3d", "pop3d-auto", "twisted", "dovecot", "floor")
 SERVER_TITLES = {
     "pop3d": "pop3d",
     "pop3d-auto": "pop3d --workers auto",
     "twisted": "twisted.mail.pop3",
     "dovecot": "Dovecot 2.3",
+    "floor": "CPython+Twisted floor",
 }
 #: The options each kind of pop3d runs with (after --pop3d-args).
 POP3D_KINDS = {"pop3d": (), "pop3d-auto": ("--workers", "auto")}
-#: Whose replies a server gives (sizes, UIDLs): every pop3d gives pop3d's.
-SPEAKS_AS = {"pop3d-auto": "pop3d"}
+#: Whose replies a server gives (sizes, UIDLs): every pop3d gives pop3d's,
+#: and so does the floor (benchmarks/floor_server.py).
+SPEAKS_AS = {"pop3d-auto": "pop3d", "floor": "pop3d"}
 WORKLOADS = ("login-storm", "retr-1", "retr-8", "huge", "many", "idle")
 MB = 1_000_000
 
@@ -205,7 +209,12 @@ def build_dataset(root: Path, cfg: Config, workloads: list[str]) -> Dataset:
         ]
     pop3d_passwd, twisted_passwd = maildrops.write_passwd_files(root, list(data.all_drops()))
     # Dovecot reads the same passwd-file as pop3d.
-    data.passwd = {"pop3d": pop3d_passwd, "twisted": twisted_passwd, "dovecot": pop3d_passwd}
+    data.passwd = {
+        "pop3d": pop3d_passwd,
+        "twisted": twisted_passwd,
+        "dovecot": pop3d_passwd,
+        "floor": pop3d_passwd,
+    }
     if "dovecot" in cfg.servers:
         data.dovecot_meta = servers.prepare_for_dovecot(root, data.mail)
     os.sync()  # no write-back during the measurements
@@ -232,15 +241,18 @@ def start_server(
             ready=servers.DOVECOT_READY,
         )
     else:
+        # --workers auto: one per core, as twistd pop3d counts them (and
+        # the floor); the server is ready once every worker listens.
+        workers = (os.cpu_count() or 1) if "auto" in POP3D_KINDS.get(kind, ()) else 0
         if kind in POP3D_KINDS:
             argv = servers.pop3d_command(
                 data.mail, data.passwd["pop3d"], profile, cfg.pop3d_args + POP3D_KINDS[kind]
             )
+        elif kind == "floor":
+            workers = os.cpu_count() or 1
+            argv = servers.floor_command(data.mail, data.passwd["floor"], workers)
         else:
             argv = servers.twisted_command(data.mail, data.passwd["twisted"])
-        # --workers auto: one per core, as twistd pop3d counts them; the
-        # server is ready once every worker listens.
-        workers = (os.cpu_count() or 1) if "auto" in POP3D_KINDS.get(kind, ()) else 0
         server = Server(kind, argv, log, data.root, workers=workers)
     server.start()
     return server
@@ -855,7 +867,7 @@ def run_workload(workload: str, data: Dataset, cfg: Config) -> dict[str, dict[st
             runs[kind].append(result)
             label = f"{workload} {round_number}/{rounds}" if rounds > 1 else workload
             print(
-                f"{label:<16} {SERVER_TITLES[kind]:<20} {summary_line(workload, result)}"
+                f"{label:<16} {SERVER_TITLES[kind]:<21} {summary_line(workload, result)}"
                 f" [{result['elapsed_s']} s]",
                 flush=True,
             )
@@ -1086,10 +1098,11 @@ def render_table(
 ) -> tuple[str, list[dict[str, Any]]]:
     """
     One row per figure: each server's value, pop3d/twisted and
-    pop3d/Dovecot, the target and whether pop3d meets it.  The ratios and
-    the target are for the pop3d of the row's `Row.measured` (one process,
-    or --workers auto where the target says so), or the other one if only
-    that one ran.
+    pop3d/Dovecot, the target and whether pop3d meets it, and whether the
+    floor of CPython + Twisted (benchmarks/floor_server.py) meets it.  The
+    ratios and the target are for the pop3d of the row's `Row.measured`
+    (one process, or --workers auto where the target says so), or the other
+    one if only that one ran.
     """
     header = (
         "Workload (unit)",
@@ -1099,6 +1112,7 @@ def render_table(
         "pop3d/Dovecot",
         "Target (#14)",
         "Met",
+        "Floor meets it",
     )
     numeric = range(2, 2 + len(SERVERS) + 2)
     lines: list[tuple[str, ...]] = [header]
@@ -1119,10 +1133,15 @@ def render_table(
             measured = next((k for k in POP3D_KINDS if values.get(k) is not None), measured)
         mine = values[measured]
         better = "higher" if row.higher_is_better else "lower"
-        verdict = ""
+        verdict = floor_verdict = ""
         if row.check is not None:
             met = None if mine is None else row.check(mine, values)
             verdict = "?" if met is None else ("met" if met else "MISSED")
+            floor = values.get("floor")
+            if floor is not None:
+                # The same target, checked on the floor's own figure.
+                floor_met = row.check(floor, values)
+                floor_verdict = "?" if floor_met is None else ("yes" if floor_met else "no")
             verdicts.append(
                 {
                     "figure": row.label.strip(),
@@ -1132,6 +1151,9 @@ def render_table(
                     "value": mine,
                     **{kind: values[kind] for kind in SERVERS},
                     "verdict": verdict,
+                    # Whether the floor meets it: "yes", "no", "?" (cannot
+                    # tell), None (the floor did not run).
+                    "floor_meets": floor_verdict or None,
                 }
             )
         lines.append(
@@ -1144,6 +1166,7 @@ def render_table(
                 row.target
                 + ("" if measured == row.measured else f" [on {SERVER_TITLES[measured]}]"),
                 verdict,
+                floor_verdict,
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -1164,7 +1187,7 @@ def render_cpu(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "CPU over each measured window (cores = CPU seconds / wall seconds; other = the",
         "rest of the machine, which should be near 0):",
-        f"  {'workload':<12} {'server':<20} {'server cores':>12} {'load generator cores':>21}"
+        f"  {'workload':<12} {'server':<21} {'server cores':>12} {'load generator cores':>21}"
         f" {'other cores':>12}",
     ]
     for workload in WORKLOADS:
@@ -1173,7 +1196,7 @@ def render_cpu(results: dict[str, dict[str, Any]]) -> str:
             if not result or "server_cores" not in result or workload == "idle":
                 continue
             lines.append(
-                f"  {workload:<12} {SERVER_TITLES[kind]:<20} {result['server_cores']:>12.2f}"
+                f"  {workload:<12} {SERVER_TITLES[kind]:<21} {result['server_cores']:>12.2f}"
                 f" {result['client_cores']:>21.2f} {result['other_cores']:>12.2f}"
             )
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TWISTED_LAUNCHER = HERE / "twisted_pop3_server.py"
+FLOOR_SERVER = HERE / "floor_server.py"
 PROFILED_TWISTD = HERE / "profiled_twistd.py"
 _READY = re.compile(rb"listening on (127\.0\.0\.1):(\d+)")
 #: Dovecot's master logs this once its listeners are bound (the port is ours).
@@ -100,6 +101,22 @@ def twisted_command(mail_root: Path, passwd: Path) -> list[str]:
             str(mail_root),
             "--passwd",
             str(passwd),
+        ]
+    )
+
+
+def floor_command(mail_root: Path, passwd: Path, workers: int) -> list[str]:
+    """The floor of CPython + Twisted (benchmarks/floor_server.py), pop3d's passwd-file."""
+    return _with_fd_limit(
+        [
+            sys.executable,
+            str(FLOOR_SERVER),
+            "--maildirs",
+            str(mail_root),
+            "--passwd",
+            str(passwd),
+            "--workers",
+            str(workers),
         ]
     )
 
