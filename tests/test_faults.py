@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
+from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
@@ -131,7 +132,7 @@ class _ActingAfterOpening:
             self._act()
             return body
 
-        return self._maildrop.open_message(index).addCallback(acted)
+        return deferred_open_message(self._maildrop, index).addCallback(acted)
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
         return self._maildrop.remove(indexes)

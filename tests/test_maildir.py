@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.stores import maildir as maildir_module
-from pop3d.stores.common import MaildirTemplateError, expand_template
+from pop3d.stores.common import MaildirTemplateError, deferred_open_message, expand_template
 from pop3d.stores.interfaces import ISeenFlags
 from pop3d.stores.maildir import MaildirStore
 from pop3d.stores.posix import (
@@ -85,7 +85,7 @@ async def test_uidl_survives_a_move_from_new_to_cur(store: MaildirStore, maildir
     uid = first.messages[0].uid
     # A mail reader marks it seen while we hold the maildrop.
     os.rename(maildir / "new" / unique, maildir / "cur" / f"{unique}:2,S")
-    body = await first.open_message(0)
+    body = await deferred_open_message(first, 0)
     assert body.read(100) == b"Subject: x\n\nbody\n"
     body.close()
     await first.close()
@@ -515,7 +515,7 @@ class TestNoSymbolicLinks:
         (maildir / "new" / "1.M1.host").unlink()
         (maildir / "new" / "1.M1.host").symlink_to(secret)
         with pytest.raises(MaildropUnavailable):
-            await maildrop.open_message(0)
+            await deferred_open_message(maildrop, 0)
         await maildrop.close()
 
     @pytest_twisted.ensureDeferred
@@ -766,13 +766,13 @@ class TestListingCache:
                 ("7.M7.host", 7),
                 ("8.M8.host", 8),
             ]
-            body = await maildrop.open_message(4)
+            body = await deferred_open_message(maildrop, 4)
             assert body.read(100) == b"a longer file now\n"  # the replacement, as stored
             body.close()
             # Moved to cur/ by the other worker: found where it is now, with
             # no further read of the directories (checked below).
             for index, stored in ((0, b"\n"), (2, b"xx\n")):
-                body = await maildrop.open_message(index)
+                body = await deferred_open_message(maildrop, index)
                 assert body.read(100) == stored
                 body.close()
         finally:
@@ -795,7 +795,7 @@ class TestListingCache:
         maildir.rename(tmp_path / "moved")
         deliver_to_maildir(str(maildir), b"someone else's\n")
         with pytest.raises(MaildropUnavailable):
-            await maildrop.open_message(0)
+            await deferred_open_message(maildrop, 0)
         await maildrop.close()
 
 
@@ -877,7 +877,7 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7)))
     store = MaildirStore(f"{tmp_path}/{{user}}", reuse_x_uidl=True)
     maildrop = await store.open("alice")
-    body = await maildrop.open_message(0)
+    body = await deferred_open_message(maildrop, 0)
     chunks = []
     while chunk := body.read(256 * 1024):
         chunks.append(chunk)
@@ -1104,7 +1104,7 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         maildrop = self.open(store, threads)
         assert scans == []
         assert list(maildrop.messages.uids) == uniques
-        body = result_of(threads.clock, maildrop.open_message(1))
+        body = result_of(threads.clock, deferred_open_message(maildrop, 1))
         assert body.read(10) == b"1\n"  # type: ignore[union-attr]
         body.close()  # type: ignore[union-attr]
         maildrop.close()
@@ -1176,7 +1176,7 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3, 3, 3]
         scans.clear()
-        body = result_of(threads.clock, maildrop.open_message(1))
+        body = result_of(threads.clock, deferred_open_message(maildrop, 1))
         assert body.read(10) == b"1\n"  # type: ignore[union-attr]
         body.close()  # type: ignore[union-attr]
         assert scans == []  # listed in new/, where it is
@@ -1222,7 +1222,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         self, maildrop: Any, threads: TimedClockThreads, maildir: Path, index: int, body: bytes
     ) -> None:
         """RETR one message, then QUIT; the renames settle while QUIT waits for them."""
-        read = result_of(threads.clock, maildrop.open_message(index))
+        read = result_of(threads.clock, deferred_open_message(maildrop, index))
         assert read.read(100) == body  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         self.quit(maildrop, threads, [index], between=lambda: self.long_ago(maildir))
@@ -1266,7 +1266,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert scans == []
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 6
-        read = result_of(threads.clock, maildrop.open_message(2))
+        read = result_of(threads.clock, deferred_open_message(maildrop, 2))
         assert read.read(100) == bodies[2]  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         assert scans == []  # found where the note said it went
@@ -1282,7 +1282,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 6 + [9] * 5
         for index, body in ((4, bodies[4]), (8, later[2])):
-            read = result_of(threads.clock, maildrop.open_message(index))
+            read = result_of(threads.clock, deferred_open_message(maildrop, index))
             assert read.read(100) == body  # type: ignore[union-attr]
             read.close()  # type: ignore[union-attr]
         assert scans == ["new"]
@@ -1338,7 +1338,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert "cur" in scans
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 4
-        read = result_of(threads.clock, maildrop.open_message(1))
+        read = result_of(threads.clock, deferred_open_message(maildrop, 1))
         assert read.read(100) == bodies[1]  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         maildrop.close()

@@ -34,6 +34,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
+from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.mbox import (
     DOTLOCK_STALE_SECONDS,
@@ -86,7 +87,7 @@ def mbox_of(
 
 
 def read_all(maildrop: IMaildrop, index: int, chunk: int = 5) -> bytes:
-    body = now(maildrop.open_message(index))
+    body = now(deferred_open_message(maildrop, index))
     data = []
     while piece := body.read(chunk):
         data.append(piece)

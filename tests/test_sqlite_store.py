@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from pop3d.errors import MaildropLocked, MessageGone
+from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildropStore, IMailLocationPlugin, MailLocationError
 from tests.test_process import HOST, PATIENCE, Launch, launch, write_passwd
 
@@ -93,7 +94,7 @@ async def test_lists_and_reads_a_mailbox_asynchronously(database: Path) -> None:
             len(SECOND) + SECOND.count(b"\n"),
         )
         for index, stored in enumerate([FIRST, SECOND]):
-            body = await maildrop.open_message(index)
+            body = await deferred_open_message(maildrop, index)
             try:
                 assert await read_all(body) == stored
             finally:
@@ -106,7 +107,7 @@ async def test_lists_and_reads_a_mailbox_asynchronously(database: Path) -> None:
 async def test_a_message_deleted_while_it_is_read_is_read_to_its_end(database: Path) -> None:
     maildrop = await sqlite_store(database).open("alice")
     try:
-        body = await maildrop.open_message(1)
+        body = await deferred_open_message(maildrop, 1)
         first = await body.read(100)
         with sqlite3.connect(database) as other:
             other.execute("DELETE FROM messages WHERE id = 2")
@@ -123,7 +124,7 @@ async def test_a_message_deleted_before_it_is_opened_is_gone(database: Path) -> 
         with sqlite3.connect(database) as other:
             other.execute("DELETE FROM messages WHERE id = 1")
         with pytest.raises(MessageGone):
-            await maildrop.open_message(0)
+            await deferred_open_message(maildrop, 0)
     finally:
         await maildrop.close()
 

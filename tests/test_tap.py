@@ -31,6 +31,7 @@ from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
+from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
@@ -282,7 +283,7 @@ async def test_mbox_format(
     store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
     maildrop = await store.open("alice")
     try:
-        body = await maildrop.open_message(0)
+        body = await deferred_open_message(maildrop, 0)
         assert body.read(1000) == served
         body.close()
     finally:

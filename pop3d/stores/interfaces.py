@@ -186,12 +186,16 @@ class IMaildrop(Interface):
         " (another sequence of `MessageInfo` is converted once per session)."
     )
 
-    def open_message(index: int) -> Deferred[IMessageBody]:
+    def open_message(index: int) -> IMessageBody | Deferred[IMessageBody]:
         """
-        Open one message of the snapshot for reading.
+        Open one message of the snapshot for reading: its body at once where
+        it opens at once (a local file: no Deferred per RETR), else a
+        Deferred that fires with it.
 
-        Fails with `pop3d.errors.MessageGone` if another program removed it,
-        or `pop3d.errors.MaildropUnavailable` if it cannot be read.
+        Fails (raises, or the Deferred fails) with
+        `pop3d.errors.MessageGone` if another program removed it, or
+        `pop3d.errors.MaildropUnavailable` if it cannot be read.
+        (`pop3d.stores.common.deferred_open_message` always gives a Deferred.)
         """
 
     def remove(indexes: Sequence[int]) -> Deferred[None]:

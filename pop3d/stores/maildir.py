@@ -1966,7 +1966,7 @@ class _Maildrop:
             self._moved(index, location)
         return location
 
-    def open_message(self, index: int) -> Deferred[IMessageBody]:
+    def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
         directory = self._directory
         assert directory is not None
         location: Location | None = self._locations[index]
@@ -1984,7 +1984,7 @@ class _Maildrop:
                 path = os.path.join(self.root, *location)
                 return fail(unavailable("cannot open message", path, error))
             else:
-                return succeed(_FileBody(fd, size, self.root, location))
+                return _FileBody(fd, size, self.root, location)
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
         try:
@@ -2001,7 +2001,7 @@ class _Maildrop:
                         raise unavailable("cannot open message", path, error) from error
                     body = _FileBody(fd, file_size, self.root, location)
                     subdirectories.open(directory, root_fd, location[0])
-                    return succeed(body)
+                    return body
         except POP3Error as error:
             return fail(error)
         return fail(MessageGone())
