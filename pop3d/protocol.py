@@ -51,7 +51,6 @@ from pop3d.session import (
     Session,
     StartTLS,
 )
-from pop3d.tls import ServerTLS
 from pop3d.wire import (
     MAX_COMMAND_LENGTH,
     TERMINATOR,
@@ -63,6 +62,9 @@ from pop3d.wire import (
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure as FailureType
+
+    # A type only: pop3d.tls reloads through pop3d.lifecycle, which imports this module.
+    from pop3d.tls import ServerTLS
 
 log = Logger()
 

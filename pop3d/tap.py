@@ -720,6 +720,9 @@ def makeService(options: Options) -> IService:
         # Outermost: asked as the checker accepts, it times checker and store.
         realm = TimingRealm(realm, clock)
     portal = build_portal(realm, options["credCheckers"], threads)
+    if options["tls"] is not None:
+        # SIGHUP reads the certificate and key in the thread pool.
+        options["tls"].run_slow_work_in(threads)
     factory = POP3Factory(
         portal,
         clock=clock,
@@ -839,19 +842,19 @@ def add_metrics_endpoint(
 
 def reload_configuration(options: Options) -> Callable[[], Deferred[Any]]:
     """
-    What SIGHUP reads again: the --tls-cert/--tls-key files (kept as they
-    were if the new ones cannot be used) and the files of every --auth
-    checker that provides `pop3d.lifecycle.IReloadable` (passwd files,
-    which logins also re-read whenever they change; Dovecot's conf files),
-    those in the thread pool: the Deferred fires once they are all read.
+    What SIGHUP reads again, in the thread pool: the --tls-cert/--tls-key
+    files (kept as they were if the new ones cannot be used) and the files
+    of every --auth checker that provides `pop3d.lifecycle.IReloadable`
+    (passwd files, which logins also re-read whenever they change; Dovecot's
+    conf files): the Deferred fires once they are all read.
     """
     tls: ServerTLS | None = options["tls"]
     reloadable = [c for c in options["credCheckers"] if IReloadable.providedBy(c)]
+    if tls is not None:
+        reloadable.insert(0, tls)
 
     def reload() -> Deferred[Any]:
-        if tls is not None:
-            tls.reload()
-        return DeferredList([checker.reload() for checker in reloadable])
+        return DeferredList([part.reload() for part in reloadable])
 
     return reload
 

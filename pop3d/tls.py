@@ -14,14 +14,14 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    IReactorThreads,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-log = Logger()
+from pop3d.lifecycle import IReloadable, ReloadableFiles
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -29,55 +29,93 @@ _PEM_CERTIFICATE = re.compile(
 
 
 class TLSConfigurationError(ValueError):
-    """A certificate or key that cannot be used."""
+    """A certificate or key that cannot be used; the message names the file."""
 
 
+@implementer(IReloadable)
 class ServerTLS:
     """
     ``certificate_path`` holds the server certificate, optionally followed by
     its chain; ``key_path`` the private key (both PEM; they may be the same
     file).  TLS 1.2 is the minimum (RFC 8314 section 4.1).
+
+    The files are read at start-up (`TLSConfigurationError` if they cannot
+    be used, the key not matching the certificate included) and again on
+    `reload`, in the thread pool once `run_slow_work_in` gave one
+    (`pop3d.lifecycle.ReloadableFiles`).  A handshake never waits for that
+    reading: until the new pair is in use, it gets the one in use.  A pair
+    that cannot be used is logged, naming the file, and the one in use kept.
     """
 
     def __init__(self, certificate_path: str, key_path: str) -> None:
         self.certificate_path = certificate_path
         self.key_path = key_path
         self._options = self._load()
+        self._files = ReloadableFiles(
+            certificate_path, self._load, self._use, (TLSConfigurationError,)
+        )
+
+    def run_slow_work_in(self, reactor: IReactorThreads) -> None:
+        """Read the files again (`reload`) in ``reactor``'s thread pool."""
+        self._files.threads = reactor
 
     def _load(self) -> CertificateOptions:
+        """The pair in the files, its TLS context made (blocking file work)."""
         try:
             with open(self.certificate_path, "rb") as file:
                 certificates = _PEM_CERTIFICATE.findall(file.read())
             with open(self.key_path, "rb") as file:
-                key = KeyPair.load(file.read(), format=1)  # FILETYPE_PEM
+                key_pem = file.read()
         except OSError as error:
             raise TLSConfigurationError(f"cannot read {error.filename}: {error.strerror}") from None
-        except Exception as error:  # OpenSSL's errors are of many types
-            raise TLSConfigurationError(f"cannot load the private key: {error}") from None
         if not certificates:
             raise TLSConfigurationError(f"no PEM certificate in {self.certificate_path}")
         try:
             leaf, *chain = (Certificate.loadPEM(pem) for pem in certificates)
-            return CertificateOptions(
-                privateKey=key.original,
-                certificate=leaf.original,
-                extraCertChain=[c.original for c in chain],
-                raiseMinimumTo=TLSVersion.TLSv1_2,
-            )
-        except Exception as error:
-            raise TLSConfigurationError(f"unusable certificate or key: {error}") from None
-
-    def reload(self) -> None:
-        """Read the files again; on failure keep the old ones and log why."""
+        except Exception:  # OpenSSL's errors are of many types
+            raise TLSConfigurationError(
+                f"unreadable PEM certificate in {self.certificate_path}"
+            ) from None
         try:
-            self._options = self._load()
-        except TLSConfigurationError as error:
-            log.error("keeping the previous TLS certificate: {error}", error=error)
-        else:
-            log.info("TLS certificate reloaded from {path}", path=self.certificate_path)
+            key = KeyPair.load(key_pem, format=1)  # FILETYPE_PEM
+        except Exception:
+            raise TLSConfigurationError(f"no PEM private key in {self.key_path}") from None
+        options = CertificateOptions(
+            privateKey=key.original,
+            certificate=leaf.original,
+            extraCertChain=[c.original for c in chain],
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
+        try:
+            # Made here, not at the first handshake: a key that does not
+            # match is found now, and no handshake waits for the making.
+            options.getContext()
+        except SSL.Error as error:
+            raise TLSConfigurationError(
+                f"the private key in {self.key_path} cannot be used with the certificate in "
+                f"{self.certificate_path}: {_reasons(error)}"
+            ) from None
+        return options
+
+    def _use(self, options: CertificateOptions) -> None:
+        self._options = options
+
+    def reload(self) -> Deferred[None]:
+        """
+        `IReloadable` (SIGHUP): read the files again; fires once the new pair
+        is in use, or the one in use kept (and the reason logged).
+        """
+        return self._files.read_again()
 
     def context_factory(self) -> CertificateOptions:
+        """The pair in use, at once (even while the files are read again)."""
         return self._options
+
+
+def _reasons(error: SSL.Error) -> str:
+    """OpenSSL's reasons (``key values mismatch``), without its library names."""
+    stack = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return ", ".join(str(entry[-1]) for entry in stack) or str(error)
 
 
 @implementer(IOpenSSLServerConnectionCreator)

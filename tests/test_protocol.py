@@ -101,8 +101,9 @@ def test_a_tls_failure_after_stls_closes_without_a_plaintext_answer(
 ) -> None:
     """
     RFC 2595 section 4: after +OK to STLS the next bytes are the TLS
-    handshake.  A certificate that cannot be loaded then (a bad reload on
-    SIGHUP) leaves no honest answer: the connection is closed, and logged.
+    handshake.  A TLS context that cannot be had then (a bad reload on
+    SIGHUP keeps the one in use: this is the last line of defence) leaves
+    no honest answer: the connection is closed, and logged.
     """
 
     class BrokenTLS:

@@ -1,7 +1,8 @@
 """
 TLS with real clients on loopback: STLS (RFC 2595) with poplib, curl and
 openssl s_client; implicit TLS (RFC 8314) with curl pop3s://; the STARTTLS
-injection attempt over a real socket; certificate reload on SIGHUP.
+injection attempt over a real socket; certificate reload on SIGHUP (in
+the thread pool: a handshake meanwhile uses the certificate in use).
 """
 
 from __future__ import annotations
@@ -11,17 +12,32 @@ import poplib
 import signal
 import socket
 import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.test.iosim import connectedServerAndClient
 
+from pop3d.tap import parse_tls
 from pop3d.testing import deliver_to_maildir
-from pop3d.tls import ServerTLS
+from pop3d.tls import ServerTLS, tls_server_factory
 
+from .clock_threads import ClockThreads, result_of
 from .conftest import USERS, RunningServer, require_program, start_service
 from .test_endpoints import _self_signed
 
@@ -197,28 +213,98 @@ async def test_commands_injected_before_the_handshake_are_not_run(tmp_path: Path
 @pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
 @pytest_twisted.ensureDeferred
 async def test_certificate_is_reloaded_on_sighup(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, implicit: bool
+    tmp_path: Path, logged: LogLines, implicit: bool
 ) -> None:
-    reloaded: Deferred[None] = Deferred()
-    original = ServerTLS.reload
-
-    def reload(self: ServerTLS) -> None:
-        original(self)
-        reloaded.callback(None)
-
-    monkeypatch.setattr(ServerTLS, "reload", reload)
-    listen = ["ssl:0:interface=127.0.0.1"] if implicit else None
-    server = await _tls_server(tmp_path, listen)
+    server = await _tls_server(tmp_path, _listening(implicit))
     try:
         first = await deferToThread(_server_certificate, server, implicit)
         _self_signed(tmp_path)  # a renewed certificate, same files
-        os.kill(os.getpid(), signal.SIGHUP)
-        await reloaded
+        await _hang_up(logged, f"reloaded {tmp_path / 'cert.pem'}")
         second = await deferToThread(_server_certificate, server, implicit)
         assert first != second
-        assert second == ssl.PEM_cert_to_DER_cert((tmp_path / "cert.pem").read_text())
+        assert second == _der(tmp_path / "cert.pem")
     finally:
         await server.service.stopService()
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_while_sighup_reads_the_files_uses_the_certificate_in_use(
+    tmp_path: Path, logged: LogLines, implicit: bool
+) -> None:
+    """
+    SIGHUP reads the certificate in the thread pool: here it is a FIFO
+    that gives the renewed certificate only once the client's handshake is
+    done, so the reading is under way all along.  The handshake gets the
+    certificate in use, without waiting (on the reactor thread, that reading
+    would hold every session until the socket timeout fails the client).
+    """
+    server = await _tls_server(tmp_path, _listening(implicit))
+    certificate = tmp_path / "cert.pem"
+    try:
+        old = _der(certificate)
+        renewed_key, renewed_certificate = _self_signed(_made(tmp_path / "renewed"))
+        os.replace(renewed_key, tmp_path / "key.pem")
+        os.mkfifo(tmp_path / "cert.fifo")
+        os.replace(tmp_path / "cert.fifo", certificate)
+        reloaded = _hang_up(logged, f"reloaded {certificate}")
+
+        def handshake_then_renew() -> bytes:
+            try:
+                return _server_certificate(server, implicit)
+            finally:
+                # The reading ends once the FIFO has its writer, and its end.
+                with open(certificate, "wb") as fifo:
+                    fifo.write(renewed_certificate.read_bytes())
+
+        during = await deferToThread(handshake_then_renew)
+        await reloaded
+        after = await deferToThread(_server_certificate, server, implicit)
+    finally:
+        await server.service.stopService()
+    assert during == old
+    assert after == _der(renewed_certificate)
+    assert logged.lines("keeping the previous") == []
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
+@pytest_twisted.ensureDeferred
+async def test_sighup_with_a_key_that_does_not_match_keeps_the_certificate_in_use(
+    tmp_path: Path, logged: LogLines, implicit: bool
+) -> None:
+    """
+    A renewed certificate whose key is not in place yet: TLS goes on with
+    the pair in use (it used to fail every handshake until the next SIGHUP),
+    and the log says so once, naming the files.
+    """
+    server = await _tls_server(tmp_path, _listening(implicit))
+    certificate, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        old = _der(certificate)
+        _renewed_key, renewed_certificate = _self_signed(_made(tmp_path / "renewed"))
+        os.replace(renewed_certificate, certificate)
+        await _hang_up(
+            logged,
+            f"keeping the previous {certificate}: the private key in {key} cannot be used "
+            f"with the certificate in {certificate}: key values mismatch",
+        )
+        served = [await deferToThread(_server_certificate, server, implicit) for _ in range(2)]
+    finally:
+        await server.service.stopService()
+    assert served == [old, old]
+    assert len(logged.lines(str(certificate))) == 1
+
+
+def _listening(implicit: bool) -> list[str] | None:
+    """Implicit TLS (``ssl:``), or STLS on the usual port."""
+    return ["ssl:0:interface=127.0.0.1"] if implicit else None
+
+
+def _hang_up(logged: LogLines, line: str) -> Deferred[None]:
+    """SIGHUP to this process, whose server logs ``line`` when it is done."""
+    done = logged.when(line)
+    os.kill(os.getpid(), signal.SIGHUP)
+    return done
 
 
 def _server_certificate(server: RunningServer, implicit: bool) -> bytes:
@@ -280,3 +366,160 @@ async def test_stls_behind_haproxy_counts_as_secure(tmp_path: Path) -> None:
         await server.service.stopService()
     assert b"USER\r\n" in lines and b"STLS\r\n" not in lines
     assert lines[-2:] == [b"+OK send PASS\r\n", b"-ERR TLS is already active\r\n"]
+
+
+# -- SIGHUP: the files are read in the thread pool ------------------------------------
+
+
+def test_a_reload_is_read_in_the_thread_pool_and_handshakes_meanwhile_use_the_certificate_in_use(
+    tmp_path: Path, logged: LogLines
+) -> None:
+    """
+    SIGHUP's reading of --tls-cert/--tls-key is handed to the thread pool;
+    a handshake that starts meanwhile neither waits nor fails: it gets the
+    certificate in use, and the renewed one once it is read.
+    """
+    key, certificate = _self_signed(tmp_path)
+    old = _der(certificate)
+    tls = ServerTLS(str(certificate), str(key))
+    threads = ClockThreads(Clock())
+    tls.run_slow_work_in(threads.as_reactor)
+    _self_signed(tmp_path)  # renewed, same files
+    reloaded = tls.reload()
+    assert threads.handed_over == 1
+    assert not reloaded.called
+    assert _certificate_served(tls) == old
+    assert result_of(threads.clock, reloaded) is None
+    assert _certificate_served(tls) == _der(certificate) != old
+    assert logged.lines("reload") == [f"reloaded {certificate}"]
+
+
+def _unreadable(certificate: Path, key: Path) -> None:
+    certificate.unlink()
+
+
+def _not_pem(certificate: Path, key: Path) -> None:
+    certificate.write_bytes(certificate.read_bytes().replace(b"-----BEGIN ", b"-----START "))
+
+
+def _key_not_pem(certificate: Path, key: Path) -> None:
+    key.write_bytes(b"not a key\n")
+
+
+def _damaged(certificate: Path, key: Path) -> None:
+    pem = certificate.read_bytes().split(b"\n")
+    certificate.write_bytes(b"\n".join([pem[0], b"AAAA", pem[-2], b""]))
+
+
+def _key_of_another_certificate(certificate: Path, key: Path) -> None:
+    _self_signed(_made(certificate.parent / "other"))[0].replace(key)
+
+
+@pytest.mark.parametrize(
+    "breakage,reason",
+    [
+        (_unreadable, "cannot read {certificate}: No such file or directory"),
+        (_not_pem, "no PEM certificate in {certificate}"),
+        (_damaged, "unreadable PEM certificate in {certificate}"),
+        (_key_not_pem, "no PEM private key in {key}"),
+        (
+            _key_of_another_certificate,
+            "the private key in {key} cannot be used with the certificate in {certificate}: "
+            "key values mismatch",
+        ),
+    ],
+    ids=["unreadable", "not-pem", "damaged-pem", "key-not-pem", "key-mismatch"],
+)
+def test_a_broken_pair_keeps_the_certificate_in_use_and_is_logged_once_naming_the_file(
+    tmp_path: Path,
+    logged: LogLines,
+    breakage: Callable[[Path, Path], None],
+    reason: str,
+) -> None:
+    key, certificate = _self_signed(tmp_path)
+    old = _der(certificate)
+    tls = ServerTLS(str(certificate), str(key))
+    threads = ClockThreads(Clock())
+    tls.run_slow_work_in(threads.as_reactor)
+    breakage(certificate, key)
+    result_of(threads.clock, tls.reload())
+    assert [_certificate_served(tls) for _ in range(2)] == [old, old]
+    assert logged.lines("reload") + logged.lines("keeping") == [
+        f"keeping the previous {certificate}: " + reason.format(certificate=certificate, key=key)
+    ]
+
+
+def test_a_key_that_does_not_match_the_certificate_is_refused_at_start_up(
+    tmp_path: Path,
+) -> None:
+    key, certificate = _self_signed(tmp_path)
+    _key_of_another_certificate(certificate, key)
+    with pytest.raises(usage.UsageError) as refused:
+        parse_tls(str(certificate), str(key))
+    assert str(refused.value) == (
+        f"--tls-cert/--tls-key: the private key in {key} cannot be used with the certificate "
+        f"in {certificate}: key values mismatch"
+    )
+
+
+def _certificate_served(tls: ServerTLS) -> bytes:
+    """The certificate a client gets in an implicit TLS handshake now (in memory)."""
+    server = tls_server_factory(Factory.forProtocol(Protocol), tls)
+    client = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol))
+    client_side, _, pump = connectedServerAndClient(
+        lambda: server.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)),
+        lambda: client.buildProtocol(IPv4Address("TCP", "127.0.0.1", 995)),
+    )
+    pump.flush()
+    certificate = client_side.getPeerCertificate()
+    assert certificate is not None, "the handshake failed"
+    return cast(bytes, certificate.to_cryptography().public_bytes(Encoding.DER))
+
+
+def _der(certificate: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(certificate.read_text())
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir()
+    return directory
+
+
+#: Seconds a test waits for a line before it fails (it comes at once when all is well).
+PATIENCE = 10.0
+
+
+class LogLines:
+    """Every log line while it is installed, formatted; `when` one comes."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._awaited: dict[str, Deferred[None]] = {}
+
+    def __call__(self, event: LogEvent) -> None:
+        line = formatEvent(event)
+        self._lines.append(line)
+        awaited = self._awaited.pop(line, None)
+        if awaited is not None:
+            awaited.callback(None)
+
+    def lines(self, fragment: str) -> list[str]:
+        return [line for line in self._lines if fragment in line]
+
+    def when(self, line: str) -> Deferred[None]:
+        """
+        Fires when ``line`` is logged (call it before what logs it); fails
+        after `PATIENCE` seconds without it.
+        """
+        self._awaited[line] = awaited = Deferred()
+        return awaited.addTimeout(PATIENCE, cast(IReactorTime, reactor))
+
+
+@pytest.fixture
+def logged() -> Iterator[LogLines]:
+    observer = LogLines()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
