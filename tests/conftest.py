@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.protocol import POP3Protocol
@@ -105,6 +110,60 @@ def factory(make_factory: Callable[..., POP3Factory]) -> POP3Factory:
 @pytest.fixture
 def wire(factory: POP3Factory) -> Wire:
     return Wire(factory)
+
+
+#: Seconds `Logged.when` waits for a line before it fails (it comes at once when all is well).
+LOG_PATIENCE = 10.0
+
+
+@implementer(ILogObserver)
+class Logged:
+    """
+    Every event logged (through twisted.logger's global publisher) while it
+    observes: with the `logged` fixture, from the fixture's set-up (after
+    the fixtures named before it) to the test's end.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+        self._awaited: dict[str, Deferred[None]] = {}
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+        if self._awaited:
+            awaited = self._awaited.pop(formatEvent(event), None)
+            if awaited is not None:
+                awaited.callback(None)
+
+    def texts(self, fragment: str = "") -> list[str]:
+        """Each event as its log line (`formatEvent`), those with ``fragment`` in it."""
+        return [text for text in map(formatEvent, self.events) if fragment in text]
+
+    def with_fields(self) -> str:
+        """Each event's line and all its fields: what a secret must appear in nowhere."""
+        return "\n".join(f"{formatEvent(event)} {event!r}" for event in self.events)
+
+    def when(self, text: str) -> Deferred[None]:
+        """
+        Fires when the line ``text`` is logged (call it before what logs it);
+        fails after `LOG_PATIENCE` seconds without it.
+        """
+        # Imported here: conftest is read before pytest-twisted installs its reactor.
+        from twisted.internet import reactor
+
+        self._awaited[text] = awaited = Deferred()
+        return awaited.addTimeout(LOG_PATIENCE, cast(IReactorTime, reactor))
+
+
+@pytest.fixture
+def logged() -> Iterator[Logged]:
+    """What the code under test logs, from here to the test's end."""
+    observer = Logged()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 @dataclass

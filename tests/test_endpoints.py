@@ -23,11 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, globalLogPublisher
 
 from pop3d.testing import deliver_to_maildir
 
-from .conftest import USERS, RunningServer, start_service, write_passwd
+from .conftest import USERS, Logged, RunningServer, start_service, write_passwd
 
 MESSAGE = b"Subject: endpoint\n\n.dotted\n"
 RECEIVED = [b"Subject: endpoint", b"", b".dotted"]
@@ -135,10 +134,8 @@ async def test_implicit_tls(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path) -> None:
+async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path, logged: Logged) -> None:
     """Behind HAProxy (send-proxy), logs name the client, not the proxy."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
     server = await start_service(
         tmp_path, ["haproxy:tcp:0:interface=127.0.0.1"], ["--allow-plaintext-auth"]
     )
@@ -156,9 +153,8 @@ async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path) -> N
         answer = await deferToThread(client)
     finally:
         await server.service.stopService()
-        globalLogPublisher.removeObserver(events.append)
     assert answer.startswith(b"+OK pop3d ready") and answer.endswith(b"+OK bye\r\n")
-    sessions = [e for e in events if "session {summary}" in e.get("log_format", "")]
+    sessions = [e for e in logged.events if "session {summary}" in e.get("log_format", "")]
     assert [e["peer"] for e in sessions] == ["203.0.113.7:40123"]
 
 

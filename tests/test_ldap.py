@@ -25,7 +25,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from pop3d.authdb.ldap import LdapChecker, LdapCheckerFactory, escape_dn_value
 from pop3d.authdb.ldapconf import (
@@ -58,6 +57,7 @@ from pop3d.userdb import (
 from pop3d.wire import ResponseCode
 
 from .clock_threads import ClockThreads, result_of
+from .conftest import Logged
 from .ldapserver import (
     PEOPLE,
     SERVICE_DN,
@@ -673,7 +673,7 @@ class TestUserDatabase:
 class TestReload:
     @pytest_twisted.ensureDeferred
     async def test_sighup_reads_the_file_again(
-        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+        self, tmp_path: Path, ldap_server: LdapServer, logged: Logged
     ) -> None:
         conf = _write_conf(tmp_path / "c.conf.ext", ldap_server)
         checker = _checker(conf)
@@ -685,13 +685,11 @@ class TestReload:
         good = conf.read_text()
         conf.write_text(good + "scope = everywhere\n")
         await checker.reload()
-        assert f"keeping the previous {conf}: {conf}:" in "\n".join(
-            formatEvent(event) for event in events
-        )
+        assert f"keeping the previous {conf}: {conf}:" in "\n".join(logged.texts())
         assert isinstance(await _login(checker, _credentials("alice", HORSE)), UnauthorizedLogin)
 
     def test_the_file_is_read_in_the_thread_pool_and_logins_wait_for_it(
-        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+        self, tmp_path: Path, ldap_server: LdapServer, logged: Logged
     ) -> None:
         """
         SIGHUP's reading of the file is handed to the thread pool, not done
@@ -711,12 +709,10 @@ class TestReload:
         alice = checker.requestAvatarId(_credentials("alice", HORSE))
         assert not alice.called
         assert result_of(threads.clock, alice) == AuthenticatedUser("alice")
-        assert [formatEvent(event) for event in events if "reloaded" in formatEvent(event)] == [
-            f"reloaded {conf}"
-        ]
+        assert logged.texts("reloaded") == [f"reloaded {conf}"]
 
     def test_a_broken_file_keeps_the_one_in_use_and_is_logged_once(
-        self, tmp_path: Path, ldap_server: LdapServer, events: list[LogEvent]
+        self, tmp_path: Path, ldap_server: LdapServer, logged: Logged
     ) -> None:
         conf = _write_conf(tmp_path / "c.conf.ext", ldap_server)
         threads = ClockThreads(Clock())
@@ -730,7 +726,7 @@ class TestReload:
             AuthenticatedUser("alice"),
             AuthenticatedUser("alice"),
         ]
-        [kept] = [formatEvent(event) for event in events if "keeping" in formatEvent(event)]
+        [kept] = logged.texts("keeping")
         assert kept.startswith(f"keeping the previous {conf}: {conf}:8: ")
 
 
@@ -741,24 +737,10 @@ class _Silent(Protocol):
     """Accepts a connection and never answers."""
 
 
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    found: list[LogEvent] = []
-    globalLogPublisher.addObserver(found.append)
-    try:
-        yield found
-    finally:
-        globalLogPublisher.removeObserver(found.append)
-
-
-def _messages(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(event) for event in events if "LDAP server" in formatEvent(event)]
-
-
 @pytest.mark.peer
 class TestOutages:
     @pytest_twisted.ensureDeferred
-    async def test_down_then_back(self, tmp_path: Path, events: list[LogEvent]) -> None:
+    async def test_down_then_back(self, tmp_path: Path, logged: Logged) -> None:
         server = start_ldap_server(tmp_path / "slapd")
         try:
             server.add(_ldif("alice", USERS["alice"][0]))
@@ -772,19 +754,17 @@ class TestOutages:
             server.start()
             # The pooled connection died with the server: a new one, by itself.
             back = await _login(checker, _credentials("alice", HORSE))
-            assert back == AuthenticatedUser("alice"), [formatEvent(e) for e in events]
+            assert back == AuthenticatedUser("alice"), logged.texts()
         finally:
             server.stop()
-        messages = _messages(events)
+        messages = logged.texts("LDAP server")
         assert len(messages) == 2, messages
         assert messages[0].startswith(f"LDAP server {server.uri} unavailable: Can't contact")
         assert messages[1] == f"LDAP server {server.uri} available again"
-        assert not any(HORSE in formatEvent(event) for event in events)
+        assert not any(HORSE in text for text in logged.texts())
 
     @pytest_twisted.ensureDeferred
-    async def test_a_server_that_does_not_answer(
-        self, tmp_path: Path, events: list[LogEvent]
-    ) -> None:
+    async def test_a_server_that_does_not_answer(self, tmp_path: Path, logged: Logged) -> None:
         port = reactor.listenTCP(0, Factory.forProtocol(_Silent), interface="127.0.0.1")
         try:
             uri = f"ldap://127.0.0.1:{port.getHost().port}"
@@ -797,7 +777,7 @@ class TestOutages:
             assert isinstance(slow, AuthUnavailable)
         finally:
             await port.stopListening()
-        assert len(_messages(events)) == 1
+        assert len(logged.texts("LDAP server")) == 1
 
     @pytest_twisted.ensureDeferred
     async def test_a_wrong_service_password_is_an_outage(

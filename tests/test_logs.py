@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from pop3d.logformat import (
     LogoutFormat,
@@ -34,7 +34,7 @@ from pop3d.logformat import (
 )
 from pop3d.testing import deliver_to_maildir
 
-from .conftest import USERS, require_program, start_service
+from .conftest import USERS, Logged, require_program, start_service
 from .test_endpoints import _self_signed
 from .test_process import (
     HOST,
@@ -110,11 +110,9 @@ def test_session_ids_are_short_and_unique() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_login_line_names_tls_version_and_cipher(tmp_path: Path) -> None:
+async def test_login_line_names_tls_version_and_cipher(tmp_path: Path, logged: Logged) -> None:
     """RFC 2595 section 4 (STLS): the login line says which TLS the session used."""
     key, cert = _self_signed(tmp_path)
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
     server = await start_service(
         tmp_path, ["tcp:0:interface=127.0.0.1"], ["--tls-cert", str(cert), "--tls-key", str(key)]
     )
@@ -137,8 +135,7 @@ async def test_login_line_names_tls_version_and_cipher(tmp_path: Path) -> None:
         version, cipher = await deferToThread(sessions)
     finally:
         await server.service.stopService()
-        globalLogPublisher.removeObserver(events.append)
-    logins = [formatEvent(e) for e in events if " login: " in e.get("log_format", "")]
+    logins = [formatEvent(e) for e in logged.events if " login: " in e.get("log_format", "")]
     assert len(logins) == 2
     assert re.fullmatch(r'\[\w+\.\d+\] login: rip=127\.0\.0\.1 method=USER user="alice"', logins[0])
     assert re.fullmatch(
@@ -150,10 +147,10 @@ async def test_login_line_names_tls_version_and_cipher(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_failed_login_behind_haproxy_names_the_real_client(tmp_path: Path) -> None:
+async def test_failed_login_behind_haproxy_names_the_real_client(
+    tmp_path: Path, logged: Logged
+) -> None:
     """The PROXY protocol's source address is the one fail2ban must ban, not the proxy's."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
     server = await start_service(
         tmp_path,
         ["haproxy:tcp:0:interface=127.0.0.1"],
@@ -173,9 +170,8 @@ async def test_failed_login_behind_haproxy_names_the_real_client(tmp_path: Path)
         answer = await deferToThread(client)
     finally:
         await server.service.stopService()
-        globalLogPublisher.removeObserver(events.append)
     assert b"-ERR [AUTH]" in answer
-    failed = [formatEvent(e) for e in events if "login failed:" in e.get("log_format", "")]
+    failed = [formatEvent(e) for e in logged.events if "login failed:" in e.get("log_format", "")]
     assert len(failed) == 1
     assert re.fullmatch(
         r"\[\w+\.\d+\] login failed: rip=203\.0\.113\.7 method=USER reason=credentials"

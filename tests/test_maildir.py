@@ -20,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
@@ -40,6 +40,7 @@ from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
 
 from .clock_threads import TimedClockThreads, result_of, settle
+from .conftest import Logged
 
 
 @pytest.fixture
@@ -1354,6 +1355,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         threads: TimedClockThreads,
         scans: list[str],
         damage: str,
+        logged: Logged,
     ) -> None:
         """
         The note file is in the Maildir, which its owner can write: when it
@@ -1385,23 +1387,22 @@ class TestChangeNotes(_TimedMaildirSessions):
         else:
             elsewhere.write_bytes(text)
             notes.symlink_to(elsewhere)
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        try:
-            for attempt in range(2):
-                if attempt:
-                    self.long_ago(maildir)  # a change the note does not lead to
-                # (First: new/ and cur/ as the QUIT left them, the stamps the
-                # note leads to: the file is read and its damage, or lie, met.)
-                scans.clear()
-                maildrop = self.open(second, threads)
-                assert {"cur", "new"} <= set(scans)
-                assert list(maildrop.messages.uids) == uniques
-                assert list(maildrop.messages.sizes) == [3] * 4
-                maildrop.close()
-        finally:
-            globalLogPublisher.removeObserver(events.append)
-        said = [formatEvent(event) for event in events if maildir_module.CHANGE_NOTES in str(event)]
+        for attempt in range(2):
+            if attempt:
+                self.long_ago(maildir)  # a change the note does not lead to
+            # (First: new/ and cur/ as the QUIT left them, the stamps the
+            # note leads to: the file is read and its damage, or lie, met.)
+            scans.clear()
+            maildrop = self.open(second, threads)
+            assert {"cur", "new"} <= set(scans)
+            assert list(maildrop.messages.uids) == uniques
+            assert list(maildrop.messages.sizes) == [3] * 4
+            maildrop.close()
+        said = [
+            formatEvent(event)
+            for event in logged.events
+            if maildir_module.CHANGE_NOTES in str(event)
+        ]
         assert len(said) == (0 if damage == "lying" else 1), said
         assert all(said_once.startswith(f"ignoring {notes}: ") for said_once in said)
         self.retrieve_and_quit(self.open(first, threads), threads, maildir, 2, bodies[2])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
-from zope.interface import provider
 
 from pop3d.authdb.oauth2 import (
     OAuth2Checker,
@@ -50,7 +48,7 @@ from pop3d.tap import Options, build_portal
 from pop3d.testing import MemoryStore
 from pop3d.userdb import AuthenticatedUser
 from tests.clock_threads import ClockThreads, result_of
-from tests.conftest import Wire
+from tests.conftest import Logged, Wire
 from tests.oauth2_provider import (
     ISSUER,
     ProviderState,
@@ -92,32 +90,6 @@ def claims(**overrides: Any) -> dict[str, Any]:
     }
     base.update(overrides)
     return {key: value for key, value in base.items() if value is not None}
-
-
-@provider(ILogObserver)
-class LogText:
-    """Every log line emitted while it is installed, formatted, with its fields."""
-
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(f"{formatEvent(event)} {event!r}" for event in self.events)
-
-    def lines(self, fragment: str) -> list[str]:
-        return [line for line in map(formatEvent, self.events) if fragment in line]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogText]:
-    observer = LogText()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
 
 
 # -- the mechanisms' grammar -----------------------------------------------------------------
@@ -426,7 +398,7 @@ class TestThroughTheSession:
         assert wire.command(b"AUTH OAUTHBEARER").startswith(b"-ERR [AUTH]")
 
     def test_tokens_are_never_logged(
-        self, oauth2_wire: Callable[..., Wire], signing_key: Any, logged: LogText
+        self, oauth2_wire: Callable[..., Wire], signing_key: Any, logged: Logged
     ) -> None:
         wire = oauth2_wire()
         good = sign(signing_key, claims(), kid="k1")
@@ -435,7 +407,7 @@ class TestThroughTheSession:
         wire.command(b"AQ==")
         wire.command(b"AUTH XOAUTH2 " + b64(xoauth2(good)))
         wire.command(b"QUIT")
-        text = logged.text
+        text = logged.with_fields()
         assert "login failed" in text and "login: " in text
         for token in (good, bad):
             for part in token.split("."):
@@ -728,7 +700,7 @@ class TestIntrospection:
 class TestOutages:
     @pytest_twisted.ensureDeferred
     async def test_server_error_is_unavailable_and_logged_once(
-        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: LogText
+        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: Logged
     ) -> None:
         """A 5xx is no verdict on the token: -ERR [SYS/TEMP], logged once per outage."""
         url, state = provider_url
@@ -738,16 +710,16 @@ class TestOutages:
         assert await check(checker, "good-token") is AuthUnavailable
         state.status = None
         assert await check(checker, "good-token") == AuthenticatedUser(name=ALICE)
-        assert len(logged.lines("oauth2: token check unavailable")) == 1
-        assert logged.lines("oauth2: token check unavailable") == [
+        assert len(logged.texts("oauth2: token check unavailable")) == 1
+        assert logged.texts("oauth2: token check unavailable") == [
             f"oauth2: token check unavailable: {url}/userinfo answered 503"
         ]
-        assert len(logged.lines("oauth2: token check available again")) == 1
-        assert "good-token" not in logged.text
+        assert len(logged.texts("oauth2: token check available again")) == 1
+        assert "good-token" not in logged.with_fields()
 
     @pytest_twisted.ensureDeferred
     async def test_a_jwks_url_fetched_as_any_other_answer(
-        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: LogText
+        self, tmp_path: Path, provider_url: tuple[str, ProviderState], logged: Logged
     ) -> None:
         """A JWK Set is fetched with the bounds of every answer: too large is an outage."""
         url, state = provider_url
@@ -758,7 +730,7 @@ class TestOutages:
         )
         state.jwks = {"keys": [], "padding": "x" * (1 << 20)}
         assert await check(checker, sign(ec_key("live"), claims(), kid="live")) is AuthUnavailable
-        assert logged.lines("oauth2: token check unavailable") == [
+        assert logged.texts("oauth2: token check unavailable") == [
             f"oauth2: token check unavailable: {url}/jwks.json: answer larger than 1048576 bytes"
         ]
 
@@ -1001,7 +973,7 @@ class TestSeveralCheckers:
 
 @pytest_twisted.ensureDeferred
 async def test_sighup_reads_the_file_again(
-    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: LogText
+    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: Logged
 ) -> None:
     """IReloadable: new keys after a reload; a broken file is logged and the old one kept."""
     from pop3d.lifecycle import IReloadable
@@ -1018,7 +990,7 @@ async def test_sighup_reads_the_file_again(
     assert await check(checker, token) == AuthenticatedUser(name=ALICE)
     jwks_conf.write_text(jwks_conf.read_text() + "use_grant_password = yes\n")
     await checker.reload()
-    assert logged.lines(str(jwks_conf)) == [
+    assert logged.texts(str(jwks_conf)) == [
         f"reloaded {jwks_conf}",
         f"keeping the previous {jwks_conf}: {jwks_conf}:4: use_grant_password is not supported "
         "by pop3d",
@@ -1027,7 +999,7 @@ async def test_sighup_reads_the_file_again(
 
 
 def test_a_reload_reads_the_files_in_the_thread_pool_and_logins_wait_for_it(
-    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: LogText
+    tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: Logged
 ) -> None:
     """
     SIGHUP's reading of the file, and of the JWK Set it names, is handed to
@@ -1045,11 +1017,11 @@ def test_a_reload_reads_the_files_in_the_thread_pool_and_logins_wait_for_it(
     checked = Deferred.fromCoroutine(check(checker, sign(rotated, claims(), kid="k3")))
     assert not checked.called
     assert result_of(clock, checked) == AuthenticatedUser(name=ALICE)
-    assert logged.lines("reloaded") == [f"reloaded {jwks_conf}"]
+    assert logged.texts("reloaded") == [f"reloaded {jwks_conf}"]
 
 
 def test_a_broken_reload_keeps_the_settings_in_use_and_is_logged_once(
-    jwks_conf: Path, signing_key: Any, logged: LogText
+    jwks_conf: Path, signing_key: Any, logged: Logged
 ) -> None:
     clock = Clock()
     clock.advance(NOW)
@@ -1061,7 +1033,7 @@ def test_a_broken_reload_keeps_the_settings_in_use_and_is_logged_once(
     checks = [Deferred.fromCoroutine(check(checker, token)) for _ in range(2)]
     assert not any(checked.called for checked in checks)
     assert [result_of(clock, checked) for checked in checks] == [AuthenticatedUser(name=ALICE)] * 2
-    assert logged.lines("keeping the previous") == [
+    assert logged.texts("keeping the previous") == [
         f"keeping the previous {jwks_conf}: {jwks_conf}:4: introspection_mode must be one of "
         "auth, get, post, local, not 'sideways'"
     ]

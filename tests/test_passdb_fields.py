@@ -27,10 +27,10 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import POP3Error
 from pop3d.userdb import AuthenticatedUser, UserSettings
 
+from .conftest import Logged
 from .ldapserver import PEOPLE, SERVICE_DN, SERVICE_PASSWORD, LdapServer, person_ldif
 from .ldapserver import start_ldap_server as start_slapd
-from .test_sql_auth import LogCapture, sqlite_database, write_config
-from .test_sql_auth import logged as logged  # a fixture
+from .test_sql_auth import sqlite_database, write_config
 
 #: What a wrong password is answered (RFC 3206 section 4: [AUTH]).
 WRONG_PASSWORD = b"-ERR [AUTH] invalid user name or password\r\n"
@@ -132,7 +132,7 @@ async def outcome(checker: ICredentialsChecker, password: str) -> Any:
 @pytest_twisted.ensureDeferred
 async def test_the_extra_fields_mean_the_same_in_sql_and_ldap(
     make_checker: Callable[[dict[str, str]], ICredentialsChecker],
-    logged: LogCapture,
+    logged: Logged,
     fields: dict[str, str],
     expected: AuthenticatedUser | bytes,
 ) -> None:

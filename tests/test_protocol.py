@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropUnavailable
@@ -36,7 +35,7 @@ from pop3d.stores.interfaces import (
 from pop3d.testing import MemoryStore
 from pop3d.wire import MAX_COMMAND_LENGTH
 
-from .conftest import LOOPBACK_PEER, USERS, Wire
+from .conftest import LOOPBACK_PEER, USERS, Logged, Wire
 
 OK = b"+OK\r\n"
 
@@ -88,16 +87,8 @@ def logged_in(wire: Wire, uids: list[str]) -> Wire:
     return wire
 
 
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
 def test_a_tls_failure_after_stls_closes_without_a_plaintext_answer(
-    make_factory: Callable[..., POP3Factory], log_events: list[LogEvent]
+    make_factory: Callable[..., POP3Factory], logged: Logged
 ) -> None:
     """
     RFC 2595 section 4: after +OK to STLS the next bytes are the TLS
@@ -113,7 +104,7 @@ def test_a_tls_failure_after_stls_closes_without_a_plaintext_answer(
     wire = Wire(make_factory(tls=BrokenTLS()))
     assert wire.command(b"STLS") == b"+OK begin TLS negotiation\r\n"
     assert wire.closed
-    assert any(e.get("log_failure") is not None for e in log_events)
+    assert any(e.get("log_failure") is not None for e in logged.events)
 
 
 class TestGreeting:
@@ -260,13 +251,13 @@ class TestAuthorization:
         assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
 
     def test_unexpected_store_failure_is_logged_not_shown(
-        self, clock: Clock, log_events: list[LogEvent]
+        self, clock: Clock, logged: Logged
     ) -> None:
         wire = _wire_for_store(clock, _FailingStore(RuntimeError("secret internals /etc/x")))
         answer = wire.login()
         assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
         assert b"internals" not in answer
-        assert any(e.get("log_failure") is not None for e in log_events)
+        assert any(e.get("log_failure") is not None for e in logged.events)
 
     def test_a_maildrop_whose_listing_fails_is_released(self, clock: Clock) -> None:
         """No +OK without a listing, and no lock kept for a login that failed."""
@@ -277,13 +268,13 @@ class TestAuthorization:
         assert wire.command(b"STAT") == b"-ERR command not valid in this state\r\n"
 
     def test_a_message_that_cannot_be_opened_for_a_bug_is_a_sys_temp(
-        self, clock: Clock, log_events: list[LogEvent]
+        self, clock: Clock, logged: Logged
     ) -> None:
         wire = _wire_for_store(clock, _FailingRemovalStore([b"Subject: a\r\n\r\nbody\r\n"]))
         wire.login()
         answer = wire.command(b"RETR 1")
         assert answer == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
-        assert any(e.get("log_failure") is not None for e in log_events)
+        assert any(e.get("log_failure") is not None for e in logged.events)
         # The session goes on.
         assert wire.command(b"STAT") == b"+OK 1 20\r\n"
 
@@ -614,7 +605,7 @@ class TestUpdate:
         logged_in.command(b"QUIT")
         assert len(store.messages("alice")) == 3
 
-    def test_failed_removal(self, clock: Clock, log_events: list[LogEvent]) -> None:
+    def test_failed_removal(self, clock: Clock, logged: Logged) -> None:
         store = _FailingRemovalStore([b"Subject: a\n\na\n", b"Subject: b\n\nb\n"])
         wire = _wire_for_store(clock, store)
         wire.login()
@@ -626,7 +617,7 @@ class TestUpdate:
         assert wire.closed and store.closed
 
     def test_store_raising_instead_of_failing_its_deferred(
-        self, clock: Clock, log_events: list[LogEvent]
+        self, clock: Clock, logged: Logged
     ) -> None:
         """A store that breaks its contract still cannot keep the lock."""
         store = _FailingRemovalStore([b"a\n"], raise_at_once=PermissionError("cur/"))
@@ -638,7 +629,7 @@ class TestUpdate:
         )
         assert wire.closed and store.closed
 
-    def test_unexpected_failure_in_update(self, clock: Clock, log_events: list[LogEvent]) -> None:
+    def test_unexpected_failure_in_update(self, clock: Clock, logged: Logged) -> None:
         store = _FailingRemovalStore([b"a\n"], RuntimeError("disk on fire"))
         wire = _wire_for_store(clock, store)
         wire.login()
@@ -647,22 +638,22 @@ class TestUpdate:
             wire.command(b"QUIT") == b"-ERR [SYS/TEMP] internal server error, try again later\r\n"
         )
         assert wire.closed and store.closed
-        assert any(e.get("log_failure") is not None for e in log_events)
+        assert any(e.get("log_failure") is not None for e in logged.events)
 
     def test_a_session_is_logged_once_with_counts_and_no_password(
-        self, logged_in: Wire, log_events: list[LogEvent]
+        self, logged_in: Wire, logged: Logged
     ) -> None:
         logged_in.command(b"RETR 2")
         logged_in.command(b"DELE 1")
         logged_in.command(b"QUIT")
-        [text] = [formatEvent(e) for e in log_events]
+        [text] = logged.texts()
         # The default logout format is Dovecot's pop3_logout_format.
         assert re.fullmatch(
             r'\[[0-9a-z]+\.\d+\] session logged out: user="alice" peer=127\.0\.0\.1:40000'
             r" method=USER top=0/0, retr=1/43, del=1/3, size=141",
             text,
         ), text
-        logout = log_events
+        logout = logged.events
         assert logout[0]["session"] == text[1 : text.index("]")]
         assert logout[0]["outcome"] == "logged out"
         assert logout[0]["method"] == "USER"
@@ -671,7 +662,7 @@ class TestUpdate:
         assert logout[0]["deleted_messages"] == 1
         assert logout[0]["deleted_octets"] == SIZE_1
         assert logout[0]["user"] == "alice"
-        assert not any(USERS["alice"] in repr(e) for e in log_events)
+        assert not any(USERS["alice"] in repr(e) for e in logged.events)
 
 
 class TestTimeout:

@@ -38,7 +38,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -64,7 +63,7 @@ from pop3d.testing import MemoryStore, deliver_to_maildir
 from pop3d.userdb import AuthenticatedUser, LoginContext, UserSettings, passdb_user
 
 from .clock_threads import TimedClockThreads, result_of
-from .conftest import start_service
+from .conftest import Logged, start_service
 from .test_cred import FakeThreadingReactor
 from .test_dovecot_migration import _require_dovecot as require_dovecot
 from .test_process import Launch, Server, twistd_arguments
@@ -626,28 +625,6 @@ async def login(checker: SQLChecker, user: bytes | str, password: bytes | str) -
     return await checker.requestAvatarId(credentials)
 
 
-class LogCapture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-    def texts(self, contains: str) -> list[str]:
-        found = [formatEvent(event) for event in self.events]
-        return [text for text in found if contains in text]
-
-
-@pytest.fixture
-def logged() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture
-    finally:
-        globalLogPublisher.removeObserver(capture)
-
-
 @pytest.mark.peer
 class TestFields:
     """Each field and variable, against PostgreSQL and SQLite."""
@@ -709,7 +686,7 @@ class TestFields:
 
     @pytest_twisted.ensureDeferred
     async def test_several_rows_or_a_bad_row_are_refused_and_logged(
-        self, databases: Databases, logged: LogCapture
+        self, databases: Databases, logged: Logged
     ) -> None:
         checker = databases.checker()
         with pytest.raises(UnauthorizedLogin):
@@ -721,7 +698,7 @@ class TestFields:
         assert "hank: unusable password: unsupported password scheme {NOSUCH}" in line
 
     @pytest_twisted.ensureDeferred
-    async def test_user_query(self, databases: Databases, logged: LogCapture) -> None:
+    async def test_user_query(self, databases: Databases, logged: Logged) -> None:
         checker = databases.checker()
         assert await checker.lookup("gina", None) == UserSettings(
             home="/home/gina", mail="maildir:~/Maildir", login_delay=300, expire_never=True
@@ -845,7 +822,7 @@ class TestFields:
 
     @pytest_twisted.ensureDeferred
     async def test_a_slow_query_is_unavailable_quickly(
-        self, databases: Databases, logged: LogCapture
+        self, databases: Databases, logged: Logged
     ) -> None:
         slow = {
             # A statement the server itself cancels (statement_timeout).
@@ -885,7 +862,7 @@ async def test_the_injection_leaves_the_table_alone(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCapture) -> None:
+async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: Logged) -> None:
     checker = Databases("sqlite", str(tmp_path / "not-yet.db"), tmp_path).checker()
     for _ in range(3):
         with pytest.raises(AuthUnavailable):
@@ -902,7 +879,7 @@ async def test_a_missing_sqlite_file_is_an_outage(tmp_path: Path, logged: LogCap
 @pytest.mark.parametrize("driver", ["pgsql", "mysql"])
 @pytest_twisted.ensureDeferred
 async def test_database_down_and_back(
-    request: pytest.FixtureRequest, driver: str, tmp_path: Path, logged: LogCapture
+    request: pytest.FixtureRequest, driver: str, tmp_path: Path, logged: Logged
 ) -> None:
     """
     PostgreSQL stopped under a running server: logins are answered
@@ -1336,7 +1313,7 @@ def test_at_most_maxconns_queries_at_once(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_sighup_reads_the_file_again(tmp_path: Path, logged: LogCapture) -> None:
+async def test_sighup_reads_the_file_again(tmp_path: Path, logged: Logged) -> None:
     """IReloadable: new queries and a new database take effect; a bad file is kept out."""
     first = sqlite_database(tmp_path / "first.db")
     second = zoe_database(tmp_path / "second.db")
@@ -1358,7 +1335,7 @@ async def test_sighup_reads_the_file_again(tmp_path: Path, logged: LogCapture) -
 
 
 def test_a_reload_reads_the_file_in_the_thread_pool_and_logins_wait_for_it(
-    tmp_path: Path, logged: LogCapture
+    tmp_path: Path, logged: Logged
 ) -> None:
     """
     SIGHUP's reading of dovecot-sql.conf.ext is not done on the reactor
@@ -1384,7 +1361,7 @@ def test_a_reload_reads_the_file_in_the_thread_pool_and_logins_wait_for_it(
 
 
 def test_a_broken_reload_keeps_the_file_in_use_and_is_logged_once(
-    tmp_path: Path, logged: LogCapture
+    tmp_path: Path, logged: Logged
 ) -> None:
     """A file that cannot be used: one line naming its file and line; logins go on with the old."""
     made = Databases("sqlite", str(sqlite_database(tmp_path / "first.db")), tmp_path)
@@ -1419,7 +1396,7 @@ def zoe_database(path: Path) -> Path:
 @pytest.mark.peer
 @pytest_twisted.ensureDeferred
 async def test_a_failing_query_with_the_password_logs_no_value(
-    postgres: PostgresCluster, tmp_path: Path, logged: LogCapture
+    postgres: PostgresCluster, tmp_path: Path, logged: Logged
 ) -> None:
     """PostgreSQL quotes a bad value in its error: with %w in the query, only the kind is logged."""
     checker = Databases("pgsql", postgres.connect, tmp_path).checker(

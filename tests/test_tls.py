@@ -12,23 +12,20 @@ import poplib
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.serialization import Encoding
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test.iosim import connectedServerAndClient
@@ -38,7 +35,7 @@ from pop3d.testing import deliver_to_maildir
 from pop3d.tls import ServerTLS, tls_server_factory
 
 from .clock_threads import ClockThreads, result_of
-from .conftest import USERS, RunningServer, require_program, start_service
+from .conftest import USERS, Logged, RunningServer, require_program, start_service
 from .test_endpoints import _self_signed
 
 MESSAGE = b"Subject: secret\n\n.dotted\nline\n"
@@ -213,7 +210,7 @@ async def test_commands_injected_before_the_handshake_are_not_run(tmp_path: Path
 @pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
 @pytest_twisted.ensureDeferred
 async def test_certificate_is_reloaded_on_sighup(
-    tmp_path: Path, logged: LogLines, implicit: bool
+    tmp_path: Path, logged: Logged, implicit: bool
 ) -> None:
     server = await _tls_server(tmp_path, _listening(implicit))
     try:
@@ -230,7 +227,7 @@ async def test_certificate_is_reloaded_on_sighup(
 @pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
 @pytest_twisted.ensureDeferred
 async def test_a_handshake_while_sighup_reads_the_files_uses_the_certificate_in_use(
-    tmp_path: Path, logged: LogLines, implicit: bool
+    tmp_path: Path, logged: Logged, implicit: bool
 ) -> None:
     """
     SIGHUP reads the certificate in the thread pool: here it is a FIFO
@@ -264,13 +261,13 @@ async def test_a_handshake_while_sighup_reads_the_files_uses_the_certificate_in_
         await server.service.stopService()
     assert during == old
     assert after == _der(renewed_certificate)
-    assert logged.lines("keeping the previous") == []
+    assert logged.texts("keeping the previous") == []
 
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["stls", "implicit-tls"])
 @pytest_twisted.ensureDeferred
 async def test_sighup_with_a_key_that_does_not_match_keeps_the_certificate_in_use(
-    tmp_path: Path, logged: LogLines, implicit: bool
+    tmp_path: Path, logged: Logged, implicit: bool
 ) -> None:
     """
     A renewed certificate whose key is not in place yet: TLS goes on with
@@ -292,7 +289,7 @@ async def test_sighup_with_a_key_that_does_not_match_keeps_the_certificate_in_us
     finally:
         await server.service.stopService()
     assert served == [old, old]
-    assert len(logged.lines(str(certificate))) == 1
+    assert len(logged.texts(str(certificate))) == 1
 
 
 def _listening(implicit: bool) -> list[str] | None:
@@ -300,7 +297,7 @@ def _listening(implicit: bool) -> list[str] | None:
     return ["ssl:0:interface=127.0.0.1"] if implicit else None
 
 
-def _hang_up(logged: LogLines, line: str) -> Deferred[None]:
+def _hang_up(logged: Logged, line: str) -> Deferred[None]:
     """SIGHUP to this process, whose server logs ``line`` when it is done."""
     done = logged.when(line)
     os.kill(os.getpid(), signal.SIGHUP)
@@ -372,7 +369,7 @@ async def test_stls_behind_haproxy_counts_as_secure(tmp_path: Path) -> None:
 
 
 def test_a_reload_is_read_in_the_thread_pool_and_handshakes_meanwhile_use_the_certificate_in_use(
-    tmp_path: Path, logged: LogLines
+    tmp_path: Path, logged: Logged
 ) -> None:
     """
     SIGHUP's reading of --tls-cert/--tls-key is handed to the thread pool;
@@ -391,7 +388,7 @@ def test_a_reload_is_read_in_the_thread_pool_and_handshakes_meanwhile_use_the_ce
     assert _certificate_served(tls) == old
     assert result_of(threads.clock, reloaded) is None
     assert _certificate_served(tls) == _der(certificate) != old
-    assert logged.lines("reload") == [f"reloaded {certificate}"]
+    assert logged.texts("reload") == [f"reloaded {certificate}"]
 
 
 def _unreadable(certificate: Path, key: Path) -> None:
@@ -432,7 +429,7 @@ def _key_of_another_certificate(certificate: Path, key: Path) -> None:
 )
 def test_a_broken_pair_keeps_the_certificate_in_use_and_is_logged_once_naming_the_file(
     tmp_path: Path,
-    logged: LogLines,
+    logged: Logged,
     breakage: Callable[[Path, Path], None],
     reason: str,
 ) -> None:
@@ -444,7 +441,7 @@ def test_a_broken_pair_keeps_the_certificate_in_use_and_is_logged_once_naming_th
     breakage(certificate, key)
     result_of(threads.clock, tls.reload())
     assert [_certificate_served(tls) for _ in range(2)] == [old, old]
-    assert logged.lines("reload") + logged.lines("keeping") == [
+    assert logged.texts("reload") + logged.texts("keeping") == [
         f"keeping the previous {certificate}: " + reason.format(certificate=certificate, key=key)
     ]
 
@@ -483,43 +480,3 @@ def _der(certificate: Path) -> bytes:
 def _made(directory: Path) -> Path:
     directory.mkdir()
     return directory
-
-
-#: Seconds a test waits for a line before it fails (it comes at once when all is well).
-PATIENCE = 10.0
-
-
-class LogLines:
-    """Every log line while it is installed, formatted; `when` one comes."""
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-        self._awaited: dict[str, Deferred[None]] = {}
-
-    def __call__(self, event: LogEvent) -> None:
-        line = formatEvent(event)
-        self._lines.append(line)
-        awaited = self._awaited.pop(line, None)
-        if awaited is not None:
-            awaited.callback(None)
-
-    def lines(self, fragment: str) -> list[str]:
-        return [line for line in self._lines if fragment in line]
-
-    def when(self, line: str) -> Deferred[None]:
-        """
-        Fires when ``line`` is logged (call it before what logs it); fails
-        after `PATIENCE` seconds without it.
-        """
-        self._awaited[line] = awaited = Deferred()
-        return awaited.addTimeout(PATIENCE, cast(IReactorTime, reactor))
-
-
-@pytest.fixture
-def logged() -> Iterator[LogLines]:
-    observer = LogLines()
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield observer
-    finally:
-        globalLogPublisher.removeObserver(observer)

@@ -22,7 +22,6 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3d.errors import (
@@ -50,7 +49,7 @@ from pop3d.userdb import (
     parse_allow_nets,
 )
 
-from .conftest import Wire
+from .conftest import Logged, Wire
 
 AUTH_FAILED = b"-ERR [AUTH] invalid user name or password\r\n"
 BYE = b"+OK bye\r\n"
@@ -174,22 +173,17 @@ class TestAllowNets:
 
 class TestCanonicalName:
     def test_the_maildrop_and_the_logs_are_the_databases_name(
-        self, database: UserDatabase, clock: Clock, store: MemoryStore
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, logged: Logged
     ) -> None:
         database.passwords[b"Alice"] = b"wonderland"
         database.avatars[b"Alice"] = AuthenticatedUser("alice@example.org")
         store.deliver("alice@example.org", b"hello\r\n")
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        try:
-            wire = Wire(factory(MaildropRealm(store), database, clock))
-            reply = wire.login(b"Alice", b"wonderland")
-        finally:
-            globalLogPublisher.removeObserver(events.append)
+        wire = Wire(factory(MaildropRealm(store), database, clock))
+        reply = wire.login(b"Alice", b"wonderland")
         assert reply == b"+OK maildrop has 1 messages (7 octets)\r\n"
         logins = [
             e["summary"]
-            for e in events
+            for e in logged.events
             if str(e.get("log_format", "")).endswith("login: {summary}")
         ]
         assert len(logins) == 1
@@ -198,7 +192,7 @@ class TestCanonicalName:
 
 class TestRefusals:
     @pytest.mark.parametrize(
-        ("error", "reply", "logged"),
+        ("error", "reply", "log_line"),
         [
             (UnauthorizedLogin(), AUTH_FAILED, 'reason=credentials user="alice"'),
             (
@@ -237,7 +231,8 @@ class TestRefusals:
         store: MemoryStore,
         error: Exception,
         reply: bytes,
-        logged: str,
+        log_line: str,
+        logged: Logged,
     ) -> None:
         """
         RFC 2449 section 8 (IN-USE, LOGIN-DELAY) and RFC 3206 section 4
@@ -245,15 +240,10 @@ class TestRefusals:
         text; the log line fail2ban reads says which it was.
         """
         database.refusals[b"alice"] = error
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        try:
-            answer = Wire(factory(MaildropRealm(store), database, clock)).login()
-        finally:
-            globalLogPublisher.removeObserver(events.append)
+        answer = Wire(factory(MaildropRealm(store), database, clock)).login()
         assert answer == reply
-        [line] = [e["summary"] for e in events if "login failed:" in e.get("log_format", "")]
-        assert line.partition(" method=USER ")[2] == logged
+        [line] = [e["summary"] for e in logged.events if "login failed:" in e.get("log_format", "")]
+        assert line.partition(" method=USER ")[2] == log_line
 
     def test_nologin_gets_its_reason_with_auth(
         self, database: UserDatabase, clock: Clock, store: MemoryStore
@@ -265,19 +255,14 @@ class TestRefusals:
         assert wire.login(b"bob", b"builder") == b"+OK maildrop has 0 messages (0 octets)\r\n"
 
     def test_a_database_that_cannot_answer_is_a_temporary_failure_without_traceback(
-        self, database: UserDatabase, clock: Clock, store: MemoryStore
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, logged: Logged
     ) -> None:
         database.refusals[b"alice"] = AuthUnavailable()
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        try:
-            wire = Wire(factory(MaildropRealm(store), database, clock))
-            reply = wire.login()
-        finally:
-            globalLogPublisher.removeObserver(events.append)
+        wire = Wire(factory(MaildropRealm(store), database, clock))
+        reply = wire.login()
         assert reply == b"-ERR [SYS/TEMP] authentication service unavailable, try again later\r\n"
-        assert not [event for event in events if "log_failure" in event]
-        lines = [event["summary"] for event in events if "summary" in event]
+        assert not [event for event in logged.events if "log_failure" in event]
+        lines = [event["summary"] for event in logged.events if "summary" in event]
         assert any("reason=auth-unavailable" in line for line in lines)
 
     def test_a_user_the_userdb_does_not_know_is_a_failed_login(
