@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -17,7 +19,7 @@ from twisted.internet.interfaces import (
     IReactorThreads,
     IStreamServerEndpoint,
 )
-from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -70,27 +72,37 @@ class ServerTLS:
             raise TLSConfigurationError(f"cannot read {error.filename}: {error.strerror}") from None
         if not certificates:
             raise TLSConfigurationError(f"no PEM certificate in {self.certificate_path}")
+        # cryptography's objects, not pyOpenSSL's: pyOpenSSL deprecates
+        # passing its own X509 and PKey to a context.
         try:
-            leaf, *chain = (Certificate.loadPEM(pem) for pem in certificates)
-        except Exception:  # OpenSSL's errors are of many types
+            leaf, *chain = (x509.load_pem_x509_certificate(pem) for pem in certificates)
+        except Exception:  # ValueError, as documented; any other is no certificate either
             raise TLSConfigurationError(
                 f"unreadable PEM certificate in {self.certificate_path}"
             ) from None
         try:
-            key = KeyPair.load(key_pem, format=1)  # FILETYPE_PEM
-        except Exception:
+            key = load_pem_private_key(key_pem, password=None)
+        except TypeError:  # what cryptography raises for a key that needs a passphrase
+            # Refused: a daemon has nobody to ask (OpenSSL would ask the terminal).
+            raise TLSConfigurationError(
+                f"the private key in {self.key_path} is encrypted: pop3d needs it without "
+                "a passphrase"
+            ) from None
+        except Exception:  # ValueError, UnsupportedAlgorithm
             raise TLSConfigurationError(f"no PEM private key in {self.key_path}") from None
         options = CertificateOptions(
-            privateKey=key.original,
-            certificate=leaf.original,
-            extraCertChain=[c.original for c in chain],
+            # Twisted annotates these as pyOpenSSL's types; it hands them to
+            # pyOpenSSL's Context, which takes cryptography's.
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=leaf,  # type: ignore[arg-type]
+            extraCertChain=chain,  # type: ignore[arg-type]
             raiseMinimumTo=TLSVersion.TLSv1_2,
         )
         try:
             # Made here, not at the first handshake: a key that does not
             # match is found now, and no handshake waits for the making.
             options.getContext()
-        except SSL.Error as error:
+        except (SSL.Error, TypeError) as error:  # TypeError: a kind of key TLS cannot use
             raise TLSConfigurationError(
                 f"the private key in {self.key_path} cannot be used with the certificate in "
                 f"{self.certificate_path}: {_reasons(error)}"
@@ -112,7 +124,7 @@ class ServerTLS:
         return self._options
 
 
-def _reasons(error: SSL.Error) -> str:
+def _reasons(error: SSL.Error | TypeError) -> str:
     """OpenSSL's reasons (``key values mismatch``), without its library names."""
     stack = error.args[0] if error.args and isinstance(error.args[0], list) else []
     return ", ".join(str(entry[-1]) for entry in stack) or str(error)

@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -89,25 +89,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    key, certificate = make_certificate("localhost", addresses=("127.0.0.1",))
     key_path, cert_path = directory / "key.pem", directory / "cert.pem"
     key_path.write_bytes(
         key.private_bytes(
@@ -118,6 +100,42 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     )
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+def make_certificate(
+    name: str,
+    *,
+    authority: bool = False,
+    issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None,
+    addresses: Sequence[str] = (),
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """
+    A new key and its certificate, valid for a day: a server's for ``name``
+    (and ``addresses``), or with ``authority`` one that signs others; signed
+    by ``issuer`` (a key and its certificate), else by itself.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signing_key, issuer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if authority:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
+        )
+    else:
+        names: list[x509.GeneralName] = [x509.DNSName(name)]
+        names += [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(signing_key, hashes.SHA256())
 
 
 @pytest_twisted.ensureDeferred

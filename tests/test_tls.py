@@ -18,11 +18,18 @@ from typing import cast
 
 import pytest
 import pytest_twisted
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -36,7 +43,7 @@ from pop3d.tls import ServerTLS, tls_server_factory
 
 from .clock_threads import ClockThreads, result_of
 from .conftest import USERS, Logged, RunningServer, require_program, start_service
-from .test_endpoints import _self_signed
+from .test_endpoints import _self_signed, make_certificate
 
 MESSAGE = b"Subject: secret\n\n.dotted\nline\n"
 EXPECTED = b"Subject: secret\r\n\r\n.dotted\r\nline\r\n"
@@ -403,6 +410,22 @@ def _key_not_pem(certificate: Path, key: Path) -> None:
     key.write_bytes(b"not a key\n")
 
 
+def _key_encrypted(certificate: Path, key: Path) -> None:
+    """A key behind a passphrase: refused, never asked for on the terminal."""
+    encrypted = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"passphrase")
+    )
+    key.write_bytes(encrypted)
+
+
+def _key_tls_cannot_use(certificate: Path, key: Path) -> None:
+    """An X25519 key: a key-agreement key, which no TLS certificate is signed with."""
+    unusable = x25519.X25519PrivateKey.generate().private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()
+    )
+    key.write_bytes(unusable)
+
+
 def _damaged(certificate: Path, key: Path) -> None:
     pem = certificate.read_bytes().split(b"\n")
     certificate.write_bytes(b"\n".join([pem[0], b"AAAA", pem[-2], b""]))
@@ -420,12 +443,29 @@ def _key_of_another_certificate(certificate: Path, key: Path) -> None:
         (_damaged, "unreadable PEM certificate in {certificate}"),
         (_key_not_pem, "no PEM private key in {key}"),
         (
+            _key_encrypted,
+            "the private key in {key} is encrypted: pop3d needs it without a passphrase",
+        ),
+        (
+            _key_tls_cannot_use,
+            "the private key in {key} cannot be used with the certificate in {certificate}: "
+            "Unsupported key type",
+        ),
+        (
             _key_of_another_certificate,
             "the private key in {key} cannot be used with the certificate in {certificate}: "
             "key values mismatch",
         ),
     ],
-    ids=["unreadable", "not-pem", "damaged-pem", "key-not-pem", "key-mismatch"],
+    ids=[
+        "unreadable",
+        "not-pem",
+        "damaged-pem",
+        "key-not-pem",
+        "key-encrypted",
+        "key-tls-cannot-use",
+        "key-mismatch",
+    ],
 )
 def test_a_broken_pair_keeps_the_certificate_in_use_and_is_logged_once_naming_the_file(
     tmp_path: Path,
@@ -446,23 +486,70 @@ def test_a_broken_pair_keeps_the_certificate_in_use_and_is_logged_once_naming_th
     ]
 
 
-def test_a_key_that_does_not_match_the_certificate_is_refused_at_start_up(
+def test_the_chain_after_the_certificate_is_served_and_the_key_may_share_its_file(
     tmp_path: Path,
 ) -> None:
+    """
+    ``--tls-cert`` holds the server's certificate, then the intermediate
+    that signed it; the key may be in that same file.  A client that trusts
+    only the root verifies the server: the intermediate came in the handshake.
+    """
+    root_key, root = make_certificate("pop3d test root", authority=True)
+    intermediate_key, intermediate = make_certificate(
+        "pop3d test intermediate", authority=True, issuer=(root_key, root)
+    )
+    server_key, server = make_certificate("localhost", issuer=(intermediate_key, intermediate))
+    both = tmp_path / "server.pem"
+    both.write_bytes(
+        server.public_bytes(Encoding.PEM)
+        + intermediate.public_bytes(Encoding.PEM)
+        + server_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    tls = ServerTLS(str(both), str(both))
+    trusting_the_root = optionsForClientTLS(
+        "localhost", trustRoot=Certificate.loadPEM(root.public_bytes(Encoding.PEM))
+    )
+    assert _certificate_served(tls, trusting_the_root) == server.public_bytes(Encoding.DER)
+
+
+@pytest.mark.parametrize(
+    "breakage,reason",
+    [
+        (
+            _key_of_another_certificate,
+            "the private key in {key} cannot be used with the certificate in {certificate}: "
+            "key values mismatch",
+        ),
+        (
+            _key_encrypted,
+            "the private key in {key} is encrypted: pop3d needs it without a passphrase",
+        ),
+    ],
+    ids=["key-mismatch", "key-encrypted"],
+)
+def test_a_pair_that_cannot_be_used_is_refused_at_start_up_naming_the_files(
+    tmp_path: Path, breakage: Callable[[Path, Path], None], reason: str
+) -> None:
     key, certificate = _self_signed(tmp_path)
-    _key_of_another_certificate(certificate, key)
+    breakage(certificate, key)
     with pytest.raises(usage.UsageError) as refused:
         parse_tls(str(certificate), str(key))
-    assert str(refused.value) == (
-        f"--tls-cert/--tls-key: the private key in {key} cannot be used with the certificate "
-        f"in {certificate}: key values mismatch"
+    assert str(refused.value) == "--tls-cert/--tls-key: " + reason.format(
+        certificate=certificate, key=key
     )
 
 
-def _certificate_served(tls: ServerTLS) -> bytes:
-    """The certificate a client gets in an implicit TLS handshake now (in memory)."""
+def _certificate_served(
+    tls: ServerTLS, client_options: IOpenSSLClientConnectionCreator | None = None
+) -> bytes:
+    """
+    The certificate a client gets in an implicit TLS handshake now (in
+    memory); the client verifies nothing unless given its ``client_options``.
+    """
     server = tls_server_factory(Factory.forProtocol(Protocol), tls)
-    client = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol))
+    client = TLSMemoryBIOFactory(
+        client_options or CertificateOptions(), True, Factory.forProtocol(Protocol)
+    )
     client_side, _, pump = connectedServerAndClient(
         lambda: server.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)),
         lambda: client.buildProtocol(IPv4Address("TCP", "127.0.0.1", 995)),
