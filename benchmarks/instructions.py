@@ -280,20 +280,8 @@ def count(kind: str, workload: str, data: run.Dataset, cfg: run.Config, options:
     """Start ``kind`` under callgrind, run ``workload``, return what was counted."""
     output = options.output / f"{workload}-{kind}"
     output.mkdir(parents=True)
-    if kind in run.POP3D_KINDS:
-        argv = servers.pop3d_command(
-            data.mail, data.passwd["pop3d"], extra=cfg.pop3d_args + run.POP3D_KINDS[kind]
-        )
-    else:
-        argv = servers.twisted_command(data.mail, data.passwd["twisted"])
-    workers = (os.cpu_count() or 1) if "auto" in run.POP3D_KINDS.get(kind, ()) else 0
-    server = Server(
-        kind,
-        under_valgrind(argv, valgrind_prefix(output, options.cache)),
-        data.root / f"{workload}-{kind}.log",
-        data.root,
-        workers=workers,
-    )
+    server = run.make_server(kind, data, cfg, workload)
+    server.argv = under_valgrind(server.argv, valgrind_prefix(output, options.cache))
     lot = ParkingLot()
     scripts, operations = WORKLOAD_RUNNERS[workload](
         data, run.SPEAKS_AS.get(kind, kind), options, lot

@@ -225,6 +225,18 @@ def build_dataset(root: Path, cfg: Config, workloads: list[str]) -> Dataset:
 def start_server(
     kind: str, data: Dataset, cfg: Config, label: str, profile: Path | None = None
 ) -> Server:
+    server = make_server(kind, data, cfg, label, profile)
+    server.start()
+    return server
+
+
+def make_server(
+    kind: str, data: Dataset, cfg: Config, label: str, profile: Path | None = None
+) -> Server:
+    """
+    The server of ``kind`` as start_server starts it, not started yet (so that
+    benchmarks/instructions.py can run its ``argv`` under valgrind).
+    """
     log = data.root / f"{label}-{kind}.log"
     if kind == "dovecot":
         assert data.dovecot_meta is not None
@@ -254,7 +266,6 @@ def start_server(
         else:
             argv = servers.twisted_command(data.mail, data.passwd["twisted"])
         server = Server(kind, argv, log, data.root, workers=workers)
-    server.start()
     return server
 
 
