@@ -108,8 +108,8 @@ CACHE_EVENTS = (
     ("I1mr", "I1 misses"),
     ("D1mr", "D1 read misses"),
     ("D1mw", "D1 write misses"),
-    ("Bcm", "cond. branch mispredicts"),
-    ("Bim", "indirect branch mispredicts"),
+    ("Bcm", "cond. mispredicts"),
+    ("Bim", "indirect mispredicts"),
 )
 _VGDB_PID = re.compile(r"^use --pid=(\d+) for ", re.MULTILINE)
 
@@ -193,6 +193,24 @@ def vgdb(pids: list[int], *command: str) -> None:
             raise RuntimeError(
                 f"vgdb --pid={pid} {' '.join(command)}: {result.stderr or result.stdout}"
             )
+
+
+def wait_until_idle(server: Server, quiet: float = 1.0, timeout: float = 120.0) -> None:
+    """
+    Until the server's processes have used no CPU for ``quiet`` seconds:
+    what it does after the last reply a client saw (closing connections,
+    logging them, timers) belongs to the operations before, not after.
+    """
+    deadline = time.monotonic() + timeout
+    last, since = server.sample().cpu, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a measured state (CPU time), not waiting blindly
+        now = server.sample().cpu
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise RuntimeError(f"{server.name} still busy after {timeout} s without clients")
 
 
 def read_totals(output: Path) -> dict[str, int]:
@@ -296,10 +314,12 @@ def count(kind: str, workload: str, data: run.Dataset, cfg: run.Config, options:
         if not lg.errors:
             pids = callgrind_pids(server)
             result.processes = len(pids)
+            wait_until_idle(server)
             vgdb(pids, "instrumentation", "on")
             started = time.monotonic()
             lg.release(lot)
             lg.run(deadline)  # counted, parked again
+            wait_until_idle(server)
             result.seconds = time.monotonic() - started
             vgdb(pids, "instrumentation", "off")
             vgdb(pids, "dump")
@@ -381,10 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=",".join(WORKLOADS), help=f"comma-separated, of: {', '.join(WORKLOADS)}"
     )
     parser.add_argument(
-        "--sessions", type=int, default=500, help="login-storm sessions counted (default 500)"
+        "--sessions", type=int, default=1000, help="login-storm sessions counted (default 1000)"
     )
     parser.add_argument(
-        "--messages", type=int, default=200, help="retr-1 RETRs counted (default 200)"
+        "--messages", type=int, default=500, help="retr-1 RETRs counted (default 500)"
     )
     parser.add_argument(
         "--cache",
