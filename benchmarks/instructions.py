@@ -1,68 +1,67 @@
 """
 Instructions (and cache misses) per operation of each server, counted by callgrind.
 
-    .venv/bin/python benchmarks/instructions.py [--servers pop3d,twisted]
-        [--only login-storm,retr-1] [--sessions 500] [--messages 200] [--cache]
-        [--json out.json] [--pop3d-args "..."]
+    .venv/bin/python benchmarks/instructions.py [--servers pop3d,twisted,floor]
+        [--only login-storm,retr-1] [--sessions 1000] [--messages 500] [--cache]
+        [--json out.json] [--pop3d-args "..."] [--python-malloc malloc] [--keep]
 
 CPU time on a shared machine swings by a third or more from one run to the
 next, so a change that saves 5% cannot be seen in benchmarks/run.py's rates.
-Valgrind's callgrind counts the instructions a process executes, the same
-count (within a fraction of a percent) on every run: this tool compares
-servers, or two versions of pop3d, by that count per operation.
+Valgrind's callgrind counts the instructions a process executes, nearly the
+same count on every run: this tool compares servers, or two versions of
+pop3d, by that count per operation.  See benchmarks/README.rst ("Counting
+instructions") for when to use it and what it does not see.
 
-Each server is built and started exactly as run.py starts it (the same test
-maildrops from run.build_dataset, the same commands from servers.py, the same
-readiness test: its log says it is listening), except that the Python
-interpreter runs under ``valgrind --tool=callgrind --instr-atstart=no
---trace-children=yes``: nothing is counted while Python starts, imports and
-the server warms up.  The workload is driven by run.py's load generator
-(benchmarks/loadgen.py, every reply checked, every RETR byte compared):
+Each server is made exactly as run.py makes it (``run.make_server``: the
+same test maildrops from ``run.build_dataset``, the same commands from
+servers.py, the same readiness test, its log saying it listens), except that
+its Python interpreter runs under ``valgrind --tool=callgrind
+--instr-atstart=no --trace-children=yes``: nothing is counted while Python
+starts, imports and the clients warm up.  The workload is driven by run.py's
+load generator (benchmarks/loadgen.py: every reply checked, every RETR byte
+compared):
 
 ``login-storm``
-    run.py's clients (one maildrop of 20 messages each, 50 at a time), each
-    doing connect, USER, PASS, STAT, QUIT; after one warm-up session per
-    client, ``--sessions`` sessions (default 500) are counted: per session.
+    run.py's storm clients (each its own maildrop of 20 messages, 50 at a
+    time), each doing connect, USER, PASS, STAT, QUIT; after one warm-up
+    session per client, ``--sessions`` sessions (default 1,000) are
+    counted: per session.
 ``retr-1``
-    one client logged in to the 2,000-message maildrop of run.py's retr-1
-    RETRs 20 messages to warm up, then ``--messages`` more (default 200),
-    one at a time, every byte checked: per message (login and QUIT are not
-    counted).
+    one client logged in to run.py's 2,000-message retr-1 maildrop RETRs
+    20 messages to warm up, then ``--messages`` more (default 500), one at
+    a time: per message (login and QUIT are not counted).
 
-Between the warm-up and the counted operations, while every client is
-parked, instrumentation is switched on in every process of the server
-(``vgdb --pid=PID instrumentation on``, which is what ``callgrind_control -i
-on PID`` runs); after them it is switched off and the counters are dumped
-(``vgdb --pid=PID dump``); the server is stopped and the totals of every
-callgrind output file of every process are summed, so that ``pop3d-auto``
-(``--workers auto``: a parent and one worker per core, started by
-``spawnProcess``, hence ``--trace-children=yes``) counts its workers too.
-vgdb is called with the server's own process IDs, never without one:
-``callgrind_control`` given a PID it does not find applies the command to
-every callgrind process on the machine (another developer's too).
+Once every client is parked after the warm-up and the server has used no
+CPU for a second (what it does after the last reply, closing connections
+and logging them, belongs to the warm-up), instrumentation is switched on
+in every process of the server (``vgdb --pid=PID instrumentation on``,
+which is what ``callgrind_control -i on PID`` runs); after the counted
+operations, once the server is idle again, it is switched off and the
+counters are dumped (``vgdb --pid=PID dump``).  The server is stopped and
+the totals of every callgrind file of every process are summed, so that
+``pop3d-auto`` (a parent and one worker per core, started by spawnProcess:
+hence ``--trace-children=yes``) and ``floor`` (forked workers) count their
+workers.  vgdb is called with the server's own process IDs only:
+``callgrind_control`` given a PID it does not know applies the command to
+every callgrind process on the machine, another developer's too.
 
 ``--cache`` adds ``--cache-sim=yes --branch-sim=yes``: simulated L1
 instruction and data cache misses and conditional and indirect branch
-mispredictions (callgrind's model of a generic CPU, not this one's caches
-and predictor), at about twice the run time.
+mispredictions (callgrind's model of a generic CPU, not this machine's
+caches and predictors), at about twice the run time.
 
-Python's allocator: the servers run with Python's default allocator
-(pymalloc), as in production, unless ``--python-malloc malloc`` (which sets
-PYTHONMALLOC=malloc for them).  Measured on pop3d and twisted.mail.pop3
-(login-storm, 500 sessions): see benchmarks/README.rst ("Counting
-instructions"); pymalloc gives the counts a user's server executes, and is
-as repeatable under callgrind (only memcheck needs malloc to see what
-pymalloc's arenas hide).
+Python's allocator: the servers run with pymalloc, Python's default and
+what production runs.  ``--python-malloc malloc`` sets PYTHONMALLOC=malloc
+for them, as the prototype of this tool did: measured (login-storm, 500
+sessions, twice each), that adds 5-7% to every count (glibc's malloc
+executes more instructions than pymalloc) and makes the counts no more
+repeatable; only memcheck needs it, to see inside pymalloc's arenas.
 
-Not supported: ``dovecot``.  Dovecot forks a pop3 process per session
-(started after instrumentation was switched on, so under
-``--instr-atstart=no`` it would count nothing, and its start-up is most of
-what a session costs) and runs it as ``nobody``, which cannot write the
-callgrind files of a root-owned run; counting it would need a different
-method (``--instr-atstart=yes`` and process start-up subtracted).  What
-callgrind does not see at all: time in the kernel (system calls are not
-instructions of the process), waiting, and the real machine's caches and
-branch predictors.
+Not supported: ``dovecot``.  Dovecot forks a pop3 process per session,
+which under ``--instr-atstart=no`` starts with instrumentation off (it
+would count nothing, and its start-up is much of what a Dovecot session
+costs), and runs it as ``nobody``, which cannot write the callgrind files of
+a root-owned run.
 """
 
 from __future__ import annotations
