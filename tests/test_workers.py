@@ -199,6 +199,37 @@ def test_a_workers_logged_failure_reaches_the_parents_log_whole() -> None:
     assert worker_event(b"a line printed by a plug-in") is None
 
 
+def test_a_worker_line_is_logged_as_the_worker_wrote_it_braces_and_all() -> None:
+    """
+    The parent logs a worker's text as it is (no format run on it again):
+    braces a client sent, or that a format escaped, stay what they were.
+    """
+    from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+
+    from pop3d.workers import worker_event
+
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    observer(
+        {
+            "log_format": "[k.1] login failed: user={user} literal {{x}}",
+            "user": '"{0}{log_text}{!r}}{"',
+            "log_level": LogLevel.info,
+            "log_namespace": "pop3d.session.Session",
+            "log_system": "-",
+            "log_time": 1796480000.0,
+        }
+    )
+    [line] = output.text().encode().splitlines()
+    event = worker_event(line)
+    assert event is not None
+    expected = '[k.1] login failed: user="{0}{log_text}{!r}}{" literal {x}'
+    assert formatEvent(event) == expected
+    assert formatEventAsClassicLogText(event, formatTime=lambda _: "TIME") == (
+        "TIME [-] " + expected + "\n"
+    )
+
+
 class _Writes(io.StringIO):
     """A worker's standard output that remembers each write it was given, flushed."""
 
