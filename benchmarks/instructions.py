@@ -473,11 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; stopping the servers", file=sys.stderr)
         return 130
     finally:
-        servers.stop_all()
-        if options.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        run.end_run(root, options.keep)
 
     print()
     print(

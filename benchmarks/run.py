@@ -1302,6 +1302,15 @@ def _shorten_paths(stats: pstats.Stats) -> None:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def end_run(root: Path, keep: bool) -> None:
+    """Stop every server; keep (``keep``) or remove the run's directory."""
+    servers.stop_all()
+    if keep:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -1378,11 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; stopping the servers", file=sys.stderr)
         return 130
     finally:
-        servers.stop_all()
-        if options.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        end_run(root, options.keep)
 
     table, verdicts = render_table(results, cfg)
     errors = {
