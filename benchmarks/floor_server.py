@@ -424,7 +424,10 @@ def serve(listener: socket.socket, root: bytes, users: dict[bytes, bytes]) -> No
     )
     listener.close()  # adoptStreamPort duplicated it
     address = port.getHost()
-    print(f"floor worker {os.getpid()} listening on {address.host}:{address.port}", flush=True)
+    # One write(2), the line ending with it: the other workers write to the
+    # same pipe, and a line cut by theirs is not seen as "listening".
+    sys.stdout.flush()
+    os.write(1, f"floor worker {os.getpid()} listening on {address.host}:{address.port}\n".encode())
     reactor.run()
 
 
