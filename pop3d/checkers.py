@@ -244,7 +244,9 @@ class PasswdFileChecker:
             log.error("keeping the previous {path}: {error}", path=self.path, error=error)
             return succeed(self._table)
         if signature == self._signature:
-            # (While the file is read, the logins that noticed the change wait.)
+            if not self._file.reading:
+                return succeed(self._table)  # every login but those below
+            # While the file is read, the logins that noticed the change wait.
             return self._file.settled().addCallback(lambda _: self._table)
         # Read once per change, whatever comes of it: a broken file is said
         # once, and read again when it changes again.

@@ -172,6 +172,11 @@ class ReloadableFiles(Generic[_Read]):
         #: Those waiting for the reading after it.
         self._next: list[Deferred[None]] = []
 
+    @property
+    def reading(self) -> bool:
+        """The files are being read: `settled` would wait."""
+        return self._waiting is not None
+
     def settled(self) -> Deferred[None]:
         """Fires at once, or, while the files are being read, once they are."""
         if self._waiting is None:
