@@ -163,13 +163,17 @@ def parse_allow_nets(text: str) -> tuple[IPNetwork, ...]:
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+#: The fields that change the user's name: empty, they leave it as it is.
+_NAME_FIELDS = frozenset({"user", "username", "domain"})
 
 
 def passdb_user(user: str, fields: Mapping[str, str | None], source: str) -> AuthenticatedUser:
     """
     Who logs in as ``user``, whose password was verified, as the extra
     fields of a password database (SQL, LDAP) say; Dovecot's field names, in
-    any case; a None or empty value is not set:
+    any case.  A None value (SQL's NULL) is not set; an empty one is, as in
+    Dovecot (an empty ``nologin`` refuses, an empty ``allow_nets`` allows no
+    network), but for the names, which it cannot change:
 
     - ``user``, or ``username`` and ``domain``: the canonical name;
     - ``nologin``: the login is refused (`pop3d.errors.LoginRefused`) with
@@ -186,7 +190,7 @@ def passdb_user(user: str, fields: Mapping[str, str | None], source: str) -> Aut
     prefetched: dict[str, str] = {}
     for key, value in fields.items():
         key = key.lower()
-        if not value:
+        if value is None or (not value and key in _NAME_FIELDS):
             continue
         # In the order given, as Dovecot applies them.
         if key == "user":

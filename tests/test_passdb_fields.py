@@ -49,6 +49,11 @@ CASES: list[tuple[dict[str, str], AuthenticatedUser | bytes]] = [
     # ... and without one, the reply to a wrong password (its "Authentication failed.").
     ({"nologin": "Y"}, WRONG_PASSWORD),
     ({"nologin": "Y", "userdb_login_delay": "soon"}, WRONG_PASSWORD),
+    # An empty value is a value (Dovecot skips only NULL): still refused ...
+    ({"nologin": ""}, WRONG_PASSWORD),
+    # ... and an empty allow_nets allows no network at all.
+    ({"allow_nets": ""}, AuthenticatedUser("ann", allowed_networks=())),
+    ({"user": ""}, AuthenticatedUser("ann")),
     (
         {"allow_nets": "192.0.2.0/24 ::1"},
         AuthenticatedUser(
