@@ -385,7 +385,7 @@ class SessionDriver:
     def _login_failed(
         self, failure: Failure, credentials: ICredentials, shown_user: str, method: str
     ) -> None:
-        reason, detail, status = _login_failure_status(failure)
+        reason, detail, status, counted = _login_failure_status(failure)
         if self._metrics is not None:
             self._count_login(method, reason)
         link = self.session.link
@@ -416,7 +416,6 @@ class SessionDriver:
                 user=shown_user,
                 detail=detail,
             )
-        counted = reason == "credentials"
         throttle, host = self._failure_delay, self.session.link.host
         trusted = throttle is not None and throttle.trusts(host)
         if counted and throttle is not None:
@@ -731,13 +730,20 @@ _LOGIN_FAILURES: tuple[tuple[type[POP3Error], str, bool], ...] = (
 )
 
 
-def _login_failure_status(failure: Failure) -> tuple[str, str, Status]:
-    """Why a login failed (for the log: a word and details) and what the client is told."""
+def _login_failure_status(failure: Failure) -> tuple[str, str, Status, bool]:
+    """
+    Why a login failed (for the log: a word and details), what the client
+    is told, and whether it counts as a failed guess (it waits, and counts
+    towards the hang-up).
+    """
     if failure.check(UnauthorizedLogin, LoginFailed):
-        return "credentials", "", Status(False, LOGIN_FAILED, ResponseCode.AUTH)
+        return "credentials", "", Status(False, LOGIN_FAILED, ResponseCode.AUTH), True
     for kind, reason, detailed in _LOGIN_FAILURES:
         if failure.check(kind):
             error = failure.value
             assert isinstance(error, POP3Error)
-            return reason, error.text if detailed else "", error.status()
-    return "internal", "", INTERNAL_ERROR_STATUS
+            if isinstance(error, LoginRefused) and error.reason is None:
+                # Answered as a wrong password: treated as one (see LoginRefused).
+                return reason, "", error.status(), True
+            return reason, error.text if detailed else "", error.status(), False
+    return "internal", "", INTERNAL_ERROR_STATUS, False

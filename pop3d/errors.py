@@ -109,6 +109,10 @@ class LoginRefused(POP3Error):
 
     def __init__(self, reason: str | None = None) -> None:
         super().__init__(reason or LOGIN_FAILED)
+        #: The database's reason.  None: the client is told what a wrong
+        #: password is told, and the refusal counts as one (the same wait,
+        #: the same hang-up), or its speed would say the password was right.
+        self.reason = reason or None
 
 
 class AuthUnavailable(POP3Error):

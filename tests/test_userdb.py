@@ -245,6 +245,39 @@ class TestRefusals:
         [line] = [e["summary"] for e in logged.events if "login failed:" in e.get("log_format", "")]
         assert line.partition(" method=USER ")[2] == log_line
 
+    @pytest.mark.parametrize(
+        "error", [UnauthorizedLogin(), LoginRefused(), LoginRefused("")], ids=repr
+    )
+    def test_a_refusal_without_reason_waits_and_counts_as_a_wrong_password(
+        self, database: UserDatabase, clock: Clock, store: MemoryStore, error: Exception
+    ) -> None:
+        """
+        A nologin user without a reason is answered as a wrong password
+        (Dovecot's "Authentication failed."): as late as one too, and it
+        counts towards the failed-login limit, or an instant answer would say
+        that the guessed password was right.
+        """
+        database.refusals[b"alice"] = error
+        policy = replace(SessionPolicy(per_user=True), allow_plaintext_auth=True)
+        pop3 = POP3Factory(
+            Portal(MaildropRealm(store), [database]),
+            clock=clock,
+            hostname="pop.example.test",
+            policy=policy,
+            login_failure_delay=2.0,
+        )
+        wire = Wire(pop3)
+        assert wire.login() == b""  # not yet
+        clock.advance(1.9)
+        assert wire.take() == b""
+        clock.advance(0.1)
+        assert wire.take() == AUTH_FAILED
+        for _ in range(policy.max_failed_logins - 1):
+            wire.login()
+            clock.advance(60)
+            wire.take()
+        assert wire.closed  # hung up after the limit, as for wrong passwords
+
     def test_nologin_gets_its_reason_with_auth(
         self, database: UserDatabase, clock: Clock, store: MemoryStore
     ) -> None:
