@@ -196,7 +196,13 @@ class ReloadableFiles(Generic[_Read]):
 
     def _start(self, waiting: list[Deferred[None]]) -> None:
         self._waiting = waiting
-        reading = run_blocking(self.threads, self._read)
+        try:
+            reading = run_blocking(self.threads, self._read)
+        except Exception:
+            # Not even handed over (a pool that is gone): the logins waiting
+            # must not wait for ever; the configuration in use is kept.
+            self._read_done(Failure())
+            return
         reading.addCallback(self._use).addBoth(self._read_done)
 
     def _read_done(self, result: Failure | None) -> None:

@@ -52,6 +52,7 @@ from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
 
 from .clock_threads import ClockThreads, settle
+from .conftest import Logged
 
 
 class TestMailboxNames:
@@ -204,6 +205,26 @@ class TestPasswdFile:
         settle(clock)
         assert threads.handed_over == 2
         assert seen == {"first": ["first"], "login": ["first"], "second": ["first", "second"]}
+
+    def test_a_reading_that_cannot_be_handed_over_keeps_the_configuration(
+        self, logged: Logged
+    ) -> None:
+        """
+        A pool that cannot take the reading (gone at shutdown, not a thread
+        pool at all): the logins waiting are not left waiting for ever, the
+        configuration in use is kept, and the next change is read again.
+        """
+        used: list[str] = []
+        files = ReloadableFiles("/etc/pop3d/x.conf", lambda: "read", used.append, ())
+        files.threads = Clock()  # type: ignore[assignment]  # no callInThread
+        reloaded = files.read_again()
+        assert reloaded.called and not files.reading
+        assert files.settled().called
+        assert used == []
+        assert len(logged.texts("keeping the previous /etc/pop3d/x.conf")) == 1
+        files.threads = None  # inline, as at start-up
+        files.read_again()
+        assert used == ["read"]
 
     @pytest_twisted.ensureDeferred
     async def test_a_broken_change_keeps_the_last_good_file(
