@@ -48,6 +48,7 @@ from pop3d.passwords import (
 )
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
+from pop3d.userdb import AuthenticatedUser, UserFieldError, passdb_user
 
 log = Logger()
 
@@ -131,6 +132,47 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
     return entries
 
 
+#: The extra fields of a passwd-file that pop3d applies (see `passwd_file_extra_fields`).
+_REFUSALS = frozenset({"nologin", "reason", "allow_nets"})
+
+
+def passwd_file_extra_fields(
+    content: bytes, source: str = "passwd-file"
+) -> dict[bytes, dict[str, str]]:
+    """
+    The refusals among the extra fields of each user of a passwd-file that
+    has any: the eighth field (after ``user:password:uid:gid:gecos:home:shell:``)
+    holds words ``key=value`` (or ``key`` alone: an empty value) separated
+    by spaces, as Dovecot reads them; of those, ``nologin``, ``reason`` and
+    ``allow_nets`` are applied as from SQL and LDAP (`pop3d.userdb.passdb_user`):
+    a user Dovecot refuses is refused.  (Other fields, ``userdb_*`` among
+    them, are not used from a passwd-file.)  A value pop3d cannot use is an
+    error that names the line.
+    """
+    extras: dict[bytes, dict[str, str]] = {}
+    for number, raw_line in enumerate(content.splitlines(), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, _, rest = line.partition(b":")
+        fields = rest.split(b":", 6)
+        if len(fields) < 7 or not fields[6].strip():
+            continue
+        words = fields[6].decode("utf-8", "replace").split()
+        pairs = (word.partition("=")[::2] for word in words)
+        extra = {key: value for key, value in pairs if key.lower() in _REFUSALS}
+        if not extra:
+            continue
+        try:
+            passdb_user(user.decode("utf-8", "replace"), extra, f"{source} line {number}")
+        except LoginRefused:
+            pass  # refused at each login, with its reason
+        except UserFieldError as error:
+            raise PasswdFileError(str(error)) from None
+        extras[user] = extra
+    return extras
+
+
 @dataclass(frozen=True)
 class _Table:
     """A loaded passwd-file and what follows from it."""
@@ -147,9 +189,16 @@ class _Table:
     #: Most entries that can serve SCRAM are plaintext, whose keys are
     #: derived for each exchange: so are dummy keys for everyone else.
     scram_derives: bool
+    #: The users' extra fields (`passwd_file_extra_fields`), for those that have any.
+    extras: dict[bytes, dict[str, str]]
 
     @classmethod
-    def of(cls, entries: dict[bytes, PasswordEntry], checks: PasswordChecks) -> _Table:
+    def of(
+        cls,
+        entries: dict[bytes, PasswordEntry],
+        checks: PasswordChecks,
+        extras: dict[bytes, dict[str, str]] | None = None,
+    ) -> _Table:
         kinds = {entry.kind for entry in entries.values()}
         samples: dict[tuple[str, Hashable], bytes] = {}
         counts: Counter[tuple[str, Hashable]] = Counter()
@@ -163,7 +212,14 @@ class _Table:
             usual = PasswordEntry(name, samples[(name, cost)])
         derived = sum(1 for entry in entries.values() if entry.kind.plaintext)
         stored = sum(1 for entry in entries.values() if isinstance(entry.kind, ScramSHA256Scheme))
-        return cls(entries, checks.possible(kinds), usual, checks.dummies(kinds), derived > stored)
+        return cls(
+            entries,
+            checks.possible(kinds),
+            usual,
+            checks.dummies(kinds),
+            derived > stored,
+            extras or {},
+        )
 
 
 @implementer(ICredentialsChecker, IScramKeySource, IReloadable)
@@ -234,7 +290,12 @@ class PasswdFileChecker:
 
     def _read(self) -> _Table:
         with open(self.path, "rb") as passwd:
-            return _Table.of(parse_passwd_file(passwd.read(), self.path), self._checks)
+            content = passwd.read()
+        return _Table.of(
+            parse_passwd_file(content, self.path),
+            self._checks,
+            passwd_file_extra_fields(content, self.path),
+        )
 
     def _current_table(self) -> Deferred[_Table]:
         """The entries, read again first if the file changed."""
@@ -259,10 +320,14 @@ class PasswdFileChecker:
 
     # -- ICredentialsChecker ---------------------------------------------------
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        # The user's name (bytes), or an AuthenticatedUser when the file
+        # gives the user extra fields.
         return self._current_table().addCallback(self._check, credentials)
 
-    def _check(self, table: _Table, credentials: Any) -> Deferred[bytes | tuple[()]]:
+    def _check(
+        self, table: _Table, credentials: Any
+    ) -> Deferred[bytes | AuthenticatedUser | tuple[()]]:
         username = as_bytes(credentials.username)
         found = table.entries.get(username)
         if found is None and isinstance(credentials, PreparedUsernamePassword):
@@ -289,10 +354,15 @@ class PasswdFileChecker:
             )
             matched = check.run(lookup, credentials)
 
-        def decided(ok: bool) -> bytes | tuple[()]:
-            if ok and found is not None:
+        def decided(ok: bool) -> bytes | AuthenticatedUser | tuple[()]:
+            if not ok or found is None:
+                raise UnauthorizedLogin()
+            extra = table.extras.get(username)
+            if extra is None:
                 return username
-            raise UnauthorizedLogin()
+            # nologin, allow_nets, userdb_*: as SQL and LDAP apply them
+            # (checked when the file was read: LoginRefused is all it raises).
+            return passdb_user(username.decode("utf-8", "replace"), extra, self.path)
 
         return matched.addCallback(decided)
 

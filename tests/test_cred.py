@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,51 @@ class TestPasswdFile:
         path = tmp_path / "passwd"
         path.write_bytes(PASSWD)
         return PasswdFileChecker(str(path))
+
+    @pytest.mark.parametrize(
+        ("extra", "reply"),
+        [
+            # Dovecot's passdb extra fields (the eighth field): a user it
+            # refuses is refused, with the reason ...
+            (b"nologin reason=moved", b"-ERR [AUTH] moved\r\n"),
+            # ... or as a wrong password is, without one ...
+            (b"nologin", b"-ERR [AUTH] invalid user name or password\r\n"),
+            # ... and from a network not allowed (the client is 127.0.0.1).
+            (b"allow_nets=192.0.2.0/24", b"-ERR [AUTH] invalid user name or password\r\n"),
+            (
+                b"allow_nets=127.0.0.0/8,::1 userdb_mail=x:y",
+                b"+OK maildrop has 1 messages (20 octets)\r\n",
+            ),
+        ],
+    )
+    def test_extra_fields_refuse_as_dovecot_does(
+        self, tmp_path: Path, extra: bytes, reply: bytes
+    ) -> None:
+        from twisted.cred.portal import Portal
+
+        from pop3d.factory import POP3Factory
+        from pop3d.session import SessionPolicy
+
+        from .conftest import Wire
+
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:{PLAIN}wonderland:1000:1000::/home/alice::" + extra + b"\n")
+        store = MemoryStore()
+        store.deliver("alice", b"Subject: x\n\nbody\n")
+        factory = POP3Factory(
+            Portal(MaildropRealm(store), [PasswdFileChecker(str(path))]),
+            clock=Clock(),
+            hostname="pop.example.test",
+            policy=SessionPolicy(),
+            login_failure_delay=0,
+        )
+        assert Wire(factory).login() == reply
+
+    def test_an_extra_field_it_cannot_use_names_the_line(self, tmp_path: Path) -> None:
+        path = tmp_path / "passwd"
+        path.write_bytes(PASSWD + b"carol:{PLAIN}x::::::allow_nets=192.0.2.300\n")
+        with pytest.raises(PasswdFileError, match=re.escape("line 6: allow_nets: '192.0.2.300'")):
+            PasswdFileChecker(str(path))
 
     @pytest_twisted.ensureDeferred
     async def test_user_pass(self, checker: PasswdFileChecker) -> None:
