@@ -461,7 +461,6 @@ def worker_event(line: bytes) -> LogEvent | None:
         # string.Formatter, a third of the parent's work per line) again.
         "log_format": text.replace("{", "{{").replace("}", "}}"),
         "log_flattened": {},
-        "log_text": text,
     }
     system = record.get("system")
     if isinstance(system, str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 
 from pop3d.testing import deliver_to_maildir
 from pop3d.workers import WorkerLogLines
@@ -266,7 +266,7 @@ def _texts_and_times(written: str) -> list[tuple[str, float]]:
     from pop3d.workers import worker_event
 
     events = [worker_event(line) for line in written.encode().splitlines()]
-    return [(event["log_text"], event["log_time"]) for event in events if event is not None]
+    return [(formatEvent(event), event["log_time"]) for event in events if event is not None]
 
 
 def test_a_workers_lines_of_one_reactor_turn_go_to_the_parent_in_one_write() -> None:
