@@ -76,9 +76,11 @@ class ServerTLS:
         # passing its own X509 and PKey to a context.
         try:
             leaf, *chain = (x509.load_pem_x509_certificate(pem) for pem in certificates)
-        except Exception:  # ValueError, as documented; any other is no certificate either
+        except Exception as error:  # ValueError, as documented; any other is no certificate either
+            # The parser's reason (it refuses some encodings OpenSSL takes),
+            # which holds no secret: a certificate is public.
             raise TLSConfigurationError(
-                f"unreadable PEM certificate in {self.certificate_path}"
+                f"unreadable PEM certificate in {self.certificate_path}: {error}"
             ) from None
         try:
             key = load_pem_private_key(key_pem, password=None)

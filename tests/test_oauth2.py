@@ -795,6 +795,21 @@ async def _tick() -> None:
 
 
 class TestConfig:
+    def test_a_damaged_ca_certificate_is_a_usage_error_naming_the_file(
+        self, tmp_path: Path
+    ) -> None:
+        ca = tmp_path / "ca.pem"
+        ca.write_bytes(
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
+        )
+        conf = write_conf(
+            tmp_path / "dovecot-oauth2.conf.ext",
+            f"introspection_url = https://x/\ntls_ca_cert_file = {ca}\n",
+        )
+        with pytest.raises(ConfigFileError) as raised:
+            OAuth2Checker(read_settings(str(conf)), reactor, clock=Clock())
+        assert str(raised.value).startswith(f"{conf}:0: tls_ca_cert_file: unreadable certificate (")
+
     @pytest.mark.parametrize(
         ("text", "line", "reason"),
         [

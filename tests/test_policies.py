@@ -689,7 +689,7 @@ class TestExpireDays:
                 self.inner = inner
                 self.messages = inner.messages
 
-            def open_message(self, index: int) -> Deferred[IMessageBody]:
+            def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
                 return self.inner.open_message(index)
 
             def remove(self, indexes: Sequence[int]) -> Deferred[None]:
@@ -851,7 +851,7 @@ class _FirstUnreadable:
         self._maildrop = maildrop
         self.messages = maildrop.messages
 
-    def open_message(self, index: int) -> Deferred[IMessageBody]:
+    def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
         if index == 0:
             return succeed(_UnreadableBody())
         return self._maildrop.open_message(index)

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.protocol import POP3Protocol
+from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.testing import MemoryStore
 
@@ -80,7 +81,7 @@ class CountingMaildrop:
         self.messages = maildrop.messages
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
-        opened = self._maildrop.open_message(index)
+        opened = deferred_open_message(self._maildrop, index)
         return opened.addCallback(CountingBody, self._reads)
 
     def remove(self, indexes: Any) -> Deferred[None]:

@@ -440,7 +440,12 @@ def _key_of_another_certificate(certificate: Path, key: Path) -> None:
     [
         (_unreadable, "cannot read {certificate}: No such file or directory"),
         (_not_pem, "no PEM certificate in {certificate}"),
-        (_damaged, "unreadable PEM certificate in {certificate}"),
+        (
+            _damaged,
+            "unreadable PEM certificate in {certificate}: error parsing asn1 value: "
+            "ParseError {{ kind: UnexpectedTag {{ actual: Tag {{ value: 0, constructed: false, "
+            "class: Universal }} }} }}",
+        ),
         (_key_not_pem, "no PEM private key in {key}"),
         (
             _key_encrypted,

@@ -729,10 +729,15 @@ def _read_files(settings: OAuth2Settings) -> _Files:
                 pem = stream.read()
         except OSError as error:
             raise ConfigFileError(settings.path, 0, f"tls_ca_cert_file: {error}") from None
-        certificates = tuple(
-            Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
-            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-        )
+        try:
+            certificates = tuple(
+                Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
+                for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+            )
+        except Exception as error:  # OpenSSL's errors: a damaged certificate
+            raise ConfigFileError(
+                settings.path, 0, f"tls_ca_cert_file: unreadable certificate ({error})"
+            ) from None
         if not certificates:
             raise ConfigFileError(settings.path, 0, "tls_ca_cert_file holds no certificate")
     return _Files(settings, jwks, certificates)

@@ -2000,7 +2000,11 @@ class _Maildrop:
                         path = os.path.join(self.root, *location)
                         raise unavailable("cannot open message", path, error) from error
                     body = _FileBody(fd, file_size, self.root, location)
-                    subdirectories.open(directory, root_fd, location[0])
+                    try:
+                        subdirectories.open(directory, root_fd, location[0])
+                    except BaseException:
+                        body.close()  # not left to the garbage collector
+                        raise
                     return body
         except POP3Error as error:
             return fail(error)
