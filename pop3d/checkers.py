@@ -39,13 +39,13 @@ from pop3d.credchecks import (
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import (
     SCHEMES,
     PasswordScheme,
     PasswordSchemeError,
     ScramSHA256Scheme,
 )
+from pop3d.reloading import IReloadable, ReloadableFiles
 from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
 from pop3d.userdb import AuthenticatedUser, UserFieldError, passdb_user

@@ -50,7 +50,7 @@ from pop3d.control import (
 from pop3d.credchecks import most_specific_first
 from pop3d.factory import DEFAULT_LOGIN_FAILURE_DELAY, DEFAULT_MECHANISMS, POP3Factory
 from pop3d.i18n import BUILTIN_LANGUAGES, ENGLISH, Languages
-from pop3d.lifecycle import GracefulStop, IReloadable
+from pop3d.lifecycle import GracefulStop
 from pop3d.logformat import DEFAULT_LOGOUT_FORMAT, LogoutFormat, LogoutFormatError
 from pop3d.logindelay import LoginDelayRealm, LoginHistoryFile, default_login_history
 from pop3d.metrics import (
@@ -64,6 +64,7 @@ from pop3d.metrics import (
 )
 from pop3d.protocol import DEFAULT_TIMEOUT
 from pop3d.realm import MaildropRealm
+from pop3d.reloading import IReloadable
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
 from pop3d.sasl.oauth2 import IOAuth2BearerToken
 from pop3d.service import POP3Service
@@ -844,7 +845,7 @@ def reload_configuration(options: Options) -> Callable[[], Deferred[Any]]:
     """
     What SIGHUP reads again, in the thread pool: the --tls-cert/--tls-key
     files (kept as they were if the new ones cannot be used) and the files
-    of every --auth checker that provides `pop3d.lifecycle.IReloadable`
+    of every --auth checker that provides `pop3d.reloading.IReloadable`
     (passwd files, which logins also re-read whenever they change; Dovecot's
     conf files): the Deferred fires once they are all read.
     """

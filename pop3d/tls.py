@@ -23,7 +23,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from pop3d.lifecycle import IReloadable, ReloadableFiles
+from pop3d.reloading import IReloadable, ReloadableFiles
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
@@ -44,7 +44,7 @@ class ServerTLS:
     The files are read at start-up (`TLSConfigurationError` if they cannot
     be used, the key not matching the certificate included) and again on
     `reload`, in the thread pool once `run_slow_work_in` gave one
-    (`pop3d.lifecycle.ReloadableFiles`).  A handshake never waits for that
+    (`pop3d.reloading.ReloadableFiles`).  A handshake never waits for that
     reading: until the new pair is in use, it gets the one in use.  A pair
     that cannot be used is logged, naming the file, and the one in use kept.
     """

@@ -37,7 +37,6 @@ from pop3d.checkers import (
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import ReloadableFiles
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -46,6 +45,7 @@ from pop3d.passwords import (
     scram_salt,
 )
 from pop3d.realm import MaildropRealm, is_safe_mailbox_name
+from pop3d.reloading import ReloadableFiles
 from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
 from pop3d.sasl.cram_md5 import CramMD5, CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop

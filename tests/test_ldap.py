@@ -42,8 +42,8 @@ from pop3d.dovecotconf import ConfigFileError, ConfigValue
 from pop3d.dovecotvars import Lookup, Variables
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable
 from pop3d.passwords import SCHEMES
+from pop3d.reloading import IReloadable
 from pop3d.sasl import ICramMD5Credentials
 from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.userdb import (

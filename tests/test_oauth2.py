@@ -991,7 +991,7 @@ async def test_sighup_reads_the_file_again(
     tmp_path: Path, jwks_conf: Path, signing_key: Any, logged: Logged
 ) -> None:
     """IReloadable: new keys after a reload; a broken file is logged and the old one kept."""
-    from pop3d.lifecycle import IReloadable
+    from pop3d.reloading import IReloadable
 
     clock = Clock()
     clock.advance(NOW)

@@ -53,9 +53,9 @@ from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
-from pop3d.lifecycle import IReloadable
 from pop3d.passwords import get_scheme
 from pop3d.realm import MaildropRealm
+from pop3d.reloading import IReloadable
 from pop3d.sasl.cram_md5 import CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import Options, build_portal

@@ -81,8 +81,8 @@ from pop3d.credentials import PreparedUsernamePassword
 from pop3d.dovecotconf import ConfigFileError
 from pop3d.dovecotvars import Variables, expand
 from pop3d.errors import AuthUnavailable
-from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import SCHEMES, PasswordScheme, PasswordSchemeError, get_scheme
+from pop3d.reloading import IReloadable, ReloadableFiles
 from pop3d.sasl import IScramSHA256Credentials
 from pop3d.userdb import (
     AuthenticatedUser,

@@ -60,7 +60,7 @@ from zope.interface import implementer
 from pop3d.authdb import OutageLog
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext
 from pop3d.errors import AuthUnavailable
-from pop3d.lifecycle import IReloadable, ReloadableFiles
+from pop3d.reloading import IReloadable, ReloadableFiles
 from pop3d.sasl.oauth2 import (
     IOAuth2BearerToken,
     IOAuth2TokenVerifier,

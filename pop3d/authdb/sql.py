@@ -66,12 +66,12 @@ from pop3d.credchecks import (
 from pop3d.dovecotconf import ConfigFileError, ConfigValue, read_conf_ext, yes_or_no
 from pop3d.dovecotvars import Variables
 from pop3d.errors import AuthUnavailable
-from pop3d.lifecycle import IReloadable, ReloadableFiles
 from pop3d.passwords import (
     PasswordScheme,
     PasswordSchemeError,
     get_scheme,
 )
+from pop3d.reloading import IReloadable, ReloadableFiles
 from pop3d.sasl import IScramKeySource, ScramKeys
 from pop3d.stores.common import BoundedThreads, run_blocking
 from pop3d.userdb import (
