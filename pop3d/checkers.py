@@ -97,6 +97,11 @@ PASSWORD_CHECKS.register(
 )
 
 
+#: The scheme of a passwd-file password without a ``{SCHEME}`` prefix, as
+#: in Dovecot (a crypt(3) hash: ``$6$...``, ``$2y$...``, DES).
+PASSWD_FILE_DEFAULT_SCHEME = SCHEMES["CRYPT"]
+
+
 class PasswdFileError(ValueError):
     """A passwd-file that cannot be used, with the line that is wrong."""
 
@@ -126,7 +131,8 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
             )
             continue
         try:
-            entries[user] = PasswordEntry.parse(password)
+            # Without a {SCHEME} prefix, Dovecot's passwd-file default: CRYPT.
+            entries[user] = PasswordEntry.parse(password, PASSWD_FILE_DEFAULT_SCHEME)
         except PasswordSchemeError as error:
             raise PasswdFileError(f"{source} line {number}: {error}") from None
     return entries

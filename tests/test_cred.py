@@ -99,6 +99,20 @@ nopass:::
 
 
 class TestPasswdFile:
+    @pytest_twisted.ensureDeferred
+    async def test_a_password_without_a_scheme_is_a_crypt_hash_as_in_dovecot(
+        self, tmp_path: Path
+    ) -> None:
+        stored = b"$1$saltsalt$rMIqYVCXYNdPxX2s/bKpR0"  # crypt("wonderland", "$1$saltsalt$")
+        [entry] = parse_passwd_file(b"alice:" + stored + b"::\n").values()
+        assert (entry.scheme, entry.secret) == ("CRYPT", stored)
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:" + stored + b"::\n")
+        checker = PasswdFileChecker(str(path))
+        assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland")) == b"alice"
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderlamp"))
+
     def test_parse(self) -> None:
         entries = parse_passwd_file(PASSWD)
         assert entries[b"alice"].secret == b"wonderland"
@@ -109,7 +123,8 @@ class TestPasswdFile:
         "content,message",
         [
             (b"alice:{FOO}x::\n", "unsupported password scheme {FOO}"),
-            (b"alice:secret::\n", "no {SCHEME} prefix"),
+            # No {SCHEME}: a crypt(3) hash, as Dovecot reads it, which this is not.
+            (b"alice:secret::\n", "line 1: malformed {CRYPT} password"),
             (b"justaname\n", "line 1"),
         ],
     )
