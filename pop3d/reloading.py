@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -22,6 +22,14 @@ from pop3d.stores.common import run_blocking
 log = Logger()
 
 _Read = TypeVar("_Read")
+
+#: Seconds a login waits at most for a reading under way (see `ReloadableFiles.settled`).
+READING_PATIENCE = 5.0
+
+
+def _go_on(result: object, timeout: float) -> None:
+    """A login that waited `READING_PATIENCE` goes on with the configuration in use."""
+    return None
 
 
 class IReloadable(Interface):
@@ -80,11 +88,19 @@ class ReloadableFiles(Generic[_Read]):
         return self._waiting is not None
 
     def settled(self) -> Deferred[None]:
-        """Fires at once, or, while the files are being read, once they are."""
+        """
+        Fires at once, or, while the files are being read, once they are,
+        or after `READING_PATIENCE` seconds at most (with the configuration
+        in use): a reading queued behind busy threads (a database that stopped
+        answering holds them) never holds logins with it.
+        """
         if self._waiting is None:
             return succeed(None)
         waiting: Deferred[None] = Deferred()
         self._waiting.append(waiting)
+        clock = self.threads
+        if IReactorTime.providedBy(clock):
+            waiting.addTimeout(READING_PATIENCE, clock, onTimeoutCancel=_go_on)
         return waiting
 
     def read_again(self) -> Deferred[None]:
@@ -119,4 +135,5 @@ class ReloadableFiles(Generic[_Read]):
             following, self._next = self._next, []
             self._start(following)
         for login in waiting:
-            login.callback(None)
+            if not login.called:  # not given up on (READING_PATIENCE)
+                login.callback(None)

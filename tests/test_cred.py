@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -52,7 +52,7 @@ from pop3d.stores.interfaces import IMaildrop
 from pop3d.tap import build_portal
 from pop3d.testing import MemoryStore
 
-from .clock_threads import ClockThreads, settle
+from .clock_threads import ClockThreads, TimedClockThreads, settle
 from .conftest import Logged
 
 
@@ -266,6 +266,43 @@ class TestPasswdFile:
         settle(clock)
         assert threads.handed_over == 2
         assert seen == {"first": ["first"], "login": ["first"], "second": ["first", "second"]}
+
+    def test_a_login_waits_for_a_reading_at_most_its_patience(self) -> None:
+        """
+        A reading queued behind busy threads (a database that stopped
+        answering holds them): the logins waiting on it go on with the
+        configuration in use after READING_PATIENCE; the reading, when its
+        turn comes, is used all the same.
+        """
+        from pop3d.reloading import READING_PATIENCE
+
+        class BusyThreads(TimedClockThreads):
+            """Every thread taken: what is handed over runs on `free`."""
+
+            def __init__(self, clock: Clock) -> None:
+                super().__init__(clock)
+                self.queued: list[tuple[Any, ...]] = []
+
+            def callInThreadWithCallback(self, *work: Any, **keywords: Any) -> None:
+                self.queued.append(work)
+
+            def free(self) -> None:
+                for work in self.queued:
+                    super().callInThreadWithCallback(*work)
+
+        threads = BusyThreads(Clock())
+        used: list[str] = []
+        files = ReloadableFiles("/etc/pop3d/x.conf", lambda: "new", used.append, ())
+        files.threads = threads.as_reactor
+        files.read_again()
+        login = files.settled()
+        threads.clock.advance(READING_PATIENCE - 0.5)
+        assert not login.called
+        threads.clock.advance(0.5)
+        assert login.called and used == []  # on with the configuration in use
+        threads.free()
+        settle(threads.clock)
+        assert used == ["new"] and not files.reading
 
     def test_a_reading_that_cannot_be_handed_over_keeps_the_configuration(
         self, logged: Logged
