@@ -44,9 +44,14 @@ class Wire:
     sends goes in, what the server wrote comes out.
     """
 
-    def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
+    def __init__(
+        self,
+        factory: POP3Factory,
+        peer: IPv4Address = LOOPBACK_PEER,
+        transport: StringTransport | None = None,
+    ) -> None:
         self.protocol: POP3Protocol = factory.buildProtocol(peer)
-        self.transport = StringTransport(peerAddress=peer)
+        self.transport = transport if transport is not None else StringTransport(peerAddress=peer)
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 

@@ -85,10 +85,7 @@ class _TLSCapableTransport(StringTransport):
 
 class TLSWire(Wire):
     def __init__(self, factory: POP3Factory, peer: IPv4Address = REMOTE_PEER) -> None:
-        self.protocol = factory.buildProtocol(peer)
-        self.transport = _TLSCapableTransport(peer)
-        self.protocol.makeConnection(self.transport)
-        self.greeting = self.take()
+        super().__init__(factory, peer, _TLSCapableTransport(peer))
 
 
 @pytest.fixture

@@ -70,10 +70,7 @@ class _WireWithFailingWrites(Wire):
     transport: _FailingTransport
 
     def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
-        self.protocol = factory.buildProtocol(peer)
-        self.transport = _FailingTransport(peer)
-        self.protocol.makeConnection(self.transport)
-        self.greeting = self.take()
+        super().__init__(factory, peer, _FailingTransport(peer))
 
 
 @pytest.fixture
@@ -801,10 +798,7 @@ class _SocketLikeWire(Wire):
     transport: _SocketLikeTransport
 
     def __init__(self, factory: POP3Factory, peer: IPv4Address = LOOPBACK_PEER) -> None:
-        self.protocol = factory.buildProtocol(peer)
-        self.transport = _SocketLikeTransport(peer)
-        self.protocol.makeConnection(self.transport)
-        self.greeting = self.take()
+        super().__init__(factory, peer, _SocketLikeTransport(peer))
 
 
 class TestSendingAtOnce:
