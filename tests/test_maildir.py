@@ -1229,18 +1229,26 @@ class TestChangeNotes(_TimedMaildirSessions):
         self.quit(maildrop, threads, [index], between=lambda: self.long_ago(maildir))
 
     def noted_quit(
-        self, tmp_path: Path, maildir: Path, threads: TimedClockThreads
+        self,
+        tmp_path: Path,
+        maildir: Path,
+        threads: TimedClockThreads,
+        count: int = 4,
+        retrieved: int = 1,
     ) -> tuple[MaildirStore, MaildirStore, list[bytes], list[str]]:
         """
-        Four messages; the second store lists them, the first one's session
-        retrieves the second message and QUITs, noting what it changed.
+        ``count`` messages; the second store lists them, the first one's
+        session retrieves message ``retrieved`` (an index) and QUITs,
+        noting what it changed.
         """
         first, second = self.stores(tmp_path, threads)
-        bodies = [b"%d\n" % n for n in range(4)]
+        bodies = [b"%d\n" % n for n in range(count)]
         uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
         self.long_ago(maildir)
         self.open(second, threads).close()
-        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 1, bodies[1])
+        self.retrieve_and_quit(
+            self.open(first, threads), threads, maildir, retrieved, bodies[retrieved]
+        )
         return first, second, bodies, uniques
 
     def test_another_process_reads_no_directory_after_a_quit(
@@ -1254,12 +1262,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         sizes, and opens the moved message, reading neither new/ nor cur/.
         After another such session and 5 deliveries, it reads new/ only.
         """
-        first, second = self.stores(tmp_path, threads)
-        bodies = [b"%d\n" % n for n in range(6)]
-        uniques = [deliver_to_maildir(str(maildir), body) for body in bodies]
-        self.long_ago(maildir)
-        self.open(second, threads).close()
-        self.retrieve_and_quit(self.open(first, threads), threads, maildir, 2, bodies[2])
+        first, second, bodies, uniques = self.noted_quit(tmp_path, maildir, threads, 6, 2)
         assert sorted(os.listdir(maildir / "new")) == []
         assert (maildir / maildir_module.CHANGE_NOTES).is_file()
         scans.clear()
