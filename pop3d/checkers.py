@@ -107,13 +107,32 @@ class PasswdFileError(ValueError):
 
 
 def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes, PasswordEntry]:
+    """The password entries of a passwd-file (see `read_passwd_file`)."""
+    return read_passwd_file(content, source)[0]
+
+
+#: The extra fields of a passwd-file that pop3d applies (see `read_passwd_file`).
+_REFUSALS = frozenset({"nologin", "reason", "allow_nets"})
+
+
+def read_passwd_file(
+    content: bytes, source: str = "passwd-file"
+) -> tuple[dict[bytes, PasswordEntry], dict[bytes, dict[str, str]]]:
     """
-    Parse Dovecot's passwd-file format: ``user:{SCHEME}password:`` followed
-    by optional fields that are ignored here; blank lines and lines starting
-    with ``#`` are comments.  An unknown scheme, or a secret its scheme
-    cannot read, is an error that names the line.
+    Parse Dovecot's passwd-file format, ``user:{SCHEME}password:uid:gid:
+    gecos:home:shell:extra``; blank lines and lines starting with ``#`` are
+    comments.  Returns each user's `PasswordEntry`, and the refusals among
+    the extra fields of those that have any: the eighth field holds words
+    ``key=value`` (or ``key`` alone: an empty value) separated by spaces, as
+    Dovecot reads them; of those, ``nologin``, ``reason`` and ``allow_nets``
+    are applied as from SQL and LDAP (`pop3d.userdb.passdb_user`): a user
+    Dovecot refuses is refused.  (Other fields, ``userdb_*`` among them, are
+    not used from a passwd-file.)  An unknown scheme, a secret its scheme
+    cannot read, or an extra field pop3d cannot use is an error that names
+    the line.
     """
     entries: dict[bytes, PasswordEntry] = {}
+    extras: dict[bytes, dict[str, str]] = {}
     for number, raw_line in enumerate(content.splitlines(), start=1):
         line = raw_line.strip()
         if not line or line.startswith(b"#"):
@@ -121,7 +140,8 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
         user, separator, rest = line.partition(b":")
         if not separator or not user:
             raise PasswdFileError(f"{source} line {number}: expected user:{{SCHEME}}password")
-        password = rest.split(b":", 1)[0]
+        fields = rest.split(b":", 6)
+        password = fields[0]
         if not password:
             log.warn(
                 "{source} line {number}: {user} has no password and cannot log in",
@@ -135,48 +155,22 @@ def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes
             entries[user] = PasswordEntry.parse(password, PASSWD_FILE_DEFAULT_SCHEME)
         except PasswordSchemeError as error:
             raise PasswdFileError(f"{source} line {number}: {error}") from None
-    return entries
+        extra = _refusals(fields[6]) if len(fields) == 7 else {}
+        if extra:
+            try:
+                passdb_user(user.decode("utf-8", "replace"), extra, f"{source} line {number}")
+            except LoginRefused:
+                pass  # refused at each login, with its reason
+            except UserFieldError as error:
+                raise PasswdFileError(str(error)) from None
+            extras[user] = extra
+    return entries, extras
 
 
-#: The extra fields of a passwd-file that pop3d applies (see `passwd_file_extra_fields`).
-_REFUSALS = frozenset({"nologin", "reason", "allow_nets"})
-
-
-def passwd_file_extra_fields(
-    content: bytes, source: str = "passwd-file"
-) -> dict[bytes, dict[str, str]]:
-    """
-    The refusals among the extra fields of each user of a passwd-file that
-    has any: the eighth field (after ``user:password:uid:gid:gecos:home:shell:``)
-    holds words ``key=value`` (or ``key`` alone: an empty value) separated
-    by spaces, as Dovecot reads them; of those, ``nologin``, ``reason`` and
-    ``allow_nets`` are applied as from SQL and LDAP (`pop3d.userdb.passdb_user`):
-    a user Dovecot refuses is refused.  (Other fields, ``userdb_*`` among
-    them, are not used from a passwd-file.)  A value pop3d cannot use is an
-    error that names the line.
-    """
-    extras: dict[bytes, dict[str, str]] = {}
-    for number, raw_line in enumerate(content.splitlines(), start=1):
-        line = raw_line.strip()
-        if not line or line.startswith(b"#"):
-            continue
-        user, _, rest = line.partition(b":")
-        fields = rest.split(b":", 6)
-        if len(fields) < 7 or not fields[6].strip():
-            continue
-        words = fields[6].decode("utf-8", "replace").split()
-        pairs = (word.partition("=")[::2] for word in words)
-        extra = {key: value for key, value in pairs if key.lower() in _REFUSALS}
-        if not extra:
-            continue
-        try:
-            passdb_user(user.decode("utf-8", "replace"), extra, f"{source} line {number}")
-        except LoginRefused:
-            pass  # refused at each login, with its reason
-        except UserFieldError as error:
-            raise PasswdFileError(str(error)) from None
-        extras[user] = extra
-    return extras
+def _refusals(extra_field: bytes) -> dict[str, str]:
+    words = extra_field.decode("utf-8", "replace").split()
+    pairs = (word.partition("=")[::2] for word in words)
+    return {key: value for key, value in pairs if key.lower() in _REFUSALS}
 
 
 @dataclass(frozen=True)
@@ -203,7 +197,7 @@ class _Table:
         cls,
         entries: dict[bytes, PasswordEntry],
         checks: PasswordChecks,
-        extras: dict[bytes, dict[str, str]] | None = None,
+        extras: dict[bytes, dict[str, str]],
     ) -> _Table:
         kinds = {entry.kind for entry in entries.values()}
         samples: dict[tuple[str, Hashable], bytes] = {}
@@ -224,7 +218,7 @@ class _Table:
             usual,
             checks.dummies(kinds),
             derived > stored,
-            extras or {},
+            extras,
         )
 
 
@@ -297,11 +291,8 @@ class PasswdFileChecker:
     def _read(self) -> _Table:
         with open(self.path, "rb") as passwd:
             content = passwd.read()
-        return _Table.of(
-            parse_passwd_file(content, self.path),
-            self._checks,
-            passwd_file_extra_fields(content, self.path),
-        )
+        entries, extras = read_passwd_file(content, self.path)
+        return _Table.of(entries, self._checks, extras)
 
     def _current_table(self) -> Deferred[_Table]:
         """The entries, read again first if the file changed."""
