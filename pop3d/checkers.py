@@ -117,12 +117,13 @@ _REFUSALS = frozenset({"nologin", "reason", "allow_nets"})
 
 def read_passwd_file(
     content: bytes, source: str = "passwd-file"
-) -> tuple[dict[bytes, PasswordEntry], dict[bytes, dict[str, str]]]:
+) -> tuple[dict[bytes, PasswordEntry], dict[bytes, AuthenticatedUser | LoginRefused]]:
     """
     Parse Dovecot's passwd-file format, ``user:{SCHEME}password:uid:gid:
     gecos:home:shell:extra``; blank lines and lines starting with ``#`` are
-    comments.  Returns each user's `PasswordEntry`, and the refusals among
-    the extra fields of those that have any: the eighth field holds words
+    comments.  Returns each user's `PasswordEntry`, and for those whose
+    extra fields refuse or restrict them, who logs in (`AuthenticatedUser`)
+    or why not (`LoginRefused`): the eighth field holds words
     ``key=value`` (or ``key`` alone: an empty value) separated by spaces, as
     Dovecot reads them; of those, ``nologin``, ``reason`` and ``allow_nets``
     are applied as from SQL and LDAP (`pop3d.userdb.passdb_user`): a user
@@ -132,7 +133,7 @@ def read_passwd_file(
     the line.
     """
     entries: dict[bytes, PasswordEntry] = {}
-    extras: dict[bytes, dict[str, str]] = {}
+    extras: dict[bytes, AuthenticatedUser | LoginRefused] = {}
     for number, raw_line in enumerate(content.splitlines(), start=1):
         line = raw_line.strip()
         if not line or line.startswith(b"#"):
@@ -157,13 +158,13 @@ def read_passwd_file(
             raise PasswdFileError(f"{source} line {number}: {error}") from None
         extra = _refusals(fields[6]) if len(fields) == 7 else {}
         if extra:
+            name = user.decode("utf-8", "replace")
             try:
-                passdb_user(user.decode("utf-8", "replace"), extra, f"{source} line {number}")
-            except LoginRefused:
-                pass  # refused at each login, with its reason
+                extras[user] = passdb_user(name, extra, f"{source} line {number}")
+            except LoginRefused as refused:
+                extras[user] = refused
             except UserFieldError as error:
                 raise PasswdFileError(str(error)) from None
-            extras[user] = extra
     return entries, extras
 
 
@@ -189,15 +190,15 @@ class _Table:
     #: Most entries that can serve SCRAM are plaintext, whose keys are
     #: derived for each exchange: so are dummy keys for everyone else.
     scram_derives: bool
-    #: The users' extra fields (`passwd_file_extra_fields`), for those that have any.
-    extras: dict[bytes, dict[str, str]]
+    #: What the extra fields of some users come to (`read_passwd_file`).
+    extras: dict[bytes, AuthenticatedUser | LoginRefused]
 
     @classmethod
     def of(
         cls,
         entries: dict[bytes, PasswordEntry],
         checks: PasswordChecks,
-        extras: dict[bytes, dict[str, str]],
+        extras: dict[bytes, AuthenticatedUser | LoginRefused],
     ) -> _Table:
         kinds = {entry.kind for entry in entries.values()}
         samples: dict[tuple[str, Hashable], bytes] = {}
@@ -267,7 +268,7 @@ class PasswdFileChecker:
         self._checks = checks
         self._verifier = PasswordVerifier()
         self._file = ReloadableFiles(path, self._read, self._set_table, (OSError, PasswdFileError))
-        self._signature = self._stat()
+        self._signature: tuple[int, int, int] | None = self._stat()
         self._set_table(self._read())
 
     def run_slow_work_in(
@@ -299,7 +300,9 @@ class PasswdFileChecker:
         try:
             signature = self._stat()
         except OSError as error:
-            log.error("keeping the previous {path}: {error}", path=self.path, error=error)
+            if self._signature is not None:  # said once, not at every login
+                log.error("keeping the previous {path}: {error}", path=self.path, error=error)
+                self._signature = None
             return succeed(self._table)
         if signature == self._signature:
             if not self._file.reading:
@@ -354,12 +357,14 @@ class PasswdFileChecker:
         def decided(ok: bool) -> bytes | AuthenticatedUser | tuple[()]:
             if not ok or found is None:
                 raise UnauthorizedLogin()
-            extra = table.extras.get(username)
-            if extra is None:
+            # nologin and allow_nets, as SQL and LDAP apply them (worked out
+            # when the file was read).
+            restricted = table.extras.get(username)
+            if restricted is None:
                 return username
-            # nologin, allow_nets, userdb_*: as SQL and LDAP apply them
-            # (checked when the file was read: LoginRefused is all it raises).
-            return passdb_user(username.decode("utf-8", "replace"), extra, self.path)
+            if isinstance(restricted, LoginRefused):
+                raise LoginRefused(restricted.reason)
+            return restricted
 
         return matched.addCallback(decided)
 

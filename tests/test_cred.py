@@ -325,6 +325,20 @@ class TestPasswdFile:
         assert used == ["read"]
 
     @pytest_twisted.ensureDeferred
+    async def test_a_file_gone_for_a_while_is_said_once_and_read_when_back(
+        self, checker: PasswdFileChecker, logged: Logged
+    ) -> None:
+        """Removed (an editor's unlink and rename, a deploy): logins go on with what was read."""
+        path = Path(checker.path)
+        path.unlink()
+        for _ in range(3):
+            login = UsernamePassword(b"alice", b"wonderland")
+            assert await checker.requestAvatarId(login) == b"alice"
+        assert len(logged.texts(f"keeping the previous {path}")) == 1
+        path.write_bytes(PASSWD + b"carol:{PLAIN}c::\n")
+        assert await checker.requestAvatarId(UsernamePassword(b"carol", b"c")) == b"carol"
+
+    @pytest_twisted.ensureDeferred
     async def test_a_broken_change_keeps_the_last_good_file(
         self, checker: PasswdFileChecker
     ) -> None:
