@@ -742,8 +742,8 @@ def _login_failure_status(failure: Failure) -> tuple[str, str, Status, bool]:
         if failure.check(kind):
             error = failure.value
             assert isinstance(error, POP3Error)
-            if isinstance(error, LoginRefused) and error.reason is None:
-                # Answered as a wrong password: treated as one (see LoginRefused).
+            if error.counts_as_guess:
+                # Answered as a wrong password: no detail, as for one.
                 return reason, "", error.status(), True
             return reason, error.text if detailed else "", error.status(), False
     return "internal", "", INTERNAL_ERROR_STATUS, False

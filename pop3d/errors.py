@@ -19,6 +19,9 @@ class POP3Error(Exception):
     """
 
     code: ResponseCode | None = None
+    #: A failed login of this kind counts as a failed guess: it waits
+    #: ``--login-failure-delay`` and counts towards the hang-up.
+    counts_as_guess = False
 
     def __init__(self, text: str | Text, code: ResponseCode | None = None) -> None:
         super().__init__(str(text))
@@ -94,7 +97,7 @@ class LoginDelayed(POP3Error):
         self.remaining = remaining
 
 
-#: The reply to a failed login (`pop3d.session.LOGIN_FAILED`, a message id).
+#: The reply to a failed login (a message id in the translations).
 LOGIN_FAILED = "invalid user name or password"
 
 
@@ -113,6 +116,7 @@ class LoginRefused(POP3Error):
         #: password is told, and the refusal counts as one (the same wait,
         #: the same hang-up), or its speed would say the password was right.
         self.reason = reason or None
+        self.counts_as_guess = self.reason is None
 
 
 class AuthUnavailable(POP3Error):
