@@ -532,6 +532,10 @@ def test_the_session_keeps_its_dotlock_young(mail: Path, alice: Path) -> None:
     assert time.time() - lock.stat().st_mtime > DOTLOCK_STALE_SECONDS / 2
     clock.advance(1)
     assert time.time() - lock.stat().st_mtime < DOTLOCK_STALE_SECONDS / 2
+    # Every minute, not once.
+    age(lock, DOTLOCK_STALE_SECONDS - 1)
+    clock.advance(LOCK_REFRESH_SECONDS)
+    assert time.time() - lock.stat().st_mtime < DOTLOCK_STALE_SECONDS / 2
     now(maildrop.close())
     assert not lock.exists()
     assert clock.getDelayedCalls() == []

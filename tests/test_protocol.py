@@ -866,6 +866,8 @@ class TestSendingAtOnce:
         wire.transport.loseConnection()
         slow.release()
         assert wire.transport.sent[1:] == [b"+OK send PASS\r\n"]
+        # Not lost: written, for the closing transport to send.
+        assert wire.take() == b"+OK maildrop has 0 messages (0 octets)\r\n"
 
     def test_the_farewell_is_left_to_the_closing_transport(self, wire: _SocketLikeWire) -> None:
         """

@@ -37,6 +37,7 @@ from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
 from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store, reload_configuration
 from pop3d.testing import MemoryStore
+from pop3d.userdb import AuthenticatedUser
 
 from .conftest import Wire
 
@@ -532,7 +533,9 @@ async def test_sighup_reloads_every_auth_file(passwd: Path, tmp_path: Path) -> N
     assert f"reloaded {passwd}" in [formatEvent(event) for event in events]
     # The next logins run the new query, and find the new user.
     sql.run_slow_work_in(cast(IReactorThreads, reactor))
-    assert await sql.requestAvatarId(UsernamePassword(b"carol", b"second")) is not None
+    assert await sql.requestAvatarId(UsernamePassword(b"carol", b"second")) == AuthenticatedUser(
+        "carol"
+    )
     with pytest.raises(UnauthorizedLogin):
         await sql.requestAvatarId(UsernamePassword(b"carol", b"first"))
     [passwd_file] = [c for c in options["credCheckers"] if isinstance(c, PasswdFileChecker)]
