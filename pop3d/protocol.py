@@ -107,11 +107,6 @@ class _Transport(Protocol):
 class Phase(enum.Enum):
     """Where a connection is, as far as commands go."""
 
-    # Members are singletons compared by identity: hashed by identity, in C
-    # (Enum's own __hash__ hashes the name in Python, at every lookup of the
-    # transition table: several times per command).
-    __hash__ = object.__hash__
-
     #: Waiting for the next command line.
     READING = "READING"
     #: A command is being answered: its reply is not all written yet, and

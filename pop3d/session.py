@@ -57,11 +57,6 @@ class State(enum.Enum):
     is taken; the driver holds pipelined lines until the outcome is in.
     """
 
-    # Members are singletons compared by identity: hashed by identity, in C
-    # (Enum's own __hash__ hashes the name in Python, at every lookup of the
-    # transition table: several times per command).
-    __hash__ = object.__hash__
-
     #: RFC 1939 section 4: no user named yet.
     AUTHORIZATION = "AUTHORIZATION"
     #: USER was accepted: PASS may follow (RFC 1939 section 7).
@@ -87,11 +82,6 @@ class State(enum.Enum):
 
 class Event(enum.Enum):
     """What happens to a session besides commands (`pop3d.wire.Verb`)."""
-
-    # Members are singletons compared by identity: hashed by identity, in C
-    # (Enum's own __hash__ hashes the name in Python, at every lookup of the
-    # transition table: several times per command).
-    __hash__ = object.__hash__
 
     #: A line answering a SASL challenge (decoded; None if not base64).
     SASL_RESPONSE = "SASL_RESPONSE"

@@ -42,9 +42,8 @@ class Verb(enum.Enum):
     this enumeration, never used as an attribute name.
     """
 
-    # Members are singletons compared by identity: hashed by identity, in C
-    # (Enum's own __hash__ hashes the name in Python, at every lookup of the
-    # transition table: several times per command).
+    # Looked up on every command: identity's hash, in C, not Enum's in Python
+    # (as the session's State and Event).
     __hash__ = object.__hash__
 
     USER = "USER"
