@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
@@ -132,7 +131,7 @@ class _ActingAfterOpening:
             self._act()
             return body
 
-        return deferred_open_message(self._maildrop, index).addCallback(acted)
+        return maybeDeferred(self._maildrop.open_message, index).addCallback(acted)
 
     def remove(self, indexes: Sequence[int]) -> Deferred[None]:
         return self._maildrop.remove(indexes)

@@ -19,13 +19,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
 from pop3d.stores import maildir as maildir_module
-from pop3d.stores.common import MaildirTemplateError, deferred_open_message, expand_template
+from pop3d.stores.common import MaildirTemplateError, expand_template
 from pop3d.stores.interfaces import ISeenFlags
 from pop3d.stores.maildir import MaildirStore
 from pop3d.stores.posix import (
@@ -86,7 +87,7 @@ async def test_uidl_survives_a_move_from_new_to_cur(store: MaildirStore, maildir
     uid = first.messages[0].uid
     # A mail reader marks it seen while we hold the maildrop.
     os.rename(maildir / "new" / unique, maildir / "cur" / f"{unique}:2,S")
-    body = await deferred_open_message(first, 0)
+    body = await maybeDeferred(first.open_message, 0)
     assert body.read(100) == b"Subject: x\n\nbody\n"
     body.close()
     await first.close()
@@ -516,7 +517,7 @@ class TestNoSymbolicLinks:
         (maildir / "new" / "1.M1.host").unlink()
         (maildir / "new" / "1.M1.host").symlink_to(secret)
         with pytest.raises(MaildropUnavailable):
-            await deferred_open_message(maildrop, 0)
+            await maybeDeferred(maildrop.open_message, 0)
         await maildrop.close()
 
     @pytest_twisted.ensureDeferred
@@ -767,13 +768,13 @@ class TestListingCache:
                 ("7.M7.host", 7),
                 ("8.M8.host", 8),
             ]
-            body = await deferred_open_message(maildrop, 4)
+            body = await maybeDeferred(maildrop.open_message, 4)
             assert body.read(100) == b"a longer file now\n"  # the replacement, as stored
             body.close()
             # Moved to cur/ by the other worker: found where it is now, with
             # no further read of the directories (checked below).
             for index, stored in ((0, b"\n"), (2, b"xx\n")):
-                body = await deferred_open_message(maildrop, index)
+                body = await maybeDeferred(maildrop.open_message, index)
                 assert body.read(100) == stored
                 body.close()
         finally:
@@ -796,7 +797,7 @@ class TestListingCache:
         maildir.rename(tmp_path / "moved")
         deliver_to_maildir(str(maildir), b"someone else's\n")
         with pytest.raises(MaildropUnavailable):
-            await deferred_open_message(maildrop, 0)
+            await maybeDeferred(maildrop.open_message, 0)
         await maildrop.close()
 
 
@@ -878,7 +879,7 @@ async def test_reads_shorter_than_asked_are_not_the_end(
     monkeypatch.setattr(os, "read", lambda fd, size: real_read(fd, min(size, 7)))
     store = MaildirStore(f"{tmp_path}/{{user}}", reuse_x_uidl=True)
     maildrop = await store.open("alice")
-    body = await deferred_open_message(maildrop, 0)
+    body = await maybeDeferred(maildrop.open_message, 0)
     chunks = []
     while chunk := body.read(256 * 1024):
         chunks.append(chunk)
@@ -1105,7 +1106,7 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         maildrop = self.open(store, threads)
         assert scans == []
         assert list(maildrop.messages.uids) == uniques
-        body = result_of(threads.clock, deferred_open_message(maildrop, 1))
+        body = result_of(threads.clock, maybeDeferred(maildrop.open_message, 1))
         assert body.read(10) == b"1\n"  # type: ignore[union-attr]
         body.close()  # type: ignore[union-attr]
         maildrop.close()
@@ -1177,7 +1178,7 @@ class TestListingAfterUpdate(_TimedMaildirSessions):
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3, 3, 3]
         scans.clear()
-        body = result_of(threads.clock, deferred_open_message(maildrop, 1))
+        body = result_of(threads.clock, maybeDeferred(maildrop.open_message, 1))
         assert body.read(10) == b"1\n"  # type: ignore[union-attr]
         body.close()  # type: ignore[union-attr]
         assert scans == []  # listed in new/, where it is
@@ -1223,7 +1224,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         self, maildrop: Any, threads: TimedClockThreads, maildir: Path, index: int, body: bytes
     ) -> None:
         """RETR one message, then QUIT; the renames settle while QUIT waits for them."""
-        read = result_of(threads.clock, deferred_open_message(maildrop, index))
+        read = result_of(threads.clock, maybeDeferred(maildrop.open_message, index))
         assert read.read(100) == body  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         self.quit(maildrop, threads, [index], between=lambda: self.long_ago(maildir))
@@ -1270,7 +1271,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert scans == []
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 6
-        read = result_of(threads.clock, deferred_open_message(maildrop, 2))
+        read = result_of(threads.clock, maybeDeferred(maildrop.open_message, 2))
         assert read.read(100) == bodies[2]  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         assert scans == []  # found where the note said it went
@@ -1286,7 +1287,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 6 + [9] * 5
         for index, body in ((4, bodies[4]), (8, later[2])):
-            read = result_of(threads.clock, deferred_open_message(maildrop, index))
+            read = result_of(threads.clock, maybeDeferred(maildrop.open_message, index))
             assert read.read(100) == body  # type: ignore[union-attr]
             read.close()  # type: ignore[union-attr]
         assert scans == ["new"]
@@ -1342,7 +1343,7 @@ class TestChangeNotes(_TimedMaildirSessions):
         assert "cur" in scans
         assert list(maildrop.messages.uids) == uniques
         assert list(maildrop.messages.sizes) == [3] * 4
-        read = result_of(threads.clock, deferred_open_message(maildrop, 1))
+        read = result_of(threads.clock, maybeDeferred(maildrop.open_message, 1))
         assert read.read(100) == bodies[1]  # type: ignore[union-attr]
         read.close()  # type: ignore[union-attr]
         maildrop.close()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import maybeDeferred
 
 from pop3d.errors import MaildropUnavailable
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMessageBody
 from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
@@ -31,7 +31,7 @@ def _read_all(body: IMessageBody) -> bytes:
 
 
 async def _retr(maildrop: IMaildrop, index: int) -> bytes:
-    return _read_all(await deferred_open_message(maildrop, index))
+    return _read_all(await maybeDeferred(maildrop.open_message, index))
 
 
 def _descriptors() -> int:
@@ -106,7 +106,7 @@ async def test_after_a_first_retr_what_is_no_longer_the_locked_maildir_is_not_se
     await _retr(maildrop, 0)  # its new/ is held from now on
     change(maildir, tmp_path, second)
     with pytest.raises(MaildropUnavailable):
-        await deferred_open_message(maildrop, 1)
+        await maybeDeferred(maildrop.open_message, 1)
     await maildrop.close()
 
 

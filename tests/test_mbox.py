@@ -29,12 +29,11 @@ import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.mbox import (
     DOTLOCK_STALE_SECONDS,
@@ -87,7 +86,7 @@ def mbox_of(
 
 
 def read_all(maildrop: IMaildrop, index: int, chunk: int = 5) -> bytes:
-    body = now(deferred_open_message(maildrop, index))
+    body = now(maybeDeferred(maildrop.open_message, index))
     data = []
     while piece := body.read(chunk):
         data.append(piece)

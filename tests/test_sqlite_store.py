@@ -19,11 +19,10 @@ from types import ModuleType
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildropStore, IMailLocationPlugin, MailLocationError
 from tests.test_process import HOST, PATIENCE, Launch, launch, write_passwd
 
@@ -94,7 +93,7 @@ async def test_lists_and_reads_a_mailbox_asynchronously(database: Path) -> None:
             len(SECOND) + SECOND.count(b"\n"),
         )
         for index, stored in enumerate([FIRST, SECOND]):
-            body = await deferred_open_message(maildrop, index)
+            body = await maybeDeferred(maildrop.open_message, index)
             try:
                 assert await read_all(body) == stored
             finally:
@@ -107,7 +106,7 @@ async def test_lists_and_reads_a_mailbox_asynchronously(database: Path) -> None:
 async def test_a_message_deleted_while_it_is_read_is_read_to_its_end(database: Path) -> None:
     maildrop = await sqlite_store(database).open("alice")
     try:
-        body = await deferred_open_message(maildrop, 1)
+        body = await maybeDeferred(maildrop.open_message, 1)
         first = await body.read(100)
         with sqlite3.connect(database) as other:
             other.execute("DELETE FROM messages WHERE id = 2")
@@ -124,7 +123,7 @@ async def test_a_message_deleted_before_it_is_opened_is_gone(database: Path) -> 
         with sqlite3.connect(database) as other:
             other.execute("DELETE FROM messages WHERE id = 1")
         with pytest.raises(MessageGone):
-            await deferred_open_message(maildrop, 0)
+            await maybeDeferred(maildrop.open_message, 0)
     finally:
         await maildrop.close()
 

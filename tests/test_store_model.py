@@ -51,11 +51,11 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags
 from pop3d.stores.maildir import (
     LISTING_CACHE_MESSAGES,
@@ -269,7 +269,7 @@ class StoreMachine(RuleBasedStateMachine):
         index = which % len(self.opened.snapshot)
         message = self.opened.snapshot[index]
         with directory_reads() as scans:
-            body = result_of(self.clock, deferred_open_message(self.opened.maildrop, index))
+            body = result_of(self.clock, maybeDeferred(self.opened.maildrop.open_message, index))
         here = (message.subdirectory, message.file_name)
         if self._on_disk(message) and here == self.opened.seen_at[index]:
             assert scans.call_count == 0, "a message where the listing says was looked for"

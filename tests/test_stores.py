@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import maybeDeferred
 from zope.interface.verify import verifyObject
 
 from pop3d.errors import MaildropLocked, MessageGone
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import (
     IMaildrop,
     IMaildropStore,
@@ -150,7 +150,7 @@ async def test_messages_read_back_as_stored(under_test: StoreUnderTest) -> None:
         under_test.deliver("alice", message)
     maildrop = await under_test.store.open("alice")
     for index, message in enumerate(MESSAGES):
-        body = await deferred_open_message(maildrop, index)
+        body = await maybeDeferred(maildrop.open_message, index)
         assert _read_all(body) == message
     await maildrop.close()
 
@@ -163,7 +163,7 @@ async def test_size_is_what_the_encoder_sends(under_test: StoreUnderTest) -> Non
     maildrop = await under_test.store.open("alice")
     for index, info in enumerate(maildrop.messages):
         encoder = MessageEncoder()
-        body = await deferred_open_message(maildrop, index)
+        body = await maybeDeferred(maildrop.open_message, index)
         sent = encoder.feed(_read_all(body)) + encoder.finish()
         unstuffed = sent[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n.")
         if unstuffed.startswith(b".."):
@@ -258,8 +258,8 @@ async def test_vanished_message_cannot_be_opened(under_test: StoreUnderTest) -> 
     maildrop = await under_test.store.open("alice")
     under_test.vanish("alice", 0)
     with pytest.raises(MessageGone):
-        await deferred_open_message(maildrop, 0)
-    assert _read_all(await deferred_open_message(maildrop, 1)) == MESSAGES[1]
+        await maybeDeferred(maildrop.open_message, 0)
+    assert _read_all(await maybeDeferred(maildrop.open_message, 1)) == MESSAGES[1]
     await maildrop.close()
 
 
@@ -267,7 +267,7 @@ async def test_vanished_message_cannot_be_opened(under_test: StoreUnderTest) -> 
 async def test_an_opened_message_stays_readable_if_removed(under_test: StoreUnderTest) -> None:
     under_test.deliver("alice", MESSAGES[0])
     maildrop = await under_test.store.open("alice")
-    body = await deferred_open_message(maildrop, 0)
+    body = await maybeDeferred(maildrop.open_message, 0)
     under_test.vanish("alice", 0)
     assert _read_all(body) == MESSAGES[0]
     await maildrop.close()

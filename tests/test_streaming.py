@@ -17,14 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.protocol import POP3Protocol
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
 from pop3d.testing import MemoryStore
 
@@ -81,7 +80,7 @@ class CountingMaildrop:
         self.messages = maildrop.messages
 
     def open_message(self, index: int) -> Deferred[IMessageBody]:
-        opened = deferred_open_message(self._maildrop, index)
+        opened = maybeDeferred(self._maildrop.open_message, index)
         return opened.addCallback(CountingBody, self._reads)
 
     def remove(self, indexes: Any) -> Deferred[None]:

@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
@@ -31,7 +32,6 @@ from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
-from pop3d.stores.common import deferred_open_message
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
@@ -284,7 +284,7 @@ async def test_mbox_format(
     store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
     maildrop = await store.open("alice")
     try:
-        body = await deferred_open_message(maildrop, 0)
+        body = await maybeDeferred(maildrop.open_message, 0)
         assert body.read(1000) == served
         body.close()
     finally:

@@ -11,11 +11,9 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
-
-from pop3d.stores.interfaces import IMaildrop, IMessageBody
 
 _T = TypeVar("_T")
 
@@ -96,12 +94,3 @@ class BoundedThreads:
         if self._reactor is None:
             return maybeDeferred(work, *arguments)
         return self._turns.run(run_blocking, self._reactor, work, *arguments)
-
-
-def deferred_open_message(maildrop: IMaildrop, index: int) -> Deferred[IMessageBody]:
-    """`IMaildrop.open_message`, as a Deferred whatever the store gives."""
-    try:
-        opened = maildrop.open_message(index)
-    except Exception:
-        return fail()
-    return opened if isinstance(opened, Deferred) else succeed(opened)

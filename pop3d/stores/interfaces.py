@@ -195,7 +195,7 @@ class IMaildrop(Interface):
         Fails (raises, or the Deferred fails) with
         `pop3d.errors.MessageGone` if another program removed it, or
         `pop3d.errors.MaildropUnavailable` if it cannot be read.
-        (`pop3d.stores.common.deferred_open_message` always gives a Deferred.)
+        (``maybeDeferred(maildrop.open_message, index)`` always gives a Deferred.)
         """
 
     def remove(indexes: Sequence[int]) -> Deferred[None]:
