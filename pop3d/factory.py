@@ -159,12 +159,11 @@ class POP3Factory(Factory):
         slot = _ConnectionSlot(self)
         protocol = POP3Protocol(
             new_driver,
-            clock=self.clock,
+            idle_timeouts=self._idle_timeouts,
             tls=self.tls,
             # The slot itself, not a bound method (64 octets per session).
             on_close=slot,
             admit=slot.admit,
-            idle_timeouts=self._idle_timeouts,
         )
         protocol.factory = self
         self.connections.add(protocol)

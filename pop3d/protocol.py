@@ -24,7 +24,6 @@ from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
     IPushProducer,
-    IReactorTime,
     ISSLTransport,
     ITCPTransport,
     IWriteDescriptor,
@@ -149,25 +148,20 @@ class POP3Protocol(LineReceiver):
         self,
         new_driver: NewDriver,
         *,
-        clock: IReactorTime,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        idle_timeouts: IdleTimeouts,
         tls: ServerTLS | None = None,
         on_close: Callable[[], None] | None = None,
         admit: Admit | None = None,
-        idle_timeouts: IdleTimeouts | None = None,
     ) -> None:
         """
-        ``timeout``: the inactivity autologout in seconds of ``clock`` (None:
-        never); or ``idle_timeouts``, which keeps it for all of a server's
-        connections (see `pop3d.idle`; then ``timeout`` is its ``period``).
+        ``idle_timeouts`` keeps the inactivity autologout of all of a
+        server's connections (see `pop3d.idle`).
         """
         #: Runs the session: logins, stores, logging.
         self.driver = new_driver(self._link, self)
         self._on_close = on_close
         self._admit = admit
         self._tls = tls
-        if idle_timeouts is None:
-            idle_timeouts = IdleTimeouts(clock, timeout)
         self._idle_timeouts = idle_timeouts
         self.phase = Phase.READING
         # Lines are held back while a reply is being produced (so that
