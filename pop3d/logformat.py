@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import operator
 import os
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 #: Dovecot's default ``pop3_logout_format``: its information (TOP, RETR and
 #: DELE counts and octets, the maildrop's size) is more than pop3d's old
@@ -56,10 +57,10 @@ class LogoutValues:
     message_bytes: int
     uidls: Sequence[str]
 
-    def value(self, name: str) -> str:
-        if name == "uidl_change":
-            return uidl_hash(self.uidls)
-        return str(getattr(self, name))
+    @property
+    def uidl_change(self) -> str:
+        """``%u``: computed only when the format names it."""
+        return uidl_hash(self.uidls)
 
 
 def uidl_hash(uidls: Sequence[str]) -> str:
@@ -82,6 +83,31 @@ class LogoutFormat:
 
     #: Literal text, or the long name of a variable (marked by ``True``).
     parts: tuple[tuple[bool, str], ...]
+    # Made once from ``parts``: a %-format (its literal text with control
+    # characters escaped) and what fills it, read in C; a session's last
+    # line is rendered with one % (the line is logged for every session).
+    _template: str = field(init=False, repr=False, compare=False)
+    _fill: Callable[[LogoutValues], tuple[object, ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        names = [part for is_variable, part in self.parts if is_variable]
+        template = "".join(
+            "%s" if is_variable else quote_controls(part).replace("%", "%%")
+            for is_variable, part in self.parts
+        )
+        fill: Callable[[LogoutValues], tuple[object, ...]]
+        if not names:
+            fill = _no_values
+        elif len(names) == 1:
+            # attrgetter of one name gives the value, not a tuple.
+            one = operator.attrgetter(names[0])
+            fill = lambda values: (one(values),)  # noqa: E731
+        else:
+            fill = operator.attrgetter(*names)
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_fill", fill)
 
     @classmethod
     def parse(cls, text: str) -> LogoutFormat:
@@ -114,18 +140,36 @@ class LogoutFormat:
         return frozenset(part for is_variable, part in self.parts if is_variable)
 
     def render(self, values: LogoutValues) -> str:
-        return quote_controls(
-            "".join(values.value(part) if variable else part for variable, part in self.parts)
-        )
+        return self._template % self._fill(values)
 
 
-#: The logout line's default format, parsed.
-DEFAULT_LOGOUT = LogoutFormat.parse(DEFAULT_LOGOUT_FORMAT)
+def _no_values(values: LogoutValues) -> tuple[object, ...]:
+    return ()
 
 
 def _variable_names() -> Iterator[str]:
     for short, long, _ in LOGOUT_VARIABLES:
         yield f"%{short} (%{{{long}}})" if short else f"%{{{long}}}"
+
+
+# -- a log line's text ----------------------------------------------------------------
+
+
+def render_format(format: str, fields: Mapping[str, object]) -> str | None:
+    """
+    The text twisted.logger makes of an event's ``format`` and ``fields``,
+    done by ``str.format_map``, which reads fields, conversions and specs as
+    twisted.logger does, at a tenth of the cost (Python's string.Formatter).
+    None where it cannot be done here, so that twisted.logger does it (and
+    says in the text what went wrong): a ``{callable()}`` field, or a format
+    that fails.
+    """
+    if "()" in format:
+        return None
+    try:
+        return format.format_map(fields)
+    except Exception:
+        return None
 
 
 # -- quoting what a client sent ---------------------------------------------------
@@ -161,6 +205,10 @@ def quote_controls(text: str) -> str:
 def method_token(method: str) -> str:
     """A login method as one word: ``USER``, ``APOP``, ``SASL/PLAIN``."""
     return quote_controls(method).replace(" ", "/")
+
+
+#: The logout line's default format, parsed.
+DEFAULT_LOGOUT = LogoutFormat.parse(DEFAULT_LOGOUT_FORMAT)
 
 
 # -- session ids -------------------------------------------------------------------

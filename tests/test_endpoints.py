@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 
 from pop3d.testing import deliver_to_maildir
 
@@ -172,7 +173,7 @@ async def test_haproxy_proxy_protocol_shows_the_real_client(tmp_path: Path, logg
     finally:
         await server.service.stopService()
     assert answer.startswith(b"+OK pop3d ready") and answer.endswith(b"+OK bye\r\n")
-    sessions = [e for e in logged.events if "session {summary}" in e.get("log_format", "")]
+    sessions = [e for e in logged.events if "] session logged out: " in formatEvent(e)]
     assert [e["peer"] for e in sessions] == ["203.0.113.7:40123"]
 
 

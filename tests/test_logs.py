@@ -23,8 +23,16 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent
+from twisted.logger import (
+    LogLevel,
+    eventAsJSON,
+    eventAsText,
+    eventFromJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
 
+from pop3d.driver import SessionLogger
 from pop3d.logformat import (
     LogoutFormat,
     LogoutFormatError,
@@ -93,6 +101,22 @@ def test_logout_format_long_names_percent_and_uidl_hash() -> None:
     assert LogoutFormat.parse(text).render(VALUES) == (
         f"1 300 41 3 {expected_hash} {expected_hash} 5%"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "rendered"),
+    [
+        ("no variables", "no variables"),
+        ("%r", "2"),
+        ("%%t is %t", "%t is 1"),
+        ("\x1b[2J%t\n%d\u2028", "\\x1b[2J1\\x0a1\\u2028"),
+    ],
+)
+def test_a_logout_format_renders_its_text_and_escapes_control_characters(
+    text: str, rendered: str
+) -> None:
+    # The admin's text cannot end the log line either (as a user name cannot).
+    assert LogoutFormat.parse(text).render(VALUES) == rendered
 
 
 @pytest.mark.parametrize("text", ["%x", "%{bogus}", "trailing %"])
@@ -496,3 +520,46 @@ def test_workers_log_into_the_parents_logfile(tmp_path: Path, launch: Launch) ->
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == failed
+
+
+# -- a session's lines reach every observer as twisted.logger would make them ----
+
+
+def test_a_session_line_reads_the_same_to_every_observer(logged: Logged) -> None:
+    """
+    The text is made once, when the line is logged; observers that format
+    (twistd's log file), that read fields, and that write JSON (whose reader
+    formats again) see the same line and the same fields.
+    """
+    log = SessionLogger("k2.7")
+    log.info("login: {summary} {n:03d} {name!r}", summary='user="{x}"', n=7, name="b}")
+    [event] = logged.events
+    text = "[k2.7] login: user=\"{x}\" 007 'b}'"
+    assert formatEvent(event) == text
+    assert event["summary"] == 'user="{x}"' and event["session"] == "k2.7"
+    assert event["log_namespace"] == "pop3d.session.Session"
+    assert event["log_level"] is LogLevel.info
+    assert formatEvent(eventFromJSON(eventAsJSON(event))) == text
+    line = formatEventAsClassicLogText(event)
+    assert line is not None and line.endswith(" [pop3d.session.Session#info] " + text + "\n")
+
+
+def test_a_session_line_twisted_logger_must_format_is_left_to_it(logged: Logged) -> None:
+    """A {callable()} field, or a format that fails: twisted.logger formats (or reports) it."""
+    log = SessionLogger("k2.8")
+    log.info("count {count()}", count=lambda: 3)
+    log.info("missing {nothing}")
+    called, failed = logged.events
+    assert formatEvent(called) == "[k2.8] count 3"
+    assert formatEvent(failed).startswith("Unable to format event")
+
+
+def test_a_session_failure_keeps_its_traceback(logged: Logged) -> None:
+    log = SessionLogger("k2.9")
+    try:
+        raise ValueError("broken {brace}")
+    except ValueError:
+        log.failure("reading failed for {user}", user="bob")
+    [event] = logged.events
+    assert formatEvent(event) == "[k2.9] reading failed for bob"
+    assert "ValueError: broken {brace}" in eventAsText(event)
