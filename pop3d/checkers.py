@@ -323,7 +323,21 @@ class PasswdFileChecker:
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         # The user's name (bytes), or an AuthenticatedUser when the file
         # gives the user extra fields.
+        table = self._unchanged_table()
+        if table is not None:
+            # Nearly every login: checked now, without a Deferred to wait on.
+            return self._check(table, credentials)
         return self._current_table().addCallback(self._check, credentials)
+
+    def _unchanged_table(self) -> _Table | None:
+        """The entries in use if the file is as when they were read and no reading is under way."""
+        try:
+            signature = self._stat()
+        except OSError:
+            return None  # `_current_table` says so
+        if signature == self._signature and not self._file.reading:
+            return self._table
+        return None
 
     def _check(
         self, table: _Table, credentials: Any

@@ -611,7 +611,19 @@ class SessionDriver:
         every = range(plan.message_count)
         kept = [i for i in every if i not in doomed] if doomed else every
         retrieved = sorted(plan.retrieved - doomed) if plan.retrieved else []
-        marking: Deferred[None] = maybeDeferred(seen_flags.mark_seen, retrieved, kept)
+        marking: Deferred[None] | None
+        try:
+            marking = seen_flags.mark_seen(retrieved, kept)
+        except Exception:
+            self.log.failure("marking messages seen failed")
+            marking = None
+        if marking is None:
+            # Nothing to do, or it failed at once: no Deferred to wait on.
+            try:
+                self._updated(None, outcome)
+            except Exception:
+                self._report_failure(Failure())
+            return
         marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
         marking.addCallback(self._updated, outcome)
         marking.addErrback(self._report_failure)

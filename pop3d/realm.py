@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -53,6 +53,9 @@ def is_safe_mailbox_name(name: str) -> bool:
         return False
     if "/" in name or "\\" in name or ".." in name:
         return False
+    if name.isascii() and name.isprintable():
+        # Letters, digits, punctuation, symbols and the space: none unsafe.
+        return True
     return all(unicodedata.category(c) not in _UNSAFE_CATEGORIES for c in name)
 
 
@@ -119,25 +122,18 @@ class MaildropRealm:
             )
             raise UnauthorizedLogin()
         prefetched = user.settings if user is not None else UserSettings()
-        settings: Deferred[UserSettings] = succeed(prefetched)
-        if self.userdb is not None:
-            settings = self.userdb.lookup(name, context).addCallback(_completed, prefetched, name)
+        if self.userdb is None:
+            # Most servers: no user database to ask, the maildrop is opened now.
+            return self._open(name, prefetched, wanted[0])
+        settings = self.userdb.lookup(name, context).addCallback(_completed, prefetched, name)
+        return settings.addCallback(lambda found: self._open(name, found, wanted[0]))
 
-        def open_maildrop(found: UserSettings) -> Deferred[tuple[UserSettings, IMaildrop]]:
-            store = self._store_for(name, found)
-            opened: Deferred[IMaildrop] = maybeDeferred(store.open, name)
-            return opened.addCallback(lambda maildrop: (found, maildrop))
-
-        def avatar(
-            opened: tuple[UserSettings, IMaildrop],
-        ) -> tuple[type[Interface], object, Callable[[], None]]:
-            found, maildrop = opened
-            # The maildrop's close() releases it; cred's logout has nothing to do.
-            if wanted[0] is IUserMaildrop:
-                return (IUserMaildrop, UserMaildrop(maildrop, name, found), _nothing)
-            return (IMaildrop, maildrop, _nothing)
-
-        return settings.addCallback(open_maildrop).addCallback(avatar)
+    def _open(
+        self, name: str, settings: UserSettings, wanted: Any
+    ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
+        store = self._store_for(name, settings)
+        opened: Deferred[IMaildrop] = maybeDeferred(store.open, name)
+        return opened.addCallback(_avatar, name, settings, wanted)
 
     def _store_for(self, name: str, settings: UserSettings) -> IMaildropStore:
         if settings.mail is None:
@@ -157,6 +153,15 @@ class MaildropRealm:
             raise MaildropUnavailable(
                 "the mail location of this user is misconfigured", permanent=True
             ) from None
+
+
+def _avatar(
+    maildrop: IMaildrop, name: str, settings: UserSettings, wanted: Any
+) -> tuple[type[Interface], object, Callable[[], None]]:
+    # The maildrop's close() releases it; cred's logout has nothing to do.
+    if wanted is IUserMaildrop:
+        return (IUserMaildrop, UserMaildrop(maildrop, name, settings), _nothing)
+    return (IMaildrop, maildrop, _nothing)
 
 
 def _completed(found: UserSettings | None, prefetched: UserSettings, name: str) -> UserSettings:

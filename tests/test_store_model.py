@@ -314,7 +314,8 @@ class StoreMachine(RuleBasedStateMachine):
             self.disk = [message for message in self.disk if message is not gone]
         seen_flags = ISeenFlags(opened.maildrop)
         marked: list[object] = []
-        seen_flags.mark_seen(sorted(retrieved), kept).addBoth(marked.append)
+        # None: nothing was left to do.
+        maybeDeferred(seen_flags.mark_seen, sorted(retrieved), kept).addBoth(marked.append)
         settle(self.clock)
         if time_passes_meanwhile and os.path.isdir(self.maildir):
             self.time_passes()

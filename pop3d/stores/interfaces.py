@@ -236,12 +236,14 @@ class ISeenFlags(Interface):
     read, for mail readers that share the maildrop (IMAP, webmail).
     """
 
-    def mark_seen(retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
+    def mark_seen(retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None] | None:
         """
         Called once during UPDATE, after `IMaildrop.remove`: ``retrieved``
         are the messages sent with RETR, ``kept`` those not deleted.  Never
         changes a message's UIDL or its content; a failure is logged, not
-        reported to the client (the client's work is done).
+        reported to the client (the client's work is done).  None when
+        there was nothing to do (most sessions of a busy server), else a
+        Deferred that fires once it is done.
         """
 
 

@@ -2056,14 +2056,14 @@ class _Maildrop:
             self._removed = set()
         self._removed.add(index)
 
-    def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None]:
+    def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> Deferred[None] | None:
         """
         What Dovecot's POP3 server does to a Maildir: messages still in new/
         move to cur/, and retrieved ones get the S (seen) flag.  The unique
         name, and so the UIDL, stays.
         """
         if self._directory is None:
-            return succeed(None)
+            return None
         renaming: Deferred[None]
         if len(kept) > self._store.plan_inline:
             # About a microsecond a message to decide: 100,000 messages
@@ -2077,9 +2077,9 @@ class _Maildrop:
             if renames:
                 renaming = run_blocking(self._store._reactor, self._rename_all, renames)
             elif not self._removed:
-                return succeed(None)
+                return None
             else:
-                renaming = succeed(None)
+                return self._bring_listing_up_to_date()
         return renaming.addCallback(lambda _: self._bring_listing_up_to_date())
 
     def _bring_listing_up_to_date(self) -> Deferred[None] | None:
