@@ -246,8 +246,11 @@ class _Stamps:
         )
 
     def trusted_all(self, now: _Stamps) -> bool:
-        return all(self.trusted(now, part) for part in range(len(_PARTS)))
+        # `trusted` of every part at once: each settled, and stamped alike.
+        return self.settled_bits == _ALL_SETTLED and self.packed == now.packed
 
+
+_ALL_SETTLED = (1 << len(_PARTS)) - 1
 
 #: Stamps that nothing matches: every part is read again.
 _UNKNOWN = _Stamps.of((None, None, None), (False, False, False))
@@ -2222,6 +2225,9 @@ class _Maildrop:
             if isinstance(locations, _Locations)
             else [subdirectory for subdirectory, _ in locations]
         )
+        if not seen and "new" not in subdirectories:
+            # Most QUITs of a kept mailbox: nothing read, nothing new.
+            return renames
         for index in kept:
             if subdirectories[index] == "cur" and index not in seen:
                 continue  # flags as they are
