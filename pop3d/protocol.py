@@ -184,6 +184,10 @@ class POP3Protocol(LineReceiver):
         # how deep in dataReceived we are (its replies leave at its end).
         self._unsent = False
         self._receiving = 0
+        # Inside the transport's write (`_send_now`): what it resumes (the
+        # next pipelined command, once it emptied its buffer) is sent by the
+        # reactor, not by a write within that write.
+        self._sending = False
 
     @property
     def session(self) -> Session:
@@ -486,11 +490,22 @@ class POP3Protocol(LineReceiver):
         closes itself once the rest is out, which only the reactor sees.
         """
         self._unsent = False
+        if self._sending:
+            # Called back from within the write below: a buffer it emptied
+            # resumed this connection, which answered the next pipelined
+            # command.  Writing again from here would nest a write in a
+            # write for every such command (hundreds of pipelined RETRs of
+            # 100 KB overflowed the stack): the reactor sends it.
+            return
         transport = self.transport
         if IWriteDescriptor.providedBy(transport) and not getattr(transport, "disconnecting", True):
             # What it cannot send now stays buffered, and the reactor sends
             # it, or learns that the connection is gone, as it would have.
-            transport.doWrite()
+            self._sending = True
+            try:
+                transport.doWrite()
+            finally:
+                self._sending = False
 
     def _unexpected_failure(self, failure: Failure) -> Status:
         return unexpected_error(self.driver.log, failure, self.session.peer)
