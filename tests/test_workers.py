@@ -511,3 +511,30 @@ def test_a_line_logged_while_a_line_is_being_logged_is_kept_after_it() -> None:
         "[s1] login: rip=127.0.0.1 method=USER user=user0",
         "[s1] login: rip=127.0.0.1 method=USER user=user1",
     ]
+
+
+def test_a_batch_of_worker_lines_reads_as_each_line_does() -> None:
+    """
+    The parent reads a worker's batch of lines in one go: the same events
+    as line by line, in order, and a line that is not a record (a print;
+    two records on one line) is taken as line by line.
+    """
+    from pop3d.workers import worker_event, worker_events
+
+    output, clock = _Writes(), Clock()
+    observer = WorkerLogLines(output, clock, keeping=lambda: False)
+    for number in range(4):
+        observer(_session_line(number))
+    lines = output.text().encode().splitlines()
+    assert len(lines) == 4
+    printed = b"{ a plug-in's print"
+    twice = lines[0] + b"," + lines[1]
+    for batch in (lines, [*lines[:2], printed, *lines[2:]], [twice, lines[2]], lines[:1]):
+        events = worker_events(batch)
+        assert [formatEvent(e) if e else None for e in events] == [
+            formatEvent(e) if e else None for e in map(worker_event, batch)
+        ]
+    assert [formatEvent(e) for e in worker_events(lines) if e] == [
+        f"[s1] login: rip=127.0.0.1 method=USER user=user{number}" for number in range(4)
+    ]
+    assert worker_events([twice, lines[2]])[0] is None
