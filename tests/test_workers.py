@@ -7,6 +7,7 @@ workers; orphaned workers do not outlive their parent.
 from __future__ import annotations
 
 import io
+import json
 import os
 import poplib
 import re
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 
@@ -538,3 +541,34 @@ def test_a_batch_of_worker_lines_reads_as_each_line_does() -> None:
         f"[s1] login: rip=127.0.0.1 method=USER user=user{number}" for number in range(4)
     ]
     assert worker_events([twice, lines[2]])[0] is None
+
+
+@given(
+    time=st.one_of(st.floats(), st.integers(), st.none()),
+    namespace=st.one_of(st.text(), st.none()),
+    text=st.text(),
+    system=st.one_of(st.text(), st.none()),
+)
+def test_a_workers_line_is_the_json_of_its_record(
+    time: float | None, namespace: str | None, text: str, system: str | None
+) -> None:
+    """Whatever a line holds (quotes, controls, surrogates, any time), it is JSON."""
+    output = _Writes()
+    observer = WorkerLogLines(output, Clock(), keeping=lambda: False)
+    event: dict[str, object] = {
+        "log_time": time,
+        "log_namespace": namespace,
+        "log_level": LogLevel.info,
+        "log_format": "{text}",
+        "text": text,
+    }
+    record: dict[str, object] = {
+        "time": time,
+        "namespace": namespace,
+        "level": "info",
+        "text": text,
+    }
+    if system is not None:
+        event["log_system"] = record["system"] = system
+    observer(event)
+    assert output.text() == json.dumps(record) + "\n"
