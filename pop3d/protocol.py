@@ -184,6 +184,8 @@ class POP3Protocol(LineReceiver):
         # how deep in dataReceived we are (its replies leave at its end).
         self._unsent = False
         self._receiving = 0
+        # The transport, if it sends when told to (`_send_now`): asked once.
+        self._write_descriptor: IWriteDescriptor | None = None
 
     @property
     def session(self) -> Session:
@@ -248,6 +250,8 @@ class POP3Protocol(LineReceiver):
         return False
 
     def connectionMade(self) -> None:
+        if IWriteDescriptor.providedBy(self.transport):
+            self._write_descriptor = self.transport
         if not _behind_proxy_header(self.transport):
             # The peer is the client: refused before the greeting.
             if not self._admitted(producing=False):
@@ -410,7 +414,8 @@ class POP3Protocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self.phase not in _OPEN:
             return
-        self.resetTimeout()
+        # resetTimeout, without a second call per line (the phase is open).
+        self._idle_timeouts.touch(self)
         if self._discarding_long_line:
             self._discarding_long_line = False
             self._command(None)
@@ -461,9 +466,14 @@ class POP3Protocol(LineReceiver):
             self.phase = Phase.READING
             self._unsent = True
             # Commands the client sent meanwhile (pipelining) are answered
-            # now, and their replies leave together, with this one.
-            self._update_reading()
-            self._send_if_done()
+            # now, and their replies leave together, with this one.  (The
+            # calls are spared when they would do nothing: reading is held
+            # exactly while the output is blocked, or a read is being
+            # worked through.)
+            if self.paused != self._output_blocked:
+                self._update_reading()
+            if not self._receiving:
+                self._send_if_done()
 
     def _send_if_done(self) -> None:
         """
@@ -487,8 +497,8 @@ class POP3Protocol(LineReceiver):
         closes itself once the rest is out, which only the reactor sees.
         """
         self._unsent = False
-        transport = self.transport
-        if IWriteDescriptor.providedBy(transport) and not getattr(transport, "disconnecting", True):
+        transport = self._write_descriptor
+        if transport is not None and not getattr(transport, "disconnecting", True):
             # What it cannot send now stays buffered, and the reactor sends
             # it, or learns that the connection is gone, as it would have.
             transport.doWrite()
@@ -499,7 +509,17 @@ class POP3Protocol(LineReceiver):
     def _send(self, reply: Reply) -> bool:
         """Put ``reply`` on the wire; True if it is a message, which may still be going."""
         # Worded as the session speaks now: a LANG reply is in its new language.
-        wording = self.session.wording
+        wording = self.driver.session.wording
+        if isinstance(reply, MessageStream):
+            # No Deferred per message: a small one is read, encoded and
+            # written within this call, and `_stream_ended` is called at once.
+            stream = _MessageStreamer(
+                self._connection, reply, self.resetTimeout, self._stream_ended, translator=wording
+            )
+            self._stream = stream
+            if not self._output_blocked:
+                stream.resume()
+            return True
         if isinstance(reply, Status):
             self._connection.write(reply.to_bytes(wording))
         elif isinstance(reply, Listing):
@@ -522,15 +542,7 @@ class POP3Protocol(LineReceiver):
         elif isinstance(reply, Hangup):
             self._hang_up(reply.status.to_bytes(wording))
         else:
-            # No Deferred per message: a small one is read, encoded and
-            # written within this call, and `_stream_ended` is called at once.
-            stream = _MessageStreamer(
-                self._connection, reply, self.resetTimeout, self._stream_ended, translator=wording
-            )
-            self._stream = stream
-            if not self._output_blocked:
-                stream.resume()
-            return True
+            raise TypeError(f"not a reply: {reply!r}")
         return False
 
     def _stream_ended(self, result: Failure | None) -> None:
