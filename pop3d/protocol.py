@@ -518,7 +518,9 @@ class POP3Protocol(LineReceiver):
             )
             self._stream = stream
             if not self._output_blocked:
-                stream.resume()
+                # A write made now answers the line just received, which
+                # restarted the inactivity timeout already.
+                stream.start(touched=self._receiving > 0)
             return True
         if isinstance(reply, Status):
             self._connection.write(reply.to_bytes(wording))
@@ -698,6 +700,8 @@ class _MessageStreamer:
         self._translator = translator
         self._pending_status: bytes | None = reply.status.to_bytes(translator)
         self._progress = progress
+        # Writes made within `start(touched=True)` do not call ``progress``.
+        self._touched = False
         self._paused = True
         self._finished = False
         # The read whose answer is awaited, if any.
@@ -713,6 +717,16 @@ class _MessageStreamer:
     def resume(self) -> None:
         self._paused = False
         self._pump()
+
+    def start(self, *, touched: bool) -> None:
+        """
+        Begin writing (`resume`); ``touched``: the client was just heard
+        from, so what is written now need not call ``progress``.
+        """
+        self._touched = touched
+        self._paused = False
+        self._pump()
+        self._touched = False
 
     def _pump(self) -> None:
         if self._pumping:
@@ -785,7 +799,8 @@ class _MessageStreamer:
 
     def _write(self, out: list[bytes], at_end: bool) -> None:
         self._pending_status = None
-        self._progress()
+        if not self._touched:
+            self._progress()
         if not at_end:
             # A middle chunk of a large message goes out as it is: joining
             # would copy 256 KiB for nothing.
