@@ -725,8 +725,16 @@ class _MessageStreamer:
         """
         self._touched = touched
         self._paused = False
-        self._pump()
-        self._touched = False
+        # `_pump`, without a second call for every message.
+        self._pumping = True
+        try:
+            while not self._paused and not self._finished and self._reading is None:
+                self._write_one_chunk()
+        except Exception:
+            self._fail(Failure())
+        finally:
+            self._pumping = False
+            self._touched = False
 
     def _pump(self) -> None:
         if self._pumping:
@@ -746,17 +754,19 @@ class _MessageStreamer:
 
     def _write_one_chunk(self) -> None:
         out = [] if self._pending_status is None else [self._pending_status]
-        at_end = self._encoder.done
+        encoder = self._encoder
+        at_end = encoder.done
         if not at_end:
-            chunk = self._body.read(CHUNK_SIZE)
+            body = self._body
+            chunk = body.read(CHUNK_SIZE)
             if not isinstance(chunk, bytes):
                 self._await(chunk)
                 return
-            out.append(self._encoder.feed(chunk))
-            if chunk and len(chunk) < CHUNK_SIZE and not self._encoder.done:
+            out.append(encoder.feed(chunk))
+            if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
                 # A short read is usually the end: look once more, so that the
                 # last bytes and the terminator leave in the same write.
-                more = self._body.read(CHUNK_SIZE)
+                more = body.read(CHUNK_SIZE)
                 if not isinstance(more, bytes):
                     # Not at hand: what is read goes now, the rest later.
                     self._write(out, at_end=False)
@@ -764,9 +774,9 @@ class _MessageStreamer:
                     return
                 if more:
                     # (Feeding nothing would change nothing: spared per message.)
-                    out.append(self._encoder.feed(more))
+                    out.append(encoder.feed(more))
                 chunk = more
-            at_end = not chunk or self._encoder.done
+            at_end = not chunk or encoder.done
         self._write(out, at_end)
 
     @property

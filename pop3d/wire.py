@@ -34,6 +34,7 @@ MAX_UIDL_LENGTH = 70
 # finds it 1.5-3 times faster than bytes.replace, whose search for a
 # two-octet pattern steps through about one octet per comparison.
 _DOT_LINE = re.compile(rb"\n\.")
+_LF = ord("\n")
 
 
 class Verb(enum.Enum):
@@ -454,10 +455,14 @@ class LineEndingNormalizer:
         self._empty = True
 
     def feed(self, chunk: bytes) -> bytes:
-        chunk = self._take(chunk)
-        if b"\r" not in chunk:
-            # Mail as MTAs store it: LF only, one C-speed pass instead of two.
+        if b"\r" not in chunk and not self._held_cr:
+            # Mail as MTAs store it: LF only, one C-speed pass instead of two
+            # (and what `_take` would do, without a call for every message).
+            if chunk:
+                self._empty = False
+                self._ends_with_newline = chunk[-1] == _LF
             return chunk.replace(b"\n", b"\r\n")
+        chunk = self._take(chunk)
         return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
     def measure(self, chunk: bytes) -> int:
@@ -685,33 +690,35 @@ class MessageEncoder:
         self.size = 0
         self._normalizer = LineEndingNormalizer()
         self._limiter = _TopLimiter(body_lines) if body_lines is not None else None
-        self._workarounds = _WorkaroundFilter(workarounds) if workarounds.enabled else None
+        self._workarounds = (
+            None
+            if workarounds is NO_WORKAROUNDS or not workarounds.enabled
+            else _WorkaroundFilter(workarounds)
+        )
         self._at_line_start = True
-        self._stopped = False
-
-    @property
-    def done(self) -> bool:
-        """True once TOP has all the lines it wants: read no further."""
-        return self._stopped
+        #: True once TOP has all the lines it wants: read no further.  (An
+        #: attribute, not a property: read twice for every message.)
+        self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._stopped:
+        if self.done:
             return b""
         data = self._normalizer.feed(chunk)
         if self._limiter is not None:
             data = self._limiter.feed(data)
-            self._stopped = self._limiter.done
+            self.done = self._limiter.done
         self.size += len(data)
         if self._workarounds is not None:
             data = self._workarounds.feed(data)
         return self._stuff(data)
 
     def finish(self) -> bytes:
-        tail = b"" if self._stopped else self._normalizer.finish()
+        tail = b"" if self.done else self._normalizer.finish()
         self.size += len(tail)
         if self._workarounds is not None:
             tail = self._workarounds.feed(tail) + self._workarounds.finish()
-        return self._stuff(tail) + TERMINATOR
+        # Nearly always nothing is owed: no call to stuff nothing.
+        return self._stuff(tail) + TERMINATOR if tail else TERMINATOR
 
     def _stuff(self, data: bytes) -> bytes:
         if not data:
