@@ -514,7 +514,11 @@ class POP3Protocol(LineReceiver):
             # No Deferred per message: a small one is read, encoded and
             # written within this call, and `_stream_ended` is called at once.
             stream = _MessageStreamer(
-                self._connection, reply, self.resetTimeout, self._stream_ended, translator=wording
+                self.transport,  # type: ignore[arg-type]
+                reply,
+                self.resetTimeout,
+                self._stream_ended,
+                translator=wording,
             )
             self._stream = stream
             if not self._output_blocked:
@@ -552,7 +556,7 @@ class POP3Protocol(LineReceiver):
         try:
             stream, self._stream = self._stream, None
             if stream is not None and stream.sent_whole:
-                self.session.message_sent(stream.sent_octets)
+                self.driver.session.message_sent(stream.sent_octets)
             if result is not None and not result.check(ResponseAbandoned):
                 # Part of the message is out, so there is no honest way to
                 # finish the response: abort, and the client knows the

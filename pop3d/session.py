@@ -800,7 +800,8 @@ class Session:
         if number is None:
             raise _BadCommand("invalid message number")
         index = number - 1
-        if index >= len(self._messages) or index in self._deleted:
+        # The column's length: MessageList.__len__ is a Python call.
+        if index >= len(self._messages.sizes) or index in self._deleted:
             raise POP3Error(NO_SUCH_MESSAGE)
         return index
 

@@ -261,7 +261,8 @@ def parse_message_number(argument: bytes) -> int | None:
     """
     if not argument.isdigit():
         return None
-    number = _bounded_int(argument)
+    # Short numbers (every real one) without `_bounded_int`'s call.
+    number = int(argument) if len(argument) <= 18 else _bounded_int(argument)
     return number if number > 0 else None
 
 
@@ -618,7 +619,9 @@ class ClientWorkarounds:
             if field_name is None:
                 raise UnknownWorkaround(name, tuple(known))
             enabled[field_name] = True
-        return cls(**enabled)
+        # None named: the default itself, which `MessageEncoder` knows by
+        # identity (no property read for every message).
+        return cls(**enabled) if enabled else NO_WORKAROUNDS
 
 
 def _workaround_name(field_name: str) -> str:
