@@ -121,6 +121,9 @@ class Phase(enum.Enum):
 
 
 _OPEN = frozenset({Phase.READING, Phase.ANSWERING})
+# Read on every command: a module global, not an attribute of the Enum
+# class (whose metaclass's __getattr__ makes each such read slow).
+_READING, _ANSWERING = Phase.READING, Phase.ANSWERING
 
 #: Makes the driver of one connection's session: given how to learn the
 #: link and where replies go.
@@ -428,7 +431,7 @@ class POP3Protocol(LineReceiver):
 
     def _command(self, line: bytes | None) -> None:
         """A command line (None: one that was too long) for the driver."""
-        self.phase = Phase.ANSWERING
+        self.phase = _ANSWERING
         try:
             if line is None:
                 self.driver.line_too_long()
@@ -436,7 +439,7 @@ class POP3Protocol(LineReceiver):
                 self.driver.line(line)
         except Exception:
             self.deliver(Failure())
-        if self.phase is Phase.ANSWERING:
+        if self.phase is _ANSWERING:
             # The answer comes later (or is a message still being sent): no
             # further command is read until it is all written.
             self._update_reading()
@@ -462,8 +465,8 @@ class POP3Protocol(LineReceiver):
             self._command_done()
 
     def _command_done(self) -> None:
-        if self.phase is Phase.ANSWERING:
-            self.phase = Phase.READING
+        if self.phase is _ANSWERING:
+            self.phase = _READING
             self._unsent = True
             # Commands the client sent meanwhile (pipelining) are answered
             # now, and their replies leave together, with this one.  (The

@@ -502,6 +502,9 @@ def _prepared(value: bytes, refusal: str) -> bytes:
 _BEFORE_LOGIN = frozenset(
     {State.AUTHORIZATION, State.USER_GIVEN, State.SASL_STEP, State.SASL_CHALLENGED}
 )
+# Read on every command (or message): module globals, not attributes of
+# the Enum classes (whose metaclass's __getattr__ makes each read slow).
+_SASL_CHALLENGED, _MESSAGE_OPENED = State.SASL_CHALLENGED, Event.MESSAGE_OPENED
 # A line can only be taken while the session waits for the client.
 _TAKES_LINES = _BEFORE_LOGIN - {State.SASL_STEP} | {State.TRANSACTION}
 
@@ -614,7 +617,7 @@ class Session:
     def receive_line(self, line: bytes) -> Outcome:
         """A command line (without its line ending) from the client."""
         state = self.state
-        if state is State.SASL_CHALLENGED:
+        if state is _SASL_CHALLENGED:
             response = parse_sasl_response(line)
             if isinstance(response, SASLCancel):
                 answer = self._fire(Event.SASL_CANCEL, None)
@@ -687,7 +690,7 @@ class Session:
 
     def message_opened(self, body: IMessageBody) -> Outcome | None:
         """The message of `OpenMessage` is open: ``body`` is sent as the reply's lines."""
-        return self._fire(Event.MESSAGE_OPENED, body)
+        return self._fire(_MESSAGE_OPENED, body)
 
     def message_gone(self, status: Status) -> Outcome | None:
         """The message of `OpenMessage` cannot be read: ``status`` is the answer."""

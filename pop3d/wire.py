@@ -67,6 +67,9 @@ class Verb(enum.Enum):
 
 
 _VERBS = {verb.value.encode("ascii"): verb for verb in Verb}
+# Read for every command line: a global, not an attribute of the Enum class
+# (whose metaclass's __getattr__ makes each such read slow).
+_PASS = Verb.PASS
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     verb = _VERBS.get(keyword.upper()) if _KEYWORD.fullmatch(keyword) else None
     if verb is None:
         return UnknownCommand(keyword[:40])
-    if verb is Verb.PASS:
+    if verb is _PASS:
         if PASS_ARGUMENT.fullmatch(line, len(keyword)):
             return Command(verb, (rest,))
         if rest and b"\x00" in rest:
