@@ -628,9 +628,10 @@ class Session:
         if state not in _TAKES_LINES:
             raise SessionBusy(f"a command line while {state.name}")
         command = parse_command(line)
-        if isinstance(command, UnknownCommand):
-            return self._bad_command(UNKNOWN_COMMAND)
-        if isinstance(command, MalformedCommand):
+        if type(command) is not Command:  # one check for the common case
+            if isinstance(command, UnknownCommand):
+                return self._bad_command(UNKNOWN_COMMAND)
+            assert isinstance(command, MalformedCommand)
             return self._bad_command(command.reason)
         transition = TRANSITIONS.get((state, command.verb))
         if transition is None:

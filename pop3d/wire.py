@@ -158,9 +158,6 @@ GRAMMAR: dict[Verb, Arguments] = {
 #: The commands whose arguments may be UTF-8 (RFC 6856 section 2.2).
 UTF8_ARGUMENTS = frozenset({Verb.USER, Verb.APOP})
 
-# A keyword: three or four characters (RFC 1939 section 3), letters but
-# for the digit of RFC 6856's UTF8.
-_KEYWORD = re.compile(rb"[A-Za-z][A-Za-z0-9]{2,3}")
 # The octets of an argument: printable ASCII (0x21-0x7E); for
 # `UTF8_ARGUMENTS` also those beyond ASCII (checked as UTF-8 afterwards).
 _ASCII_OCTETS = rb"\x21-\x7e"
@@ -186,7 +183,11 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     above.  Keywords are case-insensitive (RFC 1939 section 3).
     """
     keyword, _, rest = line.partition(b" ")
-    verb = _VERBS.get(keyword.upper()) if _KEYWORD.fullmatch(keyword) else None
+    # A keyword is three or four characters (RFC 1939 section 3), letters
+    # but for the digit of RFC 6856's UTF8: every key of `_VERBS` is one,
+    # and upper() changes only a-z, so a keyword is known exactly when its
+    # upper case is a key (no pattern to match first).
+    verb = _VERBS.get(keyword.upper())
     if verb is None:
         return UnknownCommand(keyword[:40])
     if verb is _PASS:
