@@ -391,12 +391,13 @@ class POP3Protocol(LineReceiver):
                 self._connection.pauseProducing()
         self._receiving += 1
         try:
-            super().dataReceived(data)
+            # LineReceiver's, named: no super object for every read.
+            LineReceiver.dataReceived(self, data)
             # LineReceiver stops at an overlong line and hands us everything it
             # had buffered; what followed the overlong line is fed back here.
             while self._after_long_line and self.phase in _OPEN:
                 rest, self._after_long_line = self._after_long_line, b""
-                super().dataReceived(rest)
+                LineReceiver.dataReceived(self, rest)
         finally:
             self._receiving -= 1
         self._send_if_done()
@@ -716,6 +717,8 @@ class _MessageStreamer:
         self._pumping = False
         #: The whole message and its terminator were written.
         self.sent_whole = False
+        #: Once it was: the octets of the message, before byte-stuffing.
+        self.sent_octets = 0
         self._ended = ended
 
     def pause(self) -> None:
@@ -786,11 +789,6 @@ class _MessageStreamer:
             at_end = not chunk or encoder.done
         self._write(out, at_end)
 
-    @property
-    def sent_octets(self) -> int:
-        """Octets of the message sent so far, before byte-stuffing."""
-        return self._encoder.size
-
     def _await(self, reading: Deferred[bytes]) -> None:
         """Wait for a read that answers later, then go on if the transport takes more."""
         self._reading = reading
@@ -834,6 +832,7 @@ class _MessageStreamer:
         out.append(ending)
         self._transport.write(b"".join(out))
         self.sent_whole = True
+        self.sent_octets = self._encoder.size
         self._finish(None)
 
     def _fail(self, failure: Failure) -> None:
