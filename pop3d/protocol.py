@@ -15,7 +15,7 @@ import enum
 import functools
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from OpenSSL import SSL
 from twisted.internet.address import UNIXAddress
@@ -121,6 +121,9 @@ class Phase(enum.Enum):
 
 
 _OPEN = frozenset({Phase.READING, Phase.ANSWERING})
+# Read on every command: a module global, not an attribute of the Enum
+# class (whose metaclass's __getattr__ makes each such read slow).
+_READING, _ANSWERING = Phase.READING, Phase.ANSWERING
 
 #: Makes the driver of one connection's session: given how to learn the
 #: link and where replies go.
@@ -184,6 +187,8 @@ class POP3Protocol(LineReceiver):
         # how deep in dataReceived we are (its replies leave at its end).
         self._unsent = False
         self._receiving = 0
+        # The transport, if it sends when told to (`_send_now`): asked once.
+        self._write_descriptor: IWriteDescriptor | None = None
         # Inside the transport's write (`_send_now`): what it resumes (the
         # next pipelined command, once it emptied its buffer) is sent by the
         # reactor, not by a write within that write.
@@ -208,7 +213,8 @@ class POP3Protocol(LineReceiver):
     def _connection(self) -> _Transport:
         # Set for the whole life of a connected protocol.
         assert self.transport is not None
-        return cast(_Transport, self.transport)
+        # Not typing.cast: a Python call, on every reply.
+        return self.transport  # type: ignore[return-value]
 
     def _link(self) -> Link:
         # Asked once a line arrives, not at connectionMade: behind a
@@ -251,6 +257,8 @@ class POP3Protocol(LineReceiver):
         return False
 
     def connectionMade(self) -> None:
+        if IWriteDescriptor.providedBy(self.transport):
+            self._write_descriptor = self.transport
         if not _behind_proxy_header(self.transport):
             # The peer is the client: refused before the greeting.
             if not self._admitted(producing=False):
@@ -387,12 +395,13 @@ class POP3Protocol(LineReceiver):
                 self._connection.pauseProducing()
         self._receiving += 1
         try:
-            super().dataReceived(data)
+            # LineReceiver's, named: no super object for every read.
+            LineReceiver.dataReceived(self, data)
             # LineReceiver stops at an overlong line and hands us everything it
             # had buffered; what followed the overlong line is fed back here.
             while self._after_long_line and self.phase in _OPEN:
                 rest, self._after_long_line = self._after_long_line, b""
-                super().dataReceived(rest)
+                LineReceiver.dataReceived(self, rest)
         finally:
             self._receiving -= 1
         self._send_if_done()
@@ -413,7 +422,8 @@ class POP3Protocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self.phase not in _OPEN:
             return
-        self.resetTimeout()
+        # resetTimeout, without a second call per line (the phase is open).
+        self._idle_timeouts.touch(self)
         if self._discarding_long_line:
             self._discarding_long_line = False
             self._command(None)
@@ -426,7 +436,7 @@ class POP3Protocol(LineReceiver):
 
     def _command(self, line: bytes | None) -> None:
         """A command line (None: one that was too long) for the driver."""
-        self.phase = Phase.ANSWERING
+        self.phase = _ANSWERING
         try:
             if line is None:
                 self.driver.line_too_long()
@@ -434,7 +444,7 @@ class POP3Protocol(LineReceiver):
                 self.driver.line(line)
         except Exception:
             self.deliver(Failure())
-        if self.phase is Phase.ANSWERING:
+        if self.phase is _ANSWERING:
             # The answer comes later (or is a message still being sent): no
             # further command is read until it is all written.
             self._update_reading()
@@ -460,13 +470,18 @@ class POP3Protocol(LineReceiver):
             self._command_done()
 
     def _command_done(self) -> None:
-        if self.phase is Phase.ANSWERING:
-            self.phase = Phase.READING
+        if self.phase is _ANSWERING:
+            self.phase = _READING
             self._unsent = True
             # Commands the client sent meanwhile (pipelining) are answered
-            # now, and their replies leave together, with this one.
-            self._update_reading()
-            self._send_if_done()
+            # now, and their replies leave together, with this one.  (The
+            # calls are spared when they would do nothing: reading is held
+            # exactly while the output is blocked, or a read is being
+            # worked through.)
+            if self.paused != self._output_blocked:
+                self._update_reading()
+            if not self._receiving:
+                self._send_if_done()
 
     def _send_if_done(self) -> None:
         """
@@ -497,8 +512,8 @@ class POP3Protocol(LineReceiver):
             # write for every such command (hundreds of pipelined RETRs of
             # 100 KB overflowed the stack): the reactor sends it.
             return
-        transport = self.transport
-        if IWriteDescriptor.providedBy(transport) and not getattr(transport, "disconnecting", True):
+        transport = self._write_descriptor
+        if transport is not None and not getattr(transport, "disconnecting", True):
             # What it cannot send now stays buffered, and the reactor sends
             # it, or learns that the connection is gone, as it would have.
             self._sending = True
@@ -513,7 +528,23 @@ class POP3Protocol(LineReceiver):
     def _send(self, reply: Reply) -> bool:
         """Put ``reply`` on the wire; True if it is a message, which may still be going."""
         # Worded as the session speaks now: a LANG reply is in its new language.
-        wording = self.session.wording
+        wording = self.driver.session.wording
+        if isinstance(reply, MessageStream):
+            # No Deferred per message: a small one is read, encoded and
+            # written within this call, and `_stream_ended` is called at once.
+            stream = _MessageStreamer(
+                self.transport,  # type: ignore[arg-type]
+                reply,
+                self.resetTimeout,
+                self._stream_ended,
+                translator=wording,
+            )
+            self._stream = stream
+            if not self._output_blocked:
+                # A write made now answers the line just received, which
+                # restarted the inactivity timeout already.
+                stream.start(touched=self._receiving > 0)
+            return True
         if isinstance(reply, Status):
             self._connection.write(reply.to_bytes(wording))
         elif isinstance(reply, Listing):
@@ -536,15 +567,7 @@ class POP3Protocol(LineReceiver):
         elif isinstance(reply, Hangup):
             self._hang_up(reply.status.to_bytes(wording))
         else:
-            # No Deferred per message: a small one is read, encoded and
-            # written within this call, and `_stream_ended` is called at once.
-            stream = _MessageStreamer(
-                self._connection, reply, self.resetTimeout, self._stream_ended, translator=wording
-            )
-            self._stream = stream
-            if not self._output_blocked:
-                stream.resume()
-            return True
+            raise TypeError(f"not a reply: {reply!r}")
         return False
 
     def _stream_ended(self, result: Failure | None) -> None:
@@ -552,7 +575,7 @@ class POP3Protocol(LineReceiver):
         try:
             stream, self._stream = self._stream, None
             if stream is not None and stream.sent_whole:
-                self.session.message_sent(stream.sent_octets)
+                self.driver.session.message_sent(stream.sent_octets)
             if result is not None and not result.check(ResponseAbandoned):
                 # Part of the message is out, so there is no honest way to
                 # finish the response: abort, and the client knows the
@@ -700,6 +723,8 @@ class _MessageStreamer:
         self._translator = translator
         self._pending_status: bytes | None = reply.status.to_bytes(translator)
         self._progress = progress
+        # Writes made within `start(touched=True)` do not call ``progress``.
+        self._touched = False
         self._paused = True
         self._finished = False
         # The read whose answer is awaited, if any.
@@ -707,6 +732,8 @@ class _MessageStreamer:
         self._pumping = False
         #: The whole message and its terminator were written.
         self.sent_whole = False
+        #: Once it was: the octets of the message, before byte-stuffing.
+        self.sent_octets = 0
         self._ended = ended
 
     def pause(self) -> None:
@@ -715,6 +742,24 @@ class _MessageStreamer:
     def resume(self) -> None:
         self._paused = False
         self._pump()
+
+    def start(self, *, touched: bool) -> None:
+        """
+        Begin writing (`resume`); ``touched``: the client was just heard
+        from, so what is written now need not call ``progress``.
+        """
+        self._touched = touched
+        self._paused = False
+        # `_pump`, without a second call for every message.
+        self._pumping = True
+        try:
+            while not self._paused and not self._finished and self._reading is None:
+                self._write_one_chunk()
+        except Exception:
+            self._fail(Failure())
+        finally:
+            self._pumping = False
+            self._touched = False
 
     def _pump(self) -> None:
         if self._pumping:
@@ -734,17 +779,19 @@ class _MessageStreamer:
 
     def _write_one_chunk(self) -> None:
         out = [] if self._pending_status is None else [self._pending_status]
-        at_end = self._encoder.done
+        encoder = self._encoder
+        at_end = encoder.done
         if not at_end:
-            chunk = self._body.read(CHUNK_SIZE)
+            body = self._body
+            chunk = body.read(CHUNK_SIZE)
             if not isinstance(chunk, bytes):
                 self._await(chunk)
                 return
-            out.append(self._encoder.feed(chunk))
-            if chunk and len(chunk) < CHUNK_SIZE and not self._encoder.done:
+            out.append(encoder.feed(chunk))
+            if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
                 # A short read is usually the end: look once more, so that the
                 # last bytes and the terminator leave in the same write.
-                more = self._body.read(CHUNK_SIZE)
+                more = body.read(CHUNK_SIZE)
                 if not isinstance(more, bytes):
                     # Not at hand: what is read goes now, the rest later.
                     self._write(out, at_end=False)
@@ -752,15 +799,10 @@ class _MessageStreamer:
                     return
                 if more:
                     # (Feeding nothing would change nothing: spared per message.)
-                    out.append(self._encoder.feed(more))
+                    out.append(encoder.feed(more))
                 chunk = more
-            at_end = not chunk or self._encoder.done
+            at_end = not chunk or encoder.done
         self._write(out, at_end)
-
-    @property
-    def sent_octets(self) -> int:
-        """Octets of the message sent so far, before byte-stuffing."""
-        return self._encoder.size
 
     def _await(self, reading: Deferred[bytes]) -> None:
         """Wait for a read that answers later, then go on if the transport takes more."""
@@ -787,7 +829,8 @@ class _MessageStreamer:
 
     def _write(self, out: list[bytes], at_end: bool) -> None:
         self._pending_status = None
-        self._progress()
+        if not self._touched:
+            self._progress()
         if not at_end:
             # A middle chunk of a large message goes out as it is: joining
             # would copy 256 KiB for nothing.
@@ -804,6 +847,7 @@ class _MessageStreamer:
         out.append(ending)
         self._transport.write(b"".join(out))
         self.sent_whole = True
+        self.sent_octets = self._encoder.size
         self._finish(None)
 
     def _fail(self, failure: Failure) -> None:

@@ -247,3 +247,34 @@ def test_a_client_that_never_reads_cannot_make_the_server_buffer(
         answered += len(written) // len(CAPA_REPLY)
     assert answered == commands
     assert transport.server_reads_the_socket
+
+
+def test_a_message_going_out_slowly_keeps_the_session_from_autologout(
+    make_factory: Callable[..., POP3Factory], store: CountingStore, clock: Clock
+) -> None:
+    """
+    RFC 1939 section 3: the autologout timer is for a client that is idle.
+    A client reading a large message (RFC 1939 section 7, RETR) slowly, one
+    socket buffer every 100 s of a 150 s timeout, is not idle while the
+    message goes out, however long that takes: it gets all of it, and its
+    session goes on.
+    """
+    message = big_message(1024 * 1024)
+    store.deliver("alice", message)
+    protocol, transport = connect(make_factory(timeout=150))
+    protocol.dataReceived(b"USER alice\r\nPASS wonderland\r\n")
+    transport.client_reads()
+
+    protocol.dataReceived(b"RETR 1\r\n")
+    received = bytearray()
+    waits = 0
+    while transport.full:
+        waits += 1
+        clock.advance(100)
+        assert not transport.disconnecting
+        received += transport.client_reads()
+    assert bytes(received) == b"+OK 1048578 octets\r\n" + wire_form(message) + b".\r\n"
+    assert waits * 100 > 2 * 150  # longer than the timeout, twice over
+
+    protocol.dataReceived(b"NOOP\r\n")
+    assert transport.client_reads() == b"+OK\r\n"

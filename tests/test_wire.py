@@ -216,6 +216,25 @@ class TestMessageEncoder:
         assert len(unstuffed) == wire_size(message)
 
     @given(
+        message=st.binary(max_size=300)
+        | st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"\n.", b".\r\n"])).map(
+            b"".join
+        ),
+        chunk_size=st.integers(min_value=1, max_value=17),
+    )
+    def test_the_octets_counted_while_encoding_are_the_size_announced(
+        self, message: bytes, chunk_size: int
+    ) -> None:
+        # RFC 1939 section 11: RETR sends the size LIST announced; the
+        # encoder's count (dots added by byte-stuffing not counted) is what
+        # tells a message cut while being sent from a whole one.
+        encoder = MessageEncoder()
+        for i in range(0, len(message), chunk_size):
+            encoder.feed(message[i : i + chunk_size])
+        encoder.finish()
+        assert encoder.size == wire_size(message)
+
+    @given(
         message=st.lists(st.sampled_from([b"H: v\n", b"\n", b".x\n", b"body\r\n", b"y"])).map(
             b"".join
         ),

@@ -1215,7 +1215,9 @@ def _settling_delay(directory: _Directory) -> float | None:
     return delay / 1e9 if delay <= SETTLE_WAIT_SECONDS * 1e9 else None
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: known by identity (one per session), so that a key of
+# `_OpenSubdirectories` is hashed in C, not by a generated __hash__ per RETR.
+@dataclass(frozen=True, slots=True, eq=False)
 class _Directory:
     """A Maildir a session has locked: its path, and which directory it was."""
 
@@ -1892,10 +1894,16 @@ class _FileBody:
         self._location = location
 
     def read(self, size: int) -> bytes:
-        if self._fd < 0 or self._left <= 0:
+        fd, left = self._fd, self._left
+        if fd < 0 or left <= 0:
             return b""
+        wanted = size if size < left else left
         try:
-            data = _read_up_to(self._fd, min(size, self._left))
+            # One read(2) is all of it nearly always: `_read_up_to` only
+            # when it was short (no Python call per message for the loop).
+            data = os.read(fd, wanted)
+            if data and len(data) < wanted:
+                data += _read_up_to(fd, wanted - len(data))
         except OSError as error:
             path = os.path.join(self._root, *self._location)
             raise unavailable("cannot read message", path, error) from error
@@ -1909,8 +1917,10 @@ class _FileBody:
             os.close(fd)
 
     def __del__(self) -> None:
-        # A body its reader forgot to close must not keep its descriptor.
-        self.close()
+        # A body its reader forgot to close must not keep its descriptor
+        # (`close`, without a second Python call for every body closed).
+        if self._fd >= 0:
+            os.close(self._fd)
 
 
 _NONE_REMOVED: frozenset[int] = frozenset()
@@ -1980,14 +1990,14 @@ class _Maildrop:
         # in it at once, if the Maildir at that path is still the locked one.
         if directory_fd is not None and directory.unchanged():
             try:
-                fd, size = _open_regular(location[1], directory_fd)
+                fd, info = _open_regular_file(location[1], directory_fd)
             except FileNotFoundError:
                 pass  # moved or gone: the long way looks for it
             except OSError as error:
-                path = os.path.join(self.root, *location)
+                path = os.path.join(directory.path, *location)
                 return fail(unavailable("cannot open message", path, error))
             else:
-                return _FileBody(fd, size, self.root, location)
+                return _FileBody(fd, info.st_size, directory.path, location)
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
         try:
