@@ -297,6 +297,9 @@ class PasswdFileChecker:
 
     def _current_table(self) -> Deferred[_Table]:
         """The entries, read again first if the file changed."""
+        table = self._unchanged_table()
+        if table is not None:
+            return succeed(table)  # every login but those below
         try:
             signature = self._stat()
         except OSError as error:
@@ -305,8 +308,6 @@ class PasswdFileChecker:
                 self._signature = None
             return succeed(self._table)
         if signature == self._signature:
-            if not self._file.reading:
-                return succeed(self._table)  # every login but those below
             # While the file is read, the logins that noticed the change wait.
             return self._file.settled().addCallback(lambda _: self._table)
         # Read once per change, whatever comes of it: a broken file is said

@@ -43,7 +43,14 @@ from pop3d.errors import (
 )
 from pop3d.expire import expired_messages
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
-from pop3d.logformat import SESSION_IDS, LogoutValues, method_token, quote, render_format
+from pop3d.logformat import (
+    SESSION_IDS,
+    LogoutValues,
+    escape_braces,
+    method_token,
+    quote,
+    render_format,
+)
 from pop3d.realm import release
 from pop3d.sasl import (
     Authenticate,
@@ -192,9 +199,9 @@ class SessionLogger(Logger):
         text = render_format(format or "", kwargs)
         if text is None:
             # twisted.logger makes the text (and says what went wrong).
-            kwargs["log_format"] = _escaped(self._prefix) + (format or "")
+            kwargs["log_format"] = escape_braces(self._prefix) + (format or "")
         else:
-            kwargs["log_format"] = _escaped(self._prefix + text)
+            kwargs["log_format"] = escape_braces(self._prefix + text)
             kwargs["log_flattened"] = {}
         kwargs["log_logger"] = self
         kwargs["log_level"] = level
@@ -202,11 +209,6 @@ class SessionLogger(Logger):
         kwargs["log_source"] = None
         kwargs["log_time"] = time.time()
         self.observer(kwargs)
-
-
-def _escaped(text: str) -> str:
-    """``text`` as a format that has no field."""
-    return text.replace("{", "{{").replace("}", "}}")
 
 
 #: The namespace of every session's log lines.
@@ -612,19 +614,22 @@ class SessionDriver:
         every = range(plan.message_count)
         kept = [i for i in every if i not in doomed] if doomed else every
         retrieved = sorted(plan.retrieved - doomed) if plan.retrieved else []
-        marking: Deferred[None] | None
+        result: object
         try:
-            marking = seen_flags.mark_seen(retrieved, kept)
+            result = seen_flags.mark_seen(retrieved, kept)
         except Exception:
             self.log.failure("marking messages seen failed")
-            marking = None
-        if marking is None:
+            result = None
+        if result is None:
             # Nothing to do, or it failed at once: no Deferred to wait on.
             try:
                 self._updated(None, outcome)
             except Exception:
                 self._report_failure(Failure())
             return
+        # A Deferred, or what else maybeDeferred waits on (a store's
+        # ``async def mark_seen`` gives a coroutine).
+        marking: Deferred[object] = maybeDeferred(lambda: result)
         marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
         marking.addCallback(self._updated, outcome)
         marking.addErrback(self._report_failure)

@@ -155,6 +155,11 @@ def _variable_names() -> Iterator[str]:
 # -- a log line's text ----------------------------------------------------------------
 
 
+def escape_braces(text: str) -> str:
+    """``text`` as a format with no field: what twisted.logger formats back to ``text``."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def render_format(format: str, fields: Mapping[str, object]) -> str | None:
     """
     The text twisted.logger makes of an event's ``format`` and ``fields``,

@@ -55,7 +55,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3d.logformat import render_format
+from pop3d.logformat import escape_braces, render_format
 from pop3d.protocol import describe_address
 
 log = Logger()
@@ -413,9 +413,11 @@ def _worker_line(event: LogEvent) -> str:
 
 def _json_line(record: dict[str, object]) -> str:
     """
-    ``json.dumps(record)`` and a newline, the common record (a float time,
-    strings) written by hand: json.dumps makes a new encoder at every call,
-    which cost a busy worker as much as the rest of its line.
+    ``json.dumps(record)`` and a newline, for `_worker_line`'s records (the
+    time first, then fields named by plain ASCII keys): the common one (a
+    float time, strings) written by hand, as json.dumps writes it; json.dumps
+    makes a new encoder at every call, which cost a busy worker as much as
+    the rest of its line.
     """
     time = record["time"]
     if type(time) is not float or not math.isfinite(time):
@@ -475,6 +477,10 @@ def worker_events(lines: list[bytes]) -> list[LogEvent | None]:
     worker writes its lines together, and reading each apart cost the
     parent more than making its event (json.loads's own Python code, per
     call).  A batch with another line in it (a print) is read line by line.
+    Lines that are no record each but read as one record each once joined
+    (the halves of a record a print cut in two, beside a line holding two)
+    are taken as records: only a worker's own prints could do that, and a
+    whole record on one line was always taken as one.
     """
     if len(lines) > 1 and all(line[:1] == b"{" for line in lines):
         try:
@@ -503,7 +509,7 @@ def _record_event(record: object) -> LogEvent | None:
         # reads back an event that crossed a process (flattenEvent): an
         # observer takes it as it is, without running the formatter (Python's
         # string.Formatter, a third of the parent's work per line) again.
-        "log_format": text.replace("{", "{{").replace("}", "}}"),
+        "log_format": escape_braces(text),
         "log_flattened": {},
     }
     system = record.get("system")

@@ -17,17 +17,18 @@ from pathlib import Path
 import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
-from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody
+from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IMessageBody, ISeenFlags
 from pop3d.stores.maildir import MaildirStore
 from pop3d.testing import deliver_to_maildir
 
-from .conftest import Wire
+from .conftest import Logged, Wire
 from .test_process import HOST, Launch, launch, serve, write_passwd
 
 __all__ = ["launch"]  # the fixture, used by the kill -9 test
@@ -200,3 +201,77 @@ def test_killed_during_update_leaves_every_message_whole_or_gone(
     assert set(remaining) <= set(messages)
     kept = {m for i, m in enumerate(messages) if i % 2 == 1}
     assert kept <= set(remaining)
+
+
+# -- marking what was read seen (ISeenFlags), whatever the store answers --------
+
+
+@implementer(IMaildrop, ISeenFlags)
+class _MarkingSeen:
+    """A maildrop whose ``mark_seen`` answers as ``answer`` says, and records its calls."""
+
+    def __init__(self, maildrop: IMaildrop, answer: str, calls: list[list[int]]) -> None:
+        self._maildrop = maildrop
+        self._answer = answer
+        self._calls = calls
+        self.messages = maildrop.messages
+
+    def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
+        return self._maildrop.open_message(index)
+
+    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        return self._maildrop.remove(indexes)
+
+    def close(self) -> Deferred[None]:
+        return self._maildrop.close()
+
+    def mark_seen(self, retrieved: Sequence[int], kept: Sequence[int]) -> object:
+        self._calls.append(list(retrieved))
+        if self._answer == "raises":
+            raise OSError(errno.EIO, "the flags cannot be written")
+        if self._answer == "fails":
+            return fail(OSError(errno.EIO, "the flags cannot be written"))
+        if self._answer == "coroutine":
+            return self._marked()
+        return None if self._answer == "nothing to do" else succeed(None)
+
+    async def _marked(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("answer", "failure_logged"),
+    [
+        ("nothing to do", False),
+        ("done", False),
+        ("coroutine", False),
+        ("raises", True),
+        ("fails", True),
+    ],
+)
+def test_quit_answers_however_marking_seen_ends(
+    answer: str, failure_logged: bool, tmp_path: Path, mail: Path, logged: Logged
+) -> None:
+    """
+    RFC 1939 section 6: after UPDATE the server answers QUIT and closes.
+    Marking messages seen is the store's business: a store that fails at it
+    (at once or later) has it logged, and the client, whose work is done,
+    still gets its +OK and loses no message.
+    """
+    maildirs = MaildirStore(f"{tmp_path}/{{user}}")
+    calls: list[list[int]] = []
+
+    @implementer(IMaildropStore)
+    class Marking:
+        def open(self, mailbox: str) -> Deferred[IMaildrop]:
+            opened: Deferred[IMaildrop] = maildirs.open(mailbox)
+            return opened.addCallback(_MarkingSeen, answer, calls)
+
+    wire = _logged_in(Marking())
+    assert wire.command(b"RETR 2") == b"+OK 22 octets\r\nSubject: 2\r\n\r\nbody 2\r\n.\r\n"
+    assert wire.command(b"QUIT") == b"+OK bye\r\n"
+    assert wire.closed
+    assert calls == [[1]]
+    failures = [e for e in logged.events if formatEvent(e).endswith("marking messages seen failed")]
+    assert len(failures) == (1 if failure_logged else 0)
+    assert _contents(mail) == sorted(MESSAGES)

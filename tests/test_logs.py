@@ -24,6 +24,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.logger import (
+    Logger,
     LogLevel,
     eventAsJSON,
     eventAsText,
@@ -32,7 +33,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
 )
 
-from pop3d.driver import SessionLogger
+from pop3d.driver import SESSION_LOG_NAMESPACE, SessionLogger
 from pop3d.logformat import (
     LogoutFormat,
     LogoutFormatError,
@@ -563,3 +564,21 @@ def test_a_session_failure_keeps_its_traceback(logged: Logged) -> None:
     [event] = logged.events
     assert formatEvent(event) == "[k2.9] reading failed for bob"
     assert "ValueError: broken {brace}" in eventAsText(event)
+
+
+def test_a_session_line_carries_what_twisted_loggers_lines_carry(logged: Logged) -> None:
+    """
+    SessionLogger makes its events itself (Logger.emit's level check and
+    format pass cost a busy server more than the rest of a line): every key
+    a twisted.logger Logger puts in an event is there, with the same
+    meaning, so that observers written for twisted.logger read them alike.
+    If a Twisted release adds a key, this fails.
+    """
+    Logger(namespace=SESSION_LOG_NAMESPACE).info("login: {summary}", summary="x")
+    SessionLogger("k3.1").info("login: {summary}", summary="x")
+    plain, session = logged.events
+    assert set(session) == set(plain) | {"session", "log_flattened"}
+    for key in ("log_namespace", "log_level", "log_source", "summary"):
+        assert session[key] == plain[key], key
+    assert session["log_logger"].namespace == plain["log_logger"].namespace
+    assert formatEvent(session) == "[k3.1] " + formatEvent(plain)

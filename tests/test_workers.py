@@ -533,10 +533,7 @@ def test_a_batch_of_worker_lines_reads_as_each_line_does() -> None:
     printed = b"{ a plug-in's print"
     twice = lines[0] + b"," + lines[1]
     for batch in (lines, [*lines[:2], printed, *lines[2:]], [twice, lines[2]], lines[:1]):
-        events = worker_events(batch)
-        assert [formatEvent(e) if e else None for e in events] == [
-            formatEvent(e) if e else None for e in map(worker_event, batch)
-        ]
+        assert worker_events(batch) == [worker_event(line) for line in batch]
     assert [formatEvent(e) for e in worker_events(lines) if e] == [
         f"[s1] login: rip=127.0.0.1 method=USER user=user{number}" for number in range(4)
     ]
