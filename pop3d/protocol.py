@@ -749,16 +749,9 @@ class _MessageStreamer:
         from, so what is written now need not call ``progress``.
         """
         self._touched = touched
-        self._paused = False
-        # `_pump`, without a second call for every message.
-        self._pumping = True
         try:
-            while not self._paused and not self._finished and self._reading is None:
-                self._write_one_chunk()
-        except Exception:
-            self._fail(Failure())
+            self.resume()
         finally:
-            self._pumping = False
             self._touched = False
 
     def _pump(self) -> None:

@@ -129,6 +129,11 @@ class TestFormatStatus:
         )
 
 
+def _messages(*pieces: bytes) -> st.SearchStrategy[bytes]:
+    """Stored messages: any octets, or ``pieces`` run together (line ends, dots)."""
+    return st.binary(max_size=300) | st.lists(st.sampled_from(pieces)).map(b"".join)
+
+
 class TestMessageEncoder:
     """RFC 1939 section 3 (byte-stuffing, termination) and section 11 (sizes)."""
 
@@ -195,10 +200,7 @@ class TestMessageEncoder:
         assert encoder.done
 
     @given(
-        message=st.binary(max_size=300)
-        | st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"..", b"x y"])).map(
-            b"".join
-        ),
+        message=_messages(b"a", b".", b"\n", b"\r", b"\r\n", b"..", b"x y"),
         chunk_size=st.integers(min_value=1, max_value=17),
     )
     def test_any_chunking_gives_the_same_bytes_and_the_announced_size(
@@ -216,10 +218,7 @@ class TestMessageEncoder:
         assert len(unstuffed) == wire_size(message)
 
     @given(
-        message=st.binary(max_size=300)
-        | st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"\n.", b".\r\n"])).map(
-            b"".join
-        ),
+        message=_messages(b"a", b".", b"\n", b"\r", b"\r\n", b"\n.", b".\r\n"),
         chunk_size=st.integers(min_value=1, max_value=17),
     )
     def test_the_octets_counted_while_encoding_are_the_size_announced(
