@@ -515,17 +515,15 @@ class SessionDriver:
         if self._metrics is not None:
             self._timer_started = self._clock.seconds()
         try:
-            opened: object = maildrop.open_message(action.index)
+            opened = maildrop.open_message(action.index)
         except Exception:
             self._message_not_opened(Failure())
             return
-        # Not isinstance: Deferred is an ABC (Awaitable), whose check runs
-        # Python code on every RETR; its subclasses have it in their MRO.
-        if Deferred in type(opened).__mro__:
+        if isinstance(opened, Deferred):
             # One pair of callbacks, which catch their own failures.
-            opened.addCallbacks(self._message_opened, self._message_not_opened)  # type: ignore[attr-defined]
+            opened.addCallbacks(self._message_opened, self._message_not_opened)
         else:
-            self._message_opened(opened)  # type: ignore[arg-type]
+            self._message_opened(opened)
 
     def _message_opened(self, body: IMessageBody) -> None:
         if self._metrics is not None:

@@ -1780,17 +1780,15 @@ def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        return _open_regular(name, directory_fd)
-
-
-def _open_regular(name: str, directory_fd: int) -> tuple[int, int]:
-    """Open a file of a directory, refusing links and anything but a regular file: (fd, size)."""
-    fd, info = _open_regular_file(name, directory_fd)
-    return fd, info.st_size
+        fd, info = _open_regular_file(name, directory_fd)
+        return fd, info.st_size
 
 
 def _open_regular_file(name: str, directory_fd: int) -> tuple[int, os.stat_result]:
-    """`_open_regular`, with all that ``fstat`` said of the file."""
+    """
+    Open a file of a directory, refusing links and anything but a regular
+    file: the descriptor, and what ``fstat`` said of the file.
+    """
     fd = os.open(name, READ_FLAGS, dir_fd=directory_fd)
     try:
         info = os.fstat(fd)
@@ -1917,10 +1915,8 @@ class _FileBody:
             os.close(fd)
 
     def __del__(self) -> None:
-        # A body its reader forgot to close must not keep its descriptor
-        # (`close`, without a second Python call for every body closed).
-        if self._fd >= 0:
-            os.close(self._fd)
+        # A body its reader forgot to close must not keep its descriptor.
+        self.close()
 
 
 _NONE_REMOVED: frozenset[int] = frozenset()
