@@ -106,11 +106,6 @@ class PasswdFileError(ValueError):
     """A passwd-file that cannot be used, with the line that is wrong."""
 
 
-def parse_passwd_file(content: bytes, source: str = "passwd-file") -> dict[bytes, PasswordEntry]:
-    """The password entries of a passwd-file (see `read_passwd_file`)."""
-    return read_passwd_file(content, source)[0]
-
-
 #: The extra fields of a passwd-file that pop3d applies (see `read_passwd_file`).
 _REFUSALS = frozenset({"nologin", "reason", "allow_nets"})
 
@@ -295,19 +290,22 @@ class PasswdFileChecker:
         entries, extras = read_passwd_file(content, self.path)
         return _Table.of(entries, self._checks, extras)
 
-    def _current_table(self) -> Deferred[_Table]:
-        """The entries, read again first if the file changed."""
-        table = self._unchanged_table()
-        if table is not None:
-            return succeed(table)  # every login but those below
+    def _current_table(self) -> _Table | Deferred[_Table]:
+        """
+        The entries, after one ``stat`` of the file: those in use at once
+        (nearly every login: no Deferred to wait on), else once the file,
+        which changed, has been read again.
+        """
         try:
             signature = self._stat()
         except OSError as error:
             if self._signature is not None:  # said once, not at every login
                 log.error("keeping the previous {path}: {error}", path=self.path, error=error)
                 self._signature = None
-            return succeed(self._table)
+            return self._table
         if signature == self._signature:
+            if not self._file.reading:
+                return self._table
             # While the file is read, the logins that noticed the change wait.
             return self._file.settled().addCallback(lambda _: self._table)
         # Read once per change, whatever comes of it: a broken file is said
@@ -317,28 +315,20 @@ class PasswdFileChecker:
 
     def reload(self) -> Deferred[None]:
         """Read the file again now if it changed (SIGHUP); logins do so anyway."""
-        return self._current_table().addCallback(lambda _: None)
+        table = self._current_table()
+        if isinstance(table, Deferred):
+            return table.addCallback(lambda _: None)
+        return succeed(None)
 
     # -- ICredentialsChecker ---------------------------------------------------
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         # The user's name (bytes), or an AuthenticatedUser when the file
         # gives the user extra fields.
-        table = self._unchanged_table()
-        if table is not None:
-            # Nearly every login: checked now, without a Deferred to wait on.
-            return self._check(table, credentials)
-        return self._current_table().addCallback(self._check, credentials)
-
-    def _unchanged_table(self) -> _Table | None:
-        """The entries in use if the file is as when they were read and no reading is under way."""
-        try:
-            signature = self._stat()
-        except OSError:
-            return None  # `_current_table` says so
-        if signature == self._signature and not self._file.reading:
-            return self._table
-        return None
+        table = self._current_table()
+        if isinstance(table, Deferred):
+            return table.addCallback(self._check, credentials)
+        return self._check(table, credentials)
 
     def _check(
         self, table: _Table, credentials: Any
@@ -398,7 +388,10 @@ class PasswdFileChecker:
         def keys(table: _Table) -> Deferred[ScramKeys | None]:
             return self._verifier.scram_keys(name, table.entries.get(name), table.scram_derives)
 
-        return self._current_table().addCallback(keys)
+        table = self._current_table()
+        return (
+            table.addCallback(keys) if isinstance(table, Deferred) else maybeDeferred(keys, table)
+        )
 
 
 @implementer(ICheckerFactory, IPlugin)

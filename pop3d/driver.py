@@ -616,7 +616,7 @@ class SessionDriver:
         try:
             result = seen_flags.mark_seen(retrieved, kept)
         except Exception:
-            self.log.failure("marking messages seen failed")
+            self._marking_failed(Failure())
             result = None
         if result is None:
             # Nothing to do, or it failed at once: no Deferred to wait on.
@@ -628,9 +628,13 @@ class SessionDriver:
         # A Deferred, or what else maybeDeferred waits on (a store's
         # ``async def mark_seen`` gives a coroutine).
         marking: Deferred[object] = maybeDeferred(lambda: result)
-        marking.addErrback(lambda f: self.log.failure("marking messages seen failed", f))
+        marking.addErrback(self._marking_failed)
         marking.addCallback(self._updated, outcome)
         marking.addErrback(self._report_failure)
+
+    def _marking_failed(self, failure: Failure) -> None:
+        # The client's work is done: logged, not told.
+        self.log.failure("marking messages seen failed", failure)
 
     def _updated(self, _: object, outcome: Outcome | None) -> None:
         if self._metrics is not None:

@@ -32,7 +32,7 @@ from pop3d.checkers import (
     PasswdFileCheckerFactory,
     PasswdFileError,
     accept_wire_bytes,
-    parse_passwd_file,
+    read_passwd_file,
 )
 from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
@@ -104,7 +104,7 @@ class TestPasswdFile:
         self, tmp_path: Path
     ) -> None:
         stored = b"$1$saltsalt$rMIqYVCXYNdPxX2s/bKpR0"  # crypt("wonderland", "$1$saltsalt$")
-        [entry] = parse_passwd_file(b"alice:" + stored + b"::\n").values()
+        [entry] = read_passwd_file(b"alice:" + stored + b"::\n")[0].values()
         assert (entry.scheme, entry.secret) == ("CRYPT", stored)
         path = tmp_path / "passwd"
         path.write_bytes(b"alice:" + stored + b"::\n")
@@ -114,7 +114,7 @@ class TestPasswdFile:
             await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderlamp"))
 
     def test_parse(self) -> None:
-        entries = parse_passwd_file(PASSWD)
+        entries = read_passwd_file(PASSWD)[0]
         assert entries[b"alice"].secret == b"wonderland"
         assert entries[b"bob"].scheme == "CLEARTEXT"
         assert b"nopass" not in entries
@@ -130,7 +130,7 @@ class TestPasswdFile:
     )
     def test_errors_name_the_problem(self, content: bytes, message: str) -> None:
         with pytest.raises(PasswdFileError, match=message.replace("{", r"\{")):
-            parse_passwd_file(content)
+            read_passwd_file(content)[0]
 
     @pytest.fixture
     def checker(self, tmp_path: Path) -> PasswdFileChecker:
@@ -512,11 +512,11 @@ class TestHashedPasswdFile:
     def test_malformed_secret_names_line_and_scheme(self) -> None:
         content = b"alice:{PLAIN}x::\nbob:{BLF-CRYPT}$2y$05$tooshort::\n"
         with pytest.raises(PasswdFileError, match=r"line 2: malformed \{BLF-CRYPT\}") as caught:
-            parse_passwd_file(content)
+            read_passwd_file(content)[0]
         assert b"tooshort" not in str(caught.value).encode()
 
     def test_scheme_names_are_case_insensitive(self) -> None:
-        entries = parse_passwd_file(b"a:{blf-crypt}" + BLF_HORSE + b"\n")
+        entries = read_passwd_file(b"a:{blf-crypt}" + BLF_HORSE + b"\n")[0]
         assert entries[b"a"].scheme == "BLF-CRYPT"
 
 

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 import pop3d.sasl
-from pop3d.checkers import PasswdFileError, parse_passwd_file
+from pop3d.checkers import PasswdFileError, read_passwd_file
 from pop3d.credchecks import (
     PASSWORD_CHECKS,
     PasswordEntry,
@@ -278,7 +278,7 @@ STORED_PASSWORDS: list[tuple[str, bytes | None]] = [
 def passwd_file_reads(stored: str) -> PasswordEntry | None:
     """What a passwd-file makes of ``stored`` (None: it refuses the file)."""
     try:
-        entries = parse_passwd_file(b"user:" + stored.encode() + b"::\n")
+        entries = read_passwd_file(b"user:" + stored.encode() + b"::\n")[0]
     except PasswdFileError:
         return None
     return entries[b"user"]
@@ -286,7 +286,7 @@ def passwd_file_reads(stored: str) -> PasswordEntry | None:
 
 class TestParsingStoredPasswords:
     @pytest.mark.parametrize("stored,password", STORED_PASSWORDS)
-    def test_every_database_reads_a_stored_password_alike(
+    def test_passwd_file_and_sql_read_a_stored_password_alike(
         self, stored: str, password: bytes | None
     ) -> None:
         """passwd-file and an SQL row (``password`` field) accept and refuse the same values."""

@@ -1993,6 +1993,7 @@ class _Maildrop:
                 path = os.path.join(directory.path, *location)
                 return fail(unavailable("cannot open message", path, error))
             else:
+                # directory.path is `root`, without the property's call.
                 return _FileBody(fd, info.st_size, directory.path, location)
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
