@@ -12,7 +12,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred import strcred
@@ -89,6 +89,7 @@ from pop3d.wire import ClientWorkarounds, UnknownWorkaround
 from pop3d.workers import (
     AdoptedPorts,
     InheritedSocket,
+    SharedLog,
     WorkerLogLines,
     WorkerPool,
     worker_command,
@@ -673,20 +674,58 @@ def worker_log_observer() -> ILogObserver:
     While the reactor runs, the lines logged close together go out together
     (see `pop3d.workers.WorkerLogLines`).
     """
-    # twistd calls this once it has installed the reactor: the worker's log
-    # is put together here, in the composition root, as its service is in
-    # makeService.
+    return _worker_log(sys.stdout, None)
+
+
+def worker_shared_log_observer() -> ILogObserver:
+    """
+    The log of a worker whose parent logs to its standard output
+    (``twistd -n`` without ``--logfile``): the worker's standard output is
+    that same output, and the worker writes its lines there itself, as
+    twistd writes the parent's (`pop3d.workers.SharedLog`); only a line too
+    long to be written whole goes to the parent, as JSON on standard error.
+    """
+    sys.stdout.flush()
+    return _worker_log(sys.stderr, SharedLog(sys.stdout.fileno(), sys.stdout.encoding))
+
+
+def _worker_log(output: IO[str], shared: SharedLog | None) -> ILogObserver:
+    # twistd calls the observer's factory once it has installed the
+    # reactor: the worker's log is put together here, in the composition
+    # root, as its service is in makeService.
     from twisted.internet import reactor
 
     core = cast(IReactorCore, reactor)
     lines = WorkerLogLines(
-        sys.stdout, cast(IReactorTime, reactor), lambda: core.running and isInIOThread()
+        output,
+        cast(IReactorTime, reactor),
+        lambda: core.running and isInIOThread(),
+        shared=shared,
     )
     # What the last turn kept, however the process ends: twistd stopped by
     # a signal kills itself with it (no atexit), after the reactor stopped.
     core.addSystemEventTrigger("after", "shutdown", lines.flush)
     atexit.register(lines.flush)
     return lines
+
+
+def twistd_log_descriptor(options: Options) -> int | None:
+    """
+    The descriptor twistd writes this process's log to, when it is one the
+    workers can share: standard output (``twistd -n`` without
+    ``--logfile``, or ``--logfile -``); None when twistd logs to a file
+    (which it rotates), to syslog, or through ``--logger``, or when pop3d
+    does not run under twistd.
+    """
+    twistd = getattr(options, "parent", None)
+    if not isinstance(twistd, usage.Options):
+        return None
+    if twistd.get("logger") or twistd.get("syslog"):
+        return None
+    logfile = twistd.get("logfile")
+    if logfile == "-" or (twistd.get("nodaemon") and not logfile):
+        return sys.__stdout__.fileno() if sys.__stdout__ is not None else None
+    return None
 
 
 def makeService(options: Options) -> IService:
@@ -769,12 +808,17 @@ def makeService(options: Options) -> IService:
         adopted = AdoptedPorts(cast(IReactorSocket, reactor), options["worker-sockets"], factories)
         adopted.setServiceParent(service)
     elif options["workers"] > 1:
+        # Under systemd (twistd -n, its log on standard output, the journal)
+        # the workers write their lines there themselves: the parent would
+        # spend as much as a worker's whole session rewriting them.
+        shared_log = twistd_log_descriptor(options)
         workers = WorkerPool(
             cast(IReactorProcess, reactor),
             options["endpoints"],
-            worker_command(options.arguments),
+            worker_command(options.arguments, shared_log=shared_log is not None),
             options["workers"],
             options["listen"],
+            shared_log=shared_log,
         )
         workers.setName("workers")
         workers.setServiceParent(service)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import select
 import socket
 import sys
 import threading
@@ -50,6 +51,8 @@ from twisted.logger import (
     Logger,
     LogLevel,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
@@ -72,6 +75,29 @@ MAX_LOG_LINE = 1024 * 1024
 #: The shortest time between two writes of a busy worker's log lines to the
 #: parent (see `WorkerLogLines`): the longest a line waits.
 LOG_WRITE_INTERVAL = 0.02
+#: The most a worker writes to a `SharedLog` at once: what the kernel writes
+#: whole to a pipe (POSIX's PIPE_BUF), so that no other process's line can
+#: come in the middle of it.
+SHARED_LOG_WRITE = select.PIPE_BUF
+
+
+@dataclass(frozen=True)
+class SharedLog:
+    """
+    The parent's log when it is the parent's standard output (``twistd -n``
+    without ``--logfile``, or ``--logfile -``: the journal under systemd, a
+    container's log): each worker writes its own lines to it, as twistd
+    writes the parent's, instead of sending them to the parent to write.
+    Each write is whole lines and at most `SHARED_LOG_WRITE` bytes, so
+    that lines of several processes never mix, on a pipe too; a longer line
+    (a traceback) goes through the parent as before.
+
+    ``fd`` is the worker's descriptor of that output; ``encoding`` the one
+    the parent's standard output writes in.
+    """
+
+    fd: int
+    encoding: str = "utf-8"
 
 
 @dataclass(frozen=True)
@@ -167,11 +193,15 @@ class WorkerPool(Service):
         count: int,
         descriptions: Sequence[str] = (),
         log_observer: ILogObserver = globalLogPublisher,
+        shared_log: int | None = None,
     ) -> None:
         self._reactor = reactor
         #: Where the workers' log events go: this process's log (its
         #: --logfile, --syslog or standard output), so one writer has it all.
         self.log_observer = log_observer
+        # This process's log when it is a descriptor the workers can write
+        # to themselves (`SharedLog`): their standard output.
+        self._shared_log = shared_log
         self._endpoints = list(endpoints)
         self._descriptions = list(descriptions) or [""] * len(self._endpoints)
         self._command = list(command)
@@ -237,9 +267,13 @@ class WorkerPool(Service):
         # The workers see the sockets at descriptors 3, 4, ... in order.
         own = self._sockets[number]
         inherited = [InheritedSocket(3 + i, s.family) for i, s in enumerate(own)]
-        # Standard output: the worker's log events (pop3d.tap.worker_log_observer);
-        # standard error: whatever it writes before its log starts.
-        child_fds: dict[int, int | str] = {0: 0, 1: "r", 2: "r"}
+        # Standard output: the worker's log events (pop3d.tap.worker_log_observer),
+        # or this process's log, which the worker writes to itself
+        # (pop3d.tap.worker_shared_log_observer); standard error: whatever
+        # it writes before its log starts, and its lines too long for the
+        # shared log.
+        output: int | str = "r" if self._shared_log is None else self._shared_log
+        child_fds: dict[int, int | str] = {0: 0, 1: output, 2: "r"}
         child_fds.update({s.fd: parent.fd for s, parent in zip(inherited, own, strict=True)})
         arguments = [*self._command, "--worker-sockets", ",".join(map(str, inherited))]
         worker = _Worker(self, number)
@@ -330,6 +364,10 @@ class WorkerLogLines:
     reactor not yet or no longer running) a line is written at once, after
     those kept before it.
     `flush` writes what is kept.
+
+    With a ``shared`` log (`SharedLog`), lines go there as twistd's
+    observer would have written them (`classic_line`); ``output`` then only
+    takes the lines too long for one write to it.
     """
 
     def __init__(
@@ -338,12 +376,17 @@ class WorkerLogLines:
         clock: IReactorTime,
         keeping: Callable[[], bool],
         interval: float = LOG_WRITE_INTERVAL,
+        shared: SharedLog | None = None,
     ) -> None:
         self._output = output
         self._clock = clock
         self._keeping = keeping
         self._interval = interval
-        self._kept: list[str] = []
+        self._shared = shared
+        self._stamps = TimeStamps()
+        # Lines for the parent (str: JSON) and, with a shared log, for it
+        # (bytes: whole lines, encoded).
+        self._kept: list[str | bytes] = []
         self._flush_pending = False
         self._last_write = -interval
         # The thread pool logs too: one writer at a time, in order.
@@ -353,7 +396,9 @@ class WorkerLogLines:
         self._writing = False
 
     def __call__(self, event: LogEvent) -> None:
-        line = _worker_line(event)
+        line = self._line(event)
+        if line is None:
+            return
         with self._lock:
             self._kept.append(line)
             if not self._keeping():
@@ -364,6 +409,18 @@ class WorkerLogLines:
             self._flush_pending = True
             delay = max(0.0, self._last_write + self._interval - self._clock.seconds())
         self._clock.callLater(delay, self.flush)
+
+    def _line(self, event: LogEvent) -> str | bytes | None:
+        if self._shared is None:
+            return _worker_line(event)
+        text = classic_line(event, self._stamps)
+        if text is None:
+            # twistd's observer writes no line for an event without text.
+            return None
+        line = text.encode(self._shared.encoding, "backslashreplace")
+        if len(line) > SHARED_LOG_WRITE:
+            return _worker_line(event)
+        return line
 
     def flush(self) -> None:
         """Write the lines kept so far."""
@@ -386,11 +443,88 @@ class WorkerLogLines:
             # the end of a turn, the error would be logged, kept, and raised
             # again at the end of the next.
             try:
-                with contextlib.suppress(OSError):
-                    self._output.write("".join(kept))
-                    self._output.flush()
+                relayed = [line for line in kept if type(line) is str]
+                if len(relayed) < len(kept) and self._shared is not None:
+                    # The output gone (the journal stopped?), as below.
+                    with contextlib.suppress(OSError):
+                        _write_lines(self._shared.fd, [b for b in kept if type(b) is bytes])
+                if relayed:
+                    with contextlib.suppress(OSError):
+                        self._output.write("".join(relayed))
+                        self._output.flush()
             finally:
                 self._writing = False
+
+
+def _write_lines(fd: int, lines: list[bytes]) -> None:
+    """
+    ``lines`` (each at most `SHARED_LOG_WRITE` bytes) to ``fd``, as few
+    writes as can hold them whole, each at most `SHARED_LOG_WRITE` bytes.
+    """
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if size + len(line) > SHARED_LOG_WRITE:
+            _write_all(fd, b"".join(chunk))
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        _write_all(fd, b"".join(chunk))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # A pipe takes at most PIPE_BUF bytes whole or blocks; a file or a
+    # socket may take less (a signal): the rest follows.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class TimeStamps:
+    """
+    twisted.logger's ``formatTime`` (RFC 3339, whole seconds, local time),
+    made once per second: ``formatTime`` builds a time zone per call, which
+    cost more than the rest of a line.  Called with the seconds of a log
+    event's time, or None.
+    """
+
+    def __init__(self) -> None:
+        # (second, text), replaced whole: the thread pool logs too.
+        self._last: tuple[int, str] = (-1, "")
+
+    def __call__(self, when: float | None) -> str:
+        if type(when) is not float or not math.isfinite(when) or when < 0:
+            return formatTime(when)
+        # The second datetime.fromtimestamp makes of ``when``: its
+        # microseconds rounded half to even, a second more at 1,000,000.
+        second = math.floor(when)
+        if round((when - second) * 1e6) >= 1_000_000:
+            second += 1
+        last = self._last
+        if last[0] == second:
+            return last[1]
+        text = formatTime(float(second))
+        self._last = (second, text)
+        return text
+
+
+def classic_line(event: LogEvent, stamps: Callable[[float | None], str]) -> str | None:
+    """
+    ``formatEventAsClassicLogText(event, formatTime=stamps)``, the line
+    twistd's observer writes (``TIME [NAMESPACE#LEVEL] TEXT``, continued
+    lines indented), the common case (no failure, no ``log_system``) made
+    here from `_event_text`.
+    """
+    if "log_failure" in event or "log_system" in event:
+        return formatEventAsClassicLogText(event, formatTime=stamps)
+    text = _event_text(event)
+    if not text:
+        return None
+    level = event.get("log_level")
+    system = "{}#{}".format(event.get("log_namespace", "-"), "-" if level is None else level.name)
+    line = stamps(event.get("log_time")) + " [" + system + "] " + text
+    return line.replace("\n", "\n\t") + "\n"
 
 
 def _worker_line(event: LogEvent) -> str:
@@ -574,19 +708,21 @@ class _Worker(ProcessProtocol):
         self._errors.feed(data)
 
     def _event_lines(self, lines: list[bytes]) -> None:
+        self._log_lines(lines, LogLevel.info)
+
+    def _error_lines(self, lines: list[bytes]) -> None:
+        # With a shared log, a line too long for it comes this way.
+        self._log_lines(lines, LogLevel.warn)
+
+    def _log_lines(self, lines: list[bytes], other: LogLevel) -> None:
+        """The worker's log events among ``lines``; ``other`` lines logged at that level."""
         for line, event in zip(lines, worker_events(lines), strict=True):
             if event is not None:
                 self._pool.log_observer(event)
                 continue
             text = line.decode("utf-8", "replace")
             if text.strip():  # a print, not a log event
-                log.info("worker {number}: {line}", number=self.number, line=text)
-
-    def _error_lines(self, lines: list[bytes]) -> None:
-        for line in lines:
-            text = line.decode("utf-8", "replace")
-            if text.strip():
-                log.warn("worker {number}: {line}", number=self.number, line=text)
+                log.emit(other, "worker {number}: {line}", number=self.number, line=text)
 
     def processEnded(self, reason: Failure) -> None:
         self._events.end()
@@ -649,10 +785,11 @@ def reuseport_sockets(address: TCPAddress, count: int) -> list[socket.socket]:
     return sockets
 
 
-def worker_command(arguments: Sequence[str]) -> list[str]:
+def worker_command(arguments: Sequence[str], shared_log: bool = False) -> list[str]:
     """
     How to start a worker: twistd in the foreground, with the parent's pop3d
-    options less ``--workers``.
+    options less ``--workers``; with ``shared_log``, a worker that writes its
+    log lines to its standard output itself (`SharedLog`).
     """
     kept: list[str] = []
     skip = False
@@ -674,7 +811,7 @@ def worker_command(arguments: Sequence[str]) -> list[str]:
         "-n",
         "--pidfile=",
         "--logger",
-        "pop3d.tap.worker_log_observer",
+        "pop3d.tap.worker_shared_log_observer" if shared_log else "pop3d.tap.worker_log_observer",
         "pop3d",
         *kept,
     ]

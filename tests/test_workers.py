@@ -14,8 +14,10 @@ import re
 import select
 import signal
 import socket
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent
 
 from pop3d.testing import deliver_to_maildir
-from pop3d.workers import WorkerLogLines
+from pop3d.workers import SharedLog, WorkerLogLines
 
 from .test_process import HOST, PATIENCE, Launch, launch, pop3d_arguments, write_passwd
 
@@ -136,13 +138,22 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path, launch: Launch)
     (All 16 on one of two workers by chance: 1 in 32,768.)
     """
     _, port, pids = _start_pool(launch, tmp_path, 2)
-    # Connected all at once, before any worker accepts: a burst.
+    # Each worker has its listening socket and at least two clients.
+    _greeted_by_each(port, pids, sockets=3)
+
+
+def _greeted_by_each(port: int, pids: list[int], sockets: int = 2) -> None:
+    """
+    16 clients connected at once (a burst, before any worker accepts), each
+    greeted, while each worker has at least ``sockets`` sockets open (its
+    listening socket and its clients').
+    """
     clients = [socket.create_connection((HOST, port), timeout=PATIENCE) for _ in range(16)]
     try:
         # Every client has its greeting: every connection is accepted.
         assert all(client.recv(3) == b"+OK" for client in clients)
         connected = {pid: len(_sockets(pid)) for pid in pids}
-        assert all(count > 2 for count in connected.values()), connected
+        assert all(count >= sockets for count in connected.values()), connected
     finally:
         for client in clients:
             client.close()
@@ -354,7 +365,11 @@ def test_a_stopping_workers_last_log_lines_reach_the_parent(tmp_path: Path, laun
     (twistd then ends it with the signal, no exit handlers run), are in
     the parent's log, as the parent's own are.
     """
-    server, _, _ = _start_pool(launch, tmp_path, 2)
+    server, port, pids = _start_pool(launch, tmp_path, 2)
+    # Each worker logs that it listens before its reactor runs (and has its
+    # SIGTERM handler): stopped sooner, it dies of the signal, logging
+    # nothing.  Once each has greeted a client, each runs.
+    _greeted_by_each(port, pids)
     server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
     status, output = server.wait_exit()  # type: ignore[attr-defined]
     assert status == -signal.SIGTERM, output
@@ -569,3 +584,257 @@ def test_a_workers_line_is_the_json_of_its_record(
         event["log_system"] = record["system"] = system
     observer(event)
     assert output.text() == json.dumps(record) + "\n"
+
+
+# -- workers that write their lines to the parent's standard output themselves ----------
+
+
+def _shared_log_pair() -> tuple[socket.socket, socket.socket]:
+    """A shared log that keeps each write apart (a datagram each): the test reads writes."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def _writes(reader: socket.socket) -> list[bytes]:
+    reader.setblocking(False)
+    writes = []
+    while True:
+        try:
+            writes.append(reader.recv(65536))
+        except BlockingIOError:
+            return writes
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC (twistd's log writes local time)."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_worker_writes_its_lines_to_a_shared_log_as_twistd_would(utc: None) -> None:
+    """
+    ``twistd -n`` (the log on standard output): a worker writes each line
+    there itself, the line twistd's observer would write for it.
+    """
+    writer, reader = _shared_log_pair()
+    relayed = _Writes()
+    observer = WorkerLogLines(
+        relayed, Clock(), keeping=lambda: False, shared=SharedLog(writer.fileno())
+    )
+    observer(_session_line(7))
+    observer({"log_format": "", "log_time": 1796480000.0})  # no text: no line
+    observer({"log_format": "two\nlines", "log_time": 1796480000.5, "log_system": "sys"})
+    assert _writes(reader) == [
+        b"2026-12-05T14:13:27+0000 [pop3d.session.Session#info] "
+        b"[s1] login: rip=127.0.0.1 method=USER user=user7\n",
+        b"2026-12-05T14:13:20+0000 [sys] two\n\tlines\n",
+    ]
+    assert relayed.writes == []
+    writer.close()
+    reader.close()
+
+
+def test_a_busy_worker_writes_whole_lines_to_a_shared_log_each_write_at_most_pipe_buf() -> None:
+    """
+    Lines kept for the end of a reactor turn go out in as few writes as
+    hold them, each whole lines and at most PIPE_BUF bytes: written so,
+    no other process's line can come in the middle of one, on a pipe too.
+    """
+    writer, reader = _shared_log_pair()
+    clock = Clock()
+    observer = WorkerLogLines(
+        _Writes(), clock, keeping=lambda: True, shared=SharedLog(writer.fileno())
+    )
+    lines = [_session_line(number) for number in range(200)]
+    for line in lines:
+        observer(line)
+    assert _writes(reader) == []
+    clock.advance(0)
+    writes = _writes(reader)
+    assert 1 < len(writes) < len(lines)
+    assert all(len(write) <= select.PIPE_BUF and write.endswith(b"\n") for write in writes)
+    texts = b"".join(writes).decode().splitlines()
+    assert [text.partition("] ")[2] for text in texts] == [
+        f"[s1] login: rip=127.0.0.1 method=USER user=user{number}" for number in range(200)
+    ]
+    writer.close()
+    reader.close()
+
+
+def test_a_line_too_long_for_one_write_to_a_shared_log_goes_through_the_parent() -> None:
+    """
+    A line longer than PIPE_BUF (a traceback) could be cut by another
+    process's line on a pipe: it goes to the parent (on the worker's
+    standard error), which writes it as it writes its own.
+    """
+    from pop3d.workers import worker_event
+
+    writer, reader = _shared_log_pair()
+    relayed = _Writes()
+    observer = WorkerLogLines(
+        relayed, Clock(), keeping=lambda: False, shared=SharedLog(writer.fileno())
+    )
+    long = "x" * select.PIPE_BUF
+    observer({**_session_line(1), "summary": long})
+    observer(_session_line(2))
+    [line] = relayed.text().encode().splitlines()
+    event = worker_event(line)
+    assert event is not None
+    assert formatEvent(event) == "[s1] login: " + long
+    assert event["log_time"] == 1796480001.0
+    [write] = _writes(reader)
+    assert write.endswith(b"[s1] login: rip=127.0.0.1 method=USER user=user2\n")
+    writer.close()
+    reader.close()
+
+
+#: Times around whole seconds (datetime rounds to microseconds, half to even).
+_EDGES = [1796480000.0 + frac for frac in (0.0, 0.4999995, 0.9999994, 0.9999995, 0.9999996)]
+
+
+@given(
+    when=st.one_of(
+        st.sampled_from(_EDGES),
+        st.floats(min_value=0, max_value=4e9),
+        st.integers(min_value=0, max_value=2**32),
+        st.none(),
+    ),
+    later=st.floats(min_value=0, max_value=3),
+)
+def test_time_stamps_are_twisted_loggers_format_time(when: float | None, later: float) -> None:
+    """The cached time of a line is what twisted.logger's formatTime makes of it."""
+    from twisted.logger import formatTime
+
+    from pop3d.workers import TimeStamps
+
+    stamps = TimeStamps()
+    assert stamps(when) == formatTime(when)
+    if when is not None:
+        assert stamps(when + later) == formatTime(when + later)
+        assert stamps(when) == formatTime(when)
+
+
+_LEVELS = st.one_of(st.sampled_from(list(LogLevel.iterconstants())), st.none())
+
+
+@given(
+    format=st.one_of(st.text(), st.sampled_from(["{x}", "{{x}}", "a {x!r}\nb", "{", "{y}"])),
+    x=st.text(),
+    namespace=st.one_of(st.text(), st.none()),
+    level=_LEVELS,
+    system=st.one_of(st.text(), st.none()),
+    when=st.one_of(st.floats(min_value=0, max_value=4e9), st.none()),
+    flattened=st.booleans(),
+    failure=st.booleans(),
+)
+def test_a_shared_log_line_is_twisteds_classic_line(
+    format: str,
+    x: str,
+    namespace: str | None,
+    level: LogLevel | None,
+    system: str | None,
+    when: float | None,
+    flattened: bool,
+    failure: bool,
+) -> None:
+    """
+    Whatever an event holds, the line a worker writes to a shared log is
+    the one twistd's observer writes (formatEventAsClassicLogText).
+    """
+    from twisted.logger import formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from pop3d.workers import TimeStamps, classic_line
+
+    event: dict[str, object] = {"log_format": format, "x": x}
+    for key, value in (
+        ("log_namespace", namespace),
+        ("log_level", level),
+        ("log_system", system),
+        ("log_time", when),
+    ):
+        if value is not None:
+            event[key] = value
+    if flattened:
+        event["log_flattened"] = {}
+    if failure:
+        event["log_failure"] = Failure(KeyError(x))
+    assert classic_line(event, TimeStamps()) == formatEventAsClassicLogText(event)
+
+
+def test_twistd_logging_to_standard_output_is_shared_with_the_workers(tmp_path: Path) -> None:
+    """
+    Which twistd command lines log to standard output, which the workers
+    then write to themselves; a log file (which twistd rotates), syslog and
+    ``--logger`` go through the parent.
+    """
+    from twisted.scripts.twistd import ServerOptions
+
+    from pop3d.tap import twistd_log_descriptor
+
+    pop3d = pop3d_arguments(tmp_path, write_passwd(tmp_path))[2:]
+    assert pop3d[0] == "pop3d"
+
+    def descriptor(*twistd: str) -> int | None:
+        options = ServerOptions()
+        options.parseOptions([*twistd, *pop3d])
+        return twistd_log_descriptor(options.subOptions)
+
+    stdout = sys.__stdout__.fileno()
+    assert descriptor("-n") == stdout
+    assert descriptor("--nodaemon", "--pidfile=") == stdout
+    assert descriptor("-n", "--logfile", "-") == stdout
+    assert descriptor("-n", "--logfile", str(tmp_path / "pop3d.log")) is None
+    assert descriptor("--logfile", str(tmp_path / "pop3d.log")) is None
+    assert descriptor() is None  # a daemon: twistd.log
+    assert descriptor("-n", "--syslog") is None
+    assert descriptor("-n", "--logger", "pop3d.tap.worker_log_observer") is None
+
+
+def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """
+    ``twistd -n pop3d --workers 2`` (as under systemd): sessions on both
+    workers at once, every line of the output (a pipe) whole and in
+    twistd's form, each session's login and logout there.
+    """
+    mail_root = tmp_path / "mail"
+    users = [f"user{number}" for number in range(8)]
+    for user in users:
+        deliver_to_maildir(str(mail_root / user), b"Subject: hi\n\nbody\n")
+    passwd = write_passwd(tmp_path, "".join(f"{user}:{{PLAIN}}secret::\n" for user in users))
+    server = launch(*pop3d_arguments(mail_root, passwd, "--workers", "2"))
+    for _ in range(2):
+        port = int(server.wait_for(WORKER_LISTENING).group(2))
+    errors: list[BaseException] = []
+
+    def sessions(user: str) -> None:
+        try:
+            for _ in range(10):
+                client = poplib.POP3(HOST, port, timeout=PATIENCE)
+                client.user(user)
+                client.pass_("secret")
+                assert client.stat() == (1, 21)
+                client.quit()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=sessions, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    _, output = server.wait_exit()  # type: ignore[attr-defined]
+    lines = output.splitlines()
+    classic = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] \S")
+    assert [line for line in lines if not classic.match(line)] == []
+    for user in users:
+        login = f'] login: rip=127.0.0.1 method=USER user="{user}"'
+        logout = f'] session logged out: user="{user}"'
+        assert sum(login in line for line in lines) == sum(logout in line for line in lines) == 10
