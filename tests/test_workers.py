@@ -838,3 +838,25 @@ def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
         login = f'] login: rip=127.0.0.1 method=USER user="{user}"'
         logout = f'] session logged out: user="{user}"'
         assert sum(login in line for line in lines) == sum(logout in line for line in lines) == 10
+
+
+def test_a_workers_line_too_long_for_one_write_reaches_twistds_standard_output_whole(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """
+    ``twistd -n pop3d --workers 2``: a failed login's line naming a
+    5,000-character user (longer than one whole write to a pipe) reaches
+    the output whole, through the parent.
+    """
+    server, port, _ = _start_pool(launch, tmp_path, 2)
+    user = "u" * 5000
+    with socket.create_connection((HOST, port), timeout=PATIENCE) as client:
+        replies = client.makefile("rb")
+        assert replies.readline().startswith(b"+OK")
+        client.sendall(b"USER %s\r\nPASS nope\r\nQUIT\r\n" % user.encode())
+        assert replies.readline() == b"+OK send PASS\r\n"
+        assert replies.readline() == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert replies.readline() == b"+OK bye\r\n"
+    line = server.wait_for(re.compile(r"\] \[[^]]+\] login failed: .*\n"))  # type: ignore[attr-defined]
+    assert line.group(0).endswith(f' user="{user}"\n')
+    assert line.string.startswith("20")
