@@ -198,7 +198,8 @@ _HOLD_LOCK = """
 import os, sys
 from pop3d.stores.posix import LockFiles, LockTable
 locks = LockTable(sys.argv[2]) if sys.argv[2] else LockFiles(None)
-locks.acquire(sys.argv[1], os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+directory = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+locks.acquire(sys.argv[1], directory, os.fstat(directory))
 print("locked", flush=True)
 sys.stdin.read()
 """

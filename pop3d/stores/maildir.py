@@ -417,7 +417,7 @@ class MaildirStore:
         try:
             info = os.fstat(root_fd)
             directory = _Directory(root, info.st_dev, info.st_ino)
-            release = self.locks.acquire(root, root_fd)
+            release = self.locks.acquire(root, root_fd, info)
             stamps = _take_stamps(root_fd)
         except BaseException as error:
             # Whatever went wrong (a lock file its owner filled with
