@@ -462,6 +462,24 @@ class TestTemplates:
     def test_name_is_not_expanded_again(self) -> None:
         assert expand_template("/m/{user}/{domain}", "{domain}@x") == "/m/{domain}@x/x"
 
+    def test_placeholders_anywhere_and_twice(self) -> None:
+        assert expand_template("{user}", "alice") == "alice"
+        assert expand_template("{local}.{domain}/{local}", "al@ex.org") == "al.ex.org/al"
+
+    @pytest.mark.parametrize(
+        ("template", "mailbox"),
+        [
+            ("/m/{domain}/{local}", "al@"),
+            ("/m/{domain}/{local}", "@ex.org"),
+            ("/m/{domain}/{local}", ".al@ex.org"),
+            ("/m/{domain}/{local}", "al@.ex.org"),
+            ("/m/{domain}", "alice"),
+        ],
+    )
+    def test_a_part_empty_or_hidden_names_no_maildir(self, template: str, mailbox: str) -> None:
+        # It would name the wrong directory (the domain's, or a dot file).
+        assert expand_template(template, mailbox) is None
+
     @pytest.mark.parametrize("template", ["/m/{usr}", "/m/{user", "/m/{0}", ""])
     def test_bad_templates(self, template: str) -> None:
         with pytest.raises(MaildirTemplateError):
