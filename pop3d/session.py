@@ -442,10 +442,12 @@ class SessionPolicy:
 
 DEFAULT_POLICY = SessionPolicy()
 _OK = Status(True)
-# Replies every session sends, made once: a frozen dataclass costs some
-# thousands of instructions to make.
+# The replies and the ends most sessions have, made once: a frozen
+# dataclass costs some thousands of instructions to make.
 _USER_ACCEPTED = Status(True, USER_ACCEPTED)
 _BYE = Hangup(Status(True, BYE))
+_LOGGED_OUT = EndSession("logged out", _BYE)
+_ENDED_WITHOUT_QUIT = EndSession("ended without QUIT, nothing deleted", None)
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
 _NO_MESSAGES = MessageList()
@@ -1090,7 +1092,7 @@ class Session:
         return Listing(Status(True, CAPABILITIES_FOLLOW), self.capabilities())
 
     def _ended_without_quit(self, _: None) -> Outcome:
-        return EndSession("ended without QUIT, nothing deleted", None)
+        return _ENDED_WITHOUT_QUIT
 
     # -- UPDATE (RFC 1939 section 6) ---------------------------------------
 
@@ -1115,7 +1117,7 @@ class Session:
         self.counters.deleted_octets = (
             sum(self._messages.sizes[i] for i in removed) if removed else 0
         )
-        return EndSession("logged out", _BYE)
+        return _LOGGED_OUT
 
     def _update_failed(self, status: Status) -> Outcome:
         return EndSession("logged out", Hangup(status))
