@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -292,21 +293,24 @@ def unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
 # -- what this process holds ------------------------------------------------------
 
 
-def forget_in_forked_children(forget: Callable[[], None]) -> None:
-    """
-    Have a forked child call the bound method ``forget`` (its object's
-    state of the parent's locks is not the child's), for as long as the
-    object lives: once, at the fork, instead of comparing ``os.getpid()``
-    (a system call) at every lock and unlock.
-    """
-    method = weakref.WeakMethod(forget)
+class _KnowsLocksOfThisProcess(Protocol):
+    def _forget_after_fork(self) -> None:
+        """In a forked child: what it knows of the parent's locks is not the child's."""
 
-    def after_fork_in_child() -> None:
-        bound = method()
-        if bound is not None:
-            bound()
 
-    os.register_at_fork(after_in_child=after_fork_in_child)
+#: Every live object that knows what this process holds (held weakly: one
+#: store per per-user mail location may come and go).  A forked child makes
+#: each forget it once, at the fork, instead of comparing ``os.getpid()``
+#: (a system call) at every lock and unlock.
+_KNOWING_LOCKS: weakref.WeakSet[_KnowsLocksOfThisProcess] = weakref.WeakSet()
+
+
+def _forget_locks_after_fork() -> None:
+    for knowing in list(_KNOWING_LOCKS):
+        knowing._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_locks_after_fork)
 
 
 class ProcessLocks:
@@ -320,7 +324,7 @@ class ProcessLocks:
     def __init__(self) -> None:
         self._held: set[object] = set()
         self._mutex = threading.Lock()
-        forget_in_forked_children(self._forget_after_fork)
+        _KNOWING_LOCKS.add(self)
 
     def _forget_after_fork(self) -> None:
         # A new mutex too: a thread of the parent may have held the old one
@@ -693,7 +697,7 @@ class LockTable:
         # forked child gets its own, so that it never unlocks (nor thinks
         # it holds) its parent's.
         self._holder = object()
-        forget_in_forked_children(self._forget_after_fork)
+        _KNOWING_LOCKS.add(self)
 
     def _forget_after_fork(self) -> None:
         # The child inherits the descriptor but not the locks: it opens
