@@ -361,15 +361,34 @@ class SessionDriver:
             # times), which hands the realm inside it the context.
             mind = self._login_timing = _login_timing(self._timer_started, context)
         # The realm's richer avatar first (the user's settings), else the maildrop alone.
-        attempt: Deferred[_Opened] = self.portal.login(
-            credentials, mind, IUserMaildrop, IMaildrop
-        ).addCallback(_opened_maildrop)
-        attempt.addCallbacks(
-            self._logged_in,
-            self._login_failed,
-            errbackArgs=(credentials, shown_user, action.method),
-        )
-        attempt.addErrback(self._report_failure)
+        attempt: Deferred[_Avatar] = self.portal.login(credentials, mind, IUserMaildrop, IMaildrop)
+        attempt.addBoth(self._login_answered, credentials, shown_user, action.method)
+
+    def _login_answered(
+        self, answer: _Avatar | Failure, credentials: ICredentials, shown_user: str, method: str
+    ) -> None:
+        """
+        The portal's answer, taken in one callback: every callback added to
+        a Deferred that has fired already runs Twisted's callback loop
+        (about 8,000 instructions), and a login's answer is nearly always
+        ready.  A maildrop that cannot be listed is a failed login; a bug
+        in either answer is reported as one.
+        """
+        if not isinstance(answer, Failure):
+            try:
+                opened = _opened_maildrop(answer)
+            except Exception:
+                answer = Failure()
+            else:
+                try:
+                    self._logged_in(opened)
+                except Exception:
+                    self._report_failure(Failure())
+                return
+        try:
+            self._login_failed(answer, credentials, shown_user, method)
+        except Exception:
+            self._report_failure(Failure())
 
     def _login_context(self) -> LoginContext:
         link = self.session.link
@@ -743,7 +762,11 @@ def _login_timing(started: float, context: LoginContext) -> LoginTiming:
 _Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None", "str | None"]
 
 
-def _opened_maildrop(result: tuple[type[Interface], object, Callable[[], None]]) -> _Opened:
+#: What the portal's login gives: the avatar's interface, the avatar, its logout.
+_Avatar = tuple[type[Interface], object, Callable[[], None]]
+
+
+def _opened_maildrop(result: _Avatar) -> _Opened:
     """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result
     settings: UserSettings | None = None

@@ -73,6 +73,11 @@ def _nothing() -> None:
     pass
 
 
+#: The settings of a user no database gave any (nearly every login): made
+#: once, not a frozen dataclass of five fields per login.
+_NO_SETTINGS = UserSettings()
+
+
 @implementer(IRealm)
 class MaildropRealm:
     """
@@ -121,7 +126,7 @@ class MaildropRealm:
                 rip=context.remote_ip if context is not None else None,
             )
             raise UnauthorizedLogin()
-        prefetched = user.settings if user is not None else UserSettings()
+        prefetched = user.settings if user is not None else _NO_SETTINGS
         if self.userdb is None:
             # Most servers: no user database to ask, the maildrop is opened now.
             return self._open(name, prefetched, wanted[0])

@@ -442,6 +442,12 @@ class SessionPolicy:
 
 DEFAULT_POLICY = SessionPolicy()
 _OK = Status(True)
+# The replies and the ends most sessions have, made once: a frozen
+# dataclass costs some thousands of instructions to make.
+_USER_ACCEPTED = Status(True, USER_ACCEPTED)
+_BYE = Hangup(Status(True, BYE))
+_LOGGED_OUT = EndSession("logged out", _BYE)
+_ENDED_WITHOUT_QUIT = EndSession("ended without QUIT, nothing deleted", None)
 # Shared by every session that has marked no message.
 _NONE: frozenset[int] = frozenset()
 _NO_MESSAGES = MessageList()
@@ -796,6 +802,9 @@ class Session:
         sizes = self._messages.sizes
         if self._all_octets is None:
             self._all_octets = sum(sizes)
+        if not self._deleted:
+            # Nothing marked (most sessions): no generator to sum.
+            return len(sizes), self._all_octets
         deleted_octets = sum(sizes[i] for i in self._deleted)
         return len(sizes) - len(self._deleted), self._all_octets - deleted_octets
 
@@ -820,7 +829,7 @@ class Session:
         # Refused now if SASLprep prohibits it; kept as sent (see PASS).
         _prepared(command.arguments[0], INVALID_USER_NAME)
         self._username = command.arguments[0]
-        return Status(True, USER_ACCEPTED)
+        return _USER_ACCEPTED
 
     def _pass_without_user(self, command: Command) -> Reply:
         raise _BadCommand(PASS_WITHOUT_USER)
@@ -890,7 +899,7 @@ class Session:
         return StartTLS(Status(True, BEGIN_TLS))
 
     def _quit_unauthenticated(self, command: Command) -> Reply:
-        return Hangup(Status(True, BYE))
+        return _BYE
 
     def _utf8(self, command: Command) -> Reply:
         """RFC 6856 section 2.1: UTF-8 mode, for the rest of the session."""
@@ -1083,7 +1092,7 @@ class Session:
         return Listing(Status(True, CAPABILITIES_FOLLOW), self.capabilities())
 
     def _ended_without_quit(self, _: None) -> Outcome:
-        return EndSession("ended without QUIT, nothing deleted", None)
+        return _ENDED_WITHOUT_QUIT
 
     # -- UPDATE (RFC 1939 section 6) ---------------------------------------
 
@@ -1105,8 +1114,10 @@ class Session:
 
     def _update_done(self, removed: frozenset[int]) -> Outcome:
         self.counters.deleted_messages = len(removed)
-        self.counters.deleted_octets = sum(self._messages.sizes[i] for i in removed)
-        return EndSession("logged out", Hangup(Status(True, BYE)))
+        self.counters.deleted_octets = (
+            sum(self._messages.sizes[i] for i in removed) if removed else 0
+        )
+        return _LOGGED_OUT
 
     def _update_failed(self, status: Status) -> Outcome:
         return EndSession("logged out", Hangup(status))

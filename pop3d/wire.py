@@ -182,7 +182,7 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     Parse one command line, without its line terminator, by the grammar
     above.  Keywords are case-insensitive (RFC 1939 section 3).
     """
-    keyword, _, rest = line.partition(b" ")
+    keyword, space, rest = line.partition(b" ")
     # A keyword is three or four characters (RFC 1939 section 3), letters
     # but for the digit of RFC 6856's UTF8: every key of `_VERBS` is one,
     # and upper() changes only a-z, so a keyword is known exactly when its
@@ -190,6 +190,11 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     verb = _VERBS.get(keyword.upper())
     if verb is None:
         return UnknownCommand(keyword[:40])
+    if not space:
+        # The keyword alone (STAT, QUIT...: half of a usual session's
+        # lines): no arguments to match, one Command per verb.
+        bare = _BARE_COMMANDS.get(verb)
+        return bare if bare is not None else MalformedCommand(verb, _usage(verb))
     if verb is _PASS:
         if PASS_ARGUMENT.fullmatch(line, len(keyword)):
             return Command(verb, (rest,))
@@ -201,12 +206,20 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
     if not shape.fullmatch(line, len(keyword)):
         return MalformedCommand(verb, _what_is_wrong(line[len(keyword) :], eight_bit))
     arguments = tuple(rest.split(b" ")) if rest else ()
-    if eight_bit and not all(is_utf8(argument) for argument in arguments):
+    # The arguments are UTF-8 exactly when the rest of the line is: no
+    # octet of a UTF-8 sequence is a space.
+    if eight_bit and not rest.isascii() and not is_utf8(rest):
         return MalformedCommand(verb, BAD_UTF8)
     grammar = GRAMMAR[verb]
     if not grammar.fewest <= len(arguments) <= grammar.most:
         return MalformedCommand(verb, _usage(verb))
     return Command(verb, arguments)
+
+
+#: The command of each verb that may be sent without arguments, as sent so.
+_BARE_COMMANDS = {
+    verb: Command(verb, ()) for verb, grammar in GRAMMAR.items() if not grammar.fewest
+}
 
 
 def _usage(verb: Verb) -> Text:

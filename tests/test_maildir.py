@@ -198,7 +198,8 @@ _HOLD_LOCK = """
 import os, sys
 from pop3d.stores.posix import LockFiles, LockTable
 locks = LockTable(sys.argv[2]) if sys.argv[2] else LockFiles(None)
-locks.acquire(sys.argv[1], os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+directory = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+locks.acquire(sys.argv[1], directory, os.fstat(directory))
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -460,6 +461,24 @@ class TestTemplates:
 
     def test_name_is_not_expanded_again(self) -> None:
         assert expand_template("/m/{user}/{domain}", "{domain}@x") == "/m/{domain}@x/x"
+
+    def test_placeholders_anywhere_and_twice(self) -> None:
+        assert expand_template("{user}", "alice") == "alice"
+        assert expand_template("{local}.{domain}/{local}", "al@ex.org") == "al.ex.org/al"
+
+    @pytest.mark.parametrize(
+        ("template", "mailbox"),
+        [
+            ("/m/{domain}/{local}", "al@"),
+            ("/m/{domain}/{local}", "@ex.org"),
+            ("/m/{domain}/{local}", ".al@ex.org"),
+            ("/m/{domain}/{local}", "al@.ex.org"),
+            ("/m/{domain}", "alice"),
+        ],
+    )
+    def test_a_part_empty_or_hidden_names_no_maildir(self, template: str, mailbox: str) -> None:
+        # It would name the wrong directory (the domain's, or a dot file).
+        assert expand_template(template, mailbox) is None
 
     @pytest.mark.parametrize("template", ["/m/{usr}", "/m/{user", "/m/{0}", ""])
     def test_bad_templates(self, template: str) -> None:

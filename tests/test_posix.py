@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,10 @@ import pytest
 from pop3d.errors import MaildropLocked
 from pop3d.stores.mbox import DOTLOCK_STALE_SECONDS, MboxStore
 from pop3d.stores.posix import (
+    PROCESS_LOCKS,
     DotLock,
     LockOwner,
+    LockTable,
     ProcessLocks,
     open_directory,
     short_read_is_end,
@@ -115,6 +117,86 @@ def test_the_process_registry_refuses_a_second_claim_until_released() -> None:
     assert locks.release(("mbox", 1, 2, "alice"))
     assert not locks.release(("mbox", 1, 2, "alice"))
     locks.claim(("mbox", 1, 2, "alice"))
+
+
+def _forked(check: Callable[[], None]) -> Callable[[], str]:
+    """
+    Fork a child that runs ``check`` once the parent calls what this
+    returns, which then waits for the child and says what went wrong
+    there ("" if nothing).  The child never returns into pytest.
+    """
+    go_read, go_write = os.pipe()
+    told_read, told_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = b""
+        try:
+            os.read(go_read, 1)
+            check()
+        except BaseException as error:  # everything goes back to the parent
+            outcome = repr(error).encode("utf-8", "replace") or b"?"
+        finally:
+            os.write(told_write, outcome)
+            os._exit(0)
+    os.close(go_read)
+    os.close(told_write)
+
+    def run() -> str:
+        os.write(go_write, b"!")
+        os.close(go_write)
+        with os.fdopen(told_read, "rb") as told:
+            outcome = told.read()
+        os.waitpid(pid, 0)
+        return outcome.decode("utf-8")
+
+    return run
+
+
+@pytest.mark.process
+def test_a_forked_child_holds_none_of_its_parents_locks(tmp_path: Path) -> None:
+    """
+    A child forked while its parent holds a maildrop neither holds it nor
+    can unlock it: the parent's release called in the child leaves the
+    parent's lock, and later the child's own, alone; the child's table
+    and registry start empty (once the parent lets the maildrop go, the
+    child may lock it).  The lock state is reset at the fork, not compared
+    against the process id at every lock and unlock.
+    """
+    table = LockTable(str(tmp_path / "locks"))
+    (tmp_path / "alice").mkdir()
+    alice = os.open(tmp_path / "alice", os.O_RDONLY | os.O_DIRECTORY)
+
+    def lock_alice() -> Callable[[], None]:
+        return table.acquire(str(tmp_path / "alice"), alice, os.fstat(alice))
+
+    try:
+        release = lock_alice()
+        PROCESS_LOCKS.claim(("test", "bob"))
+
+        def while_the_parent_holds_it() -> None:
+            release()  # the parent's: not the child's to undo
+            with pytest.raises(MaildropLocked):
+                lock_alice()
+            PROCESS_LOCKS.claim(("test", "bob"))  # the parent's claim is not the child's
+
+        def once_the_parent_let_it_go() -> None:
+            lock_alice()
+            release()  # the parent's again: the child's own lock stays
+            with pytest.raises(MaildropLocked):
+                lock_alice()
+
+        assert _forked(while_the_parent_holds_it)() == ""
+        # The parent's lock held through all that: a second child is refused too.
+        assert _forked(while_the_parent_holds_it)() == ""
+        later = _forked(once_the_parent_let_it_go)
+        release()
+        assert later() == ""
+        with pytest.raises(MaildropLocked):
+            PROCESS_LOCKS.claim(("test", "bob"))  # the parent's own claims stay
+    finally:
+        PROCESS_LOCKS.release(("test", "bob"))
+        table.close()
+        os.close(alice)
 
 
 def test_a_directory_is_opened_through_the_administrators_link_only(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ blocking file work in the reactor's thread pool (`run_blocking`; bounded,
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -53,12 +54,24 @@ def expand_template(template: str, mailbox: str) -> str | None:
     template uses is empty or starts with a dot (``{domain}`` of ``a@`` or
     ``{local}`` of ``.x@y``), which would name the wrong directory.
     """
+    path, placed = _template_parts(template)
     local, _, domain = mailbox.partition("@")
-    values = {"user": mailbox, "local": local, "domain": domain}
-    for used in _PLACEHOLDER.findall(template):
-        if not values[used] or values[used].startswith("."):
+    for used, literal in placed:
+        value = mailbox if used == "user" else local if used == "local" else domain
+        if not value or value.startswith("."):
             return None
-    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+        path += value + literal
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _template_parts(template: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """
+    A template split once (every login expands one): the text before its
+    first placeholder, then each placeholder's name and the text after it.
+    """
+    pieces = _PLACEHOLDER.split(template)
+    return pieces[0], tuple(zip(pieces[1::2], pieces[2::2], strict=True))
 
 
 def run_blocking(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal, overload
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable
 
     from twisted.internet.defer import Deferred
@@ -250,9 +251,10 @@ class ISeenFlags(Interface):
 class IMaildropLocks(Interface):
     """How a directory store keeps a maildrop to one session at a time."""
 
-    def acquire(directory: str, dir_fd: int) -> Callable[[], None]:
+    def acquire(directory: str, dir_fd: int, info: os.stat_result) -> Callable[[], None]:
         """
-        Lock the maildrop in ``directory`` (open as ``dir_fd``) without
+        Lock the maildrop in ``directory`` (open as ``dir_fd``, whose
+        ``os.fstat`` is ``info``: the store took it already) without
         waiting; return what releases the lock (harmless to call twice).
         Raises `pop3d.errors.MaildropLocked` if it is held by another
         session, in any process, or `pop3d.errors.MaildropUnavailable`.

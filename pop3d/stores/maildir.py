@@ -417,7 +417,7 @@ class MaildirStore:
         try:
             info = os.fstat(root_fd)
             directory = _Directory(root, info.st_dev, info.st_ino)
-            release = self.locks.acquire(root, root_fd)
+            release = self.locks.acquire(root, root_fd, info)
             stamps = _take_stamps(root_fd)
         except BaseException as error:
             # Whatever went wrong (a lock file its owner filled with
@@ -517,22 +517,25 @@ def _take_stamps(root_fd: int) -> _Stamps:
     read of a part after this is at least as new as its stamp.
     """
     now = time.time_ns()
-    parts: list[tuple[int, int] | None] = []
-    settled: list[bool] = []
-    for name in _PARTS:
+    # Packed as `_Stamps.of` packs them, without its lists of parts (every
+    # login takes stamps).
+    packed = b""
+    settled_bits = 0
+    for part, name in enumerate(_PARTS):
         try:
             info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
         except FileNotFoundError:
-            parts.append(None)
-            settled.append(True)
+            packed += _MISSING_PART
+            settled_bits |= 1 << part
             continue
         mtime = info.st_mtime_ns
-        parts.append((info.st_ino, mtime))
+        packed += _PART_STAMP.pack(info.st_ino, mtime)
         # Whole seconds: a file system (or NFS server) with coarse times,
         # where a change within the same second would not show.
         settling = _COARSE_SETTLING_NS if mtime % 1_000_000_000 == 0 else _SETTLING_NS
-        settled.append(mtime < now - settling)
-    return _Stamps.of(parts, settled)
+        if mtime < now - settling:
+            settled_bits |= 1 << part
+    return _Stamps(packed, settled_bits)
 
 
 # -- bringing a kept listing up to date ---------------------------------------

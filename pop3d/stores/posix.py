@@ -48,10 +48,12 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -291,6 +293,26 @@ def unavailable(what: str, path: str, error: OSError) -> MaildropUnavailable:
 # -- what this process holds ------------------------------------------------------
 
 
+class _KnowsLocksOfThisProcess(Protocol):
+    def _forget_after_fork(self) -> None:
+        """In a forked child: what it knows of the parent's locks is not the child's."""
+
+
+#: Every live object that knows what this process holds (held weakly: one
+#: store per per-user mail location may come and go).  A forked child makes
+#: each forget it once, at the fork, instead of comparing ``os.getpid()``
+#: (a system call) at every lock and unlock.
+_KNOWING_LOCKS: weakref.WeakSet[_KnowsLocksOfThisProcess] = weakref.WeakSet()
+
+
+def _forget_locks_after_fork() -> None:
+    for knowing in list(_KNOWING_LOCKS):
+        knowing._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_locks_after_fork)
+
+
 class ProcessLocks:
     """
     The maildrops this process holds, by any hashable key naming a lock
@@ -301,18 +323,18 @@ class ProcessLocks:
 
     def __init__(self) -> None:
         self._held: set[object] = set()
-        self._pid = os.getpid()
         self._mutex = threading.Lock()
+        _KNOWING_LOCKS.add(self)
 
-    def _current(self) -> set[object]:
-        if self._pid != os.getpid():
-            self._held, self._pid = set(), os.getpid()
-        return self._held
+    def _forget_after_fork(self) -> None:
+        # A new mutex too: a thread of the parent may have held the old one
+        # at the fork, and that thread does not exist in the child.
+        self._held, self._mutex = set(), threading.Lock()
 
     def claim(self, key: object) -> None:
         """Record ``key`` as held; `MaildropLocked` if it already is."""
         with self._mutex:
-            held = self._current()
+            held = self._held
             if key in held:
                 raise MaildropLocked()
             held.add(key)
@@ -320,7 +342,7 @@ class ProcessLocks:
     def release(self, key: object) -> bool:
         """Forget ``key``; whether it was held (releasing twice is harmless)."""
         with self._mutex:
-            held = self._current()
+            held = self._held
             if key not in held:
                 return False
             held.discard(key)
@@ -329,7 +351,7 @@ class ProcessLocks:
     def release_all(self, belongs: Callable[[object], bool]) -> None:
         """Forget every held key for which ``belongs(key)`` is true."""
         with self._mutex:
-            held = self._current()
+            held = self._held
             for key in [key for key in held if belongs(key)]:
                 held.discard(key)
 
@@ -645,7 +667,7 @@ class LockFiles:
         """Touch every held lock now (the clock does it every minute)."""
         return self._refresher.refresh_all()
 
-    def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
+    def acquire(self, directory: str, dir_fd: int, info: os.stat_result) -> Callable[[], None]:
         lock = DotLock.acquire(
             self.name, dir_fd=dir_fd, directory=directory, stale_seconds=self.stale_seconds
         )
@@ -670,12 +692,20 @@ class LockTable:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
-        self._pid = 0
         self._file_id: tuple[int, int] = (0, 0)
+        # What the ranges this process locked are released through: a
+        # forked child gets its own, so that it never unlocks (nor thinks
+        # it holds) its parent's.
+        self._holder = object()
+        _KNOWING_LOCKS.add(self)
+
+    def _forget_after_fork(self) -> None:
+        # The child inherits the descriptor but not the locks: it opens
+        # the file again when it first locks.
+        self._fd, self._holder = None, object()
 
     def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            # A forked child inherits the descriptor but not the locks.
+        if self._fd is None:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | SAFE_OPEN, 0o600)
             except OSError as error:
@@ -690,11 +720,10 @@ class LockTable:
             # Two tables on one file in one process (two stores composed
             # over one tree) share what this process holds: the key names
             # the file, not the table.
-            self._fd, self._pid, self._file_id = fd, os.getpid(), (info.st_dev, info.st_ino)
+            self._fd, self._file_id = fd, (info.st_dev, info.st_ino)
         return self._fd
 
-    def acquire(self, directory: str, dir_fd: int) -> Callable[[], None]:
-        info = os.fstat(dir_fd)
+    def acquire(self, directory: str, dir_fd: int, info: os.stat_result) -> Callable[[], None]:
         digest = hashlib.blake2b(b"%d:%d" % (info.st_dev, info.st_ino), digest_size=8).digest()
         # 62 bits: a positive offset that any off_t holds.
         offset = int.from_bytes(digest, "big") >> 2
@@ -708,10 +737,10 @@ class LockTable:
             if error.errno in (errno.EACCES, errno.EAGAIN):
                 raise MaildropLocked() from None
             raise MaildropUnavailable("cannot lock the maildrop") from error
-        return _HeldRange(self, offset, self._pid)
+        return _HeldRange(self, offset, self._holder)
 
-    def _release(self, offset: int, pid: int) -> None:
-        if pid != os.getpid() or self._fd is None:
+    def _release(self, offset: int, holder: object) -> None:
+        if holder is not self._holder or self._fd is None:
             return
         if not PROCESS_LOCKS.release(("lock table", *self._file_id, offset)):
             return
@@ -737,15 +766,15 @@ class LockTable:
 class _HeldRange:
     """Releases one lock of a `LockTable` (small: one per idle session)."""
 
-    __slots__ = ("_offset", "_pid", "_table")
+    __slots__ = ("_holder", "_offset", "_table")
 
-    def __init__(self, table: LockTable, offset: int, pid: int) -> None:
+    def __init__(self, table: LockTable, offset: int, holder: object) -> None:
         self._table: LockTable | None = table
         self._offset = offset
-        self._pid = pid
+        self._holder = holder
 
     def __call__(self) -> None:
         # Twice is harmless: the offset may since be another session's.
         table, self._table = self._table, None
         if table is not None:
-            table._release(self._offset, self._pid)
+            table._release(self._offset, self._holder)
