@@ -88,12 +88,13 @@ class SharedLog:
     without ``--logfile``, or ``--logfile -``: the journal under systemd, a
     container's log): each worker writes its own lines to it, as twistd
     writes the parent's, instead of sending them to the parent to write.
-    Each write is whole lines and at most `SHARED_LOG_WRITE` bytes, so
-    that lines of several processes never mix, on a pipe too; a longer line
-    (a traceback) goes through the parent as before.
+    Each write is whole lines and at most `SHARED_LOG_WRITE` bytes, which
+    a pipe never splits, so that no other process's line lands in the
+    middle of a worker's; a longer line (a traceback) goes through the
+    parent as before, and may come after lines logged after it.
 
     ``fd`` is the worker's descriptor of that output; ``encoding`` the one
-    the parent's standard output writes in.
+    the worker's standard output writes in (the parent's environment's).
     """
 
     fd: int
@@ -359,8 +360,9 @@ class WorkerLogLines:
     quiet spell goes out at the end of its turn, and a busy worker wakes the
     parent once per ``interval`` for all its sessions (a write per line
     woke it twice per session of a login storm).  Each worker's lines keep
-    their order; two workers' lines may reach the parent's log up to
-    ``interval`` out of time order.  Otherwise (the thread pool logging, the
+    their order (but for a shared log's lines too long for it); two
+    workers' lines may reach the parent's log up to ``interval`` out of
+    time order.  Otherwise (the thread pool logging, the
     reactor not yet or no longer running) a line is written at once, after
     those kept before it.
     `flush` writes what is kept.

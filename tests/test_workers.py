@@ -798,9 +798,10 @@ def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
     tmp_path: Path, launch: Launch
 ) -> None:
     """
-    ``twistd -n pop3d --workers 2`` (as under systemd): sessions on both
-    workers at once, every line of the output (a pipe) whole and in
-    twistd's form, each session's login and logout there.
+    ``twistd -n pop3d --workers 2`` (as under systemd): the workers write to
+    twistd's standard output (a pipe) themselves; with sessions on both at
+    once, every line of it is whole and in twistd's form, each session's
+    login and logout there.
     """
     mail_root = tmp_path / "mail"
     users = [f"user{number}" for number in range(8)]
@@ -808,8 +809,16 @@ def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
         deliver_to_maildir(str(mail_root / user), b"Subject: hi\n\nbody\n")
     passwd = write_passwd(tmp_path, "".join(f"{user}:{{PLAIN}}secret::\n" for user in users))
     server = launch(*pop3d_arguments(mail_root, passwd, "--workers", "2"))
+    workers = []
     for _ in range(2):
-        port = int(server.wait_for(WORKER_LISTENING).group(2))
+        match = server.wait_for(WORKER_LISTENING)
+        workers.append(int(match.group(1)))
+        port = int(match.group(2))
+    # Each worker writes to twistd's standard output itself: the same pipe.
+    parent = server.process.pid  # type: ignore[attr-defined]
+    output = os.readlink(f"/proc/{parent}/fd/1")
+    assert output.startswith("pipe:")
+    assert [os.readlink(f"/proc/{pid}/fd/1") for pid in workers] == [output, output]
     errors: list[BaseException] = []
 
     def sessions(user: str) -> None:
