@@ -26,7 +26,7 @@ from twisted.cred.credentials import (
 )
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -181,14 +181,14 @@ class SessionLogger(Logger):
     server more than the rest of a session's line.
     """
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, observer: ILogObserver = globalLogPublisher) -> None:
         # Not Logger.__init__, which imports the global publisher at every
         # call: a session makes a logger for each line it writes.  The lines
         # the session wrote before it stopped doing I/O, under the same
         # name: log filters and readers of the log keep working.
         self.namespace = SESSION_LOG_NAMESPACE
         self.source = None
-        self.observer = globalLogPublisher
+        self.observer = observer
         self.session_id = session_id
         self._prefix = "[" + session_id + "] "
 
@@ -219,7 +219,8 @@ class SessionDriver:
     """
     Runs one `Session` against a cred ``portal`` whose realm gives
     `IMaildrop` avatars; answers go to ``replies``.  ``session_id`` names
-    it in the log (by default the next of `pop3d.logformat.SESSION_IDS`).
+    it in the log (by default the next of `pop3d.logformat.SESSION_IDS`),
+    where its lines go to ``session_log`` (twisted.logger's global publisher).
     """
 
     # One per connection, thousands idle: no instance dictionary.
@@ -238,6 +239,7 @@ class SessionDriver:
         "_policy",
         "_replies",
         "_session_id",
+        "_session_log",
         "_timer_started",
         "logged_in_at",
         "portal",
@@ -260,6 +262,7 @@ class SessionDriver:
         languages: Languages = BUILTIN_LANGUAGES,
         session_id: str | None = None,
         metrics: Metrics | None = None,
+        session_log: ILogObserver = globalLogPublisher,
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
@@ -267,6 +270,7 @@ class SessionDriver:
         self.logged_in_at: float | None = None
         # Its logger is made when a line is written (`log`): an idle session keeps the id alone.
         self._session_id = session_id or SESSION_IDS.next_id()
+        self._session_log = session_log
         self._policy = policy
         self._replies = replies
         self._clock = clock
@@ -293,7 +297,7 @@ class SessionDriver:
     @property
     def log(self) -> SessionLogger:
         """Where this session's lines go, each with the session id."""
-        return SessionLogger(self._session_id)
+        return SessionLogger(self._session_id, self._session_log)
 
     # -- what the session asks of the portal (pop3d.session.Authentication) -------
 

@@ -16,7 +16,7 @@ from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pop3d.driver import Replies, SessionDriver
@@ -73,6 +73,9 @@ class POP3Factory(Factory):
     ``client_workarounds``, when given, replaces those of ``policy`` (see
     `pop3d.wire.ClientWorkarounds`).  ``metrics`` (a `pop3d.metrics.Metrics`),
     when given, counts what the server does; None: nothing is counted.
+    ``session_log`` is where the sessions' log lines go (twisted.logger's
+    global publisher; under ``twistd -n``, `pop3d.tap` has them written to
+    standard output directly).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class POP3Factory(Factory):
         trusted_networks: Sequence[IPNetwork] = (),
         languages: Languages = BUILTIN_LANGUAGES,
         metrics: Metrics | None = None,
+        session_log: ILogObserver = globalLogPublisher,
     ) -> None:
         if client_workarounds is not None:
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
@@ -110,6 +114,8 @@ class POP3Factory(Factory):
         self.languages = languages
         #: What the server counts (`pop3d.metrics.Metrics`), or None.
         self.metrics = metrics
+        #: Where the sessions' log lines go.
+        self.session_log = session_log
         # Every connection's inactivity timeout, in one timer.
         self._idle_timeouts = IdleTimeouts(clock, timeout)
         #: The connections served (closed ones drop out), for a graceful stop.
@@ -154,6 +160,7 @@ class POP3Factory(Factory):
                 hostname=self.hostname,
                 languages=self.languages,
                 metrics=metrics,
+                session_log=self.session_log,
             )
 
         slot = _ConnectionSlot(self)

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IReactorUNIX,
 )
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 # Not re-exported by twisted.protocols.haproxy, whose endpoint wrapper needs an
 # endpoint; a worker has an inherited socket instead.
@@ -674,7 +674,7 @@ def worker_log_observer() -> ILogObserver:
     While the reactor runs, the lines logged close together go out together
     (see `pop3d.workers.WorkerLogLines`).
     """
-    return _worker_log(sys.stdout, None)
+    return _log_lines(sys.stdout, None)
 
 
 def worker_shared_log_observer() -> ILogObserver:
@@ -686,10 +686,32 @@ def worker_shared_log_observer() -> ILogObserver:
     long to be written whole goes to the parent, as JSON on standard error.
     """
     sys.stdout.flush()
-    return _worker_log(sys.stderr, SharedLog(sys.stdout.fileno(), sys.stdout.encoding))
+    return _log_lines(sys.stderr, SharedLog(sys.stdout.fileno(), sys.stdout.encoding))
 
 
-def _worker_log(output: IO[str], shared: SharedLog | None) -> ILogObserver:
+def session_log(options: Options) -> ILogObserver:
+    """
+    Where the sessions' log lines go.  One process under ``twistd -n``
+    logging to standard output: pop3d writes them there itself, as twistd
+    would (`pop3d.workers.SharedLog`; twistd's observer cost a short
+    session a sixth of its work), and twistd's observer writes only the
+    lines too long for one write.  Otherwise through twisted.logger (a
+    worker's whole log is pop3d's already).
+    """
+    if options["worker-sockets"] is not None or options["workers"] > 1:
+        return globalLogPublisher
+    fd = twistd_log_descriptor(options)
+    if fd is None or sys.__stdout__ is None:
+        return globalLogPublisher
+    from twisted.internet import reactor
+
+    shared = SharedLog(fd, sys.__stdout__.encoding, overflow=globalLogPublisher)
+    # Each line written at once, as twistd writes its own: out before the
+    # reply that follows it, in order with the process's other lines.
+    return WorkerLogLines(None, cast(IReactorTime, reactor), lambda: False, shared=shared)
+
+
+def _log_lines(output: IO[str], shared: SharedLog | None) -> ILogObserver:
     # twistd calls the observer's factory once it has installed the
     # reactor: the worker's log is put together here, in the composition
     # root, as its service is in makeService.
@@ -788,6 +810,7 @@ def makeService(options: Options) -> IService:
         languages=options["languages"],
         mechanisms=options["sasl-mechanisms"],
         metrics=metrics,
+        session_log=session_log(options),
     )
     service = MultiService()
     reload: Callable[[], object] = reload_configuration(options)

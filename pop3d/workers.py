@@ -95,10 +95,14 @@ class SharedLog:
 
     ``fd`` is the worker's descriptor of that output; ``encoding`` the one
     the worker's standard output writes in (the parent's environment's).
+    ``overflow``, when given, takes the lines too long for one write
+    instead of the parent: in a single process under ``twistd -n``, whose
+    session lines pop3d writes itself, twistd's own observer.
     """
 
     fd: int
     encoding: str = "utf-8"
+    overflow: ILogObserver | None = None
 
 
 @dataclass(frozen=True)
@@ -369,17 +373,20 @@ class WorkerLogLines:
 
     With a ``shared`` log (`SharedLog`), lines go there as twistd's
     observer would have written them (`classic_line`); ``output`` then only
-    takes the lines too long for one write to it.
+    takes the lines too long for one write to it, or nothing (None) when
+    the shared log's ``overflow`` takes them.
     """
 
     def __init__(
         self,
-        output: IO[str],
+        output: IO[str] | None,
         clock: IReactorTime,
         keeping: Callable[[], bool],
         interval: float = LOG_WRITE_INTERVAL,
         shared: SharedLog | None = None,
     ) -> None:
+        if output is None and (shared is None or shared.overflow is None):
+            raise ValueError("lines too long for the shared log need an output or an overflow")
         self._output = output
         self._clock = clock
         self._keeping = keeping
@@ -420,9 +427,15 @@ class WorkerLogLines:
             # twistd's observer writes no line for an event without text.
             return None
         line = text.encode(self._shared.encoding, "backslashreplace")
-        if len(line) > SHARED_LOG_WRITE:
+        if len(line) <= SHARED_LOG_WRITE:
+            return line
+        overflow = self._shared.overflow
+        if overflow is None:
             return _worker_line(event)
-        return line
+        # After the lines kept before it.
+        self.flush()
+        overflow(event)
+        return None
 
     def flush(self) -> None:
         """Write the lines kept so far."""
@@ -450,7 +463,7 @@ class WorkerLogLines:
                     # The output gone (the journal stopped?), as below.
                     with contextlib.suppress(OSError):
                         _write_lines(self._shared.fd, [b for b in kept if type(b) is bytes])
-                if relayed:
+                if relayed and self._output is not None:
                     with contextlib.suppress(OSError):
                         self._output.write("".join(relayed))
                         self._output.flush()

@@ -794,6 +794,31 @@ def test_twistd_logging_to_standard_output_is_shared_with_the_workers(tmp_path: 
     assert descriptor("-n", "--logger", "pop3d.tap.worker_log_observer") is None
 
 
+def test_one_process_writes_its_sessions_lines_itself_only_under_twistd_n(tmp_path: Path) -> None:
+    """
+    Where a single process's session lines go: written by pop3d when
+    twistd logs to standard output, else through twisted.logger (a log
+    file, or any pop3d whose parent is not twistd).
+    """
+    from twisted.logger import globalLogPublisher
+    from twisted.scripts.twistd import ServerOptions
+
+    from pop3d.tap import Options, session_log
+
+    pop3d = pop3d_arguments(tmp_path, write_passwd(tmp_path))[2:]
+
+    def sessions_log(*twistd: str) -> object:
+        options = ServerOptions()
+        options.parseOptions([*twistd, *pop3d])
+        return session_log(options.subOptions)
+
+    assert isinstance(sessions_log("-n"), WorkerLogLines)
+    assert sessions_log("-n", "--logfile", str(tmp_path / "pop3d.log")) is globalLogPublisher
+    own = Options()
+    own.parseOptions(pop3d[1:])
+    assert session_log(own) is globalLogPublisher
+
+
 def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
     tmp_path: Path, launch: Launch
 ) -> None:
@@ -869,3 +894,75 @@ def test_a_workers_line_too_long_for_one_write_reaches_twistds_standard_output_w
     line = server.wait_for(re.compile(r"\] \[[^]]+\] login failed: .*\n"))  # type: ignore[attr-defined]
     assert line.group(0).endswith(f' user="{user}"\n')
     assert line.string.startswith("20")
+
+
+# -- one process under twistd -n: its sessions' lines written as a worker writes them ---
+
+
+def test_a_line_too_long_for_a_shared_log_goes_to_its_overflow_after_those_kept() -> None:
+    """
+    One process (no parent to send to): a line too long for one write goes
+    to the shared log's overflow (twistd's own observer), after the lines
+    kept before it are written.
+    """
+    writer, reader = _shared_log_pair()
+    overflowed: list[dict[str, object]] = []
+    clock = Clock()
+    observer = WorkerLogLines(
+        None,
+        clock,
+        keeping=lambda: True,
+        shared=SharedLog(writer.fileno(), overflow=overflowed.append),
+    )
+    observer(_session_line(1))
+    long = {**_session_line(2), "summary": "x" * select.PIPE_BUF}
+    observer(long)
+    [write] = _writes(reader)
+    assert write.endswith(b"[s1] login: rip=127.0.0.1 method=USER user=user1\n")
+    assert overflowed == [long]
+    writer.close()
+    reader.close()
+
+
+def test_lines_too_long_for_a_shared_log_need_somewhere_to_go() -> None:
+    with pytest.raises(ValueError, match="need an output or an overflow"):
+        WorkerLogLines(None, Clock(), keeping=lambda: False, shared=SharedLog(1))
+    with pytest.raises(ValueError):
+        WorkerLogLines(None, Clock(), keeping=lambda: False)
+
+
+def test_one_process_under_twistd_n_writes_its_sessions_lines_as_twistd_would(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """
+    ``twistd -n pop3d`` (one process, as under systemd): its sessions'
+    lines, written by pop3d to standard output, are twistd's lines; a line
+    too long for one write (a 5,000-character user's failed login) is
+    written whole by twistd.
+    """
+    mail_root = tmp_path / "mail"
+    deliver_to_maildir(str(mail_root / "alice"), b"Subject: 1\n\nbody\n")
+    server = launch(*pop3d_arguments(mail_root, write_passwd(tmp_path)))
+    server.wait_listening()  # type: ignore[attr-defined]
+    port = server.port  # type: ignore[attr-defined]
+    client = poplib.POP3(HOST, port, timeout=PATIENCE)
+    client.user("alice")
+    client.pass_("wonderland")
+    server.wait_for(re.compile(r"\[pop3d\.session\.Session#info\] \[[^]]+\] login: rip="))  # type: ignore[attr-defined]
+    client.quit()
+    user = "u" * 5000
+    with socket.create_connection((HOST, port), timeout=PATIENCE) as raw:
+        replies = raw.makefile("rb")
+        assert replies.readline().startswith(b"+OK")
+        raw.sendall(b"USER %s\r\nPASS nope\r\nQUIT\r\n" % user.encode())
+        assert replies.readline() == b"+OK send PASS\r\n"
+        assert replies.readline() == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert replies.readline() == b"+OK bye\r\n"
+    server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+    _, output = server.wait_exit()  # type: ignore[attr-defined]
+    lines = output.splitlines()
+    classic = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] \S")
+    assert [line for line in lines if not classic.match(line)] == []
+    assert sum('] session logged out: user="alice"' in line for line in lines) == 1
+    [failed] = [line for line in lines if "] login failed: " in line]
+    assert failed.endswith(f' user="{user}"')
