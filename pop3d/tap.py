@@ -703,25 +703,25 @@ def session_log(options: Options) -> ILogObserver:
     fd = twistd_log_descriptor(options)
     if fd is None or sys.__stdout__ is None:
         return globalLogPublisher
-    from twisted.internet import reactor
-
     shared = SharedLog(fd, sys.__stdout__.encoding, overflow=globalLogPublisher)
     # Each line written at once, as twistd writes its own: out before the
     # reply that follows it, in order with the process's other lines.
-    return WorkerLogLines(None, cast(IReactorTime, reactor), lambda: False, shared=shared)
+    return _log_lines(None, shared, at_once=True)
 
 
-def _log_lines(output: IO[str], shared: SharedLog | None) -> ILogObserver:
-    # twistd calls the observer's factory once it has installed the
-    # reactor: the worker's log is put together here, in the composition
-    # root, as its service is in makeService.
+def _log_lines(
+    output: IO[str] | None, shared: SharedLog | None, at_once: bool = False
+) -> ILogObserver:
+    # twistd calls a worker's observer's factory once it has installed the
+    # reactor, and makeService a single process's: the log is put together
+    # here, in the composition root, as the service is.
     from twisted.internet import reactor
 
     core = cast(IReactorCore, reactor)
     lines = WorkerLogLines(
         output,
         cast(IReactorTime, reactor),
-        lambda: core.running and isInIOThread(),
+        (lambda: False) if at_once else (lambda: core.running and isInIOThread()),
         shared=shared,
     )
     # What the last turn kept, however the process ends: twistd stopped by
