@@ -874,6 +874,19 @@ def test_workers_under_twistd_n_write_whole_lines_to_its_standard_output(
         assert sum(login in line for line in lines) == sum(logout in line for line in lines) == 10
 
 
+def _failed_login_of_a_long_user(port: int) -> str:
+    """A failed login as a 5,000-character user (its log line is longer than PIPE_BUF)."""
+    user = "u" * 5000
+    with socket.create_connection((HOST, port), timeout=PATIENCE) as client:
+        replies = client.makefile("rb")
+        assert replies.readline().startswith(b"+OK")
+        client.sendall(b"USER %s\r\nPASS nope\r\nQUIT\r\n" % user.encode())
+        assert replies.readline() == b"+OK send PASS\r\n"
+        assert replies.readline() == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert replies.readline() == b"+OK bye\r\n"
+    return user
+
+
 def test_a_workers_line_too_long_for_one_write_reaches_twistds_standard_output_whole(
     tmp_path: Path, launch: Launch
 ) -> None:
@@ -883,14 +896,7 @@ def test_a_workers_line_too_long_for_one_write_reaches_twistds_standard_output_w
     the output whole, through the parent.
     """
     server, port, _ = _start_pool(launch, tmp_path, 2)
-    user = "u" * 5000
-    with socket.create_connection((HOST, port), timeout=PATIENCE) as client:
-        replies = client.makefile("rb")
-        assert replies.readline().startswith(b"+OK")
-        client.sendall(b"USER %s\r\nPASS nope\r\nQUIT\r\n" % user.encode())
-        assert replies.readline() == b"+OK send PASS\r\n"
-        assert replies.readline() == b"-ERR [AUTH] invalid user name or password\r\n"
-        assert replies.readline() == b"+OK bye\r\n"
+    user = _failed_login_of_a_long_user(port)
     line = server.wait_for(re.compile(r"\] \[[^]]+\] login failed: .*\n"))  # type: ignore[attr-defined]
     assert line.group(0).endswith(f' user="{user}"\n')
     assert line.string.startswith("20")
@@ -950,14 +956,7 @@ def test_one_process_under_twistd_n_writes_its_sessions_lines_as_twistd_would(
     client.pass_("wonderland")
     server.wait_for(re.compile(r"\[pop3d\.session\.Session#info\] \[[^]]+\] login: rip="))  # type: ignore[attr-defined]
     client.quit()
-    user = "u" * 5000
-    with socket.create_connection((HOST, port), timeout=PATIENCE) as raw:
-        replies = raw.makefile("rb")
-        assert replies.readline().startswith(b"+OK")
-        raw.sendall(b"USER %s\r\nPASS nope\r\nQUIT\r\n" % user.encode())
-        assert replies.readline() == b"+OK send PASS\r\n"
-        assert replies.readline() == b"-ERR [AUTH] invalid user name or password\r\n"
-        assert replies.readline() == b"+OK bye\r\n"
+    user = _failed_login_of_a_long_user(port)
     server.process.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
     _, output = server.wait_exit()  # type: ignore[attr-defined]
     lines = output.splitlines()
