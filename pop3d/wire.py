@@ -195,6 +195,11 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
         # lines): no arguments to match, one Command per verb.
         bare = _BARE_COMMANDS.get(verb)
         return bare if bare is not None else MalformedCommand(verb, _usage(verb))
+    if rest.isdigit() and verb in _ONE_ARGUMENT:
+        # One message number (RETR 1, DELE 2, LIST 3: most of a session's
+        # lines with an argument): ASCII digits are valid octets for every
+        # verb, so there is no pattern to match and nothing to split.
+        return Command(verb, (rest,))
     if verb is _PASS:
         if PASS_ARGUMENT.fullmatch(line, len(keyword)):
             return Command(verb, (rest,))
@@ -215,6 +220,11 @@ def parse_command(line: bytes) -> Command | UnknownCommand | MalformedCommand:
         return MalformedCommand(verb, _usage(verb))
     return Command(verb, arguments)
 
+
+#: The verbs that may take exactly one argument.
+_ONE_ARGUMENT = frozenset(
+    verb for verb, grammar in GRAMMAR.items() if grammar.fewest <= 1 <= grammar.most
+)
 
 #: The command of each verb that may be sent without arguments, as sent so.
 _BARE_COMMANDS = {

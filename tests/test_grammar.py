@@ -13,6 +13,8 @@ tests check both the reply and that the state did not change.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pop3d.testing import MemoryStore
 from pop3d.wire import (
@@ -243,6 +245,41 @@ class TestParser:
     )
     def test_lines(self, line: bytes, parsed: object) -> None:
         assert parse_command(line) == parsed
+
+    @given(
+        keyword=st.sampled_from(
+            [b"USER", b"pass", b"List", b"RETR", b"dele", b"UIDL", b"AUTH", b"LANG"]
+        ),
+        number=st.from_regex(rb"[0-9]{1,25}", fullmatch=True),
+    )
+    def test_one_number_is_an_argument(self, keyword: bytes, number: bytes) -> None:
+        """
+        RFC 1939 section 3: a keyword, a single SPACE, an argument of
+        printable ASCII; digits are an argument of every command that takes
+        one (what it means, a message number or a name, is the command's).
+        """
+        assert parse_command(keyword + b" " + number) == Command(
+            Verb(keyword.upper().decode()), (number,)
+        )
+
+    @pytest.mark.parametrize(
+        "line,usage",
+        [
+            (b"STAT 1", "STAT"),
+            (b"QUIT 1", "QUIT"),
+            (b"noop 12", "NOOP"),
+            (b"RSET 3", "RSET"),
+            (b"CAPA 1", "CAPA"),
+            (b"STLS 1", "STLS"),
+            (b"UTF8 1", "UTF8"),
+            (b"TOP 1", "TOP msg n"),
+            (b"APOP 1", "APOP name digest"),
+        ],
+    )
+    def test_one_number_where_none_or_two_belong(self, line: bytes, usage: str) -> None:
+        parsed = parse_command(line)
+        assert isinstance(parsed, MalformedCommand)
+        assert str(parsed.reason) == f"usage: {usage}"
 
     def test_utf8_user_names(self) -> None:
         """
