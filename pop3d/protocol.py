@@ -749,8 +749,9 @@ class _MessageStreamer:
         from, so what is written now need not call ``progress``.
         """
         self._touched = touched
+        self._paused = False
         try:
-            self.resume()
+            self._pump()  # `resume`, without its call
         finally:
             self._touched = False
 

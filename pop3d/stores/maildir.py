@@ -1919,7 +1919,9 @@ class _FileBody:
 
     def __del__(self) -> None:
         # A body its reader forgot to close must not keep its descriptor.
-        self.close()
+        # (Nearly always it was closed: no call to learn so.)
+        if self._fd >= 0:
+            self.close()
 
 
 _NONE_REMOVED: frozenset[int] = frozenset()
