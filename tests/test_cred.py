@@ -28,6 +28,7 @@ from zope.interface import implementer
 import pop3d.credchecks
 from pop3d.checkers import (
     FirstMatchChecker,
+    IAvatarIdAtOnce,
     PasswdFileChecker,
     PasswdFileCheckerFactory,
     PasswdFileError,
@@ -35,6 +36,7 @@ from pop3d.checkers import (
     read_passwd_file,
 )
 from pop3d.credchecks import PortalVerifiers
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.driver import APOPCredentials
 from pop3d.errors import AuthUnavailable, LoginRefused
 from pop3d.passwords import (
@@ -112,6 +114,24 @@ class TestPasswdFile:
         assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland")) == b"alice"
         with pytest.raises(UnauthorizedLogin):
             await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderlamp"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_password_stored_unprepared_still_logs_in(self, tmp_path: Path) -> None:
+        """
+        RFC 4013 (SASLprep): a password stored as the client types it, before
+        pop3d prepared passwords (U+00A0 in it, which SASLprep makes a space),
+        matches in either form, and no other password does, with a cheap
+        scheme answered at once.
+        """
+        typed = "open\u00a0sesame".encode()
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:{PLAIN}" + typed + b"::\nbob:{PLAIN}open sesame::\n")
+        checker = PasswdFileChecker(str(path))
+        assert await checker.requestAvatarId(PreparedUsernamePassword(b"alice", typed)) == b"alice"
+        assert await checker.requestAvatarId(PreparedUsernamePassword(b"bob", typed)) == b"bob"
+        for wrong in (b"open sesame", b"open\xc2\xa0sesam"):
+            with pytest.raises(UnauthorizedLogin):
+                await checker.requestAvatarId(PreparedUsernamePassword(b"alice", wrong))
 
     def test_parse(self) -> None:
         entries = read_passwd_file(PASSWD)[0]
@@ -407,6 +427,44 @@ class TestStrcredGlue:
         refusing = FirstMatchChecker([Raising(LoginRefused("closed")), memory], [IUsernamePassword])
         with pytest.raises(LoginRefused, match="closed"):
             await refusing.requestAvatarId(UsernamePassword(b"alice", b"one"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_checker_answering_at_once_is_heard_as_one_answering_later(self) -> None:
+        """
+        A checker that answers at once (`IAvatarIdAtOnce`, as passwd-file
+        does) gives the answers a Deferred would: its user; a refusal ends
+        the search; an unavailable database or a wrong password lets the
+        next checker try; a checker that breaks looks like a wrong password.
+        """
+
+        @implementer(ICredentialsChecker, IAvatarIdAtOnce)
+        class AtOnce:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def __init__(self, answer: bytes | Exception) -> None:
+                self.answer = answer
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                raise AssertionError("asked at once, not through requestAvatarId")
+
+            def avatar_id_at_once(self, credentials: object) -> bytes:
+                if isinstance(self.answer, Exception):
+                    raise self.answer
+                return self.answer
+
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"one")
+        alice = UsernamePassword(b"alice", b"one")
+        assert await FirstMatchChecker([AtOnce(b"bob")], []).requestAvatarId(alice) == b"bob"
+        for passing in (AuthUnavailable(), UnauthorizedLogin(), PermissionError("/etc/shadow")):
+            chained = FirstMatchChecker([AtOnce(passing), memory], [IUsernamePassword])
+            assert await chained.requestAvatarId(alice) == b"alice"
+        with pytest.raises(AuthUnavailable):
+            await FirstMatchChecker([AtOnce(AuthUnavailable())], []).requestAvatarId(alice)
+        with pytest.raises(UnauthorizedLogin):
+            await FirstMatchChecker([AtOnce(PermissionError("x"))], []).requestAvatarId(alice)
+        refusing = FirstMatchChecker([AtOnce(LoginRefused("closed")), memory], [])
+        with pytest.raises(LoginRefused, match="closed"):
+            await refusing.requestAvatarId(alice)
 
     @pytest_twisted.ensureDeferred
     async def test_first_match_tries_every_checker(self) -> None:
