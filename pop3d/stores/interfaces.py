@@ -231,6 +231,22 @@ class IMaildropStore(Interface):
         """
 
 
+class IOpensAtOnce(Interface):
+    """
+    An optional part of `IMaildropStore`: a store that usually opens a
+    maildrop at once (a local Maildir whose listing it kept) gives it
+    without a Deferred, whose every callback costs a login about 8,000
+    instructions.  `pop3d.realm.MaildropRealm` asks for it this way.
+    """
+
+    def open_at_once(mailbox: str) -> IMaildrop | Deferred[IMaildrop]:
+        """
+        `IMaildropStore.open`: the maildrop itself where it is opened at
+        once, else a Deferred that fires with it; its failures raised
+        (or the Deferred fails) with the same errors.
+        """
+
+
 class ISeenFlags(Interface):
     """
     An optional part of `IMaildrop`: a store that records what a client has
