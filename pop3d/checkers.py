@@ -23,12 +23,13 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
-from zope.interface import Interface, alsoProvides, implementer
+from zope.interface import alsoProvides, implementer
 from zope.interface.interface import InterfaceClass
 
 from pop3d.credchecks import (
     DEFAULT_MAX_CONCURRENT,
     PASSWORD_CHECKS,
+    IAvatarIdAtOnce,
     PasswordCheck,
     PasswordChecks,
     PasswordEntry,
@@ -224,20 +225,6 @@ class _Table:
             derived > stored,
             extras,
         )
-
-
-class IAvatarIdAtOnce(Interface):
-    """
-    An optional part of a credentials checker (``ICredentialsChecker``)
-    whose answer is usually known at once: `FirstMatchChecker` asks it
-    this way, and waits on no Deferred when it need not.
-    """
-
-    def avatar_id_at_once(credentials: Any) -> Any:
-        """
-        What ``requestAvatarId(credentials)`` would fire with, itself when
-        it is known at once (a failed login raises), else a Deferred of it.
-        """
 
 
 @implementer(ICredentialsChecker, IScramKeySource, IReloadable, IAvatarIdAtOnce)
@@ -460,7 +447,7 @@ def accept_wire_bytes(checker: Any) -> Any:
     return checker
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IAvatarIdAtOnce)
 class FirstMatchChecker:
     """
     Several checkers for one credentials interface, tried in order: the first
@@ -486,14 +473,27 @@ class FirstMatchChecker:
             alsoProvides(self, IOAuth2TokenVerifier)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        try:
+            answer = self.avatar_id_at_once(credentials)
+        except Exception:
+            return fail()
+        return answer if isinstance(answer, Deferred) else succeed(answer)
+
+    def avatar_id_at_once(self, credentials: Any) -> Any:
+        """
+        `IAvatarIdAtOnce`: the answer itself while the checkers answer at
+        once (a checker that provides `IAvatarIdAtOnce` and has the answer,
+        passwd-file's nearly always), raised if it is a failure; else a
+        Deferred, from the first checker that makes the login wait.
+        """
         remaining = iter(self.checkers)
         unavailable: list[Failure] = []
 
-        def try_next(failure: Failure | None, tried: object) -> Deferred[Any]:
+        def try_next(failure: Failure | None, tried: object) -> Any:
             if failure is not None and failure.check(LoginRefused):
                 # The password was right and the database refuses the user:
                 # that is the answer, with its reason.
-                return fail(failure)
+                failure.raiseException()
             if failure is not None and failure.check(AuthUnavailable):
                 # Logged by the checker; another checker may know the user.
                 unavailable.append(failure)
@@ -504,7 +504,9 @@ class FirstMatchChecker:
             checker = next(remaining, None)
             if checker is None:
                 # Nobody accepted: "try again later" if a database could not say.
-                return fail(unavailable[0]) if unavailable else fail(UnauthorizedLogin())
+                if unavailable:
+                    unavailable[0].raiseException()
+                raise UnauthorizedLogin()
             attempt: Deferred[Any]
             if IAvatarIdAtOnce.providedBy(checker):
                 # Most logins: the answer at once, and no callback to run
@@ -514,7 +516,7 @@ class FirstMatchChecker:
                 except Exception:
                     return try_next(Failure(), checker)
                 if not isinstance(answer, Deferred):
-                    return succeed(answer)
+                    return answer
                 attempt = answer
             else:
                 attempt = maybeDeferred(checker.requestAvatarId, credentials)
