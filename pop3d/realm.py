@@ -16,7 +16,13 @@ from zope.interface import Interface, implementer
 
 from pop3d.dovecotvars import VariableError, Variables, expand
 from pop3d.errors import MaildropUnavailable
-from pop3d.stores.interfaces import IMaildrop, IMaildropStore, IOpensAtOnce, MailLocationError
+from pop3d.stores.interfaces import (
+    IClosesAtOnce,
+    IMaildrop,
+    IMaildropStore,
+    IOpensAtOnce,
+    MailLocationError,
+)
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -214,7 +220,12 @@ def release(maildrop: IMaildrop | None, logout: Callable[[], None] | None, log: 
     failure goes to ``log``, there is no one left to tell) and log the
     avatar out.
     """
-    if maildrop is not None:
+    if maildrop is not None and IClosesAtOnce.providedBy(maildrop):
+        try:
+            maildrop.close_at_once()
+        except Exception:
+            log.failure("releasing maildrop failed")
+    elif maildrop is not None:
         maybeDeferred(maildrop.close).addErrback(
             lambda failure: log.failure("releasing maildrop failed", failure)
         )

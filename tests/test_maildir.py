@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
@@ -24,14 +24,15 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
-from pop3d.realm import MaildropRealm
+from pop3d.realm import MaildropRealm, release
 from pop3d.stores import maildir as maildir_module
 from pop3d.stores.common import MaildirTemplateError, expand_template
-from pop3d.stores.interfaces import IMaildrop, ISeenFlags
+from pop3d.stores.interfaces import IClosesAtOnce, IMaildrop, ISeenFlags, MessageList
 from pop3d.stores.maildir import MaildirStore
 from pop3d.stores.posix import (
     LOCK_FILE_NAME,
@@ -289,6 +290,36 @@ async def test_a_login_to_a_maildir_read_before_is_answered_at_once(
     await IMaildrop(again).close()
     _, third, _ = await portal.login(alice, None, IMaildrop)
     await IMaildrop(third).close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_end_unlocks_the_maildir_at_once(
+    store: MaildirStore, maildir: Path, logged: Logged
+) -> None:
+    """
+    RFC 1939 section 8: once a session ended (`pop3d.realm.release`), the
+    maildrop is free for the next login, with nothing left to wait for; a
+    release that breaks is logged, and the session's end goes on.
+    """
+    logouts: list[str] = []
+    maildrop = await store.open("alice")
+    release(maildrop, lambda: logouts.append("alice"), Logger())
+    assert logouts == ["alice"]
+    again = await store.open("alice")
+    with pytest.raises(MaildropLocked):
+        await store.open("alice")
+    await again.close()
+
+    @implementer(IMaildrop, IClosesAtOnce)
+    class Breaking:
+        messages = MessageList()
+
+        def close_at_once(self) -> None:
+            raise OSError("the lock file went away")
+
+    release(cast(IMaildrop, Breaking()), lambda: logouts.append("bob"), Logger())
+    assert logouts == ["alice", "bob"]
+    assert logged.texts("releasing maildrop failed") == ["releasing maildrop failed"]
 
 
 @pytest_twisted.ensureDeferred

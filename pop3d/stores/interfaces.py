@@ -231,6 +231,17 @@ class IMaildropStore(Interface):
         """
 
 
+class IClosesAtOnce(Interface):
+    """
+    An optional part of `IMaildrop` whose `IMaildrop.close` has nothing to
+    wait for: `pop3d.realm.release` closes it this way, without the
+    Deferred (and its callback) a session would otherwise make at its end.
+    """
+
+    def close_at_once() -> None:
+        """`IMaildrop.close`, done when it returns."""
+
+
 class IOpensAtOnce(Interface):
     """
     An optional part of `IMaildropStore`: a store that usually opens a

@@ -65,6 +65,7 @@ from pop3d.stores.common import (
     run_blocking,
 )
 from pop3d.stores.interfaces import (
+    IClosesAtOnce,
     IMaildrop,
     IMaildropLocks,
     IMaildropStore,
@@ -1934,7 +1935,7 @@ class _FileBody:
 _NONE_REMOVED: frozenset[int] = frozenset()
 
 
-@implementer(IMaildrop, ISeenFlags, IRetrievalTimes)
+@implementer(IMaildrop, IClosesAtOnce, ISeenFlags, IRetrievalTimes)
 class _Maildrop:
     __slots__ = (
         "_changed",
@@ -2295,9 +2296,13 @@ class _Maildrop:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 
     def close(self) -> Deferred[None]:
+        self.close_at_once()
+        return succeed(None)
+
+    def close_at_once(self) -> None:
+        """`IClosesAtOnce`: the lock is released now, and nothing is waited on."""
         if self._directory is not None:
             self._store._subdirectories.forget(self._directory)
         release, self._release = self._release, None
         if release is not None:
             release()
-        return succeed(None)
