@@ -486,43 +486,7 @@ class FirstMatchChecker:
         passwd-file's nearly always), raised if it is a failure; else a
         Deferred, from the first checker that makes the login wait.
         """
-        remaining = iter(self.checkers)
-        unavailable: list[Failure] = []
-
-        def try_next(failure: Failure | None, tried: object) -> Any:
-            if failure is not None and failure.check(LoginRefused):
-                # The password was right and the database refuses the user:
-                # that is the answer, with its reason.
-                failure.raiseException()
-            if failure is not None and failure.check(AuthUnavailable):
-                # Logged by the checker; another checker may know the user.
-                unavailable.append(failure)
-            elif failure is not None and not failure.check(UnauthorizedLogin):
-                # A checker that breaks must not answer differently from a
-                # wrong password: that could tell which users exist.
-                log.failure("credentials checker {checker} failed", failure, checker=tried)
-            checker = next(remaining, None)
-            if checker is None:
-                # Nobody accepted: "try again later" if a database could not say.
-                if unavailable:
-                    unavailable[0].raiseException()
-                raise UnauthorizedLogin()
-            attempt: Deferred[Any]
-            if IAvatarIdAtOnce.providedBy(checker):
-                # Most logins: the answer at once, and no callback to run
-                # on a Deferred that has fired (about 8,000 instructions).
-                try:
-                    answer = checker.avatar_id_at_once(credentials)
-                except Exception:
-                    return try_next(Failure(), checker)
-                if not isinstance(answer, Deferred):
-                    return answer
-                attempt = answer
-            else:
-                attempt = maybeDeferred(checker.requestAvatarId, credentials)
-            return attempt.addErrback(try_next, checker)
-
-        return try_next(None, None)
+        return _FirstMatch(self.checkers, credentials).try_next(None, None)
 
     def check_token(self, credentials: Any) -> Deferred[TokenCheck]:
         """`IOAuth2TokenVerifier`: the first acceptance, else the first refusal."""
@@ -561,3 +525,52 @@ class FirstMatchChecker:
             if keys is not None:
                 return keys
         return None
+
+
+class _FirstMatch:
+    """
+    One login's search through the checkers of a `FirstMatchChecker`.  An
+    object, not a nested function that calls itself: that would be a
+    reference cycle, garbage only the cyclic collector frees (a login's
+    credentials with it), which it then has to look for.
+    """
+
+    __slots__ = ("_credentials", "_remaining", "_unavailable")
+
+    def __init__(self, checkers: Sequence[Any], credentials: Any) -> None:
+        self._credentials = credentials
+        self._remaining = iter(checkers)
+        self._unavailable: list[Failure] = []
+
+    def try_next(self, failure: Failure | None, tried: object) -> Any:
+        if failure is not None and failure.check(LoginRefused):
+            # The password was right and the database refuses the user:
+            # that is the answer, with its reason.
+            failure.raiseException()
+        if failure is not None and failure.check(AuthUnavailable):
+            # Logged by the checker; another checker may know the user.
+            self._unavailable.append(failure)
+        elif failure is not None and not failure.check(UnauthorizedLogin):
+            # A checker that breaks must not answer differently from a
+            # wrong password: that could tell which users exist.
+            log.failure("credentials checker {checker} failed", failure, checker=tried)
+        checker = next(self._remaining, None)
+        if checker is None:
+            # Nobody accepted: "try again later" if a database could not say.
+            if self._unavailable:
+                self._unavailable[0].raiseException()
+            raise UnauthorizedLogin()
+        attempt: Deferred[Any]
+        if IAvatarIdAtOnce.providedBy(checker):
+            # Most logins: the answer at once, and no callback to run
+            # on a Deferred that has fired (about 8,000 instructions).
+            try:
+                answer = checker.avatar_id_at_once(self._credentials)
+            except Exception:
+                return self.try_next(Failure(), checker)
+            if not isinstance(answer, Deferred):
+                return answer
+            attempt = answer
+        else:
+            attempt = maybeDeferred(checker.requestAvatarId, self._credentials)
+        return attempt.addErrback(self.try_next, checker)
