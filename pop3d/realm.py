@@ -16,7 +16,13 @@ from zope.interface import Interface, implementer
 
 from pop3d.dovecotvars import VariableError, Variables, expand
 from pop3d.errors import MaildropUnavailable
-from pop3d.stores.interfaces import IMaildrop, IMaildropStore, MailLocationError
+from pop3d.stores.interfaces import (
+    IClosesAtOnce,
+    IMaildrop,
+    IMaildropStore,
+    IOpensAtOnce,
+    MailLocationError,
+)
 from pop3d.userdb import (
     AuthenticatedUser,
     IUserDatabase,
@@ -69,6 +75,10 @@ def mailbox_name(avatar_id: bytes | str) -> str | None:
     return avatar_id if is_safe_mailbox_name(avatar_id) else None
 
 
+#: What the realm gives a login: the avatar's interface, the avatar, its logout.
+_Avatar = tuple[type[Interface], object, Callable[[], None]]
+
+
 def _nothing() -> None:
     pass
 
@@ -110,7 +120,9 @@ class MaildropRealm:
 
     def requestAvatar(
         self, avatarId: Any, mind: object, *interfaces: Any
-    ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
+    ) -> _Avatar | Deferred[_Avatar]:
+        # The avatar itself when the store opened the maildrop at once
+        # (`IOpensAtOnce`: nearly every login), as IRealm allows.
         wanted = [i for i in interfaces if i in (IUserMaildrop, IMaildrop)]
         if not wanted:
             raise NotImplementedError("MaildropRealm provides IUserMaildrop and IMaildrop")
@@ -133,11 +145,16 @@ class MaildropRealm:
         settings = self.userdb.lookup(name, context).addCallback(_completed, prefetched, name)
         return settings.addCallback(lambda found: self._open(name, found, wanted[0]))
 
-    def _open(
-        self, name: str, settings: UserSettings, wanted: Any
-    ) -> Deferred[tuple[type[Interface], object, Callable[[], None]]]:
+    def _open(self, name: str, settings: UserSettings, wanted: Any) -> _Avatar | Deferred[_Avatar]:
         store = self._store_for(name, settings)
-        opened: Deferred[IMaildrop] = maybeDeferred(store.open, name)
+        opened: IMaildrop | Deferred[IMaildrop]
+        if IOpensAtOnce.providedBy(store):
+            # Its failure raised here is the login's, as a failed Deferred's is.
+            opened = store.open_at_once(name)
+            if not isinstance(opened, Deferred):
+                return _avatar(opened, name, settings, wanted)
+        else:
+            opened = maybeDeferred(store.open, name)
         return opened.addCallback(_avatar, name, settings, wanted)
 
     def _store_for(self, name: str, settings: UserSettings) -> IMaildropStore:
@@ -160,9 +177,7 @@ class MaildropRealm:
             ) from None
 
 
-def _avatar(
-    maildrop: IMaildrop, name: str, settings: UserSettings, wanted: Any
-) -> tuple[type[Interface], object, Callable[[], None]]:
+def _avatar(maildrop: IMaildrop, name: str, settings: UserSettings, wanted: Any) -> _Avatar:
     # The maildrop's close() releases it; cred's logout has nothing to do.
     if wanted is IUserMaildrop:
         return (IUserMaildrop, UserMaildrop(maildrop, name, settings), _nothing)
@@ -205,7 +220,12 @@ def release(maildrop: IMaildrop | None, logout: Callable[[], None] | None, log: 
     failure goes to ``log``, there is no one left to tell) and log the
     avatar out.
     """
-    if maildrop is not None:
+    if maildrop is not None and IClosesAtOnce.providedBy(maildrop):
+        try:
+            maildrop.close_at_once()
+        except Exception:
+            log.failure("releasing maildrop failed")
+    elif maildrop is not None:
         maybeDeferred(maildrop.close).addErrback(
             lambda failure: log.failure("releasing maildrop failed", failure)
         )

@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -17,7 +18,8 @@ import pytest
 import pytest_twisted
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
 from twisted.cred.strcred import makeChecker
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorThreads
@@ -34,9 +36,10 @@ from pop3d.checkers import (
     accept_wire_bytes,
     read_passwd_file,
 )
-from pop3d.credchecks import PortalVerifiers
+from pop3d.credchecks import IAvatarIdAtOnce, PortalVerifiers, login_at_once
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.driver import APOPCredentials
-from pop3d.errors import AuthUnavailable, LoginRefused
+from pop3d.errors import AuthUnavailable, LoginRefused, MaildropLocked
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -49,8 +52,9 @@ from pop3d.reloading import ReloadableFiles
 from pop3d.sasl import ICramMD5Credentials, IScramKeySource, IScramSHA256Credentials, ScramKeys
 from pop3d.sasl.cram_md5 import CramMD5, CramMD5Credentials
 from pop3d.stores.interfaces import IMaildrop
+from pop3d.stores.maildir import MaildirStore
 from pop3d.tap import build_portal
-from pop3d.testing import MemoryStore
+from pop3d.testing import MemoryStore, deliver_to_maildir
 
 from .clock_threads import ClockThreads, TimedClockThreads, settle
 from .conftest import Logged
@@ -112,6 +116,24 @@ class TestPasswdFile:
         assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland")) == b"alice"
         with pytest.raises(UnauthorizedLogin):
             await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderlamp"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_password_stored_unprepared_still_logs_in(self, tmp_path: Path) -> None:
+        """
+        RFC 4013 (SASLprep): a password stored as the client types it, before
+        pop3d prepared passwords (U+00A0 in it, which SASLprep makes a space),
+        matches in either form, and no other password does, with a cheap
+        scheme answered at once.
+        """
+        typed = "open\u00a0sesame".encode()
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:{PLAIN}" + typed + b"::\nbob:{PLAIN}open sesame::\n")
+        checker = PasswdFileChecker(str(path))
+        assert await checker.requestAvatarId(PreparedUsernamePassword(b"alice", typed)) == b"alice"
+        assert await checker.requestAvatarId(PreparedUsernamePassword(b"bob", typed)) == b"bob"
+        for wrong in (b"open sesame", b"open\xc2\xa0sesam"):
+            with pytest.raises(UnauthorizedLogin):
+                await checker.requestAvatarId(PreparedUsernamePassword(b"alice", wrong))
 
     def test_parse(self) -> None:
         entries = read_passwd_file(PASSWD)[0]
@@ -407,6 +429,81 @@ class TestStrcredGlue:
         refusing = FirstMatchChecker([Raising(LoginRefused("closed")), memory], [IUsernamePassword])
         with pytest.raises(LoginRefused, match="closed"):
             await refusing.requestAvatarId(UsernamePassword(b"alice", b"one"))
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_checker_answering_at_once_is_heard_as_one_answering_later(self) -> None:
+        """
+        A checker that answers at once (`IAvatarIdAtOnce`, as passwd-file
+        does) gives the answers a Deferred would: its user; a refusal ends
+        the search; an unavailable database or a wrong password lets the
+        next checker try; a checker that breaks looks like a wrong password.
+        """
+
+        @implementer(ICredentialsChecker, IAvatarIdAtOnce)
+        class AtOnce:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def __init__(self, answer: bytes | Exception) -> None:
+                self.answer = answer
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                raise AssertionError("asked at once, not through requestAvatarId")
+
+            def avatar_id_at_once(self, credentials: object) -> bytes:
+                if isinstance(self.answer, Exception):
+                    raise self.answer
+                return self.answer
+
+        memory = InMemoryUsernamePasswordDatabaseDontUse(alice=b"one")
+        alice = UsernamePassword(b"alice", b"one")
+        assert await FirstMatchChecker([AtOnce(b"bob")], []).requestAvatarId(alice) == b"bob"
+        for passing in (AuthUnavailable(), UnauthorizedLogin(), PermissionError("/etc/shadow")):
+            chained = FirstMatchChecker([AtOnce(passing), memory], [IUsernamePassword])
+            assert await chained.requestAvatarId(alice) == b"alice"
+        with pytest.raises(AuthUnavailable):
+            await FirstMatchChecker([AtOnce(AuthUnavailable())], []).requestAvatarId(alice)
+        with pytest.raises(UnauthorizedLogin):
+            await FirstMatchChecker([AtOnce(PermissionError("x"))], []).requestAvatarId(alice)
+        refusing = FirstMatchChecker([AtOnce(LoginRefused("closed")), memory], [])
+        with pytest.raises(LoginRefused, match="closed"):
+            await refusing.requestAvatarId(alice)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_login_at_once_answers_as_the_portal_does(self, tmp_path: Path) -> None:
+        """
+        `login_at_once` gives what ``Portal.login`` fires with: the avatar,
+        a wrong password's UnauthorizedLogin, a maildrop in use's
+        MaildropLocked (RFC 1939 section 8), credentials no checker takes
+        (UnhandledCredentials); at once where the checker and the realm
+        answer at once (passwd-file, a Maildir whose listing is kept).
+        """
+        passwd = tmp_path / "passwd"
+        passwd.write_bytes(b"alice:{PLAIN}wonderland::\n")
+        mail = tmp_path / "mail"
+        deliver_to_maildir(str(mail / "alice"), b"Subject: one\n\nbody\n")
+        an_hour_ago = time.time() - 3600
+        for part in ("", "new", "cur", "tmp"):
+            # Changed long enough ago for its listing to be trusted when kept.
+            os.utime(mail / "alice" / part, (an_hour_ago, an_hour_ago))
+        checker = FirstMatchChecker([PasswdFileChecker(str(passwd))], [IUsernamePassword])
+        portal = Portal(MaildropRealm(MaildirStore(f"{mail}/{{user}}")), [checker])
+        alice = UsernamePassword(b"alice", b"wonderland")
+        _, first, _ = await portal.login(alice, None, IMaildrop)
+        await IMaildrop(first).close()
+        answer = login_at_once(portal, alice, None, IMaildrop)
+        assert isinstance(answer, tuple)
+        interface, maildrop, _ = answer
+        assert interface is IMaildrop
+        assert [message.size for message in IMaildrop(maildrop).messages] == [22]
+        locked = login_at_once(portal, alice, None, IMaildrop)
+        assert isinstance(locked, Failure) and locked.check(MaildropLocked)
+        await IMaildrop(maildrop).close()
+        wrong = login_at_once(portal, UsernamePassword(b"alice", b"x"), None, IMaildrop)
+        assert isinstance(wrong, Failure) and wrong.check(UnauthorizedLogin)
+        unhandled = login_at_once(portal, object(), None, IMaildrop)
+        assert isinstance(unhandled, Deferred)
+        with pytest.raises(UnhandledCredentials):
+            await unhandled
 
     @pytest_twisted.ensureDeferred
     async def test_first_match_tries_every_checker(self) -> None:

@@ -14,20 +14,25 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import maybeDeferred
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3d.errors import DeletionFailed, MaildropLocked, MaildropUnavailable
+from pop3d.realm import MaildropRealm, release
 from pop3d.stores import maildir as maildir_module
 from pop3d.stores.common import MaildirTemplateError, expand_template
-from pop3d.stores.interfaces import ISeenFlags
+from pop3d.stores.interfaces import IClosesAtOnce, IMaildrop, ISeenFlags, MessageList
 from pop3d.stores.maildir import MaildirStore
 from pop3d.stores.posix import (
     LOCK_FILE_NAME,
@@ -250,6 +255,71 @@ async def test_the_lock_table_is_above_the_maildirs_and_costs_no_descriptor(
     for maildrop in [first, *opened]:
         await maildrop.close()
     assert LOCK_FILE_NAME not in os.listdir(tmp_path / "alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_to_a_maildir_read_before_is_answered_at_once(
+    store: MaildirStore, maildir: Path
+) -> None:
+    """
+    RFC 1939 section 8: through the portal, a maildrop in use fails the
+    login with MaildropLocked ("[IN-USE]"), whether the Maildir is read
+    again (a Deferred) or its listing is the kept one (the realm's answer
+    at once, `IOpensAtOnce`); once released, it opens with its messages.
+    """
+    deliver_to_maildir(str(maildir), b"Subject: one\n\nbody\n")
+    an_hour_ago = time.time() - 3600
+    for part in (maildir, maildir / "new", maildir / "cur", maildir / "tmp"):
+        # Changed long enough ago for its listing to be trusted when kept.
+        os.utime(part, (an_hour_ago, an_hour_ago))
+    realm = MaildropRealm(store)
+    portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")])
+    alice = UsernamePassword(b"alice", b"pw")
+    _, first, _ = await portal.login(alice, None, IMaildrop)
+    with pytest.raises(MaildropLocked):
+        await portal.login(alice, None, IMaildrop)
+    with pytest.raises(MaildropLocked):
+        realm.requestAvatar(b"alice", None, IMaildrop)
+    await IMaildrop(first).close()
+    answer = realm.requestAvatar(b"alice", None, IMaildrop)
+    assert not isinstance(answer, Deferred)
+    _, again, _ = answer
+    assert [message.size for message in IMaildrop(again).messages] == [22]
+    with pytest.raises(MaildropLocked):
+        await portal.login(alice, None, IMaildrop)
+    await IMaildrop(again).close()
+    _, third, _ = await portal.login(alice, None, IMaildrop)
+    await IMaildrop(third).close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_end_unlocks_the_maildir_at_once(
+    store: MaildirStore, maildir: Path, logged: Logged
+) -> None:
+    """
+    RFC 1939 section 8: once a session ended (`pop3d.realm.release`), the
+    maildrop is free for the next login, with nothing left to wait for; a
+    release that breaks is logged, and the session's end goes on.
+    """
+    logouts: list[str] = []
+    maildrop = await store.open("alice")
+    release(maildrop, lambda: logouts.append("alice"), Logger())
+    assert logouts == ["alice"]
+    again = await store.open("alice")
+    with pytest.raises(MaildropLocked):
+        await store.open("alice")
+    await again.close()
+
+    @implementer(IMaildrop, IClosesAtOnce)
+    class Breaking:
+        messages = MessageList()
+
+        def close_at_once(self) -> None:
+            raise OSError("the lock file went away")
+
+    release(cast(IMaildrop, Breaking()), lambda: logouts.append("bob"), Logger())
+    assert logouts == ["alice", "bob"]
+    assert logged.texts("releasing maildrop failed") == ["releasing maildrop failed"]
 
 
 @pytest_twisted.ensureDeferred

@@ -231,6 +231,33 @@ class IMaildropStore(Interface):
         """
 
 
+class IClosesAtOnce(Interface):
+    """
+    An optional part of `IMaildrop` whose `IMaildrop.close` has nothing to
+    wait for: `pop3d.realm.release` closes it this way, without the
+    Deferred (and its callback) a session would otherwise make at its end.
+    """
+
+    def close_at_once() -> None:
+        """`IMaildrop.close`, done when it returns."""
+
+
+class IOpensAtOnce(Interface):
+    """
+    An optional part of `IMaildropStore`: a store that usually opens a
+    maildrop at once (a local Maildir whose listing it kept) gives it
+    without a Deferred, whose every callback costs a login about 8,000
+    instructions.  `pop3d.realm.MaildropRealm` asks for it this way.
+    """
+
+    def open_at_once(mailbox: str) -> IMaildrop | Deferred[IMaildrop]:
+        """
+        `IMaildropStore.open`: the maildrop itself where it is opened at
+        once, else a Deferred that fires with it; its failures raised
+        (or the Deferred fails) with the same errors.
+        """
+
+
 class ISeenFlags(Interface):
     """
     An optional part of `IMaildrop`: a store that records what a client has

@@ -65,10 +65,12 @@ from pop3d.stores.common import (
     run_blocking,
 )
 from pop3d.stores.interfaces import (
+    IClosesAtOnce,
     IMaildrop,
     IMaildropLocks,
     IMaildropStore,
     IMessageBody,
+    IOpensAtOnce,
     IRetrievalTimes,
     IRetrievalTimesStore,
     ISeenFlags,
@@ -318,7 +320,7 @@ class _ListingCache:
             self._messages -= len(dropped.messages)
 
 
-@implementer(IMaildropStore, IRetrievalTimesStore)
+@implementer(IMaildropStore, IOpensAtOnce, IRetrievalTimesStore)
 class MaildirStore:
     """
     Maildirs found by a path template such as ``/srv/mail/{user}``.
@@ -403,16 +405,28 @@ class MaildirStore:
         return expand_template(self.template, mailbox)
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        try:
+            opened = self.open_at_once(mailbox)
+        except (POP3Error, UnauthorizedLogin):
+            return fail()
+        return opened if isinstance(opened, Deferred) else succeed(opened)
+
+    def open_at_once(self, mailbox: str) -> IMaildrop | Deferred[IMaildrop]:
+        """
+        `IOpensAtOnce`: the maildrop itself when its listing is the one
+        kept from the last login (nearly every login), else a Deferred (the
+        directories are read in the thread pool).
+        """
         root = self.path_for(mailbox)
         if root is None:
-            return fail(UnauthorizedLogin())
+            raise UnauthorizedLogin()
         try:
             root_fd = os.open(root, DIRECTORY_FLAGS)
         except FileNotFoundError:
             # Nothing delivered yet: an empty maildrop, not an error.
-            return succeed(_Maildrop(None, MessageList(), (), None, self))
+            return _Maildrop(None, MessageList(), (), None, self)
         except OSError as error:
-            return fail(unavailable("cannot open maildir", root, error))
+            raise unavailable("cannot open maildir", root, error) from None
         release: Callable[[], None] | None = None
         try:
             info = os.fstat(root_fd)
@@ -425,18 +439,14 @@ class MaildirStore:
             os.close(root_fd)
             if release is not None:
                 release()
-            if isinstance(error, POP3Error):
-                return fail(error)
             if isinstance(error, OSError):
-                return fail(unavailable("cannot read maildir", root, error))
+                raise unavailable("cannot read maildir", root, error) from None
             raise
         held = release
         cached = self._listings.get(root)
         if cached is not None and cached.stamps.trusted_all(stamps):
             os.close(root_fd)
-            return succeed(
-                _Maildrop(directory, cached.messages, cached.locations, held, self, cached)
-            )
+            return _Maildrop(directory, cached.messages, cached.locations, held, self, cached)
 
         def scan() -> tuple[_Listing, _SizesToSave]:
             try:
@@ -1927,7 +1937,7 @@ class _FileBody:
 _NONE_REMOVED: frozenset[int] = frozenset()
 
 
-@implementer(IMaildrop, ISeenFlags, IRetrievalTimes)
+@implementer(IMaildrop, IClosesAtOnce, ISeenFlags, IRetrievalTimes)
 class _Maildrop:
     __slots__ = (
         "_changed",
@@ -2288,9 +2298,13 @@ class _Maildrop:
             log.info("not marking {name} seen: {error}", name=name, error=error)
 
     def close(self) -> Deferred[None]:
+        self.close_at_once()
+        return succeed(None)
+
+    def close_at_once(self) -> None:
+        """`IClosesAtOnce`: the lock is released now, and nothing is waited on."""
         if self._directory is not None:
             self._store._subdirectories.forget(self._directory)
         release, self._release = self._release, None
         if release is not None:
             release()
-        return succeed(None)
