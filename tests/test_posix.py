@@ -6,6 +6,7 @@ following links users could plant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -152,6 +153,15 @@ def _forked(check: Callable[[], None]) -> Callable[[], str]:
     return run
 
 
+def _open_files() -> list[str]:
+    """What this process's descriptors name (Linux: /proc/self/fd)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return names
+
+
 @pytest.mark.process
 def test_a_forked_child_holds_none_of_its_parents_locks(tmp_path: Path) -> None:
     """
@@ -174,6 +184,8 @@ def test_a_forked_child_holds_none_of_its_parents_locks(tmp_path: Path) -> None:
         PROCESS_LOCKS.claim(("test", "bob"))
 
         def while_the_parent_holds_it() -> None:
+            # The parent's descriptor of the table is not kept open in the child.
+            assert str(tmp_path / "locks") not in _open_files()
             release()  # the parent's: not the child's to undo
             with pytest.raises(MaildropLocked):
                 lock_alice()

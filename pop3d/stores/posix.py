@@ -40,6 +40,7 @@ file judged stale, and only then removed (or put back).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -701,8 +702,13 @@ class LockTable:
 
     def _forget_after_fork(self) -> None:
         # The child inherits the descriptor but not the locks: it opens
-        # the file again when it first locks.
-        self._fd, self._holder = None, object()
+        # the file again when it first locks.  The inherited descriptor is
+        # closed, not leaked: fcntl locks belong to a process, so closing
+        # it in the child cannot release the parent's.
+        fd, self._fd, self._holder = self._fd, None, object()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _file(self) -> int:
         if self._fd is None:
