@@ -186,7 +186,11 @@ class PasswordLookup(Protocol):
 
     @property
     def checker(self) -> object:
-        """The checker, for its add-on interfaces (`pop3d.sasl.IScramKeySource`)."""
+        """
+        The checker the entry came from, for a check that needs one of its
+        add-on interfaces (pop3d's own checks need none: SCRAM's keys come
+        from `scram_keys`).
+        """
 
     def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
         """
@@ -401,7 +405,7 @@ class StoredPasswordLookup:
     username: bytes
     #: The user's entry; None for an unknown user.
     entry: PasswordEntry | None
-    #: The checker, for its add-on interfaces (`pop3d.sasl.IScramKeySource`).
+    #: The checker the entry came from (see `PasswordLookup.checker`).
     checker: object
     verifier: PasswordVerifier
     #: The usual entry (or scheme, at its default cost) an unknown user's
