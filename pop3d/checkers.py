@@ -18,7 +18,7 @@ from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordD
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -37,6 +37,7 @@ from pop3d.credchecks import (
     PasswordVerifier,
     StoredPasswordLookup,
     as_bytes,
+    avatar_id_later,
 )
 from pop3d.credentials import PreparedUsernamePassword
 from pop3d.errors import AuthUnavailable, LoginRefused
@@ -334,11 +335,7 @@ class PasswdFileChecker:
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         # The user's name (bytes), or an AuthenticatedUser when the file
         # gives the user extra fields.
-        try:
-            answer = self.avatar_id_at_once(credentials)
-        except Exception:
-            return fail()
-        return answer if isinstance(answer, Deferred) else succeed(answer)
+        return avatar_id_later(self, credentials)
 
     def avatar_id_at_once(self, credentials: Any) -> Any:
         """`IAvatarIdAtOnce`: nearly every login, with a cheap scheme, at once."""
@@ -473,11 +470,7 @@ class FirstMatchChecker:
             alsoProvides(self, IOAuth2TokenVerifier)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
-        try:
-            answer = self.avatar_id_at_once(credentials)
-        except Exception:
-            return fail()
-        return answer if isinstance(answer, Deferred) else succeed(answer)
+        return avatar_id_later(self, credentials)
 
     def avatar_id_at_once(self, credentials: Any) -> Any:
         """

@@ -88,6 +88,19 @@ class IAvatarIdAtOnce(Interface):
         """
 
 
+def avatar_id_later(checker: Any, credentials: Any) -> Deferred[Any]:
+    """
+    ``requestAvatarId`` of a checker that provides `IAvatarIdAtOnce`: its
+    `IAvatarIdAtOnce.avatar_id_at_once` answer, always as a Deferred (what
+    twisted.cred's Portal.login expects).
+    """
+    try:
+        answer = checker.avatar_id_at_once(credentials)
+    except Exception:
+        return fail()
+    return answer if isinstance(answer, Deferred) else succeed(answer)
+
+
 def login_at_once(portal: Portal, credentials: Any, mind: object, *interfaces: Any) -> object:
     """
     ``portal.login(credentials, mind, *interfaces)``, its answer itself
