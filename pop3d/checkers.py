@@ -71,12 +71,12 @@ def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool]
         first, *others = credentials.passwords
     else:
         first, others = as_bytes(credentials.password), []
-    checked = lookup.check_password(first)
+    checked = lookup.check_password_at_once(first)
     for other in others:
         if not isinstance(checked, Deferred):
             if checked:
                 return True
-            checked = lookup.check_password(other)
+            checked = lookup.check_password_at_once(other)
             continue
 
         def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
@@ -371,7 +371,7 @@ class PasswdFileChecker:
                 table.dummies,
                 table.scram_derives,
             )
-            matched = check.run_at_once(lookup, credentials)
+            matched = check.verify(lookup, credentials)
 
         def decided(ok: bool) -> bytes | AuthenticatedUser | tuple[()]:
             if not ok or found is None:

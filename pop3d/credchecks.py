@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -84,7 +84,17 @@ class IAvatarIdAtOnce(Interface):
     def avatar_id_at_once(credentials: Any) -> Any:
         """
         What ``requestAvatarId(credentials)`` would fire with, itself when
-        it is known at once (a failed login raises), else a Deferred of it.
+        it is known without waiting (never by blocking the reactor thread:
+        a slow scheme's work still goes to the thread pool), else a
+        Deferred of it, which may fail as ``requestAvatarId``'s would.  A
+        refusal known at once is raised: ``UnauthorizedLogin`` (a wrong
+        password or an unknown user), `pop3d.errors.LoginRefused` (the
+        password was right, the user is refused, with the reason) or
+        `pop3d.errors.AuthUnavailable` (the database could not say);
+        anything else raised is a broken checker, answered as a failed
+        login.  A class that provides this and overrides
+        ``requestAvatarId`` must override this too: callers that find it
+        use it instead.
         """
 
 
@@ -94,11 +104,7 @@ def avatar_id_later(checker: Any, credentials: Any) -> Deferred[Any]:
     `IAvatarIdAtOnce.avatar_id_at_once` answer, always as a Deferred (what
     twisted.cred's Portal.login expects).
     """
-    try:
-        answer = checker.avatar_id_at_once(credentials)
-    except Exception:
-        return fail()
-    return answer if isinstance(answer, Deferred) else succeed(answer)
+    return maybeDeferred(checker.avatar_id_at_once, credentials)
 
 
 def login_at_once(portal: Portal, credentials: Any, mind: object, *interfaces: Any) -> object:
@@ -211,11 +217,14 @@ class PasswordLookup(Protocol):
         kind the file's entries have (made by the check's ``dummy``).
         """
 
-    def check_password(self, password: bytes) -> Deferred[bool] | bool:
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        """``password`` against the entry (or a dummy like the usual entry), whatever its scheme."""
+
+    def check_password_at_once(self, password: bytes) -> Deferred[bool] | bool:
         """
-        ``password`` against the entry (or a dummy like the usual entry),
-        whatever its scheme: the answer at once for a cheap scheme, else a
-        Deferred (slow work in the thread pool).
+        `check_password`, its answer itself for a cheap scheme (no Deferred,
+        whose every callback costs a login about 8,000 instructions), else a
+        Deferred (a slow scheme's work runs in the thread pool).
         """
 
     def scram_keys(self) -> Deferred[ScramKeys | None]:
@@ -236,7 +245,8 @@ class PasswordCheck:
     #: The credential type (a zope interface the credentials provide).
     interface: InterfaceClass
     #: The check: does ``credentials`` match the user's entry?  False for an
-    #: unknown user, after the same work as for a known one.
+    #: unknown user, after the same work as for a known one.  The answer
+    #: itself when it is known at once, else a Deferred; it may raise.
     verify: Callable[[PasswordLookup, Any], Deferred[bool] | bool]
     #: Whether a file whose entries have these schemes can verify the type at
     #: all (else it is not advertised, and mechanisms that need it are not offered).
@@ -251,14 +261,6 @@ class PasswordCheck:
         except Exception:
             return fail()
         return result if isinstance(result, Deferred) else succeed(result)
-
-    def run_at_once(self, lookup: PasswordLookup, credentials: Any) -> Deferred[bool] | bool:
-        """
-        ``verify``: its answer itself where it has it at once (a cheap
-        scheme: no Deferred, whose every callback costs a login about
-        8,000 instructions), else a Deferred; its exception raised.
-        """
-        return self.verify(lookup, credentials)
 
 
 class PasswordChecks:
@@ -434,7 +436,10 @@ class StoredPasswordLookup:
     def dummy(self, credentials: InterfaceClass) -> PasswordEntry:
         return self.dummies[credentials]
 
-    def check_password(self, password: bytes) -> Deferred[bool] | bool:
+    def check_password(self, password: bytes) -> Deferred[bool]:
+        return self.verifier.check(self.entry, password, self.like)
+
+    def check_password_at_once(self, password: bytes) -> Deferred[bool] | bool:
         return self.verifier.check_at_once(self.entry, password, self.like)
 
     def scram_keys(self) -> Deferred[ScramKeys | None]:

@@ -473,7 +473,7 @@ class TestStrcredGlue:
         """
         `login_at_once` gives what ``Portal.login`` fires with: the avatar,
         a wrong password's UnauthorizedLogin, a maildrop in use's
-        MaildropLocked (RFC 1939 section 8), credentials no checker takes
+        MaildropLocked (RFC 1939 section 4), credentials no checker takes
         (UnhandledCredentials); at once where the checker and the realm
         answer at once (passwd-file, a Maildir whose listing is kept).
         """

@@ -14,15 +14,19 @@ from typing import Any, cast
 import pytest
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 import pop3d.sasl
-from pop3d.checkers import PasswdFileError, read_passwd_file
+from pop3d.checkers import PasswdFileChecker, PasswdFileError, read_passwd_file
 from pop3d.credchecks import (
     PASSWORD_CHECKS,
+    PasswordCheck,
+    PasswordChecks,
     PasswordEntry,
     PasswordVerifier,
     PortalVerifiers,
@@ -324,3 +328,27 @@ class TestParsingStoredPasswords:
             PasswordEntry.parse(b"{SHA512-CRYPT}my secret value")
         assert str(error.value).startswith("malformed {SHA512-CRYPT} password: ")
         assert "my secret value" not in str(error.value)
+
+
+class TestAPasswordCheckOfItsOwn:
+    """
+    A credential type's check registered by another module (the module
+    docstring's extension point) is given a `PasswordLookup` whose
+    ``check_password`` answers in a Deferred, for a cheap scheme too: the
+    at-once answer pop3d's own checks use is a separate method.
+    """
+
+    def test_a_check_that_waits_on_check_password(self, tmp_path: Path) -> None:
+        def verify(lookup: Any, credentials: Any) -> Deferred[bool]:
+            return lookup.check_password(credentials.password).addCallback(bool)
+
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:{PLAIN}wonderland::\n")
+        checker = PasswdFileChecker(
+            str(path), PasswordChecks([PasswordCheck(IUsernamePassword, verify)])
+        )
+        answers: list[object] = []
+        checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland")).addBoth(answers.append)
+        assert answers == [b"alice"]
+        checker.requestAvatarId(UsernamePassword(b"alice", b"rabbit")).addBoth(answers.append)
+        assert isinstance(answers[1], Failure) and answers[1].check(UnauthorizedLogin)

@@ -523,7 +523,7 @@ async def test_second_login_to_a_maildrop_in_use_is_refused(
     running_server: RunningServer,
 ) -> None:
     """
-    RFC 1939 section 8 / RFC 2449 section 8.1.2: while a session holds the
+    RFC 1939 section 4 / RFC 2449 section 8.1.2: while a session holds the
     maildrop, another login to it fails with ``-ERR [IN-USE]``; the first
     session works on, and once it has quit a new login succeeds.
     """

@@ -215,7 +215,7 @@ sys.stdin.read()
 @pytest_twisted.ensureDeferred
 async def test_lock_held_by_another_process(tmp_path: Path, maildir: Path, kind: str) -> None:
     """
-    RFC 1939 section 8: exclusive access across processes; a holder killed
+    RFC 1939 section 4: exclusive access across processes; a holder killed
     with SIGKILL does not keep the maildrop (a lock file it leaves behind
     is known for stale at once).
     """
@@ -262,7 +262,7 @@ async def test_a_login_to_a_maildir_read_before_is_answered_at_once(
     store: MaildirStore, maildir: Path
 ) -> None:
     """
-    RFC 1939 section 8: through the portal, a maildrop in use fails the
+    RFC 1939 section 4: through the portal, a maildrop in use fails the
     login with MaildropLocked ("[IN-USE]"), whether the Maildir is read
     again (a Deferred) or its listing is the kept one (the realm's answer
     at once, `IOpensAtOnce`); once released, it opens with its messages.
@@ -297,7 +297,7 @@ async def test_a_session_end_unlocks_the_maildir_at_once(
     store: MaildirStore, maildir: Path, logged: Logged
 ) -> None:
     """
-    RFC 1939 section 8: once a session ended (`pop3d.realm.release`), the
+    RFC 1939 section 4: once a session ended (`pop3d.realm.release`), the
     maildrop is free for the next login, with nothing left to wait for; a
     release that breaks is logged, and the session's end goes on.
     """

@@ -47,7 +47,7 @@ def test_a_stale_dotlock_another_server_broke_and_retook_meanwhile_stays_its_own
     tmp_path: Path, directory: int
 ) -> None:
     """
-    RFC 1939 section 8 (one session per maildrop).  Two servers find the same
+    RFC 1939 section 4 (one session per maildrop).  Two servers find the same
     stale dotlock; the other one breaks it and takes its own between this
     one's judging it stale and removing it.  Removing it by name would take
     the other's fresh lock away and let both serve the maildrop; moved aside

@@ -565,7 +565,7 @@ class TestTransaction:
         assert logged_in.command(b"RETR 2").startswith(b"+OK")
 
     def test_snapshot_ignores_new_mail(self, logged_in: Wire, store: MemoryStore) -> None:
-        """RFC 1939 section 8: message numbers are fixed for the session."""
+        """RFC 1939 section 4: message numbers are fixed for the session."""
         store.deliver("alice", b"Subject: late\n\nlate\n")
         assert logged_in.command(b"STAT").startswith(b"+OK 3 ")
         assert logged_in.command(b"RETR 4") == b"-ERR no such message\r\n"

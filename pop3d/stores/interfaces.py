@@ -239,7 +239,12 @@ class IClosesAtOnce(Interface):
     """
 
     def close_at_once() -> None:
-        """`IMaildrop.close`, done when it returns."""
+        """
+        `IMaildrop.close`, done when it returns: the lock released and
+        whatever the maildrop held let go.  A second call does nothing.
+        What it raises is logged by the caller (`pop3d.realm.release`),
+        as a failed ``close`` would be.
+        """
 
 
 class IOpensAtOnce(Interface):
@@ -253,8 +258,10 @@ class IOpensAtOnce(Interface):
     def open_at_once(mailbox: str) -> IMaildrop | Deferred[IMaildrop]:
         """
         `IMaildropStore.open`: the maildrop itself where it is opened at
-        once, else a Deferred that fires with it; its failures raised
-        (or the Deferred fails) with the same errors.
+        once (without blocking the reactor thread on slow work), else a
+        Deferred that fires with it.  It fails as ``open`` does, with the
+        same errors, raised or in the Deferred; when it fails, nothing is
+        left held (no lock, no descriptor).
         """
 
 

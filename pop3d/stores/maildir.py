@@ -405,9 +405,10 @@ class MaildirStore:
         return expand_template(self.template, mailbox)
 
     def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        # maybeDeferred, typed: its overloads take no "a value or a Deferred".
         try:
             opened = self.open_at_once(mailbox)
-        except (POP3Error, UnauthorizedLogin):
+        except Exception:
             return fail()
         return opened if isinstance(opened, Deferred) else succeed(opened)
 

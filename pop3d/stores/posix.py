@@ -11,7 +11,7 @@ The file mechanics the local-file stores share, each written once:
   (``fcntl`` locks never conflict within one process);
 - `DotLock`, the one lock file created with ``O_CREAT|O_EXCL``: the mbox
   dotlock ``FILE.lock`` and the Maildir lock file ``pop3d.lock``;
-- the two kinds of Maildir locks (RFC 1939 section 8: a maildrop is served
+- the two kinds of Maildir locks (RFC 1939 section 4: a maildrop is served
   to one session at a time, across processes), described below.
 
 `LockTable`, the default: every maildrop lock of a process is a one-byte
