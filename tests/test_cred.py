@@ -913,3 +913,131 @@ class TestScramKeySource:
         assert await source.scram_sha256_keys(b"a") == parse_scram_secret(SCRAM_HORSE)
         assert await source.scram_sha256_keys(b"b") == await second.scram_sha256_keys(b"b")
         assert await source.scram_sha256_keys(b"c") is None
+
+
+class TestLoginsAnsweredAtOnceOnTheWire:
+    """
+    What a client reads when the checker answers at once (passwd-file,
+    `IAvatarIdAtOnce`) beside one that answers later, and when a Maildir
+    whose listing is kept is opened at once: the replies of RFC 1939
+    section 4 (PASS) with the codes of RFC 2449 section 8.1.2 (IN-USE) and
+    RFC 3206 (AUTH, SYS/TEMP), whichever way the answer came.
+    """
+
+    @staticmethod
+    def _factory(portal: Portal) -> Any:
+        from pop3d.factory import POP3Factory
+        from pop3d.session import SessionPolicy
+
+        return POP3Factory(
+            portal,
+            clock=Clock(),
+            hostname="pop.example.test",
+            policy=SessionPolicy(),
+            login_failure_delay=0,
+        )
+
+    @staticmethod
+    def _passwd(tmp_path: Path, extra: bytes = b"") -> PasswdFileChecker:
+        path = tmp_path / "passwd"
+        path.write_bytes(b"alice:{PLAIN}wonderland::::::" + extra + b"\n")
+        return PasswdFileChecker(str(path))
+
+    @staticmethod
+    def _kept_maildir(tmp_path: Path) -> MaildirStore:
+        mail = tmp_path / "mail"
+        deliver_to_maildir(str(mail / "alice"), b"Subject: one\n\nbody\n")
+        settled = time.time() - 3600  # its listing is trusted at once
+        for part in ("", "new", "cur", "tmp"):
+            os.utime(mail / "alice" / part, (settled, settled))
+        return MaildirStore(f"{mail}/{{user}}")
+
+    def test_a_kept_maildir_in_use_and_free_again(self, tmp_path: Path) -> None:
+        from .conftest import Wire
+
+        factory = self._factory(
+            build_portal(MaildropRealm(self._kept_maildir(tmp_path)), [self._passwd(tmp_path)])
+        )
+        first = Wire(factory)
+        assert first.login() == b"+OK maildrop has 1 messages (22 octets)\r\n"
+        assert Wire(factory).login() == (b"-ERR [IN-USE] maildrop is locked by another session\r\n")
+        assert first.command(b"QUIT") == b"+OK bye\r\n"
+        first.disconnect()
+        assert Wire(factory).login() == b"+OK maildrop has 1 messages (22 octets)\r\n"
+
+    def test_refusals_known_at_once(self, tmp_path: Path) -> None:
+        from .conftest import Wire
+
+        store = self._kept_maildir(tmp_path)
+        factory = self._factory(build_portal(MaildropRealm(store), [self._passwd(tmp_path)]))
+        wrong = b"-ERR [AUTH] invalid user name or password\r\n"
+        assert Wire(factory).login(b"alice", b"rabbit") == wrong
+        assert Wire(factory).login(b"nobody", b"rabbit") == wrong
+        (tmp_path / "refusing").mkdir()
+        refusing = self._passwd(tmp_path / "refusing", b"nologin reason=moved")
+        factory = self._factory(build_portal(MaildropRealm(store), [refusing]))
+        assert Wire(factory).login() == b"-ERR [AUTH] moved\r\n"
+
+    def test_a_refusal_at_once_then_an_answer_later(self, tmp_path: Path) -> None:
+        from .conftest import Wire
+
+        @implementer(ICredentialsChecker)
+        class Later:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def __init__(self) -> None:
+                self.asked: list[Deferred[bytes]] = []
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                self.asked.append(Deferred())
+                return self.asked[-1]
+
+        store = MemoryStore()
+        store.deliver("alice", b"Subject: x\n\nbody\n")
+        later = Later()
+        checker = FirstMatchChecker([self._passwd(tmp_path), later], [IUsernamePassword])
+        wire = Wire(self._factory(Portal(MaildropRealm(store), [checker])))
+        assert wire.login(b"alice", b"other") == b""  # passwd-file said no: the next is asked
+        later.asked[0].callback(b"alice")
+        assert wire.take() == b"+OK maildrop has 1 messages (20 octets)\r\n"
+        assert wire.command(b"QUIT") == b"+OK bye\r\n"
+        wire.disconnect()
+        # The other order: the later checker refuses, passwd-file accepts at once.
+        checker = FirstMatchChecker([later, self._passwd(tmp_path)], [IUsernamePassword])
+        wire = Wire(self._factory(Portal(MaildropRealm(store), [checker])))
+        assert wire.login() == b""
+        later.asked[1].errback(UnauthorizedLogin())
+        assert wire.take() == b"+OK maildrop has 1 messages (20 octets)\r\n"
+
+    @pytest.mark.parametrize(
+        "error,reply",
+        [
+            (RuntimeError("boom"), b"-ERR [AUTH] invalid user name or password\r\n"),
+            (
+                AuthUnavailable(),
+                b"-ERR [SYS/TEMP] authentication service unavailable, try again later\r\n",
+            ),
+        ],
+    )
+    def test_a_checker_that_breaks_at_once(
+        self, error: Exception, reply: bytes, logged: Logged
+    ) -> None:
+        from .conftest import Wire
+
+        @implementer(ICredentialsChecker, IAvatarIdAtOnce)
+        class Breaking:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> Deferred[bytes]:
+                raise AssertionError("asked at once")
+
+            def avatar_id_at_once(self, credentials: object) -> bytes:
+                raise error
+
+        checker = FirstMatchChecker([Breaking()], [IUsernamePassword])
+        wire = Wire(self._factory(Portal(MaildropRealm(MemoryStore()), [checker])))
+        assert wire.login() == reply
+        # A broken checker is logged, with what broke; the client reads none of it.
+        broken = logged.texts("credentials checker")
+        assert len(broken) == (1 if isinstance(error, RuntimeError) else 0)
+        assert b"boom" not in reply and b"Traceback" not in reply
