@@ -6,6 +6,7 @@ strcred glue.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import threading
@@ -1041,3 +1042,52 @@ class TestLoginsAnsweredAtOnceOnTheWire:
         broken = logged.texts("credentials checker")
         assert len(broken) == (1 if isinstance(error, RuntimeError) else 0)
         assert b"boom" not in reply and b"Traceback" not in reply
+
+
+class TestLoginAtOnceIsThePortalsLogin:
+    """
+    `pop3d.credchecks.login_at_once` chooses the checker as twisted.cred's
+    ``Portal.login`` does, for every credentials type a passwd-file verifies
+    (USER/PASS, APOP, CRAM-MD5): the same user for the right secret, the
+    same refusal for a wrong one, whichever checker answers at once.
+    """
+
+    @staticmethod
+    def _credentials(right: bool) -> list[object]:
+        password = b"wonderland" if right else b"rabbit"
+        challenge = b"<1896.697170952@pop.example.test>"
+        digest = hashlib.md5(challenge + password).hexdigest().encode("ascii")
+        response = hmac.new(password, challenge, hashlib.md5).hexdigest().encode("ascii")
+        return [
+            UsernamePassword(b"alice", password),
+            PreparedUsernamePassword(b"alice", password),
+            APOPCredentials(challenge, b"alice", digest),
+            CramMD5Credentials(b"alice", challenge, response),
+        ]
+
+    @pytest_twisted.ensureDeferred
+    @pytest.mark.parametrize("right", [True, False], ids=["right secret", "wrong secret"])
+    async def test_every_credentials_type(self, tmp_path: Path, right: bool) -> None:
+        passwd = tmp_path / "passwd"
+        passwd.write_bytes(b"alice:{PLAIN}wonderland::\n")
+        store = MemoryStore()
+        store.deliver("alice", b"Subject: one\n\nbody\n")
+        portal = build_portal(MaildropRealm(store), [PasswdFileChecker(str(passwd))])
+        for credentials in self._credentials(right):
+            by_portal: object
+            try:
+                _, avatar, _ = await portal.login(credentials, None, IMaildrop)
+                by_portal = len(IMaildrop(avatar).messages)
+                await IMaildrop(avatar).close()
+            except UnauthorizedLogin as refusal:
+                by_portal = type(refusal)
+            answer = login_at_once(portal, credentials, None, IMaildrop)
+            if isinstance(answer, Deferred):
+                answer = await answer.addErrback(lambda failure: failure)
+            if isinstance(answer, Failure):
+                at_once: object = answer.type
+            else:
+                avatar = cast("tuple[Any, Any, Any]", answer)[1]
+                at_once = len(IMaildrop(avatar).messages)
+                await IMaildrop(avatar).close()
+            assert at_once == by_portal == (1 if right else UnauthorizedLogin), credentials
