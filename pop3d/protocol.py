@@ -543,7 +543,7 @@ class POP3Protocol(LineReceiver):
             if not self._output_blocked:
                 # A write made now answers the line just received, which
                 # restarted the inactivity timeout already.
-                stream.start(touched=self._receiving > 0)
+                stream.pump(touched=self._receiving > 0)
             return True
         if isinstance(reply, Status):
             self._connection.write(reply.to_bytes(wording))
@@ -702,6 +702,25 @@ class _MessageStreamer:
     is asked for only once the transport takes more.
     """
 
+    # One is made for every RETR and TOP: slots, no dict to make.
+    __slots__ = (
+        "_body",
+        "_encoder",
+        "_ended",
+        "_expected_size",
+        "_finished",
+        "_paused",
+        "_pending_status",
+        "_progress",
+        "_pumping",
+        "_reading",
+        "_touched",
+        "_translator",
+        "_transport",
+        "sent_octets",
+        "sent_whole",
+    )
+
     def __init__(
         self,
         transport: _Transport,
@@ -723,9 +742,11 @@ class _MessageStreamer:
         self._translator = translator
         self._pending_status: bytes | None = reply.status.to_bytes(translator)
         self._progress = progress
-        # Writes made within `start(touched=True)` do not call ``progress``.
+        # Writes made within `pump(touched=True)` do not call ``progress``.
         self._touched = False
-        self._paused = True
+        # Until `pause`: the protocol begins by calling `pump` (or, when the
+        # transport is full, `resume`).
+        self._paused = False
         self._finished = False
         # The read whose answer is awaited, if any.
         self._reading: Deferred[bytes] | None = None
@@ -741,62 +762,59 @@ class _MessageStreamer:
 
     def resume(self) -> None:
         self._paused = False
-        self._pump()
+        self.pump()
 
-    def start(self, *, touched: bool) -> None:
+    def pump(self, *, touched: bool = False) -> None:
         """
-        Begin writing (`resume`); ``touched``: the client was just heard
-        from, so what is written now need not call ``progress``.
-        """
-        self._touched = touched
-        self._paused = False
-        try:
-            self._pump()  # `resume`, without its call
-        finally:
-            self._touched = False
+        Write while the transport takes more: called to begin (unless the
+        transport is full: then `resume` begins), on `resume`, and when a
+        read answered later.  ``touched``: the client was just heard from,
+        so what is written now need not call ``progress``.
 
-    def _pump(self) -> None:
+        A message read whole in one read (nearly every one) is read, encoded
+        and written, terminator and all, within this one call.
+        """
         if self._pumping:
             return  # a read answered at once, within the loop below: it goes on
         self._pumping = True
+        self._touched = touched
         try:
             while not self._paused and not self._finished and self._reading is None:
-                self._write_one_chunk()
+                out = [] if self._pending_status is None else [self._pending_status]
+                encoder = self._encoder
+                at_end = encoder.done
+                if not at_end:
+                    body = self._body
+                    chunk = body.read(CHUNK_SIZE)
+                    if not isinstance(chunk, bytes):
+                        self._await(chunk)
+                        return
+                    out.append(encoder.feed(chunk))
+                    if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
+                        # A short read is usually the end: look once more, so
+                        # that the last bytes and the terminator leave in the
+                        # same write.
+                        more = body.read(CHUNK_SIZE)
+                        if not isinstance(more, bytes):
+                            # Not at hand: what is read goes now, the rest later.
+                            self._write(out, at_end=False)
+                            self._await(more)
+                            return
+                        if more:
+                            # (Feeding nothing would change nothing: spared per message.)
+                            out.append(encoder.feed(more))
+                        chunk = more
+                    at_end = not chunk or encoder.done
+                self._write(out, at_end)
         except Exception:
             self._fail(Failure())
         finally:
             self._pumping = False
+            self._touched = False
 
     def abandon(self) -> None:
         """The connection is gone: nothing more may be written."""
         self._finish(Failure(ResponseAbandoned()))
-
-    def _write_one_chunk(self) -> None:
-        out = [] if self._pending_status is None else [self._pending_status]
-        encoder = self._encoder
-        at_end = encoder.done
-        if not at_end:
-            body = self._body
-            chunk = body.read(CHUNK_SIZE)
-            if not isinstance(chunk, bytes):
-                self._await(chunk)
-                return
-            out.append(encoder.feed(chunk))
-            if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
-                # A short read is usually the end: look once more, so that the
-                # last bytes and the terminator leave in the same write.
-                more = body.read(CHUNK_SIZE)
-                if not isinstance(more, bytes):
-                    # Not at hand: what is read goes now, the rest later.
-                    self._write(out, at_end=False)
-                    self._await(more)
-                    return
-                if more:
-                    # (Feeding nothing would change nothing: spared per message.)
-                    out.append(encoder.feed(more))
-                chunk = more
-            at_end = not chunk or encoder.done
-        self._write(out, at_end)
 
     def _await(self, reading: Deferred[bytes]) -> None:
         """Wait for a read that answers later, then go on if the transport takes more."""
@@ -814,7 +832,7 @@ class _MessageStreamer:
         except Exception:
             self._fail(Failure())
             return
-        self._pump()
+        self.pump()
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = None
