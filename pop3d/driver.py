@@ -28,7 +28,7 @@ from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from pop3d.credchecks import PortalVerifiers, login_at_once
 from pop3d.credentials import PreparedUsernamePassword
@@ -51,7 +51,7 @@ from pop3d.logformat import (
     quote,
     render_format,
 )
-from pop3d.realm import release
+from pop3d.realm import Avatar, release
 from pop3d.sasl import (
     Authenticate,
     Challenge,
@@ -372,11 +372,11 @@ class SessionDriver:
             answer.addBoth(self._login_answered, credentials, shown_user, action.method)
         else:
             self._login_answered(
-                cast("_Avatar | Failure", answer), credentials, shown_user, action.method
+                cast("Avatar | Failure", answer), credentials, shown_user, action.method
             )
 
     def _login_answered(
-        self, answer: _Avatar | Failure, credentials: ICredentials, shown_user: str, method: str
+        self, answer: Avatar | Failure, credentials: ICredentials, shown_user: str, method: str
     ) -> None:
         """
         The portal's answer, taken at once or in one callback: every
@@ -777,10 +777,9 @@ _Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None
 
 
 #: What the portal's login gives: the avatar's interface, the avatar, its logout.
-_Avatar = tuple[type[Interface], object, Callable[[], None]]
 
 
-def _opened_maildrop(result: _Avatar) -> _Opened:
+def _opened_maildrop(result: Avatar) -> _Opened:
     """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result
     settings: UserSettings | None = None

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from pop3d.errors import LoginDelayed
-from pop3d.realm import mailbox_name, release
+from pop3d.realm import Avatar, mailbox_name, release
 from pop3d.stores.common import run_blocking
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import default_lock_table
@@ -45,8 +45,6 @@ LOGIN_HISTORY_NAME = ".pop3d-logins"
 BUSY_TIMEOUT_SECONDS = 5.0
 
 log = Logger()
-
-_Avatar = tuple[type[Interface], object, Callable[[], None]]
 
 
 class ILoginHistory(Interface):
@@ -127,7 +125,7 @@ class LoginDelayRealm:
         self.delay = delay
         self._clock = clock
 
-    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Deferred[_Avatar]:
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Deferred[Avatar]:
         known = avatarId if isinstance(avatarId, AuthenticatedUser) else None
         user = mailbox_name(known.name if known is not None else avatarId)
         if user is None:
@@ -142,20 +140,20 @@ class LoginDelayRealm:
         # the realm asked it: then only the recording decides.
         delay_before = 0 if prefetched is None and self.per_user else default
 
-        def checked(last: float | None) -> Deferred[_Avatar]:
+        def checked(last: float | None) -> Deferred[Avatar]:
             if holds_back(last, self._clock.seconds(), delay_before):
                 assert last is not None
                 raise self._refusal(last, delay_before)
             opened = self._open(avatarId, mind, interfaces)
             return opened.addCallback(record)
 
-        def record(avatar: _Avatar) -> _Avatar | Deferred[_Avatar]:
+        def record(avatar: Avatar) -> Avatar | Deferred[Avatar]:
             delay = min(_user_delay(avatar, default), self.delay)
             if delay <= 0:
                 return avatar
             recorded = maybeDeferred(self.history.record_login, user, self._clock.seconds(), delay)
 
-            def decided(last: float | None) -> _Avatar:
+            def decided(last: float | None) -> Avatar:
                 if last is not None:
                     _release(avatar)
                     raise self._refusal(last, delay)
@@ -172,9 +170,9 @@ class LoginDelayRealm:
         looked_up: Deferred[float | None] = maybeDeferred(self.history.last_login, user)
         return looked_up.addCallback(checked)
 
-    def _open(self, avatarId: Any, mind: object, interfaces: tuple[Any, ...]) -> Deferred[_Avatar]:
+    def _open(self, avatarId: Any, mind: object, interfaces: tuple[Any, ...]) -> Deferred[Avatar]:
         request: Callable[..., object] = self.realm.requestAvatar
-        return cast("Deferred[_Avatar]", maybeDeferred(request, avatarId, mind, *interfaces))
+        return cast("Deferred[Avatar]", maybeDeferred(request, avatarId, mind, *interfaces))
 
     def _refusal(self, last: float, delay: int) -> LoginDelayed:
         """What a login held back by one at ``last`` is told."""
@@ -182,7 +180,7 @@ class LoginDelayRealm:
         return LoginDelayed(delay, max(1, remaining))
 
 
-def _user_delay(avatar: _Avatar, default: int) -> int:
+def _user_delay(avatar: Avatar, default: int) -> int:
     """The login delay of the user the avatar belongs to (their database's, or ``default``)."""
     _, opened, _ = avatar
     if IUserMaildrop.providedBy(opened) and opened.settings.login_delay is not None:
@@ -190,7 +188,7 @@ def _user_delay(avatar: _Avatar, default: int) -> int:
     return default
 
 
-def _release(avatar: _Avatar) -> None:
+def _release(avatar: Avatar) -> None:
     """Give back what the realm took for a login that is refused after all."""
     _, opened, logout = avatar
     if IUserMaildrop.providedBy(opened):

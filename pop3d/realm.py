@@ -75,8 +75,9 @@ def mailbox_name(avatar_id: bytes | str) -> str | None:
     return avatar_id if is_safe_mailbox_name(avatar_id) else None
 
 
-#: What the realm gives a login: the avatar's interface, the avatar, its logout.
-_Avatar = tuple[type[Interface], object, Callable[[], None]]
+#: What a realm gives a login (``IRealm.requestAvatar``): the avatar's
+#: interface, the avatar, its logout.
+Avatar = tuple[type[Interface], object, Callable[[], None]]
 
 
 def _nothing() -> None:
@@ -120,7 +121,7 @@ class MaildropRealm:
 
     def requestAvatar(
         self, avatarId: Any, mind: object, *interfaces: Any
-    ) -> _Avatar | Deferred[_Avatar]:
+    ) -> Avatar | Deferred[Avatar]:
         # The avatar itself when the store opened the maildrop at once
         # (`IOpensAtOnce`: nearly every login), as IRealm allows.
         wanted = [i for i in interfaces if i in (IUserMaildrop, IMaildrop)]
@@ -145,7 +146,7 @@ class MaildropRealm:
         settings = self.userdb.lookup(name, context).addCallback(_completed, prefetched, name)
         return settings.addCallback(lambda found: self._open(name, found, wanted[0]))
 
-    def _open(self, name: str, settings: UserSettings, wanted: Any) -> _Avatar | Deferred[_Avatar]:
+    def _open(self, name: str, settings: UserSettings, wanted: Any) -> Avatar | Deferred[Avatar]:
         store = self._store_for(name, settings)
         opened: IMaildrop | Deferred[IMaildrop]
         if IOpensAtOnce.providedBy(store):
@@ -177,7 +178,7 @@ class MaildropRealm:
             ) from None
 
 
-def _avatar(maildrop: IMaildrop, name: str, settings: UserSettings, wanted: Any) -> _Avatar:
+def _avatar(maildrop: IMaildrop, name: str, settings: UserSettings, wanted: Any) -> Avatar:
     # The maildrop's close() releases it; cred's logout has nothing to do.
     if wanted is IUserMaildrop:
         return (IUserMaildrop, UserMaildrop(maildrop, name, settings), _nothing)
