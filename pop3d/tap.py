@@ -70,6 +70,7 @@ from pop3d.sasl.oauth2 import IOAuth2BearerToken
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
 from pop3d.stores.common import run_blocking
+from pop3d.stores.counting import CountingProcesses
 from pop3d.stores.interfaces import (
     IMaildropStore,
     IMailLocationPlugin,
@@ -183,6 +184,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             str(LISTING_CACHE_MESSAGES),
             "Messages of recently opened Maildirs whose listing is kept in memory "
             "(0: none; see docs/scaling.rst for NFS).",
+        ],
+        [
+            "counting-processes",
+            None,
+            "auto",
+            "Helper processes that count message sizes with the serving process when a "
+            "large Maildir is read in full, as at its first login ('auto': one on a "
+            "machine with two cores or more, none with --workers; 0: none).",
         ],
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
@@ -345,6 +354,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if not self.get("credCheckers"):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         self["workers"] = parse_workers(self["workers"], self["listen"])
+        self["counting-processes"] = parse_counting_processes(
+            self["counting-processes"], workers=self["workers"]
+        )
         if self["control"] is not None and self["worker-sockets"] is None:
             try:
                 prepare_socket_path(self["control"])
@@ -485,6 +497,17 @@ def parse_count(option: str, value: str) -> int:
     if not value.isdigit():
         raise usage.UsageError(f"--{option} {value!r}: expected a whole number (0 or more)")
     return int(value)
+
+
+def parse_counting_processes(value: str, *, workers: int = 1, cores: int | None = None) -> int:
+    """
+    --counting-processes: a number, or 'auto': one helper for a server of
+    one process on two cores or more; none for workers, which use the cores.
+    """
+    if value == "auto":
+        available = cores if cores is not None else os.cpu_count() or 1
+        return 1 if available >= 2 and workers == 1 else 0
+    return parse_count("counting-processes", value)
 
 
 def parse_client_workarounds(value: str | None) -> ClientWorkarounds:
@@ -759,6 +782,14 @@ def makeService(options: Options) -> IService:
     # Maildirs.  Hand the interpreter lock back to the reactor sooner than
     # the default 5 ms, so a fresh session is not kept waiting by a scan.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    serving = options["workers"] == 1 or options["worker-sockets"] is not None
+    # Every store made from the options (per-user locations too) shares them.
+    counting = (
+        CountingProcesses(options["counting-processes"], threads)
+        if serving and options["counting-processes"]
+        else None
+    )
+    options["counting"] = counting
     store = build_store(options, threads, clock)
     userdb = user_database(options["credCheckers"])
     realm: IRealm = MaildropRealm(
@@ -813,6 +844,8 @@ def makeService(options: Options) -> IService:
         session_log=session_log(options),
     )
     service = MultiService()
+    if counting is not None:
+        counting.setServiceParent(service)
     reload: Callable[[], object] = reload_configuration(options)
     if options["workers"] == 1 or options["worker-sockets"] is not None:
         # Added first, so stopped after the listeners (MultiService stops

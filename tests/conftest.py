@@ -210,6 +210,9 @@ async def start_service(
             f"maildir:{mail_root}/{{user}}",
             "--auth",
             f"passwd-file:{passwd}",
+            # No helper process per server (tests/test_counting.py starts them).
+            "--counting-processes",
+            "0",
             *extra,
         ]
     )

@@ -32,10 +32,18 @@ from pop3d.credchecks import PortalVerifiers
 from pop3d.driver import APOPCredentials
 from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
+from pop3d.stores.counting import CountingProcesses
 from pop3d.stores.interfaces import IMaildrop
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
-from pop3d.tap import DEFAULT_LISTEN, Options, build_portal, build_store, reload_configuration
+from pop3d.tap import (
+    DEFAULT_LISTEN,
+    Options,
+    build_portal,
+    build_store,
+    parse_counting_processes,
+    reload_configuration,
+)
 from pop3d.testing import MemoryStore
 from pop3d.userdb import AuthenticatedUser
 
@@ -95,6 +103,8 @@ def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
         (["--listen", "tcp:notaport"], "--listen"),
         (["--listing-cache", "-1"], "--listing-cache"),
         (["--listing-cache", "lots"], "--listing-cache"),
+        (["--counting-processes", "-1"], "--counting-processes '-1': expected a whole number"),
+        (["--counting-processes", "two"], "--counting-processes 'two': expected a whole number"),
         (["--login-failure-delay", "16"], "--login-failure-delay"),
         (["--login-failure-delay", "-1"], "--login-failure-delay"),
         (["--trusted-network", "192.0.2.300/32"], "--trusted-network '192.0.2.300/32'"),
@@ -151,6 +161,63 @@ def test_maildir_locks(passwd: Path, arguments: list[str], kind: type, where: st
     assert store.listing_cache == LISTING_CACHE_MESSAGES
     if where is not None:
         assert store.locks.path == where  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("value", "workers", "cores", "processes"),
+    [
+        ("auto", 1, 1, 0),
+        ("auto", 1, 2, 1),
+        ("auto", 1, 64, 1),
+        ("auto", 2, 2, 0),
+        ("0", 1, 8, 0),
+        ("3", 1, 1, 3),
+        ("1", 4, 4, 1),
+    ],
+)
+def test_counting_processes(value: str, workers: int, cores: int, processes: int) -> None:
+    """'auto': one helper beside a single serving process where there is a second core."""
+    assert parse_counting_processes(value, workers=workers, cores=cores) == processes
+
+
+@pytest.mark.parametrize(
+    ("arguments", "helpers"),
+    [
+        (["--counting-processes", "2"], 2),
+        (["--counting-processes", "0"], None),
+        # The parent of workers serves no mail: its workers have helpers.
+        (["--counting-processes", "2", "--workers", "2"], None),
+    ],
+)
+def test_the_maildir_store_counts_with_the_helpers_of_the_service(
+    passwd: Path, tmp_path: Path, arguments: list[str], helpers: int | None
+) -> None:
+    import gc
+    import sys
+
+    from pop3d.tap import makeService
+
+    switch_interval = sys.getswitchinterval()
+    options = parse(
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--mail-location", f"maildir:{tmp_path}/{{user}}",
+        "--auth", f"passwd-file:{passwd}",
+        *arguments,
+    )  # fmt: skip
+    try:
+        service = makeService(options)
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(switch_interval)
+    store = build_store(options, reactor, Clock())  # type: ignore[arg-type]
+    assert isinstance(store, MaildirStore)
+    counting = [child for child in service if isinstance(child, CountingProcesses)]  # type: ignore[attr-defined]
+    if helpers is None:
+        assert store.counting is None
+        assert counting == []
+    else:
+        assert counting == [store.counting]
+        assert store.counting is not None and store.counting.processes == helpers
 
 
 @pytest.mark.parametrize(
@@ -339,7 +406,7 @@ def test_help_mail_location_lists_the_installed_stores(capsys: pytest.CaptureFix
         "\n"
         "  maildir:PATH with {user}, {local} or {domain}, e.g. maildir:/srv/mail/{user}\n"
         "      Maildirs (options: --lock-table, --nfs-locks, --uidl-format, --reuse-x-uidl, "
-        "--listing-cache)\n"
+        "--listing-cache, --counting-processes)\n"
         "  mbox:PATH with {user}, {local} or {domain}, e.g. mbox:/var/mail/{user}\n"
         "      mbox files, locked with dotlocks (option: --mbox-format)\n"
     )

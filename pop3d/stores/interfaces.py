@@ -349,7 +349,9 @@ class IMailLocationPlugin(Interface):
     option name, without the dashes, to value).  A plug-in reads the store
     options it uses (``uidl-format``, ``lock-table``, ``mbox-format``...)
     and refuses, in `check`, those that cannot apply to it; it ignores the
-    rest.
+    rest.  When it makes a store, ``counting`` is the server's
+    `pop3d.stores.counting.CountingProcesses` (None if it has none), for a
+    store that reads many files at a first login, as the Maildir store does.
     """
 
     scheme: str = Attribute("The name before the colon, e.g. ``maildir``: lower case, no colon.")

@@ -72,7 +72,7 @@ class MaildirLocation:
     scheme = "maildir"
     help = (
         "Maildirs (options: --lock-table, --nfs-locks, --uidl-format, --reuse-x-uidl, "
-        "--listing-cache)"
+        "--listing-cache, --counting-processes)"
     )
     argument_help = "PATH with {user}, {local} or {domain}, e.g. maildir:/srv/mail/{user}"
     store_interfaces = _interfaces_of(MaildirStore)
@@ -111,6 +111,7 @@ class MaildirLocation:
             reuse_x_uidl=bool(options.get("reuse-x-uidl")),
             listing_cache=int(options.get("listing-cache", LISTING_CACHE_MESSAGES)),
             locks=locks,
+            counting=options.get("counting"),
         )
 
 

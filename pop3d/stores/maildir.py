@@ -64,6 +64,7 @@ from pop3d.stores.common import (
     fixed_directory,
     run_blocking,
 )
+from pop3d.stores.counting import NOT_COUNTED, CountingProcesses, wire_sizes
 from pop3d.stores.interfaces import (
     IClosesAtOnce,
     IMaildrop,
@@ -81,7 +82,6 @@ from pop3d.stores.posix import (
     DIRECTORY_FLAGS,
     READ_FLAGS,
     SAFE_OPEN,
-    UNSEEN_READ_FLAGS,
     LockTable,
     exists,
     short_read_is_end,
@@ -96,7 +96,7 @@ from pop3d.uidl import (
     header_x_uidl,
     parse_dovecot_uidlist,
 )
-from pop3d.wire import MAX_UIDL_LENGTH, WireSizeCounter, is_valid_uidl, wire_size
+from pop3d.wire import MAX_UIDL_LENGTH, is_valid_uidl
 
 #: The `LockTable` file, in the directory above the Maildirs (see
 #: `default_lock_table`).  User names never start with a dot.
@@ -105,7 +105,6 @@ LOCK_TABLE_NAME = ".pop3d-locks"
 #: each); the least recently opened Maildirs are dropped first.
 LISTING_CACHE_MESSAGES = 250_000
 
-_READ_SIZE = 256 * 1024
 #: Descriptors of the new/ and cur/ directories of sessions reading messages,
 #: kept open between RETRs, at most this many per store (see `_OpenSubdirectories`).
 OPEN_SUBDIRECTORIES = 64
@@ -365,7 +364,11 @@ class MaildirStore:
     that a read returning less than asked is the end of a file, as on local
     disks (`pop3d.stores.posix.short_read_is_end`, the default), a message
     read in one go needs no second read to show its end; elsewhere (FUSE,
-    9p, NFS) only an empty read is the end.
+    9p, NFS) only an empty read is the end.  With ``counting``, a Maildir
+    read in full (its first login, or one whose kept sizes were lost)
+    shares the counting with those helper processes
+    (`pop3d.stores.counting.CountingProcesses`, which the application
+    starts and stops).
     """
 
     def __init__(
@@ -382,6 +385,7 @@ class MaildirStore:
         settle_at_quit: int = SETTLE_AT_QUIT_MESSAGES,
         held_directories: int = OPEN_SUBDIRECTORIES,
         short_read_is_end: Callable[[int], bool] = short_read_is_end,
+        counting: CountingProcesses | None = None,
     ) -> None:
         check_template(template)
         if uidl_format is not None:
@@ -397,6 +401,7 @@ class MaildirStore:
         self.plan_inline = plan_inline
         self.settle_at_quit = settle_at_quit
         self.short_read_is_end = short_read_is_end
+        self.counting = counting
         self._listings = _ListingCache(listing_cache)
         self._subdirectories = _OpenSubdirectories(held_directories)
         self._notes = _ChangeNotes()
@@ -481,7 +486,7 @@ class MaildirStore:
         # In the thread too: 100,000 sizes take a tenth of a second.
         known = cached.sizes() if cached is not None else None
         messages, locations, inodes, to_save = _snapshot(
-            root, root_fd, self._naming, known, self.step, self.short_read_is_end
+            root, root_fd, self._naming, known, self.step, self.short_read_is_end, self.counting
         )
         listing = _Listing(stamps, messages, locations, tuple(inodes))
         return listing, (_SizeUpdate(to_save, False) if to_save is not None else None)
@@ -1365,6 +1370,7 @@ def _snapshot(
     known_sizes: dict[str, tuple[int, int]] | None,
     step: int = STEP,
     short_read_is_end: Callable[[int], bool] | None = None,
+    counting: CountingProcesses | None = None,
 ) -> tuple[MessageList, _Locations, list[int], dict[str, tuple[int, int]] | None]:
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
@@ -1404,7 +1410,9 @@ def _snapshot(
                     and len(todo) >= ASK_FILE_SYSTEM_FROM
                     and short_read_is_end(directory_fd)
                 )
-                _count_sizes(path, directory_fd, todo, sizes, short_read_is_end=at_end)
+                _count_sizes(
+                    path, directory_fd, todo, sizes, short_read_is_end=at_end, counting=counting
+                )
                 counted = True
         missing = [unique for unique in ordered if unique not in sizes]
         for unique in missing:
@@ -1573,59 +1581,32 @@ def _count_sizes(
     sizes: dict[str, tuple[int, int]],
     *,
     short_read_is_end: bool = False,
+    counting: CountingProcesses | None = None,
 ) -> None:
     """
     Read and measure (unique name, file name, inode) messages of one
-    directory into ``sizes``; a file gone meanwhile is left out.  (A tight
-    loop: the first login to a large Maildir reads every message.)  With
-    ``short_read_is_end`` (the directory's file system says so: see
-    `MaildirStore`), a read returning less than asked ends a message.
+    directory into ``sizes`` (`pop3d.stores.counting.wire_sizes`, shared
+    with ``counting``'s helper processes if given); a file gone meanwhile,
+    or a FIFO planted after the scan, is left out.  The inode is the
+    scan's: if the file was replaced since, the next scan shows another
+    inode and counts it again.
     """
-    # Bound once: name lookups are a good part of the Python work per message.
-    open_file, read, close = os.open, os.read, os.close
-    flags = UNSEEN_READ_FLAGS
-    for unique, name, inode in messages:
-        try:
-            try:
-                fd = open_file(name, flags, dir_fd=directory_fd)
-            except PermissionError:
-                if flags == READ_FLAGS:
-                    raise
-                # Not the file's owner (EPERM for O_NOATIME, or really
-                # unreadable: then this fails again): as any reader does.
-                flags = READ_FLAGS
-                fd = open_file(name, flags, dir_fd=directory_fd)
-        except FileNotFoundError:
-            continue
-        except OSError as error:
-            raise unavailable("cannot read message", os.path.join(path, name), error) from error
-        try:
-            first = read(fd, _READ_SIZE)
-            # Only an empty read is the end (see `_read_up_to`), unless the
-            # file system says a short one is; else one octet asked tells
-            # (no buffer of _READ_SIZE made for nothing).  The inode is the
-            # scan's: if the file was replaced since, the next scan shows
-            # another inode and counts it again.
-            if len(first) < _READ_SIZE and short_read_is_end:
-                more = b""
-            else:
-                more = read(fd, 1 if len(first) < _READ_SIZE else _READ_SIZE) if first else b""
-            if not more:
-                size = wire_size(first)  # most messages: read in one go
-            else:
-                counter = WireSizeCounter()
-                counter.feed(first)
-                counter.feed(more)
-                while chunk := read(fd, _READ_SIZE):
-                    counter.feed(chunk)
-                size = counter.finish()
-        except OSError as error:
-            if error.errno == errno.EAGAIN:
-                continue  # a FIFO planted after the scan: not a message
-            raise unavailable("cannot read message", os.path.join(path, name), error) from error
-        finally:
-            close(fd)
-        sizes[unique] = (inode, size)
+    names = [name for _, name, _ in messages]
+    if counting is not None:
+        counted, failures = counting.wire_sizes(
+            path, directory_fd, names, short_read_is_end=short_read_is_end
+        )
+    else:
+        counted, failures = wire_sizes(directory_fd, names, short_read_is_end=short_read_is_end)
+    for position, error in sorted(failures.items()):
+        if not isinstance(error, FileNotFoundError) and error.errno != errno.EAGAIN:
+            name = messages[position][1]
+            raise unavailable("cannot read message", os.path.join(path, name), error)
+    sizes.update(
+        (unique, (inode, size))
+        for (unique, _, inode), size in zip(messages, counted, strict=True)
+        if size != NOT_COUNTED
+    )
 
 
 def _count_moved(

@@ -1,0 +1,267 @@
+"""
+Counting message sizes (`pop3d.stores.counting`): the one loop that reads
+messages, and the helper processes that share a large count with the
+thread that asks.
+
+RFC 1939 section 5: LIST gives each message's exact size; section 11: a
+server that stores LF line endings counts each LF as two octets (what the
+client receives is CRLF).  Every size below is counted by hand.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import poplib
+import re
+import select
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from pop3d.stores.counting import NOT_COUNTED, CountingProcesses, wire_sizes
+
+from .conftest import Logged
+from .test_process import HOST, Launch, launch, pop3d_arguments, write_passwd
+
+__all__ = ["launch"]  # the fixture, used here too
+
+#: A message of each shape, and its size on the wire.
+SHAPES = {
+    "lf": (b"Subject: a\n\nbody\n", 20),
+    "crlf": (b"Subject: a\r\n\r\nbody\r\n", 20),
+    # No line end at the end: the server ends the last line (section 3).
+    "unended": (b"Subject: a\n\nno newline at end", 33),
+    "empty": (b"", 0),
+    "mixed": (b"a\r\nb\nc\r\n", 9),
+    # Longer than one read: 3,000 lines of 100 octets.
+    "long": ((b"x" * 99 + b"\n") * 3000, 303_000),
+}
+
+
+def _directory(path: Path, messages: dict[str, bytes]) -> int:
+    path.mkdir()
+    for name, data in messages.items():
+        (path / name).write_bytes(data)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+@pytest.mark.parametrize("short_read_is_end", [False, True])
+def test_every_shape_of_message_is_counted_as_sent(tmp_path: Path, short_read_is_end: bool) -> None:
+    fd = _directory(tmp_path / "cur", {name: data for name, (data, _) in SHAPES.items()})
+    try:
+        counted = wire_sizes(fd, list(SHAPES), short_read_is_end=short_read_is_end)
+    finally:
+        os.close(fd)
+    assert counted == ([20, 20, 33, 0, 9, 303_000], {})
+
+
+def test_a_message_that_cannot_be_read_is_not_counted_and_says_why(tmp_path: Path) -> None:
+    fd = _directory(tmp_path / "cur", {"lf": SHAPES["lf"][0], "after": b"x\n"})
+    (tmp_path / "cur" / "link").symlink_to(tmp_path / "cur" / "lf")
+    try:
+        sizes, failures = wire_sizes(fd, ["lf", "gone", "link", "after"])
+    finally:
+        os.close(fd)
+    assert sizes == [20, NOT_COUNTED, NOT_COUNTED, 3]
+    assert sorted(failures) == [1, 2]
+    assert isinstance(failures[1], FileNotFoundError)
+    # A symbolic link is never followed: someone else's mail stays theirs.
+    assert failures[2].errno == errno.ELOOP
+
+
+@dataclass(frozen=True)
+class Many:
+    """A directory of messages enough for the helpers to take part, and their sizes."""
+
+    path: Path
+    names: list[str]
+    sizes: list[int]
+
+
+#: About 100 ms of counting in one thread: the helpers surely take batches.
+MANY = 20_000
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Many:
+    path = tmp_path_factory.mktemp("many") / "cur"
+    path.mkdir()
+    names, sizes = [], []
+    for number in range(MANY):
+        data = b"Subject: %d\n\n" % number + b"line\n" * (number % 7)
+        name = f"{1_000_000_000 + number}.M{number}P1.test:2,S"
+        (path / name).write_bytes(data)
+        names.append(name)
+        sizes.append(len(data) + data.count(b"\n"))
+    return Many(path, names, sizes)
+
+
+@pytest.fixture
+def directory_fd(many: Many) -> Iterator[int]:
+    fd = os.open(many.path, os.O_RDONLY | os.O_DIRECTORY)
+    yield fd
+    os.close(fd)
+
+
+@pytest_twisted.async_yield_fixture
+async def helpers() -> AsyncIterator[CountingProcesses]:
+    counting = CountingProcesses(1, reactor, batch=256)  # type: ignore[arg-type]
+    counting.startService()
+    try:
+        yield counting
+    finally:
+        await counting.stopService()
+
+
+COUNTED = re.compile(r"counted (\d+) message sizes in (.+), (\d+) in helper processes")
+
+
+def _shared(logged: Logged) -> list[tuple[int, str, int]]:
+    return [
+        (int(match[1]), match[2], int(match[3]))
+        for text in logged.texts("counted ")
+        if (match := COUNTED.fullmatch(text)) is not None
+    ]
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_helpers_count_part_of_a_large_batch(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged
+) -> None:
+    pids = await helpers.when_started()
+    assert len(pids) == 1 and pids[0] != os.getpid()
+    assert f"counting helper processes started: [{pids[0]}]" in logged.texts()
+    counted = helpers.wire_sizes(str(many.path), directory_fd, many.names)
+    assert counted == (many.sizes, {})
+    [(count, path, in_helpers)] = _shared(logged)
+    assert (count, path) == (MANY, str(many.path))
+    assert 0 < in_helpers <= MANY
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_directory_replaced_meanwhile_is_counted_by_the_thread(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged, tmp_path: Path
+) -> None:
+    """A helper counts only the directory the thread holds open, never another at its path."""
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    for name in many.names:
+        (impostor / name).write_bytes(b"")
+    await helpers.when_started()
+    assert helpers.wire_sizes(str(impostor), directory_fd, many.names) == (many.sizes, {})
+    assert _shared(logged) == [(MANY, str(impostor), 0)]
+
+
+# CPython 3.11's executor thread may raise InvalidStateError as it fails the
+# batches of a dead helper that this thread had taken back (gh-107219, fixed
+# in 3.12): a traceback in that thread, no harm to the count.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_helper_that_dies_costs_no_size(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged
+) -> None:
+    [pid] = await helpers.when_started()
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(2):
+        assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    died = logged.texts("a counting helper process ended unexpectedly")
+    assert len(died) <= 1
+    assert [in_helpers for _, _, in_helpers in _shared(logged)][1:] in ([], [0])
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_not_running_counts_in_the_thread_and_stopped_no_helper_is_left(
+    many: Many, directory_fd: int, logged: Logged
+) -> None:
+    counting = CountingProcesses(1, reactor, batch=256)  # type: ignore[arg-type]
+    assert counting.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    counting.startService()
+    [pid] = await counting.when_started()
+    await counting.stopService()
+    # Ended and waited for.
+    assert not Path(f"/proc/{pid}").exists()
+    assert counting.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    assert _shared(logged) == []
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` (not a child of this one) ends within ``seconds``."""
+    try:
+        descriptor = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([descriptor], [], [], seconds)
+        return bool(readable)
+    finally:
+        os.close(descriptor)
+
+
+def test_bad_numbers_are_refused() -> None:
+    with pytest.raises(ValueError, match="cannot be negative"):
+        CountingProcesses(-1, reactor)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one message"):
+        CountingProcesses(1, reactor, batch=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.process
+def test_twistd_counts_a_first_login_with_a_helper(tmp_path: Path, launch: Launch) -> None:
+    """
+    ``twistd pop3d --counting-processes 1``: the first login to a Maildir of
+    5,000 messages (more than two batches) lists every exact size, and the
+    helper ends with the server.
+    """
+    mail_root = tmp_path / "mail"
+    new = mail_root / "alice" / "new"
+    new.mkdir(parents=True)
+    for sub in ("cur", "tmp"):
+        (mail_root / "alice" / sub).mkdir()
+    sizes = []
+    for number in range(5000):
+        data = b"Subject: %d\n\n" % number + b"line\n" * (number % 5)
+        (new / f"{1_000_000_000 + number}.M{number}P1.test").write_bytes(data)
+        sizes.append(len(data) + data.count(b"\n"))
+    server = launch(
+        *pop3d_arguments(mail_root, write_passwd(tmp_path), "--counting-processes", "1")
+    )
+    server.wait_listening()
+    helper = int(server.wait_for(re.compile(r"counting helper processes started: \[(\d+)\]"))[1])
+    client = poplib.POP3(HOST, server.port, timeout=60)
+    try:
+        client.user("alice")
+        client.pass_("wonderland")
+        assert client.stat() == (5000, sum(sizes))
+        _, lines, _ = client.list()
+        assert lines == [b"%d %d" % (number + 1, size) for number, size in enumerate(sizes)]
+        assert client.quit().startswith(b"+OK")
+    finally:
+        client.close()
+    assert re.search(
+        rf"counted 5000 message sizes in {re.escape(str(new))}, \d+ in helper", server.output
+    )
+    server.assert_healthy()
+    server.stop()
+    # Waited for before twistd exits: no helper outlives the server.
+    assert not Path(f"/proc/{helper}").exists()
+
+
+@pytest.mark.process
+def test_a_killed_server_leaves_no_helper(tmp_path: Path, launch: Launch) -> None:
+    """However the server ends (here SIGKILL: no service is stopped), its helper ends too."""
+    server = launch(
+        *pop3d_arguments(tmp_path / "mail", write_passwd(tmp_path), "--counting-processes", "1")
+    )
+    server.wait_listening()
+    helper = int(server.wait_for(re.compile(r"counting helper processes started: \[(\d+)\]"))[1])
+    server.kill()
+    assert _ends_within(helper, 30)
