@@ -18,6 +18,7 @@ import select
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,31 @@ async def test_not_running_counts_in_the_thread_and_stopped_no_helper_is_left(
     assert not Path(f"/proc/{pid}").exists()
     assert counting.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
     assert _shared(logged) == []
+
+
+class _Unstartable(SpawnProcess):
+    def start(self) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/python3")
+
+
+class _UnstartableContext(SpawnContext):
+    """Processes that cannot start: a server whose user cannot run the interpreter."""
+
+    Process = _Unstartable
+
+
+def test_helpers_that_cannot_start_leave_the_counting_to_the_server(
+    many: Many, directory_fd: int, logged: Logged
+) -> None:
+    counting = CountingProcesses(1, reactor, context=_UnstartableContext(), batch=256)  # type: ignore[arg-type]
+    counting.startService()
+    assert logged.texts("counting helper processes could not start") == [
+        "counting helper processes could not start (PermissionError: [Errno 13] "
+        "Permission denied: '/root/python3'); message sizes are counted in this process"
+    ]
+    assert counting.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    assert _shared(logged) == []
+    counting.stopService()
 
 
 def _ends_within(pid: int, seconds: float) -> bool:

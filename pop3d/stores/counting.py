@@ -187,14 +187,28 @@ class CountingProcesses(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if self.processes:
+        if not self.processes:
+            return
+        executor: ProcessPoolExecutor | None = None
+        try:
             executor = ProcessPoolExecutor(
                 self.processes, mp_context=self._context, initializer=_end_with_server
             )
             # Started now (one job each), not at the first large login.
             self._starting = [executor.submit(_started) for _ in range(self.processes)]
-            self._executor = executor
-            self.when_started().addCallbacks(self._started, self._not_started)
+        except Exception as error:
+            # The interpreter cannot be run as this user, say (twistd --uid
+            # with Python in root's home): the server serves all the same.
+            log.error(
+                "counting helper processes could not start ({error}); "
+                "message sizes are counted in this process",
+                error=f"{type(error).__name__}: {error}",
+            )
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+            return
+        self._executor = executor
+        self.when_started().addCallbacks(self._started, self._not_started)
 
     def _started(self, pids: list[int]) -> None:
         log.info("counting helper processes started: {pids}", pids=pids)
@@ -218,7 +232,7 @@ class CountingProcesses(Service):
                 return
             try:
                 pids = sorted({future.result() for future in starting})
-            except (Exception, CancelledError) as error:
+            except Exception as error:
                 # BrokenProcessPool; CancelledError: stopped first.
                 started.errback(Failure(error))
             else:
@@ -270,6 +284,11 @@ class CountingProcesses(Service):
             self._broken(executor)  # the rest is counted here
         except RuntimeError:
             pass  # stopped meanwhile: the rest is counted here
+        except Exception:
+            # A helper that could not be started again (one that ended is
+            # replaced at a submit).
+            log.failure("starting a counting helper process failed")
+            self._broken(executor)
         results: list[Counted | None] = [None] * len(batches)
         # The helpers take batches in order; this thread from the end.
         for position in reversed(range(len(batches))):
@@ -286,6 +305,8 @@ class CountingProcesses(Service):
                 counted = future.result()
             except BrokenProcessPool:
                 self._broken(executor)
+            except CancelledError:
+                pass  # stopped meanwhile
             except Exception:
                 log.failure("counting sizes in a helper process failed")
             if counted is None:
