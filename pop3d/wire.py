@@ -481,6 +481,9 @@ class LineEndingNormalizer:
     LF follows it, so the result does not depend on where chunks split.
     """
 
+    # One is made for every RETR and TOP: slots, no dict to make.
+    __slots__ = ("_empty", "_ends_with_newline", "_held_cr")
+
     def __init__(self) -> None:
         self._held_cr = False
         self._ends_with_newline = True
@@ -713,6 +716,9 @@ class MessageEncoder:
     returns the rest, ending with the terminator "CRLF.CRLF".
     ``workarounds`` change the octets sent for clients that need it.
     """
+
+    # One is made for every RETR and TOP: slots, no dict to make.
+    __slots__ = ("_at_line_start", "_limiter", "_normalizer", "_workarounds", "done", "size")
 
     def __init__(
         self, body_lines: int | None = None, workarounds: ClientWorkarounds = NO_WORKAROUNDS
