@@ -265,7 +265,16 @@ def make_server(
             argv = servers.floor_command(data.mail, data.passwd["floor"], workers)
         else:
             argv = servers.twisted_command(data.mail, data.passwd["twisted"])
-        server = Server(kind, argv, log, data.root, workers=workers)
+        # pop3d of one process on 2+ cores starts a counting helper
+        # (--counting-processes auto): the server is whole once it has.
+        helper = (
+            kind in POP3D_KINDS
+            and not workers
+            and (os.cpu_count() or 1) >= 2
+            and "--counting-processes" not in cfg.pop3d_args
+        )
+        also_ready = servers.COUNTING_READY if helper else None
+        server = Server(kind, argv, log, data.root, workers=workers, also_ready=also_ready)
     return server
 
 

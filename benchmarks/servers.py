@@ -31,6 +31,8 @@ PROFILED_TWISTD = HERE / "profiled_twistd.py"
 _READY = re.compile(rb"listening on (127\.0\.0\.1):(\d+)")
 #: Dovecot's master logs this once its listeners are bound (the port is ours).
 DOVECOT_READY = re.compile(rb"master: Info: Dovecot v\S+ .*starting up")
+#: pop3d without --workers: its counting helper processes have started.
+COUNTING_READY = re.compile(rb"counting helper processes started: \[")
 DOVECOT = "/usr/sbin/dovecot"
 #: Dovecot's mail processes run as this user (it refuses UID 0).
 DOVECOT_MAIL_USER = "nobody"
@@ -248,12 +250,16 @@ class Server:
         port: int = 0,
         ready: re.Pattern[bytes] = _READY,
         workers: int = 0,
+        also_ready: re.Pattern[bytes] | None = None,
     ) -> None:
         """
         ``ready``: the log line that says the server is listening; if it
         has no port group, the server was told ``port``.  ``workers``: how
         many worker processes must also say they are listening on that port
         (pop3d --workers: the parent says so before it starts them).
+        ``also_ready``: a line that must also have come (pop3d's counting
+        helper processes started: they belong to the server from its start,
+        so their memory is not counted as what a workload made it grow).
         """
         self.name = name
         self.argv = argv
@@ -263,6 +269,7 @@ class Server:
         self._given_port = port
         self._ready = ready
         self._workers = workers
+        self._also_ready = also_ready
         self.process: subprocess.Popen[bytes] | None = None
         self._log_copier: subprocess.Popen[bytes] | None = None
 
@@ -316,7 +323,10 @@ class Server:
                 match = self._ready.search(seen)
                 if match:
                     port = int(match.group(2)) if self._ready.groups >= 2 else self._given_port
-                    if self._workers_listening(seen, port) >= self._workers:
+                    also = self._also_ready
+                    if self._workers_listening(seen, port) >= self._workers and (
+                        also is None or also.search(seen)
+                    ):
                         self.port = port
                         return
 

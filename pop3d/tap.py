@@ -355,7 +355,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--auth is required, e.g. --auth passwd-file:/etc/pop3d/passwd")
         self["workers"] = parse_workers(self["workers"], self["listen"])
         self["counting-processes"] = parse_counting_processes(
-            self["counting-processes"], workers=self["workers"]
+            self["counting-processes"],
+            # A worker is started with the parent's options less --workers.
+            one_process=self["workers"] == 1 and self["worker-sockets"] is None,
         )
         if self["control"] is not None and self["worker-sockets"] is None:
             try:
@@ -499,14 +501,14 @@ def parse_count(option: str, value: str) -> int:
     return int(value)
 
 
-def parse_counting_processes(value: str, *, workers: int = 1, cores: int | None = None) -> int:
+def parse_counting_processes(value: str, *, one_process: bool, cores: int | None = None) -> int:
     """
     --counting-processes: a number, or 'auto': one helper for a server of
     one process on two cores or more; none for workers, which use the cores.
     """
     if value == "auto":
         available = cores if cores is not None else os.cpu_count() or 1
-        return 1 if available >= 2 and workers == 1 else 0
+        return 1 if available >= 2 and one_process else 0
     return parse_count("counting-processes", value)
 
 

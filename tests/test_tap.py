@@ -164,20 +164,33 @@ def test_maildir_locks(passwd: Path, arguments: list[str], kind: type, where: st
 
 
 @pytest.mark.parametrize(
-    ("value", "workers", "cores", "processes"),
+    ("value", "one_process", "cores", "processes"),
     [
-        ("auto", 1, 1, 0),
-        ("auto", 1, 2, 1),
-        ("auto", 1, 64, 1),
-        ("auto", 2, 2, 0),
-        ("0", 1, 8, 0),
-        ("3", 1, 1, 3),
-        ("1", 4, 4, 1),
+        ("auto", True, 1, 0),
+        ("auto", True, 2, 1),
+        ("auto", True, 64, 1),
+        ("auto", False, 2, 0),
+        ("0", True, 8, 0),
+        ("3", True, 1, 3),
+        ("1", False, 4, 1),
     ],
 )
-def test_counting_processes(value: str, workers: int, cores: int, processes: int) -> None:
+def test_counting_processes(value: str, one_process: bool, cores: int, processes: int) -> None:
     """'auto': one helper beside a single serving process where there is a second core."""
-    assert parse_counting_processes(value, workers=workers, cores=cores) == processes
+    assert parse_counting_processes(value, one_process=one_process, cores=cores) == processes
+
+
+def test_workers_start_no_counting_processes_by_default(passwd: Path) -> None:
+    """A worker gets the parent's options less --workers: 'auto' must still mean none."""
+    from pop3d.workers import worker_command
+
+    parent = ["--mail-location", "maildir:/srv/{user}", "--auth", f"passwd-file:{passwd}"]
+    parent += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", "2"]
+    assert parse(*parent)["counting-processes"] == 0
+    worker = worker_command(parent)
+    given = [*worker[worker.index("pop3d") + 1 :], "--worker-sockets", "3:2"]
+    assert parse(*given)["counting-processes"] == 0
+    assert parse(*given, "--counting-processes", "1")["counting-processes"] == 1
 
 
 @pytest.mark.parametrize(
