@@ -271,7 +271,7 @@ def make_server(
             kind in POP3D_KINDS
             and not workers
             and (os.cpu_count() or 1) >= 2
-            and "--counting-processes" not in cfg.pop3d_args
+            and not any(a.startswith("--counting-processes") for a in cfg.pop3d_args)
         )
         also_ready = servers.COUNTING_READY if helper else None
         server = Server(kind, argv, log, data.root, workers=workers, also_ready=also_ready)

@@ -507,7 +507,8 @@ def parse_counting_processes(value: str, *, one_process: bool, cores: int | None
     one process on two cores or more; none for workers, which use the cores.
     """
     if value == "auto":
-        available = cores if cores is not None else os.cpu_count() or 1
+        # The cores this process may run on (taskset, a container's cpuset).
+        available = cores if cores is not None else len(os.sched_getaffinity(0))
         return 1 if available >= 2 and one_process else 0
     return parse_count("counting-processes", value)
 

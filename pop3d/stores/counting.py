@@ -15,10 +15,12 @@ the thread and the helpers run it.
 
 from __future__ import annotations
 
-import functools
+import errno
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.spawn
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
@@ -32,12 +34,11 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3d.stores.common import run_blocking
 from pop3d.stores.posix import DIRECTORY_FLAGS, READ_FLAGS, UNSEEN_READ_FLAGS
 from pop3d.wire import WireSizeCounter, wire_size
 
-#: What `wire_sizes` gives a message it could not open or read; the error is
-#: beside it.
+#: What `wire_sizes` gives a message it left out (gone, or not a message)
+#: or could not read (the error is beside it).
 NOT_COUNTED = -1
 #: Messages a helper is given at a time: about 10 ms of its work.  The
 #: thread that asks takes back every batch that no helper has started, so
@@ -59,10 +60,13 @@ def wire_sizes(
     """
     The size on the wire of each message ``names`` of the directory
     ``directory_fd`` (opened as `pop3d.stores.posix` opens files: no link
-    followed, a FIFO never waited for), `NOT_COUNTED` where it could not be
-    opened or read, with the error.  With ``short_read_is_end`` (the file
-    system says so: see `pop3d.stores.posix.short_read_is_end`), a read
-    returning less than asked ends a message; else only an empty read does.
+    followed, a FIFO never waited for), else `NOT_COUNTED`: a file gone
+    since it was listed (ENOENT at open) or a FIFO planted since (EAGAIN at
+    read) is left out; any other failure is an error, given by position.
+    (EAGAIN at open is a lease another program holds: an error, not a file
+    to leave out.)  With ``short_read_is_end`` (the file system says so: see
+    `pop3d.stores.posix.short_read_is_end`), a read returning less than
+    asked ends a message; else only an empty read does.
     """
     # A tight loop: names bound once, no call per message but the system's.
     open_file, read, close = os.open, os.read, os.close
@@ -82,7 +86,8 @@ def wire_sizes(
                 fd = open_file(name, flags, dir_fd=directory_fd)
         except OSError as error:
             sizes.append(NOT_COUNTED)
-            failures[position] = error
+            if not isinstance(error, FileNotFoundError):
+                failures[position] = error
             continue
         try:
             first = read(fd, READ_SIZE)
@@ -104,7 +109,8 @@ def wire_sizes(
                 sizes.append(counter.finish())
         except OSError as error:
             sizes.append(NOT_COUNTED)
-            failures[position] = error
+            if error.errno != errno.EAGAIN:
+                failures[position] = error
         finally:
             close(fd)
     return sizes, failures
@@ -131,12 +137,28 @@ def _count_in_helper(
         os.close(directory_fd)
 
 
+#: In a helper: what its first job waits at until every helper has one.
+_all_started: threading.Barrier | None = None
+
+
 def _started() -> int:
+    """A helper's first job: every helper takes one, so that all have started."""
+    if _all_started is not None:
+        _all_started.wait()
     return os.getpid()
 
 
-def _end_with_server() -> None:
-    """In a helper: end when the server's process does, however it ends (killed too)."""
+def _prepare_helper(all_started: threading.Barrier) -> None:
+    """
+    In a helper, first: it ends when the server's process does, however it
+    ends (killed too), and only then: a Ctrl-C or hang-up sent to the
+    server's process group, or the service manager's SIGTERM to all its
+    processes, is the server's to act on.
+    """
+    global _all_started
+    _all_started = all_started
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     server = multiprocessing.parent_process()
     if server is not None:
         threading.Thread(target=_exit_after, args=(server.sentinel,), daemon=True).start()
@@ -153,17 +175,27 @@ class CountingProcesses(Service):
     thread that asks (`wire_sizes`), started and stopped with the service.
 
     Each is a fresh interpreter (``multiprocessing``'s ``spawn``, unless
-    ``context`` says otherwise), so it inherits no descriptor of the server:
-    no listening socket, no client, no lock.  It runs as the server's user
+    ``context`` says otherwise), so it inherits no descriptor of the server
+    but standard input, output and error: no listening socket, no client,
+    no lock.  It ignores SIGINT, SIGHUP and SIGTERM (sent to the server's
+    process group or all its processes, they are the server's to act on)
+    and ends when the server's process does, however it ends.  It runs as the server's user
     and opens a directory by its path only to count the messages of the one
     the asking thread holds open, checked by device and inode.
 
     A count of at least two batches (``batch`` messages) is shared: the
     helpers take batches from the front while the thread takes back, from
-    the end, every batch that no helper has started, so a helper that is
-    still starting or busy with another login costs the count nothing.  A
-    batch a helper could not count (it died, the directory was replaced)
-    is counted by the thread.  Not running, this counts in the thread.
+    the end, every batch that no helper has started; then the thread takes
+    the batches the helpers have counted and counts every other one itself,
+    never waiting for a helper (one still starting, busy with another
+    login, or reading a file system that hangs).  A batch a helper could
+    not count (it died, the directory was replaced) is counted by the
+    thread.  Not running, this counts in the thread.
+
+    With ``spawn``, each helper imports the program's main module again
+    (as ``__mp_main__``): a program that starts the reactor at module level
+    must do it under ``if __name__ == "__main__":`` (twistd and ``.tac``
+    files are fine).
     """
 
     def __init__(
@@ -191,8 +223,16 @@ class CountingProcesses(Service):
             return
         executor: ProcessPoolExecutor | None = None
         try:
+            interpreter = os.fsdecode(multiprocessing.spawn.get_executable())
+            if not os.access(interpreter, os.X_OK):
+                # Said plainly: what fails next would be an import of the
+                # standard library, or a pipe to a helper that never ran.
+                raise PermissionError(errno.EACCES, "this user cannot run", interpreter)
             executor = ProcessPoolExecutor(
-                self.processes, mp_context=self._context, initializer=_end_with_server
+                self.processes,
+                mp_context=self._context,
+                initializer=_prepare_helper,
+                initargs=(self._context.Barrier(self.processes),),
             )
             # Started now (one job each), not at the first large login.
             self._starting = [executor.submit(_started) for _ in range(self.processes)]
@@ -245,15 +285,22 @@ class CountingProcesses(Service):
         return started
 
     def stopService(self) -> Deferred[None]:
-        """Fires once the helpers have ended (in the thread pool: a helper finishes its batch)."""
+        """
+        Tells the helpers to end after their batch, once they have started
+        (one still starting reads the server's semaphores, which go with
+        the server's process).  Their end is not waited for (one may be
+        reading a file system that hangs): each also ends when the server's
+        process does.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         executor, self._executor = self._executor, None
         if executor is None:
             return succeed(None)
-        # Waited for: twistd ends its process as soon as the services have
-        # stopped, before the executor's own thread could end the helpers.
-        stop = functools.partial(executor.shutdown, wait=True, cancel_futures=True)
-        return run_blocking(self._reactor, stop)
+
+        def stop(_: object) -> None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+        return self.when_started().addBoth(stop)
 
     def wire_sizes(
         self,
@@ -301,14 +348,18 @@ class CountingProcesses(Service):
             if results[position] is not None:
                 continue
             counted: Counted | None = None
-            try:
-                counted = future.result()
-            except BrokenProcessPool:
-                self._broken(executor)
-            except CancelledError:
-                pass  # stopped meanwhile
-            except Exception:
-                log.failure("counting sizes in a helper process failed")
+            # Never waited for: a helper may still be starting, busy with
+            # another count, or reading a file system that hangs; counting
+            # a batch here costs no more than waiting for it would.
+            if future.done():
+                try:
+                    counted = future.result()
+                except BrokenProcessPool:
+                    self._broken(executor)
+                except CancelledError:
+                    pass  # stopped meanwhile
+                except Exception:
+                    log.failure("counting sizes in a helper process failed")
             if counted is None:
                 counted = wire_sizes(
                     directory_fd, batches[position], short_read_is_end=short_read_is_end
@@ -341,3 +392,6 @@ class CountingProcesses(Service):
                 "message sizes are counted in this process from now on"
             )
             executor.shutdown(wait=False, cancel_futures=True)
+            # Reaped here: CPython 3.11's executor thread may itself end
+            # before it does (gh-107219), leaving the dead helper a zombie.
+            multiprocessing.active_children()

@@ -1587,7 +1587,8 @@ def _count_sizes(
     Read and measure (unique name, file name, inode) messages of one
     directory into ``sizes`` (`pop3d.stores.counting.wire_sizes`, shared
     with ``counting``'s helper processes if given); a file gone meanwhile,
-    or a FIFO planted after the scan, is left out.  The inode is the
+    or a FIFO planted after the scan, is left out; any other failure makes
+    the maildrop unavailable.  The inode is the
     scan's: if the file was replaced since, the next scan shows another
     inode and counts it again.
     """
@@ -1599,9 +1600,8 @@ def _count_sizes(
     else:
         counted, failures = wire_sizes(directory_fd, names, short_read_is_end=short_read_is_end)
     for position, error in sorted(failures.items()):
-        if not isinstance(error, FileNotFoundError) and error.errno != errno.EAGAIN:
-            name = messages[position][1]
-            raise unavailable("cannot read message", os.path.join(path, name), error)
+        name = messages[position][1]
+        raise unavailable("cannot read message", os.path.join(path, name), error) from error
     sizes.update(
         (unique, (inode, size))
         for (unique, _, inode), size in zip(messages, counted, strict=True)
