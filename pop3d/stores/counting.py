@@ -16,6 +16,7 @@ the thread and the helpers run it.
 from __future__ import annotations
 
 import errno
+import functools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.spawn
@@ -34,6 +35,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pop3d.stores.common import run_blocking
 from pop3d.stores.posix import DIRECTORY_FLAGS, READ_FLAGS, UNSEEN_READ_FLAGS
 from pop3d.wire import WireSizeCounter, wire_size
 
@@ -286,21 +288,19 @@ class CountingProcesses(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Tells the helpers to end after their batch, once they have started
-        (one still starting reads the server's semaphores, which go with
-        the server's process).  Their end is not waited for (one may be
-        reading a file system that hangs): each also ends when the server's
-        process does.
+        Fires once the helpers have ended: each is let finish starting (it
+        reads the server's semaphores, which go with the server's process),
+        then ends after its batch, waited for in the thread pool (twistd
+        ends its process as soon as the services have stopped; a helper
+        left behind then ends by itself, but multiprocessing's resource
+        tracker complains on standard error).
         """
         super().stopService()  # type: ignore[no-untyped-call]
         executor, self._executor = self._executor, None
         if executor is None:
             return succeed(None)
-
-        def stop(_: object) -> None:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-        return self.when_started().addBoth(stop)
+        stop = functools.partial(executor.shutdown, wait=True, cancel_futures=True)
+        return self.when_started().addBoth(lambda _: run_blocking(self._reactor, stop))
 
     def wire_sizes(
         self,
