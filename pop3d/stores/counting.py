@@ -3,9 +3,10 @@ Counting messages' sizes, on more than one core when there are many.
 
 LIST and STAT give each message's exact size as sent (RFC 1939 sections 5
 and 11: each LF of mail stored with LF line endings counts as two octets),
-so the first login to a Maildir reads every message.  For 100,000 messages that is
-about half a second of one core, most of it the interpreter's work per
-message, which threads cannot share (they take turns holding the GIL).
+so the first login to a Maildir reads every message.  For 100,000
+messages that is about half a second of one core, most of it the
+interpreter's work per message, which threads cannot share (they take
+turns holding the GIL).
 `CountingProcesses` are helper processes that count part of a large batch
 beside the thread that asks.
 
@@ -152,10 +153,10 @@ def _started() -> int:
 
 def _prepare_helper(all_started: threading.Barrier) -> None:
     """
-    In a helper, first: it ends when the server's process does, however it
-    ends (killed too), and only then: a Ctrl-C or hang-up sent to the
-    server's process group, or the service manager's SIGTERM to all its
-    processes, is the server's to act on.
+    In a helper, before its first job: it ignores the signals that reach
+    every process of the server (a Ctrl-C or hang-up sent to its process
+    group, the service manager's SIGTERM to all of them: the server's to
+    act on), and ends when the server's process does, however that ends.
     """
     global _all_started
     _all_started = all_started
@@ -181,9 +182,10 @@ class CountingProcesses(Service):
     but standard input, output and error: no listening socket, no client,
     no lock.  It ignores SIGINT, SIGHUP and SIGTERM (sent to the server's
     process group or all its processes, they are the server's to act on)
-    and ends when the server's process does, however it ends.  It runs as the server's user
-    and opens a directory by its path only to count the messages of the one
-    the asking thread holds open, checked by device and inode.
+    and ends when the server's process does, however it ends.  It runs as
+    the server's user and opens a directory by its path only to count the
+    messages of the one the asking thread holds open, checked by device and
+    inode.
 
     A count of at least two batches (``batch`` messages) is shared: the
     helpers take batches from the front while the thread takes back, from
