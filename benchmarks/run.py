@@ -270,7 +270,8 @@ def make_server(
         helper = (
             kind in POP3D_KINDS
             and not workers
-            and (os.cpu_count() or 1) >= 2
+            # The cores pop3d's 'auto' counts: those it may run on.
+            and len(os.sched_getaffinity(0)) >= 2
             and not any(a.startswith("--counting-processes") for a in cfg.pop3d_args)
         )
         also_ready = servers.COUNTING_READY if helper else None

@@ -776,9 +776,6 @@ def _login_timing(started: float, context: LoginContext) -> LoginTiming:
 _Opened = tuple[IMaildrop, Callable[[], None], MessageList, "UserSettings | None", "str | None"]
 
 
-#: What the portal's login gives: the avatar's interface, the avatar, its logout.
-
-
 def _opened_maildrop(result: Avatar) -> _Opened:
     """The maildrop of a login, its logout, its listing, and the user's settings."""
     _, avatar, logout = result

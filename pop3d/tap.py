@@ -190,8 +190,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             None,
             "auto",
             "Helper processes that count message sizes with the serving process when a "
-            "large Maildir is read in full, as at its first login ('auto': one on a "
-            "machine with two cores or more, none with --workers; 0: none).",
+            "large Maildir is read in full, as at its first login ('auto': one where this "
+            "process may use two cores or more, none with --workers; 0: none).",
         ],
         ["tls-cert", None, None, "PEM certificate (and chain) for STLS; re-read on SIGHUP."],
         ["tls-key", None, None, "PEM private key for STLS; re-read on SIGHUP."],
@@ -850,7 +850,7 @@ def makeService(options: Options) -> IService:
     if counting is not None:
         counting.setServiceParent(service)
     reload: Callable[[], object] = reload_configuration(options)
-    if options["workers"] == 1 or options["worker-sockets"] is not None:
+    if serving:
         # Added first, so stopped after the listeners (MultiService stops
         # its children in reverse): no session arrives once it closes them.
         GracefulStop(lambda: factory.connections, clock=clock).setServiceParent(service)

@@ -315,7 +315,7 @@ class CountingProcesses(Service):
         """
         `wire_sizes` of ``names`` in ``directory_fd``, the directory
         ``path``, shared with the helpers.  Called from a thread, not the
-        reactor's: it waits for them.
+        reactor's: it counts too.
         """
         executor = self._executor
         if executor is None or len(names) < 2 * self.batch:

@@ -1588,9 +1588,8 @@ def _count_sizes(
     directory into ``sizes`` (`pop3d.stores.counting.wire_sizes`, shared
     with ``counting``'s helper processes if given); a file gone meanwhile,
     or a FIFO planted after the scan, is left out; any other failure makes
-    the maildrop unavailable.  The inode is the
-    scan's: if the file was replaced since, the next scan shows another
-    inode and counts it again.
+    the maildrop unavailable.  The inode is the scan's: if the file was
+    replaced since, the next scan shows another inode and counts it again.
     """
     names = [name for _, name, _ in messages]
     if counting is not None:
@@ -1599,8 +1598,9 @@ def _count_sizes(
         )
     else:
         counted, failures = wire_sizes(directory_fd, names, short_read_is_end=short_read_is_end)
-    for position, error in sorted(failures.items()):
-        name = messages[position][1]
+    if failures:
+        position = min(failures)
+        name, error = messages[position][1], failures[position]
         raise unavailable("cannot read message", os.path.join(path, name), error) from error
     sizes.update(
         (unique, (inode, size))
