@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.synchronize import Lock
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,12 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from pop3d.errors import MaildropUnavailable
-from pop3d.stores.counting import NOT_COUNTED, CountingProcesses, wire_sizes
+from pop3d.stores.counting import (
+    NOT_COUNTED,
+    CountingProcesses,
+    DirectoryToCount,
+    wire_sizes,
+)
 from pop3d.stores.maildir import MaildirStore
 from pop3d.wire import ResponseCode
 
@@ -268,6 +274,145 @@ async def test_a_directory_replaced_meanwhile_is_counted_by_the_thread(
     await helpers.when_started()
     assert helpers.wire_sizes(str(impostor), directory_fd, many.names) == (many.sizes, {})
     assert _shared(logged) == [(MANY, str(impostor), 0)]
+
+
+def _shared_files() -> list[Path]:
+    return sorted(Path("/dev/shm").glob("pop3d-count-*"))
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_count_of_two_directories_gives_each_its_sizes_and_errors(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged, tmp_path: Path
+) -> None:
+    """
+    One count over new/ and cur/ (as a first login makes): each directory's
+    sizes in the order of its names, a failure at its position in its own
+    directory; the shared file is the server user's alone and is gone after.
+    """
+    other_fd = _directory(tmp_path / "other", {"lf": SHAPES["lf"][0], "after": b"x\n"})
+    (tmp_path / "other" / "link").symlink_to(tmp_path / "other" / "lf")
+    await helpers.when_started()
+    before = _shared_files()
+    try:
+        with helpers.begin(
+            [
+                DirectoryToCount(str(many.path), directory_fd, many.names),
+                DirectoryToCount(str(tmp_path / "other"), other_fd, ["lf", "link", "after"]),
+            ]
+        ) as count:
+            [shared] = set(_shared_files()) - set(before)
+            assert shared.stat().st_mode & 0o777 == 0o600
+            assert shared.stat().st_uid == os.getuid()
+            first, second = count.finish()
+    finally:
+        os.close(other_fd)
+    assert first == (many.sizes, {})
+    sizes, failures = second
+    assert sizes == [20, NOT_COUNTED, 3]
+    assert list(failures) == [1] and failures[1].errno == errno.ELOOP
+    assert _shared_files() == before
+    [(count_first, path_first, in_helpers), (count_second, path_second, _)] = _shared(logged)
+    assert (count_first, path_first) == (MANY, str(many.path))
+    assert (count_second, path_second) == (3, str(tmp_path / "other"))
+    assert in_helpers > 0
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_count_left_unfinished_leaves_nothing_behind(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged
+) -> None:
+    """An error between begin and finish (a login refused meanwhile): file gone, helpers free."""
+    await helpers.when_started()
+    before = _shared_files()
+    with pytest.raises(MaildropUnavailable):
+        with helpers.begin([DirectoryToCount(str(many.path), directory_fd, many.names)]):
+            raise MaildropUnavailable("meanwhile")
+    assert _shared_files() == before
+    # The helper is not held up by the count given up: it takes part in the next.
+    assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    [(_, _, in_helpers)] = _shared(logged)
+    assert in_helpers > 0
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_first_login_shares_the_count_of_new_and_cur(
+    tmp_path: Path, helpers: CountingProcesses, logged: Logged
+) -> None:
+    """
+    RFC 1939 sections 5 and 11: every size exact, in unique-name order,
+    whichever directory a message is in and whoever counted it.
+    """
+    maildir = tmp_path / "mail" / "alice"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    expected = []
+    for number in range(3000):
+        data = b"Subject: %d\n\n" % number + b".line\n" * (number % 4)
+        unique = f"{1_000_000_000 + number}.M{number}P1.test"
+        name = f"new/{unique}" if number % 2 else f"cur/{unique}:2,S"
+        (maildir / name).write_bytes(data)
+        expected.append((unique, len(data) + data.count(b"\n")))
+    await helpers.when_started()
+    store = MaildirStore(f"{tmp_path}/mail/{{user}}", counting=helpers)
+    drop = await store.open("alice")
+    try:
+        assert list(zip(drop.messages.uids, drop.messages.sizes, strict=True)) == expected
+    finally:
+        await drop.close()
+    counts = {path: (count, in_helpers) for count, path, in_helpers in _shared(logged)}
+    assert counts.keys() == {str(maildir / "new"), str(maildir / "cur")}
+    assert all(count == 1500 for count, _ in counts.values())
+    # The helper takes from the front: new/, counted first.
+    assert counts[str(maildir / "new")][1] > 0
+
+
+class _HeldLockContext(SpawnContext):
+    """Spawns helpers as usual, and keeps the locks made, for a test to hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locks: list[Lock] = []
+
+    def Lock(self) -> Lock:
+        lock = super().Lock()
+        self.locks.append(lock)
+        return lock
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_lock_held_for_good_stops_the_sharing_not_the_count(
+    many: Many, directory_fd: int, logged: Logged
+) -> None:
+    """
+    A helper killed while it held the lock that hands out batches would hold
+    it for good: the thread gives up on it after a while, counts everything
+    itself, says so once, and counts alone from then on.
+    """
+    context = _HeldLockContext()
+    counting = CountingProcesses(1, reactor, context=context, batch=256)  # type: ignore[arg-type]
+    counting.startService()
+    try:
+        await counting.when_started()
+        # The first lock made (the executor's queues make theirs after it).
+        claims = context.locks[0]
+        assert claims.acquire(timeout=PATIENCE)
+        try:
+            for _ in range(2):
+                counted = counting.wire_sizes(str(many.path), directory_fd, many.names)
+                assert counted == (many.sizes, {})
+        finally:
+            claims.release()
+    finally:
+        await counting.stopService()
+    assert logged.texts("a counting helper process stopped") == [
+        "a counting helper process stopped answering; "
+        "message sizes are counted in this process from now on"
+    ]
+    assert [in_helpers for _, _, in_helpers in _shared(logged)] == [0]
 
 
 # CPython 3.11's executor thread may raise InvalidStateError as it fails the

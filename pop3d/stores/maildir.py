@@ -64,7 +64,14 @@ from pop3d.stores.common import (
     fixed_directory,
     run_blocking,
 )
-from pop3d.stores.counting import NOT_COUNTED, CountingProcesses, wire_sizes
+from pop3d.stores.counting import (
+    NOT_COUNTED,
+    Counted,
+    CountingProcesses,
+    DirectoryToCount,
+    begin_count,
+    wire_sizes,
+)
 from pop3d.stores.interfaces import (
     IClosesAtOnce,
     IMaildrop,
@@ -1381,39 +1388,34 @@ def _snapshot(
     save by unique name, (inode, size), if they differ from the file's.
     """
     found = _scan(root, root_fd)
-    dovecot = _read_dovecot_uidlist(root, root_fd)
-    records = dovecot.records if dovecot is not None else {}
-    if records:
-        no_uid = float("inf")
-
-        def order(unique: str) -> tuple[float, str]:
-            record = records.get(unique)
-            return (record.uid if record is not None else no_uid, unique)
-
-        ordered = sorted(found, key=order)
-    else:
-        ordered = _sorted_in_steps(list(found), step)
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
     sizes, uncounted = _known_sizes(found, known)
     with (
         _subdirectory(root, root_fd, "new") as new_fd,
         _subdirectory(root, root_fd, "cur") as cur_fd,
     ):
-        directories = {"new": new_fd, "cur": cur_fd}
-        counted = False
-        for subdirectory, directory_fd in directories.items():
+        to_count: list[tuple[list[tuple[str, str, int]], DirectoryToCount]] = []
+        for subdirectory, directory_fd in (("new", new_fd), ("cur", cur_fd)):
             todo = uncounted.get(subdirectory)
             if todo and directory_fd is not None:
-                path = os.path.join(root, subdirectory)
                 at_end = (
                     short_read_is_end is not None
                     and len(todo) >= ASK_FILE_SYSTEM_FROM
                     and short_read_is_end(directory_fd)
                 )
-                _count_sizes(
-                    path, directory_fd, todo, sizes, short_read_is_end=at_end, counting=counting
-                )
-                counted = True
+                names = [name for _, name, _ in todo]
+                path = os.path.join(root, subdirectory)
+                to_count.append((todo, DirectoryToCount(path, directory_fd, names, at_end)))
+        with begin_count(counting, [directory for _, directory in to_count]) as count:
+            # While helper processes count (if there are): what needs no size.
+            dovecot = _read_dovecot_uidlist(root, root_fd)
+            ordered = _ordered(found, dovecot, step)
+            uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
+            locations, inodes = _placed(ordered, found)
+            all_counted = count.finish()
+        for (todo, directory), counted_here in zip(to_count, all_counted, strict=True):
+            _record_counted(directory.path, todo, counted_here, sizes)
+        counted = bool(to_count)
         missing = [unique for unique in ordered if unique not in sizes]
         for unique in missing:
             # Moved or removed by another program since the scan.
@@ -1430,19 +1432,10 @@ def _snapshot(
                 found[unique] = (*location, sizes[unique][0])
         if missing:
             ordered = [unique for unique in ordered if unique in sizes]
-        if dovecot is not None or naming.uidl_format or naming.reuse_x_uidl:
-            uidls = _compatible_uidls(root, root_fd, ordered, found, dovecot, naming)
-        else:
-            uidls = _plain_uidls(ordered, step)
+            uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
+            locations, inodes = _placed(ordered, found)
     entries = [sizes[unique] for unique in ordered]
     messages = MessageList(tuple(uidls), tuple([size for _, size in entries]))
-    # Comprehensions, not C-level map(): looking up 100,000 scattered
-    # entries takes ~20 ms, and the reactor thread must get the GIL meanwhile.
-    where = [found[unique] for unique in ordered]
-    locations = _Locations(
-        tuple([sub for sub, _, _ in where]), tuple([name for _, name, _ in where])
-    )
-    inodes = [inode for _, _, inode in where]
     # Sizes given by ",W=" fields (inode -1) are not kept.
     kept = {unique: entry for unique, entry in sizes.items() if entry[0] >= 0}
     # Everything kept was found; the file changes if something was counted
@@ -1450,11 +1443,59 @@ def _snapshot(
     changed = counted or len(kept) != len(known)
     # Freed one at a time: all at once, when the function returns, they
     # would hold the GIL for ~20 ms.
-    for temporary in (where, entries, ordered):
+    for temporary in (entries, ordered):
         temporary.clear()
     found.clear()
     sizes.clear()
     return messages, locations, inodes, kept if changed else None
+
+
+def _ordered(
+    found: dict[str, tuple[str, str, int]], dovecot: DovecotUidlist | None, step: int
+) -> list[str]:
+    """The unique names in Dovecot's UID order for those it listed, then in their own."""
+    records = dovecot.records if dovecot is not None else {}
+    if not records:
+        return _sorted_in_steps(list(found), step)
+    no_uid = float("inf")
+
+    def order(unique: str) -> tuple[float, str]:
+        record = records.get(unique)
+        return (record.uid if record is not None else no_uid, unique)
+
+    return sorted(found, key=order)
+
+
+def _uidls(
+    root: str,
+    root_fd: int,
+    ordered: list[str],
+    found: dict[str, tuple[str, str, int]],
+    dovecot: DovecotUidlist | None,
+    naming: _UIDLNaming,
+    step: int,
+) -> list[str]:
+    """The UIDL of each message of ``ordered``."""
+    if dovecot is not None or naming.uidl_format or naming.reuse_x_uidl:
+        return _compatible_uidls(root, root_fd, ordered, found, dovecot, naming)
+    return _plain_uidls(ordered, step)
+
+
+def _placed(
+    ordered: list[str], found: dict[str, tuple[str, str, int]]
+) -> tuple[_Locations, list[int]]:
+    """Where each message of ``ordered`` is, and its inode."""
+    # Comprehensions, not C-level map(): looking up 100,000 scattered
+    # entries takes ~20 ms, and the reactor thread must get the GIL meanwhile.
+    where = [found[unique] for unique in ordered]
+    locations = _Locations(
+        tuple([sub for sub, _, _ in where]), tuple([name for _, name, _ in where])
+    )
+    inodes = [inode for _, _, inode in where]
+    # Freed now: with the function's other temporaries, all at once, they
+    # would hold the GIL for ~20 ms.
+    where.clear()
+    return locations, inodes
 
 
 def _compatible_uidls(
@@ -1579,32 +1620,37 @@ def _count_sizes(
     directory_fd: int,
     messages: list[tuple[str, str, int]],
     sizes: dict[str, tuple[int, int]],
-    *,
-    short_read_is_end: bool = False,
-    counting: CountingProcesses | None = None,
 ) -> None:
     """
     Read and measure (unique name, file name, inode) messages of one
-    directory into ``sizes`` (`pop3d.stores.counting.wire_sizes`, shared
-    with ``counting``'s helper processes if given); a file gone meanwhile,
-    or a FIFO planted after the scan, is left out; any other failure makes
-    the maildrop unavailable.  The inode is the scan's: if the file was
-    replaced since, the next scan shows another inode and counts it again.
+    directory into ``sizes``: see `_record_counted`.
     """
     names = [name for _, name, _ in messages]
-    if counting is not None:
-        counted, failures = counting.wire_sizes(
-            path, directory_fd, names, short_read_is_end=short_read_is_end
-        )
-    else:
-        counted, failures = wire_sizes(directory_fd, names, short_read_is_end=short_read_is_end)
+    _record_counted(path, messages, wire_sizes(directory_fd, names), sizes)
+
+
+def _record_counted(
+    path: str,
+    messages: list[tuple[str, str, int]],
+    counted: Counted,
+    sizes: dict[str, tuple[int, int]],
+) -> None:
+    """
+    The sizes of (unique name, file name, inode) ``messages`` of the
+    directory ``path``, `pop3d.stores.counting.wire_sizes`, into ``sizes``:
+    a file gone meanwhile, or a FIFO planted after the scan, is left out;
+    any other failure makes the maildrop unavailable.  The inode is the
+    scan's: if the file was replaced since, the next scan shows another
+    inode and counts it again.
+    """
+    sizes_counted, failures = counted
     if failures:
         position = min(failures)
         name, error = messages[position][1], failures[position]
         raise unavailable("cannot read message", os.path.join(path, name), error) from error
     sizes.update(
         (unique, (inode, size))
-        for (unique, _, inode), size in zip(messages, counted, strict=True)
+        for (unique, _, inode), size in zip(messages, sizes_counted, strict=True)
         if size != NOT_COUNTED
     )
 
