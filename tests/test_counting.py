@@ -14,6 +14,7 @@ import errno
 import os
 import poplib
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -177,8 +178,16 @@ def directory_fd(many: Many) -> Iterator[int]:
 
 
 @pytest.fixture
-def helpers() -> Iterator[CountingProcesses]:
-    counting = CountingProcesses(1, reactor, batch=256)  # type: ignore[arg-type]
+def shared_memory(tmp_path: Path) -> Path:
+    """Where the helpers' shared files go: this test's alone."""
+    path = tmp_path / "shm"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def helpers(shared_memory: Path) -> Iterator[CountingProcesses]:
+    counting = CountingProcesses(1, reactor, batch=256, shared_memory=str(shared_memory))  # type: ignore[arg-type]
     counting.startService()
     try:
         yield counting
@@ -276,34 +285,42 @@ async def test_a_directory_replaced_meanwhile_is_counted_by_the_thread(
     assert _shared(logged) == [(MANY, str(impostor), 0)]
 
 
-def _shared_files() -> list[Path]:
-    return sorted(Path("/dev/shm").glob("pop3d-count-*"))
+def _shared_files(shared_memory: Path) -> list[Path]:
+    return sorted(shared_memory.glob("pop3d-count-*"))
 
 
 @pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_a_count_of_two_directories_gives_each_its_sizes_and_errors(
-    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged, tmp_path: Path
+    many: Many,
+    directory_fd: int,
+    helpers: CountingProcesses,
+    logged: Logged,
+    tmp_path: Path,
+    shared_memory: Path,
 ) -> None:
     """
     One count over new/ and cur/ (as a first login makes): each directory's
-    sizes in the order of its names, a failure at its position in its own
-    directory; the shared file is the server user's alone and is gone after.
+    sizes in the order of its names (any name the file system allows), a
+    failure at its position in its own directory; the shared file is the
+    server user's alone, in a directory of its own, and gone after.
     """
-    other_fd = _directory(tmp_path / "other", {"lf": SHAPES["lf"][0], "after": b"x\n"})
+    undecodable = os.fsdecode(b"1000000000.M1P1.caf\xe9")
+    other = {"lf": SHAPES["lf"][0], undecodable: b"x\n"}
+    other_fd = _directory(tmp_path / "other", other)
     (tmp_path / "other" / "link").symlink_to(tmp_path / "other" / "lf")
     await helpers.when_started()
-    before = _shared_files()
     try:
         with helpers.begin(
             [
                 DirectoryToCount(str(many.path), directory_fd, many.names),
-                DirectoryToCount(str(tmp_path / "other"), other_fd, ["lf", "link", "after"]),
+                DirectoryToCount(str(tmp_path / "other"), other_fd, ["lf", "link", undecodable]),
             ]
         ) as count:
-            [shared] = set(_shared_files()) - set(before)
-            assert shared.stat().st_mode & 0o777 == 0o600
-            assert shared.stat().st_uid == os.getuid()
+            [own] = _shared_files(shared_memory)
+            assert own.stat().st_mode & 0o777 == 0o700
+            assert (own / "count").stat().st_mode & 0o777 == 0o600
+            assert (own / "count").stat().st_uid == os.getuid()
             first, second = count.finish()
     finally:
         os.close(other_fd)
@@ -311,7 +328,7 @@ async def test_a_count_of_two_directories_gives_each_its_sizes_and_errors(
     sizes, failures = second
     assert sizes == [20, NOT_COUNTED, 3]
     assert list(failures) == [1] and failures[1].errno == errno.ELOOP
-    assert _shared_files() == before
+    assert _shared_files(shared_memory) == []
     [(count_first, path_first, in_helpers), (count_second, path_second, _)] = _shared(logged)
     assert (count_first, path_first) == (MANY, str(many.path))
     assert (count_second, path_second) == (3, str(tmp_path / "other"))
@@ -321,15 +338,18 @@ async def test_a_count_of_two_directories_gives_each_its_sizes_and_errors(
 @pytest.mark.process
 @pytest_twisted.ensureDeferred
 async def test_a_count_left_unfinished_leaves_nothing_behind(
-    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged
+    many: Many,
+    directory_fd: int,
+    helpers: CountingProcesses,
+    logged: Logged,
+    shared_memory: Path,
 ) -> None:
     """An error between begin and finish (a login refused meanwhile): file gone, helpers free."""
     await helpers.when_started()
-    before = _shared_files()
     with pytest.raises(MaildropUnavailable):
         with helpers.begin([DirectoryToCount(str(many.path), directory_fd, many.names)]):
             raise MaildropUnavailable("meanwhile")
-    assert _shared_files() == before
+    assert _shared_files(shared_memory) == []
     # The helper is not held up by the count given up: it takes part in the next.
     assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
     [(_, _, in_helpers)] = _shared(logged)
@@ -365,8 +385,35 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     counts = {path: (count, in_helpers) for count, path, in_helpers in _shared(logged)}
     assert counts.keys() == {str(maildir / "new"), str(maildir / "cur")}
     assert all(count == 1500 for count, _ in counts.values())
-    # The helper takes from the front: new/, counted first.
-    assert counts[str(maildir / "new")][1] > 0
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_no_room_for_the_shared_file_counts_in_the_thread(
+    many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged, shared_memory: Path
+) -> None:
+    """
+    /dev/shm full (64 MB in a container by default): the room is asked for
+    before the file is used (a write into a mapped file with no room kills
+    the process), and the count is the thread's; said as a warning.
+    """
+    await helpers.when_started()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Files of this process cannot grow past 64 KiB: as a full file system.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        counted = helpers.wire_sizes(str(many.path), directory_fd, many.names)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert counted == (many.sizes, {})
+    assert logged.texts("a count of") == [
+        f"a count of {MANY} message sizes is not shared ([Errno 27] File too large)"
+    ]
+    assert [in_helpers for _, _, in_helpers in _shared(logged)] == [0]
+    assert _shared_files(shared_memory) == []
+    # Nothing else is wrong: the next count, with room, is shared.
+    assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
+    assert _shared(logged)[-1][2] > 0
 
 
 class _HeldLockContext(SpawnContext):

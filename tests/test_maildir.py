@@ -85,6 +85,47 @@ async def test_maildir_plus_plus_wire_size_is_trusted(store: MaildirStore, maild
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_first_login_follows_messages_moved_or_removed_while_it_counts(
+    tmp_path: Path, maildir: Path
+) -> None:
+    """
+    RFC 1939 sections 5 and 7: another program marks a message seen (new/
+    to cur/) and removes one between the server's reading of the
+    directories and its counting: the listing has the moved message, with
+    its size and UIDL, where it is now, and not the removed one.
+    """
+    messages = {
+        f"{1_000_000_000 + n}.M{n}P1.host": b"Subject: %d\n\nbody\n" % n for n in range(300)
+    }
+    for unique, data in messages.items():
+        (maildir / "new" / unique).write_bytes(data)
+    moved, removed = "1000000007.M7P1.host", "1000000009.M9P1.host"
+    asked: list[int] = []
+
+    def meanwhile(directory_fd: int) -> bool:
+        # Asked once per directory of 256 messages or more, between the
+        # reading of the directories and the counting: another program's turn.
+        if not asked:
+            os.rename(maildir / "new" / moved, maildir / "cur" / f"{moved}:2,S")
+            os.unlink(maildir / "new" / removed)
+        asked.append(directory_fd)
+        return False
+
+    store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=meanwhile)
+    maildrop = await store.open("alice")
+    try:
+        assert asked
+        expected = [unique for unique in messages if unique != removed]
+        assert list(maildrop.messages.uids) == expected
+        assert list(maildrop.messages.sizes) == [wire_size(messages[u]) for u in expected]
+        body = await maybeDeferred(maildrop.open_message, expected.index(moved))
+        assert body.read(100) == messages[moved]
+        body.close()
+    finally:
+        await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_uidl_survives_a_move_from_new_to_cur(store: MaildirStore, maildir: Path) -> None:
     """RFC 1939 section 7: the same UIDL in every session, whatever other programs do."""
     unique = deliver_to_maildir(str(maildir), b"Subject: x\n\nbody\n")

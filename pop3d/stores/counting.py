@@ -13,13 +13,14 @@ beside the thread that asks.
 `wire_sizes` is the one loop that opens, reads and measures messages; both
 the thread and the helpers run it.
 
-A count is shared through a small file in shared memory (``/dev/shm``), made
-and removed by the thread that asks: the names to count, a state per batch
-and a size per message.  Helpers take batches from the front and the thread
-from the end, each taking one under a lock the helpers inherit; a helper
-needs nothing from the server's process while it counts, so the thread
-that asks can do other work meanwhile (`CountingProcesses.begin`), and the
-batches never wait for the server's interpreter lock to be handed out.
+A count is shared through a file in shared memory (``/dev/shm``: each
+message's name and 8 octets), made and removed by the thread that asks: a
+state per batch, a size per message, the names to count.  Helpers take
+batches from the front and the thread from the end, each taking one under
+a lock the helpers inherit; a helper needs nothing from the server's
+process while it counts (not a turn of its interpreter lock, as a result
+handed back through the executor would), so the thread that asks can do
+other work meanwhile (`CountingProcesses.begin`).
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.spawn
 import os
+import shutil
 import signal
 import tempfile
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.context import BaseContext
 from multiprocessing.synchronize import Lock
 from types import TracebackType
@@ -52,15 +54,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3d.stores.common import run_blocking
-from pop3d.stores.posix import DIRECTORY_FLAGS, READ_FLAGS, UNSEEN_READ_FLAGS
+from pop3d.stores.posix import CREATE_FLAGS, DIRECTORY_FLAGS, READ_FLAGS, UNSEEN_READ_FLAGS
 from pop3d.wire import WireSizeCounter, wire_size
 
 #: What `wire_sizes` gives a message it left out (gone, or not a message)
 #: or could not read (the error is beside it).
 NOT_COUNTED = -1
-#: Messages a helper is given at a time: about 10 ms of its work.  The
-#: thread that asks takes back every batch that no helper has started, so
-#: at the end it waits for at most a batch or two per helper.
+#: Messages a helper takes at a time: about 10 ms of its work.  The thread
+#: that asks takes every batch that no helper has started, and counts again
+#: any a helper has not finished: at the end it has at most a batch or two
+#: per helper to count that a helper is counting too.
 BATCH = 2048
 #: One read asks for this much; most messages are read in one go.
 READ_SIZE = 256 * 1024
@@ -69,8 +72,8 @@ READ_SIZE = 256 * 1024
 #: counting goes on without the helpers.
 LOCK_PATIENCE_SECONDS = 2.0
 #: Where the files of shared counts are made: memory, not a disk, on Linux.
-#: (Made there as any private temporary file is: a new random name, O_EXCL,
-#: readable by the server's user only.)
+#: (Each in a directory of its own, made as any private temporary directory
+#: is: a new random name, mode 0700.)
 SHARED_MEMORY = "/dev/shm"  # noqa: S108
 
 #: Sizes in the order of the names asked, and the error of each one
@@ -143,7 +146,7 @@ def wire_sizes(
 
 
 #: A batch's state in a shared count's file.  Helpers take FREE batches from
-#: the front, the thread from the end; the state changes under the lock.
+#: the front, the thread from the end; a state changes under the lock only.
 FREE, HELPER_COUNTING, HELPER_COUNTED, THREAD_COUNTING, LEFT_TO_THREAD = range(5)
 #: Octets of a state or a size in the file (a native signed 64-bit integer).
 _SLOT = array("q").itemsize
@@ -162,14 +165,28 @@ class DirectoryToCount:
 
 @dataclass(frozen=True)
 class _Batch:
-    """Messages ``first`` to ``first + count`` of the count, all of one directory."""
+    """
+    Messages ``first`` to ``first + count`` of a count, all of directory
+    number ``directory``, where they start at ``start``; their names are
+    at ``names_at`` in the shared file, NUL-separated (`os.fsencode`).
+    """
 
     directory: int
     first: int
     count: int
-    #: Where its names are in the file, NUL-separated (`os.fsencode`).
-    names_at: int
-    names_size: int
+    start: int
+    names_at: int = 0
+    names_size: int = 0
+
+
+@dataclass(frozen=True)
+class _SharedDirectory:
+    """What a helper is told of a directory: it opens ``path`` only if it is ``identity``."""
+
+    path: str
+    #: (device, inode) of the directory the thread holds open.
+    identity: tuple[int, int]
+    short_read_is_end: bool
 
 
 @dataclass(frozen=True)
@@ -177,8 +194,9 @@ class _Plan:
     """What a helper is told of a shared count; the rest is in ``file``."""
 
     file: str
-    #: (path, (device, inode), short read is the end) of each directory.
-    directories: tuple[tuple[str, tuple[int, int], bool], ...]
+    #: (device, inode) of ``file``: a file put at its name since is not it.
+    identity: tuple[int, int]
+    directories: tuple[_SharedDirectory, ...]
     batches: tuple[_Batch, ...]
     messages: int
 
@@ -187,9 +205,23 @@ class _Plan:
         return len(self.batches) * _SLOT
 
     @property
+    def names_at(self) -> int:
+        return self.sizes_at + self.messages * _SLOT
+
+    @property
     def file_size(self) -> int:
         last = self.batches[-1]
         return last.names_at + last.names_size
+
+
+@dataclass(frozen=True)
+class _Helpers:
+    """Running helpers: their executor, and the lock they take batches under."""
+
+    executor: ProcessPoolExecutor
+    lock: Lock
+    #: Where shared counts' files are made (in a directory of their own each).
+    shared_directory: str | None
 
 
 @contextmanager
@@ -198,7 +230,7 @@ def _mapped(descriptor: int, plan: _Plan) -> Iterator[tuple[memoryview, memoryvi
     shared = mmap.mmap(descriptor, plan.file_size)
     view = memoryview(shared)
     states = view[: plan.sizes_at].cast("q")
-    sizes = view[plan.sizes_at : plan.sizes_at + plan.messages * _SLOT].cast("q")
+    sizes = view[plan.sizes_at : plan.names_at].cast("q")
     try:
         yield states, sizes, shared
     finally:
@@ -212,20 +244,23 @@ def _mapped(descriptor: int, plan: _Plan) -> Iterator[tuple[memoryview, memoryvi
 def _count_shared(plan: _Plan) -> int:
     """
     In a helper: count batches of a shared count from the front until the
-    thread has taken the rest; a batch of a directory that is not the one
+    thread has taken the rest.  A batch of a directory that is not the one
     the thread holds open (replaced since: device and inode differ), or
     with a message it could not read, is left to the thread (which then
     has each error).  Returns how many messages it counted.
     """
-    lock = _claims
+    lock = _lock
     assert lock is not None
     try:
         descriptor = os.open(plan.file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return 0  # finished before this helper came to it
-    directories: dict[int, int | None] = {}
+    opened: dict[int, int | None] = {}
     counted = 0
     try:
+        info = os.fstat(descriptor)
+        if (info.st_dev, info.st_ino) != plan.identity:
+            return 0  # not the thread's file
         with _mapped(descriptor, plan) as (states, sizes, shared):
             for number, batch in enumerate(plan.batches):
                 if not lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
@@ -240,19 +275,16 @@ def _count_shared(plan: _Plan) -> int:
                     break  # and every batch after it
                 if state != FREE:
                     continue  # another helper's
-                directory_fd = directories.get(batch.directory, -1)
-                if directory_fd == -1:
-                    directory_fd = directories[batch.directory] = _open_directory(
-                        *plan.directories[batch.directory][:2]
-                    )
+                if batch.directory not in opened:
+                    opened[batch.directory] = _open_directory(plan.directories[batch.directory])
+                directory_fd = opened[batch.directory]
                 outcome = LEFT_TO_THREAD
                 if directory_fd is not None:
-                    names = os.fsdecode(
-                        shared[batch.names_at : batch.names_at + batch.names_size]
-                    ).split("\0")
-                    short_read_is_end = plan.directories[batch.directory][2]
+                    encoded = shared[batch.names_at : batch.names_at + batch.names_size]
                     batch_sizes, failures = wire_sizes(
-                        directory_fd, names, short_read_is_end=short_read_is_end
+                        directory_fd,
+                        os.fsdecode(encoded).split("\0"),
+                        short_read_is_end=plan.directories[batch.directory].short_read_is_end,
                     )
                     if not failures:
                         sizes[batch.first : batch.first + batch.count] = array("q", batch_sizes)
@@ -261,27 +293,27 @@ def _count_shared(plan: _Plan) -> int:
                 if not lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
                     break
                 try:
-                    # The lock orders the sizes' writing before the state's
-                    # reading in the thread.
+                    # Under the lock: the sizes are written before the
+                    # thread, which reads states under it, sees this one.
                     states[number] = outcome
                 finally:
                     lock.release()
     finally:
         os.close(descriptor)
-        for directory_fd in directories.values():
+        for directory_fd in opened.values():
             if directory_fd is not None:
                 os.close(directory_fd)
     return counted
 
 
-def _open_directory(path: str, identity: tuple[int, int]) -> int | None:
-    """The directory ``path`` if it is still the one of device and inode ``identity``."""
+def _open_directory(directory: _SharedDirectory) -> int | None:
+    """The directory, if it is still the one the thread holds open."""
     try:
-        directory_fd = os.open(path, DIRECTORY_FLAGS)
+        directory_fd = os.open(directory.path, DIRECTORY_FLAGS)
     except OSError:
         return None
     info = os.fstat(directory_fd)
-    if (info.st_dev, info.st_ino) != identity:
+    if (info.st_dev, info.st_ino) != directory.identity:
         os.close(directory_fd)
         return None  # replaced since: the thread counts
     return directory_fd
@@ -290,7 +322,7 @@ def _open_directory(path: str, identity: tuple[int, int]) -> int | None:
 #: In a helper: what its first job waits at until every helper has one.
 _all_started: threading.Barrier | None = None
 #: In a helper: the lock under which batches of shared counts are taken.
-_claims: Lock | None = None
+_lock: Lock | None = None
 
 
 def _started() -> int:
@@ -300,16 +332,16 @@ def _started() -> int:
     return os.getpid()
 
 
-def _prepare_helper(all_started: threading.Barrier, claims: Lock) -> None:
+def _prepare_helper(all_started: threading.Barrier, lock: Lock) -> None:
     """
     In a helper, before its first job: it ignores the signals that reach
     every process of the server (a Ctrl-C or hang-up sent to its process
     group, the service manager's SIGTERM to all of them: the server's to
     act on), and ends when the server's process does, however that ends.
     """
-    global _all_started, _claims
+    global _all_started, _lock
     _all_started = all_started
-    _claims = claims
+    _lock = lock
     for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
     server = multiprocessing.parent_process()
@@ -325,28 +357,32 @@ def _exit_after(sentinel: int) -> None:
 class CountingProcesses(Service):
     """
     ``processes`` helper processes that count messages' sizes with the
-    thread that asks (`wire_sizes`), started and stopped with the service.
+    thread that asks (`wire_sizes`, `begin`), started and stopped with the
+    service.
 
     Each is a fresh interpreter (``multiprocessing``'s ``spawn``, unless
     ``context`` says otherwise), so it inherits no descriptor of the server
     but standard input, output and error: no listening socket, no client,
-    no maildrop's lock.  It ignores SIGINT, SIGHUP and SIGTERM (sent to the server's
-    process group or all its processes, they are the server's to act on)
-    and ends when the server's process does, however it ends.  It runs as
-    the server's user and opens a directory by its path only to count the
-    messages of the one the asking thread holds open, checked by device and
-    inode.
+    no maildrop's lock.  It ignores SIGINT, SIGHUP and SIGTERM (sent to the
+    server's process group or all its processes, they are the server's to
+    act on) and ends when the server's process does, however it ends.  It
+    runs as the server's user and opens by path only a count's shared file
+    (checked by device and inode) and a directory to count in, if it is
+    the one the asking thread holds open (checked the same way).
 
-    A count of at least two batches (``batch`` messages) is shared through
-    a file in ``/dev/shm`` (else the temporary directory), readable by the
-    server's user only and removed when the count ends: the helpers take
+    A count of at least two batches (``batch`` messages) in all is shared
+    through a file in a directory of its own (mode 0700) in
+    ``shared_memory`` (``/dev/shm`` if it is there and writable, else the
+    temporary directory), removed when the count ends: a state per batch,
+    a size per message (8 octets each), the names.  The helpers take
     batches from the front while the thread takes, from the end, every
     batch that no helper has started; then the thread takes the batches the
     helpers have counted and counts every other one itself, never waiting
     for a helper (one still starting, busy with another login, or reading a
     file system that hangs).  A batch a helper could not count (it died,
     the directory was replaced, a message could not be read) is counted by
-    the thread.  Not running, this counts in the thread.
+    the thread.  Not running, or without room for the file, this counts in
+    the thread.
 
     With ``spawn``, each helper imports the program's main module again
     (as ``__mp_main__``): a program that starts the reactor at module level
@@ -361,6 +397,7 @@ class CountingProcesses(Service):
         *,
         context: BaseContext | None = None,
         batch: int = BATCH,
+        shared_memory: str = SHARED_MEMORY,
     ) -> None:
         if processes < 0:
             raise ValueError("the number of counting processes cannot be negative")
@@ -368,10 +405,10 @@ class CountingProcesses(Service):
             raise ValueError("a batch holds at least one message")
         self.processes = processes
         self.batch = batch
+        self.shared_memory = shared_memory
         self._reactor = reactor
         self._context = context if context is not None else multiprocessing.get_context("spawn")
-        self._executor: ProcessPoolExecutor | None = None
-        self._claims: Lock | None = None
+        self._helpers: _Helpers | None = None
         self._starting: list[Future[int]] = []
 
     def startService(self) -> None:
@@ -385,12 +422,12 @@ class CountingProcesses(Service):
                 # Said plainly: what fails next would be an import of the
                 # standard library, or a pipe to a helper that never ran.
                 raise PermissionError(errno.EACCES, "this user cannot run", interpreter)
-            claims = self._context.Lock()
+            lock = self._context.Lock()
             executor = ProcessPoolExecutor(
                 self.processes,
                 mp_context=self._context,
                 initializer=_prepare_helper,
-                initargs=(self._context.Barrier(self.processes), claims),
+                initargs=(self._context.Barrier(self.processes), lock),
             )
             # Started now (one job each), not at the first large login.
             self._starting = [executor.submit(_started) for _ in range(self.processes)]
@@ -405,8 +442,8 @@ class CountingProcesses(Service):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
             return
-        self._executor = executor
-        self._claims = claims
+        writable = os.access(self.shared_memory, os.W_OK | os.X_OK)
+        self._helpers = _Helpers(executor, lock, self.shared_memory if writable else None)
         self.when_started().addCallbacks(self._started, self._not_started)
 
     def _started(self, pids: list[int]) -> None:
@@ -447,19 +484,18 @@ class CountingProcesses(Service):
         """
         Fires once the helpers have ended: each is let finish starting (it
         reads the server's semaphores, which go with the server's process),
-        then ends after its batch, waited for in the thread pool (twistd
-        ends its process as soon as the services have stopped; a helper
-        left behind then ends by itself, but multiprocessing's resource
-        tracker complains on standard error).
+        then ends once the count it is in is taken, waited for in the
+        thread pool (twistd ends its process as soon as the services have
+        stopped; a helper left behind then ends by itself, but
+        multiprocessing's resource tracker complains on standard error).
         """
         super().stopService()  # type: ignore[no-untyped-call]
-        executor, self._executor = self._executor, None
-        # Freed with the executor (its semaphore removed: the resource
-        # tracker would call it leaked when twistd ends its process).
-        self._claims = None
-        if executor is None:
+        # Dropped with the executor: the lock's semaphore is removed when
+        # it is freed (else the resource tracker calls it leaked).
+        helpers, self._helpers = self._helpers, None
+        if helpers is None:
             return succeed(None)
-        stop = functools.partial(executor.shutdown, wait=True, cancel_futures=True)
+        stop = functools.partial(helpers.executor.shutdown, wait=True, cancel_futures=True)
         return self.when_started().addBoth(lambda _: run_blocking(self._reactor, stop))
 
     def wire_sizes(
@@ -482,61 +518,35 @@ class CountingProcesses(Service):
 
     def begin(self, directories: Sequence[DirectoryToCount]) -> SharedCount:
         """
-        Start counting the messages of ``directories`` (held open until
-        `SharedCount.finish`): from a thread, not the reactor's.  The
-        helpers begin at once; the thread may do other work before it calls
+        Start counting the messages of ``directories`` (held open until the
+        count is finished): from a thread, not the reactor's.  The helpers
+        begin at once; the thread may do other work before it calls
         `SharedCount.finish`, which counts what is left.  Use it as a
-        context manager: leaving it unfinished (an error meanwhile) stops
-        the helpers' part and removes the shared file.
+        context manager: left unfinished (an error meanwhile), the helpers'
+        part stops and the shared file is removed.
         """
-        executor = self._executor
-        count = SharedCount(self, directories, self.batch)
-        if executor is None or sum(len(d.names) for d in directories) < 2 * self.batch:
-            return count
-        try:
-            assert self._claims is not None
-            count.share(executor, self._claims, self.processes)
-        except BrokenProcessPool:
-            self._broken(executor)  # counted in the thread
-        except RuntimeError:
-            pass  # stopped meanwhile: counted in the thread
-        except Exception:
-            # A helper that could not be started again (one that ended is
-            # replaced at a submit), or no room for the shared file.
-            log.failure("sharing a count with the counting helper processes failed")
-            count.unshare()
+        helpers = self._helpers
+        count = SharedCount(directories, self.batch, on_broken=self._broken)
+        if helpers is not None and sum(len(d.names) for d in directories) >= 2 * self.batch:
+            count.share_with(helpers, self.processes)
         return count
 
-    def _broken(self, executor: ProcessPoolExecutor, how: str = "ended unexpectedly") -> None:
+    def _broken(self, helpers: _Helpers, how: str) -> None:
         """
         A helper died (killed, out of memory), or holds the lock for good:
         counting goes on in the threads.
         """
-        if self._executor is executor:
-            self._executor = self._claims = None
+        if self._helpers is helpers:
+            self._helpers = None
             log.error(
                 "a counting helper process {how}; "
                 "message sizes are counted in this process from now on",
                 how=how,
             )
-            executor.shutdown(wait=False, cancel_futures=True)
+            helpers.executor.shutdown(wait=False, cancel_futures=True)
             # Reaped here: CPython 3.11's executor thread may itself end
             # before it does (gh-107219), leaving the dead helper a zombie.
             multiprocessing.active_children()
-
-    def _checked(self, executor: ProcessPoolExecutor, futures: Sequence[Future[int]]) -> None:
-        """What became of a shared count's jobs that have ended (never waited for)."""
-        for future in futures:
-            if not future.done() or future.cancelled():
-                continue
-            error = future.exception()
-            if isinstance(error, BrokenProcessPool):
-                self._broken(executor)
-            elif error is not None:
-                log.failure(
-                    "counting sizes in a helper process failed",
-                    Failure(error, type(error), error.__traceback__),
-                )
 
 
 def begin_count(
@@ -544,74 +554,103 @@ def begin_count(
 ) -> SharedCount:
     """`CountingProcesses.begin`, or a count of this thread's alone without ``counting``."""
     if counting is None:
-        return SharedCount(None, directories)
+        return SharedCount(directories)
     return counting.begin(directories)
 
 
 class SharedCount:
     """
-    One count of `CountingProcesses.begin`: every message of each
-    directory, in batches of at most ``batch``, all of one directory each.
-    Unshared (no helper, or too few messages), `finish` counts everything.
+    One count (`CountingProcesses.begin`): every message of each directory,
+    in batches of at most ``batch``, each of one directory.  Unshared (no
+    helper, or too few messages), `finish` counts everything.
     """
 
     def __init__(
         self,
-        pool: CountingProcesses | None,
         directories: Sequence[DirectoryToCount],
         batch: int = BATCH,
+        *,
+        on_broken: Callable[[_Helpers, str], None] | None = None,
     ) -> None:
         self.directories = tuple(directories)
-        batches: list[tuple[int, int, int]] = []
+        batches = []
         first = 0
         for number, directory in enumerate(self.directories):
-            for at in range(0, len(directory.names), batch):
-                batches.append((number, first + at, min(batch, len(directory.names) - at)))
+            for start in range(0, len(directory.names), batch):
+                count = min(batch, len(directory.names) - start)
+                batches.append(_Batch(number, first + start, count, start))
             first += len(directory.names)
-        #: (directory, first message of the count, how many) of each batch.
-        self.batches = batches
-        self._pool = pool
-        self._executor: ProcessPoolExecutor | None = None
-        self._claims: Lock | None = None
-        self._plan: _Plan | None = None
-        self._descriptor: int | None = None
-        self._futures: list[Future[int]] = []
+        self._batches = tuple(batches)
+        self._messages = first
+        self._on_broken = on_broken
+        self._helpers: _Helpers | None = None
+        self._jobs: list[Future[int]] = []
+        #: The shared file, while it is there.
+        self._shared: tuple[_Plan, int] | None = None
+        self._lock_lost = False
         self._finished = False
 
-    def share(self, executor: ProcessPoolExecutor, claims: Lock, helpers: int) -> None:
+    def share_with(self, helpers: _Helpers, processes: int) -> None:
         """Write the shared file and hand the count to the helpers (`CountingProcesses.begin`)."""
-        starts = [0]
-        for directory in self.directories:
-            starts.append(starts[-1] + len(directory.names))
-        encoded = []
-        for which, first, count in self.batches:
-            at = first - starts[which]
-            names = self.directories[which].names[at : at + count]
-            encoded.append(os.fsencode("\0".join(names)))
-        names_at = (len(self.batches) + starts[-1]) * _SLOT
+        encoded = [os.fsencode("\0".join(self._names(batch))) for batch in self._batches]
+        names_at = (len(self._batches) + self._messages) * _SLOT
         batches = []
-        for (which, first, count), names_of_batch in zip(self.batches, encoded, strict=True):
-            batches.append(_Batch(which, first, count, names_at, len(names_of_batch)))
-            names_at += len(names_of_batch)
+        for batch, names in zip(self._batches, encoded, strict=True):
+            batches.append(replace(batch, names_at=names_at, names_size=len(names)))
+            names_at += len(names)
         directories = []
         for directory in self.directories:
             info = os.fstat(directory.directory_fd)
             identity = (info.st_dev, info.st_ino)
-            directories.append((directory.path, identity, directory.short_read_is_end))
-        self._claims = claims
-        self._executor = executor
-        place = SHARED_MEMORY if os.path.isdir(SHARED_MEMORY) else None
-        descriptor, file = tempfile.mkstemp(prefix="pop3d-count-", dir=place)
-        self._descriptor = descriptor
-        plan = self._plan = _Plan(file, tuple(directories), tuple(batches), starts[-1])
-        # Made of zeros: every batch FREE.
-        os.ftruncate(descriptor, plan.file_size)
-        names = memoryview(b"".join(encoded))
-        written = 0
-        while written < len(names):  # a signal can cut a write short
-            written += os.pwrite(descriptor, names[written:], batches[0].names_at + written)
-        for _ in range(min(helpers, len(batches))):
-            self._futures.append(executor.submit(_count_shared, plan))
+            directories.append(
+                _SharedDirectory(directory.path, identity, directory.short_read_is_end)
+            )
+        self._helpers = helpers
+        place = None
+        descriptor = None
+        try:
+            # A directory of its own: no one else can put a file at the
+            # name a helper opens.
+            place = tempfile.mkdtemp(prefix="pop3d-count-", dir=helpers.shared_directory)
+            file = os.path.join(place, "count")
+            descriptor = os.open(file, CREATE_FLAGS | os.O_RDWR, 0o600)
+            info = os.fstat(descriptor)
+            plan = _Plan(
+                file,
+                (info.st_dev, info.st_ino),
+                tuple(directories),
+                tuple(batches),
+                self._messages,
+            )
+            # Room taken now (an error if there is none), not at a write
+            # through the map (SIGBUS); zeros: every batch FREE.
+            os.posix_fallocate(descriptor, 0, plan.file_size)
+            _write_all(descriptor, b"".join(encoded), plan.names_at)
+        except OSError as error:
+            # /dev/shm full (64 MB in a container by default), say.
+            log.warn(
+                "a count of {messages} message sizes is not shared ({error})",
+                messages=self._messages,
+                error=error,
+            )
+            if descriptor is not None:
+                os.close(descriptor)
+            if place is not None:
+                shutil.rmtree(place, ignore_errors=True)
+            return
+        self._shared = (plan, descriptor)
+        try:
+            for _ in range(min(processes, len(batches))):
+                self._jobs.append(helpers.executor.submit(_count_shared, plan))
+        except BrokenProcessPool:
+            self._broken("ended unexpectedly")
+        except RuntimeError:
+            pass  # stopped meanwhile: counted in the thread
+        except Exception:
+            # A helper that could not be started again (one that ended is
+            # replaced at a submit).
+            log.failure("starting a counting helper process failed")
+            self._broken("could not be started again")
 
     def __enter__(self) -> SharedCount:
         return self
@@ -633,17 +672,17 @@ class SharedCount:
         """
         if self._finished:
             raise RuntimeError("this count is finished")
-        results: list[Counted | None] = [None] * len(self.batches)
+        results: list[Counted | None] = [None] * len(self._batches)
         in_helpers = [0] * len(self.directories)
         try:
-            if self._descriptor is not None:
+            if self._shared is not None:
                 self._finish_shared(results, in_helpers)
             for number, result in enumerate(results):
                 if result is None:
-                    results[number] = self._count(number)
+                    results[number] = self._count(self._batches[number])
         finally:
             self.close()
-        if self._executor is not None:
+        if self._helpers is not None:
             for directory, count in zip(self.directories, in_helpers, strict=True):
                 log.info(
                     "counted {count} message sizes in {path}, {in_helpers} in helper processes",
@@ -652,100 +691,115 @@ class SharedCount:
                     in_helpers=count,
                 )
         counted: list[Counted] = [([], {}) for _ in self.directories]
-        for (which, _, _), result in zip(self.batches, results, strict=True):
+        for batch, result in zip(self._batches, results, strict=True):
             assert result is not None
             batch_sizes, failures = result
-            sizes, all_failures = counted[which]
-            all_failures.update((len(sizes) + at, error) for at, error in failures.items())
+            sizes, all_failures = counted[batch.directory]
+            all_failures.update((batch.start + at, error) for at, error in failures.items())
             sizes += batch_sizes
         return counted
 
     def close(self) -> None:
-        """Done with (`finish` does this too): see `unshare`."""
+        """
+        Done with (`finish` does this too): batches no helper has started
+        are taken from them, the shared file is removed.
+        """
         self._finished = True
-        self.unshare()
-
-    def unshare(self) -> None:
-        """
-        The helpers' part stopped (one that has the shared file open finds
-        every batch taken) and the file removed; `finish` counts the rest.
-        """
-        descriptor, self._descriptor = self._descriptor, None
-        if descriptor is None:
+        shared, self._shared = self._shared, None
+        if shared is None:
             return
-        assert self._plan is not None and self._claims is not None
+        plan, descriptor = shared
         try:
-            os.unlink(self._plan.file)
-            with _mapped(descriptor, self._plan) as (states, _, _):
-                if self._claims.acquire(timeout=LOCK_PATIENCE_SECONDS):
-                    try:
-                        for number, state in enumerate(states.tolist()):
-                            if state == FREE:
-                                states[number] = THREAD_COUNTING
-                    finally:
-                        self._claims.release()
+            shutil.rmtree(os.path.dirname(plan.file), ignore_errors=True)
+            if not self._lock_lost:
+                with _mapped(descriptor, plan) as (states, _, _):
+                    if self._acquire():
+                        try:
+                            for number, state in enumerate(states.tolist()):
+                                if state == FREE:
+                                    states[number] = THREAD_COUNTING
+                        finally:
+                            self._release()
         finally:
             os.close(descriptor)
-            assert self._pool is not None and self._executor is not None
-            self._pool._checked(self._executor, self._futures)
+            self._check_jobs()
 
     def _finish_shared(self, results: list[Counted | None], in_helpers: list[int]) -> None:
-        assert self._descriptor is not None and self._plan is not None
-        with _mapped(self._descriptor, self._plan) as (states, sizes, _):
+        assert self._shared is not None
+        plan, descriptor = self._shared
+        with _mapped(descriptor, plan) as (states, sizes, _):
             # The helpers take batches in order; this thread from the end.
-            for number in reversed(range(len(self.batches))):
-                taken = self._take(states, number)
-                if taken is None:
-                    return  # the lock is lost: the rest is counted here
+            for number in reversed(range(len(self._batches))):
+                if not self._acquire():
+                    return  # the rest is counted here
+                try:
+                    taken = states[number] == FREE
+                    if taken:
+                        states[number] = THREAD_COUNTING
+                finally:
+                    self._release()
                 if not taken:
                     break
-                results[number] = self._count(number)
-            final = self._states(states)
-            if final is None:
+                results[number] = self._count(self._batches[number])
+            if not self._acquire():
                 return
-            for number, state in enumerate(final):
+            try:
+                # Read under the lock: the sizes of those counted are written.
+                states_now: list[int] = states.tolist()
+            finally:
+                self._release()
+            for number, state in enumerate(states_now):
                 if results[number] is None and state == HELPER_COUNTED:
-                    directory, first, count = self.batches[number]
-                    results[number] = (sizes[first : first + count].tolist(), {})
-                    in_helpers[directory] += count
+                    batch = self._batches[number]
+                    results[number] = (sizes[batch.first : batch.first + batch.count].tolist(), {})
+                    in_helpers[batch.directory] += batch.count
 
-    def _take(self, states: memoryview, number: int) -> bool | None:
-        """Take batch ``number`` if no helper has; None if the lock cannot be had."""
-        assert self._claims is not None
-        if not self._claims.acquire(timeout=LOCK_PATIENCE_SECONDS):
-            self._lock_lost()
-            return None
-        try:
-            if states[number] != FREE:
-                return False
-            states[number] = THREAD_COUNTING
+    def _acquire(self) -> bool:
+        """The helpers' lock, unless its holder has held it for good."""
+        assert self._helpers is not None
+        if self._helpers.lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
             return True
-        finally:
-            self._claims.release()
+        self._lock_lost = True
+        self._broken("stopped answering")
+        return False
 
-    def _states(self, states: memoryview) -> list[int] | None:
-        """Every batch's state (read under the lock: the sizes of those counted are written)."""
-        assert self._claims is not None
-        if not self._claims.acquire(timeout=LOCK_PATIENCE_SECONDS):
-            self._lock_lost()
-            return None
-        try:
-            states_now: list[int] = states.tolist()
-            return states_now
-        finally:
-            self._claims.release()
+    def _release(self) -> None:
+        assert self._helpers is not None
+        self._helpers.lock.release()
 
-    def _lock_lost(self) -> None:
-        assert self._pool is not None and self._executor is not None
-        self._pool._broken(self._executor, "stopped answering")
+    def _broken(self, how: str) -> None:
+        if self._on_broken is not None and self._helpers is not None:
+            self._on_broken(self._helpers, how)
 
-    def _count(self, number: int) -> Counted:
-        """Batch ``number``, counted in this thread."""
-        directory, first, count = self.batches[number]
-        at = first - sum(len(d.names) for d in self.directories[:directory])
-        to_count = self.directories[directory]
+    def _check_jobs(self) -> None:
+        """What became of the helpers' jobs that have ended (never waited for)."""
+        for job in self._jobs:
+            if not job.done() or job.cancelled():
+                continue
+            error = job.exception()
+            if isinstance(error, BrokenProcessPool):
+                self._broken("ended unexpectedly")
+            elif error is not None:
+                log.failure(
+                    "counting sizes in a helper process failed",
+                    Failure(error, type(error), error.__traceback__),
+                )
+
+    def _names(self, batch: _Batch) -> Sequence[str]:
+        return self.directories[batch.directory].names[batch.start : batch.start + batch.count]
+
+    def _count(self, batch: _Batch) -> Counted:
+        """A batch, counted in this thread."""
+        directory = self.directories[batch.directory]
         return wire_sizes(
-            to_count.directory_fd,
-            to_count.names[at : at + count],
-            short_read_is_end=to_count.short_read_is_end,
+            directory.directory_fd,
+            self._names(batch),
+            short_read_is_end=directory.short_read_is_end,
         )
+
+
+def _write_all(descriptor: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(view):  # a signal can cut a write short
+        written += os.pwrite(descriptor, view[written:], offset + written)
