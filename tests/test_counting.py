@@ -318,6 +318,9 @@ async def test_a_count_of_two_directories_gives_each_its_sizes_and_errors(
             ]
         ) as count:
             [own] = _shared_files(shared_memory)
+            # Named with the server's pid: a server started later removes it
+            # if this one is killed before it can.
+            assert own.name.startswith(f"pop3d-count-{os.getpid()}-")
             assert own.stat().st_mode & 0o777 == 0o700
             assert (own / "count").stat().st_mode & 0o777 == 0o600
             assert (own / "count").stat().st_uid == os.getuid()
@@ -414,6 +417,36 @@ async def test_no_room_for_the_shared_file_counts_in_the_thread(
     # Nothing else is wrong: the next count, with room, is shared.
     assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
     assert _shared(logged)[-1][2] > 0
+
+
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_what_a_killed_server_left_in_shared_memory_is_removed_at_start(
+    shared_memory: Path, logged: Logged
+) -> None:
+    """
+    A server killed in the middle of a count (SIGKILL, out of memory) leaves
+    its shared file in /dev/shm, which is memory until the machine restarts:
+    the next server removes it, and nothing of a server still running.
+    """
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = shared_memory / f"pop3d-count-{ended.pid}-abcd1234"
+    running = shared_memory / f"pop3d-count-{os.getpid()}-efgh5678"
+    unrelated = shared_memory / "pop3d-count-notapid-x"
+    for directory in (left, running, unrelated):
+        directory.mkdir()
+        (directory / "count").write_bytes(b"\0" * 64)
+    counting = CountingProcesses(1, reactor, shared_memory=str(shared_memory))  # type: ignore[arg-type]
+    counting.startService()
+    try:
+        await counting.when_started()
+    finally:
+        await counting.stopService()
+    assert sorted(shared_memory.iterdir()) == [running, unrelated]
+    assert logged.texts("removed ") == [
+        f"removed {left}, left by a server that ended while counting"
+    ]
 
 
 class _HeldLockContext(SpawnContext):

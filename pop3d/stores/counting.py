@@ -34,6 +34,7 @@ import multiprocessing.spawn
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from array import array
@@ -443,7 +444,9 @@ class CountingProcesses(Service):
                 executor.shutdown(wait=False, cancel_futures=True)
             return
         writable = os.access(self.shared_memory, os.W_OK | os.X_OK)
-        self._helpers = _Helpers(executor, lock, self.shared_memory if writable else None)
+        shared_directory = self.shared_memory if writable else None
+        _remove_left_behind(shared_directory)
+        self._helpers = _Helpers(executor, lock, shared_directory)
         self.when_started().addCallbacks(self._started, self._not_started)
 
     def _started(self, pids: list[int]) -> None:
@@ -611,7 +614,7 @@ class SharedCount:
         try:
             # A directory of its own: no one else can put a file at the
             # name a helper opens.
-            place = tempfile.mkdtemp(prefix="pop3d-count-", dir=helpers.shared_directory)
+            place = tempfile.mkdtemp(prefix=_prefix(os.getpid()), dir=helpers.shared_directory)
             file = os.path.join(place, "count")
             descriptor = os.open(file, CREATE_FLAGS | os.O_RDWR, 0o600)
             info = os.fstat(descriptor)
@@ -796,6 +799,40 @@ class SharedCount:
             self._names(batch),
             short_read_is_end=directory.short_read_is_end,
         )
+
+
+def _prefix(pid: int) -> str:
+    """How the directories of a server's shared counts are named: with its pid."""
+    return f"pop3d-count-{pid}-"
+
+
+def _remove_left_behind(shared_directory: str | None) -> None:
+    """
+    Remove the directories of shared counts that servers of this user left
+    when they ended in the middle of a count without cleaning up (SIGKILL,
+    out of memory): ``/dev/shm`` is memory, kept until the machine restarts.
+    A directory whose server (by the pid in its name) still runs stays.
+    """
+    place = shared_directory if shared_directory is not None else tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(place))
+    except OSError:
+        return
+    for entry in entries:
+        prefix, _, rest = entry.name.partition("pop3d-count-")
+        pid_text = rest.partition("-")[0]
+        if prefix or not pid_text.isdigit():
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.info("removed {path}, left by a server that ended while counting", path=entry.path)
+        except OSError:
+            continue  # its server runs (as another user: EPERM), or it is gone
 
 
 def _write_all(descriptor: int, data: bytes, offset: int) -> None:
