@@ -410,6 +410,8 @@ class CountingProcesses(Service):
         self._reactor = reactor
         self._context = context if context is not None else multiprocessing.get_context("spawn")
         self._helpers: _Helpers | None = None
+        #: Two logins may find the helpers broken at once: it is said once.
+        self._breaking = threading.Lock()
         self._starting: list[Future[int]] = []
 
     def startService(self) -> None:
@@ -539,17 +541,19 @@ class CountingProcesses(Service):
         A helper died (killed, out of memory), or holds the lock for good:
         counting goes on in the threads.
         """
-        if self._helpers is helpers:
+        with self._breaking:
+            if self._helpers is not helpers:
+                return
             self._helpers = None
-            log.error(
-                "a counting helper process {how}; "
-                "message sizes are counted in this process from now on",
-                how=how,
-            )
-            helpers.executor.shutdown(wait=False, cancel_futures=True)
-            # Reaped here: CPython 3.11's executor thread may itself end
-            # before it does (gh-107219), leaving the dead helper a zombie.
-            multiprocessing.active_children()
+        log.error(
+            "a counting helper process {how}; "
+            "message sizes are counted in this process from now on",
+            how=how,
+        )
+        helpers.executor.shutdown(wait=False, cancel_futures=True)
+        # Reaped here: CPython 3.11's executor thread may itself end before
+        # it does (gh-107219), leaving the dead helper a zombie.
+        multiprocessing.active_children()
 
 
 def begin_count(
