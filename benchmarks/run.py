@@ -57,6 +57,8 @@ from loadgen import (
 from maildrops import Maildrop
 from servers import Server
 
+from pop3d.tap import parse_counting_processes
+
 SERVERS = ("pop3d", "pop3d-auto", "twisted", "dovecot", "floor")
 SERVER_TITLES = {
     "pop3d": "pop3d",
@@ -270,8 +272,8 @@ def make_server(
         helper = (
             kind in POP3D_KINDS
             and not workers
-            # The cores pop3d's 'auto' counts: those it may run on.
-            and len(os.sched_getaffinity(0)) >= 2
+            # pop3d's own rule for 'auto' (it inherits this process's cores).
+            and parse_counting_processes("auto", one_process=True) > 0
             and not any(a.startswith("--counting-processes") for a in cfg.pop3d_args)
         )
         also_ready = servers.COUNTING_READY if helper else None

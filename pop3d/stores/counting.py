@@ -34,7 +34,6 @@ import multiprocessing.spawn
 import os
 import shutil
 import signal
-import stat
 import tempfile
 import threading
 from array import array
@@ -55,7 +54,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3d.stores.common import run_blocking
-from pop3d.stores.posix import CREATE_FLAGS, DIRECTORY_FLAGS, READ_FLAGS, UNSEEN_READ_FLAGS
+from pop3d.stores.posix import (
+    CREATE_FLAGS,
+    DIRECTORY_FLAGS,
+    READ_FLAGS,
+    UNSEEN_READ_FLAGS,
+    LockOwner,
+    read_small_file,
+    this_process,
+)
 from pop3d.wire import WireSizeCounter, wire_size
 
 #: What `wire_sizes` gives a message it left out (gone, or not a message)
@@ -76,6 +83,11 @@ LOCK_PATIENCE_SECONDS = 2.0
 #: (Each in a directory of its own, made as any private temporary directory
 #: is: a new random name, mode 0700.)
 SHARED_MEMORY = "/dev/shm"  # noqa: S108
+
+#: How the directory of each shared count is named (then random letters);
+#: the file in it that names the server that made it.
+SHARED_PREFIX = "pop3d-count-"
+OWNER = "owner"
 
 #: Sizes in the order of the names asked, and the error of each one
 #: `NOT_COUNTED`, by its position.
@@ -242,6 +254,32 @@ def _mapped(descriptor: int, plan: _Plan) -> Iterator[tuple[memoryview, memoryvi
         shared.close()
 
 
+@contextmanager
+def _holding(lock: Lock) -> Iterator[bool]:
+    """The lock that hands out batches, if it can be had (`LOCK_PATIENCE_SECONDS`)."""
+    had = lock.acquire(timeout=LOCK_PATIENCE_SECONDS)
+    try:
+        yield had
+    finally:
+        if had:
+            lock.release()
+
+
+def _take(lock: Lock, states: memoryview, number: int, taker: int) -> int | None:
+    """
+    The state batch ``number`` had when ``taker`` (`HELPER_COUNTING` or
+    `THREAD_COUNTING`) asked for it, which it now has if that was `FREE`;
+    None if the lock could not be had.
+    """
+    with _holding(lock) as had:
+        if not had:
+            return None
+        state: int = states[number]
+        if state == FREE:
+            states[number] = taker
+        return state
+
+
 def _count_shared(plan: _Plan) -> int:
     """
     In a helper: count batches of a shared count from the front until the
@@ -264,16 +302,9 @@ def _count_shared(plan: _Plan) -> int:
             return 0  # not the thread's file
         with _mapped(descriptor, plan) as (states, sizes, shared):
             for number, batch in enumerate(plan.batches):
-                if not lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
-                    break
-                try:
-                    state = states[number]
-                    if state == FREE:
-                        states[number] = HELPER_COUNTING
-                finally:
-                    lock.release()
-                if state == THREAD_COUNTING:
-                    break  # and every batch after it
+                state = _take(lock, states, number, HELPER_COUNTING)
+                if state is None or state == THREAD_COUNTING:
+                    break  # the thread has this batch and every one after it
                 if state != FREE:
                     continue  # another helper's
                 if batch.directory not in opened:
@@ -291,14 +322,12 @@ def _count_shared(plan: _Plan) -> int:
                         sizes[batch.first : batch.first + batch.count] = array("q", batch_sizes)
                         outcome = HELPER_COUNTED
                         counted += batch.count
-                if not lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
-                    break
-                try:
+                with _holding(lock) as had:
+                    if not had:
+                        break
                     # Under the lock: the sizes are written before the
                     # thread, which reads states under it, sees this one.
                     states[number] = outcome
-                finally:
-                    lock.release()
     finally:
         os.close(descriptor)
         for directory_fd in opened.values():
@@ -617,8 +646,14 @@ class SharedCount:
         descriptor = None
         try:
             # A directory of its own: no one else can put a file at the
-            # name a helper opens.
-            place = tempfile.mkdtemp(prefix=_prefix(os.getpid()), dir=helpers.shared_directory)
+            # name a helper opens.  Its owner (as a lock file names one)
+            # lets a later server remove it if this one is killed meanwhile.
+            place = tempfile.mkdtemp(prefix=SHARED_PREFIX, dir=helpers.shared_directory)
+            owner = os.open(os.path.join(place, OWNER), CREATE_FLAGS | os.O_WRONLY, 0o600)
+            try:
+                os.write(owner, this_process().line())
+            finally:
+                os.close(owner)
             file = os.path.join(place, "count")
             descriptor = os.open(file, CREATE_FLAGS | os.O_RDWR, 0o600)
             info = os.fstat(descriptor)
@@ -632,7 +667,8 @@ class SharedCount:
             # Room taken now (an error if there is none), not at a write
             # through the map (SIGBUS); zeros: every batch FREE.
             os.posix_fallocate(descriptor, 0, plan.file_size)
-            _write_all(descriptor, b"".join(encoded), plan.names_at)
+            with _mapped(descriptor, plan) as (_, _, shared):
+                shared[plan.names_at :] = b"".join(encoded)
         except OSError as error:
             # /dev/shm full (64 MB in a container by default), say.
             log.warn(
@@ -716,63 +752,49 @@ class SharedCount:
         if shared is None:
             return
         plan, descriptor = shared
+        assert self._helpers is not None
         try:
             shutil.rmtree(os.path.dirname(plan.file), ignore_errors=True)
             if not self._lock_lost:
                 with _mapped(descriptor, plan) as (states, _, _):
-                    if self._acquire():
-                        try:
-                            for number, state in enumerate(states.tolist()):
-                                if state == FREE:
-                                    states[number] = THREAD_COUNTING
-                        finally:
-                            self._release()
+                    with _holding(self._helpers.lock) as had:
+                        for number, state in enumerate(states.tolist() if had else ()):
+                            if state == FREE:
+                                states[number] = THREAD_COUNTING
         finally:
             os.close(descriptor)
             self._check_jobs()
 
     def _finish_shared(self, results: list[Counted | None], in_helpers: list[int]) -> None:
-        assert self._shared is not None
+        assert self._shared is not None and self._helpers is not None
         plan, descriptor = self._shared
+        lock = self._helpers.lock
         with _mapped(descriptor, plan) as (states, sizes, _):
             # The helpers take batches in order; this thread from the end.
             for number in reversed(range(len(self._batches))):
-                if not self._acquire():
+                state = _take(lock, states, number, THREAD_COUNTING)
+                if state is None:
+                    self._lose_lock()
                     return  # the rest is counted here
-                try:
-                    taken = states[number] == FREE
-                    if taken:
-                        states[number] = THREAD_COUNTING
-                finally:
-                    self._release()
-                if not taken:
+                if state != FREE:
                     break
                 results[number] = self._count(self._batches[number])
-            if not self._acquire():
-                return
-            try:
+            with _holding(lock) as had:
                 # Read under the lock: the sizes of those counted are written.
-                states_now: list[int] = states.tolist()
-            finally:
-                self._release()
+                states_now: list[int] = states.tolist() if had else []
+            if not had:
+                self._lose_lock()
+                return
             for number, state in enumerate(states_now):
                 if results[number] is None and state == HELPER_COUNTED:
                     batch = self._batches[number]
                     results[number] = (sizes[batch.first : batch.first + batch.count].tolist(), {})
                     in_helpers[batch.directory] += batch.count
 
-    def _acquire(self) -> bool:
-        """The helpers' lock, unless its holder has held it for good."""
-        assert self._helpers is not None
-        if self._helpers.lock.acquire(timeout=LOCK_PATIENCE_SECONDS):
-            return True
+    def _lose_lock(self) -> None:
+        """Its holder holds it for good (killed holding it): no more sharing."""
         self._lock_lost = True
         self._broken("stopped answering")
-        return False
-
-    def _release(self) -> None:
-        assert self._helpers is not None
-        self._helpers.lock.release()
 
     def _broken(self, how: str) -> None:
         if self._on_broken is not None and self._helpers is not None:
@@ -805,42 +827,30 @@ class SharedCount:
         )
 
 
-def _prefix(pid: int) -> str:
-    """How the directories of a server's shared counts are named: with its pid."""
-    return f"pop3d-count-{pid}-"
-
-
 def _remove_left_behind(shared_directory: str | None) -> None:
     """
     Remove the directories of shared counts that servers of this user left
     when they ended in the middle of a count without cleaning up (SIGKILL,
     out of memory): ``/dev/shm`` is memory, kept until the machine restarts.
-    A directory whose server (by the pid in its name) still runs stays.
+    Only one whose owner is known to be gone (`LockOwner.is_gone`: on this
+    host, in this boot and process-id namespace) is removed.
     """
     place = shared_directory if shared_directory is not None else tempfile.gettempdir()
     try:
-        entries = list(os.scandir(place))
+        entries = [entry for entry in os.scandir(place) if entry.name.startswith(SHARED_PREFIX)]
     except OSError:
         return
     for entry in entries:
-        prefix, _, rest = entry.name.partition("pop3d-count-")
-        pid_text = rest.partition("-")[0]
-        if prefix or not pid_text.isdigit():
+        try:
+            directory_fd = os.open(entry.path, DIRECTORY_FLAGS)
+        except OSError:
             continue
         try:
-            info = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                continue
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+            mine = os.fstat(directory_fd).st_uid == os.geteuid()
+            content = read_small_file(OWNER, directory_fd) if mine else None
+        finally:
+            os.close(directory_fd)
+        owner = LockOwner.parse(content) if content is not None else None
+        if owner is not None and owner.is_gone():
             shutil.rmtree(entry.path, ignore_errors=True)
             log.info("removed {path}, left by a server that ended while counting", path=entry.path)
-        except OSError:
-            continue  # its server runs (as another user: EPERM), or it is gone
-
-
-def _write_all(descriptor: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    written = 0
-    while written < len(view):  # a signal can cut a write short
-        written += os.pwrite(descriptor, view[written:], offset + written)
