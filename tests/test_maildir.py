@@ -85,42 +85,96 @@ async def test_maildir_plus_plus_wire_size_is_trusted(store: MaildirStore, maild
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("when", ["after new/ is read", "after cur/ is read"])
 async def test_a_first_login_follows_messages_moved_or_removed_while_it_counts(
-    tmp_path: Path, maildir: Path
+    tmp_path: Path, maildir: Path, when: str
 ) -> None:
     """
     RFC 1939 sections 5 and 7: another program marks a message seen (new/
-    to cur/) and removes one between the server's reading of the
-    directories and its counting: the listing has the moved message, with
-    its size and UIDL, where it is now, and not the removed one.
+    to cur/) and removes one while the server reads the directories and
+    counts (new/'s count begins before cur/ is read): the listing has the
+    moved message once, with its size and UIDL, where it is now, and not
+    the removed one.
     """
     messages = {
-        f"{1_000_000_000 + n}.M{n}P1.host": b"Subject: %d\n\nbody\n" % n for n in range(300)
+        f"{1_000_000_000 + n}.M{n}P1.host": b"Subject: %d\n\nbody\n" % n for n in range(600)
     }
-    for unique, data in messages.items():
-        (maildir / "new" / unique).write_bytes(data)
+    for n, (unique, data) in enumerate(messages.items()):
+        path = maildir / "new" / unique if n < 300 else maildir / "cur" / f"{unique}:2,S"
+        path.write_bytes(data)
     moved, removed = "1000000007.M7P1.host", "1000000009.M9P1.host"
     asked: list[int] = []
 
     def meanwhile(directory_fd: int) -> bool:
-        # Asked once per directory of 256 messages or more, between the
-        # reading of the directories and the counting: another program's turn.
-        if not asked:
+        # Asked once per directory of 256 messages or more, once it is read
+        # and before it is counted: another program's turn.
+        asked.append(directory_fd)
+        if len(asked) == (1 if when == "after new/ is read" else 2):
             os.rename(maildir / "new" / moved, maildir / "cur" / f"{moved}:2,S")
             os.unlink(maildir / "new" / removed)
-        asked.append(directory_fd)
         return False
 
     store = MaildirStore(f"{tmp_path}/{{user}}", short_read_is_end=meanwhile)
     maildrop = await store.open("alice")
     try:
-        assert asked
+        assert len(asked) == 2
         expected = [unique for unique in messages if unique != removed]
         assert list(maildrop.messages.uids) == expected
         assert list(maildrop.messages.sizes) == [wire_size(messages[u]) for u in expected]
         body = await maybeDeferred(maildrop.open_message, expected.index(moved))
         assert body.read(100) == messages[moved]
         body.close()
+    finally:
+        await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_in_both_new_and_cur_is_the_one_in_cur(
+    store: MaildirStore, maildir: Path
+) -> None:
+    """
+    Caught in the middle of another program's move (a copy, then the
+    unlink), a message is in new/ and cur/ under one unique name: it is one
+    message (RFC 1939 section 7: one UIDL, one message), cur/'s: its size,
+    its octets.  Its size in new/ is another, and read first (new/'s count
+    begins before cur/ is read).
+    """
+    unique = "1000000001.M1P1.host"
+    (maildir / "new" / unique).write_bytes(b"Subject: old copy\n\nbody\n")
+    in_cur = b"Subject: the copy in cur\n\nlonger body\n"
+    (maildir / "cur" / f"{unique}:2,S").write_bytes(in_cur)
+    (maildir / "cur" / "1000000002.M2P1.host:2,").write_bytes(b"x\n")
+    maildrop = await store.open("alice")
+    try:
+        assert list(maildrop.messages.uids) == [unique, "1000000002.M2P1.host"]
+        assert list(maildrop.messages.sizes) == [wire_size(in_cur), wire_size(b"x\n")]
+        body = await maybeDeferred(maildrop.open_message, 0)
+        assert body.read(100) == in_cur
+        body.close()
+    finally:
+        await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_known_size_in_cur_wins_over_a_copy_in_new(tmp_path: Path, maildir: Path) -> None:
+    """
+    The same, when cur/'s copy has a size kept from an earlier login (the
+    size cache file) and new/'s copy must be read: the listing has cur/'s
+    size.
+    """
+    unique = "1000000001.M1P1.host"
+    in_cur = b"Subject: the copy in cur\n\nlonger body\n"
+    in_cur_path = maildir / "cur" / f"{unique}:2,S"
+    in_cur_path.write_bytes(in_cur)
+    inode = in_cur_path.stat().st_ino
+    (maildir / maildir_module.SIZE_CACHE).write_text(
+        f"pop3d-sizes 2\n{unique}\t{inode}\t{wire_size(in_cur)}\n"
+    )
+    (maildir / "new" / unique).write_bytes(b"Subject: old copy\n\nbody\n")
+    maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
+    try:
+        assert list(maildrop.messages.uids) == [unique]
+        assert list(maildrop.messages.sizes) == [wire_size(in_cur)]
     finally:
         await maildrop.close()
 

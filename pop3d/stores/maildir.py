@@ -45,9 +45,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import cast, overload
+from typing import TypeVar, cast, overload
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
@@ -69,6 +69,7 @@ from pop3d.stores.counting import (
     Counted,
     CountingProcesses,
     DirectoryToCount,
+    SharedCount,
     begin_count,
     wire_sizes,
 )
@@ -144,6 +145,8 @@ _SETTLING_NS = 100_000_000
 _COARSE_SETTLING_NS = 2_000_000_000
 # Maildir++ (Courier, Dovecot): ",W=" is the size with CRLF line endings.
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
+
+_Key = TypeVar("_Key")
 
 log = Logger()
 
@@ -1334,18 +1337,23 @@ def _files(
             yield subdirectory, name, inode
 
 
-def _scan(root: str, root_fd: int) -> dict[str, tuple[str, str, int]]:
-    """Unique name -> (subdirectory, file name, inode) of every message."""
-    found: dict[str, tuple[str, str, int]] = {}
-    # A message seen in both (another program moving it right now) is the
-    # same message: the cur/ one, seen last, wins.
-    for subdirectory in ("new", "cur"):
-        # A loop rather than one C-level update: with 100,000 messages, a
-        # single call would hold the GIL (and so every session) for 10 ms.
-        for name, inode in _entries(root, root_fd, subdirectory):
-            # `_unique_name`, without a call per message.
-            found[name.partition(":")[0]] = (subdirectory, name, inode)
-    return found
+def _scan_into(
+    found: dict[str, tuple[str, str, int]], root: str, root_fd: int, subdirectory: str
+) -> list[tuple[str, str, int]]:
+    """
+    (unique name, file name, inode) of every message of new/ or cur/, each
+    also put in ``found``: unique name -> (subdirectory, file name, inode).
+    """
+    scanned = [
+        # `_unique_name`, without a call per message.
+        (name.partition(":")[0], name, inode)
+        for name, inode in _entries(root, root_fd, subdirectory)
+    ]
+    # A loop rather than one C-level update: with 100,000 messages, a
+    # single call would hold the GIL (and so every session) for 10 ms.
+    for unique, name, inode in scanned:
+        found[unique] = (subdirectory, name, inode)
+    return scanned
 
 
 def _sorted_in_steps(names: list[str], step: int = STEP) -> list[str]:
@@ -1391,16 +1399,26 @@ def _snapshot(
     returns each message's inode, and whether the sizes to keep (those
     without a ",W=" field: `_Listing.sizes`) differ from the file's.
     """
-    found = _scan(root, root_fd)
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
-    sizes, uncounted = _known_sizes(found, known)
-    with (
-        _subdirectory(root, root_fd, "new") as new_fd,
-        _subdirectory(root, root_fd, "cur") as cur_fd,
-    ):
-        to_count: list[tuple[list[tuple[str, str, int]], DirectoryToCount]] = []
-        for subdirectory, directory_fd in (("new", new_fd), ("cur", cur_fd)):
-            todo = uncounted.get(subdirectory)
+    found: dict[str, tuple[str, str, int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    # A message seen in both (another program moving it right now) is the
+    # same message: the cur/ one, seen last, wins; new/'s count of it is dropped.
+    replaced: set[str] = set()
+    with ExitStack() as held:
+        to_count: list[tuple[str, list[tuple[str, str, int]], DirectoryToCount, SharedCount]] = []
+        scanned_new: list[tuple[str, str, int]] = []
+        for subdirectory in ("new", "cur"):
+            scanned = _scan_into(found, root, root_fd, subdirectory)
+            if subdirectory == "new":
+                scanned_new = scanned
+            elif len(found) < len(scanned_new) + len(scanned):
+                replaced = {unique for unique, _, _ in scanned}
+                replaced.intersection_update(unique for unique, _, _ in scanned_new)
+                for unique in replaced:
+                    sizes.pop(unique, None)  # new/'s, if it was known
+            todo = _not_known(scanned, known, sizes)
+            directory_fd = held.enter_context(_subdirectory(root, root_fd, subdirectory))
             if todo and directory_fd is not None:
                 at_end = (
                     short_read_is_end is not None
@@ -1409,45 +1427,54 @@ def _snapshot(
                 )
                 names = [name for _, name, _ in todo]
                 path = os.path.join(root, subdirectory)
-                to_count.append((todo, DirectoryToCount(path, directory_fd, names, at_end)))
-        with begin_count(counting, [directory for _, directory in to_count]) as count:
-            # While helper processes count (if there are): what needs no size.
-            dovecot = _read_dovecot_uidlist(root, root_fd)
-            ordered = _ordered(found, dovecot, step)
-            uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
-            locations, inodes = _placed(ordered, found)
-            # Sizes given by ",W=" fields (inode -1) are not kept.
-            known_kept = sum(1 for inode, _ in sizes.values() if inode >= 0)
-            all_counted = count.finish()
-        for (todo, directory), counted_here in zip(to_count, all_counted, strict=True):
-            _record_counted(directory.path, todo, counted_here, sizes)
+                directory = DirectoryToCount(path, directory_fd, names, at_end)
+                # Begun now: helpers count new/ while this thread scans cur/.
+                count = held.enter_context(begin_count(counting, [directory]))
+                to_count.append((subdirectory, todo, directory, count))
+        # While helper processes count (if there are): what needs no size.
+        dovecot = _read_dovecot_uidlist(root, root_fd)
+        ordered = _ordered(found, dovecot, step)
+        uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
+        locations, inodes = _placed(ordered, found)
+        # Sizes given by ",W=" fields (inode -1) are not kept.
+        known_kept = sum(1 for inode, _ in sizes.values() if inode >= 0)
+        pending = [todo for _, todo, _, _ in to_count]
+        positions = _size_positions(ordered, pending, sizes, step)
+        # cur/'s first: helpers take each count from its front, this
+        # thread from its end, so while they are still in new/ the two
+        # read different directories (in one, each slows the other).
+        all_counted = [count.finish() for _, _, _, count in reversed(to_count)][::-1]
+        in_order: list[int] = []
+        for (subdirectory, todo, directory, _), [(sizes_counted, failures)] in zip(
+            to_count, all_counted, strict=True
+        ):
+            if failures and replaced and subdirectory == "new":
+                # new/'s copies of messages seen in cur/ too: never looked at.
+                failures = {at: e for at, e in failures.items() if todo[at][0] not in replaced}
+            _raise_first_failure(directory.path, todo, failures)
+            in_order += sizes_counted
+        in_order += [size for _, size in sizes.values()]
+        column = _gathered(in_order.__getitem__, positions, step)
         counted = bool(to_count)
-        missing = [unique for unique in ordered if unique not in sizes]
-        for unique in missing:
-            # Moved or removed by another program since the scan.
-            subdirectory, name, _ = found[unique]
-            location: Location | None = (subdirectory, name)
-            size = None
-            while location is not None and size is None:
-                moved = _locate(root, root_fd, unique)
-                location = moved if moved != location else None
-                if location is not None:
-                    size = _count_moved(root, root_fd, unique, location, sizes)
-                    counted = True
-            if location is not None and size is not None:
-                found[unique] = (*location, sizes[unique][0])
-        if missing:
-            ordered = [unique for unique in ordered if unique in sizes]
-            uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
-            locations, inodes = _placed(ordered, found)
-    entries = [sizes[unique] for unique in ordered]
-    messages = MessageList(tuple(uidls), tuple([size for _, size in entries]))
+        if NOT_COUNTED in column:
+            # Moved or removed by another program since the scan: each such
+            # message looked for.
+            sizes = {
+                unique: (inode, size)
+                for unique, inode, size in zip(ordered, inodes, column, strict=True)
+                if size != NOT_COUNTED
+            }
+            ordered, uidls, locations, inodes, column, moved_counted = _found_again(
+                root, root_fd, ordered, found, sizes, dovecot, naming, step
+            )
+            counted = counted or moved_counted
+    messages = MessageList(tuple(uidls), tuple(column))
     # Everything kept was found; the file changes if something was counted
     # or something known is gone.
     changed = counted or known_kept != len(known)
     # Freed one at a time: all at once, when the function returns, they
     # would hold the GIL for ~20 ms.
-    for temporary in (entries, ordered):
+    for temporary in (in_order, positions, column, ordered):
         temporary.clear()
     found.clear()
     sizes.clear()
@@ -1500,6 +1527,75 @@ def _placed(
     # would hold the GIL for ~20 ms.
     where.clear()
     return locations, inodes
+
+
+def _size_positions(
+    ordered: list[str],
+    pending: list[list[tuple[str, str, int]]],
+    known: dict[str, tuple[int, int]],
+    step: int = STEP,
+) -> list[int]:
+    """
+    Where the size of each message of ``ordered`` is, once counted, in the
+    sizes of the (unique name, file name, inode) lists ``pending`` one
+    after the other, then the sizes of ``known``: a message in two of them
+    (being moved from new/ to cur/) is the later one.  Worked out while
+    helpers count, so that putting sizes in order after it is one C-level
+    gather (`_gathered`).
+    """
+    index: dict[str, int] = {}
+    at = 0
+    for uniques in [[unique for unique, _, _ in messages] for messages in pending] + [list(known)]:
+        # A slice at a time: the GIL is held a millisecond or so per call.
+        for start in range(0, len(uniques), step):
+            index.update(zip(uniques[start : start + step], itertools.count(at + start)))
+        at += len(uniques)
+    return _gathered(index.__getitem__, ordered, step)
+
+
+def _gathered(get: Callable[[_Key], int], keys: Sequence[_Key], step: int = STEP) -> list[int]:
+    """``[get(key) for key in keys]``, in C, a slice at a time."""
+    gathered: list[int] = []
+    for start in range(0, len(keys), step):
+        gathered.extend(map(get, keys[start : start + step]))
+    return gathered
+
+
+def _found_again(
+    root: str,
+    root_fd: int,
+    ordered: list[str],
+    found: dict[str, tuple[str, str, int]],
+    sizes: dict[str, tuple[int, int]],
+    dovecot: DovecotUidlist | None,
+    naming: _UIDLNaming,
+    step: int,
+) -> tuple[list[str], list[str], _Locations, list[int], list[int], bool]:
+    """
+    When messages went missing between the scan and the count (``sizes``
+    lacks them): each looked for where another program moved it, counted
+    there, or left out.  The order, UIDLs, locations, inodes and sizes
+    again, and whether anything was counted.
+    """
+    counted = False
+    missing = [unique for unique in ordered if unique not in sizes]
+    for unique in missing:
+        subdirectory, name, _ = found[unique]
+        location: Location | None = (subdirectory, name)
+        size = None
+        while location is not None and size is None:
+            moved = _locate(root, root_fd, unique)
+            location = moved if moved != location else None
+            if location is not None:
+                size = _count_moved(root, root_fd, unique, location, sizes)
+                counted = True
+        if location is not None and size is not None:
+            found[unique] = (*location, sizes[unique][0])
+    ordered = [unique for unique in ordered if unique in sizes]
+    uidls = _uidls(root, root_fd, ordered, found, dovecot, naming, step)
+    locations, inodes = _placed(ordered, found)
+    column = [sizes[unique][1] for unique in ordered]
+    return ordered, uidls, locations, inodes, column, counted
 
 
 def _compatible_uidls(
@@ -1600,12 +1696,33 @@ def _known_sizes(
     found: dict[str, tuple[str, str, int]], known: dict[str, tuple[int, int]]
 ) -> tuple[dict[str, tuple[int, int]], dict[str, list[tuple[str, str, int]]]]:
     """
-    Sizes known without reading, by unique name: (inode, size), inode -1
-    for a ",W=" field; and what is left to read, by subdirectory.
+    Sizes known without reading (`_not_known`), by unique name; and what is
+    left to read, by subdirectory.
     """
-    sizes: dict[str, tuple[int, int]] = {}
-    uncounted: dict[str, list[tuple[str, str, int]]] = {"new": [], "cur": []}
+    by_subdirectory: dict[str, list[tuple[str, str, int]]] = {"new": [], "cur": []}
     for unique, (subdirectory, name, inode) in found.items():
+        by_subdirectory[subdirectory].append((unique, name, inode))
+    sizes: dict[str, tuple[int, int]] = {}
+    uncounted = {
+        subdirectory: _not_known(messages, known, sizes)
+        for subdirectory, messages in by_subdirectory.items()
+    }
+    return sizes, uncounted
+
+
+def _not_known(
+    messages: list[tuple[str, str, int]],
+    known: dict[str, tuple[int, int]],
+    sizes: dict[str, tuple[int, int]],
+) -> list[tuple[str, str, int]]:
+    """
+    Of (unique name, file name, inode) ``messages``, those whose size must
+    be read.  The others' go into ``sizes`` as (inode, size): from
+    ``known`` where the inode matches, else from a ",W=" field (inode -1).
+    """
+    todo: list[tuple[str, str, int]] = []
+    for message in messages:
+        unique, _, inode = message
         entry = known.get(unique)
         if entry is not None and entry[0] == inode:
             sizes[unique] = entry
@@ -1615,8 +1732,8 @@ def _known_sizes(
             if field is not None:
                 sizes[unique] = (-1, int(field.group(1)))
                 continue
-        uncounted[subdirectory].append((unique, name, inode))
-    return sizes, uncounted
+        todo.append(message)
+    return todo
 
 
 def _count_sizes(
@@ -1647,16 +1764,25 @@ def _record_counted(
     scan's: if the file was replaced since, the next scan shows another
     inode and counts it again.
     """
-    sizes_counted, failures = counted
+    _raise_first_failure(path, messages, counted[1])
+    sizes.update(
+        (unique, (inode, size))
+        for (unique, _, inode), size in zip(messages, counted[0], strict=True)
+        if size != NOT_COUNTED
+    )
+
+
+def _raise_first_failure(
+    path: str, messages: list[tuple[str, str, int]], failures: Mapping[int, OSError]
+) -> None:
+    """
+    A message of ``messages`` (of the directory ``path``) that could not be
+    read (``failures``, by position) makes the maildrop unavailable.
+    """
     if failures:
         position = min(failures)
         name, error = messages[position][1], failures[position]
         raise unavailable("cannot read message", os.path.join(path, name), error) from error
-    sizes.update(
-        (unique, (inode, size))
-        for (unique, _, inode), size in zip(messages, sizes_counted, strict=True)
-        if size != NOT_COUNTED
-    )
 
 
 def _count_moved(
