@@ -362,13 +362,16 @@ async def test_a_count_left_unfinished_leaves_nothing_behind(
 
 
 @pytest.mark.process
+@pytest.mark.parametrize("in_new", [1500, 300])
 @pytest_twisted.ensureDeferred
 async def test_a_first_login_shares_the_count_of_new_and_cur(
-    tmp_path: Path, helpers: CountingProcesses, logged: Logged
+    tmp_path: Path, helpers: CountingProcesses, logged: Logged, in_new: int
 ) -> None:
     """
     RFC 1939 sections 5 and 11: every size exact, in unique-name order,
-    whichever directory a message is in and whoever counted it.
+    whichever directory a message is in and whoever counted it.  new/'s
+    count is handed over before cur/ is read if it is shared on its own (two
+    batches of 256 or more), else with cur/'s: both are shared either way.
     """
     maildir = tmp_path / "mail" / "alice"
     for sub in ("new", "cur", "tmp"):
@@ -377,7 +380,7 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     for number in range(3000):
         data = b"Subject: %d\n\n" % number + b".line\n" * (number % 4)
         unique = f"{1_000_000_000 + number}.M{number}P1.test"
-        name = f"new/{unique}" if number % 2 else f"cur/{unique}:2,S"
+        name = f"new/{unique}" if number % (3000 // in_new) == 0 else f"cur/{unique}:2,S"
         (maildir / name).write_bytes(data)
         expected.append((unique, len(data) + data.count(b"\n")))
     await helpers.when_started()
@@ -389,7 +392,15 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
         await drop.close()
     counts = {path: (count, in_helpers) for count, path, in_helpers in _shared(logged)}
     assert counts.keys() == {str(maildir / "new"), str(maildir / "cur")}
-    assert all(count == 1500 for count, _ in counts.values())
+    assert counts[str(maildir / "new")][0] == in_new
+    assert counts[str(maildir / "cur")][0] == 3000 - in_new
+
+
+def test_a_count_is_shared_from_two_batches() -> None:
+    counting = CountingProcesses(2, reactor, batch=100)  # type: ignore[arg-type]
+    assert [counting.shares(n) for n in (0, 199, 200, 10_000)] == [False, False, True, True]
+    alone = CountingProcesses(0, reactor, batch=100)  # type: ignore[arg-type]
+    assert not alone.shares(10_000)
 
 
 @pytest.mark.process

@@ -561,9 +561,16 @@ class CountingProcesses(Service):
         """
         helpers = self._helpers
         count = SharedCount(directories, self.batch, on_broken=self._broken)
-        if helpers is not None and sum(len(d.names) for d in directories) >= 2 * self.batch:
+        if helpers is not None and self.shares(sum(len(d.names) for d in directories)):
             count.share_with(helpers, self.processes)
         return count
+
+    def shares(self, messages: int) -> bool:
+        """
+        Whether a count of ``messages`` is shared with the helpers (if they
+        run): at least two batches; fewer are counted sooner by the thread.
+        """
+        return self.processes > 0 and messages >= 2 * self.batch
 
     def _broken(self, helpers: _Helpers, how: str) -> None:
         """

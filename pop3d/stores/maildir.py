@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TypeVar, cast, overload
+from typing import TypeAlias, TypeVar, cast, overload
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
@@ -147,6 +147,10 @@ _COARSE_SETTLING_NS = 2_000_000_000
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
 
 _Key = TypeVar("_Key")
+
+#: Messages of new/ or cur/ whose sizes a first login reads: the subdirectory,
+#: (unique name, file name, inode) of each, and the directory to count in.
+_ToCount: TypeAlias = tuple[str, list[tuple[str, str, int]], DirectoryToCount]
 _Value = TypeVar("_Value")
 
 log = Logger()
@@ -1413,7 +1417,8 @@ def _snapshot(
     # same message: the cur/ one, seen last, wins; new/'s count of it is dropped.
     replaced: set[str] = set()
     with ExitStack() as held:
-        to_count: list[tuple[str, list[tuple[str, str, int]], DirectoryToCount, SharedCount]] = []
+        counts: list[tuple[SharedCount, list[_ToCount]]] = []
+        waiting: list[_ToCount] = []
         scanned_new: list[tuple[str, str, int]] = []
         for subdirectory in ("new", "cur"):
             scanned = _scan_into(found, root, root_fd, subdirectory)
@@ -1435,9 +1440,15 @@ def _snapshot(
                 names = [name for _, name, _ in todo]
                 path = os.path.join(root, subdirectory)
                 directory = DirectoryToCount(path, directory_fd, names, at_end)
-                # Begun now: helpers count new/ while this thread scans cur/.
-                count = held.enter_context(begin_count(counting, [directory]))
-                to_count.append((subdirectory, todo, directory, count))
+                waiting.append((subdirectory, todo, directory))
+            # new/'s count begins at once, so that helpers count it while this
+            # thread reads cur/, if they share it on its own; else with cur/'s.
+            if waiting and (
+                subdirectory == "cur" or (counting is not None and counting.shares(len(todo)))
+            ):
+                directories = [directory for _, _, directory in waiting]
+                counts.append((held.enter_context(begin_count(counting, directories)), waiting))
+                waiting = []
         # While helper processes count (if there are): what needs no size.
         dovecot = _read_dovecot_uidlist(root, root_fd)
         ordered = _ordered(found, dovecot, step)
@@ -1445,14 +1456,15 @@ def _snapshot(
         locations, inodes = _placed(ordered, found)
         # Sizes given by ",W=" fields (inode -1) are not kept.
         known_kept = sum(1 for inode, _ in sizes.values() if inode >= 0)
-        pending = [todo for _, todo, _, _ in to_count]
-        positions = _size_positions(ordered, pending, sizes, step)
+        to_count = [entry for _, group in counts for entry in group]
+        positions = _size_positions(ordered, [todo for _, todo, _ in to_count], sizes, step)
         # cur/'s first: helpers take each count from its front, this
         # thread from its end, so while they are still in new/ the two
         # read different directories (in one, each slows the other).
-        all_counted = [count.finish() for _, _, _, count in reversed(to_count)][::-1]
+        finished = [count.finish() for count, _ in reversed(counts)][::-1]
+        all_counted = [counted_here for results in finished for counted_here in results]
         in_order: list[int] = []
-        for (subdirectory, todo, directory, _), [(sizes_counted, failures)] in zip(
+        for (subdirectory, todo, directory), (sizes_counted, failures) in zip(
             to_count, all_counted, strict=True
         ):
             if failures and replaced and subdirectory == "new":
