@@ -365,7 +365,7 @@ async def test_a_count_left_unfinished_leaves_nothing_behind(
 @pytest.mark.parametrize("in_new", [1500, 300])
 @pytest_twisted.ensureDeferred
 async def test_a_first_login_shares_the_count_of_new_and_cur(
-    tmp_path: Path, helpers: CountingProcesses, logged: Logged, in_new: int
+    tmp_path: Path, helpers: CountingProcesses, logged: Logged, in_new: int, shared_memory: Path
 ) -> None:
     """
     RFC 1939 sections 5 and 11: every size exact, in unique-name order,
@@ -384,7 +384,16 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
         (maildir / name).write_bytes(data)
         expected.append((unique, len(data) + data.count(b"\n")))
     await helpers.when_started()
-    store = MaildirStore(f"{tmp_path}/mail/{{user}}", counting=helpers)
+    shared_when_asked: list[int] = []
+
+    def shared_yet(directory_fd: int) -> bool:
+        # Asked of each directory once it is read, before its count begins.
+        shared_when_asked.append(len(list(shared_memory.iterdir())))
+        return True
+
+    store = MaildirStore(
+        f"{tmp_path}/mail/{{user}}", counting=helpers, short_read_is_end=shared_yet
+    )
     drop = await store.open("alice")
     try:
         assert list(zip(drop.messages.uids, drop.messages.sizes, strict=True)) == expected
@@ -394,6 +403,8 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     assert counts.keys() == {str(maildir / "new"), str(maildir / "cur")}
     assert counts[str(maildir / "new")][0] == in_new
     assert counts[str(maildir / "cur")][0] == 3000 - in_new
+    # new/'s count is under way while cur/ is read only if shared on its own.
+    assert shared_when_asked == ([0, 1] if in_new >= 2 * 256 else [0, 0])
 
 
 def test_a_count_is_shared_from_two_batches() -> None:

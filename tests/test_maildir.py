@@ -180,6 +180,78 @@ async def test_a_known_size_in_cur_wins_over_a_copy_in_new(tmp_path: Path, maild
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_known_size_of_new_copy_is_not_the_message_in_cur(
+    tmp_path: Path, maildir: Path
+) -> None:
+    """
+    The same, when it is new/'s copy whose size was kept from an earlier
+    login and cur/'s that must be read: the listing has cur/'s size.
+    """
+    unique = "1000000001.M1P1.host"
+    in_new = maildir / "new" / unique
+    in_new.write_bytes(b"Subject: old copy\n\nbody\n")
+    (maildir / maildir_module.SIZE_CACHE).write_text(
+        f"pop3d-sizes 2\n{unique}\t{in_new.stat().st_ino}\t{wire_size(in_new.read_bytes())}\n"
+    )
+    in_cur = b"Subject: the copy in cur\n\nlonger body\n"
+    (maildir / "cur" / f"{unique}:2,S").write_bytes(in_cur)
+    maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
+    try:
+        assert list(maildrop.messages.sizes) == [wire_size(in_cur)]
+    finally:
+        await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unique_name_twice_in_cur_is_one_message_with_its_own_size(
+    tmp_path: Path, maildir: Path
+) -> None:
+    """
+    A mail reader renaming a message to change its flags, caught between
+    its link and its unlink: one unique name, two files in cur/.  One
+    message (RFC 1939 section 7), whichever file the listing took, with
+    that file's size, even when the other file's size was kept from an
+    earlier login.
+    """
+    unique = "1000000001.M1P1.host"
+    contents = {
+        f"{unique}:2,": b"Subject: x\n\nshort\n",
+        f"{unique}:2,S": b"Subject: x\n\n" + b"long\n" * 20,
+    }
+    cache = ["pop3d-sizes 2"]
+    for name, data in contents.items():
+        (maildir / "cur" / name).write_bytes(data)
+        cache.append(f"{unique}\t{(maildir / 'cur' / name).stat().st_ino}\t{wire_size(data)}")
+    for cached in cache[1:]:
+        # The size of either file kept from before.
+        (maildir / maildir_module.SIZE_CACHE).write_text(f"{cache[0]}\n{cached}\n")
+        maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
+        try:
+            assert list(maildrop.messages.uids) == [unique]
+            body = await maybeDeferred(maildrop.open_message, 0)
+            data = body.read(1000)
+            body.close()
+            assert list(maildrop.messages.sizes) == [wire_size(data)]
+        finally:
+            await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uidls_are_checked_in_every_slice(tmp_path: Path, maildir: Path) -> None:
+    """RFC 1939 section 7: a UIDL is 1 to 70 characters, wherever the long name sorts."""
+    names = [f"17000000{n:02d}.M{n}P1.host" for n in range(7)]
+    names.append("1700000099.M1P1." + "very-long-host-name." * 5 + "example")
+    for name in names:
+        (maildir / "new" / name).write_bytes(b"x\n")
+    maildrop = await MaildirStore(f"{tmp_path}/{{user}}", step=2).open("alice")
+    try:
+        uids = list(maildrop.messages.uids)
+        assert len(uids) == 8 and all(0 < len(uid) <= 70 for uid in uids)
+    finally:
+        await maildrop.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_uidl_survives_a_move_from_new_to_cur(store: MaildirStore, maildir: Path) -> None:
     """RFC 1939 section 7: the same UIDL in every session, whatever other programs do."""
     unique = deliver_to_maildir(str(maildir), b"Subject: x\n\nbody\n")

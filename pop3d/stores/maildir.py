@@ -1420,18 +1420,27 @@ def _snapshot(
         counts: list[tuple[SharedCount, list[_ToCount]]] = []
         waiting: list[_ToCount] = []
         scanned_new: list[tuple[str, str, int]] = []
+        uncountable: list[tuple[str, str, int]] = []
         for subdirectory in ("new", "cur"):
+            before = len(found)
             scanned = _scan_into(found, root, root_fd, subdirectory)
+            if len(found) < before + len(scanned):
+                # A unique name seen twice (another program renaming or
+                # moving a message right now): the file seen last is it.
+                scanned = [entry for entry in scanned if found[entry[0]][1] == entry[1]]
+                if subdirectory == "cur":
+                    replaced = {unique for unique, _, _ in scanned}
+                    replaced.intersection_update(unique for unique, _, _ in scanned_new)
+                    for unique in replaced:
+                        sizes.pop(unique, None)  # new/'s, if it was known
             if subdirectory == "new":
                 scanned_new = scanned
-            elif len(found) < len(scanned_new) + len(scanned):
-                replaced = {unique for unique, _, _ in scanned}
-                replaced.intersection_update(unique for unique, _, _ in scanned_new)
-                for unique in replaced:
-                    sizes.pop(unique, None)  # new/'s, if it was known
             todo = _not_known(scanned, known, sizes)
             directory_fd = held.enter_context(_subdirectory(root, root_fd, subdirectory))
-            if todo and directory_fd is not None:
+            if todo and directory_fd is None:
+                # Gone since it was read: each message is looked for after the count.
+                uncountable += todo
+            elif todo and directory_fd is not None:
                 at_end = (
                     short_read_is_end is not None
                     and len(todo) >= ASK_FILE_SYSTEM_FROM
@@ -1457,7 +1466,8 @@ def _snapshot(
         # Sizes given by ",W=" fields (inode -1) are not kept.
         known_kept = sum(1 for inode, _ in sizes.values() if inode >= 0)
         to_count = [entry for _, group in counts for entry in group]
-        positions = _size_positions(ordered, [todo for _, todo, _ in to_count], sizes, step)
+        pending = [todo for _, todo, _ in to_count] + [uncountable]
+        positions = _size_positions(ordered, pending, sizes, step)
         # cur/'s first: helpers take each count from its front, this
         # thread from its end, so while they are still in new/ the two
         # read different directories (in one, each slows the other).
@@ -1472,6 +1482,7 @@ def _snapshot(
                 failures = {at: e for at, e in failures.items() if todo[at][0] not in replaced}
             _raise_first_failure(directory.path, todo, failures)
             in_order += sizes_counted
+        in_order += [NOT_COUNTED] * len(uncountable)
         in_order += [size for _, size in sizes.values()]
         column = _gathered(in_order.__getitem__, positions, step)
         counted = bool(to_count)
