@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar, cast, overload
+from typing import Any, TypeAlias, TypeVar, cast, overload
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
@@ -288,16 +288,18 @@ class _Listing:
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """Unique name -> (inode, wire size) of messages without ",W="."""
-        return {
-            unique: (inode, size)
-            for unique, inode, size in zip(
-                map(_unique_name, self.locations.names),
-                self.inodes,
-                self.messages.sizes,
-                strict=True,
-            )
-            if ",W=" not in unique or _WIRE_SIZE_FIELD.search(unique) is None
-        }
+        return {unique: (inode, size) for unique, inode, size in self.size_entries()}
+
+    def size_entries(self) -> Iterator[tuple[str, int, int]]:
+        """(unique name, inode, wire size) of each message without ",W=", one at a time."""
+        for unique, inode, size in zip(
+            map(_unique_name, self.locations.names),
+            self.inodes,
+            self.messages.sizes,
+            strict=True,
+        ):
+            if ",W=" not in unique or _WIRE_SIZE_FIELD.search(unique) is None:
+                yield unique, inode, size
 
 
 class _ListingCache:
@@ -586,8 +588,8 @@ def _take_stamps(root_fd: int) -> _Stamps:
 class _SizeUpdate:
     """
     Sizes for `SIZE_CACHE`: all of them, or ones to append to the file;
-    None: every size of the listing kept with it (worked out in the thread
-    pool after the answer: 100,000 take ~40 ms).
+    None: every size of the listing kept with it (read from it in the
+    thread pool after the answer: 100,000 take ~40 ms).
     """
 
     sizes: dict[str, tuple[int, int]] | None
@@ -1421,6 +1423,7 @@ def _snapshot(
         waiting: list[_ToCount] = []
         scanned_new: list[tuple[str, str, int]] = []
         uncountable: list[tuple[str, str, int]] = []
+        names_to_count: list[list[str]] = []
         for subdirectory in ("new", "cur"):
             before = len(found)
             scanned = _scan_into(found, root, root_fd, subdirectory)
@@ -1447,6 +1450,7 @@ def _snapshot(
                     and short_read_is_end(directory_fd)
                 )
                 names = [name for _, name, _ in todo]
+                names_to_count.append(names)
                 path = os.path.join(root, subdirectory)
                 directory = DirectoryToCount(path, directory_fd, names, at_end)
                 waiting.append((subdirectory, todo, directory))
@@ -1504,7 +1508,9 @@ def _snapshot(
     changed = counted or known_kept != len(known)
     # Freed one at a time: all at once, when the function returns, they
     # would hold the GIL for ~20 ms.
-    for temporary in (in_order, positions, column, ordered):
+    temporaries: list[list[Any]] = [in_order, positions, column, ordered, *names_to_count]
+    temporaries += [sizes_counted for sizes_counted, _ in all_counted]
+    for temporary in (*temporaries, *pending, scanned_new, scanned):
         temporary.clear()
     found.clear()
     sizes.clear()
@@ -1880,25 +1886,31 @@ def _load_sizes(root_fd: int) -> dict[str, tuple[int, int]]:
 
 
 def _save_sizes(directory: _Directory, update: _SizeUpdate, listing: _Listing) -> None:
-    sizes = update.sizes if update.sizes is not None else listing.sizes()
+    # The listing's are written as they are read from it: a table of
+    # 100,000 made for this would be freed at once, holding the GIL ~15 ms.
+    entries = (
+        listing.size_entries()
+        if update.sizes is None
+        else ((name, inode, size) for name, (inode, size) in update.sizes.items())
+    )
     try:
         with directory.opened() as root_fd:
             if update.append:
-                _append_sizes(directory.path, root_fd, sizes)
+                _append_sizes(directory.path, root_fd, entries)
             else:
-                _write_sizes(directory.path, root_fd, sizes)
+                _write_sizes(directory.path, root_fd, entries)
     except POP3Error:
         pass  # the Maildir is gone or replaced: nothing to keep
 
 
-def _append_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
+def _append_sizes(root: str, root_fd: int, entries: Iterable[tuple[str, int, int]]) -> None:
     """
     Add a few sizes to `SIZE_CACHE` (a later line wins), rather than
     writing 100,000 lines again.  Each write starts a line of its own: a
     line cut short by a crash ends up with a field that is not a number,
     and is ignored (`_load_sizes`).
     """
-    text = "".join([f"\n{name}\t{inode}\t{size}" for name, (inode, size) in sizes.items()])
+    text = "".join([f"\n{name}\t{inode}\t{size}" for name, inode, size in entries])
     try:
         fd = os.open(SIZE_CACHE, os.O_WRONLY | os.O_APPEND | SAFE_OPEN, dir_fd=root_fd)
     except FileNotFoundError:
@@ -1915,14 +1927,16 @@ def _append_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) ->
         os.close(fd)
 
 
-def _write_sizes(root: str, root_fd: int, sizes: dict[str, tuple[int, int]]) -> None:
+def _write_sizes(root: str, root_fd: int, entries: Iterable[tuple[str, int, int]]) -> None:
+    """`SIZE_CACHE` written anew with (unique name, inode, size) ``entries``."""
+
     def chunks() -> Iterator[bytes]:
         yield f"{_SIZE_CACHE_HEADER}\n".encode()
         # A slice at a time: formatting and encoding 100,000 lines in one go
         # would hold the GIL, and every session, for ~20 ms.
-        entries = iter(sizes.items())
-        while step := list(itertools.islice(entries, STEP)):
-            text = "".join([f"{name}\t{inode}\t{size}\n" for name, (inode, size) in step])
+        remaining = iter(entries)
+        while step := list(itertools.islice(remaining, STEP)):
+            text = "".join([f"{name}\t{inode}\t{size}\n" for name, inode, size in step])
             yield text.encode("utf-8", "surrogateescape")
 
     try:
