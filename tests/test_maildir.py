@@ -84,8 +84,8 @@ async def test_maildir_plus_plus_wire_size_is_trusted(store: MaildirStore, maild
     await maildrop.close()
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("when", ["after new/ is read", "after cur/ is read"])
+@pytest_twisted.ensureDeferred
 async def test_a_first_login_follows_messages_moved_or_removed_while_it_counts(
     tmp_path: Path, maildir: Path, when: str
 ) -> None:
@@ -155,48 +155,29 @@ async def test_a_message_in_both_new_and_cur_is_the_one_in_cur(
         await maildrop.close()
 
 
+@pytest.mark.parametrize("kept", ["cur", "new"])
 @pytest_twisted.ensureDeferred
-async def test_a_known_size_in_cur_wins_over_a_copy_in_new(tmp_path: Path, maildir: Path) -> None:
+async def test_a_size_kept_for_either_copy_gives_the_one_in_cur(
+    tmp_path: Path, maildir: Path, kept: str
+) -> None:
     """
-    The same, when cur/'s copy has a size kept from an earlier login (the
-    size cache file) and new/'s copy must be read: the listing has cur/'s
-    size.
+    The same, when one copy's size was kept from an earlier login (the
+    size cache file) and the other's must be read: the listing has cur/'s
+    size, whichever was kept.
     """
     unique = "1000000001.M1P1.host"
     in_cur = b"Subject: the copy in cur\n\nlonger body\n"
-    in_cur_path = maildir / "cur" / f"{unique}:2,S"
-    in_cur_path.write_bytes(in_cur)
-    inode = in_cur_path.stat().st_ino
+    copies = {"cur": (maildir / "cur" / f"{unique}:2,S", in_cur)}
+    copies["new"] = (maildir / "new" / unique, b"Subject: old copy\n\nbody\n")
+    for path, data in copies.values():
+        path.write_bytes(data)
+    path, data = copies[kept]
     (maildir / maildir_module.SIZE_CACHE).write_text(
-        f"pop3d-sizes 2\n{unique}\t{inode}\t{wire_size(in_cur)}\n"
+        f"pop3d-sizes 2\n{unique}\t{path.stat().st_ino}\t{wire_size(data)}\n"
     )
-    (maildir / "new" / unique).write_bytes(b"Subject: old copy\n\nbody\n")
     maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
     try:
         assert list(maildrop.messages.uids) == [unique]
-        assert list(maildrop.messages.sizes) == [wire_size(in_cur)]
-    finally:
-        await maildrop.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_known_size_of_new_copy_is_not_the_message_in_cur(
-    tmp_path: Path, maildir: Path
-) -> None:
-    """
-    The same, when it is new/'s copy whose size was kept from an earlier
-    login and cur/'s that must be read: the listing has cur/'s size.
-    """
-    unique = "1000000001.M1P1.host"
-    in_new = maildir / "new" / unique
-    in_new.write_bytes(b"Subject: old copy\n\nbody\n")
-    (maildir / maildir_module.SIZE_CACHE).write_text(
-        f"pop3d-sizes 2\n{unique}\t{in_new.stat().st_ino}\t{wire_size(in_new.read_bytes())}\n"
-    )
-    in_cur = b"Subject: the copy in cur\n\nlonger body\n"
-    (maildir / "cur" / f"{unique}:2,S").write_bytes(in_cur)
-    maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
-    try:
         assert list(maildrop.messages.sizes) == [wire_size(in_cur)]
     finally:
         await maildrop.close()
