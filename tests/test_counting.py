@@ -407,6 +407,37 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     assert shared_when_asked == ([0, 1] if in_new >= 2 * 256 else [0, 0])
 
 
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_large_directory_is_counted_a_slice_at_a_time_as_it_is_read(
+    tmp_path: Path, helpers: CountingProcesses, logged: Logged
+) -> None:
+    """
+    A first login reads a directory ``4 * step`` entries at a time and hands
+    each slice's count to the helpers before it reads on (here slices of
+    1,024 messages, each two batches or more): every size exact all the
+    same (RFC 1939 sections 5 and 11).
+    """
+    maildir = tmp_path / "mail" / "alice"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    expected = []
+    for number in range(3000):
+        data = b"Subject: %d\n\n" % number + b"line\n" * (number % 5)
+        unique = f"{1_000_000_000 + number}.M{number}P1.test"
+        (maildir / "cur" / f"{unique}:2,S").write_bytes(data)
+        expected.append((unique, len(data) + data.count(b"\n")))
+    await helpers.when_started()
+    store = MaildirStore(f"{tmp_path}/mail/{{user}}", counting=helpers, step=256)
+    drop = await store.open("alice")
+    try:
+        assert list(zip(drop.messages.uids, drop.messages.sizes, strict=True)) == expected
+    finally:
+        await drop.close()
+    slices = [count for count, path, _ in _shared(logged) if path == str(maildir / "cur")]
+    assert sorted(slices) == [952, 1024, 1024]
+
+
 def test_a_count_is_shared_from_two_batches() -> None:
     counting = CountingProcesses(2, reactor, batch=100)  # type: ignore[arg-type]
     assert [counting.shares(n) for n in (0, 199, 200, 10_000)] == [False, False, True, True]

@@ -123,6 +123,9 @@ ASK_FILE_SYSTEM_FROM = 256
 #: Names one C-level call handles at once in a large listing: about a
 #: millisecond of holding the GIL, which the reactor thread waits for.
 STEP = 8192
+#: A first login reads a directory this many steps of entries at a time,
+#: handing each slice's count to the helpers before it reads on.
+SCAN_SLICE_STEPS = 4
 #: Above this many kept messages, `mark_seen` decides what to rename off the
 #: reactor thread too.
 PLAN_INLINE_MESSAGES = 1000
@@ -1344,22 +1347,55 @@ def _files(
             yield subdirectory, name, inode
 
 
-def _scan_into(
-    found: dict[str, tuple[str, str, int]], root: str, root_fd: int, subdirectory: str
+def _entry_slices(path: str, directory_fd: int, size: int) -> Iterator[list[tuple[str, int]]]:
+    """
+    (file name, inode) of every regular, visible file of the directory
+    ``directory_fd`` (``path``), read ``size`` directory entries at a time.
+    """
+    try:
+        with os.scandir(directory_fd) as entries:
+            while some := list(itertools.islice(entries, size)):
+                yield [
+                    (entry.name, entry.inode())
+                    for entry in some
+                    if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+                ]
+    except OSError as error:
+        raise unavailable("cannot read maildir", path, error) from error
+
+
+def _scanned_into(
+    found: dict[str, tuple[str, str, int]],
+    subdirectory: str,
+    entries: list[tuple[str, int]],
+    seen: list[list[tuple[str, str, int]]],
+    sizes: dict[str, tuple[int, int]],
 ) -> list[tuple[str, str, int]]:
     """
-    (unique name, file name, inode) of every message of new/ or cur/, each
-    also put in ``found``: unique name -> (subdirectory, file name, inode).
+    (unique name, file name, inode) of the messages of a slice of
+    ``entries`` (file name, inode) of new/ or cur/, each put in ``found``
+    (unique name -> (subdirectory, file name, inode)) and the slice added
+    to the slices ``seen`` before it.  A unique name seen twice (another
+    program renaming or moving a message right now) is the file seen last:
+    one seen before in this slice is left out, one of an earlier slice
+    loses its known size in ``sizes``.
     """
     scanned = [
         # `_unique_name`, without a call per message.
         (name.partition(":")[0], name, inode)
-        for name, inode in _entries(root, root_fd, subdirectory)
+        for name, inode in entries
     ]
+    before = len(found)
     # A loop rather than one C-level update: with 100,000 messages, a
     # single call would hold the GIL (and so every session) for 10 ms.
     for unique, name, inode in scanned:
         found[unique] = (subdirectory, name, inode)
+    if len(found) < before + len(scanned):
+        scanned = [entry for entry in scanned if found[entry[0]] == (subdirectory, *entry[1:])]
+        here = {unique for unique, _, _ in scanned}
+        for unique in here.intersection(u for earlier in seen for u, _, _ in earlier):
+            sizes.pop(unique, None)
+    seen.append(scanned)
     return scanned
 
 
@@ -1415,53 +1451,40 @@ def _snapshot(
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
     found: dict[str, tuple[str, str, int]] = {}
     sizes: dict[str, tuple[int, int]] = {}
-    # A message seen in both (another program moving it right now) is the
-    # same message: the cur/ one, seen last, wins; new/'s count of it is dropped.
-    replaced: set[str] = set()
     with ExitStack() as held:
         counts: list[tuple[SharedCount, list[_ToCount]]] = []
         waiting: list[_ToCount] = []
-        scanned_new: list[tuple[str, str, int]] = []
-        uncountable: list[tuple[str, str, int]] = []
+        # Every slice read, in order: (unique name, file name, inode).
+        seen: list[list[tuple[str, str, int]]] = []
         names_to_count: list[list[str]] = []
         for subdirectory in ("new", "cur"):
-            before = len(found)
-            scanned = _scan_into(found, root, root_fd, subdirectory)
-            if len(found) < before + len(scanned):
-                # A unique name seen twice (another program renaming or
-                # moving a message right now): the file seen last is it.
-                scanned = [entry for entry in scanned if found[entry[0]][1] == entry[1]]
-                if subdirectory == "cur":
-                    replaced = {unique for unique, _, _ in scanned}
-                    replaced.intersection_update(unique for unique, _, _ in scanned_new)
-                    for unique in replaced:
-                        sizes.pop(unique, None)  # new/'s, if it was known
-            if subdirectory == "new":
-                scanned_new = scanned
-            todo = _not_known(scanned, known, sizes)
+            # Read and counted through one descriptor: what is counted is
+            # the directory that was read, wherever it is moved meanwhile.
             directory_fd = held.enter_context(_subdirectory(root, root_fd, subdirectory))
-            if todo and directory_fd is None:
-                # Gone since it was read: each message is looked for after the count.
-                uncountable += todo
-            elif todo and directory_fd is not None:
-                at_end = (
-                    short_read_is_end is not None
-                    and len(todo) >= ASK_FILE_SYSTEM_FROM
-                    and short_read_is_end(directory_fd)
-                )
-                names = [name for _, name, _ in todo]
-                names_to_count.append(names)
-                path = os.path.join(root, subdirectory)
-                directory = DirectoryToCount(path, directory_fd, names, at_end)
-                waiting.append((subdirectory, todo, directory))
-            # new/'s count begins at once, so that helpers count it while this
-            # thread reads cur/, if they share it on its own; else with cur/'s.
-            if waiting and (
-                subdirectory == "cur" or (counting is not None and counting.shares(len(todo)))
-            ):
-                directories = [directory for _, _, directory in waiting]
-                counts.append((held.enter_context(begin_count(counting, directories)), waiting))
-                waiting = []
+            if directory_fd is None:
+                continue
+            path = os.path.join(root, subdirectory)
+            at_end: bool | None = None
+            for entries in _entry_slices(path, directory_fd, SCAN_SLICE_STEPS * step):
+                scanned = _scanned_into(found, subdirectory, entries, seen, sizes)
+                todo = _not_known(scanned, known, sizes)
+                if todo:
+                    if at_end is None and len(todo) >= ASK_FILE_SYSTEM_FROM:
+                        at_end = short_read_is_end is not None and short_read_is_end(directory_fd)
+                    names = [name for _, name, _ in todo]
+                    names_to_count.append(names)
+                    directory = DirectoryToCount(path, directory_fd, names, bool(at_end))
+                    waiting.append((subdirectory, todo, directory))
+                # Handed over as soon as helpers share it, so that they count
+                # while this thread reads on; the rest at the end.
+                in_waiting = sum(len(todo) for _, todo, _ in waiting)
+                if waiting and counting is not None and counting.shares(in_waiting):
+                    directories = [directory for _, _, directory in waiting]
+                    counts.append((held.enter_context(begin_count(counting, directories)), waiting))
+                    waiting = []
+        if waiting:
+            directories = [directory for _, _, directory in waiting]
+            counts.append((held.enter_context(begin_count(counting, directories)), waiting))
         # While helper processes count (if there are): what needs no size.
         dovecot = _read_dovecot_uidlist(root, root_fd)
         ordered = _ordered(found, dovecot, step)
@@ -1470,23 +1493,27 @@ def _snapshot(
         # Sizes given by ",W=" fields (inode -1) are not kept.
         known_kept = sum(1 for inode, _ in sizes.values() if inode >= 0)
         to_count = [entry for _, group in counts for entry in group]
-        pending = [todo for _, todo, _ in to_count] + [uncountable]
+        pending = [todo for _, todo, _ in to_count]
         positions = _size_positions(ordered, pending, sizes, step)
-        # cur/'s first: helpers take each count from its front, this
-        # thread from its end, so while they are still in new/ the two
-        # read different directories (in one, each slows the other).
+        # The last first: helpers take each count from its front, this
+        # thread from its end, so while they are still in the first ones
+        # the two read different directories, or different parts of one.
         finished = [count.finish() for count, _ in reversed(counts)][::-1]
         all_counted = [counted_here for results in finished for counted_here in results]
         in_order: list[int] = []
         for (subdirectory, todo, directory), (sizes_counted, failures) in zip(
             to_count, all_counted, strict=True
         ):
-            if failures and replaced and subdirectory == "new":
-                # new/'s copies of messages seen in cur/ too: never looked at.
-                failures = {at: e for at, e in failures.items() if todo[at][0] not in replaced}
+            if failures:
+                # A file whose unique name was seen again later (being
+                # renamed or moved right now) is not the message: never looked at.
+                failures = {
+                    at: error
+                    for at, error in failures.items()
+                    if found[todo[at][0]] == (subdirectory, *todo[at][1:])
+                }
             _raise_first_failure(directory.path, todo, failures)
             in_order += sizes_counted
-        in_order += [NOT_COUNTED] * len(uncountable)
         in_order += [size for _, size in sizes.values()]
         column = _gathered(in_order.__getitem__, positions, step)
         counted = bool(to_count)
@@ -1510,7 +1537,7 @@ def _snapshot(
     # would hold the GIL for ~20 ms.
     temporaries: list[list[Any]] = [in_order, positions, column, ordered, *names_to_count]
     temporaries += [sizes_counted for sizes_counted, _ in all_counted]
-    for temporary in (*temporaries, *pending, scanned_new, scanned):
+    for temporary in (*temporaries, *pending, *seen):
         temporary.clear()
     found.clear()
     sizes.clear()
