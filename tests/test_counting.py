@@ -387,7 +387,8 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     shared_when_asked: list[int] = []
 
     def shared_yet(directory_fd: int) -> bool:
-        # Asked of each directory once it is read, before its count begins.
+        # Asked of each directory once it is read (each fits in one slice
+        # here), before its count begins.
         shared_when_asked.append(len(list(shared_memory.iterdir())))
         return True
 
@@ -413,10 +414,10 @@ async def test_a_large_directory_is_counted_a_slice_at_a_time_as_it_is_read(
     tmp_path: Path, helpers: CountingProcesses, logged: Logged
 ) -> None:
     """
-    A first login reads a directory ``4 * step`` entries at a time and hands
-    each slice's count to the helpers before it reads on (here slices of
-    1,024 messages, each two batches or more): every size exact all the
-    same (RFC 1939 sections 5 and 11).
+    A first login reads a directory ``4 * step`` entries at a time, each
+    slice of two batches or more a count of its own for the helpers (here
+    slices of 1,024 messages): every size exact all the same (RFC 1939
+    sections 5 and 11).
     """
     maildir = tmp_path / "mail" / "alice"
     for sub in ("new", "cur", "tmp"):

@@ -92,7 +92,7 @@ async def test_a_first_login_follows_messages_moved_or_removed_while_it_counts(
     """
     RFC 1939 sections 5 and 7: another program marks a message seen (new/
     to cur/) and removes one while the server reads the directories and
-    counts (new/'s count begins before cur/ is read): the listing has the
+    counts (a count may begin before cur/ is read): the listing has the
     moved message once, with its size and UIDL, where it is now, and not
     the removed one.
     """
@@ -106,8 +106,9 @@ async def test_a_first_login_follows_messages_moved_or_removed_while_it_counts(
     asked: list[int] = []
 
     def meanwhile(directory_fd: int) -> bool:
-        # Asked once per directory of 256 messages or more, once it is read
-        # and before it is counted: another program's turn.
+        # Asked once per directory of 256 messages or more to count (each
+        # fits in one slice here), once it is read and before it is
+        # counted: another program's turn.
         asked.append(directory_fd)
         if len(asked) == (1 if when == "after new/ is read" else 2):
             os.rename(maildir / "new" / moved, maildir / "cur" / f"{moved}:2,S")
@@ -136,8 +137,8 @@ async def test_a_message_in_both_new_and_cur_is_the_one_in_cur(
     Caught in the middle of another program's move (a copy, then the
     unlink), a message is in new/ and cur/ under one unique name: it is one
     message (RFC 1939 section 7: one UIDL, one message), cur/'s: its size,
-    its octets.  Its size in new/ is another, and read first (new/'s count
-    begins before cur/ is read).
+    its octets.  Its size in new/ is another, and may be read first (a count
+    may begin before cur/ is read).
     """
     unique = "1000000001.M1P1.host"
     (maildir / "new" / unique).write_bytes(b"Subject: old copy\n\nbody\n")
@@ -183,36 +184,43 @@ async def test_a_size_kept_for_either_copy_gives_the_one_in_cur(
         await maildrop.close()
 
 
+@pytest.mark.parametrize("others", [0, 40])
 @pytest_twisted.ensureDeferred
 async def test_a_unique_name_twice_in_cur_is_one_message_with_its_own_size(
-    tmp_path: Path, maildir: Path
+    tmp_path: Path, maildir: Path, others: int
 ) -> None:
     """
     A mail reader renaming a message to change its flags, caught between
     its link and its unlink: one unique name, two files in cur/.  One
     message (RFC 1939 section 7), whichever file the listing took, with
     that file's size, even when the other file's size was kept from an
-    earlier login.
+    earlier login.  With 40 other messages, read 4 at a time (``step=1``),
+    the two files are most often in different slices of the directory.
     """
     unique = "1000000001.M1P1.host"
     contents = {
         f"{unique}:2,": b"Subject: x\n\nshort\n",
         f"{unique}:2,S": b"Subject: x\n\n" + b"long\n" * 20,
     }
+    for number in range(others):
+        contents[f"{2_000_000_000 + number}.M{number}P1.host:2,S"] = b"x\n" * (number + 1)
     cache = ["pop3d-sizes 2"]
     for name, data in contents.items():
         (maildir / "cur" / name).write_bytes(data)
-        cache.append(f"{unique}\t{(maildir / 'cur' / name).stat().st_ino}\t{wire_size(data)}")
+        if name.startswith(unique):
+            cache.append(f"{unique}\t{(maildir / 'cur' / name).stat().st_ino}\t{wire_size(data)}")
+    others_sizes = [wire_size(b"x\n" * (number + 1)) for number in range(others)]
     for cached in cache[1:]:
         # The size of either file kept from before.
         (maildir / maildir_module.SIZE_CACHE).write_text(f"{cache[0]}\n{cached}\n")
-        maildrop = await MaildirStore(f"{tmp_path}/{{user}}").open("alice")
+        maildrop = await MaildirStore(f"{tmp_path}/{{user}}", step=1).open("alice")
         try:
-            assert list(maildrop.messages.uids) == [unique]
+            assert maildrop.messages.uids[0] == unique
+            assert len(maildrop.messages) == 1 + others
             body = await maybeDeferred(maildrop.open_message, 0)
             data = body.read(1000)
             body.close()
-            assert list(maildrop.messages.sizes) == [wire_size(data)]
+            assert list(maildrop.messages.sizes) == [wire_size(data), *others_sizes]
         finally:
             await maildrop.close()
 

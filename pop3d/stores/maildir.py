@@ -116,9 +116,10 @@ LISTING_CACHE_MESSAGES = 250_000
 #: Descriptors of the new/ and cur/ directories of sessions reading messages,
 #: kept open between RETRs, at most this many per store (see `_OpenSubdirectories`).
 OPEN_SUBDIRECTORIES = 64
-#: From this many messages to count in a directory on, its file system is
-#: asked whether a short read is the end of a file (`short_read_is_end`,
-#: about as long as 100 one-octet reads): a read saved per message then.
+#: From this many messages to count in a directory (in one slice of it, at
+#: a first login: `SCAN_SLICE_STEPS`) on, its file system is asked whether a
+#: short read is the end of a file (`short_read_is_end`, about as long as
+#: 100 one-octet reads): a read saved per message then.
 ASK_FILE_SYSTEM_FROM = 256
 #: Names one C-level call handles at once in a large listing: about a
 #: millisecond of holding the GIL, which the reactor thread waits for.
@@ -1392,8 +1393,8 @@ def _scanned_into(
         found[unique] = (subdirectory, name, inode)
     if len(found) < before + len(scanned):
         scanned = [entry for entry in scanned if found[entry[0]] == (subdirectory, *entry[1:])]
-        here = {unique for unique, _, _ in scanned}
-        for unique in here.intersection(u for earlier in seen for u, _, _ in earlier):
+        for unique, _, _ in scanned:
+            # Only earlier slices' sizes are there yet: this one's are not known.
             sizes.pop(unique, None)
     seen.append(scanned)
     return scanned
@@ -1477,8 +1478,11 @@ def _snapshot(
                     waiting.append((subdirectory, todo, directory))
                 # Handed over as soon as helpers share it, so that they count
                 # while this thread reads on; the rest at the end.
-                in_waiting = sum(len(todo) for _, todo, _ in waiting)
-                if waiting and counting is not None and counting.shares(in_waiting):
+                if (
+                    waiting
+                    and counting is not None
+                    and counting.shares(sum(len(todo) for _, todo, _ in waiting))
+                ):
                     directories = [directory for _, _, directory in waiting]
                     counts.append((held.enter_context(begin_count(counting, directories)), waiting))
                     waiting = []
@@ -1495,9 +1499,9 @@ def _snapshot(
         to_count = [entry for _, group in counts for entry in group]
         pending = [todo for _, todo, _ in to_count]
         positions = _size_positions(ordered, pending, sizes, step)
-        # The last first: helpers take each count from its front, this
-        # thread from its end, so while they are still in the first ones
-        # the two read different directories, or different parts of one.
+        # The last first: helpers take the counts from the first, this
+        # thread from the last, so that while they are still in new/ the
+        # two read different directories.
         finished = [count.finish() for count, _ in reversed(counts)][::-1]
         all_counted = [counted_here for results in finished for counted_here in results]
         in_order: list[int] = []
