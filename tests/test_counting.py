@@ -19,7 +19,7 @@ import select
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.synchronize import Lock
@@ -361,6 +361,25 @@ async def test_a_count_left_unfinished_leaves_nothing_behind(
     assert in_helpers > 0
 
 
+def _numbered_maildir(
+    maildir: Path, count: int, in_new: Callable[[int], bool]
+) -> list[tuple[str, int]]:
+    """
+    A Maildir of ``count`` messages, each in new/ if ``in_new(number)``,
+    else in cur/ and seen: (unique name, wire size) of each, in order.
+    """
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    expected = []
+    for number in range(count):
+        data = b"Subject: %d\n\n" % number + b".line\n" * (number % 4)
+        unique = f"{1_000_000_000 + number}.M{number}P1.test"
+        name = f"new/{unique}" if in_new(number) else f"cur/{unique}:2,S"
+        (maildir / name).write_bytes(data)
+        expected.append((unique, len(data) + data.count(b"\n")))
+    return expected
+
+
 @pytest.mark.process
 @pytest.mark.parametrize("in_new", [1500, 300])
 @pytest_twisted.ensureDeferred
@@ -374,15 +393,7 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
     batches of 256 or more), else with cur/'s: both are shared either way.
     """
     maildir = tmp_path / "mail" / "alice"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    expected = []
-    for number in range(3000):
-        data = b"Subject: %d\n\n" % number + b".line\n" * (number % 4)
-        unique = f"{1_000_000_000 + number}.M{number}P1.test"
-        name = f"new/{unique}" if number % (3000 // in_new) == 0 else f"cur/{unique}:2,S"
-        (maildir / name).write_bytes(data)
-        expected.append((unique, len(data) + data.count(b"\n")))
+    expected = _numbered_maildir(maildir, 3000, lambda number: number % (3000 // in_new) == 0)
     await helpers.when_started()
     shared_when_asked: list[int] = []
 
@@ -420,14 +431,7 @@ async def test_a_large_directory_is_counted_a_slice_at_a_time_as_it_is_read(
     sections 5 and 11).
     """
     maildir = tmp_path / "mail" / "alice"
-    for sub in ("new", "cur", "tmp"):
-        (maildir / sub).mkdir(parents=True)
-    expected = []
-    for number in range(3000):
-        data = b"Subject: %d\n\n" % number + b"line\n" * (number % 5)
-        unique = f"{1_000_000_000 + number}.M{number}P1.test"
-        (maildir / "cur" / f"{unique}:2,S").write_bytes(data)
-        expected.append((unique, len(data) + data.count(b"\n")))
+    expected = _numbered_maildir(maildir, 3000, lambda number: False)
     await helpers.when_started()
     store = MaildirStore(f"{tmp_path}/mail/{{user}}", counting=helpers, step=256)
     drop = await store.open("alice")
