@@ -1444,10 +1444,12 @@ def _snapshot(
     """
     The messages in new/ and cur/ with their sizes and UIDLs: in Dovecot's
     UID order for those it listed, then in unique-name order.  Sizes come
-    from ``,W=`` fields, else from ``known_sizes`` (else the size cache
-    file) where the inode matches, else from reading the message.  Also
-    returns each message's inode, and whether the sizes to keep (those
-    without a ",W=" field: `_Listing.sizes`) differ from the file's.
+    from ``known_sizes`` (else the size cache file) where the inode
+    matches, else from ``,W=`` fields, else from reading the message: the
+    directories are read a slice at a time, and each slice's count handed
+    to ``counting``'s helpers as soon as they share it.  Also returns each
+    message's inode, and whether the sizes to keep (those without a ",W="
+    field: `_Listing.sizes`) differ from the file's.
     """
     known = known_sizes if known_sizes is not None else _load_sizes(root_fd)
     found: dict[str, tuple[str, str, int]] = {}
