@@ -1,0 +1,111 @@
+"""
+How fast a first login could list the benchmark's 100,000-message Maildir
+in CPython if it did nothing else: in one process (the floor's own
+listing, ``floor_server.list_maildrop``: the names of ``new/`` and
+``cur/``, sorted, every message opened, read and counted), and with the
+reading split over two processes (the same listing and sort, then a fork:
+the child counts the first half of the names and sends their sizes back
+through a pipe while the parent counts the second half).  Wall time, the
+two one after the other, several rounds; every size checked against the
+maildrop's own.
+
+    .venv/bin/python benchmarks/first_login_split.py [--messages N] [--rounds R]
+
+pop3d shares the same count with its counting helper (``--counting-
+processes``), and also keeps what its later logins need (inodes, UIDLs,
+where each message is); ``run.py``'s ``many`` workload times its first
+login from PASS to STAT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import floor_server
+import maildrops
+
+
+def count(directories: tuple[int, int], names: list[bytes], parts: list[int]) -> array.array[int]:
+    """The RFC 1939 size of each message, as the floor counts one (LF endings)."""
+    sizes = array.array("q")
+    buffers, view = floor_server._buffers, floor_server._view
+    for name, part in zip(names, parts, strict=True):
+        fd = os.open(name, floor_server._READ_FLAGS, dir_fd=directories[part])
+        try:
+            read = os.readv(fd, buffers)
+        finally:
+            os.close(fd)
+        sizes.append(2 * read - len(bytes(view[:read]).replace(b"\n", b"")))
+    return sizes
+
+
+def split_listing(path: bytes) -> list[int]:
+    """The sizes of every message in unique-name order, counted by two processes."""
+    fresh = os.listdir(path + b"/new")
+    names = fresh + os.listdir(path + b"/cur")
+    names.sort()
+    in_new = set(fresh)
+    parts = [0 if name in in_new else 1 for name in names]
+    half = len(names) // 2
+    directories = (
+        os.open(path + b"/new", floor_server._DIRECTORY_FLAGS),
+        os.open(path + b"/cur", floor_server._DIRECTORY_FLAGS),
+    )
+    try:
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(reading)
+            sizes = count(directories, names[:half], parts[:half]).tobytes()
+            while sizes:
+                sizes = sizes[os.write(writing, sizes) :]
+            os._exit(0)
+        os.close(writing)
+        mine = count(directories, names[half:], parts[half:])
+        received = bytearray()
+        while chunk := os.read(reading, 1 << 20):
+            received += chunk
+        os.close(reading)
+        os.waitpid(child, 0)
+    finally:
+        for directory in directories:
+            os.close(directory)
+    theirs = array.array("q")
+    theirs.frombytes(bytes(received))
+    return [*theirs, *mine]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="first-login-split-") as root:
+        # run.py's "many" maildrop: half in new/, half in cur/.
+        pool = [maildrops.mime_message(n, 3000, seed=3) for n in range(250)]
+        messages = [pool[(n * 7) % len(pool)] for n in range(options.messages)]
+        drop = maildrops.write_maildrop("many", Path(root) / "many", messages)
+        expected = [size for _, size in sorted(zip(drop.file_names, drop.wire_sizes, strict=True))]
+        path = os.fsencode(drop.path)
+        print(f"Python {sys.version.split()[0]}; {options.messages:,} messages; wall time, ms")
+        print(f"{'round':>5}  {'one process':>11}  {'two processes':>13}")
+        for number in range(1, options.rounds + 1):
+            started = time.perf_counter()
+            _, _, one = floor_server.list_maildrop(path)
+            alone = time.perf_counter() - started
+            started = time.perf_counter()
+            two = split_listing(path)
+            split = time.perf_counter() - started
+            if one != expected or two != expected:
+                raise SystemExit("a size differs from the maildrop's")
+            print(f"{number:>5}  {alone * 1000:>11,.0f}  {split * 1000:>13,.0f}")
+
+
+if __name__ == "__main__":
+    main()
