@@ -4,8 +4,9 @@ in CPython if it did nothing else: in one process (the floor's own
 listing, ``floor_server.list_maildrop``: the names of ``new/`` and
 ``cur/``, sorted, every message opened, read and counted), and with the
 reading split over two processes (the same listing and sort, then a fork:
-the child counts the first half of the names and sends their sizes back
-through a pipe while the parent counts the second half).  Wall time, the
+the child counts the first half of the names with the floor's own loop,
+``floor_server.count_messages``, and sends their sizes back through a pipe
+while the parent counts the second half).  Wall time, the
 two one after the other, several rounds; every size checked against the
 maildrop's own.
 
@@ -31,51 +32,35 @@ import floor_server
 import maildrops
 
 
-def count(directories: tuple[int, int], names: list[bytes], parts: list[int]) -> array.array[int]:
-    """The RFC 1939 size of each message, as the floor counts one (LF endings)."""
-    sizes = array.array("q")
-    buffers, view = floor_server._buffers, floor_server._view
-    for name, part in zip(names, parts, strict=True):
-        fd = os.open(name, floor_server._READ_FLAGS, dir_fd=directories[part])
-        try:
-            read = os.readv(fd, buffers)
-        finally:
-            os.close(fd)
-        sizes.append(2 * read - len(bytes(view[:read]).replace(b"\n", b"")))
-    return sizes
-
-
 def split_listing(path: bytes) -> list[int]:
-    """The sizes of every message in unique-name order, counted by two processes."""
-    fresh = os.listdir(path + b"/new")
-    names = fresh + os.listdir(path + b"/cur")
-    names.sort()
-    in_new = set(fresh)
-    parts = [0 if name in in_new else 1 for name in names]
+    """
+    The sizes of every message in unique-name order, as `list_maildrop`
+    counts them, the first half of the names counted by a forked child.
+    """
+    names, in_new = floor_server.sorted_names(path)
     half = len(names) // 2
-    directories = (
-        os.open(path + b"/new", floor_server._DIRECTORY_FLAGS),
-        os.open(path + b"/cur", floor_server._DIRECTORY_FLAGS),
-    )
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fds = (os.open(path + b"/new", flags), os.open(path + b"/cur", flags))
     try:
         reading, writing = os.pipe()
         child = os.fork()
         if child == 0:
             os.close(reading)
-            sizes = count(directories, names[:half], parts[:half]).tobytes()
-            while sizes:
-                sizes = sizes[os.write(writing, sizes) :]
+            _, _, sizes = floor_server.count_messages(fds, names[:half], in_new)
+            data = array.array("q", sizes).tobytes()
+            while data:
+                data = data[os.write(writing, data) :]
             os._exit(0)
         os.close(writing)
-        mine = count(directories, names[half:], parts[half:])
+        _, _, mine = floor_server.count_messages(fds, names[half:], in_new)
         received = bytearray()
         while chunk := os.read(reading, 1 << 20):
             received += chunk
         os.close(reading)
         os.waitpid(child, 0)
     finally:
-        for directory in directories:
-            os.close(directory)
+        for fd in fds:
+            os.close(fd)
     theirs = array.array("q")
     theirs.frombytes(bytes(received))
     return [*theirs, *mine]

@@ -118,42 +118,57 @@ def list_maildrop(path: bytes) -> tuple[list[bytes], list[int], list[int]]:
     unique-name order (pop3d's numbering).  A message that went away
     between the listing and its reading is left out.
     """
+    names, in_new = sorted_names(path)
+    fds = (os.open(path + b"/new", _DIRECTORY_FLAGS), os.open(path + b"/cur", _DIRECTORY_FLAGS))
+    try:
+        return count_messages(fds, names, in_new)
+    finally:
+        os.close(fds[0])
+        os.close(fds[1])
+
+
+def sorted_names(path: bytes) -> tuple[list[bytes], set[bytes]]:
+    """The file names in new/ and cur/, sorted; and those in new/."""
     fresh = os.listdir(path + b"/new")
     names = fresh + os.listdir(path + b"/cur")
     names.sort()
-    in_new = set(fresh)
+    return names, set(fresh)
+
+
+def count_messages(
+    fds: tuple[int, int], names: list[bytes], in_new: set[bytes]
+) -> tuple[list[bytes], list[int], list[int]]:
+    """
+    `list_maildrop` of ``names`` (of new/ if ``in_new``, else of cur/),
+    read through the directories ``fds`` (new/, cur/).
+    """
     kept: list[bytes] = []
     where: list[int] = []
     sizes: list[int] = []
-    fds = (os.open(path + b"/new", _DIRECTORY_FLAGS), os.open(path + b"/cur", _DIRECTORY_FLAGS))
     readv, open_, close, buffer, view = os.readv, os.open, os.close, _buffer, _view
-    try:
-        for name in names:
-            if name[:1] == b".":
-                continue
-            part = 0 if name in in_new else 1
-            try:
-                fd = open_(name, _READ_FLAGS, dir_fd=fds[part])
-            except FileNotFoundError:
-                continue
-            try:
-                read = readv(fd, _buffers)
-                if read < CHUNK and buffer.find(b"\r", 0, read) < 0:
-                    # The common case: one read, LF line endings.  Each LF
-                    # is one more octet on the wire: deleting them counts
-                    # them (a memchr per line) faster than bytes.count,
-                    # which tests every octet.
-                    size = 2 * read - len(bytes(view[:read]).replace(b"\n", b""))
-                else:
-                    size = _wire_size_from(fd, read)
-            finally:
-                close(fd)
-            kept.append(name)
-            where.append(part)
-            sizes.append(size)
-    finally:
-        close(fds[0])
-        close(fds[1])
+    for name in names:
+        if name[:1] == b".":
+            continue
+        part = 0 if name in in_new else 1
+        try:
+            fd = open_(name, _READ_FLAGS, dir_fd=fds[part])
+        except FileNotFoundError:
+            continue
+        try:
+            read = readv(fd, _buffers)
+            if read < CHUNK and buffer.find(b"\r", 0, read) < 0:
+                # The common case: one read, LF line endings.  Each LF
+                # is one more octet on the wire: deleting them counts
+                # them (a memchr per line) faster than bytes.count,
+                # which tests every octet.
+                size = 2 * read - len(bytes(view[:read]).replace(b"\n", b""))
+            else:
+                size = _wire_size_from(fd, read)
+        finally:
+            close(fd)
+        kept.append(name)
+        where.append(part)
+        sizes.append(size)
     return kept, where, sizes
 
 

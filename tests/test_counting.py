@@ -421,7 +421,7 @@ async def test_a_first_login_shares_the_count_of_new_and_cur(
 
 @pytest.mark.process
 @pytest_twisted.ensureDeferred
-async def test_a_large_directory_is_counted_a_slice_at_a_time_as_it_is_read(
+async def test_a_large_directory_is_counted_in_slices_each_shared(
     tmp_path: Path, helpers: CountingProcesses, logged: Logged
 ) -> None:
     """

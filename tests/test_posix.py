@@ -24,6 +24,7 @@ from pop3d.stores.posix import (
     LockTable,
     ProcessLocks,
     open_directory,
+    open_same_directory,
     short_read_is_end,
     unavailable,
 )
@@ -292,3 +293,32 @@ def test_a_short_read_is_the_end_on_local_file_systems_only(tmp_path: Path, dire
         assert not short_read_is_end(proc)
     finally:
         os.close(proc)
+
+
+def test_a_directory_is_reopened_only_if_it_is_still_the_same(tmp_path: Path) -> None:
+    """
+    A Maildir, a lock's directory or a directory a counting helper reads is
+    opened again by path only if it is the one first opened: one moved away
+    and replaced (another user's, say) is refused, and no descriptor kept.
+    """
+    path = tmp_path / "Maildir"
+    path.mkdir()
+    info = path.stat()
+    identity = (info.st_dev, info.st_ino)
+    fd = open_same_directory(str(path), identity)
+    assert fd is not None
+    try:
+        assert os.path.samestat(os.fstat(fd), info)
+    finally:
+        os.close(fd)
+    path.rename(tmp_path / "moved")
+    path.mkdir()
+    before = os.listdir("/proc/self/fd")
+    assert open_same_directory(str(path), identity) is None
+    assert os.listdir("/proc/self/fd") == before
+    path.rmdir()
+    path.symlink_to(tmp_path / "moved")
+    # Never through a link, even to the very directory (Linux says ENOTDIR
+    # for a link opened with O_DIRECTORY and O_NOFOLLOW).
+    with pytest.raises(NotADirectoryError):
+        open_same_directory(str(path), identity)

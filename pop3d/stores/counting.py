@@ -60,6 +60,7 @@ from pop3d.stores.posix import (
     READ_FLAGS,
     UNSEEN_READ_FLAGS,
     LockOwner,
+    open_same_directory,
     read_small_file,
     this_process,
 )
@@ -337,16 +338,11 @@ def _count_shared(plan: _Plan) -> int:
 
 
 def _open_directory(directory: _SharedDirectory) -> int | None:
-    """The directory, if it is still the one the thread holds open."""
+    """The directory, if it is still the one the thread holds open (else the thread counts)."""
     try:
-        directory_fd = os.open(directory.path, DIRECTORY_FLAGS)
+        return open_same_directory(directory.path, directory.identity)
     except OSError:
         return None
-    info = os.fstat(directory_fd)
-    if (info.st_dev, info.st_ino) != directory.identity:
-        os.close(directory_fd)
-        return None  # replaced since: the thread counts
-    return directory_fd
 
 
 #: In a helper: what its first job waits at until every helper has one.

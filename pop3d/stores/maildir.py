@@ -66,7 +66,6 @@ from pop3d.stores.common import (
 )
 from pop3d.stores.counting import (
     NOT_COUNTED,
-    Counted,
     CountingProcesses,
     DirectoryToCount,
     SharedCount,
@@ -92,6 +91,7 @@ from pop3d.stores.posix import (
     SAFE_OPEN,
     LockTable,
     exists,
+    open_same_directory,
     short_read_is_end,
     unavailable,
     unlink_quietly,
@@ -151,11 +151,11 @@ _COARSE_SETTLING_NS = 2_000_000_000
 _WIRE_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|$)")
 
 _Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
 
 #: Messages of new/ or cur/ whose sizes a first login reads: the subdirectory,
 #: (unique name, file name, inode) of each, and the directory to count in.
 _ToCount: TypeAlias = tuple[str, list[tuple[str, str, int]], DirectoryToCount]
-_Value = TypeVar("_Value")
 
 log = Logger()
 
@@ -1281,14 +1281,13 @@ class _Directory:
     def opened(self) -> Iterator[int]:
         """A descriptor of the Maildir, refusing a directory put in its place."""
         try:
-            fd = os.open(self.path, DIRECTORY_FLAGS)
+            fd = open_same_directory(self.path, (self.device, self.inode))
         except OSError as error:
             raise unavailable("cannot open maildir", self.path, error) from error
+        if fd is None:
+            log.error("{path} was replaced during a session", path=self.path)
+            raise MaildropUnavailable("the maildir was replaced", permanent=True)
         try:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != (self.device, self.inode):
-                log.error("{path} was replaced during a session", path=self.path)
-                raise MaildropUnavailable("the maildir was replaced", permanent=True)
             yield fd
         finally:
             os.close(fd)
@@ -1369,17 +1368,15 @@ def _scanned_into(
     found: dict[str, tuple[str, str, int]],
     subdirectory: str,
     entries: list[tuple[str, int]],
-    seen: list[list[tuple[str, str, int]]],
     sizes: dict[str, tuple[int, int]],
 ) -> list[tuple[str, str, int]]:
     """
     (unique name, file name, inode) of the messages of a slice of
     ``entries`` (file name, inode) of new/ or cur/, each put in ``found``
-    (unique name -> (subdirectory, file name, inode)) and the slice added
-    to the slices ``seen`` before it.  A unique name seen twice (another
-    program renaming or moving a message right now) is the file seen last:
-    one seen before in this slice is left out, one of an earlier slice
-    loses its known size in ``sizes``.
+    (unique name -> (subdirectory, file name, inode)).  A unique name seen
+    twice (another program renaming or moving a message right now) is the
+    file seen last: one seen before in this slice is left out, one of an
+    earlier slice loses its known size in ``sizes``.
     """
     scanned = [
         # `_unique_name`, without a call per message.
@@ -1396,7 +1393,6 @@ def _scanned_into(
         for unique, _, _ in scanned:
             # Only earlier slices' sizes are there yet: this one's are not known.
             sizes.pop(unique, None)
-    seen.append(scanned)
     return scanned
 
 
@@ -1457,8 +1453,6 @@ def _snapshot(
     with ExitStack() as held:
         counts: list[tuple[SharedCount, list[_ToCount]]] = []
         waiting: list[_ToCount] = []
-        # Every slice read, in order: (unique name, file name, inode).
-        seen: list[list[tuple[str, str, int]]] = []
         names_to_count: list[list[str]] = []
         for subdirectory in ("new", "cur"):
             # Read and counted through one descriptor: what is counted is
@@ -1469,7 +1463,9 @@ def _snapshot(
             path = os.path.join(root, subdirectory)
             at_end: bool | None = None
             for entries in _entry_slices(path, directory_fd, SCAN_SLICE_STEPS * step):
-                scanned = _scanned_into(found, subdirectory, entries, seen, sizes)
+                # Each slice's list is freed when the next is read (the
+                # messages to count stay in ``todo``).
+                scanned = _scanned_into(found, subdirectory, entries, sizes)
                 todo = _not_known(scanned, known, sizes)
                 if todo:
                     if at_end is None and len(todo) >= ASK_FILE_SYSTEM_FROM:
@@ -1543,7 +1539,7 @@ def _snapshot(
     # would hold the GIL for ~20 ms.
     temporaries: list[list[Any]] = [in_order, positions, column, ordered, *names_to_count]
     temporaries += [sizes_counted for sizes_counted, _ in all_counted]
-    for temporary in (*temporaries, *pending, *seen):
+    for temporary in (*temporaries, *pending):
         temporary.clear()
     found.clear()
     sizes.clear()
@@ -1816,30 +1812,16 @@ def _count_sizes(
 ) -> None:
     """
     Read and measure (unique name, file name, inode) messages of one
-    directory into ``sizes``: see `_record_counted`.
+    directory, ``path``, into ``sizes``: a file gone meanwhile, or a FIFO
+    planted after the scan, is left out; any other failure makes the
+    maildrop unavailable.  The inode is the scan's: if the file was
+    replaced since, the next scan shows another inode and counts it again.
     """
-    names = [name for _, name, _ in messages]
-    _record_counted(path, messages, wire_sizes(directory_fd, names), sizes)
-
-
-def _record_counted(
-    path: str,
-    messages: list[tuple[str, str, int]],
-    counted: Counted,
-    sizes: dict[str, tuple[int, int]],
-) -> None:
-    """
-    The sizes of (unique name, file name, inode) ``messages`` of the
-    directory ``path``, `pop3d.stores.counting.wire_sizes`, into ``sizes``:
-    a file gone meanwhile, or a FIFO planted after the scan, is left out;
-    any other failure makes the maildrop unavailable.  The inode is the
-    scan's: if the file was replaced since, the next scan shows another
-    inode and counts it again.
-    """
-    _raise_first_failure(path, messages, counted[1])
+    counted, failures = wire_sizes(directory_fd, [name for _, name, _ in messages])
+    _raise_first_failure(path, messages, failures)
     sizes.update(
         (unique, (inode, size))
-        for (unique, _, inode), size in zip(messages, counted[0], strict=True)
+        for (unique, _, inode), size in zip(messages, counted, strict=True)
         if size != NOT_COUNTED
     )
 

@@ -233,6 +233,24 @@ def read_small_file(name: str, dir_fd: int, limit: int = 512) -> bytes | None:
         os.close(fd)
 
 
+def open_same_directory(path: str, identity: tuple[int, int]) -> int | None:
+    """
+    A descriptor of the directory ``path`` (never through a link) if it is
+    still the one ``identity`` (device, inode) names; None if another was
+    put in its place.  Raises `OSError` if it cannot be opened.
+    """
+    fd = open_directory(path)
+    try:
+        info = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (info.st_dev, info.st_ino) != identity:
+        os.close(fd)
+        return None
+    return fd
+
+
 #: File systems on which a read(2) of a regular file returns fewer octets
 #: than asked only at the end of the file: local disks and memory.  Not FUSE,
 #: 9p, NFS or CIFS (which may return less mid-file), nor overlay (whose
@@ -450,14 +468,13 @@ class DotLock:
         if dir_fd is not None:
             yield dir_fd
             return
-        fd = os.open(self._directory, DIRECTORY_FLAGS)
+        fd = open_same_directory(self._directory, self._identity)
+        if fd is None:
+            log.warn("{path} was replaced; its lock is gone", path=self._directory)
+            yield None
+            return
         try:
-            info = os.fstat(fd)
-            if (info.st_dev, info.st_ino) != self._identity:
-                log.warn("{path} was replaced; its lock is gone", path=self._directory)
-                yield None
-            else:
-                yield fd
+            yield fd
         finally:
             os.close(fd)
 
