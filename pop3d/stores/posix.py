@@ -5,7 +5,8 @@ The file mechanics the local-file stores share, each written once:
   `CREATE_FLAGS` never follow a symbolic link (``O_NOFOLLOW``), never block
   on a FIFO planted as a file, never leak a descriptor to a child;
   `open_directory` follows no link below the part of a path the
-  administrator chose; `read_small_file`; `unlink_quietly`;
+  administrator chose; `open_same_directory` opens a directory again only
+  if it is still the one first opened; `read_small_file`; `unlink_quietly`;
 - `unavailable`, the one mapping of an `OSError` to the error a client sees;
 - `PROCESS_LOCKS`, the one registry of the maildrops this process holds
   (``fcntl`` locks never conflict within one process);
