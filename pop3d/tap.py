@@ -788,7 +788,7 @@ def makeService(options: Options) -> IService:
     serving = options["workers"] == 1 or options["worker-sockets"] is not None
     # Every store made from the options (per-user locations too) shares them.
     counting = (
-        CountingProcesses(options["counting-processes"], threads)
+        CountingProcesses(options["counting-processes"], threads, clock=clock)
         if serving and options["counting-processes"]
         else None
     )

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 
 from pop3d.errors import MaildropUnavailable
 from pop3d.stores.counting import (
@@ -554,8 +556,8 @@ async def test_a_lock_held_for_good_stops_the_sharing_not_the_count(
     finally:
         await counting.stopService()
     assert logged.texts("a counting helper process stopped") == [
-        "a counting helper process stopped answering; "
-        "message sizes are counted in this process from now on"
+        "a counting helper process stopped answering; message sizes are counted "
+        "in this process until helpers are started again in 1 s"
     ]
     assert [in_helpers for _, _, in_helpers in _shared(logged)] == [0]
 
@@ -578,11 +580,85 @@ async def test_a_helper_that_dies_costs_no_size(
         assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
     # Said once; every count after the death was the thread's; no zombie left.
     assert logged.texts("a counting helper process ended unexpectedly") == [
-        "a counting helper process ended unexpectedly; "
-        "message sizes are counted in this process from now on"
+        "a counting helper process ended unexpectedly; message sizes are counted "
+        "in this process until helpers are started again in 1 s"
     ]
     assert all(in_helpers == 0 for _, _, in_helpers in _shared(logged))
     assert not Path(f"/proc/{pid}").exists()
+
+
+async def _kill_and_count(
+    counting: CountingProcesses, many: Many, directory_fd: int, logged: Logged
+) -> int:
+    """
+    Kill the helper; count (in a thread, as a login does) until the death
+    is seen, each count still exact.  The helper's pid.
+    """
+    [pid] = await counting.when_started()
+    os.kill(pid, signal.SIGKILL)
+    # The executor sees the death a moment later: the count after it then
+    # cannot hand its batches over (not the first: it was on its way).
+    for _ in range(2):
+        counted = await deferToThread(counting.wire_sizes, str(many.path), directory_fd, many.names)
+        assert counted == (many.sizes, {})
+    assert not Path(f"/proc/{pid}").exists()
+    return pid
+
+
+# gh-107219: see above.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_helpers_that_die_are_replaced_later_each_time_they_die_young(
+    many: Many, directory_fd: int, shared_memory: Path, logged: Logged
+) -> None:
+    """
+    A helper killed (the out-of-memory killer, an administrator) is replaced
+    a second later, and the counts are shared again; replacements that die
+    within five minutes wait twice as long each time, up to five minutes;
+    helpers that lived longer are replaced a second later again.
+    """
+    clock = Clock()
+    counting = CountingProcesses(
+        1,
+        reactor,  # type: ignore[arg-type]
+        batch=256,
+        shared_memory=str(shared_memory),
+        clock=clock,
+    )
+    counting.startService()
+    try:
+        waits = []
+        for _ in range(3):
+            dead = await _kill_and_count(counting, many, directory_fd, logged)
+            [wait] = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
+            waits.append(wait)
+            clock.advance(wait - 0.1)
+            assert len(clock.getDelayedCalls()) == 1  # not yet replaced
+            clock.advance(0.1)
+            [pid] = await counting.when_started()
+            assert pid != dead and Path(f"/proc/{pid}").exists()
+            assert f"counting helper processes started: [{pid}]" in logged.texts()
+        assert waits == [1, 2, 4]
+        # Shared again.
+        before = len(_shared(logged))
+        counted = await deferToThread(counting.wire_sizes, str(many.path), directory_fd, many.names)
+        assert counted == (many.sizes, {})
+        [(_, _, in_helpers)] = _shared(logged)[before:]
+        assert in_helpers > 0
+        # Five minutes later the next death is a first one again.
+        clock.advance(300)
+        await _kill_and_count(counting, many, directory_fd, logged)
+        assert [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()] == [1]
+    finally:
+        await counting.stopService()
+    # Stopped while a replacement waits: none is started.
+    assert clock.getDelayedCalls() == []
+    assert logged.texts("a counting helper process ended unexpectedly") == [
+        "a counting helper process ended unexpectedly; message sizes are counted "
+        f"in this process until helpers are started again in {wait:g} s"
+        for wait in (1, 2, 4, 1)
+    ]
 
 
 @pytest.mark.process

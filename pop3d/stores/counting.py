@@ -49,7 +49,7 @@ from typing import TypeAlias
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -80,6 +80,11 @@ READ_SIZE = 256 * 1024
 #: this long, its holder died holding it (or the machine is stalled), and
 #: counting goes on without the helpers.
 LOCK_PATIENCE_SECONDS = 2.0
+#: Seconds before helpers that ended unexpectedly are replaced; doubled each
+#: time replacements end within `REPLACE_WAIT_MOST` of starting (a helper
+#: that cannot live is not started again and again), up to that.
+REPLACE_WAIT = 1.0
+REPLACE_WAIT_MOST = 300.0
 #: Where the files of shared counts are made: memory, not a disk, on Linux.
 #: (Each in a directory of its own, made as any private temporary directory
 #: is: a new random name, mode 0700.)
@@ -410,6 +415,11 @@ class CountingProcesses(Service):
     the thread.  Not running, or without room for the file, this counts in
     the thread.
 
+    Helpers that end unexpectedly (killed, out of memory) or stop answering
+    are replaced, `REPLACE_WAIT` seconds later (of ``clock``, by default
+    ``reactor``), and later still if their replacements end too within
+    `REPLACE_WAIT_MOST` of starting; meanwhile the thread counts alone.
+
     With ``spawn``, each helper imports the program's main module again
     (as ``__mp_main__``): a program that starts the reactor at module level
     must do it under ``if __name__ == "__main__":`` (twistd and ``.tac``
@@ -424,6 +434,7 @@ class CountingProcesses(Service):
         context: BaseContext | None = None,
         batch: int = BATCH,
         shared_memory: str = SHARED_MEMORY,
+        clock: IReactorTime | None = None,
     ) -> None:
         if processes < 0:
             raise ValueError("the number of counting processes cannot be negative")
@@ -433,16 +444,26 @@ class CountingProcesses(Service):
         self.batch = batch
         self.shared_memory = shared_memory
         self._reactor = reactor
+        self._clock = clock if clock is not None else IReactorTime(reactor)
         self._context = context if context is not None else multiprocessing.get_context("spawn")
         self._helpers: _Helpers | None = None
         #: Two logins may find the helpers broken at once: it is said once.
         self._breaking = threading.Lock()
         self._starting: list[Future[int]] = []
+        #: When the helpers were last started (`_clock`), and how long to
+        #: wait before replacing them if they end soon after.
+        self._started_at = 0.0
+        self._next_wait = REPLACE_WAIT
+        self._replacing: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if not self.processes:
-            return
+        if self.processes:
+            self._start_helpers(first=True)
+
+    def _start_helpers(self, *, first: bool) -> None:
+        self._replacing = None
+        self._started_at = self._clock.seconds()
         executor: ProcessPoolExecutor | None = None
         try:
             interpreter = os.fsdecode(multiprocessing.spawn.get_executable())
@@ -472,7 +493,8 @@ class CountingProcesses(Service):
             return
         writable = os.access(self.shared_memory, os.W_OK | os.X_OK)
         shared_directory = self.shared_memory if writable else None
-        _remove_left_behind(shared_directory)
+        if first:
+            _remove_left_behind(shared_directory)
         self._helpers = _Helpers(executor, lock, shared_directory)
         self.when_started().addCallbacks(self._started, self._not_started)
 
@@ -486,7 +508,8 @@ class CountingProcesses(Service):
     def when_started(self) -> Deferred[list[int]]:
         """
         Fires with the process ids of the helpers once they have started
-        (with none if there are none), or an error if they could not.
+        (those started last: replacements, once there are), with none if
+        there are none, or an error if they could not.
         """
         starting = self._starting
         started: Deferred[list[int]] = Deferred()
@@ -520,6 +543,9 @@ class CountingProcesses(Service):
         multiprocessing's resource tracker complains on standard error).
         """
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._replacing is not None:
+            self._replacing.cancel()
+            self._replacing = None
         # Dropped with the executor: the lock's semaphore is removed when
         # it is freed (else the resource tracker calls it leaked).
         helpers, self._helpers = self._helpers, None
@@ -571,21 +597,32 @@ class CountingProcesses(Service):
     def _broken(self, helpers: _Helpers, how: str) -> None:
         """
         A helper died (killed, out of memory), or holds the lock for good:
-        counting goes on in the threads.
+        counting goes on in the threads until new helpers are started.
+        From any thread.
         """
         with self._breaking:
             if self._helpers is not helpers:
                 return
             self._helpers = None
+            if self._clock.seconds() - self._started_at >= REPLACE_WAIT_MOST:
+                self._next_wait = REPLACE_WAIT  # they lived: not helpers that cannot
+            wait = self._next_wait
+            self._next_wait = min(2 * wait, REPLACE_WAIT_MOST)
         log.error(
-            "a counting helper process {how}; "
-            "message sizes are counted in this process from now on",
+            "a counting helper process {how}; message sizes are counted "
+            "in this process until helpers are started again in {wait:g} s",
             how=how,
+            wait=wait,
         )
         helpers.executor.shutdown(wait=False, cancel_futures=True)
         # Reaped here: CPython 3.11's executor thread may itself end before
         # it does (gh-107219), leaving the dead helper a zombie.
         multiprocessing.active_children()
+        self._reactor.callFromThread(self._replace_later, wait)
+
+    def _replace_later(self, wait: float) -> None:
+        if self.running and self._replacing is None:
+            self._replacing = self._clock.callLater(wait, self._start_helpers, first=False)
 
 
 def begin_count(
