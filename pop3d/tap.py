@@ -72,6 +72,7 @@ from pop3d.session import SessionPolicy
 from pop3d.stores.common import run_blocking
 from pop3d.stores.counting import CountingProcesses
 from pop3d.stores.interfaces import (
+    ICountingStore,
     IMaildropStore,
     IMailLocationPlugin,
     IRetrievalTimesStore,
@@ -358,6 +359,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["counting-processes"],
             # A worker is started with the parent's options less --workers.
             one_process=self["workers"] == 1 and self["worker-sockets"] is None,
+            store=plugin,
         )
         if self["control"] is not None and self["worker-sockets"] is None:
             try:
@@ -501,16 +503,27 @@ def parse_count(option: str, value: str) -> int:
     return int(value)
 
 
-def parse_counting_processes(value: str, *, one_process: bool, cores: int | None = None) -> int:
+def parse_counting_processes(
+    value: str, *, one_process: bool, store: IMailLocationPlugin, cores: int | None = None
+) -> int:
     """
     --counting-processes: a number, or 'auto': one helper for a server of
-    one process on two cores or more; none for workers, which use the cores.
+    one process on two cores or more; none for workers, which use the cores,
+    nor for a --mail-location ``store`` whose stores count no sizes with
+    helpers (no `ICountingStore`: mbox files).
     """
+    counts = ICountingStore in store.store_interfaces
     if value == "auto":
         # The cores this process may run on (taskset, a container's cpuset).
         available = cores if cores is not None else len(os.sched_getaffinity(0))
-        return 1 if available >= 2 and one_process else 0
-    return parse_count("counting-processes", value)
+        return 1 if available >= 2 and one_process and counts else 0
+    processes = parse_count("counting-processes", value)
+    if processes and not counts:
+        raise usage.UsageError(
+            f"--counting-processes {processes}: {store.scheme}: locations count no message "
+            "sizes in helper processes (Maildirs do); use --counting-processes 0 or auto"
+        )
+    return processes
 
 
 def parse_client_workarounds(value: str | None) -> ClientWorkarounds:

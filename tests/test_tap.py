@@ -34,6 +34,7 @@ from pop3d.factory import POP3Factory
 from pop3d.realm import MaildropRealm
 from pop3d.stores.counting import CountingProcesses
 from pop3d.stores.interfaces import IMaildrop
+from pop3d.stores.locations import MaildirLocation, MboxLocation
 from pop3d.stores.maildir import LISTING_CACHE_MESSAGES, MaildirStore
 from pop3d.stores.posix import LockFiles, LockTable
 from pop3d.tap import (
@@ -177,7 +178,23 @@ def test_maildir_locks(passwd: Path, arguments: list[str], kind: type, where: st
 )
 def test_counting_processes(value: str, one_process: bool, cores: int, processes: int) -> None:
     """'auto': one helper beside a single serving process where there is a second core."""
-    assert parse_counting_processes(value, one_process=one_process, cores=cores) == processes
+    maildir = MaildirLocation()
+    counted = parse_counting_processes(value, one_process=one_process, store=maildir, cores=cores)
+    assert counted == processes
+
+
+def test_mbox_files_have_no_counting_processes(passwd: Path) -> None:
+    """An mbox file is read whole at login, not counted message by message: no helper."""
+    assert parse_counting_processes("auto", one_process=True, store=MboxLocation(), cores=8) == 0
+    base = ("--mail-location", "mbox:/var/mail/{user}", "--auth", f"passwd-file:{passwd}")
+    assert parse(*base)["counting-processes"] == 0
+    assert parse(*base, "--counting-processes", "0")["counting-processes"] == 0
+    with pytest.raises(usage.UsageError) as raised:
+        parse(*base, "--counting-processes", "2")
+    assert str(raised.value) == (
+        "--counting-processes 2: mbox: locations count no message sizes in helper "
+        "processes (Maildirs do); use --counting-processes 0 or auto"
+    )
 
 
 def test_workers_start_no_counting_processes_by_default(passwd: Path) -> None:

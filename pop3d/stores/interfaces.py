@@ -323,6 +323,17 @@ class IRetrievalTimesStore(Interface):
     """
 
 
+class ICountingStore(Interface):
+    """
+    An optional part of `IMaildropStore`: a store whose first open of a
+    maildrop reads every message to count its size, and shares that
+    reading with helper processes when it is made with the server's
+    `pop3d.stores.counting.CountingProcesses` (its plug-in's ``make``
+    finds them as ``options["counting"]``).  ``twistd pop3d`` starts such
+    helpers (``--counting-processes``) only for a store that provides this.
+    """
+
+
 class MailLocationError(ValueError):
     """
     A ``--mail-location`` argument, or a store option given with it, that a
@@ -351,7 +362,8 @@ class IMailLocationPlugin(Interface):
     and refuses, in `check`, those that cannot apply to it; it ignores the
     rest.  When it makes a store, ``counting`` is the server's
     `pop3d.stores.counting.CountingProcesses` (None if it has none), for a
-    store that reads many files at a first login, as the Maildir store does.
+    store that reads many files at a first login, as the Maildir store does:
+    there are helpers only if ``store_interfaces`` has `ICountingStore`.
     """
 
     scheme: str = Attribute("The name before the colon, e.g. ``maildir``: lower case, no colon.")

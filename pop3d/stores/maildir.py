@@ -74,6 +74,7 @@ from pop3d.stores.counting import (
 )
 from pop3d.stores.interfaces import (
     IClosesAtOnce,
+    ICountingStore,
     IMaildrop,
     IMaildropLocks,
     IMaildropStore,
@@ -340,7 +341,7 @@ class _ListingCache:
             self._messages -= len(dropped.messages)
 
 
-@implementer(IMaildropStore, IOpensAtOnce, IRetrievalTimesStore)
+@implementer(IMaildropStore, IOpensAtOnce, IRetrievalTimesStore, ICountingStore)
 class MaildirStore:
     """
     Maildirs found by a path template such as ``/srv/mail/{user}``.
