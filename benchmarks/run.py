@@ -57,6 +57,7 @@ from loadgen import (
 from maildrops import Maildrop
 from servers import Server
 
+from pop3d.stores.locations import MaildirLocation
 from pop3d.tap import parse_counting_processes
 
 SERVERS = ("pop3d", "pop3d-auto", "twisted", "dovecot", "floor")
@@ -273,7 +274,7 @@ def make_server(
             kind in POP3D_KINDS
             and not workers
             # pop3d's own rule for 'auto' (it inherits this process's cores).
-            and parse_counting_processes("auto", one_process=True) > 0
+            and parse_counting_processes("auto", one_process=True, store=MaildirLocation()) > 0
             and not any(a.startswith("--counting-processes") for a in cfg.pop3d_args)
         )
         also_ready = servers.COUNTING_READY if helper else None

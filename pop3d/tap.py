@@ -360,6 +360,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             # A worker is started with the parent's options less --workers.
             one_process=self["workers"] == 1 and self["worker-sockets"] is None,
             store=plugin,
+            # A user database may give a user a location of its own (a Maildir).
+            per_user=user_database(self["credCheckers"]) is not None,
         )
         if self["control"] is not None and self["worker-sockets"] is None:
             try:
@@ -504,15 +506,21 @@ def parse_count(option: str, value: str) -> int:
 
 
 def parse_counting_processes(
-    value: str, *, one_process: bool, store: IMailLocationPlugin, cores: int | None = None
+    value: str,
+    *,
+    one_process: bool,
+    store: IMailLocationPlugin,
+    per_user: bool = False,
+    cores: int | None = None,
 ) -> int:
     """
     --counting-processes: a number, or 'auto': one helper for a server of
     one process on two cores or more; none for workers, which use the cores,
-    nor for a --mail-location ``store`` whose stores count no sizes with
-    helpers (no `ICountingStore`: mbox files).
+    nor where every maildrop is of the --mail-location ``store`` and its
+    stores count no sizes with helpers (no `ICountingStore`: mbox files),
+    unlike where users may have ``per_user`` locations of their own.
     """
-    counts = ICountingStore in store.store_interfaces
+    counts = ICountingStore in store.store_interfaces or per_user
     if value == "auto":
         # The cores this process may run on (taskset, a container's cpuset).
         available = cores if cores is not None else len(os.sched_getaffinity(0))
@@ -521,7 +529,8 @@ def parse_counting_processes(
     if processes and not counts:
         raise usage.UsageError(
             f"--counting-processes {processes}: {store.scheme}: locations count no message "
-            "sizes in helper processes (Maildirs do); use --counting-processes 0 or auto"
+            "sizes in helper processes (Maildirs do), and no user has a location of "
+            "their own (no user database); use --counting-processes 0 or auto"
         )
     return processes
 

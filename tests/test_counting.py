@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.synchronize import Lock
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -36,6 +37,7 @@ from pop3d.stores.counting import (
     NOT_COUNTED,
     CountingProcesses,
     DirectoryToCount,
+    replacement_wait,
     wire_sizes,
 )
 from pop3d.stores.maildir import MaildirStore
@@ -556,10 +558,36 @@ async def test_a_lock_held_for_good_stops_the_sharing_not_the_count(
     finally:
         await counting.stopService()
     assert logged.texts("a counting helper process stopped") == [
-        "a counting helper process stopped answering; message sizes are counted "
-        "in this process until helpers are started again in 1 s"
+        "a counting helper process stopped answering; "
+        "message sizes are counted in this process until it is replaced"
     ]
     assert [in_helpers for _, _, in_helpers in _shared(logged)] == [0]
+
+
+DIED = "a counting helper process ended unexpectedly"
+
+
+async def _kill_and_count(
+    counting: CountingProcesses, many: Many, directory_fd: int, logged: Logged
+) -> int:
+    """
+    Kill the helper, and count (in a thread, as a login does) until its
+    death is noticed, each count exact.  The helper's pid.
+    """
+    [pid] = await counting.when_started()
+    noticed = len(logged.texts(DIED))
+    os.kill(pid, signal.SIGKILL)
+    # The executor learns of the death a moment later: a count hands its
+    # batches to the dead helper until then (and counts them itself).
+    for _ in range(50):
+        counted = await deferToThread(counting.wire_sizes, str(many.path), directory_fd, many.names)
+        assert counted == (many.sizes, {})
+        if len(logged.texts(DIED)) > noticed:
+            break
+    else:
+        pytest.fail("the helper's death was never noticed")
+    assert not Path(f"/proc/{pid}").exists()
+    return pid
 
 
 # CPython 3.11's executor thread may raise InvalidStateError as it fails the
@@ -574,35 +602,15 @@ async def test_a_lock_held_for_good_stops_the_sharing_not_the_count(
 async def test_a_helper_that_dies_costs_no_size(
     many: Many, directory_fd: int, helpers: CountingProcesses, logged: Logged
 ) -> None:
-    [pid] = await helpers.when_started()
-    os.kill(pid, signal.SIGKILL)
+    await _kill_and_count(helpers, many, directory_fd, logged)
     for _ in range(2):
         assert helpers.wire_sizes(str(many.path), directory_fd, many.names) == (many.sizes, {})
-    # Said once; every count after the death was the thread's; no zombie left.
-    assert logged.texts("a counting helper process ended unexpectedly") == [
-        "a counting helper process ended unexpectedly; message sizes are counted "
-        "in this process until helpers are started again in 1 s"
+    # Said once; every count after the death was the thread's.
+    assert logged.texts(DIED) == [
+        "a counting helper process ended unexpectedly; "
+        "message sizes are counted in this process until it is replaced"
     ]
     assert all(in_helpers == 0 for _, _, in_helpers in _shared(logged))
-    assert not Path(f"/proc/{pid}").exists()
-
-
-async def _kill_and_count(
-    counting: CountingProcesses, many: Many, directory_fd: int, logged: Logged
-) -> int:
-    """
-    Kill the helper; count (in a thread, as a login does) until the death
-    is seen, each count still exact.  The helper's pid.
-    """
-    [pid] = await counting.when_started()
-    os.kill(pid, signal.SIGKILL)
-    # The executor sees the death a moment later: the count after it then
-    # cannot hand its batches over (not the first: it was on its way).
-    for _ in range(2):
-        counted = await deferToThread(counting.wire_sizes, str(many.path), directory_fd, many.names)
-        assert counted == (many.sizes, {})
-    assert not Path(f"/proc/{pid}").exists()
-    return pid
 
 
 # gh-107219: see above.
@@ -614,8 +622,9 @@ async def test_helpers_that_die_are_replaced_later_each_time_they_die_young(
 ) -> None:
     """
     A helper killed (the out-of-memory killer, an administrator) is replaced
-    a second later, and the counts are shared again; replacements that die
-    within five minutes wait twice as long each time, up to five minutes;
+    a second later, and the counts are shared again; replacements found dead
+    within five minutes of starting wait twice as long each time (up to
+    five minutes: `test_replacements_wait_longer_while_found_dead_young`);
     helpers that lived longer are replaced a second later again.
     """
     clock = Clock()
@@ -633,6 +642,7 @@ async def test_helpers_that_die_are_replaced_later_each_time_they_die_young(
             dead = await _kill_and_count(counting, many, directory_fd, logged)
             [wait] = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
             waits.append(wait)
+            assert await counting.when_started() == []  # none of the dead
             clock.advance(wait - 0.1)
             assert len(clock.getDelayedCalls()) == 1  # not yet replaced
             clock.advance(0.1)
@@ -654,11 +664,67 @@ async def test_helpers_that_die_are_replaced_later_each_time_they_die_young(
         await counting.stopService()
     # Stopped while a replacement waits: none is started.
     assert clock.getDelayedCalls() == []
-    assert logged.texts("a counting helper process ended unexpectedly") == [
-        "a counting helper process ended unexpectedly; message sizes are counted "
-        f"in this process until helpers are started again in {wait:g} s"
-        for wait in (1, 2, 4, 1)
+    assert len(logged.texts(DIED)) == 4
+    assert logged.texts("counting helper processes are started again") == [
+        f"counting helper processes are started again in {wait} s" for wait in (1, 2, 4, 1)
     ]
+
+
+def test_replacements_wait_longer_while_found_dead_young() -> None:
+    """Doubling from a second, at most five minutes; after five minutes alive, a second."""
+    waits: list[float] = []
+    previous = None
+    for _ in range(12):
+        previous = replacement_wait(previous, 10.0)
+        waits.append(previous)
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+    assert replacement_wait(300, 299.9) == 300
+    assert replacement_wait(300, 300) == 1
+
+
+class _SecondStartFails(SpawnContext):
+    """Spawns helpers, but the second cannot be started (no memory, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 0
+
+    def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # type: ignore[override]
+        self.starts += 1
+        kind = _Unstartable if self.starts == 2 else SpawnProcess
+        return kind(*args, **kwargs)
+
+
+# gh-107219: see above.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.process
+@pytest_twisted.ensureDeferred
+async def test_a_replacement_that_cannot_start_is_tried_again_later(
+    many: Many, directory_fd: int, shared_memory: Path, logged: Logged
+) -> None:
+    clock = Clock()
+    counting = CountingProcesses(
+        1,
+        reactor,  # type: ignore[arg-type]
+        context=_SecondStartFails(),
+        batch=256,
+        shared_memory=str(shared_memory),
+        clock=clock,
+    )
+    counting.startService()
+    try:
+        await _kill_and_count(counting, many, directory_fd, logged)
+        clock.advance(1)
+        assert logged.texts("counting helper processes could not start") == [
+            "counting helper processes could not start (PermissionError: [Errno 13] "
+            "Permission denied: '/root/python3'); message sizes are counted in this process"
+        ]
+        assert [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()] == [2]
+        clock.advance(2)
+        [pid] = await counting.when_started()
+        assert Path(f"/proc/{pid}").exists()
+    finally:
+        await counting.stopService()
 
 
 @pytest.mark.process

@@ -193,8 +193,26 @@ def test_mbox_files_have_no_counting_processes(passwd: Path) -> None:
         parse(*base, "--counting-processes", "2")
     assert str(raised.value) == (
         "--counting-processes 2: mbox: locations count no message sizes in helper "
-        "processes (Maildirs do); use --counting-processes 0 or auto"
+        "processes (Maildirs do), and no user has a location of their own (no user "
+        "database); use --counting-processes 0 or auto"
     )
+
+
+def test_a_user_database_may_give_maildirs_beside_mbox_files(tmp_path: Path) -> None:
+    """Users of a user database may have a Maildir of their own: helpers count for those."""
+    mbox = MboxLocation()
+    assert parse_counting_processes("auto", one_process=True, store=mbox, per_user=True, cores=2)
+    conf = tmp_path / "dovecot-sql.conf.ext"
+    queries = (
+        "password_query = SELECT userid AS user, password FROM users WHERE userid = '%u'\n"
+        "user_query = SELECT mail FROM users WHERE userid = '%u'\n"
+    )
+    conf.write_text(f"driver = sqlite\nconnect = {tmp_path / 'users.db'}\n" + queries)
+    options = parse(
+        "--mail-location", "mbox:/var/mail/{user}", "--auth", f"sql:{conf}",
+        "--counting-processes", "2",
+    )  # fmt: skip
+    assert options["counting-processes"] == 2
 
 
 def test_workers_start_no_counting_processes_by_default(passwd: Path) -> None:

@@ -81,8 +81,9 @@ READ_SIZE = 256 * 1024
 #: counting goes on without the helpers.
 LOCK_PATIENCE_SECONDS = 2.0
 #: Seconds before helpers that ended unexpectedly are replaced; doubled each
-#: time replacements end within `REPLACE_WAIT_MOST` of starting (a helper
-#: that cannot live is not started again and again), up to that.
+#: time replacements are found dead within `REPLACE_WAIT_MOST` of starting
+#: (helpers that cannot live are not started again and again), up to that
+#: (`replacement_wait`).
 REPLACE_WAIT = 1.0
 REPLACE_WAIT_MOST = 300.0
 #: Where the files of shared counts are made: memory, not a disk, on Linux.
@@ -385,6 +386,18 @@ def _exit_after(sentinel: int) -> None:
     os._exit(0)
 
 
+def replacement_wait(previous: float | None, lived: float) -> float:
+    """
+    Seconds to wait before replacing helpers found dead ``lived`` seconds
+    after they were started, when the last replacement waited ``previous``
+    (None: there was none): `REPLACE_WAIT`, doubled for each replacement
+    found dead within `REPLACE_WAIT_MOST` of starting, at most that.
+    """
+    if previous is None or lived >= REPLACE_WAIT_MOST:
+        return REPLACE_WAIT
+    return min(2 * previous, REPLACE_WAIT_MOST)
+
+
 class CountingProcesses(Service):
     """
     ``processes`` helper processes that count messages' sizes with the
@@ -415,10 +428,13 @@ class CountingProcesses(Service):
     the thread.  Not running, or without room for the file, this counts in
     the thread.
 
-    Helpers that end unexpectedly (killed, out of memory) or stop answering
-    are replaced, `REPLACE_WAIT` seconds later (of ``clock``, by default
-    ``reactor``), and later still if their replacements end too within
-    `REPLACE_WAIT_MOST` of starting; meanwhile the thread counts alone.
+    Helpers that end unexpectedly (killed, out of memory), stop answering
+    or cannot start are replaced `REPLACE_WAIT` seconds later (of
+    ``clock``, by default ``reactor``), later still if their replacements
+    are found dead too within `REPLACE_WAIT_MOST` of starting
+    (`replacement_wait`); meanwhile the thread counts alone.  (Helpers
+    that cannot be started at all, an interpreter this user cannot run, are
+    not tried again.)
 
     With ``spawn``, each helper imports the program's main module again
     (as ``__mp_main__``): a program that starts the reactor at module level
@@ -450,10 +466,10 @@ class CountingProcesses(Service):
         #: Two logins may find the helpers broken at once: it is said once.
         self._breaking = threading.Lock()
         self._starting: list[Future[int]] = []
-        #: When the helpers were last started (`_clock`), and how long to
-        #: wait before replacing them if they end soon after.
+        #: When the helpers were last started (`_clock`); how long the last
+        #: replacement waited; the replacement waiting, if one is.
         self._started_at = 0.0
-        self._next_wait = REPLACE_WAIT
+        self._last_wait: float | None = None
         self._replacing: IDelayedCall | None = None
 
     def startService(self) -> None:
@@ -463,6 +479,7 @@ class CountingProcesses(Service):
 
     def _start_helpers(self, *, first: bool) -> None:
         self._replacing = None
+        self._starting = []
         self._started_at = self._clock.seconds()
         executor: ProcessPoolExecutor | None = None
         try:
@@ -490,26 +507,31 @@ class CountingProcesses(Service):
             )
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
+            if not first:
+                # No process now (out of memory after a kill, say): later.
+                self._replace_later()
             return
         writable = os.access(self.shared_memory, os.W_OK | os.X_OK)
         shared_directory = self.shared_memory if writable else None
         if first:
             _remove_left_behind(shared_directory)
-        self._helpers = _Helpers(executor, lock, shared_directory)
-        self.when_started().addCallbacks(self._started, self._not_started)
+        helpers = self._helpers = _Helpers(executor, lock, shared_directory)
+        self.when_started().addCallbacks(self._started, self._not_started, errbackArgs=(helpers,))
 
     def _started(self, pids: list[int]) -> None:
         log.info("counting helper processes started: {pids}", pids=pids)
 
-    def _not_started(self, failure: Failure) -> None:
+    def _not_started(self, failure: Failure, helpers: _Helpers) -> None:
         if self.running:  # not merely stopped before they were up
             log.failure("counting helper processes did not start", failure)
+            self._broken(helpers, "ended as it started")
 
     def when_started(self) -> Deferred[list[int]]:
         """
         Fires with the process ids of the helpers once they have started
         (those started last: replacements, once there are), with none if
-        there are none, or an error if they could not.
+        there are none (as while dead ones wait to be replaced), or an error
+        if they could not.
         """
         starting = self._starting
         started: Deferred[list[int]] = Deferred()
@@ -604,25 +626,27 @@ class CountingProcesses(Service):
             if self._helpers is not helpers:
                 return
             self._helpers = None
-            if self._clock.seconds() - self._started_at >= REPLACE_WAIT_MOST:
-                self._next_wait = REPLACE_WAIT  # they lived: not helpers that cannot
-            wait = self._next_wait
-            self._next_wait = min(2 * wait, REPLACE_WAIT_MOST)
         log.error(
-            "a counting helper process {how}; message sizes are counted "
-            "in this process until helpers are started again in {wait:g} s",
+            "a counting helper process {how}; "
+            "message sizes are counted in this process until it is replaced",
             how=how,
-            wait=wait,
         )
         helpers.executor.shutdown(wait=False, cancel_futures=True)
         # Reaped here: CPython 3.11's executor thread may itself end before
         # it does (gh-107219), leaving the dead helper a zombie.
         multiprocessing.active_children()
-        self._reactor.callFromThread(self._replace_later, wait)
+        self._reactor.callFromThread(self._replace_later)
 
-    def _replace_later(self, wait: float) -> None:
-        if self.running and self._replacing is None:
-            self._replacing = self._clock.callLater(wait, self._start_helpers, first=False)
+    def _replace_later(self) -> None:
+        """On the reactor's thread: start new helpers after `replacement_wait`."""
+        if not self.running or self._helpers is not None or self._replacing is not None:
+            return  # stopped; started again meanwhile; already waiting
+        # Until then, no pids of the dead ones.
+        self._starting = []
+        wait = replacement_wait(self._last_wait, self._clock.seconds() - self._started_at)
+        self._last_wait = wait
+        log.info("counting helper processes are started again in {wait:g} s", wait=wait)
+        self._replacing = self._clock.callLater(wait, self._start_helpers, first=False)
 
 
 def begin_count(

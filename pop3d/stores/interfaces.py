@@ -330,7 +330,8 @@ class ICountingStore(Interface):
     reading with helper processes when it is made with the server's
     `pop3d.stores.counting.CountingProcesses` (its plug-in's ``make``
     finds them as ``options["counting"]``).  ``twistd pop3d`` starts such
-    helpers (``--counting-processes``) only for a store that provides this.
+    helpers (``--counting-processes``) only for a store that provides this,
+    or where a user database may give users locations of their own.
     """
 
 
@@ -363,7 +364,9 @@ class IMailLocationPlugin(Interface):
     rest.  When it makes a store, ``counting`` is the server's
     `pop3d.stores.counting.CountingProcesses` (None if it has none), for a
     store that reads many files at a first login, as the Maildir store does:
-    there are helpers only if ``store_interfaces`` has `ICountingStore`.
+    ``twistd pop3d`` starts helpers for a default location only if its
+    ``store_interfaces`` has `ICountingStore` (or users may have locations
+    of their own, from a user database).
     """
 
     scheme: str = Attribute("The name before the colon, e.g. ``maildir``: lower case, no colon.")
