@@ -26,7 +26,14 @@ reads as, and which files exist afterwards:
   noted it changed (`pop3d.stores.maildir.CHANGE_NOTES`);
 - a message that has not moved since the session last saw it (when it
   opened the maildrop, or read the message) opens with no directory read:
-  the listing says where each message is.
+  the listing says where each message is;
+- all of this whether a full read takes its directories whole or a few
+  entries at a time (``step``: slices of 4 or 8 entries, each counted on
+  its own), and whether the sizes are counted by the thread alone or each
+  count of two messages or more is shared through a file with a helper
+  process (`CountingProcesses`, one batch per message; with counts this
+  small the thread takes nearly every batch back before the helper starts
+  it: tests/test_counting.py has the helper count).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import pytest_twisted
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -51,16 +59,19 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from pop3d.errors import MaildropLocked, MessageGone
+from pop3d.stores.counting import CountingProcesses
 from pop3d.stores.interfaces import IMaildrop, IMessageBody, ISeenFlags
 from pop3d.stores.maildir import (
     LISTING_CACHE_MESSAGES,
     SETTLE_AT_QUIT_MESSAGES,
     SETTLE_WAIT_SECONDS,
+    STEP,
     MaildirStore,
 )
 from pop3d.stores.posix import LockTable
@@ -79,6 +90,26 @@ from .test_session_model import (
 pytestmark = pytest.mark.slow
 
 MAILBOX = "carol"
+
+#: One helper process for every history that shares its counts (`helpers`).
+HELPERS: list[CountingProcesses] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A counting helper for the module, its shared files in a directory of its own."""
+    shared_memory = tmp_path_factory.mktemp("shm")
+    counting = CountingProcesses(1, reactor, batch=1, shared_memory=str(shared_memory))  # type: ignore[arg-type]
+    counting.startService()
+    pytest_twisted.blockon(counting.when_started())
+    HELPERS.append(counting)
+    try:
+        yield
+    finally:
+        HELPERS.clear()
+        pytest_twisted.blockon(counting.stopService())
+        # Every count removed its shared file.
+        assert list(shared_memory.iterdir()) == []
 
 
 @contextmanager
@@ -128,29 +159,40 @@ class StoreMachine(RuleBasedStateMachine):
     @initialize(
         listing_cache=st.sampled_from([0, 2, LISTING_CACHE_MESSAGES]),
         settle_at_quit=st.sampled_from([1, SETTLE_AT_QUIT_MESSAGES]),
+        step=st.sampled_from([1, 2, STEP]),
+        shared=st.booleans(),
         deliveries=st.lists(st.tuples(MESSAGES, PLACEMENTS), max_size=5),
     )
     def make_store(
         self,
         listing_cache: int,
         settle_at_quit: int,
+        step: int,
+        shared: bool,
         deliveries: list[tuple[bytes, tuple[str, str]]],
     ) -> None:
         """
         With no listing cache, a tiny one, or the default; QUIT waits for its
-        renames to settle (as for a large Maildir) or not; mail may be waiting.
+        renames to settle (as for a large Maildir) or not; directories read
+        a few entries at a time or whole; sizes counted with the helper or
+        not; mail may be waiting.
         """
+        counting = HELPERS[0] if shared else None
         self.store = MaildirStore(
             f"{self.root}/{{user}}",
             reactor=self.threads.as_reactor,
             listing_cache=listing_cache,
             settle_at_quit=settle_at_quit,
+            step=step,
+            counting=counting,
         )
         self.other_store = MaildirStore(
             f"{self.root}/{{user}}",
             reactor=self.threads.as_reactor,
             locks=self.store.locks,
             settle_at_quit=settle_at_quit,
+            step=step,
+            counting=counting,
         )
         for content, placement in deliveries:
             self.deliver(content, placement)
