@@ -19,6 +19,7 @@ import poplib
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,22 @@ GREETING = re.compile(rb"\+OK pop3d ready <[0-9a-f]+\.[0-9]+@(mail-[ab])>")
 TOO_MANY = b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
 #: pop3d's line at the end of a session (pop3d.driver), with the peer's address.
 SESSION_LOG = re.compile(r"session [^:\n]+: user=\"(\w+)\" peer=([0-9.]+):")
+
+
+def _sessions_logged(server: Server, expected: int) -> list[tuple[str, str]]:
+    """
+    (user, peer) of each session ``server`` logged, once it has logged
+    ``expected`` of them (or PATIENCE passed): a session's line comes just
+    after its "+OK bye", and the server's output is read by a thread.
+    """
+    deadline = time.monotonic() + PATIENCE
+    while len(sessions := SESSION_LOG.findall(server.output)) < expected:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or server.next_line(remaining) is None:
+            break
+    return sessions
+
+
 MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: three\n\n.third\n"]
 #: What poplib hands back for each (lines without CRLF, a leading dot unstuffed).
 RECEIVED = [
@@ -237,7 +254,7 @@ def test_sessions_spread_and_each_client_is_judged_by_its_own_address(
     assert len(refusals) == 1 and "refusing connection from 127.0.0.7:" in refusals[0], refusals
     for server in cluster.instances.values():
         server.assert_healthy()
-        sessions = SESSION_LOG.findall(server.output)
+        sessions = _sessions_logged(server, 4)
         assert len(sessions) == 4, server.output
         assert "127.0.0.1" not in [peer for _, peer in sessions], server.output
     served = {
