@@ -56,6 +56,7 @@ __all__ = [*_DEFINED_IN, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    """A name of the package's API, imported from its module the first time it is used."""
     module = _DEFINED_IN.get(name)
     if module is None:
         raise AttributeError(f"module 'pop3d' has no attribute {name!r}")
@@ -65,4 +66,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_DEFINED_IN})
+    """The package's API and its module attributes, not the names this file imports."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -8,14 +8,12 @@ The password schemes themselves are in `pop3d.passwords`.
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -30,10 +28,8 @@ from pop3d.credchecks import (
     DEFAULT_MAX_CONCURRENT,
     PASSWORD_CHECKS,
     IAvatarIdAtOnce,
-    PasswordCheck,
     PasswordChecks,
     PasswordEntry,
-    PasswordLookup,
     PasswordVerifier,
     StoredPasswordLookup,
     as_bytes,
@@ -48,63 +44,14 @@ from pop3d.passwords import (
     ScramSHA256Scheme,
 )
 from pop3d.reloading import IReloadable, ReloadableFiles
-from pop3d.sasl import IScramKeySource, ScramKeys, cram_md5, scram
+from pop3d.sasl import IScramKeySource, ScramKeys
 from pop3d.sasl.oauth2 import IOAuth2TokenVerifier, TokenCheck
 from pop3d.userdb import AuthenticatedUser, UserFieldError, passdb_user
 
 log = Logger()
 
-#: The modules of the SASL credential types a passwd-file verifies: each
-#: registers its check in PASSWORD_CHECKS when it is imported.
-CREDENTIAL_TYPE_MODULES = (cram_md5, scram)
-
 #: Schemes whose stored secret is the password itself.
 PLAINTEXT_SCHEMES = frozenset(name for name, scheme in SCHEMES.items() if scheme.plaintext)
-
-
-def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool] | bool:
-    """
-    USER/PASS: each form of a prepared password in turn, until one matches
-    (the answer at once where each check answers at once).
-    """
-    if isinstance(credentials, PreparedUsernamePassword):
-        first, *others = credentials.passwords
-    else:
-        first, others = as_bytes(credentials.password), []
-    checked = lookup.check_password_at_once(first)
-    for other in others:
-        if not isinstance(checked, Deferred):
-            if checked:
-                return True
-            checked = lookup.check_password_at_once(other)
-            continue
-
-        def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
-            return matched or lookup.check_password(other)
-
-        checked = checked.addCallback(next_form)
-    return checked
-
-
-def _verify_hashed(lookup: PasswordLookup, credentials: Any) -> bool:
-    """APOP: the digest covers the password itself."""
-    found = lookup.entry
-    if found is None:
-        credentials.checkPassword(secrets.token_hex(8).encode("ascii"))
-        return False
-    if not found.kind.plaintext:
-        return False
-    return bool(credentials.checkPassword(found.secret))
-
-
-PASSWORD_CHECKS.register(PasswordCheck(IUsernamePassword, _verify_password))
-PASSWORD_CHECKS.register(
-    PasswordCheck(
-        IUsernameHashedPassword,
-        _verify_hashed,
-        possible=lambda schemes: any(scheme.plaintext for scheme in schemes),
-    )
-)
 
 
 #: The scheme of a passwd-file password without a ``{SCHEME}`` prefix, as

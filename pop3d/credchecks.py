@@ -7,9 +7,10 @@ the server can verify, and how.
   `pop3d.sasl.IScramKeySource`) without the mechanism seeing the portal.
 - `PasswordChecks` is the table a password file's checker
   (`pop3d.checkers.PasswdFileChecker`) verifies credentials with: one
-  `PasswordCheck` per credential type, registered by the module that defines
-  the type (`pop3d.checkers` for USER/PASS and APOP, `pop3d.sasl.cram_md5`,
-  `pop3d.sasl.scram`).  A new credential type adds its check here from its
+  `PasswordCheck` per credential type: USER/PASS and APOP registered here,
+  the SASL types by the module that defines each (`pop3d.sasl.cram_md5`,
+  `pop3d.sasl.scram`, which this module imports last, so the table is whole
+  wherever it is used).  A new credential type adds its check here from its
   own module; the checker does not change.
 - `PasswordVerifier` and `StoredPasswordLookup` are how every checker that
   holds stored passwords (passwd-file, SQL, LDAP) checks one: slow schemes
@@ -24,10 +25,12 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from pop3d.credentials import PreparedUsernamePassword
 from pop3d.passwords import (
     SCHEMES,
     SCRAM_ITERATIONS,
@@ -311,6 +314,51 @@ class PasswordChecks:
 PASSWORD_CHECKS = PasswordChecks()
 
 
+def _verify_password(lookup: PasswordLookup, credentials: Any) -> Deferred[bool] | bool:
+    """
+    USER/PASS: each form of a prepared password in turn, until one matches
+    (the answer at once where each check answers at once).
+    """
+    if isinstance(credentials, PreparedUsernamePassword):
+        first, *others = credentials.passwords
+    else:
+        first, others = as_bytes(credentials.password), []
+    checked = lookup.check_password_at_once(first)
+    for other in others:
+        if not isinstance(checked, Deferred):
+            if checked:
+                return True
+            checked = lookup.check_password_at_once(other)
+            continue
+
+        def next_form(matched: bool, other: bytes = other) -> bool | Deferred[bool]:
+            return matched or lookup.check_password(other)
+
+        checked = checked.addCallback(next_form)
+    return checked
+
+
+def _verify_hashed(lookup: PasswordLookup, credentials: Any) -> bool:
+    """APOP: the digest covers the password itself."""
+    found = lookup.entry
+    if found is None:
+        credentials.checkPassword(secrets.token_hex(8).encode("ascii"))
+        return False
+    if not found.kind.plaintext:
+        return False
+    return bool(credentials.checkPassword(found.secret))
+
+
+PASSWORD_CHECKS.register(PasswordCheck(IUsernamePassword, _verify_password))
+PASSWORD_CHECKS.register(
+    PasswordCheck(
+        IUsernameHashedPassword,
+        _verify_hashed,
+        possible=lambda schemes: any(scheme.plaintext for scheme in schemes),
+    )
+)
+
+
 class PasswordVerifier:
     """
     Checks passwords against stored entries, for every checker that holds
@@ -448,3 +496,13 @@ class StoredPasswordLookup:
 
     def run_slow(self, work: Callable[..., _T], *args: Any) -> Deferred[_T]:
         return self.verifier.run_slow(work, *args)
+
+
+# The SASL credential types register their checks from their own modules,
+# which import this one: imported here, at the end, so that the table is
+# whole wherever it is used (an SQL or LDAP checker made by a program that
+# never imports pop3d.checkers, or twistd listing what --auth sql can check).
+from pop3d.sasl import cram_md5, scram  # noqa: E402
+
+#: The modules of the SASL credential types a password file verifies.
+CREDENTIAL_TYPE_MODULES = (cram_md5, scram)

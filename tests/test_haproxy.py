@@ -43,6 +43,13 @@ GREETING = re.compile(rb"\+OK pop3d ready <[0-9a-f]+\.[0-9]+@(mail-[ab])>")
 TOO_MANY = b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
 #: pop3d's line at the end of a session (pop3d.driver), with the peer's address.
 SESSION_LOG = re.compile(r"session [^:\n]+: user=\"(\w+)\" peer=([0-9.]+):")
+MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: three\n\n.third\n"]
+#: What poplib hands back for each (lines without CRLF, a leading dot unstuffed).
+RECEIVED = [
+    [b"Subject: one", b"", b"first"],
+    [b"Subject: two", b"", b"second"],
+    [b"Subject: three", b"", b".third"],
+]
 
 
 def _sessions_logged(server: Server, expected: int) -> list[tuple[str, str]]:
@@ -57,15 +64,6 @@ def _sessions_logged(server: Server, expected: int) -> list[tuple[str, str]]:
         if remaining <= 0 or server.next_line(remaining) is None:
             break
     return sessions
-
-
-MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n", b"Subject: three\n\n.third\n"]
-#: What poplib hands back for each (lines without CRLF, a leading dot unstuffed).
-RECEIVED = [
-    [b"Subject: one", b"", b"first"],
-    [b"Subject: two", b"", b"second"],
-    [b"Subject: three", b"", b".third"],
-]
 
 
 def free_port() -> int:

@@ -484,3 +484,47 @@ def test_the_package_names_are_there_when_used() -> None:
         for alias in node.names
     }
     assert seen_by_type_checkers == set(pop3d.__all__) - {"__version__"}
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    "first",
+    ["pop3d.authdb.sql", "pop3d.authdb.ldap", "pop3d.sasl.cram_md5", "pop3d.sasl.scram", "pop3d"],
+)
+def test_every_password_check_is_there_whatever_is_imported_first(first: str) -> None:
+    """
+    A program that makes an SQL or LDAP checker (or imports a SASL
+    mechanism) without ever importing ``pop3d.checkers`` verifies USER/PASS,
+    APOP, CRAM-MD5 and SCRAM-SHA-256 all the same: the SQL checker's
+    factory says so, which is what ``twistd pop3d --help-auth`` lists it by.
+    """
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import {first}\n"
+            "from pop3d.authdb.sql import SQLCheckerFactory\n"
+            "print(*sorted(i.__name__ for i in SQLCheckerFactory.credentialInterfaces))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert shown.stdout.split() == [
+        "ICramMD5Credentials",
+        "IScramSHA256Credentials",
+        "IUsernameHashedPassword",
+        "IUsernamePassword",
+    ]
+
+
+@pytest.mark.process
+def test_twistd_lists_every_auth_type() -> None:
+    """``twistd pop3d --help-auth``: pop3d's checkers, each for what pop3d verifies."""
+    twistd = Path(sys.executable).parent / "twistd"
+    shown = subprocess.run(
+        [str(twistd), "pop3d", "--help-auth"], capture_output=True, text=True, cwd=ROOT
+    )
+    kinds = {line.split()[0] for line in shown.stdout.splitlines()[4:] if line.strip()}
+    assert {"passwd-file", "sql", "ldap", "oauth2"} <= kinds, shown.stdout

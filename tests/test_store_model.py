@@ -95,9 +95,9 @@ MAILBOX = "carol"
 HELPERS: list[CountingProcesses] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A counting helper for the module, its shared files in a directory of its own."""
+    """A counting helper for `TestStore`, its shared files in a directory of its own."""
     shared_memory = tmp_path_factory.mktemp("shm")
     counting = CountingProcesses(1, reactor, batch=1, shared_memory=str(shared_memory))  # type: ignore[arg-type]
     counting.startService()
@@ -108,8 +108,6 @@ def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     finally:
         HELPERS.clear()
         pytest_twisted.blockon(counting.stopService())
-        # Every count removed its shared file.
-        assert list(shared_memory.iterdir()) == []
 
 
 @contextmanager
@@ -205,6 +203,10 @@ class StoreMachine(RuleBasedStateMachine):
             if isinstance(self.store.locks, LockTable):
                 self.store.locks.close()
             shutil.rmtree(self.root)
+        counting = self.store.counting
+        if counting is not None:
+            # Every count of this history removed its shared file.
+            assert os.listdir(counting.shared_memory) == []
 
     def _on_disk(self, message: StoredMessage) -> bool:
         return any(message is there for there in self.disk)
@@ -466,7 +468,7 @@ StoreMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestStore = StoreMachine.TestCase
+TestStore = pytest.mark.usefixtures("helpers")(StoreMachine.TestCase)
 
 
 def test_store_work_waits_for_the_clock(tmp_path: Path) -> None:
