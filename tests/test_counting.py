@@ -59,6 +59,12 @@ SHAPES = {
     "mixed": (b"a\r\nb\nc\r\n", 9),
     # Longer than one read: 3,000 lines of 100 octets.
     "long": ((b"x" * 99 + b"\n") * 3000, 303_000),
+    # The first read takes 64 KiB: exactly that (64 lines of 1,024 octets),
+    # one octet more (unended), and a CRLF split by it (65,535 octets, then
+    # CR LF, then "z" LF: the CRLF is not counted as a bare LF).
+    "first read": ((b"x" * 1023 + b"\n") * 64, 65_600),
+    "first read and one": ((b"x" * 1023 + b"\n") * 64 + b"y", 65_603),
+    "crlf split": (b"x" * 65_535 + b"\r\nz\n", 65_540),
 }
 
 
@@ -76,7 +82,7 @@ def test_every_shape_of_message_is_counted_as_sent(tmp_path: Path, short_read_is
         counted = wire_sizes(fd, list(SHAPES), short_read_is_end=short_read_is_end)
     finally:
         os.close(fd)
-    assert counted == ([20, 20, 33, 0, 9, 303_000], {})
+    assert counted == ([20, 20, 33, 0, 9, 303_000, 65_600, 65_603, 65_540], {})
 
 
 def test_a_file_gone_is_left_out_and_one_that_cannot_be_read_says_why(tmp_path: Path) -> None:

@@ -74,7 +74,15 @@ NOT_COUNTED = -1
 #: any a helper has not finished: at the end it has at most a batch or two
 #: per helper to count that a helper is counting too.
 BATCH = 2048
-#: One read asks for this much; most messages are read in one go.
+#: The first read of each message asks for this much: most messages are
+#: read whole in one go.  Below glibc's M_MMAP_THRESHOLD (128 KiB until a
+#: freed mapping raises it), so that the buffer comes from malloc's heap in
+#: any process: a 256 KiB buffer, where the threshold had not been raised
+#: (a helper that had imported little), was mapped, faulted in, shrunk by
+#: mremap and unmapped for every message, four times the whole count of a
+#: 3 KB message (benchmarks/first_read.py).
+FIRST_READ_SIZE = 64 * 1024
+#: A longer message is read on this much at a time.
 READ_SIZE = 256 * 1024
 #: The lock that hands out batches is held for microseconds; not had within
 #: this long, its holder died holding it (or the machine is stalled), and
@@ -139,14 +147,14 @@ def wire_sizes(
                 failures[position] = error
             continue
         try:
-            first = read(fd, READ_SIZE)
+            first = read(fd, FIRST_READ_SIZE)
             # One octet more asked tells a short read from the end (no
             # buffer of READ_SIZE made for nothing), unless the file system
             # already did.
-            if len(first) < READ_SIZE and short_read_is_end:
+            if len(first) < FIRST_READ_SIZE and short_read_is_end:
                 more = b""
             else:
-                more = read(fd, 1 if len(first) < READ_SIZE else READ_SIZE) if first else b""
+                more = read(fd, 1 if len(first) < FIRST_READ_SIZE else READ_SIZE) if first else b""
             if not more:
                 sizes.append(wire_size(first))  # most messages: read in one go
             else:
