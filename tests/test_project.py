@@ -424,6 +424,68 @@ def test_tests_that_start_processes_or_run_peers_are_marked() -> None:
     assert unmarked == []
 
 
+def _imported_by(module: str) -> set[str]:
+    """The modules a fresh interpreter has loaded once it imported ``module``."""
+    shown = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return set(shown.stdout.split())
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("module", ["pop3d.wire", "pop3d.session", "pop3d.errors"])
+def test_the_pure_modules_import_no_twisted(module: str) -> None:
+    """
+    The wire format and the session's state machine are plain Python: a
+    program that parses POP3 with them loads no part of Twisted, nor the
+    rest of pop3d (its package's names are imported when first used).
+    """
+    loaded = _imported_by(module)
+    assert not {name for name in loaded if name.split(".")[0] in {"twisted", "OpenSSL"}}
+    assert not loaded & {"pop3d.factory", "pop3d.protocol", "pop3d.checkers"}
+
+
+@pytest.mark.process
+def test_a_counting_helper_loads_no_server() -> None:
+    """
+    A counting helper process imports `pop3d.stores.counting` (and, under
+    twistd, twistd's own modules): not the protocol, the checkers, TLS or
+    the stores' other modules, which would double its memory.
+    """
+    loaded = _imported_by("pop3d.stores.counting")
+    unwanted = {"pop3d.factory", "pop3d.protocol", "pop3d.checkers", "pop3d.stores.maildir"}
+    assert not loaded & unwanted
+    assert "OpenSSL" not in loaded
+
+
+def test_the_package_names_are_there_when_used() -> None:
+    """`from pop3d import X` for each name of ``pop3d.__all__``, which type checkers see too."""
+    import pop3d
+
+    for name in pop3d.__all__:
+        assert getattr(pop3d, name) is not None
+        assert name in dir(pop3d)
+    with pytest.raises(AttributeError, match="no attribute 'MailDirStore'"):
+        pop3d.MailDirStore  # noqa: B018
+    tree = ast.parse((ROOT / "pop3d" / "__init__.py").read_text())
+    [checking] = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    ]
+    seen_by_type_checkers = {
+        alias.asname or alias.name
+        for node in checking.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert seen_by_type_checkers == set(pop3d.__all__) - {"__version__"}
+
+
 @pytest.mark.process
 @pytest.mark.parametrize(
     "first",
