@@ -15,6 +15,7 @@ TLS and cred with the rest of pop3d.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,5 +67,13 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    """The package's API and its module attributes, not the names this file imports."""
-    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+    """
+    The package's API, its module attributes and its submodules imported so
+    far (as a package's attributes), not the names this file imports.
+    """
+    submodules = (
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType) and value.__name__ == f"{__name__}.{name}"
+    )
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__")), *submodules})

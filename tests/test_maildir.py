@@ -1147,6 +1147,8 @@ def _many_messages(maildir: Path) -> dict[str, bytes]:
     messages["9002.M2.host"] = b"Subject: crlf\r\n\r\nbody\r\n"
     messages["9003.M3.host"] = b"Subject: no newline\n\nlast"
     messages["9004.M4.host,S=3"] = b"Subject: lies\n\nabcdef\n"
+    # Longer than the first read (64 KiB), shorter than it and the next.
+    messages["9005.M5.host"] = b"Subject: attachment\n\n" + (b"z" * 79 + b"\n") * 1250
     for name, content in messages.items():
         (maildir / "new" / name).write_bytes(content)
     return messages
@@ -1184,9 +1186,13 @@ async def test_sizes_are_exact_where_a_short_read_ends_a_file(
         29,  # the CRLF a server adds before the final dot counts (RFC 1939 section 11)
     ]
     assert sizes["9004.M4.host,S=3"] == 25
+    # 100,021 octets, 1,252 LFs (each sent as CRLF).
+    assert sizes["9005.M5.host"] == 101_273
     # One read a message: none is read again to learn that it ended, but
-    # the one larger than a read (9001, 303 KB: 256 KiB, the rest, the end).
-    assert len(reads) == len(messages) - 1 + 3
+    # the two larger than the first read (64 KiB), each read in two: 9001
+    # (300 KB: 64 KiB, then the rest, shorter than the 256 KiB asked) and
+    # 9005 (100 KB).
+    assert len(reads) == len(messages) - 2 + 2 * 2
 
 
 @pytest_twisted.ensureDeferred

@@ -161,7 +161,13 @@ def wire_sizes(
                 counter = WireSizeCounter()
                 counter.feed(first)
                 counter.feed(more)
-                while chunk := read(fd, READ_SIZE):
+                # Where a short read is the end, the read that returned
+                # less than asked was the last (no empty read to learn so).
+                chunk = more
+                while not (short_read_is_end and len(chunk) < READ_SIZE):
+                    chunk = read(fd, READ_SIZE)
+                    if not chunk:
+                        break
                     counter.feed(chunk)
                 sizes.append(counter.finish())
         except OSError as error:
