@@ -469,6 +469,12 @@ def test_the_package_names_are_there_when_used() -> None:
     for name in pop3d.__all__:
         assert getattr(pop3d, name) is not None
         assert name in dir(pop3d)
+    # Submodules imported so far are the package's attributes, as always;
+    # what __init__ itself imports is not offered.
+    import pop3d.wire
+
+    assert "wire" in dir(pop3d)
+    assert not {"importlib", "ModuleType", "TYPE_CHECKING", "Any"} & set(dir(pop3d))
     with pytest.raises(AttributeError, match="no attribute 'MailDirStore'"):
         pop3d.MailDirStore  # noqa: B018
     tree = ast.parse((ROOT / "pop3d" / "__init__.py").read_text())
