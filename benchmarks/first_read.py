@@ -1,10 +1,12 @@
 """
 Why a first login's count reads each message 64 KiB at a time, not 256:
 the time to open, read and close a small message with each first read,
-in a fresh interpreter that has imported only pop3d's counting module (as
-a counting helper does) and in one that has imported the whole server
-(``pop3d.tap``, as ``twistd pop3d`` does), and pop3d's own count
-(``pop3d.stores.counting.wire_sizes``) in both.
+and pop3d's own count (``pop3d.stores.counting.wire_sizes``), in a fresh
+interpreter whose malloc is made unable to hold a 256 KiB buffer in its
+heap ("malloc pinned": glibc's default thresholds kept, no padding at the
+heap's top), in one that has imported only pop3d's counting module (as a
+counting helper does) and in one that has imported the whole server
+(``pop3d.tap``, as ``twistd pop3d`` does), each as it comes.
 
     .venv/bin/python benchmarks/first_read.py [--messages N] [--rounds R]
 
@@ -12,7 +14,8 @@ A buffer of 128 KiB or more (glibc's default mmap threshold) that the top
 of malloc's heap cannot hold is a mapping of its own, made, faulted in,
 shrunk by ``mremap`` (the read returned 3 KB) and unmade for every
 message; whether the heap can hold it depends on what the process did
-before, so one process counts four times slower than another.  A 64 KiB
+before (how many names the process listed, say), so one process counts
+four times slower than another, and the last two rows may show it or not.  A 64 KiB
 buffer always comes from the heap.  Each figure comes from a fresh
 interpreter, the best of ``--rounds`` passes over the same messages (the
 benchmark's 3 KB messages, written to a temporary directory, after one
@@ -23,6 +26,7 @@ and system CPU (whose clock ticks are coarse).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import os
 import subprocess
@@ -32,24 +36,27 @@ import time
 from pathlib import Path
 
 _KIB = 1024
+#: mallopt's parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def _time_reads(directory: str, names: list[str], size: int | None, rounds: int) -> str:
     """Best round: open, read (``size``; None: pop3d's count) and close each message."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    # As the count opens them (`pop3d.stores.posix.UNSEEN_READ_FLAGS`).
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
+    # Imported by `_child` already (the counting module imports both).
+    from pop3d.stores.counting import wire_sizes
+    from pop3d.stores.posix import DIRECTORY_FLAGS, UNSEEN_READ_FLAGS
+
+    fd = os.open(directory, DIRECTORY_FLAGS)
     best = (float("inf"), 0.0, 0.0)
     for round_number in range(rounds + 1):
         started, before = time.perf_counter(), os.times()
         if size is None:
-            from pop3d.stores.counting import wire_sizes
-
             sizes, failures = wire_sizes(fd, names, short_read_is_end=True)
             assert not failures and len(sizes) == len(names)
         else:
             for name in names:
-                message = os.open(name, flags, dir_fd=fd)
+                # Opened as the count opens them.
+                message = os.open(name, UNSEEN_READ_FLAGS, dir_fd=fd)
                 os.read(message, size)
                 os.close(message)
         after = os.times()
@@ -68,6 +75,14 @@ def _time_reads(directory: str, names: list[str], size: int | None, rounds: int)
 
 def _child(arguments: list[str]) -> None:
     state, size, directory, rounds = arguments
+    if state == "pinned":
+        # glibc's default thresholds, kept (setting them stops glibc from
+        # raising them), and no padding at the heap's top: the state of a
+        # process whose heap cannot hold a 256 KiB buffer, made certain.
+        libc = ctypes.CDLL("libc.so.6")
+        for parameter, value in ((_M_MMAP_THRESHOLD, 128 * _KIB), (_M_TRIM_THRESHOLD, 128 * _KIB)):
+            libc.mallopt(parameter, value)
+        libc.mallopt(_M_TOP_PAD, 0)
     importlib.import_module("pop3d.tap" if state == "server" else "pop3d.stores.counting")
     names = sorted(os.listdir(directory))
     print(_time_reads(directory, names, None if size == "pop3d" else int(size), int(rounds)))
@@ -90,7 +105,11 @@ def main() -> None:
                 maildrops.mime_message(number, 3_000)
             )
         print(f"{options.messages:,} messages of about 3 KB; best of {options.rounds} rounds")
-        for state, label in (("helper", "counting imported"), ("server", "pop3d.tap imported")):
+        for state, label in (
+            ("pinned", "malloc pinned"),
+            ("helper", "counting imported"),
+            ("server", "pop3d.tap imported"),
+        ):
             for size, what in (
                 (str(256 * _KIB), "read 256 KiB"),
                 (str(64 * _KIB), "read 64 KiB"),

@@ -79,8 +79,8 @@ BATCH = 2048
 #: freed mapping raises it), so that the buffer comes from malloc's heap in
 #: any process: a 256 KiB buffer, where the threshold had not been raised
 #: (a helper that had imported little), was mapped, faulted in, shrunk by
-#: mremap and unmapped for every message, four times the whole count of a
-#: 3 KB message (benchmarks/first_read.py).
+#: mremap and unmapped for every message: opening, reading and closing a
+#: 3 KB message took four times as long (benchmarks/first_read.py).
 FIRST_READ_SIZE = 64 * 1024
 #: A longer message is read on this much at a time.
 READ_SIZE = 256 * 1024
