@@ -404,7 +404,8 @@ class POP3Protocol(LineReceiver):
                 LineReceiver.dataReceived(self, rest)
         finally:
             self._receiving -= 1
-        self._send_if_done()
+        if self._unsent:  # (`_send_if_done`'s first test, without the call when it fails)
+            self._send_if_done()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.phase not in _OPEN:
@@ -469,10 +470,11 @@ class POP3Protocol(LineReceiver):
             # A message being sent calls this when it ends (`_stream_ended`).
             self._command_done()
 
-    def _command_done(self) -> None:
+    def _command_done(self, *, unsent: bool = True) -> None:
+        """``unsent``: False when the reply was sent already (a message, at its end)."""
         if self.phase is _ANSWERING:
             self.phase = _READING
-            self._unsent = True
+            self._unsent = unsent
             # Commands the client sent meanwhile (pipelining) are answered
             # now, and their replies leave together, with this one.  (The
             # calls are spared when they would do nothing: reading is held
@@ -572,9 +574,16 @@ class POP3Protocol(LineReceiver):
 
     def _stream_ended(self, result: Failure | None) -> None:
         """The message being sent went out whole (None), or could not."""
+        sent = False
         try:
             stream, self._stream = self._stream, None
             if stream is not None and stream.sent_whole:
+                # A message leaves as soon as it is written whole, ahead of
+                # the replies to commands pipelined after it: a client that
+                # waits for it need not wait for the bookkeeping below, nor
+                # for the calls that made it to return.
+                self._send_now()
+                sent = True
                 self.driver.session.message_sent(stream.sent_octets)
             if result is not None and not result.check(ResponseAbandoned):
                 # Part of the message is out, so there is no honest way to
@@ -587,7 +596,7 @@ class POP3Protocol(LineReceiver):
                 )
                 self._abort()
         finally:
-            self._command_done()
+            self._command_done(unsent=not sent)
 
 
 @implementer(IPushProducer)

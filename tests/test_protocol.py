@@ -837,6 +837,22 @@ class TestSendingAtOnce:
             + OK
         ]
 
+    def test_a_message_leaves_ahead_of_the_replies_pipelined_after_it(
+        self, wire: _SocketLikeWire
+    ) -> None:
+        """
+        A message is sent as soon as it is written whole, with what was
+        answered before it; the replies to the commands after it in the same
+        read leave together, once they are all answered.
+        """
+        wire.command(b"USER alice")
+        wire.command(b"PASS wonderland")
+        wire.send(b"NOOP\r\nRETR 1\r\nSTAT\r\nNOOP\r\n")
+        assert wire.transport.sent[3:] == [
+            b"+OK\r\n" + b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n",
+            b"+OK 1 43\r\n" + b"+OK\r\n",
+        ]
+
     def test_a_reply_that_comes_later_is_sent_when_it_comes(
         self, clock: Clock, store: MemoryStore
     ) -> None:

@@ -173,6 +173,20 @@ class TestMessageEncoder:
         message = b"x" * (boundary - 1) + b"\n.dot\n"
         assert encode(message, chunk_size=boundary).endswith(b"\r\n..dot\r\n.\r\n")
 
+    def test_a_cr_after_chunks_without_one(self) -> None:
+        # The first chunks are LF only; the CR that comes later, at a chunk's
+        # end, is held until the next chunk shows the LF after it.
+        message = b".a\nb\n.c\r\nd"
+        expected = b"..a\r\nb\r\n..c\r\nd\r\n.\r\n"
+        assert encode(message) == expected
+        assert encode(message, chunk_size=4) == expected
+        assert encode(message, chunk_size=9) == expected
+
+    def test_a_message_without_a_final_newline_is_counted_with_the_crlf_added(self) -> None:
+        encoder = MessageEncoder()
+        assert encoder.feed(b"a\nlast") + encoder.finish() == b"a\r\nlast\r\n.\r\n"
+        assert encoder.size == len(b"a\r\nlast\r\n") == wire_size(b"a\nlast")
+
     def test_crlf_split_across_chunks_is_not_doubled(self) -> None:
         assert encode(b"ab\r\n.c\r\n", chunk_size=3) == b"ab\r\n..c\r\n.\r\n"
 
