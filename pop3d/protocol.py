@@ -187,6 +187,9 @@ class POP3Protocol(LineReceiver):
         # how deep in dataReceived we are (its replies leave at its end).
         self._unsent = False
         self._receiving = 0
+        # The read being worked through carried one command line, no more:
+        # a message it asked for is sent as soon as it is written whole.
+        self._lone_command = False
         # The transport, if it sends when told to (`_send_now`): asked once.
         self._write_descriptor: IWriteDescriptor | None = None
         # Inside the transport's write (`_send_now`): what it resumes (the
@@ -394,6 +397,8 @@ class POP3Protocol(LineReceiver):
                 self._reading_paused = True
                 self._connection.pauseProducing()
         self._receiving += 1
+        # (A count over the few octets of a command line or two.)
+        self._lone_command = data.count(b"\n") == 1
         try:
             # LineReceiver's, named: no super object for every read.
             LineReceiver.dataReceived(self, data)
@@ -578,12 +583,15 @@ class POP3Protocol(LineReceiver):
         try:
             stream, self._stream = self._stream, None
             if stream is not None and stream.sent_whole:
-                # A message leaves as soon as it is written whole, ahead of
-                # the replies to commands pipelined after it: a client that
-                # waits for it need not wait for the bookkeeping below, nor
-                # for the calls that made it to return.
-                self._send_now()
-                sent = True
+                if self._lone_command:
+                    # Asked for alone (a client that waits for each answer):
+                    # the message is handed to the transport to send now,
+                    # so that the client need not wait for the bookkeeping
+                    # below, nor for the calls that made it to return.  A
+                    # message asked for among pipelined commands waits, so
+                    # that the replies to the read's commands leave together.
+                    self._send_now()
+                    sent = True
                 self.driver.session.message_sent(stream.sent_octets)
             if result is not None and not result.check(ResponseAbandoned):
                 # Part of the message is out, so there is no honest way to

@@ -482,7 +482,8 @@ class LineEndingNormalizer:
     LF follows it, so the result does not depend on where chunks split.
     """
 
-    # Made for every TOP, and for a RETR of a message with a CR in it: slots.
+    # Made for every message sized, every TOP, and a RETR of a message with a
+    # CR in it or with client workarounds: slots, no dict to make.
     __slots__ = ("_empty", "_ends_with_newline", "_held_cr")
 
     def __init__(self, *, empty: bool = True, ends_with_newline: bool = True) -> None:

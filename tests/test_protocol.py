@@ -837,20 +837,29 @@ class TestSendingAtOnce:
             + OK
         ]
 
-    def test_a_message_leaves_ahead_of_the_replies_pipelined_after_it(
+    def test_pipelined_messages_leave_with_the_other_replies_in_one_send(
         self, wire: _SocketLikeWire
     ) -> None:
-        """
-        A message is sent as soon as it is written whole, with what was
-        answered before it; the replies to the commands after it in the same
-        read leave together, once they are all answered.
-        """
         wire.command(b"USER alice")
         wire.command(b"PASS wonderland")
-        wire.send(b"NOOP\r\nRETR 1\r\nSTAT\r\nNOOP\r\n")
+        wire.send(b"NOOP\r\nRETR 1\r\nTOP 1 0\r\nSTAT\r\nRETR 1\r\n")
+        message = b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n"
         assert wire.transport.sent[3:] == [
-            b"+OK\r\n" + b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n",
-            b"+OK 1 43\r\n" + b"+OK\r\n",
+            b"+OK\r\n"
+            + message
+            + b"+OK top of message follows\r\nFrom: b@example.org\r\nSubject: two\r\n\r\n.\r\n"
+            + b"+OK 1 43\r\n"
+            + message
+        ]
+
+    def test_a_message_asked_for_alone_leaves_in_one_send(self, wire: _SocketLikeWire) -> None:
+        wire.command(b"USER alice")
+        wire.command(b"PASS wonderland")
+        wire.send(b"RETR 1\r\n")
+        wire.send(b"TOP 1 0\n")
+        assert wire.transport.sent[3:] == [
+            b"+OK 43 octets\r\n" + MESSAGE_2 + b".\r\n",
+            b"+OK top of message follows\r\nFrom: b@example.org\r\nSubject: two\r\n\r\n.\r\n",
         ]
 
     def test_a_reply_that_comes_later_is_sent_when_it_comes(

@@ -179,8 +179,14 @@ class TestMessageEncoder:
         message = b".a\nb\n.c\r\nd"
         expected = b"..a\r\nb\r\n..c\r\nd\r\n.\r\n"
         assert encode(message) == expected
-        assert encode(message, chunk_size=4) == expected
-        assert encode(message, chunk_size=9) == expected
+        # A CR ending the second chunk, in the middle of the second, starting the second.
+        for chunk_size in (4, 6, 8):
+            assert encode(message, chunk_size=chunk_size) == expected
+            encoder = MessageEncoder()
+            for i in range(0, len(message), chunk_size):
+                encoder.feed(message[i : i + chunk_size])
+            encoder.finish()
+            assert encoder.size == len(b".a\r\nb\r\n.c\r\nd\r\n") == wire_size(message)
 
     def test_a_message_without_a_final_newline_is_counted_with_the_crlf_added(self) -> None:
         encoder = MessageEncoder()
