@@ -115,8 +115,8 @@ def main() -> None:
                 (str(64 * _KIB), "read 64 KiB"),
                 ("pop3d", "wire_sizes"),
             ):
-                command = [sys.executable, __file__, "--child", state, size, directory]
-                command.append(str(options.rounds))
+                rounds = str(options.rounds)
+                command = [sys.executable, __file__, "--child", state, size, directory, rounds]
                 result = subprocess.run(command, check=True, capture_output=True, text=True)
                 print(f"{label:18}  {what:13}  {result.stdout.strip()}")
 

@@ -397,7 +397,7 @@ class POP3Protocol(LineReceiver):
                 self._reading_paused = True
                 self._connection.pauseProducing()
         self._receiving += 1
-        # (A count over the few octets of a command line or two.)
+        # (One C-speed pass over what was read: a command line or a few.)
         self._lone_command = data.count(b"\n") == 1
         try:
             # LineReceiver's, named: no super object for every read.
