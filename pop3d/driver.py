@@ -51,6 +51,7 @@ from pop3d.logformat import (
     quote,
     render_format,
 )
+from pop3d.readahead import ReadAhead
 from pop3d.realm import Avatar, release
 from pop3d.sasl import (
     Authenticate,
@@ -237,6 +238,7 @@ class SessionDriver:
         "_messages",
         "_metrics",
         "_policy",
+        "_read_ahead",
         "_replies",
         "_session_id",
         "_session_log",
@@ -263,6 +265,7 @@ class SessionDriver:
         session_id: str | None = None,
         metrics: Metrics | None = None,
         session_log: ILogObserver = globalLogPublisher,
+        read_ahead: ReadAhead | None = None,
     ) -> None:
         #: The portal logins go through (a public seam: tests add checkers).
         self.portal = portal
@@ -293,6 +296,8 @@ class SessionDriver:
         self._metrics = metrics
         self._timer_started = 0.0
         self._login_timing: LoginTiming | None = None
+        # Shared with the server's other sessions (None: nothing read ahead).
+        self._read_ahead = read_ahead
 
     @property
     def log(self) -> SessionLogger:
@@ -337,7 +342,22 @@ class SessionDriver:
         self._carry_out(self.session.line_too_long())
 
     def connection_lost(self) -> None:
+        if self._read_ahead is not None:
+            self._read_ahead.forget(self)
         self._carry_out(self.session.connection_lost())
+
+    def read_ahead(self) -> None:
+        """
+        A message went whole to a client that waits for each answer: the
+        message it likely asks for next is read now, while it takes this
+        one in (`pop3d.readahead`).
+        """
+        read_ahead, maildrop = self._read_ahead, self._maildrop
+        if read_ahead is None or maildrop is None:
+            return
+        index = self.session.next_in_order()
+        if index is not None:
+            read_ahead.read(self, maildrop, index)
 
     # -- carrying out ------------------------------------------------------------------
 
@@ -544,6 +564,12 @@ class SessionDriver:
         assert maildrop is not None
         if self._metrics is not None:
             self._timer_started = self._clock.seconds()
+        read_ahead = self._read_ahead
+        if read_ahead is not None:
+            body = read_ahead.take(self, action.index)
+            if body is not None:
+                self._message_opened(body)
+                return
         try:
             opened = maildrop.open_message(action.index)
         except Exception:

@@ -23,6 +23,8 @@ from pop3d.driver import Replies, SessionDriver
 from pop3d.i18n import BUILTIN_LANGUAGES, Languages
 from pop3d.idle import IdleTimeouts
 from pop3d.protocol import DEFAULT_TIMEOUT, POP3Protocol
+from pop3d.readahead import DEFAULT_LIMIT as DEFAULT_READ_AHEAD_LIMIT
+from pop3d.readahead import ReadAhead
 from pop3d.sasl import ISASLMechanism
 from pop3d.sasl.cram_md5 import CramMD5
 from pop3d.sasl.login import Login
@@ -75,7 +77,9 @@ class POP3Factory(Factory):
     when given, counts what the server does; None: nothing is counted.
     ``session_log`` is where the sessions' log lines go (twisted.logger's
     global publisher; under ``twistd -n``, `pop3d.tap` has them written to
-    standard output directly).
+    standard output directly).  ``read_ahead_limit``: the octets all
+    sessions together may hold of messages read ahead for clients that
+    retrieve them in order (`pop3d.readahead`; 0: none are read ahead).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class POP3Factory(Factory):
         languages: Languages = BUILTIN_LANGUAGES,
         metrics: Metrics | None = None,
         session_log: ILogObserver = globalLogPublisher,
+        read_ahead_limit: int = DEFAULT_READ_AHEAD_LIMIT,
     ) -> None:
         if client_workarounds is not None:
             policy = dataclasses.replace(policy, client_workarounds=client_workarounds)
@@ -116,6 +121,8 @@ class POP3Factory(Factory):
         self.metrics = metrics
         #: Where the sessions' log lines go.
         self.session_log = session_log
+        #: The messages read ahead for this server's sessions, or None.
+        self.read_ahead = ReadAhead(read_ahead_limit) if read_ahead_limit > 0 else None
         # Every connection's inactivity timeout, in one timer.
         self._idle_timeouts = IdleTimeouts(clock, timeout)
         #: The connections served (closed ones drop out), for a graceful stop.
@@ -161,6 +168,7 @@ class POP3Factory(Factory):
                 languages=self.languages,
                 metrics=metrics,
                 session_log=self.session_log,
+                read_ahead=self.read_ahead,
             )
 
         slot = _ConnectionSlot(self)

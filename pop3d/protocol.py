@@ -428,15 +428,17 @@ class POP3Protocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self.phase not in _OPEN:
             return
-        # resetTimeout, without a second call per line (the phase is open).
-        self._idle_timeouts.touch(self)
         if self._discarding_long_line:
             self._discarding_long_line = False
             self._command(None)
-            return
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        self._command(line)
+        else:
+            self._command(line[:-1] if line.endswith(b"\r") else line)
+        # The inactivity timeout starts again once the command is answered
+        # (a message asked for alone is sent by now): the client does not
+        # wait for this.  (resetTimeout, without its call; not for a
+        # connection the command closed.)
+        if self.phase in _OPEN:
+            self._idle_timeouts.touch(self)
 
     # -- answering, strictly in order ----------------------------------------
 
@@ -549,7 +551,7 @@ class POP3Protocol(LineReceiver):
             self._stream = stream
             if not self._output_blocked:
                 # A write made now answers the line just received, which
-                # restarted the inactivity timeout already.
+                # restarts the inactivity timeout once it is answered.
                 stream.pump(touched=self._receiving > 0)
             return True
         if isinstance(reply, Status):
@@ -605,6 +607,10 @@ class POP3Protocol(LineReceiver):
                 self._abort()
         finally:
             self._command_done(unsent=not sent)
+        if sent:
+            # Its client waits for each answer: the message it likely asks
+            # for next is read while it takes this one in.
+            self.driver.read_ahead()
 
 
 @implementer(IPushProducer)
@@ -807,21 +813,26 @@ class _MessageStreamer:
                         self._await(chunk)
                         return
                     out.append(encoder.feed(chunk))
-                    if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
-                        # A short read is usually the end: look once more, so
-                        # that the last bytes and the terminator leave in the
-                        # same write.
-                        more = body.read(CHUNK_SIZE)
-                        if not isinstance(more, bytes):
-                            # Not at hand: what is read goes now, the rest later.
-                            self._write(out, at_end=False)
-                            self._await(more)
-                            return
-                        if more:
-                            # (Feeding nothing would change nothing: spared per message.)
-                            out.append(encoder.feed(more))
-                        chunk = more
                     at_end = not chunk or encoder.done
+                    if not at_end and len(chunk) < CHUNK_SIZE:
+                        if encoder.size == self._expected_size:
+                            # As long as announced: the message ends here,
+                            # and the read that would say so is spared.
+                            at_end = True
+                        else:
+                            # A short read is usually the end: look once
+                            # more, so that the last bytes and the
+                            # terminator leave in the same write.
+                            more = body.read(CHUNK_SIZE)
+                            if not isinstance(more, bytes):
+                                # Not at hand: what is read goes now, the rest later.
+                                self._write(out, at_end=False)
+                                self._await(more)
+                                return
+                            if more:
+                                # (Feeding nothing would change nothing: spared per message.)
+                                out.append(encoder.feed(more))
+                            at_end = not more or encoder.done
                 self._write(out, at_end)
         except Exception:
             self._fail(Failure())
@@ -899,5 +910,9 @@ class _MessageStreamer:
         if reading is not None:
             # The answer is no longer wanted (the connection is gone).
             reading.cancel()
-        self._body.close()
-        self._ended(failure)
+        try:
+            # First: a message asked for alone is sent from ``ended``, and
+            # its client need not wait for the file to be closed.
+            self._ended(failure)
+        finally:
+            self._body.close()

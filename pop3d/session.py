@@ -1084,6 +1084,20 @@ class Session:
         self.counters.retrieved_messages += 1
         self.counters.retrieved_octets += self._messages.sizes[index]
 
+    def next_in_order(self) -> int | None:
+        """
+        The message a client that retrieves messages in order asks for
+        next: the one after the message the last RETR was for, if there is
+        one and it is not deleted; None outside TRANSACTION, or after a TOP.
+        (`pop3d.readahead` reads it while the client takes in the last.)
+        """
+        if self.state is not State.TRANSACTION or self._opening_lines is not None:
+            return None
+        index = self._opening + 1
+        if index >= len(self._messages.sizes) or index in self._deleted:
+            return None
+        return index
+
     def _message_gone(self, status: Status) -> Outcome:
         return status
 

@@ -173,6 +173,24 @@ class IMessageBody(Interface):
         """
 
 
+class IRemovalCheck(Interface):
+    """
+    An optional part of `IMessageBody`: a body that can tell whether
+    another program removed its message since it was opened.
+    `pop3d.readahead` asks it before a message read ahead is sent, so
+    that a message removed meanwhile is answered as if it had not been
+    read ahead.
+    """
+
+    def removed() -> bool:
+        """
+        True if another program deleted the message since it was opened
+        (or that cannot be told); False if it is still stored, wherever it
+        may have been moved.  Never blocks longer than a local file's
+        ``fstat``.
+        """
+
+
 class IMaildrop(Interface):
     """
     A maildrop opened and locked for one session (RFC 1939 section 4).

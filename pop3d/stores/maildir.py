@@ -80,6 +80,7 @@ from pop3d.stores.interfaces import (
     IMaildropStore,
     IMessageBody,
     IOpensAtOnce,
+    IRemovalCheck,
     IRetrievalTimes,
     IRetrievalTimesStore,
     ISeenFlags,
@@ -2100,7 +2101,7 @@ class _OpenSubdirectories:
                 os.close(fd)
 
 
-@implementer(IMessageBody)
+@implementer(IMessageBody, IRemovalCheck)
 class _FileBody:
     """
     A message file read with plain ``read(2)`` calls: no buffered file object
@@ -2140,6 +2141,15 @@ class _FileBody:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def removed(self) -> bool:
+        """`IRemovalCheck`: no name links to the file any more (it was deleted)."""
+        # A file another program renamed (a flag set, new/ to cur/) keeps its
+        # link: it is the same message, which RETR would find where it went.
+        try:
+            return self._fd < 0 or os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return True
 
     def __del__(self) -> None:
         # A body its reader forgot to close must not keep its descriptor.
