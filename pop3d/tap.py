@@ -63,6 +63,7 @@ from pop3d.metrics import (
     workers_registry,
 )
 from pop3d.protocol import DEFAULT_TIMEOUT
+from pop3d.readahead import DEFAULT_LIMIT as DEFAULT_READ_AHEAD_LIMIT
 from pop3d.realm import MaildropRealm
 from pop3d.reloading import IReloadable
 from pop3d.sasl import ICramMD5Credentials, ISASLMechanism, IScramSHA256Credentials
@@ -185,6 +186,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             str(LISTING_CACHE_MESSAGES),
             "Messages of recently opened Maildirs whose listing is kept in memory "
             "(0: none; see docs/scaling.rst for NFS).",
+        ],
+        [
+            "read-ahead",
+            None,
+            str(DEFAULT_READ_AHEAD_LIMIT),
+            "Octets of messages read ahead for clients that retrieve messages in order, "
+            "all sessions together (0: none are read ahead).",
         ],
         [
             "counting-processes",
@@ -336,6 +344,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for limit in ("max-connections", "max-connections-per-ip"):
             self[limit] = parse_limit(limit, self[limit])
         self["listing-cache"] = parse_count("listing-cache", self["listing-cache"])
+        self["read-ahead"] = parse_count("read-ahead", self["read-ahead"])
         self["client-workarounds"] = parse_client_workarounds(self["client-workarounds"])
         try:
             self["logout-format"] = LogoutFormat.parse(self["logout-format"])
@@ -867,6 +876,7 @@ def makeService(options: Options) -> IService:
         mechanisms=options["sasl-mechanisms"],
         metrics=metrics,
         session_log=session_log(options),
+        read_ahead_limit=options["read-ahead"],
     )
     service = MultiService()
     if counting is not None:

@@ -104,6 +104,8 @@ def test_listen_is_repeatable(passwd: Path, tmp_path: Path) -> None:
         (["--listen", "tcp:notaport"], "--listen"),
         (["--listing-cache", "-1"], "--listing-cache"),
         (["--listing-cache", "lots"], "--listing-cache"),
+        (["--read-ahead", "-1"], "--read-ahead '-1': expected a whole number"),
+        (["--read-ahead", "16M"], "--read-ahead '16M': expected a whole number"),
         (["--counting-processes", "-1"], "--counting-processes '-1': expected a whole number"),
         (["--counting-processes", "two"], "--counting-processes 'two': expected a whole number"),
         (["--login-failure-delay", "16"], "--login-failure-delay"),

@@ -175,19 +175,18 @@ class IMessageBody(Interface):
 
 class IRemovalCheck(Interface):
     """
-    An optional part of `IMessageBody`: a body that can tell whether
-    another program removed its message since it was opened.
-    `pop3d.readahead` asks it before a message read ahead is sent, so
-    that a message removed meanwhile is answered as if it had not been
-    read ahead.
+    An optional part of `IMessageBody`: a body that can tell whether its
+    message is still stored as it was when it was opened.
+    `pop3d.readahead` asks it before a message read ahead is sent, so that
+    a message another program removed or moved meanwhile is answered as if
+    it had not been read ahead (gone, or found where it went).
     """
 
     def removed() -> bool:
         """
-        True if another program deleted the message since it was opened
-        (or that cannot be told); False if it is still stored, wherever it
-        may have been moved.  Never blocks longer than a local file's
-        ``fstat``.
+        True if the message is no longer stored where and as it was opened
+        (or that cannot be told); False if it still is.  Never blocks
+        longer than a local file's ``lstat``.
         """
 
 

@@ -2002,14 +2002,13 @@ def _write_retrieval_times(root: str, root_fd: int, times: dict[str, int]) -> No
         log.error("cannot record retrievals in {root}: {error}", root=root, error=error)
 
 
-def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, int]:
-    """Open a message file, refusing anything but a regular file: (fd, size)."""
+def _open_message(root: str, root_fd: int, location: Location) -> tuple[int, os.stat_result]:
+    """Open a message file, refusing anything but a regular file: (fd, its ``fstat``)."""
     subdirectory, name = location
     with _subdirectory(root, root_fd, subdirectory) as directory_fd:
         if directory_fd is None:
             raise FileNotFoundError(errno.ENOENT, "no such directory", subdirectory)
-        fd, info = _open_regular_file(name, directory_fd)
-        return fd, info.st_size
+        return _open_regular_file(name, directory_fd)
 
 
 def _open_regular_file(name: str, directory_fd: int) -> tuple[int, os.stat_result]:
@@ -2108,13 +2107,16 @@ class _FileBody:
     to build for a message that is read in one or two chunks.
     """
 
-    __slots__ = ("_fd", "_left", "_location", "_root")
+    __slots__ = ("_fd", "_file", "_left", "_location", "_root")
 
-    def __init__(self, fd: int, size: int, root: str, location: Location) -> None:
+    def __init__(self, fd: int, info: os.stat_result, root: str, location: Location) -> None:
+        """``info``: what ``fstat`` said of ``fd`` when it was opened."""
         self._fd = fd
         # The size when opened: a read that reaches it is the last, with no
         # read(2) just to learn that the next one returns nothing.
-        self._left = size
+        self._left = info.st_size
+        # Which file it is, for `removed`.
+        self._file = (info.st_dev, info.st_ino)
         # Joined into a path only for an error message.
         self._root = root
         self._location = location
@@ -2143,13 +2145,16 @@ class _FileBody:
             os.close(fd)
 
     def removed(self) -> bool:
-        """`IRemovalCheck`: no name links to the file any more (it was deleted)."""
-        # A file another program renamed (a flag set, new/ to cur/) keeps its
-        # link: it is the same message, which RETR would find where it went.
+        """
+        `IRemovalCheck`: the file is no longer at the path it was opened by
+        (deleted, renamed by another program, or its Maildir replaced).
+        """
+        # One lstat: nothing is opened or read through the path.
         try:
-            return self._fd < 0 or os.fstat(self._fd).st_nlink == 0
+            info = os.lstat(os.path.join(self._root, *self._location))
         except OSError:
             return True
+        return (info.st_dev, info.st_ino) != self._file
 
     def __del__(self) -> None:
         # A body its reader forgot to close must not keep its descriptor.
@@ -2233,14 +2238,14 @@ class _Maildrop:
                 return fail(unavailable("cannot open message", path, error))
             else:
                 # directory.path is `root`, without the property's call.
-                return _FileBody(fd, info.st_size, directory.path, location)
+                return _FileBody(fd, info, directory.path, location)
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
         try:
             with directory.opened() as root_fd:
                 while location is not None:
                     try:
-                        fd, file_size = _open_message(self.root, root_fd, location)
+                        fd, info = _open_message(self.root, root_fd, location)
                     except FileNotFoundError:
                         relocated = self._relocate(root_fd, index)
                         location = relocated if relocated != location else None
@@ -2248,7 +2253,7 @@ class _Maildrop:
                     except OSError as error:
                         path = os.path.join(self.root, *location)
                         raise unavailable("cannot open message", path, error) from error
-                    body = _FileBody(fd, file_size, self.root, location)
+                    body = _FileBody(fd, info, self.root, location)
                     try:
                         subdirectories.open(directory, root_fd, location[0])
                     except BaseException:

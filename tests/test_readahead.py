@@ -1,0 +1,400 @@
+"""
+Read-ahead (`pop3d.readahead`): once a message went whole to a client that
+waits for each answer, the next message of the snapshot is read while the
+client takes in the last, and its RETR (RFC 1939 section 7) or TOP is
+answered from what was read, with exactly the bytes the file would give.
+Nothing about the session changes: a message read ahead is not retrieved
+(RFC 2449 section 6.7: EXPIRE counts RETR), one that another program
+deleted meanwhile is answered as if it had not been read ahead, and what is
+held is bounded for the whole server.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from pop3d.factory import POP3Factory
+from pop3d.readahead import LARGEST, ReadAhead
+from pop3d.session import SessionPolicy
+from pop3d.stores.interfaces import (
+    IMaildrop,
+    IMaildropStore,
+    IMessageBody,
+    MessageInfo,
+    MessageList,
+)
+from pop3d.stores.maildir import MaildirStore
+from pop3d.stores.memory import MemoryBody, MemoryStore
+from pop3d.testing import deliver_to_maildir, memory_portal
+from pop3d.wire import wire_size
+
+from .clock_threads import ClockThreads, settle
+from .conftest import USERS, Wire, start_service
+
+ONE = b"Subject: one\n\nfirst\n"
+TWO = b"Subject: two\n\n.dot line\nsecond\n"
+THREE = b"Subject: three\n\nthird\n"
+
+RETR_ONE = b"+OK 23 octets\r\nSubject: one\r\n\r\nfirst\r\n.\r\n"
+RETR_TWO = b"+OK 35 octets\r\nSubject: two\r\n\r\n..dot line\r\nsecond\r\n.\r\n"
+RETR_THREE = b"+OK 25 octets\r\nSubject: three\r\n\r\nthird\r\n.\r\n"
+GONE = b"-ERR message was removed by another program\r\n"
+
+
+@implementer(IMaildrop)
+class OpeningMaildrop:
+    """A maildrop that notes the index of every message opened, answered as its store answers."""
+
+    def __init__(self, maildrop: IMaildrop, opened: list[int]) -> None:
+        self._maildrop = maildrop
+        self._opened = opened
+        self.messages = maildrop.messages
+
+    def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
+        self._opened.append(index)
+        return self._maildrop.open_message(index)
+
+    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        return self._maildrop.remove(indexes)
+
+    def close(self) -> Deferred[None]:
+        return self._maildrop.close()
+
+
+@implementer(IMaildropStore)
+class OpeningStore:
+    """A store whose maildrops note, in ``opened``, every message opened."""
+
+    def __init__(self, store: IMaildropStore) -> None:
+        self._store = store
+        self.opened: list[int] = []
+
+    def open(self, mailbox: str) -> Deferred[IMaildrop]:
+        return self._store.open(mailbox).addCallback(OpeningMaildrop, self.opened)
+
+
+@pytest.fixture
+def maildir_store(tmp_path: Path, clock: Clock) -> MaildirStore:
+    return MaildirStore(f"{tmp_path}/{{user}}", reactor=ClockThreads(clock).as_reactor)
+
+
+@pytest.fixture
+def names(tmp_path: Path) -> list[str]:
+    """alice's three messages, in new/, as an MTA delivers them: their unique names."""
+    return [deliver_to_maildir(str(tmp_path / "alice"), m) for m in (ONE, TWO, THREE)]
+
+
+def serve(store: IMaildropStore, clock: Clock, **options: Any) -> POP3Factory:
+    return POP3Factory(
+        memory_portal(store, USERS),
+        clock=clock,
+        hostname="pop.example.test",
+        policy=SessionPolicy(),
+        login_failure_delay=0,
+        **options,
+    )
+
+
+def logged_in(factory: POP3Factory, clock: Clock, user: bytes = b"alice") -> Wire:
+    wire = Wire(factory)
+    wire.command(b"USER " + user)
+    answer = wire.command(b"PASS " + USERS[user.decode()].encode())
+    settle(clock)  # a Maildir's listing is read in the "thread pool"
+    assert (answer + wire.take()).startswith(b"+OK maildrop has")
+    return wire
+
+
+def test_the_next_message_is_read_while_the_client_takes_in_the_last(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    store = OpeningStore(maildir_store)
+    factory = serve(store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    # Message 2 was opened and read right after message 1 went out.
+    assert store.opened == [0, 1]
+    assert factory.read_ahead is not None
+    assert factory.read_ahead.octets == len(TWO)
+    # Its RETR opens nothing: the bytes sent are those read ahead, stuffed.
+    assert wire.command(b"RETR 2") == RETR_TWO
+    assert store.opened == [0, 1, 2]
+    assert wire.command(b"RETR 3") == RETR_THREE
+    # The last message: there is nothing after it to read.
+    assert store.opened == [0, 1, 2]
+    assert factory.read_ahead.octets == 0
+
+
+def test_a_message_another_program_deleted_after_it_was_read_ahead_is_not_sent(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """As without read-ahead: -ERR, and the session goes on."""
+    factory = serve(maildir_store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    (tmp_path / "alice" / "new" / names[1]).unlink()
+    assert wire.command(b"RETR 2") == GONE
+    assert wire.command(b"RETR 3") == RETR_THREE
+    assert wire.command(b"NOOP") == b"+OK\r\n"
+
+
+def test_a_message_another_program_flagged_after_it_was_read_ahead_is_found_where_it_went(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """
+    An IMAP server sets a flag (new/NAME to cur/NAME:2,F): the same message,
+    sent whole; at QUIT it is marked seen where it is now, its bytes intact.
+    """
+    maildir = tmp_path / "alice"
+    factory = serve(maildir_store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    os.rename(maildir / "new" / names[1], maildir / "cur" / f"{names[1]}:2,F")
+    assert wire.command(b"RETR 2") == RETR_TWO
+    wire.command(b"QUIT")
+    settle(clock)  # UPDATE's renames, in the "thread pool"
+    assert wire.take() == b"+OK bye\r\n"
+    assert sorted(os.listdir(maildir / "cur")) == [
+        f"{names[0]}:2,S",
+        f"{names[1]}:2,FS",
+        f"{names[2]}:2,",
+    ]
+    assert (maildir / "cur" / f"{names[1]}:2,FS").read_bytes() == TWO
+    assert os.listdir(maildir / "new") == []
+
+
+def test_a_message_read_ahead_is_not_retrieved(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """
+    Only RETR retrieves: at QUIT the message read ahead is not flagged seen
+    (new/ to cur/ only, as every message the session saw), its bytes intact.
+    """
+    maildir = tmp_path / "alice"
+    factory = serve(maildir_store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    wire.command(b"QUIT")
+    settle(clock)  # UPDATE's renames, in the "thread pool"
+    assert wire.take() == b"+OK bye\r\n"
+    assert sorted(os.listdir(maildir / "cur")) == [
+        f"{names[0]}:2,S",
+        f"{names[1]}:2,",
+        f"{names[2]}:2,",
+    ]
+    assert (maildir / "cur" / f"{names[1]}:2,").read_bytes() == TWO
+
+
+def test_deletion_marks_are_kept_for_a_message_read_ahead(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    """RFC 1939 section 5: a message marked deleted is not there for RETR, until RSET."""
+    store = OpeningStore(maildir_store)
+    wire = logged_in(serve(store, clock), clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"DELE 2") == b"+OK message 2 deleted\r\n"
+    assert wire.command(b"RETR 2") == b"-ERR no such message\r\n"
+    assert wire.command(b"RSET") == b"+OK maildrop has 3 messages (83 octets)\r\n"
+    assert wire.command(b"RETR 2") == RETR_TWO
+    assert store.opened == [0, 1, 2]
+
+
+def test_top_of_a_message_read_ahead(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    """RFC 1939 section 7, TOP: the header, the blank line, n body lines, stuffed."""
+    store = OpeningStore(maildir_store)
+    wire = logged_in(serve(store, clock), clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"TOP 2 1") == (
+        b"+OK top of message follows\r\nSubject: two\r\n\r\n..dot line\r\n.\r\n"
+    )
+    # TOP took what was read ahead, and reads nothing ahead itself.
+    assert store.opened == [0, 1]
+    assert wire.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 2]
+
+
+def test_pipelined_commands_are_not_read_ahead(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    """A client that pipelines (RFC 2449 section 6.6) has its next commands in already."""
+    store = OpeningStore(maildir_store)
+    factory = serve(store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.send(b"RETR 1\r\nRETR 2\r\n") == RETR_ONE + RETR_TWO
+    assert store.opened == [0, 1]
+    assert factory.read_ahead is not None
+    assert factory.read_ahead.octets == 0
+
+
+def test_nothing_is_read_ahead_when_it_is_turned_off(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    store = OpeningStore(maildir_store)
+    factory = serve(store, clock, read_ahead_limit=0)
+    assert factory.read_ahead is None
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"RETR 2") == RETR_TWO
+    assert store.opened == [0, 1]
+
+
+def test_a_message_larger_than_one_read_is_not_read_ahead(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path
+) -> None:
+    big = b"Subject: big\n\n" + (b"x" * 99 + b"\n") * (LARGEST // 100 + 1)
+    deliver_to_maildir(str(tmp_path / "alice"), ONE)
+    deliver_to_maildir(str(tmp_path / "alice"), big)
+    store = OpeningStore(maildir_store)
+    wire = logged_in(serve(store, clock), clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert store.opened == [0]
+
+
+def test_the_messages_read_longest_ago_make_room(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """Room for one message in all: each read-ahead drops the other session's."""
+    deliver_to_maildir(str(tmp_path / "bob"), ONE)
+    deliver_to_maildir(str(tmp_path / "bob"), TWO)
+    store = OpeningStore(maildir_store)
+    factory = serve(store, clock, read_ahead_limit=wire_size(TWO))
+    alice = logged_in(factory, clock)
+    bob = logged_in(factory, clock, b"bob")
+    assert alice.command(b"RETR 1") == RETR_ONE
+    assert bob.command(b"RETR 1") == RETR_ONE
+    assert store.opened == [0, 1, 0, 1]
+    assert alice.command(b"RETR 2") == RETR_TWO
+    # Alice's message 3 read ahead made room by dropping bob's message 2.
+    assert store.opened == [0, 1, 0, 1, 1, 2]
+    assert bob.command(b"RETR 2") == RETR_TWO
+    assert store.opened == [0, 1, 0, 1, 1, 2, 1]
+    assert alice.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 0, 1, 1, 2, 1]
+
+
+def test_a_store_that_opens_later_is_not_read_ahead_again(clock: Clock) -> None:
+    """A store behind a network service: one open tried ahead, never again that session."""
+    memory = MemoryStore()
+    for message in (ONE, TWO, THREE):
+        memory.deliver("alice", message)
+    store = OpeningStore(memory)
+    factory = serve(store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"RETR 2") == RETR_TWO
+    assert wire.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 1, 2]
+
+
+def test_a_session_that_ends_lets_go_of_its_message_and_its_file(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    factory = serve(maildir_store, clock)
+    wire = logged_in(factory, clock)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert factory.read_ahead is not None
+    assert (factory.read_ahead.octets, factory.read_ahead.sessions) == (len(TWO), 1)
+    wire.disconnect()
+    settle(clock)
+    assert (factory.read_ahead.octets, factory.read_ahead.sessions) == (0, 0)
+    # The message's file, held open for the deletion check, is closed; so
+    # are the directories the session held.
+    assert len(os.listdir("/proc/self/fd")) < descriptors + 1
+
+
+@implementer(IMaildrop)
+class AtOnce:
+    """A maildrop of messages in memory, each opened at once."""
+
+    def __init__(self, *stored: bytes) -> None:
+        self._stored = stored
+        self.messages = MessageList.of(
+            MessageInfo(str(n), wire_size(m)) for n, m in enumerate(stored)
+        )
+
+    def open_message(self, index: int) -> IMessageBody:
+        return MemoryBody(self._stored[index])
+
+    def remove(self, indexes: Sequence[int]) -> Deferred[None]:
+        raise NotImplementedError
+
+    def close(self) -> Deferred[None]:
+        raise NotImplementedError
+
+
+def test_at_most_so_many_sessions_hold_a_message() -> None:
+    read_ahead = ReadAhead(sessions=2)
+    first, second, third = object(), object(), object()
+    maildrop = AtOnce(ONE, TWO, THREE)
+    for holder in (first, second, third):
+        read_ahead.read(holder, maildrop, 1)
+    assert (read_ahead.sessions, read_ahead.octets) == (2, 2 * len(TWO))
+    # The first read longest ago made room for the third.
+    assert read_ahead.take(first, 1) is None
+    body = read_ahead.take(third, 1)
+    assert body is not None and body.read(LARGEST) == TWO
+    # Asked for another message than the one held: nothing, and nothing held.
+    assert read_ahead.take(second, 2) is None
+    assert (read_ahead.sessions, read_ahead.octets) == (0, 0)
+
+
+def test_one_message_per_session() -> None:
+    read_ahead = ReadAhead()
+    holder = object()
+    maildrop = AtOnce(ONE, TWO, THREE)
+    read_ahead.read(holder, maildrop, 1)
+    read_ahead.read(holder, maildrop, 2)
+    assert (read_ahead.sessions, read_ahead.octets) == (1, len(THREE))
+    assert read_ahead.take(holder, 1) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_poplib_retrieves_every_message_in_order(tmp_path: Path) -> None:
+    """
+    The real server, read ahead on (the default), and Python's poplib
+    retrieving one message after another, one deleted by another program
+    in between: every other message arrives byte for byte.
+    """
+    server = await start_service(tmp_path, ["tcp:0:interface=127.0.0.1"])
+    try:
+        maildir = server.maildir("alice")
+        stored = [b"Subject: %d\n\n%s\n" % (n, b".line\n" * n) for n in range(1, 7)]
+        names = [deliver_to_maildir(str(maildir), message) for message in stored]
+
+        def retrieve() -> list[object]:
+            client = poplib.POP3(server.host, server.port, timeout=10)
+            try:
+                client.user("alice")
+                client.pass_("wonderland")
+                got: list[object] = []
+                for number in range(1, 7):
+                    if number == 4:
+                        (maildir / "new" / names[3]).unlink()
+                    try:
+                        got.append(b"\n".join(client.retr(number)[1]) + b"\n")
+                    except poplib.error_proto as error:
+                        got.append(error.args[0])
+                client.quit()
+                return got
+            finally:
+                client.close()
+
+        got = await threads.deferToThread(retrieve)
+    finally:
+        await server.service.stopService()
+    expected: list[object] = list(stored)
+    expected[3] = b"-ERR message was removed by another program"
+    assert got == expected
