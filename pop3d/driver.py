@@ -350,14 +350,18 @@ class SessionDriver:
         """
         A message went whole to a client that waits for each answer: the
         message it likely asks for next is read now, while it takes this
-        one in (`pop3d.readahead`).
+        one in (`pop3d.readahead`).  Never raises: a read-ahead that fails
+        is logged, and the RETR that follows reads the message itself.
         """
-        read_ahead, maildrop = self._read_ahead, self._maildrop
-        if read_ahead is None or maildrop is None:
+        read_ahead, maildrop, messages = self._read_ahead, self._maildrop, self._messages
+        if read_ahead is None or maildrop is None or messages is None:
             return
-        index = self.session.next_in_order()
-        if index is not None:
-            read_ahead.read(self, maildrop, index)
+        try:
+            index = self.session.next_in_order()
+            if index is not None:
+                read_ahead.read(self, maildrop, index, messages.sizes[index])
+        except Exception:
+            self.log.failure("reading a message ahead failed", Failure())
 
     # -- carrying out ------------------------------------------------------------------
 
@@ -617,6 +621,11 @@ class SessionDriver:
     def _run_update(self, plan: RunUpdate) -> None:
         maildrop = self._maildrop
         assert maildrop is not None
+        if self._read_ahead is not None:
+            # No RETR follows QUIT: what was read ahead, and its open file
+            # (which would keep a deleted file's space, or on NFS leave a
+            # .nfs file in cur/), goes before UPDATE removes anything.
+            self._read_ahead.forget_message(self)
         if self._metrics is not None:
             self._timer_started = self._clock.seconds()
         if plan.expire_days is None:

@@ -433,10 +433,10 @@ class POP3Protocol(LineReceiver):
             self._command(None)
         else:
             self._command(line[:-1] if line.endswith(b"\r") else line)
-        # The inactivity timeout starts again once the command is answered
-        # (a message asked for alone is sent by now): the client does not
-        # wait for this.  (resetTimeout, without its call; not for a
-        # connection the command closed.)
+        # The inactivity timeout starts again once the command is handled
+        # (answered, or its answer under way): a message asked for alone is
+        # sent by now, and its client does not wait for this.  (resetTimeout,
+        # without its call; not for a connection the command closed.)
         if self.phase in _OPEN:
             self._idle_timeouts.touch(self)
 
@@ -551,7 +551,7 @@ class POP3Protocol(LineReceiver):
             self._stream = stream
             if not self._output_blocked:
                 # A write made now answers the line just received, which
-                # restarts the inactivity timeout once it is answered.
+                # restarts the inactivity timeout once it is handled.
                 stream.pump(touched=self._receiving > 0)
             return True
         if isinstance(reply, Status):
@@ -813,26 +813,22 @@ class _MessageStreamer:
                         self._await(chunk)
                         return
                     out.append(encoder.feed(chunk))
+                    if chunk and len(chunk) < CHUNK_SIZE and not encoder.done:
+                        # A short read is usually the end: look once more, so
+                        # that the last bytes and the terminator leave in the
+                        # same write.  (Never ended at the announced size: a
+                        # body whose message grew is sent whole, as stored.)
+                        more = body.read(CHUNK_SIZE)
+                        if not isinstance(more, bytes):
+                            # Not at hand: what is read goes now, the rest later.
+                            self._write(out, at_end=False)
+                            self._await(more)
+                            return
+                        if more:
+                            # (Feeding nothing would change nothing: spared per message.)
+                            out.append(encoder.feed(more))
+                        chunk = more
                     at_end = not chunk or encoder.done
-                    if not at_end and len(chunk) < CHUNK_SIZE:
-                        if encoder.size == self._expected_size:
-                            # As long as announced: the message ends here,
-                            # and the read that would say so is spared.
-                            at_end = True
-                        else:
-                            # A short read is usually the end: look once
-                            # more, so that the last bytes and the
-                            # terminator leave in the same write.
-                            more = body.read(CHUNK_SIZE)
-                            if not isinstance(more, bytes):
-                                # Not at hand: what is read goes now, the rest later.
-                                self._write(out, at_end=False)
-                                self._await(more)
-                                return
-                            if more:
-                                # (Feeding nothing would change nothing: spared per message.)
-                                out.append(encoder.feed(more))
-                            at_end = not more or encoder.done
                 self._write(out, at_end)
         except Exception:
             self._fail(Failure())

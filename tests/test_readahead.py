@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import poplib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,16 @@ GONE = b"-ERR message was removed by another program\r\n"
 
 @implementer(IMaildrop)
 class OpeningMaildrop:
-    """A maildrop that notes the index of every message opened, answered as its store answers."""
+    """
+    A maildrop that notes the index of every message opened, answered as its
+    store answers; its listing a plain list of `MessageInfo`, as the
+    interface allows a store's to be.
+    """
 
     def __init__(self, maildrop: IMaildrop, opened: list[int]) -> None:
         self._maildrop = maildrop
         self._opened = opened
-        self.messages = maildrop.messages
+        self.messages = list(maildrop.messages)
 
     def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
         self._opened.append(index)
@@ -173,6 +177,22 @@ def test_a_message_another_program_flagged_after_it_was_read_ahead_is_found_wher
     assert os.listdir(maildir / "new") == []
 
 
+def test_quit_lets_go_of_what_was_read_ahead_before_update(
+    maildir_store: MaildirStore, clock: Clock, names: list[str]
+) -> None:
+    """RFC 1939 section 6: UPDATE removes files; none of them is held open by a read-ahead."""
+    factory = serve(maildir_store, clock)
+    wire = logged_in(factory, clock)
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"DELE 2") == b"+OK message 2 deleted\r\n"
+    assert factory.read_ahead is not None
+    assert factory.read_ahead.sessions == 1
+    wire.command(b"QUIT")
+    assert factory.read_ahead.sessions == 0
+    settle(clock)
+    assert wire.take() == b"+OK bye\r\n"
+
+
 def test_a_message_read_ahead_is_not_retrieved(
     maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
 ) -> None:
@@ -284,35 +304,146 @@ def test_the_messages_read_longest_ago_make_room(
     assert store.opened == [0, 1, 0, 1, 1, 2, 1]
 
 
-def test_a_store_that_opens_later_is_not_read_ahead_again(clock: Clock) -> None:
-    """A store behind a network service: one open tried ahead, never again that session."""
+def test_a_store_that_answers_through_a_fired_deferred_is_read_ahead(clock: Clock) -> None:
+    """``MemoryStore`` opens with ``succeed``: at once, as far as read-ahead goes."""
     memory = MemoryStore()
     for message in (ONE, TWO, THREE):
         memory.deliver("alice", message)
     store = OpeningStore(memory)
-    factory = serve(store, clock)
-    wire = logged_in(factory, clock)
+    wire = logged_in(serve(store, clock), clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"RETR 2") == RETR_TWO
     assert wire.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 2]
+
+
+def test_a_store_that_reads_later_is_not_read_ahead_again(clock: Clock) -> None:
+    """
+    A store behind a network service (its reads answer later): one message
+    read ahead is tried, and given up, in a session; never again.
+    """
+    memory = MemoryStore(clock=clock, latency=1.0)
+    for message in (ONE, TWO, THREE):
+        memory.deliver("alice", message)
+    store = OpeningStore(memory)
+    wire = logged_in(serve(store, clock), clock)
+
+    def command(line: bytes) -> bytes:
+        wire.command(line)
+        clock.pump([1.0] * 4)
+        return wire.take()
+
+    assert command(b"RETR 1") == RETR_ONE
+    assert command(b"RETR 2") == RETR_TWO
+    assert command(b"RETR 3") == RETR_THREE
     assert store.opened == [0, 1, 1, 2]
 
 
-def test_a_session_that_ends_lets_go_of_its_message_and_its_file(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+def _open_files(tmp_path: Path) -> list[str]:
+    """The files under ``tmp_path`` this process holds open."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # the listing's own descriptor, closed since
+    return [t for t in targets if t.startswith(str(tmp_path)) and ("/new/" in t or "/cur/" in t)]
+
+
+def test_no_file_is_held_open_and_a_session_that_ends_lets_go(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
 ) -> None:
     factory = serve(maildir_store, clock)
     wire = logged_in(factory, clock)
-    descriptors = len(os.listdir("/proc/self/fd"))
     assert wire.command(b"RETR 1") == RETR_ONE
     assert factory.read_ahead is not None
     assert (factory.read_ahead.octets, factory.read_ahead.sessions) == (len(TWO), 1)
+    # Message 2 is in memory; its file was closed once read.
+    assert _open_files(tmp_path) == []
     wire.disconnect()
     settle(clock)
     assert (factory.read_ahead.octets, factory.read_ahead.sessions) == (0, 0)
-    # The message's file, held open for the deletion check, is closed; so
-    # are the directories the session held.
-    assert len(os.listdir("/proc/self/fd")) < descriptors + 1
+
+
+def _delete(maildir: Path, name: str) -> None:
+    (maildir / "new" / name).unlink()
+
+
+def _flag(maildir: Path, name: str) -> None:
+    os.rename(maildir / "new" / name, maildir / "cur" / f"{name}:2,F")
+
+
+def _append(maildir: Path, name: str) -> None:
+    with open(maildir / "new" / name, "ab") as file:
+        file.write(b"appended\n")
+
+
+def _replace_maildir_keeping_the_files(maildir: Path, name: str) -> None:
+    """Another Maildir put at the path, of the same files (hard links, as ``cp -al`` makes)."""
+    moved = maildir.with_name("moved")
+    maildir.rename(moved)
+    for part in ("tmp", "new", "cur"):
+        (maildir / part).mkdir(parents=True)
+        for entry in (moved / part).iterdir():
+            os.link(entry, maildir / part / entry.name)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_delete, _flag, _append, _replace_maildir_keeping_the_files],
+    ids=lambda c: c.__name__,
+)
+def test_a_change_by_another_program_is_answered_as_without_read_ahead(
+    tmp_path: Path, change: Callable[[Path, str], None]
+) -> None:
+    """
+    The same session twice, read-ahead on and off, with another program
+    changing message 2 between RETR 1 and RETR 2: every reply, and every
+    file after QUIT, is the same.
+    """
+    outcomes = []
+    for read_ahead_limit in (16 * 1024 * 1024, 0):
+        root = tmp_path / str(read_ahead_limit)
+        clock = Clock()
+        store = MaildirStore(f"{root}/{{user}}", reactor=ClockThreads(clock).as_reactor)
+        names = [deliver_to_maildir(str(root / "alice"), m) for m in (ONE, TWO, THREE)]
+        wire = logged_in(serve(store, clock, read_ahead_limit=read_ahead_limit), clock)
+        replies = [wire.command(b"RETR 1")]
+        change(root / "alice", names[1])
+        replies += [wire.command(b"RETR 2"), wire.command(b"RETR 3"), wire.command(b"QUIT")]
+        settle(clock)
+        replies.append(wire.take())
+        # Each file as (Maildir, subdirectory, which message, flags, bytes).
+        files = sorted(
+            (
+                path.parent.parent.name,
+                path.parent.name,
+                names.index(path.name.partition(":")[0]),
+                path.name.partition(":")[2],
+                path.read_bytes(),
+            )
+            for path in root.rglob("*")
+            if path.is_file() and path.parent.name in ("new", "cur")
+        )
+        outcomes.append((replies, files))
+    with_read_ahead, without = outcomes
+    assert with_read_ahead == without
+
+
+def test_a_message_gone_before_it_was_read_ahead_leaves_read_ahead_on(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """The Maildir answers a message gone with a failed Deferred: not a store that answers later."""
+    deliver_to_maildir(str(tmp_path / "alice"), ONE)
+    store = OpeningStore(maildir_store)
+    wire = logged_in(serve(store, clock), clock)
+    (tmp_path / "alice" / "new" / names[1]).unlink()
+    assert wire.command(b"RETR 1") == RETR_ONE
+    assert wire.command(b"RETR 2") == GONE
+    assert wire.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 1, 2, 3]
+    assert wire.command(b"RETR 4") == RETR_ONE
+    assert store.opened == [0, 1, 1, 2, 3]
 
 
 @implementer(IMaildrop)
@@ -339,8 +470,8 @@ def test_at_most_so_many_sessions_hold_a_message() -> None:
     read_ahead = ReadAhead(sessions=2)
     first, second, third = object(), object(), object()
     maildrop = AtOnce(ONE, TWO, THREE)
-    for holder in (first, second, third):
-        read_ahead.read(holder, maildrop, 1)
+    for holder in (first, second, third):  # (each its own session)
+        read_ahead.read(holder, maildrop, 1, wire_size(TWO))
     assert (read_ahead.sessions, read_ahead.octets) == (2, 2 * len(TWO))
     # The first read longest ago made room for the third.
     assert read_ahead.take(first, 1) is None
@@ -355,8 +486,8 @@ def test_one_message_per_session() -> None:
     read_ahead = ReadAhead()
     holder = object()
     maildrop = AtOnce(ONE, TWO, THREE)
-    read_ahead.read(holder, maildrop, 1)
-    read_ahead.read(holder, maildrop, 2)
+    read_ahead.read(holder, maildrop, 1, wire_size(TWO))
+    read_ahead.read(holder, maildrop, 2, wire_size(THREE))
     assert (read_ahead.sessions, read_ahead.octets) == (1, len(THREE))
     assert read_ahead.take(holder, 1) is None
 

@@ -185,8 +185,9 @@ class IRemovalCheck(Interface):
     def removed() -> bool:
         """
         True if the message is no longer stored where and as it was opened
-        (or that cannot be told); False if it still is.  Never blocks
-        longer than a local file's ``lstat``.
+        (or that cannot be told); False if it still is.  Asked after the
+        body was read whole and closed.  Never blocks longer than a local
+        file's ``lstat``.
         """
 
 

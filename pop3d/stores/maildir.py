@@ -2107,18 +2107,21 @@ class _FileBody:
     to build for a message that is read in one or two chunks.
     """
 
-    __slots__ = ("_fd", "_file", "_left", "_location", "_root")
+    __slots__ = ("_fd", "_file", "_left", "_location", "_maildrop")
 
-    def __init__(self, fd: int, info: os.stat_result, root: str, location: Location) -> None:
+    def __init__(
+        self, fd: int, info: os.stat_result, maildrop: _Maildrop, location: Location
+    ) -> None:
         """``info``: what ``fstat`` said of ``fd`` when it was opened."""
         self._fd = fd
         # The size when opened: a read that reaches it is the last, with no
         # read(2) just to learn that the next one returns nothing.
         self._left = info.st_size
-        # Which file it is, for `removed`.
-        self._file = (info.st_dev, info.st_ino)
-        # Joined into a path only for an error message.
-        self._root = root
+        # The file as opened, for `removed` (the stat_result itself: no
+        # tuple made per RETR).
+        self._file = info
+        # For `removed`, and the path of an error message.
+        self._maildrop = maildrop
         self._location = location
 
     def read(self, size: int) -> bytes:
@@ -2133,7 +2136,7 @@ class _FileBody:
             if data and len(data) < wanted:
                 data += _read_up_to(fd, wanted - len(data))
         except OSError as error:
-            path = os.path.join(self._root, *self._location)
+            path = os.path.join(self._maildrop.root, *self._location)
             raise unavailable("cannot read message", path, error) from error
         # Shorter than its size: the file was cut, and this is its end.
         self._left = self._left - len(data) if data else 0
@@ -2146,15 +2149,13 @@ class _FileBody:
 
     def removed(self) -> bool:
         """
-        `IRemovalCheck`: the file is no longer at the path it was opened by
-        (deleted, renamed by another program, or its Maildir replaced).
+        `IRemovalCheck`: a RETR would not open this file, as it was, now:
+        the Maildir replaced, the file deleted, renamed (a flag set by
+        another program), or changed (its size, time or mode).  Checked the
+        way RETR opens a file: the Maildir's path, then the name in the
+        directory the session holds; nothing is opened.
         """
-        # One lstat: nothing is opened or read through the path.
-        try:
-            info = os.lstat(os.path.join(self._root, *self._location))
-        except OSError:
-            return True
-        return (info.st_dev, info.st_ino) != self._file
+        return not self._maildrop.still_stored(self._location, self._file)
 
     def __del__(self) -> None:
         # A body its reader forgot to close must not keep its descriptor.
@@ -2219,6 +2220,32 @@ class _Maildrop:
             self._moved(index, location)
         return location
 
+    def still_stored(self, location: Location, opened: os.stat_result) -> bool:
+        """
+        Whether RETR would open, now, the file that was ``opened`` at
+        ``location``, unchanged: the Maildir at the path is still the one
+        locked, the subdirectory is held open, and the name in it is that
+        same file, of the same size, time and mode (an ``lstat`` and a
+        ``stat``).
+        """
+        directory = self._directory
+        if directory is None or not directory.unchanged():
+            return False
+        directory_fd = self._store._subdirectories.get(directory, location[0])
+        if directory_fd is None:
+            return False  # (let go since: RETR takes the long way)
+        try:
+            now = os.stat(location[1], dir_fd=directory_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_mode) == (
+            opened.st_dev,
+            opened.st_ino,
+            opened.st_size,
+            opened.st_mtime_ns,
+            opened.st_mode,
+        )
+
     def open_message(self, index: int) -> IMessageBody | Deferred[IMessageBody]:
         directory = self._directory
         assert directory is not None
@@ -2238,7 +2265,7 @@ class _Maildrop:
                 return fail(unavailable("cannot open message", path, error))
             else:
                 # directory.path is `root`, without the property's call.
-                return _FileBody(fd, info, directory.path, location)
+                return _FileBody(fd, info, self, location)
         # The first message of the session from this subdirectory, or one
         # moved or gone: the Maildir and its subdirectory are opened again.
         try:
@@ -2253,7 +2280,7 @@ class _Maildrop:
                     except OSError as error:
                         path = os.path.join(self.root, *location)
                         raise unavailable("cannot open message", path, error) from error
-                    body = _FileBody(fd, info, self.root, location)
+                    body = _FileBody(fd, info, self, location)
                     try:
                         subdirectories.open(directory, root_fd, location[0])
                     except BaseException:
