@@ -56,6 +56,21 @@ class IdleTimeouts:
         if self._call is None:
             self._call = self._clock.callLater(period, self._expire)
 
+    def others_active_within(self, connection: TimesOut, seconds: float) -> bool:
+        """
+        Whether a connection other than ``connection`` was touched in the
+        last ``seconds`` (False without a timeout: then nothing is kept).
+        """
+        period = self.period
+        if period is None:
+            return False
+        deadlines = self._deadlines
+        # The most recently touched last: this one, at most, comes before it.
+        for other in reversed(deadlines):
+            if other is not connection:
+                return deadlines[other] >= self._clock.seconds() + period - seconds
+        return False
+
     def forget(self, connection: TimesOut) -> None:
         """``connection`` has no timeout any more (it closed)."""
         deadlines = self._deadlines

@@ -40,6 +40,7 @@ from pop3d.addresses import ip_address_of
 from pop3d.driver import Replies, SessionDriver, unexpected_error
 from pop3d.errors import POP3Error
 from pop3d.idle import IdleTimeouts
+from pop3d.readahead import BUSY_WINDOW
 from pop3d.session import (
     Hangup,
     Link,
@@ -607,9 +608,10 @@ class POP3Protocol(LineReceiver):
                 self._abort()
         finally:
             self._command_done(unsent=not sent)
-        if sent:
-            # Its client waits for each answer: the message it likely asks
-            # for next is read while it takes this one in.
+        if sent and not self._idle_timeouts.others_active_within(self, BUSY_WINDOW):
+            # Its client waits for each answer, and no other client keeps
+            # the server busy meanwhile: the message it likely asks for
+            # next is read while it takes this one in.
             self.driver.read_ahead()
 
 

@@ -14,7 +14,9 @@ now (`pop3d.stores.interfaces.IRemovalCheck`): if another program deleted,
 moved, flagged or changed it meanwhile, the RETR is answered as if nothing
 had been read ahead.  A message that is not asked for next costs one read.
 
-Bounded for the whole server: at most one message per session, only
+Only while the server is otherwise idle (no other session sent a command
+within `BUSY_WINDOW`).  Bounded for the whole server: at most one message
+per session, only
 messages of at most `LARGEST` octets, at most ``limit`` octets and
 ``sessions`` sessions for all sessions together; when a new message needs
 the room, the messages read longest ago (those of clients gone idle) are
@@ -45,6 +47,11 @@ DEFAULT_LIMIT = 16 * 1024 * 1024
 
 #: How many sessions may hold a message read ahead at once, by default.
 DEFAULT_SESSIONS = 1024
+
+#: Nothing is read ahead when another session of the server sent a command
+#: within this many seconds: a server busy with other clients has no idle
+#: time to read in, and the read-ahead's check would only add to its work.
+BUSY_WINDOW = 0.001
 
 
 @dataclass(frozen=True, slots=True)

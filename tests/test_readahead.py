@@ -25,7 +25,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
-from pop3d.readahead import LARGEST, ReadAhead
+from pop3d.readahead import BUSY_WINDOW, LARGEST, ReadAhead
 from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import (
     IMaildrop,
@@ -258,6 +258,31 @@ def test_pipelined_commands_are_not_read_ahead(
     assert factory.read_ahead.octets == 0
 
 
+def test_nothing_is_read_ahead_while_another_client_keeps_the_server_busy(
+    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+) -> None:
+    """
+    A command from another session within the last millisecond: the server
+    has no idle time to read in (and RETR 2 opens its file); a millisecond
+    later it has.
+    """
+    deliver_to_maildir(str(tmp_path / "bob"), ONE)
+    store = OpeningStore(maildir_store)
+    factory = serve(store, clock)
+    alice = logged_in(factory, clock)
+    bob = logged_in(factory, clock, b"bob")
+    clock.advance(0.0005)
+    assert bob.command(b"NOOP") == b"+OK\r\n"
+    clock.advance(0.0009)
+    assert alice.command(b"RETR 1") == RETR_ONE
+    assert store.opened == [0]
+    clock.advance(0.0011)
+    assert alice.command(b"RETR 2") == RETR_TWO
+    assert store.opened == [0, 1, 2]
+    assert alice.command(b"RETR 3") == RETR_THREE
+    assert store.opened == [0, 1, 2]
+
+
 def test_nothing_is_read_ahead_when_it_is_turned_off(
     maildir_store: MaildirStore, clock: Clock, names: list[str]
 ) -> None:
@@ -292,15 +317,21 @@ def test_the_messages_read_longest_ago_make_room(
     factory = serve(store, clock, read_ahead_limit=wire_size(TWO))
     alice = logged_in(factory, clock)
     bob = logged_in(factory, clock, b"bob")
-    assert alice.command(b"RETR 1") == RETR_ONE
-    assert bob.command(b"RETR 1") == RETR_ONE
+
+    def alone(wire: Wire, line: bytes) -> bytes:
+        """The command, after the other client's is over a millisecond old (not busy)."""
+        clock.advance(2 * BUSY_WINDOW)
+        return wire.command(line)
+
+    assert alone(alice, b"RETR 1") == RETR_ONE
+    assert alone(bob, b"RETR 1") == RETR_ONE
     assert store.opened == [0, 1, 0, 1]
-    assert alice.command(b"RETR 2") == RETR_TWO
+    assert alone(alice, b"RETR 2") == RETR_TWO
     # Alice's message 3 read ahead made room by dropping bob's message 2.
     assert store.opened == [0, 1, 0, 1, 1, 2]
-    assert bob.command(b"RETR 2") == RETR_TWO
+    assert alone(bob, b"RETR 2") == RETR_TWO
     assert store.opened == [0, 1, 0, 1, 1, 2, 1]
-    assert alice.command(b"RETR 3") == RETR_THREE
+    assert alone(alice, b"RETR 3") == RETR_THREE
     assert store.opened == [0, 1, 0, 1, 1, 2, 1]
 
 
