@@ -149,7 +149,7 @@ class Metrics:
         self.store_open_seconds = Histogram(
             "pop3d_store_open_seconds",
             "Time the store takes to open a maildrop (at login: lock, listing) or a"
-            " message (RETR, TOP).",
+            " message (RETR, TOP; one read ahead: the check that it is unchanged).",
             ["object"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -119,6 +119,14 @@ def logged_in(factory: POP3Factory, clock: Clock, user: bytes = b"alice") -> Wir
     return wire
 
 
+def quit_and_list(wire: Wire, clock: Clock, maildir: Path) -> list[str]:
+    """QUIT, and UPDATE's renames run (in the "thread pool"): what cur/ holds then."""
+    wire.command(b"QUIT")
+    settle(clock)
+    assert wire.take() == b"+OK bye\r\n"
+    return sorted(os.listdir(maildir / "cur"))
+
+
 def test_the_next_message_is_read_while_the_client_takes_in_the_last(
     maildir_store: MaildirStore, clock: Clock, names: list[str]
 ) -> None:
@@ -165,10 +173,7 @@ def test_a_message_another_program_flagged_after_it_was_read_ahead_is_found_wher
     assert wire.command(b"RETR 1") == RETR_ONE
     os.rename(maildir / "new" / names[1], maildir / "cur" / f"{names[1]}:2,F")
     assert wire.command(b"RETR 2") == RETR_TWO
-    wire.command(b"QUIT")
-    settle(clock)  # UPDATE's renames, in the "thread pool"
-    assert wire.take() == b"+OK bye\r\n"
-    assert sorted(os.listdir(maildir / "cur")) == [
+    assert quit_and_list(wire, clock, maildir) == [
         f"{names[0]}:2,S",
         f"{names[1]}:2,FS",
         f"{names[2]}:2,",
@@ -204,10 +209,7 @@ def test_a_message_read_ahead_is_not_retrieved(
     factory = serve(maildir_store, clock)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
-    wire.command(b"QUIT")
-    settle(clock)  # UPDATE's renames, in the "thread pool"
-    assert wire.take() == b"+OK bye\r\n"
-    assert sorted(os.listdir(maildir / "cur")) == [
+    assert quit_and_list(wire, clock, maildir) == [
         f"{names[0]}:2,S",
         f"{names[1]}:2,",
         f"{names[2]}:2,",
