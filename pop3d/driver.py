@@ -622,9 +622,8 @@ class SessionDriver:
         maildrop = self._maildrop
         assert maildrop is not None
         if self._read_ahead is not None:
-            # No RETR follows QUIT: what was read ahead, and its open file
-            # (which would keep a deleted file's space, or on NFS leave a
-            # .nfs file in cur/), goes before UPDATE removes anything.
+            # No RETR follows QUIT: what was read ahead is let go before
+            # UPDATE, not kept until the connection closes.
             self._read_ahead.forget_message(self)
         if self._metrics is not None:
             self._timer_started = self._clock.seconds()

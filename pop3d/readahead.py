@@ -14,13 +14,13 @@ now (`pop3d.stores.interfaces.IRemovalCheck`): if another program deleted,
 moved, flagged or changed it meanwhile, the RETR is answered as if nothing
 had been read ahead.  A message that is not asked for next costs one read.
 
-Only while the server is otherwise idle (no other session sent a command
-within `BUSY_WINDOW`).  Bounded for the whole server: at most one message
-per session, only
-messages of at most `LARGEST` octets, at most ``limit`` octets and
-``sessions`` sessions for all sessions together; when a new message needs
-the room, the messages read longest ago (those of clients gone idle) are
-dropped first.  No file is held open: a body is closed once it is read.
+Only while the server is otherwise idle: no other connection was active
+(made, a command handled, a message's write resumed) within `BUSY_WINDOW`.
+Bounded for the whole server: at most one message per session, only
+messages under `LARGEST` octets, at most ``limit`` octets and ``sessions``
+sessions for all sessions together; when a new message needs the room, the
+messages read longest ago (those of clients gone idle) are dropped first.
+No file is held open: a body is closed once it is read.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pop3d.stores.memory import MemoryBody
 
 log = Logger()
 
-#: The largest message read ahead: one read of the protocol's.
+#: Messages read ahead are under this size (stored octets): one read of the protocol's.
 LARGEST = 256 * 1024
 
 #: What all of a server's sessions may hold read ahead at once, by default.
@@ -48,8 +48,9 @@ DEFAULT_LIMIT = 16 * 1024 * 1024
 #: How many sessions may hold a message read ahead at once, by default.
 DEFAULT_SESSIONS = 1024
 
-#: Nothing is read ahead when another session of the server sent a command
-#: within this many seconds: a server busy with other clients has no idle
+#: Nothing is read ahead when another connection of the server was active
+#: (made, a command handled, a message's write resumed) within this many
+#: seconds: a server busy with other clients has no idle
 #: time to read in, and the read-ahead's check would only add to its work.
 BUSY_WINDOW = 0.001
 
