@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -116,8 +117,7 @@ class ReadAhead:
             return  # gone or unreadable: its RETR says so
         if isinstance(opened, Deferred):
             if not opened.called:
-                self._answers_later.add(holder)
-                opened.addCallbacks(_close, _ignore)
+                self._answered_later(holder, opened.addCallback(_close))
                 return
             # Fired already (``succeed``, or a failure at once: the message
             # gone): the store answered at once, through a Deferred.
@@ -129,8 +129,7 @@ class ReadAhead:
         try:
             data = opened.read(LARGEST)
             if isinstance(data, Deferred):
-                self._answers_later.add(holder)
-                data.addErrback(_ignore)
+                self._answered_later(holder, data)
                 return
             if len(data) >= LARGEST:
                 return
@@ -138,8 +137,7 @@ class ReadAhead:
             # local file's says so without a system call.
             rest = opened.read(LARGEST)
             if isinstance(rest, Deferred):
-                self._answers_later.add(holder)
-                rest.addErrback(_ignore)
+                self._answered_later(holder, rest)
                 return
             if rest or len(data) > self._limit:
                 return
@@ -185,6 +183,14 @@ class ReadAhead:
         """``holder``'s session ended."""
         self.forget_message(holder)
         self._answers_later.discard(holder)
+
+    def _answered_later(self, holder: object, answer: Deferred[Any]) -> None:
+        """
+        ``holder``'s store answered through ``answer``, a Deferred (an open
+        yet to fire, or any read's): it is not read ahead for again.
+        """
+        self._answers_later.add(holder)
+        answer.addErrback(_ignore)
 
     def _make_room(self, octets: int) -> None:
         held = self._held

@@ -30,6 +30,7 @@ from pop3d.factory import POP3Factory
 from pop3d.protocol import POP3Protocol
 from pop3d.service import POP3Service
 from pop3d.session import SessionPolicy
+from pop3d.stores.interfaces import IMaildropStore
 from pop3d.tap import Options, makeService
 from pop3d.testing import MemoryStore, memory_portal
 
@@ -93,7 +94,8 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 def make_factory(clock: Clock, store: MemoryStore) -> Callable[..., POP3Factory]:
-    def make(**overrides: object) -> POP3Factory:
+    def make(*, store: IMaildropStore = store, **overrides: object) -> POP3Factory:
+        """A factory of ``USERS`` over ``store`` (the ``store`` fixture's by default)."""
         options: dict[str, object] = {
             "clock": clock,
             "hostname": "pop.example.test",

@@ -15,7 +15,6 @@ import os
 import poplib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -26,7 +25,6 @@ from zope.interface import implementer
 
 from pop3d.factory import POP3Factory
 from pop3d.readahead import BUSY_WINDOW, LARGEST, ReadAhead
-from pop3d.session import SessionPolicy
 from pop3d.stores.interfaces import (
     IMaildrop,
     IMaildropStore,
@@ -36,7 +34,7 @@ from pop3d.stores.interfaces import (
 )
 from pop3d.stores.maildir import MaildirStore
 from pop3d.stores.memory import MemoryBody, MemoryStore
-from pop3d.testing import deliver_to_maildir, memory_portal
+from pop3d.testing import deliver_to_maildir
 from pop3d.wire import wire_size
 
 from .clock_threads import ClockThreads, settle
@@ -99,17 +97,6 @@ def names(tmp_path: Path) -> list[str]:
     return [deliver_to_maildir(str(tmp_path / "alice"), m) for m in (ONE, TWO, THREE)]
 
 
-def serve(store: IMaildropStore, clock: Clock, **options: Any) -> POP3Factory:
-    return POP3Factory(
-        memory_portal(store, USERS),
-        clock=clock,
-        hostname="pop.example.test",
-        policy=SessionPolicy(),
-        login_failure_delay=0,
-        **options,
-    )
-
-
 def logged_in(factory: POP3Factory, clock: Clock, user: bytes = b"alice") -> Wire:
     wire = Wire(factory)
     wire.command(b"USER " + user)
@@ -128,10 +115,13 @@ def quit_and_list(wire: Wire, clock: Clock, maildir: Path) -> list[str]:
 
 
 def test_the_next_message_is_read_while_the_client_takes_in_the_last(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     store = OpeningStore(maildir_store)
-    factory = serve(store, clock)
+    factory = make_factory(store=store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     # Message 2 was opened and read right after message 1 went out.
@@ -148,10 +138,14 @@ def test_the_next_message_is_read_while_the_client_takes_in_the_last(
 
 
 def test_a_message_another_program_deleted_after_it_was_read_ahead_is_not_sent(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """As without read-ahead: -ERR, and the session goes on."""
-    factory = serve(maildir_store, clock)
+    factory = make_factory(store=maildir_store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     (tmp_path / "alice" / "new" / names[1]).unlink()
@@ -161,14 +155,18 @@ def test_a_message_another_program_deleted_after_it_was_read_ahead_is_not_sent(
 
 
 def test_a_message_another_program_flagged_after_it_was_read_ahead_is_found_where_it_went(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """
     An IMAP server sets a flag (new/NAME to cur/NAME:2,F): the same message,
     sent whole; at QUIT it is marked seen where it is now, its bytes intact.
     """
     maildir = tmp_path / "alice"
-    factory = serve(maildir_store, clock)
+    factory = make_factory(store=maildir_store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     os.rename(maildir / "new" / names[1], maildir / "cur" / f"{names[1]}:2,F")
@@ -183,10 +181,13 @@ def test_a_message_another_program_flagged_after_it_was_read_ahead_is_found_wher
 
 
 def test_quit_lets_go_of_what_was_read_ahead_before_update(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     """RFC 1939 section 6: UPDATE removes files; none of them is held open by a read-ahead."""
-    factory = serve(maildir_store, clock)
+    factory = make_factory(store=maildir_store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"DELE 2") == b"+OK message 2 deleted\r\n"
@@ -199,14 +200,18 @@ def test_quit_lets_go_of_what_was_read_ahead_before_update(
 
 
 def test_a_message_read_ahead_is_not_retrieved(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """
     Only RETR retrieves: at QUIT the message read ahead is not flagged seen
     (new/ to cur/ only, as every message the session saw), its bytes intact.
     """
     maildir = tmp_path / "alice"
-    factory = serve(maildir_store, clock)
+    factory = make_factory(store=maildir_store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert quit_and_list(wire, clock, maildir) == [
@@ -218,11 +223,14 @@ def test_a_message_read_ahead_is_not_retrieved(
 
 
 def test_deletion_marks_are_kept_for_a_message_read_ahead(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     """RFC 1939 section 5: a message marked deleted is not there for RETR, until RSET."""
     store = OpeningStore(maildir_store)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"DELE 2") == b"+OK message 2 deleted\r\n"
     assert wire.command(b"RETR 2") == b"-ERR no such message\r\n"
@@ -232,11 +240,14 @@ def test_deletion_marks_are_kept_for_a_message_read_ahead(
 
 
 def test_top_of_a_message_read_ahead(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     """RFC 1939 section 7, TOP: the header, the blank line, n body lines, stuffed."""
     store = OpeningStore(maildir_store)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"TOP 2 1") == (
         b"+OK top of message follows\r\nSubject: two\r\n\r\n..dot line\r\n.\r\n"
@@ -248,11 +259,14 @@ def test_top_of_a_message_read_ahead(
 
 
 def test_pipelined_commands_are_not_read_ahead(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     """A client that pipelines (RFC 2449 section 6.6) has its next commands in already."""
     store = OpeningStore(maildir_store)
-    factory = serve(store, clock)
+    factory = make_factory(store=store)
     wire = logged_in(factory, clock)
     assert wire.send(b"RETR 1\r\nRETR 2\r\n") == RETR_ONE + RETR_TWO
     assert store.opened == [0, 1]
@@ -261,7 +275,11 @@ def test_pipelined_commands_are_not_read_ahead(
 
 
 def test_nothing_is_read_ahead_while_another_client_keeps_the_server_busy(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """
     A command from another session within the last millisecond: the server
@@ -270,7 +288,7 @@ def test_nothing_is_read_ahead_while_another_client_keeps_the_server_busy(
     """
     deliver_to_maildir(str(tmp_path / "bob"), ONE)
     store = OpeningStore(maildir_store)
-    factory = serve(store, clock)
+    factory = make_factory(store=store)
     alice = logged_in(factory, clock)
     bob = logged_in(factory, clock, b"bob")
     clock.advance(0.0005)
@@ -286,10 +304,13 @@ def test_nothing_is_read_ahead_while_another_client_keeps_the_server_busy(
 
 
 def test_nothing_is_read_ahead_when_it_is_turned_off(
-    maildir_store: MaildirStore, clock: Clock, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    names: list[str],
 ) -> None:
     store = OpeningStore(maildir_store)
-    factory = serve(store, clock, read_ahead_limit=0)
+    factory = make_factory(store=store, read_ahead_limit=0)
     assert factory.read_ahead is None
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
@@ -298,25 +319,32 @@ def test_nothing_is_read_ahead_when_it_is_turned_off(
 
 
 def test_a_message_larger_than_one_read_is_not_read_ahead(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
 ) -> None:
     big = b"Subject: big\n\n" + (b"x" * 99 + b"\n") * (LARGEST // 100 + 1)
     deliver_to_maildir(str(tmp_path / "alice"), ONE)
     deliver_to_maildir(str(tmp_path / "alice"), big)
     store = OpeningStore(maildir_store)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert store.opened == [0]
 
 
 def test_the_messages_read_longest_ago_make_room(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """Room for one message in all: each read-ahead drops the other session's."""
     deliver_to_maildir(str(tmp_path / "bob"), ONE)
     deliver_to_maildir(str(tmp_path / "bob"), TWO)
     store = OpeningStore(maildir_store)
-    factory = serve(store, clock, read_ahead_limit=wire_size(TWO))
+    factory = make_factory(store=store, read_ahead_limit=wire_size(TWO))
     alice = logged_in(factory, clock)
     bob = logged_in(factory, clock, b"bob")
 
@@ -337,20 +365,24 @@ def test_the_messages_read_longest_ago_make_room(
     assert store.opened == [0, 1, 0, 1, 1, 2, 1]
 
 
-def test_a_store_that_answers_through_a_fired_deferred_is_read_ahead(clock: Clock) -> None:
+def test_a_store_that_answers_through_a_fired_deferred_is_read_ahead(
+    make_factory: Callable[..., POP3Factory], clock: Clock
+) -> None:
     """``MemoryStore`` opens with ``succeed``: at once, as far as read-ahead goes."""
     memory = MemoryStore()
     for message in (ONE, TWO, THREE):
         memory.deliver("alice", message)
     store = OpeningStore(memory)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"RETR 2") == RETR_TWO
     assert wire.command(b"RETR 3") == RETR_THREE
     assert store.opened == [0, 1, 2]
 
 
-def test_a_store_that_reads_later_is_not_read_ahead_again(clock: Clock) -> None:
+def test_a_store_that_reads_later_is_not_read_ahead_again(
+    make_factory: Callable[..., POP3Factory], clock: Clock
+) -> None:
     """
     A store behind a network service (its reads answer later): one message
     read ahead is tried, and given up, in a session; never again.
@@ -359,7 +391,7 @@ def test_a_store_that_reads_later_is_not_read_ahead_again(clock: Clock) -> None:
     for message in (ONE, TWO, THREE):
         memory.deliver("alice", message)
     store = OpeningStore(memory)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
 
     def command(line: bytes) -> bytes:
         wire.command(line)
@@ -384,9 +416,13 @@ def _open_files(tmp_path: Path) -> list[str]:
 
 
 def test_no_file_is_held_open_and_a_session_that_ends_lets_go(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
-    factory = serve(maildir_store, clock)
+    factory = make_factory(store=maildir_store)
     wire = logged_in(factory, clock)
     assert wire.command(b"RETR 1") == RETR_ONE
     assert factory.read_ahead is not None
@@ -427,7 +463,10 @@ def _replace_maildir_keeping_the_files(maildir: Path, name: str) -> None:
     ids=lambda c: c.__name__,
 )
 def test_a_change_by_another_program_is_answered_as_without_read_ahead(
-    tmp_path: Path, change: Callable[[Path, str], None]
+    make_factory: Callable[..., POP3Factory],
+    clock: Clock,
+    tmp_path: Path,
+    change: Callable[[Path, str], None],
 ) -> None:
     """
     The same session twice, read-ahead on and off, with another program
@@ -437,10 +476,9 @@ def test_a_change_by_another_program_is_answered_as_without_read_ahead(
     outcomes = []
     for read_ahead_limit in (16 * 1024 * 1024, 0):
         root = tmp_path / str(read_ahead_limit)
-        clock = Clock()
         store = MaildirStore(f"{root}/{{user}}", reactor=ClockThreads(clock).as_reactor)
         names = [deliver_to_maildir(str(root / "alice"), m) for m in (ONE, TWO, THREE)]
-        wire = logged_in(serve(store, clock, read_ahead_limit=read_ahead_limit), clock)
+        wire = logged_in(make_factory(store=store, read_ahead_limit=read_ahead_limit), clock)
         replies = [wire.command(b"RETR 1")]
         change(root / "alice", names[1])
         replies += [wire.command(b"RETR 2"), wire.command(b"RETR 3"), wire.command(b"QUIT")]
@@ -464,12 +502,16 @@ def test_a_change_by_another_program_is_answered_as_without_read_ahead(
 
 
 def test_a_message_gone_before_it_was_read_ahead_leaves_read_ahead_on(
-    maildir_store: MaildirStore, clock: Clock, tmp_path: Path, names: list[str]
+    make_factory: Callable[..., POP3Factory],
+    maildir_store: MaildirStore,
+    clock: Clock,
+    tmp_path: Path,
+    names: list[str],
 ) -> None:
     """The Maildir answers a message gone with a failed Deferred: not a store that answers later."""
     deliver_to_maildir(str(tmp_path / "alice"), ONE)
     store = OpeningStore(maildir_store)
-    wire = logged_in(serve(store, clock), clock)
+    wire = logged_in(make_factory(store=store), clock)
     (tmp_path / "alice" / "new" / names[1]).unlink()
     assert wire.command(b"RETR 1") == RETR_ONE
     assert wire.command(b"RETR 2") == GONE
